@@ -1,0 +1,1 @@
+"""Fabrica services: config, collector, ingest and production, and their shared runtime."""

@@ -1,0 +1,1 @@
+"""The shared runtime every Fabrica service is built with."""
