@@ -213,7 +213,9 @@ class UpdatePlcRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def plc(self) -> _plc_pb2.Plc:
-        """The PLC with its id, the new values, and optionally the etag last read."""
+        """The PLC with its id, the new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged resource must satisfy its rules.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -361,7 +363,9 @@ class CreatePlcFromProfileRequest(_message.Message):
     """Optional idempotency key, as in CreatePlc."""
     @_builtins.property
     def plc(self) -> _plc_pb2.Plc:
-        """The PLC: id, collector, connection and so on. Its poll_groups and tags must be empty."""
+        """The PLC: id, collector, connection and so on. Its poll_groups and tags must be empty. Validated once
+        the profile's poll groups and tags are merged in.
+        """
 
     def __init__(
         self,

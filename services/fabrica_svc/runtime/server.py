@@ -1,0 +1,192 @@
+"""Builds and runs every Fabrica gRPC server the same way.
+
+A service supplies a `ServiceApp`: its gRPC services, its schema and migrations, and its background work.
+`ServiceHost` does the rest: Postgres (embedded when DATABASE_URL is unset) with migrations, an asyncpg
+pool, grpc.aio with the shared interceptor and OpenTelemetry, health (SERVING only while the database
+answers), reflection, the metrics endpoint, and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from .db import Migration, apply_migrations, connect_with_retry, create_pool, resolve_database_url
+from .interceptors import ServiceInterceptor
+from .settings import Settings
+from .telemetry import configure_telemetry, start_metrics_endpoint
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Resources:
+    """What the host hands a service when it starts."""
+
+    settings: Settings
+    dsn: str | None = None
+    pool: asyncpg.Pool | None = None
+
+
+class ServiceApp(Protocol):
+    """One Fabrica service as the host sees it."""
+
+    name: str
+    #: Full gRPC service names, e.g. ``fabrica.config.v1.ConfigService`` (health and reflection).
+    service_names: Sequence[str]
+    #: The Postgres schema the service owns, or None for a service without a database (the collector).
+    schema: str | None
+    migrations: Sequence[Migration]
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self, resources: Resources) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@dataclass
+class ServiceHost:
+    app: ServiceApp
+    settings: Settings
+    server: grpc.aio.Server | None = None
+    health: health.aio.HealthServicer = field(default_factory=lambda: health.aio.HealthServicer())
+    resources: Resources | None = None
+    port: int = 0
+    metrics_port: int | None = None
+    _monitor: asyncio.Task[None] | None = None
+    _metrics_server: object | None = None
+    _serving: bool | None = None
+
+    @property
+    def address(self) -> str:
+        return _address(self.settings.host, self.port)
+
+    async def start(self) -> None:
+        app, settings = self.app, self.settings
+        configure_telemetry(app.name)
+        resources = Resources(settings=settings)
+        if app.schema is not None:
+            resources.dsn = await resolve_database_url(settings.database_url, settings.data_dir)
+            conn = await connect_with_retry(resources.dsn)
+            try:
+                applied = await apply_migrations(conn, app.schema, app.migrations)
+            finally:
+                await conn.close()
+            if applied:
+                log.info("migrations applied", extra={"schema": app.schema, "versions": applied})
+            resources.pool = await create_pool(
+                resources.dsn, app.schema, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+            )
+        self.resources = resources
+
+        server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(), ServiceInterceptor(app.name)],
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        app.register(server)
+        reflection.enable_server_reflection(
+            [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        self.port = server.add_insecure_port(_address(settings.host, settings.port))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {_address(settings.host, settings.port)}")
+        await self._set_serving(False)
+        await app.start(resources)
+        await server.start()
+        self.server = server
+        endpoint = start_metrics_endpoint(settings.host, settings.metrics_port)
+        if endpoint:
+            self._metrics_server, self.metrics_port = endpoint
+        await self._set_serving(await self._dependencies_ok())
+        self._monitor = asyncio.create_task(self._watch_dependencies(), name=f"{app.name}-health")
+        log.info("serving", extra={"service": app.name, "address": self.address})
+
+    async def _set_serving(self, ok: bool) -> None:
+        if ok == self._serving:
+            return
+        self._serving = ok
+        status = SERVING if ok else NOT_SERVING
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, status)
+        if self.server is not None:
+            log.log(logging.INFO if ok else logging.WARNING, "health %s", "SERVING" if ok else "NOT_SERVING")
+
+    async def _dependencies_ok(self) -> bool:
+        pool = self.resources.pool if self.resources else None
+        if pool is None:
+            return True
+        try:
+            async with asyncio.timeout(max(1.0, self.settings.health_interval)):
+                await pool.fetchval("SELECT 1")
+            return True
+        except Exception as exc:  # any failure to answer means not ready
+            log.debug("database check failed: %s", exc)
+            return False
+
+    async def _watch_dependencies(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            await self._set_serving(await self._dependencies_ok())
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.shutdown_grace if grace is None else grace
+        if self._monitor:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.app.stop()
+        if self.resources and self.resources.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.resources.pool.close(), timeout=5)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+        log.info("stopped", extra={"service": self.app.name})
+
+
+async def serve_until_signal(hosts: Sequence[ServiceHost]) -> None:
+    """Start the hosts, run until SIGTERM or SIGINT, then shut them down gracefully (in reverse order)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[ServiceHost] = []
+    try:
+        for host in hosts:
+            await host.start()
+            started.append(host)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for host in reversed(started):
+            await host.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

