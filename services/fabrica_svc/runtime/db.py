@@ -80,18 +80,17 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, migrations: Se
 
 
 async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections use `schema` first on their search path."""
+    """A pool whose connections use `schema` first on their search path.
 
-    async def init(conn: asyncpg.Connection) -> None:
-        await conn.execute(f'SET search_path TO "{schema}", public')
-
+    The search path is a start-up parameter, not a SET: the pool's reset on release (RESET ALL) returns
+    to start-up values, so it survives.
+    """
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        init=init,
         command_timeout=60,
-        server_settings={"application_name": f"fabrica-{schema}"},
+        server_settings={"application_name": f"fabrica-{schema}", "search_path": f'"{schema}", public'},
     )
     assert pool is not None
     return pool

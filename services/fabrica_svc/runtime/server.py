@@ -52,9 +52,11 @@ class ServiceApp(Protocol):
     schema: str | None
     migrations: Sequence[Migration]
 
-    def register(self, server: grpc.aio.Server) -> None: ...
+    async def start(self, resources: Resources) -> None:
+        """Build the servicers and start background work. Called before `register`."""
 
-    async def start(self, resources: Resources) -> None: ...
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the servicers to the server."""
 
     async def stop(self) -> None: ...
 
@@ -97,6 +99,7 @@ class ServiceHost:
                 resources.dsn, app.schema, min_size=settings.db_pool_min, max_size=settings.db_pool_max
             )
         self.resources = resources
+        await app.start(resources)
 
         server = grpc.aio.server(
             interceptors=[aio_server_interceptor(), ServiceInterceptor(app.name)],
@@ -117,7 +120,6 @@ class ServiceHost:
         if self.port == 0:
             raise OSError(f"cannot listen on {_address(settings.host, settings.port)}")
         await self._set_serving(False)
-        await app.start(resources)
         await server.start()
         self.server = server
         endpoint = start_metrics_endpoint(settings.host, settings.metrics_port)

@@ -1,0 +1,1 @@
+"""The config service: PLC definitions, device profiles, and their push to collectors."""

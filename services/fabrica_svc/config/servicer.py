@@ -1,0 +1,127 @@
+"""ConfigService over gRPC: translates requests to the domain and the store. No SQL here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from fabrica.config.v1 import config_service_pb2 as pb
+from fabrica.config.v1 import config_service_pb2_grpc as pb_grpc
+from fabrica.config.v1 import plc_pb2
+
+from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
+from ..runtime.notify import Listener
+from . import domain
+from .profiles import PROFILES
+from .store import ConfigStore, decode_page_token, encode_page_token
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+#: Longest a watcher waits for a notification before it looks for changes anyway.
+WATCH_POLL_SECONDS = 2.0
+
+
+class ConfigServicer(pb_grpc.ConfigServiceServicer):
+    def __init__(self, store: ConfigStore, listener: Listener):
+        self.store = store
+        self.listener = listener
+
+    async def CreatePlc(self, request: pb.CreatePlcRequest, context: grpc.aio.ServicerContext) -> pb.CreatePlcResponse:
+        plc = domain.normalized(request.plc)
+        domain.check_plc(plc)
+        return pb.CreatePlcResponse(plc=await self.store.create(plc, request.request_id))
+
+    async def GetPlc(self, request: pb.GetPlcRequest, context: grpc.aio.ServicerContext) -> pb.GetPlcResponse:
+        return pb.GetPlcResponse(plc=await self.store.get(request.id))
+
+    async def ListPlcs(self, request: pb.ListPlcsRequest, context: grpc.aio.ServicerContext) -> pb.ListPlcsResponse:
+        after = decode_page_token(request.page_token, request.collector_id) if request.page_token else ""
+        plcs, more = await self.store.list(request.collector_id, request.page_size or DEFAULT_PAGE_SIZE, after)
+        token = encode_page_token(plcs[-1].id, request.collector_id) if more else ""
+        return pb.ListPlcsResponse(plcs=plcs, next_page_token=token)
+
+    async def UpdatePlc(self, request: pb.UpdatePlcRequest, context: grpc.aio.ServicerContext) -> pb.UpdatePlcResponse:
+        if not request.HasField("plc") or not request.plc.id:
+            raise InvalidArgument(FieldViolation("plc.id", "the PLC to update is required"))
+        paths = list(request.update_mask.paths)
+
+        def merge(current: plc_pb2.Plc) -> plc_pb2.Plc:
+            merged = domain.normalized(domain.apply_update_mask(current, request.plc, paths))
+            domain.check_plc(merged)
+            return merged
+
+        plc = await self.store.update(request.plc.id, request.plc.etag, merge)
+        return pb.UpdatePlcResponse(plc=plc)
+
+    async def DeletePlc(self, request: pb.DeletePlcRequest, context: grpc.aio.ServicerContext) -> pb.DeletePlcResponse:
+        await self.store.delete(request.id, request.etag)
+        return pb.DeletePlcResponse()
+
+    async def ListDeviceProfiles(self, request: pb.ListDeviceProfilesRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.ListDeviceProfilesResponse:
+        return pb.ListDeviceProfilesResponse(profiles=list(PROFILES.values()))
+
+    async def CreatePlcFromProfile(self, request: pb.CreatePlcFromProfileRequest,
+                                   context: grpc.aio.ServicerContext) -> pb.CreatePlcFromProfileResponse:
+        profile = PROFILES.get(request.profile_id)
+        if profile is None:
+            raise NotFound(f"no device profile {request.profile_id!r}; ListDeviceProfiles shows them",
+                           metadata={"profile_id": request.profile_id})
+        if not request.HasField("plc"):
+            raise InvalidArgument(FieldViolation("plc", "the PLC (id, collector, connection) is required"))
+        bad = [FieldViolation(f"plc.{f}", "comes from the profile; leave it empty")
+               for f in ("poll_groups", "tags") if len(getattr(request.plc, f))]
+        if bad:
+            raise InvalidArgument(bad)
+        plc = plc_pb2.Plc()
+        plc.CopyFrom(request.plc)
+        plc.poll_groups.extend(profile.poll_groups)
+        for tag in profile.tags:
+            copy = plc.tags.add()
+            copy.CopyFrom(tag)
+            copy.name = request.tag_name_prefix + tag.name
+        plc = domain.normalized(plc)
+        domain.check_plc(plc)
+        return pb.CreatePlcFromProfileResponse(plc=await self.store.create(plc, request.request_id))
+
+    async def WatchPlcs(self, request: pb.WatchPlcsRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchPlcsResponse]:
+        collector = request.collector_id
+        cursor = request.after_revision
+        need_snapshot, resync = cursor == 0, False
+        while True:
+            token = self.listener.token()  # before reading, so no notification slips between
+            if need_snapshot:
+                cursor, plcs = await self.store.snapshot(collector)
+                yield pb.WatchPlcsResponse(revision=cursor, snapshot=pb.PlcSnapshot(plcs=plcs, resync=resync))
+                need_snapshot = False
+                continue
+            changes, oldest, current = await self.store.changes_after(cursor)
+            if cursor > current or cursor < oldest - 1:
+                log.info("watch cannot resume; sending a snapshot",
+                         extra={"collector_id": collector, "after_revision": cursor, "oldest": oldest})
+                need_snapshot, resync = True, True
+                continue
+            for change in changes:
+                kind = domain.relevant_change(collector, change.old_collector_id, change.new_collector_id)
+                cursor = change.revision
+                if kind == "upsert":
+                    yield pb.WatchPlcsResponse(revision=cursor, change=pb.PlcChange(
+                        type=pb.CHANGE_TYPE_UPSERT, plc_id=change.plc_id, plc=change.plc))
+                elif kind == "delete":
+                    yield pb.WatchPlcsResponse(revision=cursor, change=pb.PlcChange(
+                        type=pb.CHANGE_TYPE_DELETE, plc_id=change.plc_id))
+            if changes:
+                continue  # there may be more pages
+            await self.listener.wait(token, WATCH_POLL_SECONDS)
+
+    async def ReportCollectorStatus(self, request: pb.ReportCollectorStatusRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.ReportCollectorStatusResponse:
+        current = await self.store.report(request.collector_id, request.applied_revision, request.plc_statuses)
+        return pb.ReportCollectorStatusResponse(current_revision=current)
+
+    async def ListCollectors(self, request: pb.ListCollectorsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListCollectorsResponse:
+        return pb.ListCollectorsResponse(collectors=await self.store.collectors())
