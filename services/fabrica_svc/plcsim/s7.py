@@ -1,0 +1,265 @@
+"""S7 (ISO-on-TCP) server serving the demo plant's DB1, built on python-snap7's pure-Python server.
+
+DB1 layout (18 bytes, big-endian, see :data:`~.plant.DEMO_TAGS`)::
+
+    DBX0.0 running   DBX0.1 fault   DBX0.2 door_open
+    DBD2   REAL temperature          DBD6  REAL pressure
+    DBW10  INT  machine state         DBW12 INT  scrap count mod 32768
+    DBD14  DINT production count mod 2**31
+
+snap7 3.3 quirks handled here:
+
+* ``Server.start_to(ip, 0)`` binds an ephemeral port but leaves ``server.port`` at 0;
+  the bound port is read from ``server.server_socket.getsockname()``.
+* The listener sets ``SO_REUSEPORT``, so binding a port another ``SO_REUSEPORT``
+  listener holds silently succeeds. :meth:`S7Sim.start` probes the port first and
+  raises :class:`~.modbus.ListenError` when it is taken.
+* ``Server.stop()`` does not close client sockets: client threads sit in ``recv``
+  (5 s timeout) and may still answer one more request. The server here tracks client
+  sockets and shuts them down on stop/pause, so clients see the connection drop.
+* The server runs in its own threads; the DB bytearray is updated in place under
+  ``lock_area``/``unlock_area`` (the same per-area lock the server reads under).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from snap7.server import Server
+from snap7.type import SrvArea
+
+from .modbus import ListenError, probe_bind
+from .plant import DB1, DB1_SIZE, DemoTag, Plant, PlantSnapshot, tag_value, tags_for
+
+__all__ = ["S7Sim", "encode_db", "start_s7"]
+
+log = logging.getLogger(__name__)
+
+_STRUCT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f"}
+
+
+def encode_db(tags: tuple[DemoTag, ...], snap: PlantSnapshot, size: int = DB1_SIZE) -> bytearray:
+    """The DB image for ``tags`` (all rows must be S7 rows of one DB)."""
+    data = bytearray(size)
+    for tag in tags:
+        assert tag.offset is not None
+        value = tag_value(tag, snap)
+        if tag.dtype == "bool":
+            assert tag.bit is not None
+            if value:
+                data[tag.offset] |= 1 << tag.bit
+            else:
+                data[tag.offset] &= ~(1 << tag.bit) & 0xFF
+        else:
+            struct.pack_into(_STRUCT[tag.dtype], data, tag.offset, value)
+    return data
+
+
+class _Server(Server):
+    """snap7 server that can drop its clients (snap7's ``stop()`` leaves them connected)."""
+
+    def __init__(self) -> None:
+        super().__init__(log=False)
+        self._sockets: set[socket.socket] = set()
+        self._sockets_lock = threading.Lock()
+        self._refuse = False
+
+    def _handle_client(self, client_socket: socket.socket, address) -> None:  # runs in a client thread
+        with self._sockets_lock:
+            self._sockets.add(client_socket)
+            if self._refuse:
+                _shutdown(client_socket)
+        try:
+            super()._handle_client(client_socket, address)
+        finally:
+            with self._sockets_lock:
+                self._sockets.discard(client_socket)
+
+    def bound_port(self) -> int:
+        assert self.server_socket is not None
+        return self.server_socket.getsockname()[1]
+
+    def halt(self) -> None:
+        """Close the listener and every client connection (blocking, < ~0.5 s)."""
+        with self._sockets_lock:
+            self._refuse = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+        try:
+            self.stop()
+        finally:
+            with self._sockets_lock:
+                self._refuse = False
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class S7Sim:
+    """An S7 PLC with DB1 fed from ``plant``. ``port=0`` binds an ephemeral port."""
+
+    def __init__(
+        self,
+        plant: Plant,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        refresh_interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+        tags: tuple[DemoTag, ...] | None = None,
+    ) -> None:
+        if refresh_interval <= 0:
+            raise ValueError("refresh_interval must be > 0")
+        self.plant = plant
+        self.host = host
+        self.refresh_interval = refresh_interval
+        self.tags = tags if tags is not None else tags_for("s7")
+        self.db_number = DB1
+        self._clock = clock
+        self._requested_port = port
+        self._port: int | None = None
+        self._db = bytearray(DB1_SIZE)
+        self._server: _Server | None = None
+        self._task: asyncio.Task | None = None
+        self._paused = False
+        self._db_missing = False
+
+    label = "S7"
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("S7 server not started")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> int:
+        """Bind and serve; return the bound port."""
+        if self._task is not None:
+            return self.port
+        self.refresh()
+        await asyncio.to_thread(self._start_server, self._requested_port)
+        self._task = asyncio.create_task(self._refresh_loop(), name="plcsim s7 refresh")
+        log.debug("S7 listening on %s:%d (rack 0, slot 1; DB%d, %d bytes)", self.host, self.port, DB1, DB1_SIZE)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop serving and the refresh timer. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._halt()
+        self._paused = False
+
+    async def pause(self) -> None:
+        """Stop answering: close the listener and drop every client."""
+        if self._task is None or self._paused:
+            return
+        self._paused = True
+        await self._halt()
+        log.debug("S7 on port %d paused", self.port)
+
+    async def resume(self) -> None:
+        if self._task is None or not self._paused:
+            return
+        await asyncio.to_thread(self._start_server, self.port)
+        self._paused = False
+        log.debug("S7 on port %d resumed", self.port)
+
+    def set_db_missing(self, missing: bool = True) -> None:
+        """Unregister DB1 so reads fail with an S7 error ("object does not exist")."""
+        self._db_missing = missing
+        server = self._server
+        if server is None:
+            return
+        if missing:
+            server.unregister_area(SrvArea.DB, DB1)
+        else:
+            server.register_area(SrvArea.DB, DB1, self._db)
+
+    def refresh(self) -> PlantSnapshot:
+        """Step the plant to the clock's now and rewrite DB1 in place."""
+        snap = self.plant.step(self._clock())
+        image = encode_db(self.tags, snap, DB1_SIZE)
+        server = self._server
+        if server is not None and not self._db_missing:
+            server.lock_area(SrvArea.DB, DB1)
+            try:
+                self._db[:] = image
+            finally:
+                server.unlock_area(SrvArea.DB, DB1)
+        else:
+            self._db[:] = image
+        return snap
+
+    async def __aenter__(self) -> S7Sim:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    # --- internals --------------------------------------------------------------------
+
+    def _start_server(self, port: int) -> None:
+        try:  # snap7's start_to() only takes an IPv4 literal
+            ip = socket.gethostbyname(self.host)
+        except OSError as exc:
+            raise ListenError(self.label, self.host, port, str(exc)) from None
+        if port and (err := probe_bind(ip, port)) is not None:
+            raise ListenError(self.label, self.host, port, err.strerror or str(err), err.errno)
+        server = _Server()
+        if not self._db_missing:
+            server.register_area(SrvArea.DB, DB1, self._db)
+        try:
+            server.start_to(ip, port)
+        except Exception as exc:  # snap7 wraps the OSError into S7ConnectionError
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, OSError):
+                raise ListenError(self.label, self.host, port, cause.strerror or str(cause), cause.errno) from None
+            raise ListenError(self.label, self.host, port, str(exc)) from None
+        self._server = server
+        self._port = server.bound_port()
+
+    async def _halt(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await asyncio.to_thread(server.halt)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("S7 refresh failed")
+
+
+async def start_s7(plant: Plant, host: str = "127.0.0.1", port: int = 0, **kwargs) -> S7Sim:
+    """Start the S7 server; ``await sim.stop()`` when done."""
+    sim = S7Sim(plant, host=host, port=port, **kwargs)
+    await sim.start()
+    return sim
