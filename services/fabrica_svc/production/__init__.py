@@ -1,0 +1,1 @@
+"""The production service: master data, orders, bookings, downtime and OEE."""
