@@ -29,26 +29,25 @@ SERVICES = {
 }
 
 
+def _import_app_module(service: str):  # noqa: ANN202 - a module
+    """The service's app module, or None when this build does not contain the service."""
+    module = SERVICES[service]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            return None
+        raise
+
+
 def available_services() -> list[str]:
-    out = []
-    for name, module in SERVICES.items():
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        out.append(name)
-    return out
+    return [name for name in SERVICES if _import_app_module(name) is not None]
 
 
 def create_app(service: str, settings: Settings) -> ServiceApp:
-    try:
-        module = importlib.import_module(SERVICES[service])
-    except ModuleNotFoundError as exc:
-        if exc.name == SERVICES[service]:
-            raise SettingsError(f"the {service} service is not part of this build yet") from None
-        raise
+    module = _import_app_module(service)
+    if module is None:
+        raise SettingsError(f"the {service} service is not part of this build yet")
     return module.create_app(settings)
 
 

