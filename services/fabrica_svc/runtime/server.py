@@ -29,6 +29,9 @@ from .telemetry import configure_telemetry, start_metrics_endpoint
 
 log = logging.getLogger(__name__)
 
+#: A health name that is SERVING for as long as the process answers: for liveness probes, which must not
+#: restart a pod because its database is away (readiness, on the overall name "", does follow it).
+LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -99,8 +102,16 @@ class ServiceHost:
                 resources.dsn, app.schema, min_size=settings.db_pool_min, max_size=settings.db_pool_max
             )
         self.resources = resources
-        await app.start(resources)
+        try:
+            await app.start(resources)
+            await self._start_server()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        log.info("serving", extra={"service": app.name, "address": self.address})
 
+    async def _start_server(self) -> None:
+        app, settings = self.app, self.settings
         server = grpc.aio.server(
             interceptors=[aio_server_interceptor(), ServiceInterceptor(app.name)],
             options=[
@@ -108,6 +119,8 @@ class ServiceHost:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                # A port already in use is an error, not a silently shared listener.
+                ("grpc.so_reuseport", 0),
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -116,10 +129,15 @@ class ServiceHost:
             [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        self.port = server.add_insecure_port(_address(settings.host, settings.port))
+        address = _address(settings.host, settings.port)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpcio raises RuntimeError when it cannot bind
+            raise OSError(f"cannot listen on {address}: {exc}") from None
         if self.port == 0:
-            raise OSError(f"cannot listen on {_address(settings.host, settings.port)}")
+            raise OSError(f"cannot listen on {address}")
         await self._set_serving(False)
+        await self.health.set(LIVENESS, SERVING)
         await server.start()
         self.server = server
         endpoint = start_metrics_endpoint(settings.host, settings.metrics_port)
@@ -127,7 +145,6 @@ class ServiceHost:
             self._metrics_server, self.metrics_port = endpoint
         await self._set_serving(await self._dependencies_ok())
         self._monitor = asyncio.create_task(self._watch_dependencies(), name=f"{app.name}-health")
-        log.info("serving", extra={"service": app.name, "address": self.address})
 
     async def _set_serving(self, ok: bool) -> None:
         if ok == self._serving:
@@ -165,13 +182,18 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        await self._release()
+        log.info("stopped", extra={"service": self.app.name})
+
+    async def _release(self) -> None:
+        """Stop the app's background work and close what start() opened."""
         await self.app.stop()
         if self.resources and self.resources.pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.resources.pool.close(), timeout=5)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
-        log.info("stopped", extra={"service": self.app.name})
+            self._metrics_server = None
 
 
 async def serve_until_signal(hosts: Sequence[ServiceHost]) -> None:
