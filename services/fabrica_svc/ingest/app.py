@@ -1,0 +1,76 @@
+"""Wires the ingest service: settings, store, writer, event hub, maintenance, servicer.
+
+``fabrica serve ingest`` calls :func:`create_app`; the shared ServiceHost does the rest (Postgres and
+migrations, the pool, the gRPC server with validation, health, reflection, metrics, shutdown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+
+from ..runtime.db import Migration
+from ..runtime.server import Resources
+from ..runtime.settings import Settings
+from .config import IngestConfig, load_ingest_config
+from .events import EventHub
+from .maintenance import Maintenance
+from .servicer import IngestServicer
+from .store import MIGRATIONS, SCHEMA, IngestStore
+from .writer import BatchWriter
+
+SERVICE_NAME = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+
+
+class IngestApp:
+    name = "ingest"
+    service_names: Sequence[str] = (SERVICE_NAME,)
+    schema: str | None = SCHEMA
+    migrations: Sequence[Migration] = MIGRATIONS
+
+    def __init__(self, settings: Settings, config: IngestConfig):
+        self.settings = settings
+        self.config = config
+        self.servicer = IngestServicer(config)
+        self.store: IngestStore | None = None
+        self.writer: BatchWriter | None = None
+        self.hub: EventHub | None = None
+        self.maintenance: Maintenance | None = None
+
+    def register(self, server: grpc.aio.Server) -> None:
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
+
+    async def start(self, resources: Resources) -> None:
+        assert resources.pool is not None and resources.dsn is not None
+        config = self.config
+        self.store = IngestStore(resources.pool, resources.dsn)
+        self.writer = BatchWriter(
+            self.store,
+            group_max_rows=config.group_max_rows,
+            group_max_delay=config.group_max_delay,
+            queue_max_rows=config.queue_max_rows,
+            transaction_timeout=config.transaction_timeout,
+        )
+        self.hub = EventHub(resources.dsn, poll_interval=config.event_poll_interval,
+                            on_lost=self.writer.database_lost)
+        self.maintenance = Maintenance(
+            self.store, interval=config.maintenance_interval, ahead=config.partitions_ahead,
+            retention_days=config.retention_days,
+        )
+        self.servicer.bind(self.store, self.writer, self.hub)
+        await self.maintenance.start()
+        await self.writer.start()
+        await self.hub.start()
+
+    async def stop(self) -> None:
+        for part in (self.maintenance, self.hub, self.writer):
+            if part is not None:
+                await part.stop()
+
+
+def create_app(settings: Settings, config: IngestConfig | None = None) -> IngestApp:
+    """The ingest ServiceApp. `config` defaults to the FABRICA_INGEST_* environment variables."""
+    return IngestApp(settings, config if config is not None else load_ingest_config())

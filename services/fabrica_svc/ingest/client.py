@@ -1,0 +1,250 @@
+"""``IngestUplink``: the client side of StreamReadings, for the collector (and tests and benchmarks).
+
+It opens the stream, learns from ``resume`` where ingest stands, sends batches from a
+:class:`BatchSource` after that point, keeps at most ``max_in_flight`` unacknowledged, checks that acks
+come in order, and tells the source what is acknowledged (so a store-and-forward log can delete it). On a
+retryable error (UNAVAILABLE and the like: ingest restarting, Postgres away) it reconnects with
+exponential backoff and jitter and resends everything after the new resume point; ingest stores each
+batch once whatever is resent. INVALID_ARGUMENT and other permanent errors end :meth:`IngestUplink.run`
+with :class:`UplinkRejected`: resending the same batch cannot help.
+
+Example::
+
+    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    stats = await IngestUplink(channel, "line-1", ListBatchSource(batches)).run()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+
+from fabrica.common.v1 import reading_pb2
+from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+#: Channel options that suit an uplink: reconnect quickly after ingest restarts, keep idle streams alive.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+RETRYABLE: frozenset[grpc.StatusCode] = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,  # e.g. the server shut down under the call
+})
+
+
+class BatchSource(Protocol):
+    """Where the uplink's batches come from. Sequences start at 1 and strictly increase."""
+
+    def batches_after(self, sequence: int) -> AsyncIterator[reading_pb2.ReadingBatch]:
+        """The batches with a sequence above `sequence`, in order. Called again after every reconnect.
+        It may wait for new batches (a live collector) or end (a finite source: the uplink then finishes
+        once everything is acknowledged)."""
+        ...
+
+    async def acknowledged(self, sequence: int) -> None:
+        """Everything up to `sequence` is committed in ingest and may be forgotten."""
+        ...
+
+
+class ListBatchSource:
+    """A finite source over batches held in memory (tests, benchmarks, replaying a file)."""
+
+    def __init__(self, batches: Iterable[reading_pb2.ReadingBatch]):
+        self.batches = list(batches)
+        self.acked = 0
+
+    async def batches_after(self, sequence: int) -> AsyncIterator[reading_pb2.ReadingBatch]:
+        for batch in self.batches:
+            if batch.sequence > sequence:
+                yield batch
+
+    async def acknowledged(self, sequence: int) -> None:
+        self.acked = max(self.acked, sequence)
+
+
+class UplinkRejected(Exception):
+    """Ingest rejected the stream with a permanent error (e.g. INVALID_ARGUMENT for a bad batch)."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, sequence: int | None):
+        super().__init__(f"ingest rejected the stream ({error.code().name}: {error.details()});"
+                         f" first unacknowledged batch: {sequence}")
+        self.error = error
+        self.sequence = sequence
+
+
+class _Retry(Exception):
+    """The stream ended before everything was acknowledged, without an error status."""
+
+
+@dataclass
+class UplinkStats:
+    #: The highest sequence ingest has confirmed (by resume or ack).
+    acked_sequence: int = 0
+    batches_written: int = 0
+    batches_duplicate: int = 0
+    readings_written: int = 0
+    #: Streams opened (the first one included).
+    streams: int = 0
+    #: Status codes of the errors that made the uplink reconnect, in order (the last 100).
+    errors: list[grpc.StatusCode] = field(default_factory=list)
+
+
+class IngestUplink:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        collector_id: str,
+        source: BatchSource,
+        *,
+        max_in_flight: int = 32,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        max_attempts: int | None = None,
+        retryable: frozenset[grpc.StatusCode] = RETRYABLE,
+    ):
+        self.stub = pb_grpc.IngestServiceStub(channel)
+        self.collector_id = collector_id
+        self.source = source
+        self.max_in_flight = max_in_flight
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.max_attempts = max_attempts
+        self.retryable = retryable
+        self.stats = UplinkStats()
+        self._first_unacked: int | None = None
+
+    async def run(self) -> UplinkStats:
+        """Send until the source ends and everything is acknowledged (forever for an endless source).
+        Reconnects on retryable errors, after `max_attempts` consecutive failures (if set) re-raises the
+        last one; raises :class:`UplinkRejected` on a permanent error."""
+        backoff = self.initial_backoff
+        failures = 0
+        while True:
+            progress_before = self.stats.acked_sequence
+            try:
+                await self._stream()
+                return self.stats
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in self.retryable:
+                    raise UplinkRejected(exc, self._first_unacked) from exc
+                error: BaseException = exc
+                self._note_error(exc.code())
+            except _Retry as exc:
+                error = exc
+                self._note_error(grpc.StatusCode.UNAVAILABLE)
+            if self.stats.acked_sequence > progress_before:
+                backoff, failures = self.initial_backoff, 0
+            failures += 1
+            if self.max_attempts is not None and failures >= self.max_attempts:
+                raise error
+            delay = backoff * random.uniform(0.5, 1.0)
+            log.info("uplink reconnecting", extra={"collector_id": self.collector_id, "delay": round(delay, 3),
+                                                   "error": str(error)[:200]})
+            await asyncio.sleep(delay)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    def _note_error(self, code: grpc.StatusCode) -> None:
+        self.stats.errors.append(code)
+        del self.stats.errors[:-100]
+
+    async def _stream(self) -> None:
+        call = self.stub.StreamReadings()
+        self.stats.streams += 1
+        in_flight: deque[tuple[int, int]] = deque()  # (sequence, readings)
+        window = asyncio.Semaphore(self.max_in_flight)
+        sent_all = asyncio.Event()
+        sender: asyncio.Task[None] | None = None
+        try:
+            with contextlib.suppress(asyncio.InvalidStateError):  # the call already ended: read() says why
+                await call.write(pb.StreamReadingsRequest(open=pb.StreamOpen(collector_id=self.collector_id)))
+            first = await call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("kind") != "resume":
+                raise _Retry("stream ended before resume")
+            resumed = first.resume.committed_sequence
+            await self._confirm(resumed)
+
+            async def send() -> None:
+                last = resumed
+                try:
+                    async for batch in self.source.batches_after(resumed):
+                        if batch.sequence <= last:
+                            raise ValueError(f"source gave sequence {batch.sequence} after {last}")
+                        last = batch.sequence
+                        await window.acquire()
+                        in_flight.append((batch.sequence, len(batch.readings)))
+                        self._first_unacked = in_flight[0][0]
+                        await call.write(pb.StreamReadingsRequest(batch=batch))
+                    await call.done_writing()
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    return  # the call ended under the write; the reader gets its status
+                except BaseException:
+                    call.cancel()  # wake the reader; the source's error is raised from run()
+                    raise
+                sent_all.set()
+
+            sender = asyncio.create_task(send())
+            while True:
+                try:
+                    response = await call.read()
+                except grpc.aio.AioRpcError:
+                    if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                        raise sender.exception() from None  # type: ignore[misc]
+                    raise
+                if response is grpc.aio.EOF:
+                    break
+                if response.WhichOneof("kind") != "ack":
+                    continue
+                ack = response.ack
+                if not in_flight or ack.sequence != in_flight[0][0]:
+                    raise _Retry(f"ack {ack.sequence} out of order (expected {in_flight[0][0] if in_flight else None})")
+                in_flight.popleft()
+                window.release()
+                self._first_unacked = in_flight[0][0] if in_flight else None
+                if ack.duplicate:
+                    self.stats.batches_duplicate += 1
+                else:
+                    self.stats.batches_written += 1
+                    self.stats.readings_written += ack.written
+                await self._confirm(ack.sequence)
+            if sender.done() and sender.exception() is not None:
+                raise sender.exception()  # type: ignore[misc]
+            if not (sent_all.is_set() and not in_flight):
+                # A clean end without everything acknowledged: the status says why if there was one.
+                code = await call.code()
+                if code != grpc.StatusCode.OK:
+                    raise _Retry(f"stream ended with {code.name}")
+                raise _Retry("stream ended before every batch was acknowledged")
+        finally:
+            if sender is not None and not sender.done():
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+                    await sender
+            elif sender is not None and not sender.cancelled():
+                sender.exception()  # retrieved: an error there shows as the call's status instead
+            call.cancel()
+
+    async def _confirm(self, sequence: int) -> None:
+        if sequence > self.stats.acked_sequence:
+            self.stats.acked_sequence = sequence
+        await self.source.acknowledged(sequence)

@@ -1,0 +1,54 @@
+"""Settings of the ingest service, from FABRICA_INGEST_* environment variables.
+
+=====================================  ===========================================================  =======
+Variable                               Meaning                                                      Default
+=====================================  ===========================================================  =======
+FABRICA_INGEST_RETENTION_DAYS          Days of readings and tag events kept; 0 keeps everything     0
+FABRICA_INGEST_PARTITIONS_AHEAD        Daily partitions created ahead of today                      3
+FABRICA_INGEST_GROUP_MAX_ROWS          Rows per write transaction (batches are grouped up to it)    20000
+FABRICA_INGEST_GROUP_MAX_DELAY_MS      How long the writer waits to fill a group                    20
+FABRICA_INGEST_QUEUE_MAX_ROWS          Rows accepted but not yet written; streams wait beyond it    100000
+FABRICA_INGEST_EVENT_POLL_SECONDS      Watchers re-check for events this often without a NOTIFY     2
+FABRICA_INGEST_MAINTENANCE_SECONDS     Partition and retention maintenance interval                 3600
+=====================================  ===========================================================  =======
+
+Retention defaults to "keep everything": a historian that deletes data nobody asked it to delete is worse
+than one that needs a setting to free disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# The runtime's parsers give the same one-line errors naming the variable as every other setting.
+from ..runtime.settings import _float, _int
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    retention_days: int = 0
+    partitions_ahead: int = 3
+    group_max_rows: int = 20_000
+    group_max_delay: float = 0.020
+    queue_max_rows: int = 100_000
+    event_poll_interval: float = 2.0
+    maintenance_interval: float = 3600.0
+    #: Batches accepted on one stream but not yet acknowledged (bounds per-stream bookkeeping).
+    stream_max_in_flight: int = 256
+    #: A write transaction that takes longer than this is abandoned as "database unavailable".
+    transaction_timeout: float = 30.0
+
+
+def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
+    env = os.environ if env is None else env
+    return IngestConfig(
+        retention_days=_int(env, "FABRICA_INGEST_RETENTION_DAYS", 0, 0, 100_000),
+        partitions_ahead=_int(env, "FABRICA_INGEST_PARTITIONS_AHEAD", 3, 1, 366),
+        group_max_rows=_int(env, "FABRICA_INGEST_GROUP_MAX_ROWS", 20_000, 1, 10_000_000),
+        group_max_delay=_int(env, "FABRICA_INGEST_GROUP_MAX_DELAY_MS", 20, 0, 60_000) / 1000.0,
+        queue_max_rows=_int(env, "FABRICA_INGEST_QUEUE_MAX_ROWS", 100_000, 1, 100_000_000),
+        event_poll_interval=_float(env, "FABRICA_INGEST_EVENT_POLL_SECONDS", 2.0, 0.05, 3600.0),
+        maintenance_interval=_float(env, "FABRICA_INGEST_MAINTENANCE_SECONDS", 3600.0, 1.0, 86_400.0),
+    )

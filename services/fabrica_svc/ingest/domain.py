@@ -1,0 +1,315 @@
+"""Plain rules of the ingest service. No gRPC, no asyncpg, no I/O.
+
+Rows
+----
+A reading is stored as one narrow row (see ``READING_COLUMNS``)::
+
+    (tag_id, read_us, quality, kind, value, int_value, text_value, bytes_value, error)
+
+``read_us`` is microseconds since the Unix epoch (Postgres keeps microseconds, so this is exact).
+``kind`` says which member of ``fabrica.common.v1.Value`` was set; it is the member's field number
+(0 = no value). The typed value round-trips exactly:
+
+=========  ==========================================  =======================================
+kind       stored in                                   ``value`` (the numeric view, float8)
+=========  ==========================================  =======================================
+1 bool     ``value`` 0 or 1                            0.0 / 1.0
+2 int64    ``int_value``                               float(v)
+3 uint64   ``int_value``, the same 64 bits (two's      float(v)
+           complement: 2^64-1 is stored as -1)
+4 double   ``value``                                   v
+5 string   ``text_value``                              NULL
+6 bytes    ``bytes_value``                             NULL
+=========  ==========================================  =======================================
+
+Why a uint64 shares the bigint column instead of a ``numeric`` one: COPY of a bigint is a fixed 8 bytes,
+``numeric`` is variable length and several times slower to encode and to aggregate, and the exact value
+is only ever read back through ``kind`` (in SQL: ``int_value::numeric + 18446744073709551616`` when
+``kind = 3 AND int_value < 0``). Aggregates and statistics use ``value``, the float8 view every numeric
+kind has.
+
+Exactly once
+------------
+:func:`plan_group` decides, inside the transaction that holds the collectors' sequence rows, which
+batches of a group are written and which are duplicates: a batch at or below the collector's committed
+sequence (including one written earlier in the same group) is a duplicate.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import struct
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+from ..runtime.errors import FieldViolation, InvalidArgument
+
+# --- value kinds (the field numbers of fabrica.common.v1.Value's oneof) -------------------------------
+KIND_NONE = 0
+KIND_BOOL = 1
+KIND_INT = 2
+KIND_UINT = 3
+KIND_DOUBLE = 4
+KIND_STRING = 5
+KIND_BYTES = 6
+
+QUALITY_GOOD = 1
+#: TagRole values whose readings also go to tag_events: production counter, scrap counter, machine state.
+EVENT_ROLES = frozenset({2, 3, 4})
+
+MAX_BIGINT = 2**63 - 1
+_TWO64 = 2**64
+
+#: google.protobuf.Timestamp's valid range, 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+READING_COLUMNS = (
+    "tag_id", "read_time", "quality", "kind", "value", "int_value", "text_value", "bytes_value", "error",
+)
+EVENT_COLUMNS = (
+    "tag_id", "plc_id", "role", "read_time", "quality", "kind", "value", "int_value", "text_value", "bytes_value",
+)
+
+#: (tag_id, read_us, quality, kind, value, int_value, text_value, bytes_value, error)
+ReadingRow = tuple[int, int, int, int, float | None, int | None, str | None, bytes | None, str | None]
+#: (tag_id, plc_id, role, read_us, quality, kind, value, int_value, text_value, bytes_value)
+EventRow = tuple[int, str, int, int, int, int, float | None, int | None, str | None, bytes | None]
+
+
+def uint_to_bigint(v: int) -> int:
+    """The signed 64-bit integer with the same bits as the unsigned `v` (0 <= v < 2**64)."""
+    return v - _TWO64 if v > MAX_BIGINT else v
+
+
+def bigint_to_uint(v: int) -> int:
+    return v & (_TWO64 - 1)
+
+
+def timestamp_is_valid(seconds: int, nanos: int) -> bool:
+    return MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS and 0 <= nanos <= 999_999_999
+
+
+def micros_to_datetime(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def datetime_to_micros(t: datetime) -> int:
+    delta = t - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+# --- batches ------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class WriteBatch:
+    """One ReadingBatch, converted to rows and checked, ready for the writer."""
+
+    collector_id: str
+    sequence: int
+    rows: list[ReadingRow]
+    #: Readings of counter and machine-state tags, in batch order.
+    events: list[EventRow] = field(default_factory=list)
+    #: The newest row of each tag in the batch (ties: the later one).
+    latest: dict[int, ReadingRow] = field(default_factory=dict)
+    #: tag_id -> (plc_id, role) as the tag's first reading in the batch says (a change shows next batch).
+    tags: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    duplicate: bool
+    written: int
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    #: One outcome per batch, in group order.
+    outcomes: list[BatchOutcome]
+    #: New committed sequence of each collector whose sequence advanced.
+    advanced: dict[str, int]
+
+    @property
+    def written(self) -> list[int]:
+        """Indexes of the batches to write."""
+        return [i for i, o in enumerate(self.outcomes) if not o.duplicate]
+
+
+def plan_group(committed: Mapping[str, int], batches: Sequence[tuple[str, int, int]]) -> GroupPlan:
+    """Which of `batches` ((collector_id, sequence, size) in group order) to write, given the committed
+    sequences read under lock. A batch at or below its collector's committed sequence, or at or below a
+    sequence written earlier in this group, is a duplicate."""
+    current = dict(committed)
+    outcomes = []
+    advanced: dict[str, int] = {}
+    for collector_id, sequence, size in batches:
+        if sequence <= current.get(collector_id, 0):
+            outcomes.append(BatchOutcome(duplicate=True, written=0))
+            continue
+        current[collector_id] = sequence
+        advanced[collector_id] = sequence
+        outcomes.append(BatchOutcome(duplicate=False, written=size))
+    return GroupPlan(outcomes, advanced)
+
+
+def merge_latest(batches: Iterable[WriteBatch]) -> list[ReadingRow]:
+    """The newest row per tag over `batches` (ties go to the later batch), sorted by tag_id so that
+    concurrent transactions lock the `latest` rows in one order and cannot deadlock."""
+    newest: dict[int, ReadingRow] = {}
+    for batch in batches:
+        for tag_id, row in batch.latest.items():
+            prev = newest.get(tag_id)
+            if prev is None or prev[1] <= row[1]:
+                newest[tag_id] = row
+    return [newest[t] for t in sorted(newest)]
+
+
+class TagCache:
+    """What this process last wrote to the `tags` table, so that tag metadata is upserted only when it is
+    new or changed. Bounded: past `max_size` entries it starts over (it is only a cache; the upsert
+    itself is idempotent).
+
+    With several replicas each has its own cache; a tag whose PLC flips back and forth between replicas
+    may be left as the other replica wrote it until this one sees a change. Tags change PLC rarely, and
+    the next change corrects it."""
+
+    def __init__(self, max_size: int = 1_000_000):
+        self.max_size = max_size
+        self._known: dict[int, tuple[str, int]] = {}
+
+    def changes(self, batches: Iterable[WriteBatch]) -> list[tuple[int, str, int]]:
+        """(tag_id, plc_id, role) of tags new or changed in `batches`, sorted by tag_id."""
+        merged: dict[int, tuple[str, int]] = {}
+        for batch in batches:
+            merged.update(batch.tags)
+        known = self._known
+        return sorted((t, *info) for t, info in merged.items() if known.get(t) != info)
+
+    def remember(self, changes: Iterable[tuple[int, str, int]]) -> None:
+        """Call after the transaction that wrote `changes` committed."""
+        changes = list(changes)
+        if len(self._known) + len(changes) > self.max_size:
+            self._known.clear()
+        for tag_id, plc_id, role in changes:
+            self._known[tag_id] = (plc_id, role)
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+# --- history queries ----------------------------------------------------------------------------------
+
+MAX_PAGE_SIZE = 10_000
+DEFAULT_PAGE_SIZE = 1_000
+#: A page or an export chunk stops early past this many bytes of readings (clients' default limit is 4 MiB).
+MAX_RESPONSE_BYTES = 3 * 1024 * 1024
+EXPORT_CHUNK_ROWS = 5_000
+#: Hard limit of (tags × buckets) an AggregateReadings call may cover: the answer is not paged.
+MAX_BUCKETS = 50_000
+
+
+@dataclass(frozen=True)
+class PageCursor:
+    """Position after the last row returned: rows are ordered by (read_time, tag_id, row position), where
+    the row position (the row's ctid: block, offset) only breaks ties between readings of one tag with the
+    same timestamp, so that a page boundary between them neither repeats nor skips one."""
+
+    read_us: int
+    tag_id: int
+    block: int
+    offset: int
+
+
+_TOKEN = struct.Struct(">BqqIHI")  # version, read_us, tag_id, block, offset, filter fingerprint
+_TOKEN_VERSION = 1
+
+
+def filter_fingerprint(filter_bytes: bytes) -> int:
+    return zlib.crc32(filter_bytes)
+
+
+def encode_page_token(cursor: PageCursor, fingerprint: int) -> str:
+    raw = _TOKEN.pack(_TOKEN_VERSION, cursor.read_us, cursor.tag_id, cursor.block, cursor.offset, fingerprint)
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, fingerprint: int) -> PageCursor:
+    """The cursor in `token`; InvalidArgument(page_token) if it is malformed or from another filter."""
+    bad = InvalidArgument(FieldViolation("page_token", "not a page token of this query; start without one"))
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, read_us, tag_id, block, offset, fp = _TOKEN.unpack(raw)
+    except (binascii.Error, struct.error, ValueError):
+        raise bad from None
+    if version != _TOKEN_VERSION or fp != fingerprint or tag_id < 0:
+        raise bad
+    return PageCursor(read_us, tag_id, block, offset)
+
+
+def check_bucket_count(range_seconds: float, bucket_seconds: int, tag_count: int) -> None:
+    buckets = math.ceil(range_seconds / bucket_seconds) * max(tag_count, 1)
+    if buckets > MAX_BUCKETS:
+        raise InvalidArgument(FieldViolation(
+            "bucket_seconds",
+            f"{max(tag_count, 1)} tag(s) over this range make up to {buckets} buckets, more than {MAX_BUCKETS};"
+            " use wider buckets, a shorter range or fewer tags",
+        ))
+
+
+# --- partitions ---------------------------------------------------------------------------------------
+
+PARTITION_PREFIX = "readings_p"
+
+
+def partition_name(day: date) -> str:
+    return f"{PARTITION_PREFIX}{day:%Y%m%d}"
+
+
+def partition_day(name: str) -> date | None:
+    """The day of a partition named by :func:`partition_name`, else None."""
+    if not name.startswith(PARTITION_PREFIX):
+        return None
+    try:
+        return datetime.strptime(name[len(PARTITION_PREFIX):], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def day_bounds(day: date) -> tuple[datetime, datetime]:
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return start, start + timedelta(days=1)
+
+
+def days_ahead(now: datetime, ahead: int) -> list[date]:
+    """Today (UTC) and the `ahead` days after it."""
+    today = now.astimezone(UTC).date()
+    return [today + timedelta(days=i) for i in range(ahead + 1)]
+
+
+def retention_cutoff(now: datetime, retention_days: int) -> datetime | None:
+    """Readings before this instant may be dropped (a day boundary, UTC); None keeps everything."""
+    if retention_days <= 0:
+        return None
+    start, _ = day_bounds(now.astimezone(UTC).date() - timedelta(days=retention_days))
+    return start
+
+
+def expired_partitions(names: Iterable[str], cutoff: datetime | None) -> list[str]:
+    """Partitions (named by :func:`partition_name`) that end at or before `cutoff`."""
+    if cutoff is None:
+        return []
+    out = []
+    for name in names:
+        day = partition_day(name)
+        if day is not None and day_bounds(day)[1] <= cutoff:
+            out.append(name)
+    return sorted(out)

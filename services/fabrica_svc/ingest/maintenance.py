@@ -1,0 +1,113 @@
+"""Partition maintenance: daily partitions ahead of time, late rows out of the default partition, retention.
+
+Runs once at start-up and then every ``maintenance_interval``. Any replica may run it: partition creation
+takes a transaction-level advisory lock (another replica that holds it is doing the same work), and every
+DDL statement runs with a short ``lock_timeout`` so that it never holds up the writer; what does not get
+done is retried on the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .domain import day_bounds, days_ahead, expired_partitions, partition_name, retention_cutoff
+from .store import IngestStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MaintenanceReport:
+    created: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    default_rows_deleted: int = 0
+    events_purged_through: int = 0
+
+
+async def ensure_ahead(store: IngestStore, now: datetime, *, ahead: int) -> list[str]:
+    """Create today's and the next `ahead` days' partitions if missing (quick: normally no rows move)."""
+    existing = set(await store.partitions())
+    created = []
+    for day in days_ahead(now, ahead):
+        name = partition_name(day)
+        if name not in existing and await store.create_partition(day):
+            created.append(name)
+    return created
+
+
+async def maintain(store: IngestStore, now: datetime, *, ahead: int, retention_days: int) -> MaintenanceReport:
+    """One round: create today's and the next `ahead` days' partitions, give days that have rows in the
+    default partition (within retention) their own partition, and drop what retention no longer keeps."""
+    report = MaintenanceReport()
+    existing = set(await store.partitions())
+    cutoff = retention_cutoff(now, retention_days)
+    wanted = days_ahead(now, ahead)
+    lo = cutoff if cutoff is not None else datetime(1, 1, 2, tzinfo=UTC)
+    hi = day_bounds(wanted[-1])[1]
+    late = await store.default_partition_days(lo, hi)
+    for day in sorted(set(wanted) | set(late)):
+        name = partition_name(day)
+        if name in existing:
+            continue
+        if await store.create_partition(day):
+            report.created.append(name)
+            existing.add(name)
+    if cutoff is not None:
+        for name in expired_partitions(existing, cutoff):
+            await store.drop_partition(name)
+            report.dropped.append(name)
+        report.default_rows_deleted, report.events_purged_through = await store.purge_before(cutoff)
+    if report.created or report.dropped or report.default_rows_deleted:
+        log.info("partition maintenance", extra={
+            "created": report.created, "dropped": report.dropped,
+            "default_rows_deleted": report.default_rows_deleted
+        })
+    return report
+
+
+class Maintenance:
+    def __init__(self, store: IngestStore, *, interval: float, ahead: int, retention_days: int,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.store = store
+        self.interval = interval
+        self.ahead = ahead
+        self.retention_days = retention_days
+        self.clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> MaintenanceReport | None:
+        try:
+            return await maintain(self.store, self.clock(), ahead=self.ahead, retention_days=self.retention_days)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database may be away; the next round retries
+            log.warning("partition maintenance failed; retrying later", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return None
+
+    async def start(self) -> None:
+        """Today's and the next days' partitions before serving; the rest of a round (moving late rows,
+        retention, which may take long) in the background, right away and then every `interval`."""
+        try:
+            await ensure_ahead(self.store, self.clock(), ahead=self.ahead)
+        except Exception as exc:  # the default partition takes every reading meanwhile
+            log.warning("could not create partitions ahead; retrying in the background",
+                        extra={"error": f"{type(exc).__name__}: {exc}"})
+        self._task = asyncio.create_task(self._loop(), name="ingest-maintenance")
+
+    async def _loop(self) -> None:
+        while True:
+            await self.run_once()
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+

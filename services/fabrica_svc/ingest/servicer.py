@@ -1,0 +1,305 @@
+"""The IngestService gRPC methods: proto ⇄ domain, no SQL (that is in store.py).
+
+Validation: the shared interceptor has already checked every request (and every message of the
+StreamReadings stream) against the protovalidate rules in the protos. What is checked here is what those
+rules cannot express: the stream's protocol (open first, one collector, increasing sequences) and values
+Postgres cannot hold (see convert.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from fabrica.ingest.v1 import query_pb2
+
+from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime.interceptors import DOMAIN, STATUS_DETAILS_KEY
+from .config import IngestConfig
+from .convert import (
+    batch_from_proto,
+    bucket_from_row,
+    check_filter,
+    check_tag_ids,
+    check_timestamp,
+    readings_from_rows,
+    tag_event_from_row,
+    to_datetime,
+)
+from .domain import (
+    DEFAULT_PAGE_SIZE,
+    EXPORT_CHUNK_ROWS,
+    MAX_BIGINT,
+    MAX_RESPONSE_BYTES,
+    BatchOutcome,
+    PageCursor,
+    check_bucket_count,
+    datetime_to_micros,
+    decode_page_token,
+    encode_page_token,
+    filter_fingerprint,
+    micros_to_datetime,
+)
+from .events import EventHub
+from .store import IngestStore
+from .writer import BatchWriter, StreamSession
+
+#: Events per WatchTagEvents message (and per catch-up query).
+EVENTS_PAGE = 500
+_END = object()
+
+
+class IngestServicer(pb_grpc.IngestServiceServicer):
+    def __init__(self, config: IngestConfig):
+        self.config = config
+        self._store: IngestStore | None = None
+        self._writer: BatchWriter | None = None
+        self._hub: EventHub | None = None
+
+    def bind(self, store: IngestStore, writer: BatchWriter, hub: EventHub) -> None:
+        """Called by the app once its dependencies exist (before the server starts serving)."""
+        self._store, self._writer, self._hub = store, writer, hub
+
+    @property
+    def store(self) -> IngestStore:
+        assert self._store is not None, "IngestServicer used before bind()"
+        return self._store
+
+    # --- write path -----------------------------------------------------------------------------------
+
+    async def StreamReadings(
+        self, request_iterator: AsyncIterator[pb.StreamReadingsRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamReadingsResponse]:
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "open":
+            raise InvalidArgument(FieldViolation("open", "the first message of the stream must be open"))
+        collector_id = first.open.collector_id
+        committed = await self.store.committed_sequence(collector_id)
+        yield pb.StreamReadingsResponse(
+            resume=pb.StreamResume(collector_id=collector_id, committed_sequence=committed)
+        )
+        assert self._writer is not None
+        session = self._writer.open_session(collector_id, committed)
+        # In stream order: (sequence, future) per batch, then _END or the exception that ends the stream.
+        # The writer may also put an exception here (the database is lost) while the stream is idle.
+        pending: asyncio.Queue[Any] = asyncio.Queue()
+        session.interrupt = pending.put_nowait
+        # Batches read but not yet acknowledged: a client that does not read its acks stops being read.
+        window = asyncio.Semaphore(self.config.stream_max_in_flight)
+        reader = asyncio.create_task(self._read_batches(requests, session, pending, window))
+        try:
+            while True:
+                item = await pending.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                sequence, future = item
+                # shield: a cancelled call must not cancel the writer's future (the batch may commit).
+                outcome: BatchOutcome = await asyncio.shield(future)
+                yield pb.StreamReadingsResponse(
+                    ack=pb.BatchAck(sequence=sequence, duplicate=outcome.duplicate, written=outcome.written)
+                )
+                window.release()
+        finally:
+            session.interrupt = None
+            self._writer.close_session(session)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _read_batches(self, requests: AsyncIterator[pb.StreamReadingsRequest], session: StreamSession,
+                            pending: asyncio.Queue[Any], window: asyncio.Semaphore) -> None:
+        assert self._writer is not None
+        loop = asyncio.get_running_loop()
+        last = 0
+        try:
+            while True:
+                await window.acquire()
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                if request.WhichOneof("kind") != "batch":
+                    raise InvalidArgument(FieldViolation("open", "only the first message of the stream may be open"))
+                batch = request.batch
+                if batch.collector_id != session.collector_id:
+                    raise InvalidArgument(FieldViolation(
+                        "batch.collector_id", f"must be the collector the stream was opened for ({session.collector_id})"
+                    ))
+                sequence = batch.sequence
+                if sequence <= last:
+                    raise InvalidArgument(FieldViolation(
+                        "batch.sequence", f"must increase along the stream: {sequence} follows {last}"
+                    ))
+                last = sequence
+                if sequence <= session.resumed_at:
+                    future: asyncio.Future[BatchOutcome] = loop.create_future()
+                    future.set_result(BatchOutcome(duplicate=True, written=0))
+                else:
+                    future = await self._writer.submit(session, batch_from_proto(batch))
+                pending.put_nowait((sequence, future))
+            pending.put_nowait(_END)
+        except Exception as exc:  # ends the stream after the acks of the batches before it
+            pending.put_nowait(exc)
+
+    # --- tag events -----------------------------------------------------------------------------------
+
+    async def WatchTagEvents(
+        self, request: pb.WatchTagEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchTagEventsResponse]:
+        found: list[FieldViolation] = []
+        check_tag_ids(request.tag_ids, "tag_ids", found)
+        if found:
+            raise InvalidArgument(found)
+        assert self._hub is not None
+        tag_ids = list(request.tag_ids) or None
+        plc_ids = list(request.plc_ids) or None
+        after = request.after_cursor
+        while True:
+            wake = self._hub.current()  # before the query: a notification during it is not lost
+            page = await self.store.events_page(after, tag_ids, plc_ids, EVENTS_PAGE)
+            if 0 < after < page.purged_through:
+                await _abort_out_of_range(context, after, page.purged_through)
+            if page.rows:
+                yield pb.WatchTagEventsResponse(events=[tag_event_from_row(r) for r in page.rows])
+                after = page.rows[-1]["cursor"]
+                if len(page.rows) == EVENTS_PAGE:
+                    continue
+            # Every event up to `high` was visible to that query: nothing below it can still appear.
+            after = max(after, page.high)
+            await self._hub.wait(wake)
+
+    # --- read path ------------------------------------------------------------------------------------
+
+    async def _filter_tags(self, f: query_pb2.ReadingFilter) -> list[int]:
+        check_filter(f)
+        return await self.store.resolve_tags(f.tag_ids, f.plc_id)
+
+    async def _page(
+        self, f: query_pb2.ReadingFilter, tag_ids: list[int], cursor: PageCursor | None, limit: int
+    ) -> tuple[list[Any], PageCursor | None]:
+        """One page of readings and the cursor after it (None when there is nothing after it)."""
+        rows = await self.store.readings_page(
+            tag_ids, to_datetime(f.start_time), to_datetime(f.end_time), cursor,
+            micros_to_datetime(cursor.read_us) if cursor else None,
+            [int(q) for q in f.qualities] or None, limit + 1,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        readings, used = readings_from_rows(rows, MAX_RESPONSE_BYTES)
+        if not (more or used < len(rows)) or not readings:
+            return readings, None
+        last = rows[used - 1]
+        block, offset = last["row_id"]
+        return readings, PageCursor(datetime_to_micros(last["read_time"]), last["tag_id"], block, offset)
+
+    async def QueryReadings(self, request: pb.QueryReadingsRequest, context: grpc.aio.ServicerContext) -> pb.QueryReadingsResponse:
+        f = request.filter
+        fingerprint = filter_fingerprint(f.SerializeToString(deterministic=True))
+        cursor = decode_page_token(request.page_token, fingerprint) if request.page_token else None
+        tag_ids = await self._filter_tags(f)
+        if not tag_ids:
+            return pb.QueryReadingsResponse()
+        readings, after = await self._page(f, tag_ids, cursor, request.page_size or DEFAULT_PAGE_SIZE)
+        return pb.QueryReadingsResponse(
+            readings=readings, next_page_token=encode_page_token(after, fingerprint) if after else ""
+        )
+
+    async def ExportReadings(
+        self, request: pb.ExportReadingsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ExportReadingsResponse]:
+        f = request.filter
+        tag_ids = await self._filter_tags(f)
+        if not tag_ids:
+            return
+        chunks = self.store.export(tag_ids, to_datetime(f.start_time), to_datetime(f.end_time),
+                                   [int(q) for q in f.qualities] or None, EXPORT_CHUNK_ROWS)
+        async with contextlib.aclosing(chunks):  # a cancelled call gives its connection back at once
+            async for rows in chunks:
+                while rows:  # a chunk of large values goes out in several messages
+                    readings, used = readings_from_rows(rows, MAX_RESPONSE_BYTES)
+                    yield pb.ExportReadingsResponse(readings=readings)
+                    rows = rows[used:]
+
+    async def AggregateReadings(
+        self, request: pb.AggregateReadingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AggregateReadingsResponse:
+        f = request.filter
+        tag_ids = await self._filter_tags(f)
+        start, end = to_datetime(f.start_time), to_datetime(f.end_time)
+        check_bucket_count((end - start).total_seconds(), request.bucket_seconds, len(tag_ids))
+        if not tag_ids:
+            return pb.AggregateReadingsResponse()
+        rows = await self.store.aggregate(
+            tag_ids, start, end, request.bucket_seconds, [int(q) for q in f.qualities] or None
+        )
+        return pb.AggregateReadingsResponse(buckets=[bucket_from_row(r) for r in rows])
+
+    async def GetLatestValues(
+        self, request: pb.GetLatestValuesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetLatestValuesResponse:
+        found: list[FieldViolation] = []
+        if not request.tag_ids and not request.plc_id:
+            found.append(FieldViolation("tag_ids", "name tag_ids or a plc_id"))
+        check_tag_ids(request.tag_ids, "tag_ids", found)
+        if found:
+            raise InvalidArgument(found)
+        rows = await self.store.latest(list(request.tag_ids), request.plc_id)
+        readings, _ = readings_from_rows(rows, 2**62)
+        return pb.GetLatestValuesResponse(readings=readings)
+
+    async def SummarizeReadings(
+        self, request: pb.SummarizeReadingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SummarizeReadingsResponse:
+        found: list[FieldViolation] = []
+        if request.tag_id > MAX_BIGINT:
+            found.append(FieldViolation("tag_id", "must be below 2^63"))
+        check_timestamp(request.start_time, "start_time", found)
+        check_timestamp(request.end_time, "end_time", found)
+        if not found and (request.end_time.seconds, request.end_time.nanos) <= (
+            request.start_time.seconds, request.start_time.nanos
+        ):
+            found.append(FieldViolation("end_time", "must be after start_time"))
+        lsl = request.lower_spec_limit if request.HasField("lower_spec_limit") else None
+        usl = request.upper_spec_limit if request.HasField("upper_spec_limit") else None
+        if lsl is not None and usl is not None and usl <= lsl:
+            found.append(FieldViolation("upper_spec_limit", "must be above lower_spec_limit"))
+        if found:
+            raise InvalidArgument(found)
+        row = await self.store.summarize(
+            request.tag_id, to_datetime(request.start_time), to_datetime(request.end_time), lsl, usl
+        )
+        summary = query_pb2.ReadingSummary(
+            count=row["n"], mean=row["mean"], stddev=row["sd"], min=row["min"], max=row["max"]
+        )
+        for name, key in (("cp", "cp"), ("cpk", "cpk"), ("slope_per_hour", "slope"), ("intercept", "intercept")):
+            if row[key] is not None:
+                setattr(summary, name, row[key])
+        return pb.SummarizeReadingsResponse(summary=summary)
+
+
+async def _abort_out_of_range(context: grpc.aio.ServicerContext, after: int, purged_through: int) -> None:
+    # The runtime's domain errors have no OUT_OF_RANGE; the rich status is built the same way it builds them.
+    message = (f"after_cursor {after} is older than the retained events (events up to {purged_through} were"
+               " removed by retention); resume from 0 for the oldest retained event")
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(
+        reason="CURSOR_OUT_OF_RANGE", domain=DOMAIN, metadata={"purged_through": str(purged_through)}
+    ))
+    rich = status_pb2.Status(code=grpc.StatusCode.OUT_OF_RANGE.value[0], message=message, details=[info])
+    await context.abort(
+        grpc.StatusCode.OUT_OF_RANGE, message, trailing_metadata=((STATUS_DETAILS_KEY, rich.SerializeToString()),)
+    )

@@ -1,0 +1,506 @@
+"""All SQL of the ingest service: the schema (migrations), the write transaction, history, latest values,
+statistics, tag events and partition maintenance.
+
+Tables (schema ``ingest``)
+--------------------------
+``readings``            one narrow row per reading (domain.READING_COLUMNS), partitioned by RANGE on
+                        ``read_time``: one partition per UTC day (``readings_pYYYYMMDD``), created ahead by
+                        the maintenance task, plus ``readings_default`` so that a reading of any time is
+                        always accepted (late or future-dated ones land there and are moved into their day's
+                        partition when maintenance creates it).
+``latest``              the newest reading per tag, upserted in the same transaction; never moves back in time.
+``tags``                tag_id → plc_id, role, learned from the readings (upserted only when new or changed).
+``collector_sequences`` each collector's committed sequence: the exactly-once check.
+``tag_events``          readings of counter and machine-state tags with a ``cursor`` that increases in commit
+                        order; ``event_retention.purged_through`` is the highest cursor deleted by retention.
+
+Indexes: the trade-off
+----------------------
+Every history query names its tags (ReadingFilter requires tag_ids or a PLC), so the one index readings
+have is a btree on ``(tag_id, read_time)``, declared on the parent and so present on every partition:
+a tag's range is one index range scan, paging by (read_time, tag_id) is one bounded index scan per tag
+(see :meth:`IngestStore.readings_page`), an export sorts its range once (:meth:`IngestStore.export`),
+and buckets and statistics read only the rows they aggregate.
+
+What it costs, measured here (embedded Postgres 18, 2 cores, 600,000 narrow rows of 1,000 tags, COPY in
+transactions of 20,000 rows, into the partitioned table)::
+
+    no index                                      ~760,000-870,000 rows/s
+    BRIN (read_time)                              ~750,000 rows/s
+    btree (read_time, tag_id)                     ~430,000-450,000 rows/s
+    btree (tag_id, read_time), rows as they come  ~230,000-310,000 rows/s
+    btree (tag_id, read_time), group sorted by    ~420,000-460,000 rows/s   <- what ingest does
+      tag_id before COPY
+
+The btree on (tag_id, read_time) is what makes COPY slower: each row goes to one of a thousand leaf
+pages. Sorting each group by tag_id before COPY (a stable sort, so a tag's rows stay in arrival order;
+~1 ms per 20,000 rows in Python) makes the inserts walk the index in order and also clusters each tag's
+rows on the heap, which helps the history queries too. That recovers most of the loss. End to end
+the index costs less than these figures suggest: ingest is bound by its own CPU (validating and
+converting ~8 µs per reading, see benchmarks/ingest.py) well before Postgres is.
+
+Rejected: BRIN on read_time alone keeps COPY at full speed, but "tag X over the last 8 hours", the most
+common historian query, would then read every tag's rows of those 8 hours, and keyset paging would
+re-read the rest of the range for each page. A btree on (read_time, tag_id) suits paging across many
+tags, but a month of one tag would scan every tag's index entries for that month. Building the
+(tag_id, read_time) btree only on closed days (CREATE INDEX CONCURRENTLY from maintenance) would make
+today, the most queried day, the slow one. A deployment with far higher rates than a plant produces
+(or TimescaleDB/Citus, see ARCHITECTURE.md) can revisit this; the benchmark prints the figures.
+
+Locks, in the order every write transaction takes them (so that transactions of several ingest replicas
+cannot deadlock): collector_sequences rows (sorted by collector id, FOR UPDATE), tags rows (sorted by
+tag_id), the events advisory lock (only with events; held to commit), latest rows (sorted by tag_id).
+A transaction that holds latest rows either holds the events lock already or never asks for it.
+"""
+
+from __future__ import annotations
+
+import operator
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from itertools import chain
+import asyncpg
+
+from ..runtime.db import Migration
+from .domain import (
+    EVENT_COLUMNS,
+    READING_COLUMNS,
+    GroupPlan,
+    PageCursor,
+    WriteBatch,
+    day_bounds,
+    merge_latest,
+    partition_name,
+    plan_group,
+)
+
+SCHEMA = "ingest"
+EVENTS_CHANNEL = "fabrica_ingest_events"
+#: pg_advisory_xact_lock key that serializes event-writing transactions (so cursors follow commit order).
+EVENTS_LOCK_KEY = zlib.crc32(b"fabrica.ingest.tag_events") - 2**31
+MAINTENANCE_LOCK_KEY = zlib.crc32(b"fabrica.ingest.maintenance") - 2**31
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
+
+MIGRATIONS = [
+    Migration(1, "readings, latest values, tags, collector sequences, tag events", """
+CREATE TABLE tags (
+    tag_id bigint PRIMARY KEY,
+    plc_id text NOT NULL,
+    role smallint NOT NULL,
+    update_time timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX tags_plc_id_idx ON tags (plc_id, tag_id);
+
+CREATE TABLE readings (
+    tag_id bigint NOT NULL,
+    read_time timestamptz NOT NULL,
+    quality smallint NOT NULL,
+    kind smallint NOT NULL,
+    value double precision,
+    int_value bigint,
+    text_value text,
+    bytes_value bytea,
+    error text
+) PARTITION BY RANGE (read_time);
+CREATE INDEX readings_tag_id_read_time_idx ON readings (tag_id, read_time);
+CREATE TABLE readings_default PARTITION OF readings DEFAULT;
+
+CREATE TABLE latest (
+    tag_id bigint PRIMARY KEY,
+    read_time timestamptz NOT NULL,
+    quality smallint NOT NULL,
+    kind smallint NOT NULL,
+    value double precision,
+    int_value bigint,
+    text_value text,
+    bytes_value bytea,
+    error text
+);
+
+CREATE TABLE collector_sequences (
+    collector_id text PRIMARY KEY,
+    committed_sequence bigint NOT NULL DEFAULT 0,
+    update_time timestamptz NOT NULL DEFAULT now()
+);
+
+-- CACHE 1 (the default) matters: cursors are taken under the events lock, so they follow commit order.
+CREATE SEQUENCE tag_events_cursor_seq AS bigint CACHE 1;
+CREATE TABLE tag_events (
+    cursor bigint PRIMARY KEY DEFAULT nextval('tag_events_cursor_seq'),
+    tag_id bigint NOT NULL,
+    plc_id text NOT NULL,
+    role smallint NOT NULL,
+    read_time timestamptz NOT NULL,
+    quality smallint NOT NULL,
+    kind smallint NOT NULL,
+    value double precision,
+    int_value bigint,
+    text_value text,
+    bytes_value bytea,
+    insert_time timestamptz NOT NULL DEFAULT now()
+);
+ALTER SEQUENCE tag_events_cursor_seq OWNED BY tag_events.cursor;
+
+CREATE TABLE event_retention (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    purged_through bigint NOT NULL DEFAULT 0
+);
+INSERT INTO event_retention DEFAULT VALUES;
+"""),
+]
+
+_READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
+
+_LOCK_SEQUENCES = (
+    "SELECT collector_id, committed_sequence FROM ingest.collector_sequences"
+    " WHERE collector_id = ANY($1::text[]) ORDER BY collector_id FOR UPDATE"
+)
+
+_FINISH_GROUP = f"""
+WITH newest AS (
+    INSERT INTO ingest.latest AS l ({_READING_SELECT})
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::smallint[], $4::smallint[], $5::float8[],
+                         $6::bigint[], $7::text[], $8::bytea[], $9::text[])
+    ON CONFLICT (tag_id) DO UPDATE SET read_time = EXCLUDED.read_time, quality = EXCLUDED.quality,
+        kind = EXCLUDED.kind, value = EXCLUDED.value, int_value = EXCLUDED.int_value,
+        text_value = EXCLUDED.text_value, bytes_value = EXCLUDED.bytes_value, error = EXCLUDED.error
+    WHERE l.read_time <= EXCLUDED.read_time
+), advanced AS (
+    UPDATE ingest.collector_sequences s SET committed_sequence = u.seq, update_time = now()
+    FROM unnest($10::text[], $11::bigint[]) AS u(collector_id, seq)
+    WHERE s.collector_id = u.collector_id
+)
+SELECT CASE WHEN $12::boolean THEN pg_notify($13, currval('ingest.tag_events_cursor_seq')::text) END
+"""
+
+
+def _encode_us(us: int) -> tuple[int]:
+    return (us - _PG_EPOCH_US,)
+
+
+def _decode_us(t: tuple[int]) -> int:
+    return t[0] + _PG_EPOCH_US
+
+
+def _ts(t: datetime) -> str:
+    return t.isoformat()
+
+
+@dataclass(frozen=True)
+class EventsPage:
+    rows: list[asyncpg.Record]
+    #: The highest cursor committed when the page was read (everything up to it was visible).
+    high: int
+    purged_through: int
+
+
+class IngestStore:
+    """SQL over the service's pool (reads) and the writer's own connection (writes)."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str):
+        self.pool = pool
+        self.dsn = dsn
+
+    # --- write path -----------------------------------------------------------------------------------
+
+    async def connect_writer(self, timeout: float = 5.0) -> asyncpg.Connection:
+        """A dedicated connection for write transactions. Its timestamptz codec takes microseconds since
+        the Unix epoch (ints), the form the rows are built in, which saves making a datetime per row."""
+        conn = await asyncpg.connect(
+            self.dsn, timeout=timeout, server_settings={"application_name": "fabrica-ingest-writer"}
+        )
+        try:
+            await conn.set_type_codec(
+                "timestamptz", schema="pg_catalog", encoder=_encode_us, decoder=_decode_us, format="tuple"
+            )
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def committed_sequence(self, collector_id: str) -> int:
+        value = await self.pool.fetchval(
+            "SELECT committed_sequence FROM ingest.collector_sequences WHERE collector_id = $1", collector_id
+        )
+        return int(value or 0)
+
+    async def write_group(
+        self, conn: asyncpg.Connection, batches: Sequence[WriteBatch], tag_changes: Sequence[tuple[int, str, int]]
+    ) -> GroupPlan:
+        """One transaction for a group of batches: lock the collectors' sequence rows, drop the batches at
+        or below the committed sequences, COPY the rest, keep tags and latest values current, append tag
+        events (with NOTIFY), advance the sequences, commit. Raises on any failure; nothing is then written."""
+        collectors = sorted({b.collector_id for b in batches})
+        # Every statement here is a round trip during which the event loop may be busy converting
+        # other batches, so the transaction is kept to five of them (eight with events or new tags).
+        async with conn.transaction():
+            locked = await conn.fetch(_LOCK_SEQUENCES, collectors)
+            if len(locked) < len(collectors):  # a collector's first batch
+                await conn.execute(
+                    "INSERT INTO ingest.collector_sequences (collector_id)"
+                    " SELECT c FROM unnest($1::text[]) AS c ORDER BY c ON CONFLICT DO NOTHING",
+                    collectors,
+                )
+                locked = await conn.fetch(_LOCK_SEQUENCES, collectors)
+            plan = plan_group(
+                {r["collector_id"]: r["committed_sequence"] for r in locked},
+                [(b.collector_id, b.sequence, b.size) for b in batches],
+            )
+            written = [batches[i] for i in plan.written]
+            if not written:
+                return plan
+            # Stable sort by tag: the btree on (tag_id, read_time) is then filled in order (see above).
+            records = sorted(chain.from_iterable(b.rows for b in written), key=operator.itemgetter(0))
+            await conn.copy_records_to_table(
+                "readings", schema_name=SCHEMA, columns=READING_COLUMNS, records=records
+            )
+            del records
+            if tag_changes:
+                tag_ids, plc_ids, roles = zip(*tag_changes)
+                await conn.execute(
+                    "INSERT INTO ingest.tags (tag_id, plc_id, role)"
+                    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::smallint[])"
+                    " ON CONFLICT (tag_id) DO UPDATE SET plc_id = EXCLUDED.plc_id, role = EXCLUDED.role,"
+                    "  update_time = now()"
+                    " WHERE (tags.plc_id, tags.role) IS DISTINCT FROM (EXCLUDED.plc_id, EXCLUDED.role)",
+                    tag_ids, plc_ids, roles,
+                )
+            events = list(chain.from_iterable(b.events for b in written))
+            if events:
+                # Serialize event-writing transactions (of every replica) from here to commit, and take
+                # the cursors only now: a cursor then never becomes visible before a smaller one.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", EVENTS_LOCK_KEY)
+                await conn.copy_records_to_table(
+                    "tag_events", schema_name=SCHEMA, columns=EVENT_COLUMNS, records=events
+                )
+            # Latest values, the sequences and the NOTIFY in one statement (data-modifying CTEs always run).
+            await conn.execute(
+                _FINISH_GROUP,
+                *zip(*merge_latest(written)),
+                list(plan.advanced), list(plan.advanced.values()), bool(events), EVENTS_CHANNEL,
+            )
+        return plan
+
+    # --- read path ------------------------------------------------------------------------------------
+
+    async def resolve_tags(self, tag_ids: Sequence[int], plc_id: str) -> list[int]:
+        """The tags a filter covers: `tag_ids`, narrowed to the PLC's tags when `plc_id` is set too."""
+        if not plc_id:
+            return sorted(set(tag_ids))
+        rows = await self.pool.fetch(
+            "SELECT tag_id FROM ingest.tags WHERE plc_id = $1"
+            " AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[])) ORDER BY tag_id",
+            plc_id, list(tag_ids) or None,
+        )
+        return [r["tag_id"] for r in rows]
+
+    async def readings_page(
+        self,
+        tag_ids: Sequence[int],
+        start: datetime,
+        end: datetime,
+        after: PageCursor | None,
+        after_time: datetime | None,
+        qualities: Sequence[int] | None,
+        limit: int,
+    ) -> list[asyncpg.Record]:
+        """Up to `limit` readings ordered by (read_time, tag_id, ctid), after `after`.
+
+        Per tag, an index range scan that stops after `limit` rows; the union is sorted and cut to `limit`.
+        So a page costs at most tags × limit index rows, however long the range (a plain ORDER BY ... LIMIT
+        over many tags would sort the whole remaining range for every page)."""
+        if after is None:
+            lower, key = start, (start, 0, (0, 0))
+        else:
+            assert after_time is not None
+            lower, key = max(start, after_time), (after_time, after.tag_id, (after.block, after.offset))
+        return await self.pool.fetch(
+            "SELECT r.*, t.plc_id, t.role"
+            " FROM unnest($1::bigint[]) AS q(tag_id)"
+            " CROSS JOIN LATERAL ("
+            f"  SELECT {_READING_SELECT}, x.ctid AS row_id FROM ingest.readings x"
+            "   WHERE x.tag_id = q.tag_id AND x.read_time >= $2 AND x.read_time < $3"
+            "     AND (x.read_time, x.tag_id, x.ctid) > ($4, $5, $6::tid)"
+            "     AND ($7::smallint[] IS NULL OR x.quality = ANY($7::smallint[]))"
+            "   ORDER BY x.read_time, x.ctid LIMIT $8) r"
+            " LEFT JOIN ingest.tags t ON t.tag_id = r.tag_id"
+            " ORDER BY r.read_time, r.tag_id, r.row_id LIMIT $8",
+            list(tag_ids), lower, end, key[0], key[1], key[2], qualities, limit,
+        )
+
+    async def export(
+        self, tag_ids: Sequence[int], start: datetime, end: datetime, qualities: Sequence[int] | None,
+        chunk: int,
+    ) -> AsyncIterator[list[asyncpg.Record]]:
+        """All readings of the range in (read_time, tag_id) order, `chunk` rows at a time, from one
+        server-side cursor in one snapshot: Postgres sorts the range once. Paging with
+        :meth:`readings_page` would fetch up to tags × chunk rows for every chunk instead. The caller's
+        pace sets the pace (memory here is one chunk)."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            cursor = await conn.cursor(
+                f"SELECT r.*, t.plc_id, t.role FROM (SELECT {_READING_SELECT} FROM ingest.readings"
+                "  WHERE tag_id = ANY($1::bigint[]) AND read_time >= $2 AND read_time < $3"
+                "    AND ($4::smallint[] IS NULL OR quality = ANY($4::smallint[]))) r"
+                " LEFT JOIN ingest.tags t ON t.tag_id = r.tag_id"
+                " ORDER BY r.read_time, r.tag_id",
+                list(tag_ids), start, end, qualities,
+            )
+            while rows := await cursor.fetch(chunk):
+                yield rows
+
+    async def aggregate(
+        self, tag_ids: Sequence[int], start: datetime, end: datetime, bucket_seconds: int,
+        qualities: Sequence[int] | None,
+    ) -> list[asyncpg.Record]:
+        """count, min, max, avg, first and last per tag and epoch-aligned bucket.
+
+        first/last are the values of the earliest and latest numeric reading of the bucket, as
+        ``min``/``max`` over ``ARRAY[microseconds, value]`` (arrays compare element by element): constant
+        memory per bucket, where ``array_agg(value ORDER BY read_time)[1]`` would hold the whole bucket.
+        Readings of one tag at the very same instant are ordered by value. A bucket with no numeric
+        value (only failures, or text) has NULL min/max/avg/first/last."""
+        return await self.pool.fetch(
+            "SELECT tag_id,"
+            " date_bin(make_interval(secs => $4::float8), read_time, '1970-01-01 00:00:00+00'::timestamptz) AS bucket,"
+            " count(*) AS n, min(value) AS min, max(value) AS max, avg(value) AS avg,"
+            " (min(ARRAY[(extract(epoch FROM read_time) * 1000000)::float8, value])"
+            "   FILTER (WHERE value IS NOT NULL))[2] AS first,"
+            " (max(ARRAY[(extract(epoch FROM read_time) * 1000000)::float8, value])"
+            "   FILTER (WHERE value IS NOT NULL))[2] AS last"
+            " FROM ingest.readings"
+            " WHERE tag_id = ANY($1::bigint[]) AND read_time >= $2 AND read_time < $3"
+            "   AND ($5::smallint[] IS NULL OR quality = ANY($5::smallint[]))"
+            " GROUP BY tag_id, bucket ORDER BY tag_id, bucket",
+            list(tag_ids), start, end, bucket_seconds, qualities,
+        )
+
+    async def summarize(
+        self, tag_id: int, start: datetime, end: datetime, lsl: float | None, usl: float | None
+    ) -> asyncpg.Record:
+        """Statistics of the GOOD numeric readings of one tag, all computed in Postgres. The trend is the
+        least-squares line of value against hours since `start`, so the intercept is the line's value at
+        the start of the range."""
+        return await self.pool.fetchrow(
+            "WITH s AS ("
+            " SELECT count(value) AS n, avg(value) AS mean, stddev_samp(value) AS sd,"
+            "  min(value) AS min, max(value) AS max,"
+            "  regr_slope(value, x) AS slope, regr_intercept(value, x) AS intercept"
+            " FROM (SELECT value, (extract(epoch FROM read_time - $2::timestamptz) / 3600)::float8 AS x"
+            "       FROM ingest.readings"
+            "       WHERE tag_id = $1 AND read_time >= $2 AND read_time < $3"
+            "         AND quality = 1 AND value IS NOT NULL) r)"
+            " SELECT n, coalesce(mean, 0) AS mean, coalesce(sd, 0) AS sd, coalesce(min, 0) AS min,"
+            "  coalesce(max, 0) AS max, slope, intercept,"
+            "  CASE WHEN $4::float8 IS NOT NULL AND $5::float8 IS NOT NULL AND sd > 0"
+            "   THEN ($5::float8 - $4::float8) / (6 * sd) END AS cp,"
+            "  CASE WHEN sd > 0 THEN least(($5::float8 - mean) / (3 * sd), (mean - $4::float8) / (3 * sd)) END AS cpk"
+            " FROM s",
+            tag_id, start, end, lsl, usl,
+        )
+
+    async def latest(self, tag_ids: Sequence[int] | None, plc_id: str | None) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            "SELECT l.*, t.plc_id, t.role"
+            " FROM ingest.latest l LEFT JOIN ingest.tags t ON t.tag_id = l.tag_id"
+            " WHERE ($1::bigint[] IS NULL OR l.tag_id = ANY($1::bigint[]))"
+            "   AND ($2::text IS NULL OR t.plc_id = $2)"
+            " ORDER BY l.tag_id",
+            list(tag_ids) if tag_ids else None, plc_id or None,
+        )
+
+    async def events_page(
+        self, after: int, tag_ids: Sequence[int] | None, plc_ids: Sequence[str] | None, limit: int
+    ) -> EventsPage:
+        """Events after cursor `after` (filtered), plus, from the same snapshot, the highest cursor
+        committed and the retention mark. Because cursors are taken in commit order, every cursor at or
+        below `high` that will ever exist is already visible: a filtered watcher may skip to `high`."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            rows = await conn.fetch(
+                "SELECT cursor, tag_id, plc_id, role, read_time, quality, kind, value, int_value,"
+                " text_value, bytes_value FROM ingest.tag_events"
+                " WHERE cursor > $1 AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[]))"
+                "   AND ($3::text[] IS NULL OR plc_id = ANY($3::text[]))"
+                " ORDER BY cursor LIMIT $4",
+                after, list(tag_ids) if tag_ids else None, list(plc_ids) if plc_ids else None, limit,
+            )
+            marks = await conn.fetchrow(
+                "SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.tag_events) AS high,"
+                " (SELECT purged_through FROM ingest.event_retention) AS purged"
+            )
+        return EventsPage(rows, marks["high"], marks["purged"])
+
+    async def purged_through(self) -> int:
+        return int(await self.pool.fetchval("SELECT purged_through FROM ingest.event_retention") or 0)
+
+    # --- maintenance ----------------------------------------------------------------------------------
+
+    async def partitions(self) -> list[str]:
+        rows = await self.pool.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'ingest.readings'::regclass ORDER BY c.relname"
+        )
+        return [r["relname"] for r in rows]
+
+    async def create_partition(self, day: date, lock_timeout: str = "2s") -> bool:
+        """Create `day`'s partition, moving that day's rows out of the default partition first. False if
+        another replica is maintaining partitions right now (it will do it)."""
+        name = partition_name(day)
+        lo, hi = day_bounds(day)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_KEY):
+                return False
+            # Never let a DDL lock queue block the writer for long: give up and retry next round.
+            await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
+            if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.{name}") is not None:
+                return True
+            # No rows of that day may reach the default partition between the move and the attach
+            # (the attach would then fail). Writers of other days do not touch it and are not held up.
+            await conn.execute("LOCK TABLE ingest.readings_default IN ACCESS EXCLUSIVE MODE")
+            await conn.execute(
+                f"CREATE TABLE ingest.{name} (LIKE ingest.readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            )
+            await conn.execute(
+                f"WITH moved AS (DELETE FROM ingest.readings_default WHERE read_time >= $1 AND read_time < $2"
+                f" RETURNING *) INSERT INTO ingest.{name} SELECT * FROM moved",
+                lo, hi,
+            )
+            await conn.execute(
+                f"ALTER TABLE ingest.readings ATTACH PARTITION ingest.{name}"
+                f" FOR VALUES FROM ('{_ts(lo)}') TO ('{_ts(hi)}')"
+            )
+        return True
+
+    async def default_partition_days(self, lo: datetime, hi: datetime, limit: int = 100) -> list[date]:
+        """Days in [lo, hi) that have rows in the default partition (normally none: it is small)."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT (read_time AT TIME ZONE 'UTC')::date AS day FROM ingest.readings_default"
+            " WHERE read_time >= $1 AND read_time < $2 ORDER BY day LIMIT $3",
+            lo, hi, limit,
+        )
+        return [r["day"] for r in rows]
+
+    async def drop_partition(self, name: str, lock_timeout: str = "1s") -> None:
+        """Drop a partition. This takes an ACCESS EXCLUSIVE lock on ``readings`` for a moment (Postgres
+        allows no DETACH ... CONCURRENTLY next to a default partition), so writers may wait up to
+        `lock_timeout` once per retention round; past it the drop is retried next round."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
+            await conn.execute(f'DROP TABLE IF EXISTS ingest."{name}"')
+
+    async def purge_before(self, cutoff: datetime) -> tuple[int, int]:
+        """Delete default-partition readings and tag events older than `cutoff`; returns (readings
+        deleted, purged_through). Events go by cursor, up to the last one inserted before the cutoff, so
+        that what remains is always every event after `purged_through`."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute("DELETE FROM ingest.readings_default WHERE read_time < $1", cutoff)
+            purged = await conn.fetchval(
+                "WITH edge AS (SELECT max(cursor) AS c FROM ingest.tag_events WHERE insert_time < $1),"
+                " gone AS (DELETE FROM ingest.tag_events WHERE cursor <= (SELECT c FROM edge))"
+                " UPDATE ingest.event_retention"
+                " SET purged_through = greatest(purged_through, coalesce((SELECT c FROM edge), 0))"
+                " RETURNING purged_through",
+                cutoff,
+            )
+        return int(status.split()[-1]), int(purged)

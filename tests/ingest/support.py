@@ -1,0 +1,214 @@
+"""Builders and a harness shared by the ingest tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fabrica.common.v1 import reading_pb2
+from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from fabrica_svc.ingest.app import IngestApp, create_app
+from fabrica_svc.ingest.config import IngestConfig
+from fabrica_svc.runtime.server import ServiceHost
+from fabrica_svc.runtime.settings import load_settings
+
+GOOD = reading_pb2.QUALITY_GOOD
+MEASUREMENT = reading_pb2.TAG_ROLE_MEASUREMENT
+PRODUCTION_COUNTER = reading_pb2.TAG_ROLE_PRODUCTION_COUNTER
+SCRAP_COUNTER = reading_pb2.TAG_ROLE_SCRAP_COUNTER
+MACHINE_STATE = reading_pb2.TAG_ROLE_MACHINE_STATE
+
+#: 2025-03-01T00:00:00Z in microseconds: test data lives around it (well inside any retention test window).
+T0_US = 1_740_787_200_000_000
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ts_us(us: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
+
+
+def reading(tag_id: int, us: int, value: float | int | bool | str | bytes | None = 1.0, *,
+            quality: int = GOOD, plc_id: str = "plc-1", role: int = MEASUREMENT, kind: str | None = None,
+            error: str = "") -> reading_pb2.Reading:
+    r = reading_pb2.Reading(tag_id=tag_id, read_time=ts_us(us), quality=quality, plc_id=plc_id, role=role,
+                            error=error)
+    if value is not None:
+        if kind is None:
+            kind = {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value",
+                    bytes: "bytes_value"}[type(value)]
+        setattr(r.value, kind, value)
+    return r
+
+
+def batch(collector_id: str, sequence: int, readings: Sequence[reading_pb2.Reading]) -> reading_pb2.ReadingBatch:
+    return reading_pb2.ReadingBatch(collector_id=collector_id, sequence=sequence, readings=readings)
+
+
+def numbered_batches(collector_id: str, count: int, size: int, *, tags: int = 10, first_sequence: int = 1,
+                     start_us: int = T0_US, role: int = MEASUREMENT, plc_id: str = "plc-1",
+                     tag_base: int = 1) -> list[reading_pb2.ReadingBatch]:
+    """`count` batches of `size` readings; reading i (over all batches) has tag tag_base + i % tags, time
+    start_us + i ms and value i, so every (tag, time) is distinct and the value says which reading it is."""
+    out = []
+    i = 0
+    for b in range(count):
+        rs = []
+        for _ in range(size):
+            rs.append(reading(tag_base + i % tags, start_us + i * 1000, float(i), plc_id=plc_id, role=role))
+            i += 1
+        out.append(batch(collector_id, first_sequence + b, rs))
+    return out
+
+
+def open_request(collector_id: str) -> pb.StreamReadingsRequest:
+    return pb.StreamReadingsRequest(open=pb.StreamOpen(collector_id=collector_id))
+
+
+def batch_request(b: reading_pb2.ReadingBatch) -> pb.StreamReadingsRequest:
+    return pb.StreamReadingsRequest(batch=b)
+
+
+@dataclass
+class Ingest:
+    """An in-process ingest server (the real ServiceHost) and a client channel to it."""
+
+    host: ServiceHost
+    channel: grpc.aio.Channel
+    database_url: str
+
+    @property
+    def stub(self) -> pb_grpc.IngestServiceStub:
+        return pb_grpc.IngestServiceStub(self.channel)
+
+    @property
+    def app(self) -> IngestApp:
+        return self.host.app  # type: ignore[return-value]
+
+    @property
+    def address(self) -> str:
+        return self.host.address
+
+
+async def start_ingest(database_url: str, config: IngestConfig | None = None, **settings: object) -> Ingest:
+    s = load_settings("ingest", {}).with_overrides(port=0, metrics_port=-1, database_url=database_url, **settings)
+    host = ServiceHost(create_app(s, config or IngestConfig(group_max_delay=0.005)), s)
+    await host.start()
+    channel = grpc.aio.insecure_channel(host.address)
+    return Ingest(host, channel, database_url)
+
+
+async def stop_ingest(ingest: Ingest) -> None:
+    await ingest.channel.close()
+    await ingest.host.stop(grace=0.5)
+
+
+async def stream_batches(stub: pb_grpc.IngestServiceStub, collector_id: str,
+                         batches: Sequence[reading_pb2.ReadingBatch]) -> tuple[int, list[pb.BatchAck]]:
+    """Open a stream, send `batches`, close; return (resume sequence, acks)."""
+    call = stub.StreamReadings()
+    await call.write(open_request(collector_id))
+    first = await call.read()
+    acks = []
+    for b in batches:
+        await call.write(batch_request(b))
+    await call.done_writing()
+    while (response := await call.read()) is not grpc.aio.EOF:
+        acks.append(response.ack)
+    return first.resume.committed_sequence, acks
+
+
+async def fetchval(dsn: str, sql: str, *args: object) -> object:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def wait_for(predicate, *, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
+    """Poll an (async or plain) predicate until it is truthy; bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "") -> int | None:
+    try:
+        response = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=1.0
+        )
+        return response.status
+    except grpc.aio.AioRpcError:
+        return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class IngestProcess:
+    """`fabrica serve ingest` as a child process (for SIGKILL tests)."""
+
+    port: int
+    database_url: str
+    log_path: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        env = {**os.environ, "DATABASE_URL": self.database_url, "FABRICA_METRICS_PORT": "-1",
+               "FABRICA_LOG_FORMAT": "text", "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}",
+               **self.env_extra}
+        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open by the child)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(self.port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        log.close()
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            async def serving() -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(f"ingest exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+                return await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+            await wait_for(serving, timeout=timeout, interval=0.1, what="ingest SERVING")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)

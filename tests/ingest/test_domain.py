@@ -1,0 +1,170 @@
+"""Plain rules of ingest: value encoding, group planning, latest merge, tag cache, page tokens, partitions."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime
+
+import pytest
+
+from fabrica.common.v1 import reading_pb2
+from fabrica_svc.ingest import domain
+from fabrica_svc.ingest.convert import batch_from_proto, value_from_row
+from fabrica_svc.runtime.errors import InvalidArgument
+
+from .support import PRODUCTION_COUNTER, T0_US, batch, reading
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (0, "uint_value"),
+        (2**63 - 1, "uint_value"),
+        (2**63, "uint_value"),
+        (2**64 - 1, "uint_value"),
+        (-(2**63), "int_value"),
+        (2**63 - 1, "int_value"),
+        (-1, "int_value"),
+        (True, "bool_value"),
+        (False, "bool_value"),
+        (-0.0, "double_value"),
+        (1e308, "double_value"),
+        ("grüße ✓", "string_value"),
+        (b"\x00\xffraw", "bytes_value"),
+    ],
+)
+def test_typed_values_round_trip_through_rows_exactly(value: object, kind: str) -> None:
+    wb = batch_from_proto(batch("c", 1, [reading(7, T0_US, value, kind=kind)]))
+    (row,) = wb.rows
+    back = value_from_row(row[3], row[4], row[5], row[6], row[7])
+    assert back is not None and back.WhichOneof("kind") == kind
+    assert getattr(back, kind) == value
+    assert row[5] is None or -(2**63) <= row[5] < 2**63  # fits Postgres bigint
+    if kind in ("int_value", "uint_value", "bool_value"):
+        assert row[4] == float(value)  # the numeric view aggregates use
+
+
+def test_uint64_bits_share_the_bigint_column() -> None:
+    assert domain.uint_to_bigint(2**64 - 1) == -1
+    assert domain.uint_to_bigint(2**63) == -(2**63)
+    assert domain.bigint_to_uint(-1) == 2**64 - 1
+    assert all(domain.bigint_to_uint(domain.uint_to_bigint(v)) == v for v in (0, 1, 2**63 - 1, 2**63, 2**64 - 1))
+
+
+def test_batch_rows_events_latest_and_tags() -> None:
+    b = batch("c", 1, [
+        reading(1, T0_US + 2_000, 1.0),
+        reading(1, T0_US + 1_000, 2.0),  # older: not the latest of tag 1
+        reading(2, T0_US, 5, role=PRODUCTION_COUNTER, plc_id="press-2"),
+        reading(3, T0_US, None, quality=reading_pb2.QUALITY_COMMUNICATION_FAILURE, error="timeout after 1s"),
+    ])
+    wb = batch_from_proto(b)
+    assert [r[0] for r in wb.rows] == [1, 1, 2, 3]
+    assert wb.rows[0][1] == T0_US + 2_000
+    assert wb.latest[1][4] == 1.0
+    assert wb.tags == {1: ("plc-1", 1), 2: ("press-2", PRODUCTION_COUNTER), 3: ("plc-1", 1)}
+    assert wb.events == [(2, "press-2", PRODUCTION_COUNTER, T0_US, 1, domain.KIND_INT, 5.0, 5, None, None)]
+    assert wb.rows[3][3] == domain.KIND_NONE and wb.rows[3][8] == "timeout after 1s"
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        (reading(2**63, T0_US), "batch.readings[1].tag_id"),
+        (reading(1, T0_US, "a\x00b"), "batch.readings[1].value.string_value"),
+        (reading(1, T0_US, error="x\x00"), "batch.readings[1].error"),
+        (reading(1, T0_US, plc_id="p\x00"), "batch.readings[1].plc_id"),
+        (reading_pb2.Reading(tag_id=1, quality=1, plc_id="p", read_time={"seconds": 253_402_300_800}),
+         "batch.readings[1].read_time"),
+        (reading_pb2.Reading(tag_id=1, quality=1, plc_id="p", read_time={"seconds": 1, "nanos": -1}),
+         "batch.readings[1].read_time"),
+    ],
+)
+def test_values_postgres_cannot_hold_are_field_violations(bad: reading_pb2.Reading, field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        batch_from_proto(batch("c", 1, [reading(1, T0_US), bad]))
+    assert [v.field for v in err.value.violations] == [field]
+
+
+def test_sequence_beyond_bigint_is_rejected() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        batch_from_proto(batch("c", 2**63, [reading(1, T0_US)]))
+    assert err.value.violations[0].field == "batch.sequence"
+
+
+@pytest.mark.parametrize(
+    ("committed", "batches", "duplicates", "advanced"),
+    [
+        ({}, [("a", 1, 5)], [False], {"a": 1}),
+        ({"a": 3}, [("a", 2, 5), ("a", 3, 5), ("a", 4, 5)], [True, True, False], {"a": 4}),
+        # the same batch twice in one group (two streams of one collector): written once
+        ({"a": 0}, [("a", 1, 5), ("a", 1, 5), ("a", 2, 5), ("a", 2, 5)], [False, True, False, True], {"a": 2}),
+        # a gap is allowed (sequences strictly increase, they need not be dense)
+        ({"a": 1}, [("a", 5, 5)], [False], {"a": 5}),
+        ({"a": 9, "b": 0}, [("b", 1, 5), ("a", 9, 5)], [False, True], {"b": 1}),
+    ],
+)
+def test_plan_group(committed: dict[str, int], batches: list[tuple[str, int, int]], duplicates: list[bool],
+                    advanced: dict[str, int]) -> None:
+    plan = domain.plan_group(committed, batches)
+    assert [o.duplicate for o in plan.outcomes] == duplicates
+    assert [o.written for o in plan.outcomes] == [0 if d else size for d, (_, _, size) in zip(duplicates, batches)]
+    assert plan.advanced == advanced
+
+
+def test_merge_latest_takes_the_newest_per_tag_sorted_by_tag() -> None:
+    a = batch_from_proto(batch("c", 1, [reading(5, T0_US + 10, 1.0), reading(2, T0_US + 10, 1.0)]))
+    b = batch_from_proto(batch("c", 2, [reading(5, T0_US + 5, 2.0), reading(2, T0_US + 10, 3.0)]))
+    merged = domain.merge_latest([a, b])
+    assert [(r[0], r[1], r[4]) for r in merged] == [(2, T0_US + 10, 3.0), (5, T0_US + 10, 1.0)]
+
+
+def test_tag_cache_reports_only_new_or_changed_tags_and_stays_bounded() -> None:
+    cache = domain.TagCache(max_size=3)
+    one = batch_from_proto(batch("c", 1, [reading(1, T0_US), reading(2, T0_US)]))
+    assert cache.changes([one]) == [(1, "plc-1", 1), (2, "plc-1", 1)]
+    cache.remember(cache.changes([one]))
+    assert cache.changes([one]) == []
+    moved = batch_from_proto(batch("c", 2, [reading(2, T0_US, plc_id="plc-9"), reading(3, T0_US)]))
+    assert cache.changes([moved]) == [(2, "plc-9", 1), (3, "plc-1", 1)]
+    cache.remember(cache.changes([moved]))
+    assert len(cache) <= 3
+    cache.remember([(10, "x", 1), (11, "x", 1)])
+    assert len(cache) <= 3
+
+
+def test_page_token_round_trips_and_rejects_other_filters_and_garbage() -> None:
+    cursor = domain.PageCursor(T0_US, 42, 7, 3)
+    token = domain.encode_page_token(cursor, 1234)
+    assert domain.decode_page_token(token, 1234) == cursor
+    for bad_token, fingerprint in ((token, 999), ("not-a-token", 1234), ("", 1234), (token[:-2], 1234)):
+        with pytest.raises(InvalidArgument) as err:
+            domain.decode_page_token(bad_token, fingerprint)
+        assert err.value.violations[0].field == "page_token"
+
+
+def test_bucket_count_limit() -> None:
+    domain.check_bucket_count(3600, 60, 10)  # 600 buckets
+    with pytest.raises(InvalidArgument) as err:
+        domain.check_bucket_count(86_400 * 31, 1, 1)
+    assert err.value.violations[0].field == "bucket_seconds"
+
+
+def test_partition_days_and_retention() -> None:
+    now = datetime(2025, 3, 10, 15, 30, tzinfo=UTC)
+    assert domain.days_ahead(now, 2) == [date(2025, 3, 10), date(2025, 3, 11), date(2025, 3, 12)]
+    assert domain.partition_name(date(2025, 3, 1)) == "readings_p20250301"
+    assert domain.partition_day("readings_p20250301") == date(2025, 3, 1)
+    assert domain.partition_day("readings_default") is None
+    cutoff = domain.retention_cutoff(now, 7)
+    assert cutoff == datetime(2025, 3, 3, tzinfo=UTC)
+    assert domain.retention_cutoff(now, 0) is None
+    names = ["readings_p20250301", "readings_p20250302", "readings_p20250303", "readings_default"]
+    assert domain.expired_partitions(names, cutoff) == ["readings_p20250301", "readings_p20250302"]
+    assert domain.expired_partitions(names, None) == []
+
+
+def test_time_conversions_are_exact_to_the_microsecond() -> None:
+    for us in (0, 1, -1, T0_US + 123_456, 253_402_300_799_999_999):
+        assert domain.datetime_to_micros(domain.micros_to_datetime(us)) == us
+    assert math.isclose(domain.micros_to_datetime(T0_US).timestamp(), T0_US / 1e6)
