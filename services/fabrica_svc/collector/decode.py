@@ -473,9 +473,8 @@ def _modbus_decoder(spec: TagSpec) -> Decoder:
     table = spec.modbus_table
     assert table is not None
     data_type = spec.data_type
-    if table is ModbusTable.UNSPECIFIED:
-        problems.append("modbus_table is unspecified")
-        return
+    if table is ModbusTable.UNSPECIFIED:  # make_decoder validated the spec first; a guard only
+        raise TagSpecError(spec.tag_id, "modbus_table is unspecified")
     if table.is_bit_table:
         return Decoder(spec, 1, _modbus_bit(spec))
     if data_type is DataType.BOOL:

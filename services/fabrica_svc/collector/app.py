@@ -1,0 +1,120 @@
+"""Wires the collector: settings, the spool, the batcher, the pollers, the config watch, the uplink, the admin API.
+
+``fabrica serve collector`` calls `create_app(settings)`; the shared ServiceHost runs the gRPC server
+(CollectorService, health, reflection, metrics). The collector has no database: its state lives under
+``FABRICA_DATA_DIR/collector/<collector id>/`` (see settings.py), locked against a second process.
+
+Data flow: pollers -> Batcher -> Spool (on disk) -> Uplink -> ingest. Shutdown stops the pollers first and
+cuts the last batch into the spool, so nothing polled is left only in memory; what ingest has not
+acknowledged is sent after the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+from fabrica.collector.v1 import collector_service_pb2, collector_service_pb2_grpc
+
+from ..runtime.db import Migration
+from ..runtime.server import Resources
+from ..runtime.settings import Settings
+from .batcher import Batcher
+from .config_watch import ConfigWatcher
+from .drivers import BusRegistry
+from .files import DirectoryLock
+from .metrics import PollMetrics, age_of, register_spool, unregister_spool
+from .servicer import CollectorServicer
+from .settings import CollectorSettings, load_collector_settings
+from .spool import Spool
+from .supervisor import PlcSupervisor
+from .uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = collector_service_pb2.DESCRIPTOR.services_by_name["CollectorService"].full_name
+
+
+class CollectorApp:
+    name = "collector"
+    service_names: Sequence[str] = (SERVICE_NAME,)
+    schema: str | None = None
+    migrations: Sequence[Migration] = ()
+
+    def __init__(self, settings: Settings, config: CollectorSettings):
+        self.settings = settings
+        self.config = config
+        self.collector_id = config.collector_id
+        self._lock: DirectoryLock | None = None
+        self.spool: Spool
+        self.batcher: Batcher
+        self.buses: BusRegistry
+        self.supervisor: PlcSupervisor
+        self.watcher: ConfigWatcher
+        self.uplink: Uplink
+        self._servicer: CollectorServicer | None = None
+        self._started: list[str] = []
+
+    async def start(self, resources: Resources) -> None:
+        cfg = self.config
+        state_dir = cfg.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = DirectoryLock(state_dir)
+        self._lock.acquire()
+        self._started.append("lock")
+
+        self.spool = Spool(state_dir / "spool", cfg.log_max_bytes)
+        self.spool.open()
+        await self.spool.start()
+        self._started.append("spool")
+        register_spool(self)
+
+        self.batcher = Batcher(cfg.collector_id, self.spool, max_readings=cfg.batch_size, max_latency=cfg.batch_latency)
+        self.buses = BusRegistry()
+        self.supervisor = PlcSupervisor(cfg.collector_id, self.batcher.add, self.buses, backoff_min=cfg.reconnect_min,
+                                        backoff_max=cfg.reconnect_max, metrics=PollMetrics())
+        self._started.append("supervisor")
+        self.watcher = ConfigWatcher(cfg.config_addr, cfg.collector_id, self.supervisor, state_dir,
+                                     backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max,
+                                     status_interval=cfg.status_interval)
+        await self.watcher.load()
+        self.watcher.start()
+        self._started.append("watcher")
+
+        self.uplink = Uplink(cfg.ingest_addr, cfg.collector_id, self.spool, state_dir,
+                             backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max)
+        self.uplink.start()
+        self._started.append("uplink")
+        self._servicer = CollectorServicer(self)
+        log.info("collector started", extra={"collector_id": cfg.collector_id, "state_dir": str(state_dir),
+                                             "config": cfg.config_addr, "ingest": cfg.ingest_addr})
+
+    def register(self, server: grpc.aio.Server) -> None:
+        assert self._servicer is not None, "start() comes before register()"
+        collector_service_pb2_grpc.add_CollectorServiceServicer_to_server(self._servicer, server)
+
+    async def stop(self) -> None:
+        started = self._started
+        if "watcher" in started:
+            await self.watcher.stop()
+        if "supervisor" in started:
+            await self.supervisor.stop_all()
+            self.batcher.close()
+        if "uplink" in started:
+            await self.uplink.stop()
+        if "spool" in started:
+            unregister_spool(self)
+            await self.spool.close()
+        if self._lock is not None:
+            self._lock.release()
+        self._started = []
+
+    def spool_figures(self) -> tuple[int, int, float, int]:
+        spool = self.spool
+        return spool.backlog_readings, spool.disk_bytes, age_of(spool.oldest_unacked_ns()), spool.dropped_readings
+
+
+def create_app(settings: Settings, config: CollectorSettings | None = None) -> CollectorApp:
+    """The collector ServiceApp; `config` defaults to the FABRICA_COLLECTOR_* environment variables."""
+    return CollectorApp(settings, config if config is not None else load_collector_settings(settings))

@@ -1,0 +1,72 @@
+"""Cuts the readings of every poller into numbered ReadingBatches and appends them to the spool.
+
+A batch is cut when it reaches `max_readings`, or `max_latency` after its first reading arrived, whichever
+comes first: under load batches are full (few, large writes and RPCs), when quiet a reading waits at most
+`max_latency` before it is on disk and on its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fabrica.common.v1 import reading_pb2
+
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class Batcher:
+    def __init__(self, collector_id: str, spool: Spool, *, max_readings: int = 500, max_latency: float = 0.2):
+        if not 1 <= max_readings <= 10_000:
+            raise ValueError("max_readings must be 1..10000 (the contract's limit per batch)")
+        self.collector_id = collector_id
+        self.spool = spool
+        self.max_readings = max_readings
+        self.max_latency = max_latency
+        self._pending: list[reading_pb2.Reading] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.batches = 0
+        self.readings = 0
+        #: Readings that could not be appended (the disk refused); they are not in the log.
+        self.lost_readings = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, reading: reading_pb2.Reading) -> None:
+        pending = self._pending
+        pending.append(reading)
+        if len(pending) >= self.max_readings:
+            self.cut()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_latency, self.cut)
+
+    def cut(self) -> None:
+        """Append what is pending as one batch (now)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        readings, self._pending = self._pending, []
+        if not readings:
+            return
+        sequence = self.spool.next_sequence()
+        batch = reading_pb2.ReadingBatch(collector_id=self.collector_id, sequence=sequence, readings=readings)
+        # Readings come in poll order, so the first is the oldest (within the few microseconds that separate
+        # two pollers' reads).
+        oldest = readings[0].read_time.ToNanoseconds()
+        try:
+            self.spool.append(sequence, batch.SerializeToString(), len(readings), oldest)
+        except OSError as exc:
+            self.lost_readings += len(readings)
+            log.error("cannot append %d readings to the spool: %s (%d lost so far)", len(readings), exc,
+                      self.lost_readings)
+            return
+        self.batches += 1
+        self.readings += len(readings)
+
+    def close(self) -> None:
+        """Cut what is pending (graceful shutdown: nothing polled is left in memory)."""
+        self.cut()

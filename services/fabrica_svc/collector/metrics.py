@@ -1,0 +1,102 @@
+"""The collector's OpenTelemetry metrics (exported on the runtime's Prometheus endpoint).
+
+Instruments are created once per process: the SDK hands out one instrument per name, and an observable
+gauge created twice keeps only its first callbacks. The observable ones therefore read every live
+collector of the process from a weak registry (tests and `fabrica run` may host several in one process).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Protocol
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+
+class SpoolView(Protocol):
+    collector_id: str
+
+    def spool_figures(self) -> tuple[int, int, float, int]:
+        """(backlog readings, bytes on disk, age of the oldest unacknowledged reading in s, dropped readings)."""
+        ...
+
+
+_lock = threading.Lock()
+_sources: weakref.WeakSet[SpoolView] = weakref.WeakSet()
+_instruments: dict[str, object] = {}
+#: Bucket bounds in seconds (the SDK's default bounds suit milliseconds).
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _observe(index: int) -> object:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        for source in list(_sources):
+            try:
+                figures = source.spool_figures()
+            except Exception:  # a collector shutting down; skip it this time
+                continue
+            yield Observation(figures[index], {"collector_id": source.collector_id})
+
+    return callback
+
+
+def _setup() -> dict[str, object]:
+    with _lock:
+        if _instruments:
+            return _instruments
+        meter = metrics.get_meter("fabrica.collector")
+        _instruments["lateness"] = meter.create_histogram(
+            "fabrica_collector_poll_lateness", unit="s", explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+            description="How late a poll started after its tick, by PLC")
+        _instruments["skipped"] = meter.create_counter(
+            "fabrica_collector_poll_ticks_skipped", description="Poll ticks skipped because a poll overran")
+        _instruments["reads"] = meter.create_counter(
+            "fabrica_collector_block_reads", description="Block reads, by PLC and outcome (ok, device_error, "
+            "communication_error)")
+        _instruments["read_duration"] = meter.create_histogram(
+            "fabrica_collector_block_read_duration", unit="s", explicit_bucket_boundaries_advisory=SECONDS_BUCKETS,
+            description="Duration of one block read, by PLC")
+        _instruments["readings"] = meter.create_counter(
+            "fabrica_collector_readings", description="Readings reported, by quality")
+        meter.create_observable_gauge(
+            "fabrica_collector_backlog_readings", callbacks=[_observe(0)],
+            description="Readings in the store-and-forward log not yet acknowledged by ingest")
+        meter.create_observable_gauge(
+            "fabrica_collector_backlog_bytes", unit="By", callbacks=[_observe(1)],
+            description="Bytes of the store-and-forward log on disk")
+        meter.create_observable_gauge(
+            "fabrica_collector_backlog_oldest_age", unit="s", callbacks=[_observe(2)],
+            description="Age of the oldest unacknowledged reading (0 when none)")
+        meter.create_observable_counter(
+            "fabrica_collector_dropped_readings", callbacks=[_observe(3)],
+            description="Readings dropped because the log reached its size limit (oldest first)")
+        return _instruments
+
+
+class PollMetrics:
+    """What pollers record; one per collector."""
+
+    def __init__(self) -> None:
+        inst = _setup()
+        self.lateness = inst["lateness"]
+        self.skipped = inst["skipped"]
+        self.reads = inst["reads"]
+        self.read_duration = inst["read_duration"]
+        self.readings = inst["readings"]
+
+
+def register_spool(source: SpoolView) -> None:
+    _setup()
+    _sources.add(source)
+
+
+def unregister_spool(source: SpoolView) -> None:
+    _sources.discard(source)
+
+
+def age_of(oldest_ns: int | None) -> float:
+    return 0.0 if not oldest_ns else max(0.0, time.time() - oldest_ns / 1e9)

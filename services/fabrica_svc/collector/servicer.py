@@ -1,0 +1,153 @@
+"""CollectorService, the collector's admin API: status, probing a device, previewing a tag's decode.
+
+Requests are validated by the shared interceptor (protovalidate); the rules that relate a tag to its PLC
+are checked here and answered with INVALID_ARGUMENT and field violations. A device that cannot be reached
+or answers with an error is not an RPC error: the response says so in its fields.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+from fabrica.collector.v1 import collector_service_pb2 as pb
+from fabrica.collector.v1 import collector_service_pb2_grpc as pb_grpc
+from fabrica.common.v1 import reading_pb2
+from fabrica.config.v1 import plc_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from ..runtime.errors import InvalidArgument
+from .decode import DecodeError, ModbusTable
+from .drivers import CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
+from .tags import compiled, tag_spec, tag_violations, to_value, value_kind
+
+if TYPE_CHECKING:
+    from .app import CollectorApp
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(ns)
+    return t
+
+
+class CollectorServicer(pb_grpc.CollectorServiceServicer):
+    def __init__(self, app: CollectorApp):
+        self.app = app
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        app = self.app
+        spool = app.spool
+        response = pb.GetStatusResponse(
+            collector_id=app.collector_id,
+            applied_revision=app.watcher.revision,
+            backlog_readings=spool.backlog_readings,
+            backlog_bytes=spool.disk_bytes,
+            dropped_readings=spool.dropped_readings,
+            uplink_connected=app.uplink.connected,
+        )
+        oldest = spool.oldest_unacked_ns()
+        if oldest:
+            response.oldest_backlog_time.CopyFrom(_timestamp(oldest))
+        for s in app.supervisor.statuses():
+            status = response.plcs.add(plc_id=s.plc_id, connected=s.connected, error_count=s.error_count,
+                                       last_error=s.error, tag_count=s.tag_count)
+            if s.last_good_read_ns:
+                status.last_good_read_time.CopyFrom(_timestamp(s.last_good_read_ns))
+            status.read_latency.CopyFrom(_duration(s.read_latency))
+        return response
+
+    def _driver(self, plc: plc_pb2.Plc) -> Driver:
+        return make_driver(plc, self.app.buses)
+
+    async def ProbePlc(self, request: pb.ProbePlcRequest, context: grpc.aio.ServicerContext) -> pb.ProbePlcResponse:
+        plc = request.plc
+        response = pb.ProbePlcResponse()
+        try:
+            driver = self._driver(plc)
+        except PlcConfigError as exc:
+            response.error = str(exc)
+            return response
+        try:
+            started = time.perf_counter()
+            await driver.connect()
+            response.connect_latency.CopyFrom(_duration(time.perf_counter() - started))
+            response.reachable = True
+            started = time.perf_counter()
+            if plc.WhichOneof("connection") == "s7":
+                response.device_info = await driver.device_info()
+            else:
+                await driver.read(self._test_block(driver, plc))
+            response.read_latency.CopyFrom(_duration(time.perf_counter() - started))
+        except CommunicationError as exc:
+            response.error = str(exc)
+        except DeviceError as exc:  # it answered: reachable, but the test read failed
+            response.error = str(exc)
+        finally:
+            await driver.dispose()
+        return response
+
+    @staticmethod
+    def _test_block(driver: Driver, plc: plc_pb2.Plc):  # noqa: ANN205 - a Block
+        """The first configured tag that can be read, else holding register 0."""
+        for tag in plc.tags:
+            if tag.WhichOneof("address") != "modbus":
+                continue
+            try:
+                return driver.plan([compiled(tag, tag.id or 1)])[0]
+            except ValueError:
+                continue
+        return driver.plan([tag_spec(plc_pb2.Tag(
+            data_type=plc_pb2.DATA_TYPE_UINT16,
+            modbus=plc_pb2.ModbusAddress(table=plc_pb2.MODBUS_TABLE_HOLDING_REGISTER, address=0)), 1)])[0]
+
+    async def PreviewDecode(self, request: pb.PreviewDecodeRequest,
+                            context: grpc.aio.ServicerContext) -> pb.PreviewDecodeResponse:
+        plc, tag = request.plc, request.tag
+        tag_id = tag.id or 1  # a definition being tried out has no id yet
+        violations = tag_violations(tag, plc, "tag", tag_id)
+        if violations:
+            raise InvalidArgument(violations)
+        spec = compiled(tag, tag_id)
+        response = pb.PreviewDecodeResponse()
+        try:
+            driver = self._driver(plc)
+        except PlcConfigError as exc:
+            response.quality, response.error = reading_pb2.QUALITY_CONFIG_ERROR, str(exc)
+            return response
+        try:
+            await driver.connect()
+            try:
+                block = driver.plan([spec])[0]
+            except ValueError as exc:  # does not fit one read of this device (S7: the negotiated PDU)
+                response.quality, response.error = reading_pb2.QUALITY_CONFIG_ERROR, str(exc)
+                return response
+            data = await driver.read(block)
+        except CommunicationError as exc:
+            response.quality, response.error = reading_pb2.QUALITY_COMMUNICATION_FAILURE, str(exc)
+            return response
+        except DeviceError as exc:
+            response.quality, response.error = reading_pb2.QUALITY_DECODE_FAILURE, str(exc)
+            return response
+        finally:
+            await driver.dispose()
+        if isinstance(data, (bytes, bytearray)):
+            response.raw_bytes = bytes(data)
+        elif spec.modbus_table is not None and ModbusTable(spec.modbus_table).is_bit_table:
+            response.bits.extend(bool(b) for b in data)
+        else:
+            response.registers.extend(data)  # type: ignore[arg-type]
+        (_, result), = block.decode(data)
+        if isinstance(result, DecodeError):
+            response.quality, response.error = reading_pb2.QUALITY_DECODE_FAILURE, str(result)
+        else:
+            response.quality = reading_pb2.QUALITY_GOOD
+            response.value.CopyFrom(to_value(value_kind(spec), result))
+        return response

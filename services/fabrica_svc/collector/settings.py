@@ -1,0 +1,108 @@
+"""Collector settings: the runtime's Settings plus the collector's own environment variables.
+
+==================================  ====================================================  ==================
+Variable                            Meaning                                               Default
+==================================  ====================================================  ==================
+FABRICA_COLLECTOR_ID                This collector's id (the config service assigns PLCs  required
+                                    to it): lower case letters, digits and dashes
+FABRICA_CONFIG_ADDR                 host:port of the config service                       127.0.0.1:50051
+FABRICA_INGEST_ADDR                 host:port of the ingest service                       127.0.0.1:50052
+FABRICA_COLLECTOR_LOG_MAX_BYTES     Size limit of the store-and-forward log; above it     268435456 (256 MiB)
+                                    the oldest segment is dropped (counted and logged)
+FABRICA_COLLECTOR_BATCH_SIZE        Readings per batch sent to ingest (cut when reached)  500
+FABRICA_COLLECTOR_BATCH_LATENCY_MS  Longest a reading waits for its batch to be cut      200
+FABRICA_COLLECTOR_RECONNECT_MIN     First reconnect delay, seconds (PLCs, config, ingest) 0.5
+FABRICA_COLLECTOR_RECONNECT_MAX     Longest reconnect delay, seconds                      30
+FABRICA_COLLECTOR_STATUS_INTERVAL   Seconds between ReportCollectorStatus calls           15
+==================================  ====================================================  ==================
+
+Local state (the log, the acknowledged sequence, the last applied configuration) lives under
+``FABRICA_DATA_DIR/collector/<collector id>/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.settings import Settings, SettingsError
+
+ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+DEFAULT_LOG_MAX_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    base: Settings
+    collector_id: str
+    config_addr: str = "127.0.0.1:50051"
+    ingest_addr: str = "127.0.0.1:50052"
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    batch_size: int = 500
+    batch_latency: float = 0.2
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    status_interval: float = 15.0
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base.data_dir / "collector" / self.collector_id
+
+
+def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float, *, whole: bool = False) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {'whole number' if whole else 'number'}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}={value} is out of range {lo:g}..{hi:g}")
+    return value
+
+
+def _address(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = (env.get(name) or default).strip()
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SettingsError(f"{name}={raw!r} is not host:port (e.g. 127.0.0.1:50051)")
+    return raw
+
+
+def load_collector_settings(base: Settings, env: Mapping[str, str] | None = None) -> CollectorSettings:
+    """The collector's settings from `env` (default: the process environment) on top of `base`."""
+    env = os.environ if env is None else env
+    collector_id = (env.get("FABRICA_COLLECTOR_ID") or "").strip()
+    if not collector_id:
+        raise SettingsError(
+            "FABRICA_COLLECTOR_ID is required: the id the config service assigns PLCs to (e.g. cell-1)"
+        )
+    if len(collector_id) > 63 or not ID_PATTERN.match(collector_id):
+        raise SettingsError(
+            f"FABRICA_COLLECTOR_ID={collector_id!r} must be 1 to 63 lower case letters, digits and dashes, "
+            "starting and ending with a letter or digit"
+        )
+    reconnect_min = _number(env, "FABRICA_COLLECTOR_RECONNECT_MIN", 0.5, 0.001, 3600)
+    reconnect_max = _number(env, "FABRICA_COLLECTOR_RECONNECT_MAX", 30.0, 0.001, 3600)
+    if reconnect_max < reconnect_min:
+        raise SettingsError(
+            f"FABRICA_COLLECTOR_RECONNECT_MAX={reconnect_max:g} is below FABRICA_COLLECTOR_RECONNECT_MIN={reconnect_min:g}"
+        )
+    return CollectorSettings(
+        base=base,
+        collector_id=collector_id,
+        config_addr=_address(env, "FABRICA_CONFIG_ADDR", "127.0.0.1:50051"),
+        ingest_addr=_address(env, "FABRICA_INGEST_ADDR", "127.0.0.1:50052"),
+        log_max_bytes=int(_number(env, "FABRICA_COLLECTOR_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES,
+                                  64 * 1024, 2**50, whole=True)),
+        # ReadingBatch allows at most 10,000 readings.
+        batch_size=int(_number(env, "FABRICA_COLLECTOR_BATCH_SIZE", 500, 1, 10_000, whole=True)),
+        batch_latency=_number(env, "FABRICA_COLLECTOR_BATCH_LATENCY_MS", 200, 1, 60_000) / 1000.0,
+        reconnect_min=reconnect_min,
+        reconnect_max=reconnect_max,
+        status_interval=_number(env, "FABRICA_COLLECTOR_STATUS_INTERVAL", 15.0, 0.05, 86_400),
+    )

@@ -1,0 +1,206 @@
+"""Helpers of the collector tests: PLC definitions for the simulator, in-process collectors, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from fabrica.common.v1 import reading_pb2
+from fabrica.config.v1 import config_service_pb2, plc_pb2
+from google.protobuf import duration_pb2
+
+from fabrica_svc.collector.app import CollectorApp, create_app
+from fabrica_svc.collector.config_watch import CONFIG_FILE
+from fabrica_svc.collector.settings import CollectorSettings, load_collector_settings
+from fabrica_svc.runtime.server import ServiceHost
+from fabrica_svc.runtime.settings import load_settings
+
+HOST = "127.0.0.1"
+HR = plc_pb2.MODBUS_TABLE_HOLDING_REGISTER
+IR = plc_pb2.MODBUS_TABLE_INPUT_REGISTER
+COIL = plc_pb2.MODBUS_TABLE_COIL
+GOOD = reading_pb2.QUALITY_GOOD
+COMM = reading_pb2.QUALITY_COMMUNICATION_FAILURE
+DECODE = reading_pb2.QUALITY_DECODE_FAILURE
+CONFIG = reading_pb2.QUALITY_CONFIG_ERROR
+
+_ids = itertools.count(1000)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound once, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+async def wait_for(predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.02,
+                   what: str = "condition") -> Any:
+    """Poll `predicate` (plain or async) until it returns something truthy; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def mb_tag(name: str, address: int, data_type: int = plc_pb2.DATA_TYPE_UINT16, *, table: int = HR,
+           tag_id: int | None = None, **fields: Any) -> plc_pb2.Tag:
+    return plc_pb2.Tag(id=next(_ids) if tag_id is None else tag_id, name=name,
+                       modbus=plc_pb2.ModbusAddress(table=table, address=address), data_type=data_type, **fields)
+
+
+def s7_tag(name: str, offset: int, data_type: int, *, db: int = 1, tag_id: int | None = None,
+           **fields: Any) -> plc_pb2.Tag:
+    return plc_pb2.Tag(id=next(_ids) if tag_id is None else tag_id, name=name,
+                       s7=plc_pb2.S7Address(area=plc_pb2.S7_AREA_DATA_BLOCK, db_number=db, byte_offset=offset),
+                       data_type=data_type, **fields)
+
+
+def plc(plc_id: str, tags: Iterable[plc_pb2.Tag], *, interval: float = 0.1, integrity: float = 60.0,
+        timeout: float = 0.5, collector: str = "cell-1", **connection: Any) -> plc_pb2.Plc:
+    """A PLC definition; pass exactly one connection, e.g. modbus_tcp=plc_pb2.ModbusTcpConnection(...)."""
+    out = plc_pb2.Plc(
+        id=plc_id, collector_id=collector, enabled=True,
+        poll_groups=[plc_pb2.PollGroup(name="default", poll_interval=duration(interval),
+                                       integrity_interval=duration(integrity))],
+        tags=list(tags),
+    )
+    ((kind, conn),) = connection.items()
+    getattr(out, kind).CopyFrom(conn)
+    if conn.DESCRIPTOR.fields_by_name.get("timeout"):
+        getattr(out, kind).timeout.CopyFrom(duration(timeout))
+    return out
+
+
+def modbus_plc(plc_id: str, port: int, tags: Iterable[plc_pb2.Tag], *, unit: int = 1, **kwargs: Any) -> plc_pb2.Plc:
+    return plc(plc_id, tags, modbus_tcp=plc_pb2.ModbusTcpConnection(host=HOST, port=port, unit_id=unit), **kwargs)
+
+
+def gateway_plc(plc_id: str, port: int, tags: Iterable[plc_pb2.Tag], *, unit: int = 1, **kwargs: Any) -> plc_pb2.Plc:
+    return plc(plc_id, tags, modbus_rtu_over_tcp=plc_pb2.ModbusRtuOverTcpConnection(host=HOST, port=port,
+                                                                                      unit_id=unit), **kwargs)
+
+
+def serial_plc(plc_id: str, url: str, tags: Iterable[plc_pb2.Tag], *, unit: int = 1, **kwargs: Any) -> plc_pb2.Plc:
+    return plc(plc_id, tags, modbus_rtu=plc_pb2.ModbusRtuConnection(serial_port=url, unit_id=unit), **kwargs)
+
+
+def s7_plc(plc_id: str, port: int, tags: Iterable[plc_pb2.Tag], **kwargs: Any) -> plc_pb2.Plc:
+    return plc(plc_id, tags, s7=plc_pb2.S7Connection(host=HOST, port=port, rack=0, slot=1), **kwargs)
+
+
+def collector_settings(data_dir: Path, collector_id: str = "cell-1", **env: str) -> CollectorSettings:
+    base = load_settings("collector", {}).with_overrides(port=0, metrics_port=-1, data_dir=data_dir)
+    values = {
+        "FABRICA_COLLECTOR_ID": collector_id,
+        # Nothing listens there unless a test says otherwise.
+        "FABRICA_CONFIG_ADDR": f"{HOST}:{free_port()}",
+        "FABRICA_INGEST_ADDR": f"{HOST}:{free_port()}",
+        "FABRICA_COLLECTOR_RECONNECT_MIN": "0.05",
+        "FABRICA_COLLECTOR_RECONNECT_MAX": "0.3",
+        "FABRICA_COLLECTOR_BATCH_LATENCY_MS": "50",
+        "FABRICA_COLLECTOR_STATUS_INTERVAL": "0.5",
+        **env,
+    }
+    return load_collector_settings(base, values)
+
+
+def store_config(settings: CollectorSettings, plcs: Iterable[plc_pb2.Plc], revision: int = 1) -> None:
+    """Leave a configuration on disk, as a collector that applied it before would have."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    stored = config_service_pb2.WatchPlcsResponse(revision=revision,
+                                                  snapshot=config_service_pb2.PlcSnapshot(plcs=list(plcs)))
+    (settings.state_dir / CONFIG_FILE).write_bytes(stored.SerializeToString())
+
+
+async def start_collector(settings: CollectorSettings) -> ServiceHost:
+    host = ServiceHost(create_app(settings.base, settings), settings.base)
+    await host.start()
+    return host
+
+
+def app_of(host: ServiceHost) -> CollectorApp:
+    return host.app  # type: ignore[return-value]
+
+
+def spooled(app: CollectorApp) -> list[reading_pb2.ReadingBatch]:
+    """Every batch in the collector's log not yet acknowledged (all of them when no ingest runs)."""
+    app.batcher.cut()
+    spool = app.spool
+    return [reading_pb2.ReadingBatch.FromString(p)
+            for _, p in spool.read_after(spool.acked, 2**62, 2**62, durable_only=False)]
+
+
+def readings(app: CollectorApp, tag_id: int | None = None, plc_id: str | None = None) -> list[reading_pb2.Reading]:
+    out = [r for b in spooled(app) for r in b.readings]
+    if tag_id is not None:
+        out = [r for r in out if r.tag_id == tag_id]
+    if plc_id is not None:
+        out = [r for r in out if r.plc_id == plc_id]
+    return out
+
+
+def value_of(r: reading_pb2.Reading) -> Any:
+    kind = r.value.WhichOneof("kind")
+    return None if kind is None else getattr(r.value, kind)
+
+
+async def start_config(database_url: str, port: int = 0) -> ServiceHost:
+    """The config service, in process, on the test's database."""
+    from fabrica_svc.config.app import create_app as create_config
+
+    settings = load_settings("config", {}).with_overrides(port=port, metrics_port=-1, database_url=database_url,
+                                                          health_interval=0.2)
+    host = ServiceHost(create_config(settings), settings)
+    await host.start()
+    return host
+
+
+async def start_ingest(database_url: str, port: int = 0) -> ServiceHost:
+    """The ingest service, in process, on the test's database."""
+    from fabrica_svc.ingest.app import create_app as create_ingest
+
+    settings = load_settings("ingest", {}).with_overrides(port=port, metrics_port=-1, database_url=database_url)
+    host = ServiceHost(create_ingest(settings), settings)
+    await host.start()
+    return host
+
+
+def key(r: reading_pb2.Reading) -> tuple[int, int, int, Any]:
+    """What identifies a stored reading: tag, read time (Postgres keeps microseconds), quality, value."""
+    return r.tag_id, r.read_time.ToMicroseconds(), r.quality, value_of(r)
+
+
+async def stored_readings(address: str, tag_ids: Iterable[int]) -> list[reading_pb2.Reading]:
+    """Every reading ingest has of these tags (ExportReadings over all time)."""
+    import grpc
+    from fabrica.ingest.v1 import ingest_service_pb2 as ipb
+    from fabrica.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
+    from fabrica.ingest.v1 import query_pb2
+    from google.protobuf import timestamp_pb2
+
+    request = ipb.ExportReadingsRequest(filter=query_pb2.ReadingFilter(
+        tag_ids=sorted(set(tag_ids)), start_time=timestamp_pb2.Timestamp(seconds=0),
+        end_time=timestamp_pb2.Timestamp(seconds=4_000_000_000)))
+    out: list[reading_pb2.Reading] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        async for chunk in ipb_grpc.IngestServiceStub(channel).ExportReadings(request, timeout=30):
+            out.extend(chunk.readings)
+    return out
