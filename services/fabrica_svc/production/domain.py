@@ -72,7 +72,9 @@ __all__ = [
     "Oee",
     "OrderAction",
     "OrderState",
+    "auto_complete_state",
     "compute_oee",
+    "counter_value",
     "counter_delta",
     "downtime_transition",
     "is_running",
@@ -80,6 +82,7 @@ __all__ = [
     "resolve_counter_settings",
     "should_auto_complete",
     "transition",
+    "weighted_ideal_cycle_time",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,6 +170,27 @@ def counter_delta(previous: int | None, current: int, *, width: int, max_jump: i
     )
 
 
+def counter_value(value: int | float, width: int) -> int | None:
+    """A counter reading as an unsigned value in ``[0, 2**width)``, or None if it is not a count.
+
+    Integers are taken modulo ``2**width``: a counter read as a signed register (an INT16 past 32767 reads
+    negative) is the same unsigned count modulo its width, and deltas are computed modulo the width anyway.
+    A float must be whole (a counter with a scale of 1, or a PLC that reports counts as REAL). Booleans,
+    fractions, NaN and infinities are not counts.
+    """
+    if width not in COUNTER_WIDTHS:
+        raise InvalidArgument(FieldViolation("width", f"must be 16, 32 or 64, got {width!r}"))
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    if not isinstance(value, int):
+        return None
+    return value % (1 << width)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Order life cycle
 # --------------------------------------------------------------------------------------------------------------
@@ -235,6 +259,20 @@ def transition(state: OrderState | int, action: OrderAction | str, *, subject: s
 def should_auto_complete(good_quantity: int, planned_quantity: int) -> bool:
     """True once the good quantity reaches the planned quantity. Never true for a planned quantity below 1."""
     return planned_quantity >= 1 and good_quantity >= planned_quantity
+
+
+def auto_complete_state(state: OrderState | int, good_quantity: int, planned_quantity: int) -> OrderState | None:
+    """COMPLETED when an order that may complete (in progress or paused) has reached its planned quantity.
+
+    None otherwise: a planned order cannot jump to COMPLETED (parts booked to it by hand before it starts
+    do not finish it), and a completed or cancelled order stays as it is.
+    """
+    state = OrderState(state)
+    if not should_auto_complete(good_quantity, planned_quantity):
+        return None
+    if state not in TRANSITIONS[OrderAction.COMPLETE]:
+        return None
+    return transition(state, OrderAction.COMPLETE)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -380,3 +418,21 @@ def compute_oee(
         quality=quality,
         oee=availability * performance * quality,
     )
+
+
+def weighted_ideal_cycle_time(counts: Iterable[tuple[float, int]]) -> tuple[float, int]:
+    """Combine ``(ideal cycle time in s, parts)`` of several items into one ``(cycle time, total parts)``.
+
+    The cycle time returned is the parts-weighted mean, so ``cycle × total`` is the sum of
+    ``ideal cycle time × count`` over the items: what :func:`compute_oee` needs for a work centre that made
+    several items in the window. With no parts it is 0. Negative counts raise InvalidArgument.
+    """
+    ideal_s = 0.0
+    total = 0
+    for cycle_s, count in counts:
+        if count < 0 or cycle_s < 0 or not math.isfinite(cycle_s):
+            raise InvalidArgument(FieldViolation(
+                "counts", f"cycle time and count must be >= 0, got {(cycle_s, count)!r}"))
+        ideal_s += cycle_s * count
+        total += count
+    return (ideal_s / total if total else 0.0), total

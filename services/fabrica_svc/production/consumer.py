@@ -1,0 +1,169 @@
+"""The tag-event consumer: ingest's WatchTagEvents turned into bookings and downtime, exactly once.
+
+It runs as a background task of the production service. Of all replicas, one consumes at a time: the one
+holding a session advisory lock (``pg_try_advisory_lock``) on its own dedicated connection. The others
+stand by and try again every ``standby_interval`` seconds; when the holder dies, Postgres ends its
+session, the lock is free, and a stand-by takes over from the stored cursor.
+
+The active consumer asks ingest for the events after the stored cursor and applies each message in one
+transaction on the lock's connection, together with moving the cursor (store.apply_tag_events): a crash
+at any point leaves either the whole message applied with its cursor, or none of it. Processing on the
+lock's own connection also means a consumer that lost its lock (its connection died) cannot write any more.
+
+Ingest being unavailable is normal (it restarts, it is deployed separately): the consumer retries with
+exponential backoff and keeps its lock meanwhile. A message that cannot be applied (say, the database is
+gone) is retried the same way, from the stored cursor; an event is never skipped to get past an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+import grpc
+from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+from opentelemetry import metrics
+
+from .store import ProductionStore
+
+log = logging.getLogger(__name__)
+
+#: gRPC's default reconnect backoff grows to two minutes: after an ingest outage, bookings would lag that
+#: long. Keepalive notices an ingest that vanished without closing the connection.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+
+
+class TagEventConsumer:
+    def __init__(self, dsn: str, ingest_addr: str, store: ProductionStore, *, standby_interval: float = 1.0,
+                 backoff_initial: float = 0.2, backoff_max: float = 10.0):
+        self.dsn = dsn
+        self.ingest_addr = ingest_addr
+        self.store = store
+        self.standby_interval = standby_interval
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        #: Set while this replica holds the lock and consumes.
+        self.active = asyncio.Event()
+        #: The cursor of the last message applied by this replica (None before the first).
+        self.cursor: int | None = None
+        self._delay = backoff_initial
+        self._task: asyncio.Task[None] | None = None
+        self._last_problem = ""
+        self._last_warning = 0.0
+        meter = metrics.get_meter("fabrica.production")
+        self._events = meter.create_counter("fabrica_production_tag_events", description="Tag events applied")
+        self._parts = meter.create_counter("fabrica_production_booked_parts",
+                                           description="Parts booked from counters, by kind (good, scrap)")
+        self._anomalies = meter.create_counter("fabrica_production_tag_anomalies",
+                                               description="Counter jumps and unusable values flagged, not booked")
+        self._active_gauge = meter.create_up_down_counter(
+            "fabrica_production_consumer_active", description="1 while this process consumes tag events")
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="production-tag-event-consumer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _warn_ingest(self, problem: str) -> None:
+        """A warning when ingest becomes unreachable or the problem changes, then one a minute: an ingest that
+        is down for an hour should not write a line per retry."""
+        now = time.monotonic()
+        if problem != self._last_problem or now - self._last_warning >= 60.0:
+            log.warning("WatchTagEvents failed: %s; retrying with backoff", problem, extra={"ingest": self.ingest_addr})
+            self._last_problem, self._last_warning = problem, now
+        else:
+            log.debug("WatchTagEvents failed again: %s", problem)
+
+    async def _backoff(self) -> None:
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, self.backoff_max)
+
+    async def _run(self) -> None:
+        standing_by = False
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=10, command_timeout=60,
+                    server_settings={"application_name": "fabrica-production-consumer",
+                                     "search_path": '"production", public'})
+                if not await self.store.try_consumer_lock(conn):
+                    if not standing_by:
+                        log.info("another replica consumes tag events; standing by")
+                        standing_by = True
+                    await conn.close()
+                    conn = None
+                    await asyncio.sleep(self.standby_interval)
+                    continue
+                standing_by = False
+                self.active.set()
+                self._active_gauge.add(1)
+                log.info("consuming tag events", extra={"ingest": self.ingest_addr,
+                                                        "cursor": await self.store.load_cursor(conn)})
+                await self._consume(conn)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("tag-event consumer lost the database: %s", exc)
+            except Exception:  # a bug must not kill the task for good: log it, back off, retry from the cursor
+                log.exception("tag-event consumer failed; retrying from the stored cursor")
+            finally:
+                if self.active.is_set():
+                    self.active.clear()
+                    self._active_gauge.add(-1)
+                if conn is not None:
+                    try:
+                        await asyncio.wait_for(conn.close(), timeout=2)  # also releases the lock
+                    except Exception:  # a dead connection: drop it; the server ends the session anyway
+                        conn.terminate()
+            await self._backoff()
+
+    async def _consume(self, conn: asyncpg.Connection) -> None:
+        """Stream and apply events while the lock's connection lives; reconnect to ingest with backoff."""
+        async with grpc.aio.insecure_channel(self.ingest_addr, options=CHANNEL_OPTIONS) as channel:
+            stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+            while not conn.is_closed():
+                cursor = await self.store.load_cursor(conn)
+                call = stub.WatchTagEvents(ingest_service_pb2.WatchTagEventsRequest(after_cursor=cursor))
+                try:
+                    async for response in call:
+                        result = await self.store.apply_tag_events(conn, response.events)
+                        self.cursor = result.cursor
+                        self._delay = self.backoff_initial
+                        self._last_problem = ""
+                        self._events.add(result.applied)
+                        self._parts.add(result.booked_good, {"kind": "good"})
+                        self._parts.add(result.booked_scrap, {"kind": "scrap"})
+                        self._anomalies.add(result.anomalies)
+                        if result.booked_good or result.booked_scrap or result.anomalies:
+                            log.debug("tag events applied", extra={
+                                "cursor": result.cursor, "events": result.applied, "good": result.booked_good,
+                                "scrap": result.booked_scrap, "anomalies": result.anomalies})
+                    log.info("WatchTagEvents ended; reconnecting")
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                        # Ingest no longer has the events after our cursor: they are lost to us. Carry on from
+                        # the oldest it has (all newer than ours, as cursors only grow) and say so loudly.
+                        log.error("ingest no longer retains the events after cursor %d; continuing from its "
+                                  "oldest event. Counts in the gap are not booked.", cursor)
+                        await self.store.reset_cursor(conn)
+                    else:
+                        self._warn_ingest(f"{exc.code().name} {exc.details()}")
+                finally:
+                    call.cancel()
+                await self._backoff()

@@ -1,0 +1,392 @@
+"""ProductionService over gRPC: translates requests to the domain and the store. No SQL here.
+
+Every request has already passed protovalidate (the interceptor); the rules the protos cannot express are
+in resources.py and are checked before anything is written. Each RPC that writes runs as one transaction
+in the store, so a refused request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from fabrica.production.v1 import order_pb2
+from fabrica.production.v1 import production_service_pb2 as pb
+from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
+from google.protobuf import field_mask_pb2, message, timestamp_pb2
+
+from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime.notify import Listener
+from . import domain, resources
+from .domain import OrderAction
+from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind
+from .store import OeeInputs, ProductionStore, decode_page_token, encode_page_token
+
+log = logging.getLogger(__name__)
+
+#: Page size when a List request leaves page_size at 0 (the protos say 100).
+DEFAULT_PAGE_SIZE = 100
+#: Longest a watcher waits for a notification before it looks for changes anyway.
+WATCH_POLL_SECONDS = 2.0
+#: Orders per WatchOrders change message.
+WATCH_PAGE = 500
+#: A resume from further back than this many revisions gets a fresh snapshot instead: orders are never
+#: deleted, so any resume could be served, but catching up on thousands of changed orders is slower and
+#: less useful to a UI than the current state.
+MAX_RESUME_REVISIONS = 10_000
+
+
+def _page_size(requested: int) -> int:
+    return requested or DEFAULT_PAGE_SIZE
+
+
+def _int_token(token: str, query: str) -> int | None:
+    if not token:
+        return None
+    last = decode_page_token(token, query)
+    if not last.isdigit():
+        raise InvalidArgument(FieldViolation("page_token", "not a token this service issued"))
+    return int(last)
+
+
+def _time(msg: message.Message, name: str) -> datetime | None:
+    if not msg.HasField(name):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(msg, name)
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _require_id(kind: Kind, resource: message.Message, present: bool) -> str:
+    if not present or not resource.id:  # type: ignore[attr-defined]
+        raise InvalidArgument(FieldViolation(f"{kind.field}.id", f"the {kind.name} to update is required"))
+    return resource.id  # type: ignore[attr-defined]
+
+
+class ProductionServicer(pb_grpc.ProductionServiceServicer):
+    def __init__(self, store: ProductionStore, listener: Listener):
+        self.store = store
+        self.listener = listener
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Master data: one implementation, five resources
+    # ----------------------------------------------------------------------------------------------------------
+
+    async def _create(self, kind: Kind, resource: message.Message) -> message.Message:
+        resource = resources.without_output_only(resource)
+        resources.check_resource(kind, resource)
+        return await self.store.create_master(kind, resource)
+
+    async def _list(self, kind: Kind, page_size: int, token: str, sector_id: str = "") -> tuple[list, str]:
+        query = f"{kind.field}|{sector_id}"
+        after = decode_page_token(token, query) if token else ""
+        items, more = await self.store.list_master(kind, _page_size(page_size), after, sector_id)
+        return items, encode_page_token(query, items[-1].id) if more else ""
+
+    async def _update(self, kind: Kind, patch: message.Message, present: bool,
+                      mask: field_mask_pb2.FieldMask) -> message.Message:
+        resource_id = _require_id(kind, patch, present)
+        paths = resources.mask_paths(kind, mask.paths)
+
+        def merge(current: message.Message) -> message.Message:
+            merged = resources.apply_update_mask(kind, current, patch, paths)
+            resources.check_resource(kind, merged)
+            return merged
+
+        return await self.store.update_master(kind, resource_id, patch.etag, merge)  # type: ignore[attr-defined]
+
+    async def CreateSector(self, request: pb.CreateSectorRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.CreateSectorResponse:
+        return pb.CreateSectorResponse(sector=await self._create(SECTOR, request.sector))
+
+    async def GetSector(self, request: pb.GetSectorRequest, context: grpc.aio.ServicerContext) -> pb.GetSectorResponse:
+        return pb.GetSectorResponse(sector=await self.store.get_master(SECTOR, request.id))
+
+    async def ListSectors(self, request: pb.ListSectorsRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ListSectorsResponse:
+        items, token = await self._list(SECTOR, request.page_size, request.page_token)
+        return pb.ListSectorsResponse(sectors=items, next_page_token=token)
+
+    async def UpdateSector(self, request: pb.UpdateSectorRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.UpdateSectorResponse:
+        return pb.UpdateSectorResponse(sector=await self._update(
+            SECTOR, request.sector, request.HasField("sector"), request.update_mask))
+
+    async def DeleteSector(self, request: pb.DeleteSectorRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.DeleteSectorResponse:
+        await self.store.delete_master(SECTOR, request.id, request.etag)
+        return pb.DeleteSectorResponse()
+
+    async def CreateWorkCenter(self, request: pb.CreateWorkCenterRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.CreateWorkCenterResponse:
+        return pb.CreateWorkCenterResponse(work_center=await self._create(WORK_CENTER, request.work_center))
+
+    async def GetWorkCenter(self, request: pb.GetWorkCenterRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.GetWorkCenterResponse:
+        return pb.GetWorkCenterResponse(work_center=await self.store.get_master(WORK_CENTER, request.id))
+
+    async def ListWorkCenters(self, request: pb.ListWorkCentersRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.ListWorkCentersResponse:
+        items, token = await self._list(WORK_CENTER, request.page_size, request.page_token, request.sector_id)
+        return pb.ListWorkCentersResponse(work_centers=items, next_page_token=token)
+
+    async def UpdateWorkCenter(self, request: pb.UpdateWorkCenterRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.UpdateWorkCenterResponse:
+        return pb.UpdateWorkCenterResponse(work_center=await self._update(
+            WORK_CENTER, request.work_center, request.HasField("work_center"), request.update_mask))
+
+    async def DeleteWorkCenter(self, request: pb.DeleteWorkCenterRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.DeleteWorkCenterResponse:
+        await self.store.delete_master(WORK_CENTER, request.id, request.etag)
+        return pb.DeleteWorkCenterResponse()
+
+    async def CreateItem(self, request: pb.CreateItemRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.CreateItemResponse:
+        return pb.CreateItemResponse(item=await self._create(ITEM, request.item))
+
+    async def GetItem(self, request: pb.GetItemRequest, context: grpc.aio.ServicerContext) -> pb.GetItemResponse:
+        return pb.GetItemResponse(item=await self.store.get_master(ITEM, request.id))
+
+    async def ListItems(self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext) -> pb.ListItemsResponse:
+        items, token = await self._list(ITEM, request.page_size, request.page_token)
+        return pb.ListItemsResponse(items=items, next_page_token=token)
+
+    async def UpdateItem(self, request: pb.UpdateItemRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.UpdateItemResponse:
+        return pb.UpdateItemResponse(item=await self._update(
+            ITEM, request.item, request.HasField("item"), request.update_mask))
+
+    async def DeleteItem(self, request: pb.DeleteItemRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.DeleteItemResponse:
+        await self.store.delete_master(ITEM, request.id, request.etag)
+        return pb.DeleteItemResponse()
+
+    async def CreateDefectCode(self, request: pb.CreateDefectCodeRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.CreateDefectCodeResponse:
+        return pb.CreateDefectCodeResponse(defect_code=await self._create(DEFECT_CODE, request.defect_code))
+
+    async def GetDefectCode(self, request: pb.GetDefectCodeRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.GetDefectCodeResponse:
+        return pb.GetDefectCodeResponse(defect_code=await self.store.get_master(DEFECT_CODE, request.id))
+
+    async def ListDefectCodes(self, request: pb.ListDefectCodesRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.ListDefectCodesResponse:
+        items, token = await self._list(DEFECT_CODE, request.page_size, request.page_token)
+        return pb.ListDefectCodesResponse(defect_codes=items, next_page_token=token)
+
+    async def UpdateDefectCode(self, request: pb.UpdateDefectCodeRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.UpdateDefectCodeResponse:
+        return pb.UpdateDefectCodeResponse(defect_code=await self._update(
+            DEFECT_CODE, request.defect_code, request.HasField("defect_code"), request.update_mask))
+
+    async def DeleteDefectCode(self, request: pb.DeleteDefectCodeRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.DeleteDefectCodeResponse:
+        await self.store.delete_master(DEFECT_CODE, request.id, request.etag)
+        return pb.DeleteDefectCodeResponse()
+
+    async def CreateDowntimeReason(self, request: pb.CreateDowntimeReasonRequest, context: grpc.aio.ServicerContext
+                                   ) -> pb.CreateDowntimeReasonResponse:
+        return pb.CreateDowntimeReasonResponse(
+            downtime_reason=await self._create(DOWNTIME_REASON, request.downtime_reason))
+
+    async def GetDowntimeReason(self, request: pb.GetDowntimeReasonRequest, context: grpc.aio.ServicerContext
+                                ) -> pb.GetDowntimeReasonResponse:
+        return pb.GetDowntimeReasonResponse(downtime_reason=await self.store.get_master(DOWNTIME_REASON, request.id))
+
+    async def ListDowntimeReasons(self, request: pb.ListDowntimeReasonsRequest, context: grpc.aio.ServicerContext
+                                  ) -> pb.ListDowntimeReasonsResponse:
+        items, token = await self._list(DOWNTIME_REASON, request.page_size, request.page_token)
+        return pb.ListDowntimeReasonsResponse(downtime_reasons=items, next_page_token=token)
+
+    async def UpdateDowntimeReason(self, request: pb.UpdateDowntimeReasonRequest, context: grpc.aio.ServicerContext
+                                   ) -> pb.UpdateDowntimeReasonResponse:
+        return pb.UpdateDowntimeReasonResponse(downtime_reason=await self._update(
+            DOWNTIME_REASON, request.downtime_reason, request.HasField("downtime_reason"), request.update_mask))
+
+    async def DeleteDowntimeReason(self, request: pb.DeleteDowntimeReasonRequest, context: grpc.aio.ServicerContext
+                                   ) -> pb.DeleteDowntimeReasonResponse:
+        await self.store.delete_master(DOWNTIME_REASON, request.id, request.etag)
+        return pb.DeleteDowntimeReasonResponse()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Orders
+    # ----------------------------------------------------------------------------------------------------------
+
+    async def CreateOrder(self, request: pb.CreateOrderRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.CreateOrderResponse:
+        # Output-only fields (id, state, quantities, times, etag) are ignored: only what planning says is read.
+        return pb.CreateOrderResponse(order=await self.store.create_order(request.order, request.request_id))
+
+    async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.GetOrderResponse:
+        return pb.GetOrderResponse(order=await self.store.get_order(request.id))
+
+    async def ListOrders(self, request: pb.ListOrdersRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListOrdersResponse:
+        states = sorted(set(request.states))
+        query = f"orders|{request.work_center_id}|{','.join(map(str, states))}"
+        before = _int_token(request.page_token, query)
+        orders, more = await self.store.list_orders(request.work_center_id, states, _page_size(request.page_size),
+                                                    before)
+        return pb.ListOrdersResponse(orders=orders,
+                                     next_page_token=encode_page_token(query, orders[-1].id) if more else "")
+
+    async def StartOrder(self, request: pb.StartOrderRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.StartOrderResponse:
+        return pb.StartOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+                                                                               OrderAction.START))
+
+    async def PauseOrder(self, request: pb.PauseOrderRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.PauseOrderResponse:
+        return pb.PauseOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+                                                                               OrderAction.PAUSE))
+
+    async def ResumeOrder(self, request: pb.ResumeOrderRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ResumeOrderResponse:
+        return pb.ResumeOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+                                                                                OrderAction.RESUME))
+
+    async def CompleteOrder(self, request: pb.CompleteOrderRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.CompleteOrderResponse:
+        return pb.CompleteOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+                                                                                  OrderAction.COMPLETE))
+
+    async def CancelOrder(self, request: pb.CancelOrderRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.CancelOrderResponse:
+        return pb.CancelOrderResponse(order=await self.store.change_order_state(
+            request.id, request.etag, OrderAction.CANCEL, request.reason))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Bookings, defects, downtime
+    # ----------------------------------------------------------------------------------------------------------
+
+    async def CreateBooking(self, request: pb.CreateBookingRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.CreateBookingResponse:
+        resources.check(resources.booking_violations(request.booking))
+        return pb.CreateBookingResponse(booking=await self.store.create_booking(request.booking, request.request_id))
+
+    async def ListBookings(self, request: pb.ListBookingsRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ListBookingsResponse:
+        query = f"bookings|{request.order_id}"
+        after = _int_token(request.page_token, query) or 0
+        bookings, more = await self.store.list_bookings(request.order_id, _page_size(request.page_size), after)
+        return pb.ListBookingsResponse(bookings=bookings,
+                                       next_page_token=encode_page_token(query, bookings[-1].id) if more else "")
+
+    async def CreateDefect(self, request: pb.CreateDefectRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.CreateDefectResponse:
+        resources.check(resources.defect_violations(request.defect))
+        return pb.CreateDefectResponse(defect=await self.store.create_defect(request.defect, request.request_id))
+
+    async def ListDefects(self, request: pb.ListDefectsRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ListDefectsResponse:
+        query = f"defects|{request.order_id}"
+        after = _int_token(request.page_token, query) or 0
+        defects, more = await self.store.list_defects(request.order_id, _page_size(request.page_size), after)
+        return pb.ListDefectsResponse(defects=defects,
+                                      next_page_token=encode_page_token(query, defects[-1].id) if more else "")
+
+    async def CreateDowntime(self, request: pb.CreateDowntimeRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.CreateDowntimeResponse:
+        resources.check(resources.downtime_violations(request.downtime))
+        return pb.CreateDowntimeResponse(downtime=await self.store.create_downtime(request.downtime))
+
+    async def ClassifyDowntime(self, request: pb.ClassifyDowntimeRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.ClassifyDowntimeResponse:
+        return pb.ClassifyDowntimeResponse(downtime=await self.store.classify_downtime(
+            request.id, request.reason_id, request.note))
+
+    async def ListDowntimes(self, request: pb.ListDowntimesRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ListDowntimesResponse:
+        start, end = _time(request, "start_time"), _time(request, "end_time")
+        if start is not None and end is not None and end <= start:
+            raise InvalidArgument(FieldViolation("end_time", "must be after start_time"))
+        query = f"downtimes|{request.work_center_id}|{start}|{end}"
+        after = None
+        if request.page_token:
+            last = decode_page_token(request.page_token, query)
+            try:
+                micros, last_id = last.split("|")
+                after = (datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(micros)), int(last_id))
+            except ValueError:
+                raise InvalidArgument(FieldViolation("page_token", "not a token this service issued")) from None
+        downtimes, more = await self.store.list_downtimes(request.work_center_id, start, end,
+                                                          _page_size(request.page_size), after)
+        token = ""
+        if more:
+            tail = downtimes[-1]
+            token = encode_page_token(query, f"{tail.start_time.ToMicroseconds()}|{tail.id}")
+        return pb.ListDowntimesResponse(downtimes=downtimes, next_page_token=token)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # OEE
+    # ----------------------------------------------------------------------------------------------------------
+
+    async def GetOee(self, request: pb.GetOeeRequest, context: grpc.aio.ServicerContext) -> pb.GetOeeResponse:
+        if request.WhichOneof("subject") == "order_id":
+            bad = [FieldViolation(name, "only with work_center_id: an order's window is its run")
+                   for name in ("start_time", "end_time") if request.HasField(name)]
+            resources.check(bad)
+            inputs = await self.store.order_oee_inputs(request.order_id)
+        else:
+            start, end = _time(request, "start_time"), _time(request, "end_time")
+            if start is None:
+                raise InvalidArgument(FieldViolation("start_time", "required for a work centre's OEE"))
+            if end is not None and end <= start:
+                raise InvalidArgument(FieldViolation("end_time", "must be after start_time"))
+            inputs = await self.store.work_center_oee_inputs(request.work_center_id, start, end)
+        return pb.GetOeeResponse(oee=oee_message(inputs))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # WatchOrders
+    # ----------------------------------------------------------------------------------------------------------
+
+    async def WatchOrders(self, request: pb.WatchOrdersRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchOrdersResponse]:
+        wc = request.work_center_id
+        cursor = request.after_revision
+        need_snapshot = cursor == 0
+        if not need_snapshot:
+            current = await self.store.current_order_revision()
+            if cursor > current or current - cursor > MAX_RESUME_REVISIONS:
+                log.info("WatchOrders cannot resume there; sending a snapshot",
+                         extra={"after_revision": cursor, "current": current, "work_center_id": wc})
+                need_snapshot = True
+        while True:
+            token = self.listener.token()  # before reading, so no notification slips between
+            if need_snapshot:
+                cursor, orders = await self.store.order_snapshot(wc)
+                yield pb.WatchOrdersResponse(revision=cursor, orders=orders, snapshot=True)
+                need_snapshot = False
+                continue
+            changes, current = await self.store.order_changes_after(cursor, wc, WATCH_PAGE)
+            full = len(changes) == WATCH_PAGE
+            # A short page holds every matching change up to `current` (read in the same snapshot), so the
+            # watcher is then at `current`, even if the last changes were other work centres' orders.
+            new_cursor = changes[-1][0] if full else max(cursor, current)
+            if changes:
+                yield pb.WatchOrdersResponse(revision=new_cursor, orders=[o for _, o in changes])
+            cursor = new_cursor
+            if full:
+                continue
+            await self.listener.wait(token, WATCH_POLL_SECONDS)
+
+
+def oee_message(inputs: OeeInputs) -> order_pb2.Oee:
+    """OEE of a window from what the store read: planned time is the whole window (shifts and calendars are
+    not modelled yet), downtime the merged stops inside it that count against availability or are not
+    classified, counts from the bookings, performance from each item's ideal cycle time."""
+    planned_s = max((inputs.end - inputs.start).total_seconds(), 0.0)
+    downtime_s = domain.overlap_seconds(inputs.downtimes, inputs.start, inputs.end, inputs.now)
+    # A window can hold a negative manual correction without the parts it corrects; it never counts below 0.
+    good = sum(max(g, 0) for _, g, _ in inputs.counts)
+    cycle_s, total = domain.weighted_ideal_cycle_time([(c, max(g, 0) + max(s, 0)) for c, g, s in inputs.counts])
+    figures = domain.compute_oee(planned_time_s=planned_s, downtime_s=downtime_s, ideal_cycle_time_s=cycle_s,
+                                 total_count=total, good_count=min(good, total))
+    oee = order_pb2.Oee(
+        availability=figures.availability, performance=figures.performance, quality=figures.quality,
+        oee=figures.oee, planned_seconds=figures.planned_time_s, downtime_seconds=figures.downtime_s,
+        good_count=figures.good_count, total_count=figures.total_count)
+    oee.start_time.FromDatetime(inputs.start)
+    oee.end_time.FromDatetime(inputs.end)
+    return oee
