@@ -1,0 +1,133 @@
+"""The whole chain on loopback: PLC simulator → collector → ingest → production, and `fabrica run`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from fabrica.common.v1 import reading_pb2
+from fabrica.config.v1 import config_service_pb2 as config_pb
+from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
+from fabrica.production.v1 import order_pb2
+from fabrica.production.v1 import production_service_pb2 as prod_pb
+from fabrica.production.v1 import production_service_pb2_grpc as prod_grpc
+
+from fabrica_svc.collector.app import create_app as create_collector
+from fabrica_svc.collector.demo import demo_plcs
+from fabrica_svc.collector.settings import CollectorSettings
+from fabrica_svc.config.app import create_app as create_config
+from fabrica_svc.ingest.app import create_app as create_ingest
+from fabrica_svc.plcsim.cli import Simulator
+from fabrica_svc.production.app import create_app as create_production
+from fabrica_svc.production.demo import create_demo
+from fabrica_svc.runtime.server import ServiceHost
+from fabrica_svc.runtime.settings import load_settings
+from procs import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _settings(service: str, database_url: str, data_dir: Path):
+    return load_settings(service, {}).with_overrides(port=0, metrics_port=-1, database_url=database_url,
+                                                     data_dir=data_dir, health_interval=0.5)
+
+
+async def test_order_fills_from_the_simulated_counter_and_completes_itself(database_url: str, tmp_path: Path) -> None:
+    hosts: list[ServiceHost] = []
+    try:
+        async with Simulator(rate=5.0) as sim:
+            for factory, name in ((create_config, "config"), (create_ingest, "ingest")):
+                s = _settings(name, database_url, tmp_path)
+                hosts.append(ServiceHost(factory(s), s))
+                await hosts[-1].start()
+            config_host, ingest_host = hosts
+            s = _settings("production", database_url, tmp_path)
+            hosts.append(ServiceHost(create_production(s, ingest_addr=ingest_host.address), s))
+            await hosts[-1].start()
+            production_host = hosts[-1]
+            s = _settings("collector", database_url, tmp_path)
+            collector = CollectorSettings(base=s, collector_id="cell-1", config_addr=config_host.address,
+                                          ingest_addr=ingest_host.address, batch_latency=0.05)
+            hosts.append(ServiceHost(create_collector(s, collector), s))
+            await hosts[-1].start()
+
+            async with grpc.aio.insecure_channel(config_host.address) as cch, \
+                    grpc.aio.insecure_channel(production_host.address) as pch:
+                config = config_grpc.ConfigServiceStub(cch)
+                plcs = {}
+                for plc in demo_plcs("cell-1", sim.modbus_port, sim.rtu_port, sim.s7_port):
+                    plcs[plc.id] = (await config.CreatePlc(config_pb.CreatePlcRequest(plc=plc))).plc
+                roles = {t.role: t.id for t in plcs["press-1"].tags}
+                production = prod_grpc.ProductionServiceStub(pch)
+                order = await create_demo(
+                    production, plc_id="press-1", planned_quantity=12,
+                    production_counter_tag_id=roles[reading_pb2.TAG_ROLE_PRODUCTION_COUNTER],
+                    scrap_counter_tag_id=roles[reading_pb2.TAG_ROLE_SCRAP_COUNTER],
+                    machine_state_tag_id=roles[reading_pb2.TAG_ROLE_MACHINE_STATE],
+                )
+                assert order.state == order_pb2.ORDER_STATE_IN_PROGRESS
+                # Bounded wait: the simulated press makes 5 parts/s while it runs (it stops now and then).
+                for _ in range(1200):
+                    order = (await production.GetOrder(prod_pb.GetOrderRequest(id=order.id))).order
+                    if order.state == order_pb2.ORDER_STATE_COMPLETED:
+                        break
+                    await asyncio.sleep(0.1)
+                assert order.state == order_pb2.ORDER_STATE_COMPLETED, order
+                assert order.good_quantity >= 12
+                bookings = (await production.ListBookings(prod_pb.ListBookingsRequest(order_id=order.id))).bookings
+                assert bookings and all(b.source == order_pb2.BOOKING_SOURCE_COUNTER for b in bookings)
+                assert sum(b.good_quantity for b in bookings) == order.good_quantity
+    finally:
+        for host in reversed(hosts):
+            await host.stop(grace=0)
+
+
+def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
+    base = free_port()
+    while any(_busy(base + i) for i in range(4)):  # consecutive free ports; bounded by the port range
+        base = free_port()
+    env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1"}
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fabrica_svc.cli", "run", "--data-dir", str(tmp_path / "data"),
+                                 "--base-port", str(base)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        banner = ""
+        for _ in range(600):
+            banner = log.read_text(errors="replace")
+            if "Ctrl-C stops everything" in banner or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert "demo order  DEMO-0001" in banner, banner
+        assert f"grpcurl -plaintext 127.0.0.1:{base} list" in banner
+        with grpc.insecure_channel(f"127.0.0.1:{base + 2}") as ch:
+            stub = prod_grpc.ProductionServiceStub(ch)
+            good = 0
+            for _ in range(600):
+                orders = stub.ListOrders(prod_pb.ListOrdersRequest(), timeout=10).orders
+                good = max((o.good_quantity for o in orders if o.number == "DEMO-0001"), default=0)
+                if good > 0:
+                    break
+                time.sleep(0.1)
+            assert good > 0, "the demo order was not filled from the simulated counter"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text(errors="replace")[-3000:]
+
+
+def _busy(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
