@@ -29,9 +29,10 @@ test: $(STAMP)
 gen: $(STAMP)
 	scripts/gen.sh gen
 
-## lint: generated code is current, buf lint, buf breaking against main.
+## lint: generated code is current, buf lint, buf breaking against main, pyflakes on our Python.
 lint: $(STAMP) check-gen
 	scripts/buf_check.sh
+	$(PY) -m pyflakes services tests benchmarks scripts
 
 check-gen: $(STAMP)
 	@rm -rf build/gen-check && mkdir -p build/gen-check

