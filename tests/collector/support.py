@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import socket
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from fabrica_svc.collector.config_watch import CONFIG_FILE
 from fabrica_svc.collector.settings import CollectorSettings, load_collector_settings
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
+from procs import wait_for as _wait_for
 
 HOST = "127.0.0.1"
 HR = plc_pb2.MODBUS_TABLE_HOLDING_REGISTER
@@ -39,19 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def wait_for(predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.02,
-                   what: str = "condition") -> Any:
-    """Poll `predicate` (plain or async) until it returns something truthy; bounded by `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
+
+async def wait_for(predicate, *, timeout: float = 10.0, **kw):  # noqa: ANN001, ANN003, ANN201
+    """procs.wait_for with this suite's default timeout."""
+    return await _wait_for(predicate, timeout=timeout, **kw)
 
 
 def duration(seconds: float) -> duration_pb2.Duration:

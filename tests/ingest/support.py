@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from fabrica_svc.ingest.app import IngestApp, create_app
 from fabrica_svc.ingest.config import IngestConfig
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
+from procs import wait_for as _wait_for
 
 GOOD = reading_pb2.QUALITY_GOOD
 MEASUREMENT = reading_pb2.TAG_ROLE_MEASUREMENT
@@ -147,18 +146,10 @@ async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
         await conn.close()
 
 
-async def wait_for(predicate, *, timeout: float = 15.0, interval: float = 0.05, what: str = "condition"):
-    """Poll an (async or plain) predicate until it is truthy; bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
+
+async def wait_for(predicate, *, timeout: float = 15.0, **kw):  # noqa: ANN001, ANN003, ANN201
+    """procs.wait_for with this suite's default timeout."""
+    return await _wait_for(predicate, timeout=timeout, **kw)
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int | None:

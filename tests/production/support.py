@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -20,6 +18,7 @@ from fabrica_svc.production.app import create_app
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
 from grpc_helpers import rich_status
+from procs import wait_for as _wait_for
 
 #: Tag ids of the default work centre "press-1" (as the config service would have assigned them).
 GOOD_TAG, SCRAP_TAG, STATE_TAG = 101, 102, 103
@@ -71,19 +70,10 @@ async def execute(database_url: str, sql: str, *args: object) -> None:
         await conn.close()
 
 
-async def wait_for(predicate, *, timeout: float = 20.0, interval: float = 0.05,  # noqa: ANN001, ANN201
-                   what: str = "condition"):
-    """Poll an (async or plain) predicate until it is truthy; bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
+
+async def wait_for(predicate, *, timeout: float = 20.0, **kw):  # noqa: ANN001, ANN003, ANN201
+    """procs.wait_for with this suite's default timeout."""
+    return await _wait_for(predicate, timeout=timeout, **kw)
 
 
 async def seed(stub: pb_grpc.ProductionServiceStub, *, work_center: str = "press-1", tags: Sequence[int] = (

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from ..runtime.tasks import cancel_and_wait
 from .store import EVENTS_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,8 @@ class EventHub:
         self._task = asyncio.create_task(self._listen(), name="ingest-events-listen")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _listen(self) -> None:
         delay = 0.1

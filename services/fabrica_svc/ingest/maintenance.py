@@ -9,12 +9,12 @@ done is retried on the next round.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ..runtime.tasks import cancel_and_wait
 from .domain import day_bounds, days_ahead, expired_partitions, partition_name, retention_cutoff
 from .store import IngestStore
 
@@ -105,9 +105,6 @@ class Maintenance:
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import asyncpg
 from opentelemetry import metrics
 
+from ..runtime.tasks import cancel_and_wait
 from ..runtime.db import DB_UNAVAILABLE_ERRORS
 from ..runtime.errors import FieldViolation, InvalidArgument, Unavailable
 from .domain import BatchOutcome, TagCache, WriteBatch
@@ -168,11 +169,8 @@ class BatchWriter:
         self._task = asyncio.create_task(self._run(), name="ingest-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._carry is not None:
             self._carry.future.cancel()
             self._carry = None

@@ -18,7 +18,6 @@ gone) is retried the same way, from the stored cursor; an event is never skipped
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -27,6 +26,7 @@ import grpc
 from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from opentelemetry import metrics
 
+from ..runtime.tasks import cancel_and_wait
 from .store import ProductionStore
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,8 @@ class TagEventConsumer:
         self._task = asyncio.create_task(self._run(), name="production-tag-event-consumer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def _warn_ingest(self, problem: str) -> None:
         """A warning when ingest becomes unreachable or the problem changes, then one a minute: an ingest that

@@ -14,6 +14,8 @@ import logging
 
 import asyncpg
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +74,5 @@ class Listener:
             delay = min(delay * 2, 15.0)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self._notify()

@@ -25,6 +25,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from .db import Migration, apply_migrations, connect_with_retry, create_pool, resolve_database_url
 from .interceptors import ServiceInterceptor
 from .settings import Settings
+from .tasks import cancel_and_wait
 from .telemetry import configure_telemetry, start_metrics_endpoint
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,7 @@ class ServiceHost:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.shutdown_grace if grace is None else grace
-        if self._monitor:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        await cancel_and_wait(self._monitor)
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
