@@ -74,10 +74,15 @@ def test_batch_rows_events_latest_and_tags() -> None:
         (reading(1, T0_US, "a\x00b"), "batch.readings[1].value.string_value"),
         (reading(1, T0_US, error="x\x00"), "batch.readings[1].error"),
         (reading(1, T0_US, plc_id="p\x00"), "batch.readings[1].plc_id"),
-        (reading_pb2.Reading(tag_id=1, quality=1, plc_id="p", read_time={"seconds": 253_402_300_800}),
+        (reading_pb2.Reading(tag_id=1, quality=1, plc_id="p", read_time={"seconds": 253_402_300_800},
+                             value={"double_value": 1.0}),
          "batch.readings[1].read_time"),
-        (reading_pb2.Reading(tag_id=1, quality=1, plc_id="p", read_time={"seconds": 1, "nanos": -1}),
+        (reading_pb2.Reading(tag_id=1, quality=1, plc_id="p", read_time={"seconds": 1, "nanos": -1},
+                             value={"double_value": 1.0}),
          "batch.readings[1].read_time"),
+        # GOOD and STALE readings carry a value (checked here rather than by a per-reading CEL rule).
+        (reading_pb2.Reading(tag_id=1, quality=1, plc_id="p", read_time={"seconds": 1}), "batch.readings[1].value"),
+        (reading_pb2.Reading(tag_id=1, quality=4, plc_id="p", read_time={"seconds": 1}), "batch.readings[1].value"),
     ],
 )
 def test_values_postgres_cannot_hold_are_field_violations(bad: reading_pb2.Reading, field: str) -> None:

@@ -115,7 +115,7 @@ def _without_time() -> reading_pb2.ReadingBatch:
     [
         (batch("", 2, [reading(1, T0_US + 5_000)]), "batch.collector_id"),
         (batch("line-1", 0, [reading(1, T0_US + 5_000)]), "batch.sequence"),
-        (_without_value(), "batch.readings[1]"),
+        (_without_value(), "batch.readings[1].value"),
         (_without_time(), "batch.readings[0].read_time"),
         (batch("line-1", 2, []), "batch.readings"),
         (batch("line-1", 2, [reading(2**63 + 5, T0_US)]), "batch.readings[0].tag_id"),

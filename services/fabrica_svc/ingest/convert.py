@@ -37,6 +37,7 @@ from .domain import (
 
 _MAX_VIOLATIONS = 50
 _TWO64 = 2**64
+GOOD, STALE = reading_pb2.QUALITY_GOOD, reading_pb2.QUALITY_STALE
 
 
 def batch_from_proto(batch: reading_pb2.ReadingBatch, prefix: str = "batch") -> WriteBatch:
@@ -82,6 +83,9 @@ def batch_from_proto(batch: reading_pb2.ReadingBatch, prefix: str = "batch") -> 
         elif kind == "bytes_value":
             row = (tag_id, read_us, quality, KIND_BYTES, None, None, None, v.bytes_value, error)
         else:
+            if quality == GOOD or quality == STALE:
+                violations.append(FieldViolation(f"{prefix}.readings[{i}].value",
+                                                 "a reading of GOOD or STALE quality must carry a value"))
             row = (tag_id, read_us, quality, 0, None, None, None, None, error)
         if tag_id > MAX_BIGINT:
             violations.append(FieldViolation(f"{prefix}.readings[{i}].tag_id", "must be below 2^63"))
