@@ -11,7 +11,8 @@ from grpc_health.v1 import health_pb2
 
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from fabrica_svc.ingest.client import CHANNEL_OPTIONS, IngestUplink, ListBatchSource
+from fabrica_svc.ingest.client import IngestUplink, ListBatchSource
+from fabrica_svc.runtime.channels import PEER_CHANNEL_OPTIONS
 from fabrica_svc.ingest.config import IngestConfig
 
 from procs import start_postgres, stop_postgres
@@ -75,7 +76,7 @@ async def test_ingest_killed_mid_stream_and_restarted_stores_exactly_100000_read
             restarted.append(asyncio.create_task(ingest.start()))
 
     source = HookedSource(batches, on_ack)
-    async with grpc.aio.insecure_channel(ingest.address, options=CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(ingest.address, options=PEER_CHANNEL_OPTIONS) as channel:
         uplink = IngestUplink(channel, "line-1", source, max_in_flight=32, initial_backoff=0.05, max_backoff=0.5)
         stats = await asyncio.wait_for(uplink.run(), timeout=90)
     await restarted[0]
@@ -146,7 +147,7 @@ async def test_watch_resumed_after_ingest_restart_delivers_every_later_event_onc
     await ingest.start()
     first = numbered_batches("c1", 30, 8, tags=4, role=PRODUCTION_COUNTER)
     second = numbered_batches("c2", 60, 8, tags=4, role=PRODUCTION_COUNTER, tag_base=100, start_us=1_800_000_000_000_000)
-    async with grpc.aio.insecure_channel(ingest.address, options=CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(ingest.address, options=PEER_CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.IngestServiceStub(channel)
         await IngestUplink(channel, "c1", ListBatchSource(first)).run()
         received = []

@@ -22,6 +22,7 @@ import grpc
 from fabrica.config.v1 import collector_status_pb2, config_service_pb2, config_service_pb2_grpc
 from google.protobuf.message import DecodeError
 
+from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from .backoff import Backoff
 from .files import atomic_write
 from .supervisor import PlcSupervisor
@@ -70,9 +71,7 @@ class ConfigWatcher:
         return True
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            self.target, options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000)]
-        )
+        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
         stub = config_service_pb2_grpc.ConfigServiceStub(self._channel)
         self._tasks = [
             asyncio.create_task(self._watch(stub), name="config-watch"),

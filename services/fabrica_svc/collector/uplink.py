@@ -23,7 +23,8 @@ from pathlib import Path
 import grpc
 from fabrica.common.v1 import reading_pb2
 
-from ..ingest.client import CHANNEL_OPTIONS, IngestUplink, UplinkRejected
+from ..ingest.client import IngestUplink, UplinkRejected
+from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from .backoff import Backoff
 from .spool import Spool
 
@@ -92,7 +93,7 @@ class Uplink:
         return self.source.connected
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
         self._task = asyncio.create_task(self._run(), name="uplink")
 
     async def stop(self) -> None:

@@ -10,7 +10,7 @@ with :class:`UplinkRejected`: resending the same batch cannot help.
 
 Example::
 
-    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    channel = grpc.aio.insecure_channel(target, options=runtime.channels.PEER_CHANNEL_OPTIONS)
     stats = await IngestUplink(channel, "line-1", ListBatchSource(batches)).run()
 """
 
@@ -31,16 +31,9 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 
+
 log = logging.getLogger(__name__)
 
-#: Channel options that suit an uplink: reconnect quickly after ingest restarts, keep idle streams alive.
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
 
 RETRYABLE: frozenset[grpc.StatusCode] = frozenset({
     grpc.StatusCode.UNAVAILABLE,

@@ -26,21 +26,11 @@ import grpc
 from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from opentelemetry import metrics
 
+from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from ..runtime.tasks import cancel_and_wait
 from .store import ProductionStore
 
 log = logging.getLogger(__name__)
-
-#: gRPC's default reconnect backoff grows to two minutes: after an ingest outage, bookings would lag that
-#: long. Keepalive notices an ingest that vanished without closing the connection.
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 5_000),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
 
 
 class TagEventConsumer:
@@ -132,7 +122,7 @@ class TagEventConsumer:
 
     async def _consume(self, conn: asyncpg.Connection) -> None:
         """Stream and apply events while the lock's connection lives; reconnect to ingest with backoff."""
-        async with grpc.aio.insecure_channel(self.ingest_addr, options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(self.ingest_addr, options=PEER_CHANNEL_OPTIONS) as channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             while not conn.is_closed():
                 cursor = await self.store.load_cursor(conn)
