@@ -31,7 +31,6 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 
-
 log = logging.getLogger(__name__)
 
 
