@@ -13,7 +13,7 @@ import pytest
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
-from fabrica_svc.collector.backoff import Backoff
+from fabrica_svc.runtime.retry import RetryPolicy
 from fabrica_svc.collector.decode import ByteOrder, DataType, ModbusTable, S7Area, TagSpec, WordOrder, make_decoder
 from fabrica_svc.collector.demo import demo_plcs
 from fabrica_svc.collector.settings import load_collector_settings
@@ -172,7 +172,8 @@ def test_serve_collector_without_an_id_says_what_is_missing() -> None:
 
 
 def test_backoff_doubles_up_to_its_cap_with_jitter_and_resets() -> None:
-    low, high = Backoff(0.5, 30.0, rng=lambda: 0.0), Backoff(0.5, 30.0, rng=lambda: 0.999999)
+    policy = RetryPolicy(0.5, 30.0)
+    low, high = policy.backoff(rng=lambda: 0.0), policy.backoff(rng=lambda: 0.999999)
     lows = [low.next_delay() for _ in range(12)]
     highs = [high.next_delay() for _ in range(12)]
     assert lows[:4] == [0.25, 0.5, 1.0, 2.0] and lows[-1] == 15.0

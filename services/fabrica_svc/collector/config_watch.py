@@ -23,7 +23,7 @@ from fabrica.config.v1 import collector_status_pb2, config_service_pb2, config_s
 from google.protobuf.message import DecodeError
 
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
-from .backoff import Backoff
+from ..runtime.retry import RetryPolicy
 from .files import atomic_write
 from .supervisor import PlcSupervisor
 
@@ -88,7 +88,7 @@ class ConfigWatcher:
             self._channel = None
 
     async def _watch(self, stub: config_service_pb2_grpc.ConfigServiceStub) -> None:
-        backoff = Backoff(self.backoff_min, self.backoff_max)
+        backoff = RetryPolicy(self.backoff_min, self.backoff_max).backoff()
         while True:
             call = stub.WatchPlcs(config_service_pb2.WatchPlcsRequest(collector_id=self.collector_id,
                                                                       after_revision=self.revision))

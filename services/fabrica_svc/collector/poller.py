@@ -20,7 +20,7 @@ otherwise write ten useless rows per tag per second for as long as it is dead, w
 transition plus the integrity rows tell the same story.
 
 Reconnects. After a communication failure the connection is dropped and re-established with exponential
-backoff and jitter (see Backoff); ticks missed meanwhile are not polls and are not counted as late.
+backoff and jitter (see runtime/retry.py); ticks missed meanwhile are not polls and are not counted as late.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 from google.protobuf import timestamp_pb2
 
-from .backoff import Backoff
+from ..runtime.retry import RetryPolicy
 from .blocks import ModbusBlock
 from .decode import DecodeError, TagSpec, TagSpecError, register_count
 from .drivers import ILLEGAL_DATA_ADDRESS, Block, CommunicationError, DeviceError, Driver, PlcConfigError
@@ -171,7 +171,7 @@ class Poller:
         self.plc_id = plc.id
         self._make_driver = make_driver
         self._emit = emit
-        self.backoff = Backoff(backoff_min, backoff_max)
+        self.backoff = RetryPolicy(backoff_min, backoff_max).backoff()
         self.metrics = metrics
         self._clock = clock
         self._wall_ns = wall_ns

@@ -25,7 +25,7 @@ from fabrica.common.v1 import reading_pb2
 
 from ..ingest.client import IngestUplink, UplinkRejected
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
-from .backoff import Backoff
+from ..runtime.retry import RetryPolicy
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Uplink:
 
     async def _run(self) -> None:
         assert self._channel is not None
-        backoff = Backoff(self.backoff_min, self.backoff_max)
+        backoff = RetryPolicy(self.backoff_min, self.backoff_max).backoff()
         careful = False  # one batch in flight, after a rejection
         suspect: int | None = None
         while True:
