@@ -11,7 +11,7 @@ from fabrica_svc.runtime.pages import decode_int_page_token, decode_page_token, 
 from fabrica_svc.runtime.retry import RetryPolicy
 from fabrica_svc.runtime.timefmt import (optional_datetime, seconds_of, duration_from_seconds, timestamp_from_ns,
                                           timestamp_is_valid, to_datetime)
-from google.protobuf import timestamp_pb2
+from fabrica.ingest.v1 import query_pb2
 
 
 @pytest.mark.parametrize("jitter, draw, expected", [
@@ -64,6 +64,8 @@ def test_time_conversions() -> None:
     assert to_datetime(ts) == datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
     assert timestamp_is_valid(253_402_300_799, 999_999_999)
     assert not timestamp_is_valid(253_402_300_800, 0) and not timestamp_is_valid(0, 1_000_000_000)
-    holder = timestamp_pb2.Timestamp()
-    assert holder.ByteSize() == 0
+    f = query_pb2.ReadingFilter()
+    assert optional_datetime(f, "start_time") is None
+    f.start_time.CopyFrom(ts)
+    assert optional_datetime(f, "start_time") == to_datetime(ts)
     assert seconds_of(duration_from_seconds(1.5), 9.0) == 1.5 and seconds_of(duration_from_seconds(0), 9.0) == 9.0
