@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import grpc
@@ -65,8 +64,8 @@ class ProductionApp:
 
 def create_app(settings: Settings, *, ingest_addr: str | None = None,
                consumer_options: Mapping[str, float] | None = None) -> ProductionApp:
-    """The production service. `ingest_addr` None reads FABRICA_INGEST_ADDR (Settings has no field for it yet);
+    """The production service. `ingest_addr` None takes `settings.ingest_addr` (FABRICA_INGEST_ADDR);
     "" turns the consumer off."""
     if ingest_addr is None:
-        ingest_addr = os.environ.get(INGEST_ADDR_ENV, "").strip()
+        ingest_addr = settings.ingest_addr
     return ProductionApp(settings, ingest_addr, consumer_options)

@@ -15,6 +15,8 @@ FABRICA_LOG_LEVEL          DEBUG, INFO, WARNING, ERROR                    INFO
 FABRICA_LOG_FORMAT         json or text                                   json
 FABRICA_SHUTDOWN_GRACE     Seconds in-flight RPCs get on SIGTERM          10
 FABRICA_HEALTH_INTERVAL    Seconds between database health checks         2
+FABRICA_CONFIG_ADDR        host:port of the config service (its clients)  unset
+FABRICA_INGEST_ADDR        host:port of the ingest service (its clients)  unset
 =========================  =============================================  ==========================
 """
 
@@ -47,6 +49,9 @@ class Settings:
     log_format: str = "json"
     shutdown_grace: float = 10.0
     health_interval: float = 2.0
+    #: Peers, for the services that call them ("" = not configured; each service says what that means).
+    config_addr: str = ""
+    ingest_addr: str = ""
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -108,4 +113,6 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         log_format=_choice(env, "FABRICA_LOG_FORMAT", "json", ("json", "text")),
         shutdown_grace=_float(env, "FABRICA_SHUTDOWN_GRACE", 10.0, 0.0, 3600.0),
         health_interval=_float(env, "FABRICA_HEALTH_INTERVAL", 2.0, 0.05, 600.0),
+        config_addr=(env.get("FABRICA_CONFIG_ADDR") or "").strip(),
+        ingest_addr=(env.get("FABRICA_INGEST_ADDR") or "").strip(),
     )
