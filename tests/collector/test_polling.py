@@ -2,7 +2,9 @@
 
 Reporting (first report, on change, deadband, integrity), the fixed-rate schedule, a PLC that dies or
 turns slow (bad quality once, reconnects, recovery, another PLC unaffected), garbage answers, RTU buses,
-and 200 connect/fail cycles without leaks. Waits are bounded; assertions are on counts and order.
+and 200 connect/fail cycles without leaks. Waits are bounded; assertions are on counts and order. Where a
+test counts polls or skipped ticks, the poller runs on a TickClock the test moves, and the counts are exact
+per tick; no assertion depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import contextlib
 import gc
 import logging
 import os
-import time
 import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import psutil
@@ -42,6 +44,48 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
+
+
+class TickClock:
+    """A poller's monotonic clock that moves only when the test moves it, with the sleep that goes with it.
+
+    `sleep(delay)` returns once the clock has been moved at least `delay` past where it was when it was
+    called; `sleeps` counts the calls, so a test sees when a poller has finished a poll and waits for its
+    next tick. Use intervals that are binary fractions (0.25 s): every tick is then an exact float.
+    """
+
+    def __init__(self, t: float = 1024.0) -> None:
+        self.t = t
+        self.sleeps = 0
+        self._moved: list[asyncio.Future[None]] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def set(self, t: float) -> None:
+        assert t >= self.t, "a monotonic clock does not go back"
+        self.t = t
+        moved, self._moved = self._moved, []
+        for waiter in moved:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps += 1
+        target = self.t + delay
+        if self.t >= target:
+            await asyncio.sleep(0)
+        while self.t < target:
+            waiter = asyncio.get_running_loop().create_future()
+            self._moved.append(waiter)
+            await waiter
+
+    async def tick(self, poller: Poller, to: float | None = None) -> None:
+        """Move the clock to the poller's next tick (or to `to`) and wait until it sleeps again: its poll
+        for that tick is done."""
+        sleeps = self.sleeps
+        self.set(min(g.next_due for g in poller.groups) if to is None else to)
+        await wait_for(lambda: self.sleeps > sleeps, interval=0.002, what=f"{poller.plc_id} to poll and sleep again")
 
 
 @pytest.fixture
@@ -148,15 +192,44 @@ async def test_the_schedule_is_fixed_rate_and_an_overrunning_poll_skips_ticks_in
     frozen: tuple[Simulator, FakeClock], running: Running
 ) -> None:
     sim, _ = frozen
-    sim.modbus.set_delay(0.12)  # every answer takes longer than the 0.05 s interval
-    poller = running.start(modbus_plc("press", sim.modbus_port, [mb_tag("state", 3)], interval=0.05, timeout=2.0))
+    clock, interval = TickClock(), 0.25
+    poller = running.start(modbus_plc("press", sim.modbus_port, [mb_tag("state", 3)], interval=interval),
+                           clock=clock, sleep=clock.sleep)
     group = poller.groups[0]
-    await wait_for(lambda: poller.polls >= 2, what="two polls")
-    origin = group.next_due
-    await wait_for(lambda: poller.polls >= 5 and poller.skipped >= 3, what="skipped ticks")
-    ticks = (group.next_due - origin) / group.interval
-    assert ticks == pytest.approx(round(ticks), abs=1e-6)  # still on the grid of the first tick
+    await wait_for(lambda: clock.sleeps, what="the poller connected and waiting for its first tick")
+    # The first tick is offset by a stable fraction of the interval derived from the PLC id.
+    first = 1024.0 + zlib.crc32(b"press/default") / 2**32 * interval
+    assert (poller.polls, group.next_due) == (0, first)
+
+    # One poll per tick, on time, none skipped.
+    for k in range(1, 6):
+        await clock.tick(poller)
+        assert (poller.polls, poller.skipped, group.next_due) == (k, 0, first + k * interval)
+        assert poller.lateness[-1] == 0.0
+
+    # The loop was held up for 2.5 intervals: one poll, late by that much; the two ticks it missed are
+    # skipped, not caught up with, and the next tick is still on the grid of the first.
+    await clock.tick(poller, to=group.next_due + 2.5 * interval)
+    assert (poller.polls, poller.skipped, group.next_due) == (6, 2, first + 8 * interval)
+    assert poller.lateness[-1] == 2.5 * interval
+
+    # Every read now takes 1.75 intervals: each poll starts on its tick and skips the one tick it overran.
+    driver = poller.driver
+    assert driver is not None
+    read = driver.read
+
+    async def slow_read(block):  # noqa: ANN001, ANN202 - the real read, taking 1.75 intervals of the clock
+        data = await read(block)
+        clock.set(clock.t + 1.75 * interval)
+        return data
+
+    driver.read = slow_read  # type: ignore[method-assign]
+    for k in range(1, 4):
+        await clock.tick(poller)
+        assert (poller.polls, poller.skipped, group.next_due) == (6 + k, 2 + k, first + (8 + 2 * k) * interval)
+        assert poller.lateness[-1] == 0.0
     assert poller.status.error_count == 0 and poller.status.connected
+    assert [r.quality for r in running.readings] == [GOOD]  # a frozen plant: reported once
 
 
 # ------------------------------------------------------------------------------------ outages and speed
@@ -168,28 +241,41 @@ async def test_a_plc_that_stops_answering_reports_bad_quality_once_reconnects_an
     dead, _ = frozen
     tags = [mb_tag("count", 0, T.DATA_TYPE_UINT32), mb_tag("state", 3), mb_tag("door", 2, T.DATA_TYPE_BOOL, table=COIL)]
     a = running.start(modbus_plc("press-a", dead.modbus_port, tags, interval=0.05, timeout=0.3))
+    clock = TickClock()
     b = running.start(modbus_plc("press-b", live.modbus_port, [mb_tag("count", 0, T.DATA_TYPE_UINT32)],
-                                 interval=0.05, timeout=0.3))
-    await wait_for(lambda: all(running.of(t) for t in tags) and b.polls > 3, what="both PLCs polling")
+                                 interval=0.25, timeout=0.3), clock=clock, sleep=clock.sleep)
+    await wait_for(lambda: all(running.of(t) for t in tags) and clock.sleeps, what="both PLCs polling")
+
+    async def ticking(done: Callable[[], bool], what: str) -> int:
+        """Tick B's clock, one tick at a time, until `done`: B polls exactly once per tick, on time, and
+        skips none, however long A takes. Bounded by a timeout, like every wait; returns the ticks."""
+        loop = asyncio.get_running_loop()
+        deadline, ticks = loop.time() + 10.0, 0
+        while True:
+            polls, skipped = b.polls, b.skipped
+            await clock.tick(b)
+            ticks += 1
+            assert (b.polls - polls, b.skipped - skipped, b.lateness[-1]) == (1, 0, 0.0)
+            if done():
+                return ticks
+            assert loop.time() < deadline, f"timed out waiting for {what}"
 
     async def outage(start_fault, end_fault, what: str) -> str:
         errors_before = a.status.error_count
         bad_before = [len(running.of(t, COMM)) for t in tags]
-        b_polls, b_skipped, started = b.polls, b.skipped, time.monotonic()
+        b_polls, b_skipped = b.polls, b.skipped
         await start_fault()
-        await wait_for(lambda: all(len(running.of(t, COMM)) > n for t, n in zip(tags, bad_before)),
-                       what=f"bad quality while {what}")
-        await wait_for(lambda: a.status.error_count >= errors_before + 4, what=f"reconnect attempts while {what}")
+        ticks = await ticking(lambda: all(len(running.of(t, COMM)) > n for t, n in zip(tags, bad_before)),
+                              f"bad quality while {what}")
+        ticks += await ticking(lambda: a.status.error_count >= errors_before + 4, f"reconnect attempts while {what}")
         assert a.status.last_error
         # Once per tag, not at every tick or attempt (integrity is 60 s away).
         assert [len(running.of(t, COMM)) - n for t, n in zip(tags, bad_before)] == [1, 1, 1]
         error = running.of(tags[0], COMM)[-1].error
         await end_fault()
-        await wait_for(lambda: all(running.of(t)[-1].quality == GOOD for t in tags), what=f"recovery after {what}")
-        elapsed = time.monotonic() - started
-        # The other PLC kept its schedule meanwhile (generous: at least half its ticks, whatever the load).
-        assert b.polls - b_polls >= 0.5 * elapsed / 0.05, (b.polls - b_polls, elapsed)
-        assert b.status.error_count == 0 and b.skipped - b_skipped <= 0.25 * elapsed / 0.05
+        ticks += await ticking(lambda: all(running.of(t)[-1].quality == GOOD for t in tags), f"recovery after {what}")
+        # The other PLC polled on every tick of its clock meanwhile, and only then.
+        assert (b.polls - b_polls, b.skipped - b_skipped, b.status.error_count) == (ticks, 0, 0)
         return error
 
     async def pause() -> None:
@@ -300,16 +386,21 @@ async def test_a_tag_the_device_cannot_serve_as_defined_reports_a_config_error_a
 async def test_rtu_devices_on_one_gateway_share_one_link_and_take_turns_and_a_serial_url_works(
     live: Simulator, running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    intervals: list[tuple[float, float, int]] = []
+    units: list[int] = []  # the unit of each request on the gateway's link, in order
+    on_link = [0, 0]  # requests on the link now, most at once
     original = drivers._modbus_read
 
     async def recorded(client, table, start, count, unit):  # noqa: ANN001, ANN202 - observes the real read
-        begin = time.monotonic()
+        mine = client.comm_params.port == live.rtu_port
+        if mine:
+            on_link[0] += 1
+            on_link[1] = max(on_link)
         try:
             return await original(client, table, start, count, unit)
         finally:
-            if client.comm_params.port == live.rtu_port:
-                intervals.append((begin, time.monotonic(), unit))
+            if mine:
+                on_link[0] -= 1
+                units.append(unit)
 
     monkeypatch.setattr(drivers, "_modbus_read", recorded)
     live.rtu.set_delay(0.03)
@@ -317,8 +408,7 @@ async def test_rtu_devices_on_one_gateway_share_one_link_and_take_turns_and_a_se
     absent = mb_tag("voltage", 0, T.DATA_TYPE_FLOAT32, table=IR)
     meter = running.start(gateway_plc("meter-1", live.rtu_port, [voltage], unit=1, interval=0.02, timeout=1.0))
     other = running.start(gateway_plc("meter-2", live.rtu_port, [absent], unit=2, interval=0.02, timeout=1.0))
-    await wait_for(lambda: sum(u == 1 for *_, u in intervals) >= 5 and sum(u == 2 for *_, u in intervals) >= 5,
-                   what="both devices polled")
+    await wait_for(lambda: units.count(1) >= 5 and units.count(2) >= 5, what="both devices polled")
     assert running.of(voltage, GOOD) and 200 < value_of(running.of(voltage, GOOD)[0]) < 260
     # Unit 2 is not on the bus: the gateway answers exception 11.
     assert "exception 11" in running.of(absent, DECODE)[0].error
@@ -327,8 +417,7 @@ async def test_rtu_devices_on_one_gateway_share_one_link_and_take_turns_and_a_se
     mine = [c for c in psutil.Process().net_connections("tcp")
             if c.raddr and c.raddr.port == live.rtu_port and c.status == psutil.CONN_ESTABLISHED]
     assert len(mine) == 1
-    ordered = sorted(intervals)
-    assert all(prev[1] <= nxt[0] for prev, nxt in zip(ordered, ordered[1:])), "overlapping requests on one bus"
+    assert on_link[1] == 1, "overlapping requests on one bus"
     assert meter.status.connected and other.status.connected
 
     # The same meter through pyserial's socket:// URL: the serial-port driver (AsyncModbusSerialClient).

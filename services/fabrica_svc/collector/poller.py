@@ -31,7 +31,7 @@ import math
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +153,13 @@ class PollerStatus:
 
 
 class Poller:
-    """Polls one PLC until stopped. `make_driver` is called once, inside the task."""
+    """Polls one PLC until stopped. `make_driver` is called once, inside the task.
+
+    `clock` (seconds, monotonic) and `sleep` (an async function of seconds) drive the schedule, the backoff
+    waits and the integrity timer; by default they are the event loop's own clock (time.monotonic) and
+    asyncio.sleep. A test passes a clock it moves itself, with a sleep that returns once that clock has
+    advanced by the delay, and counts polls and skipped ticks per tick exactly. `wall_ns` stamps readings.
+    """
 
     def __init__(
         self,
@@ -165,6 +171,7 @@ class Poller:
         backoff_max: float = 30.0,
         metrics: PollMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         wall_ns: Callable[[], int] = time.time_ns,
     ):
         self.plc = plc
@@ -174,6 +181,7 @@ class Poller:
         self.backoff = RetryPolicy(backoff_min, backoff_max).backoff()
         self.metrics = metrics
         self._clock = clock
+        self._sleep = sleep
         self._wall_ns = wall_ns
         self.driver: Driver | None = None
         self.status = PollerStatus(plc.id)
@@ -276,7 +284,7 @@ class Poller:
                     log.exception("poller of %s failed; starting it over", self.plc_id)
                     self.status.last_error = "internal error; see the collector log"
                     await self.driver.close()
-                    await asyncio.sleep(self.backoff.next_delay())
+                    await self._sleep(self.backoff.next_delay())
         finally:
             driver, self.driver = self.driver, None
             if driver is not None:
@@ -292,12 +300,12 @@ class Poller:
         while not self._stopping:
             if not driver.connected:
                 if not await self._connect():
-                    await asyncio.sleep(self.backoff.next_delay())
+                    await self._sleep(self.backoff.next_delay())
                     continue
             group = min(self.groups, key=lambda g: g.next_due)
             delay = group.next_due - self._clock()
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
             await self._poll(group)
 
     async def _unusable(self, error: str) -> None:
@@ -309,16 +317,16 @@ class Poller:
         interval = min((g.integrity for g in self.groups), default=DEFAULT_INTEGRITY)
         while not self._stopping:
             self._report_config_errors(self._wall_ns(), force=True)
-            await asyncio.sleep(interval)
+            await self._sleep(interval)
 
     async def _keep_connected(self) -> None:
         """A PLC without tags (yet): keep a connection so that its status tells whether it is reachable."""
         assert self.driver is not None
         while not self._stopping:
             if not self.driver.connected and not await self._connect():
-                await asyncio.sleep(self.backoff.next_delay())
+                await self._sleep(self.backoff.next_delay())
                 continue
-            await asyncio.sleep(max(1.0, min((g.interval for g in self.groups), default=1.0)))
+            await self._sleep(max(1.0, min((g.interval for g in self.groups), default=1.0)))
 
     # -------------------------------------------------------------------------------------- schedule
 
