@@ -1,8 +1,10 @@
-"""Running Fabrica services as real processes in tests: free ports, start, wait for health, kill."""
+"""Running Fabrica services as real processes in tests: start on port 0 and read the bound ports back,
+wait for health, kill."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -19,9 +21,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def free_port() -> int:
+    """A port nothing listens on yet (bound, then released): only for a peer that must come up later at an
+    address handed out in advance. A service process binds port 0 and reports its port (`bound_ports`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bound_ports(port_file: Path, pid: int, service: str) -> dict[str, int | None] | None:
+    """The ports process `pid` wrote to its FABRICA_PORT_FILE for `service` ({"port": ..., "metrics_port":
+    ...}), or None while it has not (yet)."""
+    try:
+        written = json.loads(port_file.read_text())
+    except (OSError, ValueError):  # not there yet (it is replaced atomically, never half-written)
+        return None
+    if written.get("pid") != pid:
+        return None  # a previous process's
+    return written["services"].get(service)
 
 
 def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
@@ -48,25 +64,47 @@ def wait_for_health(address: str, status: int = health_pb2.HealthCheckResponse.S
 
 
 class ServiceProcess:
-    """`fabrica serve <service>` as a child process."""
+    """`fabrica serve <service>` as a child process.
+
+    It binds port 0 (or `port`) and writes what it bound to a port file; `start` reads the port back, so no
+    other process can take it in between. A restart of the same ServiceProcess asks for the port it had.
+    With FABRICA_METRICS_PORT=0 in `env`, `metrics_port` is the metrics endpoint's bound port.
+    """
 
     def __init__(self, service: str, env: Mapping[str, str], log_path: Path, port: int | None = None):
         self.service = service
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text", **env}
+        self.port: int = port or 0
+        self.metrics_port: int | None = None
+        self.port_file = log_path.with_name(f"{log_path.name}.ports.json")
+        self.env = {**os.environ, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text", **env,
+                    "FABRICA_PORT_FILE": str(self.port_file)}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> ServiceProcess:
+    @property
+    def address(self) -> str:
+        assert self.port, f"{self.service} has not reported its port yet"
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> ServiceProcess:
+        """Start the process and read its bound ports back; with `wait`, until its health is SERVING too."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fabrica_svc.cli", "serve", self.service, "--port", str(self.port)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
+        deadline = time.monotonic() + timeout
+        while (ports := bound_ports(self.port_file, self.proc.pid, self.service)) is None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.service} exited with {self.proc.returncode} before listening:\n"
+                                     f"{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.service} did not report its port within {timeout} s")
+            time.sleep(0.05)
+        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
         if wait:
-            wait_for_health(self.address, proc=self.proc)
+            wait_for_health(self.address, timeout=timeout, proc=self.proc)
         return self
 
     def kill(self) -> None:

