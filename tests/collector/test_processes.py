@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fabrica_svc.collector.spool import Spool
 from fabrica_svc.plcsim import Simulator
+from procs import bound_ports
 
 from .support import collector_settings, free_port, key, store_config, stored_readings, wait_for
 from .test_store_and_forward import busy_plcs
@@ -36,24 +37,34 @@ pytestmark = pytest.mark.slow
 
 
 class Service:
-    """One `fabrica serve <service>` child process on a fixed port."""
+    """One `fabrica serve <service>` child process. With port 0 it binds a free port and reports it through
+    its port file (read back by `start`); a restart asks for the port it had, so peers keep its address."""
 
     def __init__(self, service: str, port: int, env: dict[str, str], log: Path):
         self.service, self.port, self.env, self.log = service, port, env, log
+        self.port_file = log.with_name(f"{log.name}.ports.json")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
+        assert self.port, f"{self.service} has not reported its port yet"
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}", "FABRICA_METRICS_PORT": "-1",
-               "FABRICA_LOG_FORMAT": "text", **self.env}
+               "FABRICA_LOG_FORMAT": "text", **self.env, "FABRICA_PORT_FILE": str(self.port_file)}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fabrica_svc.cli", "serve", self.service, "--port", str(self.port)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             )
+        proc = self.proc
+
+        def reported() -> dict[str, int | None] | None:
+            assert proc.poll() is None, f"{self.service} exited:\n{self.log.read_text()[-3000:]}"
+            return bound_ports(self.port_file, proc.pid, self.service)
+
+        self.port = (await wait_for(reported, timeout=60, what=f"{self.service} to report its port"))["port"]
         deadline = time.monotonic() + 60
         async with grpc.aio.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -116,14 +127,14 @@ async def test_collector_killed_with_sigkill_while_ingest_is_down_loses_and_dupl
 ) -> None:
     settings = collector_settings(tmp_path / "data")
     store_config(settings, busy_plcs(live))
-    ingest_port = free_port()
+    ingest_port = free_port()  # ingest comes up later, at the address the collector is given now
     env = {
         "FABRICA_DATA_DIR": str(settings.base.data_dir), "FABRICA_COLLECTOR_ID": settings.collector_id,
         "FABRICA_CONFIG_ADDR": settings.config_addr, "FABRICA_INGEST_ADDR": f"127.0.0.1:{ingest_port}",
         "FABRICA_COLLECTOR_BATCH_LATENCY_MS": "50", "FABRICA_COLLECTOR_RECONNECT_MIN": "0.05",
         "FABRICA_COLLECTOR_RECONNECT_MAX": "0.3",
     }
-    collector = Service("collector", free_port(), env, tmp_path / "collector.log")
+    collector = Service("collector", 0, env, tmp_path / "collector.log")
     ingest = Service("ingest", ingest_port, {"DATABASE_URL": database_url}, tmp_path / "ingest.log")
     services.extend([collector, ingest])
 

@@ -20,14 +20,13 @@ from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fabrica_svc.ingest import app as ingest_app
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
 from procs import ServiceProcess, free_port
 
 from .support import GOOD_TAG, SCRAP_TAG, STATE_TAG, booked_total, fetchval, new_order, seed, start_production, ts, \
     wait_for
-
-ingest_app = pytest.importorskip("fabrica_svc.ingest.app", reason="the ingest service is not part of this build yet")
 
 REPO = Path(__file__).resolve().parents[2]
 PLC = "press-plc"
