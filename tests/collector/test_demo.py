@@ -7,19 +7,17 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2 as pb
-from fabrica.config.v1 import config_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import ingest_service_pb2 as ipb
-from fabrica.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 
 from fabrica_svc.collector.demo import demo_plcs
 from fabrica_svc.plcsim import DEMO_TAGS, Simulator
 from fabrica_svc.plcsim.plant import tag_value
+from in_process import Servers, settings_for
 
-from .support import collector_settings, start_collector, start_config, start_ingest, value_of, wait_for
+from .support import collector_settings, value_of, wait_for
 
 PROTOCOL_OF_PLC = {"press-1": "modbus_tcp", "meter-1": "modbus_rtu", "press-2": "s7"}
 
@@ -46,43 +44,31 @@ def as_float32(x: float) -> float:
 
 
 async def test_every_demo_tag_reaches_ingest_with_the_simulators_value(database_url: str, sim: Simulator,
-                                                                        tmp_path: Path) -> None:
-    config = await start_config(database_url)
-    ingest = await start_ingest(database_url)
-    collector = None
-    try:
-        settings = collector_settings(tmp_path, "demo", FABRICA_CONFIG_ADDR=config.address,
-                                      FABRICA_INGEST_ADDR=ingest.address)
-        async with grpc.aio.insecure_channel(config.address) as channel:
-            stub = pb_grpc.ConfigServiceStub(channel)
-            created = [(await stub.CreatePlc(pb.CreatePlcRequest(plc=plc))).plc
-                       for plc in demo_plcs("demo", sim.modbus_port, sim.rtu_port, sim.s7_port)]
-        collector = await start_collector(settings)
-        tags = {t.id: (p.id, t) for p in created for t in p.tags}
+                                                                        servers: Servers, tmp_path: Path) -> None:
+    config = await servers.start("config", settings_for("config", database_url=database_url))
+    ingest = await servers.start("ingest", settings_for("ingest", database_url=database_url))
+    settings = collector_settings(tmp_path, "demo", FABRICA_CONFIG_ADDR=config.address,
+                                  FABRICA_INGEST_ADDR=ingest.address)
+    created = [(await config.stub.CreatePlc(pb.CreatePlcRequest(plc=plc))).plc
+               for plc in demo_plcs("demo", sim.modbus_port, sim.rtu_port, sim.s7_port)]
+    await servers.start("collector", settings.base, config=settings)
+    tags = {t.id: (p.id, t) for p in created for t in p.tags}
 
-        async with grpc.aio.insecure_channel(ingest.address) as channel:
-            query = ipb_grpc.IngestServiceStub(channel)
+    async def latest() -> list[reading_pb2.Reading] | None:
+        got = (await ingest.stub.GetLatestValues(ipb.GetLatestValuesRequest(tag_ids=sorted(tags)))).readings
+        return list(got) if len(got) == len(tags) else None
 
-            async def latest() -> list[reading_pb2.Reading] | None:
-                got = (await query.GetLatestValues(ipb.GetLatestValuesRequest(tag_ids=sorted(tags)))).readings
-                return list(got) if len(got) == len(tags) else None
-
-            readings = await wait_for(latest, timeout=20, what="a reading of every demo tag in ingest")
-        snap = sim.plant.snapshot
-        rows = {(d.protocol, d.name): d for d in DEMO_TAGS}
-        assert len(readings) == len(DEMO_TAGS)
-        for r in readings:
-            plc_id, tag = tags[r.tag_id]
-            row = rows[(PROTOCOL_OF_PLC[plc_id], tag.name)]
-            assert r.quality == reading_pb2.QUALITY_GOOD, (plc_id, tag.name, r.error)
-            assert r.plc_id == plc_id and r.role == tag.role
-            expected = tag_value(row, snap)
-            if row.dtype == "float32":
-                assert value_of(r) == pytest.approx(as_float32(expected), rel=1e-6), (plc_id, tag.name)
-            else:
-                assert value_of(r) == expected, (plc_id, tag.name)
-    finally:
-        if collector is not None:
-            await collector.stop(grace=0)
-        await ingest.stop(grace=0)
-        await config.stop(grace=0)
+    readings = await wait_for(latest, timeout=20, what="a reading of every demo tag in ingest")
+    snap = sim.plant.snapshot
+    rows = {(d.protocol, d.name): d for d in DEMO_TAGS}
+    assert len(readings) == len(DEMO_TAGS)
+    for r in readings:
+        plc_id, tag = tags[r.tag_id]
+        row = rows[(PROTOCOL_OF_PLC[plc_id], tag.name)]
+        assert r.quality == reading_pb2.QUALITY_GOOD, (plc_id, tag.name, r.error)
+        assert r.plc_id == plc_id and r.role == tag.role
+        expected = tag_value(row, snap)
+        if row.dtype == "float32":
+            assert value_of(r) == pytest.approx(as_float32(expected), rel=1e-6), (plc_id, tag.name)
+        else:
+            assert value_of(r) == expected, (plc_id, tag.name)
