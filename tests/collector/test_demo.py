@@ -1,8 +1,10 @@
 """The demo chain of `fabrica run`: the demo PLC definitions created through the config service, polled by
-the collector from the simulator, stored by ingest: every demo tag arrives with the simulator's value."""
+the collector from the simulator, stored by ingest: every demo tag arrives with the simulator's value. And
+how `fabrica run` wires its services: through their settings, never the environment."""
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,8 +15,11 @@ from fabrica.config.v1 import config_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2 as ipb
 
 from fabrica_svc.collector.demo import demo_plcs
+from fabrica_svc.collector.settings import load_collector_settings
 from fabrica_svc.plcsim import DEMO_TAGS, Simulator
 from fabrica_svc.plcsim.plant import tag_value
+from fabrica_svc.runtime.settings import SettingsError
+from fabrica_svc.stack import ORDER, stack_settings
 from in_process import Servers, settings_for
 
 from .support import collector_settings, value_of, wait_for
@@ -72,3 +77,34 @@ async def test_every_demo_tag_reaches_ingest_with_the_simulators_value(database_
             assert value_of(r) == pytest.approx(as_float32(expected), rel=1e-6), (plc_id, tag.name)
         else:
             assert value_of(r) == expected, (plc_id, tag.name)
+
+
+# ---------------------------------------------------------------------------- `fabrica run` wires by settings
+
+
+def test_fabrica_run_wires_its_stack_with_settings_and_leaves_the_environment_alone(tmp_path: Path) -> None:
+    environ = dict(os.environ)
+    settings = stack_settings(ORDER, 6100, tmp_path, {"FABRICA_LOG_LEVEL": "warning"})
+    assert dict(os.environ) == environ
+    assert {name: s.port for name, s in settings.items()} == {
+        "config": 6100, "ingest": 6101, "production": 6102, "collector": 6103}
+    for s in settings.values():
+        # Every service finds its peers and the demo collector in its settings; logs are text unless set.
+        assert (s.config_addr, s.ingest_addr, s.collector_id) == ("127.0.0.1:6100", "127.0.0.1:6101", "demo")
+        assert (s.data_dir, s.log_level, s.log_format) == (tmp_path, "WARNING", "text")
+    collector = load_collector_settings(settings["collector"], {})
+    assert (collector.collector_id, collector.config_addr, collector.ingest_addr) == (
+        "demo", "127.0.0.1:6100", "127.0.0.1:6101")
+    assert collector.state_dir == tmp_path / "collector" / "demo"
+
+
+def test_fabrica_run_keeps_the_peers_and_the_collector_id_the_environment_names(tmp_path: Path) -> None:
+    env = {"FABRICA_COLLECTOR_ID": "cell-7", "FABRICA_INGEST_ADDR": "10.0.0.5:7000", "FABRICA_LOG_FORMAT": "json"}
+    settings = stack_settings(["production", "collector"], 6100, tmp_path, env)
+    assert settings["production"].ingest_addr == "10.0.0.5:7000"
+    collector = load_collector_settings(settings["collector"], env)
+    assert (collector.collector_id, collector.config_addr, collector.ingest_addr) == (
+        "cell-7", "127.0.0.1:6100", "10.0.0.5:7000")
+    assert settings["collector"].log_format == "json"
+    with pytest.raises(SettingsError, match="FABRICA_LOG_LEVEL"):
+        stack_settings(ORDER, 6100, tmp_path, {"FABRICA_LOG_LEVEL": "LOUD"})
