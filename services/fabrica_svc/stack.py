@@ -1,8 +1,12 @@
 """`fabrica run`: the whole local stack in one process, for trying Fabrica out.
 
-An embedded Postgres in --data-dir, every service on consecutive ports from --base-port, and (once the
-collector and production services are part of the build) the PLC simulator with a demo plant, demo PLC
-definitions and a demo order, so live data flows as soon as it starts. Ctrl-C stops it all.
+An embedded Postgres in --data-dir, every service on consecutive ports from --base-port, and the PLC
+simulator with a demo plant, demo PLC definitions and a demo order, so live data flows as soon as it
+starts. Ctrl-C stops it all.
+
+Each service gets its settings as `fabrica serve` would read them, pointed at this stack (its port, the
+data folder, the database, its peers, the demo collector id) and passed to its ``create_app``; the process
+environment is read, never written.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .runtime.db import resolve_database_url
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceHost
-from .runtime.settings import SettingsError, load_settings
+from .runtime.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("fabrica.run")
 
@@ -47,19 +52,41 @@ def _banner(hosts: dict[str, ServiceHost], extra: list[str]) -> str:
     return "\n".join(lines)
 
 
+def stack_settings(services: Sequence[str], base_port: int, data_dir: Path,
+                   env: Mapping[str, str] | None = None) -> dict[str, Settings]:
+    """The settings of each of `services` in this stack: read from `env` (default: the process environment)
+    as `fabrica serve` reads them, with text logs unless FABRICA_LOG_FORMAT says otherwise, then given
+    their port (config on `base_port`, the others on the next ones, in ORDER) and `data_dir`. Peers are
+    this stack's config and ingest and the collector is DEMO_COLLECTOR_ID, unless `env` names others."""
+    env = os.environ if env is None else env
+    ports = {name: base_port + i for i, name in enumerate(ORDER)}
+    out: dict[str, Settings] = {}
+    for name in services:
+        settings = load_settings(name, {"FABRICA_LOG_FORMAT": "text", **env})
+        out[name] = settings.with_overrides(
+            port=ports[name],
+            data_dir=data_dir,
+            config_addr=settings.config_addr or f"127.0.0.1:{ports['config']}",
+            ingest_addr=settings.ingest_addr or f"127.0.0.1:{ports['ingest']}",
+            collector_id=settings.collector_id or DEMO_COLLECTOR_ID,
+        )
+    return out
+
+
 async def run_stack(args: argparse.Namespace) -> int:
     from .cli import available_services, create_app
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    configure_logging("run", os.environ.get("FABRICA_LOG_LEVEL", "INFO"), os.environ.get("FABRICA_LOG_FORMAT", "text"))
     services = [s for s in ORDER if s in available_services()]
-    ports = {name: args.base_port + i for i, name in enumerate(ORDER)}
-    # Services find each other through the same variables a deployment sets.
-    os.environ.setdefault("FABRICA_CONFIG_ADDR", f"127.0.0.1:{ports['config']}")
-    os.environ.setdefault("FABRICA_INGEST_ADDR", f"127.0.0.1:{ports['ingest']}")
-    os.environ.setdefault("FABRICA_COLLECTOR_ID", DEMO_COLLECTOR_ID)
-    database_url = await resolve_database_url(os.environ.get("DATABASE_URL"), data_dir)
+    try:
+        settings_of = stack_settings(services, args.base_port, data_dir)
+    except SettingsError as exc:
+        print(f"fabrica run: {exc}")
+        return 2
+    first = settings_of[services[0]]
+    configure_logging("run", first.log_level, first.log_format)
+    database_url = await resolve_database_url(first.database_url, data_dir)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,9 +96,7 @@ async def run_stack(args: argparse.Namespace) -> int:
     hosts: dict[str, ServiceHost] = {}
     try:
         for name in services:
-            settings = load_settings(name).with_overrides(
-                port=ports[name], database_url=database_url, data_dir=data_dir
-            )
+            settings = settings_of[name].with_overrides(database_url=database_url)
             host = ServiceHost(create_app(name, settings), settings)
             await host.start()
             hosts[name] = host

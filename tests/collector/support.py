@@ -12,11 +12,11 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2, plc_pb2
 from google.protobuf import duration_pb2
 
-from fabrica_svc.collector.app import CollectorApp, create_app
+from fabrica_svc.collector.app import CollectorApp
 from fabrica_svc.collector.config_watch import CONFIG_FILE
 from fabrica_svc.collector.settings import CollectorSettings, load_collector_settings
 from fabrica_svc.runtime.server import ServiceHost
-from fabrica_svc.runtime.settings import load_settings
+from in_process import settings_for, start_server
 from procs import wait_for as _wait_for
 
 HOST = "127.0.0.1"
@@ -97,7 +97,8 @@ def s7_plc(plc_id: str, port: int, tags: Iterable[plc_pb2.Tag], **kwargs: Any) -
 
 
 def collector_settings(data_dir: Path, collector_id: str = "cell-1", **env: str) -> CollectorSettings:
-    base = load_settings("collector", {}).with_overrides(port=0, metrics_port=-1, data_dir=data_dir)
+    """The collector's settings as `fabrica serve collector` reads them from these variables (`env` on top of
+    a fast test profile)."""
     values = {
         "FABRICA_COLLECTOR_ID": collector_id,
         # Nothing listens there unless a test says otherwise.
@@ -109,7 +110,7 @@ def collector_settings(data_dir: Path, collector_id: str = "cell-1", **env: str)
         "FABRICA_COLLECTOR_STATUS_INTERVAL": "0.5",
         **env,
     }
-    return load_collector_settings(base, values)
+    return load_collector_settings(settings_for("collector", values, data_dir=data_dir), values)
 
 
 def store_config(settings: CollectorSettings, plcs: Iterable[plc_pb2.Plc], revision: int = 1) -> None:
@@ -121,9 +122,7 @@ def store_config(settings: CollectorSettings, plcs: Iterable[plc_pb2.Plc], revis
 
 
 async def start_collector(settings: CollectorSettings) -> ServiceHost:
-    host = ServiceHost(create_app(settings.base, settings), settings.base)
-    await host.start()
-    return host
+    return await start_server("collector", settings.base, config=settings)
 
 
 def app_of(host: ServiceHost) -> CollectorApp:
@@ -154,23 +153,12 @@ def value_of(r: reading_pb2.Reading) -> Any:
 
 async def start_config(database_url: str, port: int = 0) -> ServiceHost:
     """The config service, in process, on the test's database."""
-    from fabrica_svc.config.app import create_app as create_config
-
-    settings = load_settings("config", {}).with_overrides(port=port, metrics_port=-1, database_url=database_url,
-                                                          health_interval=0.2)
-    host = ServiceHost(create_config(settings), settings)
-    await host.start()
-    return host
+    return await start_server("config", settings_for("config", port=port, database_url=database_url))
 
 
 async def start_ingest(database_url: str, port: int = 0) -> ServiceHost:
     """The ingest service, in process, on the test's database."""
-    from fabrica_svc.ingest.app import create_app as create_ingest
-
-    settings = load_settings("ingest", {}).with_overrides(port=port, metrics_port=-1, database_url=database_url)
-    host = ServiceHost(create_ingest(settings), settings)
-    await host.start()
-    return host
+    return await start_server("ingest", settings_for("ingest", port=port, database_url=database_url))
 
 
 def key(r: reading_pb2.Reading) -> tuple[int, int, int, Any]:

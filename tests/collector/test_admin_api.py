@@ -1,4 +1,4 @@
-"""CollectorService over gRPC: a real collector (ServiceHost on 127.0.0.1:0) and the simulator."""
+"""CollectorService over gRPC: a real collector (in process on 127.0.0.1:0) and the simulator."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
 from fabrica_svc.plcsim import Simulator
-from fabrica_svc.runtime.server import ServiceHost
 from grpc_helpers import field_violations
+from in_process import Server, Servers
 
 from .support import (COIL, IR, collector_settings, free_port, gateway_plc, mb_tag, modbus_plc, s7_plc, s7_tag,
                       start_collector, store_config, wait_for)
@@ -44,22 +44,15 @@ async def sim() -> AsyncIterator[Simulator]:
 
 
 @pytest.fixture
-async def collector(sim: Simulator, tmp_path: Path) -> AsyncIterator[ServiceHost]:
+async def server(servers: Servers, sim: Simulator, tmp_path: Path) -> Server:
+    """The collector under test (`stub` talks to it), with a stored configuration of a live and a dead PLC."""
     settings = collector_settings(tmp_path)
     store_config(settings, [
         modbus_plc("press", sim.modbus_port, [mb_tag("count", 0, T.DATA_TYPE_UINT32), mb_tag("state", 3)],
                    interval=0.05),
         modbus_plc("ghost", free_port(), [mb_tag("count", 0, T.DATA_TYPE_UINT32)], interval=0.05),
     ], revision=7)
-    host = await start_collector(settings)
-    yield host
-    await host.stop(grace=0)
-
-
-@pytest.fixture
-async def stub(collector: ServiceHost) -> AsyncIterator[pb_grpc.CollectorServiceStub]:
-    async with grpc.aio.insecure_channel(collector.address) as channel:
-        yield pb_grpc.CollectorServiceStub(channel)
+    return await servers.start("collector", settings.base, config=settings)
 
 
 async def test_get_status_shows_each_plc_and_the_backlog(stub: pb_grpc.CollectorServiceStub) -> None:
@@ -172,11 +165,10 @@ async def test_preview_decode_of_a_tag_that_does_not_fit_is_invalid_argument(
     assert field in field_violations(err.value), field_violations(err.value)
 
 
-async def test_a_second_collector_process_on_the_same_state_folder_is_refused(collector: ServiceHost,
+async def test_a_second_collector_process_on_the_same_state_folder_is_refused(stub: pb_grpc.CollectorServiceStub,
                                                                             tmp_path: Path) -> None:
     with pytest.raises(OSError, match="in use by another collector"):
         await start_collector(collector_settings(tmp_path))
     # The first one is unharmed.
-    async with grpc.aio.insecure_channel(collector.address) as channel:
-        status = await pb_grpc.CollectorServiceStub(channel).GetStatus(pb.GetStatusRequest())
+    status = await stub.GetStatus(pb.GetStatusRequest())
     assert status.collector_id == "cell-1"

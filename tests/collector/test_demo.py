@@ -1,25 +1,28 @@
 """The demo chain of `fabrica run`: the demo PLC definitions created through the config service, polled by
-the collector from the simulator, stored by ingest: every demo tag arrives with the simulator's value."""
+the collector from the simulator, stored by ingest: every demo tag arrives with the simulator's value. And
+how `fabrica run` wires its services: through their settings, never the environment."""
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2 as pb
-from fabrica.config.v1 import config_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import ingest_service_pb2 as ipb
-from fabrica.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 
 from fabrica_svc.collector.demo import demo_plcs
+from fabrica_svc.collector.settings import load_collector_settings
 from fabrica_svc.plcsim import DEMO_TAGS, Simulator
 from fabrica_svc.plcsim.plant import tag_value
+from fabrica_svc.runtime.settings import SettingsError
+from fabrica_svc.stack import ORDER, stack_settings
+from in_process import Servers, settings_for
 
-from .support import collector_settings, start_collector, start_config, start_ingest, value_of, wait_for
+from .support import collector_settings, value_of, wait_for
 
 PROTOCOL_OF_PLC = {"press-1": "modbus_tcp", "meter-1": "modbus_rtu", "press-2": "s7"}
 
@@ -46,43 +49,62 @@ def as_float32(x: float) -> float:
 
 
 async def test_every_demo_tag_reaches_ingest_with_the_simulators_value(database_url: str, sim: Simulator,
-                                                                        tmp_path: Path) -> None:
-    config = await start_config(database_url)
-    ingest = await start_ingest(database_url)
-    collector = None
-    try:
-        settings = collector_settings(tmp_path, "demo", FABRICA_CONFIG_ADDR=config.address,
-                                      FABRICA_INGEST_ADDR=ingest.address)
-        async with grpc.aio.insecure_channel(config.address) as channel:
-            stub = pb_grpc.ConfigServiceStub(channel)
-            created = [(await stub.CreatePlc(pb.CreatePlcRequest(plc=plc))).plc
-                       for plc in demo_plcs("demo", sim.modbus_port, sim.rtu_port, sim.s7_port)]
-        collector = await start_collector(settings)
-        tags = {t.id: (p.id, t) for p in created for t in p.tags}
+                                                                        servers: Servers, tmp_path: Path) -> None:
+    config = await servers.start("config", settings_for("config", database_url=database_url))
+    ingest = await servers.start("ingest", settings_for("ingest", database_url=database_url))
+    settings = collector_settings(tmp_path, "demo", FABRICA_CONFIG_ADDR=config.address,
+                                  FABRICA_INGEST_ADDR=ingest.address)
+    created = [(await config.stub.CreatePlc(pb.CreatePlcRequest(plc=plc))).plc
+               for plc in demo_plcs("demo", sim.modbus_port, sim.rtu_port, sim.s7_port)]
+    await servers.start("collector", settings.base, config=settings)
+    tags = {t.id: (p.id, t) for p in created for t in p.tags}
 
-        async with grpc.aio.insecure_channel(ingest.address) as channel:
-            query = ipb_grpc.IngestServiceStub(channel)
+    async def latest() -> list[reading_pb2.Reading] | None:
+        got = (await ingest.stub.GetLatestValues(ipb.GetLatestValuesRequest(tag_ids=sorted(tags)))).readings
+        return list(got) if len(got) == len(tags) else None
 
-            async def latest() -> list[reading_pb2.Reading] | None:
-                got = (await query.GetLatestValues(ipb.GetLatestValuesRequest(tag_ids=sorted(tags)))).readings
-                return list(got) if len(got) == len(tags) else None
+    readings = await wait_for(latest, timeout=20, what="a reading of every demo tag in ingest")
+    snap = sim.plant.snapshot
+    rows = {(d.protocol, d.name): d for d in DEMO_TAGS}
+    assert len(readings) == len(DEMO_TAGS)
+    for r in readings:
+        plc_id, tag = tags[r.tag_id]
+        row = rows[(PROTOCOL_OF_PLC[plc_id], tag.name)]
+        assert r.quality == reading_pb2.QUALITY_GOOD, (plc_id, tag.name, r.error)
+        assert r.plc_id == plc_id and r.role == tag.role
+        expected = tag_value(row, snap)
+        if row.dtype == "float32":
+            assert value_of(r) == pytest.approx(as_float32(expected), rel=1e-6), (plc_id, tag.name)
+        else:
+            assert value_of(r) == expected, (plc_id, tag.name)
 
-            readings = await wait_for(latest, timeout=20, what="a reading of every demo tag in ingest")
-        snap = sim.plant.snapshot
-        rows = {(d.protocol, d.name): d for d in DEMO_TAGS}
-        assert len(readings) == len(DEMO_TAGS)
-        for r in readings:
-            plc_id, tag = tags[r.tag_id]
-            row = rows[(PROTOCOL_OF_PLC[plc_id], tag.name)]
-            assert r.quality == reading_pb2.QUALITY_GOOD, (plc_id, tag.name, r.error)
-            assert r.plc_id == plc_id and r.role == tag.role
-            expected = tag_value(row, snap)
-            if row.dtype == "float32":
-                assert value_of(r) == pytest.approx(as_float32(expected), rel=1e-6), (plc_id, tag.name)
-            else:
-                assert value_of(r) == expected, (plc_id, tag.name)
-    finally:
-        if collector is not None:
-            await collector.stop(grace=0)
-        await ingest.stop(grace=0)
-        await config.stop(grace=0)
+
+# ---------------------------------------------------------------------------- `fabrica run` wires by settings
+
+
+def test_fabrica_run_wires_its_stack_with_settings_and_leaves_the_environment_alone(tmp_path: Path) -> None:
+    environ = dict(os.environ)
+    settings = stack_settings(ORDER, 6100, tmp_path, {"FABRICA_LOG_LEVEL": "warning"})
+    assert dict(os.environ) == environ
+    assert {name: s.port for name, s in settings.items()} == {
+        "config": 6100, "ingest": 6101, "production": 6102, "collector": 6103}
+    for s in settings.values():
+        # Every service finds its peers and the demo collector in its settings; logs are text unless set.
+        assert (s.config_addr, s.ingest_addr, s.collector_id) == ("127.0.0.1:6100", "127.0.0.1:6101", "demo")
+        assert (s.data_dir, s.log_level, s.log_format) == (tmp_path, "WARNING", "text")
+    collector = load_collector_settings(settings["collector"], {})
+    assert (collector.collector_id, collector.config_addr, collector.ingest_addr) == (
+        "demo", "127.0.0.1:6100", "127.0.0.1:6101")
+    assert collector.state_dir == tmp_path / "collector" / "demo"
+
+
+def test_fabrica_run_keeps_the_peers_and_the_collector_id_the_environment_names(tmp_path: Path) -> None:
+    env = {"FABRICA_COLLECTOR_ID": "cell-7", "FABRICA_INGEST_ADDR": "10.0.0.5:7000", "FABRICA_LOG_FORMAT": "json"}
+    settings = stack_settings(["production", "collector"], 6100, tmp_path, env)
+    assert settings["production"].ingest_addr == "10.0.0.5:7000"
+    collector = load_collector_settings(settings["collector"], env)
+    assert (collector.collector_id, collector.config_addr, collector.ingest_addr) == (
+        "cell-7", "127.0.0.1:6100", "10.0.0.5:7000")
+    assert settings["collector"].log_format == "json"
+    with pytest.raises(SettingsError, match="FABRICA_LOG_LEVEL"):
+        stack_settings(ORDER, 6100, tmp_path, {"FABRICA_LOG_LEVEL": "LOUD"})

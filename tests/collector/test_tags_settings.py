@@ -132,12 +132,16 @@ def test_golden_vectors_through_the_proto_tag(name: str, byte_order: int, word_o
 # ------------------------------------------------------------------------------------------------ settings
 
 
+def collector_settings_from(env: dict[str, str]):  # noqa: ANN201 - CollectorSettings
+    """As `fabrica serve collector` reads them: the runtime's settings (id, peers), then the collector's own."""
+    return load_collector_settings(load_settings("collector", env), env)
+
+
 def test_the_collector_id_is_required_and_checked() -> None:
-    base = load_settings("collector", {})
     with pytest.raises(SettingsError, match="FABRICA_COLLECTOR_ID is required"):
-        load_collector_settings(base, {})
+        collector_settings_from({})
     with pytest.raises(SettingsError, match="FABRICA_COLLECTOR_ID='Cell_1'"):
-        load_collector_settings(base, {"FABRICA_COLLECTOR_ID": "Cell_1"})
+        collector_settings_from({"FABRICA_COLLECTOR_ID": "Cell_1"})
 
 
 @pytest.mark.parametrize(("name", "value"), [
@@ -151,12 +155,11 @@ def test_the_collector_id_is_required_and_checked() -> None:
 ])
 def test_bad_collector_variables_are_named_in_the_error(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
-        load_collector_settings(load_settings("collector", {}), {"FABRICA_COLLECTOR_ID": "cell-1", name: value})
+        collector_settings_from({"FABRICA_COLLECTOR_ID": "cell-1", name: value})
 
 
 def test_collector_defaults_and_state_folder(tmp_path: Path) -> None:
-    base = load_settings("collector", {"FABRICA_DATA_DIR": str(tmp_path)})
-    s = load_collector_settings(base, {"FABRICA_COLLECTOR_ID": "cell-1"})
+    s = collector_settings_from({"FABRICA_DATA_DIR": str(tmp_path), "FABRICA_COLLECTOR_ID": "cell-1"})
     assert (s.config_addr, s.ingest_addr) == ("127.0.0.1:50051", "127.0.0.1:50052")
     assert (s.log_max_bytes, s.batch_size, s.batch_latency, s.reconnect_max) == (256 * 2**20, 500, 0.2, 30.0)
     assert s.state_dir == tmp_path / "collector" / "cell-1"

@@ -15,39 +15,9 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from fabrica_svc.config.app import create_app
-from fabrica_svc.runtime.server import ServiceHost
-from fabrica_svc.runtime.settings import load_settings
 from grpc_helpers import error_info, field_violations
 
 Code = grpc.StatusCode
-
-
-async def start_config(database_url: str) -> ServiceHost:
-    settings = load_settings("config", {}).with_overrides(
-        port=0, metrics_port=-1, database_url=database_url, health_interval=0.2
-    )
-    host = ServiceHost(create_app(settings), settings)
-    await host.start()
-    return host
-
-
-@pytest.fixture
-async def server(database_url: str) -> AsyncIterator[ServiceHost]:
-    host = await start_config(database_url)
-    yield host
-    await host.stop(grace=0)
-
-
-@pytest.fixture
-async def channel(server: ServiceHost) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture
-def stub(channel: grpc.aio.Channel) -> pb_grpc.ConfigServiceStub:
-    return pb_grpc.ConfigServiceStub(channel)
 
 
 def modbus_plc(plc_id: str = "press-01", collector: str = "cell-1", n_tags: int = 2) -> plc_pb2.Plc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -15,18 +14,15 @@ from google.protobuf import field_mask_pb2
 
 from fabrica_svc.config import servicer as config_servicer
 from fabrica_svc.config import store as config_store
-from fabrica_svc.runtime.server import ServiceHost
+from in_process import Server, Servers, settings_for
 
-from .test_config_service import modbus_plc, start_config
+from .test_config_service import modbus_plc
 
 
 @pytest.fixture
-async def two_replicas(database_url: str) -> AsyncIterator[tuple[ServiceHost, ServiceHost]]:
-    a = await start_config(database_url)
-    b = await start_config(database_url)
-    yield a, b
-    await a.stop(grace=0)
-    await b.stop(grace=0)
+async def two_replicas(database_url: str, servers: Servers) -> tuple[Server, Server]:
+    settings = settings_for("config", database_url=database_url)
+    return await servers.start("config", settings), await servers.start("config", settings)
 
 
 class Watch:
@@ -50,7 +46,7 @@ class Watch:
 
 
 async def test_snapshot_then_live_changes_from_another_replica_then_exact_resume(
-    two_replicas: tuple[ServiceHost, ServiceHost], monkeypatch: pytest.MonkeyPatch
+    two_replicas: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With the fallback poll pushed out of reach, only a NOTIFY from replica B can wake the watcher on A.
     monkeypatch.setattr(config_servicer, "WATCH_POLL_SECONDS", 300.0)
@@ -111,7 +107,7 @@ async def test_snapshot_then_live_changes_from_another_replica_then_exact_resume
 
 
 async def test_resume_from_a_revision_too_old_or_unknown_gets_a_flagged_snapshot(
-    two_replicas: tuple[ServiceHost, ServiceHost], monkeypatch: pytest.MonkeyPatch
+    two_replicas: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(config_store, "RETAINED_CHANGES", 3)
     a, _ = two_replicas
@@ -132,7 +128,7 @@ async def test_resume_from_a_revision_too_old_or_unknown_gets_a_flagged_snapshot
         await future.close()
 
 
-async def test_watch_rejects_a_bad_collector_id(two_replicas: tuple[ServiceHost, ServiceHost]) -> None:
+async def test_watch_rejects_a_bad_collector_id(two_replicas: tuple[Server, Server]) -> None:
     a, _ = two_replicas
     async with grpc.aio.insecure_channel(a.address) as ch:
         stub = pb_grpc.ConfigServiceStub(ch)

@@ -1,29 +1,26 @@
-"""Fixtures of the ingest tests: in-process ingest servers on 127.0.0.1:0 over a fresh database."""
+"""Fixtures of the ingest tests: in-process ingest servers (tests/in_process.py) over a fresh database."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
 from fabrica_svc.ingest.config import IngestConfig
+from in_process import Servers
 
-from .support import Ingest, IngestProcess, start_ingest, stop_ingest
+from .support import STOP_GRACE, TEST_CONFIG, Ingest, IngestProcess, ingest_settings
 
 
 @pytest.fixture
-async def ingest_factory(database_url: str) -> AsyncIterator[Callable[..., Awaitable[Ingest]]]:
-    """Start as many ingest servers (replicas) on the test's database as a test needs."""
-    started: list[Ingest] = []
+def ingest_factory(database_url: str, servers: Servers) -> Callable[..., Awaitable[Ingest]]:
+    """Start as many ingest servers (replicas) on the test's database as a test needs; `servers` stops them."""
 
     async def start(config: IngestConfig | None = None, **settings: object) -> Ingest:
-        ingest = await start_ingest(database_url, config, **settings)
-        started.append(ingest)
-        return ingest
+        return await servers.start("ingest", ingest_settings(database_url, **settings), grace=STOP_GRACE,
+                                   config=config or TEST_CONFIG)
 
-    yield start
-    for ingest in reversed(started):
-        await stop_ingest(ingest)
+    return start
 
 
 @pytest.fixture

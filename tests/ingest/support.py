@@ -19,10 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from fabrica_svc.ingest.app import IngestApp, create_app
 from fabrica_svc.ingest.config import IngestConfig
-from fabrica_svc.runtime.server import ServiceHost
-from fabrica_svc.runtime.settings import load_settings
+from fabrica_svc.runtime.settings import Settings
+from in_process import Server, open_server, settings_for
 from procs import wait_for as _wait_for
 
 GOOD = reading_pb2.QUALITY_GOOD
@@ -81,38 +80,29 @@ def batch_request(b: reading_pb2.ReadingBatch) -> pb.StreamReadingsRequest:
     return pb.StreamReadingsRequest(batch=b)
 
 
-@dataclass
-class Ingest:
-    """An in-process ingest server (the real ServiceHost) and a client channel to it."""
+#: An in-process ingest server (the real app in the ServiceHost) and a client channel to it: `.stub`,
+#: `.app`, `.address`, `.database_url`.
+Ingest = Server
 
-    host: ServiceHost
-    channel: grpc.aio.Channel
-    database_url: str
 
-    @property
-    def stub(self) -> pb_grpc.IngestServiceStub:
-        return pb_grpc.IngestServiceStub(self.channel)
+def ingest_settings(database_url: str, **overrides: object) -> Settings:
+    return settings_for("ingest", database_url=database_url, **overrides)
 
-    @property
-    def app(self) -> IngestApp:
-        return self.host.app  # type: ignore[return-value]
 
-    @property
-    def address(self) -> str:
-        return self.host.address
+#: What the ingest tests run with unless they say otherwise: batches are grouped for 5 ms, not 20.
+TEST_CONFIG = IngestConfig(group_max_delay=0.005)
+#: Streams still open when a test ends get this long to finish.
+STOP_GRACE = 0.5
 
 
 async def start_ingest(database_url: str, config: IngestConfig | None = None, **settings: object) -> Ingest:
-    s = load_settings("ingest", {}).with_overrides(port=0, metrics_port=-1, database_url=database_url, **settings)
-    host = ServiceHost(create_app(s, config or IngestConfig(group_max_delay=0.005)), s)
-    await host.start()
-    channel = grpc.aio.insecure_channel(host.address)
-    return Ingest(host, channel, database_url)
+    """An ingest server the caller stops with `stop_ingest` (the `ingest_factory` fixture stops its own)."""
+    return await open_server("ingest", ingest_settings(database_url, **settings), grace=STOP_GRACE,
+                             config=config or TEST_CONFIG)
 
 
 async def stop_ingest(ingest: Ingest) -> None:
-    await ingest.channel.close()
-    await ingest.host.stop(grace=0.5)
+    await ingest.stop()
 
 
 async def stream_batches(stub: pb_grpc.IngestServiceStub, collector_id: str,

@@ -11,6 +11,7 @@ from fabrica.common.v1 import reading_pb2
 from fabrica_svc.ingest import domain
 from fabrica_svc.ingest.convert import batch_from_proto, value_from_row
 from fabrica_svc.runtime.errors import InvalidArgument
+from fabrica_svc.runtime.pages import decode_page_token, encode_page_token
 
 from .support import PRODUCTION_COUNTER, T0_US, batch, reading
 
@@ -138,14 +139,39 @@ def test_tag_cache_reports_only_new_or_changed_tags_and_stays_bounded() -> None:
     assert len(cache) <= 3
 
 
+def _cursor_of(token: str, query: str) -> domain.PageCursor:
+    """What QueryReadings does with a page token: the runtime's token, holding the cursor's position."""
+    return domain.PageCursor.from_position(decode_page_token(token, query))
+
+
 def test_page_token_round_trips_and_rejects_other_filters_and_garbage() -> None:
     cursor = domain.PageCursor(T0_US, 42, 7, 3)
-    token = domain.encode_page_token(cursor, 1234)
-    assert domain.decode_page_token(token, 1234) == cursor
-    for bad_token, fingerprint in ((token, 999), ("not-a-token", 1234), ("", 1234), (token[:-2], 1234)):
+    query = domain.filter_fingerprint(b"a filter")
+    assert query != domain.filter_fingerprint(b"another filter")
+    token = encode_page_token(query, cursor.position())
+    assert _cursor_of(token, query) == cursor
+    other = domain.filter_fingerprint(b"another filter")
+    for bad_token, fingerprint in ((token, other), ("not-a-token", query), ("", query), (token[:-2], query)):
         with pytest.raises(InvalidArgument) as err:
-            domain.decode_page_token(bad_token, fingerprint)
+            _cursor_of(bad_token, fingerprint)
         assert err.value.violations[0].field == "page_token"
+
+
+@pytest.mark.parametrize("position", [
+    "", "1,2,3", "1,2,3,4,5", "a,2,3,4", "1,2,3,4 ", "1,+2,3,4", "1,2_0,3,4", "1,-2,3,4",  # not four integers
+    f"{253_402_300_800 * 1_000_000},1,0,0", f"{-62_135_596_801 * 1_000_000},1,0,0",  # no Timestamp is there
+    f"0,{2**63},0,0", f"0,1,{2**32},0", f"0,1,0,{2**16}", "1" * 30 + ",1,0,0",  # no row has these
+])
+def test_a_forged_cursor_is_refused_before_any_query(position: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        domain.PageCursor.from_position(position)
+    assert err.value.violations[0].field == "page_token"
+
+
+def test_cursor_positions_at_the_edges_round_trip() -> None:
+    for cursor in (domain.PageCursor(-62_135_596_800 * 1_000_000, 0, 0, 0),
+                   domain.PageCursor(253_402_300_799_999_999, 2**63 - 1, 2**32 - 1, 2**16 - 1)):
+        assert domain.PageCursor.from_position(cursor.position()) == cursor
 
 
 def test_bucket_count_limit() -> None:

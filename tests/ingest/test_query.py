@@ -14,6 +14,8 @@ from grpc_helpers import field_violations
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import query_pb2
+from fabrica_svc.ingest.domain import filter_fingerprint
+from fabrica_svc.runtime.pages import encode_page_token
 
 from .support import T0_US, batch, reading, stream_batches, ts_us
 
@@ -124,6 +126,10 @@ async def test_bad_page_tokens_and_filters_are_invalid_argument(loaded) -> None:
         (pb.QueryReadingsRequest(filter=rfilter(tag_ids=[1]), page_token="garbage"), "page_token"),
         # a token is bound to its filter
         (pb.QueryReadingsRequest(filter=rfilter(tag_ids=[2]), page_token=page.next_page_token), "page_token"),
+        # a well-formed token of this filter whose cursor no row can have (past year 9999)
+        (pb.QueryReadingsRequest(filter=rfilter(tag_ids=[1]), page_token=encode_page_token(
+            filter_fingerprint(rfilter(tag_ids=[1]).SerializeToString(deterministic=True)),
+            f"{253_402_300_800 * 1_000_000},1,0,0")), "page_token"),
         (pb.QueryReadingsRequest(filter=rfilter(tag_ids=[1], start_us=T0_US, end_us=T0_US)), "filter"),
         (pb.QueryReadingsRequest(filter=rfilter()), "filter"),
         (pb.QueryReadingsRequest(), "filter"),

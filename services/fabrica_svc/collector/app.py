@@ -1,7 +1,9 @@
 """Wires the collector: settings, the spool, the batcher, the pollers, the config watch, the uplink, the admin API.
 
 ``fabrica serve collector`` calls `create_app(settings)`; the shared ServiceHost runs the gRPC server
-(CollectorService, health, reflection, metrics). The collector has no database: its state lives under
+(CollectorService, health, reflection, metrics). As in every Fabrica service, the host's ``start()`` call
+builds the parts from the settings (CollectorSettings) and passes them to the servicer, and ``register()``
+adds that servicer to the gRPC server. The collector has no database: its state lives under
 ``FABRICA_DATA_DIR/collector/<collector id>/`` (see settings.py), locked against a second process.
 
 Data flow: pollers -> Batcher -> Spool (on disk) -> Uplink -> ingest. Shutdown stops the pollers first and
@@ -47,13 +49,14 @@ class CollectorApp:
         self.config = config
         self.collector_id = config.collector_id
         self._lock: DirectoryLock | None = None
+        # Built by start():
         self.spool: Spool
         self.batcher: Batcher
         self.buses: BusRegistry
         self.supervisor: PlcSupervisor
         self.watcher: ConfigWatcher
         self.uplink: Uplink
-        self._servicer: CollectorServicer | None = None
+        self.servicer: CollectorServicer
         self._started: list[str] = []
 
     async def start(self, resources: Resources) -> None:
@@ -86,13 +89,13 @@ class CollectorApp:
                              backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max)
         self.uplink.start()
         self._started.append("uplink")
-        self._servicer = CollectorServicer(self)
+        self.servicer = CollectorServicer(cfg.collector_id, spool=self.spool, supervisor=self.supervisor,
+                                          watcher=self.watcher, uplink=self.uplink, buses=self.buses)
         log.info("collector started", extra={"collector_id": cfg.collector_id, "state_dir": str(state_dir),
                                              "config": cfg.config_addr, "ingest": cfg.ingest_addr})
 
     def register(self, server: grpc.aio.Server) -> None:
-        assert self._servicer is not None, "start() comes before register()"
-        collector_service_pb2_grpc.add_CollectorServiceServicer_to_server(self._servicer, server)
+        collector_service_pb2_grpc.add_CollectorServiceServicer_to_server(self.servicer, server)
 
     async def stop(self) -> None:
         started = self._started
@@ -116,5 +119,6 @@ class CollectorApp:
 
 
 def create_app(settings: Settings, config: CollectorSettings | None = None) -> CollectorApp:
-    """The collector ServiceApp; `config` defaults to the FABRICA_COLLECTOR_* environment variables."""
+    """The collector ServiceApp. `config` defaults to the id and peers in `settings` plus the FABRICA_COLLECTOR_*
+    environment variables."""
     return CollectorApp(settings, config if config is not None else load_collector_settings(settings))

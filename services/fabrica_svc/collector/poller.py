@@ -40,6 +40,7 @@ from fabrica.config.v1 import plc_pb2
 from google.protobuf import timestamp_pb2
 
 from ..runtime.retry import RetryPolicy
+from ..runtime.timefmt import seconds_of, timestamp_from_ns
 from .blocks import ModbusBlock
 from .decode import DecodeError, TagSpec, TagSpecError, register_count
 from .drivers import ILLEGAL_DATA_ADDRESS, Block, CommunicationError, DeviceError, Driver, PlcConfigError
@@ -57,15 +58,6 @@ MAX_ERROR_TEXT = 1024  # Reading.error max_len
 STOP_ATTEMPTS = 30
 
 Emit = Callable[[reading_pb2.Reading], None]
-
-
-def _seconds(duration: Any, default: float) -> float:
-    value = duration.ToTimedelta().total_seconds()
-    return value if value > 0 else default
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 _UNSET = object()
@@ -204,8 +196,8 @@ class Poller:
         groups: dict[str, Group] = {}
         for g in plc.poll_groups:
             if g.name not in groups:
-                groups[g.name] = Group(g.name, _seconds(g.poll_interval, 1.0), _seconds(g.integrity_interval,
-                                                                                          DEFAULT_INTEGRITY))
+                groups[g.name] = Group(g.name, seconds_of(g.poll_interval, 1.0),
+                                       seconds_of(g.integrity_interval, DEFAULT_INTEGRITY))
         self.groups = list(groups.values())
         first = self.groups[0] if self.groups else None
         errors = self.status.config_errors
@@ -410,7 +402,7 @@ class Poller:
         if self.driver is not None:
             await self.driver.close()
         now, ns = self._clock(), self._wall_ns()
-        stamp = _timestamp(ns)
+        stamp = timestamp_from_ns(ns)
         emitted = 0
         for group in self.groups:
             force = self._integrity_due(group, now)
@@ -460,7 +452,7 @@ class Poller:
                 had_error = True
                 status.error_count += 1
                 status.last_error = str(exc)
-                stamp = _timestamp(self._wall_ns())
+                stamp = timestamp_from_ns(self._wall_ns())
                 for spec, _ in block.tags:
                     bad += self._bad(self.by_id[spec.tag_id], DECODE_FAILURE, str(exc), stamp, force)
                 continue
@@ -470,7 +462,7 @@ class Poller:
             if metrics:
                 metrics.reads.add(1, {**self._attrs, "outcome": "ok"})
                 metrics.read_duration.record(elapsed, self._attrs)
-            stamp = _timestamp(ns)
+            stamp = timestamp_from_ns(ns)
             by_id = self.by_id
             for spec, result in block.decode(data):
                 tag = by_id[spec.tag_id]
@@ -487,7 +479,7 @@ class Poller:
                     ))
                     good += 1
         if force:
-            self._report_config_errors_of(group, _timestamp(self._wall_ns()))
+            self._report_config_errors_of(group, timestamp_from_ns(self._wall_ns()))
         if not had_error:
             status.last_error = ""
         status.connected = True
@@ -528,7 +520,7 @@ class Poller:
         self._count(n, "CONFIG_ERROR")
 
     def _report_config_errors(self, ns: int, *, force: bool) -> None:
-        stamp = _timestamp(ns)
+        stamp = timestamp_from_ns(ns)
         n = 0
         seen: set[int] = set()
         for state in self.by_id.values():

@@ -15,57 +15,57 @@ from fabrica.collector.v1 import collector_service_pb2 as pb
 from fabrica.collector.v1 import collector_service_pb2_grpc as pb_grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from ..runtime.errors import InvalidArgument
+from ..runtime.timefmt import duration_from_seconds, timestamp_from_ns
 from .decode import DecodeError, ModbusTable
-from .drivers import CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
+from .drivers import BusRegistry, CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
 from .tags import compiled, tag_spec, tag_violations, to_value, value_kind
 
 if TYPE_CHECKING:
-    from .app import CollectorApp
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    t = timestamp_pb2.Timestamp()
-    t.FromNanoseconds(ns)
-    return t
+    from .config_watch import ConfigWatcher
+    from .spool import Spool
+    from .supervisor import PlcSupervisor
+    from .uplink import Uplink
 
 
 class CollectorServicer(pb_grpc.CollectorServiceServicer):
-    def __init__(self, app: CollectorApp):
-        self.app = app
+    """The admin API over the parts the collector's app built: the status comes from the spool, the
+    supervisor's pollers, the config watcher and the uplink; probes and previews share the app's RTU buses,
+    so they take their turn on a bus the pollers use."""
+
+    def __init__(self, collector_id: str, *, spool: Spool, supervisor: PlcSupervisor, watcher: ConfigWatcher,
+                 uplink: Uplink, buses: BusRegistry):
+        self.collector_id = collector_id
+        self.spool = spool
+        self.supervisor = supervisor
+        self.watcher = watcher
+        self.uplink = uplink
+        self.buses = buses
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
-        app = self.app
-        spool = app.spool
+        spool = self.spool
         response = pb.GetStatusResponse(
-            collector_id=app.collector_id,
-            applied_revision=app.watcher.revision,
+            collector_id=self.collector_id,
+            applied_revision=self.watcher.revision,
             backlog_readings=spool.backlog_readings,
             backlog_bytes=spool.disk_bytes,
             dropped_readings=spool.dropped_readings,
-            uplink_connected=app.uplink.connected,
+            uplink_connected=self.uplink.connected,
         )
         oldest = spool.oldest_unacked_ns()
         if oldest:
-            response.oldest_backlog_time.CopyFrom(_timestamp(oldest))
-        for s in app.supervisor.statuses():
+            response.oldest_backlog_time.CopyFrom(timestamp_from_ns(oldest))
+        for s in self.supervisor.statuses():
             status = response.plcs.add(plc_id=s.plc_id, connected=s.connected, error_count=s.error_count,
                                        last_error=s.error, tag_count=s.tag_count)
             if s.last_good_read_ns:
-                status.last_good_read_time.CopyFrom(_timestamp(s.last_good_read_ns))
-            status.read_latency.CopyFrom(_duration(s.read_latency))
+                status.last_good_read_time.CopyFrom(timestamp_from_ns(s.last_good_read_ns))
+            status.read_latency.CopyFrom(duration_from_seconds(s.read_latency))
         return response
 
     def _driver(self, plc: plc_pb2.Plc) -> Driver:
-        return make_driver(plc, self.app.buses)
+        return make_driver(plc, self.buses)
 
     async def ProbePlc(self, request: pb.ProbePlcRequest, context: grpc.aio.ServicerContext) -> pb.ProbePlcResponse:
         plc = request.plc
@@ -78,14 +78,14 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
         try:
             started = time.perf_counter()
             await driver.connect()
-            response.connect_latency.CopyFrom(_duration(time.perf_counter() - started))
+            response.connect_latency.CopyFrom(duration_from_seconds(time.perf_counter() - started))
             response.reachable = True
             started = time.perf_counter()
             if plc.WhichOneof("connection") == "s7":
                 response.device_info = await driver.device_info()
             else:
                 await driver.read(self._test_block(driver, plc))
-            response.read_latency.CopyFrom(_duration(time.perf_counter() - started))
+            response.read_latency.CopyFrom(duration_from_seconds(time.perf_counter() - started))
         except CommunicationError as exc:
             response.error = str(exc)
         except DeviceError as exc:  # it answered: reachable, but the test read failed

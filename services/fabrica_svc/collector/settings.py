@@ -1,4 +1,4 @@
-"""Collector settings: the runtime's Settings plus the collector's own environment variables.
+"""Collector settings: the runtime's Settings (its id and peers among them) plus the collector's own variables.
 
 ==================================  ====================================================  ==================
 Variable                            Meaning                                               Default
@@ -16,8 +16,10 @@ FABRICA_COLLECTOR_RECONNECT_MAX     Longest reconnect delay, seconds            
 FABRICA_COLLECTOR_STATUS_INTERVAL   Seconds between ReportCollectorStatus calls           15
 ==================================  ====================================================  ==================
 
-Local state (the log, the acknowledged sequence, the last applied configuration) lives under
-``FABRICA_DATA_DIR/collector/<collector id>/``.
+The id and the two addresses are the runtime's (``Settings.collector_id``, ``config_addr``, ``ingest_addr``,
+which ``fabrica run`` sets for its own stack); the FABRICA_COLLECTOR_* variables are read here, with the
+runtime's parsers. Local state (the log, the acknowledged sequence, the last applied configuration) lives
+under ``FABRICA_DATA_DIR/collector/<collector id>/``.
 """
 
 from __future__ import annotations
@@ -28,18 +30,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtime.settings import Settings, SettingsError
+from ..runtime.settings import Settings, SettingsError, env_float, env_int
 
 ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 DEFAULT_LOG_MAX_BYTES = 256 * 1024 * 1024
+#: Where the collector looks for its peers when Settings.config_addr / ingest_addr are not set.
+DEFAULT_CONFIG_ADDR = "127.0.0.1:50051"
+DEFAULT_INGEST_ADDR = "127.0.0.1:50052"
 
 
 @dataclass(frozen=True)
 class CollectorSettings:
     base: Settings
     collector_id: str
-    config_addr: str = "127.0.0.1:50051"
-    ingest_addr: str = "127.0.0.1:50052"
+    config_addr: str = DEFAULT_CONFIG_ADDR
+    ingest_addr: str = DEFAULT_INGEST_ADDR
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     batch_size: int = 500
     batch_latency: float = 0.2
@@ -52,31 +57,19 @@ class CollectorSettings:
         return self.base.data_dir / "collector" / self.collector_id
 
 
-def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float, *, whole: bool = False) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw) if whole else float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a {'whole number' if whole else 'number'}") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name}={value} is out of range {lo:g}..{hi:g}")
+def _address(name: str, raw: str, default: str) -> str:
+    value = raw or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SettingsError(f"{name}={value!r} is not host:port (e.g. 127.0.0.1:50051)")
     return value
 
 
-def _address(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = (env.get(name) or default).strip()
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise SettingsError(f"{name}={raw!r} is not host:port (e.g. 127.0.0.1:50051)")
-    return raw
-
-
 def load_collector_settings(base: Settings, env: Mapping[str, str] | None = None) -> CollectorSettings:
-    """The collector's settings from `env` (default: the process environment) on top of `base`."""
+    """The collector's settings: its id and peers from `base`, its own variables from `env` (default: the
+    process environment)."""
     env = os.environ if env is None else env
-    collector_id = (env.get("FABRICA_COLLECTOR_ID") or "").strip()
+    collector_id = base.collector_id
     if not collector_id:
         raise SettingsError(
             "FABRICA_COLLECTOR_ID is required: the id the config service assigns PLCs to (e.g. cell-1)"
@@ -86,8 +79,8 @@ def load_collector_settings(base: Settings, env: Mapping[str, str] | None = None
             f"FABRICA_COLLECTOR_ID={collector_id!r} must be 1 to 63 lower case letters, digits and dashes, "
             "starting and ending with a letter or digit"
         )
-    reconnect_min = _number(env, "FABRICA_COLLECTOR_RECONNECT_MIN", 0.5, 0.001, 3600)
-    reconnect_max = _number(env, "FABRICA_COLLECTOR_RECONNECT_MAX", 30.0, 0.001, 3600)
+    reconnect_min = env_float(env, "FABRICA_COLLECTOR_RECONNECT_MIN", 0.5, 0.001, 3600)
+    reconnect_max = env_float(env, "FABRICA_COLLECTOR_RECONNECT_MAX", 30.0, 0.001, 3600)
     if reconnect_max < reconnect_min:
         raise SettingsError(
             f"FABRICA_COLLECTOR_RECONNECT_MAX={reconnect_max:g} is below FABRICA_COLLECTOR_RECONNECT_MIN={reconnect_min:g}"
@@ -95,14 +88,13 @@ def load_collector_settings(base: Settings, env: Mapping[str, str] | None = None
     return CollectorSettings(
         base=base,
         collector_id=collector_id,
-        config_addr=_address(env, "FABRICA_CONFIG_ADDR", "127.0.0.1:50051"),
-        ingest_addr=_address(env, "FABRICA_INGEST_ADDR", "127.0.0.1:50052"),
-        log_max_bytes=int(_number(env, "FABRICA_COLLECTOR_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES,
-                                  64 * 1024, 2**50, whole=True)),
+        config_addr=_address("FABRICA_CONFIG_ADDR", base.config_addr, DEFAULT_CONFIG_ADDR),
+        ingest_addr=_address("FABRICA_INGEST_ADDR", base.ingest_addr, DEFAULT_INGEST_ADDR),
+        log_max_bytes=env_int(env, "FABRICA_COLLECTOR_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES, 64 * 1024, 2**50),
         # ReadingBatch allows at most 10,000 readings.
-        batch_size=int(_number(env, "FABRICA_COLLECTOR_BATCH_SIZE", 500, 1, 10_000, whole=True)),
-        batch_latency=_number(env, "FABRICA_COLLECTOR_BATCH_LATENCY_MS", 200, 1, 60_000) / 1000.0,
+        batch_size=env_int(env, "FABRICA_COLLECTOR_BATCH_SIZE", 500, 1, 10_000),
+        batch_latency=env_float(env, "FABRICA_COLLECTOR_BATCH_LATENCY_MS", 200, 1, 60_000) / 1000.0,
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
-        status_interval=_number(env, "FABRICA_COLLECTOR_STATUS_INTERVAL", 15.0, 0.05, 86_400),
+        status_interval=env_float(env, "FABRICA_COLLECTOR_STATUS_INTERVAL", 15.0, 0.05, 86_400),
     )

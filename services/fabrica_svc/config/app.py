@@ -1,4 +1,9 @@
-"""Wires the config service: settings, store, LISTEN connection, servicer."""
+"""Wires the config service: its settings and the host's database give the store and the LISTEN connection,
+which are passed to the servicer.
+
+Like every Fabrica service: ``create_app(settings)`` returns the app; the ServiceHost calls ``start()``, which
+builds the parts and the servicer, then ``register()``, which adds that servicer to the gRPC server.
+"""
 
 from __future__ import annotations
 
@@ -22,22 +27,28 @@ class ConfigApp:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.listener: Listener | None = None
-        self._servicer: ConfigServicer | None = None
+        # Built by start():
+        self.store: ConfigStore
+        self.listener: Listener
+        self.servicer: ConfigServicer
+        #: What stop() stops, in that order: every part start() built, started or not.
+        self._parts: list[Listener] = []
 
     async def start(self, resources: Resources) -> None:
-        assert resources.pool is not None and resources.dsn is not None
+        assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
+        self.store = ConfigStore(resources.pool)
         self.listener = Listener(resources.dsn, CHANNEL)
+        self.servicer = ConfigServicer(self.store, self.listener)
+        self._parts = [self.listener]
         await self.listener.start()
-        self._servicer = ConfigServicer(ConfigStore(resources.pool), self.listener)
 
     def register(self, server: grpc.aio.Server) -> None:
-        assert self._servicer is not None, "start() comes before register()"
-        config_service_pb2_grpc.add_ConfigServiceServicer_to_server(self._servicer, server)
+        config_service_pb2_grpc.add_ConfigServiceServicer_to_server(self.servicer, server)
 
     async def stop(self) -> None:
-        if self.listener:
-            await self.listener.stop()
+        parts, self._parts = self._parts, []
+        for part in parts:
+            await part.stop()
 
 
 def create_app(settings: Settings) -> ConfigApp:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import device_profile_pb2, plc_pb2
-from google.protobuf import duration_pb2
+
+from ..runtime.timefmt import duration_from_seconds
 
 F32, U16, U32, I16, I32, BOOL = (
     plc_pb2.DATA_TYPE_FLOAT32,
@@ -22,7 +23,7 @@ MEASUREMENT = reading_pb2.TAG_ROLE_MEASUREMENT
 
 
 def _group(name: str, seconds: float) -> plc_pb2.PollGroup:
-    return plc_pb2.PollGroup(name=name, poll_interval=duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9)))
+    return plc_pb2.PollGroup(name=name, poll_interval=duration_from_seconds(seconds))
 
 
 def _modbus(name: str, address: int, data_type: int, unit: str, description: str, **kw: object) -> plc_pb2.Tag:

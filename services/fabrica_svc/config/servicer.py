@@ -12,9 +12,10 @@ from fabrica.config.v1 import plc_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
+from ..runtime.pages import decode_page_token, encode_page_token
 from . import domain
 from .profiles import PROFILES
-from .store import ConfigStore, decode_page_token, encode_page_token
+from .store import ConfigStore
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         return pb.GetPlcResponse(plc=await self.store.get(request.id))
 
     async def ListPlcs(self, request: pb.ListPlcsRequest, context: grpc.aio.ServicerContext) -> pb.ListPlcsResponse:
+        # A token is bound to the collector it lists (the query) and holds the last PLC id of its page.
         after = decode_page_token(request.page_token, request.collector_id) if request.page_token else ""
         plcs, more = await self.store.list(request.collector_id, request.page_size or DEFAULT_PAGE_SIZE, after)
-        token = encode_page_token(plcs[-1].id, request.collector_id) if more else ""
+        token = encode_page_token(request.collector_id, plcs[-1].id) if more else ""
         return pb.ListPlcsResponse(plcs=plcs, next_page_token=token)
 
     async def UpdatePlc(self, request: pb.UpdatePlcRequest, context: grpc.aio.ServicerContext) -> pb.UpdatePlcResponse:

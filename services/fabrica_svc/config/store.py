@@ -10,8 +10,6 @@ watcher on any replica learns of it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +17,8 @@ import asyncpg
 from fabrica.config.v1 import collector_status_pb2, plc_pb2
 
 from ..runtime.db import Migration
-from ..runtime.errors import Aborted, AlreadyExists, FieldViolation, InvalidArgument, NotFound
+from ..runtime.errors import Aborted, AlreadyExists, NotFound
+from ..runtime.pages import etag_of
 
 CHANNEL = "fabrica_config_changes"
 RETAINED_CHANGES = 10_000
@@ -81,10 +80,6 @@ MIGRATIONS = [
 ]
 
 
-def etag_of(revision: int) -> str:
-    return f"r{revision}"
-
-
 @dataclass(frozen=True)
 class Change:
     revision: int
@@ -101,20 +96,6 @@ def _plc(row: asyncpg.Record) -> plc_pb2.Plc:
     plc.create_time.FromDatetime(row["create_time"])
     plc.update_time.FromDatetime(row["update_time"])
     return plc
-
-
-def encode_page_token(last_id: str, collector_id: str) -> str:
-    return base64.urlsafe_b64encode(f"v1\0{collector_id}\0{last_id}".encode()).decode()
-
-
-def decode_page_token(token: str, collector_id: str) -> str:
-    try:
-        version, owner, last_id = base64.urlsafe_b64decode(token.encode()).decode().split("\0")
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidArgument(FieldViolation("page_token", "not a token this service issued")) from None
-    if version != "v1" or owner != collector_id:
-        raise InvalidArgument(FieldViolation("page_token", "the token belongs to a different query"))
-    return last_id
 
 
 class ConfigStore:

@@ -1,7 +1,10 @@
-"""Wires the ingest service: settings, store, writer, event hub, maintenance, servicer.
+"""Wires the ingest service: its settings (IngestConfig) and the host's database give the store, the
+writer, the event hub and the maintenance rounds, which are passed to the servicer.
 
 ``fabrica serve ingest`` calls :func:`create_app`; the shared ServiceHost does the rest (Postgres and
-migrations, the pool, the gRPC server with validation, health, reflection, metrics, shutdown).
+migrations, the pool, the gRPC server with validation, health, reflection, metrics, shutdown). As in every
+Fabrica service, the host's ``start()`` call builds the parts and the servicer, and ``register()`` adds that
+servicer to the gRPC server.
 """
 
 from __future__ import annotations
@@ -34,17 +37,17 @@ class IngestApp:
     def __init__(self, settings: Settings, config: IngestConfig):
         self.settings = settings
         self.config = config
-        self.servicer = IngestServicer(config)
-        self.store: IngestStore | None = None
-        self.writer: BatchWriter | None = None
-        self.hub: EventHub | None = None
-        self.maintenance: Maintenance | None = None
-
-    def register(self, server: grpc.aio.Server) -> None:
-        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
+        # Built by start():
+        self.store: IngestStore
+        self.writer: BatchWriter
+        self.hub: EventHub
+        self.maintenance: Maintenance
+        self.servicer: IngestServicer
+        #: What stop() stops, in that order: every part start() built, started or not.
+        self._parts: list[Maintenance | EventHub | BatchWriter] = []
 
     async def start(self, resources: Resources) -> None:
-        assert resources.pool is not None and resources.dsn is not None
+        assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
         config = self.config
         self.store = IngestStore(resources.pool, resources.dsn)
         self.writer = BatchWriter(
@@ -60,15 +63,19 @@ class IngestApp:
             self.store, interval=config.maintenance_interval, ahead=config.partitions_ahead,
             retention_days=config.retention_days,
         )
-        self.servicer.bind(self.store, self.writer, self.hub)
+        self.servicer = IngestServicer(config, self.store, self.writer, self.hub)
+        self._parts = [self.maintenance, self.hub, self.writer]
         await self.maintenance.start()
         await self.writer.start()
         await self.hub.start()
 
+    def register(self, server: grpc.aio.Server) -> None:
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
+
     async def stop(self) -> None:
-        for part in (self.maintenance, self.hub, self.writer):
-            if part is not None:
-                await part.stop()
+        parts, self._parts = self._parts, []
+        for part in parts:
+            await part.stop()
 
 
 def create_app(settings: Settings, config: IngestConfig | None = None) -> IngestApp:

@@ -22,8 +22,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# The runtime's parsers give the same one-line errors naming the variable as every other setting.
-from ..runtime.settings import _float, _int
+from ..runtime.settings import env_float, env_int
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,15 @@ class IngestConfig:
 
 
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
+    """Ingest's settings from `env` (default: the process environment), read with the runtime's parsers, so a
+    bad value gets the same one-line error naming the variable as every other setting."""
     env = os.environ if env is None else env
     return IngestConfig(
-        retention_days=_int(env, "FABRICA_INGEST_RETENTION_DAYS", 0, 0, 100_000),
-        partitions_ahead=_int(env, "FABRICA_INGEST_PARTITIONS_AHEAD", 3, 1, 366),
-        group_max_rows=_int(env, "FABRICA_INGEST_GROUP_MAX_ROWS", 20_000, 1, 10_000_000),
-        group_max_delay=_int(env, "FABRICA_INGEST_GROUP_MAX_DELAY_MS", 20, 0, 60_000) / 1000.0,
-        queue_max_rows=_int(env, "FABRICA_INGEST_QUEUE_MAX_ROWS", 100_000, 1, 100_000_000),
-        event_poll_interval=_float(env, "FABRICA_INGEST_EVENT_POLL_SECONDS", 2.0, 0.05, 3600.0),
-        maintenance_interval=_float(env, "FABRICA_INGEST_MAINTENANCE_SECONDS", 3600.0, 1.0, 86_400.0),
+        retention_days=env_int(env, "FABRICA_INGEST_RETENTION_DAYS", 0, 0, 100_000),
+        partitions_ahead=env_int(env, "FABRICA_INGEST_PARTITIONS_AHEAD", 3, 1, 366),
+        group_max_rows=env_int(env, "FABRICA_INGEST_GROUP_MAX_ROWS", 20_000, 1, 10_000_000),
+        group_max_delay=env_int(env, "FABRICA_INGEST_GROUP_MAX_DELAY_MS", 20, 0, 60_000) / 1000.0,
+        queue_max_rows=env_int(env, "FABRICA_INGEST_QUEUE_MAX_ROWS", 100_000, 1, 100_000_000),
+        event_poll_interval=env_float(env, "FABRICA_INGEST_EVENT_POLL_SECONDS", 2.0, 0.05, 3600.0),
+        maintenance_interval=env_float(env, "FABRICA_INGEST_MAINTENANCE_SECONDS", 3600.0, 1.0, 86_400.0),
     )

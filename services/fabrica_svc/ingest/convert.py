@@ -10,7 +10,6 @@ reading can never fail a transaction that also holds other streams' batches.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -19,6 +18,7 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import query_pb2, tag_event_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime.timefmt import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS, timestamp_from_datetime, timestamp_is_valid
 from .domain import (
     EVENT_ROLES,
     KIND_BOOL,
@@ -28,11 +28,8 @@ from .domain import (
     KIND_STRING,
     KIND_UINT,
     MAX_BIGINT,
-    MAX_TIMESTAMP_SECONDS,
-    MIN_TIMESTAMP_SECONDS,
     WriteBatch,
     bigint_to_uint,
-    timestamp_is_valid,
 )
 
 _MAX_VIOLATIONS = 50
@@ -50,7 +47,7 @@ def batch_from_proto(batch: reading_pb2.ReadingBatch, prefix: str = "batch") -> 
     latest: dict[int, Any] = {}
     tags: dict[int, tuple[str, int]] = {}
     append = rows.append
-    min_s, max_s = MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS
+    min_s, max_s = MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS  # timestamp_is_valid, inlined: per reading
     for i, r in enumerate(batch.readings):
         tag_id = r.tag_id
         ts = r.read_time
@@ -126,10 +123,6 @@ def check_tag_ids(tag_ids: Sequence[int], path: str, out: list[FieldViolation]) 
             out.append(FieldViolation(f"{path}[{i}]", "must be below 2^63"))
 
 
-def to_datetime(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
-
-
 def check_filter(f: query_pb2.ReadingFilter, prefix: str = "filter") -> None:
     found: list[FieldViolation] = []
     check_timestamp(f.start_time, f"{prefix}.start_time", found)
@@ -159,17 +152,11 @@ def value_from_row(kind: int, value: float | None, int_value: int | None, text_v
     return None
 
 
-def timestamp(t: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(t)
-    return ts
-
-
 def reading_from_row(row: Mapping[str, Any]) -> reading_pb2.Reading:
     """A Reading from a row with the reading columns plus plc_id and role (from tags; may be NULL)."""
     r = reading_pb2.Reading(
         tag_id=row["tag_id"],
-        read_time=timestamp(row["read_time"]),
+        read_time=timestamp_from_datetime(row["read_time"]),
         quality=row["quality"],
         error=row["error"] or "",
         plc_id=row["plc_id"] or "",
@@ -202,7 +189,7 @@ def tag_event_from_row(row: Mapping[str, Any]) -> tag_event_pb2.TagEvent:
         plc_id=row["plc_id"],
         role=row["role"],
         quality=row["quality"],
-        read_time=timestamp(row["read_time"]),
+        read_time=timestamp_from_datetime(row["read_time"]),
     )
     value = value_from_row(row["kind"], row["value"], row["int_value"], row["text_value"], row["bytes_value"])
     if value is not None:
@@ -219,7 +206,7 @@ def bucket_from_row(row: Mapping[str, Any]) -> query_pb2.ReadingBucket:
 
     return query_pb2.ReadingBucket(
         tag_id=row["tag_id"],
-        start_time=timestamp(row["bucket"]),
+        start_time=timestamp_from_datetime(row["bucket"]),
         count=row["n"],
         min=num("min"),
         max=num("max"),

@@ -37,16 +37,15 @@ sequence (including one written earlier in the same group) is a duplicate.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
-import struct
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime.timefmt import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 
 # --- value kinds (the field numbers of fabrica.common.v1.Value's oneof) -------------------------------
 KIND_NONE = 0
@@ -63,10 +62,6 @@ EVENT_ROLES = frozenset({2, 3, 4})
 
 MAX_BIGINT = 2**63 - 1
 _TWO64 = 2**64
-
-#: google.protobuf.Timestamp's valid range, 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
-MIN_TIMESTAMP_SECONDS = -62_135_596_800
-MAX_TIMESTAMP_SECONDS = 253_402_300_799
 
 READING_COLUMNS = (
     "tag_id", "read_time", "quality", "kind", "value", "int_value", "text_value", "bytes_value", "error",
@@ -88,10 +83,6 @@ def uint_to_bigint(v: int) -> int:
 
 def bigint_to_uint(v: int) -> int:
     return v & (_TWO64 - 1)
-
-
-def timestamp_is_valid(seconds: int, nanos: int) -> bool:
-    return MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS and 0 <= nanos <= 999_999_999
 
 
 def micros_to_datetime(us: int) -> datetime:
@@ -221,38 +212,42 @@ MAX_BUCKETS = 50_000
 class PageCursor:
     """Position after the last row returned: rows are ordered by (read_time, tag_id, row position), where
     the row position (the row's ctid: block, offset) only breaks ties between readings of one tag with the
-    same timestamp, so that a page boundary between them neither repeats nor skips one."""
+    same timestamp, so that a page boundary between them neither repeats nor skips one.
+
+    In a page token (runtime.pages) the cursor is the position, ``read_us,tag_id,block,offset``, and the
+    filter's fingerprint is the query."""
 
     read_us: int
     tag_id: int
     block: int
     offset: int
 
+    def position(self) -> str:
+        return f"{self.read_us},{self.tag_id},{self.block},{self.offset}"
 
-_TOKEN = struct.Struct(">BqqIHI")  # version, read_us, tag_id, block, offset, filter fingerprint
-_TOKEN_VERSION = 1
+    @classmethod
+    def from_position(cls, position: str) -> PageCursor:
+        """The cursor :meth:`position` wrote; InvalidArgument(page_token) for anything else, including
+        numbers no row can have (so a forged token never reaches the query)."""
+        parts = position.split(",")
+        if len(parts) != 4 or not all(_INTEGER.fullmatch(p) for p in parts):
+            raise InvalidArgument(_BAD_TOKEN)
+        cursor = cls(*(int(p) for p in parts))
+        if not (_MIN_READ_US <= cursor.read_us <= _MAX_READ_US and 0 <= cursor.tag_id <= MAX_BIGINT
+                and 0 <= cursor.block < 2**32 and 0 <= cursor.offset < 2**16):
+            raise InvalidArgument(_BAD_TOKEN)
+        return cursor
 
 
-def filter_fingerprint(filter_bytes: bytes) -> int:
-    return zlib.crc32(filter_bytes)
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+_MIN_READ_US = MIN_TIMESTAMP_SECONDS * 1_000_000
+_MAX_READ_US = MAX_TIMESTAMP_SECONDS * 1_000_000 + 999_999
+_BAD_TOKEN = FieldViolation("page_token", "not a page token of this query; start without one")
 
 
-def encode_page_token(cursor: PageCursor, fingerprint: int) -> str:
-    raw = _TOKEN.pack(_TOKEN_VERSION, cursor.read_us, cursor.tag_id, cursor.block, cursor.offset, fingerprint)
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str, fingerprint: int) -> PageCursor:
-    """The cursor in `token`; InvalidArgument(page_token) if it is malformed or from another filter."""
-    bad = InvalidArgument(FieldViolation("page_token", "not a page token of this query; start without one"))
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        version, read_us, tag_id, block, offset, fp = _TOKEN.unpack(raw)
-    except (binascii.Error, struct.error, ValueError):
-        raise bad from None
-    if version != _TOKEN_VERSION or fp != fingerprint or tag_id < 0:
-        raise bad
-    return PageCursor(read_us, tag_id, block, offset)
+def filter_fingerprint(filter_bytes: bytes) -> str:
+    """The page-token query of a ReadingFilter (its deterministic encoding): a token is bound to its filter."""
+    return f"readings:{zlib.crc32(filter_bytes):08x}"
 
 
 def check_bucket_count(range_seconds: float, bucket_seconds: int, tag_count: int) -> None:

@@ -23,6 +23,8 @@ from fabrica.ingest.v1 import query_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.interceptors import DOMAIN, STATUS_DETAILS_KEY
+from ..runtime.pages import decode_page_token, encode_page_token
+from ..runtime.timefmt import to_datetime
 from .config import IngestConfig
 from .convert import (
     batch_from_proto,
@@ -32,7 +34,6 @@ from .convert import (
     check_timestamp,
     readings_from_rows,
     tag_event_from_row,
-    to_datetime,
 )
 from .domain import (
     DEFAULT_PAGE_SIZE,
@@ -43,8 +44,6 @@ from .domain import (
     PageCursor,
     check_bucket_count,
     datetime_to_micros,
-    decode_page_token,
-    encode_page_token,
     filter_fingerprint,
     micros_to_datetime,
 )
@@ -58,20 +57,11 @@ _END = object()
 
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
-    def __init__(self, config: IngestConfig):
+    def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: EventHub):
         self.config = config
-        self._store: IngestStore | None = None
-        self._writer: BatchWriter | None = None
-        self._hub: EventHub | None = None
-
-    def bind(self, store: IngestStore, writer: BatchWriter, hub: EventHub) -> None:
-        """Called by the app once its dependencies exist (before the server starts serving)."""
-        self._store, self._writer, self._hub = store, writer, hub
-
-    @property
-    def store(self) -> IngestStore:
-        assert self._store is not None, "IngestServicer used before bind()"
-        return self._store
+        self.store = store
+        self.writer = writer
+        self.hub = hub
 
     # --- write path -----------------------------------------------------------------------------------
 
@@ -90,8 +80,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         yield pb.StreamReadingsResponse(
             resume=pb.StreamResume(collector_id=collector_id, committed_sequence=committed)
         )
-        assert self._writer is not None
-        session = self._writer.open_session(collector_id, committed)
+        session = self.writer.open_session(collector_id, committed)
         # In stream order: (sequence, future) per batch, then _END or the exception that ends the stream.
         # The writer may also put an exception here (the database is lost) while the stream is idle.
         pending: asyncio.Queue[Any] = asyncio.Queue()
@@ -115,14 +104,13 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 window.release()
         finally:
             session.interrupt = None
-            self._writer.close_session(session)
+            self.writer.close_session(session)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
     async def _read_batches(self, requests: AsyncIterator[pb.StreamReadingsRequest], session: StreamSession,
                             pending: asyncio.Queue[Any], window: asyncio.Semaphore) -> None:
-        assert self._writer is not None
         loop = asyncio.get_running_loop()
         last = 0
         try:
@@ -149,7 +137,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     future: asyncio.Future[BatchOutcome] = loop.create_future()
                     future.set_result(BatchOutcome(duplicate=True, written=0))
                 else:
-                    future = await self._writer.submit(session, batch_from_proto(batch))
+                    future = await self.writer.submit(session, batch_from_proto(batch))
                 pending.put_nowait((sequence, future))
             pending.put_nowait(_END)
         except Exception as exc:  # ends the stream after the acks of the batches before it
@@ -164,12 +152,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         check_tag_ids(request.tag_ids, "tag_ids", found)
         if found:
             raise InvalidArgument(found)
-        assert self._hub is not None
         tag_ids = list(request.tag_ids) or None
         plc_ids = list(request.plc_ids) or None
         after = request.after_cursor
         while True:
-            wake = self._hub.current()  # before the query: a notification during it is not lost
+            wake = self.hub.current()  # before the query: a notification during it is not lost
             page = await self.store.events_page(after, tag_ids, plc_ids, EVENTS_PAGE)
             if 0 < after < page.purged_through:
                 await _abort_out_of_range(context, after, page.purged_through)
@@ -180,7 +167,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     continue
             # Every event up to `high` was visible to that query: nothing below it can still appear.
             after = max(after, page.high)
-            await self._hub.wait(wake)
+            await self.hub.wait(wake)
 
     # --- read path ------------------------------------------------------------------------------------
 
@@ -209,13 +196,15 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def QueryReadings(self, request: pb.QueryReadingsRequest, context: grpc.aio.ServicerContext) -> pb.QueryReadingsResponse:
         f = request.filter
         fingerprint = filter_fingerprint(f.SerializeToString(deterministic=True))
-        cursor = decode_page_token(request.page_token, fingerprint) if request.page_token else None
+        cursor = None
+        if request.page_token:
+            cursor = PageCursor.from_position(decode_page_token(request.page_token, fingerprint))
         tag_ids = await self._filter_tags(f)
         if not tag_ids:
             return pb.QueryReadingsResponse()
         readings, after = await self._page(f, tag_ids, cursor, request.page_size or DEFAULT_PAGE_SIZE)
         return pb.QueryReadingsResponse(
-            readings=readings, next_page_token=encode_page_token(after, fingerprint) if after else ""
+            readings=readings, next_page_token=encode_page_token(fingerprint, after.position()) if after else ""
         )
 
     async def ExportReadings(

@@ -18,6 +18,7 @@ FABRICA_HEALTH_INTERVAL    Seconds between database health checks         2
 FABRICA_CONFIG_ADDR        host:port of the config service (its clients)  unset
 FABRICA_INGEST_ADDR        host:port of the ingest service (its clients)  unset
 FABRICA_PORT_FILE          File the bound ports are written to (below)    unset: none written
+FABRICA_COLLECTOR_ID       The collector's id (the collector only)        unset
 =========================  =============================================  ==========================
 
 FABRICA_PORT (and FABRICA_METRICS_PORT) may be 0: the service binds a free port. With FABRICA_PORT_FILE set,
@@ -26,6 +27,10 @@ once a service listens it writes the ports it bound to that file, atomically, as
 when the endpoint is off; a process hosting several services lists each). Whoever started the process reads
 the port back from there, so no other process can take it in between. The "serving" log line carries the
 same ports.
+
+A service with settings of its own (ingest's FABRICA_INGEST_*, the collector's FABRICA_COLLECTOR_*) reads
+them with :func:`env_int`, :func:`env_float` and :func:`env_choice`, so every bad value is refused with the
+same one-line error naming the variable.
 """
 
 from __future__ import annotations
@@ -62,14 +67,17 @@ class Settings:
     ingest_addr: str = ""
     #: Where to write the bound ports once listening (FABRICA_PORT_FILE); None: nowhere.
     port_file: Path | None = None
+    #: The collector's id ("" = not set; the collector refuses to start without one).
+    collector_id: str = ""
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    """`env[name]` as a whole number in lo..hi; `default` when unset or blank. SettingsError names `name`."""
     raw = env.get(name)
-    if raw is None or raw == "":
+    if raw is None or not raw.strip():
         return default
     try:
         value = int(raw)
@@ -80,9 +88,10 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    """`env[name]` as a number in lo..hi; `default` when unset or blank. SettingsError names `name`."""
     raw = env.get(name)
-    if raw is None or raw == "":
+    if raw is None or not raw.strip():
         return default
     try:
         value = float(raw)
@@ -93,7 +102,8 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: flo
     return value
 
 
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    """`env[name]` as one of `choices` (case as the choices are written); `default` when unset or empty."""
     raw = env.get(name) or default
     value = raw.upper() if choices[0].isupper() else raw.lower()
     if value not in choices:
@@ -106,8 +116,8 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
     env = os.environ if env is None else env
     if service not in DEFAULT_PORTS:
         raise SettingsError(f"unknown service {service!r}; one of {', '.join(DEFAULT_PORTS)}")
-    pool_min = _int(env, "FABRICA_DB_POOL_MIN", 1, 0, 1000)
-    pool_max = _int(env, "FABRICA_DB_POOL_MAX", 10, 1, 1000)
+    pool_min = env_int(env, "FABRICA_DB_POOL_MIN", 1, 0, 1000)
+    pool_max = env_int(env, "FABRICA_DB_POOL_MAX", 10, 1, 1000)
     if pool_max < pool_min:
         raise SettingsError(f"FABRICA_DB_POOL_MAX={pool_max} is below FABRICA_DB_POOL_MIN={pool_min}")
     return Settings(
@@ -115,15 +125,16 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         database_url=env.get("DATABASE_URL") or None,
         data_dir=Path(env.get("FABRICA_DATA_DIR") or ".fabrica"),
         host=env.get("FABRICA_HOST") or "127.0.0.1",
-        port=_int(env, "FABRICA_PORT", DEFAULT_PORTS[service], 0, 65535),
-        metrics_port=_int(env, "FABRICA_METRICS_PORT", DEFAULT_METRICS_PORTS[service], -1, 65535),
+        port=env_int(env, "FABRICA_PORT", DEFAULT_PORTS[service], 0, 65535),
+        metrics_port=env_int(env, "FABRICA_METRICS_PORT", DEFAULT_METRICS_PORTS[service], -1, 65535),
         db_pool_min=pool_min,
         db_pool_max=pool_max,
-        log_level=_choice(env, "FABRICA_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-        log_format=_choice(env, "FABRICA_LOG_FORMAT", "json", ("json", "text")),
-        shutdown_grace=_float(env, "FABRICA_SHUTDOWN_GRACE", 10.0, 0.0, 3600.0),
-        health_interval=_float(env, "FABRICA_HEALTH_INTERVAL", 2.0, 0.05, 600.0),
+        log_level=env_choice(env, "FABRICA_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        log_format=env_choice(env, "FABRICA_LOG_FORMAT", "json", ("json", "text")),
+        shutdown_grace=env_float(env, "FABRICA_SHUTDOWN_GRACE", 10.0, 0.0, 3600.0),
+        health_interval=env_float(env, "FABRICA_HEALTH_INTERVAL", 2.0, 0.05, 600.0),
         config_addr=(env.get("FABRICA_CONFIG_ADDR") or "").strip(),
         ingest_addr=(env.get("FABRICA_INGEST_ADDR") or "").strip(),
         port_file=Path(env["FABRICA_PORT_FILE"]) if env.get("FABRICA_PORT_FILE") else None,
+        collector_id=(env.get("FABRICA_COLLECTOR_ID") or "").strip(),
     )
