@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from fabrica_svc.ingest.client import IngestUplink, ListBatchSource, UplinkRejected
+from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource, UplinkRejected
 
 from .support import T0_US, batch, fetchval, numbered_batches, reading, stream_batches
 
