@@ -39,8 +39,9 @@ class ErrorDetails:
         if self.reason:
             parts.append(f"reason {self.reason}")
         parts += [f"{k}={v}" for k, v in self.metadata]
-        parts += [f"{f}: {d}" for f, d in self.field_violations]
-        parts += [f"{t} {s}: {d}" for t, s, d in self.precondition_violations]
+        violations = [f"{f}: {d}" for f, d in self.field_violations]
+        violations += [f"{t} {s}: {d}" for t, s, d in self.precondition_violations]
+        parts += [v for v in violations if v not in self.message]  # a service often says them in the message too
         return parts[0] if len(parts) == 1 else f"{parts[0]} [{'; '.join(parts[1:])}]"
 
 

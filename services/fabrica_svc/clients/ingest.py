@@ -219,8 +219,12 @@ class IngestUplink:
             while True:
                 try:
                     response = await call.read()
-                except grpc.aio.AioRpcError:
-                    if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                    # The sender cancels the call when the source fails: the read then raises CancelledError
+                    # (grpc's, for a call cancelled locally), which must not pass for this task's cancellation.
+                    task = asyncio.current_task()
+                    if (sender.done() and not sender.cancelled() and sender.exception() is not None
+                            and not (task is not None and task.cancelling())):
                         raise sender.exception() from None  # type: ignore[misc]
                     raise
                 if response is grpc.aio.EOF:
