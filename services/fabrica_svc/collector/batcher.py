@@ -28,12 +28,8 @@ class Batcher:
         self.max_latency = max_latency
         self._pending: list[reading_pb2.Reading] = []
         self._timer: asyncio.TimerHandle | None = None
-        self.batches = 0
+        #: Readings appended to the spool so far.
         self.readings = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
 
     def add(self, reading: reading_pb2.Reading) -> None:
         pending = self._pending
@@ -68,7 +64,6 @@ class Batcher:
                 extra={"reason": "DROP_REASON_DISK_ERROR", "sequence": sequence, "dropped_readings": len(readings)},
             )
             return
-        self.batches += 1
         self.readings += len(readings)
 
     def close(self) -> None:

@@ -241,7 +241,8 @@ class Spool:
         log.info(
             "spool opened",
             extra={"directory": str(self.directory), "segments": report.segments, "records": report.records,
-                   "acked": self.acked, "high_water": self.high_water, "backlog_readings": self._unacked_readings},
+                   "torn_bytes": report.torn_bytes, "acked": self.acked, "high_water": self.high_water,
+                   "backlog_readings": self._unacked_readings, "dropped_readings": self.dropped_readings},
         )
         return report
 
