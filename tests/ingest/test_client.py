@@ -11,7 +11,7 @@ import pytest
 from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource, UplinkRejected
 from fabrica_svc.runtime.retry import RetryPolicy
 
-from .support import T0_US, batch, fetchval, numbered_batches, reading, stream_batches
+from .support import T0_US, batch, fetchval, free_port, numbered_batches, reading, stream_batches
 
 
 class RecordingSource(ListBatchSource):
@@ -65,20 +65,27 @@ async def test_a_rejection_carries_ingests_error_details_decoded(ingest) -> None
 
 
 class FlakySource(RecordingSource):
-    """Its first pass fails as a disk under a log could (OSError) after two batches."""
+    """Its first pass fails as a disk under a log could (OSError), once batch 2 is acknowledged."""
 
     def __init__(self, batches):
         super().__init__(batches)
         self.failed = False
+        self.two_acked = asyncio.Event()
 
     async def batches_after(self, sequence: int):
         sent = 0
         async for b in super().batches_after(sequence):
             if sent == 2 and not self.failed:
+                await self.two_acked.wait()
                 self.failed = True
                 raise OSError(5, "Input/output error")
             sent += 1
             yield b
+
+    async def acknowledged(self, sequence: int) -> None:
+        await super().acknowledged(sequence)
+        if sequence >= 2:
+            self.two_acked.set()
 
 
 async def test_one_loop_a_failure_handler_decides_and_the_run_goes_on(ingest) -> None:
@@ -103,3 +110,14 @@ async def test_one_loop_a_failure_handler_decides_and_the_run_goes_on(ingest) ->
     assert stats.acked_sequence == 6 and stats.streams == 3
     assert source.resumed_from == [0, 2, 3]
     assert await fetchval(ingest.database_url, "SELECT count(*) FROM ingest.readings") == 60
+
+
+async def test_an_error_without_rich_details_decodes_to_its_code_and_message() -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:  # nothing listens there
+        with pytest.raises(UplinkRejected) as err:
+            await asyncio.wait_for(IngestUplink(channel, "line-1", ListBatchSource([]), retryable=frozenset()).run(),
+                                   30)
+    details = err.value.details
+    assert details.code == grpc.StatusCode.UNAVAILABLE and details.message == err.value.error.details()
+    assert (details.reason, details.field_violations, details.metadata) == ("", (), ())
+    assert str(details) == f"UNAVAILABLE: {details.message}"

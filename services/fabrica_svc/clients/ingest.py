@@ -144,8 +144,8 @@ class IngestUplink:
         """Send until the source ends and everything is acknowledged (forever for an endless source).
 
         Reconnects on retryable errors after the retry policy's backoff, which starts over whenever an
-        attempt got something acknowledged. A permanent error (:class:`UplinkRejected`) or an error of the source goes to `on_failure`
-        when there is one, else ends the run."""
+        attempt got something acknowledged. A permanent error (:class:`UplinkRejected`) or an error of the
+        source goes to `on_failure` when there is one, else ends the run."""
         backoff = self.retry.backoff()
         while True:
             progress_before = self.stats.acked_sequence
