@@ -158,7 +158,8 @@ def _client(index: int, clients: int, n: int, batch_size: int, start_us: int, ad
     from google.protobuf import timestamp_pb2
 
     from fabrica.common.v1 import reading_pb2
-    from fabrica_svc.ingest.client import CHANNEL_OPTIONS, IngestUplink, ListBatchSource
+    from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource
+    from fabrica_svc.runtime.channels import PEER_CHANNEL_OPTIONS
 
     mine = range(index, n, clients)
     batches = []
@@ -177,7 +178,7 @@ def _client(index: int, clients: int, n: int, batch_size: int, start_us: int, ad
                                                 readings=readings))
 
     async def run() -> None:
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS) as channel:
             ready.put(index)
             while not go.is_set():
                 await asyncio.sleep(0.001)

@@ -17,7 +17,13 @@ import pytest
 from fabrica.common.v1 import reading_pb2
 from google.protobuf import timestamp_pb2
 
-from fabrica_svc.collector.spool import HEADER, Spool
+from fabrica.collector.v1.collector_service_pb2 import (
+    DROP_REASON_DISK_ERROR,
+    DROP_REASON_REJECTED_BY_INGEST,
+    DROP_REASON_SPOOL_FULL,
+)
+
+from fabrica_svc.collector.spool import HEADER, Spool, format_ns
 
 REPO = Path(__file__).resolve().parents[2]
 T0_NS = 1_740_787_200 * 10**9
@@ -162,6 +168,104 @@ def test_over_its_size_limit_the_log_drops_the_oldest_segment_and_counts_it(tmp_
     again = Spool(tmp_path, 8192, segment_bytes=2048)
     again.open()
     assert again.dropped_readings == dropped
+
+
+def test_every_dropped_reading_is_counted_by_reason_and_each_drop_is_logged_once_with_its_range(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def size(seq: int) -> int:  # readings per batch: 1 to 5, so a count of batches cannot pass for one of readings
+        return 1 + seq % 5
+
+    spool = Spool(tmp_path, 8192, segment_bytes=2048)
+    spool.open()
+    for seq in range(1, 11):
+        spool.append(seq, *batch(seq, size(seq)))
+    spool.ack(4)  # acknowledged readings are not lost when their segment goes
+    with caplog.at_level(logging.WARNING, logger="fabrica_svc.collector.spool"):
+        for seq in range(11, 301):
+            spool.append(seq, *batch(seq, size(seq)))
+    spool.sync()
+    kept = [s for s, _ in spool.read_after(spool.acked, max_records=10_000)]
+    first_kept = kept[0]
+    assert kept == list(range(first_kept, 301)) and first_kept > 5
+    lost = sum(size(s) for s in range(5, first_kept))
+    assert spool.dropped == {DROP_REASON_SPOOL_FULL: lost, DROP_REASON_REJECTED_BY_INGEST: 0, DROP_REASON_DISK_ERROR: 0}
+    assert spool.dropped_readings == lost
+    assert spool.backlog_readings == sum(size(s) for s in kept)
+
+    lines = [r for r in caplog.records if "dropped the oldest segment" in r.getMessage()]
+    assert all(r.levelno == logging.WARNING and r.reason == "DROP_REASON_SPOOL_FULL" for r in lines)
+    # Each dropped batch is in exactly one line, in order, with its readings counted in that line.
+    assert [s for r in lines for s in range(r.first_sequence, r.last_sequence + 1)] == list(range(5, first_kept))
+    for r in lines:
+        batches = range(r.first_sequence, r.last_sequence + 1)
+        assert r.dropped_readings == sum(size(s) for s in batches)
+        assert f"{r.dropped_readings} unacknowledged readings (batches {batches[0]} to {batches[-1]}" in r.getMessage()
+        assert f"read from {format_ns(batch(batches[0])[2])} to before {format_ns(batch(batches[-1] + 1)[2])}" \
+            in r.getMessage()
+
+    # A batch ingest rejects for good: acknowledged, counted as rejected, its readings as dropped for that reason.
+    payload, readings = spool.reject(first_kept)
+    assert payload == batch(first_kept, size(first_kept))[0] and readings == size(first_kept)
+    assert spool.dropped[DROP_REASON_REJECTED_BY_INGEST] == size(first_kept) and spool.rejected_batches == 1
+    assert spool.dropped_readings == lost + size(first_kept)
+    assert spool.acked == first_kept and spool.backlog_readings == sum(size(s) for s in kept[1:])
+
+    # The counts cover the life of the log: they survive a restart.
+    spool.sync()
+    again = Spool(tmp_path, 8192, segment_bytes=2048)
+    again.open()
+    assert again.dropped == spool.dropped and again.rejected_batches == 1
+
+
+def test_readings_the_disk_refuses_to_append_are_counted_and_logged(tmp_path: Path) -> None:
+    # A real refusal: the writer's file size limit (RLIMIT_FSIZE; SIGXFSZ ignored, so write() fails with EFBIG
+    # after a partial write), lowered for two batches and raised again. In a child process: the limit is
+    # process-wide.
+    script = textwrap.dedent(f"""
+        import asyncio, logging, resource, signal, sys
+        sys.path[:0] = [{str(REPO / 'gen')!r}, {str(REPO / 'services')!r}]
+        from pathlib import Path
+        from fabrica.common.v1 import reading_pb2
+        from google.protobuf import timestamp_pb2
+        from fabrica_svc.collector.batcher import Batcher
+        from fabrica_svc.collector.spool import Spool
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        folder = Path({str(tmp_path)!r})
+
+        async def main():
+            spool = Spool(folder, 1 << 20, segment_bytes=1 << 20)
+            spool.open()
+            batcher = Batcher("cell-1", spool, max_readings=4)
+            def add(n, first):
+                for i in range(first, first + n):
+                    batcher.add(reading_pb2.Reading(tag_id=1, plc_id="p", quality=reading_pb2.QUALITY_GOOD,
+                                read_time=timestamp_pb2.Timestamp(seconds={T0_NS // 10**9} + i),
+                                value=reading_pb2.Value(int_value=i)))
+            add(12, 0)  # batches 1 to 3
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            size = sum(p.stat().st_size for p in folder.glob("*.seg"))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, hard))
+            add(8, 12)  # two batches the disk refuses (both would have been batch 4)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            add(4, 20)  # batch 4
+            await spool.close()
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    spool = Spool(tmp_path, 1 << 20, segment_bytes=1 << 20)
+    spool.open()
+    assert spool.dropped == {DROP_REASON_SPOOL_FULL: 0, DROP_REASON_REJECTED_BY_INGEST: 0, DROP_REASON_DISK_ERROR: 8}
+    stored = [reading_pb2.ReadingBatch.FromString(p) for _, p in spool.read_after(0, max_records=100)]
+    assert [b.sequence for b in stored] == [1, 2, 3, 4]
+    assert [r.value.int_value for b in stored for r in b.readings] == [*range(12), *range(20, 24)]
+    lines = [line for line in done.stderr.splitlines() if "cannot append batch" in line]
+    assert len(lines) == 2 and all(line.startswith("ERROR cannot append batch 4 to the spool") for line in lines)
+    assert f"dropped its 4 readings (read from {format_ns(T0_NS + 12 * 10**9)} to {format_ns(T0_NS + 15 * 10**9)})" \
+        in lines[0]
+    assert lines[1].endswith("8 readings lost to disk errors since the log was created")
 
 
 def test_renumbering_above_what_ingest_has_keeps_every_pending_batch(tmp_path: Path) -> None:

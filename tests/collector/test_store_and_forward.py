@@ -10,14 +10,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from fabrica.collector.v1 import collector_service_pb2 as cpb
 from fabrica.collector.v1 import collector_service_pb2_grpc as cpb_grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 from google.protobuf import timestamp_pb2
 
-from fabrica_svc.collector.spool import Spool
+from fabrica_svc.collector.spool import Spool, format_ns
 from fabrica_svc.plcsim import Simulator
 
 from .support import (GOOD, IR, app_of, collector_settings, free_port, gateway_plc, key, mb_tag, modbus_plc, s7_plc,
@@ -123,6 +125,83 @@ async def test_a_batch_ingest_rejects_for_good_is_set_aside_and_the_rest_flows(d
         kept = reading_pb2.ReadingBatch.FromString((settings.state_dir / "rejected" / f"{2:020d}.binpb").read_bytes())
         assert kept.readings[0] == bad
         assert "INVALID_ARGUMENT" in app.uplink.last_error
+    finally:
+        await collector.stop(grace=0)
+        await ingest.stop(grace=0)
+
+
+async def test_status_metrics_and_logs_count_exactly_the_readings_the_size_limit_and_ingest_dropped(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A log at the smallest size limit the settings allow, left by an earlier run with ingest away: 400 batches of
+    # 10 readings do not fit, so the oldest were dropped; batch 401 is one ingest will never take.
+    caplog.set_level(logging.WARNING, logger="fabrica_svc.collector")
+    limit, base = 64 * 1024, 1_750_000_000
+    settings = collector_settings(tmp_path, "cell-loss", FABRICA_COLLECTOR_LOG_MAX_BYTES=str(limit))
+    tags = range(9001, 9011)
+
+    def good(seq: int) -> reading_pb2.ReadingBatch:
+        return reading_pb2.ReadingBatch(collector_id="cell-loss", sequence=seq, readings=[
+            reading_pb2.Reading(tag_id=tag, plc_id="p", quality=GOOD, value=reading_pb2.Value(int_value=seq),
+                                read_time=timestamp_pb2.Timestamp(seconds=base + seq)) for tag in tags])
+
+    bad = reading_pb2.ReadingBatch(collector_id="cell-loss", sequence=401, readings=[
+        reading_pb2.Reading(tag_id=9001, plc_id="p", quality=GOOD, value=reading_pb2.Value(int_value=i))
+        for i in range(3)])  # no read time
+    batches = [good(seq) for seq in range(1, 401)] + [bad] + [good(seq) for seq in range(402, 406)]
+    spool = Spool(settings.state_dir / "spool", limit)  # as the collector opens it for that limit
+    spool.open()
+    for b in batches:
+        spool.append(b.sequence, b.SerializeToString(), len(b.readings), (base + b.sequence) * 10**9)
+    await spool.close()
+    appended = sum(len(b.readings) for b in batches)
+
+    ingest = await start_ingest(database_url)
+    collector = await start_collector(collector_settings(tmp_path, "cell-loss", FABRICA_INGEST_ADDR=ingest.address,
+                                                         FABRICA_COLLECTOR_LOG_MAX_BYTES=str(limit)))
+    try:
+        app = app_of(collector)
+        await wait_for(lambda: app.spool.acked == 405, timeout=30, what="every batch stored or set aside")
+        stored = await stored_readings(ingest.address, tags)
+        # The truth is ingest's: what it stored is a run of whole batches up to the end, but 401.
+        stored_batches = Counter(r.read_time.seconds - base for r in stored)
+        first = min(stored_batches)
+        assert sorted(stored_batches) == [*range(first, 401), *range(402, 406)] and first > 1
+        assert set(stored_batches.values()) == {10} and max(Counter(map(key, stored)).values()) == 1
+        spool_full = 10 * (first - 1)
+        # Every reading appended is in ingest or counted as dropped, and by the right reason.
+        assert appended == len(stored) + spool_full + 3
+
+        async with grpc.aio.insecure_channel(collector.address) as channel:
+            status = await cpb_grpc.CollectorServiceStub(channel).GetStatus(cpb.GetStatusRequest())
+        assert [(d.reason, d.readings) for d in status.dropped_readings_by_reason] == [
+            (cpb.DROP_REASON_SPOOL_FULL, spool_full), (cpb.DROP_REASON_REJECTED_BY_INGEST, 3),
+            (cpb.DROP_REASON_DISK_ERROR, 0)]
+        assert status.dropped_readings == spool_full + 3 and status.rejected_batches == 1
+
+        exported = {}
+        for family in text_string_to_metric_families(prometheus_client.generate_latest().decode()):
+            for sample in family.samples:
+                if sample.labels.get("collector_id") == "cell-loss":
+                    exported[sample.name, sample.labels.get("reason")] = sample.value
+        assert exported["fabrica_collector_dropped_readings_total", "spool_full"] == spool_full
+        assert exported["fabrica_collector_dropped_readings_total", "rejected_by_ingest"] == 3
+        assert exported["fabrica_collector_dropped_readings_total", "disk_error"] == 0
+        assert exported["fabrica_collector_rejected_batches_total", None] == 1
+
+        # Logged once per occurrence: each size-limit drop with its batches (together exactly 1 to first - 1)...
+        drops = [r for r in caplog.records if r.name.endswith(".spool") and r.getMessage().find("dropped the") > 0]
+        assert [s for r in drops for s in range(r.first_sequence, r.last_sequence + 1)] == list(range(1, first))
+        assert sum(r.dropped_readings for r in drops) == spool_full
+        assert f"read from {format_ns((base + 1) * 10**9)}" in drops[0].getMessage()
+        # ...and the rejection, with ingest's reason and the field it names.
+        rejected = [r for r in caplog.records if "for good" in r.getMessage()]
+        assert len(rejected) == 1 and rejected[0].levelno == logging.ERROR
+        message = rejected[0].getMessage()
+        assert message.startswith("ingest rejects batch 401 for good (INVALID_ARGUMENT: ")
+        assert "reason INVALID_ARGUMENT" in message and "batch.readings[0].read_time: value is required" in message
+        assert "with its 3 readings (no read time)" in message
+        assert rejected[0].field_violations == [f"batch.readings[{i}].read_time: value is required" for i in range(3)]
     finally:
         await collector.stop(grace=0)
         await ingest.stop(grace=0)

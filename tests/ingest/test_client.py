@@ -1,14 +1,17 @@
-"""IngestUplink against a real ingest: resume point, acknowledgements to the source, permanent errors."""
+"""IngestUplink against a real ingest: resume point, acknowledgements to the source, permanent errors with their
+decoded details, and the failure handler that keeps its one reconnect loop going."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
-from fabrica_svc.ingest.client import IngestUplink, ListBatchSource, UplinkRejected
+from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource, UplinkRejected
+from fabrica_svc.runtime.retry import RetryPolicy
 
-from .support import T0_US, batch, fetchval, numbered_batches, reading, stream_batches
+from .support import T0_US, batch, fetchval, free_port, numbered_batches, reading, stream_batches
 
 
 class RecordingSource(ListBatchSource):
@@ -47,3 +50,74 @@ async def test_uplink_stops_on_a_batch_ingest_rejects(ingest) -> None:
     assert err.value.sequence == 4
     assert source.acked == 3
     assert await fetchval(ingest.database_url, "SELECT count(*) FROM ingest.readings") == 30
+
+
+async def test_a_rejection_carries_ingests_error_details_decoded(ingest) -> None:
+    batches = numbered_batches("line-1", 2, 10)
+    batches[1] = batch("line-1", 2, [reading(2**63 + 1, T0_US)])
+    with pytest.raises(UplinkRejected) as err:
+        await asyncio.wait_for(IngestUplink(ingest.channel, "line-1", ListBatchSource(batches)).run(), 30)
+    details = err.value.details
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT and details.message == err.value.error.details()
+    assert (details.reason, details.domain) == ("INVALID_ARGUMENT", "fabrica.dev")
+    assert [f for f, _ in details.field_violations] == ["batch.readings[0].tag_id"]
+    assert str(details) in str(err.value)
+
+
+class FlakySource(RecordingSource):
+    """Its first pass fails as a disk under a log could (OSError), once batch 2 is acknowledged."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.failed = False
+        self.two_acked = asyncio.Event()
+
+    async def batches_after(self, sequence: int):
+        sent = 0
+        async for b in super().batches_after(sequence):
+            if sent == 2 and not self.failed:
+                await self.two_acked.wait()
+                self.failed = True
+                raise OSError(5, "Input/output error")
+            sent += 1
+            yield b
+
+    async def acknowledged(self, sequence: int) -> None:
+        await super().acknowledged(sequence)
+        if sequence >= 2:
+            self.two_acked.set()
+
+
+async def test_one_loop_a_failure_handler_decides_and_the_run_goes_on(ingest) -> None:
+    batches = numbered_batches("line-1", 6, 10)
+    good = batches[3]
+    batches[3] = batch("line-1", 4, [reading(2**63 + 1, T0_US)])
+    source = FlakySource(batches)
+    seen: list[Exception] = []
+
+    async def on_failure(failure: Exception) -> bool:
+        seen.append(failure)
+        if isinstance(failure, UplinkRejected):
+            source.batches[3] = good  # the cause removed: the same run sends the batch again at once
+            return True
+        return False  # the source's error: try again after the backoff
+
+    uplink = IngestUplink(ingest.channel, "line-1", source, max_in_flight=1, on_failure=on_failure,
+                          retry=RetryPolicy(initial=0.01, maximum=0.05))
+    stats = await asyncio.wait_for(uplink.run(), 30)
+    assert [type(f) for f in seen] == [OSError, UplinkRejected]
+    assert seen[1].sequence == 4
+    assert stats.acked_sequence == 6 and stats.streams == 3
+    assert source.resumed_from == [0, 2, 3]
+    assert await fetchval(ingest.database_url, "SELECT count(*) FROM ingest.readings") == 60
+
+
+async def test_an_error_without_rich_details_decodes_to_its_code_and_message() -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:  # nothing listens there
+        with pytest.raises(UplinkRejected) as err:
+            await asyncio.wait_for(IngestUplink(channel, "line-1", ListBatchSource([]), retryable=frozenset()).run(),
+                                   30)
+    details = err.value.details
+    assert details.code == grpc.StatusCode.UNAVAILABLE and details.message == err.value.error.details()
+    assert (details.reason, details.field_violations, details.metadata) == ("", (), ())
+    assert str(details) == f"UNAVAILABLE: {details.message}"

@@ -11,8 +11,9 @@ from grpc_health.v1 import health_pb2
 
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from fabrica_svc.ingest.client import IngestUplink, ListBatchSource
+from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource
 from fabrica_svc.runtime.channels import PEER_CHANNEL_OPTIONS
+from fabrica_svc.runtime.retry import RetryPolicy
 from fabrica_svc.ingest.config import IngestConfig
 
 from procs import start_postgres, stop_postgres
@@ -77,7 +78,8 @@ async def test_ingest_killed_mid_stream_and_restarted_stores_exactly_100000_read
 
     source = HookedSource(batches, on_ack)
     async with grpc.aio.insecure_channel(ingest.address, options=PEER_CHANNEL_OPTIONS) as channel:
-        uplink = IngestUplink(channel, "line-1", source, max_in_flight=32, initial_backoff=0.05, max_backoff=0.5)
+        uplink = IngestUplink(channel, "line-1", source, max_in_flight=32,
+                              retry=RetryPolicy(initial=0.05, maximum=0.5))
         stats = await asyncio.wait_for(uplink.run(), timeout=90)
     await restarted[0]
     assert killed_at and killed_at[0] < 200
@@ -98,7 +100,8 @@ async def test_postgres_stopped_mid_stream_nothing_uncommitted_is_acked_and_the_
         batches = numbered_batches("line-1", 120, 500, tags=50)
         stopping: list[int] = []
         source = HookedSource(batches, lambda seq: stopping.append(seq) if seq >= 30 and not stopping else None)
-        uplink = IngestUplink(ingest.channel, "line-1", source, max_in_flight=16, initial_backoff=0.05, max_backoff=0.3)
+        uplink = IngestUplink(ingest.channel, "line-1", source, max_in_flight=16,
+                              retry=RetryPolicy(initial=0.05, maximum=0.3))
         run = asyncio.create_task(uplink.run())
         await wait_for(lambda: stopping, what="30 batches acknowledged")
         source.open.clear()  # after the restart the client must wait until the database is checked
@@ -152,8 +155,8 @@ async def test_watch_resumed_after_ingest_restart_delivers_every_later_event_onc
         await IngestUplink(channel, "c1", ListBatchSource(first)).run()
         received = []
         watch = stub.WatchTagEvents(pb.WatchTagEventsRequest(after_cursor=0))
-        writer = asyncio.create_task(IngestUplink(channel, "c2", ListBatchSource(second), initial_backoff=0.05,
-                                                  max_backoff=0.5).run())
+        writer = asyncio.create_task(IngestUplink(channel, "c2", ListBatchSource(second),
+                                                  retry=RetryPolicy(initial=0.05, maximum=0.5)).run())
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async with asyncio.timeout(30):
                 async for response in watch:

@@ -26,7 +26,7 @@ from .batcher import Batcher
 from .config_watch import ConfigWatcher
 from .drivers import BusRegistry
 from .files import DirectoryLock
-from .metrics import PollMetrics, age_of, register_spool, unregister_spool
+from .metrics import PollMetrics, SpoolFigures, register_spool, unregister_spool
 from .servicer import CollectorServicer
 from .settings import CollectorSettings, load_collector_settings
 from .spool import Spool
@@ -113,9 +113,8 @@ class CollectorApp:
             self._lock.release()
         self._started = []
 
-    def spool_figures(self) -> tuple[int, int, float, int]:
-        spool = self.spool
-        return spool.backlog_readings, spool.disk_bytes, age_of(spool.oldest_unacked_ns()), spool.dropped_readings
+    def spool_figures(self) -> SpoolFigures:
+        return SpoolFigures.of(self.spool)
 
 
 def create_app(settings: Settings, config: CollectorSettings | None = None) -> CollectorApp:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_DISK_ERROR
 from fabrica.common.v1 import reading_pb2
 
-from .spool import Spool
+from .spool import Spool, format_ns
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,8 @@ class Batcher:
         self.max_latency = max_latency
         self._pending: list[reading_pb2.Reading] = []
         self._timer: asyncio.TimerHandle | None = None
-        self.batches = 0
+        #: Readings appended to the spool so far.
         self.readings = 0
-        #: Readings that could not be appended (the disk refused); they are not in the log.
-        self.lost_readings = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
 
     def add(self, reading: reading_pb2.Reading) -> None:
         pending = self._pending
@@ -60,11 +55,15 @@ class Batcher:
         try:
             self.spool.append(sequence, batch.SerializeToString(), len(readings), oldest)
         except OSError as exc:
-            self.lost_readings += len(readings)
-            log.error("cannot append %d readings to the spool: %s (%d lost so far)", len(readings), exc,
-                      self.lost_readings)
+            # Not in the log, so lost: the spool counts them (DROP_REASON_DISK_ERROR), this says which.
+            log.error(
+                "cannot append batch %d to the spool (%s): dropped its %d readings (read from %s to %s); %d readings "
+                "lost to disk errors since the log was created",
+                sequence, exc, len(readings), format_ns(oldest), format_ns(readings[-1].read_time.ToNanoseconds()),
+                self.spool.dropped[DROP_REASON_DISK_ERROR],
+                extra={"reason": "DROP_REASON_DISK_ERROR", "sequence": sequence, "dropped_readings": len(readings)},
+            )
             return
-        self.batches += 1
         self.readings += len(readings)
 
     def close(self) -> None:

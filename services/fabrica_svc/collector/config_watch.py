@@ -22,6 +22,7 @@ import grpc
 from fabrica.config.v1 import collector_status_pb2, config_service_pb2, config_service_pb2_grpc
 from google.protobuf.message import DecodeError
 
+from ..clients.errors import error_details
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from ..runtime.retry import RetryPolicy
 from .files import atomic_write
@@ -101,7 +102,7 @@ class ConfigWatcher:
                     await self._apply(message)
                 error = "the config service ended the watch"
             except grpc.aio.AioRpcError as exc:
-                error = f"{exc.code().name}: {exc.details()}"
+                error = str(error_details(exc))  # code, message, ErrorInfo reason, field violations
             except Exception as exc:  # a bug applying a change: keep watching (and applying) anyway
                 log.exception("applying a configuration change failed")
                 error = f"{type(exc).__name__}: {exc}"
@@ -159,6 +160,6 @@ class ConfigWatcher:
                 await stub.ReportCollectorStatus(self.status_request(), timeout=max(1.0, min(10.0, self.status_interval)))
                 self.reports += 1
             except grpc.aio.AioRpcError as exc:
-                log.debug("status report failed: %s", exc.code().name)
+                log.debug("status report failed: %s", error_details(exc))
             except Exception:  # never let a bug end the reports
                 log.exception("status report failed")

@@ -10,18 +10,39 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
+from fabrica.collector.v1.collector_service_pb2 import DropReason
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
+
+from .spool import Spool
+
+
+@dataclass(frozen=True)
+class SpoolFigures:
+    """What the log's gauges and counters show."""
+
+    backlog_readings: int
+    backlog_bytes: int
+    #: Age of the oldest unacknowledged reading in seconds (0 when none).
+    oldest_age: float
+    #: Readings dropped since the log was created, by DropReason.
+    dropped: Mapping[int, int]
+    rejected_batches: int
+
+    @classmethod
+    def of(cls, spool: Spool) -> SpoolFigures:
+        return cls(spool.backlog_readings, spool.disk_bytes, age_of(spool.oldest_unacked_ns()), dict(spool.dropped),
+                   spool.rejected_batches)
 
 
 class SpoolView(Protocol):
     collector_id: str
 
-    def spool_figures(self) -> tuple[int, int, float, int]:
-        """(backlog readings, bytes on disk, age of the oldest unacknowledged reading in s, dropped readings)."""
+    def spool_figures(self) -> SpoolFigures:
         ...
 
 
@@ -32,16 +53,26 @@ _instruments: dict[str, object] = {}
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def _observe(index: int) -> object:
+def reason_label(reason: int) -> str:
+    """The `reason` attribute of a DropReason: DROP_REASON_SPOOL_FULL is "spool_full"."""
+    return DropReason.Name(reason).removeprefix("DROP_REASON_").lower()
+
+
+def _observe(values: Callable[[SpoolFigures], Iterable[tuple[float, dict[str, str]]]]) -> object:
     def callback(options: CallbackOptions) -> Iterable[Observation]:
         for source in list(_sources):
             try:
                 figures = source.spool_figures()
             except Exception:  # a collector shutting down; skip it this time
                 continue
-            yield Observation(figures[index], {"collector_id": source.collector_id})
+            for value, attributes in values(figures):
+                yield Observation(value, {"collector_id": source.collector_id, **attributes})
 
     return callback
+
+
+def _one(field: str) -> Callable[[SpoolFigures], Iterable[tuple[float, dict[str, str]]]]:
+    return lambda figures: [(getattr(figures, field), {})]
 
 
 def _setup() -> dict[str, object]:
@@ -63,17 +94,23 @@ def _setup() -> dict[str, object]:
         _instruments["readings"] = meter.create_counter(
             "fabrica_collector_readings", description="Readings reported, by quality")
         meter.create_observable_gauge(
-            "fabrica_collector_backlog_readings", callbacks=[_observe(0)],
+            "fabrica_collector_backlog_readings", callbacks=[_observe(_one("backlog_readings"))],
             description="Readings in the store-and-forward log not yet acknowledged by ingest")
         meter.create_observable_gauge(
-            "fabrica_collector_backlog_bytes", unit="By", callbacks=[_observe(1)],
+            "fabrica_collector_backlog_bytes", unit="By", callbacks=[_observe(_one("backlog_bytes"))],
             description="Bytes of the store-and-forward log on disk")
         meter.create_observable_gauge(
-            "fabrica_collector_backlog_oldest_age", unit="s", callbacks=[_observe(2)],
+            "fabrica_collector_backlog_oldest_age", unit="s", callbacks=[_observe(_one("oldest_age"))],
             description="Age of the oldest unacknowledged reading (0 when none)")
         meter.create_observable_counter(
-            "fabrica_collector_dropped_readings", callbacks=[_observe(3)],
-            description="Readings dropped because the log reached its size limit (oldest first)")
+            "fabrica_collector_dropped_readings",
+            callbacks=[_observe(lambda f: [(n, {"reason": reason_label(r)}) for r, n in f.dropped.items()])],
+            description="Readings dropped without reaching ingest since the log was created, by reason: spool_full "
+            "(the log's size limit, oldest first), rejected_by_ingest (a batch set aside), disk_error (an append "
+            "the disk refused)")
+        meter.create_observable_counter(
+            "fabrica_collector_rejected_batches", callbacks=[_observe(_one("rejected_batches"))],
+            description="Batches ingest rejected for good and the collector set aside, since the log was created")
         return _instruments
 
 

@@ -52,6 +52,9 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
             backlog_bytes=spool.disk_bytes,
             dropped_readings=spool.dropped_readings,
             uplink_connected=self.uplink.connected,
+            dropped_readings_by_reason=[pb.DroppedReadings(reason=reason, readings=count)  # type: ignore[arg-type]
+                                        for reason, count in sorted(spool.dropped.items())],
+            rejected_batches=spool.rejected_batches,
         )
         oldest = spool.oldest_unacked_ns()
         if oldest:

@@ -3,7 +3,8 @@
 Layout, under the collector's state folder::
 
     spool/00000000000000000001.seg   segments, named after their first sequence
-    spool/state.json                 {"acked": A, "high_water": H, "dropped": D}
+    spool/state.json                 {"acked": A, "high_water": H, "dropped": D, "rejected_readings": R,
+                                      "rejected_batches": B, "disk_error_readings": E}
 
 A segment is a run of records, one per ReadingBatch (which carries its own sequence)::
 
@@ -37,8 +38,15 @@ New records always go to a new segment.
 
 Bounded by size: when the segments exceed `max_bytes`, the oldest segment is deleted, acknowledged or not
 (policy: drop oldest; the newest data is the most useful to a plant), and its unacknowledged readings are
-counted in `dropped_readings` and logged. The unit of dropping is a segment (max_bytes / 16, at most
-8 MiB).
+counted (`dropped[DROP_REASON_SPOOL_FULL]`) and logged with their sequences and read times. The unit of
+dropping is a segment (max_bytes / 16, at most 8 MiB).
+
+Every way a reading leaves the log without being acknowledged is counted by reason in `dropped` (the
+reasons of the contract's `DropReason`) and kept in the state file, so the counts cover the life of the log:
+the size limit (above), a batch ingest rejects for good (`reject`, called by the uplink), and an append the
+disk refused (the readings never got in). A torn record cut off on start (the process or the machine died
+during its write()) was never durable, so never sent nor acknowledged; its count cannot be trusted, and
+it is logged, not counted.
 """
 
 from __future__ import annotations
@@ -57,6 +65,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fabrica.collector.v1.collector_service_pb2 import (
+    DROP_REASON_DISK_ERROR,
+    DROP_REASON_REJECTED_BY_INGEST,
+    DROP_REASON_SPOOL_FULL,
+)
 from fabrica.common.v1 import reading_pb2
 
 from .files import atomic_write, fsync_dir
@@ -72,10 +85,22 @@ SEGMENT_SUFFIX = ".seg"
 STATE_INTERVAL = 0.5
 #: Recently appended payloads kept in memory so that the uplink rarely reads them back from disk.
 CACHE_BYTES = 16 * 1024 * 1024
+#: Each DropReason the log counts, and its key in the state file ("dropped" is the name from before reasons).
+DROP_STATE_KEYS: dict[int, str] = {
+    DROP_REASON_SPOOL_FULL: "dropped",
+    DROP_REASON_REJECTED_BY_INGEST: "rejected_readings",
+    DROP_REASON_DISK_ERROR: "disk_error_readings",
+}
+_STATE_KEYS = ("acked", "high_water", "rejected_batches", *DROP_STATE_KEYS.values())
 
 
 def _crc(header_tail: bytes, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(header_tail))
+
+
+def format_ns(ns: int) -> str:
+    """A read time (ns since the epoch) for a log line: ISO 8601 in UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9 // 1000:06d}Z"
 
 
 def encode_record(sequence: int, payload: bytes, readings: int, oldest_ns: int) -> bytes:
@@ -127,7 +152,10 @@ class Spool:
         self.segment_bytes = segment_bytes or max(1024, min(8 * 1024 * 1024, max_bytes // 16))
         self.acked = 0
         self.high_water = 0
-        self.dropped_readings = 0
+        #: Readings that left the log without being acknowledged, by DropReason (since the log was created).
+        self.dropped: dict[int, int] = dict.fromkeys(DROP_STATE_KEYS, 0)
+        #: Batches ingest rejected for good (see `reject`).
+        self.rejected_batches = 0
         self._durable = 0
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
@@ -138,7 +166,7 @@ class Spool:
         self._disk_bytes = 0
         self._cache: dict[int, bytes] = {}
         self._cache_bytes = 0
-        self._persisted = (-1, -1, -1)
+        self._persisted: dict[str, int] = {}
         self._state_time = 0.0
         self._wake = asyncio.Event()
         self._durable_changed = asyncio.Event()
@@ -164,8 +192,9 @@ class Spool:
         return self._disk_bytes
 
     @property
-    def backlog_batches(self) -> int:
-        return sum(len(s.seqs) - bisect.bisect_right(s.seqs, self.acked) for s in self._segments)
+    def dropped_readings(self) -> int:
+        """Readings dropped for any reason (the sum of `dropped`)."""
+        return sum(self.dropped.values())
 
     def oldest_unacked_ns(self) -> int | None:
         """Read time (ns since the epoch) of the oldest unacknowledged reading, or None."""
@@ -186,7 +215,8 @@ class Spool:
         state = self._read_state()
         self.acked = state.get("acked", 0)
         self.high_water = state.get("high_water", 0)
-        self.dropped_readings = state.get("dropped", 0)
+        self.rejected_batches = state.get("rejected_batches", 0)
+        self.dropped = {reason: state.get(key, 0) for reason, key in DROP_STATE_KEYS.items()}
         paths = sorted(p for p in self.directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit())
         records = torn = 0
         last_seq = 0
@@ -204,14 +234,15 @@ class Spool:
         self.acked = min(self.acked, self.high_water)
         self._unacked_readings = sum(seg.readings_after(self.acked) for seg in self._segments)
         self._durable = self.high_water  # what survived a restart was read back from disk
-        self._persisted = (self.acked, self.high_water, self.dropped_readings)
+        self._persisted = self._state()
         self._opened = True
         self._delete_acked_segments()
         report = ScanReport(len(self._segments), records, torn)
         log.info(
             "spool opened",
             extra={"directory": str(self.directory), "segments": report.segments, "records": report.records,
-                   "acked": self.acked, "high_water": self.high_water, "backlog_readings": self._unacked_readings},
+                   "torn_bytes": report.torn_bytes, "acked": self.acked, "high_water": self.high_water,
+                   "backlog_readings": self._unacked_readings, "dropped_readings": self.dropped_readings},
         )
         return report
 
@@ -219,7 +250,7 @@ class Spool:
         path = self.directory / STATE_FILE
         try:
             raw = json.loads(path.read_text())
-            return {k: int(raw.get(k, 0)) for k in ("acked", "high_water", "dropped")}
+            return {k: int(raw.get(k, 0)) for k in _STATE_KEYS}
         except FileNotFoundError:
             return {}
         except (ValueError, TypeError, AttributeError) as exc:
@@ -286,6 +317,7 @@ class Spool:
                 os.ftruncate(fd, seg.size)
             except OSError:
                 self._roll()
+            self.dropped[DROP_REASON_DISK_ERROR] += readings  # the caller logs it: it knows the readings
             raise
         seg.add(sequence, seg.size, len(record), readings, oldest_ns)
         seg.size += len(record)
@@ -328,15 +360,26 @@ class Spool:
             lost = seg.readings_after(self.acked)
             self._remove(seg)
             if lost:
-                self.dropped_readings += lost
-                self._unacked_readings -= lost
-                first = seg.seqs[bisect.bisect_right(seg.seqs, self.acked)]
-                log.warning(
-                    "spool over its limit of %d bytes: dropped the oldest segment with %d unacknowledged readings "
-                    "(batches %d to %d); %d dropped since the log was created",
-                    self.max_bytes, lost, first, seg.last_seq, self.dropped_readings,
-                    extra={"dropped_readings": lost, "first_sequence": first, "last_sequence": seg.last_seq},
-                )
+                self._drop_logged(seg, lost)
+
+    def _drop_logged(self, seg: _Segment, lost: int) -> None:
+        """Count and log the unacknowledged readings of `seg`, deleted for the size limit."""
+        self.dropped[DROP_REASON_SPOOL_FULL] += lost
+        self._unacked_readings -= lost
+        i = bisect.bisect_right(seg.seqs, self.acked)
+        first, last = seg.seqs[i], seg.last_seq
+        since = seg.oldest[i]
+        # Readings are appended in read order: the next record kept starts where the dropped ones end.
+        after = next((s.oldest[0] for s in self._segments if s.seqs), None)
+        log.warning(
+            "spool over its limit of %d bytes: dropped the oldest segment, %d unacknowledged readings (batches %d "
+            "to %d, read from %s %s); %d dropped for the size limit since the log was created",
+            self.max_bytes, lost, first, last, format_ns(since),
+            f"to before {format_ns(after)}" if after is not None else "on",
+            self.dropped[DROP_REASON_SPOOL_FULL],
+            extra={"reason": "DROP_REASON_SPOOL_FULL", "dropped_readings": lost, "first_sequence": first,
+                   "last_sequence": last, "first_read_time_ns": since},
+        )
 
     def _remove(self, seg: _Segment) -> None:
         self._segments.remove(seg)
@@ -413,6 +456,21 @@ class Spool:
         self.acked = sequence
         self._wake.set()
 
+    def reject(self, sequence: int) -> tuple[bytes | None, int]:
+        """Ingest will never take batch `sequence`, the first unacknowledged one: acknowledge it, and count it
+        as rejected and its readings as dropped (DROP_REASON_REJECTED_BY_INGEST). Returns its payload (None
+        if the size limit dropped it meanwhile) and its number of readings (0 then)."""
+        if sequence <= self.acked:
+            return None, 0  # settled already
+        records = self.read_after(sequence - 1, max_records=1, durable_only=False)
+        payload = records[0][1] if records and records[0][0] == sequence else None
+        before = self._unacked_readings
+        self.ack(sequence)
+        readings = before - self._unacked_readings if payload is not None else 0
+        self.dropped[DROP_REASON_REJECTED_BY_INGEST] += readings
+        self.rejected_batches += 1
+        return payload, readings
+
     def renumber_above(self, committed: int) -> int:
         """Ingest has stored sequences up to `committed`, beyond anything this log has used: the local state
         was lost (a replaced disk, a deleted folder). Renumber the unacknowledged batches above `committed`,
@@ -486,18 +544,20 @@ class Spool:
             changed, self._durable_changed = self._durable_changed, asyncio.Event()
             changed.set()
 
-    def _state_bytes(self) -> bytes:
-        return json.dumps({"acked": self.acked, "high_water": self.high_water, "dropped": self.dropped_readings}).encode()
+    def _state(self) -> dict[str, int]:
+        state = {"acked": self.acked, "high_water": self.high_water, "rejected_batches": self.rejected_batches}
+        state.update((key, self.dropped[reason]) for reason, key in DROP_STATE_KEYS.items())
+        return state
 
     def _write_state_file(self, data: bytes) -> None:
         atomic_write(self.directory / STATE_FILE, data)
 
     async def _maybe_write_state(self) -> None:
-        current = (self.acked, self.high_water, self.dropped_readings)
+        current = self._state()
         if current == self._persisted or time.monotonic() - self._state_time < STATE_INTERVAL:
             return
         try:
-            await asyncio.to_thread(self._write_state_file, self._state_bytes())
+            await asyncio.to_thread(self._write_state_file, json.dumps(current).encode())
         except OSError as exc:
             log.error("cannot write the spool state: %s", exc)
             return
@@ -507,7 +567,7 @@ class Spool:
 
     def _delete_acked_segments(self) -> None:
         """Delete segments acknowledged as of the persisted state (whose high-water mark covers them)."""
-        acked = self._persisted[0]
+        acked = self._persisted["acked"]
         for seg in list(self._segments):
             if seg.last_seq > acked:
                 break
@@ -521,8 +581,9 @@ class Spool:
         retired, self._retired_fds = self._retired_fds, []
         self._sync_files(self._fd, retired, True)
         self._set_durable(self.high_water)
-        self._write_state_file(self._state_bytes())
-        self._persisted = (self.acked, self.high_water, self.dropped_readings)
+        state = self._state()
+        self._write_state_file(json.dumps(state).encode())
+        self._persisted = state
         self._state_time = time.monotonic()
         self._delete_acked_segments()
 
@@ -540,8 +601,8 @@ class Spool:
             # The blocking parts in a thread, the bookkeeping (and the event waiters) on the loop.
             await asyncio.to_thread(self._sync_files, None, retired, True)
             self._set_durable(self.high_water)
-            state = (self.acked, self.high_water, self.dropped_readings)
-            await asyncio.to_thread(self._write_state_file, self._state_bytes())
+            state = self._state()
+            await asyncio.to_thread(self._write_state_file, json.dumps(state).encode())
             self._persisted = state
             self._delete_acked_segments()
             self._opened = False

@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,46 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DropReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DropReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DropReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DROP_REASON_UNSPECIFIED: _DropReason.ValueType  # 0
+    """Not used."""
+    DROP_REASON_SPOOL_FULL: _DropReason.ValueType  # 1
+    """The store-and-forward log went over its size limit (FABRICA_COLLECTOR_LOG_MAX_BYTES) and its oldest
+    segment was deleted with the unacknowledged readings in it.
+    """
+    DROP_REASON_REJECTED_BY_INGEST: _DropReason.ValueType  # 2
+    """Ingest rejected the batch for good (INVALID_ARGUMENT); it was set aside in `rejected/` under the
+    collector's state folder.
+    """
+    DROP_REASON_DISK_ERROR: _DropReason.ValueType  # 3
+    """The disk refused to append the batch to the log (full, read-only, an I/O error); the readings were
+    never stored anywhere.
+    """
+
+class DropReason(_DropReason, metaclass=_DropReasonEnumTypeWrapper):
+    """Why a reading never reached ingest."""
+
+DROP_REASON_UNSPECIFIED: DropReason.ValueType  # 0
+"""Not used."""
+DROP_REASON_SPOOL_FULL: DropReason.ValueType  # 1
+"""The store-and-forward log went over its size limit (FABRICA_COLLECTOR_LOG_MAX_BYTES) and its oldest
+segment was deleted with the unacknowledged readings in it.
+"""
+DROP_REASON_REJECTED_BY_INGEST: DropReason.ValueType  # 2
+"""Ingest rejected the batch for good (INVALID_ARGUMENT); it was set aside in `rejected/` under the
+collector's state folder.
+"""
+DROP_REASON_DISK_ERROR: DropReason.ValueType  # 3
+"""The disk refused to append the batch to the log (full, read-only, an I/O error); the readings were
+never stored anywhere.
+"""
+Global___DropReason: _TypeAlias = DropReason  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
@@ -103,6 +144,8 @@ class GetStatusResponse(_message.Message):
     OLDEST_BACKLOG_TIME_FIELD_NUMBER: _builtins.int
     DROPPED_READINGS_FIELD_NUMBER: _builtins.int
     UPLINK_CONNECTED_FIELD_NUMBER: _builtins.int
+    DROPPED_READINGS_BY_REASON_FIELD_NUMBER: _builtins.int
+    REJECTED_BATCHES_FIELD_NUMBER: _builtins.int
     collector_id: _builtins.str
     """The collector id."""
     applied_revision: _builtins.int
@@ -112,9 +155,13 @@ class GetStatusResponse(_message.Message):
     backlog_bytes: _builtins.int
     """Bytes of the store-and-forward log on disk."""
     dropped_readings: _builtins.int
-    """Readings dropped because the log reached its size limit (oldest first)."""
+    """Readings dropped without reaching ingest, since the log was created: the sum over every reason in
+    `dropped_readings_by_reason`.
+    """
     uplink_connected: _builtins.bool
     """Whether the uplink to ingest is connected."""
+    rejected_batches: _builtins.int
+    """Batches ingest rejected for good (INVALID_ARGUMENT) and that were set aside, since the log was created."""
     @_builtins.property
     def plcs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlcRuntimeStatus]:
         """Per-PLC status."""
@@ -122,6 +169,10 @@ class GetStatusResponse(_message.Message):
     @_builtins.property
     def oldest_backlog_time(self) -> _timestamp_pb2.Timestamp:
         """Read time of the oldest unacknowledged reading."""
+
+    @_builtins.property
+    def dropped_readings_by_reason(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedReadings]:
+        """Readings dropped since the log was created, one entry for every reason (zero counts included)."""
 
     def __init__(
         self,
@@ -134,14 +185,42 @@ class GetStatusResponse(_message.Message):
         oldest_backlog_time: _timestamp_pb2.Timestamp | None = ...,
         dropped_readings: _builtins.int = ...,
         uplink_connected: _builtins.bool = ...,
+        dropped_readings_by_reason: _abc.Iterable[Global___DroppedReadings] | None = ...,
+        rejected_batches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_backlog_time", b"oldest_backlog_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "backlog_bytes", b"backlog_bytes", "backlog_readings", b"backlog_readings", "collector_id", b"collector_id", "dropped_readings", b"dropped_readings", "oldest_backlog_time", b"oldest_backlog_time", "plcs", b"plcs", "uplink_connected", b"uplink_connected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "backlog_bytes", b"backlog_bytes", "backlog_readings", b"backlog_readings", "collector_id", b"collector_id", "dropped_readings", b"dropped_readings", "dropped_readings_by_reason", b"dropped_readings_by_reason", "oldest_backlog_time", b"oldest_backlog_time", "plcs", b"plcs", "rejected_batches", b"rejected_batches", "uplink_connected", b"uplink_connected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class DroppedReadings(_message.Message):
+    """A count of dropped readings for one reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    READINGS_FIELD_NUMBER: _builtins.int
+    reason: Global___DropReason.ValueType
+    """Why they were dropped."""
+    readings: _builtins.int
+    """How many readings."""
+    def __init__(
+        self,
+        *,
+        reason: Global___DropReason.ValueType = ...,
+        readings: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["readings", b"readings", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DroppedReadings: _TypeAlias = DroppedReadings  # noqa: Y015
 
 @_typing.final
 class ProbePlcRequest(_message.Message):

@@ -1,12 +1,16 @@
-"""``IngestUplink``: the client side of StreamReadings, for the collector (and tests and benchmarks).
+"""``IngestUplink``: the client side of ingest's StreamReadings, for the collector (and tests and benchmarks).
 
 It opens the stream, learns from ``resume`` where ingest stands, sends batches from a
 :class:`BatchSource` after that point, keeps at most ``max_in_flight`` unacknowledged, checks that acks
-come in order, and tells the source what is acknowledged (so a store-and-forward log can delete it). On a
-retryable error (UNAVAILABLE and the like: ingest restarting, Postgres away) it reconnects with
-exponential backoff and jitter and resends everything after the new resume point; ingest stores each
-batch once whatever is resent. INVALID_ARGUMENT and other permanent errors end :meth:`IngestUplink.run`
-with :class:`UplinkRejected`: resending the same batch cannot help.
+come in order, and tells the source what is acknowledged (so a store-and-forward log can delete it).
+
+:meth:`IngestUplink.run` is the one reconnect loop of the uplink; it waits with the runtime's
+:class:`~fabrica_svc.runtime.retry.RetryPolicy` (the channel below only re-establishes its connection).
+On a retryable error (UNAVAILABLE and the like: ingest restarting, Postgres away) it reconnects and
+resends everything after the new resume point; ingest stores each batch once whatever is resent.
+INVALID_ARGUMENT and other permanent errors become :class:`UplinkRejected` (resending the same batch cannot
+help), with ingest's error details decoded. Without an ``on_failure`` handler, that and an error of the
+source end ``run()``; with one (the collector's), the handler decides and the same loop goes on.
 
 Example::
 
@@ -19,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +33,9 @@ import grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+
+from ..runtime.retry import SERVICE_RETRY, RetryPolicy
+from .errors import ErrorDetails, error_details
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +85,19 @@ class UplinkRejected(Exception):
     """Ingest rejected the stream with a permanent error (e.g. INVALID_ARGUMENT for a bad batch)."""
 
     def __init__(self, error: grpc.aio.AioRpcError, sequence: int | None):
-        super().__init__(f"ingest rejected the stream ({error.code().name}: {error.details()});"
-                         f" first unacknowledged batch: {sequence}")
+        details = error_details(error)
+        super().__init__(f"ingest rejected the stream ({details}); first unacknowledged batch: {sequence}")
         self.error = error
+        #: Ingest's status, decoded: ErrorInfo reason, field violations.
+        self.details: ErrorDetails = details
         self.sequence = sequence
+
+
+#: Called by :meth:`IngestUplink.run` with what a reconnect does not fix by itself: an
+#: :class:`UplinkRejected` or an error of the source. Return True when the cause is removed (e.g. the
+#: rejected batch set aside: the next attempt starts at once and the backoff starts over), False to try again
+#: after the backoff; raise to end ``run()``.
+FailureHandler = Callable[[Exception], Awaitable[bool]]
 
 
 class _Retry(Exception):
@@ -98,7 +113,7 @@ class UplinkStats:
     readings_written: int = 0
     #: Streams opened (the first one included).
     streams: int = 0
-    #: Status codes of the errors that made the uplink reconnect, in order (the last 100).
+    #: Status codes of the errors that ended a stream, in order (the last 100).
     errors: list[grpc.StatusCode] = field(default_factory=list)
 
 
@@ -110,51 +125,56 @@ class IngestUplink:
         source: BatchSource,
         *,
         max_in_flight: int = 32,
-        initial_backoff: float = 0.1,
-        max_backoff: float = 5.0,
-        max_attempts: int | None = None,
+        retry: RetryPolicy = SERVICE_RETRY,
         retryable: frozenset[grpc.StatusCode] = RETRYABLE,
+        on_failure: FailureHandler | None = None,
     ):
         self.stub = pb_grpc.IngestServiceStub(channel)
         self.collector_id = collector_id
         self.source = source
+        #: Read when a stream opens: a failure handler may change it for the next attempt.
         self.max_in_flight = max_in_flight
-        self.initial_backoff = initial_backoff
-        self.max_backoff = max_backoff
-        self.max_attempts = max_attempts
+        self.retry = retry
         self.retryable = retryable
+        self.on_failure = on_failure
         self.stats = UplinkStats()
         self._first_unacked: int | None = None
 
     async def run(self) -> UplinkStats:
         """Send until the source ends and everything is acknowledged (forever for an endless source).
-        Reconnects on retryable errors, after `max_attempts` consecutive failures (if set) re-raises the
-        last one; raises :class:`UplinkRejected` on a permanent error."""
-        backoff = self.initial_backoff
-        failures = 0
+
+        Reconnects on retryable errors after the retry policy's backoff, which starts over whenever an
+        attempt got something acknowledged. A permanent error (:class:`UplinkRejected`) or an error of the
+        source goes to `on_failure` when there is one, else ends the run."""
+        backoff = self.retry.backoff()
         while True:
             progress_before = self.stats.acked_sequence
             try:
                 await self._stream()
                 return self.stats
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in self.retryable:
-                    raise UplinkRejected(exc, self._first_unacked) from exc
-                error: BaseException = exc
                 self._note_error(exc.code())
+                failure: Exception = exc if exc.code() in self.retryable else UplinkRejected(exc, self._first_unacked)
             except _Retry as exc:
-                error = exc
                 self._note_error(grpc.StatusCode.UNAVAILABLE)
+                failure = exc
+            except Exception as exc:  # the source's (a spool's disk, a bug): the handler decides
+                failure = exc
             if self.stats.acked_sequence > progress_before:
-                backoff, failures = self.initial_backoff, 0
-            failures += 1
-            if self.max_attempts is not None and failures >= self.max_attempts:
-                raise error
-            delay = backoff * random.uniform(0.5, 1.0)
+                backoff.reset()
+            if not isinstance(failure, (grpc.aio.AioRpcError, _Retry)):
+                if self.on_failure is None:
+                    if isinstance(failure, UplinkRejected):
+                        raise failure from failure.error
+                    raise failure
+                if await self.on_failure(failure):
+                    backoff.reset()
+                    continue
+            delay = backoff.next_delay()
+            reason = str(error_details(failure)) if isinstance(failure, grpc.aio.AioRpcError) else str(failure)
             log.info("uplink reconnecting", extra={"collector_id": self.collector_id, "delay": round(delay, 3),
-                                                   "error": str(error)[:200]})
+                                                   "error": reason[:500]})
             await asyncio.sleep(delay)
-            backoff = min(backoff * 2, self.max_backoff)
 
     def _note_error(self, code: grpc.StatusCode) -> None:
         self.stats.errors.append(code)
@@ -199,8 +219,12 @@ class IngestUplink:
             while True:
                 try:
                     response = await call.read()
-                except grpc.aio.AioRpcError:
-                    if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                    # The sender cancels the call when the source fails: the read then raises CancelledError
+                    # (grpc's, for a call cancelled locally), which must not pass for this task's cancellation.
+                    task = asyncio.current_task()
+                    if (sender.done() and not sender.cancelled() and sender.exception() is not None
+                            and not (task is not None and task.cancelling())):
                         raise sender.exception() from None  # type: ignore[misc]
                     raise
                 if response is grpc.aio.EOF:

@@ -1,0 +1,6 @@
+"""Clients of the services' contracts, for other services, tests and benchmarks (no server code here).
+
+- ``ingest``: ``IngestUplink``, the client side of ingest's StreamReadings (the collector's uplink runs it).
+- ``errors``: decodes a ``google.rpc.Status`` from a failed call (ErrorInfo reason, field violations) for
+  the clients' logs and retry decisions.
+"""
