@@ -144,7 +144,11 @@ async def test_cursor_older_than_retained_events_is_out_of_range(ingest) -> None
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(ingest.stub, pb.WatchTagEventsRequest(after_cursor=events[0].cursor), 1)
     assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert error_info(err.value).reason == "CURSOR_OUT_OF_RANGE"
+    assert err.value.details() == (
+        f"after_cursor {events[0].cursor} is older than the retained events (events up to {events[2].cursor} were"
+        " removed by retention); resume from 0 for the oldest retained event")
+    info = error_info(err.value)
+    assert (info.reason, dict(info.metadata)) == ("CURSOR_OUT_OF_RANGE", {"purged_through": str(events[2].cursor)})
     # the last removed cursor and 0 both resume at the oldest retained event
     for after in (events[2].cursor, 0):
         assert await collect(ingest.stub, pb.WatchTagEventsRequest(after_cursor=after), 3) == events[3:]
