@@ -1,8 +1,8 @@
 """`fabrica run`: the whole local stack in one process, for trying Fabrica out.
 
-An embedded Postgres in --data-dir, every service on consecutive ports from --base-port, and (once the
-collector and production services are part of the build) the PLC simulator with a demo plant, demo PLC
-definitions and a demo order, so live data flows as soon as it starts. Ctrl-C stops it all.
+An embedded Postgres in --data-dir (unless DATABASE_URL names one), every service on consecutive ports from
+--base-port, and (unless --no-demo) the PLC simulator with a demo plant, demo PLC definitions and a demo
+order, so live data flows as soon as it starts. Ctrl-C stops it all.
 """
 
 from __future__ import annotations
