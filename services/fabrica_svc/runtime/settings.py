@@ -52,6 +52,9 @@ class Settings:
     #: Peers, for the services that call them ("" = not configured; each service says what that means).
     config_addr: str = ""
     ingest_addr: str = ""
+    #: The service has its process to itself (`fabrica serve`), so process-wide tuning may apply (the
+    #: collector's gc.freeze); False when `fabrica run` or a test hosts several services in one process.
+    sole_service: bool = False
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
