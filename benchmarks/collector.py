@@ -159,7 +159,8 @@ async def _run_collector(ports: list[int], sink: int, child_pid: int, steps: lis
     batcher = Batcher("bench", spool, max_readings=500, max_latency=0.2)
     uplink = Uplink(f"127.0.0.1:{sink}", "bench", spool, state, backoff_min=0.1, backoff_max=1.0)
     uplink.start()
-    supervisor = PlcSupervisor("bench", batcher.add, BusRegistry(), metrics=PollMetrics())
+    # freeze_gc as in `fabrica serve collector`: the collector has this process to itself.
+    supervisor = PlcSupervisor("bench", batcher.add, BusRegistry(), metrics=PollMetrics(), freeze_gc=True)
     plcs = _plcs(ports)
     rows = []
     try:

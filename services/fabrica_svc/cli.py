@@ -52,7 +52,7 @@ def create_app(service: str, settings: Settings) -> ServiceApp:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = load_settings(args.service)
+    settings = load_settings(args.service).with_overrides(sole_service=True)
     if args.port is not None:
         settings = settings.with_overrides(port=args.port)
     if args.host is not None:

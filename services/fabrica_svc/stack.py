@@ -1,8 +1,8 @@
 """`fabrica run`: the whole local stack in one process, for trying Fabrica out.
 
-An embedded Postgres in --data-dir, every service on consecutive ports from --base-port, and the PLC
-simulator with a demo plant, demo PLC definitions and a demo order, so live data flows as soon as it
-starts. Ctrl-C stops it all.
+An embedded Postgres in --data-dir (unless DATABASE_URL names one), every service on consecutive ports from
+--base-port, and (unless --no-demo) the PLC simulator with a demo plant, demo PLC definitions and a demo
+order, so live data flows as soon as it starts. Ctrl-C stops it all.
 
 Each service gets its settings as `fabrica serve` would read them, pointed at this stack (its port, the
 data folder, the database, its peers, the demo collector id) and passed to its ``create_app``; the process

@@ -17,10 +17,22 @@ from fabrica_svc.ingest.config import IngestConfig
 from fabrica_svc.ingest.maintenance import maintain
 from fabrica_svc.ingest.store import EVENTS_LOCK_KEY
 
-from .support import MACHINE_STATE, PRODUCTION_COUNTER, T0_US, batch, reading, stream_batches
+from .support import MACHINE_STATE, PRODUCTION_COUNTER, T0_US, batch, reading, stream_batches, wait_for
 
 #: Watchers poll only every 60 s here: whatever arrives sooner came through NOTIFY.
 NOTIFY_ONLY = IngestConfig(event_poll_interval=60.0, group_max_delay=0.002)
+
+
+async def until_live(ingest, watchers: int = 1) -> None:  # noqa: ANN001 - support.Ingest
+    """Wait until `watchers` WatchTagEvents streams have read everything and wait on the hub for a NOTIFY."""
+    await wait_for(lambda: ingest.app.hub.waiting == watchers, what=f"{watchers} watcher(s) waiting on the hub")
+
+
+def assert_woken_by_notify(ingest) -> None:  # noqa: ANN001 - support.Ingest
+    """A watcher that waited on the hub was woken, and only a NOTIFY can have done it: the hub never
+    reconnected (a reconnect wakes every watcher too) and the poll interval is a minute away."""
+    hub = ingest.app.hub
+    assert hub.connects == 1 and hub.notifications > 0 and hub.woken > 0, (hub.connects, hub.notifications, hub.woken)
 
 
 def counter_batches(collector: str, count: int, per_batch: int = 3, first_sequence: int = 1,
@@ -70,7 +82,9 @@ async def test_watch_catches_up_from_a_cursor_then_goes_live(ingest_factory) -> 
                 break
         assert_exactly_once(events, first)
         assert events[0].role == PRODUCTION_COUNTER and events[0].plc_id == "press-1"
-        # live: written after the watch caught up, delivered by NOTIFY (polling is a minute away)
+        # live: written once the watch caught up and waits on the hub, delivered by NOTIFY
+        await until_live(ingest)
+        woken = ingest.app.hub.woken
         more = counter_batches("c1", 3, first_sequence=5)
         await stream_batches(ingest.stub, "c1", more)
         async for response in call:
@@ -78,6 +92,8 @@ async def test_watch_catches_up_from_a_cursor_then_goes_live(ingest_factory) -> 
             if len(events) >= len(first) + 9:
                 break
     call.cancel()
+    assert_woken_by_notify(ingest)
+    assert ingest.app.hub.woken > woken
     assert_exactly_once(events, first + [r.value.int_value for b in more for r in b.readings[:3]])
     # resuming after any cursor gives exactly the events after it
     k = 5
@@ -109,11 +125,12 @@ async def test_replicas_write_in_commit_order_and_a_live_watcher_on_another_repl
              for n, cid in enumerate(collectors, start=1)}
     expected = [r.value.int_value for bs in plans.values() for bt in bs for r in bt.readings[:4]]
     watcher = asyncio.create_task(collect(c.stub, pb.WatchTagEventsRequest(), len(expected), timeout=30))
-    await asyncio.sleep(0.2)  # the watcher is live before anything is written
+    await until_live(c)  # the watcher has read the (empty) table and waits before anything is written
     await asyncio.gather(*(stream_batches(server.stub, cid, plans[cid]) for cid, server in collectors.items()))
     events = await watcher
     assert len(events) == len(expected)
     assert_exactly_once(events, expected)
+    assert_woken_by_notify(c)  # every event came live, from the other replicas' NOTIFYs
 
 
 async def test_cursor_older_than_retained_events_is_out_of_range(ingest) -> None:
@@ -127,7 +144,11 @@ async def test_cursor_older_than_retained_events_is_out_of_range(ingest) -> None
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(ingest.stub, pb.WatchTagEventsRequest(after_cursor=events[0].cursor), 1)
     assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    assert error_info(err.value).reason == "CURSOR_OUT_OF_RANGE"
+    assert err.value.details() == (
+        f"after_cursor {events[0].cursor} is older than the retained events (events up to {events[2].cursor} were"
+        " removed by retention); resume from 0 for the oldest retained event")
+    info = error_info(err.value)
+    assert (info.reason, dict(info.metadata)) == ("CURSOR_OUT_OF_RANGE", {"purged_through": str(events[2].cursor)})
     # the last removed cursor and 0 both resume at the oldest retained event
     for after in (events[2].cursor, 0):
         assert await collect(ingest.stub, pb.WatchTagEventsRequest(after_cursor=after), 3) == events[3:]

@@ -76,7 +76,8 @@ class CollectorApp:
         self.batcher = Batcher(cfg.collector_id, self.spool, max_readings=cfg.batch_size, max_latency=cfg.batch_latency)
         self.buses = BusRegistry()
         self.supervisor = PlcSupervisor(cfg.collector_id, self.batcher.add, self.buses, backoff_min=cfg.reconnect_min,
-                                        backoff_max=cfg.reconnect_max, metrics=PollMetrics())
+                                        backoff_max=cfg.reconnect_max, metrics=PollMetrics(),
+                                        freeze_gc=self.settings.sole_service)
         self._started.append("supervisor")
         self.watcher = ConfigWatcher(cfg.config_addr, cfg.collector_id, self.supervisor, state_dir,
                                      backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max,

@@ -7,11 +7,14 @@ when nothing the collector uses did. A changed PLC is restarted as a whole (new 
 simple, and a changed tag can then never be read in its old form.
 
 Garbage collection. A collector holds many long-lived objects (per tag: its state, its compiled decoder;
-per PLC: its definition), and CPython's full collections visit all of them: with a few hundred PLCs a full
-collection stalls the event loop for 100 ms and more, which shows as poll lateness. Once a configuration
-is applied (and has stayed unchanged for a second, so a burst of changes costs one pass), the supervisor
-collects and then freezes what is left (gc.freeze: moved to a permanent generation that collections skip).
-Unfreezing first, each time, lets the next pass reclaim what a stopped poller left in cycles.
+per PLC: its definition), and CPython's full collections visit all of them: with 300 PLCs of 100 tags a full
+collection takes some 50 ms (measured on the 2-core development VM), a stall of the event loop that shows
+as poll lateness. So, with `freeze_gc`, once a configuration is applied (and has stayed unchanged for a
+second, so a burst of changes costs one pass) the supervisor collects and then freezes what is left
+(gc.freeze: moved to a permanent generation that collections skip). Unfreezing first, each time, lets the
+next pass reclaim what a stopped poller left in cycles. gc.freeze acts on the whole process, so it is only
+for a collector that has its process to itself (``fabrica serve collector``); when ``fabrica run`` (or a
+test) hosts it next to other services, it would freeze their objects too, and is off.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def definition_key(plc: plc_pb2.Plc) -> bytes:
 
 class PlcSupervisor:
     def __init__(self, collector_id: str, emit: Emit, buses: BusRegistry, *, backoff_min: float = 0.5,
-                 backoff_max: float = 30.0, metrics: PollMetrics | None = None):
+                 backoff_max: float = 30.0, metrics: PollMetrics | None = None, freeze_gc: bool = False):
         self.collector_id = collector_id
         self.emit = emit
         self.buses = buses
@@ -58,6 +61,10 @@ class PlcSupervisor:
         self._lock = asyncio.Lock()
         #: PLC ids started, in order (tests and logs use it to see what was restarted).
         self.starts: list[str] = []
+        #: Freeze the long-lived objects after each configuration change (see above): only when alone in the process.
+        self.freeze_gc = freeze_gc
+        #: Collect-and-freeze passes done.
+        self.gc_freezes = 0
         self._settle: asyncio.TimerHandle | None = None
 
     def _make_driver(self, plc: plc_pb2.Plc) -> Driver:
@@ -88,6 +95,8 @@ class PlcSupervisor:
         self._settle_later()
 
     def _settle_later(self) -> None:
+        if not self.freeze_gc:
+            return
         if self._settle is not None:
             self._settle.cancel()
         self._settle = asyncio.get_running_loop().call_later(GC_SETTLE_DELAY, self._settle_gc)
@@ -97,6 +106,7 @@ class PlcSupervisor:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+        self.gc_freezes += 1
 
     async def _upsert(self, plc: plc_pb2.Plc) -> None:
         if plc.collector_id and plc.collector_id != self.collector_id:
@@ -138,7 +148,8 @@ class PlcSupervisor:
             pollers = [poller for _, poller in self._pollers.values()]
             self._pollers.clear()
             await asyncio.gather(*(p.stop() for p in pollers))
-        gc.unfreeze()  # what the pollers held may be collected again
+        if self.gc_freezes:
+            gc.unfreeze()  # what the pollers held may be collected again
 
     def statuses(self) -> list[PollerStatus]:
         """One status per PLC of the applied configuration, by id (disabled ones idle, without error)."""

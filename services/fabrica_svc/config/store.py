@@ -233,9 +233,6 @@ class ConfigStore:
             out.append(Change(r["revision"], r["plc_id"], r["old_collector_id"], r["new_collector_id"], plc))
         return out, oldest, current
 
-    async def current_revision(self) -> int:
-        return await self.pool.fetchval("SELECT value FROM revision")
-
     async def report(self, collector_id: str, applied_revision: int,
                      statuses: Sequence[collector_status_pb2.PlcStatus]) -> int:
         blob = collector_status_pb2.Collector(plc_statuses=statuses).SerializeToString(deterministic=True)

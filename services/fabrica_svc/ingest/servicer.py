@@ -14,15 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
-from ..runtime.errors import FieldViolation, InvalidArgument
-from ..runtime.interceptors import DOMAIN, STATUS_DETAILS_KEY
+from ..runtime.errors import FieldViolation, InvalidArgument, OutOfRange
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.timefmt import to_datetime
 from .config import IngestConfig
@@ -159,7 +156,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             wake = self.hub.current()  # before the query: a notification during it is not lost
             page = await self.store.events_page(after, tag_ids, plc_ids, EVENTS_PAGE)
             if 0 < after < page.purged_through:
-                await _abort_out_of_range(context, after, page.purged_through)
+                raise OutOfRange(
+                    f"after_cursor {after} is older than the retained events (events up to {page.purged_through}"
+                    " were removed by retention); resume from 0 for the oldest retained event",
+                    reason="CURSOR_OUT_OF_RANGE", metadata={"purged_through": str(page.purged_through)},
+                )
             if page.rows:
                 yield pb.WatchTagEventsResponse(events=[tag_event_from_row(r) for r in page.rows])
                 after = page.rows[-1]["cursor"]
@@ -279,16 +280,3 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 setattr(summary, name, row[key])
         return pb.SummarizeReadingsResponse(summary=summary)
 
-
-async def _abort_out_of_range(context: grpc.aio.ServicerContext, after: int, purged_through: int) -> None:
-    # The runtime's domain errors have no OUT_OF_RANGE; the rich status is built the same way it builds them.
-    message = (f"after_cursor {after} is older than the retained events (events up to {purged_through} were"
-               " removed by retention); resume from 0 for the oldest retained event")
-    info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(
-        reason="CURSOR_OUT_OF_RANGE", domain=DOMAIN, metadata={"purged_through": str(purged_through)}
-    ))
-    rich = status_pb2.Status(code=grpc.StatusCode.OUT_OF_RANGE.value[0], message=message, details=[info])
-    await context.abort(
-        grpc.StatusCode.OUT_OF_RANGE, message, trailing_metadata=((STATUS_DETAILS_KEY, rich.SerializeToString()),)
-    )

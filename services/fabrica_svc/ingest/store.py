@@ -431,9 +431,6 @@ class IngestStore:
             )
         return EventsPage(rows, marks["high"], marks["purged"])
 
-    async def purged_through(self) -> int:
-        return int(await self.pool.fetchval("SELECT purged_through FROM ingest.event_retention") or 0)
-
     # --- maintenance ----------------------------------------------------------------------------------
 
     async def partitions(self) -> list[str]:

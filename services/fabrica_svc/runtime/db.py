@@ -16,6 +16,8 @@ from pathlib import Path
 
 import asyncpg
 
+from .retry import SERVICE_RETRY, RetryPolicy
+
 log = logging.getLogger(__name__)
 
 
@@ -96,8 +98,12 @@ async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int
     return pool
 
 
-async def connect_with_retry(dsn: str, *, attempts: int = 30, delay: float = 0.5) -> asyncpg.Connection:
-    """Connect once Postgres accepts connections (it may still be starting next to us)."""
+async def connect_with_retry(dsn: str, *, attempts: int = 30, retry: RetryPolicy = SERVICE_RETRY) -> asyncpg.Connection:
+    """Connect once Postgres accepts connections (it may still be starting next to us).
+
+    Up to `attempts` tries, waiting between them as `retry` says (with the default policy, one to
+    two minutes in all)."""
+    backoff = retry.backoff()
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
@@ -105,7 +111,8 @@ async def connect_with_retry(dsn: str, *, attempts: int = 30, delay: float = 0.5
         except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
             last = exc
             log.warning("Postgres not reachable yet", extra={"attempt": attempt, "error": str(exc)})
-            await asyncio.sleep(min(delay * attempt, 5.0))
+            if attempt < attempts:
+                await backoff.wait()
     raise ConnectionError(f"Postgres not reachable after {attempts} attempts: {last}")
 
 

@@ -86,6 +86,13 @@ class Aborted(DomainError):
     reason = "ABORTED"
 
 
+class OutOfRange(DomainError):
+    """A position past what exists or is still kept (e.g. a cursor older than the retained events). Maps to
+    OUT_OF_RANGE: the client starts again from a position that is valid."""
+
+    reason = "OUT_OF_RANGE"
+
+
 class Unavailable(DomainError):
     """A dependency (Postgres, a peer service) is not reachable. Maps to UNAVAILABLE; retry later."""
 
@@ -100,6 +107,7 @@ __all__ = [
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PreconditionViolation",
     "Unavailable",
 ]

@@ -3,11 +3,12 @@
 It validates each request message against the protovalidate rules written in the protos, answering
 INVALID_ARGUMENT with ``google.rpc.BadRequest`` field violations before the handler sees anything, and it
 maps domain errors (runtime/errors.py) and lost-database errors to status codes with
-``google.rpc.Status`` details, in this one place. It also records per-RPC metrics.
+``google.rpc.Status`` details (built with grpcio-status), in this one place. It also records per-RPC metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from opentelemetry import metrics
 
 from .db import DB_UNAVAILABLE_ERRORS
@@ -27,6 +29,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     Unavailable,
 )
 from .validation import violations_of
@@ -34,6 +37,7 @@ from .validation import violations_of
 log = logging.getLogger(__name__)
 
 DOMAIN = "fabrica.dev"
+#: The trailer grpcio-status writes the rich status to (clients and tests decode it from there).
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 _CODES: list[tuple[type[DomainError], grpc.StatusCode]] = [
@@ -42,6 +46,7 @@ _CODES: list[tuple[type[DomainError], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Aborted, grpc.StatusCode.ABORTED),
+    (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 ]
 
@@ -82,8 +87,9 @@ def status_for(exc: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: DomainError) -> None:
-    code, rich = status_for(exc)
-    await context.abort(code, rich.message, trailing_metadata=((STATUS_DETAILS_KEY, rich.SerializeToString()),))
+    """End the RPC with the rich status of `exc` (grpcio-status puts it in ``grpc-status-details-bin``)."""
+    _, rich = status_for(exc)
+    await context.abort_with_status(rpc_status.to_status(rich))
 
 
 def _translate(exc: BaseException) -> DomainError | None:
@@ -110,6 +116,23 @@ async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> Asy
                                                             + "; ".join(f"{v.field}: {v.description}" for v in found)))
         index += 1
         yield request
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler,
+                  wrap: Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour replaced by ``wrap(behavior, request_streaming, response_streaming)``,
+    whichever of the four RPC shapes it has (as grpc's examples/python/interceptors do)."""
+    if handler.request_streaming and handler.response_streaming:
+        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    return factory(wrap(behavior, handler.request_streaming, handler.response_streaming),
+                   request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -142,6 +165,49 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._record(method, code, started)
         await abort_with(context, domain)
 
+    @contextlib.asynccontextmanager
+    async def _outcome(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Around one RPC: an exception becomes its status (in one place), and the outcome is recorded.
+
+        An abort by the handler itself (context.abort) passes through as it is."""
+        started = time.perf_counter()
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._fail(context, method, exc, started)
+        self._record(method, grpc.StatusCode.OK, started)
+
+    def _checked(self, request: Any, request_streaming: bool) -> Any:
+        """The request, validated: a message now, or each message of a stream as it is read."""
+        if request_streaming:
+            return _validated_stream(request, self.validate)
+        if self.validate:
+            found = violations_of(request)
+            if found:
+                raise InvalidArgument(found)
+        return request
+
+    def _behavior(self, method: str) -> Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]:
+        def wrap(behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool) -> Callable[..., Any]:
+            if response_streaming:
+
+                async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                    async with self._outcome(method, context):
+                        async for response in _responses(behavior, self._checked(request, request_streaming), context):
+                            yield response
+
+                return streaming
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with self._outcome(method, context):
+                    return await behavior(self._checked(request, request_streaming), context)
+
+            return unary
+
+        return wrap
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -150,87 +216,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        validate = self.validate
-        intercept = self
-
-        if handler.unary_unary or handler.unary_stream:
-            behavior = handler.unary_unary or handler.unary_stream
-
-            async def check(request: Any, context: grpc.aio.ServicerContext, started: float) -> bool:
-                if validate:
-                    found = violations_of(request)
-                    if found:
-                        await intercept._fail(context, method, InvalidArgument(found), started)
-                        return False
-                return True
-
-            if handler.unary_unary:
-
-                async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    started = time.perf_counter()
-                    await check(request, context, started)
-                    try:
-                        response = await behavior(request, context)
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception as exc:  # mapped to a status in one place
-                        await intercept._fail(context, method, exc, started)
-                    intercept._record(method, grpc.StatusCode.OK, started)
-                    return response
-
-                return grpc.unary_unary_rpc_method_handler(
-                    unary_unary, handler.request_deserializer, handler.response_serializer
-                )
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                await check(request, context, started)
-                try:
-                    async for response in _responses(behavior, request, context):
-                        yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await intercept._fail(context, method, exc, started)
-                intercept._record(method, grpc.StatusCode.OK, started)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-
-        behavior = handler.stream_unary or handler.stream_stream
-        if handler.stream_unary:
-
-            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                try:
-                    response = await behavior(_validated_stream(requests, validate), context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await intercept._fail(context, method, exc, started)
-                intercept._record(method, grpc.StatusCode.OK, started)
-                return response
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
-            )
-
-        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            try:
-                async for response in _responses(behavior, _validated_stream(requests, validate), context):
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await intercept._fail(context, method, exc, started)
-            intercept._record(method, grpc.StatusCode.OK, started)
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
-        )
+        return _wrap_handler(handler, self._behavior(handler_call_details.method.rsplit("/", 1)[-1]))
 
 
 async def _responses(behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

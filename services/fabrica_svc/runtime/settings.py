@@ -69,6 +69,9 @@ class Settings:
     port_file: Path | None = None
     #: The collector's id ("" = not set; the collector refuses to start without one).
     collector_id: str = ""
+    #: The service has its process to itself (`fabrica serve`), so process-wide tuning may apply (the
+    #: collector's gc.freeze); False when `fabrica run` or a test hosts several services in one process.
+    sole_service: bool = False
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]

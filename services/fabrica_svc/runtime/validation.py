@@ -5,7 +5,7 @@ from __future__ import annotations
 import protovalidate
 from google.protobuf import message
 
-from .errors import FieldViolation, InvalidArgument
+from .errors import FieldViolation
 
 
 def field_path(violation: protovalidate.Violation) -> str:
@@ -31,10 +31,3 @@ def violations_of(msg: message.Message, prefix: str = "") -> list[FieldViolation
         path = ".".join(p for p in (prefix, path) if p) or "(message)"
         out.append(FieldViolation(path, v.proto.message or v.proto.rule_id))
     return out
-
-
-def check(msg: message.Message, prefix: str = "") -> None:
-    """Raise InvalidArgument if `msg` breaks a rule written in its proto."""
-    found = violations_of(msg, prefix)
-    if found:
-        raise InvalidArgument(found)
