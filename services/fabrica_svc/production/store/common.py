@@ -3,6 +3,8 @@ errors a missing or stale row gives."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import asyncpg
 
 from ...runtime.errors import Aborted, FailedPrecondition, NotFound, PreconditionViolation
@@ -59,7 +61,7 @@ async def notify(conn: asyncpg.Connection, revision: int) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(revision))
 
 
-async def now(conn: asyncpg.Connection) -> object:
+async def now(conn: asyncpg.Connection) -> datetime:
     """The transaction's time (what now() gives every statement of it)."""
     return await conn.fetchval("SELECT now()")
 
