@@ -12,7 +12,9 @@ bindings are created or changed, production asks config (ConfigService.GetPlc of
   32 when 0): ``COUNTER_WIDTH``. Production books at the work centre's width; config's declared width must
   agree with it, so the one field is never silently ignored.
 
-A production service with no config address (FABRICA_CONFIG_ADDR unset) skips the check and says so once
+A create is checked before its transaction; an update is checked inside it, after the row is locked and the
+update mask merged (only if the plc, a bound tag or the counter width changed), so what is checked is what is
+written. A production service with no config address (FABRICA_CONFIG_ADDR unset) skips the check and says so once
 at start. Config being unreachable makes the write UNAVAILABLE (retry), never unchecked.
 """
 
@@ -27,16 +29,11 @@ from fabrica.config.v1 import config_service_pb2, config_service_pb2_grpc
 
 from ..runtime.errors import FailedPrecondition, PreconditionViolation, Unavailable
 from . import domain
+from .resources import TAG_FIELDS
 from .store.records import WorkCenter
 
 log = logging.getLogger(__name__)
 
-#: The role each binding field needs in config.
-BINDING_ROLES: dict[str, int] = {
-    "production_counter_tag_id": reading_pb2.TAG_ROLE_PRODUCTION_COUNTER,
-    "scrap_counter_tag_id": reading_pb2.TAG_ROLE_SCRAP_COUNTER,
-    "machine_state_tag_id": reading_pb2.TAG_ROLE_MACHINE_STATE,
-}
 #: How long one GetPlc may take before the write is refused as UNAVAILABLE.
 CONFIG_TIMEOUT_SECONDS = 5.0
 
@@ -47,7 +44,7 @@ def _role_name(role: int) -> str:
 
 def binding_of(wc: WorkCenter) -> tuple[str, tuple[int, ...], int]:
     """What the check depends on: the PLC, the bound tags (in field order) and the counter width."""
-    return wc.plc_id, tuple(getattr(wc, f) for f in BINDING_ROLES), wc.counter_width
+    return wc.plc_id, tuple(getattr(wc, f) for f in TAG_FIELDS), wc.counter_width
 
 
 class TagCheck(Protocol):
@@ -70,7 +67,7 @@ class ConfigTagCheck:
         self._timeout = timeout
 
     async def check(self, wc: WorkCenter) -> None:
-        bound = {f: getattr(wc, f) for f in BINDING_ROLES if getattr(wc, f)}
+        bound = {f: getattr(wc, f) for f in TAG_FIELDS if getattr(wc, f)}
         if not bound:
             return
         try:
@@ -87,7 +84,7 @@ class ConfigTagCheck:
         width = domain.resolve_counter_settings(wc.counter_width, 1)[0]
         violations = []
         for name, tag_id in bound.items():
-            want = BINDING_ROLES[name]
+            want = TAG_FIELDS[name]
             tag = tags.get(tag_id)
             subject = f"tags/{tag_id}"
             if tag is None:
