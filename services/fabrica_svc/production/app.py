@@ -1,5 +1,7 @@
-"""Wires the production service from its Settings: database, LISTEN connection, service layer, servicer, the
-config client that checks tag bindings, and the tag-event consumer.
+"""Wires the production service from its Settings: the host's database gives the service layer, the LISTEN
+connection and the tag-event consumer; the config client checks tag bindings; all are passed in
+constructors. As in every Fabrica service, the host's ``start()`` builds the parts and the servicer, and
+``register()`` adds that servicer to the gRPC server.
 
 Peers come from the settings object, never from the environment directly:
 
@@ -42,6 +44,16 @@ class ConsumerOptions:
     retry: RetryPolicy = SERVICE_RETRY
 
 
+class _ConfigChannel:
+    """The channel to config, closed on stop like the other parts."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+
+    async def stop(self) -> None:
+        await self.channel.close()
+
+
 class ProductionApp:
     name = "production"
     service_names = (SERVICE_NAME,)
@@ -51,48 +63,50 @@ class ProductionApp:
     def __init__(self, settings: Settings, consumer: ConsumerOptions | None = None):
         self.settings = settings
         self.consumer_options = consumer or ConsumerOptions()
+        #: Applies messages of tag events (the consumer's, and tests' on their own connection).
         self.tag_events = TagEventService()
-        self.listener: Listener | None = None
-        self.service: ProductionService | None = None
+        # Built by start():
+        self.listener: Listener
+        self.service: ProductionService
+        self.servicer: ProductionServicer
+        #: None when settings.ingest_addr is unset.
         self.consumer: TagEventConsumer | None = None
-        self._config_channel: grpc.aio.Channel | None = None
-        self._servicer: ProductionServicer | None = None
-
-    def _tag_check(self) -> TagCheck:
-        if not self.settings.config_addr:
-            log.info("FABRICA_CONFIG_ADDR is not set: work centre bindings are not checked against config's tag "
-                     "roles")
-            return NoTagCheck()
-        self._config_channel = grpc.aio.insecure_channel(self.settings.config_addr, options=PEER_CHANNEL_OPTIONS)
-        return ConfigTagCheck(self._config_channel)
+        #: What stop() stops, in that order: every part start() built, started or not.
+        self._parts: list[TagEventConsumer | Listener | _ConfigChannel] = []
 
     async def start(self, resources: Resources) -> None:
-        assert resources.pool is not None and resources.dsn is not None
+        assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
+        settings = self.settings
+        tag_check: TagCheck = NoTagCheck()
+        config: list[_ConfigChannel] = []
+        if settings.config_addr:
+            config = [_ConfigChannel(settings.config_addr)]
+            tag_check = ConfigTagCheck(config[0].channel)
+        else:
+            log.info("FABRICA_CONFIG_ADDR is not set: work centre bindings are not checked against config's tag "
+                     "roles")
         self.listener = Listener(resources.dsn, CHANNEL)
-        await self.listener.start()
-        self.service = ProductionService(Database(resources.pool), self._tag_check())
-        self._servicer = ProductionServicer(self.service, self.listener)
-        if self.settings.ingest_addr:
+        self.service = ProductionService(Database(resources.pool), tag_check)
+        self.servicer = ProductionServicer(self.service, self.listener)
+        if settings.ingest_addr:
             options = self.consumer_options
-            self.consumer = TagEventConsumer(resources.dsn, self.settings.ingest_addr, self.tag_events,
+            self.consumer = TagEventConsumer(resources.dsn, settings.ingest_addr, self.tag_events,
                                              standby_interval=options.standby_interval, retry=options.retry)
-            await self.consumer.start()
         else:
             log.info("FABRICA_INGEST_ADDR is not set: the tag-event consumer is off (no automatic bookings or "
                      "downtime)")
+        self._parts = [*([self.consumer] if self.consumer else []), self.listener, *config]
+        await self.listener.start()
+        if self.consumer:
+            await self.consumer.start()
 
     def register(self, server: grpc.aio.Server) -> None:
-        # The host calls start() (which needs the pool it opens) before register(): see runtime/server.py.
-        assert self._servicer is not None, "start() comes before register()"
-        production_service_pb2_grpc.add_ProductionServiceServicer_to_server(self._servicer, server)
+        production_service_pb2_grpc.add_ProductionServiceServicer_to_server(self.servicer, server)
 
     async def stop(self) -> None:
-        if self.consumer:
-            await self.consumer.stop()
-        if self.listener:
-            await self.listener.stop()
-        if self._config_channel is not None:
-            await self._config_channel.close()
+        parts, self._parts = self._parts, []
+        for part in parts:
+            await part.stop()
 
 
 def create_app(settings: Settings, *, ingest_addr: str | None = None,
