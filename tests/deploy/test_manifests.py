@@ -45,7 +45,7 @@ MIN_REPLICAS = {"config": 2, "ingest": 2, "production": 2}
 HEADLESS = ("config", "ingest", "production")
 #: Addresses each service is given, and the Service they must point at.
 ADDRESSES = {
-    "production": {"FABRICA_INGEST_ADDR": "ingest"},
+    "production": {"FABRICA_INGEST_ADDR": "ingest", "FABRICA_CONFIG_ADDR": "config"},
     "collector": {"FABRICA_CONFIG_ADDR": "config", "FABRICA_INGEST_ADDR": "ingest"},
 }
 

@@ -14,7 +14,8 @@ from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 
-from fabrica_svc.production.app import create_app
+from fabrica_svc.production.app import ConsumerOptions, create_app
+from fabrica_svc.runtime.retry import RetryPolicy
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
 from grpc_helpers import rich_status
@@ -24,11 +25,15 @@ from procs import wait_for as _wait_for
 GOOD_TAG, SCRAP_TAG, STATE_TAG = 101, 102, 103
 
 
-async def start_production(database_url: str, ingest_addr: str = "", **consumer_options: float) -> ServiceHost:
+#: The consumer's waits in tests: stand-bys try the lock every 0.1 s, failures retry from 0.05 s up to 0.5 s.
+TEST_CONSUMER = ConsumerOptions(standby_interval=0.1, retry=RetryPolicy(initial=0.05, maximum=0.5))
+
+
+async def start_production(database_url: str, ingest_addr: str = "", config_addr: str = "") -> ServiceHost:
     settings = load_settings("production", {}).with_overrides(
-        port=0, metrics_port=-1, database_url=database_url, health_interval=0.2)
-    options = {"standby_interval": 0.1, "backoff_initial": 0.05, "backoff_max": 0.5, **consumer_options}
-    host = ServiceHost(create_app(settings, ingest_addr=ingest_addr, consumer_options=options), settings)
+        port=0, metrics_port=-1, database_url=database_url, health_interval=0.2, ingest_addr=ingest_addr,
+        config_addr=config_addr)
+    host = ServiceHost(create_app(settings, consumer=TEST_CONSUMER), settings)
     await host.start()
     return host
 

@@ -47,7 +47,7 @@ async def test_create_demo(stub: pb_grpc.ProductionServiceStub, server: ServiceH
                                        read_time=ts(start + timedelta(seconds=i + 1)))
             e.value.uint_value = value
             events.append(e)
-        await server.app.store.apply_tag_events(conn, events)  # type: ignore[attr-defined]
+        await server.app.tag_events.apply_tag_events(conn, events)  # type: ignore[attr-defined]
     finally:
         await conn.close()
     done = (await stub.GetOrder(pb.GetOrderRequest(id=order.id))).order

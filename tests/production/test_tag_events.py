@@ -1,5 +1,5 @@
-"""Tag events applied to the database the way the consumer applies them (store.apply_tag_events on its own
-connection): counter deltas with wrap, reset and jump, exactly-once by cursor, auto-completion, downtime from
+"""Tag events applied to the database the way the consumer applies them (TagEventService.apply_tag_events on its
+own connection): counter deltas with wrap, reset and jump, exactly-once by cursor, auto-completion, downtime from
 machine states. The gRPC stream from a real ingest is exercised in test_consumer_e2e.py."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import field_mask_pb2
 
-from fabrica_svc.production.store import ProductionStore
+from fabrica_svc.production.service import TagEventService
 from fabrica_svc.runtime.server import ServiceHost
 
 from .support import GOOD_TAG, SCRAP_TAG, STATE_TAG, booked_total, fetchval, new_order, seed, ts
@@ -37,22 +37,22 @@ def ev(cursor: int, tag: int, value: object, t: datetime, *, quality: int = GOOD
 class Events:
     """Applies messages of events with increasing cursors on a dedicated connection, like the consumer."""
 
-    def __init__(self, store: ProductionStore, conn: asyncpg.Connection):
-        self.store, self.conn, self.cursor = store, conn, 0
+    def __init__(self, tag_events: TagEventService, conn: asyncpg.Connection):
+        self.tag_events, self.conn, self.cursor = tag_events, conn, 0
 
     def make(self, tag: int, value: object, t: datetime, **kw: object) -> tag_event_pb2.TagEvent:
         self.cursor += 1
         return ev(self.cursor, tag, value, t, **kw)
 
     async def apply(self, *events: tag_event_pb2.TagEvent):  # noqa: ANN201
-        return await self.store.apply_tag_events(self.conn, list(events))
+        return await self.tag_events.apply_tag_events(self.conn, list(events))
 
 
 @pytest.fixture
 async def events(server: ServiceHost, stub: pb_grpc.ProductionServiceStub, database_url: str) -> AsyncIterator[Events]:
     await seed(stub)  # press-1: 16-bit counters, jump limit 1,000
     conn = await asyncpg.connect(database_url, server_settings={"search_path": "production"})
-    yield Events(server.app.store, conn)  # type: ignore[attr-defined]
+    yield Events(server.app.tag_events, conn)  # type: ignore[attr-defined]
     await conn.close()
 
 

@@ -1,26 +1,57 @@
-"""Wires the production service: store, LISTEN connection, servicer, and the tag-event consumer."""
+"""Wires the production service from its Settings: the host's database gives the service layer, the LISTEN
+connection and the tag-event consumer; the config client checks tag bindings; all are passed in
+constructors. As in every Fabrica service, the host's ``start()`` builds the parts and the servicer, and
+``register()`` adds that servicer to the gRPC server.
+
+Peers come from the settings object, never from the environment directly:
+
+* ``settings.ingest_addr`` (FABRICA_INGEST_ADDR): where the tag-event consumer reads WatchTagEvents. Unset:
+  no automatic bookings (master data, orders, manual bookings and OEE still work).
+* ``settings.config_addr`` (FABRICA_CONFIG_ADDR): the config service, asked when a work centre's bindings are
+  created or changed whether the tags exist with the roles they are bound in (tagcheck.py). Unset: the
+  check is skipped, and a log line at start says so.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import grpc
 from fabrica.production.v1 import production_service_pb2, production_service_pb2_grpc
 
+from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from ..runtime.notify import Listener
+from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .consumer import TagEventConsumer
+from .service import ProductionService, TagEventService
 from .servicer import ProductionServicer
-from .store import CHANNEL, MIGRATIONS, ProductionStore
+from .store import CHANNEL, MIGRATIONS, Database
+from .tagcheck import ConfigTagCheck, NoTagCheck, TagCheck
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = production_service_pb2.DESCRIPTOR.services_by_name["ProductionService"].full_name
-#: host:port of ingest's gRPC server. Unset: no automatic bookings (master data, orders, manual bookings
-#: and OEE still work).
-INGEST_ADDR_ENV = "FABRICA_INGEST_ADDR"
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """How the tag-event consumer waits: between tries of the election lock, and after a failure."""
+
+    standby_interval: float = 1.0
+    retry: RetryPolicy = SERVICE_RETRY
+
+
+class _ConfigChannel:
+    """The channel to config, closed on stop like the other parts."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+
+    async def stop(self) -> None:
+        await self.channel.close()
 
 
 class ProductionApp:
@@ -29,43 +60,59 @@ class ProductionApp:
     schema = "production"
     migrations = MIGRATIONS
 
-    def __init__(self, settings: Settings, ingest_addr: str = "", consumer_options: Mapping[str, float] | None = None):
+    def __init__(self, settings: Settings, consumer: ConsumerOptions | None = None):
         self.settings = settings
-        self.ingest_addr = ingest_addr
-        self.consumer_options = dict(consumer_options or {})
-        self.listener: Listener | None = None
-        self.store: ProductionStore | None = None
+        self.consumer_options = consumer or ConsumerOptions()
+        #: Applies messages of tag events (the consumer's, and tests' on their own connection).
+        self.tag_events = TagEventService()
+        # Built by start():
+        self.listener: Listener
+        self.service: ProductionService
+        self.servicer: ProductionServicer
+        #: None when settings.ingest_addr is unset.
         self.consumer: TagEventConsumer | None = None
-        self._servicer: ProductionServicer | None = None
+        #: What stop() stops, in that order: every part start() built, started or not.
+        self._parts: list[TagEventConsumer | Listener | _ConfigChannel] = []
 
     async def start(self, resources: Resources) -> None:
-        assert resources.pool is not None and resources.dsn is not None
-        self.listener = Listener(resources.dsn, CHANNEL)
-        await self.listener.start()
-        self.store = ProductionStore(resources.pool)
-        self._servicer = ProductionServicer(self.store, self.listener)
-        if self.ingest_addr:
-            self.consumer = TagEventConsumer(resources.dsn, self.ingest_addr, self.store, **self.consumer_options)
-            await self.consumer.start()
+        assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
+        settings = self.settings
+        tag_check: TagCheck = NoTagCheck()
+        config: list[_ConfigChannel] = []
+        if settings.config_addr:
+            config = [_ConfigChannel(settings.config_addr)]
+            tag_check = ConfigTagCheck(config[0].channel)
         else:
-            log.info("%s is not set: the tag-event consumer is off (no automatic bookings or downtime)",
-                     INGEST_ADDR_ENV)
+            log.info("FABRICA_CONFIG_ADDR is not set: work centre bindings are not checked against config's tag "
+                     "roles")
+        self.listener = Listener(resources.dsn, CHANNEL)
+        self.service = ProductionService(Database(resources.pool), tag_check)
+        self.servicer = ProductionServicer(self.service, self.listener)
+        if settings.ingest_addr:
+            options = self.consumer_options
+            self.consumer = TagEventConsumer(resources.dsn, settings.ingest_addr, self.tag_events,
+                                             standby_interval=options.standby_interval, retry=options.retry)
+        else:
+            log.info("FABRICA_INGEST_ADDR is not set: the tag-event consumer is off (no automatic bookings or "
+                     "downtime)")
+        self._parts = [*([self.consumer] if self.consumer else []), self.listener, *config]
+        await self.listener.start()
+        if self.consumer:
+            await self.consumer.start()
 
     def register(self, server: grpc.aio.Server) -> None:
-        assert self._servicer is not None, "start() comes before register()"
-        production_service_pb2_grpc.add_ProductionServiceServicer_to_server(self._servicer, server)
+        production_service_pb2_grpc.add_ProductionServiceServicer_to_server(self.servicer, server)
 
     async def stop(self) -> None:
-        if self.consumer:
-            await self.consumer.stop()
-        if self.listener:
-            await self.listener.stop()
+        parts, self._parts = self._parts, []
+        for part in parts:
+            await part.stop()
 
 
 def create_app(settings: Settings, *, ingest_addr: str | None = None,
-               consumer_options: Mapping[str, float] | None = None) -> ProductionApp:
-    """The production service. `ingest_addr` None takes `settings.ingest_addr` (FABRICA_INGEST_ADDR);
-    "" turns the consumer off."""
-    if ingest_addr is None:
-        ingest_addr = settings.ingest_addr
-    return ProductionApp(settings, ingest_addr, consumer_options)
+               consumer: ConsumerOptions | None = None) -> ProductionApp:
+    """The production service from `settings`. `ingest_addr`, if given, replaces ``settings.ingest_addr``
+    ("" turns the consumer off)."""
+    if ingest_addr is not None:
+        settings = settings.with_overrides(ingest_addr=ingest_addr)
+    return ProductionApp(settings, consumer)

@@ -6,12 +6,13 @@ stand by and try again every ``standby_interval`` seconds; when the holder dies,
 session, the lock is free, and a stand-by takes over from the stored cursor.
 
 The active consumer asks ingest for the events after the stored cursor and applies each message in one
-transaction on the lock's connection, together with moving the cursor (store.apply_tag_events): a crash
+transaction on the lock's connection, together with moving the cursor (service.TagEventService): a crash
 at any point leaves either the whole message applied with its cursor, or none of it. Processing on the
 lock's own connection also means a consumer that lost its lock (its connection died) cannot write any more.
 
-Ingest being unavailable is normal (it restarts, it is deployed separately): the consumer retries with
-exponential backoff and keeps its lock meanwhile. A message that cannot be applied (say, the database is
+Ingest being unavailable is normal (it restarts, it is deployed separately): the consumer retries under
+the runtime's one retry policy (runtime/retry.py; SERVICE_RETRY unless the app passes another) and keeps
+its lock meanwhile. Errors are logged with their decoded details (google.rpc.Status, via grpcio-status). A message that cannot be applied (say, the database is
 gone) is retried the same way, from the stored cursor; an event is never skipped to get past an error.
 """
 
@@ -24,29 +25,54 @@ import time
 import asyncpg
 import grpc
 from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+from google.protobuf import text_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from opentelemetry import metrics
 
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
-from .store import ProductionStore
+from .service import TagEventService
 
 log = logging.getLogger(__name__)
 
 
+def describe_error(exc: grpc.aio.AioRpcError) -> str:
+    """The code, message and decoded details of a failed call (what to log)."""
+    text = f"{exc.code().name} {exc.details()}"
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # details that do not match the status: say what we have
+        return text
+    if status is None or not status.details:
+        return text
+    names = []
+    for detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.PreconditionFailure, error_details_pb2.BadRequest):
+            if detail.Is(kind.DESCRIPTOR):
+                decoded = kind()
+                detail.Unpack(decoded)
+                names.append(f"{kind.DESCRIPTOR.name}({text_format.MessageToString(decoded, as_one_line=True)})")
+                break
+        else:
+            names.append(detail.TypeName())
+    return f"{text} [{'; '.join(names)}]"
+
+
 class TagEventConsumer:
-    def __init__(self, dsn: str, ingest_addr: str, store: ProductionStore, *, standby_interval: float = 1.0,
-                 backoff_initial: float = 0.2, backoff_max: float = 10.0):
+    def __init__(self, dsn: str, ingest_addr: str, tag_events: TagEventService, *, standby_interval: float = 1.0,
+                 retry: RetryPolicy = SERVICE_RETRY):
         self.dsn = dsn
         self.ingest_addr = ingest_addr
-        self.store = store
+        self.tag_events = tag_events
         self.standby_interval = standby_interval
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
+        self.retry = retry
         #: Set while this replica holds the lock and consumes.
         self.active = asyncio.Event()
         #: The cursor of the last message applied by this replica (None before the first).
         self.cursor: int | None = None
-        self._delay = backoff_initial
+        self._backoff = retry.backoff()
         self._task: asyncio.Task[None] | None = None
         self._last_problem = ""
         self._last_warning = 0.0
@@ -76,10 +102,6 @@ class TagEventConsumer:
         else:
             log.debug("WatchTagEvents failed again: %s", problem)
 
-    async def _backoff(self) -> None:
-        await asyncio.sleep(self._delay)
-        self._delay = min(self._delay * 2, self.backoff_max)
-
     async def _run(self) -> None:
         standing_by = False
         while True:
@@ -89,7 +111,7 @@ class TagEventConsumer:
                     self.dsn, timeout=10, command_timeout=60,
                     server_settings={"application_name": "fabrica-production-consumer",
                                      "search_path": '"production", public'})
-                if not await self.store.try_consumer_lock(conn):
+                if not await self.tag_events.try_lock(conn):
                     if not standing_by:
                         log.info("another replica consumes tag events; standing by")
                         standing_by = True
@@ -101,7 +123,7 @@ class TagEventConsumer:
                 self.active.set()
                 self._active_gauge.add(1)
                 log.info("consuming tag events", extra={"ingest": self.ingest_addr,
-                                                        "cursor": await self.store.load_cursor(conn)})
+                                                        "cursor": await self.tag_events.cursor(conn)})
                 await self._consume(conn)
             except asyncio.CancelledError:
                 raise
@@ -118,20 +140,20 @@ class TagEventConsumer:
                         await asyncio.wait_for(conn.close(), timeout=2)  # also releases the lock
                     except Exception:  # a dead connection: drop it; the server ends the session anyway
                         conn.terminate()
-            await self._backoff()
+            await self._backoff.wait()
 
     async def _consume(self, conn: asyncpg.Connection) -> None:
         """Stream and apply events while the lock's connection lives; reconnect to ingest with backoff."""
         async with grpc.aio.insecure_channel(self.ingest_addr, options=PEER_CHANNEL_OPTIONS) as channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             while not conn.is_closed():
-                cursor = await self.store.load_cursor(conn)
+                cursor = await self.tag_events.cursor(conn)
                 call = stub.WatchTagEvents(ingest_service_pb2.WatchTagEventsRequest(after_cursor=cursor))
                 try:
                     async for response in call:
-                        result = await self.store.apply_tag_events(conn, response.events)
+                        result = await self.tag_events.apply_tag_events(conn, response.events)
                         self.cursor = result.cursor
-                        self._delay = self.backoff_initial
+                        self._backoff.reset()
                         self._last_problem = ""
                         self._events.add(result.applied)
                         self._parts.add(result.booked_good, {"kind": "good"})
@@ -148,9 +170,9 @@ class TagEventConsumer:
                         # the oldest it has (all newer than ours, as cursors only grow) and say so loudly.
                         log.error("ingest no longer retains the events after cursor %d; continuing from its "
                                   "oldest event. Counts in the gap are not booked.", cursor)
-                        await self.store.reset_cursor(conn)
+                        await self.tag_events.reset_cursor(conn)
                     else:
-                        self._warn_ingest(f"{exc.code().name} {exc.details()}")
+                        self._warn_ingest(describe_error(exc))
                 finally:
                     call.cancel()
-                await self._backoff()
+                await self._backoff.wait()

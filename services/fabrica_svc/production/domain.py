@@ -1,6 +1,6 @@
 """Pure rules of the production service: counter deltas, the order life cycle, downtime detection and OEE.
 
-Nothing here knows about gRPC, asyncpg or any I/O. Bad input raises
+Nothing here knows about gRPC, asyncpg or any I/O (the generated enums give the numbers of the states). Bad input raises
 :class:`~fabrica_svc.runtime.errors.InvalidArgument`; a forbidden order transition raises
 :class:`~fabrica_svc.runtime.errors.FailedPrecondition`. The service layer maps both to status codes.
 
@@ -58,6 +58,8 @@ from enum import Enum, IntEnum
 from types import MappingProxyType
 from typing import Final, Literal
 
+from fabrica.production.v1 import order_pb2
+
 from fabrica_svc.runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, PreconditionViolation
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "DEFAULT_COUNTER_WIDTH",
     "DEFAULT_MAX_COUNTER_JUMP",
     "TRANSITIONS",
+    "Completion",
     "CounterDelta",
     "DeltaKind",
     "DowntimeChange",
@@ -73,6 +76,7 @@ __all__ = [
     "OrderAction",
     "OrderState",
     "auto_complete_state",
+    "complete_if_reached",
     "compute_oee",
     "counter_value",
     "counter_delta",
@@ -197,13 +201,13 @@ def counter_value(value: int | float, width: int) -> int | None:
 
 
 class OrderState(IntEnum):
-    """Order states, numbered like ``fabrica.production.v1.OrderState``."""
+    """Order states, with the numbers of the generated ``fabrica.production.v1.OrderState``."""
 
-    PLANNED = 1
-    IN_PROGRESS = 2
-    PAUSED = 3
-    COMPLETED = 4
-    CANCELLED = 5
+    PLANNED = order_pb2.ORDER_STATE_PLANNED
+    IN_PROGRESS = order_pb2.ORDER_STATE_IN_PROGRESS
+    PAUSED = order_pb2.ORDER_STATE_PAUSED
+    COMPLETED = order_pb2.ORDER_STATE_COMPLETED
+    CANCELLED = order_pb2.ORDER_STATE_CANCELLED
 
 
 class OrderAction(str, Enum):
@@ -273,6 +277,27 @@ def auto_complete_state(state: OrderState | int, good_quantity: int, planned_qua
     if state not in TRANSITIONS[OrderAction.COMPLETE]:
         return None
     return transition(state, OrderAction.COMPLETE)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """An order that reached its planned quantity: its new state and end time."""
+
+    state: OrderState
+    end_time: datetime
+
+
+def complete_if_reached(state: OrderState | int, good_quantity: int, planned_quantity: int,
+                        start_time: datetime | None, at: datetime) -> Completion | None:
+    """The completion of an order whose good quantity reached the plan at time ``at``, or None.
+
+    One rule for counter and manual bookings: see :func:`auto_complete_state` for which orders complete.
+    The order ends at ``at``, never before it started (a late reading can be stamped before the start).
+    """
+    completed = auto_complete_state(state, good_quantity, planned_quantity)
+    if completed is None:
+        return None
+    return Completion(completed, at if start_time is None else max(at, start_time))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ MAX_INT64 = 2**63 - 1
 MAX_QUANTITY = 100_000_000
 MAX_NOTE = 1000
 
-_TAG_FIELDS = {
+#: The binding fields of a work centre and the tag role each one needs (config's role is the truth).
+TAG_FIELDS = {
     "production_counter_tag_id": reading_pb2.TAG_ROLE_PRODUCTION_COUNTER,
     "scrap_counter_tag_id": reading_pb2.TAG_ROLE_SCRAP_COUNTER,
     "machine_state_tag_id": reading_pb2.TAG_ROLE_MACHINE_STATE,
@@ -73,13 +74,13 @@ def without_output_only(msg: message.Message) -> message.Message:
 
 def tag_bindings(wc: master_data_pb2.WorkCenter) -> dict[int, int]:
     """``{tag_id: TagRole}`` of the tags a work centre binds (0 = not bound)."""
-    return {getattr(wc, f): role for f, role in _TAG_FIELDS.items() if getattr(wc, f)}
+    return {getattr(wc, f): role for f, role in TAG_FIELDS.items() if getattr(wc, f)}
 
 
 def work_center_violations(wc: master_data_pb2.WorkCenter, prefix: str = "work_center") -> list[FieldViolation]:
     out: list[FieldViolation] = []
     seen: dict[int, str] = {}
-    for name in _TAG_FIELDS:
+    for name in TAG_FIELDS:
         tag_id = getattr(wc, name)
         if tag_id > MAX_INT64:
             out.append(FieldViolation(f"{prefix}.{name}", "not a tag id the config service can assign (above 2**63-1)"))
@@ -89,7 +90,7 @@ def work_center_violations(wc: master_data_pb2.WorkCenter, prefix: str = "work_c
         seen.setdefault(tag_id, name)
     if wc.max_counter_jump > MAX_INT64:
         out.append(FieldViolation(f"{prefix}.max_counter_jump", "must be at most 2**63-1"))
-    if any(getattr(wc, f) for f in _TAG_FIELDS) and not wc.plc_id:
+    if any(getattr(wc, f) for f in TAG_FIELDS) and not wc.plc_id:
         out.append(FieldViolation(f"{prefix}.plc_id", "required when counter or state tags are bound"))
     return out
 

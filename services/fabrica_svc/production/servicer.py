@@ -1,8 +1,8 @@
-"""ProductionService over gRPC: translates requests to the domain and the store. No SQL here.
+"""ProductionService over gRPC: translates requests and responses (convert.py) and calls the service layer
+(service.py). No SQL and no transactions here.
 
 Every request has already passed protovalidate (the interceptor); the rules the protos cannot express are
-in resources.py and are checked before anything is written. Each RPC that writes runs as one transaction
-in the store, so a refused request leaves nothing behind.
+in resources.py and are checked here, before the service layer writes anything.
 """
 
 from __future__ import annotations
@@ -12,17 +12,19 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from fabrica.production.v1 import order_pb2
 from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
-from google.protobuf import field_mask_pb2, message, timestamp_pb2
+from google.protobuf import field_mask_pb2, message
 
 from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.notify import Listener
-from . import domain, resources
+from ..runtime.pages import decode_int_page_token, decode_page_token, encode_page_token
+from ..runtime.timefmt import optional_datetime
+from . import convert, resources
 from .domain import OrderAction
 from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind
-from .store import OeeInputs, ProductionStore, decode_page_token, encode_page_token
+from .service import ProductionService
+from .store import records
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +44,6 @@ def _page_size(requested: int) -> int:
     return requested or DEFAULT_PAGE_SIZE
 
 
-def _int_token(token: str, query: str) -> int | None:
-    if not token:
-        return None
-    last = decode_page_token(token, query)
-    if not last.isdigit():
-        raise InvalidArgument(FieldViolation("page_token", "not a token this service issued"))
-    return int(last)
-
-
-def _time(msg: message.Message, name: str) -> datetime | None:
-    if not msg.HasField(name):
-        return None
-    ts: timestamp_pb2.Timestamp = getattr(msg, name)
-    return ts.ToDatetime(tzinfo=UTC)
-
-
 def _require_id(kind: Kind, resource: message.Message, present: bool) -> str:
     if not present or not resource.id:  # type: ignore[attr-defined]
         raise InvalidArgument(FieldViolation(f"{kind.field}.id", f"the {kind.name} to update is required"))
@@ -65,8 +51,8 @@ def _require_id(kind: Kind, resource: message.Message, present: bool) -> str:
 
 
 class ProductionServicer(pb_grpc.ProductionServiceServicer):
-    def __init__(self, store: ProductionStore, listener: Listener):
-        self.store = store
+    def __init__(self, service: ProductionService, listener: Listener):
+        self.service = service
         self.listener = listener
 
     # ----------------------------------------------------------------------------------------------------------
@@ -76,32 +62,37 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
     async def _create(self, kind: Kind, resource: message.Message) -> message.Message:
         resource = resources.without_output_only(resource)
         resources.check_resource(kind, resource)
-        return await self.store.create_master(kind, resource)
+        created = await self.service.create_master(kind, convert.master_record(kind, resource))
+        return convert.master_message(kind, created)
+
+    async def _get(self, kind: Kind, resource_id: str) -> message.Message:
+        return convert.master_message(kind, await self.service.get_master(kind, resource_id))
 
     async def _list(self, kind: Kind, page_size: int, token: str, sector_id: str = "") -> tuple[list, str]:
         query = f"{kind.field}|{sector_id}"
         after = decode_page_token(token, query) if token else ""
-        items, more = await self.store.list_master(kind, _page_size(page_size), after, sector_id)
-        return items, encode_page_token(query, items[-1].id) if more else ""
+        items, more = await self.service.list_master(kind, _page_size(page_size), after, sector_id)
+        return [convert.master_message(kind, r) for r in items], encode_page_token(query, items[-1].id) if more else ""
 
     async def _update(self, kind: Kind, patch: message.Message, present: bool,
                       mask: field_mask_pb2.FieldMask) -> message.Message:
         resource_id = _require_id(kind, patch, present)
         paths = resources.mask_paths(kind, mask.paths)
 
-        def merge(current: message.Message) -> message.Message:
-            merged = resources.apply_update_mask(kind, current, patch, paths)
+        def merge(current: records.MasterRecord) -> records.MasterRecord:
+            merged = resources.apply_update_mask(kind, convert.master_message(kind, current), patch, paths)
             resources.check_resource(kind, merged)
-            return merged
+            return convert.master_record(kind, merged)
 
-        return await self.store.update_master(kind, resource_id, patch.etag, merge)  # type: ignore[attr-defined]
+        updated = await self.service.update_master(kind, resource_id, patch.etag, merge)  # type: ignore[attr-defined]
+        return convert.master_message(kind, updated)
 
     async def CreateSector(self, request: pb.CreateSectorRequest, context: grpc.aio.ServicerContext
                            ) -> pb.CreateSectorResponse:
         return pb.CreateSectorResponse(sector=await self._create(SECTOR, request.sector))
 
     async def GetSector(self, request: pb.GetSectorRequest, context: grpc.aio.ServicerContext) -> pb.GetSectorResponse:
-        return pb.GetSectorResponse(sector=await self.store.get_master(SECTOR, request.id))
+        return pb.GetSectorResponse(sector=await self._get(SECTOR, request.id))
 
     async def ListSectors(self, request: pb.ListSectorsRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ListSectorsResponse:
@@ -115,7 +106,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def DeleteSector(self, request: pb.DeleteSectorRequest, context: grpc.aio.ServicerContext
                            ) -> pb.DeleteSectorResponse:
-        await self.store.delete_master(SECTOR, request.id, request.etag)
+        await self.service.delete_master(SECTOR, request.id, request.etag)
         return pb.DeleteSectorResponse()
 
     async def CreateWorkCenter(self, request: pb.CreateWorkCenterRequest, context: grpc.aio.ServicerContext
@@ -124,7 +115,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def GetWorkCenter(self, request: pb.GetWorkCenterRequest, context: grpc.aio.ServicerContext
                             ) -> pb.GetWorkCenterResponse:
-        return pb.GetWorkCenterResponse(work_center=await self.store.get_master(WORK_CENTER, request.id))
+        return pb.GetWorkCenterResponse(work_center=await self._get(WORK_CENTER, request.id))
 
     async def ListWorkCenters(self, request: pb.ListWorkCentersRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ListWorkCentersResponse:
@@ -138,7 +129,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def DeleteWorkCenter(self, request: pb.DeleteWorkCenterRequest, context: grpc.aio.ServicerContext
                                ) -> pb.DeleteWorkCenterResponse:
-        await self.store.delete_master(WORK_CENTER, request.id, request.etag)
+        await self.service.delete_master(WORK_CENTER, request.id, request.etag)
         return pb.DeleteWorkCenterResponse()
 
     async def CreateItem(self, request: pb.CreateItemRequest, context: grpc.aio.ServicerContext
@@ -146,7 +137,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
         return pb.CreateItemResponse(item=await self._create(ITEM, request.item))
 
     async def GetItem(self, request: pb.GetItemRequest, context: grpc.aio.ServicerContext) -> pb.GetItemResponse:
-        return pb.GetItemResponse(item=await self.store.get_master(ITEM, request.id))
+        return pb.GetItemResponse(item=await self._get(ITEM, request.id))
 
     async def ListItems(self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext) -> pb.ListItemsResponse:
         items, token = await self._list(ITEM, request.page_size, request.page_token)
@@ -159,7 +150,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def DeleteItem(self, request: pb.DeleteItemRequest, context: grpc.aio.ServicerContext
                          ) -> pb.DeleteItemResponse:
-        await self.store.delete_master(ITEM, request.id, request.etag)
+        await self.service.delete_master(ITEM, request.id, request.etag)
         return pb.DeleteItemResponse()
 
     async def CreateDefectCode(self, request: pb.CreateDefectCodeRequest, context: grpc.aio.ServicerContext
@@ -168,7 +159,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def GetDefectCode(self, request: pb.GetDefectCodeRequest, context: grpc.aio.ServicerContext
                             ) -> pb.GetDefectCodeResponse:
-        return pb.GetDefectCodeResponse(defect_code=await self.store.get_master(DEFECT_CODE, request.id))
+        return pb.GetDefectCodeResponse(defect_code=await self._get(DEFECT_CODE, request.id))
 
     async def ListDefectCodes(self, request: pb.ListDefectCodesRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ListDefectCodesResponse:
@@ -182,7 +173,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def DeleteDefectCode(self, request: pb.DeleteDefectCodeRequest, context: grpc.aio.ServicerContext
                                ) -> pb.DeleteDefectCodeResponse:
-        await self.store.delete_master(DEFECT_CODE, request.id, request.etag)
+        await self.service.delete_master(DEFECT_CODE, request.id, request.etag)
         return pb.DeleteDefectCodeResponse()
 
     async def CreateDowntimeReason(self, request: pb.CreateDowntimeReasonRequest, context: grpc.aio.ServicerContext
@@ -192,7 +183,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def GetDowntimeReason(self, request: pb.GetDowntimeReasonRequest, context: grpc.aio.ServicerContext
                                 ) -> pb.GetDowntimeReasonResponse:
-        return pb.GetDowntimeReasonResponse(downtime_reason=await self.store.get_master(DOWNTIME_REASON, request.id))
+        return pb.GetDowntimeReasonResponse(downtime_reason=await self._get(DOWNTIME_REASON, request.id))
 
     async def ListDowntimeReasons(self, request: pb.ListDowntimeReasonsRequest, context: grpc.aio.ServicerContext
                                   ) -> pb.ListDowntimeReasonsResponse:
@@ -206,7 +197,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def DeleteDowntimeReason(self, request: pb.DeleteDowntimeReasonRequest, context: grpc.aio.ServicerContext
                                    ) -> pb.DeleteDowntimeReasonResponse:
-        await self.store.delete_master(DOWNTIME_REASON, request.id, request.etag)
+        await self.service.delete_master(DOWNTIME_REASON, request.id, request.etag)
         return pb.DeleteDowntimeReasonResponse()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -216,44 +207,49 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
     async def CreateOrder(self, request: pb.CreateOrderRequest, context: grpc.aio.ServicerContext
                           ) -> pb.CreateOrderResponse:
         # Output-only fields (id, state, quantities, times, etag) are ignored: only what planning says is read.
-        return pb.CreateOrderResponse(order=await self.store.create_order(request.order, request.request_id))
+        o = request.order
+        return pb.CreateOrderResponse(order=convert.order_message(await self.service.create_order(
+            o.number, o.item_id, o.work_center_id, o.planned_quantity, request.request_id)))
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.GetOrderResponse:
-        return pb.GetOrderResponse(order=await self.store.get_order(request.id))
+        return pb.GetOrderResponse(order=convert.order_message(await self.service.get_order(request.id)))
 
     async def ListOrders(self, request: pb.ListOrdersRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListOrdersResponse:
         states = sorted(set(request.states))
         query = f"orders|{request.work_center_id}|{','.join(map(str, states))}"
-        before = _int_token(request.page_token, query)
-        orders, more = await self.store.list_orders(request.work_center_id, states, _page_size(request.page_size),
-                                                    before)
-        return pb.ListOrdersResponse(orders=orders,
-                                     next_page_token=encode_page_token(query, orders[-1].id) if more else "")
+        before = decode_int_page_token(request.page_token, query)
+        orders, more = await self.service.list_orders(request.work_center_id, states,
+                                                      _page_size(request.page_size), before)
+        return pb.ListOrdersResponse(orders=[convert.order_message(o) for o in orders],
+                                     next_page_token=encode_page_token(query, str(orders[-1].id)) if more else "")
+
+    async def _change(self, order_id: str, etag: str, action: OrderAction, reason: str = ""):  # noqa: ANN202
+        return convert.order_message(await self.service.change_order_state(order_id, etag, action, reason))
 
     async def StartOrder(self, request: pb.StartOrderRequest, context: grpc.aio.ServicerContext
                          ) -> pb.StartOrderResponse:
-        return pb.StartOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+        return pb.StartOrderResponse(order=await self._change(request.id, request.etag,
                                                                                OrderAction.START))
 
     async def PauseOrder(self, request: pb.PauseOrderRequest, context: grpc.aio.ServicerContext
                          ) -> pb.PauseOrderResponse:
-        return pb.PauseOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+        return pb.PauseOrderResponse(order=await self._change(request.id, request.etag,
                                                                                OrderAction.PAUSE))
 
     async def ResumeOrder(self, request: pb.ResumeOrderRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ResumeOrderResponse:
-        return pb.ResumeOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+        return pb.ResumeOrderResponse(order=await self._change(request.id, request.etag,
                                                                                 OrderAction.RESUME))
 
     async def CompleteOrder(self, request: pb.CompleteOrderRequest, context: grpc.aio.ServicerContext
                             ) -> pb.CompleteOrderResponse:
-        return pb.CompleteOrderResponse(order=await self.store.change_order_state(request.id, request.etag,
+        return pb.CompleteOrderResponse(order=await self._change(request.id, request.etag,
                                                                                   OrderAction.COMPLETE))
 
     async def CancelOrder(self, request: pb.CancelOrderRequest, context: grpc.aio.ServicerContext
                           ) -> pb.CancelOrderResponse:
-        return pb.CancelOrderResponse(order=await self.store.change_order_state(
+        return pb.CancelOrderResponse(order=await self._change(
             request.id, request.etag, OrderAction.CANCEL, request.reason))
 
     # ----------------------------------------------------------------------------------------------------------
@@ -262,43 +258,51 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
 
     async def CreateBooking(self, request: pb.CreateBookingRequest, context: grpc.aio.ServicerContext
                             ) -> pb.CreateBookingResponse:
-        resources.check(resources.booking_violations(request.booking))
-        return pb.CreateBookingResponse(booking=await self.store.create_booking(request.booking, request.request_id))
+        b = request.booking
+        resources.check(resources.booking_violations(b))
+        created = await self.service.create_booking(b.order_id, b.good_quantity, b.scrap_quantity,
+                                                    optional_datetime(b, "book_time"), b.note, request.request_id)
+        return pb.CreateBookingResponse(booking=convert.booking_message(created))
 
     async def ListBookings(self, request: pb.ListBookingsRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ListBookingsResponse:
         query = f"bookings|{request.order_id}"
-        after = _int_token(request.page_token, query) or 0
-        bookings, more = await self.store.list_bookings(request.order_id, _page_size(request.page_size), after)
-        return pb.ListBookingsResponse(bookings=bookings,
-                                       next_page_token=encode_page_token(query, bookings[-1].id) if more else "")
+        after = decode_int_page_token(request.page_token, query) or 0
+        bookings, more = await self.service.list_bookings(request.order_id, _page_size(request.page_size), after)
+        return pb.ListBookingsResponse(bookings=[convert.booking_message(b) for b in bookings],
+                                       next_page_token=encode_page_token(query, str(bookings[-1].id)) if more else "")
 
     async def CreateDefect(self, request: pb.CreateDefectRequest, context: grpc.aio.ServicerContext
                            ) -> pb.CreateDefectResponse:
-        resources.check(resources.defect_violations(request.defect))
-        return pb.CreateDefectResponse(defect=await self.store.create_defect(request.defect, request.request_id))
+        d = request.defect
+        resources.check(resources.defect_violations(d))
+        created = await self.service.create_defect(d.order_id, d.defect_code_id, d.quantity, d.note, request.request_id)
+        return pb.CreateDefectResponse(defect=convert.defect_message(created))
 
     async def ListDefects(self, request: pb.ListDefectsRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ListDefectsResponse:
         query = f"defects|{request.order_id}"
-        after = _int_token(request.page_token, query) or 0
-        defects, more = await self.store.list_defects(request.order_id, _page_size(request.page_size), after)
-        return pb.ListDefectsResponse(defects=defects,
-                                      next_page_token=encode_page_token(query, defects[-1].id) if more else "")
+        after = decode_int_page_token(request.page_token, query) or 0
+        defects, more = await self.service.list_defects(request.order_id, _page_size(request.page_size), after)
+        return pb.ListDefectsResponse(defects=[convert.defect_message(d) for d in defects],
+                                      next_page_token=encode_page_token(query, str(defects[-1].id)) if more else "")
 
     async def CreateDowntime(self, request: pb.CreateDowntimeRequest, context: grpc.aio.ServicerContext
                              ) -> pb.CreateDowntimeResponse:
-        resources.check(resources.downtime_violations(request.downtime))
-        return pb.CreateDowntimeResponse(downtime=await self.store.create_downtime(request.downtime))
+        d = request.downtime
+        resources.check(resources.downtime_violations(d))
+        created = await self.service.create_downtime(d.work_center_id, optional_datetime(d, "start_time"),
+                                                     optional_datetime(d, "end_time"), d.reason_id, d.note)
+        return pb.CreateDowntimeResponse(downtime=convert.downtime_message(created))
 
     async def ClassifyDowntime(self, request: pb.ClassifyDowntimeRequest, context: grpc.aio.ServicerContext
                                ) -> pb.ClassifyDowntimeResponse:
-        return pb.ClassifyDowntimeResponse(downtime=await self.store.classify_downtime(
-            request.id, request.reason_id, request.note))
+        return pb.ClassifyDowntimeResponse(downtime=convert.downtime_message(await self.service.classify_downtime(
+            request.id, request.reason_id, request.note)))
 
     async def ListDowntimes(self, request: pb.ListDowntimesRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListDowntimesResponse:
-        start, end = _time(request, "start_time"), _time(request, "end_time")
+        start, end = optional_datetime(request, "start_time"), optional_datetime(request, "end_time")
         if start is not None and end is not None and end <= start:
             raise InvalidArgument(FieldViolation("end_time", "must be after start_time"))
         query = f"downtimes|{request.work_center_id}|{start}|{end}"
@@ -310,8 +314,9 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
                 after = (datetime.fromtimestamp(0, UTC) + timedelta(microseconds=int(micros)), int(last_id))
             except ValueError:
                 raise InvalidArgument(FieldViolation("page_token", "not a token this service issued")) from None
-        downtimes, more = await self.store.list_downtimes(request.work_center_id, start, end,
-                                                          _page_size(request.page_size), after)
+        rows, more = await self.service.list_downtimes(request.work_center_id, start, end,
+                                                       _page_size(request.page_size), after)
+        downtimes = [convert.downtime_message(d) for d in rows]
         token = ""
         if more:
             tail = downtimes[-1]
@@ -327,15 +332,15 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
             bad = [FieldViolation(name, "only with work_center_id: an order's window is its run")
                    for name in ("start_time", "end_time") if request.HasField(name)]
             resources.check(bad)
-            inputs = await self.store.order_oee_inputs(request.order_id)
+            figures, inputs = await self.service.order_oee(request.order_id)
         else:
-            start, end = _time(request, "start_time"), _time(request, "end_time")
+            start, end = optional_datetime(request, "start_time"), optional_datetime(request, "end_time")
             if start is None:
                 raise InvalidArgument(FieldViolation("start_time", "required for a work centre's OEE"))
             if end is not None and end <= start:
                 raise InvalidArgument(FieldViolation("end_time", "must be after start_time"))
-            inputs = await self.store.work_center_oee_inputs(request.work_center_id, start, end)
-        return pb.GetOeeResponse(oee=oee_message(inputs))
+            figures, inputs = await self.service.work_center_oee(request.work_center_id, start, end)
+        return pb.GetOeeResponse(oee=convert.oee_message(figures, inputs))
 
     # ----------------------------------------------------------------------------------------------------------
     # WatchOrders
@@ -347,7 +352,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
         cursor = request.after_revision
         need_snapshot = cursor == 0
         if not need_snapshot:
-            current = await self.store.current_order_revision()
+            current = await self.service.current_order_revision()
             if cursor > current or current - cursor > MAX_RESUME_REVISIONS:
                 log.info("WatchOrders cannot resume there; sending a snapshot",
                          extra={"after_revision": cursor, "current": current, "work_center_id": wc})
@@ -355,38 +360,19 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
         while True:
             token = self.listener.token()  # before reading, so no notification slips between
             if need_snapshot:
-                cursor, orders = await self.store.order_snapshot(wc)
-                yield pb.WatchOrdersResponse(revision=cursor, orders=orders, snapshot=True)
+                cursor, orders = await self.service.order_snapshot(wc)
+                yield pb.WatchOrdersResponse(revision=cursor, orders=[convert.order_message(o) for o in orders],
+                                             snapshot=True)
                 need_snapshot = False
                 continue
-            changes, current = await self.store.order_changes_after(cursor, wc, WATCH_PAGE)
+            changes, current = await self.service.order_changes_after(cursor, wc, WATCH_PAGE)
             full = len(changes) == WATCH_PAGE
             # A short page holds every matching change up to `current` (read in the same snapshot), so the
             # watcher is then at `current`, even if the last changes were other work centres' orders.
-            new_cursor = changes[-1][0] if full else max(cursor, current)
+            new_cursor = changes[-1].revision if full else max(cursor, current)
             if changes:
-                yield pb.WatchOrdersResponse(revision=new_cursor, orders=[o for _, o in changes])
+                yield pb.WatchOrdersResponse(revision=new_cursor, orders=[convert.order_message(o) for o in changes])
             cursor = new_cursor
             if full:
                 continue
             await self.listener.wait(token, WATCH_POLL_SECONDS)
-
-
-def oee_message(inputs: OeeInputs) -> order_pb2.Oee:
-    """OEE of a window from what the store read: planned time is the whole window (shifts and calendars are
-    not modelled yet), downtime the merged stops inside it that count against availability or are not
-    classified, counts from the bookings, performance from each item's ideal cycle time."""
-    planned_s = max((inputs.end - inputs.start).total_seconds(), 0.0)
-    downtime_s = domain.overlap_seconds(inputs.downtimes, inputs.start, inputs.end, inputs.now)
-    # A window can hold a negative manual correction without the parts it corrects; it never counts below 0.
-    good = sum(max(g, 0) for _, g, _ in inputs.counts)
-    cycle_s, total = domain.weighted_ideal_cycle_time([(c, max(g, 0) + max(s, 0)) for c, g, s in inputs.counts])
-    figures = domain.compute_oee(planned_time_s=planned_s, downtime_s=downtime_s, ideal_cycle_time_s=cycle_s,
-                                 total_count=total, good_count=min(good, total))
-    oee = order_pb2.Oee(
-        availability=figures.availability, performance=figures.performance, quality=figures.quality,
-        oee=figures.oee, planned_seconds=figures.planned_time_s, downtime_seconds=figures.downtime_s,
-        good_count=figures.good_count, total_count=figures.total_count)
-    oee.start_time.FromDatetime(inputs.start)
-    oee.end_time.FromDatetime(inputs.end)
-    return oee

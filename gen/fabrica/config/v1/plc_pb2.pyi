@@ -617,7 +617,9 @@ class Tag(_message.Message):
     deadband: _builtins.float
     """Report a change only when the value moves by more than this (absolute, in engineering units). 0 reports every change."""
     counter_width: _builtins.int
-    """Width in bits of a counter (16, 32 or 64), where it wraps around. Counter roles only; 0 means the data type's width."""
+    """Width in bits of a counter (16, 32 or 64), where it wraps around. Counter roles only; 0 means the data type's width.
+    Production books at its work centre's counter_width and refuses a binding to a tag that declares another one here.
+    """
     role: _reading_pb2.TagRole.ValueType
     """What the value means to production."""
     unit: _builtins.str

@@ -116,13 +116,17 @@ class WorkCenter(_message.Message):
     plc_id: _builtins.str
     """The PLC (config service id) whose tags are bound below."""
     production_counter_tag_id: _builtins.int
-    """Tag id of the good-parts counter; 0 when counts are booked by hand only."""
+    """Tag id of the good-parts counter; 0 when counts are booked by hand only. Its role in config must be
+    TAG_ROLE_PRODUCTION_COUNTER (checked when production knows the config service; likewise for the tags below).
+    """
     scrap_counter_tag_id: _builtins.int
-    """Tag id of the scrap counter; 0 if none."""
+    """Tag id of the scrap counter (role TAG_ROLE_SCRAP_COUNTER); 0 if none."""
     machine_state_tag_id: _builtins.int
-    """Tag id of the machine state (1 = running); 0 if none."""
+    """Tag id of the machine state (1 = running; role TAG_ROLE_MACHINE_STATE); 0 if none."""
     counter_width: _builtins.int
-    """Width in bits at which the counters wrap: 16, 32 or 64. 32 when 0."""
+    """Width in bits at which the counters wrap: 16, 32 or 64. 32 when 0. A counter tag whose config declares a
+    counter_width must declare this one.
+    """
     max_counter_jump: _builtins.int
     """A counter step larger than this is flagged, not booked. 10,000 when 0."""
     etag: _builtins.str

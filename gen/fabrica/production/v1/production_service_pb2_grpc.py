@@ -289,7 +289,10 @@ class ProductionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateWorkCenter(self, request, context):
-        """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the sector does not exist.
+        """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+        sector does not exist, a tag is bound to another work centre, or (when production knows the config service) a bound
+        tag does not exist on plc_id, has another role in config than its binding needs, or wraps at another counter width
+        there: the PreconditionFailure names each tag (tags/<id>); UNAVAILABLE if config cannot be asked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -310,7 +313,9 @@ class ProductionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateWorkCenter(self, request, context):
-        """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale.
+        """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale; INVALID_ARGUMENT for bad
+        fields; FAILED_PRECONDITION, and UNAVAILABLE, as CreateWorkCenter when the plc, the bound tags or the counter width
+        change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,13 +46,20 @@ class ProductionServiceStub:
     DeleteSector: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.DeleteSectorRequest, _production_service_pb2.DeleteSectorResponse]
     """Deletes a sector. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
     CreateWorkCenter: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.CreateWorkCenterRequest, _production_service_pb2.CreateWorkCenterResponse]
-    """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the sector does not exist."""
+    """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+    sector does not exist, a tag is bound to another work centre, or (when production knows the config service) a bound
+    tag does not exist on plc_id, has another role in config than its binding needs, or wraps at another counter width
+    there: the PreconditionFailure names each tag (tags/<id>); UNAVAILABLE if config cannot be asked.
+    """
     GetWorkCenter: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.GetWorkCenterRequest, _production_service_pb2.GetWorkCenterResponse]
     """Returns a work centre. NOT_FOUND if it does not exist."""
     ListWorkCenters: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.ListWorkCentersRequest, _production_service_pb2.ListWorkCentersResponse]
     """Lists work centres ordered by id."""
     UpdateWorkCenter: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.UpdateWorkCenterRequest, _production_service_pb2.UpdateWorkCenterResponse]
-    """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
+    """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale; INVALID_ARGUMENT for bad
+    fields; FAILED_PRECONDITION, and UNAVAILABLE, as CreateWorkCenter when the plc, the bound tags or the counter width
+    change.
+    """
     DeleteWorkCenter: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.DeleteWorkCenterRequest, _production_service_pb2.DeleteWorkCenterResponse]
     """Deletes a work centre. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
     CreateItem: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.CreateItemRequest, _production_service_pb2.CreateItemResponse]
@@ -142,13 +149,20 @@ class ProductionServiceAsyncStub(ProductionServiceStub):
     DeleteSector: _aio.UnaryUnaryMultiCallable[_production_service_pb2.DeleteSectorRequest, _production_service_pb2.DeleteSectorResponse]  # type: ignore[assignment]
     """Deletes a sector. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
     CreateWorkCenter: _aio.UnaryUnaryMultiCallable[_production_service_pb2.CreateWorkCenterRequest, _production_service_pb2.CreateWorkCenterResponse]  # type: ignore[assignment]
-    """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the sector does not exist."""
+    """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+    sector does not exist, a tag is bound to another work centre, or (when production knows the config service) a bound
+    tag does not exist on plc_id, has another role in config than its binding needs, or wraps at another counter width
+    there: the PreconditionFailure names each tag (tags/<id>); UNAVAILABLE if config cannot be asked.
+    """
     GetWorkCenter: _aio.UnaryUnaryMultiCallable[_production_service_pb2.GetWorkCenterRequest, _production_service_pb2.GetWorkCenterResponse]  # type: ignore[assignment]
     """Returns a work centre. NOT_FOUND if it does not exist."""
     ListWorkCenters: _aio.UnaryUnaryMultiCallable[_production_service_pb2.ListWorkCentersRequest, _production_service_pb2.ListWorkCentersResponse]  # type: ignore[assignment]
     """Lists work centres ordered by id."""
     UpdateWorkCenter: _aio.UnaryUnaryMultiCallable[_production_service_pb2.UpdateWorkCenterRequest, _production_service_pb2.UpdateWorkCenterResponse]  # type: ignore[assignment]
-    """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
+    """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale; INVALID_ARGUMENT for bad
+    fields; FAILED_PRECONDITION, and UNAVAILABLE, as CreateWorkCenter when the plc, the bound tags or the counter width
+    change.
+    """
     DeleteWorkCenter: _aio.UnaryUnaryMultiCallable[_production_service_pb2.DeleteWorkCenterRequest, _production_service_pb2.DeleteWorkCenterResponse]  # type: ignore[assignment]
     """Deletes a work centre. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
     CreateItem: _aio.UnaryUnaryMultiCallable[_production_service_pb2.CreateItemRequest, _production_service_pb2.CreateItemResponse]  # type: ignore[assignment]
@@ -271,7 +285,11 @@ class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _production_service_pb2.CreateWorkCenterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_production_service_pb2.CreateWorkCenterResponse, _abc.Awaitable[_production_service_pb2.CreateWorkCenterResponse]]:
-        """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the sector does not exist."""
+        """Creates a work centre. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+        sector does not exist, a tag is bound to another work centre, or (when production knows the config service) a bound
+        tag does not exist on plc_id, has another role in config than its binding needs, or wraps at another counter width
+        there: the PreconditionFailure names each tag (tags/<id>); UNAVAILABLE if config cannot be asked.
+        """
 
     @_abc_1.abstractmethod
     def GetWorkCenter(
@@ -295,7 +313,10 @@ class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _production_service_pb2.UpdateWorkCenterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_production_service_pb2.UpdateWorkCenterResponse, _abc.Awaitable[_production_service_pb2.UpdateWorkCenterResponse]]:
-        """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
+        """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale; INVALID_ARGUMENT for bad
+        fields; FAILED_PRECONDITION, and UNAVAILABLE, as CreateWorkCenter when the plc, the bound tags or the counter width
+        change.
+        """
 
     @_abc_1.abstractmethod
     def DeleteWorkCenter(
