@@ -17,8 +17,8 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from ..plcmodel.spec import DecodeError, ModbusTable
 from ..runtime.errors import InvalidArgument
-from .decode import DecodeError, ModbusTable
 from .drivers import CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
 from .tags import compiled, tag_spec, tag_violations, to_value, value_kind
 
