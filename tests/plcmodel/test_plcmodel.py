@@ -364,3 +364,16 @@ def test_the_model_enums_are_the_contracts(model_enum, proto_enum) -> None:
 def test_counter_roles_are_the_counter_roles_of_the_contract() -> None:
     counters = {v.number for v in reading_pb2.TagRole.DESCRIPTOR.values if v.name.endswith("_COUNTER")}
     assert model.COUNTER_ROLES == counters
+
+
+@pytest.mark.parametrize(("connection", "tag", "fields"), [
+    ("modbus_tcp", T.Tag(name="t", data_type=42, bit=3, scale=0.0,
+                         modbus=T.ModbusAddress(table=T.MODBUS_TABLE_HOLDING_REGISTER)), ["data_type", "scale", "bit"]),
+    ("modbus_tcp", T.Tag(name="t", data_type=T.DATA_TYPE_BOOL, modbus=T.ModbusAddress(table=9)), ["modbus.table", "bit"]),
+    ("s7", T.Tag(name="t", data_type=T.DATA_TYPE_INT16, word_order=7, s7=T.S7Address(area=9)), ["s7.area", "word_order"]),
+    ("s7", T.Tag(name="t", data_type=T.DATA_TYPE_INT16, string_length=2, scale=0.0), ["address", "scale", "string_length"]),
+])
+def test_an_unknown_number_or_a_missing_address_does_not_hide_the_other_problems(connection: str, tag: T.Tag,
+                                                                                  fields: list[str]) -> None:
+    found = model.tag_violations(tag, "tag", connection == "s7")
+    assert sorted(v.field for v in found) == sorted(f"tag.{f}" for f in fields), found

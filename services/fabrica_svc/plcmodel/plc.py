@@ -65,8 +65,22 @@ def tag_spec(tag: plc_pb2.Tag, tag_id: int | None = None) -> TagSpec:
     is checked by `validate_spec` / `make_decoder`.
     """
     tid = tag.id if tag_id is None else tag_id
-    common = {
-        "tag_id": tid,
+    common = _spec_fields(tag, tid)
+    kind = tag.WhichOneof("address")
+    if kind == "modbus":
+        return TagSpec(modbus_table=tag.modbus.table, address=tag.modbus.address, **common)
+    if kind == "s7":
+        area = tag.s7.area or plc_pb2.S7_AREA_DATA_BLOCK
+        db = tag.s7.db_number if area == S7Area.DB else 0
+        return TagSpec(s7_area=area, db_number=db, address=tag.s7.byte_offset, **common)
+    raise TagSpecError(tid, "the tag has no address (modbus or s7)",
+                       (FieldViolation("address", "the tag needs a modbus or s7 address"),))
+
+
+def _spec_fields(tag: plc_pb2.Tag, tag_id: int) -> dict:
+    """The TagSpec fields every address has."""
+    return {
+        "tag_id": tag_id,
         "data_type": tag.data_type,
         "bit": tag.bit if tag.HasField("bit") else None,
         "string_length": tag.string_length,
@@ -75,15 +89,6 @@ def tag_spec(tag: plc_pb2.Tag, tag_id: int | None = None) -> TagSpec:
         "scale": tag.scale if tag.HasField("scale") else 1.0,
         "offset": tag.offset,
     }
-    kind = tag.WhichOneof("address")
-    if kind == "modbus":
-        return TagSpec(modbus_table=tag.modbus.table, address=tag.modbus.address, **common)
-    if kind == "s7":
-        area = tag.s7.area or plc_pb2.S7_AREA_DATA_BLOCK
-        db = tag.s7.db_number if area == S7Area.DB else 0
-        return TagSpec(s7_area=area, db_number=db, address=tag.s7.byte_offset, **common)
-    raise TagSpecError(tid, "the tag has no address (modbus or s7)", (FieldViolation("address", "the tag needs a "
-                                                                                     "modbus or s7 address"),))
 
 
 def _under(path: str, violations: tuple[FieldViolation, ...] | list[FieldViolation]) -> list[FieldViolation]:
@@ -98,16 +103,38 @@ def tag_violations(tag: plc_pb2.Tag, path: str, s7: bool, tag_id: int | None = N
     out: list[FieldViolation] = []
     kind = tag.WhichOneof("address")
     if kind is None:
-        return [FieldViolation(f"{path}.address", "the tag needs a modbus or s7 address")]
+        out.append(FieldViolation(f"{path}.address", "the tag needs a modbus or s7 address"))
     if s7 and kind == "modbus":
         out.append(FieldViolation(f"{path}.modbus", "an S7 PLC's tags need an s7 address"))
     if not s7 and kind == "s7":
         out.append(FieldViolation(f"{path}.s7", "a Modbus PLC's tags need a modbus address"))
+    tid = _NO_ID if tag_id is None else tag_id
     try:
-        spec = tag_spec(tag, _NO_ID if tag_id is None else tag_id)
-    except TagSpecError as exc:
-        return out + _under(path, exc.violations)
-    return out + _under(path, validate_spec(spec))
+        return out + _under(path, _spec_violations(tag, tid))
+    except TagSpecError as exc:  # an enum number the model does not know
+        unknown = list(exc.violations)
+    # Report those fields, and check the rest as if they were unset.
+    known = plc_pb2.Tag()
+    known.CopyFrom(tag)
+    for v in unknown:
+        *parents, name = v.field.split(".")
+        target = known
+        for parent in parents:
+            target = getattr(target, parent)
+        target.ClearField(name)
+    fields = {v.field for v in unknown}
+    if "s7.area" in fields:
+        fields.add("s7.db_number")  # whether a DB number is needed depends on the area, which is unknown
+    rest = [v for v in _spec_violations(known, tid) if v.field not in fields]
+    return out + _under(path, unknown + rest)
+
+
+def _spec_violations(tag: plc_pb2.Tag, tag_id: int) -> list[FieldViolation]:
+    """validate_spec of the tag's spec; without an address, the rules that do not need one."""
+    if tag.WhichOneof("address"):
+        return validate_spec(tag_spec(tag, tag_id))
+    common = _spec_fields(tag, tag_id)
+    return [v for v in validate_spec(TagSpec(**common)) if v.field != "address"]
 
 
 def _role_violations(tag: plc_pb2.Tag, path: str) -> list[FieldViolation]:

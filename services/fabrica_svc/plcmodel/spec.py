@@ -343,6 +343,8 @@ def validate_spec(spec: TagSpec) -> list[FieldViolation]:
         _check_s7(spec, add)
     else:
         add("address", "neither modbus_table nor s7_area is set")
+        if spec.bit is not None and spec.data_type is not DataType.BOOL:
+            add("bit", f"bit must only be set for BOOL tags, got bit {spec.bit!r} on a {spec.data_type.name}")
     return problems
 
 
@@ -353,8 +355,7 @@ def _check_modbus(spec: TagSpec, add: Any) -> None:
     if not _is_int(spec.address):
         add("modbus.address", f"address must be an integer, got {spec.address!r}")
     if table is ModbusTable.UNSPECIFIED:
-        add("modbus.table", "modbus_table is unspecified")
-        return
+        add("modbus.table", "modbus_table is unspecified")  # and the rest is checked as for a register
     if table.is_bit_table:
         if data_type is not DataType.BOOL and data_type is not DataType.UNSPECIFIED:
             add("data_type",
