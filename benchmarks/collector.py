@@ -95,7 +95,7 @@ async def _serve_devices(count: int) -> None:
 
 def _decoder_only(seconds: float = 1.5) -> float:
     from fabrica_svc.collector.blocks import plan_modbus_reads
-    from fabrica_svc.collector.decode import DataType, ModbusTable, TagSpec
+    from fabrica_svc.plcmodel.spec import DataType, ModbusTable, TagSpec
 
     specs = [TagSpec(i + 1, DataType.UINT16, modbus_table=ModbusTable.HOLDING_REGISTER, address=i)
              for i in range(REGISTERS)]

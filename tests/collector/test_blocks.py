@@ -16,7 +16,7 @@ from fabrica_svc.collector.blocks import (
     plan_modbus_reads,
     plan_s7_reads,
 )
-from fabrica_svc.collector.decode import DataType, DecodeError, ModbusTable, S7Area, TagSpec, TagSpecError
+from fabrica_svc.plcmodel.spec import DataType, DecodeError, ModbusTable, S7Area, TagSpec, TagSpecError
 
 HR = ModbusTable.HOLDING_REGISTER
 IR = ModbusTable.INPUT_REGISTER

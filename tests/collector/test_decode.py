@@ -12,7 +12,8 @@ import pickle
 
 import pytest
 
-from fabrica_svc.collector.decode import (
+from fabrica_svc.collector.decode import make_decoder
+from fabrica_svc.plcmodel.spec import (
     ByteOrder,
     DataType,
     DecodeError,
@@ -22,7 +23,6 @@ from fabrica_svc.collector.decode import (
     TagSpecError,
     WordOrder,
     byte_count,
-    make_decoder,
     register_count,
     validate_spec,
 )
@@ -359,26 +359,33 @@ def test_tag_spec_follows_the_contract_for_unset_enums():
     # MODBUS_TABLE_UNSPECIFIED is rejected.
     spec = TagSpec(5, DataType.INT16, modbus_table=0)
     assert spec.modbus_table is ModbusTable.UNSPECIFIED
-    assert validate_spec(spec) == ["modbus_table is unspecified"]
+    assert [(v.field, v.description) for v in validate_spec(spec)] == [("modbus.table", "modbus_table is unspecified")]
     spec = TagSpec(5, DataType.INT16, modbus_table=HR, byte_order=None, word_order=None)
     assert (spec.byte_order, spec.word_order, spec.is_scaled) == (ByteOrder.BIG, WordOrder.BIG, False)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "field", "message"),
     [
-        ({"data_type": 42}, "data_type 42 is not a valid DataType"),
-        ({"modbus_table": 9}, "modbus_table 9 is not a valid ModbusTable"),
-        ({"s7_area": 5}, "s7_area 5 is not a valid S7Area"),
-        ({"byte_order": 3}, "byte_order 3 is not a valid ByteOrder"),
-        ({"word_order": "big"}, "word_order 'big' is not a valid WordOrder"),
-        ({"scale": "x"}, "scale 'x' is not a number"),
+        ({"data_type": 42}, "data_type", "data_type 42 is not a valid DataType"),
+        ({"modbus_table": 9}, "modbus.table", "modbus_table 9 is not a valid ModbusTable"),
+        ({"s7_area": 5}, "s7.area", "s7_area 5 is not a valid S7Area"),
+        ({"byte_order": 3}, "byte_order", "byte_order 3 is not a valid ByteOrder"),
+        ({"word_order": "big"}, "word_order", "word_order 'big' is not a valid WordOrder"),
+        ({"scale": "x"}, "scale", "scale 'x' is not a number"),
     ],
 )
-def test_tag_spec_rejects_unknown_enum_numbers(kwargs, message):
+def test_tag_spec_rejects_unknown_enum_numbers(kwargs, field, message):
     kwargs = {"data_type": DataType.INT16, **kwargs}
-    with pytest.raises(TagSpecError, match=f"^tag 12: {message}"):
+    with pytest.raises(TagSpecError, match=f"^tag 12: {message}") as caught:
         TagSpec(12, **kwargs)
+    assert [v.field for v in caught.value.violations] == [field]
+
+
+def test_tag_spec_reports_every_unknown_enum_number_at_once():
+    with pytest.raises(TagSpecError) as caught:
+        TagSpec(12, 42, modbus_table=9, byte_order=3)
+    assert [v.field for v in caught.value.violations] == ["data_type", "modbus.table", "byte_order"]
 
 
 def test_tag_spec_is_frozen_and_hashable():
@@ -393,40 +400,59 @@ def test_tag_spec_is_frozen_and_hashable():
 
 
 @pytest.mark.parametrize(
-    ("spec", "problem"),
+    ("spec", "field", "problem"),
     [
-        (TagSpec(7, DataType.FLOAT32, modbus_table=ModbusTable.COIL), "a FLOAT32 tag cannot live in the COIL table"),
-        (TagSpec(7, DataType.INT16, modbus_table=ModbusTable.DISCRETE_INPUT), "cannot live in the DISCRETE_INPUT table"),
-        (TagSpec(7, DataType.BOOL, modbus_table=ModbusTable.COIL, bit=0), "bit must not be set for the COIL table"),
-        (TagSpec(7, DataType.BOOL, modbus_table=HR), "a BOOL in the HOLDING_REGISTER table needs bit 0..15"),
-        (TagSpec(7, DataType.BOOL, modbus_table=HR, bit=16), "bit 16 is out of range 0..15"),
-        (TagSpec(7, DataType.BOOL, modbus_table=HR, bit=-1), "bit -1 is out of range 0..15"),
-        (TagSpec(7, DataType.INT16, modbus_table=HR, bit=3), "bit must only be set for BOOL tags"),
-        (TagSpec(7, DataType.INT16, modbus_table=HR, address=65536), "Modbus address 65536 is out of range 0..65535"),
-        (TagSpec(7, DataType.INT16, modbus_table=HR, address=-1), "Modbus address -1 is out of range"),
-        (TagSpec(7, DataType.FLOAT64, modbus_table=HR, address=65533), "spans addresses 65533..65536"),
-        (TagSpec(7, DataType.STRING, modbus_table=HR), "a STRING needs string_length >= 1, got 0"),
-        (TagSpec(7, DataType.UNSPECIFIED, modbus_table=HR), "data_type is unspecified"),
-        (TagSpec(7, DataType.INT16), "neither modbus_table nor s7_area is set"),
-        (TagSpec(7, DataType.INT16, modbus_table=HR, s7_area=S7Area.DB, db_number=1), "both modbus_table and s7_area"),
-        (TagSpec(7, DataType.INT16, modbus_table=HR, scale=0), "scale must be a finite, non-zero number, got 0.0"),
-        (TagSpec(7, DataType.INT16, modbus_table=HR, scale=math.nan), "scale must be a finite"),
-        (TagSpec(7, DataType.INT16, modbus_table=HR, offset=math.inf), "offset must be a finite number"),
-        (TagSpec(0, DataType.INT16, modbus_table=HR), "tag_id must be a positive integer, got 0"),
-        (TagSpec(7, DataType.INT16, s7_area=S7Area.DB, db_number=0), "an S7 DB tag needs db_number 1..65535, got 0"),
-        (TagSpec(7, DataType.BOOL, s7_area=S7Area.DB, db_number=1), "an S7 BOOL needs bit 0..7"),
-        (TagSpec(7, DataType.BOOL, s7_area=S7Area.INPUTS, bit=8), "bit 8 is out of range 0..7 for an S7 BOOL"),
-        (TagSpec(7, DataType.FLOAT32, s7_area=S7Area.OUTPUTS, bit=1), "bit must only be set for BOOL tags"),
-        (TagSpec(7, DataType.STRING, s7_area=S7Area.DB, db_number=1, string_length=255), "at most 254 characters"),
-        (TagSpec(7, DataType.INT16, s7_area=S7Area.MERKERS, address=-2), "S7 byte offset -2 is out of range"),
-        (TagSpec(7, DataType.INT16, s7_area=S7Area.MERKERS, address=2**21), "S7 byte offset 2097152 is out of range"),
+        (TagSpec(7, DataType.FLOAT32, modbus_table=ModbusTable.COIL),
+         "data_type", "a FLOAT32 tag cannot live in the COIL table"),
+        (TagSpec(7, DataType.INT16, modbus_table=ModbusTable.DISCRETE_INPUT),
+         "data_type", "cannot live in the DISCRETE_INPUT table"),
+        (TagSpec(7, DataType.BOOL, modbus_table=ModbusTable.COIL, bit=0),
+         "bit", "bit must not be set for the COIL table"),
+        (TagSpec(7, DataType.BOOL, modbus_table=HR), "bit", "a BOOL in the HOLDING_REGISTER table needs bit 0..15"),
+        (TagSpec(7, DataType.BOOL, modbus_table=HR, bit=16), "bit", "bit 16 is out of range 0..15"),
+        (TagSpec(7, DataType.BOOL, modbus_table=HR, bit=-1), "bit", "bit -1 is out of range 0..15"),
+        (TagSpec(7, DataType.INT16, modbus_table=HR, bit=3), "bit", "bit must only be set for BOOL tags"),
+        (TagSpec(7, DataType.INT16, modbus_table=HR, address=65536),
+         "modbus.address", "Modbus address 65536 is out of range 0..65535"),
+        (TagSpec(7, DataType.INT16, modbus_table=HR, address=-1),
+         "modbus.address", "Modbus address -1 is out of range"),
+        (TagSpec(7, DataType.FLOAT64, modbus_table=HR, address=65533),
+         "modbus.address", "spans addresses 65533..65536"),
+        (TagSpec(7, DataType.STRING, modbus_table=HR), "string_length", "a STRING needs string_length >= 1, got 0"),
+        (TagSpec(7, DataType.UNSPECIFIED, modbus_table=HR), "data_type", "data_type is unspecified"),
+        (TagSpec(7, DataType.INT32, modbus_table=HR, string_length=4),
+         "string_length", "only STRING tags have a string_length, got 4 on a INT32"),
+        (TagSpec(7, DataType.BOOL, s7_area=S7Area.MERKERS, bit=0, string_length=1),
+         "string_length", "only STRING tags have a string_length"),
+        (TagSpec(7, DataType.INT16), "address", "neither modbus_table nor s7_area is set"),
+        (TagSpec(7, DataType.INT16, modbus_table=HR, s7_area=S7Area.DB, db_number=1),
+         "address", "both modbus_table and s7_area"),
+        (TagSpec(7, DataType.INT16, modbus_table=HR, scale=0),
+         "scale", "scale must be a finite, non-zero number, got 0.0"),
+        (TagSpec(7, DataType.INT16, modbus_table=HR, scale=math.nan), "scale", "scale must be a finite"),
+        (TagSpec(7, DataType.INT16, modbus_table=HR, offset=math.inf), "offset", "offset must be a finite number"),
+        (TagSpec(0, DataType.INT16, modbus_table=HR), "id", "tag_id must be a positive integer, got 0"),
+        (TagSpec(7, DataType.INT16, s7_area=S7Area.DB, db_number=0),
+         "s7.db_number", "an S7 DB tag needs db_number 1..65535, got 0"),
+        (TagSpec(7, DataType.BOOL, s7_area=S7Area.DB, db_number=1), "bit", "an S7 BOOL needs bit 0..7"),
+        (TagSpec(7, DataType.BOOL, s7_area=S7Area.INPUTS, bit=8), "bit", "bit 8 is out of range 0..7 for an S7 BOOL"),
+        (TagSpec(7, DataType.FLOAT32, s7_area=S7Area.OUTPUTS, bit=1), "bit", "bit must only be set for BOOL tags"),
+        (TagSpec(7, DataType.STRING, s7_area=S7Area.DB, db_number=1, string_length=255),
+         "string_length", "at most 254 characters"),
+        (TagSpec(7, DataType.INT16, s7_area=S7Area.MERKERS, address=-2),
+         "s7.byte_offset", "S7 byte offset -2 is out of range"),
+        (TagSpec(7, DataType.INT16, s7_area=S7Area.MERKERS, address=2**21),
+         "s7.byte_offset", "S7 byte offset 2097152 is out of range"),
     ],
 )
-def test_invalid_definitions(spec, problem):
-    assert any(problem in text for text in validate_spec(spec)), validate_spec(spec)
+def test_invalid_definitions(spec, field, problem):
+    """Each problem is named in words and on the field of the contract's Tag it is about."""
+    found = validate_spec(spec)
+    assert any(problem in v.description and v.field == field for v in found), found
     with pytest.raises(TagSpecError, match=r"^tag \d+: invalid tag definition: ") as caught:
         make_decoder(spec)
     assert problem in str(caught.value)
+    assert caught.value.violations == tuple(found)
     assert isinstance(caught.value, DecodeError) and isinstance(caught.value, ValueError)
 
 

@@ -14,11 +14,12 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
 from fabrica_svc.runtime.retry import RetryPolicy
-from fabrica_svc.collector.decode import ByteOrder, DataType, ModbusTable, S7Area, TagSpec, WordOrder, make_decoder
+from fabrica_svc.collector.decode import make_decoder
 from fabrica_svc.collector.demo import demo_plcs
 from fabrica_svc.collector.settings import load_collector_settings
 from fabrica_svc.collector.tags import tag_spec, tag_violations, to_value, value_kind
 from fabrica_svc.config.domain import check_plc, normalized
+from fabrica_svc.plcmodel.spec import ByteOrder, DataType, ModbusTable, S7Area, TagSpec, WordOrder
 from fabrica_svc.plcsim.plant import DEMO_TAGS
 from fabrica_svc.runtime.settings import SettingsError, load_settings
 
@@ -28,7 +29,8 @@ T = plc_pb2
 
 def mb(**fields) -> T.Tag:
     table = fields.pop("table", T.MODBUS_TABLE_HOLDING_REGISTER)
-    return T.Tag(id=7, name="t", modbus=T.ModbusAddress(table=table, address=fields.pop("address", 10)), **fields)
+    fields.setdefault("id", 7)
+    return T.Tag(name="t", modbus=T.ModbusAddress(table=table, address=fields.pop("address", 10)), **fields)
 
 
 def s7(**fields) -> T.Tag:
@@ -77,7 +79,11 @@ def test_a_proto_tag_becomes_the_tag_spec_it_describes(tag: T.Tag, expected: Tag
     (mb(data_type=T.DATA_TYPE_UNSPECIFIED), MODBUS_PLC, "tag.data_type"),
     (s7(data_type=T.DATA_TYPE_INT16, db=0), S7_PLC, "tag.s7.db_number"),
     (s7(data_type=T.DATA_TYPE_BOOL, bit=9), S7_PLC, "tag.bit"),
-    (T.Tag(id=1, name="x", data_type=T.DATA_TYPE_INT16), MODBUS_PLC, "tag"),
+    (T.Tag(id=1, name="x", data_type=T.DATA_TYPE_INT16), MODBUS_PLC, "tag.address"),
+    (mb(data_type=T.DATA_TYPE_INT16, string_length=2), MODBUS_PLC, "tag.string_length"),
+    (mb(data_type=T.DATA_TYPE_INT16, id=0), MODBUS_PLC, "tag.id"),
+    (mb(data_type=42), MODBUS_PLC, "tag.data_type"),
+    (s7(data_type=T.DATA_TYPE_INT16, area=9), S7_PLC, "tag.s7.area"),
 ])
 def test_a_tag_that_does_not_fit_its_plc_is_reported_on_the_right_field(tag: T.Tag, plc: T.Plc, field: str) -> None:
     found = tag_violations(tag, plc)

@@ -21,15 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
-from fabrica_svc.collector.decode import (
-    MODBUS_ADDRESS_SPACE,
-    DecodeError,
-    ModbusTable,
-    S7Area,
-    TagSpec,
-    Value,
-    make_decoder,
-)
+from fabrica_svc.collector.decode import Value, make_decoder
+from fabrica_svc.plcmodel.spec import MODBUS_ADDRESS_SPACE, DecodeError, ModbusTable, S7Area, TagSpec
 
 __all__ = [
     "DEFAULT_MODBUS_MAX_GAP",

@@ -3,7 +3,8 @@
 This module is the pure core of the collector: it knows how Modbus registers, Modbus bits and S7 bytes encode
 the value of a tag, and nothing about connections, gRPC or protocol libraries.
 
-The flow is: describe a tag as a :class:`TagSpec`, compile it once with :func:`make_decoder`, then call the
+The flow is: describe a tag as a :class:`TagSpec` (the tag model of :mod:`fabrica_svc.plcmodel.spec`, which
+also holds the rules a definition must satisfy), compile it once with :func:`make_decoder`, then call the
 resulting :class:`Decoder`'s ``decode(data, pos)`` for every poll. Compiling validates the definition and
 selects precompiled :class:`struct.Struct` objects, so the per-poll work is a length check and one or two
 C-level pack/unpack calls.
@@ -41,360 +42,44 @@ scaling the result is a ``float``. BOOL and STRING tags ignore scale and offset.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, Final, TypeAlias
 
-__all__ = [
-    "MODBUS_ADDRESS_SPACE",
-    "S7_MAX_BYTE_OFFSET",
-    "S7_MAX_STRING_LENGTH",
-    "ByteOrder",
-    "DataType",
-    "DecodeError",
-    "Decoder",
-    "ModbusTable",
-    "S7Area",
-    "TagSpec",
-    "TagSpecError",
-    "Value",
-    "WordOrder",
-    "byte_count",
-    "make_decoder",
-    "register_count",
-    "validate_spec",
-]
+from ..plcmodel.spec import (
+    VALUE_BYTES,
+    ByteOrder,
+    DataType,
+    DecodeError,
+    ModbusTable,
+    TagSpec,
+    TagSpecError,
+    WordOrder,
+    byte_count,
+    register_count,
+    validate_spec,
+)
+
+__all__ = ["Decoder", "Value", "make_decoder"]
 
 #: A decoded tag value.
 Value: TypeAlias = bool | int | float | str
 
-#: Number of addresses in each Modbus table (addresses 0..65535).
-MODBUS_ADDRESS_SPACE: Final = 65536
-#: Highest S7 byte offset: S7 ANY pointers carry a 24-bit *bit* address, so byte offsets stop below 2**21.
-S7_MAX_BYTE_OFFSET: Final = 2**21 - 1
-#: Longest S7 STRING: its header stores the lengths in one byte each, and 255 is reserved.
-S7_MAX_STRING_LENGTH: Final = 254
-
-
-# --------------------------------------------------------------------------------------------------- enums
-# Numbered exactly like the protobuf enums of the contract, so that ``DataType(proto_int)`` converts directly.
-
-
-class DataType(IntEnum):
-    """The type of a tag's value."""
-
-    UNSPECIFIED = 0
-    BOOL = 1
-    INT16 = 2
-    UINT16 = 3
-    INT32 = 4
-    UINT32 = 5
-    INT64 = 6
-    UINT64 = 7
-    FLOAT32 = 8
-    FLOAT64 = 9
-    STRING = 10
-
-
-class ByteOrder(IntEnum):
-    """Order of the two bytes inside each 16-bit word. ``UNSPECIFIED`` means ``BIG``."""
-
-    UNSPECIFIED = 0
-    BIG = 1
-    LITTLE = 2
-
-
-class WordOrder(IntEnum):
-    """Order of the 16-bit words of a multi-word value. ``BIG``: high word first. ``UNSPECIFIED`` means ``BIG``."""
-
-    UNSPECIFIED = 0
-    BIG = 1
-    LITTLE = 2
-
-
-class ModbusTable(IntEnum):
-    """The four Modbus data tables. ``UNSPECIFIED`` is rejected, as in the contract."""
-
-    UNSPECIFIED = 0
-    COIL = 1
-    DISCRETE_INPUT = 2
-    INPUT_REGISTER = 3
-    HOLDING_REGISTER = 4
-
-    @property
-    def is_bit_table(self) -> bool:
-        """True for coils and discrete inputs, whose addresses select single bits rather than registers."""
-        return self is ModbusTable.COIL or self is ModbusTable.DISCRETE_INPUT
-
-
-class S7Area(IntEnum):
-    """S7 memory areas. ``UNSPECIFIED`` means a data block, as in the contract; :class:`TagSpec` stores ``DB``."""
-
-    UNSPECIFIED = 0
-    DB = 1
-    INPUTS = 2  # process image of the inputs: PE / I
-    OUTPUTS = 3  # process image of the outputs: PA / Q
-    MERKERS = 4  # flag memory: MK / M
-
-
-# -------------------------------------------------------------------------------------------------- errors
-
-
-class DecodeError(ValueError):
-    """A tag's value could not be decoded from the data that arrived.
-
-    ``tag_id`` names the tag and ``detail`` says what was expected and what arrived; ``str(error)`` is
-    ``"tag <id>: <detail>"``, suitable for the ``error`` field of a reading.
-    """
-
-    def __init__(self, tag_id: int, detail: str) -> None:
-        super().__init__(f"tag {tag_id}: {detail}")
-        self.tag_id = tag_id
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.tag_id, self.detail))
-
-
-class TagSpecError(DecodeError):
-    """The tag's definition itself is unusable (bad combination, bit out of range, ...).
-
-    A subclass of :class:`DecodeError` so that callers that only care about "no value" can catch one type,
-    while callers that report a configuration error rather than a decode failure can tell them apart.
-    """
-
-
-# ---------------------------------------------------------------------------------------------------- spec
-
-
-def _coerce_enum(enum_type: type[IntEnum], value: Any, field: str, tag_id: Any) -> Any:
-    try:
-        return enum_type(value)
-    except (ValueError, TypeError):
-        allowed = ", ".join(f"{m.value}={m.name}" for m in enum_type)
-        raise TagSpecError(tag_id, f"{field} {value!r} is not a valid {enum_type.__name__} ({allowed})") from None
-
-
-def _coerce_float(value: Any, field: str, tag_id: Any) -> float:
-    try:
-        return float(value)
-    except (ValueError, TypeError):
-        raise TagSpecError(tag_id, f"{field} {value!r} is not a number") from None
-
-
-@dataclass(frozen=True, slots=True)
-class TagSpec:
-    """Where a tag lives in a device and how its value is encoded.
-
-    A tag belongs to exactly one protocol: Modbus when ``modbus_table`` is set, S7 when ``s7_area`` is set.
-
-    Attributes:
-        tag_id: Stable numeric id assigned by the config service (positive).
-        data_type: Type of the value.
-        modbus_table: Modbus table of the tag, or None for an S7 tag.
-        address: Modbus register (or coil / discrete input) address, 0-based protocol address 0..65535;
-            for S7, the byte offset inside the area or DB.
-        s7_area: S7 area of the tag, or None for a Modbus tag.
-        db_number: Data block number for ``S7Area.DB`` (1..65535); ignored for the other areas.
-        bit: Bit of a BOOL tag inside a register (0..15, 0 = least significant bit of the 16-bit value) or
-            inside an S7 byte (0..7). Must be None for every other tag, including coils and discrete inputs,
-            where the address alone selects the bit.
-        string_length: For STRING tags, the number of characters (bytes): Modbus strings occupy
-            ``ceil(string_length / 2)`` registers, S7 STRINGs ``string_length + 2`` bytes. Ignored otherwise.
-        byte_order: Order of the bytes inside each 16-bit word.
-        word_order: Order of the words of values longer than 16 bits; ignored for strings.
-        scale: Multiplier applied to numeric values (finite, non-zero).
-        offset: Added to numeric values after scaling (finite).
-
-    Enum fields accept plain ints (protobuf enum numbers) and are normalised following the contract's
-    meaning of 0 (unset): ``s7_area`` 0 becomes ``DB``, byte and word order 0 become ``BIG``, while
-    ``modbus_table`` and ``data_type`` 0 stay ``UNSPECIFIED`` and are rejected by :func:`validate_spec`.
-    Scale and offset become floats. An unknown enum number raises :class:`TagSpecError`; everything else is
-    checked by :func:`validate_spec`. Leave the field of the other protocol None rather than 0.
-    """
-
-    tag_id: int
-    data_type: DataType
-    modbus_table: ModbusTable | None = None
-    address: int = 0
-    s7_area: S7Area | None = None
-    db_number: int = 0
-    bit: int | None = None
-    string_length: int = 0
-    byte_order: ByteOrder = ByteOrder.BIG
-    word_order: WordOrder = WordOrder.BIG
-    scale: float = 1.0
-    offset: float = 0.0
-
-    def __post_init__(self) -> None:
-        tag = self.tag_id
-        setattr_ = object.__setattr__
-        setattr_(self, "data_type", _coerce_enum(DataType, self.data_type, "data_type", tag))
-        if self.modbus_table is not None:
-            setattr_(self, "modbus_table", _coerce_enum(ModbusTable, self.modbus_table, "modbus_table", tag))
-        if self.s7_area is not None:
-            # Contract: "S7_AREA_UNSPECIFIED: not set; a data block".
-            setattr_(self, "s7_area", _coerce_enum(S7Area, self.s7_area or S7Area.DB, "s7_area", tag))
-        # None or UNSPECIFIED (0) mean BIG.
-        setattr_(self, "byte_order", _coerce_enum(ByteOrder, self.byte_order or ByteOrder.BIG, "byte_order", tag))
-        setattr_(self, "word_order", _coerce_enum(WordOrder, self.word_order or WordOrder.BIG, "word_order", tag))
-        setattr_(self, "scale", _coerce_float(self.scale, "scale", tag))
-        setattr_(self, "offset", _coerce_float(self.offset, "offset", tag))
-
-    @property
-    def is_scaled(self) -> bool:
-        """True unless scale and offset are the identity (1 and 0)."""
-        return self.scale != 1.0 or self.offset != 0.0
-
-
-# (struct format character, size in bytes) of every fixed-size numeric type.
-_NUMERIC: Final[dict[DataType, tuple[str, int]]] = {
-    DataType.INT16: ("h", 2),
-    DataType.UINT16: ("H", 2),
-    DataType.INT32: ("i", 4),
-    DataType.UINT32: ("I", 4),
-    DataType.INT64: ("q", 8),
-    DataType.UINT64: ("Q", 8),
-    DataType.FLOAT32: ("f", 4),
-    DataType.FLOAT64: ("d", 8),
+# struct format character of every fixed-size numeric type (sizes in VALUE_BYTES).
+_FORMAT: Final[dict[DataType, str]] = {
+    DataType.INT16: "h",
+    DataType.UINT16: "H",
+    DataType.INT32: "i",
+    DataType.UINT32: "I",
+    DataType.INT64: "q",
+    DataType.UINT64: "Q",
+    DataType.FLOAT32: "f",
+    DataType.FLOAT64: "d",
 }
-
-
-def register_count(spec: TagSpec) -> int:
-    """Number of Modbus addresses the tag occupies.
-
-    1 for a BOOL (a bit of one register, or one coil / discrete input), 1 / 2 / 4 registers for 16 / 32 /
-    64-bit values, ``ceil(string_length / 2)`` for a STRING.
-
-    Raises:
-        TagSpecError: the data type is unspecified.
-    """
-    data_type = spec.data_type
-    if data_type is DataType.BOOL:
-        return 1
-    if data_type is DataType.STRING:
-        return (spec.string_length + 1) // 2
-    numeric = _NUMERIC.get(data_type)
-    if numeric is None:
-        raise TagSpecError(spec.tag_id, "data_type is unspecified")
-    return numeric[1] // 2
-
-
-def byte_count(spec: TagSpec) -> int:
-    """Number of S7 bytes the tag occupies.
-
-    1 for a BOOL (the byte holding the bit), 2 / 4 / 8 for 16 / 32 / 64-bit values, and for a STRING the
-    S7 STRING layout: a 2-byte header (maximum length, actual length) followed by ``string_length`` chars.
-
-    Raises:
-        TagSpecError: the data type is unspecified.
-    """
-    data_type = spec.data_type
-    if data_type is DataType.BOOL:
-        return 1
-    if data_type is DataType.STRING:
-        return spec.string_length + 2
-    numeric = _NUMERIC.get(data_type)
-    if numeric is None:
-        raise TagSpecError(spec.tag_id, "data_type is unspecified")
-    return numeric[1]
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_spec(spec: TagSpec) -> list[str]:
-    """Check a tag definition; return its problems in words (empty when the tag can be decoded).
-
-    Checks that the tag belongs to exactly one protocol, that its data type fits its table or area, that
-    addresses, bit, DB number and string length are in range, and that scale and offset are usable.
-    """
-    problems: list[str] = []
-    if not _is_int(spec.tag_id) or spec.tag_id <= 0:
-        problems.append(f"tag_id must be a positive integer, got {spec.tag_id!r}")
-    if spec.data_type is DataType.UNSPECIFIED:
-        problems.append("data_type is unspecified")
-    if not math.isfinite(spec.scale) or spec.scale == 0.0:
-        problems.append(f"scale must be a finite, non-zero number, got {spec.scale!r}")
-    if not math.isfinite(spec.offset):
-        problems.append(f"offset must be a finite number, got {spec.offset!r}")
-    if spec.data_type is DataType.STRING and not (_is_int(spec.string_length) and spec.string_length >= 1):
-        problems.append(f"a STRING needs string_length >= 1, got {spec.string_length!r}")
-    if spec.bit is not None and not _is_int(spec.bit):
-        problems.append(f"bit must be an integer or None, got {spec.bit!r}")
-    if not _is_int(spec.address):
-        problems.append(f"address must be an integer, got {spec.address!r}")
-
-    if spec.modbus_table is not None and spec.s7_area is not None:
-        problems.append("both modbus_table and s7_area are set; a tag belongs to exactly one protocol")
-    elif spec.modbus_table is not None:
-        _check_modbus(spec, problems)
-    elif spec.s7_area is not None:
-        _check_s7(spec, problems)
-    else:
-        problems.append("neither modbus_table nor s7_area is set")
-    return problems
-
-
-def _check_modbus(spec: TagSpec, problems: list[str]) -> None:
-    table = spec.modbus_table
-    assert table is not None
-    data_type = spec.data_type
-    if table is ModbusTable.UNSPECIFIED:
-        problems.append("modbus_table is unspecified")
-        return
-    if table.is_bit_table:
-        if data_type is not DataType.BOOL and data_type is not DataType.UNSPECIFIED:
-            problems.append(
-                f"a {data_type.name} tag cannot live in the {table.name} table, which holds single bits; use BOOL"
-            )
-        if spec.bit is not None:
-            problems.append(
-                f"bit must not be set for the {table.name} table (got {spec.bit!r}); the address selects the bit"
-            )
-    elif data_type is DataType.BOOL:
-        if spec.bit is None:
-            problems.append(f"a BOOL in the {table.name} table needs bit 0..15")
-        elif _is_int(spec.bit) and not 0 <= spec.bit <= 15:
-            problems.append(f"bit {spec.bit} is out of range 0..15 for a BOOL in the {table.name} table")
-    elif spec.bit is not None:
-        problems.append(f"bit must only be set for BOOL tags, got bit {spec.bit!r} on a {data_type.name}")
-
-    if _is_int(spec.address):
-        if not 0 <= spec.address < MODBUS_ADDRESS_SPACE:
-            problems.append(f"Modbus address {spec.address} is out of range 0..{MODBUS_ADDRESS_SPACE - 1}")
-        elif data_type is not DataType.UNSPECIFIED and _is_int(spec.string_length):
-            end = spec.address + register_count(spec)
-            if end > MODBUS_ADDRESS_SPACE:
-                problems.append(
-                    f"the tag spans addresses {spec.address}..{end - 1}, "
-                    f"past the last Modbus address {MODBUS_ADDRESS_SPACE - 1}"
-                )
-
-
-def _check_s7(spec: TagSpec, problems: list[str]) -> None:
-    area = spec.s7_area
-    assert area is not None
-    data_type = spec.data_type
-    if area is S7Area.DB and not (_is_int(spec.db_number) and 1 <= spec.db_number <= 65535):
-        problems.append(f"an S7 DB tag needs db_number 1..65535, got {spec.db_number!r}")
-    if data_type is DataType.BOOL:
-        if spec.bit is None:
-            problems.append("an S7 BOOL needs bit 0..7")
-        elif _is_int(spec.bit) and not 0 <= spec.bit <= 7:
-            problems.append(f"bit {spec.bit} is out of range 0..7 for an S7 BOOL")
-    elif spec.bit is not None:
-        problems.append(f"bit must only be set for BOOL tags, got bit {spec.bit!r} on a {data_type.name}")
-    if data_type is DataType.STRING and _is_int(spec.string_length) and spec.string_length > S7_MAX_STRING_LENGTH:
-        problems.append(
-            f"an S7 STRING holds at most {S7_MAX_STRING_LENGTH} characters, got string_length {spec.string_length}"
-        )
-    if _is_int(spec.address) and not 0 <= spec.address <= S7_MAX_BYTE_OFFSET:
-        problems.append(f"S7 byte offset {spec.address} is out of range 0..{S7_MAX_BYTE_OFFSET}")
 
 
 # ------------------------------------------------------------------------------------------------ decoders
@@ -433,11 +118,13 @@ def make_decoder(spec: TagSpec) -> Decoder:
     """Validate ``spec`` and compile it into a :class:`Decoder` for its protocol.
 
     Raises:
-        TagSpecError: :func:`validate_spec` found problems; the message lists all of them.
+        TagSpecError: :func:`validate_spec` found problems; the message lists all of them and ``violations``
+            holds them with their fields.
     """
     problems = validate_spec(spec)
     if problems:
-        raise TagSpecError(spec.tag_id, "invalid tag definition: " + "; ".join(problems))
+        detail = "invalid tag definition: " + "; ".join(p.description for p in problems)
+        raise TagSpecError(spec.tag_id, detail, tuple(problems))
     if spec.modbus_table is not None:
         return _modbus_decoder(spec)
     return _s7_decoder(spec)
@@ -537,7 +224,7 @@ def _order_structs(spec: TagSpec, code: str, words: int) -> tuple[struct.Struct,
 
 
 def _modbus_numeric(spec: TagSpec) -> Callable[..., Value]:
-    code, size = _NUMERIC[spec.data_type]
+    code, size = _FORMAT[spec.data_type], VALUE_BYTES[spec.data_type]
     words = size // 2
     pack_struct, unpack_struct = _order_structs(spec, code, words)
     pack, unpack = pack_struct.pack, unpack_struct.unpack
@@ -620,7 +307,7 @@ def _s7_bit(spec: TagSpec) -> Callable[..., Value]:
 
 
 def _s7_numeric(spec: TagSpec) -> Callable[..., Value]:
-    code, size = _NUMERIC[spec.data_type]
+    code, size = _FORMAT[spec.data_type], VALUE_BYTES[spec.data_type]
     words = size // 2
     scaled, scale, offset = spec.is_scaled, spec.scale, spec.offset
     byte_little = spec.byte_order is ByteOrder.LITTLE

@@ -43,7 +43,8 @@ from snap7.error import S7ConnectionError, S7Error, S7PacketLostError, S7StalePa
 from snap7.type import Area
 
 from .blocks import ModbusBlock, S7Block, plan_modbus_reads, plan_s7_reads
-from .decode import ModbusTable, S7Area, TagSpec
+from ..plcmodel.plc import port_of
+from ..plcmodel.spec import ModbusTable, S7Area, TagSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ Block: TypeAlias = ModbusBlock | S7Block
 BlockData: TypeAlias = list[int] | list[bool] | bytes | bytearray
 
 DEFAULT_TIMEOUT = 1.0
-DEFAULT_MODBUS_PORT = 502
-DEFAULT_S7_PORT = 102
 #: After a timeout on an RTU bus the lock is held this much longer, so that a late answer of the slow
 #: device lands (and is discarded as unsolicited) before the next device is asked.
 RTU_GUARD_SECONDS = 0.05
@@ -546,11 +545,10 @@ def make_driver(plc: plc_pb2.Plc, buses: BusRegistry) -> Driver:
     kind = plc.WhichOneof("connection")
     if kind == "modbus_tcp":
         c = plc.modbus_tcp
-        return ModbusTcpDriver(plc.id, c.host, c.port if c.HasField("port") else DEFAULT_MODBUS_PORT, c.unit_id,
-                               timeout_of(c))
+        return ModbusTcpDriver(plc.id, c.host, port_of(plc), c.unit_id, timeout_of(c))
     if kind == "modbus_rtu_over_tcp":
         c = plc.modbus_rtu_over_tcp
-        port = c.port if c.HasField("port") else DEFAULT_MODBUS_PORT
+        port = port_of(plc)
         host = c.host
 
         def gateway_client(timeout: float) -> ModbusBaseClient:
@@ -576,6 +574,5 @@ def make_driver(plc: plc_pb2.Plc, buses: BusRegistry) -> Driver:
         return ModbusRtuDriver(plc.id, bus, c.unit_id, timeout_of(c), buses)
     if kind == "s7":
         c = plc.s7
-        return S7Driver(plc.id, c.host, c.port if c.HasField("port") else DEFAULT_S7_PORT, c.rack, c.slot,
-                        timeout_of(c))
+        return S7Driver(plc.id, c.host, port_of(plc), c.rack, c.slot, timeout_of(c))
     raise PlcConfigError("the PLC has no connection")

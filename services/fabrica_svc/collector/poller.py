@@ -39,10 +39,10 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 from google.protobuf import timestamp_pb2
 
+from ..plcmodel.spec import DecodeError, TagSpec, TagSpecError, register_count
 from ..runtime.retry import RetryPolicy
 from ..runtime.timefmt import seconds_of, timestamp_from_ns
 from .blocks import ModbusBlock
-from .decode import DecodeError, TagSpec, TagSpecError, register_count
 from .drivers import ILLEGAL_DATA_ADDRESS, Block, CommunicationError, DeviceError, Driver, PlcConfigError
 from .metrics import PollMetrics
 from .tags import compiled, tag_violations, to_value, value_kind

@@ -16,9 +16,9 @@ from fabrica.collector.v1 import collector_service_pb2_grpc as pb_grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
+from ..plcmodel.spec import DecodeError, ModbusTable
 from ..runtime.errors import InvalidArgument
 from ..runtime.timefmt import duration_from_seconds, timestamp_from_ns
-from .decode import DecodeError, ModbusTable
 from .drivers import BusRegistry, CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
 from .tags import compiled, tag_spec, tag_violations, to_value, value_kind
 

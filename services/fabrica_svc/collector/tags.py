@@ -1,7 +1,8 @@
-"""From the contract's Tag to the decoder's TagSpec, and from decoded values to the contract's Value.
+"""From the contract's Tag to a compiled decoder, and from decoded values to the contract's Value.
 
-`tag_spec` is the one place where a proto Tag becomes a TagSpec; everything else (pollers, PreviewDecode,
-the benchmark) goes through it.
+The conversion (`tag_spec`) and the rules (`tag_violations`) are the shared PLC/tag model's
+(:mod:`fabrica_svc.plcmodel`), the same the config service checks a PLC with; pollers and PreviewDecode go
+through the functions here.
 """
 
 from __future__ import annotations
@@ -9,80 +10,23 @@ from __future__ import annotations
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
+from ..plcmodel import plc as model
+from ..plcmodel.plc import tag_spec
+from ..plcmodel.spec import DataType, TagSpec
 from ..runtime.errors import FieldViolation
-from .decode import DataType, TagSpec, TagSpecError, Value, make_decoder, validate_spec
+from .decode import Value, make_decoder
+
+__all__ = ["compiled", "tag_spec", "tag_violations", "to_value", "value_kind"]
 
 _SIGNED = frozenset({DataType.INT16, DataType.INT32, DataType.INT64})
-_UNSIGNED = frozenset({DataType.UINT16, DataType.UINT32, DataType.UINT64})
-
-
-def tag_spec(tag: plc_pb2.Tag, tag_id: int | None = None) -> TagSpec:
-    """The TagSpec of a proto Tag. `tag_id` overrides tag.id (PreviewDecode reads definitions without ids).
-
-    Raises TagSpecError when the tag has no address or an enum number the decoder does not know; the
-    rest is checked by `validate_spec` / `make_decoder`.
-    """
-    tid = tag.id if tag_id is None else tag_id
-    common = {
-        "tag_id": tid,
-        "data_type": tag.data_type,
-        "bit": tag.bit if tag.HasField("bit") else None,
-        "string_length": tag.string_length,
-        "byte_order": tag.byte_order,
-        "word_order": tag.word_order,
-        "scale": tag.scale if tag.HasField("scale") else 1.0,
-        "offset": tag.offset,
-    }
-    kind = tag.WhichOneof("address")
-    if kind == "modbus":
-        return TagSpec(modbus_table=tag.modbus.table, address=tag.modbus.address, **common)
-    if kind == "s7":
-        area = tag.s7.area or plc_pb2.S7_AREA_DATA_BLOCK
-        db = tag.s7.db_number if area == plc_pb2.S7_AREA_DATA_BLOCK else 0
-        return TagSpec(s7_area=area, db_number=db, address=tag.s7.byte_offset, **common)
-    raise TagSpecError(tid, "the tag has no address (modbus or s7)")
-
-
-# Words that validate_spec uses in its problem texts, mapped to the proto field they are about.
-_FIELD_HINTS = (
-    ("cannot live in", "data_type"),
-    ("data_type", "data_type"),
-    ("tag_id", "id"),
-    ("scale", "scale"),
-    ("offset must", "offset"),
-    ("string_length", "string_length"),
-    ("db_number", "s7.db_number"),
-    ("byte offset", "s7.byte_offset"),
-    ("Modbus address", "modbus.address"),
-    ("spans addresses", "modbus.address"),
-    ("modbus_table", "modbus.table"),
-    ("bit", "bit"),
-)
-
-
-def _field_of(problem: str) -> str:
-    return next((field for word, field in _FIELD_HINTS if word in problem), "")
 
 
 def tag_violations(tag: plc_pb2.Tag, plc: plc_pb2.Plc, prefix: str = "tag", tag_id: int | None = None) -> list[FieldViolation]:
-    """Why `tag` cannot be read from `plc`, as field violations under `prefix` (empty when it can)."""
-    s7 = plc.WhichOneof("connection") == "s7"
-    kind = tag.WhichOneof("address")
-    if kind is None:
-        return [FieldViolation(prefix, "the tag needs a modbus or s7 address")]
-    if s7 and kind != "s7":
-        return [FieldViolation(f"{prefix}.modbus", "an S7 PLC's tags need an s7 address")]
-    if not s7 and kind != "modbus":
-        return [FieldViolation(f"{prefix}.s7", "a Modbus PLC's tags need a modbus address")]
-    try:
-        spec = tag_spec(tag, tag_id)
-    except TagSpecError as exc:
-        return [FieldViolation(prefix, exc.detail)]
-    out = []
-    for problem in validate_spec(spec):
-        field = _field_of(problem)
-        out.append(FieldViolation(f"{prefix}.{field}" if field else prefix, problem))
-    return out
+    """Why `tag` cannot be read from `plc`, as field violations under `prefix` (empty when it can).
+
+    The tag's id is checked too (`tag_id` overrides it): a tag without one cannot be compiled.
+    """
+    return model.tag_violations(tag, prefix, model.is_s7(plc), tag.id if tag_id is None else tag_id)
 
 
 def compiled(tag: plc_pb2.Tag, tag_id: int | None = None) -> TagSpec:
@@ -108,8 +52,3 @@ def to_value(kind: str, value: Value) -> reading_pb2.Value:
     if kind == "double_value":
         return reading_pb2.Value(double_value=float(value))
     return reading_pb2.Value(**{kind: value})
-
-
-def from_value(value: reading_pb2.Value) -> Value | bytes | None:
-    kind = value.WhichOneof("kind")
-    return None if kind is None else getattr(value, kind)

@@ -25,6 +25,7 @@ from .domain import (
     KIND_BYTES,
     KIND_DOUBLE,
     KIND_INT,
+    KIND_NONE,
     KIND_STRING,
     KIND_UINT,
     MAX_BIGINT,
@@ -83,7 +84,7 @@ def batch_from_proto(batch: reading_pb2.ReadingBatch, prefix: str = "batch") -> 
             if quality == GOOD or quality == STALE:
                 violations.append(FieldViolation(f"{prefix}.readings[{i}].value",
                                                  "a reading of GOOD or STALE quality must carry a value"))
-            row = (tag_id, read_us, quality, 0, None, None, None, None, error)
+            row = (tag_id, read_us, quality, KIND_NONE, None, None, None, None, error)
         if tag_id > MAX_BIGINT:
             violations.append(FieldViolation(f"{prefix}.readings[{i}].tag_id", "must be below 2^63"))
         if not (min_s <= seconds <= max_s and 0 <= nanos <= 999_999_999):
@@ -160,7 +161,7 @@ def reading_from_row(row: Mapping[str, Any]) -> reading_pb2.Reading:
         quality=row["quality"],
         error=row["error"] or "",
         plc_id=row["plc_id"] or "",
-        role=row["role"] or 0,
+        role=row["role"] or reading_pb2.TAG_ROLE_UNSPECIFIED,
     )
     value = value_from_row(row["kind"], row["value"], row["int_value"], row["text_value"], row["bytes_value"])
     if value is not None:

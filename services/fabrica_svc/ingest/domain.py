@@ -1,4 +1,5 @@
-"""Plain rules of the ingest service. No gRPC, no asyncpg, no I/O.
+"""Plain rules of the ingest service. No gRPC, no asyncpg, no I/O (the contract's enum numbers come from
+the generated protos).
 
 Rows
 ----
@@ -44,21 +45,28 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+from fabrica.common.v1 import reading_pb2
+
 from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.timefmt import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 
 # --- value kinds (the field numbers of fabrica.common.v1.Value's oneof) -------------------------------
-KIND_NONE = 0
-KIND_BOOL = 1
-KIND_INT = 2
-KIND_UINT = 3
-KIND_DOUBLE = 4
-KIND_STRING = 5
-KIND_BYTES = 6
+_VALUE_FIELDS = reading_pb2.Value.DESCRIPTOR.fields_by_name
+KIND_NONE = 0  # no member of the oneof set (no field has number 0)
+KIND_BOOL = _VALUE_FIELDS["bool_value"].number
+KIND_INT = _VALUE_FIELDS["int_value"].number
+KIND_UINT = _VALUE_FIELDS["uint_value"].number
+KIND_DOUBLE = _VALUE_FIELDS["double_value"].number
+KIND_STRING = _VALUE_FIELDS["string_value"].number
+KIND_BYTES = _VALUE_FIELDS["bytes_value"].number
 
-QUALITY_GOOD = 1
+QUALITY_GOOD = reading_pb2.QUALITY_GOOD
 #: TagRole values whose readings also go to tag_events: production counter, scrap counter, machine state.
-EVENT_ROLES = frozenset({2, 3, 4})
+EVENT_ROLES = frozenset({
+    reading_pb2.TAG_ROLE_PRODUCTION_COUNTER,
+    reading_pb2.TAG_ROLE_SCRAP_COUNTER,
+    reading_pb2.TAG_ROLE_MACHINE_STATE,
+})
 
 MAX_BIGINT = 2**63 - 1
 _TWO64 = 2**64

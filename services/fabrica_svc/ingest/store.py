@@ -66,6 +66,7 @@ import asyncpg
 from ..runtime.db import Migration
 from .domain import (
     EVENT_COLUMNS,
+    QUALITY_GOOD,
     READING_COLUMNS,
     GroupPlan,
     PageCursor,
@@ -390,7 +391,7 @@ class IngestStore:
             " FROM (SELECT value, (extract(epoch FROM read_time - $2::timestamptz) / 3600)::float8 AS x"
             "       FROM ingest.readings"
             "       WHERE tag_id = $1 AND read_time >= $2 AND read_time < $3"
-            "         AND quality = 1 AND value IS NOT NULL) r)"
+            f"         AND quality = {QUALITY_GOOD:d} AND value IS NOT NULL) r)"  # the generated enum's number
             " SELECT n, coalesce(mean, 0) AS mean, coalesce(sd, 0) AS sd, coalesce(min, 0) AS min,"
             "  coalesce(max, 0) AS max, slope, intercept,"
             "  CASE WHEN $4::float8 IS NOT NULL AND $5::float8 IS NOT NULL AND sd > 0"
