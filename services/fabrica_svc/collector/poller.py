@@ -86,7 +86,7 @@ class TagState:
         self.kind = ""
         self.error = ""  # configuration error: the tag is not polled
         self.last_value: Any = _UNSET
-        self.last_quality = 0
+        self.last_quality = reading_pb2.QUALITY_UNSPECIFIED
 
     def changed(self, value: Any) -> bool:
         last = self.last_value
