@@ -28,8 +28,7 @@ import contextlib
 import socket
 import struct
 import threading
-import time
-from collections.abc import Callable
+from typing import Any
 
 from snap7.server import Server
 from snap7.type import SrvArea
@@ -118,17 +117,9 @@ class S7Sim(SimServer):
 
     label = "S7"
 
-    def __init__(
-        self,
-        plant: Plant,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        refresh_interval: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-        tags: tuple[DemoTag, ...] | None = None,
-    ) -> None:
-        super().__init__(plant, host=host, port=port, refresh_interval=refresh_interval, clock=clock)
+    def __init__(self, plant: Plant, *, tags: tuple[DemoTag, ...] | None = None, **server: Any) -> None:
+        """``server``: ``host``, ``port``, ``refresh_interval``, ``clock``, as :class:`~.server.SimServer` takes them."""
+        super().__init__(plant, **server)
         self.tags = tags if tags is not None else tags_for("s7")
         self.db_number = DB1
         self._db = bytearray(DB1_SIZE)
