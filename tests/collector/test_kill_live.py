@@ -169,8 +169,8 @@ async def test_collector_killed_three_times_while_streaming_to_live_ingest_store
         assert [r for r in readings if r.quality != GOOD] == []
         assert max(Counter(map(key, readings)).values()) == 1, "a reading was stored twice"
         seen_while_up = sorted(set(produced) - set(never_seen))
-        assert len(produced) == len(set(produced)) == 1 + len(KILLS) * (LIVE_STEPS + IN_FLIGHT_STEPS) + LIVE_STEPS + sum(
-            n for _, n in KILLS)
+        steps = len(KILLS) * (LIVE_STEPS + IN_FLIGHT_STEPS) + LIVE_STEPS + sum(n for _, n in KILLS)
+        assert len(produced) == len(set(produced)) == 1 + steps
         for tag_id in tag_ids:
             values = sorted(value_of(r) for r in readings if r.tag_id == tag_id)
             # Every value the counter took while the collector was up, each exactly once ...

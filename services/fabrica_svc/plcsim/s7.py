@@ -118,7 +118,7 @@ class S7Sim(SimServer):
     label = "S7"
 
     def __init__(self, plant: Plant, *, tags: tuple[DemoTag, ...] | None = None, **server: Any) -> None:
-        """``server``: ``host``, ``port``, ``refresh_interval``, ``clock``, as :class:`~.server.SimServer` takes them."""
+        """``server``: ``host``, ``port``, ``refresh_interval`` and ``clock`` of :class:`~.server.SimServer`."""
         super().__init__(plant, **server)
         self.tags = tags if tags is not None else tags_for("s7")
         self.db_number = DB1
