@@ -32,7 +32,8 @@ class Simulator:
     """The demo plant and its three servers. Use as ``async with`` or call start()/stop().
 
     The servers share one :class:`Plant`; each steps it from ``clock`` on its own
-    ``refresh_interval`` timer (stepping is idempotent, so that is consistent).
+    ``refresh_interval`` timer (stepping is idempotent, so that is consistent). On a
+    :class:`~.plant.ManualClock` nothing moves until :meth:`make_parts` (or the clock) says so.
     """
 
     def __init__(
