@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -16,6 +15,9 @@ import pytest
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
+from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
+from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+from fabrica.production.v1 import master_data_pb2 as md
 from fabrica.production.v1 import order_pb2
 from fabrica.production.v1 import production_service_pb2 as prod_pb
 from fabrica.production.v1 import production_service_pb2_grpc as prod_grpc
@@ -25,12 +27,14 @@ from fabrica_svc.collector.demo import demo_plcs
 from fabrica_svc.collector.settings import CollectorSettings
 from fabrica_svc.config.app import create_app as create_config
 from fabrica_svc.ingest.app import create_app as create_ingest
+from fabrica_svc.plcsim import ManualClock
 from fabrica_svc.plcsim.cli import Simulator
 from fabrica_svc.production.app import create_app as create_production
+from fabrica_svc.production import demo
 from fabrica_svc.production.demo import create_demo
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
-from procs import free_port
+from procs import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +45,13 @@ def _settings(service: str, database_url: str, data_dir: Path):
 
 
 async def test_order_fills_from_the_simulated_counter_and_completes_itself(database_url: str, tmp_path: Path) -> None:
+    """The order's quantities equal the simulator's counter advance over the order's run, exactly.
+
+    The simulator runs on a ManualClock: its counters move only when the test makes parts, and stand still
+    at the start (so the baseline is known) and at the end (so the numbers are final)."""
     hosts: list[ServiceHost] = []
     try:
-        async with Simulator(rate=5.0) as sim:
+        async with Simulator(clock=ManualClock(), rate=5.0) as sim:
             for factory, name in ((create_config, "config"), (create_ingest, "ingest")):
                 s = _settings(name, database_url, tmp_path)
                 hosts.append(ServiceHost(factory(s), s))
@@ -60,31 +68,63 @@ async def test_order_fills_from_the_simulated_counter_and_completes_itself(datab
             await hosts[-1].start()
 
             async with grpc.aio.insecure_channel(config_host.address) as cch, \
-                    grpc.aio.insecure_channel(production_host.address) as pch:
+                    grpc.aio.insecure_channel(production_host.address) as pch, \
+                    grpc.aio.insecure_channel(ingest_host.address) as ich:
                 config = config_grpc.ConfigServiceStub(cch)
+                ingest = ingest_grpc.IngestServiceStub(ich)
                 plcs = {}
                 for plc in demo_plcs("cell-1", sim.modbus_port, sim.rtu_port, sim.s7_port):
                     plcs[plc.id] = (await config.CreatePlc(config_pb.CreatePlcRequest(plc=plc))).plc
                 roles = {t.role: t.id for t in plcs["press-1"].tags}
+                counters = [roles[reading_pb2.TAG_ROLE_PRODUCTION_COUNTER], roles[reading_pb2.TAG_ROLE_SCRAP_COUNTER]]
+
+                async def ingest_has(snap) -> bool:  # noqa: ANN001 - a PlantSnapshot
+                    reply = await ingest.GetLatestValues(ingest_pb.GetLatestValuesRequest(tag_ids=counters))
+                    values = [getattr(r.value, r.value.WhichOneof("kind") or "uint_value") for r in reply.readings]
+                    return values == [snap.production_count, snap.scrap_count]
+
+                # The press is bound to its work centre before the order, as in a plant: production takes the
+                # first reading after the binding as the counters' baseline. Then the counters stand still
+                # until ingest has their values, so the order starts from a known baseline.
                 production = prod_grpc.ProductionServiceStub(pch)
+                await production.CreateSector(prod_pb.CreateSectorRequest(sector=md.Sector(
+                    id=demo.SECTOR_ID, display_name="Pressing")))
+                await production.CreateWorkCenter(prod_pb.CreateWorkCenterRequest(work_center=md.WorkCenter(
+                    id=demo.WORK_CENTER_ID, display_name="Press 1", sector_id=demo.SECTOR_ID, plc_id="press-1",
+                    production_counter_tag_id=counters[0], scrap_counter_tag_id=counters[1],
+                    machine_state_tag_id=roles[reading_pb2.TAG_ROLE_MACHINE_STATE], counter_width=32)))
+                start = sim.make_parts(10)
+                await wait_for(lambda: ingest_has(start), timeout=60, what="the counters before the order")
                 order = await create_demo(
                     production, plc_id="press-1", planned_quantity=12,
-                    production_counter_tag_id=roles[reading_pb2.TAG_ROLE_PRODUCTION_COUNTER],
-                    scrap_counter_tag_id=roles[reading_pb2.TAG_ROLE_SCRAP_COUNTER],
+                    production_counter_tag_id=counters[0], scrap_counter_tag_id=counters[1],
                     machine_state_tag_id=roles[reading_pb2.TAG_ROLE_MACHINE_STATE],
                 )
                 assert order.state == order_pb2.ORDER_STATE_IN_PROGRESS
-                # Bounded wait: the simulated press makes 5 parts/s while it runs (it stops now and then).
-                for _ in range(1200):
-                    order = (await production.GetOrder(prod_pb.GetOrderRequest(id=order.id))).order
+                end = start
+                for _ in range(10):  # bounded: 5 parts a step, 12 planned
+                    end = sim.make_parts(5)
+                    await wait_for(lambda: ingest_has(end), timeout=60, what=f"the counters at {end.production_count}")
+
+                    async def booked() -> order_pb2.Order | None:
+                        got = (await production.GetOrder(prod_pb.GetOrderRequest(id=order.id))).order
+                        return got if got.good_quantity == end.production_count - start.production_count else None
+
+                    order = await wait_for(booked, timeout=60, what="production to book the step")
                     if order.state == order_pb2.ORDER_STATE_COMPLETED:
                         break
-                    await asyncio.sleep(0.1)
                 assert order.state == order_pb2.ORDER_STATE_COMPLETED, order
-                assert order.good_quantity >= 12
+                # Three steps of 5 parts reach the 12 planned; the simulator's scrap count moved on the way.
+                assert end.production_count - start.production_count == 15
+                assert end.scrap_count > start.scrap_count
+                # The counters stand still now: the order's numbers are final and equal the counters' advance.
+                order = (await production.GetOrder(prod_pb.GetOrderRequest(id=order.id))).order
+                assert order.good_quantity == end.production_count - start.production_count
+                assert order.scrap_quantity == end.scrap_count - start.scrap_count
                 bookings = (await production.ListBookings(prod_pb.ListBookingsRequest(order_id=order.id))).bookings
                 assert bookings and all(b.source == order_pb2.BOOKING_SOURCE_COUNTER for b in bookings)
-                assert sum(b.good_quantity for b in bookings) == order.good_quantity
+                assert sum(b.good_quantity for b in bookings) == end.production_count - start.production_count
+                assert sum(b.scrap_quantity for b in bookings) == end.scrap_count - start.scrap_count
     finally:
         for host in reversed(hosts):
             await host.stop(grace=0)

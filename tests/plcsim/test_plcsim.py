@@ -6,6 +6,7 @@ Waits are bounded polls; nothing asserts on timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -22,7 +23,8 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from fabrica_svc.plcsim import DEMO_TAGS, ListenError, MachineState, Plant, PlantConfig, Simulator, tags_for
+from fabrica_svc.plcsim import (DEMO_TAGS, ListenError, MachineState, ManualClock, ModbusSim, Plant, PlantConfig,
+                                Simulator, tags_for)
 from fabrica_svc.plcsim.plant import DB1_SIZE, tag_value
 from fabrica_svc.plcsim.s7 import S7Sim
 
@@ -493,3 +495,135 @@ async def test_cli_busy_port_is_a_one_line_error():
     lines = [ln for ln in err.decode().splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("fabrica plcsim: error: cannot listen on 127.0.0.1:") and str(port) in lines[0]
+
+
+# --- test hooks: a manual clock, held answers, silent units, garbage -----------------
+
+
+@pytest.mark.parametrize("config", [PlantConfig(seed=2), PlantConfig(seed=3, rate=3.0, run_min=1.0, run_max=1.5)])
+def test_time_of_count_is_the_first_instant_of_each_count_through_stops(config):
+    plant = Plant(config)
+    assert plant.time_of_count(0) == 0.0
+    previous = 0.0
+    for count in (1, 2, 3, 7, 40, 41, 250):
+        t = plant.time_of_count(count)
+        assert plant.at(t).production_count == count
+        assert plant.at(t).running
+        # An instant earlier the count was lower: t is where it first reaches `count`.
+        assert plant.at(max(0.0, t - 1e-6)).production_count == count - 1
+        assert t > previous
+        previous = t
+    if config.run_max < 2:  # short runs: the counts above span many stops
+        assert sum(s.state is not MachineState.RUNNING for s in plant.segments(previous)) >= 10
+    with pytest.raises(ValueError):
+        Plant(PlantConfig(rate=0.0)).time_of_count(1)
+
+
+def test_manual_clock():
+    clock = ManualClock(5.0)
+    assert clock() == 5.0 and clock.advance(2.5) == 7.5 and clock() == 7.5
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+
+
+async def test_make_parts_moves_the_counter_by_exactly_that_much_on_every_server():
+    async with Simulator(seed=6, clock=ManualClock(), config=PlantConfig(seed=6, run_min=2.0, run_max=3.0)) as s:
+
+        async def served() -> tuple[int, int]:
+            r = (await mb_read(s.modbus_port, 0, 2)).registers
+            return u32(r[0], r[1]), struct.unpack_from(">i", await s7_read(s.s7_port), 14)[0]
+
+        assert await served() == (0, 0)
+        total = 0
+        for parts in (1, 5, 2, 13, 1):  # 22 parts at 2/s with 2-3 s runs: through several stops
+            snap = s.make_parts(parts)
+            total += parts
+            assert snap.production_count == total
+            assert await served() == (total, total)
+            await asyncio.sleep(2 * s.modbus.refresh_interval)  # the refresh timers ran: nothing moved
+            assert await served() == (total, total)
+    with pytest.raises(TypeError):
+        Simulator().make_parts(1)
+
+
+async def test_held_answers_wait_for_release_and_are_counted(sim):
+    client = mb_client(sim.modbus_port)
+    s7 = snap7.client.Client()
+    try:
+        assert await client.connect()
+        await asyncio.to_thread(s7.connect, HOST, 0, 1, sim.s7_port)
+        received = sim.modbus.faults.received, sim.s7.faults.received
+        sim.modbus.hold()
+        sim.s7.hold()
+        assert sim.modbus.faults.held and sim.s7.faults.held
+        modbus_read = asyncio.ensure_future(client.read_holding_registers(0, count=2, device_id=1))
+        s7_read_ = asyncio.ensure_future(asyncio.to_thread(s7.db_read, 1, 0, DB1_SIZE))
+        await wait_for(lambda: _true(sim.modbus.faults.waiting == 1 and sim.s7.faults.waiting == 1))
+        assert not modbus_read.done() and not s7_read_.done()
+        assert (sim.modbus.faults.received, sim.s7.faults.received) == (received[0] + 1, received[1] + 1)
+        sim.modbus.release()
+        sim.s7.release()
+        assert not (await modbus_read).isError()
+        assert len(await s7_read_) == DB1_SIZE
+        assert sim.modbus.faults.waiting == sim.s7.faults.waiting == 0
+        # Held again, then stopped: stop lets the held answer go (nothing hangs).
+        sim.s7.hold()
+        late = asyncio.ensure_future(asyncio.to_thread(s7.db_read, 1, 0, DB1_SIZE))
+        await wait_for(lambda: _true(sim.s7.faults.waiting == 1))
+        await sim.s7.stop()
+        assert not sim.s7.faults.held
+        with contextlib.suppress(snap7.error.S7Error):
+            await late
+        assert sim.s7.faults.waiting == 0
+    finally:
+        client.close()
+        await asyncio.to_thread(s7.disconnect)
+
+
+async def test_s7_delay_mode(sim):
+    sim.s7.set_delay(0.2)
+    assert sim.s7.faults.delay == 0.2
+    assert len(await s7_read(sim.s7_port)) == DB1_SIZE  # late, within snap7's 5 s
+    sim.s7.set_delay(0)
+
+
+async def test_an_rtu_line_of_several_units_with_a_silent_one_and_the_request_log():
+    clock = ManualClock()
+    plant = Plant(PlantConfig(seed=1))
+    async with ModbusSim(plant, "modbus_rtu", units=(1, 2, 3), clock=clock) as line:
+        line.set_silent(3)
+        client = mb_client(line.port, FramerType.RTU)
+        try:
+            assert await client.connect()
+            for unit in (1, 2):
+                rr = await client.read_input_registers(0, count=2, device_id=unit)
+                assert not rr.isError() and 225.0 < f32(*rr.registers) < 235.0
+            with pytest.raises(ModbusException):  # no answer at all: the client times out
+                await client.read_input_registers(0, count=2, device_id=3)
+            rr = await client.read_input_registers(0, count=2, device_id=1)  # the line goes on
+            assert not rr.isError()
+            rr = await client.read_input_registers(0, count=2, device_id=9)
+            assert rr.isError() and rr.exception_code == 0x0B
+            line.set_silent(3, False)
+            assert not (await client.read_input_registers(0, count=2, device_id=3)).isError()
+        finally:
+            client.close()
+        assert list(line.request_units) == [1, 2, 3, 1, 9, 3]
+    with pytest.raises(ValueError):
+        ModbusSim(plant, "modbus_rtu", units=(1, 1))
+
+
+@pytest.mark.parametrize("which", ["modbus", "rtu"])
+async def test_garbage_answers_are_malformed_frames(sim, which):
+    server = getattr(sim, which)
+    framer = FramerType.SOCKET if which == "modbus" else FramerType.RTU
+    table = "holding" if which == "modbus" else "input"
+    server.set_garbage()
+    with pytest.raises(ModbusException):  # the client cannot decode the answer: no usable response
+        await mb_read(server.port, 0, 2, table=table, framer=framer)
+    server.set_garbage(False)
+    assert not (await mb_read(server.port, 0, 2, table=table, framer=framer)).isError()
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -9,22 +9,26 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .modbus import ListenError, ModbusSim, start_modbus_rtu_over_tcp, start_modbus_tcp
-from .plant import DEMO_TAGS, DemoTag, MachineState, Plant, PlantConfig, PlantSnapshot, tags_for
+from .plant import DEMO_TAGS, DemoTag, MachineState, ManualClock, Plant, PlantConfig, PlantSnapshot, tags_for
 from .s7 import S7Sim, start_s7
+from .server import AnswerFaults, SimServer
 
 if TYPE_CHECKING:
     from .cli import Simulator, main
 
 __all__ = [
     "DEMO_TAGS",
+    "AnswerFaults",
     "DemoTag",
     "ListenError",
     "MachineState",
+    "ManualClock",
     "ModbusSim",
     "Plant",
     "PlantConfig",
     "PlantSnapshot",
     "S7Sim",
+    "SimServer",
     "Simulator",
     "main",
     "start_modbus_rtu_over_tcp",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from .modbus import ListenError, ModbusSim
-from .plant import Plant, PlantConfig, PlantSnapshot
+from .plant import ManualClock, Plant, PlantConfig, PlantSnapshot
 from .s7 import S7Sim
 
 __all__ = ["Simulator", "main"]
@@ -32,7 +32,8 @@ class Simulator:
     """The demo plant and its three servers. Use as ``async with`` or call start()/stop().
 
     The servers share one :class:`Plant`; each steps it from ``clock`` on its own
-    ``refresh_interval`` timer (stepping is idempotent, so that is consistent).
+    ``refresh_interval`` timer (stepping is idempotent, so that is consistent). On a
+    :class:`~.plant.ManualClock` nothing moves until :meth:`make_parts` (or the clock) says so.
     """
 
     def __init__(
@@ -107,6 +108,24 @@ class Simulator:
         for server in self.servers:
             snap = server.refresh()
         return snap
+
+    def make_parts(self, parts: int = 1) -> PlantSnapshot:
+        """On a :class:`~.plant.ManualClock`: advance the clock to the instant the press has made ``parts``
+        more parts (through stops, if any), push the values to every server now, and return the snapshot.
+
+        Between two calls nothing the servers serve changes, so a test knows every counter value that
+        existed, and for how long a client could have seen it.
+        """
+        clock = self.clock
+        if not isinstance(clock, ManualClock):
+            raise TypeError("make_parts needs a Simulator on a ManualClock")
+        if parts < 1:
+            raise ValueError("parts must be >= 1")
+        plant = self.plant
+        start = plant.start_time if plant.start_time is not None else clock()
+        target = plant.time_of_count(plant.snapshot.production_count + parts)
+        clock.t = max(clock.t, start + target)
+        return self.refresh()
 
     async def pause(self) -> None:
         for server in self.servers:

@@ -8,10 +8,12 @@ device ``action`` hook, which pymodbus calls with the live register list before 
 request: a timer steps the plant and rebuilds a register image every
 ``refresh_interval`` seconds, and the hook copies that image into the registers.
 
-The same hook implements the fault modes: :meth:`ModbusSim.set_exception` answers every
-request with a Modbus exception, :meth:`ModbusSim.set_delay` delays every answer.
-:meth:`ModbusSim.pause` closes the listener and all connections (clients get
-connection errors); :meth:`ModbusSim.resume` listens again on the same port.
+The life cycle and the faults every server shares (delay, hold until released, pause and
+resume) come from :class:`~.server.SimServer`; the hook calls its
+:class:`~.server.AnswerFaults` before every answer. Modbus adds :meth:`ModbusSim.set_exception`
+(every request answered with a Modbus exception), :meth:`ModbusSim.set_silent` (a unit that
+never answers) and :meth:`ModbusSim.set_garbage` (malformed answers), the last two through
+pymodbus's ``trace_packet`` hook on the bytes sent.
 
 An RTU-over-TCP server is a ``ModbusTcpServer`` with ``framer=FramerType.RTU``: RTU
 frames (unit id, PDU, CRC-16, no MBAP header) over a TCP stream, which is what serial
@@ -22,13 +24,13 @@ device servers such as the Elfin EW11 in transparent mode speak. Clients use
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 from pymodbus import FramerType
@@ -37,6 +39,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from .plant import DemoTag, Plant, PlantSnapshot, tag_value, tags_for
+from .server import SimServer
 
 __all__ = [
     "ExcCodes",
@@ -67,6 +70,8 @@ _FC_TABLE: dict[int, Table] = {
 }
 _TABLES: tuple[Table, ...] = ("coil", "discrete", "holding", "input")  # SimDevice tuple order
 _STRUCT = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": "f"}
+#: Requests whose unit id :attr:`ModbusSim.request_units` keeps.
+REQUEST_LOG = 4096
 
 
 class ListenError(OSError):
@@ -164,12 +169,20 @@ def _catch_all_device() -> SimDevice:
     return SimDevice(id=0, simdata=SimData(0, count=65536, datatype=DataType.REGISTERS), action=_no_such_unit)
 
 
-class ModbusSim:
-    """One Modbus server (TCP or RTU-over-TCP) with one device fed from ``plant``.
+class ModbusSim(SimServer):
+    """One Modbus server (TCP or RTU-over-TCP) with one or more devices fed from ``plant``.
 
     ``protocol`` selects the tag rows (``"modbus_tcp"``: the press PLC, ``"modbus_rtu"``:
     the energy meter) and the framer. ``port=0`` binds an ephemeral port; :attr:`port`
-    tells the bound one after :meth:`start`.
+    tells the bound one after :meth:`start`. ``units`` are the unit ids that answer (default:
+    ``unit`` alone); they all serve the same registers, like identical meters on one RS-485 line
+    behind a gateway. Every other unit is answered with exception 0x0B (gateway target failed
+    to respond).
+
+    Besides the faults of :class:`~.server.SimServer` (delay, hold, pause): :meth:`set_exception`,
+    :meth:`set_silent` (a unit that never answers: a dead device on the line) and
+    :meth:`set_garbage` (malformed answers). :attr:`request_units` records the unit id of every
+    request received, in order (the last :data:`REQUEST_LOG` of them).
     """
 
     def __init__(
@@ -180,126 +193,67 @@ class ModbusSim:
         host: str = "127.0.0.1",
         port: int = 0,
         unit: int = 1,
+        units: Iterable[int] | None = None,
         refresh_interval: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         tags: tuple[DemoTag, ...] | None = None,
     ) -> None:
         if protocol not in ("modbus_tcp", "modbus_rtu"):
             raise ValueError(f"unknown protocol {protocol!r}")
-        if refresh_interval <= 0:
-            raise ValueError("refresh_interval must be > 0")
-        self.plant = plant
+        super().__init__(plant, host=host, port=port, refresh_interval=refresh_interval, clock=clock)
         self.protocol = protocol
         self.framer = FramerType.SOCKET if protocol == "modbus_tcp" else FramerType.RTU
-        self.host = host
-        self.unit = unit
-        self.refresh_interval = refresh_interval
+        self.units = tuple(units) if units is not None else (unit,)
+        if not self.units or not all(1 <= u <= 247 for u in self.units) or len(set(self.units)) != len(self.units):
+            raise ValueError(f"units must be distinct ids within 1..247, not {self.units!r}")
+        self.unit = self.units[0]
         self.tags = tags if tags is not None else tags_for(protocol)
-        self._clock = clock
-        self._requested_port = port
-        self._port: int | None = None
-        self._server: ModbusTcpServer | None = None
-        self._task: asyncio.Task | None = None
-        self._paused = False
+        self.request_units: deque[int] = deque(maxlen=REQUEST_LOG)
         self._exception: ExcCodes | None = None
-        self._delay = 0.0
+        self._silent: set[int] = set()
+        self._garbage = False
         self._tables = {t.table for t in self.tags}
         self._image: dict[Table, dict[int, int]] = {t: {} for t in _TABLES}
-        self._devices = [_build_device(unit, self.tags, self._action), _catch_all_device()]
-
-    # --- properties -------------------------------------------------------------------
+        self._devices = [*(_build_device(u, self.tags, self._action) for u in self.units), _catch_all_device()]
 
     @property
-    def label(self) -> str:
+    def label(self) -> str:  # type: ignore[override]
         return "Modbus TCP" if self.protocol == "modbus_tcp" else "Modbus RTU-over-TCP"
 
-    @property
-    def port(self) -> int:
-        """The bound port (raises before :meth:`start`)."""
-        if self._port is None:
-            raise RuntimeError(f"{self.label} server not started")
-        return self._port
-
-    @property
-    def running(self) -> bool:
-        """Started and not stopped (may be paused)."""
-        return self._task is not None
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-    @property
-    def serving(self) -> bool:
-        """Currently accepting connections."""
-        return self._server is not None
-
-    # --- lifecycle --------------------------------------------------------------------
-
-    async def start(self) -> int:
-        """Bind and serve; return the bound port."""
-        if self._task is not None:
-            return self.port
-        self.refresh()
-        await self._listen(self._requested_port)
-        self._task = asyncio.create_task(self._refresh_loop(), name=f"plcsim {self.protocol} refresh")
-        log.debug("%s listening on %s:%d (unit %d)", self.label, self.host, self.port, self.unit)
-        return self.port
-
-    async def stop(self) -> None:
-        """Stop serving and the refresh timer. Idempotent."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._close_server()
-        self._paused = False
-
-    async def pause(self) -> None:
-        """Stop answering: close the listener and every client connection."""
-        if self._task is None or self._paused:
-            return
-        self._paused = True
-        await self._close_server()
-        log.debug("%s on port %d paused", self.label, self.port)
-
-    async def resume(self) -> None:
-        """Listen again on the same port after :meth:`pause`."""
-        if self._task is None or not self._paused:
-            return
-        await self._listen(self.port)
-        self._paused = False
-        log.debug("%s on port %d resumed", self.label, self.port)
+    # --- faults -----------------------------------------------------------------------
 
     def set_exception(self, code: ExcCodes | int | None = ExcCodes.ILLEGAL_ADDRESS) -> None:
         """Answer every request with Modbus exception ``code`` (``None``: answer normally)."""
         self._exception = None if code is None else ExcCodes(code)
 
-    def set_delay(self, seconds: float) -> None:
-        """Delay every answer by ``seconds`` (0 disables)."""
-        self._delay = max(0.0, float(seconds))
+    def set_silent(self, unit: int, silent: bool = True) -> None:
+        """Never answer requests to ``unit`` (a dead device on the line), or answer them again."""
+        if silent:
+            self._silent.add(unit)
+        else:
+            self._silent.discard(unit)
+
+    def set_garbage(self, garbage: bool = True) -> None:
+        """Answer with malformed frames: the right header, a byte count that promises more data than follows."""
+        self._garbage = garbage
 
     def refresh(self) -> PlantSnapshot:
         """Step the plant to the clock's now and rebuild the register image."""
-        snap = self.plant.step(self._clock())
+        snap = self.step_plant()
         self._image = build_image(self.tags, snap)
         return snap
 
-    async def __aenter__(self) -> ModbusSim:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.stop()
-
     # --- internals --------------------------------------------------------------------
+
+    def _details(self) -> str:
+        return f" (unit {', '.join(map(str, self.units))})"
 
     async def _listen(self, port: int) -> None:
         # Probe first: pymodbus only logs the bind error and raises a bare RuntimeError.
         if port and (err := probe_bind(self.host, port)) is not None:
             raise listen_error(self.label, self.host, port, err)
-        server = ModbusTcpServer(self._devices, framer=self.framer, address=(self.host, port))
+        server = ModbusTcpServer(self._devices, framer=self.framer, address=(self.host, port),
+                                 trace_pdu=self._trace_pdu, trace_packet=self._trace_packet)
         try:
             await server.serve_forever(background=True)
         except RuntimeError as exc:  # pymodbus turns the bind OSError into this
@@ -307,19 +261,29 @@ class ModbusSim:
         self._server = server
         self._port = server.transport.sockets[0].getsockname()[1]
 
-    async def _close_server(self) -> None:
+    async def _close(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             await server.shutdown()
             await asyncio.sleep(0)  # let the closed connections' transports finish
 
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_interval)
-            try:
-                self.refresh()
-            except Exception:  # keep serving the last image
-                log.exception("%s refresh failed", self.label)
+    def _trace_pdu(self, sending: bool, pdu):  # noqa: ANN001, ANN202 - pymodbus hook
+        if not sending:
+            self.request_units.append(pdu.dev_id)
+        return pdu
+
+    def _trace_packet(self, sending: bool, packet: bytes) -> bytes:
+        if not sending:
+            return packet
+        # Socket framing: 7-byte MBAP header (its last byte the unit), then the PDU. RTU: unit, PDU, CRC.
+        head = 7 if self.framer == FramerType.SOCKET else 1
+        if packet[head - 1] in self._silent:
+            return b""
+        if self._garbage and len(packet) > head + 1:
+            body = bytearray(packet[head:])
+            body[1] = min(255, body[1] + 4)  # byte count (or exception code): more than is there
+            return packet[:head] + bytes(body)  # in an RTU frame the CRC no longer matches either
+        return packet
 
     async def _action(
         self,
@@ -330,8 +294,7 @@ class ModbusSim:
         registers: list[int],
         values,
     ) -> ExcCodes | None:
-        if self._delay:
-            await asyncio.sleep(self._delay)
+        await self.faults.before_answer()
         if self._exception is not None:
             return self._exception
         if values is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "DEMO_TAGS",
     "DemoTag",
     "MachineState",
+    "ManualClock",
     "Plant",
     "PlantConfig",
     "PlantSnapshot",
@@ -152,6 +153,24 @@ def _noise(seed: int, channel: int, t: float) -> float:
     return (x >> 11) / float(1 << 52) - 1.0
 
 
+class ManualClock:
+    """A clock that moves only when told to: ``Simulator(clock=ManualClock())`` serves values that change
+    only when a test (or a demo script) advances it, e.g. with :meth:`~fabrica_svc.plcsim.Simulator.make_parts`."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = float(t)
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> float:
+        """Move forward by ``seconds`` (>= 0); return the new time."""
+        if seconds < 0:
+            raise ValueError("a clock does not go back")
+        self.t += seconds
+        return self.t
+
+
 class Plant:
     """The demo press line. Advance it with :meth:`step`; read :attr:`snapshot`.
 
@@ -273,6 +292,33 @@ class Plant:
             power_total=sum(watts),
             energy_kwh=energy,
         )
+
+    def time_of_count(self, count: int) -> float:
+        """The earliest elapsed time (seconds since plant start) at which ``production_count`` is ``count``.
+
+        Pure, like :meth:`at`. Raises ValueError when the plant makes no parts (``rate`` 0).
+        """
+        if count <= 0:
+            return 0.0
+        rate = self._cfg.rate
+        if rate <= 0:
+            raise ValueError("the plant makes no parts (rate 0)")
+        need = count / rate  # running seconds
+        i = 0
+        while True:  # ends: every other segment runs, for at least run_min > 0 seconds
+            while i >= len(self._segments):
+                self._extend()
+            seg = self._segments[i]
+            if seg.state is MachineState.RUNNING and seg.run_before + (seg.end - seg.start) >= need:
+                t = seg.start + max(0.0, need - seg.run_before)
+                break
+            i += 1
+        # count / rate * rate may round below count: move up to the first float that makes it.
+        for _ in range(64):
+            if self.at(t).production_count >= count:
+                return t
+            t = math.nextafter(t, math.inf)
+        raise AssertionError(f"no time found for count {count}")  # pragma: no cover - floor has a 1e-9 margin
 
     def segments(self, until: float) -> list[Segment]:
         """The schedule segments that start before ``until`` seconds."""
