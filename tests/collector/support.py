@@ -1,7 +1,9 @@
-"""Helpers of the collector tests: PLC definitions for the simulator, in-process collectors, bounded waits."""
+"""Helpers of the collector tests: PLC definitions for the simulator, in-process collectors, bounded waits, a
+poller clock the test moves (TickClock)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 from collections.abc import Iterable
@@ -14,6 +16,7 @@ from google.protobuf import duration_pb2
 
 from fabrica_svc.collector.app import CollectorApp
 from fabrica_svc.collector.config_watch import CONFIG_FILE
+from fabrica_svc.collector.poller import Poller
 from fabrica_svc.collector.settings import CollectorSettings, load_collector_settings
 from fabrica_svc.runtime.server import ServiceHost
 from in_process import settings_for, start_server
@@ -42,6 +45,48 @@ def free_port() -> int:
 async def wait_for(predicate, *, timeout: float = 10.0, **kw):  # noqa: ANN001, ANN003, ANN201
     """procs.wait_for with this suite's default timeout."""
     return await _wait_for(predicate, timeout=timeout, **kw)
+
+
+class TickClock:
+    """A poller's monotonic clock that moves only when the test moves it, with the sleep that goes with it.
+
+    `sleep(delay)` returns once the clock has been moved at least `delay` past where it was when it was
+    called; `sleeps` counts the calls, so a test sees when a poller has finished a poll and waits for its
+    next tick. Use intervals that are binary fractions (0.25 s): every tick is then an exact float.
+    """
+
+    def __init__(self, t: float = 1024.0) -> None:
+        self.t = t
+        self.sleeps = 0
+        self._moved: list[asyncio.Future[None]] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def set(self, t: float) -> None:
+        assert t >= self.t, "a monotonic clock does not go back"
+        self.t = t
+        moved, self._moved = self._moved, []
+        for waiter in moved:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps += 1
+        target = self.t + delay
+        if self.t >= target:
+            await asyncio.sleep(0)
+        while self.t < target:
+            waiter = asyncio.get_running_loop().create_future()
+            self._moved.append(waiter)
+            await waiter
+
+    async def tick(self, poller: Poller, to: float | None = None) -> None:
+        """Move the clock to the poller's next tick (or to `to`) and wait until it sleeps again: its poll
+        for that tick is done."""
+        sleeps = self.sleeps
+        self.set(min(g.next_due for g in poller.groups) if to is None else to)
+        await wait_for(lambda: self.sleeps > sleeps, interval=0.002, what=f"{poller.plc_id} to poll and sleep again")
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -121,8 +166,9 @@ def store_config(settings: CollectorSettings, plcs: Iterable[plc_pb2.Plc], revis
     (settings.state_dir / CONFIG_FILE).write_bytes(stored.SerializeToString())
 
 
-async def start_collector(settings: CollectorSettings) -> ServiceHost:
-    return await start_server("collector", settings.base, config=settings)
+async def start_collector(settings: CollectorSettings, **app_args: Any) -> ServiceHost:
+    """A collector in process; `app_args` go to its create_app (e.g. poller_options=)."""
+    return await start_server("collector", settings.base, config=settings, **app_args)
 
 
 def app_of(host: ServiceHost) -> CollectorApp:

@@ -2,12 +2,16 @@
 
 Counted by sequence, not by time: the simulators run on a ManualClock, so the healthy PLC's counter moves only
 when the test makes parts, and each value it makes must come back as a reading while the other PLC is
-failing; the failing simulator counts the requests it received and holds.
+failing; the failing simulator counts the requests it received and holds. The healthy PLC's poller runs on a
+TickClock (the collector's poller_options hook) that only the test moves: each value made is read on exactly
+one tick, and its polls and skipped ticks are exact counts (polls == ticks, skipped == 0), whatever the load
+on the machine. The failing PLC polls on the real clock, on the same event loop: had it blocked that loop
+or the healthy PLC's connection, the healthy poll of a tick would not come (the wait for it is bounded).
 
 * A slow S7 PLC: its answer is held (plcsim's hold) for as long as the test likes. While that one request is
-  outstanding, the healthy PLC reads every value the test makes, on its ticks (no tick skipped, no error).
-* A garbage-answering Modbus PLC (malformed frames): it gets bad quality and reconnects, again and again,
-  while the healthy one reads every value on its ticks.
+  outstanding, the healthy PLC reads every value the test makes, each on one tick (no tick skipped, no error).
+* A garbage-answering Modbus PLC (malformed frames): it gets bad quality and reconnects, again and again;
+  between two of its garbage answers the healthy one reads the next value, on one tick.
 * A shared RTU gateway is the exception by design: one request at a time on the line. A dead device (a unit
   that never answers) costs its timeout once per turn: every device gets its turn in order, the one after
   the dead device is asked as soon as its timeout is over, and no device waits more than one dead timeout.
@@ -15,7 +19,7 @@ failing; the failing simulator counts the requests it received and holds.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -26,12 +30,13 @@ from fabrica_svc.collector.poller import Poller
 from fabrica_svc.plcsim import ManualClock, ModbusSim, Plant, PlantConfig, Simulator
 from fabrica_svc.runtime.server import ServiceHost
 
-from .support import (COMM, GOOD, IR, app_of, collector_settings, gateway_plc, mb_tag, modbus_plc, readings, s7_plc,
-                      s7_tag, start_collector, store_config, value_of, wait_for)
+from .support import (COMM, GOOD, IR, TickClock, app_of, collector_settings, gateway_plc, mb_tag, modbus_plc, readings,
+                      s7_plc, s7_tag, start_collector, store_config, value_of, wait_for)
 
 #: Values the healthy PLC makes (and must read) while the other one is failing.
 VALUES = 5
-HEALTHY_INTERVAL = 0.2
+#: A binary fraction: every tick of the healthy PLC is an exact float on its TickClock.
+HEALTHY_INTERVAL = 0.25
 
 
 @pytest.fixture
@@ -47,12 +52,24 @@ async def failing() -> AsyncIterator[Simulator]:
 
 
 class Collector:
-    def __init__(self, host: ServiceHost):
+    """A collector in process; the PLC named "healthy" (if any) polls on `clock`, which the test moves."""
+
+    def __init__(self, host: ServiceHost, clock: TickClock):
         self.host = host
         self.app: CollectorApp = app_of(host)
+        self.clock = clock
+        #: Ticks of the healthy PLC the test moved its clock to.
+        self.ticks = 0
 
     def poller(self, plc_id: str) -> Poller:
         return self.app.supervisor.pollers[plc_id]
+
+    async def tick(self) -> None:
+        """Move the healthy PLC's clock to its next tick and wait until it has polled and sleeps again."""
+        if not self.ticks:
+            await wait_for(lambda: self.clock.sleeps, what="the healthy PLC connected, waiting for its first tick")
+        await self.clock.tick(self.poller("healthy"))
+        self.ticks += 1
 
 
 @pytest.fixture
@@ -62,30 +79,37 @@ async def collector_of(tmp_path: Path):  # noqa: ANN201
     async def start(plcs: list[T.Plc]) -> Collector:
         settings = collector_settings(tmp_path / f"c{len(started)}")
         store_config(settings, plcs)
-        started.append(await start_collector(settings))
-        return Collector(started[-1])
+        clock = TickClock()
+        started.append(await start_collector(settings, poller_options=lambda plc: (
+            {"clock": clock, "sleep": clock.sleep} if plc.id == "healthy" else {})))
+        return Collector(started[-1], clock)
 
     yield start
     for host in started:
         await host.stop(grace=0)
 
 
-async def healthy_reads_every_value(collector: Collector, sim: Simulator, tag: T.Tag, values: int) -> None:
-    """Make `values` values on the healthy PLC, one at a time, each read before the next is made."""
+async def healthy_reads_every_value(collector: Collector, sim: Simulator, tag: T.Tag, values: int,
+                                    meanwhile: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Make `values` values on the healthy PLC, one at a time, each read on the one tick after it was made
+    (after `meanwhile`, if given, before each value)."""
     for _ in range(values):
+        if meanwhile is not None:
+            await meanwhile()
         value = sim.make_parts(1).production_count
-        await wait_for(lambda: [value_of(r) for r in readings(collector.app, tag.id)][-1:] == [value],
-                       timeout=20, what=f"the healthy PLC to read {value}")
+        await collector.tick()
+        assert [value_of(r) for r in readings(collector.app, tag.id)][-1:] == [value]
 
 
 def assert_healthy(collector: Collector, sim: Simulator, tag: T.Tag) -> None:
-    """One GOOD reading per value the healthy counter took, no tick skipped, no error."""
+    """One GOOD reading per value the healthy counter took, one poll per tick, no tick skipped, no error."""
     poller = collector.poller("healthy")
     got = readings(collector.app, tag.id)
     assert [r.quality for r in got] == [GOOD] * len(got)
     assert [value_of(r) for r in got] == list(range(sim.plant.snapshot.production_count + 1 - len(got),
                                                      sim.plant.snapshot.production_count + 1))
-    assert poller.skipped == 0 and poller.status.error_count == 0 and poller.status.connected
+    assert poller.polls == collector.ticks and poller.skipped == 0
+    assert poller.status.error_count == 0 and poller.status.connected
 
 
 async def test_a_slow_s7_plc_does_not_hold_up_a_healthy_plc_on_the_same_collector(
@@ -98,6 +122,7 @@ async def test_a_slow_s7_plc_does_not_hold_up_a_healthy_plc_on_the_same_collecto
         # Its timeout is far beyond the test: the held answer is "late", never "lost".
         s7_plc("slow", failing.s7_port, [temperature], interval=0.05, timeout=30.0),
     ])
+    await c.tick()
     await wait_for(lambda: readings(c.app, temperature.id) and readings(c.app, count.id), what="both PLCs read")
     slow = failing.s7.faults
     failing.s7.hold()
@@ -109,7 +134,7 @@ async def test_a_slow_s7_plc_does_not_hold_up_a_healthy_plc_on_the_same_collecto
 
     # All of that happened while one request of the slow PLC was outstanding, the same one all along.
     assert slow.waiting == 1 and slow.received == received
-    assert c.poller("healthy").polls >= polls + VALUES
+    assert c.poller("healthy").polls == polls + VALUES
     assert_healthy(c, healthy, count)
     failing.s7.release()
     await wait_for(lambda: c.poller("slow").polls > slow_polls, what="the late answer, and the next poll")
@@ -126,12 +151,17 @@ async def test_a_garbage_answering_modbus_plc_does_not_hold_up_a_healthy_plc_on_
         modbus_plc("healthy", healthy.modbus_port, [count], interval=HEALTHY_INTERVAL, timeout=0.5),
         modbus_plc("garbage", failing.modbus_port, [state], interval=0.05, timeout=0.3),
     ])
+    await c.tick()
     await wait_for(lambda: readings(c.app, state.id) and readings(c.app, count.id), what="both PLCs read")
     failing.modbus.set_garbage()
     garbage = c.poller("garbage")
     errors = garbage.status.error_count
 
-    await healthy_reads_every_value(c, healthy, count, VALUES)
+    async def another_garbage_answer() -> None:
+        seen = garbage.status.error_count
+        await wait_for(lambda: garbage.status.error_count > seen, what="another garbage answer")
+
+    await healthy_reads_every_value(c, healthy, count, VALUES, meanwhile=another_garbage_answer)
     # The garbage PLC kept failing meanwhile: it was answered garbage, dropped the connection, reconnected.
     await wait_for(lambda: garbage.status.error_count >= errors + 3, timeout=20, what="garbage answers")
 

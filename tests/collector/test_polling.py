@@ -30,8 +30,8 @@ from fabrica_svc.collector.drivers import BusRegistry, make_driver
 from fabrica_svc.collector.poller import Poller
 from fabrica_svc.plcsim import Simulator
 
-from .support import (COIL, COMM, CONFIG, DECODE, GOOD, IR, free_port, gateway_plc, mb_tag, modbus_plc, s7_plc,
-                      s7_tag, serial_plc, value_of, wait_for)
+from .support import (COIL, COMM, CONFIG, DECODE, GOOD, IR, TickClock, free_port, gateway_plc, mb_tag, modbus_plc,
+                      s7_plc, s7_tag, serial_plc, value_of, wait_for)
 
 T = plc_pb2
 
@@ -44,48 +44,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
-
-
-class TickClock:
-    """A poller's monotonic clock that moves only when the test moves it, with the sleep that goes with it.
-
-    `sleep(delay)` returns once the clock has been moved at least `delay` past where it was when it was
-    called; `sleeps` counts the calls, so a test sees when a poller has finished a poll and waits for its
-    next tick. Use intervals that are binary fractions (0.25 s): every tick is then an exact float.
-    """
-
-    def __init__(self, t: float = 1024.0) -> None:
-        self.t = t
-        self.sleeps = 0
-        self._moved: list[asyncio.Future[None]] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    def set(self, t: float) -> None:
-        assert t >= self.t, "a monotonic clock does not go back"
-        self.t = t
-        moved, self._moved = self._moved, []
-        for waiter in moved:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def sleep(self, delay: float) -> None:
-        self.sleeps += 1
-        target = self.t + delay
-        if self.t >= target:
-            await asyncio.sleep(0)
-        while self.t < target:
-            waiter = asyncio.get_running_loop().create_future()
-            self._moved.append(waiter)
-            await waiter
-
-    async def tick(self, poller: Poller, to: float | None = None) -> None:
-        """Move the clock to the poller's next tick (or to `to`) and wait until it sleeps again: its poll
-        for that tick is done."""
-        sleeps = self.sleeps
-        self.set(min(g.next_due for g in poller.groups) if to is None else to)
-        await wait_for(lambda: self.sleeps > sleeps, interval=0.002, what=f"{poller.plc_id} to poll and sleep again")
 
 
 @pytest.fixture

@@ -14,10 +14,12 @@ acknowledged is sent after the next start.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from fabrica.collector.v1 import collector_service_pb2, collector_service_pb2_grpc
+from fabrica.config.v1 import plc_pb2
 
 from ..runtime.db import Migration
 from ..runtime.server import Resources
@@ -44,9 +46,11 @@ class CollectorApp:
     schema: str | None = None
     migrations: Sequence[Migration] = ()
 
-    def __init__(self, settings: Settings, config: CollectorSettings):
+    def __init__(self, settings: Settings, config: CollectorSettings,
+                 poller_options: Callable[[plc_pb2.Plc], dict[str, Any]] | None = None):
         self.settings = settings
         self.config = config
+        self.poller_options = poller_options  # for tests: see PlcSupervisor
         self.collector_id = config.collector_id
         self._lock: DirectoryLock | None = None
         # Built by start():
@@ -77,7 +81,7 @@ class CollectorApp:
         self.buses = BusRegistry()
         self.supervisor = PlcSupervisor(cfg.collector_id, self.batcher.add, self.buses, backoff_min=cfg.reconnect_min,
                                         backoff_max=cfg.reconnect_max, metrics=PollMetrics(),
-                                        freeze_gc=self.settings.sole_service)
+                                        freeze_gc=self.settings.sole_service, poller_options=self.poller_options)
         self._started.append("supervisor")
         self.watcher = ConfigWatcher(cfg.config_addr, cfg.collector_id, self.supervisor, state_dir,
                                      backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max,
@@ -118,7 +122,9 @@ class CollectorApp:
         return SpoolFigures.of(self.spool)
 
 
-def create_app(settings: Settings, config: CollectorSettings | None = None) -> CollectorApp:
+def create_app(settings: Settings, config: CollectorSettings | None = None, *,
+               poller_options: Callable[[plc_pb2.Plc], dict[str, Any]] | None = None) -> CollectorApp:
     """The collector ServiceApp. `config` defaults to the id and peers in `settings` plus the FABRICA_COLLECTOR_*
-    environment variables."""
-    return CollectorApp(settings, config if config is not None else load_collector_settings(settings))
+    environment variables; `poller_options` (tests) gives extra Poller arguments per PLC."""
+    return CollectorApp(settings, config if config is not None else load_collector_settings(settings),
+                        poller_options)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from fabrica.config.v1 import plc_pb2
 
@@ -48,13 +49,16 @@ def definition_key(plc: plc_pb2.Plc) -> bytes:
 
 class PlcSupervisor:
     def __init__(self, collector_id: str, emit: Emit, buses: BusRegistry, *, backoff_min: float = 0.5,
-                 backoff_max: float = 30.0, metrics: PollMetrics | None = None, freeze_gc: bool = False):
+                 backoff_max: float = 30.0, metrics: PollMetrics | None = None, freeze_gc: bool = False,
+                 poller_options: Callable[[plc_pb2.Plc], dict[str, Any]] | None = None):
         self.collector_id = collector_id
         self.emit = emit
         self.buses = buses
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.metrics = metrics
+        #: For tests: extra Poller keyword arguments per PLC (e.g. a clock= and sleep= the test moves).
+        self.poller_options = poller_options
         #: The applied configuration: every PLC assigned to this collector, enabled or not.
         self.definitions: dict[str, plc_pb2.Plc] = {}
         self._pollers: dict[str, tuple[bytes, Poller]] = {}
@@ -128,7 +132,8 @@ class PlcSupervisor:
             del self._pollers[plc.id]
             await current[1].stop()
         poller = Poller(plc, self._make_driver, self.emit, backoff_min=self.backoff_min,
-                        backoff_max=self.backoff_max, metrics=self.metrics)
+                        backoff_max=self.backoff_max, metrics=self.metrics,
+                        **(self.poller_options(plc) if self.poller_options else {}))
         self._pollers[plc.id] = (key, poller)
         poller.start()
         self.starts.append(plc.id)
