@@ -132,8 +132,10 @@ async def test_a_slow_s7_plc_does_not_hold_up_a_healthy_plc_on_the_same_collecto
 
     await healthy_reads_every_value(c, healthy, count, VALUES)
 
-    # All of that happened while one request of the slow PLC was outstanding, the same one all along.
+    # All of that happened while one request of the slow PLC was outstanding, the same one all along, its
+    # poller still waiting in that poll (had it blocked the event loop, it would have timed out meanwhile).
     assert slow.waiting == 1 and slow.received == received
+    assert c.poller("slow").polls == slow_polls and c.poller("slow").status.error_count == 0
     assert c.poller("healthy").polls == polls + VALUES
     assert_healthy(c, healthy, count)
     failing.s7.release()
