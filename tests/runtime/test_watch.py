@@ -105,13 +105,14 @@ async def test_an_error_from_a_read_ends_the_watch() -> None:
 async def test_a_notify_wakes_a_watch_over_a_table(database_url: str) -> None:
     """End to end with a listening Listener: rows committed with a NOTIFY reach the watch, each exactly once,
     and nothing but the NOTIFY can have woken it (the poll interval is never waited out)."""
-    conn = await asyncpg.connect(database_url)
+    # The watch reads on a connection of its own: the NOTIFY can wake it before the writer's COMMIT returns.
+    conn, reader = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
     listener = Listener(database_url, CHANNEL, poll_interval=NEVER)
     try:
         await conn.execute("CREATE TABLE items (id bigint PRIMARY KEY)")
 
         async def read(after: int) -> Page[int, int]:
-            ids = [r["id"] for r in await conn.fetch("SELECT id FROM items WHERE id > $1 ORDER BY id LIMIT 2", after)]
+            ids = [r["id"] for r in await reader.fetch("SELECT id FROM items WHERE id > $1 ORDER BY id LIMIT 2", after)]
             return Page(ids, ids[-1] if ids else after, more=len(ids) == 2)
 
         await listener.start()
@@ -133,4 +134,5 @@ async def test_a_notify_wakes_a_watch_over_a_table(database_url: str) -> None:
         assert listener.notifications == 1 and listener.woken == 1 and listener.connects == 1
     finally:
         await listener.stop()
+        await reader.close()
         await conn.close()
