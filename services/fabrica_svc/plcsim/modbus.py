@@ -22,7 +22,9 @@ device servers such as the Elfin EW11 in transparent mode speak. Clients use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import logging
 import socket
 import struct
 import time
@@ -34,7 +36,6 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from .base import SimServer
 from .plant import DemoTag, Plant, PlantSnapshot, tag_value, tags_for
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "start_modbus_rtu_over_tcp",
     "start_modbus_tcp",
 ]
+
+log = logging.getLogger(__name__)
 
 Table = Literal["holding", "input", "coil", "discrete"]
 
@@ -161,7 +164,7 @@ def _catch_all_device() -> SimDevice:
     return SimDevice(id=0, simdata=SimData(0, count=65536, datatype=DataType.REGISTERS), action=_no_such_unit)
 
 
-class ModbusSim(SimServer):
+class ModbusSim:
     """One Modbus server (TCP or RTU-over-TCP) with one device fed from ``plant``.
 
     ``protocol`` selects the tag rows (``"modbus_tcp"``: the press PLC, ``"modbus_rtu"``:
@@ -183,23 +186,91 @@ class ModbusSim(SimServer):
     ) -> None:
         if protocol not in ("modbus_tcp", "modbus_rtu"):
             raise ValueError(f"unknown protocol {protocol!r}")
-        super().__init__(plant, host=host, port=port, refresh_interval=refresh_interval, clock=clock)
+        if refresh_interval <= 0:
+            raise ValueError("refresh_interval must be > 0")
+        self.plant = plant
         self.protocol = protocol
         self.framer = FramerType.SOCKET if protocol == "modbus_tcp" else FramerType.RTU
+        self.host = host
         self.unit = unit
+        self.refresh_interval = refresh_interval
         self.tags = tags if tags is not None else tags_for(protocol)
+        self._clock = clock
+        self._requested_port = port
+        self._port: int | None = None
         self._server: ModbusTcpServer | None = None
+        self._task: asyncio.Task | None = None
+        self._paused = False
         self._exception: ExcCodes | None = None
         self._delay = 0.0
         self._tables = {t.table for t in self.tags}
         self._image: dict[Table, dict[int, int]] = {t: {} for t in _TABLES}
         self._devices = [_build_device(unit, self.tags, self._action), _catch_all_device()]
 
+    # --- properties -------------------------------------------------------------------
+
     @property
     def label(self) -> str:
         return "Modbus TCP" if self.protocol == "modbus_tcp" else "Modbus RTU-over-TCP"
 
-    # --- fault modes ------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound port (raises before :meth:`start`)."""
+        if self._port is None:
+            raise RuntimeError(f"{self.label} server not started")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """Started and not stopped (may be paused)."""
+        return self._task is not None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def serving(self) -> bool:
+        """Currently accepting connections."""
+        return self._server is not None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind and serve; return the bound port."""
+        if self._task is not None:
+            return self.port
+        self.refresh()
+        await self._listen(self._requested_port)
+        self._task = asyncio.create_task(self._refresh_loop(), name=f"plcsim {self.protocol} refresh")
+        log.debug("%s listening on %s:%d (unit %d)", self.label, self.host, self.port, self.unit)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop serving and the refresh timer. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close_server()
+        self._paused = False
+
+    async def pause(self) -> None:
+        """Stop answering: close the listener and every client connection."""
+        if self._task is None or self._paused:
+            return
+        self._paused = True
+        await self._close_server()
+        log.debug("%s on port %d paused", self.label, self.port)
+
+    async def resume(self) -> None:
+        """Listen again on the same port after :meth:`pause`."""
+        if self._task is None or not self._paused:
+            return
+        await self._listen(self.port)
+        self._paused = False
+        log.debug("%s on port %d resumed", self.label, self.port)
 
     def set_exception(self, code: ExcCodes | int | None = ExcCodes.ILLEGAL_ADDRESS) -> None:
         """Answer every request with Modbus exception ``code`` (``None``: answer normally)."""
@@ -209,16 +280,20 @@ class ModbusSim(SimServer):
         """Delay every answer by ``seconds`` (0 disables)."""
         self._delay = max(0.0, float(seconds))
 
-    # --- the protocol (SimServer) -----------------------------------------------------
-
     def refresh(self) -> PlantSnapshot:
         """Step the plant to the clock's now and rebuild the register image."""
         snap = self.plant.step(self._clock())
         self._image = build_image(self.tags, snap)
         return snap
 
-    def _details(self) -> str:
-        return f"unit {self.unit}"
+    async def __aenter__(self) -> ModbusSim:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    # --- internals --------------------------------------------------------------------
 
     async def _listen(self, port: int) -> None:
         # Probe first: pymodbus only logs the bind error and raises a bare RuntimeError.
@@ -232,11 +307,19 @@ class ModbusSim(SimServer):
         self._server = server
         self._port = server.transport.sockets[0].getsockname()[1]
 
-    async def _close(self) -> None:
+    async def _close_server(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             await server.shutdown()
             await asyncio.sleep(0)  # let the closed connections' transports finish
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                self.refresh()
+            except Exception:  # keep serving the last image
+                log.exception("%s refresh failed", self.label)
 
     async def _action(
         self,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 import threading
@@ -34,11 +35,12 @@ from collections.abc import Callable
 from snap7.server import Server
 from snap7.type import SrvArea
 
-from .base import SimServer
 from .modbus import ListenError, probe_bind
 from .plant import DB1, DB1_SIZE, DemoTag, Plant, PlantSnapshot, tag_value, tags_for
 
 __all__ = ["S7Sim", "encode_db", "start_s7"]
+
+log = logging.getLogger(__name__)
 
 _STRUCT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f"}
 
@@ -103,11 +105,8 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-class S7Sim(SimServer):
+class S7Sim:
     """An S7 PLC with DB1 fed from ``plant``. ``port=0`` binds an ephemeral port."""
-
-    label = "S7"
-    protocol = "s7"
 
     def __init__(
         self,
@@ -119,12 +118,76 @@ class S7Sim(SimServer):
         clock: Callable[[], float] = time.monotonic,
         tags: tuple[DemoTag, ...] | None = None,
     ) -> None:
-        super().__init__(plant, host=host, port=port, refresh_interval=refresh_interval, clock=clock)
+        if refresh_interval <= 0:
+            raise ValueError("refresh_interval must be > 0")
+        self.plant = plant
+        self.host = host
+        self.refresh_interval = refresh_interval
         self.tags = tags if tags is not None else tags_for("s7")
         self.db_number = DB1
+        self._clock = clock
+        self._requested_port = port
+        self._port: int | None = None
         self._db = bytearray(DB1_SIZE)
         self._server: _Server | None = None
+        self._task: asyncio.Task | None = None
+        self._paused = False
         self._db_missing = False
+
+    label = "S7"
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("S7 server not started")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> int:
+        """Bind and serve; return the bound port."""
+        if self._task is not None:
+            return self.port
+        self.refresh()
+        await asyncio.to_thread(self._start_server, self._requested_port)
+        self._task = asyncio.create_task(self._refresh_loop(), name="plcsim s7 refresh")
+        log.debug("S7 listening on %s:%d (rack 0, slot 1; DB%d, %d bytes)", self.host, self.port, DB1, DB1_SIZE)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop serving and the refresh timer. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._halt()
+        self._paused = False
+
+    async def pause(self) -> None:
+        """Stop answering: close the listener and drop every client."""
+        if self._task is None or self._paused:
+            return
+        self._paused = True
+        await self._halt()
+        log.debug("S7 on port %d paused", self.port)
+
+    async def resume(self) -> None:
+        if self._task is None or not self._paused:
+            return
+        await asyncio.to_thread(self._start_server, self.port)
+        self._paused = False
+        log.debug("S7 on port %d resumed", self.port)
 
     def set_db_missing(self, missing: bool = True) -> None:
         """Unregister DB1 so reads fail with an S7 error ("object does not exist")."""
@@ -136,8 +199,6 @@ class S7Sim(SimServer):
             server.unregister_area(SrvArea.DB, DB1)
         else:
             server.register_area(SrvArea.DB, DB1, self._db)
-
-    # --- the protocol (SimServer) -----------------------------------------------------
 
     def refresh(self) -> PlantSnapshot:
         """Step the plant to the clock's now and rewrite DB1 in place."""
@@ -154,11 +215,14 @@ class S7Sim(SimServer):
             self._db[:] = image
         return snap
 
-    def _details(self) -> str:
-        return f"rack 0, slot 1; DB{DB1}, {DB1_SIZE} bytes"
+    async def __aenter__(self) -> S7Sim:
+        await self.start()
+        return self
 
-    async def _listen(self, port: int) -> None:
-        await asyncio.to_thread(self._start_server, port)
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+    # --- internals --------------------------------------------------------------------
 
     def _start_server(self, port: int) -> None:
         try:  # snap7's start_to() only takes an IPv4 literal
@@ -180,10 +244,18 @@ class S7Sim(SimServer):
         self._server = server
         self._port = server.bound_port()
 
-    async def _close(self) -> None:
+    async def _halt(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             await asyncio.to_thread(server.halt)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("S7 refresh failed")
 
 
 async def start_s7(plant: Plant, host: str = "127.0.0.1", port: int = 0, **kwargs) -> S7Sim:
