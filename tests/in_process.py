@@ -8,7 +8,6 @@ afterwards; ``channel`` and ``stub`` talk to the ``server`` fixture a test folde
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,8 @@ from fabrica.config.v1 import config_service_pb2_grpc
 from fabrica.ingest.v1 import ingest_service_pb2_grpc
 from fabrica.production.v1 import production_service_pb2_grpc
 
-from fabrica_svc.cli import SERVICES
-from fabrica_svc.runtime.server import ServiceApp, ServiceHost
+from fabrica_svc.cli import create_app
+from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import Settings, load_settings
 
 #: The client stub of each service's API.
@@ -39,13 +38,9 @@ def settings_for(service: str, env: Mapping[str, str] | None = None, **overrides
     return load_settings(service, env or {}).with_overrides(**{**defaults, **overrides})
 
 
-def create_app(service: str, settings: Settings, **app_args: Any) -> ServiceApp:
-    """The service's app from its own ``create_app(settings, **app_args)`` (e.g. ingest's ``config=``)."""
-    return importlib.import_module(SERVICES[service]).create_app(settings, **app_args)
-
-
 async def start_server(service: str, settings: Settings | None = None, **app_args: Any) -> ServiceHost:
-    """Start `service` in process (settings: :func:`settings_for`) and return its host; the caller stops it."""
+    """Start `service` in process (settings: :func:`settings_for`) and return its host; the caller stops it.
+    `app_args` go to the service's ``create_app`` (e.g. ingest's ``config=``)."""
     settings = settings if settings is not None else settings_for(service)
     host = ServiceHost(create_app(service, settings, **app_args), settings)
     await host.start()

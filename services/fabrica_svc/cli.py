@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceApp, ServiceHost, serve_until_signal
@@ -20,7 +21,8 @@ from .runtime.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("fabrica")
 
-#: Where each service's app factory lives: ``create_app(settings) -> ServiceApp``.
+#: Each service's app module. Its ``create_app(settings, **app_args) -> ServiceApp`` builds the service; the
+#: module is imported only when that service is built, so `fabrica plcsim` and `fabrica serve X` load no other.
 SERVICES = {
     "config": "fabrica_svc.config.app",
     "ingest": "fabrica_svc.ingest.app",
@@ -29,26 +31,9 @@ SERVICES = {
 }
 
 
-def _import_app_module(service: str):  # noqa: ANN202 - a module
-    """The service's app module, or None when this build does not contain the service."""
-    module = SERVICES[service]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
-            return None
-        raise
-
-
-def available_services() -> list[str]:
-    return [name for name in SERVICES if _import_app_module(name) is not None]
-
-
-def create_app(service: str, settings: Settings) -> ServiceApp:
-    module = _import_app_module(service)
-    if module is None:
-        raise SettingsError(f"the {service} service is not part of this build yet")
-    return module.create_app(settings)
+def create_app(service: str, settings: Settings, **app_args: Any) -> ServiceApp:
+    """`service`'s app, built by its module's ``create_app`` (`app_args` as that function takes them)."""
+    return importlib.import_module(SERVICES[service]).create_app(settings, **app_args)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -74,17 +74,16 @@ def stack_settings(services: Sequence[str], base_port: int, data_dir: Path,
 
 
 async def run_stack(args: argparse.Namespace) -> int:
-    from .cli import available_services, create_app
+    from .cli import create_app
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    services = [s for s in ORDER if s in available_services()]
     try:
-        settings_of = stack_settings(services, args.base_port, data_dir)
+        settings_of = stack_settings(ORDER, args.base_port, data_dir)
     except SettingsError as exc:
         print(f"fabrica run: {exc}")
         return 2
-    first = settings_of[services[0]]
+    first = settings_of[ORDER[0]]
     configure_logging("run", first.log_level, first.log_format)
     database_url = await resolve_database_url(first.database_url, data_dir)
 
@@ -95,7 +94,7 @@ async def run_stack(args: argparse.Namespace) -> int:
 
     hosts: dict[str, ServiceHost] = {}
     try:
-        for name in services:
+        for name in ORDER:
             settings = settings_of[name].with_overrides(database_url=database_url)
             host = ServiceHost(create_app(name, settings), settings)
             await host.start()

@@ -1,31 +1,17 @@
-"""Fixtures of the production tests: an in-process production server on 127.0.0.1:0 over a fresh database."""
+"""The production tests' server: the production service in process (tests/in_process.py) over the test's
+database, its tag-event consumer with the tests' short waits. `channel` and `stub` (tests/conftest.py) talk to
+it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import grpc
 import pytest
-from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 
-from fabrica_svc.runtime.server import ServiceHost
+from in_process import Server, Servers, settings_for
 
-from .support import start_production
-
-
-@pytest.fixture
-async def server(database_url: str) -> AsyncIterator[ServiceHost]:
-    host = await start_production(database_url)
-    yield host
-    await host.stop(grace=0)
+from .support import TEST_CONSUMER
 
 
 @pytest.fixture
-async def channel(server: ServiceHost) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture
-def stub(channel: grpc.aio.Channel) -> pb_grpc.ProductionServiceStub:
-    return pb_grpc.ProductionServiceStub(channel)
+async def server(database_url: str, servers: Servers) -> Server:
+    return await servers.start("production", settings_for("production", database_url=database_url),
+                               consumer=TEST_CONSUMER)

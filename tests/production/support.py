@@ -14,11 +14,11 @@ from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 
-from fabrica_svc.production.app import ConsumerOptions, create_app
+from fabrica_svc.production.app import ConsumerOptions
 from fabrica_svc.runtime.retry import RetryPolicy
 from fabrica_svc.runtime.server import ServiceHost
-from fabrica_svc.runtime.settings import load_settings
 from grpc_helpers import rich_status
+from in_process import settings_for, start_server
 from procs import wait_for as _wait_for
 
 #: Tag ids of the default work centre "press-1" (as the config service would have assigned them).
@@ -30,12 +30,10 @@ TEST_CONSUMER = ConsumerOptions(standby_interval=0.1, retry=RetryPolicy(initial=
 
 
 async def start_production(database_url: str, ingest_addr: str = "", config_addr: str = "") -> ServiceHost:
-    settings = load_settings("production", {}).with_overrides(
-        port=0, metrics_port=-1, database_url=database_url, health_interval=0.2, ingest_addr=ingest_addr,
-        config_addr=config_addr)
-    host = ServiceHost(create_app(settings, consumer=TEST_CONSUMER), settings)
-    await host.start()
-    return host
+    """A production server (with TEST_CONSUMER) on `database_url`, wired to ingest and config at those
+    addresses; the caller stops it."""
+    settings = settings_for("production", database_url=database_url, ingest_addr=ingest_addr, config_addr=config_addr)
+    return await start_server("production", settings, consumer=TEST_CONSUMER)
 
 
 def ts(dt: datetime) -> timestamp_pb2.Timestamp:
@@ -73,7 +71,6 @@ async def execute(database_url: str, sql: str, *args: object) -> None:
         await conn.execute(sql, *args)
     finally:
         await conn.close()
-
 
 
 async def wait_for(predicate, *, timeout: float = 20.0, **kw):  # noqa: ANN001, ANN003, ANN201

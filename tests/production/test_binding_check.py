@@ -10,17 +10,14 @@ import grpc
 import pytest
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2 as cpb
-from fabrica.config.v1 import config_service_pb2_grpc as cpb_grpc
 from fabrica.config.v1 import plc_pb2
 from fabrica.production.v1 import master_data_pb2 as md
 from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from fabrica_svc.config.app import create_app as create_config
-from fabrica_svc.runtime.server import ServiceHost
-from fabrica_svc.runtime.settings import load_settings
 from grpc_helpers import error_info
+from in_process import Server, Servers, settings_for
 from procs import free_port
 
 from .support import precondition_violations, start_production
@@ -53,18 +50,13 @@ class Stack:
 
 
 @pytest.fixture
-async def config(database_url: str) -> AsyncIterator[ServiceHost]:
-    settings = load_settings("config", {}).with_overrides(port=0, metrics_port=-1, database_url=database_url)
-    host = ServiceHost(create_config(settings), settings)
-    await host.start()
-    yield host
-    await host.stop(grace=0)
+async def config(database_url: str, servers: Servers) -> Server:
+    return await servers.start("config", settings_for("config", database_url=database_url))
 
 
 @pytest.fixture
-async def stack(config: ServiceHost, database_url: str) -> AsyncIterator[Stack]:
-    async with grpc.aio.insecure_channel(config.address) as cch:
-        plc = (await cpb_grpc.ConfigServiceStub(cch).CreatePlc(cpb.CreatePlcRequest(plc=_plc()))).plc
+async def stack(config: Server, database_url: str) -> AsyncIterator[Stack]:
+    plc = (await config.stub.CreatePlc(cpb.CreatePlcRequest(plc=_plc()))).plc
     production = await start_production(database_url, config_addr=config.address)
     try:
         async with grpc.aio.insecure_channel(production.address) as ch:

@@ -20,9 +20,8 @@ from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fabrica_svc.ingest import app as ingest_app
 from fabrica_svc.runtime.server import ServiceHost
-from fabrica_svc.runtime.settings import load_settings
+from in_process import settings_for, start_server
 from procs import ServiceProcess, free_port
 
 from .support import GOOD_TAG, SCRAP_TAG, STATE_TAG, booked_total, fetchval, new_order, seed, start_production, ts, \
@@ -35,10 +34,7 @@ ROLES = {GOOD_TAG: reading_pb2.TAG_ROLE_PRODUCTION_COUNTER, SCRAP_TAG: reading_p
 
 
 async def start_ingest(database_url: str, port: int = 0) -> ServiceHost:
-    settings = load_settings("ingest", {}).with_overrides(port=port, metrics_port=-1, database_url=database_url)
-    host = ServiceHost(ingest_app.create_app(settings), settings)
-    await host.start()
-    return host
+    return await start_server("ingest", settings_for("ingest", database_url=database_url, port=port))
 
 
 @pytest.fixture

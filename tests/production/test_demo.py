@@ -12,12 +12,12 @@ from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 
 from fabrica_svc.production.demo import create_demo
-from fabrica_svc.runtime.server import ServiceHost
+from in_process import Server
 
 from .support import ts
 
 
-async def test_create_demo(stub: pb_grpc.ProductionServiceStub, server: ServiceHost, database_url: str) -> None:
+async def test_create_demo(stub: pb_grpc.ProductionServiceStub, server: Server, database_url: str) -> None:
     order = await create_demo(stub, plc_id="demo-press", production_counter_tag_id=11, scrap_counter_tag_id=12,
                               machine_state_tag_id=13, planned_quantity=30)
     assert (order.number, order.state, order.planned_quantity) == ("DEMO-0001", S.ORDER_STATE_IN_PROGRESS, 30)

@@ -18,7 +18,7 @@ from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import field_mask_pb2
 
 from fabrica_svc.production.service import TagEventService
-from fabrica_svc.runtime.server import ServiceHost
+from in_process import Server
 
 from .support import GOOD_TAG, SCRAP_TAG, STATE_TAG, booked_total, fetchval, new_order, seed, ts
 
@@ -49,7 +49,7 @@ class Events:
 
 
 @pytest.fixture
-async def events(server: ServiceHost, stub: pb_grpc.ProductionServiceStub, database_url: str) -> AsyncIterator[Events]:
+async def events(server: Server, stub: pb_grpc.ProductionServiceStub, database_url: str) -> AsyncIterator[Events]:
     await seed(stub)  # press-1: 16-bit counters, jump limit 1,000
     conn = await asyncpg.connect(database_url, server_settings={"search_path": "production"})
     yield Events(server.app.tag_events, conn)  # type: ignore[attr-defined]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,6 +15,7 @@ from fabrica.config.v1 import plc_pb2
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
+from ..runtime.watch import Page, watch
 from . import domain
 from .profiles import PROFILES
 from .store import ConfigStore
@@ -90,34 +93,39 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
 
     async def WatchPlcs(self, request: pb.WatchPlcsRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchPlcsResponse]:
-        collector = request.collector_id
-        cursor = request.after_revision
-        need_snapshot, resync = cursor == 0, False
-        while True:
-            token = self.listener.token()  # before reading, so no notification slips between
-            if need_snapshot:
-                cursor, plcs = await self.store.snapshot(collector)
-                yield pb.WatchPlcsResponse(revision=cursor, snapshot=pb.PlcSnapshot(plcs=plcs, resync=resync))
-                need_snapshot = False
-                continue
-            changes, oldest, current = await self.store.changes_after(cursor)
-            if cursor > current or cursor < oldest - 1:
-                log.info("watch cannot resume; sending a snapshot",
-                         extra={"collector_id": collector, "after_revision": cursor, "oldest": oldest})
-                need_snapshot, resync = True, True
-                continue
-            for change in changes:
-                kind = domain.relevant_change(collector, change.old_collector_id, change.new_collector_id)
-                cursor = change.revision
-                if kind == "upsert":
-                    yield pb.WatchPlcsResponse(revision=cursor, change=pb.PlcChange(
-                        type=pb.CHANGE_TYPE_UPSERT, plc_id=change.plc_id, plc=change.plc))
-                elif kind == "delete":
-                    yield pb.WatchPlcsResponse(revision=cursor, change=pb.PlcChange(
-                        type=pb.CHANGE_TYPE_DELETE, plc_id=change.plc_id))
-            if changes:
-                continue  # there may be more pages
-            await self.listener.wait(token, WATCH_POLL_SECONDS)
+        # The cursor is the revision sent last; None until the first snapshot is sent.
+        start = request.after_revision or None
+        read = functools.partial(self._plc_page, request.collector_id)
+        async with contextlib.aclosing(watch(self.listener, read, start, poll_interval=WATCH_POLL_SECONDS)) as out:
+            async for response in out:
+                yield response
+
+    async def _plc_page(self, collector: str, cursor: int | None) -> Page[pb.WatchPlcsResponse, int | None]:
+        """The next page of `collector`'s WatchPlcs: a snapshot first (or when `cursor` cannot be resumed
+        from), then one message per relevant change."""
+        if cursor is None:
+            return await self._plc_snapshot(collector, resync=False)
+        changes, oldest, current = await self.store.changes_after(cursor)
+        if cursor > current or cursor < oldest - 1:
+            log.info("watch cannot resume; sending a snapshot",
+                     extra={"collector_id": collector, "after_revision": cursor, "oldest": oldest})
+            return await self._plc_snapshot(collector, resync=True)
+        responses = []
+        for change in changes:
+            kind = domain.relevant_change(collector, change.old_collector_id, change.new_collector_id)
+            cursor = change.revision
+            if kind == "upsert":
+                responses.append(pb.WatchPlcsResponse(revision=cursor, change=pb.PlcChange(
+                    type=pb.CHANGE_TYPE_UPSERT, plc_id=change.plc_id, plc=change.plc)))
+            elif kind == "delete":
+                responses.append(pb.WatchPlcsResponse(revision=cursor, change=pb.PlcChange(
+                    type=pb.CHANGE_TYPE_DELETE, plc_id=change.plc_id)))
+        return Page(responses, cursor, more=bool(changes))  # a page with changes may have more after it
+
+    async def _plc_snapshot(self, collector: str, *, resync: bool) -> Page[pb.WatchPlcsResponse, int | None]:
+        revision, plcs = await self.store.snapshot(collector)
+        return Page([pb.WatchPlcsResponse(revision=revision, snapshot=pb.PlcSnapshot(plcs=plcs, resync=resync))],
+                    revision, more=True)
 
     async def ReportCollectorStatus(self, request: pb.ReportCollectorStatusRequest,
                                     context: grpc.aio.ServicerContext) -> pb.ReportCollectorStatusResponse:

@@ -1,5 +1,6 @@
 """Wires the ingest service: its settings (IngestConfig) and the host's database give the store, the
-writer, the event hub and the maintenance rounds, which are passed to the servicer.
+writer, the hub (the runtime's Listener on the tag events channel) and the maintenance rounds, which are
+passed to the servicer.
 
 ``fabrica serve ingest`` calls :func:`create_app`; the shared ServiceHost does the rest (Postgres and
 migrations, the pool, the gRPC server with validation, health, reflection, metrics, shutdown). As in every
@@ -16,13 +17,13 @@ import grpc
 from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 
 from ..runtime.db import Migration
+from ..runtime.notify import Listener
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .config import IngestConfig, load_ingest_config
-from .events import EventHub
 from .maintenance import Maintenance
 from .servicer import IngestServicer
-from .store import MIGRATIONS, SCHEMA, IngestStore
+from .store import EVENTS_CHANNEL, MIGRATIONS, SCHEMA, IngestStore
 from .writer import BatchWriter
 
 SERVICE_NAME = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -40,11 +41,11 @@ class IngestApp:
         # Built by start():
         self.store: IngestStore
         self.writer: BatchWriter
-        self.hub: EventHub
+        self.hub: Listener
         self.maintenance: Maintenance
         self.servicer: IngestServicer
         #: What stop() stops, in that order: every part start() built, started or not.
-        self._parts: list[Maintenance | EventHub | BatchWriter] = []
+        self._parts: list[Maintenance | Listener | BatchWriter] = []
 
     async def start(self, resources: Resources) -> None:
         assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
@@ -57,8 +58,12 @@ class IngestApp:
             queue_max_rows=config.queue_max_rows,
             transaction_timeout=config.transaction_timeout,
         )
-        self.hub = EventHub(resources.dsn, poll_interval=config.event_poll_interval,
-                            on_lost=self.writer.database_lost)
+        # Any replica's write transaction notifies EVENTS_CHANNEL at commit. Watchers also wake every
+        # event_poll_interval whatever happens, the connection is checked as often, and a lost connection
+        # ends the writer's idle streams.
+        self.hub = Listener(resources.dsn, EVENTS_CHANNEL, poll_interval=config.event_poll_interval,
+                            check_interval=config.event_poll_interval, on_lost=self.writer.database_lost,
+                            application_name="fabrica-ingest-listen")
         self.maintenance = Maintenance(
             self.store, interval=config.maintenance_interval, ahead=config.partitions_ahead,
             retention_days=config.retention_days,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,8 +21,10 @@ from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument, OutOfRange
+from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.timefmt import to_datetime
+from ..runtime.watch import Page, watch
 from .config import IngestConfig
 from .convert import (
     batch_from_proto,
@@ -44,7 +47,6 @@ from .domain import (
     filter_fingerprint,
     micros_to_datetime,
 )
-from .events import EventHub
 from .store import IngestStore
 from .writer import BatchWriter, StreamSession
 
@@ -54,7 +56,7 @@ _END = object()
 
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
-    def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: EventHub):
+    def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: Listener):
         self.config = config
         self.store = store
         self.writer = writer
@@ -149,26 +151,30 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         check_tag_ids(request.tag_ids, "tag_ids", found)
         if found:
             raise InvalidArgument(found)
-        tag_ids = list(request.tag_ids) or None
-        plc_ids = list(request.plc_ids) or None
-        after = request.after_cursor
-        while True:
-            wake = self.hub.current()  # before the query: a notification during it is not lost
-            page = await self.store.events_page(after, tag_ids, plc_ids, EVENTS_PAGE)
-            if 0 < after < page.purged_through:
-                raise OutOfRange(
-                    f"after_cursor {after} is older than the retained events (events up to {page.purged_through}"
-                    " were removed by retention); resume from 0 for the oldest retained event",
-                    reason="CURSOR_OUT_OF_RANGE", metadata={"purged_through": str(page.purged_through)},
-                )
-            if page.rows:
-                yield pb.WatchTagEventsResponse(events=[tag_event_from_row(r) for r in page.rows])
-                after = page.rows[-1]["cursor"]
-                if len(page.rows) == EVENTS_PAGE:
-                    continue
-            # Every event up to `high` was visible to that query: nothing below it can still appear.
-            after = max(after, page.high)
-            await self.hub.wait(wake)
+        read = functools.partial(self._events_page, list(request.tag_ids) or None, list(request.plc_ids) or None)
+        async with contextlib.aclosing(watch(self.hub, read, request.after_cursor)) as out:
+            async for response in out:
+                yield response
+
+    async def _events_page(self, tag_ids: list[int] | None, plc_ids: list[str] | None,
+                           after: int) -> Page[pb.WatchTagEventsResponse, int]:
+        """The events after cursor `after` (up to EVENTS_PAGE), in one message. OUT_OF_RANGE if retention
+        has removed events after `after`."""
+        page = await self.store.events_page(after, tag_ids, plc_ids, EVENTS_PAGE)
+        if 0 < after < page.purged_through:
+            raise OutOfRange(
+                f"after_cursor {after} is older than the retained events (events up to {page.purged_through}"
+                " were removed by retention); resume from 0 for the oldest retained event",
+                reason="CURSOR_OUT_OF_RANGE", metadata={"purged_through": str(page.purged_through)},
+            )
+        if not page.rows:  # nothing after `after` up to `high` (see below)
+            return Page([], max(after, page.high))
+        response = pb.WatchTagEventsResponse(events=[tag_event_from_row(r) for r in page.rows])
+        after = page.rows[-1]["cursor"]
+        if len(page.rows) == EVENTS_PAGE:
+            return Page([response], after, more=True)
+        # A short page: every event up to `high` was visible to that query, nothing below it can still appear.
+        return Page([response], max(after, page.high))
 
     # --- read path ------------------------------------------------------------------------------------
 

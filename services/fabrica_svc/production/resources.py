@@ -26,6 +26,8 @@ MAX_INT64 = 2**63 - 1
 #: Largest quantity a single booking or defect may carry (the proto's bound on a planned quantity).
 MAX_QUANTITY = 100_000_000
 MAX_NOTE = 1000
+#: Longest id of a resource another one refers to (the protos' bound on ids).
+MAX_ID = 63
 
 #: The binding fields of a work centre and the tag role each one needs (config's role is the truth).
 TAG_FIELDS = {
@@ -136,17 +138,20 @@ def apply_update_mask(kind: Kind, current: message.Message, patch: message.Messa
     return merged
 
 
+def _id(value: str, path: str, *, required: bool = True) -> list[FieldViolation]:
+    """An id field: present (if `required`) and at most MAX_ID characters."""
+    if not value:
+        return [FieldViolation(path, "required")] if required else []
+    return [FieldViolation(path, f"at most {MAX_ID} characters")] if len(value) > MAX_ID else []
+
+
 def _note(note: str, path: str) -> list[FieldViolation]:
     return [FieldViolation(path, f"at most {MAX_NOTE} characters")] if len(note) > MAX_NOTE else []
 
 
 def booking_violations(b: order_pb2.Booking) -> list[FieldViolation]:
     """A manual booking: an order, a non-zero quantity within bounds, scrap never negative."""
-    out: list[FieldViolation] = []
-    if not b.order_id:
-        out.append(FieldViolation("booking.order_id", "required"))
-    elif len(b.order_id) > 63:
-        out.append(FieldViolation("booking.order_id", "at most 63 characters"))
+    out = _id(b.order_id, "booking.order_id")
     if abs(b.good_quantity) > MAX_QUANTITY:
         out.append(FieldViolation("booking.good_quantity", f"must be within ±{MAX_QUANTITY:,}"))
     if b.scrap_quantity < 0:
@@ -163,13 +168,7 @@ def booking_violations(b: order_pb2.Booking) -> list[FieldViolation]:
 
 
 def defect_violations(d: order_pb2.Defect) -> list[FieldViolation]:
-    out: list[FieldViolation] = []
-    for name in ("order_id", "defect_code_id"):
-        value = getattr(d, name)
-        if not value:
-            out.append(FieldViolation(f"defect.{name}", "required"))
-        elif len(value) > 63:
-            out.append(FieldViolation(f"defect.{name}", "at most 63 characters"))
+    out = _id(d.order_id, "defect.order_id") + _id(d.defect_code_id, "defect.defect_code_id")
     if not 1 <= d.quantity <= MAX_QUANTITY:
         out.append(FieldViolation("defect.quantity", f"must be 1 to {MAX_QUANTITY:,}"))
     return out + _note(d.note, "defect.note")
@@ -177,17 +176,12 @@ def defect_violations(d: order_pb2.Defect) -> list[FieldViolation]:
 
 def downtime_violations(d: order_pb2.Downtime) -> list[FieldViolation]:
     """A stop entered by hand: a work centre, a start, and an end after the start if there is one."""
-    out: list[FieldViolation] = []
-    if not d.work_center_id:
-        out.append(FieldViolation("downtime.work_center_id", "required"))
-    elif len(d.work_center_id) > 63:
-        out.append(FieldViolation("downtime.work_center_id", "at most 63 characters"))
+    out = _id(d.work_center_id, "downtime.work_center_id")
     if not d.HasField("start_time"):
         out.append(FieldViolation("downtime.start_time", "required"))
     elif d.HasField("end_time") and d.end_time.ToNanoseconds() <= d.start_time.ToNanoseconds():
         out.append(FieldViolation("downtime.end_time", "must be after start_time"))
-    if len(d.reason_id) > 63:
-        out.append(FieldViolation("downtime.reason_id", "at most 63 characters"))
+    out += _id(d.reason_id, "downtime.reason_id", required=False)
     return out + _note(d.note, "downtime.note")
 
 

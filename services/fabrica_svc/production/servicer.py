@@ -7,6 +7,8 @@ in resources.py and are checked here, before the service layer writes anything.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_int_page_token, decode_page_token, encode_page_token
 from ..runtime.timefmt import optional_datetime
+from ..runtime.watch import Page, watch
 from . import convert, resources
 from .domain import OrderAction
 from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind
@@ -349,30 +352,31 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
     async def WatchOrders(self, request: pb.WatchOrdersRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchOrdersResponse]:
         wc = request.work_center_id
-        cursor = request.after_revision
-        need_snapshot = cursor == 0
-        if not need_snapshot:
+        # The cursor is the revision sent last; None until the first snapshot is sent.
+        start: int | None = request.after_revision or None
+        if start is not None:
             current = await self.service.current_order_revision()
-            if cursor > current or current - cursor > MAX_RESUME_REVISIONS:
+            if start > current or current - start > MAX_RESUME_REVISIONS:
                 log.info("WatchOrders cannot resume there; sending a snapshot",
-                         extra={"after_revision": cursor, "current": current, "work_center_id": wc})
-                need_snapshot = True
-        while True:
-            token = self.listener.token()  # before reading, so no notification slips between
-            if need_snapshot:
-                cursor, orders = await self.service.order_snapshot(wc)
-                yield pb.WatchOrdersResponse(revision=cursor, orders=[convert.order_message(o) for o in orders],
-                                             snapshot=True)
-                need_snapshot = False
-                continue
-            changes, current = await self.service.order_changes_after(cursor, wc, WATCH_PAGE)
-            full = len(changes) == WATCH_PAGE
-            # A short page holds every matching change up to `current` (read in the same snapshot), so the
-            # watcher is then at `current`, even if the last changes were other work centres' orders.
-            new_cursor = changes[-1].revision if full else max(cursor, current)
-            if changes:
-                yield pb.WatchOrdersResponse(revision=new_cursor, orders=[convert.order_message(o) for o in changes])
-            cursor = new_cursor
-            if full:
-                continue
-            await self.listener.wait(token, WATCH_POLL_SECONDS)
+                         extra={"after_revision": start, "current": current, "work_center_id": wc})
+                start = None
+        read = functools.partial(self._order_page, wc)
+        async with contextlib.aclosing(watch(self.listener, read, start, poll_interval=WATCH_POLL_SECONDS)) as out:
+            async for response in out:
+                yield response
+
+    async def _order_page(self, wc: str, cursor: int | None) -> Page[pb.WatchOrdersResponse, int | None]:
+        """The next page of a WatchOrders: the snapshot first, then up to WATCH_PAGE changed orders."""
+        if cursor is None:
+            revision, orders = await self.service.order_snapshot(wc)
+            return Page([pb.WatchOrdersResponse(revision=revision, orders=[convert.order_message(o) for o in orders],
+                                                snapshot=True)], revision, more=True)
+        changes, current = await self.service.order_changes_after(cursor, wc, WATCH_PAGE)
+        full = len(changes) == WATCH_PAGE
+        # A short page holds every matching change up to `current` (read in the same snapshot), so the
+        # watcher is then at `current`, even if the last changes were other work centres' orders.
+        new_cursor = changes[-1].revision if full else max(cursor, current)
+        if not changes:
+            return Page([], new_cursor)
+        response = pb.WatchOrdersResponse(revision=new_cursor, orders=[convert.order_message(o) for o in changes])
+        return Page([response], new_cursor, more=full)

@@ -36,12 +36,16 @@ same one-line error naming the variable.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054}
 DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454}
+
+
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
@@ -79,27 +83,23 @@ class Settings:
 
 def env_int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
     """`env[name]` as a whole number in lo..hi; `default` when unset or blank. SettingsError names `name`."""
-    raw = env.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name}={value} is out of range {lo}..{hi}")
-    return value
+    return _env_number(env, name, default, lo, hi, int, "a whole number")
 
 
 def env_float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
     """`env[name]` as a number in lo..hi; `default` when unset or blank. SettingsError names `name`."""
+    return _env_number(env, name, default, lo, hi, float, "a number")
+
+
+def _env_number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N, parse: Callable[[str], N],
+                what: str) -> N:
     raw = env.get(name)
     if raw is None or not raw.strip():
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
+        raise SettingsError(f"{name}={raw!r} is not {what}") from None
     if not lo <= value <= hi:
         raise SettingsError(f"{name}={value} is out of range {lo}..{hi}")
     return value
