@@ -202,22 +202,25 @@ def plc_from_profile(profile: Any, plc_id: str, *, interval: float = 0.05, **con
     return out
 
 
-async def first_readings(plc_def: plc_pb2.Plc, *, timeout: float = 10.0) -> dict[str, reading_pb2.Reading]:
-    """Poll `plc_def` with the collector's real poller until every tag has reported; each tag's first reading."""
+async def settled_readings(plc_def: plc_pb2.Plc, *, timeout: float = 10.0,
+                           settled: Any = None) -> dict[str, reading_pb2.Reading]:
+    """Poll `plc_def` with the collector's real poller until every tag has reported and the latest readings
+    satisfy `settled` (a predicate on {tag name: latest reading}; default: every one GOOD), then stop; the
+    latest reading of each tag. The first poll of a device with holes in its map may still fail a block the
+    poller then re-plans, so a test of values waits for this state rather than taking the first reading."""
     from fabrica_svc.collector.drivers import BusRegistry, make_driver
     from fabrica_svc.collector.poller import Poller
 
-    got: list[reading_pb2.Reading] = []
+    names = {t.id: t.name for t in plc_def.tags}
+    latest: dict[str, reading_pb2.Reading] = {}
     buses = BusRegistry()
-    poller = Poller(plc_def, lambda p: make_driver(p, buses), got.append, backoff_min=0.05, backoff_max=0.2)
+    poller = Poller(plc_def, lambda p: make_driver(p, buses), lambda r: latest.__setitem__(names[r.tag_id], r),
+                    backoff_min=0.05, backoff_max=0.2)
+    done = settled or (lambda got: all(r.quality == GOOD for r in got.values()))
     poller.start()
     try:
-        names = {t.id: t.name for t in plc_def.tags}
-        await wait_for(lambda: {r.tag_id for r in got} >= set(names), timeout=timeout,
-                       what=f"a reading of every tag of {plc_def.id}")
+        await wait_for(lambda: len(latest) == len(names) and done(latest), timeout=timeout,
+                       what=f"a settled reading of every tag of {plc_def.id}")
     finally:
         await poller.stop()
-    out: dict[str, reading_pb2.Reading] = {}
-    for r in got:
-        out.setdefault(names[r.tag_id], r)
-    return out
+    return dict(latest)

@@ -13,7 +13,7 @@ from fabrica.common.v1 import reading_pb2
 from fabrica_svc.config.profiles import PROFILES
 from fabrica_svc.plcsim import S7Device
 
-from .support import first_readings, plc_from_profile, s7_plc, value_of
+from .support import settled_readings, plc_from_profile, s7_plc, value_of
 
 #: The seed's DB1, byte by byte: bad part off, good part on, machine on; REAL current 12.5 A at 2, REAL
 #: vibration 3.25 mm/s at 6; INT good counter 1234 at 10, INT bad counter -2 (a wrapped 16-bit counter) at 12.
@@ -42,7 +42,7 @@ async def test_the_seed_profile_reads_all_seven_values_exactly_and_nothing_past_
 
         profile = PROFILES["s7-press-db1"]
         plc = plc_from_profile(profile, "press-s7", s7=s7_plc("x", device.port, []).s7)
-        got = await first_readings(plc)
+        got = await settled_readings(plc)
 
     assert set(got) == set(EXPECTED)
     for name, expected in EXPECTED.items():
