@@ -1,6 +1,7 @@
 """DB mirrors between two real (simulated) S7 servers, run by a real collector: DB1 of one copied to DB2 of the
 other byte for byte; nothing written while the source is down; a target that is not writable, or too small, is
-refused without a single write; ProbeMirror shows what a cycle would write, and writes nothing."""
+refused without a single write; ProbeMirror shows what a cycle would write, and writes nothing. And config
+refuses a mirror whose target is not writable, unknown, or on another collector."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 from fabrica.collector.v1 import collector_service_pb2 as pb
+from fabrica.config.v1 import config_service_pb2 as cpb
 from fabrica.config.v1 import plc_pb2
+from google.protobuf import field_mask_pb2
 
 from fabrica_svc.plcsim import S7Device
-from in_process import Server, Servers
+from grpc_helpers import field_violations
+from in_process import Server, Servers, settings_for
 
 from .support import collector_settings, duration, s7_plc, s7_tag, store_config, wait_for
 
@@ -137,3 +141,41 @@ async def test_a_target_not_writable_or_too_small_is_refused_and_never_written(
             await stub.ProbeMirror(pb.ProbeMirrorRequest(
                 source_plc=line(source.port), target_plc=lab(small.port, "small"), mirror=server_mirror))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_config_refuses_a_mirror_to_a_target_that_is_not_writable_unknown_or_elsewhere(
+        database_url: str, servers: Servers) -> None:
+    config = (await servers.start("config", settings_for("config", database_url=database_url))).stub
+    target = (await config.CreatePlc(cpb.CreatePlcRequest(plc=lab(1102, writable=False)))).plc
+    assert not target.writable  # no PLC is written by default
+
+    async def refused(plc: plc_pb2.Plc) -> dict[str, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await config.CreatePlc(cpb.CreatePlcRequest(plc=plc))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return field_violations(err.value)
+
+    assert "not writable" in (await refused(line(1103, mirror())))["plc.mirrors[0].target_plc_id"]
+    assert "no PLC 'nowhere'" in (await refused(line(1103, mirror("nowhere"))))["plc.mirrors[0].target_plc_id"]
+    elsewhere = lab(1104, "elsewhere")
+    elsewhere.collector_id = "cell-2"
+    await config.CreatePlc(cpb.CreatePlcRequest(plc=elsewhere))
+    assert "cell-2" in (await refused(line(1103, mirror("elsewhere"))))["plc.mirrors[0].target_plc_id"]
+    no_db = mirror()
+    no_db.target.db_number = 0
+    assert "plc.mirrors[0].target.db_number" in await refused(line(1103, no_db))
+    twice = await refused(line(1103, mirror("elsewhere"), mirror("elsewhere")))
+    assert "plc.mirrors[1].name" in twice
+
+    # Made writable, the target takes the mirror; the source carries it to its collector (WatchPlcs sends Plc).
+    await config.UpdatePlc(cpb.UpdatePlcRequest(plc=plc_pb2.Plc(id="lab", writable=True),
+                                                update_mask=field_mask_pb2.FieldMask(paths=["writable"])))
+    created = (await config.CreatePlc(cpb.CreatePlcRequest(plc=line(1103, mirror())))).plc
+    assert [m.name for m in created.mirrors] == ["db1-to-lab"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await config.UpdatePlc(cpb.UpdatePlcRequest(
+            plc=line(1103, mirror("elsewhere")), update_mask=field_mask_pb2.FieldMask(paths=["mirrors"])))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "plc.mirrors[0].target_plc_id" in field_violations(err.value)
+    stored = (await config.GetPlc(cpb.GetPlcRequest(id="line"))).plc
+    assert [m.target_plc_id for m in stored.mirrors] == ["lab"]

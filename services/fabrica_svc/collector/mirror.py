@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from fabrica.config.v1 import plc_pb2
 
+from ..plcmodel.mirrors import mirror_problems
 from ..plcmodel.plc import is_s7
-from ..plcmodel.spec import S7Area
 from ..runtime.retry import RetryPolicy
 from .drivers import CommunicationError, DeviceError, Driver, PlcConfigError, S7Driver, s7_range_name
 
@@ -46,28 +46,11 @@ def range_name(r: plc_pb2.S7Range, size: int) -> str:
     return s7_range_name(r.area, r.db_number, r.byte_offset, size)
 
 
-def _span(r: plc_pb2.S7Range, size: int) -> tuple[int, int, int, int]:
-    area = r.area or S7Area.DB
-    return area, r.db_number if area == S7Area.DB else 0, r.byte_offset, r.byte_offset + size
-
-
 def refusal(source: plc_pb2.Plc, mirror: plc_pb2.Mirror, target: plc_pb2.Plc | None) -> str | None:
-    """Why `mirror` of `source` cannot run with `target` (None: no such PLC here), judged from the definitions
-    alone; None when it can."""
-    if not is_s7(source):
-        return f"PLC {source.id} is not an S7 PLC: mirrors copy S7 memory"
-    if target is None:
-        return f"target PLC {mirror.target_plc_id!r} is not a PLC of this collector"
-    if not is_s7(target):
-        return f"target PLC {target.id} is not an S7 PLC"
-    if not target.writable:
-        return f"target PLC {target.id} is not writable (set writable on its definition to allow writes)"
-    if target.id == source.id:
-        sa, sdb, s0, s1 = _span(mirror.source, mirror.size)
-        ta, tdb, t0, t1 = _span(mirror.target, mirror.size)
-        if (sa, sdb) == (ta, tdb) and s0 < t1 and t0 < s1:
-            return "source and target ranges overlap on the same PLC"
-    return None
+    """Why `mirror` of `source` cannot run with `target` (None: no such PLC on this collector), judged from the
+    definitions alone (plcmodel's rules, the ones config checks); None when it can."""
+    problems = mirror_problems(source, mirror, source if mirror.target_plc_id == source.id else target)
+    return "; ".join(description for _, description in problems) or None
 
 
 # ------------------------------------------------------------------------------------------------- probe
@@ -101,11 +84,10 @@ async def probe(source: plc_pb2.Plc, target: plc_pb2.Plc, mirror: plc_pb2.Mirror
                 make_driver: MakeDriver) -> ProbeResult:
     """A dry run: read the source range and the target range once each, write nothing."""
     out = ProbeResult()
-    why = refusal(source, mirror, target)
-    if why and not why.startswith("target"):
-        out.source_error = why
-    elif why:
-        out.target_error = why
+    for field, description in mirror_problems(source, mirror, target):
+        side = "target" if field.startswith("target") else "source"
+        joined = getattr(out, f"{side}_error")
+        setattr(out, f"{side}_error", f"{joined}; {description}" if joined else description)
     for side, plc, r in (("source", source, mirror.source), ("target", target, mirror.target)):
         if getattr(out, f"{side}_error"):
             continue
