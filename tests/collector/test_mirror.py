@@ -179,3 +179,23 @@ async def test_config_refuses_a_mirror_to_a_target_that_is_not_writable_unknown_
     assert "plc.mirrors[0].target_plc_id" in field_violations(err.value)
     stored = (await config.GetPlc(cpb.GetPlcRequest(id="line"))).plc
     assert [m.target_plc_id for m in stored.mirrors] == ["lab"]
+
+
+def test_the_rules_a_mirror_is_refused_by_without_a_device() -> None:
+    from fabrica_svc.collector.mirror import refusal
+
+    source = line(1)
+    target = lab(2)
+    assert refusal(source, mirror(), target) is None
+    assert "not writable" in refusal(source, mirror(), lab(2, writable=False))
+    assert "no PLC 'lab'" in refusal(source, mirror(), None)
+    modbus = plc_pb2.Plc(id="m", collector_id="cell-1", writable=True,
+                         modbus_tcp=plc_pb2.ModbusTcpConnection(host="127.0.0.1"))
+    assert "not an S7 PLC" in refusal(source, mirror("m"), modbus)
+    assert "not an S7 PLC" in refusal(modbus, mirror(), target)
+    # Within one PLC: DB1 bytes 0-13 onto DB1 bytes 10-23 overlap; onto DB2 they do not.
+    source.writable = True
+    overlapping = mirror("line", target_db=1, offset=10)
+    assert "overlap" in refusal(source, overlapping, None)
+    assert refusal(source, mirror("line", target_db=2), None) is None
+    assert refusal(source, mirror("line", target_db=1, offset=14), None) is None

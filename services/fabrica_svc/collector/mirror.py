@@ -14,6 +14,9 @@ What a running mirror guarantees:
   to the target in one write request sequence. A cycle whose source read fails writes nothing (never stale or
   partial bytes) and counts as skipped; the last error of each side is kept until a good read / write.
 * A connection that fails is dropped and opened again on a later cycle, after a backoff (runtime/retry.py).
+* A range larger than one PDU (about 200 bytes) is read, and written, in several requests (snap7 splits it):
+  the copy is then not one consistent snapshot of the source, and a target lost in the middle of a write may
+  hold part of a cycle's bytes until the next good cycle. Ranges within one PDU are one request each way.
 
 The checks that need no device (the source and the target are S7 PLCs, the target is writable and on this
 collector, ranges of one PLC do not overlap) are :func:`refusal`; the config service checks the same when the
