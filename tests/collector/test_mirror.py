@@ -199,3 +199,15 @@ def test_the_rules_a_mirror_is_refused_by_without_a_device() -> None:
     assert "overlap" in refusal(source, overlapping, None)
     assert refusal(source, mirror("line", target_db=2), None) is None
     assert refusal(source, mirror("line", target_db=1, offset=14), None) is None
+
+
+async def test_a_mirror_defined_in_config_reaches_the_collector_and_runs(
+        database_url: str, servers: Servers, tmp_path: Path) -> None:
+    config = await servers.start("config", settings_for("config", database_url=database_url))
+    async with S7Device({1: SEED_DB1}) as source, S7Device({2: 14}) as target:
+        await config.stub.CreatePlc(cpb.CreatePlcRequest(plc=lab(target.port)))
+        await config.stub.CreatePlc(cpb.CreatePlcRequest(plc=line(source.port, mirror())))
+        settings = collector_settings(tmp_path, FABRICA_CONFIG_ADDR=config.address)
+        server = await servers.start("collector", settings.base, config=settings)
+        await wait_for(lambda: target.block(2) == SEED_DB1, timeout=20, what="the mirror from config copying")
+        assert (await mirror_status(server)).copies >= 1
