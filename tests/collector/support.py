@@ -228,3 +228,45 @@ async def stored_readings(address: str, tag_ids: Iterable[int]) -> list[reading_
         async for chunk in ipb_grpc.IngestServiceStub(channel).ExportReadings(request, timeout=30):
             out.extend(chunk.readings)
     return out
+
+
+def plc_from_profile(profile: Any, plc_id: str, *, interval: float = 0.05, **connection: Any) -> plc_pb2.Plc:
+    """A PLC as CreatePlcFromProfile builds it from `profile` (poll groups and tags copied, ids assigned), with
+    every poll group at `interval`, checked by config's own rules. Pass one connection, as to :func:`plc`."""
+    from fabrica_svc.config import domain
+
+    out = plc(plc_id, [], **connection)
+    del out.poll_groups[:]
+    for group in profile.poll_groups:
+        out.poll_groups.add().CopyFrom(group)
+        out.poll_groups[-1].poll_interval.CopyFrom(duration(interval))
+    out.tags.extend(profile.tags)
+    out = domain.normalized(out)
+    domain.check_plc(out)
+    for tag in out.tags:  # config assigns the ids
+        tag.id = next(_ids)
+    return out
+
+
+async def settled_readings(plc_def: plc_pb2.Plc, *, timeout: float = 10.0,
+                           settled: Any = None) -> dict[str, reading_pb2.Reading]:
+    """Poll `plc_def` with the collector's real poller until every tag has reported and the latest readings
+    satisfy `settled` (a predicate on {tag name: latest reading}; default: every one GOOD), then stop; the
+    latest reading of each tag. The first poll of a device with holes in its map may still fail a block the
+    poller then re-plans, so a test of values waits for this state rather than taking the first reading."""
+    from fabrica_svc.collector.drivers import BusRegistry, make_driver
+    from fabrica_svc.collector.poller import Poller
+
+    names = {t.id: t.name for t in plc_def.tags}
+    latest: dict[str, reading_pb2.Reading] = {}
+    buses = BusRegistry()
+    poller = Poller(plc_def, lambda p: make_driver(p, buses), lambda r: latest.__setitem__(names[r.tag_id], r),
+                    backoff_min=0.05, backoff_max=0.2)
+    done = settled or (lambda got: all(r.quality == GOOD for r in got.values()))
+    poller.start()
+    try:
+        await wait_for(lambda: len(latest) == len(names) and done(latest), timeout=timeout,
+                       what=f"a settled reading of every tag of {plc_def.id}")
+    finally:
+        await poller.stop()
+    return dict(latest)

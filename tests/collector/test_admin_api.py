@@ -134,11 +134,11 @@ async def test_preview_decode_shows_raw_data_and_the_decoded_value(stub: pb_grpc
         plc=press, tag=mb_tag("running", 0, T.DATA_TYPE_BOOL, table=COIL, tag_id=0)))
     assert list(running.bits) == [snap.running] and running.value.bool_value is snap.running
 
-    temperature = await stub.PreviewDecode(pb.PreviewDecodeRequest(
-        plc=s7_plc("s", sim.s7_port, []), tag=s7_tag("temperature", 2, T.DATA_TYPE_FLOAT32, tag_id=0)))
-    assert len(temperature.raw_bytes) == 4
-    assert struct.unpack(">f", temperature.raw_bytes)[0] == pytest.approx(temperature.value.double_value)
-    assert temperature.value.double_value == pytest.approx(snap.temperature, rel=1e-6)
+    current = await stub.PreviewDecode(pb.PreviewDecodeRequest(
+        plc=s7_plc("s", sim.s7_port, []), tag=s7_tag("current", 2, T.DATA_TYPE_FLOAT32, tag_id=0)))
+    assert len(current.raw_bytes) == 4
+    assert struct.unpack(">f", current.raw_bytes)[0] == pytest.approx(current.value.double_value)
+    assert current.value.double_value == pytest.approx(snap.motor_current, rel=1e-6)
 
     sim.modbus.set_exception(2)
     refused = await stub.PreviewDecode(pb.PreviewDecodeRequest(plc=press, tag=mb_tag("x", 3, tag_id=0)))

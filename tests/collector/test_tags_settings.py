@@ -204,9 +204,11 @@ def test_the_demo_plcs_are_valid_definitions_that_cover_every_demo_tag() -> None
     protocol = {"modbus_tcp": "modbus_tcp", "modbus_rtu": "modbus_rtu_over_tcp", "s7": "s7"}
     assert names == sorted((protocol[d.protocol], d.name) for d in DEMO_TAGS)
     roles = {(p.id, t.name): t.role for p in plcs for t in p.tags}
-    for plc_id in ("press-1", "press-2"):
-        assert roles[(plc_id, "press.production_count")] == reading_pb2.TAG_ROLE_PRODUCTION_COUNTER
-        assert roles[(plc_id, "press.scrap_count")] == reading_pb2.TAG_ROLE_SCRAP_COUNTER
-        assert roles[(plc_id, "press.machine_state")] == reading_pb2.TAG_ROLE_MACHINE_STATE
+    for plc_id, good, bad, state in (("press-1", "press.production_count", "press.scrap_count", "press.machine_state"),
+                                     ("press-2", "press.good_count", "press.bad_count", "press.machine_on")):
+        assert roles[(plc_id, good)] == reading_pb2.TAG_ROLE_PRODUCTION_COUNTER
+        assert roles[(plc_id, bad)] == reading_pb2.TAG_ROLE_SCRAP_COUNTER
+        assert roles[(plc_id, state)] == reading_pb2.TAG_ROLE_MACHINE_STATE
+    assert sum(r == reading_pb2.TAG_ROLE_MACHINE_STATE for r in roles.values()) == 2  # one per press
     pressure = next(t for t in plcs[0].tags if t.name == "press.pressure")
     assert pressure.word_order == T.WORD_ORDER_LITTLE_ENDIAN  # plcsim serves it CDAB

@@ -188,22 +188,22 @@ def test_tag_values_wrap_like_the_plc_types():
     tag = {(t.protocol, t.name): t for t in DEMO_TAGS}
     assert tag_value(tag["modbus_tcp", "press.production_count"], snap) == 5
     assert tag_value(tag["modbus_tcp", "press.scrap_count"], snap) == 40000
-    assert tag_value(tag["s7", "press.scrap_count"], snap) == 40000 % 32768
-    assert tag_value(tag["s7", "press.production_count"], snap) == (2**32 + 5) % 2**31
+    assert tag_value(tag["s7", "press.bad_count"], snap) == 40000 % 32768
+    assert tag_value(tag["s7", "press.good_count"], snap) == (2**32 + 5 - 40000) % 2**15
 
 
 def test_demo_tags_layout():
     s7 = {t.name: (t.dtype, t.db, t.offset, t.bit) for t in tags_for("s7")}
     assert s7 == {
-        "press.running": ("bool", 1, 0, 0),
-        "press.fault": ("bool", 1, 0, 1),
-        "press.door_open": ("bool", 1, 0, 2),
-        "press.temperature": ("float32", 1, 2, None),
-        "press.pressure": ("float32", 1, 6, None),
-        "press.machine_state": ("int16", 1, 10, None),
-        "press.scrap_count": ("int16", 1, 12, None),
-        "press.production_count": ("int32", 1, 14, None),
+        "press.bad_part": ("bool", 1, 0, 0),
+        "press.good_part": ("bool", 1, 0, 1),
+        "press.machine_on": ("bool", 1, 0, 2),
+        "press.current": ("float32", 1, 2, None),
+        "press.vibration": ("float32", 1, 6, None),
+        "press.good_count": ("int16", 1, 10, None),
+        "press.bad_count": ("int16", 1, 12, None),
     }
+    assert DB1_SIZE == 14
     mb = {t.name: (t.unit, t.table, t.address, t.dtype, t.word_order) for t in tags_for("modbus_tcp")}
     assert mb["press.production_count"] == (1, "holding", 0, "uint32", "ABCD")
     assert mb["press.scrap_count"] == (1, "holding", 2, "uint16", None)
@@ -282,15 +282,15 @@ async def test_s7_db1_layout(frozen):
     snap = frozen.plant.snapshot
     db = await s7_read(frozen.s7_port)
     assert len(db) == DB1_SIZE
-    assert [bool(db[0] >> bit & 1) for bit in range(3)] == [snap.running, snap.fault, snap.door_open]
+    assert [bool(db[0] >> bit & 1) for bit in range(3)] == [snap.scrap_count % 2 == 1, snap.good_count % 2 == 1,
+                                                            snap.running]
     assert db[0] >> 3 == 0 and db[1] == 0
-    assert struct.unpack_from(">f", db, 2)[0] == as_f32(snap.temperature)
-    assert struct.unpack_from(">f", db, 6)[0] == as_f32(snap.pressure)
-    assert struct.unpack_from(">h", db, 10)[0] == int(snap.state)
+    assert struct.unpack_from(">f", db, 2)[0] == as_f32(snap.motor_current)
+    assert struct.unpack_from(">f", db, 6)[0] == as_f32(snap.vibration) and snap.vibration > 1.0
+    assert struct.unpack_from(">h", db, 10)[0] == snap.good_count % 32768
     assert struct.unpack_from(">h", db, 12)[0] == snap.scrap_count % 32768
-    assert struct.unpack_from(">i", db, 14)[0] == snap.production_count
-    part = await s7_read(frozen.s7_port, 14, 4)
-    assert struct.unpack(">i", part)[0] == snap.production_count
+    part = await s7_read(frozen.s7_port, 10, 4)
+    assert struct.unpack(">hh", part) == (snap.good_count, snap.scrap_count)
 
 
 async def test_counters_increase_over_time(sim):
@@ -299,7 +299,7 @@ async def test_counters_increase_over_time(sim):
         return u32(r[0], r[1])
 
     async def production_s7() -> int:
-        return struct.unpack_from(">i", await s7_read(sim.s7_port), 14)[0]
+        return struct.unpack_from(">h", await s7_read(sim.s7_port), 10)[0]
 
     async def energy() -> float:
         return f32(*(await mb_read(sim.rtu_port, 342, 2, table="input", framer=FramerType.RTU)).registers)

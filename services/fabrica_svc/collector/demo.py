@@ -1,8 +1,10 @@
 """The demo PLCs `fabrica run` gives the collector: the simulator's press (Modbus TCP), its energy meter
 (Modbus RTU behind a serial gateway) and its S7 press, tag for tag as plcsim's DEMO_TAGS serves them.
 
-Counters and the machine state carry the roles production uses: PRODUCTION_COUNTER on the production
-count, SCRAP_COUNTER on the scrap count, MACHINE_STATE on the state word (1 = running).
+Counters and the machine state carry the roles production uses, as DEMO_TAGS names them: on the Modbus
+press PRODUCTION_COUNTER on the production count, SCRAP_COUNTER on the scrap count, MACHINE_STATE on the state
+word (1 = running); on the S7 press (the edge seed's 14-byte DB1) the good and bad INT counters and the
+machine-on bit (True = running).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ _TABLES = {
     "discrete": plc_pb2.MODBUS_TABLE_DISCRETE_INPUT,
 }
 _ROLES = {
-    "production_count": reading_pb2.TAG_ROLE_PRODUCTION_COUNTER,
-    "scrap_count": reading_pb2.TAG_ROLE_SCRAP_COUNTER,
-    "state": reading_pb2.TAG_ROLE_MACHINE_STATE,
+    "production_counter": reading_pb2.TAG_ROLE_PRODUCTION_COUNTER,
+    "scrap_counter": reading_pb2.TAG_ROLE_SCRAP_COUNTER,
+    "machine_state": reading_pb2.TAG_ROLE_MACHINE_STATE,
 }
 
 HOST = "127.0.0.1"
@@ -42,7 +44,7 @@ def _tag(row: DemoTag) -> plc_pb2.Tag:
         description=row.description,
         poll_group="default",
         data_type=_TYPES[row.dtype],
-        role=_ROLES.get(row.source, reading_pb2.TAG_ROLE_MEASUREMENT),
+        role=_ROLES.get(row.role, reading_pb2.TAG_ROLE_MEASUREMENT),
         unit=row.eng_unit,
     )
     if row.protocol == "s7":

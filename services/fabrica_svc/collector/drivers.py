@@ -426,6 +426,13 @@ class ModbusRtuDriver(Driver):
 _S7_AREAS = {S7Area.DB: Area.DB, S7Area.INPUTS: Area.PE, S7Area.OUTPUTS: Area.PA, S7Area.MERKERS: Area.MK}
 
 
+def s7_range_name(area: int, db_number: int, start: int, size: int) -> str:
+    """An S7 byte range in the PLC's words, e.g. "DB2 bytes 0-13" or "M bytes 10-11"."""
+    where = f"DB{db_number}" if S7Area(area or S7Area.DB) == S7Area.DB else {
+        S7Area.INPUTS: "I", S7Area.OUTPUTS: "Q", S7Area.MERKERS: "M"}[S7Area(area)]
+    return f"{where} bytes {start}-{start + size - 1}"
+
+
 class S7Driver(Driver):
     """Siemens S7 over ISO-on-TCP with python-snap7, in a thread of its own."""
 
@@ -491,6 +498,45 @@ class S7Driver(Driver):
             raise CommunicationError(f"connection to {self.endpoint} lost: {exc}") from None
         except S7Error as exc:  # the PLC answered with an error code, or an answer of the wrong shape
             raise DeviceError(f"S7 error from {self.endpoint}: {exc}") from None
+
+    @contextlib.asynccontextmanager
+    async def _s7_call(self, what: str):  # noqa: ANN202 - an async context manager
+        """Map snap7's errors around one call, as `read` does: no answer or a lost connection is a
+        CommunicationError, an answer with an error code a DeviceError naming `what`."""
+        try:
+            yield
+        except (TimeoutError, S7TimeoutError):
+            raise CommunicationError(f"no answer from {self.endpoint} within {self.timeout:g} s ({what})") from None
+        except (S7ConnectionError, S7PacketLostError, S7StalePacketError, OSError) as exc:
+            raise CommunicationError(f"connection to {self.endpoint} lost ({what}): {exc}") from None
+        except S7Error as exc:
+            raise DeviceError(f"S7 error from {self.endpoint} ({what}): {exc}") from None
+
+    def _connected_client(self) -> snap7.client.Client:
+        client = self._client
+        if client is None or not self.connected:
+            raise CommunicationError(f"connection to {self.endpoint} lost")
+        return client
+
+    async def read_range(self, area: S7Area, db_number: int, start: int, size: int) -> bytes:
+        """Read `size` bytes at `start` of an area (a raw block, e.g. a mirror's source): exactly `size` bytes,
+        or CommunicationError / DeviceError."""
+        client = self._connected_client()
+        what = f"reading {s7_range_name(area, db_number, start, size)}"
+        async with self._s7_call(what):
+            data = bytes(await self._call(client.read_area, _S7_AREAS[S7Area(area or S7Area.DB)], db_number, start,
+                                          size))
+        if len(data) != size:
+            raise DeviceError(f"S7 answer from {self.endpoint} has {len(data)} bytes, asked {size} ({what})")
+        return data
+
+    async def write_range(self, area: S7Area, db_number: int, start: int, data: bytes) -> None:
+        """Write `data` at `start` of an area (snap7 splits it to fit the PDU); CommunicationError or
+        DeviceError when the PLC does not confirm it."""
+        client = self._connected_client()
+        async with self._s7_call(f"writing {s7_range_name(area, db_number, start, len(data))}"):
+            await self._call(client.write_area, _S7_AREAS[S7Area(area or S7Area.DB)], db_number, start,
+                             bytearray(data))
 
     async def device_info(self) -> str:
         client = self._client

@@ -1,4 +1,5 @@
-"""CollectorService, the collector's admin API: status, probing a device, previewing a tag's decode.
+"""CollectorService, the collector's admin API: status, probing a device, previewing a tag's decode, a mirror's
+dry run.
 
 Requests are validated by the shared interceptor (protovalidate); the rules that relate a tag to its PLC
 are checked here and answered with INVALID_ARGUMENT and field violations. A device that cannot be reached
@@ -17,9 +18,10 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
 from ..plcmodel.spec import DecodeError, ModbusTable
-from ..runtime.errors import InvalidArgument
+from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.timefmt import duration_from_seconds, timestamp_from_ns
 from .drivers import BusRegistry, CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
+from .mirror import probe as probe_mirror
 from .tags import compiled, tag_spec, tag_violations, to_value, value_kind
 
 if TYPE_CHECKING:
@@ -65,7 +67,25 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
             if s.last_good_read_ns:
                 status.last_good_read_time.CopyFrom(timestamp_from_ns(s.last_good_read_ns))
             status.read_latency.CopyFrom(duration_from_seconds(s.read_latency))
+        for m in self.supervisor.mirrors.statuses():
+            mirror = response.mirrors.add(
+                plc_id=m.plc_id, name=m.name, target_plc_id=m.target_plc_id, running=m.running,
+                refused_reason=m.refused_reason, copies=m.copies, bytes_copied=m.bytes_copied,
+                skipped_cycles=m.skipped_cycles, last_source_error=m.last_source_error,
+                last_target_error=m.last_target_error)
+            if m.last_copy_ns:
+                mirror.last_copy_time.CopyFrom(timestamp_from_ns(m.last_copy_ns))
         return response
+
+    async def ProbeMirror(self, request: pb.ProbeMirrorRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ProbeMirrorResponse:
+        if request.mirror.target_plc_id != request.target_plc.id:
+            raise InvalidArgument(FieldViolation("mirror.target_plc_id",
+                                                 f"must be target_plc.id ({request.target_plc.id!r})"))
+        result = await probe_mirror(request.source_plc, request.target_plc, request.mirror, self._driver)
+        return pb.ProbeMirrorResponse(ok=result.ok, source_bytes=result.source_bytes,
+                                      target_bytes=result.target_bytes, source_error=result.source_error,
+                                      target_error=result.target_error)
 
     def _driver(self, plc: plc_pb2.Plc) -> Driver:
         return make_driver(plc, self.buses)

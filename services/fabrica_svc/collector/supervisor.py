@@ -27,8 +27,10 @@ from typing import Any
 
 from fabrica.config.v1 import plc_pb2
 
+from ..runtime.retry import RetryPolicy
 from .drivers import BusRegistry, Driver, make_driver
 from .metrics import PollMetrics
+from .mirror import MirrorSet
 from .poller import Emit, Poller, PollerStatus
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class PlcSupervisor:
         #: Collect-and-freeze passes done.
         self.gc_freezes = 0
         self._settle: asyncio.TimerHandle | None = None
+        #: The DB mirrors of the applied configuration (collector/mirror.py), brought in line after each change.
+        self.mirrors = MirrorSet(self._make_driver, retry=RetryPolicy(backoff_min, backoff_max))
 
     def _make_driver(self, plc: plc_pb2.Plc) -> Driver:
         return make_driver(plc, self.buses)
@@ -86,16 +90,19 @@ class PlcSupervisor:
             for plc in desired.values():
                 await self._upsert(plc)
                 await asyncio.sleep(0)  # building a poller compiles its tags: let the running ones poll between
+            await self.mirrors.apply(self.definitions)
         self._settle_later()
 
     async def upsert(self, plc: plc_pb2.Plc) -> None:
         async with self._lock:
             await self._upsert(plc)
+            await self.mirrors.apply(self.definitions)
         self._settle_later()
 
     async def remove(self, plc_id: str) -> None:
         async with self._lock:
             await self._remove(plc_id)
+            await self.mirrors.apply(self.definitions)
         self._settle_later()
 
     def _settle_later(self) -> None:
@@ -152,7 +159,7 @@ class PlcSupervisor:
         async with self._lock:
             pollers = [poller for _, poller in self._pollers.values()]
             self._pollers.clear()
-            await asyncio.gather(*(p.stop() for p in pollers))
+            await asyncio.gather(*(p.stop() for p in pollers), self.mirrors.stop_all())
         if self.gc_freezes:
             gc.unfreeze()  # what the pollers held may be collected again
 

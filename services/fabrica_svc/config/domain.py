@@ -18,7 +18,8 @@ from ..runtime.errors import FieldViolation, InvalidArgument
 __all__ = ["UPDATABLE_FIELDS", "apply_update_mask", "check_plc", "normalized", "relevant_change"]
 
 #: Paths UpdatePlc accepts in its update_mask.
-UPDATABLE_FIELDS = ("display_name", "collector_id", "enabled", "connection", "poll_groups", "tags")
+UPDATABLE_FIELDS = ("display_name", "collector_id", "enabled", "connection", "poll_groups", "tags", "writable",
+                    "mirrors")
 _CONNECTIONS = ("modbus_tcp", "modbus_rtu", "modbus_rtu_over_tcp", "s7")
 
 
@@ -57,7 +58,7 @@ def apply_update_mask(current: plc_pb2.Plc, patch: plc_pb2.Plc, paths: Iterable[
             if kind is None:
                 raise InvalidArgument(FieldViolation("plc.connection", "update_mask names connection but none is set"))
             getattr(merged, kind).CopyFrom(getattr(patch, kind))
-        elif path in ("poll_groups", "tags"):
+        elif path in ("poll_groups", "tags", "mirrors"):
             getattr(merged, path).clear()
             getattr(merged, path).extend(getattr(patch, path))
         else:

@@ -12,6 +12,7 @@ from fabrica.config.v1 import config_service_pb2 as pb
 from fabrica.config.v1 import config_service_pb2_grpc as pb_grpc
 from fabrica.config.v1 import plc_pb2
 
+from ..plcmodel.mirrors import mirror_violations, target_ids
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
@@ -32,9 +33,28 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         self.store = store
         self.listener = listener
 
+    async def _targets(self, plc: plc_pb2.Plc) -> dict[str, plc_pb2.Plc | None]:
+        """The stored definitions of the PLCs the mirrors of `plc` write to (None: no such PLC).
+
+        Read before the write's transaction: a target changed in between (made read-only, say) is not seen here;
+        the collector checks the same rules again before it runs a mirror."""
+        out: dict[str, plc_pb2.Plc | None] = {}
+        for plc_id in sorted(target_ids(plc)):
+            try:
+                out[plc_id] = await self.store.get(plc_id)
+            except NotFound:
+                out[plc_id] = None
+        return out
+
+    async def _check_mirrors(self, plc: plc_pb2.Plc) -> None:
+        found = mirror_violations(plc, await self._targets(plc)) if plc.mirrors else []
+        if found:
+            raise InvalidArgument(found)
+
     async def CreatePlc(self, request: pb.CreatePlcRequest, context: grpc.aio.ServicerContext) -> pb.CreatePlcResponse:
         plc = domain.normalized(request.plc)
         domain.check_plc(plc)
+        await self._check_mirrors(plc)
         return pb.CreatePlcResponse(plc=await self.store.create(plc, request.request_id))
 
     async def GetPlc(self, request: pb.GetPlcRequest, context: grpc.aio.ServicerContext) -> pb.GetPlcResponse:
@@ -51,10 +71,16 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         if not request.HasField("plc") or not request.plc.id:
             raise InvalidArgument(FieldViolation("plc.id", "the PLC to update is required"))
         paths = list(request.update_mask.paths)
+        # The mirrors' targets, looked up before the transaction (merge runs inside it, synchronously).
+        preview = domain.apply_update_mask(await self.store.get(request.plc.id), request.plc, paths)
+        targets = await self._targets(preview) if preview.mirrors else {}
 
         def merge(current: plc_pb2.Plc) -> plc_pb2.Plc:
             merged = domain.normalized(domain.apply_update_mask(current, request.plc, paths))
             domain.check_plc(merged)
+            found = mirror_violations(merged, targets)
+            if found:
+                raise InvalidArgument(found)
             return merged
 
         plc = await self.store.update(request.plc.id, request.plc.etag, merge)
@@ -89,6 +115,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
             copy.name = request.tag_name_prefix + tag.name
         plc = domain.normalized(plc)
         domain.check_plc(plc)
+        await self._check_mirrors(plc)
         return pb.CreatePlcFromProfileResponse(plc=await self.store.create(plc, request.request_id))
 
     async def WatchPlcs(self, request: pb.WatchPlcsRequest,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .modbus import ListenError, ModbusSim, start_modbus_rtu_over_tcp, start_modbus_tcp
 from .plant import DEMO_TAGS, DemoTag, MachineState, ManualClock, Plant, PlantConfig, PlantSnapshot, tags_for
-from .s7 import S7Sim, start_s7
+from .s7 import S7Device, S7Sim, start_s7
 from .server import AnswerFaults, SimServer
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ __all__ = [
     "Plant",
     "PlantConfig",
     "PlantSnapshot",
+    "S7Device",
     "S7Sim",
     "SimServer",
     "Simulator",

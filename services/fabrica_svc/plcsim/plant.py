@@ -118,10 +118,22 @@ class PlantSnapshot:
     power_l3: float
     power_total: float
     energy_kwh: float
+    #: Vibration velocity of the press frame (mm/s RMS).
+    vibration: float = 0.0
 
     @property
     def good_count(self) -> int:
         return self.production_count - self.scrap_count
+
+    @property
+    def good_part(self) -> bool:
+        """The part signal of good parts: it toggles with every good part (odd count: True)."""
+        return self.good_count % 2 == 1
+
+    @property
+    def bad_part(self) -> bool:
+        """The part signal of bad (scrap) parts: it toggles with every scrap part."""
+        return self.scrap_count % 2 == 1
 
 
 # --- physical constants of the demo line --------------------------------------------
@@ -254,12 +266,15 @@ class Plant:
         if state is MachineState.RUNNING:
             pressure = 180.0 + 20.0 * stroke + 0.5 * _noise(seed, 2, t)
             motor = _I_MEAN[state] + 3.0 * stroke + 0.3 * _noise(seed, 3, t)
+            vibration = 2.8 + 0.6 * abs(stroke) + 0.1 * _noise(seed, 4, t)
         elif state is MachineState.STOPPED:
             pressure = 12.0 + 0.2 * _noise(seed, 2, t)
             motor = _I_MEAN[state] + 0.1 * _noise(seed, 3, t)
+            vibration = 0.3 + 0.05 * _noise(seed, 4, t)
         else:
             pressure = 2.0 + 0.1 * _noise(seed, 2, t)
             motor = 0.0
+            vibration = 0.0
 
         volts = tuple(
             _V_NOMINAL + 1.5 * math.sin(2 * math.pi * t / 600.0 + k * 2.0944) + 0.2 * _noise(seed, 10 + k, t)
@@ -291,6 +306,7 @@ class Plant:
             power_l3=watts[2],
             power_total=sum(watts),
             energy_kwh=energy,
+            vibration=vibration,
         )
 
     def time_of_count(self, count: int) -> float:
@@ -405,6 +421,8 @@ class DemoTag:
     bit: int | None = None
     eng_unit: str = ""
     description: str = field(default="", compare=False)
+    #: What the value means to production: "production_counter", "scrap_counter", "machine_state" or "".
+    role: str = ""
 
     @property
     def register_count(self) -> int:
@@ -434,32 +452,36 @@ class DemoTag:
         return f"unit {self.unit} {prefix} {span}" + (f" {self.word_order}" if self.word_order else "")
 
 
-def _mb(name, source, dtype, table, address, word_order=None, eng_unit="", description="", protocol="modbus_tcp"):
+def _mb(name, source, dtype, table, address, word_order=None, eng_unit="", description="", protocol="modbus_tcp",
+        role=""):
     if word_order is None and _REGISTERS[dtype] == 2:
         word_order = "ABCD"
     return DemoTag(name, source, protocol, dtype, unit=1, table=table, address=address,
-                   word_order=word_order, eng_unit=eng_unit, description=description)
+                   word_order=word_order, eng_unit=eng_unit, description=description, role=role)
 
 
 def _meter(name, source, address, eng_unit, description):
     return _mb(name, source, "float32", "input", address, "ABCD", eng_unit, description, protocol="modbus_rtu")
 
 
-def _s7(name, source, dtype, offset, bit=None, eng_unit="", description=""):
+def _s7(name, source, dtype, offset, bit=None, eng_unit="", description="", role=""):
     return DemoTag(name, source, "s7", dtype, db=DB1, offset=offset, bit=bit, eng_unit=eng_unit,
-                   description=description)
+                   description=description, role=role)
 
 
 DB1 = 1
-DB1_SIZE = 18
+#: The edge seed's DB1 is 14 bytes: nothing lives past byte 13.
+DB1_SIZE = 14
 
 #: Every value the simulator serves, one row per (protocol, location).
 DEMO_TAGS: tuple[DemoTag, ...] = (
     # Modbus TCP, unit 1: the press PLC.
     _mb("press.production_count", "production_count", "uint32", "holding", 0, eng_unit="parts",
-        description="parts produced (good + scrap)"),
-    _mb("press.scrap_count", "scrap_count", "uint16", "holding", 2, eng_unit="parts", description="scrap parts"),
-    _mb("press.machine_state", "state", "uint16", "holding", 3, description="0 stopped, 1 running, 2 fault"),
+        description="parts produced (good + scrap)", role="production_counter"),
+    _mb("press.scrap_count", "scrap_count", "uint16", "holding", 2, eng_unit="parts", description="scrap parts",
+        role="scrap_counter"),
+    _mb("press.machine_state", "state", "uint16", "holding", 3, description="0 stopped, 1 running, 2 fault",
+        role="machine_state"),
     _mb("press.temperature", "temperature", "float32", "holding", 4, "ABCD", "°C", "hydraulic oil temperature"),
     _mb("press.pressure", "pressure", "float32", "holding", 6, "CDAB", "bar", "press pressure (low word first)"),
     _mb("press.motor_current", "motor_current", "float32", "holding", 8, "ABCD", "A", "main motor current"),
@@ -478,16 +500,16 @@ DEMO_TAGS: tuple[DemoTag, ...] = (
     _meter("meter.power_l3", "power_l3", 0x0010, "W", "L3 active power"),
     _meter("meter.power_total", "power_total", 0x0034, "W", "total system active power"),
     _meter("meter.energy_kwh", "energy_kwh", 0x0156, "kWh", "total import active energy"),
-    # S7, DB1 (18 bytes).
-    _s7("press.running", "running", "bool", 0, 0),
-    _s7("press.fault", "fault", "bool", 0, 1),
-    _s7("press.door_open", "door_open", "bool", 0, 2),
-    _s7("press.temperature", "temperature", "float32", 2, eng_unit="°C"),
-    _s7("press.pressure", "pressure", "float32", 6, eng_unit="bar"),
-    _s7("press.machine_state", "state", "int16", 10, description="0 stopped, 1 running, 2 fault"),
-    _s7("press.scrap_count", "scrap_count", "int16", 12, eng_unit="parts", description="scrap count mod 32768"),
-    _s7("press.production_count", "production_count", "int32", 14, eng_unit="parts",
-        description="parts produced, mod 2**31"),
+    # S7, DB1: the edge seed's 14-byte layout (the "s7-press-db1" device profile).
+    _s7("press.bad_part", "bad_part", "bool", 0, 0, description="bad-part signal: toggles with every scrap part"),
+    _s7("press.good_part", "good_part", "bool", 0, 1, description="good-part signal: toggles with every good part"),
+    _s7("press.machine_on", "running", "bool", 0, 2, description="machine on (running)", role="machine_state"),
+    _s7("press.current", "motor_current", "float32", 2, eng_unit="A", description="main motor current"),
+    _s7("press.vibration", "vibration", "float32", 6, eng_unit="mm/s", description="frame vibration velocity"),
+    _s7("press.good_count", "good_count", "int16", 10, eng_unit="parts", description="good parts, INT counter",
+        role="production_counter"),
+    _s7("press.bad_count", "scrap_count", "int16", 12, eng_unit="parts", description="scrap parts, INT counter",
+        role="scrap_counter"),
 )
 
 

@@ -146,6 +146,7 @@ class GetStatusResponse(_message.Message):
     UPLINK_CONNECTED_FIELD_NUMBER: _builtins.int
     DROPPED_READINGS_BY_REASON_FIELD_NUMBER: _builtins.int
     REJECTED_BATCHES_FIELD_NUMBER: _builtins.int
+    MIRRORS_FIELD_NUMBER: _builtins.int
     collector_id: _builtins.str
     """The collector id."""
     applied_revision: _builtins.int
@@ -174,6 +175,10 @@ class GetStatusResponse(_message.Message):
     def dropped_readings_by_reason(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedReadings]:
         """Readings dropped since the log was created, one entry for every reason (zero counts included)."""
 
+    @_builtins.property
+    def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___MirrorRuntimeStatus]:
+        """One entry per mirror of the applied configuration (enabled source PLC), by source PLC and name."""
+
     def __init__(
         self,
         *,
@@ -187,14 +192,155 @@ class GetStatusResponse(_message.Message):
         uplink_connected: _builtins.bool = ...,
         dropped_readings_by_reason: _abc.Iterable[Global___DroppedReadings] | None = ...,
         rejected_batches: _builtins.int = ...,
+        mirrors: _abc.Iterable[Global___MirrorRuntimeStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_backlog_time", b"oldest_backlog_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "backlog_bytes", b"backlog_bytes", "backlog_readings", b"backlog_readings", "collector_id", b"collector_id", "dropped_readings", b"dropped_readings", "dropped_readings_by_reason", b"dropped_readings_by_reason", "oldest_backlog_time", b"oldest_backlog_time", "plcs", b"plcs", "rejected_batches", b"rejected_batches", "uplink_connected", b"uplink_connected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "backlog_bytes", b"backlog_bytes", "backlog_readings", b"backlog_readings", "collector_id", b"collector_id", "dropped_readings", b"dropped_readings", "dropped_readings_by_reason", b"dropped_readings_by_reason", "mirrors", b"mirrors", "oldest_backlog_time", b"oldest_backlog_time", "plcs", b"plcs", "rejected_batches", b"rejected_batches", "uplink_connected", b"uplink_connected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class MirrorRuntimeStatus(_message.Message):
+    """How one mirror is doing, since the collector started it (a changed definition starts it again)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLC_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGET_PLC_ID_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    REFUSED_REASON_FIELD_NUMBER: _builtins.int
+    COPIES_FIELD_NUMBER: _builtins.int
+    BYTES_COPIED_FIELD_NUMBER: _builtins.int
+    SKIPPED_CYCLES_FIELD_NUMBER: _builtins.int
+    LAST_SOURCE_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_TARGET_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_COPY_TIME_FIELD_NUMBER: _builtins.int
+    plc_id: _builtins.str
+    """The source PLC id."""
+    name: _builtins.str
+    """The mirror's name."""
+    target_plc_id: _builtins.str
+    """The target PLC id."""
+    running: _builtins.bool
+    """Whether the mirror copies: false when disabled or refused (see refused_reason)."""
+    refused_reason: _builtins.str
+    """Why the collector refuses to run the mirror (target not writable, not an S7 PLC of this collector, its
+    range too small for the block); empty when it runs. A refused mirror never writes.
+    """
+    copies: _builtins.int
+    """Cycles that wrote the whole block to the target."""
+    bytes_copied: _builtins.int
+    """Bytes written to the target in those cycles."""
+    skipped_cycles: _builtins.int
+    """Cycles skipped because the source read failed (nothing was written in them)."""
+    last_source_error: _builtins.str
+    """The last error reading the source, empty after a good read."""
+    last_target_error: _builtins.str
+    """The last error writing the target, empty after a good write."""
+    @_builtins.property
+    def last_copy_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last copy completed."""
+
+    def __init__(
+        self,
+        *,
+        plc_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        target_plc_id: _builtins.str = ...,
+        running: _builtins.bool = ...,
+        refused_reason: _builtins.str = ...,
+        copies: _builtins.int = ...,
+        bytes_copied: _builtins.int = ...,
+        skipped_cycles: _builtins.int = ...,
+        last_source_error: _builtins.str = ...,
+        last_target_error: _builtins.str = ...,
+        last_copy_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_copy_time", b"last_copy_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_copied", b"bytes_copied", "copies", b"copies", "last_copy_time", b"last_copy_time", "last_source_error", b"last_source_error", "last_target_error", b"last_target_error", "name", b"name", "plc_id", b"plc_id", "refused_reason", b"refused_reason", "running", b"running", "skipped_cycles", b"skipped_cycles", "target_plc_id", b"target_plc_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MirrorRuntimeStatus: _TypeAlias = MirrorRuntimeStatus  # noqa: Y015
+
+@_typing.final
+class ProbeMirrorRequest(_message.Message):
+    """Request of ProbeMirror."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_PLC_FIELD_NUMBER: _builtins.int
+    TARGET_PLC_FIELD_NUMBER: _builtins.int
+    MIRROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def source_plc(self) -> _plc_pb2.Plc:
+        """The source PLC definition (an S7 PLC); only its connection is used."""
+
+    @_builtins.property
+    def target_plc(self) -> _plc_pb2.Plc:
+        """The target PLC definition (an S7 PLC with `writable` set); only its connection and `writable` are used."""
+
+    @_builtins.property
+    def mirror(self) -> _plc_pb2.Mirror:
+        """The mirror to try; its target_plc_id must be target_plc's id."""
+
+    def __init__(
+        self,
+        *,
+        source_plc: _plc_pb2.Plc | None = ...,
+        target_plc: _plc_pb2.Plc | None = ...,
+        mirror: _plc_pb2.Mirror | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mirror", b"mirror", "source_plc", b"source_plc", "target_plc", b"target_plc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mirror", b"mirror", "source_plc", b"source_plc", "target_plc", b"target_plc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeMirrorRequest: _TypeAlias = ProbeMirrorRequest  # noqa: Y015
+
+@_typing.final
+class ProbeMirrorResponse(_message.Message):
+    """Response of ProbeMirror."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    SOURCE_BYTES_FIELD_NUMBER: _builtins.int
+    TARGET_BYTES_FIELD_NUMBER: _builtins.int
+    SOURCE_ERROR_FIELD_NUMBER: _builtins.int
+    TARGET_ERROR_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    """Whether a cycle would copy: the source range was read, and the target is writable and holds the range."""
+    source_bytes: _builtins.bytes
+    """The bytes a cycle would write now (the source range as read)."""
+    target_bytes: _builtins.bytes
+    """The target range as it is now (what the copy would overwrite)."""
+    source_error: _builtins.str
+    """Why the source could not be read, empty when it was."""
+    target_error: _builtins.str
+    """Why the target cannot take the copy (not writable, unreachable, range too small), empty when it can."""
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        source_bytes: _builtins.bytes = ...,
+        target_bytes: _builtins.bytes = ...,
+        source_error: _builtins.str = ...,
+        target_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ok", b"ok", "source_bytes", b"source_bytes", "source_error", b"source_error", "target_bytes", b"target_bytes", "target_error", b"target_error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeMirrorResponse: _TypeAlias = ProbeMirrorResponse  # noqa: Y015
 
 @_typing.final
 class DroppedReadings(_message.Message):

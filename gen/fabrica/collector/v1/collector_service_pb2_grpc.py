@@ -50,6 +50,11 @@ class CollectorServiceStub:
                 request_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewDecodeRequest.SerializeToString,
                 response_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewDecodeResponse.FromString,
                 _registered_method=True)
+        self.ProbeMirror = channel.unary_unary(
+                '/fabrica.collector.v1.CollectorService/ProbeMirror',
+                request_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorRequest.SerializeToString,
+                response_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorResponse.FromString,
+                _registered_method=True)
 
 
 class CollectorServiceServicer:
@@ -79,6 +84,15 @@ class CollectorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProbeMirror(self, request, context):
+        """Dry run of a mirror: reads the source range once and the target range once, checks that the target is
+        writable and large enough, and shows the bytes a cycle would write. Writes nothing. A device that cannot
+        be reached or refuses the range is reported in the fields; INVALID_ARGUMENT for a bad request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +110,11 @@ def add_CollectorServiceServicer_to_server(servicer, server):
                     servicer.PreviewDecode,
                     request_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewDecodeRequest.FromString,
                     response_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewDecodeResponse.SerializeToString,
+            ),
+            'ProbeMirror': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeMirror,
+                    request_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorRequest.FromString,
+                    response_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +199,33 @@ class CollectorService:
             '/fabrica.collector.v1.CollectorService/PreviewDecode',
             fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewDecodeRequest.SerializeToString,
             fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewDecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeMirror(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.collector.v1.CollectorService/ProbeMirror',
+            fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorRequest.SerializeToString,
+            fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,11 @@ class CollectorServiceStub:
     """Reads one tag definition once from a device and shows the raw registers or bytes and the decoded value.
     INVALID_ARGUMENT if the tag does not fit the connection's protocol.
     """
+    ProbeMirror: _grpc.UnaryUnaryMultiCallable[_collector_service_pb2.ProbeMirrorRequest, _collector_service_pb2.ProbeMirrorResponse]
+    """Dry run of a mirror: reads the source range once and the target range once, checks that the target is
+    writable and large enough, and shows the bytes a cycle would write. Writes nothing. A device that cannot
+    be reached or refuses the range is reported in the fields; INVALID_ARGUMENT for a bad request.
+    """
 
 @_typing.type_check_only
 class CollectorServiceAsyncStub(CollectorServiceStub):
@@ -58,6 +63,11 @@ class CollectorServiceAsyncStub(CollectorServiceStub):
     PreviewDecode: _aio.UnaryUnaryMultiCallable[_collector_service_pb2.PreviewDecodeRequest, _collector_service_pb2.PreviewDecodeResponse]  # type: ignore[assignment]
     """Reads one tag definition once from a device and shows the raw registers or bytes and the decoded value.
     INVALID_ARGUMENT if the tag does not fit the connection's protocol.
+    """
+    ProbeMirror: _aio.UnaryUnaryMultiCallable[_collector_service_pb2.ProbeMirrorRequest, _collector_service_pb2.ProbeMirrorResponse]  # type: ignore[assignment]
+    """Dry run of a mirror: reads the source range once and the target range once, checks that the target is
+    writable and large enough, and shows the bytes a cycle would write. Writes nothing. A device that cannot
+    be reached or refuses the range is reported in the fields; INVALID_ARGUMENT for a bad request.
     """
 
 class CollectorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -89,6 +99,17 @@ class CollectorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_collector_service_pb2.PreviewDecodeResponse, _abc.Awaitable[_collector_service_pb2.PreviewDecodeResponse]]:
         """Reads one tag definition once from a device and shows the raw registers or bytes and the decoded value.
         INVALID_ARGUMENT if the tag does not fit the connection's protocol.
+        """
+
+    @_abc_1.abstractmethod
+    def ProbeMirror(
+        self,
+        request: _collector_service_pb2.ProbeMirrorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collector_service_pb2.ProbeMirrorResponse, _abc.Awaitable[_collector_service_pb2.ProbeMirrorResponse]]:
+        """Dry run of a mirror: reads the source range once and the target range once, checks that the target is
+        writable and large enough, and shows the bytes a cycle would write. Writes nothing. A device that cannot
+        be reached or refuses the range is reported in the fields; INVALID_ARGUMENT for a bad request.
         """
 
 def add_CollectorServiceServicer_to_server(servicer: CollectorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -238,6 +238,8 @@ class Plc(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    MIRRORS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Id chosen by the engineer, e.g. "press-01": lower case letters, digits and dashes. Immutable."""
     display_name: _builtins.str
@@ -250,6 +252,8 @@ class Plc(_message.Message):
     """Output only. Changes on every update; pass it back in an update or delete to detect concurrent changes."""
     revision: _builtins.int
     """Output only. The configuration revision at which this PLC last changed."""
+    writable: _builtins.bool
+    """Whether Fabrica may write to this device (the target of a mirror). No PLC is written unless this is set."""
     @_builtins.property
     def modbus_tcp(self) -> Global___ModbusTcpConnection:
         """Modbus TCP (port 502 by default)."""
@@ -282,6 +286,13 @@ class Plc(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the PLC last changed."""
 
+    @_builtins.property
+    def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Mirror]:
+        """Raw copies of a block of this PLC's memory to another PLC, run by the collector that polls this one.
+        Names are unique within the PLC. S7 to S7 only: the target must be an S7 PLC of the same collector with
+        `writable` set.
+        """
+
     def __init__(
         self,
         *,
@@ -299,16 +310,104 @@ class Plc(_message.Message):
         revision: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        writable: _builtins.bool = ...,
+        mirrors: _abc.Iterable[Global___Mirror] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "modbus_rtu", b"modbus_rtu", "modbus_rtu_over_tcp", b"modbus_rtu_over_tcp", "modbus_tcp", b"modbus_tcp", "s7", b"s7", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "connection", b"connection", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "id", b"id", "modbus_rtu", b"modbus_rtu", "modbus_rtu_over_tcp", b"modbus_rtu_over_tcp", "modbus_tcp", b"modbus_tcp", "poll_groups", b"poll_groups", "revision", b"revision", "s7", b"s7", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "connection", b"connection", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "id", b"id", "mirrors", b"mirrors", "modbus_rtu", b"modbus_rtu", "modbus_rtu_over_tcp", b"modbus_rtu_over_tcp", "modbus_tcp", b"modbus_tcp", "poll_groups", b"poll_groups", "revision", b"revision", "s7", b"s7", "tags", b"tags", "update_time", b"update_time", "writable", b"writable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_connection: _TypeAlias = _typing.Literal["modbus_tcp", "modbus_rtu", "modbus_rtu_over_tcp", "s7"]  # noqa: Y015
     _WhichOneofArgType_connection: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_connection) -> _WhichOneofReturnType_connection | None: ...
 
 Global___Plc: _TypeAlias = Plc  # noqa: Y015
+
+@_typing.final
+class S7Range(_message.Message):
+    """A contiguous range of an S7 PLC's memory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AREA_FIELD_NUMBER: _builtins.int
+    DB_NUMBER_FIELD_NUMBER: _builtins.int
+    BYTE_OFFSET_FIELD_NUMBER: _builtins.int
+    area: Global___S7Area.ValueType
+    """The area. A data block when not set."""
+    db_number: _builtins.int
+    """Data block number, 1 to 65535, for data blocks."""
+    byte_offset: _builtins.int
+    """First byte of the range."""
+    def __init__(
+        self,
+        *,
+        area: Global___S7Area.ValueType = ...,
+        db_number: _builtins.int = ...,
+        byte_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["area", b"area", "byte_offset", b"byte_offset", "db_number", b"db_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___S7Range: _TypeAlias = S7Range  # noqa: Y015
+
+@_typing.final
+class Mirror(_message.Message):
+    """A raw block copy from the PLC that holds it (the source) to another PLC (the target), every interval:
+    the collector reads `size` bytes at `source` and writes them unchanged at `target` on `target_plc_id`.
+    A cycle whose source read fails writes nothing (never stale or partial bytes). The collector probes the
+    target range before the first write and refuses the mirror (in its status) if the target cannot hold it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    TARGET_PLC_ID_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name, unique within the source PLC, e.g. "db1-to-lab"."""
+    size: _builtins.int
+    """Bytes copied per cycle, 1 to 4096; the target range has the same size."""
+    target_plc_id: _builtins.str
+    """The PLC written to: an S7 PLC of the same collector, with `writable` set."""
+    enabled: _builtins.bool
+    """A disabled mirror stays defined but copies nothing."""
+    @_builtins.property
+    def source(self) -> Global___S7Range:
+        """Where the bytes are read, on this PLC."""
+
+    @_builtins.property
+    def target(self) -> Global___S7Range:
+        """Where the bytes are written, on the target PLC."""
+
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """How often a copy is made: 10 ms to 24 h."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: Global___S7Range | None = ...,
+        size: _builtins.int = ...,
+        target_plc_id: _builtins.str = ...,
+        target: Global___S7Range | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "source", b"source", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "interval", b"interval", "name", b"name", "size", b"size", "source", b"source", "target", b"target", "target_plc_id", b"target_plc_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Mirror: _TypeAlias = Mirror  # noqa: Y015
 
 @_typing.final
 class ModbusTcpConnection(_message.Message):
@@ -592,6 +691,7 @@ class Tag(_message.Message):
     COUNTER_WIDTH_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
+    OPTIONAL_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Output only. Stable numeric id, assigned when the tag is created and kept while its name stays the same."""
     name: _builtins.str
@@ -624,6 +724,12 @@ class Tag(_message.Message):
     """What the value means to production."""
     unit: _builtins.str
     """Engineering unit, e.g. "°C", "kWh", "pcs"."""
+    optional: _builtins.bool
+    """The tag is at an address only some variants of the device have (e.g. a meter model without per-phase
+    registers). A device without it answers "illegal data address" and the tag's readings are
+    QUALITY_CONFIG_ERROR naming the address, like any absent address; the flag tells people (and alarm rules)
+    that this is expected of some variants and not a fault. Device profiles set it; it changes no reading.
+    """
     @_builtins.property
     def modbus(self) -> Global___ModbusAddress:
         """A Modbus address (Modbus TCP and RTU PLCs)."""
@@ -652,10 +758,11 @@ class Tag(_message.Message):
         counter_width: _builtins.int = ...,
         role: _reading_pb2.TagRole.ValueType = ...,
         unit: _builtins.str = ...,
+        optional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_bit", b"_bit", "_scale", b"_scale", "address", b"address", "bit", b"bit", "modbus", b"modbus", "s7", b"s7", "scale", b"scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bit", b"_bit", "_scale", b"_scale", "address", b"address", "bit", b"bit", "byte_order", b"byte_order", "counter_width", b"counter_width", "data_type", b"data_type", "deadband", b"deadband", "description", b"description", "id", b"id", "modbus", b"modbus", "name", b"name", "offset", b"offset", "poll_group", b"poll_group", "role", b"role", "s7", b"s7", "scale", b"scale", "string_length", b"string_length", "unit", b"unit", "word_order", b"word_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bit", b"_bit", "_scale", b"_scale", "address", b"address", "bit", b"bit", "byte_order", b"byte_order", "counter_width", b"counter_width", "data_type", b"data_type", "deadband", b"deadband", "description", b"description", "id", b"id", "modbus", b"modbus", "name", b"name", "offset", b"offset", "optional", b"optional", "poll_group", b"poll_group", "role", b"role", "s7", b"s7", "scale", b"scale", "string_length", b"string_length", "unit", b"unit", "word_order", b"word_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__bit: _TypeAlias = _typing.Literal["bit"]  # noqa: Y015
     _WhichOneofArgType__bit: _TypeAlias = _typing.Literal["_bit", b"_bit"]  # noqa: Y015
