@@ -531,7 +531,8 @@ async def test_make_parts_moves_the_counter_by_exactly_that_much_on_every_server
 
         async def served() -> tuple[int, int]:
             r = (await mb_read(s.modbus_port, 0, 2)).registers
-            return u32(r[0], r[1]), struct.unpack_from(">i", await s7_read(s.s7_port), 14)[0]
+            good, bad = struct.unpack_from(">hh", await s7_read(s.s7_port), 10)  # DB1's INT counters
+            return u32(r[0], r[1]), good + bad
 
         assert await served() == (0, 0)
         total = 0
