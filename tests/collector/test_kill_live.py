@@ -38,7 +38,7 @@ from fabrica.config.v1 import plc_pb2 as T
 from fabrica.ingest.v1 import ingest_service_pb2 as ipb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 
-from fabrica_svc.plcsim import ManualClock, Simulator
+from fabrica_svc.plcsim import ManualClock, PlantConfig, Simulator
 
 from .support import (GOOD, collector_settings, free_port, key, mb_tag, modbus_plc, s7_plc, s7_tag, start_ingest,
                       store_config, stored_readings, value_of, wait_for)
@@ -76,12 +76,13 @@ async def test_collector_killed_three_times_while_streaming_to_live_ingest_store
     database_url: str, tmp_path: Path, collectors: list[Service]
 ) -> None:
     count_mb = mb_tag("count", 0, T.DATA_TYPE_UINT32)
-    count_s7 = s7_tag("count", 14, T.DATA_TYPE_INT32)
+    count_s7 = s7_tag("count", 10, T.DATA_TYPE_INT16)  # DB1's INT good-parts counter
     tag_ids = [count_mb.id, count_s7.id]
     ingest = await start_ingest(database_url)
     writer, store = ingest.app.writer, ingest.app.store
     try:
-        async with Simulator(seed=11, clock=ManualClock()) as sim:
+        # No scrap: DB1's good counter then takes exactly the values of the Modbus production counter.
+        async with Simulator(seed=11, clock=ManualClock(), config=PlantConfig(seed=11, scrap_every=0)) as sim:
             settings = collector_settings(tmp_path / "data", COLLECTOR)
             # On change only: the integrity report (every tag again) is an hour away.
             store_config(settings, [
