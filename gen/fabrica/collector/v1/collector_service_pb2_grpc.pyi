@@ -43,6 +43,12 @@ class CollectorServiceStub:
     """Reads one tag definition once from a device and shows the raw registers or bytes and the decoded value.
     INVALID_ARGUMENT if the tag does not fit the connection's protocol.
     """
+    PreviewPlc: _grpc.UnaryUnaryMultiCallable[_collector_service_pb2.PreviewPlcRequest, _collector_service_pb2.PreviewPlcResponse]
+    """Reads every tag of a PLC definition once, with the block plan its poller would use (its block limits,
+    and the split around addresses the device lacks), and shows each tag's value and quality and the plan.
+    A device that cannot be reached is reported in the response's fields. INVALID_ARGUMENT if the
+    definition is invalid.
+    """
 
 @_typing.type_check_only
 class CollectorServiceAsyncStub(CollectorServiceStub):
@@ -58,6 +64,12 @@ class CollectorServiceAsyncStub(CollectorServiceStub):
     PreviewDecode: _aio.UnaryUnaryMultiCallable[_collector_service_pb2.PreviewDecodeRequest, _collector_service_pb2.PreviewDecodeResponse]  # type: ignore[assignment]
     """Reads one tag definition once from a device and shows the raw registers or bytes and the decoded value.
     INVALID_ARGUMENT if the tag does not fit the connection's protocol.
+    """
+    PreviewPlc: _aio.UnaryUnaryMultiCallable[_collector_service_pb2.PreviewPlcRequest, _collector_service_pb2.PreviewPlcResponse]  # type: ignore[assignment]
+    """Reads every tag of a PLC definition once, with the block plan its poller would use (its block limits,
+    and the split around addresses the device lacks), and shows each tag's value and quality and the plan.
+    A device that cannot be reached is reported in the response's fields. INVALID_ARGUMENT if the
+    definition is invalid.
     """
 
 class CollectorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -89,6 +101,18 @@ class CollectorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_collector_service_pb2.PreviewDecodeResponse, _abc.Awaitable[_collector_service_pb2.PreviewDecodeResponse]]:
         """Reads one tag definition once from a device and shows the raw registers or bytes and the decoded value.
         INVALID_ARGUMENT if the tag does not fit the connection's protocol.
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewPlc(
+        self,
+        request: _collector_service_pb2.PreviewPlcRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collector_service_pb2.PreviewPlcResponse, _abc.Awaitable[_collector_service_pb2.PreviewPlcResponse]]:
+        """Reads every tag of a PLC definition once, with the block plan its poller would use (its block limits,
+        and the split around addresses the device lacks), and shows each tag's value and quality and the plan.
+        A device that cannot be reached is reported in the response's fields. INVALID_ARGUMENT if the
+        definition is invalid.
         """
 
 def add_CollectorServiceServicer_to_server(servicer: CollectorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
