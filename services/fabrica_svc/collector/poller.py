@@ -52,7 +52,7 @@ from ..plcmodel.spec import DecodeError, TagSpec, TagSpecError
 from ..runtime.retry import RetryPolicy
 from ..runtime.timefmt import seconds_of, timestamp_from_ns
 from .drivers import Block, BlockData, CommunicationError, Driver, PlcConfigError
-from .split import read_block
+from .split import plan_fitting, read_block
 from .metrics import PollMetrics
 from .tags import compiled, tag_violations, to_value, value_kind
 
@@ -412,23 +412,13 @@ class Poller:
         """Plan the group's blocks; keep the split plan when the blocks planned are the same as before."""
         driver = self.driver
         assert driver is not None
-        tags = group.polled
-        try:
-            fresh = driver.plan([t.spec for t in tags], self.limits)  # type: ignore[misc]
-        except ValueError:
-            # Some tag does not fit a single read (e.g. an S7 string longer than the negotiated PDU allows):
-            # find it, report it, plan the others.
-            ok: list[TagState] = []
-            for tag in tags:
-                try:
-                    driver.plan([tag.spec], self.limits)  # type: ignore[list-item]
-                    ok.append(tag)
-                except ValueError as exc:
-                    tag.error = f"tag {tag.name!r}: {exc}"
-                    self.status.config_errors.append(tag.error)
-                    group.absent.pop(tag.tag_id, None)
+        fresh, rejected = plan_fitting(driver, [t.spec for t in group.polled], self.limits)  # type: ignore[misc]
+        if rejected:  # tags that do not fit one read: reported, the others planned
+            for spec, why in rejected:
+                tag = self.by_id[spec.tag_id]
+                tag.error = f"tag {tag.name!r}: {why}"
+                self.status.config_errors.append(tag.error)
             self.status.tag_count = sum(len(g.polled) for g in self.groups)
-            fresh = driver.plan([t.spec for t in ok], self.limits)  # type: ignore[misc]
             self._report_config_errors(self._wall_ns(), force=True)
         if fresh != group.base_plan:
             group.base_plan, group.blocks = fresh, list(fresh)
@@ -500,11 +490,11 @@ class Poller:
                 self._advance(group)
                 return
             status.read_latency = elapsed = time.perf_counter() - t0
-            refused = result.requests - len(result.reads)
+            refused = result.refused
             status.error_count += refused
             if metrics:
-                if result.reads:
-                    metrics.reads.add(len(result.reads), {**self._attrs, "outcome": "ok"})
+                if result.requests > refused:
+                    metrics.reads.add(result.requests - refused, {**self._attrs, "outcome": "ok"})
                 if refused:
                     metrics.reads.add(refused, {**self._attrs, "outcome": "device_error"})
                 if not result.split:
