@@ -17,6 +17,7 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 import snap7
 from fabrica.collector.v1 import collector_service_pb2 as pb
@@ -27,10 +28,11 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from snap7.type import SrvArea
 
 from fabrica_svc.collector.poller import Poller
+from grpc_helpers import field_violations
 from in_process import Servers
 
-from .support import (CONFIG, GOOD, HR, HOST, IR, collector_settings, duration, mb_tag, modbus_plc, s7_plc, s7_tag,
-                      store_config, value_of, wait_for)
+from .support import (COMM, CONFIG, DECODE, GOOD, HOST, HR, IR, collector_settings, duration, free_port, mb_tag,
+                      modbus_plc, s7_plc, s7_tag, store_config, value_of, wait_for)
 from .test_polling import Running, TickClock
 
 T = plc_pb2
@@ -80,6 +82,11 @@ class HoleyMeter:
     @property
     def port(self) -> int:
         return self.server.transport.sockets[0].getsockname()[1]
+
+    def drop_clients(self) -> None:
+        """Close every client connection (as a meter that restarts does)."""
+        for connection in list(self.server.active_connections.values()):
+            connection.close()
 
 
 @pytest.fixture
@@ -198,6 +205,34 @@ async def test_a_meter_with_holes_reports_what_it_has_good_and_each_absent_tag_a
     assert meter.requests - before == len(SPLIT_PLAN) + 1
 
 
+async def test_the_split_plan_survives_a_reconnect(meter: HoleyMeter, running: Running) -> None:
+    plc = meter_plc(meter.port)
+    names = {tag.id: tag.name for tag in plc.tags}
+    clock = TickClock()
+    poller = running.start(plc, clock=clock, sleep=clock.sleep)
+    await started(clock, poller)
+    await clock.tick(poller)
+    assert layout(poller, names) == SPLIT_PLAN
+
+    meter.drop_clients()
+    for _ in range(50):  # the poller notices, backs off and reconnects on the test's clock
+        await clock.tick(poller, to=clock.t + 0.25)
+        if poller.status.connected and not poller.status.last_error:
+            break
+    else:
+        raise AssertionError("the poller did not reconnect")
+    assert {r.tag_id for r in running.readings if r.quality == COMM} == {
+        tag.id for tag in plc.tags if tag.name not in ABSENT}
+    before = meter.requests
+    await clock.tick(poller)
+    assert meter.requests - before == len(SPLIT_PLAN) and layout(poller, names) == SPLIT_PLAN
+    for tag in plc.tags:  # the absent tags stayed configuration errors through the outage
+        if tag.name in ABSENT:
+            assert [r.quality for r in running.of(tag)] == [CONFIG]
+        else:
+            assert running.of(tag)[-1].quality == GOOD
+
+
 async def test_a_device_that_refuses_multi_register_reads_is_read_tag_by_tag_with_no_merge(
         meter: HoleyMeter, running: Running) -> None:
     meter.holes = {}  # no holes, but...
@@ -276,6 +311,16 @@ async def test_preview_of_a_tag_and_of_the_whole_plc_agree_with_the_poll(
     v_l2 = await stub.PreviewDecode(pb.PreviewDecodeRequest(plc=plc, tag=plc.tags[1]))
     assert (v_l2.read.modbus_table, v_l2.read.start, v_l2.read.count) == (IR, 0, 12)
 
+    # A device that cannot be reached: said in the response; an invalid definition: INVALID_ARGUMENT.
+    dead = await stub.PreviewPlc(pb.PreviewPlcRequest(plc=meter_plc(free_port())))
+    assert "cannot connect" in dead.error and {t.quality for t in dead.tags} == {COMM}
+    twice = meter_plc(meter.port)
+    twice.tags[1].name = twice.tags[0].name
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.PreviewPlc(pb.PreviewPlcRequest(plc=twice))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "plc.tags[1].name" in field_violations(err.value)
+
 
 # ---------------------------------------------------------------------------------------------------- S7
 
@@ -319,20 +364,27 @@ async def test_an_s7_db_shorter_than_the_tags_reports_the_tags_beyond_its_end_as
     port = s7_server.server_socket.getsockname()[1]
     plc = s7_plc("press", port, s7_tags(), interval=0.25, integrity=86_400.0)
     plc.block_limits.absent_retry_interval.CopyFrom(duration(RETRY))
+    other_db = s7_tag("other_db", 0, T.DATA_TYPE_FLOAT32, db=2)  # no DB2 on this PLC: not absent, failing
+    plc.tags.append(other_db)
     clock = TickClock()
     poller = running.start(plc, clock=clock, sleep=clock.sleep)
     await started(clock, poller)
     await clock.tick(poller)
     assert poller.polls == 1
+    (failed,) = running.of(other_db)
+    assert failed.quality == DECODE and failed.error == (
+        f"S7 read of DB2 bytes 0..3 (4 bytes) from {HOST}:{port} rack 0 slot 1 failed: "
+        "the PLC answered 'Object does not exist (0x0a)'")
     errors = {"total": "device has no DB1 bytes 14..17 (the PLC answered 'Invalid address (0x05)')",
               "speed": "device has no DB1 bytes 18..21 (the PLC answered 'Invalid address (0x05)')"}
-    for tag in plc.tags:
+    for tag in plc.tags[:-1]:
         (reading,) = running.of(tag)
         if tag.name in errors:
             assert (reading.quality, reading.error) == (CONFIG, errors[tag.name])
         else:
             assert reading.quality == GOOD and value_of(reading) == S7_VALUES[tag.name], reading
-    assert [(b.db_number, b.start, b.size) for _, b in poller.status.reads] == [(1, 0, 14)]
+    # The split halves of DB1 0..13 were merged again: one read, as before the split, but ending at byte 13.
+    assert [(b.db_number, b.start, b.size) for _, b in poller.status.reads] == [(1, 0, 14), (2, 0, 4)]
 
     # The DB grows to 22 bytes (a new program version): the next retry reads the two tags.
     s7_server.register_area(SrvArea.DB, 1, db1(22))
