@@ -144,18 +144,19 @@ def layout(poller: Poller, names: dict[int, str]) -> list[tuple[int, int, int, l
     return [(int(b.table), b.start, b.count, [names[s.tag_id] for s, _ in b.tags]) for _, b in poller.status.reads]
 
 
-async def started(clock: TickClock, poller: Poller) -> None:
-    """Wait until the poller is connected and sleeps towards its first tick."""
+async def start(running: Running, plc: T.Plc) -> tuple[Poller, TickClock]:
+    """A poller of `plc` on a clock the test moves, connected and sleeping towards its first tick."""
+    clock = TickClock()
+    poller = running.start(plc, clock=clock, sleep=clock.sleep)
     await wait_for(lambda: poller.status.connected and clock.sleeps > 0, interval=0.002, what="the poller to connect")
+    return poller, clock
 
 
 async def test_a_meter_with_holes_reports_what_it_has_good_and_each_absent_tag_as_a_config_error(
         meter: HoleyMeter, running: Running) -> None:
     plc = meter_plc(meter.port)
     names = {tag.id: tag.name for tag in plc.tags}
-    clock = TickClock()
-    poller = running.start(plc, clock=clock, sleep=clock.sleep)
-    await started(clock, poller)
+    poller, clock = await start(running, plc)
 
     # Poll 1 splits the refused blocks and reads every tag the meter has.
     await clock.tick(poller)
@@ -208,9 +209,7 @@ async def test_a_meter_with_holes_reports_what_it_has_good_and_each_absent_tag_a
 async def test_the_split_plan_survives_a_reconnect(meter: HoleyMeter, running: Running) -> None:
     plc = meter_plc(meter.port)
     names = {tag.id: tag.name for tag in plc.tags}
-    clock = TickClock()
-    poller = running.start(plc, clock=clock, sleep=clock.sleep)
-    await started(clock, poller)
+    poller, clock = await start(running, plc)
     await clock.tick(poller)
     assert layout(poller, names) == SPLIT_PLAN
 
@@ -238,9 +237,7 @@ async def test_a_device_that_refuses_multi_register_reads_is_read_tag_by_tag_wit
     meter.holes = {}  # no holes, but...
     plc = meter_plc(meter.port)
     plc.block_limits.no_merge = True
-    clock = TickClock()
-    poller = running.start(plc, clock=clock, sleep=clock.sleep)
-    await started(clock, poller)
+    poller, clock = await start(running, plc)
     await clock.tick(poller)
     assert [b.count for _, b in poller.status.reads] == [2] * len(IR_ADDRESS) + [1] * len(HR_VALUES)
     assert all(running.of(tag)[0].quality == GOOD and value_of(running.of(tag)[0]) == expected(tag)
@@ -366,9 +363,7 @@ async def test_an_s7_db_shorter_than_the_tags_reports_the_tags_beyond_its_end_as
     plc.block_limits.absent_retry_interval.CopyFrom(duration(RETRY))
     other_db = s7_tag("other_db", 0, T.DATA_TYPE_FLOAT32, db=2)  # no DB2 on this PLC: not absent, failing
     plc.tags.append(other_db)
-    clock = TickClock()
-    poller = running.start(plc, clock=clock, sleep=clock.sleep)
-    await started(clock, poller)
+    poller, clock = await start(running, plc)
     await clock.tick(poller)
     assert poller.polls == 1
     (failed,) = running.of(other_db)
