@@ -9,8 +9,8 @@ Failures come in two kinds, which the poller turns into two reading qualities:
 * `DeviceError`: the device answered, with an error (a Modbus exception, an S7 return code, an answer
   of the wrong size). The connection stays; the tags of that block get QUALITY_DECODE_FAILURE, except
   when the error says that an address does not exist (`DeviceError.illegal_address`: Modbus exception 2,
-  S7 "invalid address"): the poller then splits the block to find the tags
-  the device lacks (a configuration error), see collector/split.py.
+  S7 "invalid address"): the poller then splits the block to find the tags the device lacks (a
+  configuration error), see collector/split.py.
 
 Modbus RTU is a bus: several devices (unit ids) share one serial line, and only one request may be on
 the line at a time. `ModbusBus` is that line: one link (serial port, or the TCP connection to a serial
@@ -558,9 +558,11 @@ def _s7_device_error(endpoint: str, block: S7Block, exc: S7Error) -> DeviceError
     answer = str(exc).removeprefix("Read operation failed: ")
     match = _S7_RETURN_CODE.search(answer)
     code = int(match.group(1), 16) if match else None
+    # Without a return code in the text (another snap7 build), its words: "CPU : Address out of range".
+    illegal = code == S7_ADDRESS_ERROR if code is not None else "address out of range" in answer.lower()
     where = s7_range(block.area, block.db_number, block.start, block.size)
     return DeviceError(f"S7 read of {where} ({block.size} bytes) from {endpoint} failed: the PLC answered {answer!r}",
-                       illegal_address=code == S7_ADDRESS_ERROR, answer=f"the PLC answered {answer!r}")
+                       illegal_address=illegal, answer=f"the PLC answered {answer!r}")
 
 
 # ----------------------------------------------------------------------------------------------- factory

@@ -14,10 +14,10 @@ and with every integrity report of its group (every tag, every integrity_interva
 Failures are reported as readings with a bad quality and the error text, never as silence: communication
 failures (no connection, timeout: every tag of the PLC), decode failures (the device answered with an
 exception or an error code: the tags of that block; a value that cannot be decoded: that tag) and
-configuration errors (a tag that cannot be read as defined, or one whose address the device lacks). A bad quality is reported once when it
-starts and again with each integrity report, not at every tick: a dead PLC polled every 100 ms would
-otherwise write ten useless rows per tag per second for as long as it is dead, while one row per
-transition plus the integrity rows tell the same story.
+configuration errors (a tag that cannot be read as defined, or one whose address the device lacks). A
+bad quality is reported once when it starts and again with each integrity report, not at every tick: a
+dead PLC polled every 100 ms would otherwise write ten useless rows per tag per second for as long as it
+is dead, while one row per transition plus the integrity rows tell the same story.
 
 Blocks and absent addresses. Each group's tags are read in the blocks the driver plans within the PLC's
 block limits. A block the device refuses because an address in it does not exist (Modbus exception 2, S7
@@ -51,9 +51,10 @@ from ..plcmodel.plc import block_limits
 from ..plcmodel.spec import DecodeError, TagSpec, TagSpecError
 from ..runtime.retry import RetryPolicy
 from ..runtime.timefmt import seconds_of, timestamp_from_ns
+from .blocks import ModbusBlock
 from .drivers import Block, BlockData, CommunicationError, Driver, PlcConfigError
-from .split import plan_fitting, read_block
 from .metrics import PollMetrics
+from .split import plan_fitting, read_block
 from .tags import compiled, tag_violations, to_value, value_kind
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,11 @@ Emit = Callable[[reading_pb2.Reading], None]
 _UNSET = object()
 
 
-def _block_order(block: Block) -> tuple[int, int, int, int]:
+def _block_order(block: Block) -> tuple[int, int, int]:
     """Blocks sorted as the planners order them: Modbus by table, S7 by area and DB; then by start."""
-    if hasattr(block, "table"):
-        return 0, int(block.table), 0, block.start  # type: ignore[union-attr]
-    return 1, int(block.area), block.db_number, block.start  # type: ignore[union-attr]
+    if isinstance(block, ModbusBlock):
+        return int(block.table), 0, block.start
+    return int(block.area), block.db_number, block.start
 
 
 class TagState:
