@@ -142,8 +142,13 @@ async def test_preview_decode_shows_raw_data_and_the_decoded_value(stub: pb_grpc
 
     sim.modbus.set_exception(2)
     refused = await stub.PreviewDecode(pb.PreviewDecodeRequest(plc=press, tag=mb_tag("x", 3, tag_id=0)))
-    assert refused.quality == reading_pb2.QUALITY_DECODE_FAILURE and "illegal data address" in refused.error
+    # Exception 2: the device has no such address, a configuration error (the poll says the same).
+    assert refused.quality == reading_pb2.QUALITY_CONFIG_ERROR
+    assert refused.error == "device has no holding register 3 (exception 2, illegal data address)"
     assert not refused.HasField("value")
+    sim.modbus.set_exception(4)
+    failing = await stub.PreviewDecode(pb.PreviewDecodeRequest(plc=press, tag=mb_tag("x", 3, tag_id=0)))
+    assert failing.quality == reading_pb2.QUALITY_DECODE_FAILURE and "server device failure" in failing.error
     sim.modbus.set_exception(None)
 
     dead = await stub.PreviewDecode(pb.PreviewDecodeRequest(plc=modbus_plc("p", free_port(), []),

@@ -13,9 +13,12 @@ from fabrica_svc.collector.blocks import (
     S7_DEFAULT_MAX_BYTES,
     ModbusBlock,
     S7Block,
+    plan_modbus,
     plan_modbus_reads,
+    plan_s7,
     plan_s7_reads,
 )
+from fabrica_svc.plcmodel.plc import BlockLimits
 from fabrica_svc.plcmodel.spec import DataType, DecodeError, ModbusTable, S7Area, TagSpec, TagSpecError
 
 HR = ModbusTable.HOLDING_REGISTER
@@ -394,3 +397,41 @@ def test_s7_block_checks_its_tags():
     block = S7Block(1, 3, 4, 2, ((db(1, 4, db_number=3), 0),))
     assert block.area is S7Area.DB
     assert repr(block) == "S7Block(DB3, start=4, size=2, tags=[1])"
+
+
+# ------------------------------------------------------------------------------------------ block limits
+
+
+def test_no_merge_reads_every_tag_on_its_own_but_tags_on_the_same_addresses_share_a_read():
+    specs = [mb(1, 10, DataType.BOOL, bit=0), mb(2, 10, DataType.BOOL, bit=3), mb(3, 11, DataType.FLOAT32),
+             mb(4, 13), coil(5, 0), coil(6, 1)]
+    assert layout(plan_modbus_reads(specs, no_merge=True)) == [
+        (COIL, 0, 1, [5]), (COIL, 1, 1, [6]), (HR, 10, 1, [1, 2]), (HR, 11, 2, [3]), (HR, 13, 1, [4])]
+    s7 = [db(1, 0, DataType.BOOL, bit=0), db(2, 0, DataType.BOOL, bit=1), db(3, 2, DataType.FLOAT32)]
+    assert layout(plan_s7_reads(s7, no_merge=True)) == [(S7Area.DB, 1, 0, 1, [1, 2]), (S7Area.DB, 1, 2, 4, [3])]
+
+
+def test_a_plcs_block_limits_bound_the_plan_and_unset_ones_keep_the_defaults():
+    specs = [mb(i + 1, 2 * i, DataType.INT32) for i in range(10)]  # registers 0..19, contiguous
+    assert plan_modbus(specs) == plan_modbus_reads(specs)
+    assert layout(plan_modbus(specs, BlockLimits(max_registers=8))) == [
+        (HR, 0, 8, [1, 2, 3, 4]), (HR, 8, 8, [5, 6, 7, 8]), (HR, 16, 4, [9, 10])]
+    gapped = [mb(1, 0), mb(2, 5), mb(3, 30)]
+    assert layout(plan_modbus(gapped)) == [(HR, 0, 6, [1, 2]), (HR, 30, 1, [3])]  # default gap 16
+    assert layout(plan_modbus(gapped, BlockLimits(max_gap=0))) == [(HR, 0, 1, [1]), (HR, 5, 1, [2]), (HR, 30, 1, [3])]
+    assert layout(plan_modbus(gapped, BlockLimits(max_gap=40))) == [(HR, 0, 31, [1, 2, 3])]
+    bits = [coil(i + 1, i) for i in range(10)]
+    assert [b.count for b in plan_modbus(bits, BlockLimits(max_bits=4))] == [4, 4, 2]
+    assert len(plan_modbus(specs, BlockLimits(no_merge=True))) == 10
+
+    s7 = [db(1, 0, DataType.FLOAT32), db(2, 100, DataType.FLOAT32), db(3, 400, DataType.FLOAT32)]
+    assert layout(plan_s7(s7)) == [(S7Area.DB, 1, 0, 104, [1, 2]), (S7Area.DB, 1, 400, 4, [3])]  # 222 bytes
+    assert layout(plan_s7(s7, payload=462)) == [(S7Area.DB, 1, 0, 404, [1, 2, 3])]  # a 480-byte PDU
+    # The user's limit applies within the PDU's, never beyond it.
+    assert layout(plan_s7(s7, BlockLimits(max_s7_bytes=64), payload=462)) == [
+        (S7Area.DB, 1, 0, 4, [1]), (S7Area.DB, 1, 100, 4, [2]), (S7Area.DB, 1, 400, 4, [3])]
+    assert plan_s7(s7, BlockLimits(max_s7_bytes=4000), payload=222) == plan_s7(s7, payload=222)
+    assert layout(plan_s7(s7, BlockLimits(max_gap=10), payload=462)) == [
+        (S7Area.DB, 1, 0, 4, [1]), (S7Area.DB, 1, 100, 4, [2]), (S7Area.DB, 1, 400, 4, [3])]
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_modbus([mb(1, 0, DataType.INT64)], BlockLimits(max_registers=2))

@@ -10,6 +10,9 @@ into blocks, within the largest request the protocol allows.
 Each block knows its tags and their offsets, holds their compiled decoders, and decodes a block response
 tag by tag: a tag that cannot be decoded yields its :class:`DecodeError` and does not affect the others.
 
+:func:`plan_modbus` and :func:`plan_s7` apply a PLC's :class:`~fabrica_svc.plcmodel.plc.BlockLimits` (the
+user's limits, each None keeping the protocol's) to the two planners; the drivers plan through them.
+
 Both planners raise ValueError (its subclass :class:`TagSpecError` for an invalid tag definition) for input
 they cannot plan; callers that want to report bad tags individually should screen the tags with
 :func:`validate_spec` first and plan the rest.
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
 from fabrica_svc.collector.decode import Value, make_decoder
+from fabrica_svc.plcmodel.plc import BlockLimits
 from fabrica_svc.plcmodel.spec import MODBUS_ADDRESS_SPACE, DecodeError, ModbusTable, S7Area, TagSpec
 
 __all__ = [
@@ -32,7 +36,9 @@ __all__ = [
     "ModbusBlock",
     "S7Block",
     "TagResult",
+    "plan_modbus",
     "plan_modbus_reads",
+    "plan_s7",
     "plan_s7_reads",
 ]
 
@@ -195,19 +201,25 @@ class S7Block:
 _Span: TypeAlias = tuple[int, int, TagSpec]  # (first address, one past the last, tag)
 
 
-def _merge(spans: list[_Span], limit: int, max_gap: int | None) -> list[tuple[int, int, list[TagSpec]]]:
+def _merge(spans: list[_Span], limit: int, max_gap: int | None,
+           no_merge: bool = False) -> list[tuple[int, int, list[TagSpec]]]:
     """Greedy merge of address spans into blocks of at most ``limit`` units.
 
     Spans are taken in address order; a span joins the current block when it overlaps it, touches it or
     leaves a gap of at most ``max_gap`` (None: any gap) unused units, and the grown block still fits in
-    ``limit``. Otherwise it starts a new block, so a tag never straddles a block boundary.
+    ``limit``. Otherwise it starts a new block, so a tag never straddles a block boundary. With
+    ``no_merge`` a span joins only a block that already covers all its addresses (two bits of one register).
     """
     spans.sort(key=lambda span: (span[0], span[1], span[2].tag_id))
     blocks: list[tuple[int, int, list[TagSpec]]] = []
     block_start = block_end = 0
     members: list[TagSpec] = []
     for start, end, spec in spans:
-        if (
+        if no_merge:
+            if members and end <= block_end:
+                members.append(spec)
+                continue
+        elif (
             members
             and (max_gap is None or start - block_end <= max_gap)
             and max(block_end, end) - block_start <= limit
@@ -245,6 +257,7 @@ def plan_modbus_reads(
     max_registers: int = MODBUS_MAX_REGISTERS,
     max_bits: int = MODBUS_MAX_BITS,
     max_gap: int = DEFAULT_MODBUS_MAX_GAP,
+    no_merge: bool = False,
 ) -> list[ModbusBlock]:
     """Plan the fewest Modbus reads covering ``specs`` (the Modbus tags of one poll group on one device).
 
@@ -262,6 +275,7 @@ def plan_modbus_reads(
         max_registers: Largest register read, 1..125 (lower it for devices that accept less).
         max_bits: Largest coil / discrete input read, 1..2000.
         max_gap: Most unused addresses bridged inside one block, >= 0.
+        no_merge: Read every tag on its own (tags on the very same addresses still share a read).
 
     Returns:
         Blocks ordered by table number (coils, discrete inputs, input registers, holding registers), then
@@ -290,7 +304,7 @@ def plan_modbus_reads(
     blocks: list[ModbusBlock] = []
     for table in sorted(by_table):
         limit = max_bits if table.is_bit_table else max_registers
-        for start, end, members in _merge(by_table[table], limit, max_gap):
+        for start, end, members in _merge(by_table[table], limit, max_gap, no_merge):
             tags = tuple((spec, spec.address - start) for spec in members)
             blocks.append(ModbusBlock(table, start, end - start, tags))
     return blocks
@@ -306,6 +320,7 @@ def plan_s7_reads(
     *,
     max_bytes: int = S7_DEFAULT_MAX_BYTES,
     max_gap: int | None = None,
+    no_merge: bool = False,
 ) -> list[S7Block]:
     """Plan the fewest S7 reads covering ``specs`` (the S7 tags of one poll group on one PLC).
 
@@ -322,6 +337,7 @@ def plan_s7_reads(
         specs: S7 tags with distinct tag ids.
         max_bytes: Largest read in bytes, >= 1.
         max_gap: Most unused bytes bridged inside one block, or None for no limit but ``max_bytes``.
+        no_merge: Read every tag on its own (tags on the very same bytes still share a read).
 
     Returns:
         Blocks ordered by area number (DB, inputs, outputs, merkers), then DB number, then start byte.
@@ -350,7 +366,29 @@ def plan_s7_reads(
 
     blocks: list[S7Block] = []
     for area, db_number in sorted(groups):
-        for start, end, members in _merge(groups[(area, db_number)], max_bytes, max_gap):
+        for start, end, members in _merge(groups[(area, db_number)], max_bytes, max_gap, no_merge):
             tags = tuple((spec, spec.address - start) for spec in members)
             blocks.append(S7Block(area, db_number, start, end - start, tags))
     return blocks
+
+
+_DEFAULT_LIMITS: Final = BlockLimits()
+
+
+def plan_modbus(specs: Iterable[TagSpec], limits: BlockLimits = _DEFAULT_LIMITS) -> list[ModbusBlock]:
+    """:func:`plan_modbus_reads` within a PLC's block limits (each unset one: the protocol's limit or default)."""
+    return plan_modbus_reads(
+        specs,
+        max_registers=MODBUS_MAX_REGISTERS if limits.max_registers is None else limits.max_registers,
+        max_bits=MODBUS_MAX_BITS if limits.max_bits is None else limits.max_bits,
+        max_gap=DEFAULT_MODBUS_MAX_GAP if limits.max_gap is None else limits.max_gap,
+        no_merge=limits.no_merge,
+    )
+
+
+def plan_s7(specs: Iterable[TagSpec], limits: BlockLimits = _DEFAULT_LIMITS, *,
+            payload: int = S7_DEFAULT_MAX_BYTES) -> list[S7Block]:
+    """:func:`plan_s7_reads` within a PLC's block limits and ``payload``, the bytes one read of the negotiated
+    PDU can carry (PDU size - 18)."""
+    max_bytes = payload if limits.max_s7_bytes is None else min(payload, limits.max_s7_bytes)
+    return plan_s7_reads(specs, max_bytes=max_bytes, max_gap=limits.max_gap, no_merge=limits.no_merge)

@@ -7,7 +7,10 @@ Failures come in two kinds, which the poller turns into two reading qualities:
   lost). The poller drops the connection and reconnects with backoff: after a timeout the state of the
   stream is unknown (a late answer could be taken for the next request's).
 * `DeviceError`: the device answered, with an error (a Modbus exception, an S7 return code, an answer
-  of the wrong size). The connection stays; the tags of that block get QUALITY_DECODE_FAILURE.
+  of the wrong size). The connection stays; the tags of that block get QUALITY_DECODE_FAILURE, except
+  when the error says that an address does not exist (`DeviceError.illegal_address`: Modbus exception 2,
+  S7 "invalid address"): the poller then splits the block to find the tags the device lacks (a
+  configuration error), see collector/split.py.
 
 Modbus RTU is a bus: several devices (unit ids) share one serial line, and only one request may be on
 the line at a time. `ModbusBus` is that line: one link (serial port, or the TCP connection to a serial
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +46,8 @@ from pymodbus.transport.serialtransport import SerialTransport
 from snap7.error import S7ConnectionError, S7Error, S7PacketLostError, S7StalePacketError, S7TimeoutError
 from snap7.type import Area
 
-from .blocks import ModbusBlock, S7Block, plan_modbus_reads, plan_s7_reads
-from ..plcmodel.plc import port_of
+from .blocks import ModbusBlock, S7Block, plan_modbus, plan_s7
+from ..plcmodel.plc import BlockLimits, port_of
 from ..plcmodel.spec import ModbusTable, S7Area, TagSpec
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,12 @@ MODBUS_EXCEPTIONS = {
     11: "gateway target device failed to respond",
 }
 ILLEGAL_DATA_ADDRESS = 2
+#: The S7 data item return code that says the address is not there: 0x05 "invalid address" (address out
+#: of range: past the end of the DB or area). 0x0A "object does not exist" (no such DB) is not one: a DB
+#: is missing for a while during a program download, and its tags should read again as soon as it is back.
+S7_ADDRESS_ERROR = 0x05
+_S7_RETURN_CODE = re.compile(r"\(0x([0-9a-fA-F]{2})\)\s*$")
+_NO_LIMITS = BlockLimits()
 
 
 class CommunicationError(Exception):
@@ -80,11 +90,21 @@ class CommunicationError(Exception):
 
 
 class DeviceError(Exception):
-    """The device answered with an error. `code` is the Modbus exception code, when there is one."""
+    """The device answered with an error. `code` is the Modbus exception code, when there is one.
 
-    def __init__(self, message: str, code: int | None = None):
+    `illegal_address`: the answer says that (some of) the addresses read do not exist on the device
+    (Modbus exception 2 unless told otherwise; the S7 driver sets it for the S7 return codes that say so).
+    `answer`: the device's answer in its own words ("exception 2, illegal data address" for Modbus).
+    """
+
+    def __init__(self, message: str, code: int | None = None, *, illegal_address: bool | None = None,
+                 answer: str = ""):
         super().__init__(message)
         self.code = code
+        self.illegal_address = code == ILLEGAL_DATA_ADDRESS if illegal_address is None else illegal_address
+        if not answer and code is not None:
+            answer = f"exception {code}, {MODBUS_EXCEPTIONS.get(code, 'unknown exception')}"
+        self.answer = answer
 
 
 class PlcConfigError(Exception):
@@ -121,8 +141,8 @@ class Driver(ABC):
         """Connect; raises CommunicationError (or PlcConfigError)."""
 
     @abstractmethod
-    def plan(self, specs: Sequence[TagSpec], *, contiguous: bool = False) -> list[Block]:
-        """Block reads for the tags of one poll group. `contiguous`: never bridge unused addresses."""
+    def plan(self, specs: Sequence[TagSpec], limits: BlockLimits = _NO_LIMITS) -> list[Block]:
+        """Block reads for the tags of one poll group, within the PLC's block limits. Raises ValueError."""
 
     @abstractmethod
     async def read(self, block: Block) -> BlockData:
@@ -161,8 +181,8 @@ async def _modbus_read(client: ModbusBaseClient, table: ModbusTable, start: int,
     return list(response.registers)
 
 
-def _plan_modbus(specs: Sequence[TagSpec], contiguous: bool) -> list[Block]:
-    return list(plan_modbus_reads(specs, max_gap=0) if contiguous else plan_modbus_reads(specs))
+def _plan_modbus(specs: Sequence[TagSpec], limits: BlockLimits) -> list[Block]:
+    return list(plan_modbus(specs, limits))
 
 
 class ModbusTcpDriver(Driver):
@@ -194,8 +214,8 @@ class ModbusTcpDriver(Driver):
                 f"cannot connect to {self.endpoint} (refused, unreachable or no answer within {self.timeout:g} s)"
             )
 
-    def plan(self, specs: Sequence[TagSpec], *, contiguous: bool = False) -> list[Block]:
-        return _plan_modbus(specs, contiguous)
+    def plan(self, specs: Sequence[TagSpec], limits: BlockLimits = _NO_LIMITS) -> list[Block]:
+        return _plan_modbus(specs, limits)
 
     async def read(self, block: Block) -> BlockData:
         assert isinstance(block, ModbusBlock)
@@ -398,8 +418,8 @@ class ModbusRtuDriver(Driver):
         await self.bus.ensure_connected(self.timeout)
         self._attached = True
 
-    def plan(self, specs: Sequence[TagSpec], *, contiguous: bool = False) -> list[Block]:
-        return _plan_modbus(specs, contiguous)
+    def plan(self, specs: Sequence[TagSpec], limits: BlockLimits = _NO_LIMITS) -> list[Block]:
+        return _plan_modbus(specs, limits)
 
     async def read(self, block: Block) -> BlockData:
         assert isinstance(block, ModbusBlock)
@@ -481,9 +501,9 @@ class S7Driver(Driver):
         except (S7Error, OSError) as exc:
             raise CommunicationError(f"cannot connect to {self.endpoint}: {exc}") from None
 
-    def plan(self, specs: Sequence[TagSpec], *, contiguous: bool = False) -> list[Block]:
-        # The negotiated PDU bounds a read; contiguous does not matter (S7 memory has no holes).
-        return list(plan_s7_reads(specs, max_bytes=max(1, self.pdu_length - S7_READ_OVERHEAD)))
+    def plan(self, specs: Sequence[TagSpec], limits: BlockLimits = _NO_LIMITS) -> list[Block]:
+        # The negotiated PDU bounds a read, and the PLC's limits within it.
+        return list(plan_s7(specs, limits, payload=max(1, self.pdu_length - S7_READ_OVERHEAD)))
 
     async def read(self, block: Block) -> BlockData:
         assert isinstance(block, S7Block)
@@ -497,7 +517,7 @@ class S7Driver(Driver):
         except (S7ConnectionError, S7PacketLostError, S7StalePacketError, OSError) as exc:
             raise CommunicationError(f"connection to {self.endpoint} lost: {exc}") from None
         except S7Error as exc:  # the PLC answered with an error code, or an answer of the wrong shape
-            raise DeviceError(f"S7 error from {self.endpoint}: {exc}") from None
+            raise _s7_device_error(self.endpoint, block, exc) from None
 
     @contextlib.asynccontextmanager
     async def _s7_call(self, what: str):  # noqa: ANN202 - an async context manager
@@ -570,6 +590,25 @@ class S7Driver(Driver):
     async def dispose(self) -> None:
         await self.close()
         self._executor.shutdown(wait=False, cancel_futures=False)
+
+
+def s7_range(area: S7Area, db_number: int, start: int, size: int) -> str:
+    """An S7 byte range in words: "DB1 bytes 14..17", "M byte 3"."""
+    where = f"DB{db_number}" if area is S7Area.DB else {S7Area.INPUTS: "I", S7Area.OUTPUTS: "Q",
+                                                          S7Area.MERKERS: "M"}.get(area, area.name)
+    return f"{where} byte {start}" if size == 1 else f"{where} bytes {start}..{start + size - 1}"
+
+
+def _s7_device_error(endpoint: str, block: S7Block, exc: S7Error) -> DeviceError:
+    """The PLC's error answer to a read, naming the area, DB number, byte range and the answer."""
+    answer = str(exc).removeprefix("Read operation failed: ")
+    match = _S7_RETURN_CODE.search(answer)
+    code = int(match.group(1), 16) if match else None
+    # Without a return code in the text (another snap7 build), its words: "CPU : Address out of range".
+    illegal = code == S7_ADDRESS_ERROR if code is not None else "address out of range" in answer.lower()
+    where = s7_range(block.area, block.db_number, block.start, block.size)
+    return DeviceError(f"S7 read of {where} ({block.size} bytes) from {endpoint} failed: the PLC answered {answer!r}",
+                       illegal_address=illegal, answer=f"the PLC answered {answer!r}")
 
 
 # ----------------------------------------------------------------------------------------------- factory

@@ -14,10 +14,18 @@ and with every integrity report of its group (every tag, every integrity_interva
 Failures are reported as readings with a bad quality and the error text, never as silence: communication
 failures (no connection, timeout: every tag of the PLC), decode failures (the device answered with an
 exception or an error code: the tags of that block; a value that cannot be decoded: that tag) and
-configuration errors (a tag that cannot be read as defined). A bad quality is reported once when it
-starts and again with each integrity report, not at every tick: a dead PLC polled every 100 ms would
-otherwise write ten useless rows per tag per second for as long as it is dead, while one row per
-transition plus the integrity rows tell the same story.
+configuration errors (a tag that cannot be read as defined, or one whose address the device lacks). A
+bad quality is reported once when it starts and again with each integrity report, not at every tick: a
+dead PLC polled every 100 ms would otherwise write ten useless rows per tag per second for as long as it
+is dead, while one row per transition plus the integrity rows tell the same story.
+
+Blocks and absent addresses. Each group's tags are read in the blocks the driver plans within the PLC's
+block limits. A block the device refuses because an address in it does not exist (Modbus exception 2, S7
+"invalid address") is split until the tags the device lacks are found (collector/split.py): those report
+CONFIG_ERROR with the address, the others are read as usual, in the same poll. The split plan is kept
+(also across reconnects, while the planned blocks stay the same), so the holes are found once; the absent
+tags are read again every BlockLimits.absent_retry_interval (10 min by default), and a tag the device
+has gained meanwhile (a firmware update) is read from then on, in a block of its own.
 
 Reconnects. After a communication failure the connection is dropped and re-established with exponential
 backoff and jitter (see runtime/retry.py); ticks missed meanwhile are not polls and are not counted as late.
@@ -39,12 +47,14 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 from google.protobuf import timestamp_pb2
 
-from ..plcmodel.spec import DecodeError, TagSpec, TagSpecError, register_count
+from ..plcmodel.plc import block_limits
+from ..plcmodel.spec import DecodeError, TagSpec, TagSpecError
 from ..runtime.retry import RetryPolicy
 from ..runtime.timefmt import seconds_of, timestamp_from_ns
 from .blocks import ModbusBlock
-from .drivers import ILLEGAL_DATA_ADDRESS, Block, CommunicationError, DeviceError, Driver, PlcConfigError
+from .drivers import Block, BlockData, CommunicationError, Driver, PlcConfigError
 from .metrics import PollMetrics
+from .split import plan_fitting, read_block
 from .tags import compiled, tag_violations, to_value, value_kind
 
 log = logging.getLogger(__name__)
@@ -63,13 +73,11 @@ Emit = Callable[[reading_pb2.Reading], None]
 _UNSET = object()
 
 
-def _has_gap(block: ModbusBlock) -> bool:
-    end = 0
-    for spec, pos in block.tags:
-        if pos > end:
-            return True
-        end = max(end, pos + (1 if block.table.is_bit_table else register_count(spec)))
-    return False
+def _block_order(block: Block) -> tuple[int, int, int]:
+    """Blocks sorted as the planners order them: Modbus by table, S7 by area and DB; then by start."""
+    if isinstance(block, ModbusBlock):
+        return int(block.table), 0, block.start
+    return int(block.area), block.db_number, block.start
 
 
 class TagState:
@@ -106,9 +114,14 @@ class Group:
     interval: float
     integrity: float
     tags: list[TagState] = field(default_factory=list)
+    #: The block reads of a poll: the plan, after any split around addresses the device lacks.
     blocks: list[Block] = field(default_factory=list)
-    #: Plan Modbus blocks without bridging unused addresses (set once the device refused a bridged read).
-    contiguous: bool = False
+    #: The plan of the group's tags as first made (before any split); a reconnect that plans the same keeps
+    #: `blocks` and `absent`.
+    base_plan: list[Block] = field(default_factory=list)
+    #: Tags the device lacks, by tag id, with the error naming the address; read again at `next_absent_retry`.
+    absent: dict[int, str] = field(default_factory=dict)
+    next_absent_retry: float = 0.0
     next_due: float = 0.0
     next_integrity: float = 0.0
     polls: int = 0
@@ -117,6 +130,19 @@ class Group:
     @property
     def polled(self) -> list[TagState]:
         return [t for t in self.tags if t.spec is not None and not t.error]
+
+
+@dataclass(frozen=True)
+class AbsentTag:
+    """A tag whose address the device lacks, as the status shows it."""
+
+    tag_id: int
+    name: str
+    group: str
+    spec: TagSpec
+    error: str
+    #: Wall clock (ns) of the next read attempt.
+    retry_ns: int
 
 
 @dataclass
@@ -132,6 +158,10 @@ class PollerStatus:
     tag_count: int = 0
     #: Problems of the definition (bad tags, an unusable connection); they persist until it changes.
     config_errors: list[str] = field(default_factory=list)
+    #: The block reads of each poll, by poll group name, after any split.
+    reads: list[tuple[str, Block]] = field(default_factory=list)
+    #: Tags the device lacks.
+    absent: list[AbsentTag] = field(default_factory=list)
 
     @property
     def error(self) -> str:
@@ -141,6 +171,11 @@ class PollerStatus:
             shown = self.config_errors[:5]
             more = len(self.config_errors) - len(shown)
             parts.append("; ".join(shown) + (f"; and {more} more" if more else ""))
+        if self.absent:
+            shown_absent = [f"tag {a.name!r}: {a.error}" for a in self.absent[:3]]
+            more = len(self.absent) - len(shown_absent)
+            parts.append(f"the device lacks {len(self.absent)} tag(s): " + "; ".join(shown_absent)
+                         + (f"; and {more} more" if more else ""))
         return "; ".join(parts)[:2048]
 
 
@@ -168,6 +203,7 @@ class Poller:
     ):
         self.plc = plc
         self.plc_id = plc.id
+        self.limits = block_limits(plc)
         self._make_driver = make_driver
         self._emit = emit
         self.backoff = RetryPolicy(backoff_min, backoff_max).backoff()
@@ -374,26 +410,31 @@ class Poller:
         return True
 
     def _plan(self, group: Group) -> None:
-        assert self.driver is not None
-        tags = group.polled
-        try:
-            group.blocks = self.driver.plan([t.spec for t in tags], contiguous=group.contiguous)  # type: ignore[misc]
-            return
-        except ValueError:
-            pass
-        # Some tag does not fit a single read (e.g. an S7 string longer than the negotiated PDU allows):
-        # find it, report it, plan the others.
-        ok: list[TagState] = []
-        for tag in tags:
-            try:
-                self.driver.plan([tag.spec], contiguous=group.contiguous)  # type: ignore[list-item]
-                ok.append(tag)
-            except ValueError as exc:
-                tag.error = f"tag {tag.name!r}: {exc}"
+        """Plan the group's blocks; keep the split plan when the blocks planned are the same as before."""
+        driver = self.driver
+        assert driver is not None
+        fresh, rejected = plan_fitting(driver, [t.spec for t in group.polled], self.limits)  # type: ignore[misc]
+        if rejected:  # tags that do not fit one read: reported, the others planned
+            for spec, why in rejected:
+                tag = self.by_id[spec.tag_id]
+                tag.error = f"tag {tag.name!r}: {why}"
                 self.status.config_errors.append(tag.error)
-        self.status.tag_count = sum(len(g.polled) for g in self.groups)
-        group.blocks = self.driver.plan([t.spec for t in ok], contiguous=group.contiguous)  # type: ignore[misc]
-        self._report_config_errors(self._wall_ns(), force=True)
+            self.status.tag_count = sum(len(g.polled) for g in self.groups)
+            self._report_config_errors(self._wall_ns(), force=True)
+        if fresh != group.base_plan:
+            group.base_plan, group.blocks = fresh, list(fresh)
+            group.absent.clear()
+        self._publish_plan()
+
+    def _publish_plan(self) -> None:
+        """Copy the groups' plans and absent tags into the status."""
+        now, ns = self._clock(), self._wall_ns()
+        self.status.reads = [(g.name, b) for g in self.groups for b in g.blocks]
+        self.status.absent = [
+            AbsentTag(tag_id, self.by_id[tag_id].name, g.name, self.by_id[tag_id].spec, error,  # type: ignore[arg-type]
+                      ns + max(0, int((g.next_absent_retry - now) * 1e9)))
+            for g in self.groups for tag_id, error in g.absent.items()
+        ]
 
     async def _communication_failure(self, error: str) -> None:
         self.status.connected = False
@@ -407,7 +448,8 @@ class Poller:
         for group in self.groups:
             force = self._integrity_due(group, now)
             for tag in group.polled:
-                emitted += self._bad(tag, COMMUNICATION_FAILURE, error, stamp, force)
+                if tag.tag_id not in group.absent:  # what the device lacks stays a configuration error
+                    emitted += self._bad(tag, COMMUNICATION_FAILURE, error, stamp, force)
             if force:
                 self._report_config_errors_of(group, stamp)
         self._count(emitted, "COMMUNICATION_FAILURE")
@@ -429,12 +471,18 @@ class Poller:
         status = self.status
         had_error = False
         good = bad = 0
-        pending = deque(group.blocks)
-        while pending:
-            block = pending.popleft()
+        jobs = [(block, False) for block in group.blocks]
+        if group.absent and started >= group.next_absent_retry:
+            # Read what the device lacked again: a firmware update may have added it.
+            group.next_absent_retry = started + self.limits.absent_retry
+            absent = [self.by_id[tag_id].spec for tag_id in group.absent]
+            jobs += [(block, True) for block in driver.plan(absent, self.limits)]  # type: ignore[arg-type]
+        plan: list[Block] = []
+        changed = False
+        for block, retry in jobs:
             t0 = time.perf_counter()
             try:
-                data = await driver.read(block)
+                result = await read_block(driver, block, self.limits)
             except CommunicationError as exc:
                 if metrics:
                     metrics.reads.add(1, {**self._attrs, "outcome": "communication_error"})
@@ -442,42 +490,50 @@ class Poller:
                 await self._communication_failure(str(exc))
                 self._advance(group)
                 return
-            except DeviceError as exc:
-                status.read_latency = time.perf_counter() - t0
-                if metrics:
-                    metrics.reads.add(1, {**self._attrs, "outcome": "device_error"})
-                if self._bridged_refused(group, block, exc):
-                    pending.extendleft(reversed(self._replan_contiguous(group, block)))
-                    continue
-                had_error = True
-                status.error_count += 1
-                status.last_error = str(exc)
-                stamp = timestamp_from_ns(self._wall_ns())
-                for spec, _ in block.tags:
-                    bad += self._bad(self.by_id[spec.tag_id], DECODE_FAILURE, str(exc), stamp, force)
-                continue
-            ns = self._wall_ns()
             status.read_latency = elapsed = time.perf_counter() - t0
-            status.last_good_read_ns = ns
+            refused = result.refused
+            status.error_count += refused
             if metrics:
-                metrics.reads.add(1, {**self._attrs, "outcome": "ok"})
-                metrics.read_duration.record(elapsed, self._attrs)
+                if result.requests > refused:
+                    metrics.reads.add(result.requests - refused, {**self._attrs, "outcome": "ok"})
+                if refused:
+                    metrics.reads.add(refused, {**self._attrs, "outcome": "device_error"})
+                if not result.split:
+                    metrics.read_duration.record(elapsed, self._attrs)
+            if retry:
+                recovered = [part for part, _ in result.reads]
+                for part in recovered:
+                    for spec, _ in part.tags:
+                        group.absent.pop(spec.tag_id, None)
+                plan += recovered
+                changed = changed or bool(recovered)
+            elif result.split:
+                plan += [part for part, _ in result.reads] + [part for part, _ in result.failed]
+                changed = True
+            else:
+                plan.append(block)
+            ns = self._wall_ns()
             stamp = timestamp_from_ns(ns)
-            by_id = self.by_id
-            for spec, result in block.decode(data):
-                tag = by_id[spec.tag_id]
-                if isinstance(result, DecodeError):
+            if result.reads:
+                status.last_good_read_ns = ns
+            for part, data in result.reads:
+                n_good, n_bad, failed = self._report_block(part, data, stamp, force)
+                good += n_good
+                bad += n_bad
+                had_error = had_error or failed
+            if not retry:
+                for part, error in result.failed:
                     had_error = True
-                    status.last_error = str(result)
-                    bad += self._bad(tag, DECODE_FAILURE, str(result), stamp, force)
-                elif force or tag.last_quality != GOOD or tag.changed(result):
-                    tag.last_value = result
-                    tag.last_quality = GOOD
-                    self._emit(reading_pb2.Reading(
-                        tag_id=tag.tag_id, read_time=stamp, value=to_value(tag.kind, result), quality=GOOD,
-                        plc_id=self.plc_id, role=tag.role,
-                    ))
-                    good += 1
+                    status.last_error = str(error)
+                    for spec, _ in part.tags:
+                        bad += self._bad(self.by_id[spec.tag_id], DECODE_FAILURE, str(error), stamp, force)
+            for spec, error in result.absent:
+                self._mark_absent(group, spec, error, stamp, force)
+        if changed or len(jobs) > len(group.blocks):
+            if changed:
+                group.blocks = sorted(plan, key=_block_order)
+                self._log_split(group)
+            self._publish_plan()
         if force:
             self._report_config_errors_of(group, timestamp_from_ns(self._wall_ns()))
         if not had_error:
@@ -487,18 +543,44 @@ class Poller:
         self._count(bad, "DECODE_FAILURE")
         self._advance(group)
 
-    def _bridged_refused(self, group: Group, block: Block, exc: DeviceError) -> bool:
-        """An "illegal data address" for a block that bridges unused addresses: the device has holes."""
-        return (not group.contiguous and exc.code == ILLEGAL_DATA_ADDRESS and isinstance(block, ModbusBlock)
-                and _has_gap(block))
+    def _report_block(self, block: Block, data: BlockData, stamp: timestamp_pb2.Timestamp,
+                      force: bool) -> tuple[int, int, bool]:
+        """Decode a block read and report its tags: (GOOD, DECODE_FAILURE readings emitted, any failure)."""
+        good = bad = 0
+        failed = False
+        by_id = self.by_id
+        for spec, result in block.decode(data):  # type: ignore[arg-type]
+            tag = by_id[spec.tag_id]
+            if isinstance(result, DecodeError):
+                failed = True
+                self.status.last_error = str(result)
+                bad += self._bad(tag, DECODE_FAILURE, str(result), stamp, force)
+            elif force or tag.last_quality != GOOD or tag.changed(result):
+                tag.last_value = result
+                tag.last_quality = GOOD
+                self._emit(reading_pb2.Reading(
+                    tag_id=tag.tag_id, read_time=stamp, value=to_value(tag.kind, result), quality=GOOD,
+                    plc_id=self.plc_id, role=tag.role,
+                ))
+                good += 1
+        return good, bad, failed
 
-    def _replan_contiguous(self, group: Group, block: Block) -> list[Block]:
-        log.info("%s refuses reads across unused addresses (exception 2); reading group %r in contiguous blocks",
-                 self.plc_id, group.name)
-        group.contiguous = True
-        self._plan(group)
-        assert self.driver is not None
-        return self.driver.plan([s for s, _ in block.tags], contiguous=True)
+    def _mark_absent(self, group: Group, spec: TagSpec, error: str, stamp: timestamp_pb2.Timestamp,
+                     force: bool) -> None:
+        if not group.absent:
+            group.next_absent_retry = self._clock() + self.limits.absent_retry
+        group.absent[spec.tag_id] = error
+        self._count(self._bad(self.by_id[spec.tag_id], CONFIG_ERROR, error, stamp, force), "CONFIG_ERROR")
+
+    def _log_split(self, group: Group) -> None:
+        if group.absent:
+            names = ", ".join(repr(self.by_id[tag_id].name) for tag_id in list(group.absent)[:5])
+            log.info("%s lacks %d tag(s) of group %r (%s%s); reading the group in %d block(s)", self.plc_id,
+                     len(group.absent), group.name, names, ", ..." if len(group.absent) > 5 else "",
+                     len(group.blocks))
+        else:
+            log.info("%s refused a block read of group %r (illegal address); reading it in %d block(s)",
+                     self.plc_id, group.name, len(group.blocks))
 
     # -------------------------------------------------------------------------------------- reporting
 
@@ -517,6 +599,8 @@ class Poller:
         for tag in group.tags:
             if tag.error and tag.tag_id:
                 n += self._bad(tag, CONFIG_ERROR, tag.error, stamp, True)
+        for tag_id, error in group.absent.items():
+            n += self._bad(self.by_id[tag_id], CONFIG_ERROR, error, stamp, True)
         self._count(n, "CONFIG_ERROR")
 
     def _report_config_errors(self, ns: int, *, force: bool) -> None:

@@ -19,7 +19,7 @@ __all__ = ["UPDATABLE_FIELDS", "apply_update_mask", "check_plc", "normalized", "
 
 #: Paths UpdatePlc accepts in its update_mask.
 UPDATABLE_FIELDS = ("display_name", "collector_id", "enabled", "connection", "poll_groups", "tags", "writable",
-                    "mirrors")
+                    "mirrors", "block_limits")
 _CONNECTIONS = ("modbus_tcp", "modbus_rtu", "modbus_rtu_over_tcp", "s7")
 
 
@@ -61,6 +61,10 @@ def apply_update_mask(current: plc_pb2.Plc, patch: plc_pb2.Plc, paths: Iterable[
         elif path in ("poll_groups", "tags", "mirrors"):
             getattr(merged, path).clear()
             getattr(merged, path).extend(getattr(patch, path))
+        elif path == "block_limits":  # a message: replaced as a whole, cleared when the patch has none
+            merged.ClearField(path)
+            if patch.HasField(path):
+                merged.block_limits.CopyFrom(patch.block_limits)
         else:
             setattr(merged, path, getattr(patch, path))
     return merged

@@ -7,18 +7,23 @@
   and poll groups, :func:`tag_violations` for every tag, and the rules about a tag's role. So a PLC that
   config accepts has only tags the collector can poll, and a rule is reported on the same field by both.
 * :func:`with_defaults` writes in what unset means (ports, each tag's poll group); :func:`port_of` reads it.
+* :func:`block_limits` is a PLC's ``BlockLimits`` as a :class:`BlockLimits` (None for each default), and
+  :func:`limits_violations` the rules that relate those limits to the PLC's protocol and tags.
 
 Every violation is a :class:`FieldViolation` with the path of the field it is about (``plc.tags[3].bit``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.validation import violations_of
-from .spec import INTEGER_TYPES, VALUE_BYTES, DataType, S7Area, TagSpec, TagSpecError, validate_spec
+from .spec import (INTEGER_TYPES, VALUE_BYTES, DataType, S7Area, TagSpec, TagSpecError, byte_count, register_count,
+                   validate_spec)
 
 #: The TCP port of each networked connection when its ``port`` is not set.
 DEFAULT_MODBUS_PORT = 502
@@ -32,6 +37,83 @@ DEFAULT_PORTS: dict[str, int] = {
 COUNTER_ROLES = frozenset({reading_pb2.TAG_ROLE_PRODUCTION_COUNTER, reading_pb2.TAG_ROLE_SCRAP_COUNTER})
 #: A placeholder id for checking a definition that has none yet (config assigns ids when it stores a tag).
 _NO_ID = 1
+#: Seconds between reads of the tags a device was found to lack, when BlockLimits.absent_retry_interval is unset.
+DEFAULT_ABSENT_RETRY = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlockLimits:
+    """How a PLC's tags may be merged into block reads; None keeps the protocol's limit or default.
+
+    Attributes:
+        max_registers: Most registers per Modbus read (the protocol allows 125).
+        max_bits: Most coils / discrete inputs per Modbus read (2000).
+        max_s7_bytes: Most bytes per S7 read (the negotiated PDU's payload bounds it anyway).
+        max_gap: Most unused addresses bridged inside one block (Modbus default 16, S7 unbounded).
+        no_merge: Every tag is read on its own (tags on the very same addresses still share a read).
+        absent_retry: Seconds between reads of the tags the device was found to lack.
+    """
+
+    max_registers: int | None = None
+    max_bits: int | None = None
+    max_s7_bytes: int | None = None
+    max_gap: int | None = None
+    no_merge: bool = False
+    absent_retry: float = DEFAULT_ABSENT_RETRY
+
+
+def block_limits(plc: plc_pb2.Plc) -> BlockLimits:
+    """The PLC's block limits (every default when it sets none)."""
+    if not plc.HasField("block_limits"):
+        return BlockLimits()
+    b = plc.block_limits
+
+    def opt(name: str) -> int | None:
+        return getattr(b, name) if b.HasField(name) else None
+
+    retry = DEFAULT_ABSENT_RETRY
+    if b.HasField("absent_retry_interval"):
+        retry = b.absent_retry_interval.ToTimedelta().total_seconds() or DEFAULT_ABSENT_RETRY
+    return BlockLimits(opt("max_registers"), opt("max_bits"), opt("max_s7_bytes"), opt("max_gap"), b.no_merge, retry)
+
+
+def limits_violations(plc: plc_pb2.Plc, prefix: str = "plc") -> list[FieldViolation]:
+    """The rules relating a PLC's block limits to its protocol and tags (the ranges are the proto's).
+
+    A limit of the other protocol is refused (it would silently do nothing), ``no_merge`` excludes
+    ``max_gap``, and every tag must fit in one read of the largest block allowed.
+    """
+    if not plc.HasField("block_limits"):
+        return []
+    b, path = plc.block_limits, f"{prefix}.block_limits"
+    out: list[FieldViolation] = []
+    s7 = is_s7(plc)
+    for name in ("max_registers", "max_bits"):
+        if s7 and b.HasField(name):
+            out.append(FieldViolation(f"{path}.{name}", "a Modbus limit; this is an S7 PLC (use max_s7_bytes)"))
+    if not s7 and b.HasField("max_s7_bytes"):
+        out.append(FieldViolation(f"{path}.max_s7_bytes", "an S7 limit; this is a Modbus PLC (use max_registers)"))
+    if b.no_merge and b.HasField("max_gap"):
+        out.append(FieldViolation(f"{path}.max_gap", "no_merge reads every tag on its own: no gap is bridged"))
+    limit_name = "max_s7_bytes" if s7 else "max_registers"
+    if not b.HasField(limit_name):
+        return out
+    limit = getattr(b, limit_name)
+    unit = "bytes" if s7 else "registers"
+    for i, tag in enumerate(plc.tags):
+        if s7 != (tag.WhichOneof("address") == "s7"):
+            continue  # the tag's own rules report it
+        try:
+            spec = tag_spec(tag, _NO_ID)
+            if spec.modbus_table is not None and spec.modbus_table.is_bit_table:
+                continue
+            width = byte_count(spec) if s7 else register_count(spec)
+        except TagSpecError:
+            continue  # the tag's own rules report it
+        if width > limit:
+            out.append(FieldViolation(f"{path}.{limit_name}",
+                                      f"tags[{i}] ({tag.name!r}) needs {width} {unit} in one read, more than {limit}"))
+    return out
 
 
 def is_s7(plc: plc_pb2.Plc) -> bool:
@@ -177,6 +259,7 @@ def plc_violations(plc: plc_pb2.Plc, prefix: str = "plc") -> list[FieldViolation
         out.extend(v for v in found if v.field not in reported)
         if tag.poll_group and tag.poll_group not in groups:
             out.append(FieldViolation(f"{path}.poll_group", f"no poll group named {tag.poll_group!r} on this PLC"))
+    out.extend(v for v in limits_violations(plc, prefix) if v.field not in reported)
     return out
 
 

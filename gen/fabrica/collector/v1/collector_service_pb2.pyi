@@ -93,6 +93,8 @@ class PlcRuntimeStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     READ_LATENCY_FIELD_NUMBER: _builtins.int
     TAG_COUNT_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
+    ABSENT_TAGS_FIELD_NUMBER: _builtins.int
     plc_id: _builtins.str
     """The PLC id."""
     connected: _builtins.bool
@@ -111,6 +113,16 @@ class PlcRuntimeStatus(_message.Message):
     def read_latency(self) -> _duration_pb2.Duration:
         """Duration of the last block read."""
 
+    @_builtins.property
+    def reads(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedRead]:
+        """The block reads of each poll, after any split around addresses the device lacks."""
+
+    @_builtins.property
+    def absent_tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___AbsentTag]:
+        """Tags the device was found to lack (their reads were refused as illegal addresses); they report
+        QUALITY_CONFIG_ERROR and are tried again every BlockLimits.absent_retry_interval.
+        """
+
     def __init__(
         self,
         *,
@@ -121,14 +133,134 @@ class PlcRuntimeStatus(_message.Message):
         last_error: _builtins.str = ...,
         read_latency: _duration_pb2.Duration | None = ...,
         tag_count: _builtins.int = ...,
+        reads: _abc.Iterable[Global___PlannedRead] | None = ...,
+        absent_tags: _abc.Iterable[Global___AbsentTag] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_good_read_time", b"last_good_read_time", "read_latency", b"read_latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "error_count", b"error_count", "last_error", b"last_error", "last_good_read_time", b"last_good_read_time", "plc_id", b"plc_id", "read_latency", b"read_latency", "tag_count", b"tag_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absent_tags", b"absent_tags", "connected", b"connected", "error_count", b"error_count", "last_error", b"last_error", "last_good_read_time", b"last_good_read_time", "plc_id", b"plc_id", "read_latency", b"read_latency", "reads", b"reads", "tag_count", b"tag_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlcRuntimeStatus: _TypeAlias = PlcRuntimeStatus  # noqa: Y015
+
+@_typing.final
+class AddressRange(_message.Message):
+    """A range of addresses of one Modbus table or S7 area."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODBUS_TABLE_FIELD_NUMBER: _builtins.int
+    S7_AREA_FIELD_NUMBER: _builtins.int
+    DB_NUMBER_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    modbus_table: _plc_pb2.ModbusTable.ValueType
+    """The Modbus table; unset for S7."""
+    s7_area: _plc_pb2.S7Area.ValueType
+    """The S7 area; unset for Modbus."""
+    db_number: _builtins.int
+    """The data block, for the S7 data block area."""
+    start: _builtins.int
+    """First address: register or bit (Modbus, zero-based), byte (S7)."""
+    count: _builtins.int
+    """Registers, bits or bytes."""
+    def __init__(
+        self,
+        *,
+        modbus_table: _plc_pb2.ModbusTable.ValueType = ...,
+        s7_area: _plc_pb2.S7Area.ValueType = ...,
+        db_number: _builtins.int = ...,
+        start: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "db_number", b"db_number", "modbus_table", b"modbus_table", "s7_area", b"s7_area", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddressRange: _TypeAlias = AddressRange  # noqa: Y015
+
+@_typing.final
+class PlannedRead(_message.Message):
+    """One read request of a PLC's block plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLL_GROUP_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    TAG_IDS_FIELD_NUMBER: _builtins.int
+    poll_group: _builtins.str
+    """The poll group it is read in."""
+    @_builtins.property
+    def range(self) -> Global___AddressRange:
+        """What is read."""
+
+    @_builtins.property
+    def tag_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The tags it serves."""
+
+    def __init__(
+        self,
+        *,
+        poll_group: _builtins.str = ...,
+        range: Global___AddressRange | None = ...,
+        tag_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["poll_group", b"poll_group", "range", b"range", "tag_ids", b"tag_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannedRead: _TypeAlias = PlannedRead  # noqa: Y015
+
+@_typing.final
+class AbsentTag(_message.Message):
+    """A tag whose addresses the device does not have."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_ID_FIELD_NUMBER: _builtins.int
+    TAG_NAME_FIELD_NUMBER: _builtins.int
+    POLL_GROUP_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_RETRY_TIME_FIELD_NUMBER: _builtins.int
+    tag_id: _builtins.int
+    """The tag id."""
+    tag_name: _builtins.str
+    """The tag name."""
+    poll_group: _builtins.str
+    """The poll group it is polled in."""
+    error: _builtins.str
+    """The device's answer, naming the address."""
+    @_builtins.property
+    def range(self) -> Global___AddressRange:
+        """The tag's addresses."""
+
+    @_builtins.property
+    def next_retry_time(self) -> _timestamp_pb2.Timestamp:
+        """When it is tried again."""
+
+    def __init__(
+        self,
+        *,
+        tag_id: _builtins.int = ...,
+        tag_name: _builtins.str = ...,
+        poll_group: _builtins.str = ...,
+        range: Global___AddressRange | None = ...,
+        error: _builtins.str = ...,
+        next_retry_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_retry_time", b"next_retry_time", "range", b"range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "next_retry_time", b"next_retry_time", "poll_group", b"poll_group", "range", b"range", "tag_id", b"tag_id", "tag_name", b"tag_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbsentTag: _TypeAlias = AbsentTag  # noqa: Y015
 
 @_typing.final
 class GetStatusResponse(_message.Message):
@@ -444,7 +576,9 @@ class PreviewDecodeRequest(_message.Message):
     TAG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def plc(self) -> _plc_pb2.Plc:
-        """The PLC connection to read from (tags are ignored)."""
+        """The PLC connection to read from, with its block limits. The tag is read in the block the poll would
+        read it in: with the PLC's other tags of its poll group (a PLC tag of the same name is replaced).
+        """
 
     @_builtins.property
     def tag(self) -> _plc_pb2.Tag:
@@ -476,6 +610,7 @@ class PreviewDecodeResponse(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    READ_FIELD_NUMBER: _builtins.int
     raw_bytes: _builtins.bytes
     """Raw bytes as read (S7)."""
     quality: _reading_pb2.Quality.ValueType
@@ -494,6 +629,10 @@ class PreviewDecodeResponse(_message.Message):
     def value(self) -> _reading_pb2.Value:
         """The decoded value, when decoding succeeded."""
 
+    @_builtins.property
+    def read(self) -> Global___AddressRange:
+        """The block the tag was read in (the raw values above are the tag's part of it)."""
+
     def __init__(
         self,
         *,
@@ -503,11 +642,122 @@ class PreviewDecodeResponse(_message.Message):
         value: _reading_pb2.Value | None = ...,
         quality: _reading_pb2.Quality.ValueType = ...,
         error: _builtins.str = ...,
+        read: Global___AddressRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read", b"read", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "error", b"error", "quality", b"quality", "raw_bytes", b"raw_bytes", "registers", b"registers", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "error", b"error", "quality", b"quality", "raw_bytes", b"raw_bytes", "read", b"read", "registers", b"registers", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PreviewDecodeResponse: _TypeAlias = PreviewDecodeResponse  # noqa: Y015
+
+@_typing.final
+class PreviewPlcRequest(_message.Message):
+    """Request of PreviewPlc."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLC_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plc(self) -> _plc_pb2.Plc:
+        """The PLC definition: connection, poll groups, block limits and tags."""
+
+    def __init__(
+        self,
+        *,
+        plc: _plc_pb2.Plc | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plc", b"plc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plc", b"plc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewPlcRequest: _TypeAlias = PreviewPlcRequest  # noqa: Y015
+
+@_typing.final
+class TagPreview(_message.Message):
+    """One tag of PreviewPlc."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_ID_FIELD_NUMBER: _builtins.int
+    TAG_NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    READ_FIELD_NUMBER: _builtins.int
+    tag_id: _builtins.int
+    """The tag's id as given (0 for a definition without ids)."""
+    tag_name: _builtins.str
+    """The tag's name."""
+    quality: _reading_pb2.Quality.ValueType
+    """GOOD, or why not (CONFIG_ERROR for a tag the device lacks)."""
+    error: _builtins.str
+    """What went wrong, in words."""
+    @_builtins.property
+    def value(self) -> _reading_pb2.Value:
+        """The decoded value, when decoding succeeded."""
+
+    @_builtins.property
+    def read(self) -> Global___AddressRange:
+        """The block the tag was read in; unset when it was not read."""
+
+    def __init__(
+        self,
+        *,
+        tag_id: _builtins.int = ...,
+        tag_name: _builtins.str = ...,
+        value: _reading_pb2.Value | None = ...,
+        quality: _reading_pb2.Quality.ValueType = ...,
+        error: _builtins.str = ...,
+        read: Global___AddressRange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read", b"read", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "quality", b"quality", "read", b"read", "tag_id", b"tag_id", "tag_name", b"tag_name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagPreview: _TypeAlias = TagPreview  # noqa: Y015
+
+@_typing.final
+class PreviewPlcResponse(_message.Message):
+    """Response of PreviewPlc."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
+    ABSENT_TAGS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    error: _builtins.str
+    """Why the device could not be read at all (no connection), empty otherwise."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___TagPreview]:
+        """Every tag of the definition, in its order."""
+
+    @_builtins.property
+    def reads(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedRead]:
+        """The block reads, after any split."""
+
+    @_builtins.property
+    def absent_tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___AbsentTag]:
+        """Tags the device lacks."""
+
+    def __init__(
+        self,
+        *,
+        tags: _abc.Iterable[Global___TagPreview] | None = ...,
+        reads: _abc.Iterable[Global___PlannedRead] | None = ...,
+        absent_tags: _abc.Iterable[Global___AbsentTag] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absent_tags", b"absent_tags", "error", b"error", "reads", b"reads", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewPlcResponse: _TypeAlias = PreviewPlcResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class CollectorServiceStub:
                 request_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorRequest.SerializeToString,
                 response_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorResponse.FromString,
                 _registered_method=True)
+        self.PreviewPlc = channel.unary_unary(
+                '/fabrica.collector.v1.CollectorService/PreviewPlc',
+                request_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewPlcRequest.SerializeToString,
+                response_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewPlcResponse.FromString,
+                _registered_method=True)
 
 
 class CollectorServiceServicer:
@@ -93,6 +98,16 @@ class CollectorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewPlc(self, request, context):
+        """Reads every tag of a PLC definition once, with the block plan its poller would use (its block limits,
+        and the split around addresses the device lacks), and shows each tag's value and quality and the plan.
+        A device that cannot be reached is reported in the response's fields. INVALID_ARGUMENT if the
+        definition is invalid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +130,11 @@ def add_CollectorServiceServicer_to_server(servicer, server):
                     servicer.ProbeMirror,
                     request_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorRequest.FromString,
                     response_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorResponse.SerializeToString,
+            ),
+            'PreviewPlc': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewPlc,
+                    request_deserializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewPlcRequest.FromString,
+                    response_serializer=fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewPlcResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +246,33 @@ class CollectorService:
             '/fabrica.collector.v1.CollectorService/ProbeMirror',
             fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorRequest.SerializeToString,
             fabrica_dot_collector_dot_v1_dot_collector__service__pb2.ProbeMirrorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewPlc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.collector.v1.CollectorService/PreviewPlc',
+            fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewPlcRequest.SerializeToString,
+            fabrica_dot_collector_dot_v1_dot_collector__service__pb2.PreviewPlcResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class CollectorServiceStub:
     writable and large enough, and shows the bytes a cycle would write. Writes nothing. A device that cannot
     be reached or refuses the range is reported in the fields; INVALID_ARGUMENT for a bad request.
     """
+    PreviewPlc: _grpc.UnaryUnaryMultiCallable[_collector_service_pb2.PreviewPlcRequest, _collector_service_pb2.PreviewPlcResponse]
+    """Reads every tag of a PLC definition once, with the block plan its poller would use (its block limits,
+    and the split around addresses the device lacks), and shows each tag's value and quality and the plan.
+    A device that cannot be reached is reported in the response's fields. INVALID_ARGUMENT if the
+    definition is invalid.
+    """
 
 @_typing.type_check_only
 class CollectorServiceAsyncStub(CollectorServiceStub):
@@ -68,6 +74,12 @@ class CollectorServiceAsyncStub(CollectorServiceStub):
     """Dry run of a mirror: reads the source range once and the target range once, checks that the target is
     writable and large enough, and shows the bytes a cycle would write. Writes nothing. A device that cannot
     be reached or refuses the range is reported in the fields; INVALID_ARGUMENT for a bad request.
+    """
+    PreviewPlc: _aio.UnaryUnaryMultiCallable[_collector_service_pb2.PreviewPlcRequest, _collector_service_pb2.PreviewPlcResponse]  # type: ignore[assignment]
+    """Reads every tag of a PLC definition once, with the block plan its poller would use (its block limits,
+    and the split around addresses the device lacks), and shows each tag's value and quality and the plan.
+    A device that cannot be reached is reported in the response's fields. INVALID_ARGUMENT if the
+    definition is invalid.
     """
 
 class CollectorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -110,6 +122,18 @@ class CollectorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Dry run of a mirror: reads the source range once and the target range once, checks that the target is
         writable and large enough, and shows the bytes a cycle would write. Writes nothing. A device that cannot
         be reached or refuses the range is reported in the fields; INVALID_ARGUMENT for a bad request.
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewPlc(
+        self,
+        request: _collector_service_pb2.PreviewPlcRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collector_service_pb2.PreviewPlcResponse, _abc.Awaitable[_collector_service_pb2.PreviewPlcResponse]]:
+        """Reads every tag of a PLC definition once, with the block plan its poller would use (its block limits,
+        and the split around addresses the device lacks), and shows each tag's value and quality and the plan.
+        A device that cannot be reached is reported in the response's fields. INVALID_ARGUMENT if the
+        definition is invalid.
         """
 
 def add_CollectorServiceServicer_to_server(servicer: CollectorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

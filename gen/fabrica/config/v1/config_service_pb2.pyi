@@ -220,7 +220,8 @@ class UpdatePlcRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to update: display_name, collector_id, enabled, connection (or one of modbus_tcp, modbus_rtu,
-        modbus_rtu_over_tcp, s7), poll_groups, tags, writable, mirrors. Empty or "*" replaces all of them.
+        modbus_rtu_over_tcp, s7), poll_groups, tags, writable, mirrors, block_limits. Empty or "*" replaces all
+        of them.
         """
 
     def __init__(

@@ -238,6 +238,7 @@ class Plc(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    BLOCK_LIMITS_FIELD_NUMBER: _builtins.int
     WRITABLE_FIELD_NUMBER: _builtins.int
     MIRRORS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
@@ -287,6 +288,10 @@ class Plc(_message.Message):
         """Output only. When the PLC last changed."""
 
     @_builtins.property
+    def block_limits(self) -> Global___BlockLimits:
+        """Limits of the block reads the collector plans for this PLC. Unset: the protocol's limits and defaults."""
+
+    @_builtins.property
     def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Mirror]:
         """Raw copies of a block of this PLC's memory to another PLC, run by the collector that polls this one.
         Names are unique within the PLC. S7 to S7 only: the target must be an S7 PLC of the same collector with
@@ -310,12 +315,13 @@ class Plc(_message.Message):
         revision: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        block_limits: Global___BlockLimits | None = ...,
         writable: _builtins.bool = ...,
         mirrors: _abc.Iterable[Global___Mirror] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "create_time", b"create_time", "modbus_rtu", b"modbus_rtu", "modbus_rtu_over_tcp", b"modbus_rtu_over_tcp", "modbus_tcp", b"modbus_tcp", "s7", b"s7", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["block_limits", b"block_limits", "connection", b"connection", "create_time", b"create_time", "modbus_rtu", b"modbus_rtu", "modbus_rtu_over_tcp", b"modbus_rtu_over_tcp", "modbus_tcp", b"modbus_tcp", "s7", b"s7", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "connection", b"connection", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "id", b"id", "mirrors", b"mirrors", "modbus_rtu", b"modbus_rtu", "modbus_rtu_over_tcp", b"modbus_rtu_over_tcp", "modbus_tcp", b"modbus_tcp", "poll_groups", b"poll_groups", "revision", b"revision", "s7", b"s7", "tags", b"tags", "update_time", b"update_time", "writable", b"writable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_limits", b"block_limits", "collector_id", b"collector_id", "connection", b"connection", "create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "id", b"id", "mirrors", b"mirrors", "modbus_rtu", b"modbus_rtu", "modbus_rtu_over_tcp", b"modbus_rtu_over_tcp", "modbus_tcp", b"modbus_tcp", "poll_groups", b"poll_groups", "revision", b"revision", "s7", b"s7", "tags", b"tags", "update_time", b"update_time", "writable", b"writable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_connection: _TypeAlias = _typing.Literal["modbus_tcp", "modbus_rtu", "modbus_rtu_over_tcp", "s7"]  # noqa: Y015
     _WhichOneofArgType_connection: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
@@ -408,6 +414,79 @@ class Mirror(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Mirror: _TypeAlias = Mirror  # noqa: Y015
+
+@_typing.final
+class BlockLimits(_message.Message):
+    """How the collector may merge a PLC's tags into block reads. Every field left unset keeps the default.
+    When a block read is refused because some address in it does not exist (Modbus exception 2, an S7
+    "invalid address"), the collector splits the block until it finds the tags
+    the device lacks: those report QUALITY_CONFIG_ERROR and are read again every `absent_retry_interval`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_REGISTERS_FIELD_NUMBER: _builtins.int
+    MAX_BITS_FIELD_NUMBER: _builtins.int
+    MAX_S7_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_GAP_FIELD_NUMBER: _builtins.int
+    NO_MERGE_FIELD_NUMBER: _builtins.int
+    ABSENT_RETRY_INTERVAL_FIELD_NUMBER: _builtins.int
+    max_registers: _builtins.int
+    """Most registers one Modbus read asks for, 1 to 125 (some devices accept fewer). 125 when not set.
+    Modbus PLCs only.
+    """
+    max_bits: _builtins.int
+    """Most coils or discrete inputs one Modbus read asks for, 1 to 2000. 2000 when not set. Modbus PLCs only."""
+    max_s7_bytes: _builtins.int
+    """Most bytes one S7 read asks for, 1 to 65535; the negotiated PDU bounds it further (PDU size - 18, i.e.
+    222 bytes for a 240-byte PDU). The PDU's payload when not set. S7 PLCs only.
+    """
+    max_gap: _builtins.int
+    """Most unused addresses (registers, bits or bytes) a block may bridge between two tags, 0 to 65535.
+    Modbus: 16 when not set; S7: any gap that fits the read.
+    """
+    no_merge: _builtins.bool
+    """Never merge tags: every tag is read on its own (devices that refuse multi-register reads). Tags on
+    exactly the same addresses (bits of one register) still share their read. Excludes `max_gap`.
+    """
+    @_builtins.property
+    def absent_retry_interval(self) -> _duration_pb2.Duration:
+        """How often tags the device was found to lack are tried again (a firmware update may add them),
+        1 s to 7 days. 10 minutes when not set.
+        """
+
+    def __init__(
+        self,
+        *,
+        max_registers: _builtins.int | None = ...,
+        max_bits: _builtins.int | None = ...,
+        max_s7_bytes: _builtins.int | None = ...,
+        max_gap: _builtins.int | None = ...,
+        no_merge: _builtins.bool = ...,
+        absent_retry_interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_bits", b"_max_bits", "_max_gap", b"_max_gap", "_max_registers", b"_max_registers", "_max_s7_bytes", b"_max_s7_bytes", "absent_retry_interval", b"absent_retry_interval", "max_bits", b"max_bits", "max_gap", b"max_gap", "max_registers", b"max_registers", "max_s7_bytes", b"max_s7_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_bits", b"_max_bits", "_max_gap", b"_max_gap", "_max_registers", b"_max_registers", "_max_s7_bytes", b"_max_s7_bytes", "absent_retry_interval", b"absent_retry_interval", "max_bits", b"max_bits", "max_gap", b"max_gap", "max_registers", b"max_registers", "max_s7_bytes", b"max_s7_bytes", "no_merge", b"no_merge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_bits: _TypeAlias = _typing.Literal["max_bits"]  # noqa: Y015
+    _WhichOneofArgType__max_bits: _TypeAlias = _typing.Literal["_max_bits", b"_max_bits"]  # noqa: Y015
+    _WhichOneofReturnType__max_gap: _TypeAlias = _typing.Literal["max_gap"]  # noqa: Y015
+    _WhichOneofArgType__max_gap: _TypeAlias = _typing.Literal["_max_gap", b"_max_gap"]  # noqa: Y015
+    _WhichOneofReturnType__max_registers: _TypeAlias = _typing.Literal["max_registers"]  # noqa: Y015
+    _WhichOneofArgType__max_registers: _TypeAlias = _typing.Literal["_max_registers", b"_max_registers"]  # noqa: Y015
+    _WhichOneofReturnType__max_s7_bytes: _TypeAlias = _typing.Literal["max_s7_bytes"]  # noqa: Y015
+    _WhichOneofArgType__max_s7_bytes: _TypeAlias = _typing.Literal["_max_s7_bytes", b"_max_s7_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_bits) -> _WhichOneofReturnType__max_bits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_gap) -> _WhichOneofReturnType__max_gap | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_registers) -> _WhichOneofReturnType__max_registers | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_s7_bytes) -> _WhichOneofReturnType__max_s7_bytes | None: ...
+
+Global___BlockLimits: _TypeAlias = BlockLimits  # noqa: Y015
 
 @_typing.final
 class ModbusTcpConnection(_message.Message):
