@@ -70,9 +70,6 @@ async def test_sdm630_profile_against_the_published_map() -> None:
     assert_exact(got, {name: SDM630[number][1] for name, number in SDM630_TAGS.items()})
 
 
-@pytest.mark.xfail(strict=True, reason="needs the collector to split a block refused with exception 2 and report only "
-                   "the absent tags (issue 11, 'Blocks and addresses', another branch): today the absent frequency "
-                   "register fails the import/export block with it. Remove this mark when that is merged.")
 async def test_sdm630_profile_on_a_meter_without_the_per_phase_registers() -> None:
     """The SDM72D-M's map (user manual V1.5, part 3): the totals only. The tags it lacks are the optional ones;
     every other tag is GOOD."""
