@@ -32,7 +32,7 @@ from .errors import (
     OutOfRange,
     Unavailable,
 )
-from .validation import violations_of
+from .validation import MAX_VIOLATIONS, violations_of
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,24 @@ def status_for(exc: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and rich status (with details) for a domain error."""
     code = next((c for cls, c in _CODES if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
     details: list[message.Message] = []
+    text, metadata = exc.message, exc.metadata
     if isinstance(exc, InvalidArgument):
+        # At most MAX_VIOLATIONS, for every RPC: 100,000 of them would overflow the trailers (and the client
+        # would see RESOURCE_EXHAUSTED). The rest are counted, in the message and in ErrorInfo metadata.
+        shown, omitted = exc.violations[:MAX_VIOLATIONS], max(0, len(exc.violations) - MAX_VIOLATIONS)
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in exc.violations
+                    for v in shown
                 ]
             )
         )
+        if omitted:
+            if len(text) > 8192:  # the default message lists every violation
+                text = "; ".join(f"{v.field}: {v.description}" for v in shown)
+            text = f"{text}; and {omitted} more violation(s) not listed"
+            metadata = {**metadata, "omitted_violations": str(omitted)}
     elif isinstance(exc, FailedPrecondition) and exc.violations:
         details.append(
             error_details_pb2.PreconditionFailure(
@@ -81,8 +90,8 @@ def status_for(exc: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
                 ]
             )
         )
-    details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))
-    rich = status_pb2.Status(code=code.value[0], message=exc.message, details=[_pack(d) for d in details])
+    details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
+    rich = status_pb2.Status(code=code.value[0], message=text, details=[_pack(d) for d in details])
     return code, rich
 
 
@@ -113,7 +122,7 @@ async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> Asy
             found = violations_of(request)
             if found:
                 raise _InvalidStreamMessage(InvalidArgument(found, f"message {index} of the stream is invalid: "
-                                                            + "; ".join(f"{v.field}: {v.description}" for v in found)))
+                                                            + "; ".join(f"{v.field}: {v.description}" for v in found[:MAX_VIOLATIONS])))
         index += 1
         yield request
 

@@ -109,9 +109,9 @@ class Value(_message.Message):
     double_value: _builtins.float
     """A floating-point value (float32, float64, and any scaled numeric tag)."""
     string_value: _builtins.str
-    """A string tag."""
+    """A string tag. At most 65,536 bytes (64 KiB) of UTF-8; INVALID_ARGUMENT beyond."""
     bytes_value: _builtins.bytes
-    """Raw bytes."""
+    """Raw bytes. At most 65,536 bytes (64 KiB); INVALID_ARGUMENT beyond."""
     def __init__(
         self,
         *,
@@ -157,7 +157,9 @@ class Reading(_message.Message):
     """The tag's role, copied from its definition, so that ingest can route counter and state readings to events."""
     @_builtins.property
     def read_time(self) -> _timestamp_pb2.Timestamp:
-        """When the value was read from the device."""
+        """When the value was read from the device: 0001-01-01 to 9999-12-31 (checked by ingest in code for each
+        reading, like `value` below, and for nanos by the shared validator).
+        """
 
     @_builtins.property
     def value(self) -> Global___Value:
