@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from fabrica.config.v1 import plc_pb2
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
+from ..runtime.validation import OFF_LOOP_BYTES
 from . import domain
 from .profiles import PROFILES
 from .store import ConfigStore
@@ -24,6 +26,15 @@ DEFAULT_PAGE_SIZE = 50
 WATCH_POLL_SECONDS = 2.0
 
 
+async def _check_plc(plc: plc_pb2.Plc) -> None:
+    """domain.check_plc, in a thread for a large PLC: the tag model's checks of thousands of tags are plain
+    Python, which a thread interleaves with the event loop (the interceptor has checked the proto's rules)."""
+    if plc.ByteSize() < OFF_LOOP_BYTES:
+        domain.check_plc(plc)
+    else:
+        await asyncio.to_thread(domain.check_plc, plc)
+
+
 class ConfigServicer(pb_grpc.ConfigServiceServicer):
     def __init__(self, store: ConfigStore, listener: Listener):
         self.store = store
@@ -31,7 +42,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
 
     async def CreatePlc(self, request: pb.CreatePlcRequest, context: grpc.aio.ServicerContext) -> pb.CreatePlcResponse:
         plc = domain.normalized(request.plc)
-        domain.check_plc(plc)
+        await _check_plc(plc)
         return pb.CreatePlcResponse(plc=await self.store.create(plc, request.request_id))
 
     async def GetPlc(self, request: pb.GetPlcRequest, context: grpc.aio.ServicerContext) -> pb.GetPlcResponse:
@@ -85,7 +96,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
             copy.CopyFrom(tag)
             copy.name = request.tag_name_prefix + tag.name
         plc = domain.normalized(plc)
-        domain.check_plc(plc)
+        await _check_plc(plc)
         return pb.CreatePlcFromProfileResponse(plc=await self.store.create(plc, request.request_id))
 
     async def WatchPlcs(self, request: pb.WatchPlcsRequest,

@@ -84,6 +84,7 @@ class ServiceHost:
     _monitor: asyncio.Task[None] | None = None
     _metrics_server: object | None = None
     _serving: bool | None = None
+    _interceptor: ServiceInterceptor | None = None
 
     @property
     def address(self) -> str:
@@ -135,8 +136,9 @@ class ServiceHost:
 
     async def _start_server(self) -> None:
         app, settings = self.app, self.settings
+        self._interceptor = ServiceInterceptor(app.name)
         server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ServiceInterceptor(app.name)],
+            interceptors=[aio_server_interceptor(), self._interceptor],
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -203,6 +205,8 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._interceptor is not None:
+            self._interceptor.close()
         await self._release()
         log.info("stopped", extra={"service": self.app.name})
 

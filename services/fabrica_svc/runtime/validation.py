@@ -11,11 +11,15 @@ Two checks run before protovalidate, both driven by the descriptors:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
+import importlib
+import multiprocessing
 
 import protovalidate
 from buf.validate import validate_pb2
-from google.protobuf import descriptor, duration_pb2, message, timestamp_pb2
+from google.protobuf import descriptor, descriptor_pool, duration_pb2, message, message_factory, timestamp_pb2
 
 from .errors import FieldViolation
 
@@ -23,6 +27,10 @@ from .errors import FieldViolation
 MAX_VIOLATIONS = 100
 #: protobuf's Duration range, ±10,000 years.
 MAX_DURATION_SECONDS = 315_576_000_000
+
+#: Time fields the pre-check leaves to code that checks them anyway: ingest checks each reading's
+#: read_time as it converts a batch (ingest/convert.py), and a batch holds up to 10,000 of them.
+CHECKED_IN_CODE = frozenset({"fabrica.common.v1.Reading.read_time"})
 
 _TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
 _DURATION = duration_pb2.Duration.DESCRIPTOR.full_name
@@ -65,12 +73,16 @@ def _plan(desc: descriptor.Descriptor) -> tuple[tuple[descriptor.FieldDescriptor
                 out.append((f, "list", limit))
             continue
         name = f.message_type.full_name
+        if f.full_name in CHECKED_IN_CODE:
+            continue
         if name == _TIMESTAMP:
             out.append((f, "timestamp", limit))
         elif name == _DURATION:
             out.append((f, "duration", limit))
-        elif _plan(f.message_type) or limit:
+        elif _plan(f.message_type):
             out.append((f, "message", limit))
+        elif limit:
+            out.append((f, "list", limit))
     return tuple(out)
 
 
@@ -122,3 +134,51 @@ def violations_of(msg: message.Message, prefix: str = "") -> list[FieldViolation
         found = [FieldViolation(f"{prefix}.{v.field}" if v.field != "(message)" else prefix, v.description)
                  for v in found]
     return found
+
+
+#: Requests at least this large are validated in a worker process (see `OffLoopValidator`).
+OFF_LOOP_BYTES = 256 * 1024
+
+
+def _violations_of_serialized(type_name: str, module: str, data: bytes) -> list[tuple[str, str]]:
+    """`violations_of` in a worker process: the message arrives serialized, the violations go back as pairs."""
+    importlib.import_module(module)  # registers the message type in the default pool
+    desc = descriptor_pool.Default().FindMessageTypeByName(type_name)
+    msg = message_factory.GetMessageClass(desc).FromString(data)
+    return [(v.field, v.description) for v in violations_of(msg)]
+
+
+def _module_of(msg: message.Message) -> str:
+    return msg.DESCRIPTOR.file.name.removesuffix(".proto").replace("/", ".") + "_pb2"
+
+
+class OffLoopValidator:
+    """Validates large messages away from the event loop.
+
+    protovalidate holds the GIL while it checks a message, so a thread would not help: checking a CreatePlc
+    with 5,000 bad tags takes the better part of a second, during which no other RPC of the process would
+    be served. A message of OFF_LOOP_BYTES or more is therefore checked in one worker process (started on
+    first use, with ``spawn``: forking a process that runs gRPC is unsafe); smaller ones, the vast majority,
+    are checked in place, where a round trip to the worker would cost more than the check.
+    """
+
+    def __init__(self, threshold: int = OFF_LOOP_BYTES) -> None:
+        self.threshold = threshold
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    async def violations_of(self, msg: message.Message) -> list[FieldViolation]:
+        size = msg.ByteSize()
+        if size < self.threshold:
+            return violations_of(msg)
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        found = await asyncio.get_running_loop().run_in_executor(
+            self._pool, _violations_of_serialized, msg.DESCRIPTOR.full_name, _module_of(msg), msg.SerializeToString())
+        return [FieldViolation(f, d) for f, d in found]
+
+    def close(self) -> None:
+        """Stop the worker process, if one was started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

@@ -29,7 +29,7 @@ from fabrica.ingest.v1 import tag_event_pb2 as fabrica_dot_ingest_dot_v1_dot_tag
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/ingest/v1/ingest_service.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1d\x66\x61\x62rica/ingest/v1/query.proto\x1a!fabrica/ingest/v1/tag_event.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\nStreamOpen\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\"\x87\x01\n\x15StreamReadingsRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.fabrica.ingest.v1.StreamOpenH\x00\x12\x30\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatchH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"k\n\x0cStreamResume\x12?\n\x0c\x63ollector_id\x18\x01 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\"@\n\x08\x42\x61tchAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07written\x18\x03 \x01(\r\"\x7f\n\x16StreamReadingsResponse\x12\x31\n\x06resume\x18\x01 \x01(\x0b\x32\x1f.fabrica.ingest.v1.StreamResumeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.fabrica.ingest.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x9b\x01\n\x15WatchTagEventsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12 \n\x07tag_ids\x18\x02 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x41\n\x07plc_ids\x18\x03 \x03(\tB0\xbaH-\x92\x01*\x10\xe8\x07\"%r#\x10\x01\x18?2\x1d^[A-Za-z0-9][A-Za-z0-9._:-]*$\"E\n\x16WatchTagEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fabrica.ingest.v1.TagEvent\"\xa2\x01\n\x14QueryReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x90N(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"}\n\x15QueryReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"Q\n\x15\x45xportReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\"F\n\x16\x45xportReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"z\n\x18\x41ggregateReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12$\n\x0e\x62ucket_seconds\x18\x02 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xbd\xa3\x01(\x01\"N\n\x19\x41ggregateReadingsResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .fabrica.ingest.v1.ReadingBucket\"u\n\x16GetLatestValuesRequest\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\x88\'\"\x04\x32\x02 \x00\x12\x39\n\x06plc_id\x18\x02 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\"G\n\x17GetLatestValuesResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"\xd9\x02\n\x18SummarizeReadingsRequest\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12U\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12S\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12&\n\x10lower_spec_limit\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12&\n\x10upper_spec_limit\x18\x05 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x13\n\x11_lower_spec_limitB\x13\n\x11_upper_spec_limit\"O\n\x19SummarizeReadingsResponse\x12\x32\n\x07summary\x18\x01 \x01(\x0b\x32!.fabrica.ingest.v1.ReadingSummary2\xfa\x05\n\rIngestService\x12i\n\x0eStreamReadings\x12(.fabrica.ingest.v1.StreamReadingsRequest\x1a).fabrica.ingest.v1.StreamReadingsResponse(\x01\x30\x01\x12g\n\x0eWatchTagEvents\x12(.fabrica.ingest.v1.WatchTagEventsRequest\x1a).fabrica.ingest.v1.WatchTagEventsResponse0\x01\x12\x62\n\rQueryReadings\x12\'.fabrica.ingest.v1.QueryReadingsRequest\x1a(.fabrica.ingest.v1.QueryReadingsResponse\x12g\n\x0e\x45xportReadings\x12(.fabrica.ingest.v1.ExportReadingsRequest\x1a).fabrica.ingest.v1.ExportReadingsResponse0\x01\x12n\n\x11\x41ggregateReadings\x12+.fabrica.ingest.v1.AggregateReadingsRequest\x1a,.fabrica.ingest.v1.AggregateReadingsResponse\x12h\n\x0fGetLatestValues\x12).fabrica.ingest.v1.GetLatestValuesRequest\x1a*.fabrica.ingest.v1.GetLatestValuesResponse\x12n\n\x11SummarizeReadings\x12+.fabrica.ingest.v1.SummarizeReadingsRequest\x1a,.fabrica.ingest.v1.SummarizeReadingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/ingest/v1/ingest_service.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1d\x66\x61\x62rica/ingest/v1/query.proto\x1a!fabrica/ingest/v1/tag_event.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\nStreamOpen\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\"\x87\x01\n\x15StreamReadingsRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.fabrica.ingest.v1.StreamOpenH\x00\x12\x30\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatchH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"]\n\x0cStreamResume\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\"@\n\x08\x42\x61tchAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07written\x18\x03 \x01(\r\"\x7f\n\x16StreamReadingsResponse\x12\x31\n\x06resume\x18\x01 \x01(\x0b\x32\x1f.fabrica.ingest.v1.StreamResumeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.fabrica.ingest.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x90\x01\n\x15WatchTagEventsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12 \n\x07tag_ids\x18\x02 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x36\n\x07plc_ids\x18\x03 \x03(\tB%\xbaH\"\x92\x01\x1f\x10\xe8\x07\"\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"E\n\x16WatchTagEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fabrica.ingest.v1.TagEvent\"\xa2\x01\n\x14QueryReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x90N(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"}\n\x15QueryReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"Q\n\x15\x45xportReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\"F\n\x16\x45xportReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"z\n\x18\x41ggregateReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12$\n\x0e\x62ucket_seconds\x18\x02 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xbd\xa3\x01(\x01\"N\n\x19\x41ggregateReadingsResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .fabrica.ingest.v1.ReadingBucket\"g\n\x16GetLatestValuesRequest\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\x88\'\"\x04\x32\x02 \x00\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\"G\n\x17GetLatestValuesResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"\xd9\x02\n\x18SummarizeReadingsRequest\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12U\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12S\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12&\n\x10lower_spec_limit\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12&\n\x10upper_spec_limit\x18\x05 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x13\n\x11_lower_spec_limitB\x13\n\x11_upper_spec_limit\"O\n\x19SummarizeReadingsResponse\x12\x32\n\x07summary\x18\x01 \x01(\x0b\x32!.fabrica.ingest.v1.ReadingSummary2\xfa\x05\n\rIngestService\x12i\n\x0eStreamReadings\x12(.fabrica.ingest.v1.StreamReadingsRequest\x1a).fabrica.ingest.v1.StreamReadingsResponse(\x01\x30\x01\x12g\n\x0eWatchTagEvents\x12(.fabrica.ingest.v1.WatchTagEventsRequest\x1a).fabrica.ingest.v1.WatchTagEventsResponse0\x01\x12\x62\n\rQueryReadings\x12\'.fabrica.ingest.v1.QueryReadingsRequest\x1a(.fabrica.ingest.v1.QueryReadingsResponse\x12g\n\x0e\x45xportReadings\x12(.fabrica.ingest.v1.ExportReadingsRequest\x1a).fabrica.ingest.v1.ExportReadingsResponse0\x01\x12n\n\x11\x41ggregateReadings\x12+.fabrica.ingest.v1.AggregateReadingsRequest\x1a,.fabrica.ingest.v1.AggregateReadingsResponse\x12h\n\x0fGetLatestValues\x12).fabrica.ingest.v1.GetLatestValuesRequest\x1a*.fabrica.ingest.v1.GetLatestValuesResponse\x12n\n\x11SummarizeReadings\x12+.fabrica.ingest.v1.SummarizeReadingsRequest\x1a,.fabrica.ingest.v1.SummarizeReadingsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,13 +41,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMREADINGSREQUEST'].oneofs_by_name['kind']._loaded_options = None
   _globals['_STREAMREADINGSREQUEST'].oneofs_by_name['kind']._serialized_options = b'\272H\002\010\001'
   _globals['_STREAMRESUME'].fields_by_name['collector_id']._loaded_options = None
-  _globals['_STREAMRESUME'].fields_by_name['collector_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_STREAMRESUME'].fields_by_name['collector_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['after_cursor']._loaded_options = None
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['after_cursor']._serialized_options = b'\272H\004\"\002(\000'
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['tag_ids']._loaded_options = None
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\350\007\"\0042\002 \000'
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['plc_ids']._loaded_options = None
-  _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['plc_ids']._serialized_options = b'\272H-\222\001*\020\350\007\"%r#\020\001\030?2\035^[A-Za-z0-9][A-Za-z0-9._:-]*$'
+  _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['plc_ids']._serialized_options = b'\272H\"\222\001\037\020\350\007\"\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['filter']._loaded_options = None
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['filter']._serialized_options = b'\272H\003\310\001\001'
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -65,7 +65,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETLATESTVALUESREQUEST'].fields_by_name['tag_ids']._loaded_options = None
   _globals['_GETLATESTVALUESREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\210\'\"\0042\002 \000'
   _globals['_GETLATESTVALUESREQUEST'].fields_by_name['plc_id']._loaded_options = None
-  _globals['_GETLATESTVALUESREQUEST'].fields_by_name['plc_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_GETLATESTVALUESREQUEST'].fields_by_name['plc_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_SUMMARIZEREADINGSREQUEST'].fields_by_name['tag_id']._loaded_options = None
   _globals['_SUMMARIZEREADINGSREQUEST'].fields_by_name['tag_id']._serialized_options = b'\272H\0042\002 \000'
   _globals['_SUMMARIZEREADINGSREQUEST'].fields_by_name['start_time']._loaded_options = None
@@ -81,35 +81,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMREADINGSREQUEST']._serialized_start=303
   _globals['_STREAMREADINGSREQUEST']._serialized_end=438
   _globals['_STREAMRESUME']._serialized_start=440
-  _globals['_STREAMRESUME']._serialized_end=547
-  _globals['_BATCHACK']._serialized_start=549
-  _globals['_BATCHACK']._serialized_end=613
-  _globals['_STREAMREADINGSRESPONSE']._serialized_start=615
-  _globals['_STREAMREADINGSRESPONSE']._serialized_end=742
-  _globals['_WATCHTAGEVENTSREQUEST']._serialized_start=745
-  _globals['_WATCHTAGEVENTSREQUEST']._serialized_end=900
-  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_start=902
-  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_end=971
-  _globals['_QUERYREADINGSREQUEST']._serialized_start=974
-  _globals['_QUERYREADINGSREQUEST']._serialized_end=1136
-  _globals['_QUERYREADINGSRESPONSE']._serialized_start=1138
-  _globals['_QUERYREADINGSRESPONSE']._serialized_end=1263
-  _globals['_EXPORTREADINGSREQUEST']._serialized_start=1265
-  _globals['_EXPORTREADINGSREQUEST']._serialized_end=1346
-  _globals['_EXPORTREADINGSRESPONSE']._serialized_start=1348
-  _globals['_EXPORTREADINGSRESPONSE']._serialized_end=1418
-  _globals['_AGGREGATEREADINGSREQUEST']._serialized_start=1420
-  _globals['_AGGREGATEREADINGSREQUEST']._serialized_end=1542
-  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_start=1544
-  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_end=1622
-  _globals['_GETLATESTVALUESREQUEST']._serialized_start=1624
-  _globals['_GETLATESTVALUESREQUEST']._serialized_end=1741
-  _globals['_GETLATESTVALUESRESPONSE']._serialized_start=1743
-  _globals['_GETLATESTVALUESRESPONSE']._serialized_end=1814
-  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_start=1817
-  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_end=2162
-  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_start=2164
-  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_end=2243
-  _globals['_INGESTSERVICE']._serialized_start=2246
-  _globals['_INGESTSERVICE']._serialized_end=3008
+  _globals['_STREAMRESUME']._serialized_end=533
+  _globals['_BATCHACK']._serialized_start=535
+  _globals['_BATCHACK']._serialized_end=599
+  _globals['_STREAMREADINGSRESPONSE']._serialized_start=601
+  _globals['_STREAMREADINGSRESPONSE']._serialized_end=728
+  _globals['_WATCHTAGEVENTSREQUEST']._serialized_start=731
+  _globals['_WATCHTAGEVENTSREQUEST']._serialized_end=875
+  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_start=877
+  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_end=946
+  _globals['_QUERYREADINGSREQUEST']._serialized_start=949
+  _globals['_QUERYREADINGSREQUEST']._serialized_end=1111
+  _globals['_QUERYREADINGSRESPONSE']._serialized_start=1113
+  _globals['_QUERYREADINGSRESPONSE']._serialized_end=1238
+  _globals['_EXPORTREADINGSREQUEST']._serialized_start=1240
+  _globals['_EXPORTREADINGSREQUEST']._serialized_end=1321
+  _globals['_EXPORTREADINGSRESPONSE']._serialized_start=1323
+  _globals['_EXPORTREADINGSRESPONSE']._serialized_end=1393
+  _globals['_AGGREGATEREADINGSREQUEST']._serialized_start=1395
+  _globals['_AGGREGATEREADINGSREQUEST']._serialized_end=1517
+  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_start=1519
+  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_end=1597
+  _globals['_GETLATESTVALUESREQUEST']._serialized_start=1599
+  _globals['_GETLATESTVALUESREQUEST']._serialized_end=1702
+  _globals['_GETLATESTVALUESRESPONSE']._serialized_start=1704
+  _globals['_GETLATESTVALUESRESPONSE']._serialized_end=1775
+  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_start=1778
+  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_end=2123
+  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_start=2125
+  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_end=2204
+  _globals['_INGESTSERVICE']._serialized_start=2207
+  _globals['_INGESTSERVICE']._serialized_end=2969
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabrica/production/v1/order.proto\x12\x15\x66\x61\x62rica.production.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x05\n\x05Order\x12\x35\n\x02id\x18\x01 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12.\n\x06number\x18\x02 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x13^[^\\x00-\\x1F\\x7F]*$\x12\x39\n\x07item_id\x18\x03 \x01(\tB(\xbaH%r#\x10\x01\x18?2\x1d^[A-Za-z0-9][A-Za-z0-9._:-]*$\x12@\n\x0ework_center_id\x18\x04 \x01(\tB(\xbaH%r#\x10\x01\x18?2\x1d^[A-Za-z0-9][A-Za-z0-9._:-]*$\x12&\n\x10planned_quantity\x18\x05 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/(\x01\x12\x30\n\x05state\x18\x06 \x01(\x0e\x32!.fabrica.production.v1.OrderState\x12\x15\n\rgood_quantity\x18\x07 \x01(\x03\x12\x16\n\x0escrap_quantity\x18\x08 \x01(\x03\x12R\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12+\n\x04\x65tag\x18\x0b \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\xf3\x02\n\x07\x42ooking\x12\x35\n\x02id\x18\x01 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12;\n\x08order_id\x18\x02 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12\x15\n\rgood_quantity\x18\x03 \x01(\x03\x12\x16\n\x0escrap_quantity\x18\x04 \x01(\x03\x12\x34\n\x06source\x18\x05 \x01(\x0e\x32$.fabrica.production.v1.BookingSource\x12Q\n\tbook_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12<\n\x04note\x18\x07 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\"\xe4\x02\n\x06\x44\x65\x66\x65\x63t\x12\x35\n\x02id\x18\x01 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12;\n\x08order_id\x18\x02 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12\x41\n\x0e\x64\x65\x66\x65\x63t_code_id\x18\x03 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12\x10\n\x08quantity\x18\x04 \x01(\x03\x12<\n\x04note\x18\x05 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\xf6\x03\n\x08\x44owntime\x12\x35\n\x02id\x18\x01 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12\x41\n\x0ework_center_id\x18\x02 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12;\n\x08order_id\x18\x03 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12R\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12<\n\treason_id\x18\x06 \x01(\tB)\xbaH&r$\x18?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$\x12<\n\x04note\x18\x07 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x11\n\tautomatic\x18\x08 \x01(\x08\"\xd0\x02\n\x03Oee\x12R\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x14\n\x0c\x61vailability\x18\x03 \x01(\x01\x12\x13\n\x0bperformance\x18\x04 \x01(\x01\x12\x0f\n\x07quality\x18\x05 \x01(\x01\x12\x0b\n\x03oee\x18\x06 \x01(\x01\x12\x17\n\x0fplanned_seconds\x18\x07 \x01(\x01\x12\x18\n\x10\x64owntime_seconds\x18\x08 \x01(\x01\x12\x12\n\ngood_count\x18\t \x01(\x03\x12\x13\n\x0btotal_count\x18\n \x01(\x03*\xad\x01\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PLANNED\x10\x01\x12\x1b\n\x17ORDER_STATE_IN_PROGRESS\x10\x02\x12\x16\n\x12ORDER_STATE_PAUSED\x10\x03\x12\x19\n\x15ORDER_STATE_COMPLETED\x10\x04\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x05*f\n\rBookingSource\x12\x1e\n\x1a\x42OOKING_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42OOKING_SOURCE_COUNTER\x10\x01\x12\x19\n\x15\x42OOKING_SOURCE_MANUAL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabrica/production/v1/order.proto\x12\x15\x66\x61\x62rica.production.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x05\n\x05Order\x12\'\n\x02id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12.\n\x06number\x18\x02 \x01(\tB\x1e\xbaH\x1br\x19\x10\x01\x18@2\x13^[^\\x00-\\x1F\\x7F]*$\x12.\n\x07item_id\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12\x35\n\x0ework_center_id\x18\x04 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12&\n\x10planned_quantity\x18\x05 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xc2\xd7/(\x01\x12\x30\n\x05state\x18\x06 \x01(\x0e\x32!.fabrica.production.v1.OrderState\x12\x15\n\rgood_quantity\x18\x07 \x01(\x03\x12\x16\n\x0escrap_quantity\x18\x08 \x01(\x03\x12R\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12+\n\x04\x65tag\x18\x0b \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\xd7\x02\n\x07\x42ooking\x12\'\n\x02id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12-\n\x08order_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x15\n\rgood_quantity\x18\x03 \x01(\x03\x12\x16\n\x0escrap_quantity\x18\x04 \x01(\x03\x12\x34\n\x06source\x18\x05 \x01(\x0e\x32$.fabrica.production.v1.BookingSource\x12Q\n\tbook_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12<\n\x04note\x18\x07 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\"\xba\x02\n\x06\x44\x65\x66\x65\x63t\x12\'\n\x02id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12-\n\x08order_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x33\n\x0e\x64\x65\x66\x65\x63t_code_id\x18\x03 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x10\n\x08quantity\x18\x04 \x01(\x03\x12<\n\x04note\x18\x05 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\xbe\x03\n\x08\x44owntime\x12\'\n\x02id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x33\n\x0ework_center_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12-\n\x08order_id\x18\x03 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12R\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12.\n\treason_id\x18\x06 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12<\n\x04note\x18\x07 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x11\n\tautomatic\x18\x08 \x01(\x08\"\xd0\x02\n\x03Oee\x12R\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x14\n\x0c\x61vailability\x18\x03 \x01(\x01\x12\x13\n\x0bperformance\x18\x04 \x01(\x01\x12\x0f\n\x07quality\x18\x05 \x01(\x01\x12\x0b\n\x03oee\x18\x06 \x01(\x01\x12\x17\n\x0fplanned_seconds\x18\x07 \x01(\x01\x12\x18\n\x10\x64owntime_seconds\x18\x08 \x01(\x01\x12\x12\n\ngood_count\x18\t \x01(\x03\x12\x13\n\x0btotal_count\x18\n \x01(\x03*\xad\x01\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PLANNED\x10\x01\x12\x1b\n\x17ORDER_STATE_IN_PROGRESS\x10\x02\x12\x16\n\x12ORDER_STATE_PAUSED\x10\x03\x12\x19\n\x15ORDER_STATE_COMPLETED\x10\x04\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x05*f\n\rBookingSource\x12\x1e\n\x1a\x42OOKING_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42OOKING_SOURCE_COUNTER\x10\x01\x12\x19\n\x15\x42OOKING_SOURCE_MANUAL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fabrica.production.v1.order
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ORDER'].fields_by_name['id']._loaded_options = None
-  _globals['_ORDER'].fields_by_name['id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_ORDER'].fields_by_name['id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_ORDER'].fields_by_name['number']._loaded_options = None
   _globals['_ORDER'].fields_by_name['number']._serialized_options = b'\272H\033r\031\020\001\030@2\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_ORDER'].fields_by_name['item_id']._loaded_options = None
-  _globals['_ORDER'].fields_by_name['item_id']._serialized_options = b'\272H%r#\020\001\030?2\035^[A-Za-z0-9][A-Za-z0-9._:-]*$'
+  _globals['_ORDER'].fields_by_name['item_id']._serialized_options = b'\272H\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
   _globals['_ORDER'].fields_by_name['work_center_id']._loaded_options = None
-  _globals['_ORDER'].fields_by_name['work_center_id']._serialized_options = b'\272H%r#\020\001\030?2\035^[A-Za-z0-9][A-Za-z0-9._:-]*$'
+  _globals['_ORDER'].fields_by_name['work_center_id']._serialized_options = b'\272H\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
   _globals['_ORDER'].fields_by_name['planned_quantity']._loaded_options = None
   _globals['_ORDER'].fields_by_name['planned_quantity']._serialized_options = b'\272H\t\"\007\030\200\302\327/(\001'
   _globals['_ORDER'].fields_by_name['start_time']._loaded_options = None
@@ -54,53 +54,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDER'].fields_by_name['update_time']._loaded_options = None
   _globals['_ORDER'].fields_by_name['update_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_BOOKING'].fields_by_name['id']._loaded_options = None
-  _globals['_BOOKING'].fields_by_name['id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_BOOKING'].fields_by_name['id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_BOOKING'].fields_by_name['order_id']._loaded_options = None
-  _globals['_BOOKING'].fields_by_name['order_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_BOOKING'].fields_by_name['order_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_BOOKING'].fields_by_name['book_time']._loaded_options = None
   _globals['_BOOKING'].fields_by_name['book_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_BOOKING'].fields_by_name['note']._loaded_options = None
   _globals['_BOOKING'].fields_by_name['note']._serialized_options = b'\272H+r)\030\350\0072$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
   _globals['_DEFECT'].fields_by_name['id']._loaded_options = None
-  _globals['_DEFECT'].fields_by_name['id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_DEFECT'].fields_by_name['id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DEFECT'].fields_by_name['order_id']._loaded_options = None
-  _globals['_DEFECT'].fields_by_name['order_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_DEFECT'].fields_by_name['order_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DEFECT'].fields_by_name['defect_code_id']._loaded_options = None
-  _globals['_DEFECT'].fields_by_name['defect_code_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_DEFECT'].fields_by_name['defect_code_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DEFECT'].fields_by_name['note']._loaded_options = None
   _globals['_DEFECT'].fields_by_name['note']._serialized_options = b'\272H+r)\030\350\0072$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
   _globals['_DEFECT'].fields_by_name['create_time']._loaded_options = None
   _globals['_DEFECT'].fields_by_name['create_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_DOWNTIME'].fields_by_name['id']._loaded_options = None
-  _globals['_DOWNTIME'].fields_by_name['id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_DOWNTIME'].fields_by_name['id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DOWNTIME'].fields_by_name['work_center_id']._loaded_options = None
-  _globals['_DOWNTIME'].fields_by_name['work_center_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_DOWNTIME'].fields_by_name['work_center_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DOWNTIME'].fields_by_name['order_id']._loaded_options = None
-  _globals['_DOWNTIME'].fields_by_name['order_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_DOWNTIME'].fields_by_name['order_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DOWNTIME'].fields_by_name['start_time']._loaded_options = None
   _globals['_DOWNTIME'].fields_by_name['start_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_DOWNTIME'].fields_by_name['end_time']._loaded_options = None
   _globals['_DOWNTIME'].fields_by_name['end_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_DOWNTIME'].fields_by_name['reason_id']._loaded_options = None
-  _globals['_DOWNTIME'].fields_by_name['reason_id']._serialized_options = b'\272H&r$\030?2 ^([A-Za-z0-9][A-Za-z0-9._:-]*)?$'
+  _globals['_DOWNTIME'].fields_by_name['reason_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DOWNTIME'].fields_by_name['note']._loaded_options = None
   _globals['_DOWNTIME'].fields_by_name['note']._serialized_options = b'\272H+r)\030\350\0072$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
   _globals['_OEE'].fields_by_name['start_time']._loaded_options = None
   _globals['_OEE'].fields_by_name['start_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_OEE'].fields_by_name['end_time']._loaded_options = None
   _globals['_OEE'].fields_by_name['end_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
-  _globals['_ORDERSTATE']._serialized_start=2456
-  _globals['_ORDERSTATE']._serialized_end=2629
-  _globals['_BOOKINGSOURCE']._serialized_start=2631
-  _globals['_BOOKINGSOURCE']._serialized_end=2733
+  _globals['_ORDERSTATE']._serialized_start=2294
+  _globals['_ORDERSTATE']._serialized_end=2467
+  _globals['_BOOKINGSOURCE']._serialized_start=2469
+  _globals['_BOOKINGSOURCE']._serialized_end=2571
   _globals['_ORDER']._serialized_start=123
-  _globals['_ORDER']._serialized_end=876
-  _globals['_BOOKING']._serialized_start=879
-  _globals['_BOOKING']._serialized_end=1250
-  _globals['_DEFECT']._serialized_start=1253
-  _globals['_DEFECT']._serialized_end=1609
-  _globals['_DOWNTIME']._serialized_start=1612
-  _globals['_DOWNTIME']._serialized_end=2114
-  _globals['_OEE']._serialized_start=2117
-  _globals['_OEE']._serialized_end=2453
+  _globals['_ORDER']._serialized_end=840
+  _globals['_BOOKING']._serialized_start=843
+  _globals['_BOOKING']._serialized_end=1186
+  _globals['_DEFECT']._serialized_start=1189
+  _globals['_DEFECT']._serialized_end=1503
+  _globals['_DOWNTIME']._serialized_start=1506
+  _globals['_DOWNTIME']._serialized_end=1952
+  _globals['_OEE']._serialized_start=1955
+  _globals['_OEE']._serialized_end=2291
 # @@protoc_insertion_point(module_scope)
