@@ -7,7 +7,10 @@ consumer used to retry it from the same cursor for ever, and no booking was made
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
+import pytest
 from fabrica.production.v1 import order_pb2 as S
 from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
@@ -15,13 +18,20 @@ from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from fabrica_svc.runtime.server import ServiceHost
 
 from .support import GOOD_TAG, booked_total, fetchval, new_order, seed, start_production, wait_for
-from .test_consumer_e2e import Plc, _at, ingest, last_event_cursor  # noqa: F401 (ingest: a fixture)
+from .test_consumer_e2e import Plc, _at, last_event_cursor, start_ingest
 
 MAX_INT64 = 2**63 - 1
 
 
+@pytest.fixture
+async def ingest(database_url: str) -> AsyncIterator[ServiceHost]:
+    host = await start_ingest(database_url)
+    yield host
+    await host.stop(grace=0)
+
+
 async def test_an_event_that_cannot_be_taken_is_an_anomaly_and_later_bookings_still_happen(
-        ingest: ServiceHost, database_url: str) -> None:  # noqa: F811
+        ingest: ServiceHost, database_url: str) -> None:
     production = await start_production(database_url, ingest.address)
     try:
         async with grpc.aio.insecure_channel(production.address) as ch:
