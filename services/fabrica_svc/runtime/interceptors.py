@@ -142,8 +142,8 @@ async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> Asy
         if validate:
             found = violations_of(request)
             if found:
-                raise _InvalidStreamMessage(InvalidArgument(found, f"message {index} of the stream is invalid: "
-                                                            + "; ".join(f"{v.field}: {v.description}" for v in found[:MAX_VIOLATIONS])))
+                listed = "; ".join(f"{v.field}: {v.description}" for v in found[:MAX_VIOLATIONS])
+                raise _InvalidStreamMessage(InvalidArgument(found, f"message {index} of the stream is invalid: {listed}"))
         index += 1
         yield request
 

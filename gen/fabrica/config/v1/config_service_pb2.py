@@ -29,7 +29,7 @@ from fabrica.config.v1 import plc_pb2 as fabrica_dot_config_dot_v1_dot_plc__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/config_service.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a(fabrica/config/v1/collector_status.proto\x1a&fabrica/config/v1/device_profile.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a google/protobuf/field_mask.proto\"u\n\x10\x43reatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\nrequest_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"8\n\x11\x43reatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\":\n\rGetPlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"5\n\x0eGetPlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x96\x01\n\x0fListPlcsRequest\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"p\n\x10ListPlcsResponse\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"p\n\x10UpdatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"8\n\x11UpdatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"j\n\x10\x44\x65letePlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x04\x65tag\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\x13\n\x11\x44\x65letePlcResponse\"\x1b\n\x19ListDeviceProfilesRequest\"P\n\x1aListDeviceProfilesResponse\x12\x32\n\x08profiles\x18\x01 \x03(\x0b\x32 .fabrica.config.v1.DeviceProfile\"\xf4\x01\n\x1b\x43reatePlcFromProfileRequest\x12\x31\n\nprofile_id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x03plc\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12?\n\x0ftag_name_prefix\x18\x03 \x01(\tB&\xbaH#r!\x18@2\x1d^$|^[A-Za-z_][A-Za-z0-9_.-]*$\x12\x34\n\nrequest_id\x18\x04 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"C\n\x1c\x43reatePlcFromProfileResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"u\n\x10WatchPlcsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1f\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"C\n\x0bPlcSnapshot\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x0e\n\x06resync\x18\x02 \x01(\x08\"\x8a\x01\n\tPlcChange\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.fabrica.config.v1.ChangeType\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12#\n\x03plc\x18\x03 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x92\x01\n\x11WatchPlcsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x32\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1e.fabrica.config.v1.PlcSnapshotH\x00\x12.\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x1c.fabrica.config.v1.PlcChangeH\x00\x42\x07\n\x05\x65vent\"\xc2\x01\n\x1cReportCollectorStatusRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12=\n\x0cplc_statuses\x18\x03 \x03(\x0b\x32\x1c.fabrica.config.v1.PlcStatusB\t\xbaH\x06\x92\x01\x03\x10\x90N\"9\n\x1dReportCollectorStatusResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x03\"\x17\n\x15ListCollectorsRequest\"J\n\x16ListCollectorsResponse\x12\x30\n\ncollectors\x18\x01 \x03(\x0b\x32\x1c.fabrica.config.v1.Collector*Y\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANGE_TYPE_UPSERT\x10\x01\x12\x16\n\x12\x43HANGE_TYPE_DELETE\x10\x02\x32\xe4\x07\n\rConfigService\x12V\n\tCreatePlc\x12#.fabrica.config.v1.CreatePlcRequest\x1a$.fabrica.config.v1.CreatePlcResponse\x12M\n\x06GetPlc\x12 .fabrica.config.v1.GetPlcRequest\x1a!.fabrica.config.v1.GetPlcResponse\x12S\n\x08ListPlcs\x12\".fabrica.config.v1.ListPlcsRequest\x1a#.fabrica.config.v1.ListPlcsResponse\x12V\n\tUpdatePlc\x12#.fabrica.config.v1.UpdatePlcRequest\x1a$.fabrica.config.v1.UpdatePlcResponse\x12V\n\tDeletePlc\x12#.fabrica.config.v1.DeletePlcRequest\x1a$.fabrica.config.v1.DeletePlcResponse\x12q\n\x12ListDeviceProfiles\x12,.fabrica.config.v1.ListDeviceProfilesRequest\x1a-.fabrica.config.v1.ListDeviceProfilesResponse\x12w\n\x14\x43reatePlcFromProfile\x12..fabrica.config.v1.CreatePlcFromProfileRequest\x1a/.fabrica.config.v1.CreatePlcFromProfileResponse\x12X\n\tWatchPlcs\x12#.fabrica.config.v1.WatchPlcsRequest\x1a$.fabrica.config.v1.WatchPlcsResponse0\x01\x12z\n\x15ReportCollectorStatus\x12/.fabrica.config.v1.ReportCollectorStatusRequest\x1a\x30.fabrica.config.v1.ReportCollectorStatusResponse\x12\x65\n\x0eListCollectors\x12(.fabrica.config.v1.ListCollectorsRequest\x1a).fabrica.config.v1.ListCollectorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/config_service.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a(fabrica/config/v1/collector_status.proto\x1a&fabrica/config/v1/device_profile.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a google/protobuf/field_mask.proto\"u\n\x10\x43reatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\nrequest_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"8\n\x11\x43reatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\":\n\rGetPlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"5\n\x0eGetPlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x96\x01\n\x0fListPlcsRequest\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"p\n\x10ListPlcsResponse\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xba\x02\n\x10UpdatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12\xf8\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xc6\x01\xbaH\xc2\x01\xba\x01\xbe\x01\n\x11update_mask.paths\x12Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\x1aYsize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))\"8\n\x11UpdatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"j\n\x10\x44\x65letePlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x04\x65tag\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\x13\n\x11\x44\x65letePlcResponse\"\x1b\n\x19ListDeviceProfilesRequest\"P\n\x1aListDeviceProfilesResponse\x12\x32\n\x08profiles\x18\x01 \x03(\x0b\x32 .fabrica.config.v1.DeviceProfile\"\xf4\x01\n\x1b\x43reatePlcFromProfileRequest\x12\x31\n\nprofile_id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x03plc\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12?\n\x0ftag_name_prefix\x18\x03 \x01(\tB&\xbaH#r!\x18@2\x1d^$|^[A-Za-z_][A-Za-z0-9_.-]*$\x12\x34\n\nrequest_id\x18\x04 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"C\n\x1c\x43reatePlcFromProfileResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"u\n\x10WatchPlcsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1f\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"C\n\x0bPlcSnapshot\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x0e\n\x06resync\x18\x02 \x01(\x08\"\x8a\x01\n\tPlcChange\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.fabrica.config.v1.ChangeType\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12#\n\x03plc\x18\x03 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x92\x01\n\x11WatchPlcsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x32\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1e.fabrica.config.v1.PlcSnapshotH\x00\x12.\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x1c.fabrica.config.v1.PlcChangeH\x00\x42\x07\n\x05\x65vent\"\xc2\x01\n\x1cReportCollectorStatusRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12=\n\x0cplc_statuses\x18\x03 \x03(\x0b\x32\x1c.fabrica.config.v1.PlcStatusB\t\xbaH\x06\x92\x01\x03\x10\x90N\"9\n\x1dReportCollectorStatusResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x03\"\x17\n\x15ListCollectorsRequest\"J\n\x16ListCollectorsResponse\x12\x30\n\ncollectors\x18\x01 \x03(\x0b\x32\x1c.fabrica.config.v1.Collector*Y\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANGE_TYPE_UPSERT\x10\x01\x12\x16\n\x12\x43HANGE_TYPE_DELETE\x10\x02\x32\xe4\x07\n\rConfigService\x12V\n\tCreatePlc\x12#.fabrica.config.v1.CreatePlcRequest\x1a$.fabrica.config.v1.CreatePlcResponse\x12M\n\x06GetPlc\x12 .fabrica.config.v1.GetPlcRequest\x1a!.fabrica.config.v1.GetPlcResponse\x12S\n\x08ListPlcs\x12\".fabrica.config.v1.ListPlcsRequest\x1a#.fabrica.config.v1.ListPlcsResponse\x12V\n\tUpdatePlc\x12#.fabrica.config.v1.UpdatePlcRequest\x1a$.fabrica.config.v1.UpdatePlcResponse\x12V\n\tDeletePlc\x12#.fabrica.config.v1.DeletePlcRequest\x1a$.fabrica.config.v1.DeletePlcResponse\x12q\n\x12ListDeviceProfiles\x12,.fabrica.config.v1.ListDeviceProfilesRequest\x1a-.fabrica.config.v1.ListDeviceProfilesResponse\x12w\n\x14\x43reatePlcFromProfile\x12..fabrica.config.v1.CreatePlcFromProfileRequest\x1a/.fabrica.config.v1.CreatePlcFromProfileResponse\x12X\n\tWatchPlcs\x12#.fabrica.config.v1.WatchPlcsRequest\x1a$.fabrica.config.v1.WatchPlcsResponse0\x01\x12z\n\x15ReportCollectorStatus\x12/.fabrica.config.v1.ReportCollectorStatusRequest\x1a\x30.fabrica.config.v1.ReportCollectorStatusResponse\x12\x65\n\x0eListCollectors\x12(.fabrica.config.v1.ListCollectorsRequest\x1a).fabrica.config.v1.ListCollectorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,6 +52,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPLCSRESPONSE'].fields_by_name['next_page_token']._serialized_options = b'\272H\032r\030\030\200\0042\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_UPDATEPLCREQUEST'].fields_by_name['plc']._loaded_options = None
   _globals['_UPDATEPLCREQUEST'].fields_by_name['plc']._serialized_options = b'\272H\003\330\001\003'
+  _globals['_UPDATEPLCREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEPLCREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\302\001\272\001\276\001\n\021update_mask.paths\022Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\032Ysize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))'
   _globals['_DELETEPLCREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_DELETEPLCREQUEST'].fields_by_name['id']._serialized_options = b'\272H\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
   _globals['_DELETEPLCREQUEST'].fields_by_name['etag']._loaded_options = None
@@ -76,8 +78,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTCOLLECTORSTATUSREQUEST'].fields_by_name['applied_revision']._serialized_options = b'\272H\004\"\002(\000'
   _globals['_REPORTCOLLECTORSTATUSREQUEST'].fields_by_name['plc_statuses']._loaded_options = None
   _globals['_REPORTCOLLECTORSTATUSREQUEST'].fields_by_name['plc_statuses']._serialized_options = b'\272H\006\222\001\003\020\220N'
-  _globals['_CHANGETYPE']._serialized_start=2357
-  _globals['_CHANGETYPE']._serialized_end=2446
+  _globals['_CHANGETYPE']._serialized_start=2560
+  _globals['_CHANGETYPE']._serialized_end=2649
   _globals['_CREATEPLCREQUEST']._serialized_start=235
   _globals['_CREATEPLCREQUEST']._serialized_end=352
   _globals['_CREATEPLCRESPONSE']._serialized_start=354
@@ -90,38 +92,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPLCSREQUEST']._serialized_end=678
   _globals['_LISTPLCSRESPONSE']._serialized_start=680
   _globals['_LISTPLCSRESPONSE']._serialized_end=792
-  _globals['_UPDATEPLCREQUEST']._serialized_start=794
-  _globals['_UPDATEPLCREQUEST']._serialized_end=906
-  _globals['_UPDATEPLCRESPONSE']._serialized_start=908
-  _globals['_UPDATEPLCRESPONSE']._serialized_end=964
-  _globals['_DELETEPLCREQUEST']._serialized_start=966
-  _globals['_DELETEPLCREQUEST']._serialized_end=1072
-  _globals['_DELETEPLCRESPONSE']._serialized_start=1074
-  _globals['_DELETEPLCRESPONSE']._serialized_end=1093
-  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_start=1095
-  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_end=1122
-  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_start=1124
-  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_end=1204
-  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_start=1207
-  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_end=1451
-  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_start=1453
-  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_end=1520
-  _globals['_WATCHPLCSREQUEST']._serialized_start=1522
-  _globals['_WATCHPLCSREQUEST']._serialized_end=1639
-  _globals['_PLCSNAPSHOT']._serialized_start=1641
-  _globals['_PLCSNAPSHOT']._serialized_end=1708
-  _globals['_PLCCHANGE']._serialized_start=1711
-  _globals['_PLCCHANGE']._serialized_end=1849
-  _globals['_WATCHPLCSRESPONSE']._serialized_start=1852
-  _globals['_WATCHPLCSRESPONSE']._serialized_end=1998
-  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_start=2001
-  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_end=2195
-  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_start=2197
-  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_end=2254
-  _globals['_LISTCOLLECTORSREQUEST']._serialized_start=2256
-  _globals['_LISTCOLLECTORSREQUEST']._serialized_end=2279
-  _globals['_LISTCOLLECTORSRESPONSE']._serialized_start=2281
-  _globals['_LISTCOLLECTORSRESPONSE']._serialized_end=2355
-  _globals['_CONFIGSERVICE']._serialized_start=2449
-  _globals['_CONFIGSERVICE']._serialized_end=3445
+  _globals['_UPDATEPLCREQUEST']._serialized_start=795
+  _globals['_UPDATEPLCREQUEST']._serialized_end=1109
+  _globals['_UPDATEPLCRESPONSE']._serialized_start=1111
+  _globals['_UPDATEPLCRESPONSE']._serialized_end=1167
+  _globals['_DELETEPLCREQUEST']._serialized_start=1169
+  _globals['_DELETEPLCREQUEST']._serialized_end=1275
+  _globals['_DELETEPLCRESPONSE']._serialized_start=1277
+  _globals['_DELETEPLCRESPONSE']._serialized_end=1296
+  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_start=1298
+  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_end=1325
+  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_start=1327
+  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_end=1407
+  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_start=1410
+  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_end=1654
+  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_start=1656
+  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_end=1723
+  _globals['_WATCHPLCSREQUEST']._serialized_start=1725
+  _globals['_WATCHPLCSREQUEST']._serialized_end=1842
+  _globals['_PLCSNAPSHOT']._serialized_start=1844
+  _globals['_PLCSNAPSHOT']._serialized_end=1911
+  _globals['_PLCCHANGE']._serialized_start=1914
+  _globals['_PLCCHANGE']._serialized_end=2052
+  _globals['_WATCHPLCSRESPONSE']._serialized_start=2055
+  _globals['_WATCHPLCSRESPONSE']._serialized_end=2201
+  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_start=2204
+  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_end=2398
+  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_start=2400
+  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_end=2457
+  _globals['_LISTCOLLECTORSREQUEST']._serialized_start=2459
+  _globals['_LISTCOLLECTORSREQUEST']._serialized_end=2482
+  _globals['_LISTCOLLECTORSRESPONSE']._serialized_start=2484
+  _globals['_LISTCOLLECTORSRESPONSE']._serialized_end=2558
+  _globals['_CONFIGSERVICE']._serialized_start=2652
+  _globals['_CONFIGSERVICE']._serialized_end=3648
 # @@protoc_insertion_point(module_scope)

@@ -221,6 +221,7 @@ class UpdatePlcRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to update: display_name, collector_id, enabled, connection (or one of modbus_tcp, modbus_rtu,
         modbus_rtu_over_tcp, s7), poll_groups, tags. Empty or "*" replaces all of them.
+        At most 32 paths.
         """
 
     def __init__(
