@@ -19,10 +19,9 @@ from fabrica.ingest.v1 import tag_event_pb2
 from fabrica_svc.ingest.servicer import EVENTS_PAGE
 from fabrica_svc.runtime.channels import MAX_MESSAGE_BYTES, MESSAGE_LIMITS, PEER_CHANNEL_OPTIONS
 from fabrica_svc.runtime.server import ServiceHost
-from fabrica_svc.runtime.settings import load_settings
 from fabrica_svc.runtime.timefmt import MAX_TIMESTAMP_SECONDS
 
-from .test_runtime import ProbeApp
+from .test_runtime import ProbeApp, probe_host
 
 Code = grpc.StatusCode
 #: Room for the framing around the one big field of a test message.
@@ -44,11 +43,8 @@ class LimitsApp(ProbeApp):
 
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[ServiceHost]:
-    settings = load_settings("config", {}).with_overrides(port=0, metrics_port=-1, data_dir=tmp_path)
-    host = ServiceHost(LimitsApp(), settings)  # type: ignore[arg-type]
-    await host.start()
-    yield host
-    await host.stop(grace=0)
+    async for started in probe_host(LimitsApp(), tmp_path):
+        yield started
 
 
 def test_peer_channels_take_the_one_limit_for_send_and_receive() -> None:
