@@ -150,13 +150,19 @@ class ProbeApp:
         pass
 
 
-@pytest.fixture
-async def probe(tmp_path: Path) -> AsyncIterator[ServiceHost]:
+async def probe_host(app: ProbeApp, tmp_path: Path) -> AsyncIterator[ServiceHost]:
+    """A started ServiceHost of `app` on 127.0.0.1:0, stopped afterwards (the body of a fixture)."""
     settings = load_settings("config", {}).with_overrides(port=0, metrics_port=-1, data_dir=tmp_path)
-    host = ServiceHost(ProbeApp(), settings)  # type: ignore[arg-type]
+    host = ServiceHost(app, settings)  # type: ignore[arg-type]
     await host.start()
     yield host
     await host.stop(grace=0)
+
+
+@pytest.fixture
+async def probe(tmp_path: Path) -> AsyncIterator[ServiceHost]:
+    async for host in probe_host(ProbeApp(), tmp_path):
+        yield host
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -16,6 +17,7 @@ from ..plcmodel.mirrors import mirror_violations, target_ids
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
+from ..runtime.validation import OFF_LOOP_BYTES
 from ..runtime.watch import Page, watch
 from . import domain
 from .profiles import PROFILES
@@ -26,6 +28,15 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = 50
 #: Longest a watcher waits for a notification before it looks for changes anyway.
 WATCH_POLL_SECONDS = 2.0
+
+
+async def _check_plc(plc: plc_pb2.Plc) -> None:
+    """domain.check_plc, in a thread for a large PLC: the tag model's checks of thousands of tags are plain
+    Python, which a thread interleaves with the event loop (the interceptor has checked the proto's rules)."""
+    if plc.ByteSize() < OFF_LOOP_BYTES:
+        domain.check_plc(plc)
+    else:
+        await asyncio.to_thread(domain.check_plc, plc)
 
 
 class ConfigServicer(pb_grpc.ConfigServiceServicer):
@@ -53,7 +64,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
 
     async def CreatePlc(self, request: pb.CreatePlcRequest, context: grpc.aio.ServicerContext) -> pb.CreatePlcResponse:
         plc = domain.normalized(request.plc)
-        domain.check_plc(plc)
+        await _check_plc(plc)
         await self._check_mirrors(plc)
         return pb.CreatePlcResponse(plc=await self.store.create(plc, request.request_id))
 
@@ -114,7 +125,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
             copy.CopyFrom(tag)
             copy.name = request.tag_name_prefix + tag.name
         plc = domain.normalized(plc)
-        domain.check_plc(plc)
+        await _check_plc(plc)
         await self._check_mirrors(plc)
         return pb.CreatePlcFromProfileResponse(plc=await self.store.create(plc, request.request_id))
 

@@ -21,7 +21,7 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument
-from ..runtime.validation import violations_of
+from ..runtime.validation import max_items, violations_of
 from .spec import (INTEGER_TYPES, VALUE_BYTES, DataType, S7Area, TagSpec, TagSpecError, byte_count, register_count,
                    validate_spec)
 
@@ -33,6 +33,9 @@ DEFAULT_PORTS: dict[str, int] = {
     "modbus_rtu_over_tcp": DEFAULT_MODBUS_PORT,
     "s7": DEFAULT_S7_PORT,
 }
+#: The contract's bounds on a PLC's lists (plc.proto), read from the descriptor.
+_MAX_TAGS = max_items(plc_pb2.Plc.DESCRIPTOR.fields_by_name["tags"])
+_MAX_POLL_GROUPS = max_items(plc_pb2.Plc.DESCRIPTOR.fields_by_name["poll_groups"])
 #: The roles whose values are counters (booked by production from their increments).
 COUNTER_ROLES = frozenset({reading_pb2.TAG_ROLE_PRODUCTION_COUNTER, reading_pb2.TAG_ROLE_SCRAP_COUNTER})
 #: A placeholder id for checking a definition that has none yet (config assigns ids when it stores a tag).
@@ -241,6 +244,8 @@ def plc_violations(plc: plc_pb2.Plc, prefix: str = "plc") -> list[FieldViolation
     each such field is reported once, in the proto's words.
     """
     out = violations_of(plc, prefix)
+    if len(plc.tags) > _MAX_TAGS or len(plc.poll_groups) > _MAX_POLL_GROUPS:
+        return out  # the list is too long: that is the answer, its items are not looked at
     reported = {v.field for v in out}
     groups: dict[str, int] = {}
     for i, group in enumerate(plc.poll_groups):

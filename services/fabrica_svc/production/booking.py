@@ -39,6 +39,8 @@ from .domain import OrderState
 NOT_A_COUNT = "NOT_A_COUNT"
 NOT_A_STATE = "NOT_A_STATE"
 JUMP = "JUMP"
+#: An event the service could not apply at all (service.TagEventService): recorded and passed.
+UNTAKEABLE = "UNTAKEABLE"
 
 
 #: Roles whose values are counts.

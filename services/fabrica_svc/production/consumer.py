@@ -12,8 +12,13 @@ lock's own connection also means a consumer that lost its lock (its connection d
 
 Ingest being unavailable is normal (it restarts, it is deployed separately): the consumer retries under
 the runtime's one retry policy (runtime/retry.py; SERVICE_RETRY unless the app passes another) and keeps
-its lock meanwhile. Errors are logged with their decoded details (google.rpc.Status, via grpcio-status). A message that cannot be applied (say, the database is
-gone) is retried the same way, from the stored cursor; an event is never skipped to get past an error.
+its lock meanwhile. Errors are logged with their decoded details (google.rpc.Status, via grpcio-status). A
+message that cannot be applied because the database is gone is retried the same way, from the stored
+cursor. An event that cannot be applied because of what it holds (service.UNTAKEABLE_ERRORS: it would fail
+the same way on every retry) is recorded as an ``UNTAKEABLE`` anomaly and passed, the cursor moved past it
+in the same transaction, and logged once (TagEventService.apply_tag_events): one event never stops every
+later booking. The channel's message size limit is the one of every Fabrica server and channel
+(runtime/channels.py), so whatever ingest sends fits in what this consumer accepts.
 """
 
 from __future__ import annotations

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 from fabrica.ingest.v1 import tag_event_pb2
 
 from ..runtime.errors import Aborted, FailedPrecondition, NotFound
 from ..runtime.pages import etag_of
+from ..runtime.timefmt import timestamp_is_valid, to_datetime
 from . import booking, convert, domain
 from .domain import OrderAction, OrderState
 from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind, tag_bindings
@@ -365,6 +366,14 @@ class ApplyResult:
     completed_orders: list[int] = field(default_factory=list)
 
 
+#: Errors of applying tag events that come from the events themselves (a value the database cannot hold,
+#: say an order total beyond 2^63), not from the database being away: the same event fails the same way
+#: every time. asyncpg's client-side DataError is a ValueError; its server-side one is SQLSTATE class 22.
+UNTAKEABLE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, ArithmeticError, TypeError, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+)
+
+
 class TagEventService:
     """Applies messages of tag events exactly once: load -> plan -> apply, with the cursor, in one transaction."""
 
@@ -382,7 +391,56 @@ class TagEventService:
 
     async def apply_tag_events(self, conn: asyncpg.Connection,
                                messages: Sequence[tag_event_pb2.TagEvent]) -> ApplyResult:
-        """Apply one message of tag events and move the cursor past it, in one transaction on `conn`."""
+        """Apply one message of tag events and move the cursor past it, in one transaction on `conn`.
+
+        If the message cannot be applied because of what is in it (an error of the data, not of the database
+        being away: see UNTAKEABLE_ERRORS), its events are applied one at a time, each in its own
+        transaction with the cursor, and an event that cannot be taken is recorded as an ``UNTAKEABLE``
+        anomaly and passed, the cursor moved past it in the same transaction, and logged once. Replaying
+        the same event could only fail the same way, and would stop every later booking."""
+        try:
+            return await self._apply(conn, messages)
+        except UNTAKEABLE_ERRORS as exc:
+            if len(messages) == 1:
+                return await self._pass_untakeable(conn, messages[0], exc)
+        total = ApplyResult(cursor=await events.cursor(conn))
+        for event in sorted(messages, key=lambda e: e.cursor):
+            try:
+                one = await self._apply(conn, [event])
+            except UNTAKEABLE_ERRORS as exc:
+                one = await self._pass_untakeable(conn, event, exc)
+            total.cursor = max(total.cursor, one.cursor)
+            total.applied += one.applied
+            total.booked_good += one.booked_good
+            total.booked_scrap += one.booked_scrap
+            total.anomalies += one.anomalies
+            total.completed_orders += one.completed_orders
+        return total
+
+    async def _pass_untakeable(self, conn: asyncpg.Connection, event: tag_event_pb2.TagEvent,
+                               exc: BaseException) -> ApplyResult:
+        """Record `event`, which failed with `exc`, as an UNTAKEABLE anomaly and move the cursor past it, in
+        one transaction; log it."""
+        problem = f"{type(exc).__name__}: {exc}"[:500]
+        async with conn.transaction():
+            stored = await events.cursor(conn, for_update=True)
+            if event.cursor <= stored:
+                return ApplyResult(cursor=stored)
+            bindings = await events.load_bindings(conn, [event.tag_id])
+            binding = bindings.get(event.tag_id)
+            read_time = (to_datetime(event.read_time) if timestamp_is_valid(event.read_time.seconds, event.read_time.nanos)
+                         else datetime.now(UTC))
+            anomaly = booking.Anomaly(binding.work_center_id if binding else "", event.tag_id, event.cursor,
+                                      booking.UNTAKEABLE, None, convert.value_text(event.value),
+                                      f"the event could not be applied ({problem}); passed", read_time)
+            await events.apply(conn, booking.Effects(anomalies=[anomaly]))
+            await events.save_cursor(conn, event.cursor)
+        log.error("tag event could not be applied and was passed (recorded as an UNTAKEABLE anomaly): %s", problem,
+                  extra={"cursor": event.cursor, "tag_id": event.tag_id, "plc_id": event.plc_id,
+                         "work_center_id": anomaly.work_center_id})
+        return ApplyResult(cursor=event.cursor, applied=1, anomalies=1)
+
+    async def _apply(self, conn: asyncpg.Connection, messages: Sequence[tag_event_pb2.TagEvent]) -> ApplyResult:
         async with conn.transaction():
             stored = await events.cursor(conn, for_update=True)
             # Events at or below the stored cursor are applied already: a replay books nothing.

@@ -1,7 +1,9 @@
 """One server interceptor for every RPC of every service.
 
 It validates each request message against the protovalidate rules written in the protos, answering
-INVALID_ARGUMENT with ``google.rpc.BadRequest`` field violations before the handler sees anything, and it
+INVALID_ARGUMENT with ``google.rpc.BadRequest`` field violations (at most MAX_VIOLATIONS of them, the rest
+counted in ErrorInfo's ``omitted_violations``) before the handler sees anything (a large request is
+checked in a worker process, runtime/validation.py, so it does not stall the event loop), and it
 maps domain errors (runtime/errors.py) and lost-database errors to status codes with
 ``google.rpc.Status`` details (built with grpcio-status), in this one place. It also records per-RPC metrics.
 """
@@ -27,12 +29,13 @@ from .errors import (
     AlreadyExists,
     DomainError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     OutOfRange,
     Unavailable,
 )
-from .validation import violations_of
+from .validation import MAX_VIOLATIONS, OffLoopValidator, violations_of
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +60,46 @@ def _pack(detail: message.Message) -> any_pb2.Any:
     return packed
 
 
+#: What the field violations of one answer may take, in bytes of paths and descriptions. The status
+#: travels in the trailers twice (message and details, base64) and a client refuses trailers beyond 16 KiB
+#: (gRPC's default), turning an answer that lists 100,000 violations into RESOURCE_EXHAUSTED.
+VIOLATION_BYTES = 4096
+
+
+def _shown(violations: list[FieldViolation]) -> list[FieldViolation]:
+    """The violations an answer lists: at most MAX_VIOLATIONS and VIOLATION_BYTES (at least one), in order.
+    The same for every RPC; the rest are counted in ErrorInfo metadata ``omitted_violations``."""
+    shown: list[FieldViolation] = []
+    used = 0
+    for v in violations[:MAX_VIOLATIONS]:
+        v = FieldViolation(v.field[:256], v.description[:512])
+        used += len(v.field.encode()) + len(v.description.encode()) + 8
+        if shown and used > VIOLATION_BYTES:
+            break
+        shown.append(v)
+    return shown
+
+
 def status_for(exc: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and rich status (with details) for a domain error."""
     code = next((c for cls, c in _CODES if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
     details: list[message.Message] = []
+    text, metadata = exc.message, exc.metadata
     if isinstance(exc, InvalidArgument):
+        shown = _shown(exc.violations)
+        omitted = len(exc.violations) - len(shown)
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in exc.violations
+                    for v in shown
                 ]
             )
         )
+        if omitted:
+            text = (f"{len(exc.violations)} field violations, the first {len(shown)} in the details "
+                    f"({omitted} more not listed); first: {shown[0].field}: {shown[0].description}")
+            metadata = {**metadata, "omitted_violations": str(omitted)}
     elif isinstance(exc, FailedPrecondition) and exc.violations:
         details.append(
             error_details_pb2.PreconditionFailure(
@@ -81,8 +111,8 @@ def status_for(exc: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
                 ]
             )
         )
-    details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))
-    rich = status_pb2.Status(code=code.value[0], message=exc.message, details=[_pack(d) for d in details])
+    details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
+    rich = status_pb2.Status(code=code.value[0], message=text, details=[_pack(d) for d in details])
     return code, rich
 
 
@@ -112,8 +142,8 @@ async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> Asy
         if validate:
             found = violations_of(request)
             if found:
-                raise _InvalidStreamMessage(InvalidArgument(found, f"message {index} of the stream is invalid: "
-                                                            + "; ".join(f"{v.field}: {v.description}" for v in found)))
+                listed = "; ".join(f"{v.field}: {v.description}" for v in found[:MAX_VIOLATIONS])
+                raise _InvalidStreamMessage(InvalidArgument(found, f"message {index} of the stream is invalid: {listed}"))
         index += 1
         yield request
 
@@ -141,6 +171,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, *, validate: bool = True):
         self.service = service
         self.validate = validate
+        self.validator = OffLoopValidator()
         meter = metrics.get_meter("fabrica.rpc")
         self._calls = meter.create_counter("fabrica_rpc_calls", description="RPCs handled, by method and code")
         self._duration = meter.create_histogram(
@@ -179,15 +210,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
 
-    def _checked(self, request: Any, request_streaming: bool) -> Any:
-        """The request, validated: a message now, or each message of a stream as it is read."""
+    async def _checked(self, request: Any, request_streaming: bool) -> Any:
+        """The request, validated: a message now (a large one away from the event loop), or each message
+        of a stream as it is read."""
         if request_streaming:
             return _validated_stream(request, self.validate)
         if self.validate:
-            found = violations_of(request)
+            found = await self.validator.violations_of(request)
             if found:
                 raise InvalidArgument(found)
         return request
+
+    def close(self) -> None:
+        """Release the validator's worker process (ServiceHost.stop calls this)."""
+        self.validator.close()
 
     def _behavior(self, method: str) -> Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]:
         def wrap(behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool) -> Callable[..., Any]:
@@ -195,14 +231,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     async with self._outcome(method, context):
-                        async for response in _responses(behavior, self._checked(request, request_streaming), context):
+                        checked = await self._checked(request, request_streaming)
+                        async for response in _responses(behavior, checked, context):
                             yield response
 
                 return streaming
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._outcome(method, context):
-                    return await behavior(self._checked(request, request_streaming), context)
+                    return await behavior(await self._checked(request, request_streaming), context)
 
             return unary
 

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from .channels import MESSAGE_LIMITS
 from .db import Migration, apply_migrations, connect_with_retry, create_pool, resolve_database_url
 from .interceptors import ServiceInterceptor
 from .settings import Settings
@@ -83,6 +84,7 @@ class ServiceHost:
     _monitor: asyncio.Task[None] | None = None
     _metrics_server: object | None = None
     _serving: bool | None = None
+    _interceptor: ServiceInterceptor | None = None
 
     @property
     def address(self) -> str:
@@ -134,13 +136,15 @@ class ServiceHost:
 
     async def _start_server(self) -> None:
         app, settings = self.app, self.settings
+        self._interceptor = ServiceInterceptor(app.name)
         server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ServiceInterceptor(app.name)],
+            interceptors=[aio_server_interceptor(), self._interceptor],
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                # The one message size limit of every server and channel (runtime/channels.py).
+                *MESSAGE_LIMITS,
                 # A port already in use is an error, not a silently shared listener.
                 ("grpc.so_reuseport", 0),
             ],
@@ -201,6 +205,8 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._interceptor is not None:
+            self._interceptor.close()
         await self._release()
         log.info("stopped", extra={"service": self.app.name})
 

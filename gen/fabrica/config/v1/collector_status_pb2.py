@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fabrica/config/v1/collector_status.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\tPlcStatus\x12\x19\n\x06plc_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18?\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x17\n\x05\x65rror\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x10\"\x96\x01\n\tCollector\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x32\n\x0cplc_statuses\x18\x03 \x03(\x0b\x32\x1c.fabrica.config.v1.PlcStatus\x12/\n\x0breport_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fabrica/config/v1/collector_status.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\tPlcStatus\x12-\n\x06plc_id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12=\n\x05\x65rror\x18\x03 \x01(\tB.\xbaH+r)\x18\x80\x10\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\"\xd7\x01\n\tCollector\x12\'\n\x02id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x32\n\x0cplc_statuses\x18\x03 \x03(\x0b\x32\x1c.fabrica.config.v1.PlcStatus\x12S\n\x0breport_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fabrica.config.v1.collector
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLCSTATUS'].fields_by_name['plc_id']._loaded_options = None
-  _globals['_PLCSTATUS'].fields_by_name['plc_id']._serialized_options = b'\272H\006r\004\020\001\030?'
+  _globals['_PLCSTATUS'].fields_by_name['plc_id']._serialized_options = b'\272H\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
   _globals['_PLCSTATUS'].fields_by_name['error']._loaded_options = None
-  _globals['_PLCSTATUS'].fields_by_name['error']._serialized_options = b'\272H\005r\003\030\200\020'
-  _globals['_PLCSTATUS']._serialized_start=125
-  _globals['_PLCSTATUS']._serialized_end=207
-  _globals['_COLLECTOR']._serialized_start=210
-  _globals['_COLLECTOR']._serialized_end=360
+  _globals['_PLCSTATUS'].fields_by_name['error']._serialized_options = b'\272H+r)\030\200\0202$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
+  _globals['_COLLECTOR'].fields_by_name['id']._loaded_options = None
+  _globals['_COLLECTOR'].fields_by_name['id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
+  _globals['_COLLECTOR'].fields_by_name['report_time']._loaded_options = None
+  _globals['_COLLECTOR'].fields_by_name['report_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_PLCSTATUS']._serialized_start=126
+  _globals['_PLCSTATUS']._serialized_end=266
+  _globals['_COLLECTOR']._serialized_start=269
+  _globals['_COLLECTOR']._serialized_end=484
 # @@protoc_insertion_point(module_scope)

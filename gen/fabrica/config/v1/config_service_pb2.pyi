@@ -222,6 +222,7 @@ class UpdatePlcRequest(_message.Message):
         """Fields to update: display_name, collector_id, enabled, connection (or one of modbus_tcp, modbus_rtu,
         modbus_rtu_over_tcp, s7), poll_groups, tags, writable, mirrors, block_limits. Empty or "*" replaces all
         of them.
+        At most 32 paths.
         """
 
     def __init__(

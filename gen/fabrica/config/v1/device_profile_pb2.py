@@ -22,18 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from fabrica.config.v1 import plc_pb2 as fabrica_dot_config_dot_v1_dot_plc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/device_profile.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\"\xce\x01\n\rDeviceProfile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12-\n\x08protocol\x18\x04 \x01(\x0e\x32\x1b.fabrica.config.v1.Protocol\x12\x31\n\x0bpoll_groups\x18\x05 \x03(\x0b\x32\x1c.fabrica.config.v1.PollGroup\x12$\n\x04tags\x18\x06 \x03(\x0b\x32\x16.fabrica.config.v1.Tag*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROTOCOL_MODBUS\x10\x01\x12\x0f\n\x0bPROTOCOL_S7\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/device_profile.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\"\xba\x02\n\rDeviceProfile\x12\'\n\x02id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x33\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x43\n\x0b\x64\x65scription\x18\x03 \x01(\tB.\xbaH+r)\x18\xd0\x0f\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12-\n\x08protocol\x18\x04 \x01(\x0e\x32\x1b.fabrica.config.v1.Protocol\x12\x31\n\x0bpoll_groups\x18\x05 \x03(\x0b\x32\x1c.fabrica.config.v1.PollGroup\x12$\n\x04tags\x18\x06 \x03(\x0b\x32\x16.fabrica.config.v1.Tag*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROTOCOL_MODBUS\x10\x01\x12\x0f\n\x0bPROTOCOL_S7\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fabrica.config.v1.device_profile_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOL']._serialized_start=299
-  _globals['_PROTOCOL']._serialized_end=373
-  _globals['_DEVICEPROFILE']._serialized_start=91
-  _globals['_DEVICEPROFILE']._serialized_end=297
+  _globals['_DEVICEPROFILE'].fields_by_name['id']._loaded_options = None
+  _globals['_DEVICEPROFILE'].fields_by_name['id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
+  _globals['_DEVICEPROFILE'].fields_by_name['display_name']._loaded_options = None
+  _globals['_DEVICEPROFILE'].fields_by_name['display_name']._serialized_options = b'\272H\032r\030\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_DEVICEPROFILE'].fields_by_name['description']._loaded_options = None
+  _globals['_DEVICEPROFILE'].fields_by_name['description']._serialized_options = b'\272H+r)\030\320\0172$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
+  _globals['_PROTOCOL']._serialized_start=436
+  _globals['_PROTOCOL']._serialized_end=510
+  _globals['_DEVICEPROFILE']._serialized_start=120
+  _globals['_DEVICEPROFILE']._serialized_end=434
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61\x62rica/config/v1/plc.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x06\n\x03Plc\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12@\n\x0c\x63ollector_id\x18\x03 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12<\n\nmodbus_tcp\x18\x05 \x01(\x0b\x32&.fabrica.config.v1.ModbusTcpConnectionH\x00\x12<\n\nmodbus_rtu\x18\x06 \x01(\x0b\x32&.fabrica.config.v1.ModbusRtuConnectionH\x00\x12L\n\x13modbus_rtu_over_tcp\x18\x07 \x01(\x0b\x32-.fabrica.config.v1.ModbusRtuOverTcpConnectionH\x00\x12-\n\x02s7\x18\x08 \x01(\x0b\x32\x1f.fabrica.config.v1.S7ConnectionH\x00\x12=\n\x0bpoll_groups\x18\t \x03(\x0b\x32\x1c.fabrica.config.v1.PollGroupB\n\xbaH\x07\x92\x01\x04\x08\x01\x10 \x12/\n\x04tags\x18\n \x03(\x0b\x32\x16.fabrica.config.v1.TagB\t\xbaH\x06\x92\x01\x03\x10\x88\'\x12\x0c\n\x04\x65tag\x18\x0b \x01(\t\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0c\x62lock_limits\x18\x0f \x01(\x0b\x32\x1e.fabrica.config.v1.BlockLimits\x12\x10\n\x08writable\x18\x14 \x01(\x08\x12\x34\n\x07mirrors\x18\x15 \x03(\x0b\x32\x19.fabrica.config.v1.MirrorB\x08\xbaH\x05\x92\x01\x02\x10 B\x13\n\nconnection\x12\x05\xbaH\x02\x08\x01\"z\n\x07S7Range\x12\x31\n\x04\x61rea\x18\x01 \x01(\x0e\x32\x19.fabrica.config.v1.S7AreaB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1c\n\tdb_number\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\x12\x1e\n\x0b\x62yte_offset\x18\x03 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\"\xde\x02\n\x06Mirror\x12\x39\n\x04name\x18\x01 \x01(\tB+\xbaH(r&\x10\x01\x18?2 ^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$\x12\x32\n\x06source\x18\x02 \x01(\x0b\x32\x1a.fabrica.config.v1.S7RangeB\x06\xbaH\x03\xc8\x01\x01\x12\x18\n\x04size\x18\x03 \x01(\rB\n\xbaH\x07*\x05\x18\x80 (\x01\x12\x41\n\rtarget_plc_id\x18\x04 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x32\n\x06target\x18\x05 \x01(\x0b\x32\x1a.fabrica.config.v1.S7RangeB\x06\xbaH\x03\xc8\x01\x01\x12\x43\n\x08interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x16\xbaH\x13\xaa\x01\r\"\x04\x08\x80\xa3\x05\x32\x05\x10\x80\xad\xe2\x04\xc8\x01\x01\x12\x0f\n\x07\x65nabled\x18\x07 \x01(\x08\"\xba\x02\n\x0b\x42lockLimits\x12%\n\rmax_registers\x18\x01 \x01(\rB\t\xbaH\x06*\x04\x18}(\x01H\x00\x88\x01\x01\x12!\n\x08max_bits\x18\x02 \x01(\rB\n\xbaH\x07*\x05\x18\xd0\x0f(\x01H\x01\x88\x01\x01\x12&\n\x0cmax_s7_bytes\x18\x03 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x02\x88\x01\x01\x12\x1f\n\x07max_gap\x18\x04 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03H\x03\x88\x01\x01\x12\x10\n\x08no_merge\x18\x05 \x01(\x08\x12J\n\x15\x61\x62sent_retry_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x10\xbaH\r\xaa\x01\n\"\x04\x08\x80\xf5$2\x02\x08\x01\x42\x10\n\x0e_max_registersB\x0b\n\t_max_bitsB\x0f\n\r_max_s7_bytesB\n\n\x08_max_gap\"\xad\x01\n\x13ModbusTcpConnection\x12\x18\n\x04host\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xfd\x01\x12\x1e\n\x04port\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x00\x88\x01\x01\x12\x19\n\x07unit_id\x18\x03 \x01(\rB\x08\xbaH\x05*\x03\x18\xff\x01\x12\x38\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x07\n\x05_port\"\xbc\x02\n\x13ModbusRtuConnection\x12\x1f\n\x0bserial_port\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xfd\x01\x12\x39\n\tbaud_rate\x18\x02 \x01(\rB!\xbaH\x1e*\x1c\x30\xb0\t0\xe0\x12\x30\xc0%0\x80K0\x80\x96\x01\x30\x80\xac\x02\x30\x80\xc2\x03\x30\x80\x84\x07H\x00\x88\x01\x01\x12\x33\n\x06parity\x18\x03 \x01(\x0e\x32\x19.fabrica.config.v1.ParityB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12!\n\tstop_bits\x18\x04 \x01(\rB\t\xbaH\x06*\x04\x30\x01\x30\x02H\x01\x88\x01\x01\x12\x1b\n\x07unit_id\x18\x05 \x01(\rB\n\xbaH\x07*\x05\x18\xf7\x01(\x01\x12\x38\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x0c\n\n_baud_rateB\x0c\n\n_stop_bits\"\xb6\x01\n\x1aModbusRtuOverTcpConnection\x12\x18\n\x04host\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xfd\x01\x12\x1e\n\x04port\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x00\x88\x01\x01\x12\x1b\n\x07unit_id\x18\x03 \x01(\rB\n\xbaH\x07*\x05\x18\xf7\x01(\x01\x12\x38\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x07\n\x05_port\"\xb9\x01\n\x0cS7Connection\x12\x18\n\x04host\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xfd\x01\x12\x1e\n\x04port\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x00\x88\x01\x01\x12\x15\n\x04rack\x18\x03 \x01(\rB\x07\xbaH\x04*\x02\x18\x07\x12\x15\n\x04slot\x18\x04 \x01(\rB\x07\xbaH\x04*\x02\x18\x1f\x12\x38\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x07\n\x05_port\"\xd7\x01\n\tPollGroup\x12\x39\n\x04name\x18\x01 \x01(\tB+\xbaH(r&\x10\x01\x18?2 ^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$\x12H\n\rpoll_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x16\xbaH\x13\xaa\x01\r\"\x04\x08\x80\xa3\x05\x32\x05\x10\x80\xad\xe2\x04\xc8\x01\x01\x12\x45\n\x12integrity_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xa3\x05*\x00\"f\n\rModbusAddress\x12\x39\n\x05table\x18\x01 \x01(\x0e\x32\x1e.fabrica.config.v1.ModbusTableB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x1a\n\x07\x61\x64\x64ress\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\"|\n\tS7Address\x12\x31\n\x04\x61rea\x18\x01 \x01(\x0e\x32\x19.fabrica.config.v1.S7AreaB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1c\n\tdb_number\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\x12\x1e\n\x0b\x62yte_offset\x18\x03 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\"\xd4\x05\n\x03Tag\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x34\n\x04name\x18\x02 \x01(\tB&\xbaH#r!\x10\x01\x18\x80\x01\x32\x1a^[A-Za-z_][A-Za-z0-9_.-]*$\x12\x1d\n\x0b\x64\x65scription\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\xf4\x03\x12\x1b\n\npoll_group\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18?\x12\x32\n\x06modbus\x18\x05 \x01(\x0b\x32 .fabrica.config.v1.ModbusAddressH\x00\x12*\n\x02s7\x18\x06 \x01(\x0b\x32\x1c.fabrica.config.v1.S7AddressH\x00\x12:\n\tdata_type\x18\x07 \x01(\x0e\x32\x1b.fabrica.config.v1.DataTypeB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12:\n\nbyte_order\x18\x08 \x01(\x0e\x32\x1c.fabrica.config.v1.ByteOrderB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12:\n\nword_order\x18\t \x01(\x0e\x32\x1c.fabrica.config.v1.WordOrderB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x19\n\x03\x62it\x18\n \x01(\rB\x07\xbaH\x04*\x02\x18\x0fH\x01\x88\x01\x01\x12\x1f\n\rstring_length\x18\x0b \x01(\rB\x08\xbaH\x05*\x03\x18\xfe\x01\x12\x1b\n\x05scale\x18\x0c \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x02\x88\x01\x01\x12\x17\n\x06offset\x18\r \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\x12\"\n\x08\x64\x65\x61\x64\x62\x61nd\x18\x0e \x01(\x01\x42\x10\xbaH\r\x12\x0b)\x00\x00\x00\x00\x00\x00\x00\x00@\x01\x12$\n\rcounter_width\x18\x0f \x01(\rB\r\xbaH\n*\x08\x30\x00\x30\x10\x30 0@\x12\x32\n\x04role\x18\x10 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x15\n\x04unit\x18\x11 \x01(\tB\x07\xbaH\x04r\x02\x18 \x12\x10\n\x08optional\x18\x14 \x01(\x08\x42\x10\n\x07\x61\x64\x64ress\x12\x05\xbaH\x02\x08\x01\x42\x06\n\x04_bitB\x08\n\x06_scale*R\n\x06Parity\x12\x16\n\x12PARITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPARITY_NONE\x10\x01\x12\x0f\n\x0bPARITY_EVEN\x10\x02\x12\x0e\n\nPARITY_ODD\x10\x03*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x02\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x04\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x07\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x08\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\t\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\n*`\n\tByteOrder\x12\x1a\n\x16\x42YTE_ORDER_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42YTE_ORDER_BIG_ENDIAN\x10\x01\x12\x1c\n\x18\x42YTE_ORDER_LITTLE_ENDIAN\x10\x02*`\n\tWordOrder\x12\x1a\n\x16WORD_ORDER_UNSPECIFIED\x10\x00\x12\x19\n\x15WORD_ORDER_BIG_ENDIAN\x10\x01\x12\x1c\n\x18WORD_ORDER_LITTLE_ENDIAN\x10\x02*\xa7\x01\n\x0bModbusTable\x12\x1c\n\x18MODBUS_TABLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODBUS_TABLE_COIL\x10\x01\x12\x1f\n\x1bMODBUS_TABLE_DISCRETE_INPUT\x10\x02\x12\x1f\n\x1bMODBUS_TABLE_INPUT_REGISTER\x10\x03\x12!\n\x1dMODBUS_TABLE_HOLDING_REGISTER\x10\x04*w\n\x06S7Area\x12\x17\n\x13S7_AREA_UNSPECIFIED\x10\x00\x12\x16\n\x12S7_AREA_DATA_BLOCK\x10\x01\x12\x12\n\x0eS7_AREA_INPUTS\x10\x02\x12\x13\n\x0fS7_AREA_OUTPUTS\x10\x03\x12\x13\n\x0fS7_AREA_MARKERS\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x61\x62rica/config/v1/plc.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x07\n\x03Plc\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x33\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12@\n\x0c\x63ollector_id\x18\x03 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12<\n\nmodbus_tcp\x18\x05 \x01(\x0b\x32&.fabrica.config.v1.ModbusTcpConnectionH\x00\x12<\n\nmodbus_rtu\x18\x06 \x01(\x0b\x32&.fabrica.config.v1.ModbusRtuConnectionH\x00\x12L\n\x13modbus_rtu_over_tcp\x18\x07 \x01(\x0b\x32-.fabrica.config.v1.ModbusRtuOverTcpConnectionH\x00\x12-\n\x02s7\x18\x08 \x01(\x0b\x32\x1f.fabrica.config.v1.S7ConnectionH\x00\x12=\n\x0bpoll_groups\x18\t \x03(\x0b\x32\x1c.fabrica.config.v1.PollGroupB\n\xbaH\x07\x92\x01\x04\x08\x01\x10 \x12/\n\x04tags\x18\n \x03(\x0b\x32\x16.fabrica.config.v1.TagB\t\xbaH\x06\x92\x01\x03\x10\x88\'\x12+\n\x04\x65tag\x18\x0b \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x10\n\x08revision\x18\x0c \x01(\x03\x12S\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x34\n\x0c\x62lock_limits\x18\x0f \x01(\x0b\x32\x1e.fabrica.config.v1.BlockLimits\x12\x10\n\x08writable\x18\x14 \x01(\x08\x12\x34\n\x07mirrors\x18\x15 \x03(\x0b\x32\x19.fabrica.config.v1.MirrorB\x08\xbaH\x05\x92\x01\x02\x10 B\x13\n\nconnection\x12\x05\xbaH\x02\x08\x01\"z\n\x07S7Range\x12\x31\n\x04\x61rea\x18\x01 \x01(\x0e\x32\x19.fabrica.config.v1.S7AreaB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1c\n\tdb_number\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\x12\x1e\n\x0b\x62yte_offset\x18\x03 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\"\xde\x02\n\x06Mirror\x12\x39\n\x04name\x18\x01 \x01(\tB+\xbaH(r&\x10\x01\x18?2 ^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$\x12\x32\n\x06source\x18\x02 \x01(\x0b\x32\x1a.fabrica.config.v1.S7RangeB\x06\xbaH\x03\xc8\x01\x01\x12\x18\n\x04size\x18\x03 \x01(\rB\n\xbaH\x07*\x05\x18\x80 (\x01\x12\x41\n\rtarget_plc_id\x18\x04 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x32\n\x06target\x18\x05 \x01(\x0b\x32\x1a.fabrica.config.v1.S7RangeB\x06\xbaH\x03\xc8\x01\x01\x12\x43\n\x08interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x16\xbaH\x13\xaa\x01\r\"\x04\x08\x80\xa3\x05\x32\x05\x10\x80\xad\xe2\x04\xc8\x01\x01\x12\x0f\n\x07\x65nabled\x18\x07 \x01(\x08\"\xba\x02\n\x0b\x42lockLimits\x12%\n\rmax_registers\x18\x01 \x01(\rB\t\xbaH\x06*\x04\x18}(\x01H\x00\x88\x01\x01\x12!\n\x08max_bits\x18\x02 \x01(\rB\n\xbaH\x07*\x05\x18\xd0\x0f(\x01H\x01\x88\x01\x01\x12&\n\x0cmax_s7_bytes\x18\x03 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x02\x88\x01\x01\x12\x1f\n\x07max_gap\x18\x04 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03H\x03\x88\x01\x01\x12\x10\n\x08no_merge\x18\x05 \x01(\x08\x12J\n\x15\x61\x62sent_retry_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x10\xbaH\r\xaa\x01\n\"\x04\x08\x80\xf5$2\x02\x08\x01\x42\x10\n\x0e_max_registersB\x0b\n\t_max_bitsB\x0f\n\r_max_s7_bytesB\n\n\x08_max_gap\"\xc2\x01\n\x13ModbusTcpConnection\x12-\n\x04host\x18\x01 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xfd\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x1e\n\x04port\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x00\x88\x01\x01\x12\x19\n\x07unit_id\x18\x03 \x01(\rB\x08\xbaH\x05*\x03\x18\xff\x01\x12\x38\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x07\n\x05_port\"\xd1\x02\n\x13ModbusRtuConnection\x12\x34\n\x0bserial_port\x18\x01 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xfd\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x39\n\tbaud_rate\x18\x02 \x01(\rB!\xbaH\x1e*\x1c\x30\xb0\t0\xe0\x12\x30\xc0%0\x80K0\x80\x96\x01\x30\x80\xac\x02\x30\x80\xc2\x03\x30\x80\x84\x07H\x00\x88\x01\x01\x12\x33\n\x06parity\x18\x03 \x01(\x0e\x32\x19.fabrica.config.v1.ParityB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12!\n\tstop_bits\x18\x04 \x01(\rB\t\xbaH\x06*\x04\x30\x01\x30\x02H\x01\x88\x01\x01\x12\x1b\n\x07unit_id\x18\x05 \x01(\rB\n\xbaH\x07*\x05\x18\xf7\x01(\x01\x12\x38\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x0c\n\n_baud_rateB\x0c\n\n_stop_bits\"\xcb\x01\n\x1aModbusRtuOverTcpConnection\x12-\n\x04host\x18\x01 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xfd\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x1e\n\x04port\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x00\x88\x01\x01\x12\x1b\n\x07unit_id\x18\x03 \x01(\rB\n\xbaH\x07*\x05\x18\xf7\x01(\x01\x12\x38\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x07\n\x05_port\"\xce\x01\n\x0cS7Connection\x12-\n\x04host\x18\x01 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xfd\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x1e\n\x04port\x18\x02 \x01(\rB\x0b\xbaH\x08*\x06\x18\xff\xff\x03(\x01H\x00\x88\x01\x01\x12\x15\n\x04rack\x18\x03 \x01(\rB\x07\xbaH\x04*\x02\x18\x07\x12\x15\n\x04slot\x18\x04 \x01(\rB\x07\xbaH\x04*\x02\x18\x1f\x12\x38\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08<*\x00\x42\x07\n\x05_port\"\xd7\x01\n\tPollGroup\x12\x39\n\x04name\x18\x01 \x01(\tB+\xbaH(r&\x10\x01\x18?2 ^[a-z0-9]([a-z0-9_-]*[a-z0-9])?$\x12H\n\rpoll_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x16\xbaH\x13\xaa\x01\r\"\x04\x08\x80\xa3\x05\x32\x05\x10\x80\xad\xe2\x04\xc8\x01\x01\x12\x45\n\x12integrity_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xa3\x05*\x00\"f\n\rModbusAddress\x12\x39\n\x05table\x18\x01 \x01(\x0e\x32\x1e.fabrica.config.v1.ModbusTableB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x1a\n\x07\x61\x64\x64ress\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\"|\n\tS7Address\x12\x31\n\x04\x61rea\x18\x01 \x01(\x0e\x32\x19.fabrica.config.v1.S7AreaB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1c\n\tdb_number\x18\x02 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\x12\x1e\n\x0b\x62yte_offset\x18\x03 \x01(\rB\t\xbaH\x06*\x04\x18\xff\xff\x03\"\xb4\x06\n\x03Tag\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x34\n\x04name\x18\x02 \x01(\tB&\xbaH#r!\x10\x01\x18\x80\x01\x32\x1a^[A-Za-z_][A-Za-z0-9_.-]*$\x12\x43\n\x0b\x64\x65scription\x18\x03 \x01(\tB.\xbaH+r)\x18\xf4\x03\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12@\n\npoll_group\x18\x04 \x01(\tB,\xbaH)r\'\x18?2#^([a-z0-9]([a-z0-9_-]*[a-z0-9])?)?$\x12\x32\n\x06modbus\x18\x05 \x01(\x0b\x32 .fabrica.config.v1.ModbusAddressH\x00\x12*\n\x02s7\x18\x06 \x01(\x0b\x32\x1c.fabrica.config.v1.S7AddressH\x00\x12:\n\tdata_type\x18\x07 \x01(\x0e\x32\x1b.fabrica.config.v1.DataTypeB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12:\n\nbyte_order\x18\x08 \x01(\x0e\x32\x1c.fabrica.config.v1.ByteOrderB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12:\n\nword_order\x18\t \x01(\x0e\x32\x1c.fabrica.config.v1.WordOrderB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x19\n\x03\x62it\x18\n \x01(\rB\x07\xbaH\x04*\x02\x18\x0fH\x01\x88\x01\x01\x12\x1f\n\rstring_length\x18\x0b \x01(\rB\x08\xbaH\x05*\x03\x18\xfe\x01\x12\x1b\n\x05scale\x18\x0c \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x02\x88\x01\x01\x12\x17\n\x06offset\x18\r \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01\x12\"\n\x08\x64\x65\x61\x64\x62\x61nd\x18\x0e \x01(\x01\x42\x10\xbaH\r\x12\x0b)\x00\x00\x00\x00\x00\x00\x00\x00@\x01\x12$\n\rcounter_width\x18\x0f \x01(\rB\r\xbaH\n*\x08\x30\x00\x30\x10\x30 0@\x12\x32\n\x04role\x18\x10 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12*\n\x04unit\x18\x11 \x01(\tB\x1c\xbaH\x19r\x17\x18 2\x13^[^\\x00-\\x1F\\x7F]*$\x12\x10\n\x08optional\x18\x14 \x01(\x08\x42\x10\n\x07\x61\x64\x64ress\x12\x05\xbaH\x02\x08\x01\x42\x06\n\x04_bitB\x08\n\x06_scale*R\n\x06Parity\x12\x16\n\x12PARITY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPARITY_NONE\x10\x01\x12\x0f\n\x0bPARITY_EVEN\x10\x02\x12\x0e\n\nPARITY_ODD\x10\x03*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x02\x12\x14\n\x10\x44\x41TA_TYPE_UINT16\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x04\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x14\n\x10\x44\x41TA_TYPE_UINT64\x10\x07\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x08\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\t\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\n*`\n\tByteOrder\x12\x1a\n\x16\x42YTE_ORDER_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42YTE_ORDER_BIG_ENDIAN\x10\x01\x12\x1c\n\x18\x42YTE_ORDER_LITTLE_ENDIAN\x10\x02*`\n\tWordOrder\x12\x1a\n\x16WORD_ORDER_UNSPECIFIED\x10\x00\x12\x19\n\x15WORD_ORDER_BIG_ENDIAN\x10\x01\x12\x1c\n\x18WORD_ORDER_LITTLE_ENDIAN\x10\x02*\xa7\x01\n\x0bModbusTable\x12\x1c\n\x18MODBUS_TABLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODBUS_TABLE_COIL\x10\x01\x12\x1f\n\x1bMODBUS_TABLE_DISCRETE_INPUT\x10\x02\x12\x1f\n\x1bMODBUS_TABLE_INPUT_REGISTER\x10\x03\x12!\n\x1dMODBUS_TABLE_HOLDING_REGISTER\x10\x04*w\n\x06S7Area\x12\x17\n\x13S7_AREA_UNSPECIFIED\x10\x00\x12\x16\n\x12S7_AREA_DATA_BLOCK\x10\x01\x12\x12\n\x0eS7_AREA_INPUTS\x10\x02\x12\x13\n\x0fS7_AREA_OUTPUTS\x10\x03\x12\x13\n\x0fS7_AREA_MARKERS\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLC'].fields_by_name['id']._loaded_options = None
   _globals['_PLC'].fields_by_name['id']._serialized_options = b'\272H\'r%\020\001\030?2\037^[a-z0-9]([a-z0-9-]*[a-z0-9])?$'
   _globals['_PLC'].fields_by_name['display_name']._loaded_options = None
-  _globals['_PLC'].fields_by_name['display_name']._serialized_options = b'\272H\005r\003\030\310\001'
+  _globals['_PLC'].fields_by_name['display_name']._serialized_options = b'\272H\032r\030\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_PLC'].fields_by_name['collector_id']._loaded_options = None
   _globals['_PLC'].fields_by_name['collector_id']._serialized_options = b'\272H\'r%\020\001\030?2\037^[a-z0-9]([a-z0-9-]*[a-z0-9])?$'
   _globals['_PLC'].fields_by_name['poll_groups']._loaded_options = None
   _globals['_PLC'].fields_by_name['poll_groups']._serialized_options = b'\272H\007\222\001\004\010\001\020 '
   _globals['_PLC'].fields_by_name['tags']._loaded_options = None
   _globals['_PLC'].fields_by_name['tags']._serialized_options = b'\272H\006\222\001\003\020\210\''
+  _globals['_PLC'].fields_by_name['etag']._loaded_options = None
+  _globals['_PLC'].fields_by_name['etag']._serialized_options = b'\272H\032r\030\030\200\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_PLC'].fields_by_name['create_time']._loaded_options = None
+  _globals['_PLC'].fields_by_name['create_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_PLC'].fields_by_name['update_time']._loaded_options = None
+  _globals['_PLC'].fields_by_name['update_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_PLC'].fields_by_name['mirrors']._loaded_options = None
   _globals['_PLC'].fields_by_name['mirrors']._serialized_options = b'\272H\005\222\001\002\020 '
   _globals['_S7RANGE'].fields_by_name['area']._loaded_options = None
@@ -78,7 +84,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOCKLIMITS'].fields_by_name['absent_retry_interval']._loaded_options = None
   _globals['_BLOCKLIMITS'].fields_by_name['absent_retry_interval']._serialized_options = b'\272H\r\252\001\n\"\004\010\200\365$2\002\010\001'
   _globals['_MODBUSTCPCONNECTION'].fields_by_name['host']._loaded_options = None
-  _globals['_MODBUSTCPCONNECTION'].fields_by_name['host']._serialized_options = b'\272H\007r\005\020\001\030\375\001'
+  _globals['_MODBUSTCPCONNECTION'].fields_by_name['host']._serialized_options = b'\272H\034r\032\020\001\030\375\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_MODBUSTCPCONNECTION'].fields_by_name['port']._loaded_options = None
   _globals['_MODBUSTCPCONNECTION'].fields_by_name['port']._serialized_options = b'\272H\010*\006\030\377\377\003(\001'
   _globals['_MODBUSTCPCONNECTION'].fields_by_name['unit_id']._loaded_options = None
@@ -86,7 +92,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODBUSTCPCONNECTION'].fields_by_name['timeout']._loaded_options = None
   _globals['_MODBUSTCPCONNECTION'].fields_by_name['timeout']._serialized_options = b'\272H\t\252\001\006\"\002\010<*\000'
   _globals['_MODBUSRTUCONNECTION'].fields_by_name['serial_port']._loaded_options = None
-  _globals['_MODBUSRTUCONNECTION'].fields_by_name['serial_port']._serialized_options = b'\272H\007r\005\020\001\030\375\001'
+  _globals['_MODBUSRTUCONNECTION'].fields_by_name['serial_port']._serialized_options = b'\272H\034r\032\020\001\030\375\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_MODBUSRTUCONNECTION'].fields_by_name['baud_rate']._loaded_options = None
   _globals['_MODBUSRTUCONNECTION'].fields_by_name['baud_rate']._serialized_options = b'\272H\036*\0340\260\t0\340\0220\300%0\200K0\200\226\0010\200\254\0020\200\302\0030\200\204\007'
   _globals['_MODBUSRTUCONNECTION'].fields_by_name['parity']._loaded_options = None
@@ -98,7 +104,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODBUSRTUCONNECTION'].fields_by_name['timeout']._loaded_options = None
   _globals['_MODBUSRTUCONNECTION'].fields_by_name['timeout']._serialized_options = b'\272H\t\252\001\006\"\002\010<*\000'
   _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['host']._loaded_options = None
-  _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['host']._serialized_options = b'\272H\007r\005\020\001\030\375\001'
+  _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['host']._serialized_options = b'\272H\034r\032\020\001\030\375\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['port']._loaded_options = None
   _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['port']._serialized_options = b'\272H\010*\006\030\377\377\003(\001'
   _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['unit_id']._loaded_options = None
@@ -106,7 +112,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['timeout']._loaded_options = None
   _globals['_MODBUSRTUOVERTCPCONNECTION'].fields_by_name['timeout']._serialized_options = b'\272H\t\252\001\006\"\002\010<*\000'
   _globals['_S7CONNECTION'].fields_by_name['host']._loaded_options = None
-  _globals['_S7CONNECTION'].fields_by_name['host']._serialized_options = b'\272H\007r\005\020\001\030\375\001'
+  _globals['_S7CONNECTION'].fields_by_name['host']._serialized_options = b'\272H\034r\032\020\001\030\375\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_S7CONNECTION'].fields_by_name['port']._loaded_options = None
   _globals['_S7CONNECTION'].fields_by_name['port']._serialized_options = b'\272H\010*\006\030\377\377\003(\001'
   _globals['_S7CONNECTION'].fields_by_name['rack']._loaded_options = None
@@ -136,9 +142,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TAG'].fields_by_name['name']._loaded_options = None
   _globals['_TAG'].fields_by_name['name']._serialized_options = b'\272H#r!\020\001\030\200\0012\032^[A-Za-z_][A-Za-z0-9_.-]*$'
   _globals['_TAG'].fields_by_name['description']._loaded_options = None
-  _globals['_TAG'].fields_by_name['description']._serialized_options = b'\272H\005r\003\030\364\003'
+  _globals['_TAG'].fields_by_name['description']._serialized_options = b'\272H+r)\030\364\0032$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
   _globals['_TAG'].fields_by_name['poll_group']._loaded_options = None
-  _globals['_TAG'].fields_by_name['poll_group']._serialized_options = b'\272H\004r\002\030?'
+  _globals['_TAG'].fields_by_name['poll_group']._serialized_options = b'\272H)r\'\030?2#^([a-z0-9]([a-z0-9_-]*[a-z0-9])?)?$'
   _globals['_TAG'].fields_by_name['data_type']._loaded_options = None
   _globals['_TAG'].fields_by_name['data_type']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
   _globals['_TAG'].fields_by_name['byte_order']._loaded_options = None
@@ -160,41 +166,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TAG'].fields_by_name['role']._loaded_options = None
   _globals['_TAG'].fields_by_name['role']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_TAG'].fields_by_name['unit']._loaded_options = None
-  _globals['_TAG'].fields_by_name['unit']._serialized_options = b'\272H\004r\002\030 '
-  _globals['_PARITY']._serialized_start=3831
-  _globals['_PARITY']._serialized_end=3913
-  _globals['_DATATYPE']._serialized_start=3916
-  _globals['_DATATYPE']._serialized_end=4170
-  _globals['_BYTEORDER']._serialized_start=4172
-  _globals['_BYTEORDER']._serialized_end=4268
-  _globals['_WORDORDER']._serialized_start=4270
-  _globals['_WORDORDER']._serialized_end=4366
-  _globals['_MODBUSTABLE']._serialized_start=4369
-  _globals['_MODBUSTABLE']._serialized_end=4536
-  _globals['_S7AREA']._serialized_start=4538
-  _globals['_S7AREA']._serialized_end=4657
+  _globals['_TAG'].fields_by_name['unit']._serialized_options = b'\272H\031r\027\030 2\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_PARITY']._serialized_start=4135
+  _globals['_PARITY']._serialized_end=4217
+  _globals['_DATATYPE']._serialized_start=4220
+  _globals['_DATATYPE']._serialized_end=4474
+  _globals['_BYTEORDER']._serialized_start=4476
+  _globals['_BYTEORDER']._serialized_end=4572
+  _globals['_WORDORDER']._serialized_start=4574
+  _globals['_WORDORDER']._serialized_end=4670
+  _globals['_MODBUSTABLE']._serialized_start=4673
+  _globals['_MODBUSTABLE']._serialized_end=4840
+  _globals['_S7AREA']._serialized_start=4842
+  _globals['_S7AREA']._serialized_end=4961
   _globals['_PLC']._serialized_start=178
-  _globals['_PLC']._serialized_end=992
-  _globals['_S7RANGE']._serialized_start=994
-  _globals['_S7RANGE']._serialized_end=1116
-  _globals['_MIRROR']._serialized_start=1119
-  _globals['_MIRROR']._serialized_end=1469
-  _globals['_BLOCKLIMITS']._serialized_start=1472
-  _globals['_BLOCKLIMITS']._serialized_end=1786
-  _globals['_MODBUSTCPCONNECTION']._serialized_start=1789
-  _globals['_MODBUSTCPCONNECTION']._serialized_end=1962
-  _globals['_MODBUSRTUCONNECTION']._serialized_start=1965
-  _globals['_MODBUSRTUCONNECTION']._serialized_end=2281
-  _globals['_MODBUSRTUOVERTCPCONNECTION']._serialized_start=2284
-  _globals['_MODBUSRTUOVERTCPCONNECTION']._serialized_end=2466
-  _globals['_S7CONNECTION']._serialized_start=2469
-  _globals['_S7CONNECTION']._serialized_end=2654
-  _globals['_POLLGROUP']._serialized_start=2657
-  _globals['_POLLGROUP']._serialized_end=2872
-  _globals['_MODBUSADDRESS']._serialized_start=2874
-  _globals['_MODBUSADDRESS']._serialized_end=2976
-  _globals['_S7ADDRESS']._serialized_start=2978
-  _globals['_S7ADDRESS']._serialized_end=3102
-  _globals['_TAG']._serialized_start=3105
-  _globals['_TAG']._serialized_end=3829
+  _globals['_PLC']._serialized_end=1116
+  _globals['_S7RANGE']._serialized_start=1118
+  _globals['_S7RANGE']._serialized_end=1240
+  _globals['_MIRROR']._serialized_start=1243
+  _globals['_MIRROR']._serialized_end=1593
+  _globals['_BLOCKLIMITS']._serialized_start=1596
+  _globals['_BLOCKLIMITS']._serialized_end=1910
+  _globals['_MODBUSTCPCONNECTION']._serialized_start=1913
+  _globals['_MODBUSTCPCONNECTION']._serialized_end=2107
+  _globals['_MODBUSRTUCONNECTION']._serialized_start=2110
+  _globals['_MODBUSRTUCONNECTION']._serialized_end=2447
+  _globals['_MODBUSRTUOVERTCPCONNECTION']._serialized_start=2450
+  _globals['_MODBUSRTUOVERTCPCONNECTION']._serialized_end=2653
+  _globals['_S7CONNECTION']._serialized_start=2656
+  _globals['_S7CONNECTION']._serialized_end=2862
+  _globals['_POLLGROUP']._serialized_start=2865
+  _globals['_POLLGROUP']._serialized_end=3080
+  _globals['_MODBUSADDRESS']._serialized_start=3082
+  _globals['_MODBUSADDRESS']._serialized_end=3184
+  _globals['_S7ADDRESS']._serialized_start=3186
+  _globals['_S7ADDRESS']._serialized_end=3310
+  _globals['_TAG']._serialized_start=3313
+  _globals['_TAG']._serialized_end=4133
 # @@protoc_insertion_point(module_scope)

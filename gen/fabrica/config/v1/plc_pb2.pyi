@@ -273,11 +273,11 @@ class Plc(_message.Message):
 
     @_builtins.property
     def poll_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___PollGroup]:
-        """Poll groups; tags name the group they are polled in. At least one."""
+        """Poll groups; tags name the group they are polled in. At least one, at most 32."""
 
     @_builtins.property
     def tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tag]:
-        """The tags read from this PLC. Names are unique within the PLC."""
+        """The tags read from this PLC, at most 5,000 (INVALID_ARGUMENT beyond). Names are unique within the PLC."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:

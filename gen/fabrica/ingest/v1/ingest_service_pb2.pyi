@@ -181,7 +181,7 @@ class WatchTagEventsRequest(_message.Message):
 
     @_builtins.property
     def plc_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only tags of these PLCs when set."""
+        """Only tags of these PLCs when set: at most 1,000 PLC ids."""
 
     def __init__(
         self,

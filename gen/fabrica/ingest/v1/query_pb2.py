@@ -27,7 +27,7 @@ from fabrica.common.v1 import reading_pb2 as fabrica_dot_common_dot_v1_dot_readi
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61\x62rica/ingest/v1/query.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x03\n\rReadingFilter\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x17\n\x06plc_id\x18\x02 \x01(\tB\x07\xbaH\x04r\x02\x18?\x12\x36\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12>\n\tqualities\x18\x05 \x03(\x0e\x32\x1a.fabrica.common.v1.QualityB\x0f\xbaH\x0c\x92\x01\t\x10\x08\"\x05\x82\x01\x02\x10\x01:\xc5\x01\xbaH\xc1\x01\x1aZ\n\x14reading_filter.range\x12!end_time must be after start_time\x1a\x1fthis.end_time > this.start_time\x1a\x63\n\x1areading_filter.tags_or_plc\x12\x18name tag_ids or a plc_id\x1a+size(this.tag_ids) > 0 || this.plc_id != \'\'\"\xa2\x01\n\rReadingBucket\x12\x0e\n\x06tag_id\x18\x01 \x01(\x04\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0b\n\x03min\x18\x04 \x01(\x01\x12\x0b\n\x03max\x18\x05 \x01(\x01\x12\x0b\n\x03\x61vg\x18\x06 \x01(\x01\x12\r\n\x05\x66irst\x18\x07 \x01(\x01\x12\x0c\n\x04last\x18\x08 \x01(\x01\"\xdf\x01\n\x0eReadingSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x0e\n\x06stddev\x18\x03 \x01(\x01\x12\x0b\n\x03min\x18\x04 \x01(\x01\x12\x0b\n\x03max\x18\x05 \x01(\x01\x12\x0f\n\x02\x63p\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03\x63pk\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eslope_per_hour\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tintercept\x18\t \x01(\x01H\x03\x88\x01\x01\x42\x05\n\x03_cpB\x06\n\x04_cpkB\x11\n\x0f_slope_per_hourB\x0c\n\n_interceptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x61\x62rica/ingest/v1/query.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x04\n\rReadingFilter\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12U\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12S\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12>\n\tqualities\x18\x05 \x03(\x0e\x32\x1a.fabrica.common.v1.QualityB\x0f\xbaH\x0c\x92\x01\t\x10\x08\"\x05\x82\x01\x02\x10\x01:\xc5\x01\xbaH\xc1\x01\x1aZ\n\x14reading_filter.range\x12!end_time must be after start_time\x1a\x1fthis.end_time > this.start_time\x1a\x63\n\x1areading_filter.tags_or_plc\x12\x18name tag_ids or a plc_id\x1a+size(this.tag_ids) > 0 || this.plc_id != \'\'\"\xc6\x01\n\rReadingBucket\x12\x0e\n\x06tag_id\x18\x01 \x01(\x04\x12R\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0b\n\x03min\x18\x04 \x01(\x01\x12\x0b\n\x03max\x18\x05 \x01(\x01\x12\x0b\n\x03\x61vg\x18\x06 \x01(\x01\x12\r\n\x05\x66irst\x18\x07 \x01(\x01\x12\x0c\n\x04last\x18\x08 \x01(\x01\"\xdf\x01\n\x0eReadingSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x0c\n\x04mean\x18\x02 \x01(\x01\x12\x0e\n\x06stddev\x18\x03 \x01(\x01\x12\x0b\n\x03min\x18\x04 \x01(\x01\x12\x0b\n\x03max\x18\x05 \x01(\x01\x12\x0f\n\x02\x63p\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03\x63pk\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eslope_per_hour\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tintercept\x18\t \x01(\x01H\x03\x88\x01\x01\x42\x05\n\x03_cpB\x06\n\x04_cpkB\x11\n\x0f_slope_per_hourB\x0c\n\n_interceptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READINGFILTER'].fields_by_name['tag_ids']._loaded_options = None
   _globals['_READINGFILTER'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\350\007\"\0042\002 \000'
   _globals['_READINGFILTER'].fields_by_name['plc_id']._loaded_options = None
-  _globals['_READINGFILTER'].fields_by_name['plc_id']._serialized_options = b'\272H\004r\002\030?'
+  _globals['_READINGFILTER'].fields_by_name['plc_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_READINGFILTER'].fields_by_name['start_time']._loaded_options = None
-  _globals['_READINGFILTER'].fields_by_name['start_time']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_READINGFILTER'].fields_by_name['start_time']._serialized_options = b'\272H\"\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001\310\001\001'
   _globals['_READINGFILTER'].fields_by_name['end_time']._loaded_options = None
-  _globals['_READINGFILTER'].fields_by_name['end_time']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_READINGFILTER'].fields_by_name['end_time']._serialized_options = b'\272H\"\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001\310\001\001'
   _globals['_READINGFILTER'].fields_by_name['qualities']._loaded_options = None
   _globals['_READINGFILTER'].fields_by_name['qualities']._serialized_options = b'\272H\014\222\001\t\020\010\"\005\202\001\002\020\001'
   _globals['_READINGFILTER']._loaded_options = None
   _globals['_READINGFILTER']._serialized_options = b'\272H\301\001\032Z\n\024reading_filter.range\022!end_time must be after start_time\032\037this.end_time > this.start_time\032c\n\032reading_filter.tags_or_plc\022\030name tag_ids or a plc_id\032+size(this.tag_ids) > 0 || this.plc_id != \'\''
+  _globals['_READINGBUCKET'].fields_by_name['start_time']._loaded_options = None
+  _globals['_READINGBUCKET'].fields_by_name['start_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_READINGFILTER']._serialized_start=148
-  _globals['_READINGFILTER']._serialized_end=596
-  _globals['_READINGBUCKET']._serialized_start=599
-  _globals['_READINGBUCKET']._serialized_end=761
-  _globals['_READINGSUMMARY']._serialized_start=764
-  _globals['_READINGSUMMARY']._serialized_end=987
+  _globals['_READINGFILTER']._serialized_end=678
+  _globals['_READINGBUCKET']._serialized_start=681
+  _globals['_READINGBUCKET']._serialized_end=879
+  _globals['_READINGSUMMARY']._serialized_start=882
+  _globals['_READINGSUMMARY']._serialized_end=1105
 # @@protoc_insertion_point(module_scope)

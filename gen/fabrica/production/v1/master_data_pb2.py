@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fabrica/production/v1/master_data.proto\x12\x15\x66\x61\x62rica.production.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd2\x01\n\x06Sector\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12 \n\x0c\x64isplay_name\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xc8\x01\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x03\n\nWorkCenter\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12 \n\x0c\x64isplay_name\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xc8\x01\x12\x1c\n\tsector_id\x18\x03 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18?\x12\x17\n\x06plc_id\x18\x04 \x01(\tB\x07\xbaH\x04r\x02\x18?\x12!\n\x19production_counter_tag_id\x18\x05 \x01(\x04\x12\x1c\n\x14scrap_counter_tag_id\x18\x06 \x01(\x04\x12\x1c\n\x14machine_state_tag_id\x18\x07 \x01(\x04\x12$\n\rcounter_width\x18\x08 \x01(\rB\r\xbaH\n*\x08\x30\x00\x30\x10\x30 0@\x12\x18\n\x10max_counter_jump\x18\t \x01(\x04\x12\x0c\n\x04\x65tag\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa3\x02\n\x04Item\x12\x41\n\x02id\x18\x01 \x01(\tB5\xbaH2r0\x10\x01\x18?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$\x12 \n\x0c\x64isplay_name\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xc8\x01\x12\x46\n\x10ideal_cycle_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\xbaH\x0e\xaa\x01\x08\"\x04\x08\x80\xa3\x05*\x00\xc8\x01\x01\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x02\n\nDefectCode\x12\x41\n\x02id\x18\x01 \x01(\tB5\xbaH2r0\x10\x01\x18?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$\x12 \n\x0c\x64isplay_name\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xc8\x01\x12=\n\x08severity\x18\x03 \x01(\x0e\x32\x1f.fabrica.production.v1.SeverityB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x02\n\x0e\x44owntimeReason\x12\x41\n\x02id\x18\x01 \x01(\tB5\xbaH2r0\x10\x01\x18?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$\x12 \n\x0c\x64isplay_name\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\xc8\x01\x12\'\n\x05\x63olor\x18\x03 \x01(\tB\x18\xbaH\x15r\x13\x32\x11^#[0-9a-fA-F]{6}$\x12#\n\x1b\x63ounts_against_availability\x18\x04 \x01(\x08\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*c\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eSEVERITY_MINOR\x10\x01\x12\x12\n\x0eSEVERITY_MAJOR\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fabrica/production/v1/master_data.proto\x12\x15\x66\x61\x62rica.production.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xce\x02\n\x06Sector\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x35\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12+\n\x04\x65tag\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\xd0\x04\n\nWorkCenter\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x35\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x30\n\tsector_id\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x06plc_id\x18\x04 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12!\n\x19production_counter_tag_id\x18\x05 \x01(\x04\x12\x1c\n\x14scrap_counter_tag_id\x18\x06 \x01(\x04\x12\x1c\n\x14machine_state_tag_id\x18\x07 \x01(\x04\x12$\n\rcounter_width\x18\x08 \x01(\rB\r\xbaH\n*\x08\x30\x00\x30\x10\x30 0@\x12\x18\n\x10max_counter_jump\x18\t \x01(\x04\x12+\n\x04\x65tag\x18\n \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\x9f\x03\n\x04Item\x12\x41\n\x02id\x18\x01 \x01(\tB5\xbaH2r0\x10\x01\x18?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$\x12\x35\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x46\n\x10ideal_cycle_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\xbaH\x0e\xaa\x01\x08\"\x04\x08\x80\xa3\x05*\x00\xc8\x01\x01\x12+\n\x04\x65tag\x18\x04 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\x9c\x03\n\nDefectCode\x12\x41\n\x02id\x18\x01 \x01(\tB5\xbaH2r0\x10\x01\x18?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$\x12\x35\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12=\n\x08severity\x18\x03 \x01(\x0e\x32\x1f.fabrica.production.v1.SeverityB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12+\n\x04\x65tag\x18\x04 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\"\xaf\x03\n\x0e\x44owntimeReason\x12\x41\n\x02id\x18\x01 \x01(\tB5\xbaH2r0\x10\x01\x18?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$\x12\x35\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1f\xbaH\x1cr\x1a\x10\x01\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\'\n\x05\x63olor\x18\x03 \x01(\tB\x18\xbaH\x15r\x13\x32\x11^#[0-9a-fA-F]{6}$\x12#\n\x1b\x63ounts_against_availability\x18\x04 \x01(\x08\x12+\n\x04\x65tag\x18\x05 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12S\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12S\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01*c\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eSEVERITY_MINOR\x10\x01\x12\x12\n\x0eSEVERITY_MAJOR\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,45 +37,75 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SECTOR'].fields_by_name['id']._loaded_options = None
   _globals['_SECTOR'].fields_by_name['id']._serialized_options = b'\272H\'r%\020\001\030?2\037^[a-z0-9]([a-z0-9-]*[a-z0-9])?$'
   _globals['_SECTOR'].fields_by_name['display_name']._loaded_options = None
-  _globals['_SECTOR'].fields_by_name['display_name']._serialized_options = b'\272H\007r\005\020\001\030\310\001'
+  _globals['_SECTOR'].fields_by_name['display_name']._serialized_options = b'\272H\034r\032\020\001\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_SECTOR'].fields_by_name['etag']._loaded_options = None
+  _globals['_SECTOR'].fields_by_name['etag']._serialized_options = b'\272H\032r\030\030\200\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_SECTOR'].fields_by_name['create_time']._loaded_options = None
+  _globals['_SECTOR'].fields_by_name['create_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_SECTOR'].fields_by_name['update_time']._loaded_options = None
+  _globals['_SECTOR'].fields_by_name['update_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_WORKCENTER'].fields_by_name['id']._loaded_options = None
   _globals['_WORKCENTER'].fields_by_name['id']._serialized_options = b'\272H\'r%\020\001\030?2\037^[a-z0-9]([a-z0-9-]*[a-z0-9])?$'
   _globals['_WORKCENTER'].fields_by_name['display_name']._loaded_options = None
-  _globals['_WORKCENTER'].fields_by_name['display_name']._serialized_options = b'\272H\007r\005\020\001\030\310\001'
+  _globals['_WORKCENTER'].fields_by_name['display_name']._serialized_options = b'\272H\034r\032\020\001\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_WORKCENTER'].fields_by_name['sector_id']._loaded_options = None
-  _globals['_WORKCENTER'].fields_by_name['sector_id']._serialized_options = b'\272H\006r\004\020\001\030?'
+  _globals['_WORKCENTER'].fields_by_name['sector_id']._serialized_options = b'\272H\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
   _globals['_WORKCENTER'].fields_by_name['plc_id']._loaded_options = None
-  _globals['_WORKCENTER'].fields_by_name['plc_id']._serialized_options = b'\272H\004r\002\030?'
+  _globals['_WORKCENTER'].fields_by_name['plc_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_WORKCENTER'].fields_by_name['counter_width']._loaded_options = None
   _globals['_WORKCENTER'].fields_by_name['counter_width']._serialized_options = b'\272H\n*\0100\0000\0200 0@'
+  _globals['_WORKCENTER'].fields_by_name['etag']._loaded_options = None
+  _globals['_WORKCENTER'].fields_by_name['etag']._serialized_options = b'\272H\032r\030\030\200\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_WORKCENTER'].fields_by_name['create_time']._loaded_options = None
+  _globals['_WORKCENTER'].fields_by_name['create_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_WORKCENTER'].fields_by_name['update_time']._loaded_options = None
+  _globals['_WORKCENTER'].fields_by_name['update_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_ITEM'].fields_by_name['id']._loaded_options = None
   _globals['_ITEM'].fields_by_name['id']._serialized_options = b'\272H2r0\020\001\030?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$'
   _globals['_ITEM'].fields_by_name['display_name']._loaded_options = None
-  _globals['_ITEM'].fields_by_name['display_name']._serialized_options = b'\272H\007r\005\020\001\030\310\001'
+  _globals['_ITEM'].fields_by_name['display_name']._serialized_options = b'\272H\034r\032\020\001\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_ITEM'].fields_by_name['ideal_cycle_time']._loaded_options = None
   _globals['_ITEM'].fields_by_name['ideal_cycle_time']._serialized_options = b'\272H\016\252\001\010\"\004\010\200\243\005*\000\310\001\001'
+  _globals['_ITEM'].fields_by_name['etag']._loaded_options = None
+  _globals['_ITEM'].fields_by_name['etag']._serialized_options = b'\272H\032r\030\030\200\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_ITEM'].fields_by_name['create_time']._loaded_options = None
+  _globals['_ITEM'].fields_by_name['create_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_ITEM'].fields_by_name['update_time']._loaded_options = None
+  _globals['_ITEM'].fields_by_name['update_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_DEFECTCODE'].fields_by_name['id']._loaded_options = None
   _globals['_DEFECTCODE'].fields_by_name['id']._serialized_options = b'\272H2r0\020\001\030?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$'
   _globals['_DEFECTCODE'].fields_by_name['display_name']._loaded_options = None
-  _globals['_DEFECTCODE'].fields_by_name['display_name']._serialized_options = b'\272H\007r\005\020\001\030\310\001'
+  _globals['_DEFECTCODE'].fields_by_name['display_name']._serialized_options = b'\272H\034r\032\020\001\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_DEFECTCODE'].fields_by_name['severity']._loaded_options = None
   _globals['_DEFECTCODE'].fields_by_name['severity']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
+  _globals['_DEFECTCODE'].fields_by_name['etag']._loaded_options = None
+  _globals['_DEFECTCODE'].fields_by_name['etag']._serialized_options = b'\272H\032r\030\030\200\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_DEFECTCODE'].fields_by_name['create_time']._loaded_options = None
+  _globals['_DEFECTCODE'].fields_by_name['create_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_DEFECTCODE'].fields_by_name['update_time']._loaded_options = None
+  _globals['_DEFECTCODE'].fields_by_name['update_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
   _globals['_DOWNTIMEREASON'].fields_by_name['id']._loaded_options = None
   _globals['_DOWNTIMEREASON'].fields_by_name['id']._serialized_options = b'\272H2r0\020\001\030?2*^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$'
   _globals['_DOWNTIMEREASON'].fields_by_name['display_name']._loaded_options = None
-  _globals['_DOWNTIMEREASON'].fields_by_name['display_name']._serialized_options = b'\272H\007r\005\020\001\030\310\001'
+  _globals['_DOWNTIMEREASON'].fields_by_name['display_name']._serialized_options = b'\272H\034r\032\020\001\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_DOWNTIMEREASON'].fields_by_name['color']._loaded_options = None
   _globals['_DOWNTIMEREASON'].fields_by_name['color']._serialized_options = b'\272H\025r\0232\021^#[0-9a-fA-F]{6}$'
-  _globals['_SEVERITY']._serialized_start=1699
-  _globals['_SEVERITY']._serialized_end=1798
+  _globals['_DOWNTIMEREASON'].fields_by_name['etag']._loaded_options = None
+  _globals['_DOWNTIMEREASON'].fields_by_name['etag']._serialized_options = b'\272H\032r\030\030\200\0012\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_DOWNTIMEREASON'].fields_by_name['create_time']._loaded_options = None
+  _globals['_DOWNTIMEREASON'].fields_by_name['create_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_DOWNTIMEREASON'].fields_by_name['update_time']._loaded_options = None
+  _globals['_DOWNTIMEREASON'].fields_by_name['update_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_SEVERITY']._serialized_start=2359
+  _globals['_SEVERITY']._serialized_end=2458
   _globals['_SECTOR']._serialized_start=161
-  _globals['_SECTOR']._serialized_end=371
-  _globals['_WORKCENTER']._serialized_start=374
-  _globals['_WORKCENTER']._serialized_end=802
-  _globals['_ITEM']._serialized_start=805
-  _globals['_ITEM']._serialized_end=1096
-  _globals['_DEFECTCODE']._serialized_start=1099
-  _globals['_DEFECTCODE']._serialized_end=1387
-  _globals['_DOWNTIMEREASON']._serialized_start=1390
-  _globals['_DOWNTIMEREASON']._serialized_end=1697
+  _globals['_SECTOR']._serialized_end=495
+  _globals['_WORKCENTER']._serialized_start=498
+  _globals['_WORKCENTER']._serialized_end=1090
+  _globals['_ITEM']._serialized_start=1093
+  _globals['_ITEM']._serialized_end=1508
+  _globals['_DEFECTCODE']._serialized_start=1511
+  _globals['_DEFECTCODE']._serialized_end=1923
+  _globals['_DOWNTIMEREASON']._serialized_start=1926
+  _globals['_DOWNTIMEREASON']._serialized_end=2357
 # @@protoc_insertion_point(module_scope)

@@ -186,7 +186,9 @@ class UpdateSectorRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: display_name. Empty or "*" replaces all of them."""
+        """Fields to update: display_name. Empty or "*" replaces all of them.
+        At most 32 paths.
+        """
 
     def __init__(
         self,
@@ -437,7 +439,9 @@ class UpdateWorkCenterRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: display_name, sector_id, plc_id, production_counter_tag_id, scrap_counter_tag_id, machine_state_tag_id, counter_width, max_counter_jump. Empty or "*" replaces all of them."""
+        """Fields to update: display_name, sector_id, plc_id, production_counter_tag_id, scrap_counter_tag_id, machine_state_tag_id, counter_width, max_counter_jump. Empty or "*" replaces all of them.
+        At most 32 paths.
+        """
 
     def __init__(
         self,
@@ -684,7 +688,9 @@ class UpdateItemRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: display_name, ideal_cycle_time. Empty or "*" replaces all of them."""
+        """Fields to update: display_name, ideal_cycle_time. Empty or "*" replaces all of them.
+        At most 32 paths.
+        """
 
     def __init__(
         self,
@@ -931,7 +937,9 @@ class UpdateDefectCodeRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: display_name, severity. Empty or "*" replaces all of them."""
+        """Fields to update: display_name, severity. Empty or "*" replaces all of them.
+        At most 32 paths.
+        """
 
     def __init__(
         self,
@@ -1178,7 +1186,9 @@ class UpdateDowntimeReasonRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: display_name, color, counts_against_availability. Empty or "*" replaces all of them."""
+        """Fields to update: display_name, color, counts_against_availability. Empty or "*" replaces all of them.
+        At most 32 paths.
+        """
 
     def __init__(
         self,
