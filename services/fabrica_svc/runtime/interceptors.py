@@ -4,6 +4,14 @@ It validates each request message against the protovalidate rules written in the
 INVALID_ARGUMENT with ``google.rpc.BadRequest`` field violations before the handler sees anything, and it
 maps domain errors (runtime/errors.py) and lost-database errors to status codes with
 ``google.rpc.Status`` details (built with grpcio-status), in this one place. It also records per-RPC metrics.
+
+A request that is not protobuf at all (undecodable bytes) is INVALID_ARGUMENT with reason
+``MALFORMED_MESSAGE`` too, in every RPC shape, logged in one line at most once per
+:data:`MALFORMED_LOG_INTERVAL` seconds per method. grpcio decodes a request before any interceptor or
+handler runs and answers a decode error itself with UNKNOWN (a unary request) or raises it inside the
+handler's iterator (a stream), so the interceptor wraps each method's request deserializer: a message that
+does not decode becomes an :class:`_Undecodable` marker, which the interceptor refuses where it checks the
+request.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from .errors import (
     AlreadyExists,
     DomainError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -35,6 +44,9 @@ from .errors import (
 from .validation import violations_of
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two log lines about undecodable requests to one method (the ones in between are counted).
+MALFORMED_LOG_INTERVAL = 10.0
 
 DOMAIN = "fabrica.dev"
 #: The trailer grpcio-status writes the rich status to (clients and tests decode it from there).
@@ -100,15 +112,71 @@ def _translate(exc: BaseException) -> DomainError | None:
     return None
 
 
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that are not a valid message of the method's type."""
+
+    __slots__ = ("error", "size")
+
+    def __init__(self, error: Exception, size: int):
+        self.error, self.size = error, size
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning an :class:`_Undecodable` instead of raising on bytes it cannot decode."""
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a custom deserializer raises
+            return _Undecodable(exc, len(raw))
+
+    return deserialize
+
+
+class _MalformedLog:
+    """One short log line per method per `interval` seconds about undecodable requests, with the count of
+    those not logged in between: a flood of garbage must not flood the log."""
+
+    def __init__(self, interval: float = MALFORMED_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def note(self, method: str, bad: _Undecodable) -> None:
+        now = self.clock()
+        last = self._last.get(method)
+        if last is not None and now - last < self.interval:
+            self._suppressed[method] = self._suppressed.get(method, 0) + 1
+            return
+        self._last[method] = now
+        suppressed = self._suppressed.pop(method, 0)
+        log.warning("undecodable request to %s (%d bytes): %s: %s%s", method, bad.size, type(bad.error).__name__,
+                    bad.error, f" ({suppressed} more since the last report)" if suppressed else "")
+
+
+def _malformed(index: int | None) -> InvalidArgument:
+    where = "the request" if index is None else f"message {index} of the stream"
+    error = InvalidArgument(FieldViolation("(message)", "not a valid protobuf message of the method's type"),
+                            f"{where} cannot be decoded")
+    error.reason = "MALFORMED_MESSAGE"
+    return error
+
+
 class _InvalidStreamMessage(Exception):
     def __init__(self, error: InvalidArgument):
         super().__init__(error.message)
         self.error = error
 
 
-async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> AsyncIterator[Any]:
+async def _validated_stream(requests: AsyncIterator[Any], validate: bool,
+                            malformed: Callable[[_Undecodable], None]) -> AsyncIterator[Any]:
     index = 0
     async for request in requests:
+        if isinstance(request, _Undecodable):
+            malformed(request)
+            raise _InvalidStreamMessage(_malformed(index))
         if validate:
             found = violations_of(request)
             if found:
@@ -121,7 +189,8 @@ async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> Asy
 def _wrap_handler(handler: grpc.RpcMethodHandler,
                   wrap: Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour replaced by ``wrap(behavior, request_streaming, response_streaming)``,
-    whichever of the four RPC shapes it has (as grpc's examples/python/interceptors do)."""
+    whichever of the four RPC shapes it has (as grpc's examples/python/interceptors do), and its request
+    deserializer made tolerant (:func:`_tolerant`): `wrap` must refuse the :class:`_Undecodable` it yields."""
     if handler.request_streaming and handler.response_streaming:
         behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -131,7 +200,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler,
     else:
         behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     return factory(wrap(behavior, handler.request_streaming, handler.response_streaming),
-                   request_deserializer=handler.request_deserializer,
+                   request_deserializer=_tolerant(handler.request_deserializer),
                    response_serializer=handler.response_serializer)
 
 
@@ -141,6 +210,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, *, validate: bool = True):
         self.service = service
         self.validate = validate
+        self._malformed_log = _MalformedLog()
         meter = metrics.get_meter("fabrica.rpc")
         self._calls = meter.create_counter("fabrica_rpc_calls", description="RPCs handled, by method and code")
         self._duration = meter.create_histogram(
@@ -179,10 +249,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
 
-    def _checked(self, request: Any, request_streaming: bool) -> Any:
-        """The request, validated: a message now, or each message of a stream as it is read."""
+    def _checked(self, method: str, request: Any, request_streaming: bool) -> Any:
+        """The request, decoded and validated: a message now, or each message of a stream as it is read."""
+        def malformed(bad: _Undecodable) -> None:
+            self._malformed_log.note(f"{self.service}/{method}", bad)
+
         if request_streaming:
-            return _validated_stream(request, self.validate)
+            return _validated_stream(request, self.validate, malformed)
+        if isinstance(request, _Undecodable):
+            malformed(request)
+            raise _malformed(None)
         if self.validate:
             found = violations_of(request)
             if found:
@@ -195,14 +271,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     async with self._outcome(method, context):
-                        async for response in _responses(behavior, self._checked(request, request_streaming), context):
+                        checked = self._checked(method, request, request_streaming)
+                        async for response in _responses(behavior, checked, context):
                             yield response
 
                 return streaming
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._outcome(method, context):
-                    return await behavior(self._checked(request, request_streaming), context)
+                    return await behavior(self._checked(method, request, request_streaming), context)
 
             return unary
 
