@@ -115,10 +115,10 @@ async def test_undecodable_requests_are_logged_once_per_interval_per_method_with
     for _ in range(5):
         with pytest.raises(grpc.aio.AioRpcError):
             await call_raw(channel, "Bidi", [GARBAGE])
-    assert len(lines()) == 1 and "test/Bidi" in lines()[0] and "more since" not in lines()[0]
+    assert len(lines()) == 1 and f"{SERVICE}/Bidi" in lines()[0] and "more since" not in lines()[0]
     with pytest.raises(grpc.aio.AioRpcError):
         await call_raw(channel, "Unary", [GARBAGE])  # another method has its own interval
-    assert len(lines()) == 2 and "test/Unary" in lines()[1]
+    assert len(lines()) == 2 and f"{SERVICE}/Unary" in lines()[1]
     clock[0] += interceptors.MALFORMED_LOG_INTERVAL
     with pytest.raises(grpc.aio.AioRpcError):
         await call_raw(channel, "Bidi", [GARBAGE])

@@ -249,10 +249,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
 
-    def _checked(self, method: str, request: Any, request_streaming: bool) -> Any:
-        """The request, decoded and validated: a message now, or each message of a stream as it is read."""
+    def _checked(self, path: str, request: Any, request_streaming: bool) -> Any:
+        """The request, decoded and validated: a message now, or each message of a stream as it is read.
+        `path` is the full method name (``/fabrica.config.v1.ConfigService/GetPlc``)."""
         def malformed(bad: _Undecodable) -> None:
-            self._malformed_log.note(f"{self.service}/{method}", bad)
+            self._malformed_log.note(path, bad)
 
         if request_streaming:
             return _validated_stream(request, self.validate, malformed)
@@ -265,13 +266,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 raise InvalidArgument(found)
         return request
 
-    def _behavior(self, method: str) -> Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]:
+    def _behavior(self, method: str, path: str) -> Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]:
         def wrap(behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool) -> Callable[..., Any]:
             if response_streaming:
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     async with self._outcome(method, context):
-                        checked = self._checked(method, request, request_streaming)
+                        checked = self._checked(path, request, request_streaming)
                         async for response in _responses(behavior, checked, context):
                             yield response
 
@@ -279,7 +280,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._outcome(method, context):
-                    return await behavior(self._checked(method, request, request_streaming), context)
+                    return await behavior(self._checked(path, request, request_streaming), context)
 
             return unary
 
@@ -293,7 +294,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _wrap_handler(handler, self._behavior(handler_call_details.method.rsplit("/", 1)[-1]))
+        return _wrap_handler(handler, self._behavior(handler_call_details.method.rsplit("/", 1)[-1],
+                                              handler_call_details.method))
 
 
 async def _responses(behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
