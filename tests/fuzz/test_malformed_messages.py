@@ -134,3 +134,28 @@ async def test_health_list_names_every_service_with_its_status(database_url: str
     serving = health_pb2.HealthCheckResponse.SERVING
     assert {name: r.status for name, r in listed.statuses.items()} == {
         "": serving, "liveness": serving, "fabrica.config.v1.ConfigService": serving}
+
+
+async def test_garbage_after_open_in_stream_readings_ends_that_stream_only(database_url: str,
+                                                                           servers: Servers) -> None:
+    from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+    from ingest.support import TEST_CONFIG, batch_request, ingest_settings, numbered_batches, open_request, \
+        stream_batches
+
+    ingest = await servers.start("ingest", ingest_settings(database_url), config=TEST_CONFIG)
+    first, second = numbered_batches("cell-1", 2, 5)
+    call = ingest.channel.stream_stream("/fabrica.ingest.v1.IngestService/StreamReadings",
+                                        response_deserializer=pb.StreamReadingsResponse.FromString)(
+        iter([open_request("cell-1").SerializeToString(), batch_request(first).SerializeToString(), GARBAGE,
+              batch_request(second).SerializeToString()]), timeout=10)
+    responses = []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for response in call:
+            responses.append(response)
+    assert [r.WhichOneof("kind") for r in responses] == ["resume", "ack"] and responses[1].ack.sequence == 1
+    err = raised.value
+    assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "message 2 of the stream cannot be decoded")
+    assert error_info(err).reason == "MALFORMED_MESSAGE"
+    # The batch before the garbage is stored, the one after it is not; the server streams on.
+    committed, acks = await stream_batches(ingest_grpc.IngestServiceStub(ingest.channel), "cell-1", [second])
+    assert committed == 1 and [(a.sequence, a.duplicate, a.written) for a in acks] == [(2, False, 5)]
