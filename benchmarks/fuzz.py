@@ -132,8 +132,9 @@ def main() -> int:
             alive = proc.proc.poll() is None
             bugs = sum(n for c, n in fuzz_codes.items() if c in wire.SERVER_BUG)
             rows.append((name, len(rpcs), baseline / valid_s, total / fuzz_s, before, after, peak, bugs, alive))
-            print(f"  {name}: fuzz codes {({c.name: n for c, n in sorted(fuzz_codes.items(), key=lambda kv: kv[0].value[0])})}"
-                  f"; valid codes {({c.name: n for c, n in valid_codes.items()})}", flush=True)
+            codes = {c.name: n for c, n in sorted(fuzz_codes.items(), key=lambda kv: kv[0].value[0])}
+            print(f"  {name}: fuzz codes {codes}; valid codes {({c.name: n for c, n in valid_codes.items()})}",
+                  flush=True)
     finally:
         for proc in procs.values():
             proc.kill()

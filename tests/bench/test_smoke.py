@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_benchmark(name: str, **env: str) -> str:
     """``python -m benchmarks.<name>`` with `env`; its output (the test fails when it exits non-zero)."""
+    path = os.pathsep.join([str(REPO / "gen"), str(REPO / "services")])
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env,
-                                            "PYTHONPATH": os.pathsep.join([str(REPO / "gen"), str(REPO / "services")])})
-    assert proc.returncode == 0, f"benchmark {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+                          timeout=300, env={**os.environ, **env, "PYTHONPATH": path})
+    assert proc.returncode == 0, \
+        f"benchmark {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 

@@ -18,9 +18,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import error_info, field_violations
 
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from fabrica_svc.runtime import interceptors
 from fabrica_svc.runtime.interceptors import ServiceInterceptor
 from in_process import Servers, settings_for
+from ingest.support import (TEST_CONFIG, batch_request, ingest_settings, numbered_batches, open_request,
+                            stream_batches)
 
 Msg = pb.WatchTagEventsRequest
 SERVICE = "fabrica.test.v1.Malformed"
@@ -138,10 +141,6 @@ async def test_health_list_names_every_service_with_its_status(database_url: str
 
 async def test_garbage_after_open_in_stream_readings_ends_that_stream_only(database_url: str,
                                                                            servers: Servers) -> None:
-    from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-    from ingest.support import TEST_CONFIG, batch_request, ingest_settings, numbered_batches, open_request, \
-        stream_batches
-
     ingest = await servers.start("ingest", ingest_settings(database_url), config=TEST_CONFIG)
     first, second = numbered_batches("cell-1", 2, 5)
     call = ingest.channel.stream_stream("/fabrica.ingest.v1.IngestService/StreamReadings",
@@ -154,7 +153,8 @@ async def test_garbage_after_open_in_stream_readings_ends_that_stream_only(datab
             responses.append(response)
     assert [r.WhichOneof("kind") for r in responses] == ["resume", "ack"] and responses[1].ack.sequence == 1
     err = raised.value
-    assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "message 2 of the stream cannot be decoded")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "message 2 of the stream cannot be decoded"
     assert error_info(err).reason == "MALFORMED_MESSAGE"
     # The batch before the garbage is stored, the one after it is not; the server streams on.
     committed, acks = await stream_batches(ingest_grpc.IngestServiceStub(ingest.channel), "cell-1", [second])
