@@ -11,8 +11,9 @@ descriptors, as the suite's fuzz test does):
    and lists, unknown enum numbers), messages/s;
 
 and the service process's RSS before the fuzz (after the baseline warmed it up) and after it, and its peak
-(VmHWM), plus how many answers were a server-bug code (UNKNOWN, INTERNAL, DATA_LOSS, UNAVAILABLE). A
-watch that stays open is read until idle for 50 ms, then cancelled (that time counts). Nothing asserts.
+(VmHWM), plus how many answers were a server-bug code (UNKNOWN, INTERNAL, DATA_LOSS, UNAVAILABLE) and how
+many of those are unexplained (the request had no NUL, bad timestamp or bad duration, which the contract
+rules refuse). A watch that stays open is read until idle for 50 ms, then cancelled (that time counts). Nothing asserts.
 
 Knobs: FABRICA_BENCH_FUZZ_MESSAGES (10,000 per service), FABRICA_BENCH_FUZZ_BASELINE (1,000 per service),
 FABRICA_BENCH_FUZZ_SEED (random when unset; printed), FABRICA_BENCH_FUZZ_SERVICES (e.g. ``config,ingest``),
@@ -47,14 +48,17 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
-async def _fire(address: str, work: list, concurrency: int, closed_port: int) -> tuple[float, dict]:
-    """Send every (rpc, case) of `work`; seconds taken and the count of each status code."""
+async def _fire(address: str, work: list, concurrency: int, closed_port: int) -> tuple[float, dict, int]:
+    """Send every (rpc, case) of `work`; seconds taken, the count of each status code, and how many
+    server-bug answers came for a request without a flaw the contract rules of issue 14 refuse (NUL,
+    timestamp and duration ranges: ``wire.contract_flaws``)."""
     import grpc
     from fuzz import wire
 
     work = [(rpc, wire.Case(case.kind, tuple(wire.loopback_only(rpc.request, p, closed_port) for p in case.payloads)))
             for rpc, case in work]
     counts: dict = {}
+    unexplained = 0
     gate = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(address, options=wire.CHANNEL_OPTIONS) as channel:
 
@@ -62,10 +66,13 @@ async def _fire(address: str, work: list, concurrency: int, closed_port: int) ->
             async with gate:
                 code = await wire.call(channel, rpc, case, idle=IDLE)
             counts[code] = counts.get(code, 0) + 1
+            if code in wire.SERVER_BUG and not wire.contract_flaws(rpc.request, case.payloads):
+                nonlocal unexplained
+                unexplained += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(one(rpc, case) for rpc, case in work))
-        return time.perf_counter() - started, counts
+        return time.perf_counter() - started, counts, unexplained
 
 
 def _work(rpcs: list, seed: str, total: int, kinds: tuple[str, ...]) -> list:
@@ -123,15 +130,16 @@ def main() -> int:
         for name in chosen:
             proc = procs[name]
             rpcs = wire.rpcs(descriptors[name]) + wire.rpcs(wire.HEALTH)
-            valid_s, valid_codes = asyncio.run(_fire(proc.address, _work(rpcs, seed, baseline, ("valid",)),
+            valid_s, valid_codes, _ = asyncio.run(_fire(proc.address, _work(rpcs, seed, baseline, ("valid",)),
                                                      concurrency, closed_port))
             before = _status_kib(proc.proc.pid, "VmRSS")
-            fuzz_s, fuzz_codes = asyncio.run(_fire(proc.address, _work(rpcs, seed, total, fuzz_kinds),
+            fuzz_s, fuzz_codes, unexplained = asyncio.run(_fire(proc.address, _work(rpcs, seed, total, fuzz_kinds),
                                                    concurrency, closed_port))
             after, peak = _status_kib(proc.proc.pid, "VmRSS"), _status_kib(proc.proc.pid, "VmHWM")
             alive = proc.proc.poll() is None
             bugs = sum(n for c, n in fuzz_codes.items() if c in wire.SERVER_BUG)
-            rows.append((name, len(rpcs), baseline / valid_s, total / fuzz_s, before, after, peak, bugs, alive))
+            rows.append((name, len(rpcs), baseline / valid_s, total / fuzz_s, before, after, peak, bugs,
+                         unexplained, alive))
             codes = {c.name: n for c, n in sorted(fuzz_codes.items(), key=lambda kv: kv[0].value[0])}
             print(f"  {name}: fuzz codes {codes}; valid codes {({c.name: n for c, n in valid_codes.items()})}",
                   flush=True)
@@ -143,11 +151,14 @@ def main() -> int:
 
     print()
     print(f"{'service':<12}{'RPCs':>6}{'valid msg/s':>13}{'fuzz msg/s':>12}{'RSS before':>12}{'RSS after':>11}"
-          f"{'growth':>9}{'peak':>9}{'bug codes':>11}{'alive':>7}")
-    for name, n, valid, fuzz, before, after, peak, bugs, alive in rows:
+          f"{'growth':>9}{'peak':>9}{'bug codes':>11}{'unexplained':>13}{'alive':>7}")
+    for name, n, valid, fuzz, before, after, peak, bugs, unexplained, alive in rows:
         print(f"{name:<12}{n:>6}{valid:>13,.0f}{fuzz:>12,.0f}{before / 1024:>10.1f}Mi{after / 1024:>9.1f}Mi"
-              f"{(after - before) / 1024:>+7.1f}Mi{peak / 1024:>7.1f}Mi{bugs:>11,}{'yes' if alive else 'NO':>7}")
-    print("  (valid msg/s: the same RPCs with valid-looking messages, measured first in this run; RSS in MiB)")
+              f"{(after - before) / 1024:>+7.1f}Mi{peak / 1024:>7.1f}Mi{bugs:>11,}{unexplained:>13,}"
+              f"{'yes' if alive else 'NO':>7}")
+    print("  (valid msg/s: the same RPCs with valid-looking messages, measured first in this run; RSS in MiB;"
+          " bug codes: UNKNOWN, INTERNAL, DATA_LOSS, UNAVAILABLE answers, unexplained: those for a request"
+          " with no NUL, bad timestamp or bad duration in it)")
     return 0 if all(row[-1] for row in rows) else 1
 
 
