@@ -44,6 +44,10 @@ async def test_nul_in_ids_is_invalid_argument_at_every_service(database_url: str
     await refused(p.DeleteItem(ppb.DeleteItemRequest(id=NUL)), "id")
     await refused(p.GetDefectCode(ppb.GetDefectCodeRequest(id=NUL)), "id")
     await refused(p.WatchOrders(ppb.WatchOrdersRequest(work_center_id=NUL)), "work_center_id")
+    # An Update's resource is validated after its mask is merged: the id it names is checked before that.
+    await refused(p.UpdateSector(ppb.UpdateSectorRequest(sector=master_data_pb2.Sector(id="\x00"),
+                                                         update_mask=field_mask_pb2.FieldMask(paths=["display_name"]))),
+                  "sector.id")
     await refused(p.CancelOrder(ppb.CancelOrderRequest(id="1", reason="tool\x00broke")), "reason")
     item = master_data_pb2.Item(id="BRK-100")
     for paths in (["display_name\x00"], ["display_name"] * 33):

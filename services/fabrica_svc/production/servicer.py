@@ -22,6 +22,7 @@ from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_int_page_token, decode_page_token, encode_page_token
 from ..runtime.timefmt import optional_datetime
+from ..runtime.validation import violations_of
 from ..runtime.watch import Page, watch
 from . import convert, resources
 from .domain import OrderAction
@@ -48,8 +49,14 @@ def _page_size(requested: int) -> int:
 
 
 def _require_id(kind: Kind, resource: message.Message, present: bool) -> str:
+    """The id of the resource an Update names, checked by the id's own contract rule before any SQL (the
+    request's resource is validated only after the mask is merged, so its rules have not run yet)."""
     if not present or not resource.id:  # type: ignore[attr-defined]
         raise InvalidArgument(FieldViolation(f"{kind.field}.id", f"the {kind.name} to update is required"))
+    probe = type(resource)(id=resource.id)  # type: ignore[attr-defined]
+    bad = [v for v in violations_of(probe, kind.field) if v.field == f"{kind.field}.id"]
+    if bad:
+        raise InvalidArgument(bad)
     return resource.id  # type: ignore[attr-defined]
 
 

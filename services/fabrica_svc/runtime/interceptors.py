@@ -6,6 +6,14 @@ counted in ErrorInfo's ``omitted_violations``) before the handler sees anything 
 checked in a worker process, runtime/validation.py, so it does not stall the event loop), and it
 maps domain errors (runtime/errors.py) and lost-database errors to status codes with
 ``google.rpc.Status`` details (built with grpcio-status), in this one place. It also records per-RPC metrics.
+
+A request that is not protobuf at all (undecodable bytes) is INVALID_ARGUMENT with reason
+``MALFORMED_MESSAGE`` too, in every RPC shape, logged in one line at most once per
+:data:`MALFORMED_LOG_INTERVAL` seconds per method. grpcio decodes a request before any interceptor or
+handler runs and answers a decode error itself with UNKNOWN (a unary request) or raises it inside the
+handler's iterator (a stream), so the interceptor wraps each method's request deserializer: a message that
+does not decode becomes an :class:`_Undecodable` marker, which the interceptor refuses where it checks the
+request.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ from .errors import (
 from .validation import MAX_VIOLATIONS, OffLoopValidator, violations_of
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two log lines about undecodable requests to one method (the ones in between are counted).
+MALFORMED_LOG_INTERVAL = 10.0
 
 DOMAIN = "fabrica.dev"
 #: The trailer grpcio-status writes the rich status to (clients and tests decode it from there).
@@ -130,15 +141,71 @@ def _translate(exc: BaseException) -> DomainError | None:
     return None
 
 
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that are not a valid message of the method's type."""
+
+    __slots__ = ("error", "size")
+
+    def __init__(self, error: Exception, size: int):
+        self.error, self.size = error, size
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning an :class:`_Undecodable` instead of raising on bytes it cannot decode."""
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a custom deserializer raises
+            return _Undecodable(exc, len(raw))
+
+    return deserialize
+
+
+class _MalformedLog:
+    """One short log line per method per `interval` seconds about undecodable requests, with the count of
+    those not logged in between: a flood of garbage must not flood the log."""
+
+    def __init__(self, interval: float = MALFORMED_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def note(self, method: str, bad: _Undecodable) -> None:
+        now = self.clock()
+        last = self._last.get(method)
+        if last is not None and now - last < self.interval:
+            self._suppressed[method] = self._suppressed.get(method, 0) + 1
+            return
+        self._last[method] = now
+        suppressed = self._suppressed.pop(method, 0)
+        log.warning("undecodable request to %s (%d bytes): %s: %s%s", method, bad.size, type(bad.error).__name__,
+                    bad.error, f" ({suppressed} more since the last report)" if suppressed else "")
+
+
+def _malformed(index: int | None) -> InvalidArgument:
+    where = "the request" if index is None else f"message {index} of the stream"
+    error = InvalidArgument(FieldViolation("(message)", "not a valid protobuf message of the method's type"),
+                            f"{where} cannot be decoded")
+    error.reason = "MALFORMED_MESSAGE"
+    return error
+
+
 class _InvalidStreamMessage(Exception):
     def __init__(self, error: InvalidArgument):
         super().__init__(error.message)
         self.error = error
 
 
-async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> AsyncIterator[Any]:
+async def _validated_stream(requests: AsyncIterator[Any], validate: bool,
+                            malformed: Callable[[_Undecodable], None]) -> AsyncIterator[Any]:
     index = 0
     async for request in requests:
+        if isinstance(request, _Undecodable):
+            malformed(request)
+            raise _InvalidStreamMessage(_malformed(index))
         if validate:
             found = violations_of(request)
             if found:
@@ -151,7 +218,8 @@ async def _validated_stream(requests: AsyncIterator[Any], validate: bool) -> Asy
 def _wrap_handler(handler: grpc.RpcMethodHandler,
                   wrap: Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour replaced by ``wrap(behavior, request_streaming, response_streaming)``,
-    whichever of the four RPC shapes it has (as grpc's examples/python/interceptors do)."""
+    whichever of the four RPC shapes it has (as grpc's examples/python/interceptors do), and its request
+    deserializer made tolerant (:func:`_tolerant`): `wrap` must refuse the :class:`_Undecodable` it yields."""
     if handler.request_streaming and handler.response_streaming:
         behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -161,7 +229,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler,
     else:
         behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     return factory(wrap(behavior, handler.request_streaming, handler.response_streaming),
-                   request_deserializer=handler.request_deserializer,
+                   request_deserializer=_tolerant(handler.request_deserializer),
                    response_serializer=handler.response_serializer)
 
 
@@ -172,6 +240,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.service = service
         self.validate = validate
         self.validator = OffLoopValidator()
+        self._malformed_log = _MalformedLog()
         meter = metrics.get_meter("fabrica.rpc")
         self._calls = meter.create_counter("fabrica_rpc_calls", description="RPCs handled, by method and code")
         self._duration = meter.create_histogram(
@@ -210,11 +279,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
 
-    async def _checked(self, request: Any, request_streaming: bool) -> Any:
-        """The request, validated: a message now (a large one away from the event loop), or each message
-        of a stream as it is read."""
+    async def _checked(self, path: str, request: Any, request_streaming: bool) -> Any:
+        """The request, decoded and validated: a message now (a large one away from the event loop), or each
+        message of a stream as it is read. `path` is the full method name
+        (``/fabrica.config.v1.ConfigService/GetPlc``)."""
+        def malformed(bad: _Undecodable) -> None:
+            self._malformed_log.note(path, bad)
+
         if request_streaming:
-            return _validated_stream(request, self.validate)
+            return _validated_stream(request, self.validate, malformed)
+        if isinstance(request, _Undecodable):
+            malformed(request)
+            raise _malformed(None)
         if self.validate:
             found = await self.validator.violations_of(request)
             if found:
@@ -225,13 +301,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         """Release the validator's worker process (ServiceHost.stop calls this)."""
         self.validator.close()
 
-    def _behavior(self, method: str) -> Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]:
+    def _behavior(self, method: str, path: str) -> Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]:
         def wrap(behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool) -> Callable[..., Any]:
             if response_streaming:
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     async with self._outcome(method, context):
-                        checked = await self._checked(request, request_streaming)
+                        checked = await self._checked(path, request, request_streaming)
                         async for response in _responses(behavior, checked, context):
                             yield response
 
@@ -239,7 +315,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._outcome(method, context):
-                    return await behavior(await self._checked(request, request_streaming), context)
+                    return await behavior(await self._checked(path, request, request_streaming), context)
 
             return unary
 
@@ -253,7 +329,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _wrap_handler(handler, self._behavior(handler_call_details.method.rsplit("/", 1)[-1]))
+        return _wrap_handler(handler, self._behavior(handler_call_details.method.rsplit("/", 1)[-1],
+                                              handler_call_details.method))
 
 
 async def _responses(behavior: Callable[..., Any], request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

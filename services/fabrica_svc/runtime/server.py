@@ -3,7 +3,7 @@
 A service supplies a `ServiceApp`: its gRPC services, its schema and migrations, and its background work.
 `ServiceHost` does the rest: Postgres (embedded when DATABASE_URL is unset) with migrations, an asyncpg
 pool, grpc.aio with the shared interceptor and OpenTelemetry, health (SERVING only while the database
-answers), reflection, the metrics endpoint, and graceful shutdown.
+answers; ``List`` implemented), reflection, the metrics endpoint, and graceful shutdown.
 """
 
 from __future__ import annotations
@@ -38,6 +38,25 @@ log = logging.getLogger(__name__)
 LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio-health-checking's asyncio servicer with ``List`` too (1.85 leaves it to the generated base,
+    which raises NotImplementedError): every name ever set, with the status ``Check`` answers for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._names: set[str] = {""}
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        self._names.add(service)
+        await super().set(service, status)
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        statuses = {name: await self.Check(health_pb2.HealthCheckRequest(service=name), context)
+                    for name in sorted(self._names)}
+        return health_pb2.HealthListResponse(statuses=statuses)
 
 
 @dataclass
@@ -77,7 +96,7 @@ class ServiceHost:
     app: ServiceApp
     settings: Settings
     server: grpc.aio.Server | None = None
-    health: health.aio.HealthServicer = field(default_factory=lambda: health.aio.HealthServicer())
+    health: HealthServicer = field(default_factory=HealthServicer)
     resources: Resources | None = None
     port: int = 0
     metrics_port: int | None = None

@@ -1,0 +1,46 @@
+"""A smoke run of each benchmark (``make bench``) with tiny sizes: it runs to the end and prints its table.
+Nothing here looks at the figures (a test never asserts on speed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(name: str, **env: str) -> str:
+    """``python -m benchmarks.<name>`` with `env`; its output (the test fails when it exits non-zero)."""
+    path = os.pathsep.join([str(REPO / "gen"), str(REPO / "services")])
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env, "PYTHONPATH": path})
+    assert proc.returncode == 0, \
+        f"benchmark {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_the_fuzz_benchmark_fuzzes_every_service_and_reports_throughput_and_memory() -> None:
+    out = run_benchmark("fuzz", FABRICA_BENCH_FUZZ_MESSAGES="40", FABRICA_BENCH_FUZZ_BASELINE="15",
+                        FABRICA_BENCH_FUZZ_SEED="14")
+    table = out[out.index("\nservice ") + 1:].splitlines()
+    assert table[0].split()[:4] == ["service", "RPCs", "valid", "msg/s"]
+    rows = {line.split()[0]: line.split() for line in table[1:5]}
+    assert sorted(rows) == ["collector", "config", "ingest", "production"]
+    assert all(row[-1] == "yes" for row in rows.values()), table  # every server alive after its fuzz
+
+
+def test_the_ingest_benchmark_runs_its_three_modes() -> None:
+    out = run_benchmark("ingest", FABRICA_BENCH_ROWS="3000", FABRICA_BENCH_CLIENTS="1", FABRICA_BENCH_BATCH="500")
+    for mode in ("1. raw asyncpg COPY", "2. naive", "3. Fabrica end to end"):
+        assert mode in out
+    assert "ratio 3/1" in out
+
+
+def test_the_collector_benchmark_runs_a_step() -> None:
+    out = run_benchmark("collector", FABRICA_BENCH_MAX_DEVICES="2")
+    assert "2 devices: p99" in out and "decoder alone, tags/s" in out
