@@ -6,7 +6,7 @@
 * :func:`plc_violations` is what the config service accepts: the proto's own rules (protovalidate), names
   and poll groups, :func:`tag_violations` for every tag, and the rules about a tag's role. So a PLC that
   config accepts has only tags the collector can poll, and a rule is reported on the same field by both.
-* :func:`with_defaults` writes in what unset means (ports, each tag's poll group); :func:`port_of` reads it.
+* :func:`with_defaults` writes in what unset means (ports, the Modbus TCP unit id, each tag's poll group); :func:`port_of` reads it.
 
 Every violation is a :class:`FieldViolation` with the path of the field it is about (``plc.tags[3].bit``).
 """
@@ -28,6 +28,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "modbus_rtu_over_tcp": DEFAULT_MODBUS_PORT,
     "s7": DEFAULT_S7_PORT,
 }
+#: The Modbus TCP unit id when not set (0): what devices and the seed configurations use.
+DEFAULT_MODBUS_TCP_UNIT = 1
 #: The roles whose values are counters (booked by production from their increments).
 COUNTER_ROLES = frozenset({reading_pb2.TAG_ROLE_PRODUCTION_COUNTER, reading_pb2.TAG_ROLE_SCRAP_COUNTER})
 #: A placeholder id for checking a definition that has none yet (config assigns ids when it stores a tag).
@@ -48,10 +50,13 @@ def port_of(plc: plc_pb2.Plc) -> int | None:
 
 
 def with_defaults(plc: plc_pb2.Plc) -> None:
-    """Write the defaults into `plc` in place: the port of its connection, each tag's poll group (the first)."""
+    """Write the defaults into `plc` in place: the port of its connection, a Modbus TCP unit id (1), each tag's
+    poll group (the first)."""
     kind = plc.WhichOneof("connection")
     if kind in DEFAULT_PORTS:
         getattr(plc, kind).port = port_of(plc)
+    if kind == "modbus_tcp" and not plc.modbus_tcp.unit_id:
+        plc.modbus_tcp.unit_id = DEFAULT_MODBUS_TCP_UNIT
     default_group = plc.poll_groups[0].name if plc.poll_groups else ""
     for tag in plc.tags:
         if not tag.poll_group:
