@@ -106,6 +106,9 @@ class BadDevice:
             crc = _crc(frame)
             if mode == "crc":
                 crc = bytes([crc[0] ^ 0xFF, crc[1]])
+            if mode == "late reply of unit 7 first":  # another device's late answer, then this one's, in one write
+                late = bytes([7]) + pdu
+                return late + _crc(late) + frame + crc
             return frame + crc
         return struct.pack(">HHHB", tid, pid, len(pdu) + 1, unit) + pdu
 

@@ -121,7 +121,8 @@ async def test_a_timeout_is_a_communication_failure_and_pymodbus_logs_no_error(
 
 
 @pytest.mark.parametrize(("mode", "quality", "reason"), [
-    ("unit", COMM, "reply from unit 255, expected unit 1"),
+    # On a bus, another unit's reply is skipped (the late answer of the device asked before): then no answer.
+    ("unit", COMM, "no answer within 0.5 s (skipped a reply from unit 255, expected unit 1)"),
     ("crc", COMM, "reply failed its CRC check"),
     ("short", DECODE, "reply carries 3 registers (6 bytes), asked for 4 (8 bytes)"),
     ("long", DECODE, "reply carries 5 registers (10 bytes), asked for 4 (8 bytes)"),
@@ -132,3 +133,15 @@ async def test_rtu_replies_are_checked_for_unit_crc_and_length(mode: str, qualit
                                                                   interval=0.02)) as polled:
         bad = await _good_then(device, polled, registers, mode, quality)
         assert bad and all(reason in r.error and "unit 1 on gateway 127.0.0.1:" in r.error for r in bad)
+
+
+async def test_on_a_bus_a_late_reply_of_another_unit_is_skipped_and_the_right_one_read() -> None:
+    registers, _ = _tags()
+    async with BadDevice(rtu=True) as device, polling(gateway_plc("meter", device.port, registers,
+                                                                  interval=0.02)) as polled:
+        await wait_for(lambda: all(polled.of(t, GOOD) for t in registers), what="good readings first")
+        mark, asked = len(polled.readings), len(device.requests)
+        device.mode = "late reply of unit 7 first"
+        await wait_for(lambda: len(device.requests) >= asked + 10, what="ten polls with a late reply in front")
+        assert [r for r in polled.since(mark) if r.quality != GOOD] == []
+        assert polled.poller.status.error_count == 0 and polled.poller.status.last_error == ""

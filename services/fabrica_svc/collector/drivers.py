@@ -361,6 +361,8 @@ class ModbusBus:
             if client is None or not client.connected:
                 raise CommunicationError(f"{self.key} is not open")
             self._set_timeout(timeout)
+            framer = client.ctx.framer
+            framer.skipped = ""  # a reply of another unit skipped during this request (replies.py)
             try:
                 data = await _modbus_read(client, table, start, count, unit, f"unit {unit} on {self.key}")
             except ModbusIOException:
@@ -370,7 +372,8 @@ class ModbusBus:
                     self.close_link()
                 else:
                     await asyncio.sleep(RTU_GUARD_SECONDS)
-                raise CommunicationError(f"unit {unit} on {self.key}: no answer within {timeout:g} s") from None
+                skipped = f" (skipped a {framer.skipped})" if framer.skipped else ""
+                raise CommunicationError(f"unit {unit} on {self.key}: no answer within {timeout:g} s{skipped}") from None
             except ConnectionException as exc:
                 self.close_link()
                 raise CommunicationError(f"{self.key} lost: {exc}") from None

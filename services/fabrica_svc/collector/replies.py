@@ -9,9 +9,11 @@ and checked strictly, whatever the ids:
 
 * the framers (`StrictSocketFramer` for Modbus TCP, `StrictRtuFramer` for RTU on a serial line or over TCP)
   turn every complete frame that does not match the request into a `RejectedReply`, which pymodbus hands
-  back as the response at once (no timeout): a different transaction id, protocol id or unit id, or an RTU
-  frame failing its CRC, is `COMMUNICATION` (the stream is out of step: the driver reconnects); a frame
-  whose byte count disagrees with its length, or that cannot be decoded, is `DECODE`.
+  back as the response at once (no timeout): a different transaction id, protocol id or (Modbus TCP) unit
+  id, or an RTU frame failing its CRC, is `COMMUNICATION` (the stream is out of step: the driver
+  reconnects); a frame whose byte count disagrees with its length, or that cannot be decoded, is `DECODE`.
+  On an RTU bus a reply from another unit is skipped instead (the late answer of the device asked before);
+  if the device asked does not answer, the timeout's error names it.
 * `check_read_reply` then compares the reply with what was asked: the function code, and the number of
   registers (or the bytes of bits) — a reply shorter or longer than asked is `DECODE`.
 
@@ -76,7 +78,20 @@ class _Strict:
         """(bytes used or 0 to wait for more, unit id, transaction id, PDU, framing problem)."""
         raise NotImplementedError
 
+    _skips_other_units = False
+    #: The last reply skipped because it came from another unit (RTU), for the timeout's error text.
+    skipped = ""
+
     def handleFrame(self, data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, ModbusPDU | None]:  # noqa: N802
+        offset = 0
+        for _ in range(len(data)):  # each turn consumes at least one byte
+            used, pdu = self._one(data[offset:], exp_devid, exp_tid)
+            offset += used
+            if pdu is not None or not used or offset >= len(data):
+                return offset, pdu
+        return offset, None
+
+    def _one(self, data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, ModbusPDU | None]:
         used, dev_id, tid, pdu_bytes, problem = self._frame(data)
         if not used:
             return 0, None
@@ -89,7 +104,11 @@ class _Strict:
         if self._checks_tid and tid != exp_tid:
             return reject(COMMUNICATION, f"reply for transaction {tid}, expected {exp_tid}")
         if dev_id != exp_devid:
-            return reject(COMMUNICATION, f"reply from unit {dev_id}, expected unit {exp_devid}")
+            reason = f"reply from unit {dev_id}, expected unit {exp_devid}"
+            if self._skips_other_units:
+                self.skipped = reason
+                return used, None
+            return reject(COMMUNICATION, reason)
         if problem := _pdu_problem(pdu_bytes):
             return reject(DECODE, problem)
         try:
@@ -124,15 +143,30 @@ class StrictSocketFramer(_Strict, FramerSocket):
 
 class StrictRtuFramer(_Strict, FramerRTU):
     """RTU framing that reports a frame failing its CRC and checks the unit id of every reply (RTU has no
-    transaction id)."""
+    transaction id).
+
+    A reply from another unit is skipped, not a failure: on a shared bus it is most likely the late answer
+    of the device asked before (whose request timed out), and the device asked now may still answer. If it
+    does not, the timeout's error names the reply skipped (`skipped`).
+    """
 
     _checks_tid = False
+    _skips_other_units = True
 
     def _frame(self, data: bytes) -> tuple[int, int, int, bytes, str]:
-        used, dev_id, _, pdu_bytes = FramerRTU.decode(self, data)
-        if used and not pdu_bytes:  # pymodbus's verdict for a complete frame with a bad CRC
-            return used, 0, 0, b"", "reply failed its CRC check"
-        return used, dev_id, 0, pdu_bytes, ""
+        # pymodbus's RTU decode, but returning where the frame ends (it consumes all there is).
+        for start in range(len(data)):
+            if len(data) - start < self.MIN_SIZE:
+                return 0, 0, 0, b"", ""
+            if not (pdu_class := self.decoder.lookupPduClass(data[start:])):
+                continue  # not a frame's start: skip a byte of noise
+            if not (size := pdu_class.calculateRtuFrameSize(data[start:])) or len(data) < start + size:
+                return 0, 0, 0, b"", ""  # wait for the rest
+            end = start + size
+            if not FramerRTU.check_CRC(data[start:end - 2], int.from_bytes(data[end - 2:end], "big")):
+                return len(data), 0, 0, b"", "reply failed its CRC check"
+            return end, data[start], 0, data[start + 1:end - 2], ""
+        return 0, 0, 0, b"", ""
 
 
 def install(client: ModbusBaseClient) -> ModbusBaseClient:
