@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Generate Python modules, gRPC stubs and .pyi type stubs from protos/ into the folder given (default gen/).
+# Generate Python modules, gRPC stubs and .pyi type stubs from protos/ into the folder given (default gen/), and
+# fabrica/descriptor_set.binpb: the Fabrica protos' descriptors with their comments (for server reflection).
 # buf/validate/validate.proto is compiled from the descriptor embedded in the installed protovalidate
 # package (see scripts/validate_descriptor.py), so generated code and runtime validator always agree.
 set -euo pipefail
@@ -16,6 +17,10 @@ PATH="$PWD/.venv/bin:$PATH" "$py" -m grpc_tools.protoc \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out=quiet:"$out" --mypy_grpc_out=quiet:"$out" \
   $protos buf/validate/validate.proto
+# The same files with their comments, for server reflection (grpcurl describe; runtime/reflection.py): the
+# generated modules carry no source info.
+"$py" -m grpc_tools.protoc -I protos --descriptor_set_in=build/validate.binpb --include_source_info \
+  --descriptor_set_out="$out/fabrica/descriptor_set.binpb" $protos
 # protoc writes no __init__.py; regular packages keep imports and packaging simple.
 find "$out/fabrica" "$out/buf" -type d -exec sh -c 'for d; do : > "$d/__init__.py"; done' sh {} +
 # Service-less files get empty *_grpc modules; drop them so gen/ holds only what is used.

@@ -4,13 +4,14 @@ A driver connects to one PLC, plans the block reads of a poll group (`plan`) and
 Failures come in two kinds, which the poller turns into two reading qualities:
 
 * `CommunicationError`: no usable answer (connect refused, no answer within the PLC's timeout, connection
-  lost). The poller drops the connection and reconnects with backoff: after a timeout the state of the
+  lost, a Modbus reply of another transaction, protocol or unit id: see replies.py). The poller drops the connection and reconnects with backoff: after a timeout the state of the
   stream is unknown (a late answer could be taken for the next request's).
 * `DeviceError`: the device answered, with an error (a Modbus exception, an S7 return code, an answer
-  of the wrong size). The connection stays; the tags of that block get QUALITY_DECODE_FAILURE, except
-  when the error says that an address does not exist (`DeviceError.illegal_address`: Modbus exception 2,
-  S7 "invalid address"): the poller then splits the block to find the tags the device lacks (a
-  configuration error), see collector/split.py.
+  of the wrong size: a Modbus reply shorter or longer than asked, or whose byte count disagrees with it). The
+  connection stays; the tags of that block get QUALITY_DECODE_FAILURE, except when the error says that an
+  address does not exist (`DeviceError.illegal_address`: Modbus exception 2, S7 "invalid address"): the
+  poller then splits the block to find the tags the device lacks (a configuration error), see
+  collector/split.py.
 
 Modbus RTU is a bus: several devices (unit ids) share one serial line, and only one request may be on
 the line at a time. `ModbusBus` is that line: one link (serial port, or the TCP connection to a serial
@@ -46,11 +47,14 @@ from pymodbus.transport.serialtransport import SerialTransport
 from snap7.error import S7ConnectionError, S7Error, S7PacketLostError, S7StalePacketError, S7TimeoutError
 from snap7.type import Area
 
+from . import replies
 from .blocks import ModbusBlock, S7Block, plan_modbus, plan_s7
 from ..plcmodel.plc import BlockLimits, port_of
 from ..plcmodel.spec import ModbusTable, S7Area, TagSpec
+from ..runtime.logs import quiet_libraries
 
 log = logging.getLogger(__name__)
+quiet_libraries()  # pymodbus's timeouts at ERROR are noise: each reading says what happened (runtime/logs.py)
 
 Block: TypeAlias = ModbusBlock | S7Block
 #: What a block read returns: registers, bits (coils, discrete inputs) or bytes (S7).
@@ -126,6 +130,26 @@ class Driver(ABC):
     def __init__(self, plc_id: str, timeout: float):
         self.plc_id = plc_id
         self.timeout = timeout
+        #: The connection as last noted by `note_up` / `note_down`: None before the first attempt.
+        self.link_up: bool | None = None
+
+    def note_up(self) -> None:
+        """The device answers (the poller calls it after a poll whose every read was answered): logged once
+        per transition, so a device that accepts connections but never answers is not "restored" each retry."""
+        if self.link_up is not True:
+            if self.link_up is None:
+                log.info("PLC %s connected (%s)", self.plc_id, self.endpoint)
+            else:
+                log.info("PLC %s connection restored (%s)", self.plc_id, self.endpoint)
+        self.link_up = True
+
+    def note_down(self, reason: str) -> None:
+        """The connection failed: logged once per transition (lost, or never made), not at every retry."""
+        if self.link_up is True:
+            log.warning("PLC %s connection lost (%s): %s", self.plc_id, self.endpoint, reason)
+        elif self.link_up is None:
+            log.warning("PLC %s cannot connect (%s): %s", self.plc_id, self.endpoint, reason)
+        self.link_up = False
 
     @property
     @abstractmethod
@@ -164,7 +188,18 @@ class Driver(ABC):
 # ------------------------------------------------------------------------------------------------ Modbus
 
 
-async def _modbus_read(client: ModbusBaseClient, table: ModbusTable, start: int, count: int, unit: int) -> BlockData:
+_READ_FUNCTION = {
+    ModbusTable.COIL: 1, ModbusTable.DISCRETE_INPUT: 2, ModbusTable.HOLDING_REGISTER: 3, ModbusTable.INPUT_REGISTER: 4,
+}
+
+
+async def _modbus_read(client: ModbusBaseClient, table: ModbusTable, start: int, count: int, unit: int,
+                       where: str) -> BlockData:
+    """Read one block; the reply is checked against the request (replies.py) whatever the unit id.
+
+    `where` names the device in errors. A reply of another transaction, protocol or unit is a
+    CommunicationError; an exception, or a reply shorter or longer than asked, a DeviceError.
+    """
     read = {
         ModbusTable.COIL: client.read_coils,
         ModbusTable.DISCRETE_INPUT: client.read_discrete_inputs,
@@ -172,12 +207,18 @@ async def _modbus_read(client: ModbusBaseClient, table: ModbusTable, start: int,
         ModbusTable.HOLDING_REGISTER: client.read_holding_registers,
     }[table]
     response = await read(start, count=count, device_id=unit)
+    asked = f"reading {count} of {table.name} from {start}"
+    if problem := replies.check_read_reply(response, _READ_FUNCTION[table], count):
+        kind, reason = problem
+        if kind == replies.COMMUNICATION:
+            raise CommunicationError(f"{where}: {reason} ({asked})")
+        raise DeviceError(f"bad reply from {where}: {reason} ({asked})")
     if response.isError():
         code = getattr(response, "exception_code", None)
         what = MODBUS_EXCEPTIONS.get(code, "unknown exception") if code is not None else "error response"
-        raise DeviceError(f"Modbus exception {code}: {what} (reading {count} of {table.name} from {start})", code)
+        raise DeviceError(f"Modbus exception {code}: {what} ({asked})", code)
     if table.is_bit_table:
-        return list(response.bits[:count])  # bits come padded to whole bytes
+        return list(response.bits[:count])  # whole bytes of bits, as many as asked for (checked above)
     return list(response.registers)
 
 
@@ -205,9 +246,9 @@ class ModbusTcpDriver(Driver):
         if self._client is None:
             # retries=0 and reconnect_delay=0: the poller owns retries and reconnects (with backoff and
             # jitter); pymodbus would otherwise reconnect on its own schedule in the background.
-            self._client = AsyncModbusTcpClient(
+            self._client = replies.install(AsyncModbusTcpClient(
                 self.host, port=self.port, timeout=self.timeout, retries=0, reconnect_delay=0, name=self.plc_id
-            )
+            ))
         if not await self._client.connect():
             self._client.close()
             raise CommunicationError(
@@ -223,7 +264,7 @@ class ModbusTcpDriver(Driver):
         if client is None or not client.connected:
             raise CommunicationError(f"connection to {self.endpoint} lost")
         try:
-            return await _modbus_read(client, block.table, block.start, block.count, self.unit)
+            return await _modbus_read(client, block.table, block.start, block.count, self.unit, self.endpoint)
         except ModbusIOException:
             raise CommunicationError(f"no answer from {self.endpoint} within {self.timeout:g} s") from None
         except ConnectionException as exc:
@@ -299,7 +340,7 @@ def _serial_client(port: str, baud_rate: int, parity: str, stop_bits: int, timeo
         return transport, protocol
 
     ctx.call_create = create
-    return client
+    return replies.install(client)
 
 
 class ModbusBus:
@@ -341,8 +382,10 @@ class ModbusBus:
             if client is None or not client.connected:
                 raise CommunicationError(f"{self.key} is not open")
             self._set_timeout(timeout)
+            framer = client.ctx.framer
+            framer.skipped = ""  # a reply of another unit skipped during this request (replies.py)
             try:
-                data = await _modbus_read(client, table, start, count, unit)
+                data = await _modbus_read(client, table, start, count, unit, f"unit {unit} on {self.key}")
             except ModbusIOException:
                 self._timeouts_in_a_row += 1
                 if self._timeouts_in_a_row >= RTU_TIMEOUTS_BEFORE_RELINK:
@@ -350,7 +393,8 @@ class ModbusBus:
                     self.close_link()
                 else:
                     await asyncio.sleep(RTU_GUARD_SECONDS)
-                raise CommunicationError(f"unit {unit} on {self.key}: no answer within {timeout:g} s") from None
+                skipped = f" (skipped a {framer.skipped})" if framer.skipped else ""
+                raise CommunicationError(f"unit {unit} on {self.key}: no answer within {timeout:g} s{skipped}") from None
             except ConnectionException as exc:
                 self.close_link()
                 raise CommunicationError(f"{self.key} lost: {exc}") from None
@@ -637,8 +681,8 @@ def make_driver(plc: plc_pb2.Plc, buses: BusRegistry) -> Driver:
         host = c.host
 
         def gateway_client(timeout: float) -> ModbusBaseClient:
-            return AsyncModbusTcpClient(host, port=port, framer=FramerType.RTU, timeout=timeout, retries=0,
-                                        reconnect_delay=0)
+            return replies.install(AsyncModbusTcpClient(host, port=port, framer=FramerType.RTU, timeout=timeout,
+                                                        retries=0, reconnect_delay=0))
 
         bus = buses.acquire(f"gateway {host}:{port}", (), gateway_client, plc.id)
         return ModbusRtuDriver(plc.id, bus, c.unit_id, timeout_of(c), buses)

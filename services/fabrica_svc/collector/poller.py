@@ -406,7 +406,8 @@ class Poller:
         for group in self.groups:
             self._plan(group)
         self._realign()
-        log.info("connected to %s (%s)", self.plc_id, driver.endpoint)
+        if not any(g.tags for g in self.groups):
+            driver.note_up()  # nothing to read: the connection is all there is to tell (logs the transition)
         return True
 
     def _plan(self, group: Group) -> None:
@@ -441,6 +442,7 @@ class Poller:
         self.status.error_count += 1
         self.status.last_error = error
         if self.driver is not None:
+            self.driver.note_down(error)  # logs the transition (lost, cannot connect)
             await self.driver.close()
         now, ns = self._clock(), self._wall_ns()
         stamp = timestamp_from_ns(ns)
@@ -539,6 +541,7 @@ class Poller:
         if not had_error:
             status.last_error = ""
         status.connected = True
+        driver.note_up()  # every block was answered: logs the transition (connected, restored)
         self._count(good, "GOOD")
         self._count(bad, "DECODE_FAILURE")
         self._advance(group)

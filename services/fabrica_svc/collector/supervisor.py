@@ -3,8 +3,13 @@
 Applying a configuration starts pollers for new PLCs, stops those of removed (or disabled) ones, and
 restarts only the PLCs whose definition changed. Definitions are compared by their deterministic
 serialization without the output-only fields (etag, revision, times), which change on every update even
-when nothing the collector uses did. A changed PLC is restarted as a whole (new connection, new plan):
+when nothing the collector uses did, and without the display name, which the poller does not use (renaming
+a PLC does not interrupt its polling). A changed PLC is restarted as a whole (new connection, new plan):
 simple, and a changed tag can then never be read in its old form.
+
+A PLC's `error_count` counts its failed reads since the collector started (as the contract says), across
+restarts of its poller: the supervisor keeps the count of each PLC id it stopped and hands it to the next
+poller of that id (after a change, a disable and enable, a removal and return).
 
 Garbage collection. A collector holds many long-lived objects (per tag: its state, its compiled decoder;
 per PLC: its definition), and CPython's full collections visit all of them: with 300 PLCs of 100 tags a full
@@ -39,12 +44,15 @@ log = logging.getLogger(__name__)
 GC_SETTLE_DELAY = 1.0
 
 _OUTPUT_ONLY = ("etag", "revision", "create_time", "update_time")
+#: Fields of a PLC that a poller does not use: a change to them alone does not restart it.
+_NOT_POLLED = ("display_name",)
 
 
 def definition_key(plc: plc_pb2.Plc) -> bytes:
+    """What a poller is built from: equal keys, no restart."""
     copy = plc_pb2.Plc()
     copy.CopyFrom(plc)
-    for name in _OUTPUT_ONLY:
+    for name in _OUTPUT_ONLY + _NOT_POLLED:
         copy.ClearField(name)
     return copy.SerializeToString(deterministic=True)
 
@@ -64,6 +72,8 @@ class PlcSupervisor:
         #: The applied configuration: every PLC assigned to this collector, enabled or not.
         self.definitions: dict[str, plc_pb2.Plc] = {}
         self._pollers: dict[str, tuple[bytes, Poller]] = {}
+        #: Failed reads of the pollers stopped so far, by PLC id (error_count is since the collector started).
+        self._error_counts: dict[str, int] = {}
         self._lock = asyncio.Lock()
         #: PLC ids started, in order (tests and logs use it to see what was restarted).
         self.starts: list[str] = []
@@ -129,7 +139,7 @@ class PlcSupervisor:
             if current:
                 log.info("PLC %s disabled; stopping its poller", plc.id)
                 del self._pollers[plc.id]
-                await current[1].stop()
+                await self._stop(current[1])
             return
         key = definition_key(plc)
         if current and current[0] == key:
@@ -137,10 +147,11 @@ class PlcSupervisor:
         if current:
             log.info("PLC %s changed; restarting its poller", plc.id)
             del self._pollers[plc.id]
-            await current[1].stop()
+            await self._stop(current[1])
         poller = Poller(plc, self._make_driver, self.emit, backoff_min=self.backoff_min,
                         backoff_max=self.backoff_max, metrics=self.metrics,
                         **(self.poller_options(plc) if self.poller_options else {}))
+        poller.status.error_count = self._error_counts.get(plc.id, 0)
         self._pollers[plc.id] = (key, poller)
         poller.start()
         self.starts.append(plc.id)
@@ -150,7 +161,11 @@ class PlcSupervisor:
         current = self._pollers.pop(plc_id, None)
         if current:
             log.info("PLC %s removed; stopping its poller", plc_id)
-            await current[1].stop()
+            await self._stop(current[1])
+
+    async def _stop(self, poller: Poller) -> None:
+        await poller.stop()
+        self._error_counts[poller.plc_id] = poller.status.error_count
 
     async def stop_all(self) -> None:
         if self._settle is not None:
@@ -168,5 +183,6 @@ class PlcSupervisor:
         out = []
         for plc_id in sorted(self.definitions):
             current = self._pollers.get(plc_id)
-            out.append(current[1].status if current else PollerStatus(plc_id))
+            out.append(current[1].status if current else
+                       PollerStatus(plc_id, error_count=self._error_counts.get(plc_id, 0)))
         return out

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 from fabrica.config.v1 import config_service_pb2 as pb
 from fabrica.config.v1 import config_service_pb2_grpc as pb_grpc
-from fabrica.config.v1 import plc_pb2
+from fabrica.config.v1 import device_profile_pb2, plc_pb2
 
 from ..plcmodel.mirrors import mirror_violations, target_ids
+from ..plcmodel.plc import is_s7
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
@@ -37,6 +38,25 @@ async def _check_plc(plc: plc_pb2.Plc) -> None:
         domain.check_plc(plc)
     else:
         await asyncio.to_thread(domain.check_plc, plc)
+
+
+_PROTOCOL_NAMES = {device_profile_pb2.PROTOCOL_MODBUS: "Modbus", device_profile_pb2.PROTOCOL_S7: "S7"}
+
+
+def _protocol_mismatch(profile: device_profile_pb2.DeviceProfile, plc: plc_pb2.Plc) -> FieldViolation | None:
+    """One violation when the PLC's connection speaks another protocol than the profile's devices (instead of
+    one per tag, each with an address of the wrong kind). A PLC without a connection is check_plc's to report."""
+    kind = plc.WhichOneof("connection")
+    if kind is None or profile.protocol not in _PROTOCOL_NAMES:
+        return None
+    speaks = device_profile_pb2.PROTOCOL_S7 if is_s7(plc) else device_profile_pb2.PROTOCOL_MODBUS
+    if speaks == profile.protocol:
+        return None
+    return FieldViolation(
+        "profile_id",
+        f"profile {profile.id!r} is for {_PROTOCOL_NAMES[profile.protocol]} devices, but the PLC's connection "
+        f"({kind}) is {_PROTOCOL_NAMES[speaks]}; pick a {_PROTOCOL_NAMES[speaks]} profile or change plc.{kind}",
+    )
 
 
 class ConfigServicer(pb_grpc.ConfigServiceServicer):
@@ -115,6 +135,8 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
             raise InvalidArgument(FieldViolation("plc", "the PLC (id, collector, connection) is required"))
         bad = [FieldViolation(f"plc.{f}", "comes from the profile; leave it empty")
                for f in ("poll_groups", "tags") if len(getattr(request.plc, f))]
+        if mismatch := _protocol_mismatch(profile, request.plc):
+            bad.append(mismatch)
         if bad:
             raise InvalidArgument(bad)
         plc = plc_pb2.Plc()

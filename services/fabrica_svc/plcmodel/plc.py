@@ -6,7 +6,8 @@
 * :func:`plc_violations` is what the config service accepts: the proto's own rules (protovalidate), names
   and poll groups, :func:`tag_violations` for every tag, and the rules about a tag's role. So a PLC that
   config accepts has only tags the collector can poll, and a rule is reported on the same field by both.
-* :func:`with_defaults` writes in what unset means (ports, each tag's poll group); :func:`port_of` reads it.
+* :func:`with_defaults` writes in what unset means (ports, the Modbus TCP unit id, each tag's poll group);
+  :func:`port_of` reads it.
 * :func:`block_limits` is a PLC's ``BlockLimits`` as a :class:`BlockLimits` (None for each default), and
   :func:`limits_violations` the rules that relate those limits to the PLC's protocol and tags.
 
@@ -36,6 +37,8 @@ DEFAULT_PORTS: dict[str, int] = {
 #: The contract's bounds on a PLC's lists (plc.proto), read from the descriptor.
 _MAX_TAGS = max_items(plc_pb2.Plc.DESCRIPTOR.fields_by_name["tags"])
 _MAX_POLL_GROUPS = max_items(plc_pb2.Plc.DESCRIPTOR.fields_by_name["poll_groups"])
+#: The Modbus TCP unit id when not set (0): what devices and the seed configurations use.
+DEFAULT_MODBUS_TCP_UNIT = 1
 #: The roles whose values are counters (booked by production from their increments).
 COUNTER_ROLES = frozenset({reading_pb2.TAG_ROLE_PRODUCTION_COUNTER, reading_pb2.TAG_ROLE_SCRAP_COUNTER})
 #: A placeholder id for checking a definition that has none yet (config assigns ids when it stores a tag).
@@ -133,10 +136,13 @@ def port_of(plc: plc_pb2.Plc) -> int | None:
 
 
 def with_defaults(plc: plc_pb2.Plc) -> None:
-    """Write the defaults into `plc` in place: the port of its connection, each tag's poll group (the first)."""
+    """Write the defaults into `plc` in place: the port of its connection, a Modbus TCP unit id (1), each tag's
+    poll group (the first)."""
     kind = plc.WhichOneof("connection")
     if kind in DEFAULT_PORTS:
         getattr(plc, kind).port = port_of(plc)
+    if kind == "modbus_tcp" and not plc.modbus_tcp.unit_id:
+        plc.modbus_tcp.unit_id = DEFAULT_MODBUS_TCP_UNIT
     default_group = plc.poll_groups[0].name if plc.poll_groups else ""
     for tag in plc.tags:
         if not tag.poll_group:

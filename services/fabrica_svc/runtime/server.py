@@ -27,6 +27,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from .channels import MESSAGE_LIMITS
 from .db import Migration, apply_migrations, connect_with_retry, create_pool, resolve_database_url
 from .interceptors import ServiceInterceptor
+from .reflection import SourceInfoPool, descriptor_set_path
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .telemetry import configure_telemetry, start_metrics_endpoint
@@ -85,6 +86,12 @@ class ServiceApp(Protocol):
         """Add the servicers to the server."""
 
     async def stop(self) -> None: ...
+
+
+def _busy(what: str, variable: str, choices: str) -> str:
+    """The message of a port that cannot be bound: what, why it usually is, and the variable that moves it."""
+    return (f"{what}; the port is taken (another `fabrica serve` or `fabrica run` on this machine?) or the address "
+            f"is not this machine's: set {variable} to another port {choices}, or FABRICA_HOST to another address")
 
 
 def _address(host: str, port: int) -> str:
@@ -172,20 +179,26 @@ class ServiceHost:
         app.register(server)
         reflection.enable_server_reflection(
             [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
+            server, pool=SourceInfoPool(descriptor_set_path()),  # with the protos' comments (runtime/reflection.py)
         )
         address = _address(settings.host, settings.port)
         try:
             self.port = server.add_insecure_port(address)
-        except RuntimeError as exc:  # grpcio raises RuntimeError when it cannot bind
-            raise OSError(f"cannot listen on {address}: {exc}") from None
+        except RuntimeError:  # grpcio raises RuntimeError when it cannot bind, and says no more than that
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(_busy(f"cannot listen on {address} (the gRPC port of {app.name})", "FABRICA_PORT",
+                                "(or --port; 0: any free port)"))
         await self._set_serving(False)
         await self.health.set(LIVENESS, SERVING)
         await server.start()
         self.server = server
-        endpoint = start_metrics_endpoint(settings.host, settings.metrics_port)
+        try:
+            endpoint = start_metrics_endpoint(settings.host, settings.metrics_port)
+        except OSError as exc:  # the bare "[Errno 98] Address already in use" of http.server
+            raise OSError(_busy(
+                f"cannot serve metrics on {_address(settings.host, settings.metrics_port)} (the metrics port of "
+                f"{app.name}): {exc.strerror or exc}", "FABRICA_METRICS_PORT", "(0: any free port, -1: off)")) from None
         if endpoint:
             self._metrics_server, self.metrics_port = endpoint
         await self._set_serving(await self._dependencies_ok())

@@ -503,7 +503,10 @@ class ModbusTcpConnection(_message.Message):
     port: _builtins.int
     """TCP port, 1 to 65535. 502 when not set."""
     unit_id: _builtins.int
-    """Modbus unit (device) id, 0 to 255. Gateways use it to address devices behind them."""
+    """Modbus unit (device) id, up to 255. Gateways use it to address devices behind them. Not set (0) means 1,
+    what devices and the seed configurations use; the config service writes the 1 in. Every reply is
+    checked against its request (transaction id, protocol id, unit id), whatever the unit id.
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Timeout of one request. 1 s when not set."""
