@@ -27,7 +27,6 @@ mirror is defined, except the target's size, which only a device can tell: the c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,6 +37,7 @@ from fabrica.config.v1 import plc_pb2
 from ..plcmodel.mirrors import mirror_problems
 from ..plcmodel.plc import is_s7
 from ..runtime.retry import RetryPolicy
+from ..runtime.tasks import cancel_and_wait
 from .drivers import CommunicationError, DeviceError, Driver, PlcConfigError, S7Driver, s7_range_name
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,7 @@ class MirrorRunner:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for driver in self._drivers.values():
             await driver.dispose()
         self._drivers.clear()

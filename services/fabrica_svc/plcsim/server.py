@@ -18,7 +18,6 @@ listening (``_close()``) and how to turn a plant snapshot into what it serves (`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .plant import Plant, PlantSnapshot
+from ..runtime.tasks import cancel_and_wait
 
 __all__ = ["AnswerFaults", "SimServer"]
 
@@ -180,10 +180,7 @@ class SimServer(ABC):
     async def stop(self) -> None:
         """Stop serving and the refresh timer; held answers are let go. Idempotent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self.faults.release()
         await self._close()
         self._paused = False
