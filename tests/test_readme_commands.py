@@ -31,7 +31,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,7 +44,7 @@ import pytest
 from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 
-from procs import free_port, wait_for
+from procs import free_base_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "CONTRIBUTING.md", "deploy/README.md", "services/fabrica_svc/collector/README.md")
@@ -267,15 +266,6 @@ def run_grpcurl(command: Command, ports: dict[int, int], described: Described) -
 # --- the stack ------------------------------------------------------------------------------------------
 
 
-def _busy(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 @dataclass(frozen=True)
 class Stack:
     base: int
@@ -291,9 +281,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`fabrica run` with the demo, as `make run` starts it, once the demo press's values reach ingest (so
     the docs' "live values" and history commands have something to show)."""
     tmp = tmp_path_factory.mktemp("readme")
-    base = free_port()
-    while any(_busy(base + i) for i in range(len(README_PORTS))):  # bounded by the port range
-        base = free_port()
+    base = free_base_port(len(README_PORTS))
     log = tmp / "run.log"
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1"}
     with open(log, "wb") as out:
