@@ -143,6 +143,12 @@ def _script(command: Command, text: str) -> str:
     return "\n".join([*command.assignments, text])
 
 
+def _run(script: str) -> subprocess.CompletedProcess[str]:
+    """`script` run by bash from the repository root, as a reader would paste it (stdin empty)."""
+    return subprocess.run(["bash", "-c", script], cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=_TIMEOUT)
+
+
 def _grpcurl_target(words: list[str]) -> tuple[str, list[str]]:
     """The address a grpcurl command calls and the words after it (verb, symbol or method)."""
     for i, w in enumerate(words[1:], 1):
@@ -158,17 +164,17 @@ class Described:
         self._services: dict[tuple[str, str], str] = {}
 
     def rpc(self, address: str, method: str) -> tuple[bool, str]:
-        service, name = method.rsplit("/", 1)
+        """(server streaming, response type) of `method` ("pkg.Service/Method"); (False, "") when the server
+        does not know it (the command itself then fails with grpcurl's own message)."""
+        service, _, name = method.rpartition("/")
         key = (address, service)
         if key not in self._services:
             done = subprocess.run([str(REPO / ".venv/bin/grpcurl"), "-plaintext", address, "describe", service],
-                                  capture_output=True, text=True, timeout=_TIMEOUT)
-            assert done.returncode == 0, done.stderr
-            self._services[key] = done.stdout
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_TIMEOUT)
+            self._services[key] = done.stdout if done.returncode == 0 else ""
         found = re.search(rf"rpc {re.escape(name)} \( (?:stream )?\S+ \) returns \( (stream )?\.?(\S+) \)",
                           self._services[key])
-        assert found, f"{method} is not in the description of {service}:\n{self._services[key]}"
-        return bool(found.group(1)), found.group(2)
+        return (bool(found.group(1)), found.group(2)) if found else (False, "")
 
 
 def _json_objects(output: str) -> list[object]:
@@ -185,8 +191,8 @@ def _json_objects(output: str) -> list[object]:
 def _first_message(script: str) -> tuple[str, str]:
     """Runs `script` (a server-streaming grpcurl) until it printed one complete JSON message, then stops it
     (Ctrl-C, as the docs say). Returns (stdout so far, stderr)."""
-    proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     out: list[str] = []
     got_one = threading.Event()
 
@@ -225,8 +231,7 @@ def run_grpcurl(command: Command, ports: dict[int, int], described: Described) -
     script = _script(command, text)
     address, rest = _grpcurl_target(shlex.split(text, comments=True))
     if rest and rest[0] == "list":
-        done = subprocess.run(["bash", "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                              timeout=_TIMEOUT)
+        done = _run(script)
         names = done.stdout.split()
         if done.returncode != 0 or not names or not all(re.fullmatch(r"[\w.]+", n) for n in names):
             return f"exit {done.returncode}, stdout {done.stdout!r}, stderr {done.stderr!r}"
@@ -234,8 +239,7 @@ def run_grpcurl(command: Command, ports: dict[int, int], described: Described) -
             return f"`list {rest[1]}` printed names outside it: {names}"
         return None
     if rest and rest[0] == "describe":
-        done = subprocess.run(["bash", "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                              timeout=_TIMEOUT)
+        done = _run(script)
         if done.returncode != 0 or (len(rest) > 1 and rest[1] not in done.stdout) or not done.stdout.strip():
             return f"exit {done.returncode}, stdout {done.stdout!r}, stderr {done.stderr!r}"
         return None
@@ -250,8 +254,7 @@ def run_grpcurl(command: Command, ports: dict[int, int], described: Described) -
         if not messages or not isinstance(messages[0], dict) or not messages[0]:
             return f"no first message: stdout {stdout!r}, stderr {stderr!r}"
         return None
-    done = subprocess.run(["bash", "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=_TIMEOUT)
+    done = _run(script)
     try:
         messages = _json_objects(done.stdout)
     except ValueError:
