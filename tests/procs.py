@@ -28,6 +28,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_base_port(count: int) -> int:
+    """The first of `count` consecutive ports nothing listens on yet (for `fabrica run --base-port`, which
+    binds consecutive ports itself); same caveat as free_port."""
+    base = free_port()
+    while any(_busy(base + i) for i in range(count)):  # bounded by the port range
+        base = free_port()
+    return base
+
+
+def _busy(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def bound_ports(port_file: Path, pid: int, service: str) -> dict[str, int | None] | None:
     """The ports process `pid` wrote to its FABRICA_PORT_FILE for `service` ({"port": ..., "metrics_port":
     ...}), or None while it has not (yet)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from fabrica_svc.production import demo
 from fabrica_svc.production.demo import create_demo
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
-from procs import free_port, wait_for
+from procs import free_base_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -131,9 +130,7 @@ async def test_order_fills_from_the_simulated_counter_and_completes_itself(datab
 
 
 def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
-    base = free_port()
-    while any(_busy(base + i) for i in range(4)):  # consecutive free ports; bounded by the port range
-        base = free_port()
+    base = free_base_port(4)
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1"}
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -162,12 +159,3 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     assert code == 0, log.read_text(errors="replace")[-3000:]
-
-
-def _busy(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
