@@ -34,6 +34,7 @@ from .convert import (
     check_timestamp,
     readings_from_rows,
     tag_event_from_row,
+    tag_infos_from_proto,
 )
 from .domain import (
     DEFAULT_PAGE_SIZE,
@@ -256,6 +257,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         rows = await self.store.latest(list(request.tag_ids), request.plc_id)
         readings, _ = readings_from_rows(rows, 2**62)
         return pb.GetLatestValuesResponse(readings=readings)
+
+    async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
+        """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""
+        changed, removed = await self.store.sync_tags(request.collector_id, tag_infos_from_proto(request))
+        return pb.SyncTagsResponse(changed=changed, removed=removed)
 
     async def SummarizeReadings(
         self, request: pb.SummarizeReadingsRequest, context: grpc.aio.ServicerContext
