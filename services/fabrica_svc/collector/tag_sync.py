@@ -66,6 +66,8 @@ class TagSync:
         self._refused: list[pb.TagInfo] | None = None
         #: Sets ingest took (one per applied configuration that changed the set, plus one per start).
         self.syncs = 0
+        #: Ingest's answer to the last sync it took: how many tags it changed and marked removed.
+        self.last_reply: pb.SyncTagsResponse | None = None
         #: Failed attempts, and the last failure ("" after a success).
         self.failures = 0
         self.last_error = ""
@@ -129,6 +131,7 @@ class TagSync:
                 continue
             backoff.reset()
             self.synced = infos
+            self.last_reply = reply
             self.syncs += 1
             self.last_error = ""
             log.info("tag set synced with ingest", extra={"collector_id": self.collector_id, "tags": len(infos),
