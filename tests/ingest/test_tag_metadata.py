@@ -22,9 +22,11 @@ from collector.support import (app_of, collector_settings, free_port, mb_tag, mo
                                start_config, start_ingest, store_config, stored_readings, wait_for)
 from fabrica_svc.clients.errors import error_details
 from fabrica_svc.clients.tags import TagInfo, sync_tags
+from fabrica_svc.collector.tag_sync import TagSync
+from fabrica_svc.runtime.retry import RetryPolicy
 from fabrica_svc.plcsim import Simulator
 
-from .support import batch, batch_request, open_request, reading
+from .support import batch, batch_request, fetchval, open_request, reading
 
 COUNTER = reading_pb2.TAG_ROLE_PRODUCTION_COUNTER
 
@@ -204,4 +206,46 @@ async def test_sync_tags_replaces_a_collectors_set_and_leaves_other_collectors_a
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert path in dict(error_details(caught.value).field_violations)
     finally:
+        await ingest.stop(grace=0)
+
+
+async def test_the_collectors_tag_sync_reports_a_refused_set_and_repairs_a_restored_ingest(
+    database_url: str
+) -> None:
+    ingest = await start_ingest(database_url)
+    sync = TagSync(ingest.address, "cell-a", retry=RetryPolicy(0.05, 0.3), resync_interval=0.5)
+    try:
+        async with grpc.aio.insecure_channel(ingest.address) as channel:
+            stub = pb_grpc.IngestServiceStub(channel)
+            call = stub.StreamReadings()
+            await call.write(open_request("cell-a"))
+            await call.read()
+            await call.write(batch_request(batch("cell-a", 1, [reading(t, 1_700_000_000_000_000, plc_id="p1")
+                                                               for t in (1, 2)])))
+            assert (await call.read()).ack.sequence == 1
+            await call.done_writing()
+
+            sync.start()
+            plcs = [T.Plc(id="p1", tags=[T.Tag(id=1, name="speed", unit="rpm"), T.Tag(id=2, name="bad name")])]
+            sync.update(plcs)
+            await wait_for(lambda: sync.failures >= 1, what="the set refused")
+            assert "tags[1].name" in sync.last_error and sync.syncs == 0
+            plcs[0].tags[1].name = "torque"
+            sync.update(plcs)
+            want = {"speed": (1, "p1", "rpm"), "torque": (2, "p1", "")}
+
+            async def shows() -> bool:
+                return await latest(stub, plc_id="p1") == want
+            await wait_for(shows, what="the corrected set synced")
+            assert sync.syncs == 1 and sync.last_error == ""
+
+            # Ingest's database loses what it knew (restored from an older backup): the periodic resync
+            # brings the names back without any configuration change.
+            deleted = await fetchval(
+                database_url, "WITH gone AS (DELETE FROM ingest.tag_metadata RETURNING 1) SELECT count(*) FROM gone")
+            assert deleted == 2
+            await wait_for(shows, what="the names back after a resync")
+            assert sync.syncs >= 2
+    finally:
+        await sync.stop()
         await ingest.stop(grace=0)

@@ -16,9 +16,12 @@ GetLatestValues; their history stays). So a sync is idempotent, a lost one is re
 restart simply sends the set once more (ingest then changes nothing).
 
 :class:`TagSync` runs one task: after each applied configuration (:meth:`TagSync.update`, called by the
-config watcher) it sends the newest set; if ingest is away it retries with the runtime's RetryPolicy
-until it gets through or a newer set replaces the pending one. A set ingest refuses (INVALID_ARGUMENT)
-is logged and not resent until the configuration changes again.
+config watcher) it builds the set once the changes have settled (a burst of changes, a script updating
+many PLCs, costs one pass over the tags and one call) and sends it unless ingest has it already; if
+ingest is away it retries with the runtime's RetryPolicy until it gets through, each attempt with the
+newest set. A set ingest refuses (INVALID_ARGUMENT) is logged and not resent until it changes. Every
+`resync_interval` seconds the set goes again, changed or not: an ingest whose database was restored from
+an older backup is repaired without a configuration change (the call costs ingest nothing otherwise).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds a SyncTags call may take (a collector of 30,000 tags sends ~2 MB).
 SYNC_TIMEOUT = 30.0
+#: Changes come in bursts: the set is built once they settle (as the config watcher's status report).
+SETTLE_DELAY = 0.2
+#: Seconds after which the set is sent again even if nothing changed (see above).
+RESYNC_INTERVAL = 600.0
 
 
 def tag_infos(plcs: Iterable[plc_pb2.Plc]) -> list[pb.TagInfo]:
@@ -56,12 +63,15 @@ def tag_infos(plcs: Iterable[plc_pb2.Plc]) -> list[pb.TagInfo]:
 
 
 class TagSync:
-    def __init__(self, target: str, collector_id: str, *, retry: RetryPolicy = SERVICE_RETRY):
+    def __init__(self, target: str, collector_id: str, *, retry: RetryPolicy = SERVICE_RETRY,
+                 resync_interval: float = RESYNC_INTERVAL):
         self.target = target
         self.collector_id = collector_id
         self.retry = retry
-        #: The newest set to send (None: no configuration applied yet) and the last one ingest took.
-        self.pending: list[pb.TagInfo] | None = None
+        self.resync_interval = resync_interval
+        #: The PLCs of the applied configuration (None: none applied yet), read when the set is built.
+        self._plcs: Iterable[plc_pb2.Plc] | None = None
+        #: The last set ingest took.
         self.synced: list[pb.TagInfo] | None = None
         self._refused: list[pb.TagInfo] | None = None
         #: Sets ingest took (one per applied configuration that changed the set, plus one per start).
@@ -76,11 +86,11 @@ class TagSync:
         self._task: asyncio.Task[None] | None = None
 
     def update(self, plcs: Iterable[plc_pb2.Plc]) -> None:
-        """The applied configuration changed (or was loaded): send its tags unless ingest has them already."""
-        infos = tag_infos(plcs)
-        if infos != self.pending:
-            self.pending = infos
-            self._wake.set()
+        """The applied configuration changed (or was loaded): send its tags unless ingest has them already.
+        `plcs` is read later, once the changes settle (a live view such as the supervisor's definitions
+        is what the caller passes)."""
+        self._plcs = plcs
+        self._wake.set()
 
     def start(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
@@ -99,10 +109,17 @@ class TagSync:
     async def _run(self, channel: grpc.aio.Channel) -> None:
         backoff = self.retry.backoff()
         while True:
-            await self._wake.wait()
+            try:
+                async with asyncio.timeout(self.resync_interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                self.synced = self._refused = None  # send it again
+            await asyncio.sleep(SETTLE_DELAY)
             self._wake.clear()
-            infos = self.pending
-            if infos is None or infos == self.synced or infos is self._refused:
+            if self._plcs is None:
+                continue
+            infos = tag_infos(self._plcs)
+            if infos == self.synced or infos == self._refused:
                 continue
             try:
                 reply = await sync_tags(channel, self.collector_id, infos, timeout=SYNC_TIMEOUT)
