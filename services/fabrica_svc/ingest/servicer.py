@@ -4,6 +4,10 @@ Validation: the shared interceptor has already checked every request (and every 
 StreamReadings stream) against the protovalidate rules in the protos. What is checked here is what those
 rules cannot express: the stream's protocol (open first, one collector, increasing sequences) and values
 Postgres cannot hold (see convert.py).
+
+Names and units: SyncTags stores what each collector says of its tags (store.sync_tags, in its own table
+and transaction, apart from the write path); the readings GetLatestValues, QueryReadings and
+ExportReadings return carry them (tag_name, unit), and GetLatestValues leaves out removed tags.
 """
 
 from __future__ import annotations
