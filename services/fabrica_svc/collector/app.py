@@ -6,7 +6,8 @@ builds the parts from the settings (CollectorSettings) and passes them to the se
 adds that servicer to the gRPC server. The collector has no database: its state lives under
 ``FABRICA_DATA_DIR/collector/<collector id>/`` (see settings.py), locked against a second process.
 
-Data flow: pollers -> Batcher -> Spool (on disk) -> Uplink -> ingest. Shutdown stops the pollers first and
+Data flow: pollers -> Batcher -> Spool (on disk) -> Uplink -> ingest. Beside it, after each applied
+configuration, TagSync sends ingest the names and units of the collector's tags (collector/tag_sync.py). Shutdown stops the pollers first and
 cuts the last batch into the spool, so nothing polled is left only in memory; what ingest has not
 acknowledged is sent after the next start.
 """
@@ -22,6 +23,7 @@ from fabrica.collector.v1 import collector_service_pb2, collector_service_pb2_gr
 from fabrica.config.v1 import plc_pb2
 
 from ..runtime.db import Migration
+from ..runtime.retry import RetryPolicy
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .batcher import Batcher
@@ -33,6 +35,7 @@ from .servicer import CollectorServicer
 from .settings import CollectorSettings, load_collector_settings
 from .spool import Spool
 from .supervisor import PlcSupervisor
+from .tag_sync import TagSync
 from .uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ class CollectorApp:
         self.supervisor: PlcSupervisor
         self.watcher: ConfigWatcher
         self.uplink: Uplink
+        self.tag_sync: TagSync
         self.servicer: CollectorServicer
         self._started: list[str] = []
 
@@ -83,9 +87,13 @@ class CollectorApp:
                                         backoff_max=cfg.reconnect_max, metrics=PollMetrics(),
                                         freeze_gc=self.settings.sole_service, poller_options=self.poller_options)
         self._started.append("supervisor")
+        self.tag_sync = TagSync(cfg.ingest_addr, cfg.collector_id,
+                                retry=RetryPolicy(cfg.reconnect_min, cfg.reconnect_max))
+        self.tag_sync.start()
+        self._started.append("tag_sync")
         self.watcher = ConfigWatcher(cfg.config_addr, cfg.collector_id, self.supervisor, state_dir,
                                      backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max,
-                                     status_interval=cfg.status_interval)
+                                     status_interval=cfg.status_interval, on_applied=self.tag_sync.update)
         await self.watcher.load()
         self.watcher.start()
         self._started.append("watcher")
@@ -111,6 +119,8 @@ class CollectorApp:
             self.batcher.close()
         if "uplink" in started:
             await self.uplink.stop()
+        if "tag_sync" in started:
+            await self.tag_sync.stop()
         if "spool" in started:
             unregister_spool(self)
             await self.spool.close()

@@ -7,6 +7,9 @@ revision: the config service sends only the changes since (or a fresh snapshot i
 After each applied message the file is rewritten atomically, so the stored revision always matches the
 stored PLCs; a crash between applying and writing only means the same changes are applied again.
 
+After each applied configuration (the stored one at start included) `on_applied` gets every PLC of it: the
+collector's TagSync then tells ingest the names and units of its tags (collector/tag_sync.py).
+
 The applied revision and the status of each PLC go back with ReportCollectorStatus shortly after each
 change and every `status_interval` seconds. Both streams reconnect with backoff and jitter.
 """
@@ -16,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
-from fabrica.config.v1 import collector_status_pb2, config_service_pb2, config_service_pb2_grpc
+from fabrica.config.v1 import collector_status_pb2, config_service_pb2, config_service_pb2_grpc, plc_pb2
 from google.protobuf.message import DecodeError
 
 from ..clients.errors import error_details
@@ -37,7 +41,8 @@ REPORT_DELAY = 0.2
 
 class ConfigWatcher:
     def __init__(self, target: str, collector_id: str, supervisor: PlcSupervisor, state_dir: Path, *,
-                 backoff_min: float = 0.5, backoff_max: float = 30.0, status_interval: float = 15.0):
+                 backoff_min: float = 0.5, backoff_max: float = 30.0, status_interval: float = 15.0,
+                 on_applied: Callable[[Iterable[plc_pb2.Plc]], None] | None = None):
         self.target = target
         self.collector_id = collector_id
         self.supervisor = supervisor
@@ -45,6 +50,7 @@ class ConfigWatcher:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.status_interval = status_interval
+        self.on_applied = on_applied
         #: The configuration revision applied (0: none yet).
         self.revision = 0
         self.connected = False
@@ -68,6 +74,7 @@ class ConfigWatcher:
             return False
         await self.supervisor.apply_snapshot(stored.snapshot.plcs)
         self.revision = stored.revision
+        self._applied()
         log.info("applied the stored configuration", extra={"revision": self.revision, "plcs": len(stored.snapshot.plcs)})
         return True
 
@@ -126,8 +133,13 @@ class ConfigWatcher:
             elif change.type == config_service_pb2.CHANGE_TYPE_DELETE:
                 await self.supervisor.remove(change.plc_id)
         self.revision = message.revision
+        self._applied()
         await self._persist()
         self._report_now.set()
+
+    def _applied(self) -> None:
+        if self.on_applied is not None:
+            self.on_applied(self.supervisor.definitions.values())
 
     async def _persist(self) -> None:
         stored = config_service_pb2.WatchPlcsResponse(

@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from fabrica.common.v1 import reading_pb2
+from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import query_pb2, tag_event_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument
@@ -133,6 +134,22 @@ def check_filter(f: query_pb2.ReadingFilter, prefix: str = "filter") -> None:
         raise InvalidArgument(found)
 
 
+def tag_infos_from_proto(request: pb.SyncTagsRequest) -> list[tuple[int, str, str, str, int]]:
+    """(tag_id, plc_id, name, unit, role) per tag of a (protovalidate-checked) SyncTags request; a tag id
+    given twice is INVALID_ARGUMENT (the set would say two things of one tag)."""
+    seen: dict[int, int] = {}
+    violations: list[FieldViolation] = []
+    out = []
+    for i, t in enumerate(request.tags):
+        first = seen.setdefault(t.tag_id, i)
+        if first != i and len(violations) < _MAX_VIOLATIONS:
+            violations.append(FieldViolation(f"tags[{i}].tag_id", f"tag {t.tag_id} is already tags[{first}]"))
+        out.append((t.tag_id, t.plc_id, t.name, t.unit, t.role))
+    if violations:
+        raise InvalidArgument(violations)
+    return out
+
+
 # --- responses ----------------------------------------------------------------------------------------
 
 
@@ -154,7 +171,8 @@ def value_from_row(kind: int, value: float | None, int_value: int | None, text_v
 
 
 def reading_from_row(row: Mapping[str, Any]) -> reading_pb2.Reading:
-    """A Reading from a row with the reading columns plus plc_id and role (from tags; may be NULL)."""
+    """A Reading from a row with the reading columns plus plc_id and role (from tags) and tag_name and unit
+    (from tag_metadata); each of these may be NULL."""
     r = reading_pb2.Reading(
         tag_id=row["tag_id"],
         read_time=timestamp_from_datetime(row["read_time"]),
@@ -162,6 +180,8 @@ def reading_from_row(row: Mapping[str, Any]) -> reading_pb2.Reading:
         error=row["error"] or "",
         plc_id=row["plc_id"] or "",
         role=row["role"] or reading_pb2.TAG_ROLE_UNSPECIFIED,
+        tag_name=row["tag_name"] or "",
+        unit=row["unit"] or "",
     )
     value = value_from_row(row["kind"], row["value"], row["int_value"], row["text_value"], row["bytes_value"])
     if value is not None:

@@ -4,6 +4,10 @@ Validation: the shared interceptor has already checked every request (and every 
 StreamReadings stream) against the protovalidate rules in the protos. What is checked here is what those
 rules cannot express: the stream's protocol (open first, one collector, increasing sequences) and values
 Postgres cannot hold (see convert.py).
+
+Names and units: SyncTags stores what each collector says of its tags (store.sync_tags, in its own table
+and transaction, apart from the write path); the readings GetLatestValues, QueryReadings and
+ExportReadings return carry them (tag_name, unit), and GetLatestValues leaves out removed tags.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .convert import (
     check_timestamp,
     readings_from_rows,
     tag_event_from_row,
+    tag_infos_from_proto,
 )
 from .domain import (
     DEFAULT_PAGE_SIZE,
@@ -256,6 +261,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         rows = await self.store.latest(list(request.tag_ids), request.plc_id)
         readings, _ = readings_from_rows(rows, 2**62)
         return pb.GetLatestValuesResponse(readings=readings)
+
+    async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
+        """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""
+        changed, removed = await self.store.sync_tags(request.collector_id, tag_infos_from_proto(request))
+        return pb.SyncTagsResponse(changed=changed, removed=removed)
 
     async def SummarizeReadings(
         self, request: pb.SummarizeReadingsRequest, context: grpc.aio.ServicerContext

@@ -10,6 +10,12 @@ Tables (schema ``ingest``)
                         partition when maintenance creates it).
 ``latest``              the newest reading per tag, upserted in the same transaction; never moves back in time.
 ``tags``                tag_id → plc_id, role, learned from the readings (upserted only when new or changed).
+``tag_metadata``        tag_id → name, unit, plc_id, role and whether it was removed, as each tag's collector
+                        last described it (SyncTags, :meth:`IngestStore.sync_tags`). Not the ``tags`` table:
+                        the write transaction locks ``tags`` rows, and a sync of thousands of rows must never
+                        hold a lock a batch waits for (nor deadlock with one); the writer never touches this
+                        table, so readings and syncs are independent. A tag no collector described has no
+                        row: its readings carry an empty name and unit and it stays in latest values.
 ``collector_sequences`` each collector's committed sequence: the exactly-once check.
 ``tag_events``          readings of counter and machine-state tags with a ``cursor`` that increases in commit
                         order; ``event_retention.purged_through`` is the highest cursor deleted by retention.
@@ -51,6 +57,7 @@ Locks, in the order every write transaction takes them (so that transactions of 
 cannot deadlock): collector_sequences rows (sorted by collector id, FOR UPDATE), tags rows (sorted by
 tag_id), the events advisory lock (only with events; held to commit), latest rows (sorted by tag_id).
 A transaction that holds latest rows either holds the events lock already or never asks for it.
+A SyncTags transaction takes only its collector's advisory lock and ``tag_metadata`` rows (in tag_id order).
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ EVENTS_CHANNEL = "fabrica_ingest_events"
 #: pg_advisory_xact_lock key that serializes event-writing transactions (so cursors follow commit order).
 EVENTS_LOCK_KEY = zlib.crc32(b"fabrica.ingest.tag_events") - 2**31
 MAINTENANCE_LOCK_KEY = zlib.crc32(b"fabrica.ingest.maintenance") - 2**31
+#: First key of the two-key pg_advisory_xact_lock that serializes the SyncTags of one collector.
+TAG_SYNC_LOCK_CLASS = zlib.crc32(b"fabrica.ingest.tag_sync") - 2**31
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
 
 MIGRATIONS = [
@@ -150,9 +159,50 @@ CREATE TABLE event_retention (
 );
 INSERT INTO event_retention DEFAULT VALUES;
 """),
+    Migration(2, "tag metadata reported by collectors: name, unit, removed", """
+CREATE TABLE tag_metadata (
+    tag_id bigint PRIMARY KEY,
+    collector_id text NOT NULL,
+    plc_id text NOT NULL,
+    name text NOT NULL,
+    unit text NOT NULL,
+    role smallint NOT NULL,
+    removed boolean NOT NULL DEFAULT false,
+    update_time timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX tag_metadata_collector_idx ON tag_metadata (collector_id, tag_id);
+"""),
 ]
 
 _READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
+#: The tag's columns a returned reading carries (convert.reading_from_row), over `r` (the readings) joined
+#: with `t` (tags) and `m` (tag_metadata): _TAG_JOIN.
+_TAG_SELECT = "t.plc_id, t.role, m.name AS tag_name, m.unit"
+_TAG_JOIN = (" LEFT JOIN ingest.tags t ON t.tag_id = r.tag_id"
+             " LEFT JOIN ingest.tag_metadata m ON m.tag_id = r.tag_id")
+
+_SYNC_TAGS = """
+WITH incoming AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::smallint[])
+        AS u(tag_id, plc_id, name, unit, role)
+), upserted AS (
+    INSERT INTO ingest.tag_metadata AS m (tag_id, collector_id, plc_id, name, unit, role)
+    SELECT tag_id, $1, plc_id, name, unit, role FROM incoming ORDER BY tag_id
+    ON CONFLICT (tag_id) DO UPDATE SET collector_id = EXCLUDED.collector_id, plc_id = EXCLUDED.plc_id,
+        name = EXCLUDED.name, unit = EXCLUDED.unit, role = EXCLUDED.role, removed = false, update_time = now()
+    WHERE (m.collector_id, m.plc_id, m.name, m.unit, m.role, m.removed)
+        IS DISTINCT FROM (EXCLUDED.collector_id, EXCLUDED.plc_id, EXCLUDED.name, EXCLUDED.unit, EXCLUDED.role, false)
+    RETURNING 1
+), gone AS (
+    UPDATE ingest.tag_metadata m SET removed = true, update_time = now()
+    WHERE m.tag_id IN (SELECT x.tag_id FROM ingest.tag_metadata x
+                       WHERE x.collector_id = $1 AND NOT x.removed
+                         AND NOT EXISTS (SELECT 1 FROM incoming i WHERE i.tag_id = x.tag_id)
+                       ORDER BY x.tag_id FOR UPDATE)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upserted) AS changed, (SELECT count(*) FROM gone) AS removed
+"""
 
 _LOCK_SEQUENCES = (
     "SELECT collector_id, committed_sequence FROM ingest.collector_sequences"
@@ -318,7 +368,7 @@ class IngestStore:
             assert after_time is not None
             lower, key = max(start, after_time), (after_time, after.tag_id, (after.block, after.offset))
         return await self.pool.fetch(
-            "SELECT r.*, t.plc_id, t.role"
+            f"SELECT r.*, {_TAG_SELECT}"
             " FROM unnest($1::bigint[]) AS q(tag_id)"
             " CROSS JOIN LATERAL ("
             f"  SELECT {_READING_SELECT}, x.ctid AS row_id FROM ingest.readings x"
@@ -326,7 +376,7 @@ class IngestStore:
             "     AND (x.read_time, x.tag_id, x.ctid) > ($4, $5, $6::tid)"
             "     AND ($7::smallint[] IS NULL OR x.quality = ANY($7::smallint[]))"
             "   ORDER BY x.read_time, x.ctid LIMIT $8) r"
-            " LEFT JOIN ingest.tags t ON t.tag_id = r.tag_id"
+            f"{_TAG_JOIN}"
             " ORDER BY r.read_time, r.tag_id, r.row_id LIMIT $8",
             list(tag_ids), lower, end, key[0], key[1], key[2], qualities, limit,
         )
@@ -341,10 +391,10 @@ class IngestStore:
         pace sets the pace (memory here is one chunk)."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             cursor = await conn.cursor(
-                f"SELECT r.*, t.plc_id, t.role FROM (SELECT {_READING_SELECT} FROM ingest.readings"
+                f"SELECT r.*, {_TAG_SELECT} FROM (SELECT {_READING_SELECT} FROM ingest.readings"
                 "  WHERE tag_id = ANY($1::bigint[]) AND read_time >= $2 AND read_time < $3"
                 "    AND ($4::smallint[] IS NULL OR quality = ANY($4::smallint[]))) r"
-                " LEFT JOIN ingest.tags t ON t.tag_id = r.tag_id"
+                f"{_TAG_JOIN}"
                 " ORDER BY r.read_time, r.tag_id",
                 list(tag_ids), start, end, qualities,
             )
@@ -402,14 +452,27 @@ class IngestStore:
         )
 
     async def latest(self, tag_ids: Sequence[int] | None, plc_id: str | None) -> list[asyncpg.Record]:
+        """The newest reading of each tag asked for, with its name and unit; tags their collector reported
+        removed are left out (by id too: a removed tag has no live value, only history)."""
         return await self.pool.fetch(
-            "SELECT l.*, t.plc_id, t.role"
-            " FROM ingest.latest l LEFT JOIN ingest.tags t ON t.tag_id = l.tag_id"
-            " WHERE ($1::bigint[] IS NULL OR l.tag_id = ANY($1::bigint[]))"
+            f"SELECT r.*, {_TAG_SELECT} FROM ingest.latest r{_TAG_JOIN}"
+            " WHERE ($1::bigint[] IS NULL OR r.tag_id = ANY($1::bigint[]))"
             "   AND ($2::text IS NULL OR t.plc_id = $2)"
-            " ORDER BY l.tag_id",
+            "   AND m.removed IS NOT TRUE"
+            " ORDER BY r.tag_id",
             list(tag_ids) if tag_ids else None, plc_id or None,
         )
+
+    async def sync_tags(self, collector_id: str, tags: Sequence[tuple[int, str, str, str, int]]) -> tuple[int, int]:
+        """Make `tags` (tag_id, plc_id, name, unit, role; each tag_id once) the collector's described tags:
+        upsert them (a tag another collector described before becomes this one's), mark the collector's
+        other tags removed. Returns (rows changed, rows newly removed); (0, 0) for the same set again.
+        One statement under the collector's advisory lock, so two syncs of a collector never interleave."""
+        columns = list(zip(*tags)) if tags else [(), (), (), (), ()]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", TAG_SYNC_LOCK_CLASS, collector_id)
+            row = await conn.fetchrow(_SYNC_TAGS, collector_id, *(list(c) for c in columns))
+        return int(row["changed"]), int(row["removed"])
 
     async def events_page(
         self, after: int, tag_ids: Sequence[int] | None, plc_ids: Sequence[str] | None, limit: int

@@ -145,6 +145,8 @@ class Reading(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     PLC_ID_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
+    TAG_NAME_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
     tag_id: _builtins.int
     """Stable numeric id of the tag, assigned by the config service."""
     quality: Global___Quality.ValueType
@@ -159,6 +161,14 @@ class Reading(_message.Message):
     """
     role: Global___TagRole.ValueType
     """The tag's role, copied from its definition, so that ingest can route counter and state readings to events."""
+    tag_name: _builtins.str
+    """Output only: the tag's name in its PLC's definition (e.g. "good_count"), set by ingest on the readings
+    it returns, as the tag's collector last reported it (IngestService.SyncTags); empty for a tag no
+    collector has described. Ignored in a ReadingBatch: collectors leave it empty (no rule here, for the same
+    reason as `plc_id`: the field is not read on input).
+    """
+    unit: _builtins.str
+    """Output only: the tag's engineering unit (e.g. "°C", "kWh"), like `tag_name`; empty when it has none."""
     @_builtins.property
     def read_time(self) -> _timestamp_pb2.Timestamp:
         """When the value was read from the device: 0001-01-01 to 9999-12-31, nanos 0 to 999,999,999 (checked by
@@ -182,10 +192,12 @@ class Reading(_message.Message):
         error: _builtins.str = ...,
         plc_id: _builtins.str = ...,
         role: Global___TagRole.ValueType = ...,
+        tag_name: _builtins.str = ...,
+        unit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "tag_name", b"tag_name", "unit", b"unit", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

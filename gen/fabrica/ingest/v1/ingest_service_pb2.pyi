@@ -506,3 +506,97 @@ class SummarizeReadingsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SummarizeReadingsResponse: _TypeAlias = SummarizeReadingsResponse  # noqa: Y015
+
+@_typing.final
+class TagInfo(_message.Message):
+    """What ingest keeps of one tag for the people reading its values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_ID_FIELD_NUMBER: _builtins.int
+    PLC_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    tag_id: _builtins.int
+    """The tag's id (config service)."""
+    plc_id: _builtins.str
+    """The PLC the tag belongs to."""
+    name: _builtins.str
+    """The tag's name in its PLC's definition."""
+    unit: _builtins.str
+    """Engineering unit; empty when it has none."""
+    role: _reading_pb2.TagRole.ValueType
+    """The tag's role."""
+    def __init__(
+        self,
+        *,
+        tag_id: _builtins.int = ...,
+        plc_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        unit: _builtins.str = ...,
+        role: _reading_pb2.TagRole.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "plc_id", b"plc_id", "role", b"role", "tag_id", b"tag_id", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TagInfo: _TypeAlias = TagInfo  # noqa: Y015
+
+@_typing.final
+class SyncTagsRequest(_message.Message):
+    """Request of SyncTags."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    collector_id: _builtins.str
+    """The collector whose tags these are."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedCompositeFieldContainer[Global___TagInfo]:
+        """Every tag of every PLC the collector is assigned (enabled or not), each tag id once. An empty set
+        marks all of the collector's tags removed.
+        """
+
+    def __init__(
+        self,
+        *,
+        collector_id: _builtins.str = ...,
+        tags: _abc.Iterable[Global___TagInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncTagsRequest: _TypeAlias = SyncTagsRequest  # noqa: Y015
+
+@_typing.final
+class SyncTagsResponse(_message.Message):
+    """Response of SyncTags."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.int
+    """Tags added or changed (name, unit, PLC, role or collector), or back after a removal."""
+    removed: _builtins.int
+    """Tags of the collector newly marked removed."""
+    def __init__(
+        self,
+        *,
+        changed: _builtins.int = ...,
+        removed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncTagsResponse: _TypeAlias = SyncTagsResponse  # noqa: Y015

@@ -70,6 +70,11 @@ class IngestServiceStub:
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SummarizeReadingsRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SummarizeReadingsResponse.FromString,
                 _registered_method=True)
+        self.SyncTags = channel.unary_unary(
+                '/fabrica.ingest.v1.IngestService/SyncTags',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -119,7 +124,8 @@ class IngestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLatestValues(self, request, context):
-        """The latest reading of each tag, by tag ids or by PLC.
+        """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
+        collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +134,16 @@ class IngestServiceServicer:
     def SummarizeReadings(self, request, context):
         """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
         capability against spec limits, and a linear trend. Computed in the database.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncTags(self, request, context):
+        """Replaces what ingest knows of a collector's tags (name, unit, PLC, role) with the collector's current
+        set, sent after each configuration the collector applies. Tags of that collector absent from the set
+        are marked removed: they leave GetLatestValues, their readings stay. Idempotent: the same set again
+        changes nothing. Independent of StreamReadings (readings never wait for it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +186,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.SummarizeReadings,
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SummarizeReadingsRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SummarizeReadingsResponse.SerializeToString,
+            ),
+            'SyncTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncTags,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +383,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/SummarizeReadings',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SummarizeReadingsRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SummarizeReadingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/SyncTags',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsResponse.FromString,
             options,
             channel_credentials,
             insecure,

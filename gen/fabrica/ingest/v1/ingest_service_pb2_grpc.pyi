@@ -54,10 +54,18 @@ class IngestServiceStub:
     AggregateReadings: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.AggregateReadingsRequest, _ingest_service_pb2.AggregateReadingsResponse]
     """Time-bucketed aggregates (count, min, max, avg, first, last) of numeric tags."""
     GetLatestValues: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.GetLatestValuesRequest, _ingest_service_pb2.GetLatestValuesResponse]
-    """The latest reading of each tag, by tag ids or by PLC."""
+    """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
+    collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+    """
     SummarizeReadings: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.SummarizeReadingsRequest, _ingest_service_pb2.SummarizeReadingsResponse]
     """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
     capability against spec limits, and a linear trend. Computed in the database.
+    """
+    SyncTags: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.SyncTagsRequest, _ingest_service_pb2.SyncTagsResponse]
+    """Replaces what ingest knows of a collector's tags (name, unit, PLC, role) with the collector's current
+    set, sent after each configuration the collector applies. Tags of that collector absent from the set
+    are marked removed: they leave GetLatestValues, their readings stay. Idempotent: the same set again
+    changes nothing. Independent of StreamReadings (readings never wait for it).
     """
 
 @_typing.type_check_only
@@ -86,10 +94,18 @@ class IngestServiceAsyncStub(IngestServiceStub):
     AggregateReadings: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.AggregateReadingsRequest, _ingest_service_pb2.AggregateReadingsResponse]  # type: ignore[assignment]
     """Time-bucketed aggregates (count, min, max, avg, first, last) of numeric tags."""
     GetLatestValues: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.GetLatestValuesRequest, _ingest_service_pb2.GetLatestValuesResponse]  # type: ignore[assignment]
-    """The latest reading of each tag, by tag ids or by PLC."""
+    """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
+    collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+    """
     SummarizeReadings: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.SummarizeReadingsRequest, _ingest_service_pb2.SummarizeReadingsResponse]  # type: ignore[assignment]
     """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
     capability against spec limits, and a linear trend. Computed in the database.
+    """
+    SyncTags: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.SyncTagsRequest, _ingest_service_pb2.SyncTagsResponse]  # type: ignore[assignment]
+    """Replaces what ingest knows of a collector's tags (name, unit, PLC, role) with the collector's current
+    set, sent after each configuration the collector applies. Tags of that collector absent from the set
+    are marked removed: they leave GetLatestValues, their readings stay. Idempotent: the same set again
+    changes nothing. Independent of StreamReadings (readings never wait for it).
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -151,7 +167,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_service_pb2.GetLatestValuesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_service_pb2.GetLatestValuesResponse, _abc.Awaitable[_ingest_service_pb2.GetLatestValuesResponse]]:
-        """The latest reading of each tag, by tag ids or by PLC."""
+        """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
+        collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+        """
 
     @_abc_1.abstractmethod
     def SummarizeReadings(
@@ -161,6 +179,18 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_service_pb2.SummarizeReadingsResponse, _abc.Awaitable[_ingest_service_pb2.SummarizeReadingsResponse]]:
         """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
         capability against spec limits, and a linear trend. Computed in the database.
+        """
+
+    @_abc_1.abstractmethod
+    def SyncTags(
+        self,
+        request: _ingest_service_pb2.SyncTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.SyncTagsResponse, _abc.Awaitable[_ingest_service_pb2.SyncTagsResponse]]:
+        """Replaces what ingest knows of a collector's tags (name, unit, PLC, role) with the collector's current
+        set, sent after each configuration the collector applies. Tags of that collector absent from the set
+        are marked removed: they leave GetLatestValues, their readings stay. Idempotent: the same set again
+        changes nothing. Independent of StreamReadings (readings never wait for it).
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
