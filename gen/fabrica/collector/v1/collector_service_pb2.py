@@ -29,7 +29,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,fabrica/collector/v1/collector_service.proto\x12\x14\x66\x61\x62rica.collector.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xdb\x01\n\x10PlcRuntimeStatus\x12\x0e\n\x06plc_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x37\n\x13last_good_read_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65rror_count\x18\x04 \x01(\x03\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12/\n\x0cread_latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttag_count\x18\x07 \x01(\x05\"\xfc\x02\n\x11GetStatusResponse\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x34\n\x04plcs\x18\x03 \x03(\x0b\x32&.fabrica.collector.v1.PlcRuntimeStatus\x12\x18\n\x10\x62\x61\x63klog_readings\x18\x04 \x01(\x03\x12\x15\n\rbacklog_bytes\x18\x05 \x01(\x03\x12\x37\n\x13oldest_backlog_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64ropped_readings\x18\x07 \x01(\x03\x12\x18\n\x10uplink_connected\x18\x08 \x01(\x08\x12I\n\x1a\x64ropped_readings_by_reason\x18\t \x03(\x0b\x32%.fabrica.collector.v1.DroppedReadings\x12\x18\n\x10rejected_batches\x18\n \x01(\x03\"U\n\x0f\x44roppedReadings\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .fabrica.collector.v1.DropReason\x12\x10\n\x08readings\x18\x02 \x01(\x03\">\n\x0fProbePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\"\xae\x01\n\x10ProbePlcResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x32\n\x0f\x63onnect_latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cread_latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_info\x18\x05 \x01(\t\"p\n\x14PreviewDecodeRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12+\n\x03tag\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.TagB\x06\xbaH\x03\xc8\x01\x01\"\xb0\x01\n\x15PreviewDecodeResponse\x12\x11\n\tregisters\x18\x01 \x03(\r\x12\x0c\n\x04\x62its\x18\x02 \x03(\x08\x12\x11\n\traw_bytes\x18\x03 \x01(\x0c\x12\'\n\x05value\x18\x04 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12\r\n\x05\x65rror\x18\x06 \x01(\t*\x85\x01\n\nDropReason\x12\x1b\n\x17\x44ROP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44ROP_REASON_SPOOL_FULL\x10\x01\x12\"\n\x1e\x44ROP_REASON_REJECTED_BY_INGEST\x10\x02\x12\x1a\n\x16\x44ROP_REASON_DISK_ERROR\x10\x03\x32\xb5\x02\n\x10\x43ollectorService\x12\\\n\tGetStatus\x12&.fabrica.collector.v1.GetStatusRequest\x1a\'.fabrica.collector.v1.GetStatusResponse\x12Y\n\x08ProbePlc\x12%.fabrica.collector.v1.ProbePlcRequest\x1a&.fabrica.collector.v1.ProbePlcResponse\x12h\n\rPreviewDecode\x12*.fabrica.collector.v1.PreviewDecodeRequest\x1a+.fabrica.collector.v1.PreviewDecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,fabrica/collector/v1/collector_service.proto\x12\x14\x66\x61\x62rica.collector.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xdb\x01\n\x10PlcRuntimeStatus\x12\x0e\n\x06plc_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x37\n\x13last_good_read_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65rror_count\x18\x04 \x01(\x03\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12/\n\x0cread_latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttag_count\x18\x07 \x01(\x05\"\x9b\x03\n\x11GetStatusResponse\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x34\n\x04plcs\x18\x03 \x03(\x0b\x32&.fabrica.collector.v1.PlcRuntimeStatus\x12\x18\n\x10\x62\x61\x63klog_readings\x18\x04 \x01(\x03\x12\x15\n\rbacklog_bytes\x18\x05 \x01(\x03\x12\x37\n\x13oldest_backlog_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64ropped_readings\x18\x07 \x01(\x03\x12\x18\n\x10uplink_connected\x18\x08 \x01(\x08\x12I\n\x1a\x64ropped_readings_by_reason\x18\t \x03(\x0b\x32%.fabrica.collector.v1.DroppedReadings\x12\x18\n\x10rejected_batches\x18\n \x01(\x03\x12\x1d\n\x15suspicious_duplicates\x18\x0b \x01(\x03\"U\n\x0f\x44roppedReadings\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .fabrica.collector.v1.DropReason\x12\x10\n\x08readings\x18\x02 \x01(\x03\">\n\x0fProbePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\"\xae\x01\n\x10ProbePlcResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x32\n\x0f\x63onnect_latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cread_latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_info\x18\x05 \x01(\t\"p\n\x14PreviewDecodeRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12+\n\x03tag\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.TagB\x06\xbaH\x03\xc8\x01\x01\"\xb0\x01\n\x15PreviewDecodeResponse\x12\x11\n\tregisters\x18\x01 \x03(\r\x12\x0c\n\x04\x62its\x18\x02 \x03(\x08\x12\x11\n\traw_bytes\x18\x03 \x01(\x0c\x12\'\n\x05value\x18\x04 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12\r\n\x05\x65rror\x18\x06 \x01(\t*\x85\x01\n\nDropReason\x12\x1b\n\x17\x44ROP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44ROP_REASON_SPOOL_FULL\x10\x01\x12\"\n\x1e\x44ROP_REASON_REJECTED_BY_INGEST\x10\x02\x12\x1a\n\x16\x44ROP_REASON_DISK_ERROR\x10\x03\x32\xb5\x02\n\x10\x43ollectorService\x12\\\n\tGetStatus\x12&.fabrica.collector.v1.GetStatusRequest\x1a\'.fabrica.collector.v1.GetStatusResponse\x12Y\n\x08ProbePlc\x12%.fabrica.collector.v1.ProbePlcRequest\x1a&.fabrica.collector.v1.ProbePlcResponse\x12h\n\rPreviewDecode\x12*.fabrica.collector.v1.PreviewDecodeRequest\x1a+.fabrica.collector.v1.PreviewDecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,24 +42,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREVIEWDECODEREQUEST'].fields_by_name['plc']._serialized_options = b'\272H\003\310\001\001'
   _globals['_PREVIEWDECODEREQUEST'].fields_by_name['tag']._loaded_options = None
   _globals['_PREVIEWDECODEREQUEST'].fields_by_name['tag']._serialized_options = b'\272H\003\310\001\001'
-  _globals['_DROPREASON']._serialized_start=1473
-  _globals['_DROPREASON']._serialized_end=1606
+  _globals['_DROPREASON']._serialized_start=1504
+  _globals['_DROPREASON']._serialized_end=1637
   _globals['_GETSTATUSREQUEST']._serialized_start=226
   _globals['_GETSTATUSREQUEST']._serialized_end=244
   _globals['_PLCRUNTIMESTATUS']._serialized_start=247
   _globals['_PLCRUNTIMESTATUS']._serialized_end=466
   _globals['_GETSTATUSRESPONSE']._serialized_start=469
-  _globals['_GETSTATUSRESPONSE']._serialized_end=849
-  _globals['_DROPPEDREADINGS']._serialized_start=851
-  _globals['_DROPPEDREADINGS']._serialized_end=936
-  _globals['_PROBEPLCREQUEST']._serialized_start=938
-  _globals['_PROBEPLCREQUEST']._serialized_end=1000
-  _globals['_PROBEPLCRESPONSE']._serialized_start=1003
-  _globals['_PROBEPLCRESPONSE']._serialized_end=1177
-  _globals['_PREVIEWDECODEREQUEST']._serialized_start=1179
-  _globals['_PREVIEWDECODEREQUEST']._serialized_end=1291
-  _globals['_PREVIEWDECODERESPONSE']._serialized_start=1294
-  _globals['_PREVIEWDECODERESPONSE']._serialized_end=1470
-  _globals['_COLLECTORSERVICE']._serialized_start=1609
-  _globals['_COLLECTORSERVICE']._serialized_end=1918
+  _globals['_GETSTATUSRESPONSE']._serialized_end=880
+  _globals['_DROPPEDREADINGS']._serialized_start=882
+  _globals['_DROPPEDREADINGS']._serialized_end=967
+  _globals['_PROBEPLCREQUEST']._serialized_start=969
+  _globals['_PROBEPLCREQUEST']._serialized_end=1031
+  _globals['_PROBEPLCRESPONSE']._serialized_start=1034
+  _globals['_PROBEPLCRESPONSE']._serialized_end=1208
+  _globals['_PREVIEWDECODEREQUEST']._serialized_start=1210
+  _globals['_PREVIEWDECODEREQUEST']._serialized_end=1322
+  _globals['_PREVIEWDECODERESPONSE']._serialized_start=1325
+  _globals['_PREVIEWDECODERESPONSE']._serialized_end=1501
+  _globals['_COLLECTORSERVICE']._serialized_start=1640
+  _globals['_COLLECTORSERVICE']._serialized_end=1949
 # @@protoc_insertion_point(module_scope)
