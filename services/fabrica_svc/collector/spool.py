@@ -102,7 +102,7 @@ DROP_STATE_KEYS: dict[int, str] = {
     DROP_REASON_DISK_ERROR: "disk_error_readings",
 }
 _STATE_KEYS = ("acked", "high_water", "rejected_batches", *DROP_STATE_KEYS.values(), "epoch", "wire_epoch",
-               "wire_shift", "suspicious_duplicates")
+               "wire_shift", "new_log", "suspicious_duplicates")
 
 
 def _crc(header_tail: bytes, payload: bytes) -> int:
@@ -172,6 +172,9 @@ class Spool:
         self.epoch = 0
         self.wire_epoch = 0
         self.wire_shift = 0
+        #: 1 for a log created empty (no state, no segments) until its first numbering is decided: nothing ingest
+        #: has committed for this collector can be one of its batches (an earlier incarnation's, if any).
+        self.new_log = 0
         #: Batches ingest acknowledged as duplicates the first time they were sent (counted by the uplink).
         self.suspicious_duplicates = 0
         self._state_lock = asyncio.Lock()
@@ -247,6 +250,7 @@ class Spool:
         self.epoch = state.get("epoch", 0)
         self.wire_epoch = state.get("wire_epoch", 0)
         self.wire_shift = state.get("wire_shift", 0)
+        self.new_log = state.get("new_log", 0)
         self.suspicious_duplicates = state.get("suspicious_duplicates", 0)
         self.dropped = {reason: state.get(key, 0) for reason, key in DROP_STATE_KEYS.items()}
         paths = sorted(p for p in self.directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit())
@@ -262,6 +266,8 @@ class Spool:
             last_seq = seg.last_seq
             self._segments.append(seg)
             self._disk_bytes += seg.size
+        if not state and not self._segments:
+            self.new_log = 1
         self.high_water = max(self.high_water, last_seq, self.acked)
         self.acked = min(self.acked, self.high_water)
         self._unacked_readings = sum(seg.readings_after(self.acked) for seg in self._segments)
@@ -579,7 +585,7 @@ class Spool:
     def _state(self) -> dict[str, int]:
         state = {"acked": self.acked, "high_water": self.high_water, "rejected_batches": self.rejected_batches}
         state.update((key, self.dropped[reason]) for reason, key in DROP_STATE_KEYS.items())
-        state.update(epoch=self.epoch, wire_epoch=self.wire_epoch, wire_shift=self.wire_shift,
+        state.update(epoch=self.epoch, wire_epoch=self.wire_epoch, wire_shift=self.wire_shift, new_log=self.new_log,
                      suspicious_duplicates=self.suspicious_duplicates)
         return state
 

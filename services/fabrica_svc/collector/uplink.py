@@ -107,8 +107,13 @@ class SpoolSource(BatchSource):
             # Ingest has sequences this log never used: the local state was lost. Renumber what is
             # pending above them, or ingest would take it for duplicates.
             spool.renumber_above(local)
+            spool.new_log = 0
             return
-        spool.ack(local)
+        if spool.new_log:
+            # A new log: what ingest has is an earlier incarnation's, none of it is ours.
+            spool.new_log = 0
+        else:
+            spool.ack(local)
         nxt = spool.first_after(spool.acked)
         target = nxt if nxt is not None else spool.high_water + 1
         shift = target - (committed + 1)
