@@ -9,7 +9,10 @@ this rule existed. Real ingest, real Postgres, real gRPC."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import shutil
+import sys
 from datetime import UTC
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica_svc.collector.spool import Spool
 from fabrica_svc.collector.uplink import Uplink
 
-from .support import T0_US, batch, batch_request, fetch, fetchval, numbered_batches, reading, stream_batches, wait_for
+from .support import REPO, T0_US, batch, batch_request, fetch, fetchval, numbered_batches, reading, stream_batches, wait_for
 
 COLLECTOR = "demo"
 COMMITTED = "SELECT committed_sequence FROM ingest.collector_sequences WHERE collector_id = $1"
@@ -54,8 +57,9 @@ async def open_stream(stub, collector_id: str = COLLECTOR, epoch: int = 0, new_e
 async def refused(call) -> grpc.aio.AioRpcError:  # noqa: ANN001
     """Read the stream to its end; the error that ended it."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        while await call.read() is not grpc.aio.EOF:
-            pass
+        async with asyncio.timeout(20):  # a bound, not the assertion: an accepted batch would leave it open
+            while await call.read() is not grpc.aio.EOF:
+                pass
     return err.value
 
 
@@ -69,11 +73,14 @@ def precondition_types(err: grpc.aio.AioRpcError) -> list[str]:
     return out
 
 
-async def forge(ingest, sequence: int) -> grpc.aio.AioRpcError:  # noqa: ANN001
+async def forge(ingest, sequence: int | None = None, *, ahead: int = 0) -> grpc.aio.AioRpcError:  # noqa: ANN001
     """A forger's stream for the collector, with the collector's own epoch (the worst case: a forger with
-    epoch 0 is fenced at open once the collector has one): one batch at `sequence`, which must be refused."""
+    epoch 0 is fenced at open once the collector has one): one batch at `sequence` (or `ahead` above the
+    committed sequence it resumes at), which must be refused."""
     epoch = await fetchval(ingest.database_url, EPOCH, COLLECTOR) or 0
     call, resume = await open_stream(ingest.stub, epoch=epoch)
+    if sequence is None:
+        sequence = min(resume.committed_sequence + ahead, 2**63 - 1)
     await call.write(batch_request(forged(sequence)))
     err = await refused(call)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
@@ -181,8 +188,7 @@ async def test_a_forger_far_ahead_is_refused_while_every_reading_of_the_real_col
         for ahead in (1_000, 10**12, 2**63 - 1, 50, 2):  # interleaved with the collector's own batches
             real.append(7)
             await wait_for(lambda: real.spool.acked > 0, what="the collector storing")
-            committed = await fetchval(ingest.database_url, COMMITTED, COLLECTOR)
-            await forge(ingest, min(committed + ahead + 5, 2**63 - 1))
+            await forge(ingest, ahead=ahead)
             refusals += 1
         real.append(7)
         await real.drained()
@@ -452,3 +458,21 @@ async def test_streams_interleaved_with_refusals_end_without_holding_anything(in
     resume, acks = await stream_batches(ingest.stub, COLLECTOR, numbered_batches(COLLECTOR, 2, BATCH))
     assert resume == 0 and [a.written for a in acks] == [BATCH, BATCH]
     assert ingest.app.writer.queued_rows == 0
+
+
+async def test_the_readme_grpcurl_example_of_the_reset_works_as_written(ingest) -> None:
+    await stream_batches(ingest.stub, COLLECTOR, numbered_batches(COLLECTOR, 3, BATCH))
+    readme = (REPO / "README.md").read_text()
+    command = readme[readme.index("$G -plaintext -d '{\"collector_id\": \"demo\""):]
+    command = command[:command.index("ResetCollectorSequence") + len("ResetCollectorSequence")]
+    body = command[command.index("-d '") + 4:command.index("' \\")]
+    method = command.split()[-1]
+    assert "127.0.0.1:50052" in command  # the stack's ingest; here the test's
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or "grpcurl", "-plaintext", "-d", body, ingest.address, method,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    answer = json.loads(out)  # zero fields (the epochs, the new sequence) are left out
+    assert answer == {"collector_id": COLLECTOR, "previous_committed_sequence": "3"}
+    assert await fetchval(ingest.database_url, COMMITTED, COLLECTOR) == 0
