@@ -102,7 +102,7 @@ async def test_a_batch_ahead_of_the_next_sequence_is_refused_with_the_expected_o
     sequence = ahead if ahead == 2**63 - 1 else 3 + ahead
     err = await forge(ingest, sequence)
     assert error_info(err).metadata["expected_sequence"] == "4"
-    assert f"the next batch must be 4" in err.details()
+    assert "the next batch must be 4" in err.details()
     assert await fetchval(ingest.database_url, FORGED) == 0
     assert await fetchval(ingest.database_url, COMMITTED, COLLECTOR) == 3
     # the collector's next batch is still the one stored
