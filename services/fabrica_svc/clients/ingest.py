@@ -189,7 +189,8 @@ class IngestUplink:
                 await self._stream()
                 return self.stats
             except _Reopen as exc:
-                if not reopened:  # at once, but never twice in a row without a pause
+                # At once, but never twice in a row without a pause (unless the stream between got acks).
+                if not reopened or self.stats.acked_sequence > progress_before:
                     reopened = True
                     continue
                 failure = exc
