@@ -251,3 +251,45 @@ async def test_a_collector_whose_local_state_was_lost_renumbers_above_what_inges
     finally:
         await collector.stop(grace=0)
         await ingest.stop(grace=0)
+
+
+async def test_a_duplicate_ack_for_a_batch_sent_for_the_first_time_shows_in_status_and_metrics(
+    database_url: str, tmp_path: Path
+) -> None:
+    from fabrica.ingest.v1 import ingest_service_pb2 as ipb
+    from fabrica.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
+
+    ingest = await start_ingest(database_url)
+    collector = await start_collector(collector_settings(tmp_path, "cell-dup", FABRICA_INGEST_ADDR=ingest.address))
+    try:
+        app = app_of(collector)
+        await wait_for(lambda: app.uplink.connected, timeout=20, what="the uplink's stream open")
+
+        def one(seq: int, tag: int) -> reading_pb2.ReadingBatch:
+            return reading_pb2.ReadingBatch(collector_id="cell-dup", sequence=seq, readings=[reading_pb2.Reading(
+                tag_id=tag, plc_id="p", quality=GOOD, read_time=timestamp_pb2.Timestamp(seconds=1_700_000_000),
+                value=reading_pb2.Value(int_value=1))])
+
+        # Another writer with the collector's id (and epoch) takes sequence 1 first.
+        async with grpc.aio.insecure_channel(ingest.address) as channel:
+            call = ipb_grpc.IngestServiceStub(channel).StreamReadings()
+            await call.write(ipb.StreamReadingsRequest(open=ipb.StreamOpen(collector_id="cell-dup",
+                                                                           epoch=app.spool.epoch)))
+            assert (await call.read()).resume.committed_sequence == 0
+            await call.write(ipb.StreamReadingsRequest(batch=one(1, 77)))
+            assert (await call.read()).ack.written == 1
+            await call.done_writing()
+        sequence = app.spool.next_sequence()
+        app.spool.append(sequence, one(sequence, 78).SerializeToString(), 1, 0)
+        await wait_for(lambda: app.spool.acked == sequence, timeout=20, what="the collector's batch acknowledged")
+
+        async with grpc.aio.insecure_channel(collector.address) as channel:
+            status = await cpb_grpc.CollectorServiceStub(channel).GetStatus(cpb.GetStatusRequest())
+        assert status.suspicious_duplicates == 1
+        exported = {(s.name, s.labels.get("collector_id")): s.value
+                    for family in text_string_to_metric_families(prometheus_client.generate_latest().decode())
+                    for s in family.samples}
+        assert exported["fabrica_collector_suspicious_duplicates_total", "cell-dup"] == 1
+    finally:
+        await collector.stop(grace=0)
+        await ingest.stop(grace=0)

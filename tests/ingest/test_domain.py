@@ -99,22 +99,39 @@ def test_sequence_beyond_bigint_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    ("committed", "batches", "duplicates", "advanced"),
+    ("committed", "batches", "outcomes", "advanced"),
     [
-        ({}, [("a", 1, 5)], [False], {"a": 1}),
-        ({"a": 3}, [("a", 2, 5), ("a", 3, 5), ("a", 4, 5)], [True, True, False], {"a": 4}),
+        ({}, [("a", 1, 5, 0)], ["written"], {"a": 1}),
+        ({"a": (3, 0)}, [("a", 2, 5, 0), ("a", 3, 5, 0), ("a", 4, 5, 0)], ["duplicate", "duplicate", "written"],
+         {"a": 4}),
         # the same batch twice in one group (two streams of one collector): written once
-        ({"a": 0}, [("a", 1, 5), ("a", 1, 5), ("a", 2, 5), ("a", 2, 5)], [False, True, False, True], {"a": 2}),
-        # a gap is allowed (sequences strictly increase, they need not be dense)
-        ({"a": 1}, [("a", 5, 5)], [False], {"a": 5}),
-        ({"a": 9, "b": 0}, [("b", 1, 5), ("a", 9, 5)], [False, True], {"b": 1}),
+        ({"a": (0, 0)}, [("a", 1, 5, 0), ("a", 1, 5, 0), ("a", 2, 5, 0), ("a", 2, 5, 0)],
+         ["written", "duplicate", "written", "duplicate"], {"a": 2}),
+        # a gap is refused (the next batch must be committed + 1), and so is everything after it
+        ({"a": (1, 0)}, [("a", 5, 5, 0)], ["SEQUENCE_GAP 2"], {}),
+        ({"a": (1, 0)}, [("a", 2, 5, 0), ("a", 9, 5, 0), ("a", 10, 5, 0)],
+         ["written", "SEQUENCE_GAP 3", "SEQUENCE_GAP 3"], {"a": 2}),
+        ({}, [("a", 2**63 - 1, 5, 0)], ["SEQUENCE_GAP 1"], {}),
+        ({"a": (9, 0), "b": (0, 0)}, [("b", 1, 5, 0), ("a", 9, 5, 0)], ["written", "duplicate"], {"b": 1}),
+        # an epoch below the stored one is fenced, even for a duplicate; a higher one is not
+        ({"a": (4, 2)}, [("a", 5, 5, 1), ("a", 3, 5, 1), ("a", 5, 5, 2), ("a", 6, 5, 3)],
+         ["EPOCH_FENCED", "EPOCH_FENCED", "written", "written"], {"a": 6}),
     ],
 )
-def test_plan_group(committed: dict[str, int], batches: list[tuple[str, int, int]], duplicates: list[bool],
-                    advanced: dict[str, int]) -> None:
+def test_plan_group(committed: dict[str, tuple[int, int]], batches: list[tuple[str, int, int, int]],
+                    outcomes: list[str], advanced: dict[str, int]) -> None:
     plan = domain.plan_group(committed, batches)
-    assert [o.duplicate for o in plan.outcomes] == duplicates
-    assert [o.written for o in plan.outcomes] == [0 if d else size for d, (_, _, size) in zip(duplicates, batches)]
+
+    def outcome(o: domain.BatchOutcome) -> str:
+        if o.refused is not None:
+            expected = o.refused.metadata.get("expected_sequence")
+            return o.refused.reason + (f" {expected}" if expected else "")
+        return "duplicate" if o.duplicate else "written"
+
+    assert [outcome(o) for o in plan.outcomes] == outcomes
+    assert [o.written for o in plan.outcomes] == [size if w == "written" else 0
+                                                  for w, (_, _, size, _) in zip(outcomes, batches)]
+    assert plan.written == [i for i, w in enumerate(outcomes) if w == "written"]
     assert plan.advanced == advanced
 
 

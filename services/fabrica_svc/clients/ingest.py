@@ -9,8 +9,18 @@ come in order, and tells the source what is acknowledged (so a store-and-forward
 On a retryable error (UNAVAILABLE and the like: ingest restarting, Postgres away) it reconnects and
 resends everything after the new resume point; ingest stores each batch once whatever is resent.
 INVALID_ARGUMENT and other permanent errors become :class:`UplinkRejected` (resending the same batch cannot
-help), with ingest's error details decoded. Without an ``on_failure`` handler, that and an error of the
-source end ``run()``; with one (the collector's), the handler decides and the same loop goes on.
+help), with ingest's error details decoded; so do FAILED_PRECONDITION refusals of the sequence rule
+(SEQUENCE_GAP, with ingest's ``expected_sequence``) and of a fenced epoch (EPOCH_FENCED). Without an
+``on_failure`` handler, that and an error of the source end ``run()``; with one (the collector's), the
+handler decides and the same loop goes on.
+
+Sequences and epochs. Ingest stores a batch only if it is exactly one above the collector's committed
+sequence, so a source numbers what it sends without gaps (a store-and-forward log that lost batches
+renumbers the rest). The source also says which epoch to open each stream with (:meth:`BatchSource.
+stream_epoch`), learns where ingest stands before it sends (:meth:`BatchSource.resumed`, which may ask for
+the stream to be opened again, e.g. with a new epoch before it renumbers), may end a stream to have it
+reopened at once (:class:`ReopenStream`), and hears of every batch acknowledged as a duplicate
+(:meth:`BatchSource.duplicate`).
 
 Example::
 
@@ -52,20 +62,36 @@ RETRYABLE: frozenset[grpc.StatusCode] = frozenset({
 
 
 class BatchSource(Protocol):
-    """Where the uplink's batches come from. Sequences start at 1 and strictly increase."""
+    """Where the uplink's batches come from. Sequences start at 1 and strictly increase; ingest stores a batch
+    only when it is exactly one above the committed sequence. Subclass it to inherit the defaults of the
+    optional methods (no epoch, nothing to do on resume or on a duplicate)."""
 
     def batches_after(self, sequence: int) -> AsyncIterator[reading_pb2.ReadingBatch]:
         """The batches with a sequence above `sequence`, in order. Called again after every reconnect.
         It may wait for new batches (a live collector) or end (a finite source: the uplink then finishes
-        once everything is acknowledged)."""
+        once everything is acknowledged), or raise :class:`ReopenStream`."""
         ...
 
     async def acknowledged(self, sequence: int) -> None:
         """Everything up to `sequence` is committed in ingest and may be forgotten."""
         ...
 
+    def stream_epoch(self) -> tuple[int, bool]:
+        """(epoch, new_epoch) of the next stream's open (StreamOpen): by default no epoch."""
+        return 0, False
 
-class ListBatchSource:
+    async def resumed(self, committed: int, epoch: int) -> bool:
+        """Ingest answered open: its committed sequence and the stream's epoch, before anything is sent.
+        False closes the stream and opens the next one at once (with what :meth:`stream_epoch` says then)."""
+        return True
+
+    async def duplicate(self, sequence: int, readings: int) -> None:
+        """Ingest acknowledged batch `sequence` (of `readings` readings) as a duplicate, not storing it; called
+        before :meth:`acknowledged`."""
+        return None
+
+
+class ListBatchSource(BatchSource):
     """A finite source over batches held in memory (tests, benchmarks, replaying a file)."""
 
     def __init__(self, batches: Iterable[reading_pb2.ReadingBatch]):
@@ -79,6 +105,11 @@ class ListBatchSource:
 
     async def acknowledged(self, sequence: int) -> None:
         self.acked = max(self.acked, sequence)
+
+
+class ReopenStream(Exception):
+    """Raised by a source's `batches_after`: end this stream once what was sent is acknowledged, then open
+    the next one at once (e.g. the source must renumber under a new epoch)."""
 
 
 class UplinkRejected(Exception):
@@ -102,6 +133,10 @@ FailureHandler = Callable[[Exception], Awaitable[bool]]
 
 class _Retry(Exception):
     """The stream ended before everything was acknowledged, without an error status."""
+
+
+class _Reopen(Exception):
+    """The source asked for a new stream (ReopenStream, or False from `resumed`)."""
 
 
 @dataclass
@@ -147,11 +182,18 @@ class IngestUplink:
         attempt got something acknowledged. A permanent error (:class:`UplinkRejected`) or an error of the
         source goes to `on_failure` when there is one, else ends the run."""
         backoff = self.retry.backoff()
+        reopened = False
         while True:
             progress_before = self.stats.acked_sequence
             try:
                 await self._stream()
                 return self.stats
+            except _Reopen as exc:
+                # At once, but never twice in a row without a pause (unless the stream between got acks).
+                if not reopened or self.stats.acked_sequence > progress_before:
+                    reopened = True
+                    continue
+                failure = exc
             except grpc.aio.AioRpcError as exc:
                 self._note_error(exc.code())
                 failure: Exception = exc if exc.code() in self.retryable else UplinkRejected(exc, self._first_unacked)
@@ -160,9 +202,10 @@ class IngestUplink:
                 failure = exc
             except Exception as exc:  # the source's (a spool's disk, a bug): the handler decides
                 failure = exc
+            reopened = False
             if self.stats.acked_sequence > progress_before:
                 backoff.reset()
-            if not isinstance(failure, (grpc.aio.AioRpcError, _Retry)):
+            if not isinstance(failure, (grpc.aio.AioRpcError, _Retry, _Reopen)):
                 if self.on_failure is None:
                     if isinstance(failure, UplinkRejected):
                         raise failure from failure.error
@@ -186,34 +229,43 @@ class IngestUplink:
         in_flight: deque[tuple[int, int]] = deque()  # (sequence, readings)
         window = asyncio.Semaphore(self.max_in_flight)
         sent_all = asyncio.Event()
+        reopen = asyncio.Event()
         sender: asyncio.Task[None] | None = None
         try:
+            epoch, new_epoch = self.source.stream_epoch()
+            opening = pb.StreamOpen(collector_id=self.collector_id, epoch=epoch, new_epoch=new_epoch)
             with contextlib.suppress(asyncio.InvalidStateError):  # the call already ended: read() says why
-                await call.write(pb.StreamReadingsRequest(open=pb.StreamOpen(collector_id=self.collector_id)))
+                await call.write(pb.StreamReadingsRequest(open=opening))
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "resume":
                 raise _Retry("stream ended before resume")
             resumed = first.resume.committed_sequence
+            if not await self.source.resumed(resumed, first.resume.epoch):
+                raise _Reopen("the source asked for a new stream on resume")
             await self._confirm(resumed)
 
             async def send() -> None:
                 last = resumed
                 try:
-                    async for batch in self.source.batches_after(resumed):
-                        if batch.sequence <= last:
-                            raise ValueError(f"source gave sequence {batch.sequence} after {last}")
-                        last = batch.sequence
-                        await window.acquire()
-                        in_flight.append((batch.sequence, len(batch.readings)))
-                        self._first_unacked = in_flight[0][0]
-                        await call.write(pb.StreamReadingsRequest(batch=batch))
+                    try:
+                        async for batch in self.source.batches_after(resumed):
+                            if batch.sequence <= last:
+                                raise ValueError(f"source gave sequence {batch.sequence} after {last}")
+                            last = batch.sequence
+                            await window.acquire()
+                            in_flight.append((batch.sequence, len(batch.readings)))
+                            self._first_unacked = in_flight[0][0]
+                            await call.write(pb.StreamReadingsRequest(batch=batch))
+                    except ReopenStream:
+                        reopen.set()  # end this stream after its acks; run() opens the next at once
                     await call.done_writing()
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     return  # the call ended under the write; the reader gets its status
                 except BaseException:
                     call.cancel()  # wake the reader; the source's error is raised from run()
                     raise
-                sent_all.set()
+                if not reopen.is_set():
+                    sent_all.set()
 
             sender = asyncio.create_task(send())
             while True:
@@ -234,17 +286,20 @@ class IngestUplink:
                 ack = response.ack
                 if not in_flight or ack.sequence != in_flight[0][0]:
                     raise _Retry(f"ack {ack.sequence} out of order (expected {in_flight[0][0] if in_flight else None})")
-                in_flight.popleft()
+                _, readings = in_flight.popleft()
                 window.release()
                 self._first_unacked = in_flight[0][0] if in_flight else None
                 if ack.duplicate:
                     self.stats.batches_duplicate += 1
+                    await self.source.duplicate(ack.sequence, readings)
                 else:
                     self.stats.batches_written += 1
                     self.stats.readings_written += ack.written
                 await self._confirm(ack.sequence)
             if sender.done() and sender.exception() is not None:
                 raise sender.exception()  # type: ignore[misc]
+            if reopen.is_set() and not in_flight:
+                raise _Reopen("the source asked for a new stream")
             if not (sent_all.is_set() and not in_flight):
                 # A clean end without everything acknowledged: the status says why if there was one.
                 code = await call.code()

@@ -32,11 +32,13 @@ class SpoolFigures:
     #: Readings dropped since the log was created, by DropReason.
     dropped: Mapping[int, int]
     rejected_batches: int
+    #: Batches ingest acknowledged as duplicates the first time they were sent (another writer).
+    suspicious_duplicates: int = 0
 
     @classmethod
     def of(cls, spool: Spool) -> SpoolFigures:
         return cls(spool.backlog_readings, spool.disk_bytes, age_of(spool.oldest_unacked_ns()), dict(spool.dropped),
-                   spool.rejected_batches)
+                   spool.rejected_batches, spool.suspicious_duplicates)
 
 
 class SpoolView(Protocol):
@@ -111,6 +113,10 @@ def _setup() -> dict[str, object]:
         meter.create_observable_counter(
             "fabrica_collector_rejected_batches", callbacks=[_observe(_one("rejected_batches"))],
             description="Batches ingest rejected for good and the collector set aside, since the log was created")
+        meter.create_observable_counter(
+            "fabrica_collector_suspicious_duplicates", callbacks=[_observe(_one("suspicious_duplicates"))],
+            description="Batches ingest acknowledged as duplicates the first time the collector sent them (another "
+            "writer uses its collector id; their readings were most likely not stored), since the log was created")
         return _instruments
 
 

@@ -65,6 +65,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
             dropped_readings_by_reason=[pb.DroppedReadings(reason=reason, readings=count)  # type: ignore[arg-type]
                                         for reason, count in sorted(spool.dropped.items())],
             rejected_batches=spool.rejected_batches,
+            suspicious_duplicates=spool.suspicious_duplicates,
         )
         oldest = spool.oldest_unacked_ns()
         if oldest:

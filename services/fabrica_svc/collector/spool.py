@@ -4,7 +4,8 @@ Layout, under the collector's state folder::
 
     spool/00000000000000000001.seg   segments, named after their first sequence
     spool/state.json                 {"acked": A, "high_water": H, "dropped": D, "rejected_readings": R,
-                                      "rejected_batches": B, "disk_error_readings": E}
+                                      "rejected_batches": B, "disk_error_readings": E, "epoch": P,
+                                      "wire_epoch": W, "wire_shift": S, "suspicious_duplicates": U}
 
 A segment is a run of records, one per ReadingBatch (which carries its own sequence)::
 
@@ -47,6 +48,15 @@ the size limit (above), a batch ingest rejects for good (`reject`, called by the
 disk refused (the readings never got in). A torn record cut off on start (the process or the machine died
 during its write()) was never durable, so never sent nor acknowledged; its count cannot be trusted, and
 it is logged, not counted.
+
+Wire numbering. Ingest stores a batch only when its sequence is exactly one above the collector's committed
+one, but the log's own sequences have holes where batches left it unsent (the size limit, a rejection). So
+the uplink sends record `s` as sequence ``s - wire_shift``, and changes `wire_shift` (to close a hole) only
+in a new epoch of the collector, which fences every stream of the old numbering in ingest
+(collector/uplink.py). `epoch` is the collector's epoch (0: none yet; ingest gives one), `wire_epoch` the
+epoch in which the current `wire_shift` was decided (batches are sent under it only once that is persisted:
+:meth:`Spool.save_state`). A new log (its state lost) has no epoch, so it gets a new one: its old incarnation
+is fenced.
 """
 
 from __future__ import annotations
@@ -91,7 +101,8 @@ DROP_STATE_KEYS: dict[int, str] = {
     DROP_REASON_REJECTED_BY_INGEST: "rejected_readings",
     DROP_REASON_DISK_ERROR: "disk_error_readings",
 }
-_STATE_KEYS = ("acked", "high_water", "rejected_batches", *DROP_STATE_KEYS.values())
+_STATE_KEYS = ("acked", "high_water", "rejected_batches", *DROP_STATE_KEYS.values(), "epoch", "wire_epoch",
+               "wire_shift", "new_log", "suspicious_duplicates")
 
 
 def _crc(header_tail: bytes, payload: bytes) -> int:
@@ -156,6 +167,17 @@ class Spool:
         self.dropped: dict[int, int] = dict.fromkeys(DROP_STATE_KEYS, 0)
         #: Batches ingest rejected for good (see `reject`).
         self.rejected_batches = 0
+        #: The collector's epoch in ingest (0: none yet), the epoch in which `wire_shift` was decided, and the
+        #: shift itself: record `s` goes on the wire as sequence ``s - wire_shift`` (see the module's docstring).
+        self.epoch = 0
+        self.wire_epoch = 0
+        self.wire_shift = 0
+        #: 1 for a log created empty (no state, no segments) until its first numbering is decided: nothing ingest
+        #: has committed for this collector can be one of its batches (an earlier incarnation's, if any).
+        self.new_log = 0
+        #: Batches ingest acknowledged as duplicates the first time they were sent (counted by the uplink).
+        self.suspicious_duplicates = 0
+        self._state_lock = asyncio.Lock()
         self._durable = 0
         self._segments: list[_Segment] = []
         self._active: _Segment | None = None
@@ -196,13 +218,22 @@ class Spool:
         """Readings dropped for any reason (the sum of `dropped`)."""
         return sum(self.dropped.values())
 
+    def _first_after(self, sequence: int) -> tuple[_Segment, int] | None:
+        for seg in self._segments:
+            i = bisect.bisect_right(seg.seqs, sequence)
+            if i < len(seg.seqs):
+                return seg, i
+        return None
+
     def oldest_unacked_ns(self) -> int | None:
         """Read time (ns since the epoch) of the oldest unacknowledged reading, or None."""
-        for seg in self._segments:
-            i = bisect.bisect_right(seg.seqs, self.acked)
-            if i < len(seg.seqs):
-                return seg.oldest[i]
-        return None
+        found = self._first_after(self.acked)
+        return found[0].oldest[found[1]] if found else None
+
+    def first_after(self, sequence: int) -> int | None:
+        """The sequence of the first record in the log above `sequence`, durable or not, or None."""
+        found = self._first_after(sequence)
+        return found[0].seqs[found[1]] if found else None
 
     def next_sequence(self) -> int:
         return self.high_water + 1
@@ -216,6 +247,11 @@ class Spool:
         self.acked = state.get("acked", 0)
         self.high_water = state.get("high_water", 0)
         self.rejected_batches = state.get("rejected_batches", 0)
+        self.epoch = state.get("epoch", 0)
+        self.wire_epoch = state.get("wire_epoch", 0)
+        self.wire_shift = state.get("wire_shift", 0)
+        self.new_log = state.get("new_log", 0)
+        self.suspicious_duplicates = state.get("suspicious_duplicates", 0)
         self.dropped = {reason: state.get(key, 0) for reason, key in DROP_STATE_KEYS.items()}
         paths = sorted(p for p in self.directory.iterdir() if p.suffix == SEGMENT_SUFFIX and p.stem.isdigit())
         records = torn = 0
@@ -230,6 +266,8 @@ class Spool:
             last_seq = seg.last_seq
             self._segments.append(seg)
             self._disk_bytes += seg.size
+        if not state and not self._segments:
+            self.new_log = 1
         self.high_water = max(self.high_water, last_seq, self.acked)
         self.acked = min(self.acked, self.high_water)
         self._unacked_readings = sum(seg.readings_after(self.acked) for seg in self._segments)
@@ -547,23 +585,31 @@ class Spool:
     def _state(self) -> dict[str, int]:
         state = {"acked": self.acked, "high_water": self.high_water, "rejected_batches": self.rejected_batches}
         state.update((key, self.dropped[reason]) for reason, key in DROP_STATE_KEYS.items())
+        state.update(epoch=self.epoch, wire_epoch=self.wire_epoch, wire_shift=self.wire_shift, new_log=self.new_log,
+                     suspicious_duplicates=self.suspicious_duplicates)
         return state
 
     def _write_state_file(self, data: bytes) -> None:
         atomic_write(self.directory / STATE_FILE, data)
 
     async def _maybe_write_state(self) -> None:
-        current = self._state()
-        if current == self._persisted or time.monotonic() - self._state_time < STATE_INTERVAL:
+        if self._state() == self._persisted or time.monotonic() - self._state_time < STATE_INTERVAL:
             return
         try:
-            await asyncio.to_thread(self._write_state_file, json.dumps(current).encode())
+            await self.save_state()
         except OSError as exc:
             log.error("cannot write the spool state: %s", exc)
-            return
-        self._state_time = time.monotonic()
-        self._persisted = current
-        self._delete_acked_segments()
+
+    async def save_state(self) -> None:
+        """Persist the state now (atomically, synced), e.g. a new epoch or wire numbering before anything is
+        sent under it. Raises OSError when the disk refuses. Writes are serialized, each of the state as it is
+        when its turn comes, so an older state never lands after a newer one."""
+        async with self._state_lock:
+            current = self._state()
+            await asyncio.to_thread(self._write_state_file, json.dumps(current).encode())
+            self._state_time = time.monotonic()
+            self._persisted = current
+            self._delete_acked_segments()
 
     def _delete_acked_segments(self) -> None:
         """Delete segments acknowledged as of the persisted state (whose high-water mark covers them)."""
@@ -601,8 +647,5 @@ class Spool:
             # The blocking parts in a thread, the bookkeeping (and the event waiters) on the loop.
             await asyncio.to_thread(self._sync_files, None, retired, True)
             self._set_durable(self.high_water)
-            state = self._state()
-            await asyncio.to_thread(self._write_state_file, json.dumps(state).encode())
-            self._persisted = state
-            self._delete_acked_segments()
+            await self.save_state()
             self._opened = False

@@ -4,6 +4,24 @@
 yields the durable batches above the sequence ingest reports as committed, then waits for new ones; each
 acknowledgement (and the resume point itself) acknowledges the spool, which deletes what ingest has.
 
+Wire numbering. Ingest stores a batch only when it is exactly one above the committed sequence (a batch
+further ahead is refused), but the log has holes where batches left it without reaching ingest: the size
+limit dropped them, or ingest rejected one and it was set aside. So a record goes on the wire as its log
+sequence minus the log's `wire_shift`, and a hole right after what ingest has committed is closed by a new
+shift: record P becomes committed + 1. The shift only changes in a new epoch of the collector, which
+fences in ingest every stream of the old numbering (one still draining on another replica could otherwise
+commit an old number after the new one was given to another record). So on a hole the source takes the
+next epoch (persisted first), has the stream reopened, and in the new epoch's first stream decides the new
+shift and persists it before anything is sent under it. A log with no epoch yet (new, or its state lost)
+asks ingest for one; when ingest has sequences beyond anything the log used (its local state was lost),
+the pending batches are renumbered above them in the log itself (`Spool.renumber_above`).
+
+Refusals. A stream ingest refuses (FAILED_PRECONDITION: a sequence gap, with ingest's expected sequence, or
+a fenced epoch) is logged at ERROR and deletes nothing: only acknowledgements delete, and a refused batch is
+never acknowledged. A batch acknowledged as a duplicate the first time it was sent in this epoch (above the
+highest sequence that may have been sent before) cannot be one of ours: another writer is using this
+collector id. It is counted (`Spool.suspicious_duplicates`, GetStatus, a metric) and logged at ERROR.
+
 `Uplink` runs the client for ever. The client's `run()` is the one reconnect loop (with the runtime's
 RetryPolicy; the gRPC channel only re-establishes its connection underneath); the uplink is its failure
 handler, for what a reconnect does not fix by itself. For INVALID_ARGUMENT (a batch ingest will never take)
@@ -26,7 +44,7 @@ import grpc
 from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_REJECTED_BY_INGEST
 from fabrica.common.v1 import reading_pb2
 
-from ..clients.ingest import IngestUplink, UplinkRejected
+from ..clients.ingest import BatchSource, IngestUplink, ReopenStream, UplinkRejected
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from ..runtime.retry import RetryPolicy
 from .spool import Spool, format_ns
@@ -34,45 +52,133 @@ from .spool import Spool, format_ns
 log = logging.getLogger(__name__)
 
 
-class SpoolSource:
-    """The spool as the uplink's BatchSource."""
+class SpoolSource(BatchSource):
+    """The spool as the uplink's BatchSource (see the module's docstring for the numbering)."""
 
-    def __init__(self, spool: Spool, max_records: int = 32):
+    def __init__(self, spool: Spool, collector_id: str = "", max_records: int = 32):
         self.spool = spool
+        self.collector_id = collector_id
         self.max_records = max_records
         self._streams = 0
+        #: The highest wire sequence that may have been sent in the current numbering: anything in the log may
+        #: have been, by an earlier run. A duplicate above its value when a stream starts is suspicious.
+        self._sent_through = spool.high_water - spool.wire_shift
+        self._stream_prior = self._sent_through
 
     @property
     def connected(self) -> bool:
         """Ingest has answered `resume` and the stream is open."""
         return self._streams > 0
 
+    def local(self, wire: int) -> int:
+        """The log's sequence of the record sent as `wire`."""
+        return wire + self.spool.wire_shift
+
+    def stream_epoch(self) -> tuple[int, bool]:
+        epoch = self.spool.epoch
+        return (0, True) if epoch == 0 else (epoch, False)
+
+    async def resumed(self, committed: int, epoch: int) -> bool:
+        spool = self.spool
+        if spool.epoch == 0:
+            spool.epoch = epoch  # given by ingest; persisted below (a crash before: the log asks again)
+        if spool.wire_epoch != spool.epoch:
+            # The first stream of this epoch: no stream of the old numbering can commit any more.
+            self._renumber(committed)
+            spool.wire_epoch = spool.epoch
+            await spool.save_state()
+            self._sent_through = committed
+            return True
+        local = committed + spool.wire_shift
+        if local > spool.high_water:
+            await self._next_epoch(f"ingest has committed sequence {committed}, beyond this log's high-water mark")
+            return False
+        nxt = spool.first_after(max(local, spool.acked))
+        if (nxt != local + 1) if nxt is not None else spool.high_water != local:
+            await self._next_epoch(f"log batches after {local} never reached ingest (dropped or set aside)")
+            return False
+        return True
+
+    def _renumber(self, committed: int) -> None:
+        """Decide the numbering of a new epoch: the first pending record goes out as committed + 1."""
+        spool = self.spool
+        local = committed + spool.wire_shift
+        if local > spool.high_water:
+            # Ingest has sequences this log never used: the local state was lost. Renumber what is
+            # pending above them, or ingest would take it for duplicates.
+            spool.renumber_above(local)
+            spool.new_log = 0
+            return
+        if spool.new_log:
+            # A new log: what ingest has is an earlier incarnation's, none of it is ours.
+            spool.new_log = 0
+        else:
+            spool.ack(local)
+        nxt = spool.first_after(spool.acked)
+        target = nxt if nxt is not None else spool.high_water + 1
+        shift = target - (committed + 1)
+        if shift != spool.wire_shift:
+            log.warning(
+                "log batches %d to %d never reached ingest (dropped or set aside, counted there): in epoch %d log "
+                "batch %d goes out as sequence %d, the one after ingest's committed %d",
+                local + 1, target - 1, spool.epoch, target, committed + 1, committed,
+                extra={"epoch": spool.epoch, "wire_shift": shift, "committed_sequence": committed})
+            spool.wire_shift = shift
+
+    async def _next_epoch(self, why: str) -> None:
+        spool = self.spool
+        spool.epoch += 1
+        await spool.save_state()
+        log.warning("%s: the numbering must change, so the collector takes epoch %d (fencing streams of the "
+                    "old one) and opens a new stream", why, spool.epoch, extra={"epoch": spool.epoch})
+
     async def batches_after(self, sequence: int) -> AsyncIterator[reading_pb2.ReadingBatch]:
         spool = self.spool
-        # Above what ingest has, and above what the log has settled otherwise (a batch set aside).
-        cursor = max(sequence, spool.acked)
+        shift = spool.wire_shift
+        cursor = sequence + shift  # resumed() made sure that the next record is cursor + 1
+        self._stream_prior = self._sent_through
         self._streams += 1
         try:
             while True:
                 records = spool.read_after(cursor, self.max_records)
                 if not records:
-                    # Nothing durable above the cursor: skip past dropped records, then wait for more.
-                    cursor = max(cursor, min(spool.durable_sequence, spool.high_water))
-                    await spool.wait_durable_beyond(cursor)
-                    continue
+                    nxt = spool.first_after(cursor)
+                    if nxt == cursor + 1 or (nxt is None and spool.high_water == cursor):
+                        await spool.wait_durable_beyond(cursor)
+                        continue
+                    await self._hole(cursor, nxt if nxt is not None else spool.high_water + 1)
                 for seq, payload in records:
+                    if seq != cursor + 1:
+                        await self._hole(cursor, seq)
+                    batch = reading_pb2.ReadingBatch.FromString(payload)
+                    batch.sequence = seq - shift
                     cursor = seq
-                    yield reading_pb2.ReadingBatch.FromString(payload)
+                    self._sent_through = max(self._sent_through, batch.sequence)
+                    yield batch
         finally:
             self._streams -= 1
 
+    async def _hole(self, cursor: int, nxt: int) -> None:
+        """The records between `cursor` (the last sent) and `nxt` left the log unsent (the size limit): the
+        numbering must change, in a new epoch, on a new stream (this one ends after its acks)."""
+        await self._next_epoch(f"log batches {cursor + 1} to {nxt - 1} left the log unsent")
+        raise ReopenStream()
+
     async def acknowledged(self, sequence: int) -> None:
-        if sequence > self.spool.high_water:
-            # Ingest has sequences this log never used: the local state was lost. Renumber what is
-            # pending above them, or ingest would take it for duplicates.
-            self.spool.renumber_above(sequence)
-        else:
-            self.spool.ack(sequence)
+        self.spool.ack(sequence + self.spool.wire_shift)
+
+    async def duplicate(self, sequence: int, readings: int) -> None:
+        if sequence <= self._stream_prior:
+            return  # sent before: an earlier stream's copy was committed
+        spool = self.spool
+        spool.suspicious_duplicates += 1
+        log.error(
+            "ingest acknowledged batch %d (log batch %d, %d readings) as a duplicate the first time this collector "
+            "sent it: another writer is using collector id %s, and these readings were most likely not stored; "
+            "%d suspicious duplicates since the log was created",
+            sequence, self.local(sequence), readings, self.collector_id, spool.suspicious_duplicates,
+            extra={"reason": "SUSPICIOUS_DUPLICATE", "sequence": sequence, "readings": readings,
+                   "suspicious_duplicates": spool.suspicious_duplicates})
 
 
 class Uplink:
@@ -83,7 +189,7 @@ class Uplink:
         self.target = target
         self.collector_id = collector_id
         self.spool = spool
-        self.source = SpoolSource(spool)
+        self.source = SpoolSource(spool, collector_id)
         self.rejected_dir = state_dir / "rejected"
         self.retry = RetryPolicy(backoff_min, backoff_max)
         self.max_in_flight = max_in_flight
@@ -136,24 +242,49 @@ class Uplink:
         if not isinstance(failure, UplinkRejected):  # the source's (the spool's disk) or a bug
             log.error("uplink failed; reconnecting after the backoff", exc_info=failure)
             return False
-        if failure.error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+        code = failure.error.code()
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            self._refused(failure)
+            return False
+        if code != grpc.StatusCode.INVALID_ARGUMENT:
             # Not about a batch (a wrong address, a missing permission): nothing to set aside. Keep
             # everything and try again; the log holds the readings meanwhile.
             log.error("%s; keeping every batch, trying again after the backoff", failure)
             return False
-        if self._careful and failure.sequence is not None and failure.sequence == self._suspect:
-            self._set_aside(failure)
+        # Log sequences from here on: the wire numbering may change before the next attempt.
+        local = self.source.local(failure.sequence) if failure.sequence is not None else None
+        if self._careful and local is not None and local == self._suspect:
+            self._set_aside(failure, local)
             self._careful, self._suspect = False, None
             client.max_in_flight = self.max_in_flight
             return True
         log.error("%s; retrying one batch at a time to find the one it refuses", failure)
-        self._careful, self._suspect = True, failure.sequence
+        self._careful, self._suspect = True, local
         client.max_in_flight = 1
         return False
 
-    def _set_aside(self, rejected: UplinkRejected) -> None:
-        sequence = rejected.sequence
-        assert sequence is not None
+    def _refused(self, failure: UplinkRejected) -> None:
+        """Ingest refused the stream (FAILED_PRECONDITION): nothing of the refused batch was stored and nothing
+        is deleted; the next attempt resumes from what ingest has committed."""
+        details = failure.details
+        meta = dict(details.metadata)
+        if details.reason == "EPOCH_FENCED":
+            log.error(
+                "ingest fences this collector: its epoch %s is below the stored epoch %s, so another incarnation of "
+                "collector %s has taken over; keeping every batch (%d readings) and trying again after the backoff. "
+                "If this one is the collector that should run, stop the other and set the epoch back with "
+                "ResetCollectorSequence", meta.get("epoch"), meta.get("stored_epoch"), self.collector_id,
+                self.spool.backlog_readings,
+                extra={"reason": details.reason, "epoch": meta.get("epoch"), "stored_epoch": meta.get("stored_epoch")})
+            return
+        log.error(
+            "ingest refused batch %s: it expects sequence %s next (%s); nothing of it was stored, every batch is kept, "
+            "trying again from what ingest has committed after the backoff",
+            meta.get("sequence", failure.sequence), meta.get("expected_sequence", "?"), details,
+            extra={"reason": details.reason, "sequence": meta.get("sequence"),
+                   "expected_sequence": meta.get("expected_sequence")})
+
+    def _set_aside(self, rejected: UplinkRejected, sequence: int) -> None:
         payload, readings = self.spool.reject(sequence)
         times = "no read time"
         if payload is not None:

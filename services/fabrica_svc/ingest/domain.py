@@ -29,11 +29,15 @@ is only ever read back through ``kind`` (in SQL: ``int_value::numeric + 18446744
 ``kind = 3 AND int_value < 0``). Aggregates and statistics use ``value``, the float8 view every numeric
 kind has.
 
-Exactly once
-------------
+Exactly once, and the sequence rule
+-----------------------------------
 :func:`plan_group` decides, inside the transaction that holds the collectors' sequence rows, which
-batches of a group are written and which are duplicates: a batch at or below the collector's committed
-sequence (including one written earlier in the same group) is a duplicate.
+batches of a group are written, which are duplicates and which are refused: a batch at or below the
+collector's committed sequence (including one written earlier in the same group) is a duplicate; the next
+one written must be exactly committed + 1; one further ahead is refused (:func:`sequence_gap`), as is a
+batch of a stream whose epoch is below the collector's stored epoch (:func:`epoch_fenced`). The stream
+handler applies the same rule first to what it has seen of its own stream (so a far-ahead batch is refused
+before it is even converted); the check here is the one that holds against every other stream and replica.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from fabrica.common.v1 import reading_pb2
 
-from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, PreconditionViolation
 from ..runtime.timefmt import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS
 
 # --- value kinds (the field numbers of fabrica.common.v1.Value's oneof) -------------------------------
@@ -118,6 +122,8 @@ class WriteBatch:
     latest: dict[int, ReadingRow] = field(default_factory=dict)
     #: tag_id -> (plc_id, role) as the tag's first reading in the batch says (a change shows next batch).
     tags: dict[int, tuple[str, int]] = field(default_factory=dict)
+    #: The epoch of the stream the batch came on (StreamOpen.epoch); set by the stream handler.
+    epoch: int = 0
 
     @property
     def size(self) -> int:
@@ -128,6 +134,33 @@ class WriteBatch:
 class BatchOutcome:
     duplicate: bool
     written: int
+    #: Why the batch was refused (nothing of it written), or None.
+    refused: FailedPrecondition | None = None
+
+
+def sequence_gap(collector_id: str, sequence: int, expected: int, committed: int) -> FailedPrecondition:
+    """The error of a batch that does not follow the collector's sequence: FAILED_PRECONDITION with the
+    expected sequence in the ErrorInfo metadata."""
+    description = (f"batch {sequence} of collector {collector_id} does not follow its sequence: the next batch must "
+                   f"be {expected} (committed {committed}, plus the batches of this stream ahead of it); nothing of "
+                   "it was stored")
+    return FailedPrecondition(
+        description, reason="SEQUENCE_GAP",
+        violations=[PreconditionViolation("SEQUENCE", f"collectors/{collector_id}", description)],
+        metadata={"collector_id": collector_id, "sequence": str(sequence), "expected_sequence": str(expected),
+                  "committed_sequence": str(committed)},
+    )
+
+
+def epoch_fenced(collector_id: str, epoch: int, stored: int) -> FailedPrecondition:
+    """The error of a stream of an epoch below the collector's stored one (an old incarnation)."""
+    description = (f"collector {collector_id} is at epoch {stored}: this stream's epoch {epoch} belongs to an older "
+                   "incarnation and may not store any more (nothing of this batch was stored)")
+    return FailedPrecondition(
+        description, reason="EPOCH_FENCED",
+        violations=[PreconditionViolation("EPOCH", f"collectors/{collector_id}", description)],
+        metadata={"collector_id": collector_id, "epoch": str(epoch), "stored_epoch": str(stored)},
+    )
 
 
 @dataclass(frozen=True)
@@ -140,23 +173,31 @@ class GroupPlan:
     @property
     def written(self) -> list[int]:
         """Indexes of the batches to write."""
-        return [i for i, o in enumerate(self.outcomes) if not o.duplicate]
+        return [i for i, o in enumerate(self.outcomes) if not o.duplicate and o.refused is None]
 
 
-def plan_group(committed: Mapping[str, int], batches: Sequence[tuple[str, int, int]]) -> GroupPlan:
-    """Which of `batches` ((collector_id, sequence, size) in group order) to write, given the committed
-    sequences read under lock. A batch at or below its collector's committed sequence, or at or below a
-    sequence written earlier in this group, is a duplicate."""
-    current = dict(committed)
+def plan_group(committed: Mapping[str, tuple[int, int]], batches: Sequence[tuple[str, int, int, int]]) -> GroupPlan:
+    """Which of `batches` ((collector_id, sequence, size, epoch) in group order) to write, given each
+    collector's (committed sequence, epoch) read under lock. A batch of an epoch below the stored one is
+    refused (fenced); one at or below its collector's committed sequence, or at or below a sequence written
+    earlier in this group, is a duplicate; the next written must be exactly one above; one further ahead is
+    refused (a gap)."""
+    current = {c: seq for c, (seq, _) in committed.items()}
     outcomes = []
     advanced: dict[str, int] = {}
-    for collector_id, sequence, size in batches:
-        if sequence <= current.get(collector_id, 0):
+    for collector_id, sequence, size, epoch in batches:
+        stored_epoch = committed.get(collector_id, (0, 0))[1]
+        last = current.get(collector_id, 0)
+        if epoch < stored_epoch:
+            outcomes.append(BatchOutcome(False, 0, epoch_fenced(collector_id, epoch, stored_epoch)))
+        elif sequence <= last:
             outcomes.append(BatchOutcome(duplicate=True, written=0))
-            continue
-        current[collector_id] = sequence
-        advanced[collector_id] = sequence
-        outcomes.append(BatchOutcome(duplicate=False, written=size))
+        elif sequence != last + 1:
+            outcomes.append(BatchOutcome(False, 0, sequence_gap(collector_id, sequence, last + 1, last)))
+        else:
+            current[collector_id] = sequence
+            advanced[collector_id] = sequence
+            outcomes.append(BatchOutcome(duplicate=False, written=size))
     return GroupPlan(outcomes, advanced)
 
 

@@ -2,8 +2,9 @@
 
 Validation: the shared interceptor has already checked every request (and every message of the
 StreamReadings stream) against the protovalidate rules in the protos. What is checked here is what those
-rules cannot express: the stream's protocol (open first, one collector, increasing sequences) and values
-Postgres cannot hold (see convert.py).
+rules cannot express: the stream's protocol (open first, one collector, increasing sequences, each new
+batch exactly one above the last: the sequence rule, see domain.plan_group; the epoch) and values Postgres
+cannot hold (see convert.py).
 
 Names and units: SyncTags stores what each collector says of its tags (store.sync_tags, in its own table
 and transaction, apart from the write path); the readings GetLatestValues, QueryReadings and
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +26,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
-from ..runtime.errors import FieldViolation, InvalidArgument, OutOfRange
+from ..runtime.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.timefmt import to_datetime
@@ -49,6 +51,8 @@ from .domain import (
     PageCursor,
     check_bucket_count,
     datetime_to_micros,
+    epoch_fenced,
+    sequence_gap,
     filter_fingerprint,
     micros_to_datetime,
 )
@@ -58,6 +62,8 @@ from .writer import BatchWriter, StreamSession
 #: Events per WatchTagEvents message (and per catch-up query).
 EVENTS_PAGE = 500
 _END = object()
+
+log = logging.getLogger(__name__)
 
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
@@ -79,12 +85,20 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             return
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument(FieldViolation("open", "the first message of the stream must be open"))
-        collector_id = first.open.collector_id
-        committed = await self.store.committed_sequence(collector_id)
+        opening = first.open
+        collector_id = opening.collector_id
+        if opening.new_epoch and opening.epoch:
+            raise InvalidArgument(FieldViolation("open.epoch", "must be 0 with new_epoch: ingest gives the epoch"))
+        state = await self.store.open_stream(collector_id, opening.epoch, opening.new_epoch)
+        if not opening.new_epoch and opening.epoch < state.epoch:
+            fenced = epoch_fenced(collector_id, opening.epoch, state.epoch)
+            log.warning("stream refused: %s", fenced.message, extra={"reason": fenced.reason, **fenced.metadata})
+            raise fenced
+        committed = state.committed
         yield pb.StreamReadingsResponse(
-            resume=pb.StreamResume(collector_id=collector_id, committed_sequence=committed)
+            resume=pb.StreamResume(collector_id=collector_id, committed_sequence=committed, epoch=state.epoch)
         )
-        session = self.writer.open_session(collector_id, committed)
+        session = self.writer.open_session(collector_id, committed, state.epoch)
         # In stream order: (sequence, future) per batch, then _END or the exception that ends the stream.
         # The writer may also put an exception here (the database is lost) while the stream is idle.
         pending: asyncio.Queue[Any] = asyncio.Queue()
@@ -136,16 +150,47 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     raise InvalidArgument(FieldViolation(
                         "batch.sequence", f"must increase along the stream: {sequence} follows {last}"
                     ))
+                if sequence > session.resumed_at:
+                    # The sequence rule on what this stream has seen: the committed sequence it resumed
+                    # at, then each batch it queued. The write transaction checks it again under the lock.
+                    expected = max(last, session.resumed_at) + 1
+                    if sequence != expected:
+                        gap = sequence_gap(session.collector_id, sequence, expected, session.resumed_at)
+                        log.warning("batch refused: %s", gap.message, extra={"reason": gap.reason, **gap.metadata})
+                        raise gap
                 last = sequence
                 if sequence <= session.resumed_at:
                     future: asyncio.Future[BatchOutcome] = loop.create_future()
                     future.set_result(BatchOutcome(duplicate=True, written=0))
                 else:
-                    future = await self.writer.submit(session, batch_from_proto(batch))
+                    converted = batch_from_proto(batch)
+                    converted.epoch = session.epoch
+                    future = await self.writer.submit(session, converted)
                 pending.put_nowait((sequence, future))
             pending.put_nowait(_END)
         except Exception as exc:  # ends the stream after the acks of the batches before it
             pending.put_nowait(exc)
+
+    # --- admin ---------------------------------------------------------------------------------------
+
+    async def ResetCollectorSequence(
+        self, request: pb.ResetCollectorSequenceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetCollectorSequenceResponse:
+        epoch = request.epoch if request.HasField("epoch") else None
+        result = await self.store.reset_sequence(request.collector_id, request.committed_sequence, epoch)
+        if result is None:
+            raise NotFound(f"collector {request.collector_id} has no sequence in ingest (it never opened a stream "
+                           "with an epoch nor stored a batch)", metadata={"collector_id": request.collector_id})
+        before, after = result
+        log.warning("collector %s's sequence reset: committed %d -> %d, epoch %d -> %d", request.collector_id,
+                    before.committed, after.committed, before.epoch, after.epoch,
+                    extra={"collector_id": request.collector_id, "previous_committed_sequence": before.committed,
+                           "committed_sequence": after.committed, "previous_epoch": before.epoch,
+                           "epoch": after.epoch})
+        return pb.ResetCollectorSequenceResponse(
+            collector_id=request.collector_id, previous_committed_sequence=before.committed,
+            previous_epoch=before.epoch, committed_sequence=after.committed, epoch=after.epoch,
+        )
 
     # --- tag events -----------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ Tables (schema ``ingest``)
                         hold a lock a batch waits for (nor deadlock with one); the writer never touches this
                         table, so readings and syncs are independent. A tag no collector described has no
                         row: its readings carry an empty name and unit and it stays in latest values.
-``collector_sequences`` each collector's committed sequence: the exactly-once check.
+``collector_sequences`` each collector's committed sequence (the exactly-once and sequence checks) and its
+                        highest epoch (which fences older incarnations; migration 3).
 ``tag_events``          readings of counter and machine-state tags with a ``cursor`` that increases in commit
                         order; ``event_retention.purged_through`` is the highest cursor deleted by retention.
 
@@ -71,8 +72,10 @@ from itertools import chain
 import asyncpg
 
 from ..runtime.db import Migration
+from ..runtime.errors import FailedPrecondition
 from .domain import (
     EVENT_COLUMNS,
+    MAX_BIGINT,
     QUALITY_GOOD,
     READING_COLUMNS,
     GroupPlan,
@@ -172,6 +175,9 @@ CREATE TABLE tag_metadata (
 );
 CREATE INDEX tag_metadata_collector_idx ON tag_metadata (collector_id, tag_id);
 """),
+    Migration(3, "collector epochs: the highest epoch of each collector, which fences older incarnations", """
+ALTER TABLE collector_sequences ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
+"""),
 ]
 
 _READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
@@ -205,7 +211,7 @@ SELECT (SELECT count(*) FROM upserted) AS changed, (SELECT count(*) FROM gone) A
 """
 
 _LOCK_SEQUENCES = (
-    "SELECT collector_id, committed_sequence FROM ingest.collector_sequences"
+    "SELECT collector_id, committed_sequence, epoch FROM ingest.collector_sequences"
     " WHERE collector_id = ANY($1::text[]) ORDER BY collector_id FOR UPDATE"
 )
 
@@ -237,6 +243,14 @@ def _decode_us(t: tuple[int]) -> int:
 
 def _ts(t: datetime) -> str:
     return t.isoformat()
+
+
+@dataclass(frozen=True)
+class CollectorSequence:
+    """A collector's row of collector_sequences."""
+
+    committed: int
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -277,11 +291,57 @@ class IngestStore:
         )
         return int(value or 0)
 
+    async def open_stream(self, collector_id: str, epoch: int, new_epoch: bool) -> CollectorSequence:
+        """The collector's (committed sequence, epoch) for a stream opening with `epoch`, after taking the
+        epoch over when it is above the stored one, or after giving the collector the next epoch for
+        `new_epoch`. Taking over updates the row under its lock, so once this returns no batch of a lower
+        epoch can commit any more (the write transaction checks the epoch under the same lock). A stream
+        at or below the stored epoch changes nothing (and a collector never seen keeps no row for epoch 0)."""
+        row = await self.pool.fetchrow(
+            "SELECT committed_sequence, epoch FROM ingest.collector_sequences WHERE collector_id = $1", collector_id
+        )
+        if not new_epoch and (epoch == 0 if row is None else epoch <= row["epoch"]):
+            return CollectorSequence(0, 0) if row is None else CollectorSequence(*row)
+        if new_epoch and row is not None and row["epoch"] >= MAX_BIGINT:
+            raise FailedPrecondition(f"collector {collector_id} is at the last epoch ({MAX_BIGINT}); reset it with "
+                                     "ResetCollectorSequence", reason="EPOCH_EXHAUSTED",
+                                     metadata={"collector_id": collector_id, "stored_epoch": str(row["epoch"])})
+        row = await self.pool.fetchrow(
+            "INSERT INTO ingest.collector_sequences AS s (collector_id, epoch)"
+            " VALUES ($1, CASE WHEN $3 THEN 1 ELSE $2 END)"
+            " ON CONFLICT (collector_id) DO UPDATE SET update_time = now(), epoch = CASE"
+            "  WHEN $3 THEN s.epoch + (s.epoch < 9223372036854775807)::int ELSE greatest(s.epoch, $2) END"
+            " RETURNING committed_sequence, epoch",
+            collector_id, epoch, new_epoch,
+        )
+        return CollectorSequence(*row)
+
+    async def reset_sequence(self, collector_id: str, committed: int, epoch: int | None
+                             ) -> tuple[CollectorSequence, CollectorSequence] | None:
+        """Set the collector's committed sequence (and epoch, unless None) under its row lock; returns
+        (before, after), or None for a collector without a row."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT committed_sequence, epoch FROM ingest.collector_sequences WHERE collector_id = $1 FOR UPDATE",
+                collector_id,
+            )
+            if row is None:
+                return None
+            before = CollectorSequence(*row)
+            after = CollectorSequence(committed, before.epoch if epoch is None else epoch)
+            await conn.execute(
+                "UPDATE ingest.collector_sequences SET committed_sequence = $2, epoch = $3, update_time = now()"
+                " WHERE collector_id = $1",
+                collector_id, after.committed, after.epoch,
+            )
+        return before, after
+
     async def write_group(
         self, conn: asyncpg.Connection, batches: Sequence[WriteBatch], tag_changes: Sequence[tuple[int, str, int]]
     ) -> GroupPlan:
         """One transaction for a group of batches: lock the collectors' sequence rows, drop the batches at
-        or below the committed sequences, COPY the rest, keep tags and latest values current, append tag
+        or below the committed sequences and refuse those that do not follow them or come from a fenced
+        epoch (domain.plan_group), COPY the rest, keep tags and latest values current, append tag
         events (with NOTIFY), advance the sequences, commit. Raises on any failure; nothing is then written."""
         collectors = sorted({b.collector_id for b in batches})
         # Every statement here is a round trip during which the event loop may be busy converting
@@ -296,8 +356,8 @@ class IngestStore:
                 )
                 locked = await conn.fetch(_LOCK_SEQUENCES, collectors)
             plan = plan_group(
-                {r["collector_id"]: r["committed_sequence"] for r in locked},
-                [(b.collector_id, b.sequence, b.size) for b in batches],
+                {r["collector_id"]: (r["committed_sequence"], r["epoch"]) for r in locked},
+                [(b.collector_id, b.sequence, b.size, b.epoch) for b in batches],
             )
             written = [batches[i] for i in plan.written]
             if not written:

@@ -31,6 +31,9 @@ Failures
 * Deadlock or serialization failure (should not happen given the lock order): the group is retried.
 * Anything else (a batch Postgres rejects): the group is retried batch by batch so that the one bad batch
   fails alone, and the other streams' batches are written.
+* A batch the transaction refuses under the collector's row lock (it does not follow the committed
+  sequence, or its stream's epoch is fenced: domain.plan_group) is not written, the others of the group
+  are; its future fails with that FAILED_PRECONDITION and its stream is marked failed like above.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class StreamSession:
     collector_id: str
     #: The committed sequence told to the client on open; batches at or below it are duplicates for sure.
     resumed_at: int = 0
+    #: The stream's epoch (StreamResume.epoch); its batches carry it into the write transaction.
+    epoch: int = 0
     #: Set by the writer when a batch of this stream failed; the stream's later batches are dropped.
     failed: BaseException | None = None
     #: Told when the stream fails while it may be idle (the stream handler then ends the call with it).
@@ -154,7 +159,7 @@ class BatchWriter:
         meter = metrics.get_meter("fabrica.ingest")
         self._m_rows = meter.create_counter("fabrica_ingest_rows_written", description="Readings committed")
         self._m_batches = meter.create_counter(
-            "fabrica_ingest_batches", description="Batches acknowledged, by outcome (written, duplicate, failed)"
+            "fabrica_ingest_batches", description="Batches, by outcome (written, duplicate, failed, refused: a sequence gap or a fenced epoch)"
         )
         self._m_group = meter.create_histogram(
             "fabrica_ingest_group_rows", description="Rows per write transaction"
@@ -314,6 +319,14 @@ class BatchWriter:
         written_rows = 0
         s = self.stats
         for item, outcome in zip(group, outcomes, strict=True):
+            if outcome.refused is not None:
+                self._m_batches.add(1, {"outcome": "refused"})
+                log.warning("batch refused: %s", outcome.refused.message, extra={
+                    "reason": outcome.refused.reason, **outcome.refused.metadata})
+                if not item.future.done():
+                    item.future.set_exception(outcome.refused)
+                item.session.fail(outcome.refused)
+                continue
             if outcome.duplicate:
                 s.batches_duplicate += 1
                 self._m_batches.add(1, {"outcome": "duplicate"})
@@ -339,8 +352,8 @@ class BatchWriter:
 
     # --- open streams ---------------------------------------------------------------------------------
 
-    def open_session(self, collector_id: str, resumed_at: int) -> StreamSession:
-        session = StreamSession(collector_id, resumed_at)
+    def open_session(self, collector_id: str, resumed_at: int, epoch: int = 0) -> StreamSession:
+        session = StreamSession(collector_id, resumed_at, epoch)
         self._sessions.add(session)
         return session
 

@@ -279,6 +279,7 @@ class GetStatusResponse(_message.Message):
     DROPPED_READINGS_BY_REASON_FIELD_NUMBER: _builtins.int
     REJECTED_BATCHES_FIELD_NUMBER: _builtins.int
     MIRRORS_FIELD_NUMBER: _builtins.int
+    SUSPICIOUS_DUPLICATES_FIELD_NUMBER: _builtins.int
     collector_id: _builtins.str
     """The collector id."""
     applied_revision: _builtins.int
@@ -295,6 +296,11 @@ class GetStatusResponse(_message.Message):
     """Whether the uplink to ingest is connected."""
     rejected_batches: _builtins.int
     """Batches ingest rejected for good (INVALID_ARGUMENT) and that were set aside, since the log was created."""
+    suspicious_duplicates: _builtins.int
+    """Batches ingest acknowledged as duplicates although this collector was sending them for the first time in
+    its epoch, since the log was created. Nothing but another writer using this collector id explains one:
+    its readings were most likely not stored (each is logged at ERROR).
+    """
     @_builtins.property
     def plcs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlcRuntimeStatus]:
         """Per-PLC status."""
@@ -325,10 +331,11 @@ class GetStatusResponse(_message.Message):
         dropped_readings_by_reason: _abc.Iterable[Global___DroppedReadings] | None = ...,
         rejected_batches: _builtins.int = ...,
         mirrors: _abc.Iterable[Global___MirrorRuntimeStatus] | None = ...,
+        suspicious_duplicates: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_backlog_time", b"oldest_backlog_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "backlog_bytes", b"backlog_bytes", "backlog_readings", b"backlog_readings", "collector_id", b"collector_id", "dropped_readings", b"dropped_readings", "dropped_readings_by_reason", b"dropped_readings_by_reason", "mirrors", b"mirrors", "oldest_backlog_time", b"oldest_backlog_time", "plcs", b"plcs", "rejected_batches", b"rejected_batches", "uplink_connected", b"uplink_connected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_revision", b"applied_revision", "backlog_bytes", b"backlog_bytes", "backlog_readings", b"backlog_readings", "collector_id", b"collector_id", "dropped_readings", b"dropped_readings", "dropped_readings_by_reason", b"dropped_readings_by_reason", "mirrors", b"mirrors", "oldest_backlog_time", b"oldest_backlog_time", "plcs", b"plcs", "rejected_batches", b"rejected_batches", "suspicious_duplicates", b"suspicious_duplicates", "uplink_connected", b"uplink_connected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

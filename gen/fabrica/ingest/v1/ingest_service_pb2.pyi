@@ -29,16 +29,31 @@ class StreamOpen(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    NEW_EPOCH_FIELD_NUMBER: _builtins.int
     collector_id: _builtins.str
     """The collector that will send batches on this stream; every batch must carry the same id."""
+    epoch: _builtins.int
+    """The collector's epoch (its incarnation), as a StreamResume gave it before; 0 for a client that does
+    not use epochs. Below the collector's stored epoch the stream is refused (EPOCH_FENCED); above it, it
+    becomes the stored epoch, and from then on every stream of a lower epoch is refused, including one
+    already open (its batches not yet committed are not stored). At most 2^63-1.
+    """
+    new_epoch: _builtins.bool
+    """The collector has no epoch of its own yet (a new or recreated local state): ingest gives it the next
+    one (the stored epoch + 1, 1 for a collector it has not seen) in StreamResume.epoch. `epoch` must be 0.
+    The collector keeps that epoch with its local state and sends it in `epoch` from then on.
+    """
     def __init__(
         self,
         *,
         collector_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        new_epoch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "epoch", b"epoch", "new_epoch", b"new_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -84,19 +99,23 @@ class StreamResume(_message.Message):
 
     COLLECTOR_ID_FIELD_NUMBER: _builtins.int
     COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     collector_id: _builtins.str
     """The collector."""
     committed_sequence: _builtins.int
-    """The highest sequence committed for this collector; 0 if none."""
+    """The highest sequence committed for this collector; 0 if none. The next batch stored must be this + 1."""
+    epoch: _builtins.int
+    """The epoch of this stream: the one the client sent, or the one ingest gave it for `new_epoch`."""
     def __init__(
         self,
         *,
         collector_id: _builtins.str = ...,
         committed_sequence: _builtins.int = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "committed_sequence", b"committed_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "committed_sequence", b"committed_sequence", "epoch", b"epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,3 +619,75 @@ class SyncTagsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncTagsResponse: _TypeAlias = SyncTagsResponse  # noqa: Y015
+
+@_typing.final
+class ResetCollectorSequenceRequest(_message.Message):
+    """Request of ResetCollectorSequence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    collector_id: _builtins.str
+    """The collector."""
+    committed_sequence: _builtins.int
+    """The new committed sequence: the collector's next batch must be this + 1. 0 starts it over."""
+    epoch: _builtins.int
+    """The new epoch. Unset keeps the stored one; a higher value fences every stream of a lower epoch, a lower
+    one lets a fenced incarnation in again.
+    """
+    def __init__(
+        self,
+        *,
+        collector_id: _builtins.str = ...,
+        committed_sequence: _builtins.int = ...,
+        epoch: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "epoch", b"epoch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_epoch", b"_epoch", "collector_id", b"collector_id", "committed_sequence", b"committed_sequence", "epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__epoch: _TypeAlias = _typing.Literal["epoch"]  # noqa: Y015
+    _WhichOneofArgType__epoch: _TypeAlias = _typing.Literal["_epoch", b"_epoch"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epoch) -> _WhichOneofReturnType__epoch | None: ...
+
+Global___ResetCollectorSequenceRequest: _TypeAlias = ResetCollectorSequenceRequest  # noqa: Y015
+
+@_typing.final
+class ResetCollectorSequenceResponse(_message.Message):
+    """Response of ResetCollectorSequence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_EPOCH_FIELD_NUMBER: _builtins.int
+    COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    collector_id: _builtins.str
+    """The collector."""
+    previous_committed_sequence: _builtins.int
+    """The committed sequence before the reset."""
+    previous_epoch: _builtins.int
+    """The epoch before the reset."""
+    committed_sequence: _builtins.int
+    """The committed sequence now."""
+    epoch: _builtins.int
+    """The epoch now."""
+    def __init__(
+        self,
+        *,
+        collector_id: _builtins.str = ...,
+        previous_committed_sequence: _builtins.int = ...,
+        previous_epoch: _builtins.int = ...,
+        committed_sequence: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "committed_sequence", b"committed_sequence", "epoch", b"epoch", "previous_committed_sequence", b"previous_committed_sequence", "previous_epoch", b"previous_epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetCollectorSequenceResponse: _TypeAlias = ResetCollectorSequenceResponse  # noqa: Y015

@@ -75,6 +75,11 @@ class IngestServiceStub:
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsResponse.FromString,
                 _registered_method=True)
+        self.ResetCollectorSequence = channel.unary_unary(
+                '/fabrica.ingest.v1.IngestService/ResetCollectorSequence',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -83,10 +88,26 @@ class IngestServiceServicer:
 
     def StreamReadings(self, request_iterator, context):
         """Bidirectional stream of reading batches. The client sends `open` first, the server answers `resume`
-        with the collector's committed sequence; then the client sends batches and the server acknowledges
-        them in order, each only after it is committed. A batch at or below the committed sequence is
-        acknowledged without being written again. INVALID_ARGUMENT (with field violations) ends the stream
-        for a bad batch, nothing of which is written; UNAVAILABLE when the database is lost.
+        with the collector's committed sequence and epoch; then the client sends batches and the server
+        acknowledges them in order, each only after it is committed.
+
+        The sequence rule (as Kafka's idempotent producer): a batch at or below the committed sequence is a
+        duplicate, acknowledged without being written again; the next batch stored must be exactly the
+        committed sequence + 1 (counting the batches of this stream not yet committed ahead of it). A batch
+        further ahead is refused: FAILED_PRECONDITION, ErrorInfo reason SEQUENCE_GAP with metadata
+        `expected_sequence` (and `sequence`, `collector_id`), a PreconditionFailure of type SEQUENCE; nothing of
+        it is stored, the batches before it are acknowledged, and the stream ends. A collector that could not
+        send some of its batches (dropped, set aside) renumbers what it sends, so its sequence stays
+        contiguous; only ResetCollectorSequence moves a collector's sequence otherwise.
+
+        The epoch fences an old incarnation of a collector (see StreamOpen): a stream whose epoch is below the
+        collector's stored epoch is FAILED_PRECONDITION, reason EPOCH_FENCED with metadata `epoch` (the
+        stream's) and `stored_epoch`, at open or, for a stream opened before a newer epoch took over, at its
+        next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
+        resumes at committed_sequence + 1.
+
+        INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
+        UNAVAILABLE when the database is lost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +170,19 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCollectorSequence(self, request, context):
+        """Admin: sets a collector's committed sequence (e.g. back down after a writer that was not the collector
+        pushed it ahead) and optionally its epoch, under the same row lock the write path takes. Streams of
+        that collector open meanwhile are not cut: their next batch that does not follow the new committed
+        sequence is refused (SEQUENCE_GAP), so their client reconnects and resumes from it; a batch at or below
+        it is acknowledged as a duplicate. NOT_FOUND for a collector ingest has never stored or opened;
+        INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
+        the identity issue: until then anyone who can reach ingest can.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +225,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.SyncTags,
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsResponse.SerializeToString,
+            ),
+            'ResetCollectorSequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCollectorSequence,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -410,6 +449,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/SyncTags',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SyncTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCollectorSequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/ResetCollectorSequence',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

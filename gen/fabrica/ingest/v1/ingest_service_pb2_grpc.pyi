@@ -35,10 +35,26 @@ class IngestServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     StreamReadings: _grpc.StreamStreamMultiCallable[_ingest_service_pb2.StreamReadingsRequest, _ingest_service_pb2.StreamReadingsResponse]
     """Bidirectional stream of reading batches. The client sends `open` first, the server answers `resume`
-    with the collector's committed sequence; then the client sends batches and the server acknowledges
-    them in order, each only after it is committed. A batch at or below the committed sequence is
-    acknowledged without being written again. INVALID_ARGUMENT (with field violations) ends the stream
-    for a bad batch, nothing of which is written; UNAVAILABLE when the database is lost.
+    with the collector's committed sequence and epoch; then the client sends batches and the server
+    acknowledges them in order, each only after it is committed.
+
+    The sequence rule (as Kafka's idempotent producer): a batch at or below the committed sequence is a
+    duplicate, acknowledged without being written again; the next batch stored must be exactly the
+    committed sequence + 1 (counting the batches of this stream not yet committed ahead of it). A batch
+    further ahead is refused: FAILED_PRECONDITION, ErrorInfo reason SEQUENCE_GAP with metadata
+    `expected_sequence` (and `sequence`, `collector_id`), a PreconditionFailure of type SEQUENCE; nothing of
+    it is stored, the batches before it are acknowledged, and the stream ends. A collector that could not
+    send some of its batches (dropped, set aside) renumbers what it sends, so its sequence stays
+    contiguous; only ResetCollectorSequence moves a collector's sequence otherwise.
+
+    The epoch fences an old incarnation of a collector (see StreamOpen): a stream whose epoch is below the
+    collector's stored epoch is FAILED_PRECONDITION, reason EPOCH_FENCED with metadata `epoch` (the
+    stream's) and `stored_epoch`, at open or, for a stream opened before a newer epoch took over, at its
+    next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
+    resumes at committed_sequence + 1.
+
+    INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
+    UNAVAILABLE when the database is lost.
     """
     WatchTagEvents: _grpc.UnaryStreamMultiCallable[_ingest_service_pb2.WatchTagEventsRequest, _ingest_service_pb2.WatchTagEventsResponse]
     """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
@@ -67,6 +83,15 @@ class IngestServiceStub:
     are marked removed: they leave GetLatestValues, their readings stay. Idempotent: the same set again
     changes nothing. Independent of StreamReadings (readings never wait for it).
     """
+    ResetCollectorSequence: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.ResetCollectorSequenceRequest, _ingest_service_pb2.ResetCollectorSequenceResponse]
+    """Admin: sets a collector's committed sequence (e.g. back down after a writer that was not the collector
+    pushed it ahead) and optionally its epoch, under the same row lock the write path takes. Streams of
+    that collector open meanwhile are not cut: their next batch that does not follow the new committed
+    sequence is refused (SEQUENCE_GAP), so their client reconnects and resumes from it; a batch at or below
+    it is acknowledged as a duplicate. NOT_FOUND for a collector ingest has never stored or opened;
+    INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
+    the identity issue: until then anyone who can reach ingest can.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -75,10 +100,26 @@ class IngestServiceAsyncStub(IngestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamReadings: _aio.StreamStreamMultiCallable[_ingest_service_pb2.StreamReadingsRequest, _ingest_service_pb2.StreamReadingsResponse]  # type: ignore[assignment]
     """Bidirectional stream of reading batches. The client sends `open` first, the server answers `resume`
-    with the collector's committed sequence; then the client sends batches and the server acknowledges
-    them in order, each only after it is committed. A batch at or below the committed sequence is
-    acknowledged without being written again. INVALID_ARGUMENT (with field violations) ends the stream
-    for a bad batch, nothing of which is written; UNAVAILABLE when the database is lost.
+    with the collector's committed sequence and epoch; then the client sends batches and the server
+    acknowledges them in order, each only after it is committed.
+
+    The sequence rule (as Kafka's idempotent producer): a batch at or below the committed sequence is a
+    duplicate, acknowledged without being written again; the next batch stored must be exactly the
+    committed sequence + 1 (counting the batches of this stream not yet committed ahead of it). A batch
+    further ahead is refused: FAILED_PRECONDITION, ErrorInfo reason SEQUENCE_GAP with metadata
+    `expected_sequence` (and `sequence`, `collector_id`), a PreconditionFailure of type SEQUENCE; nothing of
+    it is stored, the batches before it are acknowledged, and the stream ends. A collector that could not
+    send some of its batches (dropped, set aside) renumbers what it sends, so its sequence stays
+    contiguous; only ResetCollectorSequence moves a collector's sequence otherwise.
+
+    The epoch fences an old incarnation of a collector (see StreamOpen): a stream whose epoch is below the
+    collector's stored epoch is FAILED_PRECONDITION, reason EPOCH_FENCED with metadata `epoch` (the
+    stream's) and `stored_epoch`, at open or, for a stream opened before a newer epoch took over, at its
+    next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
+    resumes at committed_sequence + 1.
+
+    INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
+    UNAVAILABLE when the database is lost.
     """
     WatchTagEvents: _aio.UnaryStreamMultiCallable[_ingest_service_pb2.WatchTagEventsRequest, _ingest_service_pb2.WatchTagEventsResponse]  # type: ignore[assignment]
     """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
@@ -107,6 +148,15 @@ class IngestServiceAsyncStub(IngestServiceStub):
     are marked removed: they leave GetLatestValues, their readings stay. Idempotent: the same set again
     changes nothing. Independent of StreamReadings (readings never wait for it).
     """
+    ResetCollectorSequence: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.ResetCollectorSequenceRequest, _ingest_service_pb2.ResetCollectorSequenceResponse]  # type: ignore[assignment]
+    """Admin: sets a collector's committed sequence (e.g. back down after a writer that was not the collector
+    pushed it ahead) and optionally its epoch, under the same row lock the write path takes. Streams of
+    that collector open meanwhile are not cut: their next batch that does not follow the new committed
+    sequence is refused (SEQUENCE_GAP), so their client reconnects and resumes from it; a batch at or below
+    it is acknowledged as a duplicate. NOT_FOUND for a collector ingest has never stored or opened;
+    INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
+    the identity issue: until then anyone who can reach ingest can.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores readings exactly once and answers history, latest values and tag events."""
@@ -118,10 +168,26 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_service_pb2.StreamReadingsResponse], _abc.AsyncIterator[_ingest_service_pb2.StreamReadingsResponse]]:
         """Bidirectional stream of reading batches. The client sends `open` first, the server answers `resume`
-        with the collector's committed sequence; then the client sends batches and the server acknowledges
-        them in order, each only after it is committed. A batch at or below the committed sequence is
-        acknowledged without being written again. INVALID_ARGUMENT (with field violations) ends the stream
-        for a bad batch, nothing of which is written; UNAVAILABLE when the database is lost.
+        with the collector's committed sequence and epoch; then the client sends batches and the server
+        acknowledges them in order, each only after it is committed.
+
+        The sequence rule (as Kafka's idempotent producer): a batch at or below the committed sequence is a
+        duplicate, acknowledged without being written again; the next batch stored must be exactly the
+        committed sequence + 1 (counting the batches of this stream not yet committed ahead of it). A batch
+        further ahead is refused: FAILED_PRECONDITION, ErrorInfo reason SEQUENCE_GAP with metadata
+        `expected_sequence` (and `sequence`, `collector_id`), a PreconditionFailure of type SEQUENCE; nothing of
+        it is stored, the batches before it are acknowledged, and the stream ends. A collector that could not
+        send some of its batches (dropped, set aside) renumbers what it sends, so its sequence stays
+        contiguous; only ResetCollectorSequence moves a collector's sequence otherwise.
+
+        The epoch fences an old incarnation of a collector (see StreamOpen): a stream whose epoch is below the
+        collector's stored epoch is FAILED_PRECONDITION, reason EPOCH_FENCED with metadata `epoch` (the
+        stream's) and `stored_epoch`, at open or, for a stream opened before a newer epoch took over, at its
+        next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
+        resumes at committed_sequence + 1.
+
+        INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
+        UNAVAILABLE when the database is lost.
         """
 
     @_abc_1.abstractmethod
@@ -191,6 +257,21 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         set, sent after each configuration the collector applies. Tags of that collector absent from the set
         are marked removed: they leave GetLatestValues, their readings stay. Idempotent: the same set again
         changes nothing. Independent of StreamReadings (readings never wait for it).
+        """
+
+    @_abc_1.abstractmethod
+    def ResetCollectorSequence(
+        self,
+        request: _ingest_service_pb2.ResetCollectorSequenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.ResetCollectorSequenceResponse, _abc.Awaitable[_ingest_service_pb2.ResetCollectorSequenceResponse]]:
+        """Admin: sets a collector's committed sequence (e.g. back down after a writer that was not the collector
+        pushed it ahead) and optionally its epoch, under the same row lock the write path takes. Streams of
+        that collector open meanwhile are not cut: their next batch that does not follow the new committed
+        sequence is refused (SEQUENCE_GAP), so their client reconnects and resumes from it; a batch at or below
+        it is acknowledged as a duplicate. NOT_FOUND for a collector ingest has never stored or opened;
+        INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
+        the identity issue: until then anyone who can reach ingest can.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
