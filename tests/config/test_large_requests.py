@@ -80,3 +80,20 @@ async def test_a_get_is_answered_while_a_large_create_is_being_checked(stub: pb_
     await creating
     assert answered[0] == "GetPlc" and answered.count("CreatePlc") == 1, answered
     assert answered.index("CreatePlc") > 0
+
+
+async def test_an_update_to_thousands_of_bad_tags_is_answered_like_a_create_and_changes_nothing(
+        stub: pb_grpc.ConfigServiceStub) -> None:
+    created = (await stub.CreatePlc(pb.CreatePlcRequest(plc=modbus_plc("press-01")))).plc
+    patch = with_bad_tags(MAX_TAGS).plc
+    patch.id, patch.etag = created.id, created.etag
+    try:
+        await stub.UpdatePlc(pb.UpdatePlcRequest(plc=patch, update_mask={"paths": ["tags"]}))
+        raise AssertionError("accepted")
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == Code.INVALID_ARGUMENT, err  # the merged PLC's check, bounded as every answer is
+        violations = field_violations(err)
+        assert 10 <= len(violations) <= MAX_VIOLATIONS
+        assert all(path.startswith("plc.tags[") for path in violations)
+        assert int(error_info(err).metadata["omitted_violations"]) > 0
+    assert (await stub.GetPlc(pb.GetPlcRequest(id="press-01"))).plc == created

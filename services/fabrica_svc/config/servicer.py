@@ -102,13 +102,13 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         if not request.HasField("plc") or not request.plc.id:
             raise InvalidArgument(FieldViolation("plc.id", "the PLC to update is required"))
         paths = list(request.update_mask.paths)
-        # The mirrors' targets, looked up before the transaction (merge runs inside it, synchronously).
+        # The mirrors' targets, looked up before the transaction (merge runs inside it, under the PLC row lock).
         preview = domain.apply_update_mask(await self.store.get(request.plc.id), request.plc, paths)
         targets = await self._targets(preview) if preview.mirrors else {}
 
-        def merge(current: plc_pb2.Plc) -> plc_pb2.Plc:
+        async def merge(current: plc_pb2.Plc) -> plc_pb2.Plc:
             merged = domain.normalized(domain.apply_update_mask(current, request.plc, paths))
-            domain.check_plc(merged)
+            await _check_plc(merged)  # a large PLC is checked in a thread, as CreatePlc's is
             found = mirror_violations(merged, targets)
             if found:
                 raise InvalidArgument(found)

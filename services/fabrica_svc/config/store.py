@@ -168,7 +168,7 @@ class ConfigStore:
         return [_plc(r) for r in rows[:page_size]], len(rows) > page_size
 
     async def update(self, plc_id: str, etag: str, merge) -> plc_pb2.Plc:  # noqa: ANN001 - merge: Plc -> Plc
-        """Lock the PLC, check the etag, apply `merge(current) -> new`, store it."""
+        """Lock the PLC, check the etag, apply `await merge(current) -> new`, store it."""
         async with self.pool.acquire() as conn, conn.transaction():
             revision = await self._next_revision(conn)
             row = await conn.fetchrow("SELECT * FROM plcs WHERE id = $1 FOR UPDATE", plc_id)
@@ -179,7 +179,7 @@ class ConfigStore:
                 raise Aborted(f"PLC {plc_id!r} changed since it was read (etag {etag}, now {current.etag}); "
                               "read it again and retry", reason="ETAG_MISMATCH",
                               metadata={"plc_id": plc_id, "etag": current.etag})
-            new = merge(current)
+            new = await merge(current)
             await self._assign_tag_ids(conn, new)
             definition = new.SerializeToString(deterministic=True)
             row = await conn.fetchrow(
