@@ -30,39 +30,15 @@ import time
 import asyncpg
 import grpc
 from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
-from google.protobuf import text_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from opentelemetry import metrics
 
+from ..clients.errors import error_details
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
 from .service import TagEventService
 
 log = logging.getLogger(__name__)
-
-
-def describe_error(exc: grpc.aio.AioRpcError) -> str:
-    """The code, message and decoded details of a failed call (what to log)."""
-    text = f"{exc.code().name} {exc.details()}"
-    try:
-        status = rpc_status.from_call(exc)
-    except ValueError:  # details that do not match the status: say what we have
-        return text
-    if status is None or not status.details:
-        return text
-    names = []
-    for detail in status.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.PreconditionFailure, error_details_pb2.BadRequest):
-            if detail.Is(kind.DESCRIPTOR):
-                decoded = kind()
-                detail.Unpack(decoded)
-                names.append(f"{kind.DESCRIPTOR.name}({text_format.MessageToString(decoded, as_one_line=True)})")
-                break
-        else:
-            names.append(detail.TypeName())
-    return f"{text} [{'; '.join(names)}]"
 
 
 class TagEventConsumer:
@@ -177,7 +153,7 @@ class TagEventConsumer:
                                   "oldest event. Counts in the gap are not booked.", cursor)
                         await self.tag_events.reset_cursor(conn)
                     else:
-                        self._warn_ingest(describe_error(exc))
+                        self._warn_ingest(str(error_details(exc)))
                 finally:
                     call.cancel()
                 await self._backoff.wait()
