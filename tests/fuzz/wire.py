@@ -36,6 +36,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescr
 from grpc_health.v1 import health_pb2
 
 import fabrica
+from fabrica_svc.runtime.timefmt import timestamp_is_valid
 
 F = FieldDescriptor
 KINDS = ("valid", "random", "truncated", "bitflip", "extreme", "nul", "timestamp", "duration",
@@ -392,7 +393,7 @@ def contract_flaws(cls: type[message.Message], payloads: tuple[bytes, ...]) -> s
 def _flaws(msg: message.Message, found: set[str]) -> None:
     name = msg.DESCRIPTOR.full_name
     if name == _TIMESTAMP:
-        if not (0 <= msg.nanos < 1_000_000_000 and -62_135_596_800 <= msg.seconds <= 253_402_300_799):
+        if not timestamp_is_valid(msg.seconds, msg.nanos):
             found.add("timestamp")
         return
     if name == _DURATION:
