@@ -93,6 +93,26 @@ class OutOfRange(DomainError):
     reason = "OUT_OF_RANGE"
 
 
+class Unauthenticated(DomainError):
+    """The caller proved no identity (no token, a bad or expired one, no client certificate where one is
+    needed). Maps to UNAUTHENTICATED with ErrorInfo."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but may not do this (a role it lacks, another collector's stream). Maps to
+    PERMISSION_DENIED with ErrorInfo."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(DomainError):
+    """A quota or limit is used up. Maps to RESOURCE_EXHAUSTED; retry later, slower."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
 class Unavailable(DomainError):
     """A dependency (Postgres, a peer service) is not reachable. Maps to UNAVAILABLE; retry later."""
 
@@ -108,6 +128,9 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "OutOfRange",
+    "PermissionDenied",
     "PreconditionViolation",
+    "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
 ]

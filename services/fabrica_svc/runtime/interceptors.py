@@ -41,6 +41,9 @@ from .errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from .validation import MAX_VIOLATIONS, OffLoopValidator, violations_of
@@ -62,6 +65,9 @@ _CODES: list[tuple[type[DomainError], grpc.StatusCode]] = [
     (Aborted, grpc.StatusCode.ABORTED),
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 

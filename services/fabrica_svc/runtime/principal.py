@@ -1,0 +1,98 @@
+"""Who is calling: the one identity every service's code asks about.
+
+The transport (a verified client certificate) and the bearer token (a verified JWT) each yield a
+`Principal`; the server's interceptor sets it for the duration of the RPC and domain code reads it with
+`current()`. Nothing else in a service decides who the caller is.
+
+Tokens are JWTs with these claims (the embedded signer, `fabrica token`, and any OIDC provider in
+deployment produce them alike): ``sub`` (the user or collector), ``roles`` (a list of role names below),
+``iss``/``aud`` (checked against settings), ``exp``, and, for a collector's token, ``collector_id``.
+A collector's certificate names its collector id in a URI SAN ``urn:fabrica:collector:<id>``; a service's
+certificate names the service in ``urn:fabrica:service:<name>``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+from .errors import PermissionDenied, Unauthenticated
+
+#: The roles, weakest first. A role includes the ones before it in this order, except `collector`, which
+#: is a machine role of its own (a collector streams and watches as itself and reads nothing else).
+VIEWER = "viewer"
+OPERATOR = "operator"
+ENGINEER = "engineer"
+ADMIN = "admin"
+COLLECTOR = "collector"
+USER_ROLES: tuple[str, ...] = (VIEWER, OPERATOR, ENGINEER, ADMIN)
+ROLES: tuple[str, ...] = (*USER_ROLES, COLLECTOR)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A proven caller. `subject` is e.g. ``user:ana``, ``collector:demo`` or ``service:production``;
+    `via` says how it was proven: ``token``, ``certificate`` or ``insecure`` (authentication turned off
+    by FABRICA_INSECURE=1, development only)."""
+
+    subject: str
+    roles: frozenset[str] = field(default_factory=frozenset)
+    collector_id: str | None = None
+    via: str = "token"
+
+    def has_role(self, role: str) -> bool:
+        """True when this principal may act with `role`: an exact grant, or a stronger user role."""
+        if role in self.roles:
+            return True
+        if role not in USER_ROLES:
+            return False
+        needed = USER_ROLES.index(role)
+        return any(r in USER_ROLES and USER_ROLES.index(r) >= needed for r in self.roles)
+
+
+#: The principal of the development mode, when authentication is off: may do everything, as any collector.
+INSECURE = Principal(subject="insecure", roles=frozenset(USER_ROLES), collector_id=None, via="insecure")
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("fabrica_principal", default=None)
+
+
+def current() -> Principal | None:
+    """The principal of the RPC being served, or None outside one."""
+    return _current.get()
+
+
+def set_current(principal: Principal | None) -> contextvars.Token[Principal | None]:
+    """Set the principal for the running task (the interceptor does this); reset with `reset`."""
+    return _current.set(principal)
+
+
+def reset(token: contextvars.Token[Principal | None]) -> None:
+    _current.reset(token)
+
+
+def actor() -> str:
+    """The subject to record in audit entries and logs: the current principal's, or ``system``."""
+    p = current()
+    return p.subject if p else "system"
+
+
+def require_collector(collector_id: str) -> None:
+    """Refuse (PERMISSION_DENIED) unless the caller proved it is collector `collector_id`. The development
+    principal (authentication off) passes; so does no principal at all, which only code outside an RPC has."""
+    p = current()
+    if p is None or p.via == "insecure":
+        return
+    if p.collector_id != collector_id:
+        shown = p.collector_id or p.subject
+        raise PermissionDenied(
+            f"{shown} may not act as collector {collector_id!r}: a collector streams and watches only as itself",
+            reason="COLLECTOR_IDENTITY_MISMATCH",
+            metadata={"collector_id": collector_id, "caller": p.subject},
+        )
+
+
+def require_authenticated() -> Principal:
+    p = current()
+    if p is None:
+        raise Unauthenticated("this call needs a bearer token or a client certificate", reason="UNAUTHENTICATED")
+    return p
