@@ -33,9 +33,13 @@ STUBS: dict[str, Any] = {
 
 def settings_for(service: str, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """`service`'s settings for a test: read from `env` only (never the test process's environment), on
-    port 0 with no metrics endpoint and the database checked every 0.2 s; `overrides` on top."""
+    port 0 with no metrics endpoint and the database checked every 0.2 s; `overrides` on top. Plaintext
+    (FABRICA_INSECURE=1) unless `env` says otherwise or names TLS files (tests of TLS: tests/tls_support.py)."""
     defaults: dict[str, Any] = {"port": 0, "metrics_port": -1, "health_interval": 0.2}
-    return load_settings(service, env or {}).with_overrides(**{**defaults, **overrides})
+    env = dict(env or {})
+    if not any(k.startswith("FABRICA_TLS_") for k in env):
+        env.setdefault("FABRICA_INSECURE", "1")
+    return load_settings(service, env).with_overrides(**{**defaults, **overrides})
 
 
 async def start_server(service: str, settings: Settings | None = None, **app_args: Any) -> ServiceHost:

@@ -20,6 +20,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
+#: The environment of a test service that runs plaintext (development mode): said explicitly, since a service
+#: without it requires TLS (runtime/tls.py). Tests of TLS itself leave it out.
+PLAINTEXT: dict[str, str] = {"FABRICA_INSECURE": "1"}
+
+
 def free_port() -> int:
     """A port nothing listens on yet (bound, then released): only for a peer that must come up later at an
     address handed out in advance. A service process binds port 0 and reports its port (`bound_ports`)."""
@@ -94,7 +99,7 @@ class ServiceProcess:
         self.port: int = port or 0
         self.metrics_port: int | None = None
         self.port_file = log_path.with_name(f"{log_path.name}.ports.json")
-        self.env = {**os.environ, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text", **env,
+        self.env = {**os.environ, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text", **PLAINTEXT, **env,
                     "FABRICA_PORT_FILE": str(self.port_file)}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None

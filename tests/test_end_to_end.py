@@ -33,13 +33,13 @@ from fabrica_svc.production import demo
 from fabrica_svc.production.demo import create_demo
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
-from procs import free_base_port, wait_for
+from procs import PLAINTEXT, free_base_port, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def _settings(service: str, database_url: str, data_dir: Path):
-    return load_settings(service, {}).with_overrides(port=0, metrics_port=-1, database_url=database_url,
+    return load_settings(service, PLAINTEXT).with_overrides(port=0, metrics_port=-1, database_url=database_url,
                                                      data_dir=data_dir, health_interval=0.5)
 
 

@@ -19,6 +19,7 @@ from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
 from fabrica.config.v1 import plc_pb2
 
+from .runtime.channels import peer_channel
 from .runtime.server import ServiceHost
 
 log = logging.getLogger("fabrica.demo")
@@ -48,7 +49,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         f"S7 127.0.0.1:{sim.s7_port}",
     ]
     collector_id = hosts["collector"].settings.collector_id
-    channel = await stack.enter_async_context(grpc.aio.insecure_channel(hosts["config"].address))
+    channel = await stack.enter_async_context(peer_channel(hosts["config"].address, hosts["config"].settings))
     config = config_grpc.ConfigServiceStub(channel)
     plcs = {p.id: await _upsert_plc(config, p)
             for p in demo_plcs(collector_id, sim.modbus_port, sim.rtu_port, sim.s7_port)}
@@ -63,7 +64,8 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         from .production.demo import create_demo
 
         roles = {t.role: t.id for t in plcs["press-1"].tags}
-        prod_channel = await stack.enter_async_context(grpc.aio.insecure_channel(hosts["production"].address))
+        prod_channel = await stack.enter_async_context(
+            peer_channel(hosts["production"].address, hosts["production"].settings))
         order = await create_demo(
             production_grpc.ProductionServiceStub(prod_channel),
             plc_id="press-1",

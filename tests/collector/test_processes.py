@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fabrica_svc.collector.spool import Spool
 from fabrica_svc.plcsim import Simulator
-from procs import bound_ports
+from procs import PLAINTEXT, bound_ports
 
 from .support import collector_settings, free_port, key, store_config, stored_readings, wait_for
 from .test_store_and_forward import busy_plcs
@@ -52,7 +52,7 @@ class Service:
 
     async def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}", "FABRICA_METRICS_PORT": "-1",
-               "FABRICA_LOG_FORMAT": "text", **self.env, "FABRICA_PORT_FILE": str(self.port_file)}
+               "FABRICA_LOG_FORMAT": "text", **PLAINTEXT, **self.env, "FABRICA_PORT_FILE": str(self.port_file)}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fabrica_svc.cli", "serve", self.service, "--port", str(self.port)],

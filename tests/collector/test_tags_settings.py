@@ -22,6 +22,7 @@ from fabrica_svc.config.domain import check_plc, normalized
 from fabrica_svc.plcmodel.spec import ByteOrder, DataType, ModbusTable, S7Area, TagSpec, WordOrder
 from fabrica_svc.plcsim.plant import DEMO_TAGS
 from fabrica_svc.runtime.settings import SettingsError, load_settings
+from procs import PLAINTEXT
 
 REPO = Path(__file__).resolve().parents[2]
 T = plc_pb2
@@ -140,7 +141,7 @@ def test_golden_vectors_through_the_proto_tag(name: str, byte_order: int, word_o
 
 def collector_settings_from(env: dict[str, str]):  # noqa: ANN201 - CollectorSettings
     """As `fabrica serve collector` reads them: the runtime's settings (id, peers), then the collector's own."""
-    return load_collector_settings(load_settings("collector", env), env)
+    return load_collector_settings(load_settings("collector", {**PLAINTEXT, **env}), env)
 
 
 def test_the_collector_id_is_required_and_checked() -> None:
@@ -174,6 +175,7 @@ def test_collector_defaults_and_state_folder(tmp_path: Path) -> None:
 def test_serve_collector_without_an_id_says_what_is_missing() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FABRICA_")}
     env["PYTHONPATH"] = f"{REPO / 'gen'}:{REPO / 'services'}"
+    env.update(PLAINTEXT)
     done = subprocess.run([sys.executable, "-m", "fabrica_svc.cli", "serve", "collector", "--port", "0"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

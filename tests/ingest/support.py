@@ -22,6 +22,7 @@ from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica_svc.ingest.config import IngestConfig
 from fabrica_svc.runtime.settings import Settings
 from in_process import Server, open_server, settings_for
+from procs import PLAINTEXT
 from procs import wait_for as _wait_for
 
 GOOD = reading_pb2.QUALITY_GOOD
@@ -175,7 +176,7 @@ class IngestProcess:
     async def start(self, timeout: float = 30.0) -> None:
         env = {**os.environ, "DATABASE_URL": self.database_url, "FABRICA_METRICS_PORT": "-1",
                "FABRICA_LOG_FORMAT": "text", "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}",
-               **self.env_extra}
+               **PLAINTEXT, **self.env_extra}
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open by the child)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(self.port)],

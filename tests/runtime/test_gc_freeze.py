@@ -17,7 +17,7 @@ from fabrica_svc.collector.supervisor import PlcSupervisor
 from fabrica_svc.runtime.server import Resources
 from fabrica_svc.runtime.settings import load_settings
 from collector.support import start_config
-from procs import free_port, wait_for
+from procs import PLAINTEXT, free_port, wait_for
 
 #: A child running the real command line, `fabrica serve collector`, that reports (and then ends itself
 #: with SIGTERM) once the process is frozen, or after 60 s that it never was.
@@ -60,7 +60,7 @@ async def test_only_a_supervisor_told_it_is_alone_freezes_the_process() -> None:
 
 
 async def test_the_collector_app_freezes_only_with_settings_that_say_it_is_alone(tmp_path: Path) -> None:
-    shared = load_settings("collector", {})  # what `fabrica run` and the tests start services with
+    shared = load_settings("collector", PLAINTEXT)  # what `fabrica run` and the tests start services with
     assert shared.sole_service is False
     for settings, expected in ((shared, False), (shared.with_overrides(sole_service=True), True)):
         settings = settings.with_overrides(data_dir=tmp_path / str(expected), port=0, metrics_port=-1)
@@ -80,7 +80,7 @@ async def test_fabrica_serve_collector_freezes_its_process(database_url: str, tm
     try:
         env = {**os.environ, "FABRICA_COLLECTOR_ID": "solo", "FABRICA_CONFIG_ADDR": config.address,
                "FABRICA_INGEST_ADDR": f"127.0.0.1:{free_port()}", "FABRICA_DATA_DIR": str(tmp_path),
-               "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text"}
+               "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text", **PLAINTEXT}
         child = await asyncio.create_subprocess_exec(sys.executable, "-c", SERVE_AND_REPORT, env=env,
                                                      stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:

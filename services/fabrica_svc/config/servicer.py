@@ -15,6 +15,7 @@ from fabrica.config.v1 import device_profile_pb2, plc_pb2
 
 from ..plcmodel.mirrors import mirror_violations, target_ids
 from ..plcmodel.plc import is_s7
+from ..runtime import principal
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
@@ -153,6 +154,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
 
     async def WatchPlcs(self, request: pb.WatchPlcsRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchPlcsResponse]:
+        principal.require_collector(request.collector_id)
         # The cursor is the revision sent last; None until the first snapshot is sent.
         start = request.after_revision or None
         read = functools.partial(self._plc_page, request.collector_id)
@@ -189,6 +191,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
 
     async def ReportCollectorStatus(self, request: pb.ReportCollectorStatusRequest,
                                     context: grpc.aio.ServicerContext) -> pb.ReportCollectorStatusResponse:
+        principal.require_collector(request.collector_id)
         current = await self.store.report(request.collector_id, request.applied_revision, request.plc_statuses)
         return pb.ReportCollectorStatusResponse(current_revision=current)
 

@@ -26,6 +26,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
+from ..runtime import principal
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
@@ -87,6 +88,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             raise InvalidArgument(FieldViolation("open", "the first message of the stream must be open"))
         opening = first.open
         collector_id = opening.collector_id
+        principal.require_collector(collector_id)  # before anything reads or creates its sequence row
         if opening.new_epoch and opening.epoch:
             raise InvalidArgument(FieldViolation("open.epoch", "must be 0 with new_epoch: ingest gives the epoch"))
         state = await self.store.open_stream(collector_id, opening.epoch, opening.new_epoch)
@@ -141,6 +143,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 if request.WhichOneof("kind") != "batch":
                     raise InvalidArgument(FieldViolation("open", "only the first message of the stream may be open"))
                 batch = request.batch
+                principal.require_collector(batch.collector_id)
                 if batch.collector_id != session.collector_id:
                     raise InvalidArgument(FieldViolation(
                         "batch.collector_id", f"must be the collector the stream was opened for ({session.collector_id})"
@@ -309,6 +312,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
     async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
         """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""
+        principal.require_collector(request.collector_id)
         changed, removed = await self.store.sync_tags(request.collector_id, tag_infos_from_proto(request))
         return pb.SyncTagsResponse(changed=changed, removed=removed)
 

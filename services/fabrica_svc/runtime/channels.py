@@ -1,7 +1,16 @@
-"""Options for the long-lived channels one Fabrica service keeps to another (collector → config and
-ingest, production → ingest and config), and the one message size limit of every server and channel."""
+"""The long-lived channels one Fabrica service keeps to another (collector → config and ingest, production →
+ingest and config), all made by :func:`peer_channel`, and the one message size limit of every server and
+channel."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 #: The largest message any Fabrica server or channel sends or receives, in bytes: 64 MiB. Servers
 #: (runtime/server.py) and every peer channel take it from here, so whatever a service sends fits in what
@@ -29,3 +38,15 @@ PEER_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     *MESSAGE_LIMITS,
 )
+
+
+def peer_channel(address: str, settings: Settings | None,
+                 options: Sequence[tuple[str, Any]] = PEER_CHANNEL_OPTIONS) -> grpc.aio.Channel:
+    """The channel every outbound call of a service uses (collector → config and ingest, production →
+    ingest and config): TLS with this service's certificate as the client certificate when it has one
+    (``settings.tls``, runtime/tls.py: the server is verified against FABRICA_TLS_CA, and the peer's
+    port is its mutual-TLS FABRICA_PEER_PORT), plaintext only in development mode (FABRICA_INSECURE=1).
+    `settings` None is plaintext too: for a test that builds a client part without a service around it."""
+    if settings is not None and settings.tls is not None:
+        return grpc.aio.secure_channel(address, settings.tls.channel_credentials(), options=options)
+    return grpc.aio.insecure_channel(address, options=options)

@@ -31,6 +31,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import metrics
 
+from . import principal
 from .db import DB_UNAVAILABLE_ERRORS
 from .errors import (
     Aborted,
@@ -240,11 +241,15 @@ def _wrap_handler(handler: grpc.RpcMethodHandler,
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Validation, error mapping and RPC metrics for every method."""
+    """Validation, error mapping and RPC metrics for every method, and who is calling: `identify` (given by
+    the host: runtime/tls.py's certificate identity) names the caller's Principal, which is current
+    (``principal.current()``) for the whole call, streams included; None leaves no principal."""
 
-    def __init__(self, service: str, *, validate: bool = True):
+    def __init__(self, service: str, *, validate: bool = True,
+                 identify: Callable[[grpc.aio.ServicerContext], principal.Principal | None] | None = None):
         self.service = service
         self.validate = validate
+        self.identify = identify
         self.validator = OffLoopValidator()
         self._malformed_log = _MalformedLog()
         meter = metrics.get_meter("fabrica.rpc")
@@ -278,12 +283,26 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         An abort by the handler itself (context.abort) passes through as it is."""
         started = time.perf_counter()
         try:
-            yield
+            with self._identified(context):
+                yield
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
+
+    @contextlib.contextmanager
+    def _identified(self, context: grpc.aio.ServicerContext) -> Any:
+        """The caller's principal (`identify`) set as current for the call, and reset after it."""
+        if self.identify is None:
+            yield
+            return
+        token = principal.set_current(self.identify(context))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ValueError):  # a stream's generator closed from another context
+                principal.reset(token)
 
     async def _checked(self, path: str, request: Any, request_streaming: bool) -> Any:
         """The request, decoded and validated: a message now (a large one away from the event loop), or each

@@ -30,6 +30,7 @@ from .interceptors import ServiceInterceptor
 from .reflection import SourceInfoPool, descriptor_set_path
 from .settings import Settings
 from .tasks import cancel_and_wait
+from .tls import certificate_identify
 from .telemetry import configure_telemetry, start_metrics_endpoint
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,19 @@ def _busy(what: str, variable: str, choices: str) -> str:
             f"is not this machine's: set {variable} to another port {choices}, or FABRICA_HOST to another address")
 
 
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str,
+          variable: str, choices: str) -> int:
+    """Add a port to `server` (TLS with `credentials`, else plaintext); the bound port, or OSError saying why."""
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpcio raises RuntimeError when it cannot bind, and says no more than that
+        port = 0
+    if port == 0:
+        raise OSError(_busy(f"cannot listen on {address} ({what})", variable, choices))
+    return port
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -107,6 +121,8 @@ class ServiceHost:
     resources: Resources | None = None
     port: int = 0
     metrics_port: int | None = None
+    #: The bound mutual-TLS port (FABRICA_PEER_PORT, runtime/tls.py), or None when there is none.
+    peer_port: int | None = None
     _monitor: asyncio.Task[None] | None = None
     _metrics_server: object | None = None
     _serving: bool | None = None
@@ -115,6 +131,11 @@ class ServiceHost:
     @property
     def address(self) -> str:
         return _address(self.settings.host, self.port)
+
+    @property
+    def peer_address(self) -> str | None:
+        """Where collectors and services call (mutual TLS), or None without a peer port."""
+        return _address(self.settings.host, self.peer_port) if self.peer_port else None
 
     async def start(self) -> None:
         app, settings = self.app, self.settings
@@ -141,7 +162,8 @@ class ServiceHost:
             await self.stop(grace=0)
             raise
         log.info("serving", extra={"service": app.name, "address": self.address, "port": self.port,
-                                   "metrics_port": self.metrics_port})
+                                   "metrics_port": self.metrics_port, "peer_port": self.peer_port,
+                                   "tls": self.settings.tls is not None})
 
     def _write_port_file(self) -> None:
         """Write the bound ports to FABRICA_PORT_FILE (see runtime/settings.py), keeping the entries other
@@ -155,14 +177,16 @@ class ServiceHost:
             written = {}
         mine = isinstance(written, dict) and written.get("pid") == os.getpid()  # else: stale, another process's
         services = written.get("services", {}) if mine else {}
-        services[self.app.name] = {"port": self.port, "metrics_port": self.metrics_port}
+        services[self.app.name] = {"port": self.port, "metrics_port": self.metrics_port,
+                                   **({"peer_port": self.peer_port} if self.peer_port else {})}
         scratch = path.with_name(f".{path.name}.{os.getpid()}")
         scratch.write_text(json.dumps({"pid": os.getpid(), "services": services}))
         os.replace(scratch, path)
 
     async def _start_server(self) -> None:
         app, settings = self.app, self.settings
-        self._interceptor = ServiceInterceptor(app.name)
+        # Who calls: the verified client certificate (runtime/tls.py); the interceptor sets it per RPC.
+        self._interceptor = ServiceInterceptor(app.name, identify=certificate_identify(settings.insecure))
         server = grpc.aio.server(
             interceptors=[aio_server_interceptor(), self._interceptor],
             options=[
@@ -181,14 +205,17 @@ class ServiceHost:
             [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server, pool=SourceInfoPool(descriptor_set_path()),  # with the protos' comments (runtime/reflection.py)
         )
-        address = _address(settings.host, settings.port)
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError:  # grpcio raises RuntimeError when it cannot bind, and says no more than that
-            self.port = 0
-        if self.port == 0:
-            raise OSError(_busy(f"cannot listen on {address} (the gRPC port of {app.name})", "FABRICA_PORT",
-                                "(or --port; 0: any free port)"))
+        tls = settings.tls
+        if tls is None:
+            log.warning("plaintext gRPC on the port of %s (FABRICA_INSECURE=1, no FABRICA_TLS_CERT): anyone on the "
+                        "network can read and send anything; for development only", app.name)
+        self.port = _bind(server, _address(settings.host, settings.port),
+                          tls.server_credentials(require_client_cert=False) if tls else None,
+                          f"the gRPC port of {app.name}", "FABRICA_PORT", "(or --port; 0: any free port)")
+        if settings.peer_port != -1 and tls is not None:  # settings refuse a peer port without TLS
+            self.peer_port = _bind(server, _address(settings.host, settings.peer_port),
+                                   tls.server_credentials(require_client_cert=True),
+                                   f"the mutual-TLS peer port of {app.name}", "FABRICA_PEER_PORT", "(0: any free port)")
         await self._set_serving(False)
         await self.health.set(LIVENESS, SERVING)
         await server.start()

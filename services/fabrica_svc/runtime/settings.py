@@ -19,7 +19,17 @@ FABRICA_CONFIG_ADDR        host:port of the config service (its clients)  unset
 FABRICA_INGEST_ADDR        host:port of the ingest service (its clients)  unset
 FABRICA_PORT_FILE          File the bound ports are written to (below)    unset: none written
 FABRICA_COLLECTOR_ID       The collector's id (the collector only)        unset
+FABRICA_TLS_CERT/KEY/CA    The service's certificate, key, and the CA     unset: FABRICA_INSECURE
+                           that verifies its peers (runtime/tls.py)       must be 1
+FABRICA_PEER_PORT          The mutual-TLS port for collectors and         -1: none
+                           services (runtime/tls.py); 0: any free port
+FABRICA_INSECURE           1: plaintext without certificates (dev only)   0
 =========================  =============================================  ==========================
+
+TLS is the default: without FABRICA_INSECURE=1 a service refuses to start unless FABRICA_TLS_CERT,
+FABRICA_TLS_KEY and FABRICA_TLS_CA name readable PEM files (a missing or unreadable one is named in the
+one-line error). With FABRICA_INSECURE=1 and no certificate, the ports and channels are plaintext (a
+warning at start says so).
 
 FABRICA_PORT (and FABRICA_METRICS_PORT) may be 0: the service binds a free port. With FABRICA_PORT_FILE set,
 once a service listens it writes the ports it bound to that file, atomically, as JSON:
@@ -40,6 +50,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
+
+from .tls import TlsConfig, TlsFileError, load_tls
 
 DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054}
 DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454}
@@ -76,6 +88,12 @@ class Settings:
     #: The service has its process to itself (`fabrica serve`), so process-wide tuning may apply (the
     #: collector's gc.freeze); False when `fabrica run` or a test hosts several services in one process.
     sole_service: bool = False
+    #: The certificate, key and CA (FABRICA_TLS_*); None: plaintext, allowed only with `insecure`.
+    tls: TlsConfig | None = None
+    #: FABRICA_INSECURE=1: plaintext allowed, development only.
+    insecure: bool = False
+    #: The mutual-TLS port (FABRICA_PEER_PORT): -1 none, 0 any free port.
+    peer_port: int = -1
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -123,7 +141,7 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
     pool_max = env_int(env, "FABRICA_DB_POOL_MAX", 10, 1, 1000)
     if pool_max < pool_min:
         raise SettingsError(f"FABRICA_DB_POOL_MAX={pool_max} is below FABRICA_DB_POOL_MIN={pool_min}")
-    return Settings(
+    settings = Settings(
         service=service,
         database_url=env.get("DATABASE_URL") or None,
         data_dir=Path(env.get("FABRICA_DATA_DIR") or ".fabrica"),
@@ -141,3 +159,16 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         port_file=Path(env["FABRICA_PORT_FILE"]) if env.get("FABRICA_PORT_FILE") else None,
         collector_id=(env.get("FABRICA_COLLECTOR_ID") or "").strip(),
     )
+    insecure = env_choice(env, "FABRICA_INSECURE", "0", ("0", "1")) == "1"
+    tls_files = [(env.get(n) or "").strip() for n in ("FABRICA_TLS_CERT", "FABRICA_TLS_KEY", "FABRICA_TLS_CA")]
+    tls: TlsConfig | None = None
+    if any(tls_files) or not insecure:
+        try:
+            tls = load_tls(*tls_files)
+        except TlsFileError as exc:
+            raise SettingsError(str(exc)) from None
+    peer_port = env_int(env, "FABRICA_PEER_PORT", -1, -1, 65535)
+    if peer_port != -1 and tls is None:
+        raise SettingsError(f"FABRICA_PEER_PORT={peer_port} needs FABRICA_TLS_CERT, FABRICA_TLS_KEY and "
+                            "FABRICA_TLS_CA: the peer port is mutual TLS")
+    return replace(settings, tls=tls, insecure=insecure, peer_port=peer_port)
