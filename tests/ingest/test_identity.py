@@ -1,0 +1,149 @@
+"""The forged-sequence attack of issue 9, with identities: a client that proved another identity (its client
+certificate names collector `cell-9`, or a service) cannot open `demo`'s StreamReadings, send a batch of
+`demo`'s, or replace `demo`'s tags, and touches nothing of `demo`'s sequence; the real collector (a real
+Uplink over a real spool, presenting `demo`'s certificate over mutual TLS) stores every one of its
+readings, counted in Postgres. Real ingest with TLS, real Postgres, real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_helpers import error_info
+
+from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from fabrica_svc.collector.spool import Spool
+from fabrica_svc.collector.uplink import Uplink
+from fabrica_svc.runtime.settings import load_settings
+from in_process import Servers, settings_for, start_server
+from tls_support import Pki
+
+from .support import T0_US, TEST_CONFIG, batch, batch_request, fetchval, numbered_batches, open_request, reading, \
+    wait_for
+
+COLLECTOR = "demo"
+SEQUENCE_ROW = "SELECT count(*) FROM ingest.collector_sequences WHERE collector_id = $1"
+COMMITTED = "SELECT committed_sequence FROM ingest.collector_sequences WHERE collector_id = $1"
+EPOCH = "SELECT epoch FROM ingest.collector_sequences WHERE collector_id = $1"
+REAL = "SELECT count(*) FROM ingest.readings WHERE tag_id BETWEEN 1 AND 10"
+FORGED = "SELECT count(*) FROM ingest.readings WHERE tag_id = 999"
+BATCH = 20
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path / "pki")
+
+
+@pytest.fixture
+async def ingest(database_url: str, servers: Servers, pki: Pki):  # noqa: ANN201 - ServiceHost
+    host = await start_server("ingest", settings_for("ingest", {**pki.env("ingest"), "FABRICA_PEER_PORT": "0"},
+                                                     database_url=database_url), config=TEST_CONFIG)
+    yield host
+    await host.stop(grace=0.5)
+
+
+async def refused_open(channel: grpc.aio.Channel, collector_id: str, *,
+                       batch_of: str | None = None) -> grpc.aio.AioRpcError:
+    """Open `collector_id`'s stream and send a batch far ahead (of `batch_of`'s, default the same id): the
+    error that ends the stream."""
+    call = pb_grpc.IngestServiceStub(channel).StreamReadings()
+    await call.write(open_request(collector_id))
+    await call.write(batch_request(batch(batch_of or collector_id, 10**12, [reading(999, T0_US, 6.66)])))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(20):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    return err.value
+
+
+def assert_denied(err: grpc.aio.AioRpcError, caller: str) -> None:
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    info = error_info(err)
+    assert info.reason == "COLLECTOR_IDENTITY_MISMATCH"
+    assert dict(info.metadata) == {"collector_id": COLLECTOR, "caller": caller}
+
+
+class RealCollector:
+    """The collector `demo` as it runs: a real Uplink over a real spool, with demo's certificate."""
+
+    def __init__(self, ingest, pki: Pki, state_dir: Path):  # noqa: ANN001
+        self.spool = Spool(state_dir / "spool", 64 << 20)
+        settings = load_settings("collector", pki.env(collector=COLLECTOR))
+        self.uplink = Uplink(ingest.peer_address, COLLECTOR, self.spool, state_dir, backoff_min=0.02,
+                             backoff_max=0.2, settings=settings)
+        self.appended = 0
+        self._made = 0
+
+    async def start(self) -> None:
+        self.spool.open()
+        await self.spool.start()
+        self.uplink.start()
+
+    def append(self, count: int) -> None:
+        for b in numbered_batches(COLLECTOR, count, BATCH, start_us=T0_US + self._made * BATCH * 1000):
+            b.sequence = self.spool.next_sequence()
+            self.spool.append(b.sequence, b.SerializeToString(), len(b.readings), 0)
+            self.appended += len(b.readings)
+        self._made += count
+
+    async def drained(self) -> None:
+        await wait_for(lambda: self.spool.acked == self.spool.high_water and self.spool.backlog_readings == 0,
+                       timeout=30, what="every batch acknowledged")
+
+    async def stop(self) -> None:
+        await self.uplink.stop()
+        await self.spool.close()
+
+
+async def test_another_identity_cannot_open_demos_stream_and_every_reading_of_the_real_collector_arrives(
+        ingest, pki: Pki, tmp_path: Path) -> None:
+    dsn = ingest.settings.database_url
+    async with pki.channel(ingest.peer_address, collector="cell-9") as forger:
+        # Before the collector ever connected: refused at open, and no sequence row is created for demo.
+        assert_denied(await refused_open(forger, COLLECTOR), "collector:cell-9")
+        assert await fetchval(dsn, SEQUENCE_ROW, COLLECTOR) == 0
+
+        real = RealCollector(ingest, pki, tmp_path / "collector")
+        await real.start()
+        try:
+            for _ in range(4):  # interleaved with the collector's own batches
+                real.append(7)
+                await wait_for(lambda: real.spool.acked > 0, what="the collector storing")
+                before = (await fetchval(dsn, COMMITTED, COLLECTOR), await fetchval(dsn, EPOCH, COLLECTOR))
+                assert_denied(await refused_open(forger, COLLECTOR), "collector:cell-9")
+                # Its own stream, with a batch of demo's in it: refused at that batch.
+                assert_denied(await refused_open(forger, "cell-9", batch_of=COLLECTOR), "collector:cell-9")
+                # demo's sequence went nowhere the collector did not take it (the collector may have moved it on).
+                committed, epoch = await fetchval(dsn, COMMITTED, COLLECTOR), await fetchval(dsn, EPOCH, COLLECTOR)
+                assert epoch == before[1] and committed >= before[0]
+            real.append(7)
+            await real.drained()
+        finally:
+            await real.stop()
+    # A service's certificate is not a collector's either.
+    async with pki.channel(ingest.peer_address, "production") as service:
+        assert_denied(await refused_open(service, COLLECTOR), "service:production")
+    # Every reading of the real collector, exactly once; nothing of the forger's; the sequence is the collector's.
+    assert await fetchval(dsn, REAL) == real.appended == 5 * 7 * BATCH
+    assert await fetchval(dsn, FORGED) == 0
+    assert await fetchval(dsn, COMMITTED, COLLECTOR) == 35
+    assert real.spool.dropped_readings == 0 and real.spool.suspicious_duplicates == 0
+
+
+async def test_another_identity_cannot_replace_demos_tags(ingest, pki: Pki) -> None:
+    tags = [pb.TagInfo(tag_id=1, plc_id="press-1", name="good_count")]
+    async with pki.channel(ingest.peer_address, collector=COLLECTOR) as own:
+        reply = await pb_grpc.IngestServiceStub(own).SyncTags(pb.SyncTagsRequest(collector_id=COLLECTOR, tags=tags))
+        assert reply.changed == 1
+    async with pki.channel(ingest.peer_address, collector="cell-9") as forger:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.IngestServiceStub(forger).SyncTags(pb.SyncTagsRequest(collector_id=COLLECTOR, tags=[]))
+    assert_denied(err.value, "collector:cell-9")
+    # demo's tag is still there, not marked removed.
+    removed = await fetchval(ingest.settings.database_url,
+                             "SELECT count(*) FROM ingest.tag_metadata WHERE tag_id = 1 AND NOT removed")
+    assert removed == 1
