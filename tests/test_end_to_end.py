@@ -33,6 +33,7 @@ from fabrica_svc.production import demo
 from fabrica_svc.production.demo import create_demo
 from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
+from fabrica_svc.stack import PORTS_USED
 from procs import PLAINTEXT, free_base_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -130,7 +131,7 @@ async def test_order_fills_from_the_simulated_counter_and_completes_itself(datab
 
 
 def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
-    base = free_base_port(4)
+    base = free_base_port(PORTS_USED)
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1"}
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -144,8 +145,14 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         assert "demo order  DEMO-0001" in banner, banner
-        assert f"grpcurl -plaintext 127.0.0.1:{base} list" in banner
-        with grpc.insecure_channel(f"127.0.0.1:{base + 2}") as ch:
+        # Over TLS: the stack's own CA, created in its data folder.
+        ca = tmp_path / "data" / "tls" / "ca.pem"
+        assert f"grpcurl -cacert {ca} 127.0.0.1:{base} list" in banner
+        with grpc.insecure_channel(f"127.0.0.1:{base + 2}") as ch:  # plaintext to a TLS port: refused
+            with pytest.raises(grpc.RpcError) as err:
+                prod_grpc.ProductionServiceStub(ch).ListOrders(prod_pb.ListOrdersRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.secure_channel(f"127.0.0.1:{base + 2}", grpc.ssl_channel_credentials(ca.read_bytes())) as ch:
             stub = prod_grpc.ProductionServiceStub(ch)
             good = 0
             for _ in range(600):

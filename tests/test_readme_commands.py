@@ -8,9 +8,10 @@ only `NAME=value` (`G=.venv/bin/grpcurl`) are assignments, run before every late
 How each command is checked:
 - grpcurl (`$G`, `.venv/bin/grpcurl`, `grpcurl`): run as written by bash from the repository root, in the order
   the doc shows them, against a real `fabrica run` this module starts (fresh --data-dir under tmp, its own
-  --base-port). The one substitution: the docs use `make run`'s ports 50051-50054 (config, ingest, production,
-  collector); the test rewrites exactly those four port numbers after `127.0.0.1:`/`localhost:` to the ports
-  its stack bound, and nothing else. Each must exit 0 and print something sensible: `list` names services,
+  --base-port). The two substitutions: the docs use `make run`'s ports 50051-50056 (config, ingest, production,
+  collector, then config's and ingest's peer ports); the test rewrites exactly those six port numbers after `127.0.0.1:`/`localhost:` to the ports
+  its stack bound; and `make run`'s data folder `.fabrica/` (where `-cacert .fabrica/tls/ca.pem` finds the
+  stack's CA) to the stack's; nothing else. Each must exit 0 and print something sensible: `list` names services,
   `describe X` names X, a call prints JSON objects (non-empty unless the method returns google.protobuf.Empty).
   A server-streaming call ("Ctrl-C to stop") is stopped after its first message, which it must print.
 - `make <target>`: the target is real (`make -n <target>` exits 0); not run.
@@ -44,15 +45,20 @@ import pytest
 from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 
+from fabrica_svc.stack import PORTS_USED
 from procs import free_base_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "CONTRIBUTING.md", "deploy/README.md", "services/fabrica_svc/collector/README.md")
 SHELL_LANGS = {"sh", "bash", "shell", "console"}
 GRPCURL = (".venv/bin/grpcurl", "$G", "grpcurl")
-README_PORTS = {50051: 0, 50052: 1, 50053: 2, 50054: 3}  # make run's port -> offset from the base port
+#: make run's port -> offset from the base port: config, ingest, production, collector, then config's and
+#: ingest's mutual-TLS peer ports.
+README_PORTS = {50051: 0, 50052: 1, 50053: 2, 50054: 3, 50055: 4, 50056: 5}
 _ADDRESS = re.compile(r"^[\w.-]+:\d+$")
-_DOC_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):(5005[1-4])\b")
+_DOC_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):(5005[1-6])\b")
+#: `make run`'s data folder, as the docs name it (relative to the repository root): a word that starts with it.
+_DOC_DATA = re.compile(r"(?<![\w./-])\.fabrica/")
 _TIMEOUT = 60.0  # seconds a command may take (bounded; the assertion is its output, never its duration)
 
 
@@ -163,18 +169,30 @@ class Described:
     def __init__(self) -> None:
         self._services: dict[tuple[str, str], str] = {}
 
-    def rpc(self, address: str, method: str) -> tuple[bool, str]:
-        """(server streaming, response type) of `method` ("pkg.Service/Method"); (False, "") when the server
-        does not know it (the command itself then fails with grpcurl's own message)."""
+    def rpc(self, address: str, method: str, transport: list[str]) -> tuple[bool, str]:
+        """(server streaming, response type) of `method` ("pkg.Service/Method"), asked with the command's own
+        `transport` flags (-cacert, -cert, -key, -plaintext); (False, "") when the server does not know it
+        (the command itself then fails with grpcurl's own message)."""
         service, _, name = method.rpartition("/")
         key = (address, service)
         if key not in self._services:
-            done = subprocess.run([str(REPO / ".venv/bin/grpcurl"), "-plaintext", address, "describe", service],
+            done = subprocess.run([str(REPO / ".venv/bin/grpcurl"), *transport, address, "describe", service],
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_TIMEOUT)
             self._services[key] = done.stdout if done.returncode == 0 else ""
         found = re.search(rf"rpc {re.escape(name)} \( (?:stream )?\S+ \) returns \( (stream )?\.?(\S+) \)",
                           self._services[key])
         return (bool(found.group(1)), found.group(2)) if found else (False, "")
+
+
+def _transport(words: list[str]) -> list[str]:
+    """The TLS flags of a grpcurl command (with their values): how it reaches the server."""
+    out: list[str] = []
+    for i, w in enumerate(words):
+        if w in ("-cacert", "-cert", "-key") and i + 1 < len(words):
+            out += [w, words[i + 1]]
+        elif w in ("-plaintext", "-insecure"):
+            out.append(w)
+    return out
 
 
 def _json_objects(output: str) -> list[object]:
@@ -224,12 +242,15 @@ def _first_message(script: str) -> tuple[str, str]:
     return "".join(out), proc.stderr.read()
 
 
-def run_grpcurl(command: Command, ports: dict[int, int], described: Described) -> str | None:
-    """Runs one grpcurl command as written (the docs' ports rewritten to the stack's); None if it did what
-    it should, else what went wrong."""
+def run_grpcurl(command: Command, ports: dict[int, int], described: Described, data_dir: Path | None = None) -> str | None:
+    """Runs one grpcurl command as written (the docs' ports and data folder rewritten to the stack's); None
+    if it did what it should, else what went wrong."""
     text = _DOC_PORT.sub(lambda m: f"{m.group(1)}:{ports.get(int(m.group(2)), m.group(2))}", command.text)
+    if data_dir is not None:
+        text = _DOC_DATA.sub(lambda m: f"{data_dir}/", text)
     script = _script(command, text)
-    address, rest = _grpcurl_target(shlex.split(text, comments=True))
+    words = shlex.split(text, comments=True)
+    address, rest = _grpcurl_target(words)
     if rest and rest[0] == "list":
         done = _run(script)
         names = done.stdout.split()
@@ -244,7 +265,7 @@ def run_grpcurl(command: Command, ports: dict[int, int], described: Described) -
             return f"exit {done.returncode}, stdout {done.stdout!r}, stderr {done.stderr!r}"
         return None
     assert rest, f"{command.where}: a grpcurl command without a verb or method"
-    streaming, response = described.rpc(address, rest[0])
+    streaming, response = described.rpc(address, rest[0], _transport(words))
     if streaming:
         stdout, stderr = _first_message(script)
         try:
@@ -273,6 +294,11 @@ def run_grpcurl(command: Command, ports: dict[int, int], described: Described) -
 class Stack:
     base: int
     banner: str
+    data_dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
 
     @property
     def ports(self) -> dict[int, int]:
@@ -284,7 +310,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`fabrica run` with the demo, as `make run` starts it, once the demo press's values reach ingest (so
     the docs' "live values" and history commands have something to show)."""
     tmp = tmp_path_factory.mktemp("readme")
-    base = free_base_port(len(README_PORTS))
+    base = free_base_port(PORTS_USED)  # the four gRPC ports, then config's and ingest's mutual-TLS peer ports
     log = tmp / "run.log"
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1"}
     with open(log, "wb") as out:
@@ -300,14 +326,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert "Ctrl-C stops everything" in text, text[-3000:]
         banner = text[text.index("Fabrica is running"):]
 
+        credentials = grpc.ssl_channel_credentials((tmp / "data" / "tls" / "ca.pem").read_bytes())
+
         def press_values() -> bool:
-            with grpc.insecure_channel(f"127.0.0.1:{base + 1}") as ch:
+            with grpc.secure_channel(f"127.0.0.1:{base + 1}", credentials) as ch:
                 reply = ingest_grpc.IngestServiceStub(ch).GetLatestValues(
                     ingest_pb.GetLatestValuesRequest(plc_id="press-1"), timeout=10)
             return bool(reply.readings)
 
         asyncio.run(wait_for(press_values, timeout=120, what="the demo press's values in ingest"))
-        yield Stack(base, banner)
+        yield Stack(base, banner, tmp / "data")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -327,7 +355,7 @@ def test_the_extraction_finds_the_readme_commands_whole() -> None:
     assert len(grpcurls) >= 10, [c.text for c in readme]
     assert all(c.assignments == ("G=.venv/bin/grpcurl",) for c in grpcurls)
     create = next(c for c in grpcurls if c.text.endswith("fabrica.config.v1.ConfigService/CreatePlc"))
-    assert '"tags": [' in create.text and create.text.startswith("$G -plaintext -d '{")
+    assert '"tags": [' in create.text and create.text.startswith("$G -cacert .fabrica/tls/ca.pem -d '{")
     assert any(c.text.endswith("/WatchPlcs") for c in grpcurls)
     assert {c.words()[1] for c in readme if _kind(c) == "make"} >= {"run", "test"}
     assert not [c.where for c in doc_commands() if _kind(c) == "unknown"], \
@@ -383,7 +411,7 @@ def test_the_docs_grpcurl_commands_run_top_to_bottom(stack: Stack, doc: str) -> 
     described = Described()
     failures = []
     for command in [c for c in doc_commands() if c.doc == doc and _kind(c) == "grpcurl"]:
-        problem = run_grpcurl(command, stack.ports, described)
+        problem = run_grpcurl(command, stack.ports, described, stack.data_dir)
         if problem:
             failures.append(f"{command.where}: {command.text}\n  -> {problem}")
     assert not failures, "\n".join(failures)
@@ -396,6 +424,10 @@ def test_the_banners_grpcurl_commands_run(stack: Stack) -> None:
     assert len(commands) >= 4, stack.banner
     stack_addresses = {f"127.0.0.1:{port}" for port in stack.ports.values()}
     assert all(_grpcurl_target(c.words())[0] in stack_addresses for c in commands), stack.banner
+    # Over TLS, trusting the stack's CA by the path the banner prints; never plaintext; no database password.
+    assert all(f"-cacert {stack.ca}" in c.text for c in commands), stack.banner
+    assert "TLS, CA" in stack.banner and "-plaintext" not in stack.banner, stack.banner
+    assert not re.search(r"postgres(?:ql)?://[^:/@\s]+:(?!\*\*\*@)[^@\s]+@", stack.banner), stack.banner
     described = Described()
     failures = [f"{c.text}\n  -> {p}" for c in commands if (p := run_grpcurl(c, {}, described))]
     assert not failures, "\n".join(failures)

@@ -21,6 +21,7 @@ from fabrica.config.v1 import plc_pb2
 
 from .runtime.channels import peer_channel
 from .runtime.server import ServiceHost
+from .stack import grpcurl_transport
 
 log = logging.getLogger("fabrica.demo")
 
@@ -56,7 +57,8 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
     lines.append(f"  demo PLCs   {', '.join(plcs)} (collector {collector_id!r})")
     ingest = hosts.get("ingest")
     if ingest is not None:
-        lines.append(f"  live data   .venv/bin/grpcurl -plaintext -d '{{\"plc_id\": \"press-1\"}}' {ingest.address} "
+        lines.append(f"  live data   .venv/bin/grpcurl {grpcurl_transport(ingest.settings)} "
+                     f"-d '{{\"plc_id\": \"press-1\"}}' {ingest.address} "
                      "fabrica.ingest.v1.IngestService/GetLatestValues")
     if "production" in hosts:
         from fabrica.production.v1 import production_service_pb2_grpc as production_grpc
@@ -74,6 +76,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
             machine_state_tag_id=roles.get(reading_pb2.TAG_ROLE_MACHINE_STATE, 0),
         )
         lines.append(f"  demo order  {order.number} ({order.planned_quantity} parts), filled from press-1's counter:")
-        lines.append(f"              .venv/bin/grpcurl -plaintext -d '{{\"id\": \"{order.id}\"}}' "
+        lines.append(f"              .venv/bin/grpcurl {grpcurl_transport(hosts['production'].settings)} "
+                     f"-d '{{\"id\": \"{order.id}\"}}' "
                      f"{hosts['production'].address} fabrica.production.v1.ProductionService/GetOrder")
     return lines

@@ -7,6 +7,11 @@ order, so live data flows as soon as it starts. Ctrl-C stops it all.
 Each service gets its settings as `fabrica serve` would read them, pointed at this stack (its port, the
 data folder, the database, its peers, the demo collector id) and passed to its ``create_app``; the process
 environment is read, never written.
+
+TLS: every service serves TLS with a certificate of the stack's own CA (``<data dir>/tls/``, created at first
+start: local_tls.py), and config and ingest also serve their mutual-TLS peer port (the next two ports after the
+four gRPC ports), where the collector and production call them with their certificates, so ingest and config
+know which collector is calling. Plaintext only with FABRICA_INSECURE=1 (development; the services warn).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+from .local_tls import LocalPki
 from .runtime.db import resolve_database_url
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceHost
@@ -29,22 +36,36 @@ log = logging.getLogger("fabrica.run")
 
 ORDER = ("config", "ingest", "production", "collector")
 DEMO_COLLECTOR_ID = "demo"
+#: The services collectors and services call, each with a mutual-TLS peer port (after the gRPC ports).
+PEER_SERVICES = ("config", "ingest")
+#: How many consecutive ports from --base-port a TLS stack binds: the gRPC ports, then the peer ports.
+PORTS_USED = len(ORDER) + len(PEER_SERVICES)
+
+
+def grpcurl_transport(settings: Settings) -> str:
+    """How grpcurl reaches a service of this stack: trusting the stack's CA, or plaintext in development mode."""
+    tls = settings.tls
+    return f"-cacert {tls.ca_path}" if tls is not None and tls.ca_path is not None else "-plaintext"
 
 
 def _banner(hosts: dict[str, ServiceHost], extra: list[str]) -> str:
     cfg = hosts["config"].address
-    lines = ["", "Fabrica is running. Services (gRPC, plaintext, server reflection on each):"]
+    how = grpcurl_transport(hosts["config"].settings)
+    tls = hosts["config"].settings.tls
+    transport = f"TLS, CA {tls.ca_path}" if tls is not None else "PLAINTEXT (FABRICA_INSECURE=1)"
+    lines = ["", f"Fabrica is running. Services (gRPC over {transport}; server reflection on each):"]
     for name, host in hosts.items():
         metrics = f"   metrics http://127.0.0.1:{host.metrics_port}/metrics" if host.metrics_port else ""
-        lines.append(f"  {name:<11} {host.address}{metrics}")
+        peer = f"   peer (mutual TLS) {host.peer_address}" if host.peer_address else ""
+        lines.append(f"  {name:<11} {host.address}{peer}{metrics}")
     lines += extra
     lines += [
         "",
         "Try (grpcurl is in .venv/bin):",
-        f"  .venv/bin/grpcurl -plaintext {cfg} list",
-        f"  .venv/bin/grpcurl -plaintext {cfg} describe fabrica.config.v1.ConfigService",
-        f"  .venv/bin/grpcurl -plaintext {cfg} fabrica.config.v1.ConfigService/ListPlcs",
-        f"  .venv/bin/grpcurl -plaintext {cfg} fabrica.config.v1.ConfigService/ListDeviceProfiles",
+        f"  .venv/bin/grpcurl {how} {cfg} list",
+        f"  .venv/bin/grpcurl {how} {cfg} describe fabrica.config.v1.ConfigService",
+        f"  .venv/bin/grpcurl {how} {cfg} fabrica.config.v1.ConfigService/ListPlcs",
+        f"  .venv/bin/grpcurl {how} {cfg} fabrica.config.v1.ConfigService/ListDeviceProfiles",
         "",
         "Ctrl-C stops everything.",
         "",
@@ -57,20 +78,48 @@ def stack_settings(services: Sequence[str], base_port: int, data_dir: Path,
     """The settings of each of `services` in this stack: read from `env` (default: the process environment)
     as `fabrica serve` reads them, with text logs unless FABRICA_LOG_FORMAT says otherwise, then given
     their port (config on `base_port`, the others on the next ones, in ORDER) and `data_dir`. Peers are
-    this stack's config and ingest and the collector is DEMO_COLLECTOR_ID, unless `env` names others."""
+    this stack's config and ingest and the collector is DEMO_COLLECTOR_ID, unless `env` names others.
+
+    Unless `env` has FABRICA_INSECURE=1, each service gets its certificate of the local CA in
+    ``data_dir/tls`` (created if need be; any FABRICA_TLS_* of `env` is replaced) and config and ingest their
+    peer port (the ports after ORDER's), which is where their peers call them."""
     env = os.environ if env is None else env
     ports = {name: base_port + i for i, name in enumerate(ORDER)}
+    peer_ports = {name: base_port + len(ORDER) + i for i, name in enumerate(PEER_SERVICES)}
+    tls = env.get("FABRICA_INSECURE", "").strip() != "1"
+    pki = LocalPki(data_dir) if tls else None
+    collector_id = (env.get("FABRICA_COLLECTOR_ID") or "").strip() or DEMO_COLLECTOR_ID
+    peer = peer_ports if tls else ports  # where the collector and production call config and ingest
     out: dict[str, Settings] = {}
     for name in services:
-        settings = load_settings(name, {"FABRICA_LOG_FORMAT": "text", **env})
+        service_env = {"FABRICA_LOG_FORMAT": "text", **env}
+        if pki is not None:
+            files = pki.collector(collector_id) if name == "collector" else pki.service(name)
+            service_env.update(files.env())
+            service_env["FABRICA_PEER_PORT"] = str(peer_ports[name]) if name in PEER_SERVICES else "-1"
+        settings = load_settings(name, service_env)
         out[name] = settings.with_overrides(
             port=ports[name],
             data_dir=data_dir,
-            config_addr=settings.config_addr or f"127.0.0.1:{ports['config']}",
-            ingest_addr=settings.ingest_addr or f"127.0.0.1:{ports['ingest']}",
+            config_addr=settings.config_addr or f"127.0.0.1:{peer['config']}",
+            ingest_addr=settings.ingest_addr or f"127.0.0.1:{peer['ingest']}",
             collector_id=settings.collector_id or DEMO_COLLECTOR_ID,
         )
     return out
+
+
+def shown_dsn(dsn: str) -> str:
+    """`dsn` as the banner may print it: its password (in the user info or a ``password=`` parameter)
+    replaced by ``***`` (a log is no place for a secret)."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = "&".join("password=***" if q.lower().startswith("password=") else q for q in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return dsn
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 async def run_stack(args: argparse.Namespace) -> int:
@@ -99,7 +148,7 @@ async def run_stack(args: argparse.Namespace) -> int:
             host = ServiceHost(create_app(name, settings), settings)
             await host.start()
             hosts[name] = host
-        extra: list[str] = [f"  postgres    {database_url}"]
+        extra: list[str] = [f"  postgres    {shown_dsn(database_url)}"]
         async with contextlib.AsyncExitStack() as demo:
             from .demo import start_demo  # noqa: PLC0415 - the demo pulls in the simulator only when run
 
