@@ -85,7 +85,8 @@ class CollectorApp:
         self.buses = BusRegistry()
         self.supervisor = PlcSupervisor(cfg.collector_id, self.batcher.add, self.buses, backoff_min=cfg.reconnect_min,
                                         backoff_max=cfg.reconnect_max, metrics=PollMetrics(),
-                                        freeze_gc=self.settings.sole_service, poller_options=self.poller_options)
+                                        freeze_gc=self.settings.sole_service, poller_options=self.poller_options,
+                                        reach=cfg.reach)
         self._started.append("supervisor")
         self.tag_sync = TagSync(cfg.ingest_addr, cfg.collector_id,
                                 retry=RetryPolicy(cfg.reconnect_min, cfg.reconnect_max), settings=self.settings)
@@ -104,7 +105,7 @@ class CollectorApp:
         self.uplink.start()
         self._started.append("uplink")
         self.servicer = CollectorServicer(cfg.collector_id, spool=self.spool, supervisor=self.supervisor,
-                                          watcher=self.watcher, uplink=self.uplink, buses=self.buses)
+                                          watcher=self.watcher, uplink=self.uplink, buses=self.buses, reach=cfg.reach)
         log.info("collector started", extra={"collector_id": cfg.collector_id, "state_dir": str(state_dir),
                                              "config": cfg.config_addr, "ingest": cfg.ingest_addr})
 

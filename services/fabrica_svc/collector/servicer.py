@@ -29,6 +29,7 @@ from .blocks import ModbusBlock
 from .drivers import Block, BlockData, BusRegistry, CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
 from .mirror import probe as probe_mirror
 from .poller import PollerStatus
+from .reach import ReachPolicy
 from .split import BlockRead, plan_fitting, read_block, tag_range
 from .tags import compiled, tag_spec, tag_violations, to_value, value_kind
 
@@ -45,8 +46,10 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
     so they take their turn on a bus the pollers use."""
 
     def __init__(self, collector_id: str, *, spool: Spool, supervisor: PlcSupervisor, watcher: ConfigWatcher,
-                 uplink: Uplink, buses: BusRegistry):
+                 uplink: Uplink, buses: BusRegistry, reach: ReachPolicy | None = None):
         self.collector_id = collector_id
+        #: Where the caller's PLC definitions may make the collector connect (collector/reach.py).
+        self.reach = reach or ReachPolicy()
         self.spool = spool
         self.supervisor = supervisor
         self.watcher = watcher
@@ -92,6 +95,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
         if request.mirror.target_plc_id != request.target_plc.id:
             raise InvalidArgument(FieldViolation("mirror.target_plc_id",
                                                  f"must be target_plc.id ({request.target_plc.id!r})"))
+        self._check_reach((request.source_plc, "source_plc"), (request.target_plc, "target_plc"))
         result = await probe_mirror(request.source_plc, request.target_plc, request.mirror, self._driver)
         return pb.ProbeMirrorResponse(ok=result.ok, source_bytes=result.source_bytes,
                                       target_bytes=result.target_bytes, source_error=result.source_error,
@@ -100,8 +104,15 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
     def _driver(self, plc: plc_pb2.Plc) -> Driver:
         return make_driver(plc, self.buses)
 
+    def _check_reach(self, *plcs: tuple[plc_pb2.Plc, str]) -> None:
+        """INVALID_ARGUMENT, before any connection, for a PLC that points where this collector may not go."""
+        found = [v for plc, path in plcs for v in self.reach.violations(plc, path)]
+        if found:
+            raise InvalidArgument(found, "; ".join(f"{v.field}: {v.description}" for v in found))
+
     async def ProbePlc(self, request: pb.ProbePlcRequest, context: grpc.aio.ServicerContext) -> pb.ProbePlcResponse:
         plc = request.plc
+        self._check_reach((plc, "plc"))
         response = pb.ProbePlcResponse()
         try:
             driver = self._driver(plc)
@@ -144,6 +155,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
     async def PreviewDecode(self, request: pb.PreviewDecodeRequest,
                             context: grpc.aio.ServicerContext) -> pb.PreviewDecodeResponse:
         plc, tag = request.plc, request.tag
+        self._check_reach((plc, "plc"))
         tag_id = tag.id or 1  # a definition being tried out has no id yet
         violations = tag_violations(tag, plc, "tag", tag_id)
         if violations:
@@ -197,6 +209,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
     async def PreviewPlc(self, request: pb.PreviewPlcRequest, context: grpc.aio.ServicerContext) -> pb.PreviewPlcResponse:
         plc = request.plc
         model.check_plc(plc, "plc")
+        self._check_reach((plc, "plc"))
         limits = model.block_limits(plc)
         # Internal ids by position: a definition being tried out may have no ids (or repeat them).
         specs = [compiled(tag, i + 1) for i, tag in enumerate(plc.tags)]

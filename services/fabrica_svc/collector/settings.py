@@ -14,6 +14,9 @@ FABRICA_COLLECTOR_BATCH_LATENCY_MS  Longest a reading waits for its batch to be 
 FABRICA_COLLECTOR_RECONNECT_MIN     First reconnect delay, seconds (PLCs, config, ingest) 0.5
 FABRICA_COLLECTOR_RECONNECT_MAX     Longest reconnect delay, seconds                      30
 FABRICA_COLLECTOR_STATUS_INTERVAL   Seconds between ReportCollectorStatus calls           15
+FABRICA_COLLECTOR_SERIAL_URL_SCHEMES  pyserial URL schemes a serial port may use, comma   none: only devices
+                                    separated (e.g. socket,rfc2217; collector/reach.py)   under /dev/
+FABRICA_COLLECTOR_ALLOWED_NETWORKS  CIDRs the PLC hosts must be in (comma separated)      unset: any host
 ==================================  ====================================================  ==================
 
 The id and the two addresses are the runtime's (``Settings.collector_id``, ``config_addr``, ``ingest_addr``,
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.settings import Settings, SettingsError, env_float, env_int
+from .reach import ReachPolicy, load_reach_policy
 
 ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 DEFAULT_LOG_MAX_BYTES = 256 * 1024 * 1024
@@ -51,6 +55,8 @@ class CollectorSettings:
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     status_interval: float = 15.0
+    #: Where a PLC definition may make the collector connect (collector/reach.py).
+    reach: ReachPolicy = ReachPolicy()
 
     @property
     def state_dir(self) -> Path:
@@ -97,4 +103,5 @@ def load_collector_settings(base: Settings, env: Mapping[str, str] | None = None
         reconnect_min=reconnect_min,
         reconnect_max=reconnect_max,
         status_interval=env_float(env, "FABRICA_COLLECTOR_STATUS_INTERVAL", 15.0, 0.05, 86_400),
+        reach=load_reach_policy(env),
     )

@@ -33,10 +33,11 @@ from typing import Any
 from fabrica.config.v1 import plc_pb2
 
 from ..runtime.retry import RetryPolicy
-from .drivers import BusRegistry, Driver, make_driver
+from .drivers import BusRegistry, Driver, PlcConfigError, make_driver
 from .metrics import PollMetrics
 from .mirror import MirrorSet
 from .poller import Emit, Poller, PollerStatus
+from .reach import ReachPolicy
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ def definition_key(plc: plc_pb2.Plc) -> bytes:
 class PlcSupervisor:
     def __init__(self, collector_id: str, emit: Emit, buses: BusRegistry, *, backoff_min: float = 0.5,
                  backoff_max: float = 30.0, metrics: PollMetrics | None = None, freeze_gc: bool = False,
-                 poller_options: Callable[[plc_pb2.Plc], dict[str, Any]] | None = None):
+                 poller_options: Callable[[plc_pb2.Plc], dict[str, Any]] | None = None,
+                 reach: ReachPolicy | None = None):
         self.collector_id = collector_id
+        #: Where a PLC may make it connect (collector/reach.py); None: anywhere (tests of polling alone).
+        self.reach = reach
         self.emit = emit
         self.buses = buses
         self.backoff_min = backoff_min
@@ -86,6 +90,8 @@ class PlcSupervisor:
         self.mirrors = MirrorSet(self._make_driver, retry=RetryPolicy(backoff_min, backoff_max))
 
     def _make_driver(self, plc: plc_pb2.Plc) -> Driver:
+        if self.reach is not None and (refused := self.reach.violations(plc, "plc")):
+            raise PlcConfigError("; ".join(f"{v.field}: {v.description}" for v in refused))
         return make_driver(plc, self.buses)
 
     @property
