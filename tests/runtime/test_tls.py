@@ -81,7 +81,8 @@ def test_fabrica_serve_with_a_missing_certificate_stops_with_one_line_naming_the
 @pytest.fixture
 async def config(database_url: str, servers: Servers, pki: Pki):  # noqa: ANN201 - ServiceHost
     host = await start_server("config", settings_for(
-        "config", {**pki.env("config"), "FABRICA_PEER_PORT": "0"}, database_url=database_url))
+        "config", {**pki.env("config"), "FABRICA_PEER_PORT": "0", "FABRICA_HEALTH_PORT": "0"},
+        database_url=database_url))
     yield host
     await host.stop(grace=0)
 
@@ -124,6 +125,16 @@ async def test_the_peer_port_refuses_a_client_without_a_certificate_or_with_one_
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     async with pki.channel(config.peer_address, collector="cell-1") as channel:
         assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_the_health_port_answers_health_in_plaintext_and_nothing_else(config) -> None:
+    """For kubelet's native gRPC probes, which speak no TLS."""
+    assert config.health_port not in (None, config.port, config.peer_port)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{config.health_port}") as channel:
+        assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await cpb_grpc.ConfigServiceStub(channel).ListPlcs(cpb.ListPlcsRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 # --- who the certificate says -----------------------------------------------------------------------------------

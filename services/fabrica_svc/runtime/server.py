@@ -123,6 +123,9 @@ class ServiceHost:
     metrics_port: int | None = None
     #: The bound mutual-TLS port (FABRICA_PEER_PORT, runtime/tls.py), or None when there is none.
     peer_port: int | None = None
+    #: The bound plaintext health-only port (FABRICA_HEALTH_PORT), or None when there is none.
+    health_port: int | None = None
+    _health_server: grpc.aio.Server | None = None
     _monitor: asyncio.Task[None] | None = None
     _metrics_server: object | None = None
     _serving: bool | None = None
@@ -178,7 +181,8 @@ class ServiceHost:
         mine = isinstance(written, dict) and written.get("pid") == os.getpid()  # else: stale, another process's
         services = written.get("services", {}) if mine else {}
         services[self.app.name] = {"port": self.port, "metrics_port": self.metrics_port,
-                                   **({"peer_port": self.peer_port} if self.peer_port else {})}
+                                   **({"peer_port": self.peer_port} if self.peer_port else {}),
+                                   **({"health_port": self.health_port} if self.health_port else {})}
         scratch = path.with_name(f".{path.name}.{os.getpid()}")
         scratch.write_text(json.dumps({"pid": os.getpid(), "services": services}))
         os.replace(scratch, path)
@@ -220,6 +224,15 @@ class ServiceHost:
         await self.health.set(LIVENESS, SERVING)
         await server.start()
         self.server = server
+        if settings.health_port != -1:
+            # Health alone, plaintext: kubelet's native gRPC probes speak no TLS. It tells no more than
+            # SERVING or not; everything else stays on the TLS ports.
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            self.health_port = _bind(health_server, _address(settings.host, settings.health_port), None,
+                                     f"the health port of {app.name}", "FABRICA_HEALTH_PORT", "(0: any free port, -1: off)")
+            await health_server.start()
+            self._health_server = health_server
         try:
             endpoint = start_metrics_endpoint(settings.host, settings.metrics_port)
         except OSError as exc:  # the bare "[Errno 98] Address already in use" of http.server
@@ -264,6 +277,8 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self._interceptor is not None:
             self._interceptor.close()
         await self._release()

@@ -24,6 +24,9 @@ FABRICA_TLS_CERT/KEY/CA    The service's certificate, key, and the CA     unset:
 FABRICA_PEER_PORT          The mutual-TLS port for collectors and         -1: none
                            services (runtime/tls.py); 0: any free port
 FABRICA_INSECURE           1: plaintext without certificates (dev only)   0
+FABRICA_HEALTH_PORT        A plaintext port serving grpc.health.v1 only,  -1: none
+                           for probes that cannot speak TLS (kubelet's
+                           native gRPC probes); 0: any free port
 =========================  =============================================  ==========================
 
 TLS is the default: without FABRICA_INSECURE=1 a service refuses to start unless FABRICA_TLS_CERT,
@@ -94,6 +97,8 @@ class Settings:
     insecure: bool = False
     #: The mutual-TLS port (FABRICA_PEER_PORT): -1 none, 0 any free port.
     peer_port: int = -1
+    #: The plaintext health-only port (FABRICA_HEALTH_PORT): -1 none, 0 any free port.
+    health_port: int = -1
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -171,4 +176,5 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
     if peer_port != -1 and tls is None:
         raise SettingsError(f"FABRICA_PEER_PORT={peer_port} needs FABRICA_TLS_CERT, FABRICA_TLS_KEY and "
                             "FABRICA_TLS_CA: the peer port is mutual TLS")
-    return replace(settings, tls=tls, insecure=insecure, peer_port=peer_port)
+    health_port = env_int(env, "FABRICA_HEALTH_PORT", -1, -1, 65535)
+    return replace(settings, tls=tls, insecure=insecure, peer_port=peer_port, health_port=health_port)
