@@ -43,7 +43,11 @@ WORKLOAD_KIND = {"config": "Deployment", "ingest": "Deployment", "production": "
 MIN_REPLICAS = {"config": 2, "ingest": 2, "production": 2}
 #: Services whose clients need per-request balancing: each has a `<name>-headless` Service.
 HEADLESS = ("config", "ingest", "production")
-#: Addresses each service is given, and the Service they must point at.
+#: The services collectors and services call, on their mutual-TLS peer port (FABRICA_PEER_PORT).
+PEER_PORTS = {"config": 50061, "ingest": 50062}
+#: Who may call each peer port (NetworkPolicy), by app.kubernetes.io/name.
+PEER_CALLERS = {"config": {"collector", "production"}, "ingest": {"collector", "production"}}
+#: Addresses each service is given, and the Service they must point at (its peer port).
 ADDRESSES = {
     "production": {"FABRICA_INGEST_ADDR": "ingest", "FABRICA_CONFIG_ADDR": "config"},
     "collector": {"FABRICA_CONFIG_ADDR": "config", "FABRICA_INGEST_ADDR": "ingest"},
@@ -273,11 +277,14 @@ def test_headless_service_for_client_side_balancing(service: str) -> None:
 @pytest.mark.parametrize("service", SERVICES)
 def test_grpc_probes(service: str) -> None:
     container = _container(service)
-    grpc_port = _port(container, "grpc")
+    # kubelet's native gRPC probes speak no TLS: they probe the plaintext health-only port (FABRICA_HEALTH_PORT).
+    grpc_port = _port(container, "health")
+    assert _env(service)["FABRICA_HEALTH_PORT"]["value"] == str(grpc_port)
+    assert grpc_port not in (_port(container, "grpc"), _port(container, "metrics"))
     for kind in ("readinessProbe", "livenessProbe"):
         probe = container[kind]
         assert "grpc" in probe, f"{kind} is not a native gRPC probe"
-        assert probe["grpc"]["port"] == grpc_port, f"{kind} does not probe the gRPC port"
+        assert probe["grpc"]["port"] == grpc_port, f"{kind} does not probe the health port"
     # Readiness follows the dependencies (the overall status, service ''); liveness asks only whether the
     # process answers (the runtime's always-SERVING "liveness" name), so a database outage takes pods out
     # of the Service without restarting them.
@@ -369,8 +376,78 @@ def test_service_addresses_point_at_services(service: str, variable: str) -> Non
     svc, port = _resolve(entry["value"])
     target = ADDRESSES[service][variable]
     assert svc["spec"]["selector"] == _one(K8S / target, "Service", target)["spec"]["selector"]
-    assert port == DEFAULT_PORTS[target]
-    assert port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    # Services call each other on the peer port, with their client certificates (mutual TLS).
+    assert port == PEER_PORTS[target] == int(_env(target)["FABRICA_PEER_PORT"]["value"])
+    assert port in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc-peer"]
+
+
+# ---------------------------------------------------------------------------------------- TLS, policies
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_tls_certificates_come_from_a_secret_of_the_service(service: str) -> None:
+    env = _env(service)
+    assert "FABRICA_INSECURE" not in env, "plaintext is for development only"
+    mounts = {m["name"]: m for m in _container(service)["volumeMounts"]}
+    volumes = {v["name"]: v for v in _pod_spec(service)["volumes"]}
+    secret_mounts = {m["mountPath"]: volumes[name]["secret"] for name, m in mounts.items()
+                     if "secret" in volumes.get(name, {})}
+    for variable in ("FABRICA_TLS_CERT", "FABRICA_TLS_KEY", "FABRICA_TLS_CA"):
+        path = env[variable]["value"]
+        folder = next((f for f in secret_mounts if path.startswith(f.rstrip("/") + "/")), None)
+        assert folder, f"{service}: {variable}={path} is not in a mounted Secret"
+        assert secret_mounts[folder]["secretName"] == f"{service}-tls"
+        assert mounts[next(n for n, m in mounts.items() if m["mountPath"] == folder)].get("readOnly") is True
+    if service == "collector":  # one certificate per collector id: the pod's name picks it
+        assert "$(FABRICA_COLLECTOR_ID)" in env["FABRICA_TLS_CERT"]["value"]
+        names = [e["name"] for e in _container(service)["env"]]
+        assert names.index("FABRICA_COLLECTOR_ID") < names.index("FABRICA_TLS_CERT"), "$(...) needs it defined first"
+    # The keys are never committed: no Secret is among the manifests (deploy/README.md says how to create them).
+    assert not _objects(K8S, "Secret")
+
+
+@pytest.mark.parametrize("service", sorted(PEER_PORTS))
+def test_peer_port(service: str) -> None:
+    container = _container(service)
+    assert _port(container, "grpc-peer") == PEER_PORTS[service] == int(_env(service)["FABRICA_PEER_PORT"]["value"])
+    for name in (service, f"{service}-headless"):
+        ports = {p["name"]: p for p in _one(K8S / service, "Service", name)["spec"]["ports"]}
+        assert ports["grpc-peer"]["port"] == PEER_PORTS[service]
+        assert ports["grpc-peer"]["targetPort"] in ("grpc-peer", PEER_PORTS[service])
+
+
+def _peers(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    return rule.get("from", [])
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_network_policy(service: str) -> None:
+    """Only the callers that need a port reach it: collectors and production the peer ports of config and
+    ingest; the gateway the gRPC ports; Prometheus the metrics ports; the health port is open (probes)."""
+    policy = _one(K8S / service, "NetworkPolicy", service)
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    pod_labels = _workload(service)["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert "Ingress" in spec["policyTypes"]
+    container_ports = {p["name"] for p in _container(service)["ports"]}
+    by_port: dict[str, list[dict[str, Any]]] = {}
+    for rule in spec["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in container_ports, f"{service}: the policy names no port of the pod: {port}"
+            by_port.setdefault(port["port"], []).extend(_peers(rule) or [{"anyone": True}])
+    assert set(by_port) == container_ports, f"{service}: every port has its rule"
+
+    def names(peers: list[dict[str, Any]]) -> set[str]:
+        assert all("podSelector" in p for p in peers), peers
+        return {p["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in peers}
+
+    assert names(by_port["grpc"]) == {"envoy"}
+    assert names(by_port["metrics"]) == {"prometheus"}
+    assert all("namespaceSelector" in p for p in by_port["metrics"])
+    assert by_port["health"] == [{"anyone": True}]
+    if service in PEER_PORTS:
+        assert names(by_port["grpc-peer"]) == PEER_CALLERS[service]
 
 
 # ------------------------------------------------------------------------------------------ collector
