@@ -5,6 +5,7 @@ real clients: one with no certificate, one with a certificate of another CA, a p
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -73,6 +74,16 @@ def test_fabrica_serve_with_a_missing_certificate_stops_with_one_line_naming_the
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"fabrica: FABRICA_TLS_CERT={missing}: no such file"]
+
+
+async def test_plaintext_is_logged_as_a_warning(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fabrica_svc.runtime.server")
+    host = await start_server("config", settings_for("config", {"FABRICA_INSECURE": "1"}, database_url=database_url))
+    try:
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(m.startswith("plaintext gRPC on the port of config (FABRICA_INSECURE=1") for m in warned), warned
+    finally:
+        await host.stop(grace=0)
 
 
 # --- the ports -----------------------------------------------------------------------------------------------
