@@ -88,9 +88,13 @@ class Server:
 
 async def open_server(service: str, settings: Settings | None = None, *, grace: float = 0.0,
                       **app_args: Any) -> Server:
-    """:func:`start_server` with a channel to it; the caller stops it with ``Server.stop()``."""
+    """:func:`start_server` with a channel to it (TLS trusting the server's CA when it has one, without a client
+    certificate: its gRPC port); the caller stops it with ``Server.stop()``."""
     host = await start_server(service, settings, **app_args)
-    return Server(host, grpc.aio.insecure_channel(host.address), grace)
+    tls = host.settings.tls
+    channel = (grpc.aio.secure_channel(host.address, grpc.ssl_channel_credentials(tls.ca_pem)) if tls is not None
+               else grpc.aio.insecure_channel(host.address))
+    return Server(host, channel, grace)
 
 
 class Servers:

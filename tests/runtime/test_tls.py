@@ -109,6 +109,12 @@ async def test_the_grpc_port_serves_tls_to_a_client_without_a_certificate(config
         assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_the_test_harness_talks_tls_to_a_tls_server(database_url: str, servers: Servers, pki: Pki) -> None:
+    server = await servers.start("config", settings_for("config", pki.env("config"), database_url=database_url))
+    assert server.settings.tls is not None and not server.settings.insecure
+    assert await _health(server.channel) == health_pb2.HealthCheckResponse.SERVING
+
+
 @pytest.mark.parametrize("port", ["port", "peer_port"])
 async def test_a_plaintext_client_to_a_tls_port_fails(config, port: str) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{getattr(config, port)}") as channel:
