@@ -48,13 +48,15 @@ async def ingest(database_url: str, servers: Servers, pki: Pki):  # noqa: ANN201
 
 async def refused_open(channel: grpc.aio.Channel, collector_id: str, *,
                        batch_of: str | None = None) -> grpc.aio.AioRpcError:
-    """Open `collector_id`'s stream and send a batch far ahead (of `batch_of`'s, default the same id): the
-    error that ends the stream."""
+    """Open `collector_id`'s stream and, once it resumes, send a batch far ahead (of `batch_of`'s, default
+    the same id): the error that ends the stream (at open, or at that batch)."""
     call = pb_grpc.IngestServiceStub(channel).StreamReadings()
-    await call.write(open_request(collector_id))
-    await call.write(batch_request(batch(batch_of or collector_id, 10**12, [reading(999, T0_US, 6.66)])))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async with asyncio.timeout(20):
+            await call.write(open_request(collector_id))
+            first = await call.read()  # the resume, or the refusal
+            assert first.HasField("resume"), first
+            await call.write(batch_request(batch(batch_of or collector_id, 10**12, [reading(999, T0_US, 6.66)])))
             while await call.read() is not grpc.aio.EOF:
                 pass
     return err.value
@@ -132,6 +134,19 @@ async def test_another_identity_cannot_open_demos_stream_and_every_reading_of_th
     assert await fetchval(dsn, FORGED) == 0
     assert await fetchval(dsn, COMMITTED, COLLECTOR) == 35
     assert real.spool.dropped_readings == 0 and real.spool.suspicious_duplicates == 0
+
+
+async def test_a_caller_that_proves_nothing_cannot_act_as_a_collector(ingest, pki: Pki) -> None:
+    """The gRPC port asks for no client certificate (users come with tokens): without one, and without a
+    token, no collector-facing call is taken, and nothing of demo's sequence is created."""
+    async with pki.channel(ingest.address, client_cert=False) as anonymous:
+        err = await refused_open(anonymous, COLLECTOR)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+        assert error_info(err).reason == "UNAUTHENTICATED"
+        with pytest.raises(grpc.aio.AioRpcError) as sync:
+            await pb_grpc.IngestServiceStub(anonymous).SyncTags(pb.SyncTagsRequest(collector_id=COLLECTOR, tags=[]))
+        assert sync.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await fetchval(ingest.settings.database_url, SEQUENCE_ROW, COLLECTOR) == 0
 
 
 async def test_another_identity_cannot_replace_demos_tags(ingest, pki: Pki) -> None:

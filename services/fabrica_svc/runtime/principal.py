@@ -77,10 +77,15 @@ def actor() -> str:
 
 
 def require_collector(collector_id: str) -> None:
-    """Refuse (PERMISSION_DENIED) unless the caller proved it is collector `collector_id`. The development
-    principal (authentication off) passes; so does no principal at all, which only code outside an RPC has."""
+    """Refuse (PERMISSION_DENIED) unless the caller proved it is collector `collector_id`; a caller that
+    proved nothing at all (no principal: no client certificate, no token) is UNAUTHENTICATED. The
+    development principal (authentication off) passes."""
     p = current()
-    if p is None or p.via == "insecure":
+    if p is None:
+        raise Unauthenticated(f"acting as collector {collector_id!r} needs the collector's client certificate "
+                              "(on the service's peer port) or its token", reason="UNAUTHENTICATED",
+                              metadata={"collector_id": collector_id})
+    if p.via == "insecure":
         return
     if p.collector_id != collector_id:
         shown = p.collector_id or p.subject
