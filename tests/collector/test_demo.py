@@ -117,6 +117,12 @@ def test_fabrica_run_reuses_its_ca_and_certificates(tmp_path: Path) -> None:
     again = stack_settings(ORDER, 6100, tmp_path, {})
     assert all(first[n].tls == again[n].tls for n in ORDER)
     assert (tmp_path / "tls" / "ca-key.pem").stat().st_mode & 0o077 == 0  # the keys are the owner's only
+    # A certificate that is no longer one (or near its end) is issued again by the same CA.
+    (tmp_path / "tls" / "ingest.pem").write_text("garbage")
+    renewed = stack_settings(ORDER, 6100, tmp_path, {})
+    assert renewed["ingest"].tls.cert_pem != first["ingest"].tls.cert_pem
+    assert renewed["ingest"].tls.ca_pem == first["ingest"].tls.ca_pem
+    assert renewed["config"].tls == first["config"].tls
 
 
 def test_fabrica_run_keeps_the_peers_and_the_collector_id_the_environment_names(tmp_path: Path) -> None:
