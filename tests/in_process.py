@@ -33,9 +33,11 @@ STUBS: dict[str, Any] = {
 
 def settings_for(service: str, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """`service`'s settings for a test: read from `env` only (never the test process's environment), on
-    port 0 with no metrics endpoint and the database checked every 0.2 s; `overrides` on top."""
+    port 0 with no metrics endpoint and the database checked every 0.2 s; `overrides` on top. Development
+    mode (FABRICA_INSECURE=1) unless `env` says otherwise: without a token verifier in `env` or
+    `overrides`, authentication is off (tests/runtime/test_auth.py turns it on)."""
     defaults: dict[str, Any] = {"port": 0, "metrics_port": -1, "health_interval": 0.2}
-    return load_settings(service, env or {}).with_overrides(**{**defaults, **overrides})
+    return load_settings(service, {"FABRICA_INSECURE": "1", **(env or {})}).with_overrides(**{**defaults, **overrides})
 
 
 async def start_server(service: str, settings: Settings | None = None, **app_args: Any) -> ServiceHost:

@@ -88,18 +88,19 @@ class CollectorApp:
                                         freeze_gc=self.settings.sole_service, poller_options=self.poller_options)
         self._started.append("supervisor")
         self.tag_sync = TagSync(cfg.ingest_addr, cfg.collector_id,
-                                retry=RetryPolicy(cfg.reconnect_min, cfg.reconnect_max))
+                                retry=RetryPolicy(cfg.reconnect_min, cfg.reconnect_max), settings=self.settings)
         self.tag_sync.start()
         self._started.append("tag_sync")
         self.watcher = ConfigWatcher(cfg.config_addr, cfg.collector_id, self.supervisor, state_dir,
                                      backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max,
-                                     status_interval=cfg.status_interval, on_applied=self.tag_sync.update)
+                                     status_interval=cfg.status_interval, on_applied=self.tag_sync.update,
+                                     settings=self.settings)
         await self.watcher.load()
         self.watcher.start()
         self._started.append("watcher")
 
         self.uplink = Uplink(cfg.ingest_addr, cfg.collector_id, self.spool, state_dir,
-                             backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max)
+                             backoff_min=cfg.reconnect_min, backoff_max=cfg.reconnect_max, settings=self.settings)
         self.uplink.start()
         self._started.append("uplink")
         self.servicer = CollectorServicer(cfg.collector_id, spool=self.spool, supervisor=self.supervisor,

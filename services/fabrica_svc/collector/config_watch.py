@@ -27,7 +27,8 @@ from fabrica.config.v1 import collector_status_pb2, config_service_pb2, config_s
 from google.protobuf.message import DecodeError
 
 from ..clients.errors import error_details
-from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.channels import peer_channel
+from ..runtime.settings import Settings
 from ..runtime.retry import RetryPolicy
 from .files import atomic_write
 from .supervisor import PlcSupervisor
@@ -42,8 +43,11 @@ REPORT_DELAY = 0.2
 class ConfigWatcher:
     def __init__(self, target: str, collector_id: str, supervisor: PlcSupervisor, state_dir: Path, *,
                  backoff_min: float = 0.5, backoff_max: float = 30.0, status_interval: float = 15.0,
-                 on_applied: Callable[[Iterable[plc_pb2.Plc]], None] | None = None):
+                 on_applied: Callable[[Iterable[plc_pb2.Plc]], None] | None = None,
+                 settings: Settings | None = None):
         self.target = target
+        #: The collector's settings: the token its channel sends (runtime/channels.py peer_channel).
+        self.settings = settings
         self.collector_id = collector_id
         self.supervisor = supervisor
         self.path = state_dir / CONFIG_FILE
@@ -79,7 +83,7 @@ class ConfigWatcher:
         return True
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
+        self._channel = peer_channel(self.target, self.settings)
         stub = config_service_pb2_grpc.ConfigServiceStub(self._channel)
         self._tasks = [
             asyncio.create_task(self._watch(stub), name="config-watch"),

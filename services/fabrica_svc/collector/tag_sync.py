@@ -38,7 +38,8 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from ..clients.errors import error_details
 from ..clients.ingest import RETRYABLE
 from ..clients.tags import sync_tags
-from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.channels import peer_channel
+from ..runtime.settings import Settings
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ def tag_infos(plcs: Iterable[plc_pb2.Plc]) -> list[pb.TagInfo]:
 
 class TagSync:
     def __init__(self, target: str, collector_id: str, *, retry: RetryPolicy = SERVICE_RETRY,
-                 resync_interval: float = RESYNC_INTERVAL):
+                 resync_interval: float = RESYNC_INTERVAL, settings: Settings | None = None):
         self.target = target
+        #: The collector's settings: the token its channel sends (runtime/channels.py peer_channel).
+        self.settings = settings
         self.collector_id = collector_id
         self.retry = retry
         self.resync_interval = resync_interval
@@ -93,7 +96,7 @@ class TagSync:
         self._wake.set()
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
+        self._channel = peer_channel(self.target, self.settings)
         self._task = asyncio.create_task(self._run(self._channel), name="tag-sync")
 
     async def stop(self) -> None:

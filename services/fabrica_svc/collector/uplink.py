@@ -45,7 +45,8 @@ from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_REJECTED_BY_I
 from fabrica.common.v1 import reading_pb2
 
 from ..clients.ingest import BatchSource, IngestUplink, ReopenStream, UplinkRejected
-from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.channels import peer_channel
+from ..runtime.settings import Settings
 from ..runtime.retry import RetryPolicy
 from .spool import Spool, format_ns
 
@@ -185,8 +186,11 @@ class Uplink:
     """Streams the spool to ingest for ever; see the module's docstring."""
 
     def __init__(self, target: str, collector_id: str, spool: Spool, state_dir: Path, *,
-                 backoff_min: float = 0.5, backoff_max: float = 30.0, max_in_flight: int = 32):
+                 backoff_min: float = 0.5, backoff_max: float = 30.0, max_in_flight: int = 32,
+                 settings: Settings | None = None):
         self.target = target
+        #: The collector's settings: the token its channel sends (runtime/channels.py peer_channel).
+        self.settings = settings
         self.collector_id = collector_id
         self.spool = spool
         self.source = SpoolSource(spool, collector_id)
@@ -210,7 +214,7 @@ class Uplink:
         return self.spool.rejected_batches
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
+        self._channel = peer_channel(self.target, self.settings)
         self._client = IngestUplink(self._channel, self.collector_id, self.source, max_in_flight=self.max_in_flight,
                                     retry=self.retry, on_failure=self._on_failure)
         self._task = asyncio.create_task(self._client.run(), name="uplink")

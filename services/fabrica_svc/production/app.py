@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 from fabrica.production.v1 import production_service_pb2, production_service_pb2_grpc
 
-from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.channels import peer_channel
 from ..runtime.notify import Listener
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.server import Resources
@@ -47,8 +47,8 @@ class ConsumerOptions:
 class _ConfigChannel:
     """The channel to config, closed on stop like the other parts."""
 
-    def __init__(self, address: str):
-        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+    def __init__(self, address: str, settings: Settings):
+        self.channel = peer_channel(address, settings)
 
     async def stop(self) -> None:
         await self.channel.close()
@@ -80,7 +80,7 @@ class ProductionApp:
         tag_check: TagCheck = NoTagCheck()
         config: list[_ConfigChannel] = []
         if settings.config_addr:
-            config = [_ConfigChannel(settings.config_addr)]
+            config = [_ConfigChannel(settings.config_addr, settings)]
             tag_check = ConfigTagCheck(config[0].channel)
         else:
             log.info("FABRICA_CONFIG_ADDR is not set: work centre bindings are not checked against config's tag "
@@ -91,7 +91,8 @@ class ProductionApp:
         if settings.ingest_addr:
             options = self.consumer_options
             self.consumer = TagEventConsumer(resources.dsn, settings.ingest_addr, self.tag_events,
-                                             standby_interval=options.standby_interval, retry=options.retry)
+                                             standby_interval=options.standby_interval, retry=options.retry,
+                                             settings=settings)
         else:
             log.info("FABRICA_INGEST_ADDR is not set: the tag-event consumer is off (no automatic bookings or "
                      "downtime)")

@@ -33,7 +33,8 @@ from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from opentelemetry import metrics
 
 from ..clients.errors import error_details
-from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.channels import peer_channel
+from ..runtime.settings import Settings
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
 from .service import TagEventService
@@ -43,8 +44,10 @@ log = logging.getLogger(__name__)
 
 class TagEventConsumer:
     def __init__(self, dsn: str, ingest_addr: str, tag_events: TagEventService, *, standby_interval: float = 1.0,
-                 retry: RetryPolicy = SERVICE_RETRY):
+                 retry: RetryPolicy = SERVICE_RETRY, settings: Settings | None = None):
         self.dsn = dsn
+        #: Production's settings: the token its channel to ingest sends (runtime/channels.py peer_channel).
+        self.settings = settings
         self.ingest_addr = ingest_addr
         self.tag_events = tag_events
         self.standby_interval = standby_interval
@@ -125,7 +128,7 @@ class TagEventConsumer:
 
     async def _consume(self, conn: asyncpg.Connection) -> None:
         """Stream and apply events while the lock's connection lives; reconnect to ingest with backoff."""
-        async with grpc.aio.insecure_channel(self.ingest_addr, options=PEER_CHANNEL_OPTIONS) as channel:
+        async with peer_channel(self.ingest_addr, self.settings) as channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             while not conn.is_closed():
                 cursor = await self.tag_events.cursor(conn)

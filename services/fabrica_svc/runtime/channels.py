@@ -1,7 +1,17 @@
 """Options for the long-lived channels one Fabrica service keeps to another (collector → config and
-ingest, production → ingest and config), and the one message size limit of every server and channel."""
+ingest, production → ingest and config), the one function that opens them (`peer_channel`), and the one message size limit of
+every server and channel."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .settings import Settings, SettingsError
 
 #: The largest message any Fabrica server or channel sends or receives, in bytes: 64 MiB. Servers
 #: (runtime/server.py) and every peer channel take it from here, so whatever a service sends fits in what
@@ -29,3 +39,80 @@ PEER_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     *MESSAGE_LIMITS,
 )
+
+
+class _TokenSource:
+    """The bearer token a service sends its peers: FABRICA_TOKEN_FILE (re-read when the file changes, so a
+    rotated token is picked up without a restart) or FABRICA_TOKEN. A file that cannot be read at start is a
+    SettingsError naming the variable; later, the last token read is kept."""
+
+    def __init__(self, token_file: Path | None, token: str):
+        self.file, self._token = token_file, token
+        self._mtime: float | None = None
+        if token_file is not None:
+            try:
+                self._load()
+            except OSError as exc:
+                raise SettingsError(f"FABRICA_TOKEN_FILE={token_file}: cannot read it: {exc.strerror or exc}") from None
+            if not self._token:
+                raise SettingsError(f"FABRICA_TOKEN_FILE={token_file} is empty")
+
+    def _load(self) -> None:
+        assert self.file is not None
+        mtime = self.file.stat().st_mtime
+        if mtime != self._mtime:
+            self._token, self._mtime = self.file.read_text().strip(), mtime
+
+    def get(self) -> str:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self._load()
+        return self._token
+
+    def __repr__(self) -> str:  # never the token itself
+        return f"_TokenSource(file={self.file}, token={'set' if self._token else 'unset'})"
+
+
+class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                   grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel (call metadata, so it works over
+    plaintext as over TLS)."""
+
+    def __init__(self, source: _TokenSource):
+        self.source = source
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        token = self.source.get()
+        if not token:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata["authorization"] = f"Bearer {token}"
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def peer_channel(address: str, settings: Settings | None = None,
+                 options: Sequence[tuple[str, Any]] = PEER_CHANNEL_OPTIONS) -> grpc.aio.Channel:
+    """The one way a Fabrica service opens a channel to another (collector → config and ingest, production →
+    ingest and config, the demo): PEER_CHANNEL_OPTIONS, and the bearer token of `settings`
+    (FABRICA_TOKEN_FILE / FABRICA_TOKEN) sent with every call. SettingsError for an unreadable token file."""
+    interceptors: list[Any] = []
+    if settings is not None and (settings.token_file is not None or settings.token):
+        interceptors.append(_BearerToken(_TokenSource(settings.token_file, settings.token)))
+    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors or None)
+
+
+def check_peer_token(settings: Settings) -> None:
+    """SettingsError (naming FABRICA_TOKEN_FILE) now, at start, for a token file peer_channel could not read."""
+    _TokenSource(settings.token_file, settings.token)

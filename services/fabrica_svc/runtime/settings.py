@@ -19,7 +19,21 @@ FABRICA_CONFIG_ADDR        host:port of the config service (its clients)  unset
 FABRICA_INGEST_ADDR        host:port of the ingest service (its clients)  unset
 FABRICA_PORT_FILE          File the bound ports are written to (below)    unset: none written
 FABRICA_COLLECTOR_ID       The collector's id (the collector only)        unset
+FABRICA_INSECURE           1: development mode (below)                    0
+FABRICA_JWT_PUBLIC_KEY_FILE  PEM public key that signs bearer tokens      unset
+FABRICA_JWKS_URL           JWKS of an OIDC provider (cached)              unset
+FABRICA_JWKS_FILE          A JWKS in a local file                         unset
+FABRICA_JWT_ISSUER         The tokens' required ``iss``                   fabrica
+FABRICA_JWT_AUDIENCE       The tokens' required ``aud``                   fabrica
+FABRICA_TOKEN_FILE         Bearer token this service sends to its peers   unset
+FABRICA_TOKEN              The same token, inline (FILE wins)             unset
+FABRICA_REFLECTION         0 turns server reflection off                  1
 =========================  =============================================  ==========================
+
+Authentication (runtime/auth.py): with a token verifier configured (FABRICA_JWT_PUBLIC_KEY_FILE,
+FABRICA_JWKS_URL or FABRICA_JWKS_FILE) every RPC but health and reflection needs a bearer token (or a
+client certificate) with the role its proto declares. Without one a service refuses to start, unless
+FABRICA_INSECURE=1, which turns authentication off (logged as a warning: anyone can call anything).
 
 FABRICA_PORT (and FABRICA_METRICS_PORT) may be 0: the service binds a free port. With FABRICA_PORT_FILE set,
 once a service listens it writes the ports it bound to that file, atomically, as JSON:
@@ -37,7 +51,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -76,6 +90,20 @@ class Settings:
     #: The service has its process to itself (`fabrica serve`), so process-wide tuning may apply (the
     #: collector's gc.freeze); False when `fabrica run` or a test hosts several services in one process.
     sole_service: bool = False
+    #: FABRICA_INSECURE=1: development mode; with no token verifier configured, authentication is off.
+    insecure: bool = False
+    #: Token verification (runtime/auth.py): a PEM public key, a JWKS URL or a JWKS file; iss and aud.
+    jwt_public_key_file: Path | None = None
+    jwks_url: str = ""
+    jwks_file: Path | None = None
+    jwt_issuer: str = "fabrica"
+    jwt_audience: str = "fabrica"
+    #: The bearer token this service sends to its peers (runtime/channels.py): a file (re-read when it
+    #: changes) or the token itself.
+    token_file: Path | None = None
+    token: str = field(default="", repr=False)
+    #: Server reflection on (FABRICA_REFLECTION=0 turns it off; health stays).
+    reflection: bool = True
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -103,6 +131,23 @@ def _env_number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N, par
     if not lo <= value <= hi:
         raise SettingsError(f"{name}={value} is out of range {lo}..{hi}")
     return value
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """`env[name]` as a yes/no (1/0, true/false, yes/no, on/off); `default` when unset or blank."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={env.get(name)!r} is not one of 1, 0, true, false, yes, no, on, off")
+
+
+def _env_path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = (env.get(name) or "").strip()
+    return Path(raw) if raw else None
 
 
 def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -140,4 +185,13 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         ingest_addr=(env.get("FABRICA_INGEST_ADDR") or "").strip(),
         port_file=Path(env["FABRICA_PORT_FILE"]) if env.get("FABRICA_PORT_FILE") else None,
         collector_id=(env.get("FABRICA_COLLECTOR_ID") or "").strip(),
+        insecure=env_bool(env, "FABRICA_INSECURE", False),
+        jwt_public_key_file=_env_path(env, "FABRICA_JWT_PUBLIC_KEY_FILE"),
+        jwks_url=(env.get("FABRICA_JWKS_URL") or "").strip(),
+        jwks_file=_env_path(env, "FABRICA_JWKS_FILE"),
+        jwt_issuer=(env.get("FABRICA_JWT_ISSUER") or "").strip() or "fabrica",
+        jwt_audience=(env.get("FABRICA_JWT_AUDIENCE") or "").strip() or "fabrica",
+        token_file=_env_path(env, "FABRICA_TOKEN_FILE"),
+        token=(env.get("FABRICA_TOKEN") or "").strip(),
+        reflection=env_bool(env, "FABRICA_REFLECTION", True),
     )

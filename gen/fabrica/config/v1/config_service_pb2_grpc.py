@@ -85,6 +85,11 @@ class ConfigServiceStub:
                 request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsRequest.SerializeToString,
                 response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/ListAuditEntries',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class ConfigServiceServicer:
@@ -166,6 +171,15 @@ class ConfigServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfigServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +232,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.ListCollectors,
                     request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsRequest.FromString,
                     response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +510,33 @@ class ConfigService:
             '/fabrica.config.v1.ConfigService/ListCollectors',
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsRequest.SerializeToString,
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/ListAuditEntries',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

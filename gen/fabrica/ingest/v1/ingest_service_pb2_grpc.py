@@ -80,6 +80,11 @@ class IngestServiceStub:
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/fabrica.ingest.v1.IngestService/ListAuditEntries',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -183,6 +188,15 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +244,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ResetCollectorSequence,
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +495,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/ResetCollectorSequence',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/ListAuditEntries',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -92,6 +92,11 @@ class IngestServiceStub:
     INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
     the identity issue: until then anyone who can reach ingest can.
     """
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.ListAuditEntriesRequest, _ingest_service_pb2.ListAuditEntriesResponse]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -156,6 +161,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     it is acknowledged as a duplicate. NOT_FOUND for a collector ingest has never stored or opened;
     INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
     the identity issue: until then anyone who can reach ingest can.
+    """
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.ListAuditEntriesRequest, _ingest_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -272,6 +282,17 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         it is acknowledged as a duplicate. NOT_FOUND for a collector ingest has never stored or opened;
         INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
         the identity issue: until then anyone who can reach ingest can.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _ingest_service_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_ingest_service_pb2.ListAuditEntriesResponse]]:
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

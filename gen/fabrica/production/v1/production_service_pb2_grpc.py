@@ -246,6 +246,11 @@ class ProductionServiceStub:
                 request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersRequest.SerializeToString,
                 response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/ListAuditEntries',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class ProductionServiceServicer:
@@ -554,6 +559,15 @@ class ProductionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProductionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -766,6 +780,11 @@ def add_ProductionServiceServicer_to_server(servicer, server):
                     servicer.WatchOrders,
                     request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersRequest.FromString,
                     response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1904,6 +1923,33 @@ class ProductionService:
             '/fabrica.production.v1.ProductionService/WatchOrders',
             fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersRequest.SerializeToString,
             fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/ListAuditEntries',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,312 @@
+"""Tokens and roles on real servers (runtime/auth.py, the interceptor's role check).
+
+Generated from the descriptors, so a new RPC cannot be forgotten: every RPC declares a role; without
+credentials every RPC but health and reflection is UNAUTHENTICATED (TOKEN_MISSING); with a viewer token every
+RPC that needs more than viewer is PERMISSION_DENIED (ROLE_REQUIRED, metadata role=...), and every viewer RPC
+is let through (whatever the handler then says about the empty request).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from fabrica.common.v1 import auth_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from fabrica_svc.runtime import auth
+from fabrica_svc.runtime.reflection import descriptor_set_path
+from fabrica_svc.runtime.settings import SettingsError
+from grpc_helpers import error_info
+from in_process import Server, Servers, settings_for
+from procs import free_port
+
+SERVICES = {
+    "config": "fabrica.config.v1.ConfigService",
+    "ingest": "fabrica.ingest.v1.IngestService",
+    "production": "fabrica.production.v1.ProductionService",
+    "collector": "fabrica.collector.v1.CollectorService",
+}
+
+
+def _fabrica_methods() -> list[tuple[str, descriptor_pb2.MethodDescriptorProto, str]]:
+    """(service full name, method, input type) of every RPC in every Fabrica proto file (the descriptor set
+    gen/ holds, so a new service file is walked too)."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_path().read_bytes())
+    out = []
+    for f in files.file:
+        for service in f.service:
+            for method in service.method:
+                out.append((f"{f.package}.{service.name}", method, method.input_type.lstrip(".")))
+    return out
+
+
+METHODS = _fabrica_methods()
+
+
+def test_every_rpc_declares_a_role() -> None:
+    assert len(METHODS) > 60  # all four services are walked
+    missing = [f"{svc}/{m.name}" for svc, m, _ in METHODS
+               if m.options.Extensions[auth_pb2.required_role] == auth_pb2.ROLE_UNSPECIFIED]
+    assert missing == []
+    assert {svc for svc, _, _ in METHODS} >= set(SERVICES.values())
+
+
+def test_roles_as_declared() -> None:
+    assert auth.required_role("/fabrica.config.v1.ConfigService/CreatePlc") == "engineer"
+    assert auth.required_role("/fabrica.config.v1.ConfigService/WatchPlcs") == "collector"
+    assert auth.required_role("/fabrica.ingest.v1.IngestService/StreamReadings") == "collector"
+    assert auth.required_role("/fabrica.ingest.v1.IngestService/ResetCollectorSequence") == "admin"
+    assert auth.required_role("/fabrica.production.v1.ProductionService/StartOrder") == "operator"
+    assert auth.required_role("/fabrica.production.v1.ProductionService/CreateItem") == "engineer"
+    assert auth.required_role("/fabrica.production.v1.ProductionService/ListOrders") == "viewer"
+    assert auth.required_role("/fabrica.collector.v1.CollectorService/ProbePlc") == "engineer"
+    assert auth.required_role("/nope.Service/Method") is None
+    assert auth.is_open("/grpc.health.v1.Health/Check")
+    assert not auth.is_open("/fabrica.config.v1.ConfigService/GetPlc")
+
+
+# --- servers with authentication on -------------------------------------------------------------------
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> auth.LocalKey:
+    return auth.ensure_local_key(tmp_path / "data")
+
+
+def token(key: auth.LocalKey, *roles: str, ttl: float = 600, user: str = "ana", **kw: Any) -> str:
+    return auth.mint_token(key, subject=user, roles=roles, ttl_seconds=ttl, **kw)
+
+
+@pytest.fixture
+async def stack(database_url: str, servers: Servers, key: auth.LocalKey,
+                tmp_path: Path) -> dict[str, Server]:
+    """All four services, authentication on (not insecure; the local public key verifies), on one database."""
+    common = {"FABRICA_JWT_PUBLIC_KEY_FILE": str(key.public_key_file), "FABRICA_INSECURE": "0"}
+    unreachable = f"127.0.0.1:{free_port()}"
+    out = {}
+    for name in ("config", "ingest", "production"):
+        out[name] = await servers.start(name, settings_for(name, common, database_url=database_url))
+    out["collector"] = await servers.start("collector", settings_for(
+        "collector", common, collector_id="auth-test", data_dir=tmp_path / "collector",
+        config_addr=unreachable, ingest_addr=unreachable))
+    return out
+
+
+def _call(channel: grpc.aio.Channel, service: str, method: descriptor_pb2.MethodDescriptorProto,
+          metadata: tuple[tuple[str, str], ...], timeout: float) -> Any:
+    request_type = message_factory.GetMessageClass(
+        descriptor_pool.Default().FindMessageTypeByName(method.input_type.lstrip(".")))
+    path = f"/{service}/{method.name}"
+    kw = {"request_serializer": request_type.SerializeToString, "response_deserializer": lambda b: b}
+    if method.client_streaming and method.server_streaming:
+        return channel.stream_stream(path, **kw)(iter([request_type()]), metadata=metadata, timeout=timeout)
+    if method.client_streaming:
+        return channel.stream_unary(path, **kw)(iter([request_type()]), metadata=metadata, timeout=timeout)
+    if method.server_streaming:
+        return channel.unary_stream(path, **kw)(request_type(), metadata=metadata, timeout=timeout)
+    return channel.unary_unary(path, **kw)(request_type(), metadata=metadata, timeout=timeout)
+
+
+async def _each_rpc(stack: dict[str, Server], metadata: tuple[tuple[str, str], ...], timeout: float = 5.0
+                    ) -> AsyncIterator[tuple[str, str, grpc.aio.AioRpcError | None, grpc.StatusCode]]:
+    for name, server in stack.items():
+        service = SERVICES[name]
+        for svc, method, _ in METHODS:
+            if svc != service:
+                continue
+            call = _call(server.channel, service, method, metadata, timeout)
+            error: grpc.aio.AioRpcError | None = None
+            try:
+                if method.server_streaming:
+                    async for _ in call:
+                        break
+                    call.cancel()
+                else:
+                    await call
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                error, code = exc, exc.code()
+            yield method.name, auth.required_role(f"/{service}/{method.name}") or "", error, code
+
+
+async def test_without_credentials_every_rpc_is_unauthenticated(stack: dict[str, Server]) -> None:
+    seen = 0
+    async for name, _, error, code in _each_rpc(stack, ()):
+        assert code == grpc.StatusCode.UNAUTHENTICATED, name
+        assert error is not None and error_info(error).reason == "TOKEN_MISSING", name
+        seen += 1
+    assert seen == len([m for s, m, _ in METHODS if s in SERVICES.values()])
+
+
+async def test_health_and_reflection_stay_open(stack: dict[str, Server]) -> None:
+    for server in stack.values():
+        reply = await health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+        async for answer in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+            names = {s.name for s in answer.list_services_response.service}
+            assert SERVICES[server.app.name] in names
+            break
+
+
+async def test_with_a_viewer_token_every_write_is_permission_denied(stack: dict[str, Server],
+                                                                    key: auth.LocalKey) -> None:
+    bearer = (("authorization", f"Bearer {token(key, 'viewer')}"),)
+    denied = allowed = 0
+    async for name, role, error, code in _each_rpc(stack, bearer, timeout=2.0):
+        if role == "viewer":
+            assert code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED), name
+            allowed += 1
+        else:
+            assert code == grpc.StatusCode.PERMISSION_DENIED, name
+            assert error is not None
+            info = error_info(error)
+            assert (info.reason, info.metadata["role"]) == ("ROLE_REQUIRED", role), name
+            denied += 1
+    assert denied > 30 and allowed > 20
+
+
+async def test_roles_grant_what_they_declare(stack: dict[str, Server], key: auth.LocalKey) -> None:
+    from fabrica.config.v1 import config_service_pb2 as cpb
+    from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
+
+    config = cgrpc.ConfigServiceStub(stack["config"].channel)
+    from fabrica.config.v1 import plc_pb2
+    from google.protobuf import duration_pb2
+
+    plc = plc_pb2.Plc(id="press-1", collector_id="c1", enabled=True,
+                      modbus_tcp=plc_pb2.ModbusTcpConnection(host="127.0.0.1", unit_id=1),
+                      poll_groups=[plc_pb2.PollGroup(name="default", poll_interval=duration_pb2.Duration(seconds=1))])
+    for roles, expected in [(("operator",), grpc.StatusCode.PERMISSION_DENIED),
+                            (("collector",), grpc.StatusCode.PERMISSION_DENIED)]:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await config.CreatePlc(cpb.CreatePlcRequest(plc=plc),
+                                   metadata=(("authorization", f"Bearer {token(key, *roles)}"),))
+        assert exc.value.code() == expected
+    # Engineer (and admin, which includes it) may; a collector's token reads nothing.
+    made = await config.CreatePlc(cpb.CreatePlcRequest(plc=plc),
+                                  metadata=(("authorization", f"Bearer {token(key, 'engineer')}"),))
+    assert made.plc.id == "press-1"
+    got = await config.GetPlc(cpb.GetPlcRequest(id="press-1"),
+                              metadata=(("authorization", f"Bearer {token(key, 'admin')}"),))
+    assert got.plc.id == "press-1"
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await config.ListPlcs(cpb.ListPlcsRequest(),
+                              metadata=(("authorization", f"Bearer {token(key, 'collector', collector_id='c1')}"),))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_bad_tokens_are_unauthenticated_with_their_reason(stack: dict[str, Server], key: auth.LocalKey,
+                                                                tmp_path: Path) -> None:
+    from fabrica.config.v1 import config_service_pb2 as cpb
+    from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
+
+    config = cgrpc.ConfigServiceStub(stack["config"].channel)
+    other = auth.ensure_local_key(tmp_path / "other")  # a key the service does not trust
+    cases = {
+        "TOKEN_EXPIRED": token(key, "viewer", ttl=-3600),
+        "TOKEN_INVALID": token(other, "viewer"),
+    }
+    cases_plain = {"TOKEN_INVALID": "Basic dXNlcjpwdw=="}
+    wrong_aud = token(key, "viewer", audience="someone-else")
+    for reason, bad in [*cases.items(), ("TOKEN_INVALID", wrong_aud), ("TOKEN_INVALID", "not.a.jwt")]:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await config.ListPlcs(cpb.ListPlcsRequest(), metadata=(("authorization", f"Bearer {bad}"),))
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(exc.value).reason == reason
+        assert bad not in exc.value.details()  # the token is never echoed
+    for reason, header in cases_plain.items():
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await config.ListPlcs(cpb.ListPlcsRequest(), metadata=(("authorization", header),))
+        assert error_info(exc.value).reason == reason
+
+
+# --- verifiers and settings ------------------------------------------------------------------------------
+
+
+class _JwksHandler(http.server.BaseHTTPRequestHandler):
+    body = b""
+    hits = 0
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        type(self).hits += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def jwks_server(key: auth.LocalKey) -> Iterator[str]:
+    """A real HTTP server on loopback serving the local key's JWKS, as an OIDC provider would."""
+    handler = type("Handler", (_JwksHandler,), {"body": key.jwks_file.read_bytes(), "hits": 0})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/.well-known/jwks.json"
+        assert handler.hits == 1  # fetched once, then cached
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def test_jwks_url_and_file_verify_tokens(key: auth.LocalKey, jwks_server: str) -> None:
+    for env in ({"FABRICA_JWKS_URL": jwks_server}, {"FABRICA_JWKS_FILE": str(key.jwks_file)}):
+        verifier = auth.verifier_for(settings_for("config", env))
+        assert verifier is not None
+        for _ in range(3):
+            p = await verifier.verify(token(key, "operator", user="ana"))
+            assert (p.subject, p.roles, p.via) == ("user:ana", frozenset({"operator"}), "token")
+        p = await verifier.verify(token(key, "collector", collector_id="demo"))
+        assert (p.subject, p.collector_id) == ("collector:demo", "demo")
+        forged = jwt.encode({"sub": "ana", "roles": ["admin"], "iss": "fabrica", "aud": "fabrica", "exp": 2**40},
+                            ed25519.Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": key.key_id})
+        with pytest.raises(auth.Unauthenticated) as err:
+            await verifier.verify(forged)
+        assert err.value.reason == "TOKEN_INVALID"
+
+
+async def test_an_unreachable_jwks_is_unavailable_not_unauthenticated(key: auth.LocalKey) -> None:
+    verifier = auth.verifier_for(settings_for("config", {"FABRICA_JWKS_URL": f"http://127.0.0.1:{free_port()}/jwks"}))
+    assert verifier is not None
+    with pytest.raises(auth.Unavailable):
+        await verifier.verify(token(key, "viewer"))
+
+
+def test_settings_name_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="FABRICA_JWT_PUBLIC_KEY_FILE is not set"):
+        auth.authenticator_for(settings_for("config", {"FABRICA_INSECURE": "0"}))
+    assert auth.authenticator_for(settings_for("config")) is None  # insecure and no verifier: off
+    with pytest.raises(SettingsError, match="FABRICA_JWT_PUBLIC_KEY_FILE=.*cannot read"):
+        auth.authenticator_for(settings_for("config", {"FABRICA_JWT_PUBLIC_KEY_FILE": str(tmp_path / "none.pem")}))
+    (tmp_path / "junk.pem").write_text("junk")
+    with pytest.raises(SettingsError, match="FABRICA_JWT_PUBLIC_KEY_FILE=.*not a PEM public key"):
+        auth.authenticator_for(settings_for("config", {"FABRICA_JWT_PUBLIC_KEY_FILE": str(tmp_path / "junk.pem")}))
+    (tmp_path / "bad.json").write_text(json.dumps({"keys": "no"}))
+    with pytest.raises(SettingsError, match="FABRICA_JWKS_FILE="):
+        auth.authenticator_for(settings_for("config", {"FABRICA_JWKS_FILE": str(tmp_path / "bad.json")}))
+    with pytest.raises(SettingsError, match="FABRICA_INSECURE="):
+        settings_for("config", {"FABRICA_INSECURE": "maybe"})
+
+
+def test_the_local_key_is_made_once_and_kept(tmp_path: Path) -> None:
+    first = auth.ensure_local_key(tmp_path)
+    assert (first.private_key_file.stat().st_mode & 0o777) == 0o600
+    again = auth.ensure_local_key(tmp_path)
+    assert again == first and again.private_key_file.read_bytes() == first.private_key_file.read_bytes()
