@@ -24,6 +24,11 @@ from procs import stop_postgres
 
 _counter = itertools.count(1)
 
+# Services the tests start as processes (`fabrica serve`, with this environment) run in development mode:
+# without a token verifier, authentication is off. A test of authentication sets its own verifier (and
+# FABRICA_INSECURE=0 where it checks that a service refuses to start without one).
+os.environ.setdefault("FABRICA_INSECURE", "1")
+
 
 def dsn_with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)

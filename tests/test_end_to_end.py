@@ -39,8 +39,8 @@ pytestmark = pytest.mark.slow
 
 
 def _settings(service: str, database_url: str, data_dir: Path):
-    return load_settings(service, {}).with_overrides(port=0, metrics_port=-1, database_url=database_url,
-                                                     data_dir=data_dir, health_interval=0.5)
+    return load_settings(service, {"FABRICA_INSECURE": "1"}).with_overrides(
+        port=0, metrics_port=-1, database_url=database_url, data_dir=data_dir, health_interval=0.5)
 
 
 async def test_order_fills_from_the_simulated_counter_and_completes_itself(database_url: str, tmp_path: Path) -> None:
@@ -145,11 +145,17 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert "demo order  DEMO-0001" in banner, banner
         assert f"grpcurl -plaintext 127.0.0.1:{base} list" in banner
+        # Authentication is on: the banner's admin token reads, no token is UNAUTHENTICATED.
+        admin = next(line.split("=", 1)[1] for line in banner.splitlines() if "export TOKEN=" in line)
+        bearer = (("authorization", f"Bearer {admin}"),)
         with grpc.insecure_channel(f"127.0.0.1:{base + 2}") as ch:
             stub = prod_grpc.ProductionServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.ListOrders(prod_pb.ListOrdersRequest(), timeout=10)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
             good = 0
             for _ in range(600):
-                orders = stub.ListOrders(prod_pb.ListOrdersRequest(), timeout=10).orders
+                orders = stub.ListOrders(prod_pb.ListOrdersRequest(), timeout=10, metadata=bearer).orders
                 good = max((o.good_quantity for o in orders if o.number == "DEMO-0001"), default=0)
                 if good > 0:
                     break

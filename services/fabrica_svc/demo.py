@@ -19,6 +19,7 @@ from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
 from fabrica.config.v1 import plc_pb2
 
+from .runtime.channels import peer_channel
 from .runtime.server import ServiceHost
 
 log = logging.getLogger("fabrica.demo")
@@ -35,8 +36,9 @@ async def _upsert_plc(stub: config_grpc.ConfigServiceStub, plc: plc_pb2.Plc) -> 
 
 
 async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceHost],
-                     args: argparse.Namespace, data_dir: Path) -> list[str]:
-    """Start the demo parts the running services can use; returns lines for the banner."""
+                     args: argparse.Namespace, data_dir: Path, token: str = "") -> list[str]:
+    """Start the demo parts the running services can use; returns lines for the banner. `token` is the
+    bearer token the demo set-up calls config and production with (an admin's)."""
     if args.no_demo or "collector" not in hosts:
         return []
     from .collector.demo import demo_plcs
@@ -48,14 +50,16 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         f"S7 127.0.0.1:{sim.s7_port}",
     ]
     collector_id = hosts["collector"].settings.collector_id
-    channel = await stack.enter_async_context(grpc.aio.insecure_channel(hosts["config"].address))
+    caller = hosts["config"].settings.with_overrides(token=token, token_file=None)
+    channel = await stack.enter_async_context(peer_channel(hosts["config"].address, caller))
     config = config_grpc.ConfigServiceStub(channel)
     plcs = {p.id: await _upsert_plc(config, p)
             for p in demo_plcs(collector_id, sim.modbus_port, sim.rtu_port, sim.s7_port)}
     lines.append(f"  demo PLCs   {', '.join(plcs)} (collector {collector_id!r})")
     ingest = hosts.get("ingest")
     if ingest is not None:
-        lines.append(f"  live data   .venv/bin/grpcurl -plaintext -d '{{\"plc_id\": \"press-1\"}}' {ingest.address} "
+        lines.append(f"  live data   .venv/bin/grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"plc_id\": \"press-1\"}}' "
+                     f"{ingest.address} "
                      "fabrica.ingest.v1.IngestService/GetLatestValues")
     if "production" in hosts:
         from fabrica.production.v1 import production_service_pb2_grpc as production_grpc
@@ -63,7 +67,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         from .production.demo import create_demo
 
         roles = {t.role: t.id for t in plcs["press-1"].tags}
-        prod_channel = await stack.enter_async_context(grpc.aio.insecure_channel(hosts["production"].address))
+        prod_channel = await stack.enter_async_context(peer_channel(hosts["production"].address, caller))
         order = await create_demo(
             production_grpc.ProductionServiceStub(prod_channel),
             plc_id="press-1",
@@ -72,6 +76,6 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
             machine_state_tag_id=roles.get(reading_pb2.TAG_ROLE_MACHINE_STATE, 0),
         )
         lines.append(f"  demo order  {order.number} ({order.planned_quantity} parts), filled from press-1's counter:")
-        lines.append(f"              .venv/bin/grpcurl -plaintext -d '{{\"id\": \"{order.id}\"}}' "
+        lines.append(f"              .venv/bin/grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"id\": \"{order.id}\"}}' "
                      f"{hosts['production'].address} fabrica.production.v1.ProductionService/GetOrder")
     return lines

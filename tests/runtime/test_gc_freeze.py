@@ -60,7 +60,7 @@ async def test_only_a_supervisor_told_it_is_alone_freezes_the_process() -> None:
 
 
 async def test_the_collector_app_freezes_only_with_settings_that_say_it_is_alone(tmp_path: Path) -> None:
-    shared = load_settings("collector", {})  # what `fabrica run` and the tests start services with
+    shared = load_settings("collector", {"FABRICA_INSECURE": "1"})  # what `fabrica run` and the tests start services with
     assert shared.sole_service is False
     for settings, expected in ((shared, False), (shared.with_overrides(sole_service=True), True)):
         settings = settings.with_overrides(data_dir=tmp_path / str(expected), port=0, metrics_port=-1)

@@ -152,7 +152,7 @@ class ProbeApp:
 
 async def probe_host(app: ProbeApp, tmp_path: Path) -> AsyncIterator[ServiceHost]:
     """A started ServiceHost of `app` on 127.0.0.1:0, stopped afterwards (the body of a fixture)."""
-    settings = load_settings("config", {}).with_overrides(port=0, metrics_port=-1, data_dir=tmp_path)
+    settings = load_settings("config", {"FABRICA_INSECURE": "1"}).with_overrides(port=0, metrics_port=-1, data_dir=tmp_path)
     host = ServiceHost(app, settings)  # type: ignore[arg-type]
     await host.start()
     yield host
@@ -298,7 +298,8 @@ async def test_the_port_file_lists_each_service_of_the_process_with_its_bound_po
     hosts = []
     try:
         for name in ("config", "production"):
-            settings = load_settings(name, {}).with_overrides(port=0, metrics_port=0, data_dir=tmp_path,
+            settings = load_settings(name, {"FABRICA_INSECURE": "1"}).with_overrides(port=0, metrics_port=0,
+                                                                                   data_dir=tmp_path,
                                                               port_file=port_file)
             app = ProbeApp()
             app.name = name
