@@ -343,7 +343,7 @@ def test_the_extraction_finds_the_readme_commands_whole() -> None:
     assert all(c.assignments[:2] == ("G=.venv/bin/grpcurl", "TOKEN=$(.venv/bin/fabrica token --role admin "
                                      "--user you | tail -1)") for c in grpcurls)
     create = next(c for c in grpcurls if c.text.endswith("fabrica.config.v1.ConfigService/CreatePlc"))
-    assert '"tags": [' in create.text and create.text.startswith("$G -plaintext -d '{")
+    assert '"tags": [' in create.text and create.text.startswith("$G -plaintext -H \"authorization: Bearer $TOKEN\" -d '{")
     assert any(c.text.endswith("/WatchPlcs") for c in grpcurls)
     assert {c.words()[1] for c in readme if _kind(c) == "make"} >= {"run", "test"}
     assert not [c.where for c in doc_commands() if _kind(c) == "unknown"], \

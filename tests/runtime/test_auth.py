@@ -310,3 +310,96 @@ def test_the_local_key_is_made_once_and_kept(tmp_path: Path) -> None:
     assert (first.private_key_file.stat().st_mode & 0o777) == 0o600
     again = auth.ensure_local_key(tmp_path)
     assert again == first and again.private_key_file.read_bytes() == first.private_key_file.read_bytes()
+
+
+# --- the audit trail ---------------------------------------------------------------------------------------
+
+
+def _as(key: auth.LocalKey, server: Server, role: str, user: str) -> grpc.aio.Channel:
+    """A channel to `server` that sends `user`'s token (with `role`) on every call: runtime/channels.py's
+    peer_channel, as the services' own channels do."""
+    from fabrica_svc.runtime.channels import peer_channel
+
+    return peer_channel(server.address, server.settings.with_overrides(token=token(key, role, user=user)))
+
+
+async def test_audit_entries_name_the_user_of_a_plc_edit_an_order_start_and_a_booking(
+        stack: dict[str, Server], key: auth.LocalKey) -> None:
+    from fabrica.common.v1 import audit_pb2
+    from fabrica.config.v1 import config_service_pb2 as cpb
+    from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
+    from fabrica.config.v1 import plc_pb2
+    from fabrica.production.v1 import master_data_pb2 as md
+    from fabrica.production.v1 import order_pb2
+    from fabrica.production.v1 import production_service_pb2 as ppb
+    from fabrica.production.v1 import production_service_pb2_grpc as pgrpc
+    from google.protobuf import duration_pb2
+
+    eng = _as(key, stack["config"], "engineer", "erin")
+    config = cgrpc.ConfigServiceStub(eng)
+    plc = plc_pb2.Plc(id="press-9", collector_id="c1", enabled=True,
+                      modbus_tcp=plc_pb2.ModbusTcpConnection(host="127.0.0.1", unit_id=1),
+                      poll_groups=[plc_pb2.PollGroup(name="default", poll_interval=duration_pb2.Duration(seconds=1))])
+    made = (await config.CreatePlc(cpb.CreatePlcRequest(plc=plc), metadata=(("x-request-id", "req-create-1"),))).plc
+    await config.UpdatePlc(cpb.UpdatePlcRequest(plc=plc_pb2.Plc(id="press-9", display_name="Press 9", etag=made.etag),
+                                                update_mask={"paths": ["display_name"]}),
+                           metadata=(("x-request-id", "req-update-1"),))
+    # A refused edit (stale etag) leaves no entry: the entry is written in the change's transaction.
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await config.UpdatePlc(cpb.UpdatePlcRequest(plc=plc_pb2.Plc(id="press-9", display_name="X", etag=made.etag),
+                                                    update_mask={"paths": ["display_name"]}))
+    assert stale.value.code() == grpc.StatusCode.ABORTED
+
+    viewer = cgrpc.ConfigServiceStub(_as(key, stack["config"], "viewer", "vic"))
+    listed = await viewer.ListAuditEntries(cpb.ListAuditEntriesRequest(
+        filter=audit_pb2.AuditFilter(resource="plcs/press-9")))
+    got = [(e.actor, e.via, e.action, e.resource, e.request_id) for e in listed.entries]
+    assert got == [("user:erin", "token", "UpdatePlc", "plcs/press-9", "req-update-1"),
+                   ("user:erin", "token", "CreatePlc", "plcs/press-9", "req-create-1")]
+    assert "display_name" in listed.entries[0].details
+    assert listed.entries[0].time.seconds > 0
+
+    # Production: an engineer sets up master data, an operator starts an order and books by hand.
+    engineer = pgrpc.ProductionServiceStub(_as(key, stack["production"], "engineer", "erin"))
+    await engineer.CreateSector(ppb.CreateSectorRequest(sector=md.Sector(id="pressing", display_name="Pressing")))
+    await engineer.CreateWorkCenter(ppb.CreateWorkCenterRequest(work_center=md.WorkCenter(
+        id="wc-1", display_name="Press 1", sector_id="pressing")))
+    await engineer.CreateItem(ppb.CreateItemRequest(item=md.Item(
+        id="BRK-100", display_name="Bracket", ideal_cycle_time=duration_pb2.Duration(seconds=2))))
+    operator = pgrpc.ProductionServiceStub(_as(key, stack["production"], "operator", "ana"))
+    order = (await operator.CreateOrder(ppb.CreateOrderRequest(order=order_pb2.Order(
+        number="PO-1", item_id="BRK-100", work_center_id="wc-1", planned_quantity=100)))).order
+    await operator.StartOrder(ppb.StartOrderRequest(id=order.id), metadata=(("x-request-id", "start-po-1"),))
+    booked = (await operator.CreateBooking(ppb.CreateBookingRequest(booking=order_pb2.Booking(
+        order_id=order.id, good_quantity=7, scrap_quantity=1)))).booking
+    with pytest.raises(grpc.aio.AioRpcError):  # already running: refused, and not audited
+        await operator.StartOrder(ppb.StartOrderRequest(id=order.id))
+
+    reader = pgrpc.ProductionServiceStub(_as(key, stack["production"], "viewer", "vic"))
+    ana = (await reader.ListAuditEntries(ppb.ListAuditEntriesRequest(
+        filter=audit_pb2.AuditFilter(actor="user:ana")))).entries
+    assert [(e.action, e.resource) for e in ana] == [
+        ("CreateBooking", f"orders/{order.id}/bookings/{booked.id}"),
+        ("StartOrder", f"orders/{order.id}"),
+        ("CreateOrder", f"orders/{order.id}"),
+    ]
+    assert ana[1].request_id == "start-po-1" and "PLANNED -> IN_PROGRESS" in ana[1].details
+    assert "good +7, scrap +1" in ana[0].details
+    assert all(e.request_id for e in ana)  # made up where the caller sent none
+
+    # Filters and paging: everything under orders/, one entry a page, newest first, nothing twice.
+    seen, page_token = [], ""
+    while True:
+        page = await reader.ListAuditEntries(ppb.ListAuditEntriesRequest(
+            filter=audit_pb2.AuditFilter(resource="orders/"), page_size=1, page_token=page_token))
+        seen += [e.id for e in page.entries]
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    assert seen == [e.id for e in ana]
+    erin = (await reader.ListAuditEntries(ppb.ListAuditEntriesRequest(
+        filter=audit_pb2.AuditFilter(actor="user:erin", action="CreateSector")))).entries
+    assert [(e.resource, e.details) for e in erin] == [("sectors/pressing", "sector created")]
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await reader.ListAuditEntries(ppb.ListAuditEntriesRequest(page_token="nonsense"))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT

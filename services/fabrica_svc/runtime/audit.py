@@ -1,9 +1,10 @@
 """The audit trail: one table per service schema, written in the transaction of each change.
 
-A store records a change with ``await audit.record(conn, "StartOrder", "orders/42", "from PLANNED")`` on the
-connection of the transaction that makes it: the entry commits with the change or not at all. Who made it is
-the RPC's principal (runtime/principal.py ``actor()``, ``system`` outside an RPC), the request id is the
-call's ``x-request-id`` metadata or one the interceptor made up (:func:`set_request_id`). Each service adds
+A store records a change with ``await audit.record(conn, "orders/42", "PLANNED -> RUNNING")`` on the
+connection of the transaction that makes it: the entry commits with the change or not at all. The action is
+the RPC's method (``StartOrder``) unless given; who made it is the RPC's principal (runtime/principal.py
+``actor()``, ``system`` outside an RPC); the request id is the call's ``x-request-id`` metadata or one the
+interceptor made up (:func:`begin_call`). Each service adds
 :func:`migration` to its migrations and answers ``ListAuditEntries`` with :func:`list_entries`.
 
 Details are short summaries written by the stores; they never carry secrets (tokens, passwords).
@@ -22,6 +23,7 @@ from fabrica.common.v1 import audit_pb2
 from google.protobuf import message
 
 from . import principal
+from .db import Migration
 from .errors import FieldViolation, InvalidArgument
 from .pages import decode_int_page_token, encode_page_token
 from .timefmt import optional_datetime, timestamp_from_datetime
@@ -47,6 +49,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_DETAILS = 1000
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("fabrica_request_id", default="")
+_method: contextvars.ContextVar[str] = contextvars.ContextVar("fabrica_method", default="")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
@@ -55,9 +58,16 @@ def request_id() -> str:
     return _request_id.get()
 
 
+def begin_call(method: str, metadata: Any) -> None:
+    """Note the running RPC's method (the default action) and request id: its ``x-request-id`` metadata when
+    that is a plain token of at most 128 characters, else a new UUID. The interceptor calls this; each RPC
+    runs in a task of its own, so it is that RPC's alone."""
+    _method.set(method)
+    set_request_id(metadata)
+
+
 def set_request_id(metadata: Any) -> contextvars.Token[str]:
-    """Set the request id of the running RPC from its ``x-request-id`` metadata (when it is a plain token of
-    at most 128 characters), else a new UUID; the interceptor calls this."""
+    """Set the request id from ``x-request-id`` in `metadata`, else a new UUID."""
     given = ""
     for key, value in metadata or ():
         if key.lower() == "x-request-id":
@@ -70,13 +80,22 @@ def reset_request_id(token: contextvars.Token[str]) -> None:
     _request_id.reset(token)
 
 
-async def record(conn: asyncpg.Connection, action: str, resource: str, details: str = "") -> None:
-    """Write one entry on `conn`, which must be in the transaction of the change it records."""
+async def record(conn: asyncpg.Connection, resource: str, details: str = "", *, action: str = "") -> None:
+    """Write one entry about `resource` on `conn`, which must be in the transaction of the change it records.
+    `action` defaults to the running RPC's method."""
+    if not conn.is_in_transaction():
+        raise RuntimeError("an audit entry is written in the transaction of its change")
     p = principal.current()
     await conn.execute(
         "INSERT INTO audit_entries (actor, via, action, resource, request_id, details)"
         " VALUES ($1, $2, $3, $4, $5, $6)",
-        principal.actor(), p.via if p else "", action, resource, request_id(), details[:MAX_DETAILS])
+        principal.actor(), p.via if p else "", action or _method.get() or "unknown", resource, request_id(),
+        details[:MAX_DETAILS])
+
+
+def migration(version: int) -> Migration:
+    """The migration that adds the audit table to a service's schema, as that service's `version`."""
+    return Migration(version, "audit trail: who changed what, when, under which request id", TABLE_SQL)
 
 
 def _filter_key(f: audit_pb2.AuditFilter) -> str:

@@ -321,7 +321,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     async def _admit(self, path: str, context: grpc.aio.ServicerContext) -> None:
         """Set the request id and the caller's principal for this RPC, refusing a caller who may not call
         `path`. Each RPC runs in a task of its own, so what is set here is the handler's alone."""
-        audit.set_request_id(context.invocation_metadata())
+        audit.begin_call(path.rsplit("/", 1)[-1], context.invocation_metadata())
         if auth.is_open(path):
             return
         if self.identify is None:
