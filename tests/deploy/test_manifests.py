@@ -58,8 +58,12 @@ BROWSER_SERVICES = {
 FILTER_TYPES = {
     "envoy.filters.http.grpc_web": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb",
     "envoy.filters.http.cors": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+    "envoy.filters.http.jwt_authn":
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
     "envoy.filters.http.router": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
 }
+DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 CORS_POLICY = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
 GRPC_WEB_REQUEST_HEADERS = ("content-type", "x-grpc-web", "x-user-agent", "grpc-timeout")
@@ -447,12 +451,71 @@ def _matching_route(path: str) -> dict[str, Any] | None:
 def test_envoy_listener() -> None:
     (listener,) = _envoy()["static_resources"]["listeners"]
     address = listener["address"]["socket_address"]
-    assert (address["address"], address["port_value"]) == ("0.0.0.0", 8080)
+    assert (address["address"], address["port_value"]) == ("0.0.0.0", 8443)
+
+
+def test_envoy_terminates_tls_from_browsers_with_mounted_certificates() -> None:
+    (listener,) = _envoy()["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    socket = chain["transport_socket"]
+    assert socket["typed_config"]["@type"] == DOWNSTREAM_TLS
+    common = socket["typed_config"]["common_tls_context"]
+    (cert,) = common["tls_certificates"]
+    for key in ("certificate_chain", "private_key"):
+        assert cert[key]["filename"].startswith("/etc/envoy/tls/"), "certificates come from a mounted Secret"
+    assert "h2" in common["alpn_protocols"]
+
+
+def _jwt_authn() -> dict[str, Any]:
+    (f,) = [f for f in _http_connection_manager()["http_filters"] if f["name"] == "envoy.filters.http.jwt_authn"]
+    return f["typed_config"]
+
+
+def _jwt_rule(path: str) -> dict[str, Any]:
+    """The first jwt_authn rule matching `path` (the filter uses the first that matches, as routes do)."""
+    for rule in _jwt_authn()["rules"]:
+        match = rule["match"]
+        assert match.keys() <= {"path", "prefix"}, f"unsupported match {match}"
+        if match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"])):
+            return rule
+    raise AssertionError(f"no jwt_authn rule matches {path}")
+
+
+def test_envoy_verifies_tokens_before_routing_and_forwards_them() -> None:
+    config = _jwt_authn()
+    assert config.get("bypass_cors_preflight") is True, "a CORS preflight carries no token"
+    (provider,) = config["providers"].values()
+    assert provider["issuer"] and provider["audiences"], "issuer and audience are checked"
+    assert provider.get("forward") is True, "the services verify the token again: Envoy must pass it on"
+    jwks = provider.get("remote_jwks") or provider.get("local_jwks")
+    assert jwks, "a JWKS provider"
+    if "remote_jwks" in provider:
+        assert provider["remote_jwks"]["http_uri"]["cluster"] in _clusters()
+        assert provider["remote_jwks"]["http_uri"]["uri"].startswith("https://")
+    # Health and reflection open; every browser RPC needs the provider's token.
+    for path in ("/grpc.health.v1.Health/Check", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"):
+        assert "requires" not in _jwt_rule(path), path
+    for _, method in _rpcs():
+        rule = _jwt_rule(f"/{method.containing_service.full_name}/{method.name}")
+        assert rule.get("requires") == {"provider_name": next(iter(config["providers"]))}, method.full_name
+
+
+@pytest.mark.parametrize("cluster", sorted(BROWSER_SERVICES))
+def test_envoy_calls_each_service_over_mtls(cluster: str) -> None:
+    socket = _clusters()[cluster]["transport_socket"]
+    assert socket["typed_config"]["@type"] == UPSTREAM_TLS
+    common = socket["typed_config"]["common_tls_context"]
+    assert common["tls_certificates"], "Envoy presents a client certificate"
+    validation = common["validation_context"]
+    assert validation["trusted_ca"]["filename"].startswith("/etc/envoy/")
+    names = validation["match_typed_subject_alt_names"]
+    assert {"san_type": "URI", "matcher": {"exact": f"urn:fabrica:service:{cluster}"}} in names
 
 
 def test_envoy_http_filter_order() -> None:
     filters = _http_connection_manager()["http_filters"]
-    assert [f["name"] for f in filters] == list(FILTER_TYPES), "filters must be grpc_web, cors, router"
+    assert [f["name"] for f in filters] == list(FILTER_TYPES), "filters must be grpc_web, cors, jwt_authn, router"
     for f in filters:
         assert f["typed_config"]["@type"] == FILTER_TYPES[f["name"]], f["name"]
 
@@ -476,7 +539,10 @@ def test_envoy_cluster_speaks_http2_to_the_service(cluster: str) -> None:
 
 
 def test_every_envoy_cluster_uses_http2() -> None:
+    jwks = {p["remote_jwks"]["http_uri"]["cluster"] for p in _jwt_authn()["providers"].values() if "remote_jwks" in p}
     for name, config in _clusters().items():
+        if name in jwks:  # the identity provider's JWKS endpoint (HTTPS), not a gRPC service
+            continue
         options = config["typed_extension_protocol_options"][HTTP_OPTIONS]
         assert "http2_protocol_options" in options["explicit_http_config"], name
 

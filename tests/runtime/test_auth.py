@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -403,3 +404,40 @@ async def test_audit_entries_name_the_user_of_a_plc_edit_an_order_start_and_a_bo
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await reader.ListAuditEntries(ppb.ListAuditEntriesRequest(page_token="nonsense"))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_peer_channels_send_their_token_in_every_call_shape(stack: dict[str, Server], key: auth.LocalKey,
+                                                                  tmp_path: Path) -> None:
+    """peer_channel (what the collector and production use) adds the token to unary, server-streaming and
+    bidi calls; FABRICA_TOKEN_FILE is read again when it changes (a rotated token, no restart)."""
+    from fabrica.config.v1 import config_service_pb2 as cpb
+    from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
+    from fabrica.ingest.v1 import ingest_service_pb2 as ipb
+    from fabrica.ingest.v1 import ingest_service_pb2_grpc as igrpc
+
+    from fabrica_svc.runtime.channels import check_peer_token, peer_channel
+
+    token_file = tmp_path / "token"
+    token_file.write_text(token(key, "collector", user="c1", collector_id="c1") + "\n")
+    settings = stack["config"].settings.with_overrides(token_file=token_file)
+    async with peer_channel(stack["config"].address, settings) as channel:
+        watch = cgrpc.ConfigServiceStub(channel).WatchPlcs(cpb.WatchPlcsRequest(collector_id="c1"), timeout=10)
+        async for first in watch:  # server streaming: admitted, a snapshot arrives
+            assert first.HasField("snapshot") or first.ListFields()
+            break
+        watch.cancel()
+    async with peer_channel(stack["ingest"].address, settings) as channel:
+        stream = igrpc.IngestServiceStub(channel).StreamReadings(
+            iter([ipb.StreamReadingsRequest(open=ipb.StreamOpen(collector_id="c1"))]), timeout=10)
+        async for reply in stream:  # bidi: admitted, the resume point arrives
+            assert reply.HasField("resume")
+            break
+        stream.cancel()
+        # The file is rotated to a viewer's token: the same channel now sends that one.
+        token_file.write_text(token(key, "viewer", user="v"))
+        os.utime(token_file, (1, 1))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await igrpc.IngestServiceStub(channel).SyncTags(ipb.SyncTagsRequest(collector_id="c1"))
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(SettingsError, match="FABRICA_TOKEN_FILE="):
+        check_peer_token(settings.with_overrides(token_file=tmp_path / "missing"))

@@ -73,10 +73,8 @@ class _TokenSource:
         return f"_TokenSource(file={self.file}, token={'set' if self._token else 'unset'})"
 
 
-class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                   grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds ``authorization: Bearer <token>`` to every call of a channel (call metadata, so it works over
-    plaintext as over TLS)."""
+class _BearerToken:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata (so it works over plaintext as over TLS)."""
 
     def __init__(self, source: _TokenSource):
         self.source = source
@@ -89,15 +87,25 @@ class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamCli
         metadata["authorization"] = f"Bearer {token}"
         return details._replace(metadata=metadata)  # type: ignore[attr-defined]
 
+
+# grpc.aio files each interceptor under the first of the four call shapes it implements, so each shape has
+# a class of its own.
+class _UnaryUnaryToken(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), request)
 
+
+class _UnaryStreamToken(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), request)
 
+
+class _StreamUnaryToken(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _StreamStreamToken(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
         return await continuation(self._details(client_call_details), request_iterator)
 
@@ -109,7 +117,9 @@ def peer_channel(address: str, settings: Settings | None = None,
     (FABRICA_TOKEN_FILE / FABRICA_TOKEN) sent with every call. SettingsError for an unreadable token file."""
     interceptors: list[Any] = []
     if settings is not None and (settings.token_file is not None or settings.token):
-        interceptors.append(_BearerToken(_TokenSource(settings.token_file, settings.token)))
+        source = _TokenSource(settings.token_file, settings.token)
+        interceptors += [shape(source) for shape in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken,
+                                                     _StreamStreamToken)]
     return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors or None)
 
 
