@@ -441,3 +441,37 @@ async def test_peer_channels_send_their_token_in_every_call_shape(stack: dict[st
         assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(SettingsError, match="FABRICA_TOKEN_FILE="):
         check_peer_token(settings.with_overrides(token_file=tmp_path / "missing"))
+
+
+async def test_reflection_can_be_turned_off(database_url: str, servers: Servers) -> None:
+    server = await servers.start("config", settings_for("config", {"FABRICA_REFLECTION": "0"},
+                                                        database_url=database_url))
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+            pass
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    reply = await health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_service_without_a_verifier_stops_naming_the_setting(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FABRICA_", "DATABASE_URL"))}
+    env.update(PYTHONPATH=f"{repo / 'gen'}:{repo / 'services'}", FABRICA_INSECURE="0",
+               FABRICA_DATA_DIR=str(tmp_path), FABRICA_METRICS_PORT="-1")
+    done = subprocess.run([sys.executable, "-m", "fabrica_svc.cli", "serve", "config", "--port", "0"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "FABRICA_JWT_PUBLIC_KEY_FILE is not set" in done.stderr
+    assert not (tmp_path / "postgres").exists()  # it stopped before starting anything
+
+
+def test_the_banner_dsn_hides_the_password() -> None:
+    from fabrica_svc.stack import shown_dsn
+
+    assert shown_dsn("postgresql://fab:s3cret@db.example:5432/fabrica") == "postgresql://fab:***@db.example:5432/fabrica"
+    assert shown_dsn("postgresql://postgres@/postgres?host=/tmp/x") == "postgresql://postgres@/postgres?host=/tmp/x"
