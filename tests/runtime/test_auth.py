@@ -475,3 +475,36 @@ def test_the_banner_dsn_hides_the_password() -> None:
 
     assert shown_dsn("postgresql://fab:s3cret@db.example:5432/fabrica") == "postgresql://fab:***@db.example:5432/fabrica"
     assert shown_dsn("postgresql://postgres@/postgres?host=/tmp/x") == "postgresql://postgres@/postgres?host=/tmp/x"
+
+
+async def test_ingest_audits_tag_syncs_and_sequence_resets(stack: dict[str, Server], key: auth.LocalKey) -> None:
+    from fabrica.common.v1 import audit_pb2
+    from fabrica.ingest.v1 import ingest_service_pb2 as ipb
+    from fabrica.ingest.v1 import ingest_service_pb2_grpc as igrpc
+
+    collector = peer_channel_with(stack["ingest"], token(key, "collector", user="c1", collector_id="c1"))
+    stub = igrpc.IngestServiceStub(collector)
+    stream = stub.StreamReadings(iter([ipb.StreamReadingsRequest(open=ipb.StreamOpen(collector_id="c1", epoch=1))]))
+    async for reply in stream:  # the stream's open makes the collector's sequence row
+        assert reply.HasField("resume")
+        break
+    stream.cancel()
+    tags = [ipb.TagInfo(tag_id=7, plc_id="press-1", name="temperature", unit="°C")]
+    await stub.SyncTags(ipb.SyncTagsRequest(collector_id="c1", tags=tags))
+    await stub.SyncTags(ipb.SyncTagsRequest(collector_id="c1", tags=tags))  # the same again: no change, no entry
+    admin = igrpc.IngestServiceStub(peer_channel_with(stack["ingest"], token(key, "admin", user="root")))
+    await admin.ResetCollectorSequence(ipb.ResetCollectorSequenceRequest(collector_id="c1", committed_sequence=0),
+                                       metadata=(("x-request-id", "reset-c1"),))
+    entries = (await admin.ListAuditEntries(ipb.ListAuditEntriesRequest(
+        filter=audit_pb2.AuditFilter(resource="collectors/")))).entries
+    assert [(e.actor, e.action, e.resource) for e in entries] == [
+        ("user:root", "ResetCollectorSequence", "collectors/c1"),
+        ("collector:c1", "SyncTags", "collectors/c1/tags"),
+    ]
+    assert entries[0].request_id == "reset-c1"
+
+
+def peer_channel_with(server: Server, bearer: str) -> grpc.aio.Channel:
+    from fabrica_svc.runtime.channels import peer_channel
+
+    return peer_channel(server.address, server.settings.with_overrides(token=bearer))

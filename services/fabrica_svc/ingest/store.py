@@ -537,6 +537,9 @@ class IngestStore:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", TAG_SYNC_LOCK_CLASS, collector_id)
             row = await conn.fetchrow(_SYNC_TAGS, collector_id, *(list(c) for c in columns))
+            if row["changed"] or row["removed"]:  # the same set again changes nothing and is not recorded
+                await audit.record(conn, f"collectors/{collector_id}/tags",
+                                   f"{row['changed']} tags described, {row['removed']} removed")
         return int(row["changed"]), int(row["removed"])
 
     async def events_page(

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class ConfigServiceStub:
     """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel):
@@ -94,6 +99,11 @@ class ConfigServiceStub:
 
 class ConfigServiceServicer:
     """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def CreatePlc(self, request, context):
@@ -248,6 +258,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ConfigService:
     """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @staticmethod

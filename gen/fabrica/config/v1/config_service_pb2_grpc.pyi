@@ -27,7 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ConfigServiceStub:
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision."""
+    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -70,7 +76,13 @@ class ConfigServiceStub:
 
 @_typing.type_check_only
 class ConfigServiceAsyncStub(ConfigServiceStub):
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision."""
+    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreatePlc: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreatePlcRequest, _config_service_pb2.CreatePlcResponse]  # type: ignore[assignment]
@@ -109,7 +121,13 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     """
 
 class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision."""
+    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_abc_1.abstractmethod
     def CreatePlc(

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class IngestServiceStub:
     """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel):
@@ -89,6 +94,11 @@ class IngestServiceStub:
 
 class IngestServiceServicer:
     """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def StreamReadings(self, request_iterator, context):
@@ -260,6 +270,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class IngestService:
     """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @staticmethod

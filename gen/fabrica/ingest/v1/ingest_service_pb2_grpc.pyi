@@ -27,7 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class IngestServiceStub:
-    """Stores readings exactly once and answers history, latest values and tag events."""
+    """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -100,7 +106,13 @@ class IngestServiceStub:
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
-    """Stores readings exactly once and answers history, latest values and tag events."""
+    """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamReadings: _aio.StreamStreamMultiCallable[_ingest_service_pb2.StreamReadingsRequest, _ingest_service_pb2.StreamReadingsResponse]  # type: ignore[assignment]
@@ -169,7 +181,13 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Stores readings exactly once and answers history, latest values and tag events."""
+    """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_abc_1.abstractmethod
     def StreamReadings(

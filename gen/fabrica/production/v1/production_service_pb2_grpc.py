@@ -28,6 +28,11 @@ if _version_not_supported:
 class ProductionServiceStub:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel):
@@ -256,6 +261,11 @@ class ProductionServiceStub:
 class ProductionServiceServicer:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def CreateSector(self, request, context):
@@ -797,6 +807,11 @@ def add_ProductionServiceServicer_to_server(servicer, server):
 class ProductionService:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @staticmethod

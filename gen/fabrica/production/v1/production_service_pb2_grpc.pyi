@@ -29,6 +29,11 @@ GRPC_VERSION: str
 class ProductionServiceStub:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @_typing.overload
@@ -140,6 +145,11 @@ class ProductionServiceStub:
 class ProductionServiceAsyncStub(ProductionServiceStub):
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -247,6 +257,11 @@ class ProductionServiceAsyncStub(ProductionServiceStub):
 class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @_abc_1.abstractmethod
