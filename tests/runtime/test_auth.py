@@ -221,7 +221,12 @@ async def test_bad_tokens_are_unauthenticated_with_their_reason(stack: dict[str,
     }
     cases_plain = {"TOKEN_INVALID": "Basic dXNlcjpwdw=="}
     wrong_aud = token(key, "viewer", audience="someone-else")
-    for reason, bad in [*cases.items(), ("TOKEN_INVALID", wrong_aud), ("TOKEN_INVALID", "not.a.jwt")]:
+    # Signed with a key of another kind (RSA, where the service's key is Ed25519): refused, not INTERNAL.
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    rsa_signed = jwt.encode({"sub": "mallory", "roles": ["admin"], "iss": "fabrica", "aud": "fabrica", "exp": 2**40},
+                            rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256")
+    for reason, bad in [*cases.items(), ("TOKEN_INVALID", wrong_aud), ("TOKEN_INVALID", "not.a.jwt"),
+                        ("TOKEN_INVALID", rsa_signed)]:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await config.ListPlcs(cpb.ListPlcsRequest(), metadata=(("authorization", f"Bearer {bad}"),))
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from fabrica.common.v1 import auth_pb2
 from google.protobuf import descriptor_pool
 
@@ -169,12 +169,15 @@ class TokenVerifier:
         (a JWKS fetch) only with a JWKS URL: :meth:`verify` runs that in a thread."""
         key = self._key_for(token)
         try:
-            return jwt.decode(token, key, algorithms=ALGORITHMS, audience=self.audience, issuer=self.issuer,
-                              leeway=LEEWAY_SECONDS, options={"require": ["exp", "sub", "iss", "aud"]})
+            return jwt.decode(token, key, algorithms=_algorithms_for(key), audience=self.audience,
+                              issuer=self.issuer, leeway=LEEWAY_SECONDS,
+                              options={"require": ["exp", "sub", "iss", "aud"]})
         except jwt.ExpiredSignatureError:
             raise _unauthenticated("the bearer token has expired", "TOKEN_EXPIRED") from None
         except jwt.InvalidTokenError as exc:
             raise _unauthenticated(f"the bearer token is not valid: {exc}", "TOKEN_INVALID") from None
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # e.g. a signature of a kind the key cannot check
+            raise _unauthenticated(f"the bearer token is not valid: {type(exc).__name__}", "TOKEN_INVALID") from None
 
     async def verify(self, token: str) -> Principal:
         """The principal `token` names; UNAUTHENTICATED unless it verifies (see :meth:`claims`)."""
@@ -190,6 +193,19 @@ class TokenVerifier:
             self._verified.clear()
         self._verified[token] = (found, now + max(0.0, min(CACHE_SECONDS, remaining)))
         return found
+
+
+def _algorithms_for(key: Any) -> list[str]:
+    """The signature algorithms a key can check: a token must use one of them (no algorithm confusion)."""
+    if isinstance(key, jwt.PyJWK):
+        return [key.algorithm_name] if key.algorithm_name in ALGORITHMS else ALGORITHMS
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return ["EdDSA"]
+    if isinstance(key, rsa.RSAPublicKey):
+        return [a for a in ALGORITHMS if a[:2] in ("RS", "PS")]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return [a for a in ALGORITHMS if a.startswith("ES")]
+    return ALGORITHMS
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
