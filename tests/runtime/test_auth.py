@@ -321,12 +321,21 @@ def test_the_local_key_is_made_once_and_kept(tmp_path: Path) -> None:
 # --- the audit trail ---------------------------------------------------------------------------------------
 
 
+_OPENED: list[grpc.aio.Channel] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_channels() -> AsyncIterator[None]:
+    """Closes the channels `_as` and `peer_channel_with` opened in a test."""
+    yield
+    while _OPENED:
+        await _OPENED.pop().close()
+
+
 def _as(key: auth.LocalKey, server: Server, role: str, user: str) -> grpc.aio.Channel:
     """A channel to `server` that sends `user`'s token (with `role`) on every call: runtime/channels.py's
     peer_channel, as the services' own channels do."""
-    from fabrica_svc.runtime.channels import peer_channel
-
-    return peer_channel(server.address, server.settings.with_overrides(token=token(key, role, user=user)))
+    return peer_channel_with(server, token(key, role, user=user))
 
 
 async def test_audit_entries_name_the_user_of_a_plc_edit_an_order_start_and_a_booking(
@@ -512,4 +521,6 @@ async def test_ingest_audits_tag_syncs_and_sequence_resets(stack: dict[str, Serv
 def peer_channel_with(server: Server, bearer: str) -> grpc.aio.Channel:
     from fabrica_svc.runtime.channels import peer_channel
 
-    return peer_channel(server.address, server.settings.with_overrides(token=bearer))
+    channel = peer_channel(server.address, server.settings.with_overrides(token=bearer))
+    _OPENED.append(channel)
+    return channel
