@@ -189,12 +189,10 @@ async def test_roles_grant_what_they_declare(stack: dict[str, Server], key: auth
     plc = plc_pb2.Plc(id="press-1", collector_id="c1", enabled=True,
                       modbus_tcp=plc_pb2.ModbusTcpConnection(host="127.0.0.1", unit_id=1),
                       poll_groups=[plc_pb2.PollGroup(name="default", poll_interval=duration_pb2.Duration(seconds=1))])
-    for roles, expected in [(("operator",), grpc.StatusCode.PERMISSION_DENIED),
-                            (("collector",), grpc.StatusCode.PERMISSION_DENIED)]:
+    for bearer in (token(key, "operator"), token(key, "collector", collector_id="c1")):
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await config.CreatePlc(cpb.CreatePlcRequest(plc=plc),
-                                   metadata=(("authorization", f"Bearer {token(key, *roles)}"),))
-        assert exc.value.code() == expected
+            await config.CreatePlc(cpb.CreatePlcRequest(plc=plc), metadata=(("authorization", f"Bearer {bearer}"),))
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Engineer (and admin, which includes it) may; a collector's token reads nothing.
     made = await config.CreatePlc(cpb.CreatePlcRequest(plc=plc),
                                   metadata=(("authorization", f"Bearer {token(key, 'engineer')}"),))
@@ -281,6 +279,10 @@ async def test_jwks_url_and_file_verify_tokens(key: auth.LocalKey, jwks_server: 
             assert (p.subject, p.roles, p.via) == ("user:ana", frozenset({"operator"}), "token")
         p = await verifier.verify(token(key, "collector", collector_id="demo"))
         assert (p.subject, p.collector_id) == ("collector:demo", "demo")
+        nameless = jwt.encode({"sub": "c", "roles": ["collector"], "iss": "fabrica", "aud": "fabrica", "exp": 2**40},
+                              key.private_key(), algorithm="EdDSA", headers={"kid": key.key_id})
+        with pytest.raises(auth.Unauthenticated, match="collector_id"):  # a collector's token names its collector
+            await verifier.verify(nameless)
         forged = jwt.encode({"sub": "ana", "roles": ["admin"], "iss": "fabrica", "aud": "fabrica", "exp": 2**40},
                             ed25519.Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": key.key_id})
         with pytest.raises(auth.Unauthenticated) as err:
@@ -524,3 +526,21 @@ def peer_channel_with(server: Server, bearer: str) -> grpc.aio.Channel:
     channel = peer_channel(server.address, server.settings.with_overrides(token=bearer))
     _OPENED.append(channel)
     return channel
+
+
+async def test_tokens_are_never_logged_or_shown(stack: dict[str, Server], key: auth.LocalKey,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from fabrica.config.v1 import config_service_pb2 as cpb
+    from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
+
+    from fabrica_svc.runtime.channels import _TokenSource
+
+    good, expired = token(key, "viewer"), token(key, "viewer", ttl=-3600)
+    caplog.set_level("DEBUG")
+    await cgrpc.ConfigServiceStub(peer_channel_with(stack["config"], good)).ListPlcs(cpb.ListPlcsRequest())
+    with pytest.raises(grpc.aio.AioRpcError):
+        await cgrpc.ConfigServiceStub(peer_channel_with(stack["config"], expired)).ListPlcs(cpb.ListPlcsRequest())
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert good not in logged and expired not in logged
+    settings = stack["config"].settings.with_overrides(token=good)
+    assert good not in repr(settings) and good not in repr(_TokenSource(None, good))

@@ -221,6 +221,9 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     collector_id = claims.get("collector_id")
     if collector_id is not None and (not isinstance(collector_id, str) or not collector_id):
         raise _unauthenticated("the bearer token's collector_id claim is not a collector id", "TOKEN_INVALID")
+    if principals.COLLECTOR in roles and not collector_id:
+        raise _unauthenticated("a token with the collector role must name its collector (collector_id claim)",
+                               "TOKEN_INVALID")
     if collector_id:
         return Principal(subject=f"collector:{collector_id}", roles=roles, collector_id=collector_id, via="token")
     return Principal(subject=f"user:{sub}", roles=roles, via="token")
@@ -377,9 +380,12 @@ def ensure_local_key(data_dir: Path) -> LocalKey:
 def mint_token(key: LocalKey, *, subject: str, roles: Iterable[str], ttl_seconds: float,
                issuer: str = "fabrica", audience: str = "fabrica", collector_id: str | None = None) -> str:
     """A token signed by the local key for `subject` with `roles`, valid for `ttl_seconds`."""
-    unknown = sorted(set(roles) - set(principals.ROLES))
+    roles = set(roles)
+    unknown = sorted(roles - set(principals.ROLES))
     if unknown:
         raise ValueError(f"unknown role(s) {', '.join(unknown)}; one of {', '.join(principals.ROLES)}")
+    if principals.COLLECTOR in roles and not collector_id:
+        raise ValueError("a collector's token names its collector: give its collector id")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": subject, "roles": sorted(set(roles)), "iss": issuer, "aud": audience,
                               "iat": now, "exp": now + int(ttl_seconds), "jti": uuid.uuid4().hex}
