@@ -385,7 +385,7 @@ def mint_token(key: LocalKey, *, subject: str, roles: Iterable[str], ttl_seconds
     if unknown:
         raise ValueError(f"unknown role(s) {', '.join(unknown)}; one of {', '.join(principals.ROLES)}")
     if principals.COLLECTOR in roles and not collector_id:
-        raise ValueError("a collector's token names its collector: give its collector id")
+        raise ValueError("a collector's token names its collector: give its collector id (fabrica token --collector-id)")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": subject, "roles": sorted(set(roles)), "iss": issuer, "aud": audience,
                               "iat": now, "exp": now + int(ttl_seconds), "jti": uuid.uuid4().hex}
