@@ -227,6 +227,7 @@ async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_u
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # FABRICA_INSECURE=1: the figure is the write path's, without token checks (as the baselines have none).
     env = {**os.environ, "DATABASE_URL": dsn, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text",
            "FABRICA_INSECURE": "1",
            "FABRICA_LOG_LEVEL": os.environ.get("FABRICA_BENCH_LOG_LEVEL", "WARNING"), "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}"}

@@ -24,6 +24,11 @@ from procs import stop_postgres
 
 _counter = itertools.count(1)
 
+# The test process's environment does not set FABRICA_INSECURE: a test that starts a service in development
+# mode (plaintext; without a token verifier, authentication off) says so itself (procs.PLAINTEXT,
+# in_process.settings_for), and `fabrica run` in tests/test_readme_commands.py and tests/test_end_to_end.py
+# runs as a reader's would, over TLS with tokens.
+
 
 def dsn_with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)

@@ -33,8 +33,10 @@ STUBS: dict[str, Any] = {
 
 def settings_for(service: str, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """`service`'s settings for a test: read from `env` only (never the test process's environment), on
-    port 0 with no metrics endpoint and the database checked every 0.2 s; `overrides` on top. Plaintext
-    (FABRICA_INSECURE=1) unless `env` says otherwise or names TLS files (tests of TLS: tests/tls_support.py)."""
+    port 0 with no metrics endpoint and the database checked every 0.2 s; `overrides` on top. Development
+    mode (FABRICA_INSECURE=1: plaintext, and without a token verifier in `env` or `overrides` authentication
+    is off) unless `env` says otherwise or names TLS files (tests of TLS: tests/tls_support.py, whose
+    environments name a token verifier too; tests/runtime/test_auth.py turns authentication on)."""
     defaults: dict[str, Any] = {"port": 0, "metrics_port": -1, "health_interval": 0.2}
     env = dict(env or {})
     if not any(k.startswith("FABRICA_TLS_") for k in env):

@@ -152,11 +152,17 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 prod_grpc.ProductionServiceStub(ch).ListOrders(prod_pb.ListOrdersRequest(), timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Authentication is on: the banner's admin token reads, no token is UNAUTHENTICATED.
+        admin = next(line.split("=", 1)[1] for line in banner.splitlines() if "export TOKEN=" in line)
+        bearer = (("authorization", f"Bearer {admin}"),)
         with grpc.secure_channel(f"127.0.0.1:{base + 2}", grpc.ssl_channel_credentials(ca.read_bytes())) as ch:
             stub = prod_grpc.ProductionServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.ListOrders(prod_pb.ListOrdersRequest(), timeout=10)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
             good = 0
             for _ in range(600):
-                orders = stub.ListOrders(prod_pb.ListOrdersRequest(), timeout=10).orders
+                orders = stub.ListOrders(prod_pb.ListOrdersRequest(), timeout=10, metadata=bearer).orders
                 good = max((o.good_quantity for o in orders if o.number == "DEMO-0001"), default=0)
                 if good > 0:
                     break

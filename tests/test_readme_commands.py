@@ -3,7 +3,8 @@
 The commands are extracted from the docs, never copied here: every fenced ```sh (bash, shell, console) block,
 and any line elsewhere that starts with `$G ` or `.venv/bin/grpcurl `. A command is its first line joined with
 the lines that continue it: a trailing `\\`, or a quote still open (a multi-line `-d '{...}'`). Lines that are
-only `NAME=value` (`G=.venv/bin/grpcurl`) are assignments, run before every later command of the same doc.
+only `NAME=value` (`G=.venv/bin/grpcurl`) or `NAME=$(command)` (`TOKEN=$(.venv/bin/fabrica token ... | tail -1)`)
+are assignments, run before every later command of the same doc.
 
 How each command is checked:
 - grpcurl (`$G`, `.venv/bin/grpcurl`, `grpcurl`): run as written by bash from the repository root, in the order
@@ -14,6 +15,8 @@ How each command is checked:
   stack's CA) to the stack's; nothing else. Each must exit 0 and print something sensible: `list` names services,
   `describe X` names X, a call prints JSON objects (non-empty unless the method returns google.protobuf.Empty).
   A server-streaming call ("Ctrl-C to stop") is stopped after its first message, which it must print.
+  Commands run with FABRICA_DATA_DIR naming the stack's data folder, so `fabrica token` in an assignment
+  signs with that stack's key, as it does with `make run`'s `.fabrica` for a reader.
 - `make <target>`: the target is real (`make -n <target>` exits 0); not run.
 - `kubectl kustomize <dir>`: run when kubectl is installed (it works offline), else the folder must exist.
 - other `kubectl` and `docker` commands need a cluster or a Docker daemon: not run, but every repository path
@@ -113,7 +116,8 @@ def extract_commands(doc: str, text: str) -> list[Command]:
         i += 1
         command = Command(doc, first + 1, pending.strip(), tuple(assignments))
         words = command.words()
-        if words and all(re.fullmatch(r"[A-Za-z_]\w*=\S*", w) for w in words):
+        if words and (all(re.fullmatch(r"[A-Za-z_]\w*=\S*", w) for w in words)
+                      or re.fullmatch(r"[A-Za-z_]\w*=\$\([^()]*\)", command.text)):
             assignments.append(command.text)
         elif words:
             out.append(command)
@@ -141,8 +145,13 @@ def _kind(command: Command) -> str:
 # --- running grpcurl commands ---------------------------------------------------------------------------
 
 
+#: What the commands' environment adds (the stack fixture sets FABRICA_DATA_DIR to its data folder).
+_COMMAND_ENV: dict[str, str] = {}
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            **_COMMAND_ENV}
 
 
 def _script(command: Command, text: str) -> str:
@@ -325,18 +334,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             time.sleep(0.1)
         assert "Ctrl-C stops everything" in text, text[-3000:]
         banner = text[text.index("Fabrica is running"):]
+        _COMMAND_ENV["FABRICA_DATA_DIR"] = str(tmp / "data")
+        viewer = _run("TOKEN=$(.venv/bin/fabrica token --role viewer --user readme-test | tail -1); echo $TOKEN")
+        assert viewer.returncode == 0 and viewer.stdout.strip(), viewer
+        bearer = (("authorization", f"Bearer {viewer.stdout.strip()}"),)
 
         credentials = grpc.ssl_channel_credentials((tmp / "data" / "tls" / "ca.pem").read_bytes())
 
         def press_values() -> bool:
             with grpc.secure_channel(f"127.0.0.1:{base + 1}", credentials) as ch:
                 reply = ingest_grpc.IngestServiceStub(ch).GetLatestValues(
-                    ingest_pb.GetLatestValuesRequest(plc_id="press-1"), timeout=10)
+                    ingest_pb.GetLatestValuesRequest(plc_id="press-1"), timeout=10, metadata=bearer)
             return bool(reply.readings)
 
         asyncio.run(wait_for(press_values, timeout=120, what="the demo press's values in ingest"))
         yield Stack(base, banner, tmp / "data")
     finally:
+        _COMMAND_ENV.clear()
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=60)
@@ -353,9 +367,12 @@ def test_the_extraction_finds_the_readme_commands_whole() -> None:
     readme = [c for c in doc_commands() if c.doc == "README.md"]
     grpcurls = [c for c in readme if _kind(c) == "grpcurl"]
     assert len(grpcurls) >= 10, [c.text for c in readme]
-    assert all(c.assignments == ("G=.venv/bin/grpcurl",) for c in grpcurls)
+    # Every call after the first lines carries the token minted above it (auth is on in `make run`).
+    assert all(c.assignments[:2] == ("G=.venv/bin/grpcurl", "TOKEN=$(.venv/bin/fabrica token --role admin "
+                                     "--user you | tail -1)") for c in grpcurls)
     create = next(c for c in grpcurls if c.text.endswith("fabrica.config.v1.ConfigService/CreatePlc"))
-    assert '"tags": [' in create.text and create.text.startswith("$G -cacert .fabrica/tls/ca.pem -d '{")
+    assert '"tags": [' in create.text and create.text.startswith(
+        "$G -cacert .fabrica/tls/ca.pem -H \"authorization: Bearer $TOKEN\" -d '{")
     assert any(c.text.endswith("/WatchPlcs") for c in grpcurls)
     assert {c.words()[1] for c in readme if _kind(c) == "make"} >= {"run", "test"}
     assert not [c.where for c in doc_commands() if _kind(c) == "unknown"], \
@@ -419,7 +436,10 @@ def test_the_docs_grpcurl_commands_run_top_to_bottom(stack: Stack, doc: str) -> 
 
 @pytest.mark.slow
 def test_the_banners_grpcurl_commands_run(stack: Stack) -> None:
-    commands = [Command("banner", n, line[line.index(".venv/bin/grpcurl"):].strip(), ())
+    # The banner's `export TOKEN=...` line (its admin token) comes first, as a reader pastes it.
+    exports = tuple(line.strip() for line in stack.banner.splitlines() if line.strip().startswith("export TOKEN="))
+    assert len(exports) == 1, stack.banner
+    commands = [Command("banner", n, line[line.index(".venv/bin/grpcurl"):].strip(), exports)
                 for n, line in enumerate(stack.banner.splitlines(), 1) if ".venv/bin/grpcurl" in line]
     assert len(commands) >= 4, stack.banner
     stack_addresses = {f"127.0.0.1:{port}" for port in stack.ports.values()}

@@ -1,6 +1,7 @@
 """Certificates for tests of TLS and identity: a real CA (runtime/certs.py, the one `fabrica run` uses) whose
 files are written to a folder, the FABRICA_TLS_* environment of a service or collector holding one of its
-certificates, and client channels that present one."""
+certificates (and a token verifier: a local signing key in the same folder, since a service that is not in
+development mode verifies tokens), and client channels that present one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from fabrica_svc.runtime.auth import LocalKey, ensure_local_key
 from fabrica_svc.runtime.certs import CertificateAuthority, Issued
 from fabrica_svc.runtime.channels import PEER_CHANNEL_OPTIONS
 
@@ -24,6 +26,8 @@ class Pki:
         self.ca_path = folder / "ca.pem"
         self.ca_path.write_bytes(self.ca.cert_pem)
         self._issued: dict[str, Issued] = {}
+        #: The signing key whose public half the services of `env` verify tokens with.
+        self.key: LocalKey = ensure_local_key(folder)
 
     def issued(self, service: str | None = None, *, collector: str | None = None) -> Issued:
         key = f"collector-{collector}" if collector else f"service-{service}"
@@ -39,7 +43,8 @@ class Pki:
         key = f"collector-{collector}" if collector else f"service-{service}"
         return {"FABRICA_TLS_CERT": str(self.folder / f"{key}.pem"),
                 "FABRICA_TLS_KEY": str(self.folder / f"{key}-key.pem"),
-                "FABRICA_TLS_CA": str(self.ca_path)}
+                "FABRICA_TLS_CA": str(self.ca_path),
+                "FABRICA_JWT_PUBLIC_KEY_FILE": str(self.key.public_key_file)}
 
     def credentials(self, service: str | None = None, *, collector: str | None = None,
                     client_cert: bool = True) -> grpc.ChannelCredentials:

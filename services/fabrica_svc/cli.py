@@ -2,6 +2,7 @@
 
   fabrica serve <config|ingest|production|collector> [--port N]   run one service (what a container runs)
   fabrica run                                                      the whole local stack, for trying it out
+  fabrica token --role R --user U [--data-dir D] [--ttl 8h]        a bearer token signed by `run`'s local key
   fabrica plcsim                                                   the PLC simulator
 """
 
@@ -11,13 +12,15 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceApp, ServiceHost, serve_until_signal
-from .runtime.settings import Settings, SettingsError, load_settings
+from .runtime.settings import Settings, SettingsError, load_settings, token_audience, token_issuer
 
 log = logging.getLogger("fabrica")
 
@@ -54,6 +57,44 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(run_stack(args))
 
 
+def _token(args: argparse.Namespace) -> int:
+    """Mint a token with the local key of the data folder (made on first use, as `fabrica run` does); the
+    token alone on the last line, so ``TOKEN=$(fabrica token ... | tail -1)`` works."""
+    from .runtime.auth import ensure_local_key, mint_token
+
+    data_dir = Path(args.data_dir or os.environ.get("FABRICA_DATA_DIR") or ".fabrica")
+    ttl = _duration(args.ttl)
+    # The issuer and audience the services check (FABRICA_JWT_*); nothing else of a service's settings
+    # (no certificate, no port) matters to minting a token.
+    issuer, audience = token_issuer(os.environ), token_audience(os.environ)
+    key = ensure_local_key(data_dir)
+    roles = sorted({r.strip() for r in args.role.split(",") if r.strip()})
+    kw: dict[str, Any] = {"collector_id": args.collector_id} if args.collector_id else {}
+    try:
+        token = mint_token(key, subject=args.user, roles=roles, ttl_seconds=ttl, issuer=issuer,
+                           audience=audience, **kw)
+    except ValueError as exc:
+        print(f"fabrica token: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {args.user}: {', '.join(roles)}, valid {args.ttl}, signed by {key.private_key_file}", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``8h`` or ``7d`` in seconds; SettingsError otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    raw = text.strip().lower()
+    number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in units else (raw, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise SettingsError(f"--ttl {text!r} is not a duration such as 90s, 30m, 8h or 7d") from None
+    if not 0 < value <= 366 * 86400:
+        raise SettingsError(f"--ttl {text!r} must be more than 0 and at most 366d")
+    return value
+
+
 def _plcsim(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .plcsim.cli import main as plcsim_main
 
@@ -70,9 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (overrides FABRICA_HOST)")
 
     run = sub.add_parser("run", help="run the whole local stack with an embedded Postgres")
-    run.add_argument("--data-dir", default=".fabrica", help="where the embedded Postgres and local state live")
+    run.add_argument("--data-dir", default=None,
+                     help="where the embedded Postgres and local state live (FABRICA_DATA_DIR, else .fabrica)")
     run.add_argument("--base-port", type=int, default=50051, help="config on this port, the others on the next ones")
     run.add_argument("--no-demo", action="store_true", help="do not create the demo plant, PLCs and order")
+
+    token = sub.add_parser("token", help="mint a bearer token with the local signing key of `fabrica run`")
+    token.add_argument("--role", required=True,
+                       help="viewer, operator, engineer, admin or collector (several: comma-separated)")
+    token.add_argument("--user", required=True, help="who the token names (its sub)")
+    token.add_argument("--data-dir", default=None, help="the folder of `fabrica run` (FABRICA_DATA_DIR, else .fabrica)")
+    token.add_argument("--ttl", default="8h", help="how long the token is valid: 90s, 30m, 8h, 7d (default 8h)")
+    token.add_argument("--collector-id", default="", help="for a collector's token: the collector it proves")
 
     sub.add_parser("plcsim", help="the PLC simulator (Modbus TCP, Modbus RTU over TCP, S7); --help for options",
                    add_help=False)
@@ -90,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "token":
+            return _token(args)
     except SettingsError as exc:
         print(f"fabrica: {exc}", file=sys.stderr)
         return 2

@@ -37,8 +37,9 @@ async def _upsert_plc(stub: config_grpc.ConfigServiceStub, plc: plc_pb2.Plc) -> 
 
 
 async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceHost],
-                     args: argparse.Namespace, data_dir: Path) -> list[str]:
-    """Start the demo parts the running services can use; returns lines for the banner."""
+                     args: argparse.Namespace, data_dir: Path, token: str = "") -> list[str]:
+    """Start the demo parts the running services can use; returns lines for the banner. `token` is the
+    bearer token the demo set-up calls config and production with (an admin's)."""
     if args.no_demo or "collector" not in hosts:
         return []
     from .collector.demo import demo_plcs
@@ -50,7 +51,8 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         f"S7 127.0.0.1:{sim.s7_port}",
     ]
     collector_id = hosts["collector"].settings.collector_id
-    channel = await stack.enter_async_context(peer_channel(hosts["config"].address, hosts["config"].settings))
+    caller = hosts["config"].settings.with_overrides(token=token, token_file=None)
+    channel = await stack.enter_async_context(peer_channel(hosts["config"].address, caller))
     config = config_grpc.ConfigServiceStub(channel)
     plcs = {p.id: await _upsert_plc(config, p)
             for p in demo_plcs(collector_id, sim.modbus_port, sim.rtu_port, sim.s7_port)}
@@ -58,7 +60,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
     ingest = hosts.get("ingest")
     if ingest is not None:
         lines.append(f"  live data   .venv/bin/grpcurl {grpcurl_transport(ingest.settings)} "
-                     f"-d '{{\"plc_id\": \"press-1\"}}' {ingest.address} "
+                     f"-H \"authorization: Bearer $TOKEN\" -d '{{\"plc_id\": \"press-1\"}}' {ingest.address} "
                      "fabrica.ingest.v1.IngestService/GetLatestValues")
     if "production" in hosts:
         from fabrica.production.v1 import production_service_pb2_grpc as production_grpc
@@ -66,8 +68,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         from .production.demo import create_demo
 
         roles = {t.role: t.id for t in plcs["press-1"].tags}
-        prod_channel = await stack.enter_async_context(
-            peer_channel(hosts["production"].address, hosts["production"].settings))
+        prod_channel = await stack.enter_async_context(peer_channel(hosts["production"].address, caller))
         order = await create_demo(
             production_grpc.ProductionServiceStub(prod_channel),
             plc_id="press-1",
@@ -77,6 +78,6 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         )
         lines.append(f"  demo order  {order.number} ({order.planned_quantity} parts), filled from press-1's counter:")
         lines.append(f"              .venv/bin/grpcurl {grpcurl_transport(hosts['production'].settings)} "
-                     f"-d '{{\"id\": \"{order.id}\"}}' "
+                     f"-H \"authorization: Bearer $TOKEN\" -d '{{\"id\": \"{order.id}\"}}' "
                      f"{hosts['production'].address} fabrica.production.v1.ProductionService/GetOrder")
     return lines

@@ -12,6 +12,12 @@ TLS: every service serves TLS with a certificate of the stack's own CA (``<data 
 start: local_tls.py), and config and ingest also serve their mutual-TLS peer port (the next two ports after the
 four gRPC ports), where the collector and production call them with their certificates, so ingest and config
 know which collector is calling. Plaintext only with FABRICA_INSECURE=1 (development; the services warn).
+
+Authentication is on: unless the environment names a verifier of its own, every service verifies tokens with
+the local signing key in ``<data dir>/auth/`` (created at first start, reused later; runtime/auth.py). The
+collector sends a token of its own (role collector, its collector id), production a viewer's, both minted at
+start; the banner prints an admin token for trying things with grpcurl (`fabrica token` mints more). The
+banner never prints the database password.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .local_tls import LocalPki
+from .runtime.auth import LocalKey, ensure_local_key, mint_token
 from .runtime.db import resolve_database_url
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceHost
@@ -46,26 +53,34 @@ def grpcurl_transport(settings: Settings) -> str:
     """How grpcurl reaches a service of this stack: trusting the stack's CA, or plaintext in development mode."""
     tls = settings.tls
     return f"-cacert {tls.ca_path}" if tls is not None and tls.ca_path is not None else "-plaintext"
+#: How long the tokens `fabrica run` mints for its own services last (they are minted again at each start),
+#: and the admin token it prints.
+SERVICE_TOKEN_TTL = 365 * 86400.0
+ADMIN_TOKEN_TTL = 86400.0
+VERIFIER_VARIABLES = ("FABRICA_JWT_PUBLIC_KEY_FILE", "FABRICA_JWKS_URL", "FABRICA_JWKS_FILE")
+TOKEN_VARIABLES = ("FABRICA_TOKEN_FILE", "FABRICA_TOKEN")
 
 
-def _banner(hosts: dict[str, ServiceHost], extra: list[str]) -> str:
+def _banner(hosts: dict[str, ServiceHost], extra: list[str], auth_lines: Sequence[str] = ()) -> str:
     cfg = hosts["config"].address
     how = grpcurl_transport(hosts["config"].settings)
     tls = hosts["config"].settings.tls
     transport = f"TLS, CA {tls.ca_path}" if tls is not None else "PLAINTEXT (FABRICA_INSECURE=1)"
+    header = '-H "authorization: Bearer $TOKEN"'
     lines = ["", f"Fabrica is running. Services (gRPC over {transport}; server reflection on each):"]
     for name, host in hosts.items():
         metrics = f"   metrics http://127.0.0.1:{host.metrics_port}/metrics" if host.metrics_port else ""
         peer = f"   peer (mutual TLS) {host.peer_address}" if host.peer_address else ""
         lines.append(f"  {name:<11} {host.address}{peer}{metrics}")
     lines += extra
+    lines += auth_lines
     lines += [
         "",
         "Try (grpcurl is in .venv/bin):",
         f"  .venv/bin/grpcurl {how} {cfg} list",
         f"  .venv/bin/grpcurl {how} {cfg} describe fabrica.config.v1.ConfigService",
-        f"  .venv/bin/grpcurl {how} {cfg} fabrica.config.v1.ConfigService/ListPlcs",
-        f"  .venv/bin/grpcurl {how} {cfg} fabrica.config.v1.ConfigService/ListDeviceProfiles",
+        f"  .venv/bin/grpcurl {how} {header} {cfg} fabrica.config.v1.ConfigService/ListPlcs",
+        f"  .venv/bin/grpcurl {how} {header} {cfg} fabrica.config.v1.ConfigService/ListDeviceProfiles",
         "",
         "Ctrl-C stops everything.",
         "",
@@ -74,7 +89,7 @@ def _banner(hosts: dict[str, ServiceHost], extra: list[str]) -> str:
 
 
 def stack_settings(services: Sequence[str], base_port: int, data_dir: Path,
-                   env: Mapping[str, str] | None = None) -> dict[str, Settings]:
+                   env: Mapping[str, str] | None = None, key: LocalKey | None = None) -> dict[str, Settings]:
     """The settings of each of `services` in this stack: read from `env` (default: the process environment)
     as `fabrica serve` reads them, with text logs unless FABRICA_LOG_FORMAT says otherwise, then given
     their port (config on `base_port`, the others on the next ones, in ORDER) and `data_dir`. Peers are
@@ -82,7 +97,10 @@ def stack_settings(services: Sequence[str], base_port: int, data_dir: Path,
 
     Unless `env` has FABRICA_INSECURE=1, each service gets its certificate of the local CA in
     ``data_dir/tls`` (created if need be; any FABRICA_TLS_* of `env` is replaced) and config and ingest their
-    peer port (the ports after ORDER's), which is where their peers call them."""
+    peer port (the ports after ORDER's), which is where their peers call them.
+
+    With `key` (the local signing key), every service verifies tokens with it unless `env` names a verifier,
+    and the collector and production send tokens it signs unless `env` gives them one."""
     env = os.environ if env is None else env
     ports = {name: base_port + i for i, name in enumerate(ORDER)}
     peer_ports = {name: base_port + len(ORDER) + i for i, name in enumerate(PEER_SERVICES)}
@@ -90,9 +108,12 @@ def stack_settings(services: Sequence[str], base_port: int, data_dir: Path,
     pki = LocalPki(data_dir) if tls else None
     collector_id = (env.get("FABRICA_COLLECTOR_ID") or "").strip() or DEMO_COLLECTOR_ID
     peer = peer_ports if tls else ports  # where the collector and production call config and ingest
+    defaults = {"FABRICA_LOG_FORMAT": "text"}
+    if key is not None and not any(env.get(v) for v in VERIFIER_VARIABLES):
+        defaults["FABRICA_JWT_PUBLIC_KEY_FILE"] = str(key.public_key_file)
     out: dict[str, Settings] = {}
     for name in services:
-        service_env = {"FABRICA_LOG_FORMAT": "text", **env}
+        service_env = {**defaults, **env}
         if pki is not None:
             files = pki.collector(collector_id) if name == "collector" else pki.service(name)
             service_env.update(files.env())
@@ -105,6 +126,8 @@ def stack_settings(services: Sequence[str], base_port: int, data_dir: Path,
             ingest_addr=settings.ingest_addr or f"127.0.0.1:{peer['ingest']}",
             collector_id=settings.collector_id or DEMO_COLLECTOR_ID,
         )
+        if key is not None and not any(env.get(v) for v in TOKEN_VARIABLES):
+            out[name] = out[name].with_overrides(token=_service_token(key, out[name]))
     return out
 
 
@@ -122,13 +145,39 @@ def shown_dsn(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+def _service_token(key: LocalKey, settings: Settings) -> str:
+    """The token a service of this stack sends its peers: the collector's own, production's a viewer's;
+    "" for config and ingest, which call no one."""
+    common = {"ttl_seconds": SERVICE_TOKEN_TTL, "issuer": settings.jwt_issuer, "audience": settings.jwt_audience}
+    if settings.service == "collector":
+        return mint_token(key, subject=f"collector-{settings.collector_id}", roles=["collector"],
+                          collector_id=settings.collector_id, **common)
+    if settings.service == "production":
+        return mint_token(key, subject="service-production", roles=["viewer"], **common)
+    return ""
+
+
+def _auth_lines(key: LocalKey, settings: Settings, data_dir: Path) -> tuple[list[str], str]:
+    """The banner's lines about tokens, and the admin token they show."""
+    admin = mint_token(key, subject="admin", roles=["admin"], ttl_seconds=ADMIN_TOKEN_TTL,
+                       issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    return [
+        "",
+        f"Every call but health and reflection needs a bearer token (signed by {key.private_key_file}).",
+        f"An admin token, valid {ADMIN_TOKEN_TTL / 3600:.0f} h (more: .venv/bin/fabrica token --role viewer|operator|"
+        f"engineer|admin --user NAME --data-dir {data_dir}):",
+        f"  export TOKEN={admin}",
+    ], admin
+
+
 async def run_stack(args: argparse.Namespace) -> int:
     from .cli import create_app
 
-    data_dir = Path(args.data_dir).resolve()
+    data_dir = Path(args.data_dir or os.environ.get("FABRICA_DATA_DIR") or ".fabrica").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    key = ensure_local_key(data_dir)
     try:
-        settings_of = stack_settings(ORDER, args.base_port, data_dir)
+        settings_of = stack_settings(ORDER, args.base_port, data_dir, key=key)
     except SettingsError as exc:
         print(f"fabrica run: {exc}")
         return 2
@@ -149,11 +198,12 @@ async def run_stack(args: argparse.Namespace) -> int:
             await host.start()
             hosts[name] = host
         extra: list[str] = [f"  postgres    {shown_dsn(database_url)}"]
+        auth_lines, admin = _auth_lines(key, first, data_dir)
         async with contextlib.AsyncExitStack() as demo:
             from .demo import start_demo  # noqa: PLC0415 - the demo pulls in the simulator only when run
 
-            extra += await start_demo(demo, hosts, args, data_dir)
-            print(_banner(hosts, extra), flush=True)
+            extra += await start_demo(demo, hosts, args, data_dir, token=admin)
+            print(_banner(hosts, extra, auth_lines), flush=True)
             await stop.wait()
             log.info("stopping")
     except SettingsError as exc:

@@ -62,8 +62,12 @@ BROWSER_SERVICES = {
 FILTER_TYPES = {
     "envoy.filters.http.grpc_web": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb",
     "envoy.filters.http.cors": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+    "envoy.filters.http.jwt_authn":
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
     "envoy.filters.http.router": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
 }
+DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 CORS_POLICY = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
 GRPC_WEB_REQUEST_HEADERS = ("content-type", "x-grpc-web", "x-user-agent", "grpc-timeout")
@@ -406,6 +410,44 @@ def test_tls_certificates_come_from_a_secret_of_the_service(service: str) -> Non
     assert not _objects(K8S, "Secret")
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_deployed_service_verifies_tokens_as_the_gateway_does(service: str, tmp_path: Path) -> None:
+    """Every workload names a token verifier (else it would stop at start, naming FABRICA_JWT_PUBLIC_KEY_FILE)
+    with jwt_authn's issuer, audience and JWKS, and its manifest's settings, with the mounted files stood in
+    for by real ones, build the service's authenticator: a deployed service starts."""
+    from fabrica_svc.runtime import auth
+    from fabrica_svc.runtime.settings import load_settings
+
+    from tls_support import Pki
+
+    env = _env(service)
+    provider = _envoy_jwt_provider()
+    assert env["FABRICA_JWKS_URL"]["value"] == provider["remote_jwks"]["http_uri"]["uri"]
+    assert env["FABRICA_JWT_ISSUER"]["value"] == provider["issuer"]
+    assert [env["FABRICA_JWT_AUDIENCE"]["value"]] == provider["audiences"]
+    values = {name: e["value"] for name, e in env.items() if "value" in e}
+    values.update({k: v for k, v in Pki(tmp_path / "pki").env(service).items() if k.startswith("FABRICA_TLS_")})
+    settings = load_settings(service, values)
+    assert not settings.insecure and settings.tls is not None
+    authenticator = auth.authenticator_for(settings)
+    assert authenticator is not None and authenticator.verifier is not None
+
+
+def _envoy_jwt_provider() -> dict[str, Any]:
+    def walk(node: Any) -> Iterator[Any]:
+        if isinstance(node, dict):
+            yield node
+            for value in node.values():
+                yield from walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from walk(value)
+
+    providers = [n["providers"] for n in walk(yaml.safe_load(ENVOY.read_text())) if "providers" in n]
+    assert len(providers) == 1 and len(providers[0]) == 1, providers
+    return next(iter(providers[0].values()))
+
+
 @pytest.mark.parametrize("service", sorted(PEER_PORTS))
 def test_peer_port(service: str) -> None:
     container = _container(service)
@@ -524,12 +566,71 @@ def _matching_route(path: str) -> dict[str, Any] | None:
 def test_envoy_listener() -> None:
     (listener,) = _envoy()["static_resources"]["listeners"]
     address = listener["address"]["socket_address"]
-    assert (address["address"], address["port_value"]) == ("0.0.0.0", 8080)
+    assert (address["address"], address["port_value"]) == ("0.0.0.0", 8443)
+
+
+def test_envoy_terminates_tls_from_browsers_with_mounted_certificates() -> None:
+    (listener,) = _envoy()["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    socket = chain["transport_socket"]
+    assert socket["typed_config"]["@type"] == DOWNSTREAM_TLS
+    common = socket["typed_config"]["common_tls_context"]
+    (cert,) = common["tls_certificates"]
+    for key in ("certificate_chain", "private_key"):
+        assert cert[key]["filename"].startswith("/etc/envoy/tls/"), "certificates come from a mounted Secret"
+    assert "h2" in common["alpn_protocols"]
+
+
+def _jwt_authn() -> dict[str, Any]:
+    (f,) = [f for f in _http_connection_manager()["http_filters"] if f["name"] == "envoy.filters.http.jwt_authn"]
+    return f["typed_config"]
+
+
+def _jwt_rule(path: str) -> dict[str, Any]:
+    """The first jwt_authn rule matching `path` (the filter uses the first that matches, as routes do)."""
+    for rule in _jwt_authn()["rules"]:
+        match = rule["match"]
+        assert match.keys() <= {"path", "prefix"}, f"unsupported match {match}"
+        if match.get("path") == path or ("prefix" in match and path.startswith(match["prefix"])):
+            return rule
+    raise AssertionError(f"no jwt_authn rule matches {path}")
+
+
+def test_envoy_verifies_tokens_before_routing_and_forwards_them() -> None:
+    config = _jwt_authn()
+    assert config.get("bypass_cors_preflight") is True, "a CORS preflight carries no token"
+    (provider,) = config["providers"].values()
+    assert provider["issuer"] and provider["audiences"], "issuer and audience are checked"
+    assert provider.get("forward") is True, "the services verify the token again: Envoy must pass it on"
+    jwks = provider.get("remote_jwks") or provider.get("local_jwks")
+    assert jwks, "a JWKS provider"
+    if "remote_jwks" in provider:
+        assert provider["remote_jwks"]["http_uri"]["cluster"] in _clusters()
+        assert provider["remote_jwks"]["http_uri"]["uri"].startswith("https://")
+    # Health and reflection open; every browser RPC needs the provider's token.
+    for path in ("/grpc.health.v1.Health/Check", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"):
+        assert "requires" not in _jwt_rule(path), path
+    for _, method in _rpcs():
+        rule = _jwt_rule(f"/{method.containing_service.full_name}/{method.name}")
+        assert rule.get("requires") == {"provider_name": next(iter(config["providers"]))}, method.full_name
+
+
+@pytest.mark.parametrize("cluster", sorted(BROWSER_SERVICES))
+def test_envoy_calls_each_service_over_mtls(cluster: str) -> None:
+    socket = _clusters()[cluster]["transport_socket"]
+    assert socket["typed_config"]["@type"] == UPSTREAM_TLS
+    common = socket["typed_config"]["common_tls_context"]
+    assert common["tls_certificates"], "Envoy presents a client certificate"
+    validation = common["validation_context"]
+    assert validation["trusted_ca"]["filename"].startswith("/etc/envoy/")
+    names = validation["match_typed_subject_alt_names"]
+    assert {"san_type": "URI", "matcher": {"exact": f"urn:fabrica:service:{cluster}"}} in names
 
 
 def test_envoy_http_filter_order() -> None:
     filters = _http_connection_manager()["http_filters"]
-    assert [f["name"] for f in filters] == list(FILTER_TYPES), "filters must be grpc_web, cors, router"
+    assert [f["name"] for f in filters] == list(FILTER_TYPES), "filters must be grpc_web, cors, jwt_authn, router"
     for f in filters:
         assert f["typed_config"]["@type"] == FILTER_TYPES[f["name"]], f["name"]
 
@@ -553,7 +654,10 @@ def test_envoy_cluster_speaks_http2_to_the_service(cluster: str) -> None:
 
 
 def test_every_envoy_cluster_uses_http2() -> None:
+    jwks = {p["remote_jwks"]["http_uri"]["cluster"] for p in _jwt_authn()["providers"].values() if "remote_jwks" in p}
     for name, config in _clusters().items():
+        if name in jwks:  # the identity provider's JWKS endpoint (HTTPS), not a gRPC service
+            continue
         options = config["typed_extension_protocol_options"][HTTP_OPTIONS]
         assert "http2_protocol_options" in options["explicit_http_config"], name
 

@@ -17,6 +17,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica_svc.collector.spool import Spool
 from fabrica_svc.collector.uplink import Uplink
+from fabrica_svc.runtime.auth import mint_token
 from fabrica_svc.runtime.settings import load_settings
 from in_process import Servers, settings_for, start_server
 from tls_support import Pki
@@ -126,9 +127,13 @@ async def test_another_identity_cannot_open_demos_stream_and_every_reading_of_th
             await real.drained()
         finally:
             await real.stop()
-    # A service's certificate is not a collector's either.
+    # A service's certificate is not a collector's either: it proves role viewer, and StreamReadings needs
+    # role collector (the interceptor refuses it before the servicer's collector-id check).
     async with pki.channel(ingest.peer_address, "production") as service:
-        assert_denied(await refused_open(service, COLLECTOR), "service:production")
+        err = await refused_open(service, COLLECTOR)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+        assert (error_info(err).reason, error_info(err).metadata["role"]) == ("ROLE_REQUIRED", "collector")
+        assert error_info(err).metadata["caller"] == "service:production"
     # Every reading of the real collector, exactly once; nothing of the forger's; the sequence is the collector's.
     assert await fetchval(dsn, REAL) == real.appended == 5 * 7 * BATCH
     assert await fetchval(dsn, FORGED) == 0
@@ -142,7 +147,7 @@ async def test_a_caller_that_proves_nothing_cannot_act_as_a_collector(ingest, pk
     async with pki.channel(ingest.address, client_cert=False) as anonymous:
         err = await refused_open(anonymous, COLLECTOR)
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
-        assert error_info(err).reason == "UNAUTHENTICATED"
+        assert error_info(err).reason == "TOKEN_MISSING"  # neither a token nor a certificate
         with pytest.raises(grpc.aio.AioRpcError) as sync:
             await pb_grpc.IngestServiceStub(anonymous).SyncTags(pb.SyncTagsRequest(collector_id=COLLECTOR, tags=[]))
         assert sync.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -162,3 +167,49 @@ async def test_another_identity_cannot_replace_demos_tags(ingest, pki: Pki) -> N
     removed = await fetchval(ingest.settings.database_url,
                              "SELECT count(*) FROM ingest.tag_metadata WHERE tag_id = 1 AND NOT removed")
     assert removed == 1
+
+
+def _bearer(pki: Pki, subject: str, *roles: str, **claims: str) -> tuple[tuple[str, str], ...]:
+    token = mint_token(pki.key, subject=subject, roles=roles, ttl_seconds=600, **claims)
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def test_a_collector_token_proves_its_collector_and_no_other(ingest, pki: Pki) -> None:
+    """The other way a collector proves who it is: a token (role collector, claim collector_id), here on the
+    gRPC port, which asks for no certificate. Its own id is taken; demo's is refused like a certificate's."""
+    async with pki.channel(ingest.address, client_cert=False) as channel:
+        stub = pb_grpc.IngestServiceStub(channel)
+        cell9 = _bearer(pki, "cell-9", "collector", collector_id="cell-9")
+        reply = await stub.SyncTags(pb.SyncTagsRequest(collector_id="cell-9", tags=[]), metadata=cell9)
+        assert reply.changed == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SyncTags(pb.SyncTagsRequest(collector_id=COLLECTOR, tags=[]), metadata=cell9)
+        assert_denied(err.value, "collector:cell-9")
+        # A user's token, even an admin's, is no collector's.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SyncTags(pb.SyncTagsRequest(collector_id=COLLECTOR, tags=[]),
+                                metadata=_bearer(pki, "root", "admin"))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_info(err.value).reason == "ROLE_REQUIRED"
+    assert await fetchval(ingest.settings.database_url, SEQUENCE_ROW, COLLECTOR) == 0
+
+
+async def test_productions_certificate_or_token_may_watch_tag_events(ingest, pki: Pki) -> None:
+    """Production proves itself by its certificate on the peer port (service:production, role viewer) or by
+    a viewer token: either opens WatchTagEvents (what its consumer calls)."""
+    async def admitted(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        call = pb_grpc.IngestServiceStub(channel).WatchTagEvents(pb.WatchTagEventsRequest(), metadata=metadata)
+        try:  # a refusal would raise AioRpcError here and fail the test
+            async with asyncio.timeout(2):
+                await call.read()
+        except TimeoutError:
+            pass  # no event yet: the call was admitted and is waiting for one
+        call.cancel()
+
+    async with pki.channel(ingest.peer_address, "production") as by_certificate:
+        await admitted(by_certificate)
+    async with pki.channel(ingest.address, client_cert=False) as by_token:
+        await admitted(by_token, _bearer(pki, "service-production", "viewer"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # and neither: refused
+            await pb_grpc.IngestServiceStub(by_token).WatchTagEvents(pb.WatchTagEventsRequest()).read()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -463,7 +463,10 @@ async def test_streams_interleaved_with_refusals_end_without_holding_anything(in
 async def test_the_readme_grpcurl_example_of_the_reset_works_as_written(ingest) -> None:
     await stream_batches(ingest.stub, COLLECTOR, numbered_batches(COLLECTOR, 3, BATCH))
     readme = (REPO / "README.md").read_text()
-    command = readme[readme.index("$G -cacert .fabrica/tls/ca.pem -d '{\"collector_id\": \"demo\""):]
+    # (The README's command also sends the admin token over TLS; this ingest runs plaintext, without
+    # authentication: the test checks the body and the method.)
+    command = readme[readme.index("$G -cacert .fabrica/tls/ca.pem -H \"authorization: Bearer $TOKEN\" "
+                                  "-d '{\"collector_id\": \"demo\""):]
     command = command[:command.index("ResetCollectorSequence") + len("ResetCollectorSequence")]
     body = command[command.index("-d '") + 4:command.index("' \\")]
     method = command.split()[-1]

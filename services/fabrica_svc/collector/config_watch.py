@@ -45,7 +45,8 @@ class ConfigWatcher:
                  backoff_min: float = 0.5, backoff_max: float = 30.0, status_interval: float = 15.0,
                  on_applied: Callable[[Iterable[plc_pb2.Plc]], None] | None = None, settings: Settings | None = None):
         self.target = target
-        #: Its service's settings: the channel's TLS (runtime/channels.peer_channel); None: plaintext (tests).
+        #: Its service's settings: the channel's TLS and the token it sends (runtime/channels.peer_channel);
+        #: None: plaintext without a token (tests).
         self.settings = settings
         self.collector_id = collector_id
         self.supervisor = supervisor

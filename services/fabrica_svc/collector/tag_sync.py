@@ -67,7 +67,8 @@ class TagSync:
     def __init__(self, target: str, collector_id: str, *, retry: RetryPolicy = SERVICE_RETRY,
                  resync_interval: float = RESYNC_INTERVAL, settings: Settings | None = None):
         self.target = target
-        #: Its service's settings: the channel's TLS (runtime/channels.peer_channel); None: plaintext (tests).
+        #: Its service's settings: the channel's TLS and the token it sends (runtime/channels.peer_channel);
+        #: None: plaintext without a token (tests).
         self.settings = settings
         self.collector_id = collector_id
         self.retry = retry

@@ -189,7 +189,8 @@ class Uplink:
                  backoff_min: float = 0.5, backoff_max: float = 30.0, max_in_flight: int = 32,
                  settings: Settings | None = None):
         self.target = target
-        #: Its service's settings: the channel's TLS (runtime/channels.peer_channel); None: plaintext (tests).
+        #: Its service's settings: the channel's TLS and the token it sends (runtime/channels.peer_channel);
+        #: None: plaintext without a token (tests).
         self.settings = settings
         self.collector_id = collector_id
         self.spool = spool

@@ -15,7 +15,7 @@ from fabrica.config.v1 import device_profile_pb2, plc_pb2
 
 from ..plcmodel.mirrors import mirror_violations, target_ids
 from ..plcmodel.plc import is_s7
-from ..runtime import principal
+from ..runtime import audit, principal
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
@@ -198,3 +198,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
     async def ListCollectors(self, request: pb.ListCollectorsRequest,
                              context: grpc.aio.ServicerContext) -> pb.ListCollectorsResponse:
         return pb.ListCollectorsResponse(collectors=await self.store.collectors())
+
+    async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ListAuditEntriesResponse:
+        return await audit.list_response(self.store.pool, request, pb.ListAuditEntriesResponse)

@@ -17,6 +17,7 @@ import asyncpg
 from fabrica.config.v1 import collector_status_pb2, plc_pb2
 
 from ..runtime.db import Migration
+from ..runtime import audit
 from ..runtime.errors import Aborted, AlreadyExists, NotFound
 from ..runtime.pages import etag_of
 
@@ -77,6 +78,7 @@ MIGRATIONS = [
         );
         """,
     ),
+    audit.migration(2),
 ]
 
 
@@ -96,6 +98,23 @@ def _plc(row: asyncpg.Record) -> plc_pb2.Plc:
     plc.create_time.FromDatetime(row["create_time"])
     plc.update_time.FromDatetime(row["update_time"])
     return plc
+
+
+def _plc_changes(old: plc_pb2.Plc, new: plc_pb2.Plc) -> str:
+    """What an update changed, for the audit trail: the top-level fields that differ, and the tags added,
+    removed or changed by name."""
+    skip = {"etag", "create_time", "update_time", "tags"}
+    fields = sorted(f.name for f in plc_pb2.Plc.DESCRIPTOR.fields
+                    if f.name not in skip and getattr(old, f.name) != getattr(new, f.name))
+    before = {t.name: t for t in old.tags}
+    after = {t.name: t for t in new.tags}
+    parts = [f"fields {', '.join(fields)}"] if fields else []
+    for what, names in (("tags added", sorted(after.keys() - before.keys())),
+                        ("tags removed", sorted(before.keys() - after.keys())),
+                        ("tags changed", sorted(n for n in before.keys() & after.keys() if before[n] != after[n]))):
+        if names:
+            parts.append(f"{what} {', '.join(names[:20])}{' …' if len(names) > 20 else ''}")
+    return "; ".join(parts) or "no change"
 
 
 class ConfigStore:
@@ -152,6 +171,8 @@ class ConfigStore:
             if request_id:
                 await conn.execute("INSERT INTO create_requests (request_id, plc_id) VALUES ($1, $2)", request_id, plc.id)
             await self._log_change(conn, revision, plc.id, None, plc.collector_id, definition)
+            await audit.record(conn, f"plcs/{plc.id}", f"created for collector {plc.collector_id!r} with "
+                               f"{len(plc.tags)} tags, revision {revision}")
             return _plc(row)
 
     async def get(self, plc_id: str) -> plc_pb2.Plc:
@@ -188,6 +209,7 @@ class ConfigStore:
                 plc_id, new.collector_id, definition, revision,
             )
             await self._log_change(conn, revision, plc_id, current.collector_id, new.collector_id, definition)
+            await audit.record(conn, f"plcs/{plc_id}", _plc_changes(current, new) + f", revision {revision}")
             return _plc(row)
 
     async def delete(self, plc_id: str, etag: str) -> None:
@@ -201,6 +223,7 @@ class ConfigStore:
                               reason="ETAG_MISMATCH", metadata={"plc_id": plc_id, "etag": etag_of(row["revision"])})
             await conn.execute("DELETE FROM plcs WHERE id = $1", plc_id)
             await self._log_change(conn, revision, plc_id, row["collector_id"], None, None)
+            await audit.record(conn, f"plcs/{plc_id}", f"deleted (collector {row['collector_id']!r}), revision {revision}")
 
     async def snapshot(self, collector_id: str) -> tuple[int, list[plc_pb2.Plc]]:
         """The collector's PLCs and the revision they are current at, read consistently."""

@@ -26,7 +26,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
-from ..runtime import principal
+from ..runtime import audit, principal
 from ..runtime.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
@@ -309,6 +309,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         rows = await self.store.latest(list(request.tag_ids), request.plc_id)
         readings, _ = readings_from_rows(rows, 2**62)
         return pb.GetLatestValuesResponse(readings=readings)
+
+    async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ListAuditEntriesResponse:
+        return await audit.list_response(self.store.pool, request, pb.ListAuditEntriesResponse)
 
     async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
         """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""

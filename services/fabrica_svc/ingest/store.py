@@ -71,6 +71,7 @@ from datetime import date, datetime
 from itertools import chain
 import asyncpg
 
+from ..runtime import audit
 from ..runtime.db import Migration
 from ..runtime.errors import FailedPrecondition
 from .domain import (
@@ -178,6 +179,7 @@ CREATE INDEX tag_metadata_collector_idx ON tag_metadata (collector_id, tag_id);
     Migration(3, "collector epochs: the highest epoch of each collector, which fences older incarnations", """
 ALTER TABLE collector_sequences ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
 """),
+    audit.migration(4),
 ]
 
 _READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
@@ -334,6 +336,9 @@ class IngestStore:
                 " WHERE collector_id = $1",
                 collector_id, after.committed, after.epoch,
             )
+            await audit.record(conn, f"collectors/{collector_id}",
+                               f"committed sequence {before.committed} -> {after.committed}, "
+                               f"epoch {before.epoch} -> {after.epoch}")
         return before, after
 
     async def write_group(
@@ -532,6 +537,9 @@ class IngestStore:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", TAG_SYNC_LOCK_CLASS, collector_id)
             row = await conn.fetchrow(_SYNC_TAGS, collector_id, *(list(c) for c in columns))
+            if row["changed"] or row["removed"]:  # the same set again changes nothing and is not recorded
+                await audit.record(conn, f"collectors/{collector_id}/tags",
+                                   f"{row['changed']} tags described, {row['removed']} removed")
         return int(row["changed"]), int(row["removed"])
 
     async def events_page(

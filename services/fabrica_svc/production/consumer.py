@@ -46,7 +46,8 @@ class TagEventConsumer:
     def __init__(self, dsn: str, ingest_addr: str, tag_events: TagEventService, *, standby_interval: float = 1.0,
                  retry: RetryPolicy = SERVICE_RETRY, settings: Settings | None = None):
         self.dsn = dsn
-        #: The service's settings: the channel's TLS (runtime/channels.peer_channel); None: plaintext (tests).
+        #: Its service's settings: the channel's TLS and the token it sends (runtime/channels.peer_channel);
+        #: None: plaintext without a token (tests).
         self.settings = settings
         self.ingest_addr = ingest_addr
         self.tag_events = tag_events

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import asyncpg
 from fabrica.ingest.v1 import tag_event_pb2
 
+from ..runtime import audit
 from ..runtime.errors import Aborted, FailedPrecondition, NotFound
 from ..runtime.pages import etag_of
 from ..runtime.timefmt import timestamp_is_valid, to_datetime
@@ -79,6 +80,7 @@ class ProductionService:
             created = await master.insert(conn, kind, rec)
             if kind is WORK_CENTER:
                 await master.bind_tags(conn, rec.id, tag_bindings(rec))
+            await audit.record(conn, f"{kind.collection}/{rec.id}", f"{kind.name} created")
             return created
 
     async def get_master(self, kind: Kind, resource_id: str) -> records.MasterRecord:
@@ -103,6 +105,9 @@ class ProductionService:
             if kind is WORK_CENTER:
                 await master.bind_tags(conn, new.id, tag_bindings(new))
                 await self._forget_baselines(conn, current, new)
+            changed = [f for f in kind.updatable if getattr(current, f, None) != getattr(new, f, None)]
+            await audit.record(conn, f"{kind.collection}/{resource_id}",
+                               f"{kind.name} updated: {', '.join(changed) or 'no field changed'}")
             return updated
 
     @staticmethod
@@ -125,6 +130,7 @@ class ProductionService:
             if etag and etag != etag_of(revision):
                 raise stale(kind, resource_id, etag, etag_of(revision))
             await master.delete(conn, kind, resource_id)
+            await audit.record(conn, f"{kind.collection}/{resource_id}", f"{kind.name} deleted")
 
     # ----------------------------------------------------------------------------------------------------------
     # Orders
@@ -148,6 +154,8 @@ class ProductionService:
             revision = await next_revision(conn)
             order = await orders.insert(conn, number, item_id, work_center_id, planned_quantity, revision)
             await record_request(conn, "order", request_id, order.id)
+            await audit.record(conn, f"orders/{order.id}", f"order {number!r}: {planned_quantity} of item {item_id!r} "
+                               f"on work centre {work_center_id!r}")
             await notify(conn, revision)
             return order
 
@@ -181,6 +189,8 @@ class ProductionService:
                 await orders.start_run(conn, row.id, wc)
             else:
                 await orders.end_run(conn, row.id)
+            await audit.record(conn, f"orders/{row.id}", f"{OrderState(row.state).name} -> {new_state.name}"
+                               + (f" ({reason})" if reason else ""))
             await notify(conn, revision)
             return new
 
@@ -217,6 +227,9 @@ class ProductionService:
                 await orders.end_run(conn, order.id)
                 log.info("order completed by a manual booking", extra={"order_id": order.id, "good": new_good})
             await record_request(conn, "booking", request_id, created.id)
+            await audit.record(conn, f"orders/{order.id}/bookings/{created.id}",
+                               f"manual booking: good {good:+d}, scrap {scrap:+d}"
+                               + ("; order completed" if completion is not None else ""))
             await notify(conn, revision)
             return created
 
@@ -236,6 +249,7 @@ class ProductionService:
                 raise missing(DEFECT_CODE, defect_code_id)
             created = await bookings.insert_defect(conn, oid, defect_code_id, quantity, note)
             await record_request(conn, "defect", request_id, created.id)
+            await audit.record(conn, f"orders/{oid}/defects/{created.id}", f"{quantity} x {defect_code_id!r}")
             return created
 
     async def list_defects(self, order_id: str, page_size: int, after_id: int) -> tuple[list[records.Defect], bool]:
@@ -257,7 +271,10 @@ class ProductionService:
             # The order is the one that was running when the stop began (order_id is not taken from the
             # request: it would have to agree with the runs anyway).
             order_id = await orders.running_at(conn, work_center_id, start)
-            return await downtime.insert(conn, work_center_id, order_id, start, end, reason_id or None, note)
+            created = await downtime.insert(conn, work_center_id, order_id, start, end, reason_id or None, note)
+            await audit.record(conn, f"downtimes/{created.id}", f"work centre {work_center_id!r} from "
+                               f"{start.isoformat()}" + (f", reason {reason_id!r}" if reason_id else ""))
+            return created
 
     async def classify_downtime(self, downtime_id: str, reason_id: str, note: str) -> records.Downtime:
         did = parse_id(downtime_id, "downtime")
@@ -266,7 +283,9 @@ class ProductionService:
                 raise NotFound(f"no downtime with id {downtime_id!r}", metadata={"downtime_id": downtime_id})
             if not await exists(conn, "downtime_reasons", reason_id, lock=True):
                 raise missing(DOWNTIME_REASON, reason_id)
-            return await downtime.classify(conn, did, reason_id, note)
+            classified = await downtime.classify(conn, did, reason_id, note)
+            await audit.record(conn, f"downtimes/{did}", f"classified as {reason_id!r}")
+            return classified
 
     async def list_downtimes(self, work_center_id: str, start: datetime | None, end: datetime | None,
                              page_size: int, after: tuple[datetime, int] | None

@@ -18,6 +18,7 @@ from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import field_mask_pb2, message
 
+from ..runtime import audit
 from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_int_page_token, decode_page_token, encode_page_token
@@ -336,6 +337,10 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
     # ----------------------------------------------------------------------------------------------------------
     # OEE
     # ----------------------------------------------------------------------------------------------------------
+
+    async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ListAuditEntriesResponse:
+        return await audit.list_response(self.service.db.pool, request, pb.ListAuditEntriesResponse)
 
     async def GetOee(self, request: pb.GetOeeRequest, context: grpc.aio.ServicerContext) -> pb.GetOeeResponse:
         if request.WhichOneof("subject") == "order_id":

@@ -1,16 +1,17 @@
 """The long-lived channels one Fabrica service keeps to another (collector → config and ingest, production →
-ingest and config), all made by :func:`peer_channel`, and the one message size limit of every server and
-channel."""
+ingest and config, the demo), all made by :func:`peer_channel` (TLS and the bearer token), and the one
+message size limit of every server and channel."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import grpc
 
-if TYPE_CHECKING:
-    from .settings import Settings
+from .settings import Settings, SettingsError
 
 #: The largest message any Fabrica server or channel sends or receives, in bytes: 64 MiB. Servers
 #: (runtime/server.py) and every peer channel take it from here, so whatever a service sends fits in what
@@ -40,13 +41,98 @@ PEER_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
-def peer_channel(address: str, settings: Settings | None,
+class _TokenSource:
+    """The bearer token a service sends its peers: FABRICA_TOKEN_FILE (re-read when the file changes, so a
+    rotated token is picked up without a restart) or FABRICA_TOKEN. A file that cannot be read at start is a
+    SettingsError naming the variable; later, the last token read is kept."""
+
+    def __init__(self, token_file: Path | None, token: str):
+        self.file, self._token = token_file, token
+        self._mtime: float | None = None
+        if token_file is not None:
+            try:
+                self._load()
+            except OSError as exc:
+                raise SettingsError(f"FABRICA_TOKEN_FILE={token_file}: cannot read it: {exc.strerror or exc}") from None
+            if not self._token:
+                raise SettingsError(f"FABRICA_TOKEN_FILE={token_file} is empty")
+
+    def _load(self) -> None:
+        assert self.file is not None
+        mtime = self.file.stat().st_mtime
+        if mtime != self._mtime:
+            self._token, self._mtime = self.file.read_text().strip(), mtime
+
+    def get(self) -> str:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self._load()
+        return self._token
+
+    def __repr__(self) -> str:  # never the token itself
+        return f"_TokenSource(file={self.file}, token={'set' if self._token else 'unset'})"
+
+
+class _BearerToken:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata (so it works over plaintext as over TLS)."""
+
+    def __init__(self, source: _TokenSource):
+        self.source = source
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        token = self.source.get()
+        if not token:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata["authorization"] = f"Bearer {token}"
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+
+
+# grpc.aio files each interceptor under the first of the four call shapes it implements, so each shape has
+# a class of its own.
+class _UnaryUnaryToken(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request)
+
+
+class _UnaryStreamToken(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamUnaryToken(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _StreamStreamToken(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def peer_channel(address: str, settings: Settings | None = None,
                  options: Sequence[tuple[str, Any]] = PEER_CHANNEL_OPTIONS) -> grpc.aio.Channel:
-    """The channel every outbound call of a service uses (collector → config and ingest, production →
-    ingest and config): TLS with this service's certificate as the client certificate when it has one
-    (``settings.tls``, runtime/tls.py: the server is verified against FABRICA_TLS_CA, and the peer's
-    port is its mutual-TLS FABRICA_PEER_PORT), plaintext only in development mode (FABRICA_INSECURE=1).
-    `settings` None is plaintext too: for a test that builds a client part without a service around it."""
+    """The one way a Fabrica service opens a channel to another (collector → config and ingest, production →
+    ingest and config, the demo), with PEER_CHANNEL_OPTIONS:
+
+    - TLS with this service's certificate as the client certificate when it has one (``settings.tls``,
+      runtime/tls.py: the server is verified against FABRICA_TLS_CA, and the peer's port is its mutual-TLS
+      FABRICA_PEER_PORT); plaintext only in development mode (FABRICA_INSECURE=1);
+    - the bearer token of `settings` (FABRICA_TOKEN_FILE / FABRICA_TOKEN) as call metadata on every call.
+
+    `settings` None is plaintext without a token: for a test that builds a client part without a service
+    around it. SettingsError for an unreadable token file."""
+    interceptors: list[Any] = []
+    if settings is not None and (settings.token_file is not None or settings.token):
+        source = _TokenSource(settings.token_file, settings.token)
+        interceptors += [shape(source) for shape in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken,
+                                                     _StreamStreamToken)]
     if settings is not None and settings.tls is not None:
-        return grpc.aio.secure_channel(address, settings.tls.channel_credentials(), options=options)
-    return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, settings.tls.channel_credentials(), options=list(options),
+                                       interceptors=interceptors or None)
+    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors or None)
+
+
+def check_peer_token(settings: Settings) -> None:
+    """SettingsError (naming FABRICA_TOKEN_FILE) now, at start, for a token file peer_channel could not read."""
+    _TokenSource(settings.token_file, settings.token)

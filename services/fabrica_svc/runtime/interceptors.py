@@ -7,6 +7,14 @@ checked in a worker process, runtime/validation.py, so it does not stall the eve
 maps domain errors (runtime/errors.py) and lost-database errors to status codes with
 ``google.rpc.Status`` details (built with grpcio-status), in this one place. It also records per-RPC metrics.
 
+Before anything else it decides who the caller is and whether it may call the method: every method but
+health and reflection calls the `identify` callable it was given (runtime/auth.py: a bearer token, then a
+client certificate; UNAUTHENTICATED without either), then checks the role the method declares in the
+protos (``(fabrica.common.v1.required_role)``; PERMISSION_DENIED, reason ROLE_REQUIRED, without it). The
+principal is set for the handler (runtime/principal.py ``current()``), and so is the request id the audit
+trail records (runtime/audit.py). Without `identify` authentication is off (FABRICA_INSECURE=1) and every
+caller is the development principal.
+
 A request that is not protobuf at all (undecodable bytes) is INVALID_ARGUMENT with reason
 ``MALFORMED_MESSAGE`` too, in every RPC shape, logged in one line at most once per
 :data:`MALFORMED_LOG_INTERVAL` seconds per method. grpcio decodes a request before any interceptor or
@@ -31,7 +39,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import metrics
 
-from . import principal
+from . import audit, auth
+from . import principal as principals
 from .db import DB_UNAVAILABLE_ERRORS
 from .errors import (
     Aborted,
@@ -240,13 +249,14 @@ def _wrap_handler(handler: grpc.RpcMethodHandler,
                    response_serializer=handler.response_serializer)
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Validation, error mapping and RPC metrics for every method, and who is calling: `identify` (given by
-    the host: runtime/tls.py's certificate identity) names the caller's Principal, which is current
-    (``principal.current()``) for the whole call, streams included; None leaves no principal."""
+#: Who the caller of an RPC is (runtime/auth.py Authenticator.identify): a principal, or UNAUTHENTICATED.
+Identify = Callable[[grpc.aio.ServicerContext], Awaitable[principals.Principal]]
 
-    def __init__(self, service: str, *, validate: bool = True,
-                 identify: Callable[[grpc.aio.ServicerContext], principal.Principal | None] | None = None):
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication and roles, validation, error mapping and RPC metrics for every method."""
+
+    def __init__(self, service: str, *, validate: bool = True, identify: Identify | None = None):
         self.service = service
         self.validate = validate
         self.identify = identify
@@ -283,26 +293,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         An abort by the handler itself (context.abort) passes through as it is."""
         started = time.perf_counter()
         try:
-            with self._identified(context):
-                yield
+            yield
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
-
-    @contextlib.contextmanager
-    def _identified(self, context: grpc.aio.ServicerContext) -> Any:
-        """The caller's principal (`identify`) set as current for the call, and reset after it."""
-        if self.identify is None:
-            yield
-            return
-        token = principal.set_current(self.identify(context))
-        try:
-            yield
-        finally:
-            with contextlib.suppress(ValueError):  # a stream's generator closed from another context
-                principal.reset(token)
 
     async def _checked(self, path: str, request: Any, request_streaming: bool) -> Any:
         """The request, decoded and validated: a message now (a large one away from the event loop), or each
@@ -322,6 +318,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 raise InvalidArgument(found)
         return request
 
+    async def _admit(self, path: str, context: grpc.aio.ServicerContext) -> None:
+        """Set the request id and the caller's principal for this RPC, refusing a caller who may not call
+        `path`. Each RPC runs in a task of its own, so what is set here is the handler's alone."""
+        audit.begin_call(path.rsplit("/", 1)[-1], context.invocation_metadata())
+        if auth.is_open(path):
+            return
+        if self.identify is None:
+            principals.set_current(principals.INSECURE)
+            return
+        caller = await self.identify(context)
+        auth.authorize(path, caller)
+        principals.set_current(caller)
+
     def close(self) -> None:
         """Release the validator's worker process (ServiceHost.stop calls this)."""
         self.validator.close()
@@ -332,6 +341,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     async with self._outcome(method, context):
+                        await self._admit(path, context)
                         checked = await self._checked(path, request, request_streaming)
                         async for response in _responses(behavior, checked, context):
                             yield response
@@ -340,6 +350,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._outcome(method, context):
+                    await self._admit(path, context)
                     return await behavior(await self._checked(path, request, request_streaming), context)
 
             return unary

@@ -2,8 +2,9 @@
 
 A service supplies a `ServiceApp`: its gRPC services, its schema and migrations, and its background work.
 `ServiceHost` does the rest: Postgres (embedded when DATABASE_URL is unset) with migrations, an asyncpg
-pool, grpc.aio with the shared interceptor and OpenTelemetry, health (SERVING only while the database
-answers; ``List`` implemented), reflection, the metrics endpoint, and graceful shutdown.
+pool, grpc.aio with the shared interceptor (authentication and roles, runtime/auth.py) and OpenTelemetry,
+health (SERVING only while the database answers; ``List`` implemented), reflection (off with
+FABRICA_REFLECTION=0), the metrics endpoint, and graceful shutdown.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from .channels import MESSAGE_LIMITS
+from . import auth
+from .channels import MESSAGE_LIMITS, check_peer_token
 from .db import Migration, apply_migrations, connect_with_retry, create_pool, resolve_database_url
 from .interceptors import ServiceInterceptor
 from .reflection import SourceInfoPool, descriptor_set_path
 from .settings import Settings
 from .tasks import cancel_and_wait
-from .tls import certificate_identify
+from .tls import principal_from_peer
 from .telemetry import configure_telemetry, start_metrics_endpoint
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ class ServiceHost:
     _metrics_server: object | None = None
     _serving: bool | None = None
     _interceptor: ServiceInterceptor | None = None
+    _authenticator: auth.Authenticator | None = None
 
     @property
     def address(self) -> str:
@@ -142,6 +145,9 @@ class ServiceHost:
 
     async def start(self) -> None:
         app, settings = self.app, self.settings
+        # First: a service that cannot verify tokens (and is not in development mode) stops before anything.
+        self._authenticator = auth.authenticator_for(settings, peer_identifier=principal_from_peer)
+        check_peer_token(settings)
         configure_telemetry(app.name)
         resources = Resources(settings=settings)
         if app.schema is not None:
@@ -189,8 +195,10 @@ class ServiceHost:
 
     async def _start_server(self) -> None:
         app, settings = self.app, self.settings
-        # Who calls: the verified client certificate (runtime/tls.py); the interceptor sets it per RPC.
-        self._interceptor = ServiceInterceptor(app.name, identify=certificate_identify(settings.insecure))
+        # Who calls (the interceptor sets it per RPC): a bearer token, then the verified client certificate
+        # (runtime/auth.py, runtime/tls.py); no identify at all when authentication is off.
+        identify = self._authenticator.identify if self._authenticator is not None else None
+        self._interceptor = ServiceInterceptor(app.name, identify=identify)
         server = grpc.aio.server(
             interceptors=[aio_server_interceptor(), self._interceptor],
             options=[
@@ -205,10 +213,12 @@ class ServiceHost:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         app.register(server)
-        reflection.enable_server_reflection(
-            [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server, pool=SourceInfoPool(descriptor_set_path()),  # with the protos' comments (runtime/reflection.py)
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                [*app.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME],
+                server, pool=SourceInfoPool(descriptor_set_path()),  # with the protos' comments (runtime/reflection.py)
+            )
         tls = settings.tls
         if tls is None:
             log.warning("plaintext gRPC on the port of %s (FABRICA_INSECURE=1, no FABRICA_TLS_CERT): anyone on the "

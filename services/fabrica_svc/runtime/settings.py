@@ -23,16 +23,30 @@ FABRICA_TLS_CERT/KEY/CA    The service's certificate, key, and the CA     unset:
                            that verifies its peers (runtime/tls.py)       must be 1
 FABRICA_PEER_PORT          The mutual-TLS port for collectors and         -1: none
                            services (runtime/tls.py); 0: any free port
-FABRICA_INSECURE           1: plaintext without certificates (dev only)   0
+FABRICA_INSECURE           1: development mode (below)                    0
 FABRICA_HEALTH_PORT        A plaintext port serving grpc.health.v1 only,  -1: none
                            for probes that cannot speak TLS (kubelet's
                            native gRPC probes); 0: any free port
+FABRICA_JWT_PUBLIC_KEY_FILE  PEM public key that signs bearer tokens      unset
+FABRICA_JWKS_URL           JWKS of an OIDC provider (cached)              unset
+FABRICA_JWKS_FILE          A JWKS in a local file                         unset
+FABRICA_JWT_ISSUER         The tokens' required ``iss``                   fabrica
+FABRICA_JWT_AUDIENCE       The tokens' required ``aud``                   fabrica
+FABRICA_TOKEN_FILE         Bearer token this service sends to its peers   unset
+FABRICA_TOKEN              The same token, inline (FILE wins)             unset
+FABRICA_REFLECTION         0 turns server reflection off                  1
 =========================  =============================================  ==========================
 
 TLS is the default: without FABRICA_INSECURE=1 a service refuses to start unless FABRICA_TLS_CERT,
 FABRICA_TLS_KEY and FABRICA_TLS_CA name readable PEM files (a missing or unreadable one is named in the
 one-line error). With FABRICA_INSECURE=1 and no certificate, the ports and channels are plaintext (a
 warning at start says so).
+
+Authentication (runtime/auth.py): with a token verifier configured (FABRICA_JWT_PUBLIC_KEY_FILE,
+FABRICA_JWKS_URL or FABRICA_JWKS_FILE) every RPC but health and reflection needs a bearer token or a
+verified client certificate (runtime/tls.py) with the role its proto declares. Without a verifier a service
+refuses to start, unless FABRICA_INSECURE=1, which turns authentication off (logged as a warning: anyone
+can call anything).
 
 FABRICA_PORT (and FABRICA_METRICS_PORT) may be 0: the service binds a free port. With FABRICA_PORT_FILE set,
 once a service listens it writes the ports it bound to that file, atomically, as JSON:
@@ -50,7 +64,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -99,6 +113,18 @@ class Settings:
     peer_port: int = -1
     #: The plaintext health-only port (FABRICA_HEALTH_PORT): -1 none, 0 any free port.
     health_port: int = -1
+    #: Token verification (runtime/auth.py): a PEM public key, a JWKS URL or a JWKS file; iss and aud.
+    jwt_public_key_file: Path | None = None
+    jwks_url: str = ""
+    jwks_file: Path | None = None
+    jwt_issuer: str = "fabrica"
+    jwt_audience: str = "fabrica"
+    #: The bearer token this service sends to its peers (runtime/channels.py): a file (re-read when it
+    #: changes) or the token itself.
+    token_file: Path | None = None
+    token: str = field(default="", repr=False)
+    #: Server reflection on (FABRICA_REFLECTION=0 turns it off; health stays).
+    reflection: bool = True
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -128,6 +154,23 @@ def _env_number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N, par
     return value
 
 
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """`env[name]` as a yes/no (1/0, true/false, yes/no, on/off); `default` when unset or blank."""
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={env.get(name)!r} is not one of 1, 0, true, false, yes, no, on, off")
+
+
+def _env_path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = (env.get(name) or "").strip()
+    return Path(raw) if raw else None
+
+
 def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     """`env[name]` as one of `choices` (case as the choices are written); `default` when unset or empty."""
     raw = env.get(name) or default
@@ -135,6 +178,16 @@ def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[s
     if value not in choices:
         raise SettingsError(f"{name}={raw!r} is not one of {', '.join(choices)}")
     return value
+
+
+def token_issuer(env: Mapping[str, str]) -> str:
+    """The ``iss`` tokens must have (FABRICA_JWT_ISSUER): what the services check and `fabrica token` signs."""
+    return (env.get("FABRICA_JWT_ISSUER") or "").strip() or "fabrica"
+
+
+def token_audience(env: Mapping[str, str]) -> str:
+    """The ``aud`` tokens must have (FABRICA_JWT_AUDIENCE)."""
+    return (env.get("FABRICA_JWT_AUDIENCE") or "").strip() or "fabrica"
 
 
 def load_settings(service: str, env: Mapping[str, str] | None = None) -> Settings:
@@ -163,6 +216,14 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         ingest_addr=(env.get("FABRICA_INGEST_ADDR") or "").strip(),
         port_file=Path(env["FABRICA_PORT_FILE"]) if env.get("FABRICA_PORT_FILE") else None,
         collector_id=(env.get("FABRICA_COLLECTOR_ID") or "").strip(),
+        jwt_public_key_file=_env_path(env, "FABRICA_JWT_PUBLIC_KEY_FILE"),
+        jwks_url=(env.get("FABRICA_JWKS_URL") or "").strip(),
+        jwks_file=_env_path(env, "FABRICA_JWKS_FILE"),
+        jwt_issuer=token_issuer(env),
+        jwt_audience=token_audience(env),
+        token_file=_env_path(env, "FABRICA_TOKEN_FILE"),
+        token=(env.get("FABRICA_TOKEN") or "").strip(),
+        reflection=env_bool(env, "FABRICA_REFLECTION", True),
     )
     insecure = env_choice(env, "FABRICA_INSECURE", "0", ("0", "1")) == "1"
     tls_files = [(env.get(n) or "").strip() for n in ("FABRICA_TLS_CERT", "FABRICA_TLS_KEY", "FABRICA_TLS_CA")]

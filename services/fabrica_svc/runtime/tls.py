@@ -23,13 +23,13 @@ REQUEST_AND_REQUIRE or DONT_REQUEST; "request, verify if given" is not exposed).
 come with bearer tokens and no client certificate, so the gRPC port serves TLS without asking for one;
 machines (collectors, services) come with certificates, so they call the peer port, where the handshake
 refuses anyone without a certificate of the CA. One server serves both ports with the same handlers and
-interceptor; the interceptor asks :func:`principal_from_peer` who the peer is, per call.
+interceptor; per call, the interceptor asks runtime/auth.py's Authenticator.identify who the caller is: a bearer
+token first, then :func:`principal_from_peer` (the verified client certificate).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,18 +141,3 @@ def principal_from_peer(context: grpc.aio.ServicerContext) -> principal.Principa
     return principal_from_uris(uris)
 
 
-Identify = Callable[[grpc.aio.ServicerContext], principal.Principal | None]
-
-
-def certificate_identify(insecure: bool) -> Identify:
-    """The `identify` of the ServiceInterceptor from the transport alone: the peer certificate's principal;
-    failing that, in development mode (FABRICA_INSECURE=1) the all-powerful INSECURE principal; else None
-    (a bearer token, runtime/auth.py, is the other way to prove who one is)."""
-
-    def identify(context: grpc.aio.ServicerContext) -> principal.Principal | None:
-        found = principal_from_peer(context)
-        if found is None and insecure:
-            return principal.INSECURE
-        return found
-
-    return identify

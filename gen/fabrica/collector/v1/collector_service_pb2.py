@@ -23,13 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
+from fabrica.common.v1 import auth_pb2 as fabrica_dot_common_dot_v1_dot_auth__pb2
 from fabrica.common.v1 import reading_pb2 as fabrica_dot_common_dot_v1_dot_reading__pb2
 from fabrica.config.v1 import plc_pb2 as fabrica_dot_config_dot_v1_dot_plc__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,fabrica/collector/v1/collector_service.proto\x12\x14\x66\x61\x62rica.collector.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xbe\x03\n\x10PlcRuntimeStatus\x12+\n\x06plc_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12[\n\x13last_good_read_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x13\n\x0b\x65rror_count\x18\x04 \x01(\x03\x12\x42\n\nlast_error\x18\x05 \x01(\tB.\xbaH+r)\x18\x80\x10\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x39\n\x0cread_latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\xbaH\x05\xaa\x01\x02\x32\x00\x12\x11\n\ttag_count\x18\x07 \x01(\x05\x12\x30\n\x05reads\x18\x08 \x03(\x0b\x32!.fabrica.collector.v1.PlannedRead\x12\x34\n\x0b\x61\x62sent_tags\x18\t \x03(\x0b\x32\x1f.fabrica.collector.v1.AbsentTag\"\xa1\x01\n\x0c\x41\x64\x64ressRange\x12\x34\n\x0cmodbus_table\x18\x01 \x01(\x0e\x32\x1e.fabrica.config.v1.ModbusTable\x12*\n\x07s7_area\x18\x02 \x01(\x0e\x32\x19.fabrica.config.v1.S7Area\x12\x11\n\tdb_number\x18\x03 \x01(\r\x12\r\n\x05start\x18\x04 \x01(\r\x12\r\n\x05\x63ount\x18\x05 \x01(\r\"e\n\x0bPlannedRead\x12\x12\n\npoll_group\x18\x01 \x01(\t\x12\x31\n\x05range\x18\x02 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\x12\x0f\n\x07tag_ids\x18\x03 \x03(\x04\"\xb8\x01\n\tAbsentTag\x12\x0e\n\x06tag_id\x18\x01 \x01(\x04\x12\x10\n\x08tag_name\x18\x02 \x01(\t\x12\x12\n\npoll_group\x18\x03 \x01(\t\x12\x31\n\x05range\x18\x04 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x33\n\x0fnext_retry_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x98\x04\n\x11GetStatusResponse\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x34\n\x04plcs\x18\x03 \x03(\x0b\x32&.fabrica.collector.v1.PlcRuntimeStatus\x12\x18\n\x10\x62\x61\x63klog_readings\x18\x04 \x01(\x03\x12\x15\n\rbacklog_bytes\x18\x05 \x01(\x03\x12[\n\x13oldest_backlog_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x18\n\x10\x64ropped_readings\x18\x07 \x01(\x03\x12\x18\n\x10uplink_connected\x18\x08 \x01(\x08\x12I\n\x1a\x64ropped_readings_by_reason\x18\t \x03(\x0b\x32%.fabrica.collector.v1.DroppedReadings\x12\x18\n\x10rejected_batches\x18\n \x01(\x03\x12:\n\x07mirrors\x18\x14 \x03(\x0b\x32).fabrica.collector.v1.MirrorRuntimeStatus\x12\x1d\n\x15suspicious_duplicates\x18\x0b \x01(\x03\"\x9b\x02\n\x13MirrorRuntimeStatus\x12\x0e\n\x06plc_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rtarget_plc_id\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\x08\x12\x16\n\x0erefused_reason\x18\x05 \x01(\t\x12\x0e\n\x06\x63opies\x18\x06 \x01(\x03\x12\x14\n\x0c\x62ytes_copied\x18\x07 \x01(\x03\x12\x16\n\x0eskipped_cycles\x18\x08 \x01(\x03\x12\x19\n\x11last_source_error\x18\t \x01(\t\x12\x19\n\x11last_target_error\x18\n \x01(\t\x12\x32\n\x0elast_copy_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x01\n\x12ProbeMirrorRequest\x12\x32\n\nsource_plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x32\n\ntarget_plc\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x31\n\x06mirror\x18\x03 \x01(\x0b\x32\x19.fabrica.config.v1.MirrorB\x06\xbaH\x03\xc8\x01\x01\"y\n\x13ProbeMirrorResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0csource_bytes\x18\x02 \x01(\x0c\x12\x14\n\x0ctarget_bytes\x18\x03 \x01(\x0c\x12\x14\n\x0csource_error\x18\x04 \x01(\t\x12\x14\n\x0ctarget_error\x18\x05 \x01(\t\"U\n\x0f\x44roppedReadings\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .fabrica.collector.v1.DropReason\x12\x10\n\x08readings\x18\x02 \x01(\x03\">\n\x0fProbePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\"\xa2\x02\n\x10ProbePlcResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12<\n\x0f\x63onnect_latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\xbaH\x05\xaa\x01\x02\x32\x00\x12\x39\n\x0cread_latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\xbaH\x05\xaa\x01\x02\x32\x00\x12=\n\x05\x65rror\x18\x04 \x01(\tB.\xbaH+r)\x18\x80\x10\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x43\n\x0b\x64\x65vice_info\x18\x05 \x01(\tB.\xbaH+r)\x18\x80\x08\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\"p\n\x14PreviewDecodeRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12+\n\x03tag\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.TagB\x06\xbaH\x03\xc8\x01\x01\"\x92\x02\n\x15PreviewDecodeResponse\x12\x11\n\tregisters\x18\x01 \x03(\r\x12\x0c\n\x04\x62its\x18\x02 \x03(\x08\x12\x11\n\traw_bytes\x18\x03 \x01(\x0c\x12\'\n\x05value\x18\x04 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12=\n\x05\x65rror\x18\x06 \x01(\tB.\xbaH+r)\x18\x80\x10\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x30\n\x04read\x18\x07 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\"@\n\x11PreviewPlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\"\xc5\x01\n\nTagPreview\x12\x0e\n\x06tag_id\x18\x01 \x01(\x04\x12\x10\n\x08tag_name\x18\x02 \x01(\t\x12\'\n\x05value\x18\x03 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x04 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x30\n\x04read\x18\x06 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\"\xbb\x01\n\x12PreviewPlcResponse\x12.\n\x04tags\x18\x01 \x03(\x0b\x32 .fabrica.collector.v1.TagPreview\x12\x30\n\x05reads\x18\x02 \x03(\x0b\x32!.fabrica.collector.v1.PlannedRead\x12\x34\n\x0b\x61\x62sent_tags\x18\x03 \x03(\x0b\x32\x1f.fabrica.collector.v1.AbsentTag\x12\r\n\x05\x65rror\x18\x04 \x01(\t*\x85\x01\n\nDropReason\x12\x1b\n\x17\x44ROP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44ROP_REASON_SPOOL_FULL\x10\x01\x12\"\n\x1e\x44ROP_REASON_REJECTED_BY_INGEST\x10\x02\x12\x1a\n\x16\x44ROP_REASON_DISK_ERROR\x10\x03\x32\xfa\x03\n\x10\x43ollectorService\x12\\\n\tGetStatus\x12&.fabrica.collector.v1.GetStatusRequest\x1a\'.fabrica.collector.v1.GetStatusResponse\x12Y\n\x08ProbePlc\x12%.fabrica.collector.v1.ProbePlcRequest\x1a&.fabrica.collector.v1.ProbePlcResponse\x12h\n\rPreviewDecode\x12*.fabrica.collector.v1.PreviewDecodeRequest\x1a+.fabrica.collector.v1.PreviewDecodeResponse\x12\x62\n\x0bProbeMirror\x12(.fabrica.collector.v1.ProbeMirrorRequest\x1a).fabrica.collector.v1.ProbeMirrorResponse\x12_\n\nPreviewPlc\x12\'.fabrica.collector.v1.PreviewPlcRequest\x1a(.fabrica.collector.v1.PreviewPlcResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,fabrica/collector/v1/collector_service.proto\x12\x14\x66\x61\x62rica.collector.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1c\x66\x61\x62rica/common/v1/auth.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xbe\x03\n\x10PlcRuntimeStatus\x12+\n\x06plc_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12[\n\x13last_good_read_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x13\n\x0b\x65rror_count\x18\x04 \x01(\x03\x12\x42\n\nlast_error\x18\x05 \x01(\tB.\xbaH+r)\x18\x80\x10\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x39\n\x0cread_latency\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\xbaH\x05\xaa\x01\x02\x32\x00\x12\x11\n\ttag_count\x18\x07 \x01(\x05\x12\x30\n\x05reads\x18\x08 \x03(\x0b\x32!.fabrica.collector.v1.PlannedRead\x12\x34\n\x0b\x61\x62sent_tags\x18\t \x03(\x0b\x32\x1f.fabrica.collector.v1.AbsentTag\"\xa1\x01\n\x0c\x41\x64\x64ressRange\x12\x34\n\x0cmodbus_table\x18\x01 \x01(\x0e\x32\x1e.fabrica.config.v1.ModbusTable\x12*\n\x07s7_area\x18\x02 \x01(\x0e\x32\x19.fabrica.config.v1.S7Area\x12\x11\n\tdb_number\x18\x03 \x01(\r\x12\r\n\x05start\x18\x04 \x01(\r\x12\r\n\x05\x63ount\x18\x05 \x01(\r\"e\n\x0bPlannedRead\x12\x12\n\npoll_group\x18\x01 \x01(\t\x12\x31\n\x05range\x18\x02 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\x12\x0f\n\x07tag_ids\x18\x03 \x03(\x04\"\xb8\x01\n\tAbsentTag\x12\x0e\n\x06tag_id\x18\x01 \x01(\x04\x12\x10\n\x08tag_name\x18\x02 \x01(\t\x12\x12\n\npoll_group\x18\x03 \x01(\t\x12\x31\n\x05range\x18\x04 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x33\n\x0fnext_retry_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x98\x04\n\x11GetStatusResponse\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x18\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x12\x34\n\x04plcs\x18\x03 \x03(\x0b\x32&.fabrica.collector.v1.PlcRuntimeStatus\x12\x18\n\x10\x62\x61\x63klog_readings\x18\x04 \x01(\x03\x12\x15\n\rbacklog_bytes\x18\x05 \x01(\x03\x12[\n\x13oldest_backlog_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x18\n\x10\x64ropped_readings\x18\x07 \x01(\x03\x12\x18\n\x10uplink_connected\x18\x08 \x01(\x08\x12I\n\x1a\x64ropped_readings_by_reason\x18\t \x03(\x0b\x32%.fabrica.collector.v1.DroppedReadings\x12\x18\n\x10rejected_batches\x18\n \x01(\x03\x12:\n\x07mirrors\x18\x14 \x03(\x0b\x32).fabrica.collector.v1.MirrorRuntimeStatus\x12\x1d\n\x15suspicious_duplicates\x18\x0b \x01(\x03\"\x9b\x02\n\x13MirrorRuntimeStatus\x12\x0e\n\x06plc_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rtarget_plc_id\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\x08\x12\x16\n\x0erefused_reason\x18\x05 \x01(\t\x12\x0e\n\x06\x63opies\x18\x06 \x01(\x03\x12\x14\n\x0c\x62ytes_copied\x18\x07 \x01(\x03\x12\x16\n\x0eskipped_cycles\x18\x08 \x01(\x03\x12\x19\n\x11last_source_error\x18\t \x01(\t\x12\x19\n\x11last_target_error\x18\n \x01(\t\x12\x32\n\x0elast_copy_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x01\n\x12ProbeMirrorRequest\x12\x32\n\nsource_plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x32\n\ntarget_plc\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x31\n\x06mirror\x18\x03 \x01(\x0b\x32\x19.fabrica.config.v1.MirrorB\x06\xbaH\x03\xc8\x01\x01\"y\n\x13ProbeMirrorResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0csource_bytes\x18\x02 \x01(\x0c\x12\x14\n\x0ctarget_bytes\x18\x03 \x01(\x0c\x12\x14\n\x0csource_error\x18\x04 \x01(\t\x12\x14\n\x0ctarget_error\x18\x05 \x01(\t\"U\n\x0f\x44roppedReadings\x12\x30\n\x06reason\x18\x01 \x01(\x0e\x32 .fabrica.collector.v1.DropReason\x12\x10\n\x08readings\x18\x02 \x01(\x03\">\n\x0fProbePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\"\xa2\x02\n\x10ProbePlcResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12<\n\x0f\x63onnect_latency\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\xbaH\x05\xaa\x01\x02\x32\x00\x12\x39\n\x0cread_latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\xbaH\x05\xaa\x01\x02\x32\x00\x12=\n\x05\x65rror\x18\x04 \x01(\tB.\xbaH+r)\x18\x80\x10\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x43\n\x0b\x64\x65vice_info\x18\x05 \x01(\tB.\xbaH+r)\x18\x80\x08\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\"p\n\x14PreviewDecodeRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12+\n\x03tag\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.TagB\x06\xbaH\x03\xc8\x01\x01\"\x92\x02\n\x15PreviewDecodeResponse\x12\x11\n\tregisters\x18\x01 \x03(\r\x12\x0c\n\x04\x62its\x18\x02 \x03(\x08\x12\x11\n\traw_bytes\x18\x03 \x01(\x0c\x12\'\n\x05value\x18\x04 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12=\n\x05\x65rror\x18\x06 \x01(\tB.\xbaH+r)\x18\x80\x10\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x30\n\x04read\x18\x07 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\"@\n\x11PreviewPlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\"\xc5\x01\n\nTagPreview\x12\x0e\n\x06tag_id\x18\x01 \x01(\x04\x12\x10\n\x08tag_name\x18\x02 \x01(\t\x12\'\n\x05value\x18\x03 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x04 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x30\n\x04read\x18\x06 \x01(\x0b\x32\".fabrica.collector.v1.AddressRange\"\xbb\x01\n\x12PreviewPlcResponse\x12.\n\x04tags\x18\x01 \x03(\x0b\x32 .fabrica.collector.v1.TagPreview\x12\x30\n\x05reads\x18\x02 \x03(\x0b\x32!.fabrica.collector.v1.PlannedRead\x12\x34\n\x0b\x61\x62sent_tags\x18\x03 \x03(\x0b\x32\x1f.fabrica.collector.v1.AbsentTag\x12\r\n\x05\x65rror\x18\x04 \x01(\t*\x85\x01\n\nDropReason\x12\x1b\n\x17\x44ROP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44ROP_REASON_SPOOL_FULL\x10\x01\x12\"\n\x1e\x44ROP_REASON_REJECTED_BY_INGEST\x10\x02\x12\x1a\n\x16\x44ROP_REASON_DISK_ERROR\x10\x03\x32\x98\x04\n\x10\x43ollectorService\x12\x62\n\tGetStatus\x12&.fabrica.collector.v1.GetStatusRequest\x1a\'.fabrica.collector.v1.GetStatusResponse\"\x04\xa8\xed\x18\x01\x12_\n\x08ProbePlc\x12%.fabrica.collector.v1.ProbePlcRequest\x1a&.fabrica.collector.v1.ProbePlcResponse\"\x04\xa8\xed\x18\x03\x12n\n\rPreviewDecode\x12*.fabrica.collector.v1.PreviewDecodeRequest\x1a+.fabrica.collector.v1.PreviewDecodeResponse\"\x04\xa8\xed\x18\x03\x12h\n\x0bProbeMirror\x12(.fabrica.collector.v1.ProbeMirrorRequest\x1a).fabrica.collector.v1.ProbeMirrorResponse\"\x04\xa8\xed\x18\x03\x12\x65\n\nPreviewPlc\x12\'.fabrica.collector.v1.PreviewPlcRequest\x1a(.fabrica.collector.v1.PreviewPlcResponse\"\x04\xa8\xed\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -72,42 +73,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREVIEWDECODERESPONSE'].fields_by_name['error']._serialized_options = b'\272H+r)\030\200\0202$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
   _globals['_PREVIEWPLCREQUEST'].fields_by_name['plc']._loaded_options = None
   _globals['_PREVIEWPLCREQUEST'].fields_by_name['plc']._serialized_options = b'\272H\003\310\001\001'
-  _globals['_DROPREASON']._serialized_start=3567
-  _globals['_DROPREASON']._serialized_end=3700
-  _globals['_GETSTATUSREQUEST']._serialized_start=226
-  _globals['_GETSTATUSREQUEST']._serialized_end=244
-  _globals['_PLCRUNTIMESTATUS']._serialized_start=247
-  _globals['_PLCRUNTIMESTATUS']._serialized_end=693
-  _globals['_ADDRESSRANGE']._serialized_start=696
-  _globals['_ADDRESSRANGE']._serialized_end=857
-  _globals['_PLANNEDREAD']._serialized_start=859
-  _globals['_PLANNEDREAD']._serialized_end=960
-  _globals['_ABSENTTAG']._serialized_start=963
-  _globals['_ABSENTTAG']._serialized_end=1147
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1150
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1686
-  _globals['_MIRRORRUNTIMESTATUS']._serialized_start=1689
-  _globals['_MIRRORRUNTIMESTATUS']._serialized_end=1972
-  _globals['_PROBEMIRRORREQUEST']._serialized_start=1975
-  _globals['_PROBEMIRRORREQUEST']._serialized_end=2150
-  _globals['_PROBEMIRRORRESPONSE']._serialized_start=2152
-  _globals['_PROBEMIRRORRESPONSE']._serialized_end=2273
-  _globals['_DROPPEDREADINGS']._serialized_start=2275
-  _globals['_DROPPEDREADINGS']._serialized_end=2360
-  _globals['_PROBEPLCREQUEST']._serialized_start=2362
-  _globals['_PROBEPLCREQUEST']._serialized_end=2424
-  _globals['_PROBEPLCRESPONSE']._serialized_start=2427
-  _globals['_PROBEPLCRESPONSE']._serialized_end=2717
-  _globals['_PREVIEWDECODEREQUEST']._serialized_start=2719
-  _globals['_PREVIEWDECODEREQUEST']._serialized_end=2831
-  _globals['_PREVIEWDECODERESPONSE']._serialized_start=2834
-  _globals['_PREVIEWDECODERESPONSE']._serialized_end=3108
-  _globals['_PREVIEWPLCREQUEST']._serialized_start=3110
-  _globals['_PREVIEWPLCREQUEST']._serialized_end=3174
-  _globals['_TAGPREVIEW']._serialized_start=3177
-  _globals['_TAGPREVIEW']._serialized_end=3374
-  _globals['_PREVIEWPLCRESPONSE']._serialized_start=3377
-  _globals['_PREVIEWPLCRESPONSE']._serialized_end=3564
-  _globals['_COLLECTORSERVICE']._serialized_start=3703
-  _globals['_COLLECTORSERVICE']._serialized_end=4209
+  _globals['_COLLECTORSERVICE'].methods_by_name['GetStatus']._loaded_options = None
+  _globals['_COLLECTORSERVICE'].methods_by_name['GetStatus']._serialized_options = b'\250\355\030\001'
+  _globals['_COLLECTORSERVICE'].methods_by_name['ProbePlc']._loaded_options = None
+  _globals['_COLLECTORSERVICE'].methods_by_name['ProbePlc']._serialized_options = b'\250\355\030\003'
+  _globals['_COLLECTORSERVICE'].methods_by_name['PreviewDecode']._loaded_options = None
+  _globals['_COLLECTORSERVICE'].methods_by_name['PreviewDecode']._serialized_options = b'\250\355\030\003'
+  _globals['_COLLECTORSERVICE'].methods_by_name['ProbeMirror']._loaded_options = None
+  _globals['_COLLECTORSERVICE'].methods_by_name['ProbeMirror']._serialized_options = b'\250\355\030\003'
+  _globals['_COLLECTORSERVICE'].methods_by_name['PreviewPlc']._loaded_options = None
+  _globals['_COLLECTORSERVICE'].methods_by_name['PreviewPlc']._serialized_options = b'\250\355\030\003'
+  _globals['_DROPREASON']._serialized_start=3597
+  _globals['_DROPREASON']._serialized_end=3730
+  _globals['_GETSTATUSREQUEST']._serialized_start=256
+  _globals['_GETSTATUSREQUEST']._serialized_end=274
+  _globals['_PLCRUNTIMESTATUS']._serialized_start=277
+  _globals['_PLCRUNTIMESTATUS']._serialized_end=723
+  _globals['_ADDRESSRANGE']._serialized_start=726
+  _globals['_ADDRESSRANGE']._serialized_end=887
+  _globals['_PLANNEDREAD']._serialized_start=889
+  _globals['_PLANNEDREAD']._serialized_end=990
+  _globals['_ABSENTTAG']._serialized_start=993
+  _globals['_ABSENTTAG']._serialized_end=1177
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1180
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1716
+  _globals['_MIRRORRUNTIMESTATUS']._serialized_start=1719
+  _globals['_MIRRORRUNTIMESTATUS']._serialized_end=2002
+  _globals['_PROBEMIRRORREQUEST']._serialized_start=2005
+  _globals['_PROBEMIRRORREQUEST']._serialized_end=2180
+  _globals['_PROBEMIRRORRESPONSE']._serialized_start=2182
+  _globals['_PROBEMIRRORRESPONSE']._serialized_end=2303
+  _globals['_DROPPEDREADINGS']._serialized_start=2305
+  _globals['_DROPPEDREADINGS']._serialized_end=2390
+  _globals['_PROBEPLCREQUEST']._serialized_start=2392
+  _globals['_PROBEPLCREQUEST']._serialized_end=2454
+  _globals['_PROBEPLCRESPONSE']._serialized_start=2457
+  _globals['_PROBEPLCRESPONSE']._serialized_end=2747
+  _globals['_PREVIEWDECODEREQUEST']._serialized_start=2749
+  _globals['_PREVIEWDECODEREQUEST']._serialized_end=2861
+  _globals['_PREVIEWDECODERESPONSE']._serialized_start=2864
+  _globals['_PREVIEWDECODERESPONSE']._serialized_end=3138
+  _globals['_PREVIEWPLCREQUEST']._serialized_start=3140
+  _globals['_PREVIEWPLCREQUEST']._serialized_end=3204
+  _globals['_TAGPREVIEW']._serialized_start=3207
+  _globals['_TAGPREVIEW']._serialized_end=3404
+  _globals['_PREVIEWPLCRESPONSE']._serialized_start=3407
+  _globals['_PREVIEWPLCRESPONSE']._serialized_end=3594
+  _globals['_COLLECTORSERVICE']._serialized_start=3733
+  _globals['_COLLECTORSERVICE']._serialized_end=4269
 # @@protoc_insertion_point(module_scope)

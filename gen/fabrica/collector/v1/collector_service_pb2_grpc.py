@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class CollectorServiceStub:
     """The collector's admin API: its state, and tools to try a device before configuring it.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel):
@@ -64,6 +69,11 @@ class CollectorServiceStub:
 
 class CollectorServiceServicer:
     """The collector's admin API: its state, and tools to try a device before configuring it.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def GetStatus(self, request, context):
@@ -146,6 +156,11 @@ def add_CollectorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class CollectorService:
     """The collector's admin API: its state, and tools to try a device before configuring it.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @staticmethod

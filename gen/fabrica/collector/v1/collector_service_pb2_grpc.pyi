@@ -27,7 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class CollectorServiceStub:
-    """The collector's admin API: its state, and tools to try a device before configuring it."""
+    """The collector's admin API: its state, and tools to try a device before configuring it.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -57,7 +63,13 @@ class CollectorServiceStub:
 
 @_typing.type_check_only
 class CollectorServiceAsyncStub(CollectorServiceStub):
-    """The collector's admin API: its state, and tools to try a device before configuring it."""
+    """The collector's admin API: its state, and tools to try a device before configuring it.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_collector_service_pb2.GetStatusRequest, _collector_service_pb2.GetStatusResponse]  # type: ignore[assignment]
@@ -83,7 +95,13 @@ class CollectorServiceAsyncStub(CollectorServiceStub):
     """
 
 class CollectorServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The collector's admin API: its state, and tools to try a device before configuring it."""
+    """The collector's admin API: its state, and tools to try a device before configuring it.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_abc_1.abstractmethod
     def GetStatus(

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class ConfigServiceStub:
     """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel):
@@ -85,10 +90,20 @@ class ConfigServiceStub:
                 request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsRequest.SerializeToString,
                 response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/ListAuditEntries',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class ConfigServiceServicer:
     """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def CreatePlc(self, request, context):
@@ -166,6 +181,15 @@ class ConfigServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfigServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +243,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsRequest.FromString,
                     response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsResponse.SerializeToString,
             ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fabrica.config.v1.ConfigService', rpc_method_handlers)
@@ -229,6 +258,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ConfigService:
     """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @staticmethod
@@ -491,6 +525,33 @@ class ConfigService:
             '/fabrica.config.v1.ConfigService/ListCollectors',
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsRequest.SerializeToString,
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListCollectorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/ListAuditEntries',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

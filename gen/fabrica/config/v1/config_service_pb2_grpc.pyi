@@ -27,7 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ConfigServiceStub:
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision."""
+    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -62,10 +68,21 @@ class ConfigServiceStub:
     """A collector reports the revision it applied and the status of its PLCs."""
     ListCollectors: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListCollectorsRequest, _config_service_pb2.ListCollectorsResponse]
     """Lists the collectors that have reported, with their last status."""
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListAuditEntriesRequest, _config_service_pb2.ListAuditEntriesResponse]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
+    """
 
 @_typing.type_check_only
 class ConfigServiceAsyncStub(ConfigServiceStub):
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision."""
+    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreatePlc: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreatePlcRequest, _config_service_pb2.CreatePlcResponse]  # type: ignore[assignment]
@@ -97,9 +114,20 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     """A collector reports the revision it applied and the status of its PLCs."""
     ListCollectors: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListCollectorsRequest, _config_service_pb2.ListCollectorsResponse]  # type: ignore[assignment]
     """Lists the collectors that have reported, with their last status."""
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListAuditEntriesRequest, _config_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
+    """
 
 class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision."""
+    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_abc_1.abstractmethod
     def CreatePlc(
@@ -189,5 +217,16 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.ListCollectorsResponse, _abc.Awaitable[_config_service_pb2.ListCollectorsResponse]]:
         """Lists the collectors that have reported, with their last status."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _config_service_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_config_service_pb2.ListAuditEntriesResponse]]:
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
 
 def add_ConfigServiceServicer_to_server(servicer: ConfigServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class IngestServiceStub:
     """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel):
@@ -80,10 +85,20 @@ class IngestServiceStub:
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/fabrica.ingest.v1.IngestService/ListAuditEntries',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
     """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def StreamReadings(self, request_iterator, context):
@@ -183,6 +198,15 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +255,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.SerializeToString,
             ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fabrica.ingest.v1.IngestService', rpc_method_handlers)
@@ -241,6 +270,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class IngestService:
     """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @staticmethod
@@ -476,6 +510,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/ResetCollectorSequence',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ResetCollectorSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/ListAuditEntries',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

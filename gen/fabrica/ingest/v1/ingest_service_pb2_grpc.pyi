@@ -27,7 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class IngestServiceStub:
-    """Stores readings exactly once and answers history, latest values and tag events."""
+    """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -92,10 +98,21 @@ class IngestServiceStub:
     INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
     the identity issue: until then anyone who can reach ingest can.
     """
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.ListAuditEntriesRequest, _ingest_service_pb2.ListAuditEntriesResponse]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
-    """Stores readings exactly once and answers history, latest values and tag events."""
+    """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamReadings: _aio.StreamStreamMultiCallable[_ingest_service_pb2.StreamReadingsRequest, _ingest_service_pb2.StreamReadingsResponse]  # type: ignore[assignment]
@@ -157,9 +174,20 @@ class IngestServiceAsyncStub(IngestServiceStub):
     INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
     the identity issue: until then anyone who can reach ingest can.
     """
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.ListAuditEntriesRequest, _ingest_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Stores readings exactly once and answers history, latest values and tag events."""
+    """Stores readings exactly once and answers history, latest values and tag events.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
+    """
 
     @_abc_1.abstractmethod
     def StreamReadings(
@@ -272,6 +300,17 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         it is acknowledged as a duplicate. NOT_FOUND for a collector ingest has never stored or opened;
         INVALID_ARGUMENT for a bad id or a value beyond 2^63-1. Who may call it (an admin) is the concern of
         the identity issue: until then anyone who can reach ingest can.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _ingest_service_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_ingest_service_pb2.ListAuditEntriesResponse]]:
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

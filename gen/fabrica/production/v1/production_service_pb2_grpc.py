@@ -28,6 +28,11 @@ if _version_not_supported:
 class ProductionServiceStub:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel):
@@ -246,11 +251,21 @@ class ProductionServiceStub:
                 request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersRequest.SerializeToString,
                 response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/ListAuditEntries',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class ProductionServiceServicer:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def CreateSector(self, request, context):
@@ -554,6 +569,15 @@ class ProductionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEntries(self, request, context):
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProductionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -767,6 +791,11 @@ def add_ProductionServiceServicer_to_server(servicer, server):
                     request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersRequest.FromString,
                     response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersResponse.SerializeToString,
             ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fabrica.production.v1.ProductionService', rpc_method_handlers)
@@ -778,6 +807,11 @@ def add_ProductionServiceServicer_to_server(servicer, server):
 class ProductionService:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @staticmethod
@@ -1904,6 +1938,33 @@ class ProductionService:
             '/fabrica.production.v1.ProductionService/WatchOrders',
             fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersRequest.SerializeToString,
             fabrica_dot_production_dot_v1_dot_production__service__pb2.WatchOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/ListAuditEntries',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.ListAuditEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

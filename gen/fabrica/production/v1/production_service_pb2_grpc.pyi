@@ -29,6 +29,11 @@ GRPC_VERSION: str
 class ProductionServiceStub:
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @_typing.overload
@@ -130,11 +135,21 @@ class ProductionServiceStub:
     """OEE of an order (over its run) or of a work centre over a window."""
     WatchOrders: _grpc.UnaryStreamMultiCallable[_production_service_pb2.WatchOrdersRequest, _production_service_pb2.WatchOrdersResponse]
     """Streams orders: the current ones first, then each change as it commits. Resumable from a revision."""
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.ListAuditEntriesRequest, _production_service_pb2.ListAuditEntriesResponse]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
+    """
 
 @_typing.type_check_only
 class ProductionServiceAsyncStub(ProductionServiceStub):
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -233,10 +248,20 @@ class ProductionServiceAsyncStub(ProductionServiceStub):
     """OEE of an order (over its run) or of a work centre over a window."""
     WatchOrders: _aio.UnaryStreamMultiCallable[_production_service_pb2.WatchOrdersRequest, _production_service_pb2.WatchOrdersResponse]  # type: ignore[assignment]
     """Streams orders: the current ones first, then each change as it commits. Resumable from a revision."""
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_production_service_pb2.ListAuditEntriesRequest, _production_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """The audit trail of this service: who changed what, when and under which request id, newest first,
+    paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+    page token.
+    """
 
 class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns master data, production orders, bookings, defects, downtime and OEE. Counter increments of a work
     centre's PLC tags are booked automatically to its running order, exactly once.
+
+    Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
+    bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
+    TOKEN_INVALID), one whose caller lacks the role is PERMISSION_DENIED (reason ROLE_REQUIRED, metadata
+    `role`). Health and reflection need neither.
     """
 
     @_abc_1.abstractmethod
@@ -585,5 +610,16 @@ class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_production_service_pb2.WatchOrdersResponse], _abc.AsyncIterator[_production_service_pb2.WatchOrdersResponse]]:
         """Streams orders: the current ones first, then each change as it commits. Resumable from a revision."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _production_service_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_production_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_production_service_pb2.ListAuditEntriesResponse]]:
+        """The audit trail of this service: who changed what, when and under which request id, newest first,
+        paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
+        page token.
+        """
 
 def add_ProductionServiceServicer_to_server(servicer: ProductionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

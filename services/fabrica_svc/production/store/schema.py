@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from datetime import timedelta
 
+from ...runtime import audit
 from ...runtime.db import Migration
 from ..domain import OrderState
 
@@ -229,4 +230,5 @@ MIGRATIONS = [
         CREATE INDEX tag_anomalies_work_center ON tag_anomalies (work_center_id, id);
         """,
     ),
+    audit.migration(2),
 ]
