@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint gen check-gen bench clean venv
+.PHONY: run test lint gen check-gen bench clean venv web-deps
 
 # The virtualenv with the pinned dependencies (requirements-dev.txt, which includes requirements.txt)
 # and fabrica installed in it.
@@ -17,6 +17,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 $(VENV): $(STAMP)
 venv: $(STAMP)
 
+# web/'s npm packages, exactly as web/package-lock.json records them; again only when the lock (or
+# package.json) changed since the last install, or node_modules is missing.
+NPM_STAMP := web/node_modules/.installed
+$(NPM_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	touch $(NPM_STAMP)
+web-deps: $(NPM_STAMP)
+
 ## run: the whole local stack (embedded Postgres and the services), printing addresses and grpcurl examples.
 run: $(STAMP)
 	$(VENV)/bin/fabrica run
@@ -25,20 +33,21 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-## gen: regenerate gen/ from protos/.
-gen: $(STAMP)
-	scripts/gen.sh gen
+## gen: regenerate gen/ (Python, descriptor image) and web/src/gen/ (TypeScript) from protos/.
+gen: $(STAMP) $(NPM_STAMP)
+	scripts/gen.sh gen web/src/gen
 
 ## lint: generated code is current, buf lint, buf breaking against main, pyflakes on our Python.
 lint: $(STAMP) check-gen
 	scripts/buf_check.sh
 	$(PY) -m pyflakes services tests benchmarks scripts
 
-check-gen: $(STAMP)
+check-gen: $(STAMP) $(NPM_STAMP)
 	@rm -rf build/gen-check && mkdir -p build/gen-check
-	@scripts/gen.sh build/gen-check
-	@diff -r -x __pycache__ gen build/gen-check >/dev/null || { echo "gen/ is stale: run 'make gen' and commit the result"; diff -r -q -x __pycache__ gen build/gen-check; exit 1; }
-	@echo "gen/: current"
+	@scripts/gen.sh build/gen-check/gen build/gen-check/web-gen
+	@diff -r -x __pycache__ gen build/gen-check/gen >/dev/null || { echo "gen/ is stale: run 'make gen' and commit the result"; diff -r -q -x __pycache__ gen build/gen-check/gen; exit 1; }
+	@diff -r web/src/gen build/gen-check/web-gen >/dev/null || { echo "web/src/gen/ is stale: run 'make gen' and commit the result"; diff -r -q web/src/gen build/gen-check/web-gen; exit 1; }
+	@echo "gen/, web/src/gen/: current"
 
 ## bench: benchmarks, each printed beside a baseline measured in the same run.
 bench: $(STAMP)
