@@ -30,7 +30,7 @@ run: $(STAMP)
 	$(VENV)/bin/fabrica run
 
 ## test: the test suite against real servers on loopback and an embedded Postgres.
-test: $(STAMP)
+test: $(STAMP) $(NPM_STAMP)
 	$(PY) -m pytest
 
 ## gen: regenerate gen/ (Python, descriptor image) and web/src/gen/ (TypeScript) from protos/.
