@@ -9,6 +9,7 @@ import hmac
 import json
 import os
 import random
+from datetime import UTC, datetime, timedelta
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -212,3 +213,24 @@ async def test_forwarding_targets_are_checked(alarm_pool) -> None:  # noqa: ANN0
         await store.create_forwarding_target(alarm_pool, ForwardingTarget(
             id="y", plc_ids=("plc 1",), kind=FORWARD_HTTP, url="mailto:x", secret="short"))
     assert {v.field for v in err.value.violations} == {"plc_ids[0]", "http.url", "http.secret"}
+
+
+async def test_a_cursor_ingest_no_longer_retains_goes_on_from_the_oldest_retained_batch(
+        database_url, servers: Servers, alarm_pool, receiver) -> None:  # noqa: ANN001
+    source = await servers.start("ingest", ingest_settings(database_url), config=CONFIG)
+    await source.app.maintenance.stop()  # this test runs the retention itself
+    await stream_batches(source.stub, "c1", [plant_batch("c1", s) for s in range(1, 5)])
+    await store.create_forwarding_target(alarm_pool, ForwardingTarget(
+        id="cloud", plc_ids=("plc-1",), kind=FORWARD_HTTP, url=receiver.url("/in"), secret=SECRET))
+    await alarm_pool.execute("UPDATE alarm.forwarding_targets SET cursor = 1, forwarded_batches = 1")
+    await source.app.store.pool.execute(
+        "UPDATE ingest.committed_batches SET commit_time = now() - interval '2 days' WHERE cursor <= 2")
+    assert await source.app.store.purge_feed_before(datetime.now(UTC) - timedelta(days=1)) == 2
+    forwarder = await supervisor(alarm_pool, database_url, source.address)
+    try:
+        await wait_for(lambda: len(receiver.at("/in")) == 2, timeout=20, what="the retained batches")
+        assert [json.loads(r.body)["batch"]["cursor"] for r in receiver.at("/in")] == ["3", "4"]
+        await wait_for(lambda: _cursor_is(alarm_pool, 4), timeout=10, what="the cursor stored")
+        assert forwarder.stats["cloud"].restarts == 0  # went on at once, no backoff
+    finally:
+        await forwarder.stop()

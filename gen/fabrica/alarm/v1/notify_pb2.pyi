@@ -290,7 +290,9 @@ class ForwardingTarget(_message.Message):
     enabled: _builtins.bool
     """Whether readings are forwarded now. A disabled target keeps its cursor and resumes from it."""
     start_at_end: _builtins.bool
-    """Set on create: start with what commits from then on, not with the oldest batch ingest retains."""
+    """Set on create: start with what commits from then on, not with the oldest batch ingest retains. Cleared
+    once forwarding has started (it then resumes from its cursor).
+    """
     etag: _builtins.str
     """Output only. Changes on every update."""
     cursor: _builtins.int

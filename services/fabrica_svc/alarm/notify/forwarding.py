@@ -98,6 +98,8 @@ class Forwarder:
         self.retry = retry
         self.request_timeout = request_timeout
         self.stats = stats if stats is not None else ForwardingStats()
+        #: Start after ingest's newest batch: only until a first cursor is stored (store.commit_forwarded).
+        self._start_at_end = target.start_at_end
 
     async def run(self) -> None:
         backoff = self.retry.backoff()
@@ -115,7 +117,7 @@ class Forwarder:
                     message = (f"ingest no longer retains the committed batches after cursor {state.cursor}: "
                                "readings in the gap are not forwarded; continuing from the oldest retained batch")
                     log.error("forwarding target %s: %s", self.target.id, message)
-                    await self._commit(state.cursor, 0, 0, 0, None)
+                    await self._commit(state.cursor, 0, 0, 0, None)  # 0: the oldest retained (not the end)
                     await store.note_forwarding_error(self.pool, self.target.id, message)
                     continue
                 await self._note(str(error_details(exc)))
@@ -139,11 +141,12 @@ class Forwarder:
                                             batches=batches, readings=readings, commit_time=commit_time):  # type: ignore[arg-type]
             raise Superseded()
         self.stats.cursor = cursor
+        self._start_at_end = False
 
     def _watch(self, cursor: int) -> grpc.aio.UnaryStreamCall:
         return self.source.WatchCommittedReadings(ingest_service_pb2.WatchCommittedReadingsRequest(
             after_cursor=cursor, plc_ids=list(self.target.plc_ids),
-            start_at_end=self.target.start_at_end and cursor == 0))
+            start_at_end=self._start_at_end and cursor == 0))
 
     def _observe(self, message: ingest_service_pb2.WatchCommittedReadingsResponse) -> None:
         s = self.stats
@@ -358,4 +361,4 @@ class ForwardingSupervisor:
                     self._running[target_id] = (target.revision,
                                                 asyncio.create_task(forwarder.run(), name=f"forward-{target_id}"))
             await asyncio.sleep(self.poll_interval)
-            await conn.execute("SELECT 1")  # the lock's session is still ours
+            await asyncio.wait_for(conn.execute("SELECT 1"), 10)  # the lock's session is still ours
