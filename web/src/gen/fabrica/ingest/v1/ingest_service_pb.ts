@@ -7,6 +7,8 @@ import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2
 import { file_buf_validate_validate } from "../../../buf/validate/validate_pb";
 import type { Reading, ReadingBatch, TagRole } from "../../common/v1/reading_pb";
 import { file_fabrica_common_v1_reading } from "../../common/v1/reading_pb";
+import type { CommittedBatch } from "./committed_pb";
+import { file_fabrica_ingest_v1_committed } from "./committed_pb";
 import type { ReadingBucket, ReadingFilter, ReadingSummary } from "./query_pb";
 import { file_fabrica_ingest_v1_query } from "./query_pb";
 import type { TagEvent } from "./tag_event_pb";
@@ -19,7 +21,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/ingest/v1/ingest_service.proto.
  */
 export const file_fabrica_ingest_v1_ingest_service: GenFile = /*@__PURE__*/
-  fileDesc("CiZmYWJyaWNhL2luZ2VzdC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIRZmFicmljYS5pbmdlc3QudjEigQEKClN0cmVhbU9wZW4SQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSHgoFZXBvY2gYAiABKARCD7pIDDIKGP//////////fxIRCgluZXdfZXBvY2gYAyABKAgihwEKFVN0cmVhbVJlYWRpbmdzUmVxdWVzdBItCgRvcGVuGAEgASgLMh0uZmFicmljYS5pbmdlc3QudjEuU3RyZWFtT3BlbkgAEjAKBWJhdGNoGAIgASgLMh8uZmFicmljYS5jb21tb24udjEuUmVhZGluZ0JhdGNoSABCDQoEa2luZBIFukgCCAEibAoMU3RyZWFtUmVzdW1lEjEKDGNvbGxlY3Rvcl9pZBgBIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEhoKEmNvbW1pdHRlZF9zZXF1ZW5jZRgCIAEoBBINCgVlcG9jaBgDIAEoBCJACghCYXRjaEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIRCglkdXBsaWNhdGUYAiABKAgSDwoHd3JpdHRlbhgDIAEoDSJ/ChZTdHJlYW1SZWFkaW5nc1Jlc3BvbnNlEjEKBnJlc3VtZRgBIAEoCzIfLmZhYnJpY2EuaW5nZXN0LnYxLlN0cmVhbVJlc3VtZUgAEioKA2FjaxgCIAEoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLkJhdGNoQWNrSABCBgoEa2luZCKQAQoVV2F0Y2hUYWdFdmVudHNSZXF1ZXN0Eh0KDGFmdGVyX2N1cnNvchgBIAEoA0IHukgEIgIoABIgCgd0YWdfaWRzGAIgAygEQg+6SAySAQkQ6AciBDICIAASNgoHcGxjX2lkcxgDIAMoCUIlukgikgEfEOgHIhpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJCJFChZXYXRjaFRhZ0V2ZW50c1Jlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLlRhZ0V2ZW50IqIBChRRdWVyeVJlYWRpbmdzUmVxdWVzdBI4CgZmaWx0ZXIYASABKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nRmlsdGVyQga6SAPIAQESHQoJcGFnZV9zaXplGAIgASgFQgq6SAcaBRiQTigAEjEKCnBhZ2VfdG9rZW4YAyABKAlCHbpIGnIYGIAEMhNeW15ceDAwLVx4MUZceDdGXSokIn0KFVF1ZXJ5UmVhZGluZ3NSZXNwb25zZRIsCghyZWFkaW5ncxgBIAMoCzIaLmZhYnJpY2EuY29tbW9uLnYxLlJlYWRpbmcSNgoPbmV4dF9wYWdlX3Rva2VuGAIgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJRChVFeHBvcnRSZWFkaW5nc1JlcXVlc3QSOAoGZmlsdGVyGAEgASgLMiAuZmFicmljYS5pbmdlc3QudjEuUmVhZGluZ0ZpbHRlckIGukgDyAEBIkYKFkV4cG9ydFJlYWRpbmdzUmVzcG9uc2USLAoIcmVhZGluZ3MYASADKAsyGi5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nInoKGEFnZ3JlZ2F0ZVJlYWRpbmdzUmVxdWVzdBI4CgZmaWx0ZXIYASABKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nRmlsdGVyQga6SAPIAQESJAoOYnVja2V0X3NlY29uZHMYAiABKANCDLpICSIHGIC9owEoASJOChlBZ2dyZWdhdGVSZWFkaW5nc1Jlc3BvbnNlEjEKB2J1Y2tldHMYASADKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nQnVja2V0ImcKFkdldExhdGVzdFZhbHVlc1JlcXVlc3QSIAoHdGFnX2lkcxgBIAMoBEIPukgMkgEJEIgnIgQyAiAAEisKBnBsY19pZBgCIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokIkcKF0dldExhdGVzdFZhbHVlc1Jlc3BvbnNlEiwKCHJlYWRpbmdzGAEgAygLMhouZmFicmljYS5jb21tb24udjEuUmVhZGluZyLZAgoYU3VtbWFyaXplUmVhZGluZ3NSZXF1ZXN0EhcKBnRhZ19pZBgBIAEoBEIHukgEMgIgABJVCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIlukgisgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////AcgBARJTCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCJbpIIrIBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wHIAQESJgoQbG93ZXJfc3BlY19saW1pdBgEIAEoAUIHukgEEgJAAUgAiAEBEiYKEHVwcGVyX3NwZWNfbGltaXQYBSABKAFCB7pIBBICQAFIAYgBAUITChFfbG93ZXJfc3BlY19saW1pdEITChFfdXBwZXJfc3BlY19saW1pdCJPChlTdW1tYXJpemVSZWFkaW5nc1Jlc3BvbnNlEjIKB3N1bW1hcnkYASABKAsyIS5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nU3VtbWFyeSLxAQoHVGFnSW5mbxIhCgZ0YWdfaWQYASABKARCEbpIDjIMGP//////////fyAAEi0KBnBsY19pZBgCIAEoCUIdukgachgQARg/MhJeW0EtWmEtejAtOS5fOi1dKyQSNAoEbmFtZRgDIAEoCUImukgjciEQARiAATIaXltBLVphLXpfXVtBLVphLXowLTlfLi1dKiQSKgoEdW5pdBgEIAEoCUIcukgZchcYIDITXlteXHgwMC1ceDFGXHg3Rl0qJBIyCgRyb2xlGAUgASgOMhouZmFicmljYS5jb21tb24udjEuVGFnUm9sZUIIukgFggECEAEiiQEKD1N5bmNUYWdzUmVxdWVzdBJACgxjb2xsZWN0b3JfaWQYASABKAlCKrpIJ3IlEAEYPzIfXlthLXowLTldKFthLXowLTktXSpbYS16MC05XSk/JBI0CgR0YWdzGAIgAygLMhouZmFicmljYS5pbmdlc3QudjEuVGFnSW5mb0IKukgHkgEEEMCaDCI0ChBTeW5jVGFnc1Jlc3BvbnNlEg8KB2NoYW5nZWQYASABKA0SDwoHcmVtb3ZlZBgCIAEoDSK9AQodUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZVJlcXVlc3QSQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSKwoSY29tbWl0dGVkX3NlcXVlbmNlGAIgASgEQg+6SAwyChj//////////38SIwoFZXBvY2gYAyABKARCD7pIDDIKGP//////////f0gAiAEBQggKBl9lcG9jaCKeAQoeUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZVJlc3BvbnNlEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRIjChtwcmV2aW91c19jb21taXR0ZWRfc2VxdWVuY2UYAiABKAQSFgoOcHJldmlvdXNfZXBvY2gYAyABKAQSGgoSY29tbWl0dGVkX3NlcXVlbmNlGAQgASgEEg0KBWVwb2NoGAUgASgEMs4HCg1Jbmdlc3RTZXJ2aWNlEmkKDlN0cmVhbVJlYWRpbmdzEiguZmFicmljYS5pbmdlc3QudjEuU3RyZWFtUmVhZGluZ3NSZXF1ZXN0GikuZmFicmljYS5pbmdlc3QudjEuU3RyZWFtUmVhZGluZ3NSZXNwb25zZSgBMAESZwoOV2F0Y2hUYWdFdmVudHMSKC5mYWJyaWNhLmluZ2VzdC52MS5XYXRjaFRhZ0V2ZW50c1JlcXVlc3QaKS5mYWJyaWNhLmluZ2VzdC52MS5XYXRjaFRhZ0V2ZW50c1Jlc3BvbnNlMAESYgoNUXVlcnlSZWFkaW5ncxInLmZhYnJpY2EuaW5nZXN0LnYxLlF1ZXJ5UmVhZGluZ3NSZXF1ZXN0GiguZmFicmljYS5pbmdlc3QudjEuUXVlcnlSZWFkaW5nc1Jlc3BvbnNlEmcKDkV4cG9ydFJlYWRpbmdzEiguZmFicmljYS5pbmdlc3QudjEuRXhwb3J0UmVhZGluZ3NSZXF1ZXN0GikuZmFicmljYS5pbmdlc3QudjEuRXhwb3J0UmVhZGluZ3NSZXNwb25zZTABEm4KEUFnZ3JlZ2F0ZVJlYWRpbmdzEisuZmFicmljYS5pbmdlc3QudjEuQWdncmVnYXRlUmVhZGluZ3NSZXF1ZXN0GiwuZmFicmljYS5pbmdlc3QudjEuQWdncmVnYXRlUmVhZGluZ3NSZXNwb25zZRJoCg9HZXRMYXRlc3RWYWx1ZXMSKS5mYWJyaWNhLmluZ2VzdC52MS5HZXRMYXRlc3RWYWx1ZXNSZXF1ZXN0GiouZmFicmljYS5pbmdlc3QudjEuR2V0TGF0ZXN0VmFsdWVzUmVzcG9uc2USbgoRU3VtbWFyaXplUmVhZGluZ3MSKy5mYWJyaWNhLmluZ2VzdC52MS5TdW1tYXJpemVSZWFkaW5nc1JlcXVlc3QaLC5mYWJyaWNhLmluZ2VzdC52MS5TdW1tYXJpemVSZWFkaW5nc1Jlc3BvbnNlElMKCFN5bmNUYWdzEiIuZmFicmljYS5pbmdlc3QudjEuU3luY1RhZ3NSZXF1ZXN0GiMuZmFicmljYS5pbmdlc3QudjEuU3luY1RhZ3NSZXNwb25zZRJ9ChZSZXNldENvbGxlY3RvclNlcXVlbmNlEjAuZmFicmljYS5pbmdlc3QudjEuUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZVJlcXVlc3QaMS5mYWJyaWNhLmluZ2VzdC52MS5SZXNldENvbGxlY3RvclNlcXVlbmNlUmVzcG9uc2ViBnByb3RvMw", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_fabrica_ingest_v1_query, file_fabrica_ingest_v1_tag_event, file_google_protobuf_timestamp]);
+  fileDesc("CiZmYWJyaWNhL2luZ2VzdC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIRZmFicmljYS5pbmdlc3QudjEigQEKClN0cmVhbU9wZW4SQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSHgoFZXBvY2gYAiABKARCD7pIDDIKGP//////////fxIRCgluZXdfZXBvY2gYAyABKAgihwEKFVN0cmVhbVJlYWRpbmdzUmVxdWVzdBItCgRvcGVuGAEgASgLMh0uZmFicmljYS5pbmdlc3QudjEuU3RyZWFtT3BlbkgAEjAKBWJhdGNoGAIgASgLMh8uZmFicmljYS5jb21tb24udjEuUmVhZGluZ0JhdGNoSABCDQoEa2luZBIFukgCCAEibAoMU3RyZWFtUmVzdW1lEjEKDGNvbGxlY3Rvcl9pZBgBIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEhoKEmNvbW1pdHRlZF9zZXF1ZW5jZRgCIAEoBBINCgVlcG9jaBgDIAEoBCJACghCYXRjaEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIRCglkdXBsaWNhdGUYAiABKAgSDwoHd3JpdHRlbhgDIAEoDSJ/ChZTdHJlYW1SZWFkaW5nc1Jlc3BvbnNlEjEKBnJlc3VtZRgBIAEoCzIfLmZhYnJpY2EuaW5nZXN0LnYxLlN0cmVhbVJlc3VtZUgAEioKA2FjaxgCIAEoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLkJhdGNoQWNrSABCBgoEa2luZCKQAQoVV2F0Y2hUYWdFdmVudHNSZXF1ZXN0Eh0KDGFmdGVyX2N1cnNvchgBIAEoA0IHukgEIgIoABIgCgd0YWdfaWRzGAIgAygEQg+6SAySAQkQ6AciBDICIAASNgoHcGxjX2lkcxgDIAMoCUIlukgikgEfEOgHIhpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJCJFChZXYXRjaFRhZ0V2ZW50c1Jlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLlRhZ0V2ZW50Iq4BCh1XYXRjaENvbW1pdHRlZFJlYWRpbmdzUmVxdWVzdBIdCgxhZnRlcl9jdXJzb3IYASABKANCB7pIBCICKAASNgoHcGxjX2lkcxgCIAMoCUIlukgikgEfEOgHIhpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJBIgCgd0YWdfaWRzGAMgAygEQg+6SAySAQkQ6AciBDICIAASFAoMc3RhcnRfYXRfZW5kGAQgASgIIosBCh5XYXRjaENvbW1pdHRlZFJlYWRpbmdzUmVzcG9uc2USMgoHYmF0Y2hlcxgBIAMoCzIhLmZhYnJpY2EuaW5nZXN0LnYxLkNvbW1pdHRlZEJhdGNoEhcKBmN1cnNvchgCIAEoA0IHukgEIgIoABIcCgtoZWFkX2N1cnNvchgDIAEoA0IHukgEIgIoACKiAQoUUXVlcnlSZWFkaW5nc1JlcXVlc3QSOAoGZmlsdGVyGAEgASgLMiAuZmFicmljYS5pbmdlc3QudjEuUmVhZGluZ0ZpbHRlckIGukgDyAEBEh0KCXBhZ2Vfc2l6ZRgCIAEoBUIKukgHGgUYkE4oABIxCgpwYWdlX3Rva2VuGAMgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJ9ChVRdWVyeVJlYWRpbmdzUmVzcG9uc2USLAoIcmVhZGluZ3MYASADKAsyGi5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nEjYKD25leHRfcGFnZV90b2tlbhgCIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQiUQoVRXhwb3J0UmVhZGluZ3NSZXF1ZXN0EjgKBmZpbHRlchgBIAEoCzIgLmZhYnJpY2EuaW5nZXN0LnYxLlJlYWRpbmdGaWx0ZXJCBrpIA8gBASJGChZFeHBvcnRSZWFkaW5nc1Jlc3BvbnNlEiwKCHJlYWRpbmdzGAEgAygLMhouZmFicmljYS5jb21tb24udjEuUmVhZGluZyJ6ChhBZ2dyZWdhdGVSZWFkaW5nc1JlcXVlc3QSOAoGZmlsdGVyGAEgASgLMiAuZmFicmljYS5pbmdlc3QudjEuUmVhZGluZ0ZpbHRlckIGukgDyAEBEiQKDmJ1Y2tldF9zZWNvbmRzGAIgASgDQgy6SAkiBxiAvaMBKAEiTgoZQWdncmVnYXRlUmVhZGluZ3NSZXNwb25zZRIxCgdidWNrZXRzGAEgAygLMiAuZmFicmljYS5pbmdlc3QudjEuUmVhZGluZ0J1Y2tldCJnChZHZXRMYXRlc3RWYWx1ZXNSZXF1ZXN0EiAKB3RhZ19pZHMYASADKARCD7pIDJIBCRCIJyIEMgIgABIrCgZwbGNfaWQYAiABKAlCG7pIGHIWGD8yEl5bQS1aYS16MC05Ll86LV0qJCJHChdHZXRMYXRlc3RWYWx1ZXNSZXNwb25zZRIsCghyZWFkaW5ncxgBIAMoCzIaLmZhYnJpY2EuY29tbW9uLnYxLlJlYWRpbmci2QIKGFN1bW1hcml6ZVJlYWRpbmdzUmVxdWVzdBIXCgZ0YWdfaWQYASABKARCB7pIBDICIAASVQoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCJbpIIrIBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wHIAQESUwoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiW6SCKyARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8ByAEBEiYKEGxvd2VyX3NwZWNfbGltaXQYBCABKAFCB7pIBBICQAFIAIgBARImChB1cHBlcl9zcGVjX2xpbWl0GAUgASgBQge6SAQSAkABSAGIAQFCEwoRX2xvd2VyX3NwZWNfbGltaXRCEwoRX3VwcGVyX3NwZWNfbGltaXQiTwoZU3VtbWFyaXplUmVhZGluZ3NSZXNwb25zZRIyCgdzdW1tYXJ5GAEgASgLMiEuZmFicmljYS5pbmdlc3QudjEuUmVhZGluZ1N1bW1hcnki8QEKB1RhZ0luZm8SIQoGdGFnX2lkGAEgASgEQhG6SA4yDBj//////////38gABItCgZwbGNfaWQYAiABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSskEjQKBG5hbWUYAyABKAlCJrpII3IhEAEYgAEyGl5bQS1aYS16X11bQS1aYS16MC05Xy4tXSokEioKBHVuaXQYBCABKAlCHLpIGXIXGCAyE15bXlx4MDAtXHgxRlx4N0ZdKiQSMgoEcm9sZRgFIAEoDjIaLmZhYnJpY2EuY29tbW9uLnYxLlRhZ1JvbGVCCLpIBYIBAhABIokBCg9TeW5jVGFnc1JlcXVlc3QSQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSNAoEdGFncxgCIAMoCzIaLmZhYnJpY2EuaW5nZXN0LnYxLlRhZ0luZm9CCrpIB5IBBBDAmgwiNAoQU3luY1RhZ3NSZXNwb25zZRIPCgdjaGFuZ2VkGAEgASgNEg8KB3JlbW92ZWQYAiABKA0ivQEKHVJlc2V0Q29sbGVjdG9yU2VxdWVuY2VSZXF1ZXN0EkAKDGNvbGxlY3Rvcl9pZBgBIAEoCUIqukgnciUQARg/Mh9eW2EtejAtOV0oW2EtejAtOS1dKlthLXowLTldKT8kEisKEmNvbW1pdHRlZF9zZXF1ZW5jZRgCIAEoBEIPukgMMgoY//////////9/EiMKBWVwb2NoGAMgASgEQg+6SAwyChj//////////39IAIgBAUIICgZfZXBvY2gingEKHlJlc2V0Q29sbGVjdG9yU2VxdWVuY2VSZXNwb25zZRIUCgxjb2xsZWN0b3JfaWQYASABKAkSIwobcHJldmlvdXNfY29tbWl0dGVkX3NlcXVlbmNlGAIgASgEEhYKDnByZXZpb3VzX2Vwb2NoGAMgASgEEhoKEmNvbW1pdHRlZF9zZXF1ZW5jZRgEIAEoBBINCgVlcG9jaBgFIAEoBDLPCAoNSW5nZXN0U2VydmljZRJpCg5TdHJlYW1SZWFkaW5ncxIoLmZhYnJpY2EuaW5nZXN0LnYxLlN0cmVhbVJlYWRpbmdzUmVxdWVzdBopLmZhYnJpY2EuaW5nZXN0LnYxLlN0cmVhbVJlYWRpbmdzUmVzcG9uc2UoATABEmcKDldhdGNoVGFnRXZlbnRzEiguZmFicmljYS5pbmdlc3QudjEuV2F0Y2hUYWdFdmVudHNSZXF1ZXN0GikuZmFicmljYS5pbmdlc3QudjEuV2F0Y2hUYWdFdmVudHNSZXNwb25zZTABEn8KFldhdGNoQ29tbWl0dGVkUmVhZGluZ3MSMC5mYWJyaWNhLmluZ2VzdC52MS5XYXRjaENvbW1pdHRlZFJlYWRpbmdzUmVxdWVzdBoxLmZhYnJpY2EuaW5nZXN0LnYxLldhdGNoQ29tbWl0dGVkUmVhZGluZ3NSZXNwb25zZTABEmIKDVF1ZXJ5UmVhZGluZ3MSJy5mYWJyaWNhLmluZ2VzdC52MS5RdWVyeVJlYWRpbmdzUmVxdWVzdBooLmZhYnJpY2EuaW5nZXN0LnYxLlF1ZXJ5UmVhZGluZ3NSZXNwb25zZRJnCg5FeHBvcnRSZWFkaW5ncxIoLmZhYnJpY2EuaW5nZXN0LnYxLkV4cG9ydFJlYWRpbmdzUmVxdWVzdBopLmZhYnJpY2EuaW5nZXN0LnYxLkV4cG9ydFJlYWRpbmdzUmVzcG9uc2UwARJuChFBZ2dyZWdhdGVSZWFkaW5ncxIrLmZhYnJpY2EuaW5nZXN0LnYxLkFnZ3JlZ2F0ZVJlYWRpbmdzUmVxdWVzdBosLmZhYnJpY2EuaW5nZXN0LnYxLkFnZ3JlZ2F0ZVJlYWRpbmdzUmVzcG9uc2USaAoPR2V0TGF0ZXN0VmFsdWVzEikuZmFicmljYS5pbmdlc3QudjEuR2V0TGF0ZXN0VmFsdWVzUmVxdWVzdBoqLmZhYnJpY2EuaW5nZXN0LnYxLkdldExhdGVzdFZhbHVlc1Jlc3BvbnNlEm4KEVN1bW1hcml6ZVJlYWRpbmdzEisuZmFicmljYS5pbmdlc3QudjEuU3VtbWFyaXplUmVhZGluZ3NSZXF1ZXN0GiwuZmFicmljYS5pbmdlc3QudjEuU3VtbWFyaXplUmVhZGluZ3NSZXNwb25zZRJTCghTeW5jVGFncxIiLmZhYnJpY2EuaW5nZXN0LnYxLlN5bmNUYWdzUmVxdWVzdBojLmZhYnJpY2EuaW5nZXN0LnYxLlN5bmNUYWdzUmVzcG9uc2USfQoWUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZRIwLmZhYnJpY2EuaW5nZXN0LnYxLlJlc2V0Q29sbGVjdG9yU2VxdWVuY2VSZXF1ZXN0GjEuZmFicmljYS5pbmdlc3QudjEuUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZVJlc3BvbnNlYgZwcm90bzM", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_fabrica_ingest_v1_committed, file_fabrica_ingest_v1_query, file_fabrica_ingest_v1_tag_event, file_google_protobuf_timestamp]);
 
 /**
  * Opens a StreamReadings stream for one collector.
@@ -262,6 +264,88 @@ export const WatchTagEventsResponseSchema: GenMessage<WatchTagEventsResponse> = 
   messageDesc(file_fabrica_ingest_v1_ingest_service, 6);
 
 /**
+ * Request of WatchCommittedReadings.
+ *
+ * @generated from message fabrica.ingest.v1.WatchCommittedReadingsRequest
+ */
+export type WatchCommittedReadingsRequest = Message<"fabrica.ingest.v1.WatchCommittedReadingsRequest"> & {
+  /**
+   * Send batches after this cursor (WatchCommittedReadingsResponse.cursor of the last message received);
+   * 0 from the oldest retained batch (or from now on, with start_at_end).
+   *
+   * @generated from field: int64 after_cursor = 1;
+   */
+  afterCursor: bigint;
+
+  /**
+   * Only readings of these PLCs when set: at most 1,000 PLC ids (as config names them).
+   *
+   * @generated from field: repeated string plc_ids = 2;
+   */
+  plcIds: string[];
+
+  /**
+   * Only readings of these tags when set (with plc_ids too: readings of these tags in those PLCs).
+   *
+   * @generated from field: repeated uint64 tag_ids = 3;
+   */
+  tagIds: bigint[];
+
+  /**
+   * With after_cursor 0: start after the newest batch committed now, so only what commits from then on
+   * is sent (a new consumer that does not want the retained history); the first message, sent at once,
+   * has no batches and that newest cursor, to resume from. Ignored for any other cursor.
+   *
+   * @generated from field: bool start_at_end = 4;
+   */
+  startAtEnd: boolean;
+};
+
+/**
+ * Describes the message fabrica.ingest.v1.WatchCommittedReadingsRequest.
+ * Use `create(WatchCommittedReadingsRequestSchema)` to create a new message.
+ */
+export const WatchCommittedReadingsRequestSchema: GenMessage<WatchCommittedReadingsRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 7);
+
+/**
+ * One message of WatchCommittedReadings.
+ *
+ * @generated from message fabrica.ingest.v1.WatchCommittedReadingsResponse
+ */
+export type WatchCommittedReadingsResponse = Message<"fabrica.ingest.v1.WatchCommittedReadingsResponse"> & {
+  /**
+   * Committed batches in cursor (commit) order; empty when the message only moves the cursor.
+   *
+   * @generated from field: repeated fabrica.ingest.v1.CommittedBatch batches = 1;
+   */
+  batches: CommittedBatch[];
+
+  /**
+   * Resume after this cursor: every batch up to it has been sent or was left out by the filters. At
+   * least the cursor of the last batch of this message.
+   *
+   * @generated from field: int64 cursor = 2;
+   */
+  cursor: bigint;
+
+  /**
+   * The newest cursor committed when this message was read (of any PLC): `head_cursor` minus `cursor` is
+   * how far (in batches) the watcher is behind; 0 when nothing is retained.
+   *
+   * @generated from field: int64 head_cursor = 3;
+   */
+  headCursor: bigint;
+};
+
+/**
+ * Describes the message fabrica.ingest.v1.WatchCommittedReadingsResponse.
+ * Use `create(WatchCommittedReadingsResponseSchema)` to create a new message.
+ */
+export const WatchCommittedReadingsResponseSchema: GenMessage<WatchCommittedReadingsResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 8);
+
+/**
  * Request of QueryReadings.
  *
  * @generated from message fabrica.ingest.v1.QueryReadingsRequest
@@ -294,7 +378,7 @@ export type QueryReadingsRequest = Message<"fabrica.ingest.v1.QueryReadingsReque
  * Use `create(QueryReadingsRequestSchema)` to create a new message.
  */
 export const QueryReadingsRequestSchema: GenMessage<QueryReadingsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 7);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 9);
 
 /**
  * Response of QueryReadings.
@@ -322,7 +406,7 @@ export type QueryReadingsResponse = Message<"fabrica.ingest.v1.QueryReadingsResp
  * Use `create(QueryReadingsResponseSchema)` to create a new message.
  */
 export const QueryReadingsResponseSchema: GenMessage<QueryReadingsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 8);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 10);
 
 /**
  * Request of ExportReadings.
@@ -343,7 +427,7 @@ export type ExportReadingsRequest = Message<"fabrica.ingest.v1.ExportReadingsReq
  * Use `create(ExportReadingsRequestSchema)` to create a new message.
  */
 export const ExportReadingsRequestSchema: GenMessage<ExportReadingsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 9);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 11);
 
 /**
  * One message of ExportReadings.
@@ -364,7 +448,7 @@ export type ExportReadingsResponse = Message<"fabrica.ingest.v1.ExportReadingsRe
  * Use `create(ExportReadingsResponseSchema)` to create a new message.
  */
 export const ExportReadingsResponseSchema: GenMessage<ExportReadingsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 10);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 12);
 
 /**
  * Request of AggregateReadings.
@@ -392,7 +476,7 @@ export type AggregateReadingsRequest = Message<"fabrica.ingest.v1.AggregateReadi
  * Use `create(AggregateReadingsRequestSchema)` to create a new message.
  */
 export const AggregateReadingsRequestSchema: GenMessage<AggregateReadingsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 11);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 13);
 
 /**
  * Response of AggregateReadings.
@@ -413,7 +497,7 @@ export type AggregateReadingsResponse = Message<"fabrica.ingest.v1.AggregateRead
  * Use `create(AggregateReadingsResponseSchema)` to create a new message.
  */
 export const AggregateReadingsResponseSchema: GenMessage<AggregateReadingsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 12);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 14);
 
 /**
  * Request of GetLatestValues.
@@ -441,7 +525,7 @@ export type GetLatestValuesRequest = Message<"fabrica.ingest.v1.GetLatestValuesR
  * Use `create(GetLatestValuesRequestSchema)` to create a new message.
  */
 export const GetLatestValuesRequestSchema: GenMessage<GetLatestValuesRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 13);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 15);
 
 /**
  * Response of GetLatestValues.
@@ -462,7 +546,7 @@ export type GetLatestValuesResponse = Message<"fabrica.ingest.v1.GetLatestValues
  * Use `create(GetLatestValuesResponseSchema)` to create a new message.
  */
 export const GetLatestValuesResponseSchema: GenMessage<GetLatestValuesResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 14);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 16);
 
 /**
  * Request of SummarizeReadings.
@@ -511,7 +595,7 @@ export type SummarizeReadingsRequest = Message<"fabrica.ingest.v1.SummarizeReadi
  * Use `create(SummarizeReadingsRequestSchema)` to create a new message.
  */
 export const SummarizeReadingsRequestSchema: GenMessage<SummarizeReadingsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 15);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 17);
 
 /**
  * Response of SummarizeReadings.
@@ -532,7 +616,7 @@ export type SummarizeReadingsResponse = Message<"fabrica.ingest.v1.SummarizeRead
  * Use `create(SummarizeReadingsResponseSchema)` to create a new message.
  */
 export const SummarizeReadingsResponseSchema: GenMessage<SummarizeReadingsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 16);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 18);
 
 /**
  * What ingest keeps of one tag for the people reading its values.
@@ -581,7 +665,7 @@ export type TagInfo = Message<"fabrica.ingest.v1.TagInfo"> & {
  * Use `create(TagInfoSchema)` to create a new message.
  */
 export const TagInfoSchema: GenMessage<TagInfo> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 17);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 19);
 
 /**
  * Request of SyncTags.
@@ -610,7 +694,7 @@ export type SyncTagsRequest = Message<"fabrica.ingest.v1.SyncTagsRequest"> & {
  * Use `create(SyncTagsRequestSchema)` to create a new message.
  */
 export const SyncTagsRequestSchema: GenMessage<SyncTagsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 18);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 20);
 
 /**
  * Response of SyncTags.
@@ -638,7 +722,7 @@ export type SyncTagsResponse = Message<"fabrica.ingest.v1.SyncTagsResponse"> & {
  * Use `create(SyncTagsResponseSchema)` to create a new message.
  */
 export const SyncTagsResponseSchema: GenMessage<SyncTagsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 19);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 21);
 
 /**
  * Request of ResetCollectorSequence.
@@ -674,7 +758,7 @@ export type ResetCollectorSequenceRequest = Message<"fabrica.ingest.v1.ResetColl
  * Use `create(ResetCollectorSequenceRequestSchema)` to create a new message.
  */
 export const ResetCollectorSequenceRequestSchema: GenMessage<ResetCollectorSequenceRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 20);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 22);
 
 /**
  * Response of ResetCollectorSequence.
@@ -723,7 +807,7 @@ export type ResetCollectorSequenceResponse = Message<"fabrica.ingest.v1.ResetCol
  * Use `create(ResetCollectorSequenceResponseSchema)` to create a new message.
  */
 export const ResetCollectorSequenceResponseSchema: GenMessage<ResetCollectorSequenceResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 21);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 23);
 
 /**
  * Stores readings exactly once and answers history, latest values and tag events.
@@ -772,6 +856,24 @@ export const IngestService: GenService<{
     methodKind: "server_streaming";
     input: typeof WatchTagEventsRequestSchema;
     output: typeof WatchTagEventsResponseSchema;
+  },
+  /**
+   * Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+   * batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+   * Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+   * any replica, after any restart. A message without batches only moves the cursor past batches the
+   * filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+   * for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+   * `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+   * FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+   * beyond 2^63-1.
+   *
+   * @generated from rpc fabrica.ingest.v1.IngestService.WatchCommittedReadings
+   */
+  watchCommittedReadings: {
+    methodKind: "server_streaming";
+    input: typeof WatchCommittedReadingsRequestSchema;
+    output: typeof WatchCommittedReadingsResponseSchema;
   },
   /**
    * Raw readings of tags in a time range, paged, ordered by time then tag. INVALID_ARGUMENT for a bad
