@@ -2,6 +2,7 @@
 
   fabrica serve <config|ingest|production|collector> [--port N]   run one service (what a container runs)
   fabrica run                                                      the whole local stack, for trying it out
+  fabrica grpc-web [--port N]                                      the gRPC-Web gateway and web UI alone
   fabrica plcsim                                                   the PLC simulator
 """
 
@@ -54,6 +55,20 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(run_stack(args))
 
 
+def _grpc_web(args: argparse.Namespace) -> int:
+    from .grpcweb.app import load_gateway_settings, serve_gateway
+
+    settings = load_gateway_settings()
+    base = settings.base
+    if args.port is not None:
+        base = base.with_overrides(port=args.port)
+    if args.host is not None:
+        base = base.with_overrides(host=args.host)
+    configure_logging("grpc-web", base.log_level, base.log_format)
+    asyncio.run(serve_gateway(settings.with_overrides(base=base)))
+    return 0
+
+
 def _plcsim(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .plcsim.cli import main as plcsim_main
 
@@ -73,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=".fabrica", help="where the embedded Postgres and local state live")
     run.add_argument("--base-port", type=int, default=50051, help="config on this port, the others on the next ones")
     run.add_argument("--no-demo", action="store_true", help="do not create the demo plant, PLCs and order")
+    run.add_argument("--web-port", type=int, default=8080,
+                     help="the web UI and gRPC-Web gateway's HTTP port (0: any free port)")
+
+    web = sub.add_parser("grpc-web", help="the gRPC-Web gateway and web UI; upstreams and CORS origins come "
+                                          "from environment variables (fabrica_svc/grpcweb/app.py)")
+    web.add_argument("--port", type=int, help="HTTP port (overrides FABRICA_PORT; default 8080)")
+    web.add_argument("--host", help="address to bind (overrides FABRICA_HOST)")
 
     sub.add_parser("plcsim", help="the PLC simulator (Modbus TCP, Modbus RTU over TCP, S7); --help for options",
                    add_help=False)
@@ -90,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "grpc-web":
+            return _grpc_web(args)
     except SettingsError as exc:
         print(f"fabrica: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """`fabrica run`: the whole local stack in one process, for trying Fabrica out.
 
 An embedded Postgres in --data-dir (unless DATABASE_URL names one), every service on consecutive ports from
---base-port, and (unless --no-demo) the PLC simulator with a demo plant, demo PLC definitions and a demo
+--base-port, the web UI with the gRPC-Web gateway on --web-port (http://127.0.0.1:8080), and (unless
+--no-demo) the PLC simulator with a demo plant, demo PLC definitions and a demo
 order, so live data flows as soon as it starts. Ctrl-C stops it all.
 
 Each service gets its settings as `fabrica serve` would read them, pointed at this stack (its port, the
@@ -20,6 +21,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .grpcweb.app import Gateway, load_gateway_settings
 from .runtime.db import resolve_database_url
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceHost
@@ -31,12 +33,15 @@ ORDER = ("config", "ingest", "production", "collector")
 DEMO_COLLECTOR_ID = "demo"
 
 
-def _banner(hosts: dict[str, ServiceHost], extra: list[str]) -> str:
+def _banner(hosts: dict[str, ServiceHost], extra: list[str], web: Gateway | None = None) -> str:
     cfg = hosts["config"].address
     lines = ["", "Fabrica is running. Services (gRPC, plaintext, server reflection on each):"]
     for name, host in hosts.items():
         metrics = f"   metrics http://127.0.0.1:{host.metrics_port}/metrics" if host.metrics_port else ""
         lines.append(f"  {name:<11} {host.address}{metrics}")
+    if web is not None:
+        ui = "the web UI and" if web.settings.web_dist else "(UI not built: npm run build in web/)"
+        lines.append(f"  {'web':<11} {web.url}/   {ui} gRPC-Web to every service")
     lines += extra
     lines += [
         "",
@@ -93,24 +98,32 @@ async def run_stack(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     hosts: dict[str, ServiceHost] = {}
+    web: Gateway | None = None
     try:
         for name in ORDER:
             settings = settings_of[name].with_overrides(database_url=database_url)
             host = ServiceHost(create_app(name, settings), settings)
             await host.start()
             hosts[name] = host
+        web_settings = load_gateway_settings({"FABRICA_LOG_FORMAT": "text", **os.environ})
+        web = Gateway(web_settings.with_overrides(
+            base=web_settings.base.with_overrides(host="127.0.0.1", port=args.web_port),
+            upstreams={name: host.address for name, host in hosts.items()}))
+        await web.start()
         extra: list[str] = [f"  postgres    {database_url}"]
         async with contextlib.AsyncExitStack() as demo:
             from .demo import start_demo  # noqa: PLC0415 - the demo pulls in the simulator only when run
 
             extra += await start_demo(demo, hosts, args, data_dir)
-            print(_banner(hosts, extra), flush=True)
+            print(_banner(hosts, extra, web), flush=True)
             await stop.wait()
             log.info("stopping")
     except SettingsError as exc:
         print(f"fabrica run: {exc}")
         return 2
     finally:
+        if web is not None:
+            await web.stop(grace=1)
         for host in reversed(list(hosts.values())):
             await host.stop(grace=1)
     return 0

@@ -3,6 +3,13 @@ ingest, production → ingest and config), and the one message size limit of eve
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import grpc
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
 #: The largest message any Fabrica server or channel sends or receives, in bytes: 64 MiB. Servers
 #: (runtime/server.py) and every peer channel take it from here, so whatever a service sends fits in what
 #: its own clients accept. The contract keeps messages well inside it: a tag event's value is at most
@@ -29,3 +36,11 @@ PEER_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     *MESSAGE_LIMITS,
 )
+
+
+def peer_channel(address: str, settings: Settings | None = None) -> grpc.aio.Channel:
+    """The long-lived channel from one Fabrica process to another at `address` (host:port), with
+    PEER_CHANNEL_OPTIONS. `settings` are the calling process's: whatever they say about the transport to
+    peers applies here, so every caller that opens its channels through this function gets it alike.
+    Today that is plaintext on a trusted network."""
+    return grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
