@@ -109,6 +109,16 @@ const CODE_WORDS: Partial<Record<Code, string>> = {
   [Code.Unimplemented]: "This server does not offer this call.",
 };
 
+/** protovalidate's rule messages, said for people. */
+function humane(s: string): string {
+  return s
+    .replace(/^value /, "")
+    .replace(/^does not match regex pattern `.*`$/, "contains characters that are not allowed here")
+    .replace(/^must be at least (\d+) characters$/, (_, n) => (n === "1" ? "is required" : `needs at least ${n} characters`))
+    .replace(/^is required$/, "is required")
+    .replace(/^must be greater than or equal to (\S+) and less than or equal to (\S+)$/, "must be from $1 to $2");
+}
+
 function sentence(s: string): string {
   const t = s.trim();
   if (!t) return t;
@@ -123,7 +133,7 @@ export function problem(err: unknown): Problem {
   let reason: string | undefined;
   for (const br of ce.findDetails(BadRequestSchema)) {
     for (const v of br.fieldViolations) {
-      const text = sentence(v.localizedMessage?.message || v.description || "is invalid");
+      const text = sentence(humane(v.localizedMessage?.message || v.description || "is invalid"));
       fields[v.field] = fields[v.field] ? `${fields[v.field]} ${text}` : text;
     }
   }
@@ -136,7 +146,13 @@ export function problem(err: unknown): Problem {
     message = `${CODE_WORDS[ce.code]} ${ce.rawMessage ? sentence(ce.rawMessage) : ""}`.trim();
   }
   for (const e of extra) if (!message.includes(e.replace(/\.$/, ""))) message += ` ${e}`;
+  if (Object.keys(fields).length && ce.code === Code.InvalidArgument) message = fieldsSummary(fields);
   return { code: ce.code, message, fields, reason };
+}
+
+function fieldsSummary(fields: Record<string, string>): string {
+  const names = Object.keys(fields).map((f) => f.split(".").slice(1).join(" ").replace(/_/g, " ").replace(/\[(\d+)\]/g, (_, i) => ` ${Number(i) + 1}`) || f);
+  return `Please correct ${names.length === 1 ? "the field" : "the fields"} marked below (${names.join(", ")}).`;
 }
 
 /** The error of one field: exact path, or the first violation under it (e.g. "plc.modbus_tcp" covers its host). */
@@ -159,13 +175,9 @@ export function validate<D extends DescMessage>(schema: D, msg: MessageShape<D>,
   const fields: Record<string, string> = {};
   for (const v of result.violations) {
     const path = prefix + pathToString(v.field);
-    fields[path] = sentence(v.message);
+    fields[path] = sentence(humane(v.message));
   }
-  return {
-    code: Code.InvalidArgument,
-    message: "Some fields need attention before this can be sent.",
-    fields,
-  };
+  return { code: Code.InvalidArgument, message: fieldsSummary(fields), fields };
 }
 
 // ---- resumable streams ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import {
   DataType, ModbusTable, PlcSchema, PollGroupSchema, S7Area, TagSchema, type Plc, type Tag,
 } from "../gen/fabrica/config/v1/plc_pb";
 import { CreatePlcRequestSchema } from "../gen/fabrica/config/v1/config_service_pb";
-import type { DeviceProfile } from "../gen/fabrica/config/v1/device_profile_pb";
+import { Protocol, type DeviceProfile } from "../gen/fabrica/config/v1/device_profile_pb";
 import { TagRole, Quality } from "../gen/fabrica/common/v1/reading_pb";
 import type { PreviewDecodeResponse, ProbePlcResponse } from "../gen/fabrica/collector/v1/collector_service_pb";
 import { agoText, latencyText, QUALITY_WORDS, timeText, valueText } from "../format";
@@ -184,6 +184,13 @@ function PlcEditor({ initial, onDone }: EditorProps) {
     if (!plc.collectorId && collectors.data?.collectors[0]) setPlc((p) => { const c = clone(PlcSchema, p); c.collectorId = collectors.data!.collectors[0].id; return c; });
   }, [collectors.data]);
 
+  // A profile names its protocol: the connection follows it (an S7 profile needs an S7 connection).
+  useEffect(() => {
+    if (!profile) return;
+    const want: ConnKind | null = profile.protocol === Protocol.S7 ? "s7" : profile.protocol === Protocol.MODBUS ? (connKind(plc) === "s7" ? "modbusTcp" : null) : null;
+    if (want && want !== connKind(plc)) { const f = connFields(plc); setPlc((p) => { const c = clone(PlcSchema, p); setConn(c, want, f.host, undefined, f.unit); return c; }); }
+  }, [profile]);
+
   // Choosing a profile brings in its poll groups and tags (with the prefix) so they can be previewed; the save
   // sends only the connection and lets the service copy the profile.
   const draft = useMemo(() => {
@@ -289,7 +296,7 @@ function PlcEditor({ initial, onDone }: EditorProps) {
       </div>
       <div class="form-row">
         <Field label="Connection" path="plc.connection" p={err}>
-          <select class="input" name="connection" value={kind} disabled={mode === "profile" && !!profile} onChange={(e) => edit((p) => setConn(p, e.currentTarget.value as ConnKind, cf.host, cf.port, cf.unit, cf.rack, cf.slot))}>
+          <select class="input" name="connection" value={kind} disabled={mode === "profile" && profile?.protocol === Protocol.S7} onChange={(e) => edit((p) => setConn(p, e.currentTarget.value as ConnKind, cf.host, cf.port, cf.unit, cf.rack, cf.slot))}>
             {(Object.keys(CONN_WORDS) as ConnKind[]).map((k) => <option value={k}>{CONN_WORDS[k]}</option>)}
           </select>
         </Field>
