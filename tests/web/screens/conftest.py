@@ -116,6 +116,7 @@ def page(browser, stack: Stack, request: pytest.FixtureRequest):  # noqa: ANN001
 def screenshot(page, name: str) -> Path:  # noqa: ANN001 - a Playwright page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(path), full_page=True)
     return path
 

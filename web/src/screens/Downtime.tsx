@@ -29,7 +29,7 @@ function OeeTiles({ oee, title, testid }: { oee: Oee | undefined; title: string;
             <div><span class="tile-label">Quality</span><span class="tile-value small">{pct(oee.quality)}</span></div>
           </div>
           {tooFast && <div class="banner warn small" data-testid="cycle-time-flag">Performance above 100 % means the machine ran faster than the item's ideal cycle time allows: the ideal cycle time is set too slow. Correct it under Configuration → Items.</div>}
-          <div class="muted small">{oee.goodCount.toString()} good of {oee.totalCount.toString()} parts · {durationWords(oee.downtimeSeconds)} down of {durationWords(oee.plannedSeconds)} planned</div>
+          <div class="muted small">{oee.goodCount.toString()} good of {oee.totalCount.toString()} parts · {oee.downtimeSeconds > 0 ? `${durationWords(oee.downtimeSeconds)} down` : "no downtime"} in {durationWords(oee.plannedSeconds)} planned</div>
         </>
       )}
     </Card>
@@ -125,7 +125,7 @@ export function Downtime({ params }: { params: URLSearchParams }) {
   const now = useNow(1000);
   const wcs = [...(names?.workCenters.values() ?? [])];
   const wc = params.get("wc") || wcs[0]?.id || "";
-  const [win, setWin] = useState(86400);
+  const [win, setWin] = useState(8 * 3600);
   const [adding, setAdding] = useState(false);
   const board = useOrderBoard(wc);
   const running = [...board.orders.values()].find((o) => o.state === OrderState.IN_PROGRESS || o.state === OrderState.PAUSED);

@@ -57,7 +57,7 @@ export function Overview() {
                 {plcs.map((p) => (
                   <tr key={p.plcId} class="clickable" onClick={() => (location.hash = `#/plant?plc=${encodeURIComponent(p.plcId)}`)}>
                     <td><strong>{plcName(names, p.plcId)}</strong><div class="muted small">{p.tagCount} tags</div></td>
-                    <td><Dot ok={p.connected} warn={!!p.lastError} /> {p.connected ? (p.lastError ? "connected, with errors" : "connected") : "disconnected"}</td>
+                    <td class="nowrap"><Dot ok={p.connected} warn={!!p.lastError} /> {p.connected ? (p.lastError ? "connected, with errors" : "connected") : "disconnected"}</td>
                     <td>{agoText(p.lastGoodReadTime, now)}</td>
                     <td>{latencyText(p.readLatency)}</td>
                   </tr>
