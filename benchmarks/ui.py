@@ -120,6 +120,7 @@ def main() -> int:
     print(f"  {'total':<40} {sum(f[1] for f in files) / 1024:8.1f} kB  {sum(f[2] for f in files) / 1024:7.1f} kB gzipped")
 
     tmp = Path(tempfile.mkdtemp(prefix="fabrica-bench-ui-"))
+    os.chmod(tmp, 0o755)  # the embedded Postgres runs as its own user
     base = _free_ports(5)
     web = base + 4
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1", "FABRICA_WEB_DIST": str(DIST)}

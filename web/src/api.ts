@@ -3,7 +3,7 @@
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
-import { createValidator } from "@bufbuild/protovalidate";
+import type { Validator } from "@bufbuild/protovalidate";
 import { pathToString } from "@bufbuild/protobuf/reflect";
 import { ConfigService } from "./gen/fabrica/config/v1/config_service_pb";
 import { IngestService } from "./gen/fabrica/ingest/v1/ingest_service_pb";
@@ -165,11 +165,18 @@ export function fieldError(p: Problem | null | undefined, path: string): string 
 
 // ---- client-side validation (the same protovalidate rules the services enforce) ----------------------------
 
-const validator = createValidator();
+// Loaded on first use (CEL and RE2 are most of its size), so the first screen does not wait for it.
+let validator: Promise<Validator> | null = null;
 
 /** Violations of `msg` by field path (as the server names them), or null when it is valid. */
-export function validate<D extends DescMessage>(schema: D, msg: MessageShape<D>, prefix = ""): Problem | null {
-  const result = validator.validate(schema, msg);
+export async function validate<D extends DescMessage>(schema: D, msg: MessageShape<D>, prefix = ""): Promise<Problem | null> {
+  validator ??= import("@bufbuild/protovalidate").then((m) => m.createValidator());
+  let result;
+  try {
+    result = (await validator).validate(schema, msg);
+  } catch {
+    return null; // the service checks it anyway
+  }
   if (result.kind === "valid") return null;
   if (result.kind === "error") return null; // let the server judge what the browser cannot
   const fields: Record<string, string> = {};

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -70,8 +72,11 @@ def _start_stack(tmp: Path) -> tuple[subprocess.Popen, Stack]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    proc, st = _start_stack(tmp_path_factory.mktemp("web-stack"))
+def stack() -> Iterator[Stack]:
+    # Not under pytest's tmp folder (0700): the embedded Postgres runs as its own user and must reach its data.
+    tmp = Path(tempfile.mkdtemp(prefix="fabrica-web-stack-"))
+    os.chmod(tmp, 0o755)
+    proc, st = _start_stack(tmp)
     try:
         yield st
     finally:
@@ -81,6 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

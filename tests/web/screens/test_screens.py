@@ -218,6 +218,18 @@ def test_a_stop_is_classified_with_a_reason_and_the_pareto_shows_it(page: Page, 
     expect(page.get_by_test_id("cycle-time-flag")).to_have_count(0)
     screenshot(page, "05-downtime")
 
+    # A stop entered while the machine is down is ended by hand when it runs again (EndDowntime).
+    page.get_by_role("button", name="Record a stop").click()
+    form = page.get_by_test_id("new-downtime")
+    form.locator("input[type=datetime-local]").nth(0).fill(page.evaluate(local, 5))
+    form.locator("input").nth(2).fill("waiting for coil")
+    form.get_by_role("button", name="Record stop").click()
+    open_row = page.locator("[data-testid=open-downtimes] tr", has_text="waiting for coil")
+    expect(open_row).to_contain_text("still down")
+    open_row.get_by_test_id("end-downtime").click()
+    expect(page.locator("[data-testid=past-downtimes] tr", has_text="waiting for coil")).to_contain_text("entered by hand")
+    expect(page.locator("[data-testid=open-downtimes] tr", has_text="waiting for coil")).to_have_count(0)
+
 
 def test_a_viewer_sees_no_buttons_for_what_the_role_may_not_do(page: Page, stack: Stack) -> None:
     page.goto(stack.url + "#/login")

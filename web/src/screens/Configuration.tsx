@@ -218,7 +218,7 @@ function PlcEditor({ initial, onDone }: EditorProps) {
       let saved: Plc | undefined;
       if (editing) {
         const mask = create(FieldMaskSchema, { paths: ["display_name", "enabled", "collector_id", CONN_PATH[kind], "tags"] });
-        const local = validate(PlcSchema, plc, "plc.");
+        const local = await validate(PlcSchema, plc, "plc.");
         if (local) { setErr(local); return; }
         saved = (await config.updatePlc({ plc, updateMask: mask })).plc;
       } else if (mode === "profile") {
@@ -229,7 +229,7 @@ function PlcEditor({ initial, onDone }: EditorProps) {
         saved = (await config.createPlcFromProfile({ profileId, plc: body, tagNamePrefix: prefix, requestId: crypto.randomUUID() })).plc;
       } else {
         const req = create(CreatePlcRequestSchema, { plc, requestId: crypto.randomUUID() });
-        const local = validate(CreatePlcRequestSchema, req);
+        const local = await validate(CreatePlcRequestSchema, req);
         if (local) { setErr(local); return; }
         saved = (await config.createPlc(req)).plc;
       }

@@ -83,6 +83,20 @@ function Classify({ d, onDone }: { d: DowntimeMsg; onDone: () => void }) {
   );
 }
 
+function EndStop({ d, onDone }: { d: DowntimeMsg; onDone: () => void }) {
+  const [err, setErr] = useState<Problem | null>(null);
+  if (d.automatic || tsDate(d.endTime)) return null;
+  const end = async () => {
+    try { await production.endDowntime({ id: d.id }); setErr(null); onDone(); } catch (e) { setErr(problem(e)); }
+  };
+  return (
+    <span class="classify">
+      <button class="btn small primary" onClick={end} data-testid="end-downtime">Running again</button>
+      {err && <span class="field-error">{err.fields.end_time ?? err.message}</span>}
+    </span>
+  );
+}
+
 function NewDowntime({ wc, onDone }: { wc: string; onDone: () => void }) {
   const names = useNames();
   const [form, setForm] = useState({ start: "", end: "", reason: "", note: "" });
@@ -97,7 +111,7 @@ function NewDowntime({ wc, onDone }: { wc: string; onDone: () => void }) {
         reasonId: form.reason, note: form.note,
       }),
     });
-    const local = validate(CreateDowntimeRequestSchema, req);
+    const local = await validate(CreateDowntimeRequestSchema, req);
     if (local) { setErr(local); return; }
     try { await production.createDowntime(req); setErr(null); onDone(); } catch (e2) { setErr(problem(e2)); }
   };
@@ -158,7 +172,8 @@ export function Downtime({ params }: { params: URLSearchParams }) {
           return (
             <tr data-downtime={d.id}>
               <td>{timeText(d.startTime)}</td>
-              <td>{durationWords(seconds(d, now))}{!tsDate(d.endTime) && <span class="pill q-2"> still down</span>}</td>
+              <td>{durationWords(seconds(d, now))}{!tsDate(d.endTime) && <> <span class="pill q-2">still down</span>
+                <Allowed role="operator"><EndStop d={d} onDone={() => list.reload()} /></Allowed></>}</td>
               <td><span class="reason-swatch" style={{ background: r?.color || "#cbd5e1" }} /> {reasonName(names, d.reasonId)}
                 <Allowed role="operator"><Classify d={d} onDone={() => list.reload()} /></Allowed></td>
               <td class="muted">{d.automatic ? "machine state" : "entered by hand"}</td>

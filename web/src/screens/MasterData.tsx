@@ -104,7 +104,7 @@ function Editor({ kind, existing, onDone }: { kind: Kind; existing?: Any; onDone
   const submit = async (e: Event) => {
     e.preventDefault();
     const [schema, msg, field] = build(kind, f);
-    const local = validate(schema, msg, `${field}.`);
+    const local = await validate(schema, msg, `${field}.`);
     if (local) { setErr(local); return; }
     try { await save(kind, msg, existing); setErr(null); refreshNames(); onDone(); } catch (e2) {
       const p = problem(e2);

@@ -82,7 +82,7 @@ function CreateOrder({ onDone }: { onDone: () => void }) {
       order: create(OrderSchema, { number: form.number.trim(), itemId: form.itemId, workCenterId: form.workCenterId, plannedQuantity: planned }),
       requestId: crypto.randomUUID(),
     });
-    const local = validate(CreateOrderRequestSchema, req);
+    const local = await validate(CreateOrderRequestSchema, req);
     if (local) { setErr(local); return; }
     try { await production.createOrder(req); setErr(null); onDone(); } catch (e2) { setErr(problem(e2)); }
   };
@@ -131,7 +131,7 @@ function OrderDetail({ o, onClose }: { o: Order; onClose: () => void }) {
     const q = int(defect.qty);
     if (typeof q !== "bigint") { setDErr({ code: 3, message: "", fields: { "defect.quantity": "Enter a whole number of parts." } }); return; }
     const req = create(CreateDefectRequestSchema, { defect: create(DefectSchema, { orderId: o.id, defectCodeId: defect.code, quantity: q, note: defect.note }), requestId: crypto.randomUUID() });
-    const local = validate(CreateDefectRequestSchema, req);
+    const local = await validate(CreateDefectRequestSchema, req);
     if (local) { setDErr(local); return; }
     try { await production.createDefect(req); setDErr(null); setOk("Defect recorded."); defects.reload(); } catch (e2) { setDErr(problem(e2)); }
   };
@@ -143,7 +143,7 @@ function OrderDetail({ o, onClose }: { o: Order; onClose: () => void }) {
       return;
     }
     const req = create(CreateBookingRequestSchema, { booking: create(BookingSchema, { orderId: o.id, goodQuantity: g, scrapQuantity: s, note: booking.note, source: BookingSource.MANUAL }), requestId: crypto.randomUUID() });
-    const local = validate(CreateBookingRequestSchema, req);
+    const local = await validate(CreateBookingRequestSchema, req);
     if (local) { setBErr(local); return; }
     try { await production.createBooking(req); setBErr(null); setOk("Booking saved."); bookings.reload(); } catch (e2) { setBErr(problem(e2)); }
   };
