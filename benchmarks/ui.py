@@ -20,7 +20,6 @@ import asyncio
 import gzip
 import os
 import random
-import re
 import signal
 import socket
 import statistics
