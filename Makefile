@@ -44,7 +44,7 @@ run: $(STAMP) $(WEB_STAMP)
 	$(VENV)/bin/fabrica run
 
 ## test: the test suite against real servers on loopback and an embedded Postgres.
-test: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
+test: $(STAMP) $(NPM_STAMP) $(WEB_STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 ## gen: regenerate gen/ (Python, descriptor image) and web/src/gen/ (TypeScript) from protos/.

@@ -40,8 +40,9 @@ def _banner(hosts: dict[str, ServiceHost], extra: list[str], web: Gateway | None
         metrics = f"   metrics http://127.0.0.1:{host.metrics_port}/metrics" if host.metrics_port else ""
         lines.append(f"  {name:<11} {host.address}{metrics}")
     if web is not None:
-        ui = "the web UI and" if web.settings.web_dist else "(UI not built: npm run build in web/)"
-        lines.append(f"  {'web':<11} {web.url}/   {ui} gRPC-Web to every service")
+        what = "the web UI, and gRPC-Web to every service" if web.settings.web_dist else \
+            "gRPC-Web to every service (the UI is not built: npm run build in web/)"
+        lines.append(f"  {'web':<11} {web.url}/   {what}")
     lines += extra
     lines += [
         "",

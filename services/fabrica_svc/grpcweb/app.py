@@ -199,6 +199,10 @@ class Gateway:
         app = GatewayApp(self.routes, self._channels, self.settings)
         self._task = asyncio.create_task(serve(app, config, shutdown_trigger=self._stop.wait, mode="asgi"),
                                          name="grpc-web gateway")
+        await asyncio.sleep(0)
+        if self._task.done():  # hypercorn could not start: say why now, not at the first request
+            await self._close_channels()
+            self._task.result()
         missing = sorted({r.upstream for r in self.routes.values()} - set(self._channels))
         log.info("gRPC-Web gateway serving", extra={"url": self.url, "upstreams": dict(self.settings.upstreams),
                                                     "ui": str(self.settings.web_dist or ""),

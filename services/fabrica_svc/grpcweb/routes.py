@@ -11,6 +11,10 @@ file and checks the gateway against each):
 - client-streaming and bidi methods: refused, UNIMPLEMENTED with the reason (gRPC-Web has no client stream;
   Envoy answers them with 404, which a gRPC-Web client reads as UNIMPLEMENTED). Collectors call ingest's
   StreamReadings directly.
+
+Not mirrored: Envoy's idle timeouts (a stream with no data for an hour is reset there; the gateway keeps it,
+and the services' keepalive pings find a dead upstream) and gRPC-Web's text mode (application/grpc-web-text,
+base64; connect-web and grpc-web's "grpcweb" mode send binary).
 """
 
 from __future__ import annotations
