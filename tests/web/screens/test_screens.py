@@ -257,3 +257,36 @@ def test_the_screens_fit_a_tablet(page: Page, stack: Stack) -> None:
         page.wait_for_timeout(1500)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), f"{route} is wider than the tablet"
         screenshot(page, name)
+
+
+def test_an_edit_made_meanwhile_is_shown_not_overwritten(page: Page, stack: Stack) -> None:
+    import grpc
+    from fabrica.config.v1 import config_service_pb2 as cpb
+    from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
+    from fabrica.config.v1 import plc_pb2
+    from google.protobuf import field_mask_pb2
+
+    page.goto(stack.url + "#/config")
+    page.locator("tr[data-plc=meter-1]").get_by_role("button", name="Edit").click()
+    editor = page.get_by_test_id("plc-editor")
+    expect(editor.locator("input[name=displayName]")).not_to_have_value("")
+    # Someone else saves the meter while it is open here.
+    with grpc.insecure_channel(stack.config) as ch:
+        stub = cgrpc.ConfigServiceStub(ch)
+        current = stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10).plc
+        stub.UpdatePlc(cpb.UpdatePlcRequest(plc=plc_pb2.Plc(id="meter-1", display_name="Energy meter (renamed meanwhile)",
+                                                            etag=current.etag),
+                                            update_mask=field_mask_pb2.FieldMask(paths=["display_name"])), timeout=10)
+        editor.locator("input[name=displayName]").fill("Energy meter, hall 2")
+        editor.get_by_test_id("save-plc").click()
+        conflict = editor.get_by_test_id("conflict")
+        expect(conflict).to_contain_text("Energy meter (renamed meanwhile)")
+        expect(conflict).to_contain_text("were not saved")
+        assert stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10).plc.display_name == "Energy meter (renamed meanwhile)"
+        expect(editor.locator("input[name=displayName]")).to_have_value("Energy meter, hall 2")  # ours, kept
+        screenshot(page, "07-configuration-concurrent-edit")
+        # Deliberately over theirs, now that they were seen.
+        conflict.get_by_role("button", name="Keep mine over theirs").click()
+        editor.get_by_test_id("save-plc").click()
+        expect(page.get_by_test_id("saved")).to_contain_text("Saved Energy meter, hall 2")
+        assert stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10).plc.display_name == "Energy meter, hall 2"

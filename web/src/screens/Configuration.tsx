@@ -217,7 +217,7 @@ function PlcEditor({ initial, onDone }: EditorProps) {
     try {
       let saved: Plc | undefined;
       if (editing) {
-        const mask = create(FieldMaskSchema, { paths: ["display_name", "enabled", "collector_id", CONN_PATH[kind], "tags"] });
+        const mask = create(FieldMaskSchema, { paths: ["display_name", "enabled", "collector_id", "connection", "tags"] });
         const local = await validate(PlcSchema, plc, "plc.");
         if (local) { setErr(local); return; }
         saved = (await config.updatePlc({ plc, updateMask: mask })).plc;
