@@ -256,7 +256,7 @@ function PlcEditor({ initial, onDone }: EditorProps) {
           <button type="button" class={`btn seg-btn ${mode === "hand" ? "active" : ""}`} onClick={() => setMode("hand")}>By hand</button>
         </div>
       )}
-      <ErrorBanner p={err} />
+      {!conflict && <ErrorBanner p={err} />}
       {conflict && (
         <div class="banner warn" data-testid="conflict">
           Someone else saved this PLC while you were editing (revision {conflict.revision.toString()}, {timeText(conflict.updateTime)}): display name “{conflict.displayName}”, {conflict.tags.length} tags, {connText(conflict)}.

@@ -1,4 +1,4 @@
-import { useMemo, useState } from "preact/hooks";
+import { useEffect, useMemo, useState } from "preact/hooks";
 import { create } from "@bufbuild/protobuf";
 import { problem, production, validate, type Problem } from "../api";
 import { OrderState, OrderSchema, BookingSchema, DefectSchema, BookingSource, type Order } from "../gen/fabrica/production/v1/order_pb";
@@ -41,6 +41,7 @@ function OrderCard({ o, onOpen, selected }: { o: Order; onOpen: () => void; sele
   const names = useNames();
   const [err, setErr] = useState<Problem | null>(null);
   const [busy, setBusy] = useState(false);
+  useEffect(() => setErr(null), [o.etag]); // an error is about the order as it was
   const run = async (a: Action) => {
     if (a === "cancel" && !confirm(`Cancel order ${o.number}?`)) return;
     setBusy(true);
