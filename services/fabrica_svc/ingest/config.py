@@ -10,6 +10,7 @@ FABRICA_INGEST_GROUP_MAX_DELAY_MS      How long the writer waits to fill a group
 FABRICA_INGEST_QUEUE_MAX_ROWS          Rows accepted but not yet written; streams wait beyond it    100000
 FABRICA_INGEST_EVENT_POLL_SECONDS      Watchers re-check for events this often without a NOTIFY     2
 FABRICA_INGEST_MAINTENANCE_SECONDS     Partition and retention maintenance interval                 3600
+FABRICA_INGEST_LATEST_WATCH_MS         WatchLatestValues looks for newer readings this often        200
 =====================================  ===========================================================  =======
 
 Retention defaults to "keep everything": a historian that deletes data nobody asked it to delete is worse
@@ -34,6 +35,7 @@ class IngestConfig:
     queue_max_rows: int = 100_000
     event_poll_interval: float = 2.0
     maintenance_interval: float = 3600.0
+    latest_watch_interval: float = 0.2
     #: Batches accepted on one stream but not yet acknowledged (bounds per-stream bookkeeping).
     stream_max_in_flight: int = 256
     #: A write transaction that takes longer than this is abandoned as "database unavailable".
@@ -52,4 +54,5 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         queue_max_rows=env_int(env, "FABRICA_INGEST_QUEUE_MAX_ROWS", 100_000, 1, 100_000_000),
         event_poll_interval=env_float(env, "FABRICA_INGEST_EVENT_POLL_SECONDS", 2.0, 0.05, 3600.0),
         maintenance_interval=env_float(env, "FABRICA_INGEST_MAINTENANCE_SECONDS", 3600.0, 1.0, 86_400.0),
+        latest_watch_interval=env_int(env, "FABRICA_INGEST_LATEST_WATCH_MS", 200, 20, 60_000) / 1000.0,
     )

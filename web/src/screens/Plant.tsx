@@ -1,12 +1,30 @@
-import { useMemo, useState } from "preact/hooks";
-import { ingest } from "../api";
+import { useEffect, useMemo, useState } from "preact/hooks";
+import { ingest, keepStreaming, type StreamState } from "../api";
 import { Quality, type Reading } from "../gen/fabrica/common/v1/reading_pb";
 import { agoText, latencyText, QUALITY_WORDS, tsDate, valueText } from "../format";
 import { useCollectorStatus } from "../live";
-import { Card, Dot, Empty, ErrorBanner, useLoad, useNames, useNow, VirtualRows } from "../ui";
+import { Card, Dot, Empty, ErrorBanner, StreamBadge, useNames, useNow, VirtualRows } from "../ui";
 
-/** How often the live values of the PLC on screen are fetched (one GetLatestValues call for all its tags). */
-const LIVE_MS = 500;
+/** The live values of one PLC's tags: WatchLatestValues (a snapshot, then what changed), again after a break. */
+function useLiveValues(plcId: string) {
+  const [live, setLive] = useState<{ byTag: Map<bigint, Reading>; state: StreamState; why?: string }>(
+    { byTag: new Map(), state: "connecting" });
+  useEffect(() => {
+    if (!plcId) return;
+    let byTag = new Map<bigint, Reading>();
+    setLive({ byTag, state: "connecting" });
+    return keepStreaming(
+      (signal) => ingest.watchLatestValues({ plcId }, { signal }),
+      (m) => {
+        byTag = m.snapshot ? new Map() : new Map(byTag);
+        for (const r of m.readings) byTag.set(r.tagId, r);
+        setLive({ byTag, state: "live" });
+      },
+      (state, why) => setLive((l) => ({ ...l, state, why })),
+    );
+  }, [plcId]);
+  return live;
+}
 
 export function Plant({ params }: { params: URLSearchParams }) {
   const names = useNames();
@@ -21,18 +39,15 @@ export function Plant({ params }: { params: URLSearchParams }) {
   const runtime = status.data?.plcs.find((p) => p.plcId === selected);
   const plc = names?.plcs.get(selected);
   const [filter, setFilter] = useState("");
-  const latest = useLoad(
-    () => (selected ? ingest.getLatestValues({ plcId: selected }) : Promise.resolve(undefined)),
-    [selected], LIVE_MS);
+  const live = useLiveValues(selected);
   const rows = useMemo(() => {
-    const byTag = new Map<bigint, Reading>();
-    for (const r of latest.data?.readings ?? []) byTag.set(r.tagId, r);
+    const byTag = live.byTag;
     const defs = plc?.tags ?? [];
     const out = defs.map((t) => ({ id: t.id, name: t.name, unit: t.unit, description: t.description, reading: byTag.get(t.id) }));
     for (const r of byTag.values()) if (!defs.some((t) => t.id === r.tagId)) out.push({ id: r.tagId, name: r.tagName || `tag ${r.tagId}`, unit: r.unit, description: "", reading: r });
     const f = filter.trim().toLowerCase();
     return f ? out.filter((r) => r.name.toLowerCase().includes(f) || r.description.toLowerCase().includes(f)) : out;
-  }, [latest.data, plc, filter]);
+  }, [live.byTag, plc, filter]);
 
   return (
     <div class="page">
@@ -64,8 +79,8 @@ export function Plant({ params }: { params: URLSearchParams }) {
               {runtime && runtime.absentTags.length > 0 && (<><dt>Absent tags</dt><dd>{runtime.absentTags.map((a) => a.tagName).join(", ")}</dd></>)}
             </dl>
           </Card>
-          <Card title={`Tags (${rows.length})`} actions={<input class="input small" type="search" placeholder="Filter by name" value={filter} onInput={(e) => setFilter(e.currentTarget.value)} />} testid="tag-table">
-            <ErrorBanner p={latest.err} />
+          <Card title={<>Tags ({rows.length}) <StreamBadge state={live.state} why={live.why} /></>} actions={<input class="input small" type="search" placeholder="Filter by name" value={filter} onInput={(e) => setFilter(e.currentTarget.value)} />} testid="tag-table">
+            {live.state === "reconnecting" && <div class="banner warn small">Live values are reconnecting: {live.why}</div>}
             {rows.length === 0 ? <Empty>No values yet.</Empty> : (
               <VirtualRows rows={rows} rowHeight={41} height={560}
                 header={<tr><th>Tag</th><th class="num">Value</th><th>Quality</th><th>Age</th></tr>}

@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/ingest/v1/ingest_service.proto.
  */
 export const file_fabrica_ingest_v1_ingest_service: GenFile = /*@__PURE__*/
-  fileDesc("CiZmYWJyaWNhL2luZ2VzdC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIRZmFicmljYS5pbmdlc3QudjEigQEKClN0cmVhbU9wZW4SQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSHgoFZXBvY2gYAiABKARCD7pIDDIKGP//////////fxIRCgluZXdfZXBvY2gYAyABKAgihwEKFVN0cmVhbVJlYWRpbmdzUmVxdWVzdBItCgRvcGVuGAEgASgLMh0uZmFicmljYS5pbmdlc3QudjEuU3RyZWFtT3BlbkgAEjAKBWJhdGNoGAIgASgLMh8uZmFicmljYS5jb21tb24udjEuUmVhZGluZ0JhdGNoSABCDQoEa2luZBIFukgCCAEibAoMU3RyZWFtUmVzdW1lEjEKDGNvbGxlY3Rvcl9pZBgBIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEhoKEmNvbW1pdHRlZF9zZXF1ZW5jZRgCIAEoBBINCgVlcG9jaBgDIAEoBCJACghCYXRjaEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIRCglkdXBsaWNhdGUYAiABKAgSDwoHd3JpdHRlbhgDIAEoDSJ/ChZTdHJlYW1SZWFkaW5nc1Jlc3BvbnNlEjEKBnJlc3VtZRgBIAEoCzIfLmZhYnJpY2EuaW5nZXN0LnYxLlN0cmVhbVJlc3VtZUgAEioKA2FjaxgCIAEoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLkJhdGNoQWNrSABCBgoEa2luZCKQAQoVV2F0Y2hUYWdFdmVudHNSZXF1ZXN0Eh0KDGFmdGVyX2N1cnNvchgBIAEoA0IHukgEIgIoABIgCgd0YWdfaWRzGAIgAygEQg+6SAySAQkQ6AciBDICIAASNgoHcGxjX2lkcxgDIAMoCUIlukgikgEfEOgHIhpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJCJFChZXYXRjaFRhZ0V2ZW50c1Jlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLlRhZ0V2ZW50IqIBChRRdWVyeVJlYWRpbmdzUmVxdWVzdBI4CgZmaWx0ZXIYASABKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nRmlsdGVyQga6SAPIAQESHQoJcGFnZV9zaXplGAIgASgFQgq6SAcaBRiQTigAEjEKCnBhZ2VfdG9rZW4YAyABKAlCHbpIGnIYGIAEMhNeW15ceDAwLVx4MUZceDdGXSokIn0KFVF1ZXJ5UmVhZGluZ3NSZXNwb25zZRIsCghyZWFkaW5ncxgBIAMoCzIaLmZhYnJpY2EuY29tbW9uLnYxLlJlYWRpbmcSNgoPbmV4dF9wYWdlX3Rva2VuGAIgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJRChVFeHBvcnRSZWFkaW5nc1JlcXVlc3QSOAoGZmlsdGVyGAEgASgLMiAuZmFicmljYS5pbmdlc3QudjEuUmVhZGluZ0ZpbHRlckIGukgDyAEBIkYKFkV4cG9ydFJlYWRpbmdzUmVzcG9uc2USLAoIcmVhZGluZ3MYASADKAsyGi5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nInoKGEFnZ3JlZ2F0ZVJlYWRpbmdzUmVxdWVzdBI4CgZmaWx0ZXIYASABKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nRmlsdGVyQga6SAPIAQESJAoOYnVja2V0X3NlY29uZHMYAiABKANCDLpICSIHGIC9owEoASJOChlBZ2dyZWdhdGVSZWFkaW5nc1Jlc3BvbnNlEjEKB2J1Y2tldHMYASADKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nQnVja2V0ImcKFkdldExhdGVzdFZhbHVlc1JlcXVlc3QSIAoHdGFnX2lkcxgBIAMoBEIPukgMkgEJEIgnIgQyAiAAEisKBnBsY19pZBgCIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokIkcKF0dldExhdGVzdFZhbHVlc1Jlc3BvbnNlEiwKCHJlYWRpbmdzGAEgAygLMhouZmFicmljYS5jb21tb24udjEuUmVhZGluZyLZAgoYU3VtbWFyaXplUmVhZGluZ3NSZXF1ZXN0EhcKBnRhZ19pZBgBIAEoBEIHukgEMgIgABJVCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIlukgisgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////AcgBARJTCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCJbpIIrIBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wHIAQESJgoQbG93ZXJfc3BlY19saW1pdBgEIAEoAUIHukgEEgJAAUgAiAEBEiYKEHVwcGVyX3NwZWNfbGltaXQYBSABKAFCB7pIBBICQAFIAYgBAUITChFfbG93ZXJfc3BlY19saW1pdEITChFfdXBwZXJfc3BlY19saW1pdCJPChlTdW1tYXJpemVSZWFkaW5nc1Jlc3BvbnNlEjIKB3N1bW1hcnkYASABKAsyIS5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nU3VtbWFyeSLxAQoHVGFnSW5mbxIhCgZ0YWdfaWQYASABKARCEbpIDjIMGP//////////fyAAEi0KBnBsY19pZBgCIAEoCUIdukgachgQARg/MhJeW0EtWmEtejAtOS5fOi1dKyQSNAoEbmFtZRgDIAEoCUImukgjciEQARiAATIaXltBLVphLXpfXVtBLVphLXowLTlfLi1dKiQSKgoEdW5pdBgEIAEoCUIcukgZchcYIDITXlteXHgwMC1ceDFGXHg3Rl0qJBIyCgRyb2xlGAUgASgOMhouZmFicmljYS5jb21tb24udjEuVGFnUm9sZUIIukgFggECEAEiiQEKD1N5bmNUYWdzUmVxdWVzdBJACgxjb2xsZWN0b3JfaWQYASABKAlCKrpIJ3IlEAEYPzIfXlthLXowLTldKFthLXowLTktXSpbYS16MC05XSk/JBI0CgR0YWdzGAIgAygLMhouZmFicmljYS5pbmdlc3QudjEuVGFnSW5mb0IKukgHkgEEEMCaDCI0ChBTeW5jVGFnc1Jlc3BvbnNlEg8KB2NoYW5nZWQYASABKA0SDwoHcmVtb3ZlZBgCIAEoDSK9AQodUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZVJlcXVlc3QSQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSKwoSY29tbWl0dGVkX3NlcXVlbmNlGAIgASgEQg+6SAwyChj//////////38SIwoFZXBvY2gYAyABKARCD7pIDDIKGP//////////f0gAiAEBQggKBl9lcG9jaCKeAQoeUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZVJlc3BvbnNlEhQKDGNvbGxlY3Rvcl9pZBgBIAEoCRIjChtwcmV2aW91c19jb21taXR0ZWRfc2VxdWVuY2UYAiABKAQSFgoOcHJldmlvdXNfZXBvY2gYAyABKAQSGgoSY29tbWl0dGVkX3NlcXVlbmNlGAQgASgEEg0KBWVwb2NoGAUgASgEMs4HCg1Jbmdlc3RTZXJ2aWNlEmkKDlN0cmVhbVJlYWRpbmdzEiguZmFicmljYS5pbmdlc3QudjEuU3RyZWFtUmVhZGluZ3NSZXF1ZXN0GikuZmFicmljYS5pbmdlc3QudjEuU3RyZWFtUmVhZGluZ3NSZXNwb25zZSgBMAESZwoOV2F0Y2hUYWdFdmVudHMSKC5mYWJyaWNhLmluZ2VzdC52MS5XYXRjaFRhZ0V2ZW50c1JlcXVlc3QaKS5mYWJyaWNhLmluZ2VzdC52MS5XYXRjaFRhZ0V2ZW50c1Jlc3BvbnNlMAESYgoNUXVlcnlSZWFkaW5ncxInLmZhYnJpY2EuaW5nZXN0LnYxLlF1ZXJ5UmVhZGluZ3NSZXF1ZXN0GiguZmFicmljYS5pbmdlc3QudjEuUXVlcnlSZWFkaW5nc1Jlc3BvbnNlEmcKDkV4cG9ydFJlYWRpbmdzEiguZmFicmljYS5pbmdlc3QudjEuRXhwb3J0UmVhZGluZ3NSZXF1ZXN0GikuZmFicmljYS5pbmdlc3QudjEuRXhwb3J0UmVhZGluZ3NSZXNwb25zZTABEm4KEUFnZ3JlZ2F0ZVJlYWRpbmdzEisuZmFicmljYS5pbmdlc3QudjEuQWdncmVnYXRlUmVhZGluZ3NSZXF1ZXN0GiwuZmFicmljYS5pbmdlc3QudjEuQWdncmVnYXRlUmVhZGluZ3NSZXNwb25zZRJoCg9HZXRMYXRlc3RWYWx1ZXMSKS5mYWJyaWNhLmluZ2VzdC52MS5HZXRMYXRlc3RWYWx1ZXNSZXF1ZXN0GiouZmFicmljYS5pbmdlc3QudjEuR2V0TGF0ZXN0VmFsdWVzUmVzcG9uc2USbgoRU3VtbWFyaXplUmVhZGluZ3MSKy5mYWJyaWNhLmluZ2VzdC52MS5TdW1tYXJpemVSZWFkaW5nc1JlcXVlc3QaLC5mYWJyaWNhLmluZ2VzdC52MS5TdW1tYXJpemVSZWFkaW5nc1Jlc3BvbnNlElMKCFN5bmNUYWdzEiIuZmFicmljYS5pbmdlc3QudjEuU3luY1RhZ3NSZXF1ZXN0GiMuZmFicmljYS5pbmdlc3QudjEuU3luY1RhZ3NSZXNwb25zZRJ9ChZSZXNldENvbGxlY3RvclNlcXVlbmNlEjAuZmFicmljYS5pbmdlc3QudjEuUmVzZXRDb2xsZWN0b3JTZXF1ZW5jZVJlcXVlc3QaMS5mYWJyaWNhLmluZ2VzdC52MS5SZXNldENvbGxlY3RvclNlcXVlbmNlUmVzcG9uc2ViBnByb3RvMw", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_fabrica_ingest_v1_query, file_fabrica_ingest_v1_tag_event, file_google_protobuf_timestamp]);
+  fileDesc("CiZmYWJyaWNhL2luZ2VzdC92MS9pbmdlc3Rfc2VydmljZS5wcm90bxIRZmFicmljYS5pbmdlc3QudjEigQEKClN0cmVhbU9wZW4SQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSHgoFZXBvY2gYAiABKARCD7pIDDIKGP//////////fxIRCgluZXdfZXBvY2gYAyABKAgihwEKFVN0cmVhbVJlYWRpbmdzUmVxdWVzdBItCgRvcGVuGAEgASgLMh0uZmFicmljYS5pbmdlc3QudjEuU3RyZWFtT3BlbkgAEjAKBWJhdGNoGAIgASgLMh8uZmFicmljYS5jb21tb24udjEuUmVhZGluZ0JhdGNoSABCDQoEa2luZBIFukgCCAEibAoMU3RyZWFtUmVzdW1lEjEKDGNvbGxlY3Rvcl9pZBgBIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEhoKEmNvbW1pdHRlZF9zZXF1ZW5jZRgCIAEoBBINCgVlcG9jaBgDIAEoBCJACghCYXRjaEFjaxIQCghzZXF1ZW5jZRgBIAEoBBIRCglkdXBsaWNhdGUYAiABKAgSDwoHd3JpdHRlbhgDIAEoDSJ/ChZTdHJlYW1SZWFkaW5nc1Jlc3BvbnNlEjEKBnJlc3VtZRgBIAEoCzIfLmZhYnJpY2EuaW5nZXN0LnYxLlN0cmVhbVJlc3VtZUgAEioKA2FjaxgCIAEoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLkJhdGNoQWNrSABCBgoEa2luZCKQAQoVV2F0Y2hUYWdFdmVudHNSZXF1ZXN0Eh0KDGFmdGVyX2N1cnNvchgBIAEoA0IHukgEIgIoABIgCgd0YWdfaWRzGAIgAygEQg+6SAySAQkQ6AciBDICIAASNgoHcGxjX2lkcxgDIAMoCUIlukgikgEfEOgHIhpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJCJFChZXYXRjaFRhZ0V2ZW50c1Jlc3BvbnNlEisKBmV2ZW50cxgBIAMoCzIbLmZhYnJpY2EuaW5nZXN0LnYxLlRhZ0V2ZW50IqIBChRRdWVyeVJlYWRpbmdzUmVxdWVzdBI4CgZmaWx0ZXIYASABKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nRmlsdGVyQga6SAPIAQESHQoJcGFnZV9zaXplGAIgASgFQgq6SAcaBRiQTigAEjEKCnBhZ2VfdG9rZW4YAyABKAlCHbpIGnIYGIAEMhNeW15ceDAwLVx4MUZceDdGXSokIn0KFVF1ZXJ5UmVhZGluZ3NSZXNwb25zZRIsCghyZWFkaW5ncxgBIAMoCzIaLmZhYnJpY2EuY29tbW9uLnYxLlJlYWRpbmcSNgoPbmV4dF9wYWdlX3Rva2VuGAIgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJRChVFeHBvcnRSZWFkaW5nc1JlcXVlc3QSOAoGZmlsdGVyGAEgASgLMiAuZmFicmljYS5pbmdlc3QudjEuUmVhZGluZ0ZpbHRlckIGukgDyAEBIkYKFkV4cG9ydFJlYWRpbmdzUmVzcG9uc2USLAoIcmVhZGluZ3MYASADKAsyGi5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nInoKGEFnZ3JlZ2F0ZVJlYWRpbmdzUmVxdWVzdBI4CgZmaWx0ZXIYASABKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nRmlsdGVyQga6SAPIAQESJAoOYnVja2V0X3NlY29uZHMYAiABKANCDLpICSIHGIC9owEoASJOChlBZ2dyZWdhdGVSZWFkaW5nc1Jlc3BvbnNlEjEKB2J1Y2tldHMYASADKAsyIC5mYWJyaWNhLmluZ2VzdC52MS5SZWFkaW5nQnVja2V0ImcKFkdldExhdGVzdFZhbHVlc1JlcXVlc3QSIAoHdGFnX2lkcxgBIAMoBEIPukgMkgEJEIgnIgQyAiAAEisKBnBsY19pZBgCIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokIkcKF0dldExhdGVzdFZhbHVlc1Jlc3BvbnNlEiwKCHJlYWRpbmdzGAEgAygLMhouZmFicmljYS5jb21tb24udjEuUmVhZGluZyJpChhXYXRjaExhdGVzdFZhbHVlc1JlcXVlc3QSIAoHdGFnX2lkcxgBIAMoBEIPukgMkgEJEIgnIgQyAiAAEisKBnBsY19pZBgCIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokIlsKGVdhdGNoTGF0ZXN0VmFsdWVzUmVzcG9uc2USLAoIcmVhZGluZ3MYASADKAsyGi5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nEhAKCHNuYXBzaG90GAIgASgIItkCChhTdW1tYXJpemVSZWFkaW5nc1JlcXVlc3QSFwoGdGFnX2lkGAEgASgEQge6SAQyAiAAElUKCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiW6SCKyARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8ByAEBElMKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIlukgisgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////AcgBARImChBsb3dlcl9zcGVjX2xpbWl0GAQgASgBQge6SAQSAkABSACIAQESJgoQdXBwZXJfc3BlY19saW1pdBgFIAEoAUIHukgEEgJAAUgBiAEBQhMKEV9sb3dlcl9zcGVjX2xpbWl0QhMKEV91cHBlcl9zcGVjX2xpbWl0Ik8KGVN1bW1hcml6ZVJlYWRpbmdzUmVzcG9uc2USMgoHc3VtbWFyeRgBIAEoCzIhLmZhYnJpY2EuaW5nZXN0LnYxLlJlYWRpbmdTdW1tYXJ5IvEBCgdUYWdJbmZvEiEKBnRhZ19pZBgBIAEoBEIRukgOMgwY//////////9/IAASLQoGcGxjX2lkGAIgASgJQh26SBpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJBI0CgRuYW1lGAMgASgJQia6SCNyIRABGIABMhpeW0EtWmEtel9dW0EtWmEtejAtOV8uLV0qJBIqCgR1bml0GAQgASgJQhy6SBlyFxggMhNeW15ceDAwLVx4MUZceDdGXSokEjIKBHJvbGUYBSABKA4yGi5mYWJyaWNhLmNvbW1vbi52MS5UYWdSb2xlQgi6SAWCAQIQASKJAQoPU3luY1RhZ3NSZXF1ZXN0EkAKDGNvbGxlY3Rvcl9pZBgBIAEoCUIqukgnciUQARg/Mh9eW2EtejAtOV0oW2EtejAtOS1dKlthLXowLTldKT8kEjQKBHRhZ3MYAiADKAsyGi5mYWJyaWNhLmluZ2VzdC52MS5UYWdJbmZvQgq6SAeSAQQQwJoMIjQKEFN5bmNUYWdzUmVzcG9uc2USDwoHY2hhbmdlZBgBIAEoDRIPCgdyZW1vdmVkGAIgASgNIr0BCh1SZXNldENvbGxlY3RvclNlcXVlbmNlUmVxdWVzdBJACgxjb2xsZWN0b3JfaWQYASABKAlCKrpIJ3IlEAEYPzIfXlthLXowLTldKFthLXowLTktXSpbYS16MC05XSk/JBIrChJjb21taXR0ZWRfc2VxdWVuY2UYAiABKARCD7pIDDIKGP//////////fxIjCgVlcG9jaBgDIAEoBEIPukgMMgoY//////////9/SACIAQFCCAoGX2Vwb2NoIp4BCh5SZXNldENvbGxlY3RvclNlcXVlbmNlUmVzcG9uc2USFAoMY29sbGVjdG9yX2lkGAEgASgJEiMKG3ByZXZpb3VzX2NvbW1pdHRlZF9zZXF1ZW5jZRgCIAEoBBIWCg5wcmV2aW91c19lcG9jaBgDIAEoBBIaChJjb21taXR0ZWRfc2VxdWVuY2UYBCABKAQSDQoFZXBvY2gYBSABKAQywAgKDUluZ2VzdFNlcnZpY2USaQoOU3RyZWFtUmVhZGluZ3MSKC5mYWJyaWNhLmluZ2VzdC52MS5TdHJlYW1SZWFkaW5nc1JlcXVlc3QaKS5mYWJyaWNhLmluZ2VzdC52MS5TdHJlYW1SZWFkaW5nc1Jlc3BvbnNlKAEwARJnCg5XYXRjaFRhZ0V2ZW50cxIoLmZhYnJpY2EuaW5nZXN0LnYxLldhdGNoVGFnRXZlbnRzUmVxdWVzdBopLmZhYnJpY2EuaW5nZXN0LnYxLldhdGNoVGFnRXZlbnRzUmVzcG9uc2UwARJiCg1RdWVyeVJlYWRpbmdzEicuZmFicmljYS5pbmdlc3QudjEuUXVlcnlSZWFkaW5nc1JlcXVlc3QaKC5mYWJyaWNhLmluZ2VzdC52MS5RdWVyeVJlYWRpbmdzUmVzcG9uc2USZwoORXhwb3J0UmVhZGluZ3MSKC5mYWJyaWNhLmluZ2VzdC52MS5FeHBvcnRSZWFkaW5nc1JlcXVlc3QaKS5mYWJyaWNhLmluZ2VzdC52MS5FeHBvcnRSZWFkaW5nc1Jlc3BvbnNlMAESbgoRQWdncmVnYXRlUmVhZGluZ3MSKy5mYWJyaWNhLmluZ2VzdC52MS5BZ2dyZWdhdGVSZWFkaW5nc1JlcXVlc3QaLC5mYWJyaWNhLmluZ2VzdC52MS5BZ2dyZWdhdGVSZWFkaW5nc1Jlc3BvbnNlEmgKD0dldExhdGVzdFZhbHVlcxIpLmZhYnJpY2EuaW5nZXN0LnYxLkdldExhdGVzdFZhbHVlc1JlcXVlc3QaKi5mYWJyaWNhLmluZ2VzdC52MS5HZXRMYXRlc3RWYWx1ZXNSZXNwb25zZRJwChFXYXRjaExhdGVzdFZhbHVlcxIrLmZhYnJpY2EuaW5nZXN0LnYxLldhdGNoTGF0ZXN0VmFsdWVzUmVxdWVzdBosLmZhYnJpY2EuaW5nZXN0LnYxLldhdGNoTGF0ZXN0VmFsdWVzUmVzcG9uc2UwARJuChFTdW1tYXJpemVSZWFkaW5ncxIrLmZhYnJpY2EuaW5nZXN0LnYxLlN1bW1hcml6ZVJlYWRpbmdzUmVxdWVzdBosLmZhYnJpY2EuaW5nZXN0LnYxLlN1bW1hcml6ZVJlYWRpbmdzUmVzcG9uc2USUwoIU3luY1RhZ3MSIi5mYWJyaWNhLmluZ2VzdC52MS5TeW5jVGFnc1JlcXVlc3QaIy5mYWJyaWNhLmluZ2VzdC52MS5TeW5jVGFnc1Jlc3BvbnNlEn0KFlJlc2V0Q29sbGVjdG9yU2VxdWVuY2USMC5mYWJyaWNhLmluZ2VzdC52MS5SZXNldENvbGxlY3RvclNlcXVlbmNlUmVxdWVzdBoxLmZhYnJpY2EuaW5nZXN0LnYxLlJlc2V0Q29sbGVjdG9yU2VxdWVuY2VSZXNwb25zZWIGcHJvdG8z", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_fabrica_ingest_v1_query, file_fabrica_ingest_v1_tag_event, file_google_protobuf_timestamp]);
 
 /**
  * Opens a StreamReadings stream for one collector.
@@ -465,6 +465,63 @@ export const GetLatestValuesResponseSchema: GenMessage<GetLatestValuesResponse> 
   messageDesc(file_fabrica_ingest_v1_ingest_service, 14);
 
 /**
+ * Request of WatchLatestValues.
+ *
+ * @generated from message fabrica.ingest.v1.WatchLatestValuesRequest
+ */
+export type WatchLatestValuesRequest = Message<"fabrica.ingest.v1.WatchLatestValuesRequest"> & {
+  /**
+   * Tags to watch.
+   *
+   * @generated from field: repeated uint64 tag_ids = 1;
+   */
+  tagIds: bigint[];
+
+  /**
+   * Or every tag of this PLC.
+   *
+   * @generated from field: string plc_id = 2;
+   */
+  plcId: string;
+};
+
+/**
+ * Describes the message fabrica.ingest.v1.WatchLatestValuesRequest.
+ * Use `create(WatchLatestValuesRequestSchema)` to create a new message.
+ */
+export const WatchLatestValuesRequestSchema: GenMessage<WatchLatestValuesRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 15);
+
+/**
+ * One message of WatchLatestValues.
+ *
+ * @generated from message fabrica.ingest.v1.WatchLatestValuesResponse
+ */
+export type WatchLatestValuesResponse = Message<"fabrica.ingest.v1.WatchLatestValuesResponse"> & {
+  /**
+   * The latest reading of each tag that changed (every tag that has one, in a snapshot), ordered by tag_id,
+   * with its name and unit.
+   *
+   * @generated from field: repeated fabrica.common.v1.Reading readings = 1;
+   */
+  readings: Reading[];
+
+  /**
+   * True for the first message of a stream: the readings are every watched tag's latest.
+   *
+   * @generated from field: bool snapshot = 2;
+   */
+  snapshot: boolean;
+};
+
+/**
+ * Describes the message fabrica.ingest.v1.WatchLatestValuesResponse.
+ * Use `create(WatchLatestValuesResponseSchema)` to create a new message.
+ */
+export const WatchLatestValuesResponseSchema: GenMessage<WatchLatestValuesResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 16);
+
+/**
  * Request of SummarizeReadings.
  *
  * @generated from message fabrica.ingest.v1.SummarizeReadingsRequest
@@ -511,7 +568,7 @@ export type SummarizeReadingsRequest = Message<"fabrica.ingest.v1.SummarizeReadi
  * Use `create(SummarizeReadingsRequestSchema)` to create a new message.
  */
 export const SummarizeReadingsRequestSchema: GenMessage<SummarizeReadingsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 15);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 17);
 
 /**
  * Response of SummarizeReadings.
@@ -532,7 +589,7 @@ export type SummarizeReadingsResponse = Message<"fabrica.ingest.v1.SummarizeRead
  * Use `create(SummarizeReadingsResponseSchema)` to create a new message.
  */
 export const SummarizeReadingsResponseSchema: GenMessage<SummarizeReadingsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 16);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 18);
 
 /**
  * What ingest keeps of one tag for the people reading its values.
@@ -581,7 +638,7 @@ export type TagInfo = Message<"fabrica.ingest.v1.TagInfo"> & {
  * Use `create(TagInfoSchema)` to create a new message.
  */
 export const TagInfoSchema: GenMessage<TagInfo> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 17);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 19);
 
 /**
  * Request of SyncTags.
@@ -610,7 +667,7 @@ export type SyncTagsRequest = Message<"fabrica.ingest.v1.SyncTagsRequest"> & {
  * Use `create(SyncTagsRequestSchema)` to create a new message.
  */
 export const SyncTagsRequestSchema: GenMessage<SyncTagsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 18);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 20);
 
 /**
  * Response of SyncTags.
@@ -638,7 +695,7 @@ export type SyncTagsResponse = Message<"fabrica.ingest.v1.SyncTagsResponse"> & {
  * Use `create(SyncTagsResponseSchema)` to create a new message.
  */
 export const SyncTagsResponseSchema: GenMessage<SyncTagsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 19);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 21);
 
 /**
  * Request of ResetCollectorSequence.
@@ -674,7 +731,7 @@ export type ResetCollectorSequenceRequest = Message<"fabrica.ingest.v1.ResetColl
  * Use `create(ResetCollectorSequenceRequestSchema)` to create a new message.
  */
 export const ResetCollectorSequenceRequestSchema: GenMessage<ResetCollectorSequenceRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 20);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 22);
 
 /**
  * Response of ResetCollectorSequence.
@@ -723,7 +780,7 @@ export type ResetCollectorSequenceResponse = Message<"fabrica.ingest.v1.ResetCol
  * Use `create(ResetCollectorSequenceResponseSchema)` to create a new message.
  */
 export const ResetCollectorSequenceResponseSchema: GenMessage<ResetCollectorSequenceResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_ingest_v1_ingest_service, 21);
+  messageDesc(file_fabrica_ingest_v1_ingest_service, 23);
 
 /**
  * Stores readings exactly once and answers history, latest values and tag events.
@@ -814,6 +871,19 @@ export const IngestService: GenService<{
     methodKind: "unary";
     input: typeof GetLatestValuesRequestSchema;
     output: typeof GetLatestValuesResponseSchema;
+  },
+  /**
+   * The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+   * reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+   * first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+   * with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
+   *
+   * @generated from rpc fabrica.ingest.v1.IngestService.WatchLatestValues
+   */
+  watchLatestValues: {
+    methodKind: "server_streaming";
+    input: typeof WatchLatestValuesRequestSchema;
+    output: typeof WatchLatestValuesResponseSchema;
   },
   /**
    * Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
