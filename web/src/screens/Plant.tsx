@@ -75,8 +75,9 @@ export function Plant({ params }: { params: URLSearchParams }) {
               <dt>Read latency</dt><dd>{latencyText(runtime?.readLatency)}</dd>
               <dt>Failed reads</dt><dd>{runtime ? runtime.errorCount.toString() : "—"}</dd>
               <dt>Block reads</dt><dd>{runtime ? runtime.reads.length : "—"}</dd>
-              {runtime?.lastError && (<><dt>Last error</dt><dd class="text-bad">{runtime.lastError}</dd></>)}
-              {runtime && runtime.absentTags.length > 0 && (<><dt>Absent tags</dt><dd>{runtime.absentTags.map((a) => a.tagName).join(", ")}</dd></>)}
+              {runtime?.lastError && (<><dt>Last error</dt><dd class="text-bad clamp" title={runtime.lastError}>{runtime.lastError}</dd></>)}
+              {runtime && runtime.absentTags.length > 0 && (<><dt>Absent tags</dt><dd title={runtime.absentTags.map((a) => a.tagName).join(", ")}>
+                {runtime.absentTags.length} the device lacks: {runtime.absentTags.slice(0, 8).map((a) => a.tagName).join(", ")}{runtime.absentTags.length > 8 ? ", …" : ""}</dd></>)}
             </dl>
           </Card>
           <Card title={<>Tags ({rows.length}) <StreamBadge state={live.state} why={live.why} /></>} actions={<input class="input small" type="search" placeholder="Filter by name" value={filter} onInput={(e) => setFilter(e.currentTarget.value)} />} testid="tag-table">
