@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint gen check-gen bench clean venv web-deps
+.PHONY: run test lint gen check-gen bench clean venv web-deps web
 
 # The virtualenv with the pinned dependencies (requirements-dev.txt, which includes requirements.txt)
 # and fabrica installed in it.
@@ -25,12 +25,26 @@ $(NPM_STAMP): web/package.json web/package-lock.json
 	touch $(NPM_STAMP)
 web-deps: $(NPM_STAMP)
 
+# The built UI (web/dist, served by `fabrica run`'s gateway): type-checked and rebuilt only when a source, the
+# config or the installed packages changed since the last build.
+WEB_STAMP := web/dist/.built
+WEB_SRC := $(shell find web/src web/index.html web/vite.config.ts web/tsconfig.json -type f 2>/dev/null)
+$(WEB_STAMP): $(NPM_STAMP) $(WEB_SRC)
+	cd web && npx tsc --noEmit && npx vite build --logLevel warn
+	touch $(WEB_STAMP)
+web: $(WEB_STAMP)
+
+# The browser the UI tests drive (Debian's chromium; Playwright never downloads one).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update && apt-get install -y --no-install-recommends chromium
+
 ## run: the whole local stack (embedded Postgres and the services), printing addresses and grpcurl examples.
-run: $(STAMP)
+run: $(STAMP) $(WEB_STAMP)
 	$(VENV)/bin/fabrica run
 
 ## test: the test suite against real servers on loopback and an embedded Postgres.
-test: $(STAMP) $(NPM_STAMP)
+test: $(STAMP) $(NPM_STAMP) $(WEB_STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 ## gen: regenerate gen/ (Python, descriptor image) and web/src/gen/ (TypeScript) from protos/.
@@ -50,7 +64,7 @@ check-gen: $(STAMP) $(NPM_STAMP)
 	@echo "gen/, web/src/gen/: current"
 
 ## bench: benchmarks, each printed beside a baseline measured in the same run.
-bench: $(STAMP)
+bench: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
 	$(PY) -m benchmarks
 
 clean:

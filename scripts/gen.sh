@@ -48,4 +48,4 @@ rm -rf "$ts_out"
 mkdir -p "$ts_out"
 "$py" -m grpc_tools.protoc --descriptor_set_in="$out/fabrica/image.binpb" \
   --plugin=protoc-gen-es="$es" --es_out="$ts_out" --es_opt=target=ts \
-  $protos buf/validate/validate.proto $extra
+  $protos buf/validate/validate.proto $extra google/api/field_behavior.proto

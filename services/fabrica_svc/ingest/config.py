@@ -12,6 +12,7 @@ FABRICA_INGEST_EVENT_POLL_SECONDS      Watchers re-check for events this often w
 FABRICA_INGEST_MAINTENANCE_SECONDS     Partition and retention maintenance interval                 3600
 FABRICA_INGEST_FEED                    Keep the committed-readings feed (WatchCommittedReadings)    on
 FABRICA_INGEST_FEED_RETENTION_HOURS    Hours of committed batches the feed keeps for its consumers  168
+FABRICA_INGEST_LATEST_WATCH_MS         WatchLatestValues looks for newer readings this often        200
 =====================================  ===========================================================  =======
 
 Retention defaults to "keep everything": a historian that deletes data nobody asked it to delete is worse
@@ -39,6 +40,7 @@ class IngestConfig:
     queue_max_rows: int = 100_000
     event_poll_interval: float = 2.0
     maintenance_interval: float = 3600.0
+    latest_watch_interval: float = 0.2
     #: Batches accepted on one stream but not yet acknowledged (bounds per-stream bookkeeping).
     stream_max_in_flight: int = 256
     #: A write transaction that takes longer than this is abandoned as "database unavailable".
@@ -63,4 +65,5 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         maintenance_interval=env_float(env, "FABRICA_INGEST_MAINTENANCE_SECONDS", 3600.0, 1.0, 86_400.0),
         feed=env_choice(env, "FABRICA_INGEST_FEED", "on", ("on", "off")) == "on",
         feed_retention_hours=env_int(env, "FABRICA_INGEST_FEED_RETENTION_HOURS", 168, 1, 876_000),
+        latest_watch_interval=env_int(env, "FABRICA_INGEST_LATEST_WATCH_MS", 200, 20, 60_000) / 1000.0,
     )

@@ -360,6 +360,33 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         readings, _ = readings_from_rows(rows, 2**62)
         return pb.GetLatestValuesResponse(readings=readings)
 
+    async def WatchLatestValues(
+        self, request: pb.WatchLatestValuesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchLatestValuesResponse]:
+        """A snapshot of the latest values, then each tag whose latest reading changed, every
+        latest_watch_interval (the query GetLatestValues makes; one per interval per stream)."""
+        found: list[FieldViolation] = []
+        if not request.tag_ids and not request.plc_id:
+            found.append(FieldViolation("tag_ids", "name tag_ids or a plc_id"))
+        check_tag_ids(request.tag_ids, "tag_ids", found)
+        if found:
+            raise InvalidArgument(found)
+        seen: dict[int, bytes] = {}
+        snapshot = True
+        while True:
+            rows = await self.store.latest(list(request.tag_ids), request.plc_id)
+            readings, _ = readings_from_rows(rows, 2**62)
+            changed = []
+            for r in readings:
+                wire = r.SerializeToString(deterministic=True)
+                if seen.get(r.tag_id) != wire:
+                    seen[r.tag_id] = wire
+                    changed.append(r)
+            if snapshot or changed:
+                yield pb.WatchLatestValuesResponse(readings=changed, snapshot=snapshot)
+                snapshot = False
+            await asyncio.sleep(self.config.latest_watch_interval)
+
     async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
         """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""
         changed, removed = await self.store.sync_tags(request.collector_id, tag_infos_from_proto(request))

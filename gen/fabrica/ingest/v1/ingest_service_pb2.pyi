@@ -534,6 +534,64 @@ class GetLatestValuesResponse(_message.Message):
 Global___GetLatestValuesResponse: _TypeAlias = GetLatestValuesResponse  # noqa: Y015
 
 @_typing.final
+class WatchLatestValuesRequest(_message.Message):
+    """Request of WatchLatestValues."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_IDS_FIELD_NUMBER: _builtins.int
+    PLC_ID_FIELD_NUMBER: _builtins.int
+    plc_id: _builtins.str
+    """Or every tag of this PLC."""
+    @_builtins.property
+    def tag_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Tags to watch."""
+
+    def __init__(
+        self,
+        *,
+        tag_ids: _abc.Iterable[_builtins.int] | None = ...,
+        plc_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plc_id", b"plc_id", "tag_ids", b"tag_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLatestValuesRequest: _TypeAlias = WatchLatestValuesRequest  # noqa: Y015
+
+@_typing.final
+class WatchLatestValuesResponse(_message.Message):
+    """One message of WatchLatestValues."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READINGS_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    snapshot: _builtins.bool
+    """True for the first message of a stream: the readings are every watched tag's latest."""
+    @_builtins.property
+    def readings(self) -> _containers.RepeatedCompositeFieldContainer[_reading_pb2.Reading]:
+        """The latest reading of each tag that changed (every tag that has one, in a snapshot), ordered by tag_id,
+        with its name and unit.
+        """
+
+    def __init__(
+        self,
+        *,
+        readings: _abc.Iterable[_reading_pb2.Reading] | None = ...,
+        snapshot: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["readings", b"readings", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLatestValuesResponse: _TypeAlias = WatchLatestValuesResponse  # noqa: Y015
+
+@_typing.final
 class SummarizeReadingsRequest(_message.Message):
     """Request of SummarizeReadings."""
 

@@ -70,6 +70,11 @@ class IngestServiceStub:
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesResponse.FromString,
                 _registered_method=True)
+        self.WatchLatestValues = channel.unary_stream(
+                '/fabrica.ingest.v1.IngestService/WatchLatestValues',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesResponse.FromString,
+                _registered_method=True)
         self.SummarizeReadings = channel.unary_unary(
                 '/fabrica.ingest.v1.IngestService/SummarizeReadings',
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.SummarizeReadingsRequest.SerializeToString,
@@ -172,6 +177,16 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLatestValues(self, request, context):
+        """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+        reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+        first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+        with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SummarizeReadings(self, request, context):
         """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
         capability against spec limits, and a linear trend. Computed in the database.
@@ -240,6 +255,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.GetLatestValues,
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesResponse.SerializeToString,
+            ),
+            'WatchLatestValues': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLatestValues,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesResponse.SerializeToString,
             ),
             'SummarizeReadings': grpc.unary_unary_rpc_method_handler(
                     servicer.SummarizeReadings,
@@ -447,6 +467,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/GetLatestValues',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLatestValues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/WatchLatestValues',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesResponse.FromString,
             options,
             channel_credentials,
             insecure,

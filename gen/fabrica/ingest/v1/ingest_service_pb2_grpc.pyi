@@ -84,6 +84,12 @@ class IngestServiceStub:
     """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
     collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
     """
+    WatchLatestValues: _grpc.UnaryStreamMultiCallable[_ingest_service_pb2.WatchLatestValuesRequest, _ingest_service_pb2.WatchLatestValuesResponse]
+    """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+    reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+    first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+    with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
+    """
     SummarizeReadings: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.SummarizeReadingsRequest, _ingest_service_pb2.SummarizeReadingsResponse]
     """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
     capability against spec limits, and a linear trend. Computed in the database.
@@ -159,6 +165,12 @@ class IngestServiceAsyncStub(IngestServiceStub):
     GetLatestValues: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.GetLatestValuesRequest, _ingest_service_pb2.GetLatestValuesResponse]  # type: ignore[assignment]
     """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
     collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+    """
+    WatchLatestValues: _aio.UnaryStreamMultiCallable[_ingest_service_pb2.WatchLatestValuesRequest, _ingest_service_pb2.WatchLatestValuesResponse]  # type: ignore[assignment]
+    """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+    reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+    first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+    with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
     """
     SummarizeReadings: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.SummarizeReadingsRequest, _ingest_service_pb2.SummarizeReadingsResponse]  # type: ignore[assignment]
     """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
@@ -274,6 +286,18 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_service_pb2.GetLatestValuesResponse, _abc.Awaitable[_ingest_service_pb2.GetLatestValuesResponse]]:
         """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
         collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchLatestValues(
+        self,
+        request: _ingest_service_pb2.WatchLatestValuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_service_pb2.WatchLatestValuesResponse], _abc.AsyncIterator[_ingest_service_pb2.WatchLatestValuesResponse]]:
+        """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+        reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+        first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+        with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
         """
 
     @_abc_1.abstractmethod
