@@ -435,8 +435,15 @@ class Spool:
     def read_after(self, after: int, max_records: int = 64, max_bytes: int = 8 * 1024 * 1024, *,
                    durable_only: bool = True) -> list[tuple[int, bytes]]:
         """Durable records with a sequence above `after`, in order (skipping dropped ones)."""
+        return [(seq, payload) for seq, payload, _ in self.read_records_after(after, max_records, max_bytes,
+                                                                               durable_only=durable_only)]
+
+    def read_records_after(self, after: int, max_records: int = 64, max_bytes: int = 8 * 1024 * 1024, *,
+                           durable_only: bool = True) -> list[tuple[int, bytes, int]]:
+        """Like :meth:`read_after`, with each record's number of readings (from the index): (sequence,
+        payload, readings)."""
         limit = self._durable if durable_only else self.high_water
-        out: list[tuple[int, bytes]] = []
+        out: list[tuple[int, bytes, int]] = []
         size = 0
         for seg in list(self._segments):
             if seg.last_seq <= after:
@@ -454,7 +461,7 @@ class Spool:
                             fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
                         record = os.pread(fd, seg.lengths[i], seg.offsets[i])
                         payload = record[HEADER.size:]
-                    out.append((seq, payload))
+                    out.append((seq, payload, seg.counts[i]))
                     size += len(payload)
                     i += 1
             except FileNotFoundError:
