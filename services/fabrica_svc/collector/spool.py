@@ -71,7 +71,7 @@ import struct
 import time
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +163,8 @@ class Spool:
         self.segment_bytes = segment_bytes or max(1024, min(8 * 1024 * 1024, max_bytes // 16))
         self.acked = 0
         self.high_water = 0
+        #: Called when an acknowledgement covers every batch appended (nothing in flight: collector/batcher.py).
+        self.on_drained: Callable[[], None] | None = None
         #: Readings that left the log without being acknowledged, by DropReason (since the log was created).
         self.dropped: dict[int, int] = dict.fromkeys(DROP_STATE_KEYS, 0)
         #: Batches ingest rejected for good (see `reject`).
@@ -500,6 +502,8 @@ class Spool:
                 break
         self.acked = sequence
         self._wake.set()
+        if sequence >= self.high_water and self.on_drained is not None:
+            self.on_drained()
 
     def reject(self, sequence: int) -> tuple[bytes | None, int]:
         """Ingest will never take batch `sequence`, the first unacknowledged one: acknowledge it, and count it
