@@ -10,12 +10,15 @@ embedded Postgres, in one run.
 Each mode writes into a fresh database of the same server. Prints rows/s, the ratios 3/1 and 3/2, the
 ingest process's peak RSS (VmHWM) and the CPU each process used during the Fabrica run.
 
-Where Fabrica's time goes (cProfile, FABRICA_BENCH_PROFILE): ingest is bound by its one Python thread.
-Per reading, the shared interceptor's protovalidate check of each ReadingBatch takes ~5-6 µs (more than
-half of it the ``reading.value_required`` CEL rule) and the conversion to rows ~2 µs; COPY, the
-transaction and gRPC are the rest. So on its own the validation caps one ingest process near 180,000
-readings/s, whatever Postgres does; scale-out is by replicas (they are stateless and share nothing but
-Postgres).
+4. Fabrica with 2 ingest processes on the same database, the clients spread over them (client k to process
+   k % 2): the aggregate beside mode 3. On a 2-core machine shared by both, Postgres and the clients this
+   shows that nothing serialises across replicas, not what more cores would buy.
+
+Where Fabrica's time goes (cProfile, FABRICA_BENCH_PROFILE; and the "validation" line, measured in this
+process): ingest is bound by its one Python thread. StreamReadings validates each ReadingBatch once, in
+the conversion loop (~1.5 µs per reading, most of it reading upb fields from Python); before, the shared
+interceptor's protovalidate check cost another 2.2-3.7 µs per reading on top of that. COPY encoding, the
+transaction and gRPC are the rest (see services/fabrica_svc/ingest/README.md).
 
 Knobs: FABRICA_BENCH_ROWS (default 1,000,000), FABRICA_BENCH_CLIENTS (4), FABRICA_BENCH_BATCH (readings per
 batch, 2,000), FABRICA_BENCH_IN_FLIGHT (batches each client keeps unacknowledged, 8),
