@@ -218,3 +218,32 @@ def test_stream_readings_is_the_one_method_that_validates_its_own_requests() -> 
                 if getattr(fn, VALIDATES_OWN_REQUESTS, False):
                     opted.add(f"{name}.{method}")
     assert opted == {"IngestServicer.StreamReadings"}
+
+
+async def test_over_the_wire_the_stream_answers_as_the_interceptor_did(ingest) -> None:  # noqa: ANN001
+    """INVALID_ARGUMENT with the interceptor's message (the message's index in the stream, its violations)
+    and BadRequest field violations, for an invalid open (protovalidate, in the servicer) and an invalid
+    batch (the conversion loop)."""
+    import grpc
+    from grpc_helpers import field_violations
+
+    call = ingest.stub.StreamReadings()
+    await call.write(pb.StreamReadingsRequest(open=pb.StreamOpen(collector_id="Line 1")))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == ("message 0 of the stream is invalid: open.collector_id: does not match regex "
+                                   "pattern `^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`")
+    assert list(field_violations(err.value)) == ["open.collector_id"]
+
+    bad = reading_pb2.ReadingBatch(collector_id="line-1", sequence=1)
+    bad.readings.add(tag_id=0, quality=1, plc_id="p", read_time={"seconds": 1}, value={"double_value": 1.0})
+    call = ingest.stub.StreamReadings()
+    await call.write(pb.StreamReadingsRequest(open=pb.StreamOpen(collector_id="line-1")))
+    assert (await call.read()).WhichOneof("kind") == "resume"
+    await call.write(pb.StreamReadingsRequest(batch=bad))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "message 1 of the stream is invalid: batch.readings[0].tag_id: must be greater than 0"
+    assert list(field_violations(err.value)) == ["batch.readings[0].tag_id"]
