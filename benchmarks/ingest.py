@@ -22,7 +22,8 @@ transaction and gRPC are the rest (see services/fabrica_svc/ingest/README.md).
 
 Knobs: FABRICA_BENCH_ROWS (default 1,000,000), FABRICA_BENCH_CLIENTS (4), FABRICA_BENCH_BATCH (readings per
 batch, 2,000), FABRICA_BENCH_IN_FLIGHT (batches each client keeps unacknowledged, 8),
-FABRICA_BENCH_PROFILE=<file> (run the ingest server under cProfile), FABRICA_BENCH_LOG_LEVEL and
+FABRICA_BENCH_PROFILE=<file> (run the ingest server under cProfile), FABRICA_BENCH_PYSPY=<file> (sample the
+ingest server with py-spy during the run, native frames included, as collapsed stacks), FABRICA_BENCH_LOG_LEVEL and
 FABRICA_BENCH_KEEP_LOG=<file> (the ingest server's log).
 
 Run: ``make bench`` or ``.venv/bin/python -m benchmarks.ingest``.
@@ -35,6 +36,7 @@ import multiprocessing as mp
 import operator
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -290,6 +292,13 @@ async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_u
         for _ in range(clients):
             await asyncio.to_thread(ready.get, True, 300)
         pids = [s.pid for s, _ in servers]
+        spy = None
+        if os.environ.get("FABRICA_BENCH_PYSPY") and replicas == 1:  # sample the server, native frames too
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pids[0]),
+                                    "--native", "--rate", "200", "--format", "raw",
+                                    "--output", os.environ["FABRICA_BENCH_PYSPY"]],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(1.0)
         server_cpu, pg_cpu = _cpu_seconds(pids), _cpu_seconds(_postgres_pids())
         started = time.monotonic()
         go.set()
@@ -300,6 +309,9 @@ async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_u
         server_cpu = _cpu_seconds(pids) - server_cpu
         pg_cpu = _cpu_seconds(_postgres_pids()) - pg_cpu
         client_cpu = sum(c for _, _, _, c in done)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
         print(f"  {replicas} ingest process(es): CPU seconds during the run: ingest {server_cpu:.1f}, Postgres"
               f" {pg_cpu:.1f}, clients {client_cpu:.1f} (wall {elapsed:.1f} s)", flush=True)
     finally:
