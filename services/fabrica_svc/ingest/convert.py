@@ -149,9 +149,7 @@ def batch_from_proto(batch: reading_pb2.ReadingBatch, prefix: str = "batch") -> 
     qualities, roles, event_roles = _QUALITIES, _ROLES, EVENT_ROLES
     plc_min, plc_max, max_error = _PLC_ID.min_len, _PLC_ID.max_len, _MAX_ERROR
     max_string_chars = _MAX_STRING_BYTES // 4  # at most 4 bytes of UTF-8 a character: shorter ones cannot be over
-    i = -1
-    for r in readings:
-        i += 1
+    for i, r in enumerate(readings):
         bad = False  # a rule of the protos is broken: _reading_violations says which, in protovalidate's words
         tag_id = r.tag_id
         ts = r.read_time
