@@ -317,6 +317,7 @@ async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_u
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=30)
+            print_profile(Path(os.environ["FABRICA_BENCH_PYSPY"]))
         print(f"  {replicas} ingest process(es): CPU seconds during the run: ingest {server_cpu:.1f}, Postgres"
               f" {pg_cpu:.1f}, clients {client_cpu:.1f} (wall {elapsed:.1f} s)", flush=True)
     finally:
@@ -328,6 +329,35 @@ async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_u
             stop_process(server)
     assert await _count(dsn) == acked == n, (acked, n)
     return elapsed, acked, peak, server_cpu
+
+
+def print_profile(path: Path, top: int = 14) -> None:
+    """The busiest frames of py-spy's collapsed stacks (`path`): share of the busy samples (idle epoll
+    waits left out) spent in each function and below it, and in each function itself."""
+    from collections import Counter
+
+    if not path.exists():
+        print(f"  (py-spy wrote no profile to {path})")
+        return
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    busy = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        if not frames or frames[-1] in ("epoll_wait", "poll", "select"):
+            continue
+        n = int(count)
+        busy += n
+        own[frames[-1]] += n
+        for name in set(frames):
+            inclusive[name] += n
+    print(f"  py-spy, {busy} busy samples of the ingest process; in and below / itself:")
+    for name in ("IngestServicer._read_batches", "batch_from_proto", "PyUpb_Message_GetAttr", "IngestStore.write_group",
+                 "Connection.copy_records_to_table", "gc_collect_main"):
+        print(f"    {inclusive[name] / max(1, busy):6.1%}  {name}")
+    for name, n in own.most_common(top):
+        print(f"    {'':6}  {n / max(1, busy):6.1%} itself  {name[:90]}")
 
 
 def validation_figures(batch_size: int) -> tuple[float, float, float]:
