@@ -2,7 +2,10 @@
 
 `SpoolSource` is the client's BatchSource over the store-and-forward log: after every (re)connect it
 yields the durable batches above the sequence ingest reports as committed, then waits for new ones; each
-acknowledgement (and the resume point itself) acknowledges the spool, which deletes what ingest has.
+acknowledgement (and the resume point itself) acknowledges the spool, which deletes what ingest has. It
+yields each record's bytes as they are (`RawBatch`: the client frames them as the request's ``batch`` and
+sets the wire sequence after them), so a batch is encoded once in its life, by the batcher, and never
+parsed again on its way to ingest.
 
 Wire numbering. Ingest stores a batch only when it is exactly one above the committed sequence (a batch
 further ahead is refused), but the log has holes where batches left it without reaching ingest: the size
@@ -44,7 +47,7 @@ import grpc
 from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_REJECTED_BY_INGEST
 from fabrica.common.v1 import reading_pb2
 
-from ..clients.ingest import BatchSource, IngestUplink, ReopenStream, UplinkRejected
+from ..clients.ingest import BatchSource, IngestUplink, RawBatch, ReopenStream, UplinkRejected
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from ..runtime.retry import RetryPolicy
 from .spool import Spool, format_ns
@@ -132,7 +135,7 @@ class SpoolSource(BatchSource):
         log.warning("%s: the numbering must change, so the collector takes epoch %d (fencing streams of the "
                     "old one) and opens a new stream", why, spool.epoch, extra={"epoch": spool.epoch})
 
-    async def batches_after(self, sequence: int) -> AsyncIterator[reading_pb2.ReadingBatch]:
+    async def batches_after(self, sequence: int) -> AsyncIterator[RawBatch]:
         spool = self.spool
         shift = spool.wire_shift
         cursor = sequence + shift  # resumed() made sure that the next record is cursor + 1
@@ -140,21 +143,19 @@ class SpoolSource(BatchSource):
         self._streams += 1
         try:
             while True:
-                records = spool.read_after(cursor, self.max_records)
+                records = spool.read_records_after(cursor, self.max_records)
                 if not records:
                     nxt = spool.first_after(cursor)
                     if nxt == cursor + 1 or (nxt is None and spool.high_water == cursor):
                         await spool.wait_durable_beyond(cursor)
                         continue
                     await self._hole(cursor, nxt if nxt is not None else spool.high_water + 1)
-                for seq, payload in records:
+                for seq, payload, readings in records:
                     if seq != cursor + 1:
                         await self._hole(cursor, seq)
-                    batch = reading_pb2.ReadingBatch.FromString(payload)
-                    batch.sequence = seq - shift
                     cursor = seq
-                    self._sent_through = max(self._sent_through, batch.sequence)
-                    yield batch
+                    self._sent_through = max(self._sent_through, seq - shift)
+                    yield RawBatch(seq - shift, readings, payload)
         finally:
             self._streams -= 1
 

@@ -1,8 +1,11 @@
 """The IngestService gRPC methods: proto ⇄ domain, no SQL (that is in store.py).
 
-Validation: the shared interceptor has already checked every request (and every message of the
-StreamReadings stream) against the protovalidate rules in the protos. What is checked here is what those
-rules cannot express: the stream's protocol (open first, one collector, increasing sequences, each new
+Validation: the shared interceptor has already checked every request against the protovalidate rules in
+the protos, except StreamReadings' messages: that method validates its own (``@validates_own_requests``),
+because converting a ReadingBatch reads every field of every reading anyway. Its batches are checked in the
+conversion loop (convert.batch_from_proto, which gives protovalidate's verdicts, differential-tested), its
+other messages (open) with protovalidate here (:func:`_checked`), each before anything else looks at it,
+as the interceptor did. What is checked here besides is what those rules cannot express: the stream's protocol (open first, one collector, increasing sequences, each new
 batch exactly one above the last: the sequence rule, see domain.plan_group; the epoch) and values Postgres
 cannot hold (see convert.py).
 
@@ -27,9 +30,11 @@ from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
 from ..runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, OutOfRange
+from ..runtime.interceptors import invalid_stream_message, validates_own_requests
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.timefmt import to_datetime
+from ..runtime.validation import violations_of
 from ..runtime.watch import Page, watch
 from .config import IngestConfig
 from .convert import (
@@ -50,6 +55,7 @@ from .domain import (
     MAX_RESPONSE_BYTES,
     BatchOutcome,
     PageCursor,
+    WriteBatch,
     check_bucket_count,
     datetime_to_micros,
     epoch_fenced,
@@ -70,6 +76,21 @@ _END = object()
 log = logging.getLogger(__name__)
 
 
+def _checked(request: pb.StreamReadingsRequest, index: int) -> WriteBatch | None:
+    """Message `index` of a StreamReadings stream, validated as the interceptor would (the method opts out
+    of its check): a batch is checked while it is converted (its rows are returned), anything else by
+    protovalidate. InvalidArgument with the interceptor's message if it breaks a rule."""
+    if request.WhichOneof("kind") == "batch":
+        try:
+            return batch_from_proto(request.batch)
+        except InvalidArgument as exc:
+            raise invalid_stream_message(index, exc.violations) from None
+    found = violations_of(request)
+    if found:
+        raise invalid_stream_message(index, found)
+    return None
+
+
 class IngestServicer(pb_grpc.IngestServiceServicer):
     def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: Listener,
                  feed_hub: Listener | None = None):
@@ -82,6 +103,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
     # --- write path -----------------------------------------------------------------------------------
 
+    @validates_own_requests  # each message in _checked: a batch as it is converted
     async def StreamReadings(
         self, request_iterator: AsyncIterator[pb.StreamReadingsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamReadingsResponse]:
@@ -90,6 +112,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        _checked(first, 0)
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument(FieldViolation("open", "the first message of the stream must be open"))
         opening = first.open
@@ -138,6 +161,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                             pending: asyncio.Queue[Any], window: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
         last = 0
+        index = 0  # of the message in the stream (the open message was 0)
         try:
             while True:
                 await window.acquire()
@@ -145,7 +169,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     request = await anext(requests)
                 except StopAsyncIteration:
                     break
-                if request.WhichOneof("kind") != "batch":
+                index += 1
+                converted = _checked(request, index)  # before anything else looks at it, as the interceptor did
+                if converted is None:
                     raise InvalidArgument(FieldViolation("open", "only the first message of the stream may be open"))
                 batch = request.batch
                 if batch.collector_id != session.collector_id:
@@ -170,7 +196,6 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     future: asyncio.Future[BatchOutcome] = loop.create_future()
                     future.set_result(BatchOutcome(duplicate=True, written=0))
                 else:
-                    converted = batch_from_proto(batch)
                     converted.epoch = session.epoch
                     if self.config.feed:  # the batch as received, for the committed-readings feed
                         converted.payload = batch.SerializeToString()

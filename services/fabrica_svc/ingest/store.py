@@ -47,7 +47,8 @@ pages. Sorting each group by tag_id before COPY (a stable sort, so a tag's rows 
 ~1 ms per 20,000 rows in Python) makes the inserts walk the index in order and also clusters each tag's
 rows on the heap, which helps the history queries too. That recovers most of the loss. End to end
 the index costs less than these figures suggest: ingest is bound by its own CPU (validating and
-converting ~8 µs per reading, see benchmarks/ingest.py) well before Postgres is.
+converting ~1.5 µs per reading in one pass, see README.md and benchmarks/ingest.py) well before
+Postgres is.
 
 Rejected: BRIN on read_time alone keeps COPY at full speed, but "tag X over the last 8 hours", the most
 common historian query, would then read every tag's rows of those 8 hours, and keyset paging would

@@ -5,7 +5,8 @@ written would pass ``queue_max_rows``; the stream handler is then not reading it
 control stops the client. That is the only buffer: memory stays bounded whatever the clients do.
 
 One task takes batches from the queue into a group, bounded by ``group_max_rows`` and by
-``group_max_delay`` after the first batch, and writes the group in one transaction
+``group_max_delay`` after the first batch (0 by default: a group is what queued while the previous
+transaction ran, so an idle writer writes a batch at once and a busy one in large groups), and writes the group in one transaction
 (:meth:`IngestStore.write_group`). While that transaction runs, the streams keep converting and queueing
 the next batches, so Python and Postgres work at the same time. Each batch's future resolves only after
 commit; the stream acknowledges in order by awaiting its futures in order.
