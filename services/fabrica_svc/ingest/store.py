@@ -178,7 +178,17 @@ CREATE INDEX tag_metadata_collector_idx ON tag_metadata (collector_id, tag_id);
     Migration(3, "collector epochs: the highest epoch of each collector, which fences older incarnations", """
 ALTER TABLE collector_sequences ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
 """),
+    Migration(4, "tag events carry the trace context of their batch (when it was sampled)", """
+ALTER TABLE tag_events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
+"""),
 ]
+
+def _trace_of(batch: WriteBatch) -> tuple[str | None, str | None]:
+    """The trace columns of a batch's tag events: its context when sampled, else NULL."""
+    if batch.traceparent.endswith("-01"):
+        return batch.traceparent, batch.tracestate or None
+    return None, None
+
 
 _READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
 #: The tag's columns a returned reading carries (convert.reading_from_row), over `r` (the readings) joined
@@ -379,12 +389,17 @@ class IngestStore:
                     tag_ids, plc_ids, roles,
                 )
             events = list(chain.from_iterable(b.events for b in written))
+            columns = EVENT_COLUMNS
+            if events and any(b.traceparent.endswith("-01") for b in written):
+                # Some batches' traces are sampled: their events carry the context on to production.
+                events = [(*e, *_trace_of(b)) for b in written for e in b.events]
+                columns = (*EVENT_COLUMNS, "traceparent", "tracestate")
             if events:
                 # Serialize event-writing transactions (of every replica) from here to commit, and take
                 # the cursors only now: a cursor then never becomes visible before a smaller one.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", EVENTS_LOCK_KEY)
                 await conn.copy_records_to_table(
-                    "tag_events", schema_name=SCHEMA, columns=EVENT_COLUMNS, records=events
+                    "tag_events", schema_name=SCHEMA, columns=columns, records=events
                 )
             # Latest values, the sequences and the NOTIFY in one statement (data-modifying CTEs always run).
             await conn.execute(
@@ -543,7 +558,7 @@ class IngestStore:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
                 "SELECT cursor, tag_id, plc_id, role, read_time, quality, kind, value, int_value,"
-                " text_value, bytes_value FROM ingest.tag_events"
+                " text_value, bytes_value, traceparent, tracestate FROM ingest.tag_events"
                 " WHERE cursor > $1 AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[]))"
                 "   AND ($3::text[] IS NULL OR plc_id = ANY($3::text[]))"
                 " ORDER BY cursor LIMIT $4",

@@ -34,6 +34,7 @@ from opentelemetry import metrics
 
 from ..clients.errors import error_details
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.telemetry import client_interceptors
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
 from .service import TagEventService
@@ -125,7 +126,8 @@ class TagEventConsumer:
 
     async def _consume(self, conn: asyncpg.Connection) -> None:
         """Stream and apply events while the lock's connection lives; reconnect to ingest with backoff."""
-        async with grpc.aio.insecure_channel(self.ingest_addr, options=PEER_CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(self.ingest_addr, options=PEER_CHANNEL_OPTIONS,
+                                         interceptors=client_interceptors()) as channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             while not conn.is_closed():
                 cursor = await self.tag_events.cursor(conn)

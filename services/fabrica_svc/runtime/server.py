@@ -30,7 +30,7 @@ from .interceptors import ServiceInterceptor
 from .reflection import SourceInfoPool, descriptor_set_path
 from .settings import Settings
 from .tasks import cancel_and_wait
-from .telemetry import configure_telemetry, start_metrics_endpoint
+from .telemetry import configure_telemetry, flush_traces, start_metrics_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ class ServiceHost:
         if self._interceptor is not None:
             self._interceptor.close()
         await self._release()
+        flush_traces()
         log.info("stopped", extra={"service": self.app.name})
 
     async def _release(self) -> None:
