@@ -45,7 +45,7 @@ from opentelemetry import trace
 from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_REJECTED_BY_INGEST
 from fabrica.common.v1 import reading_pb2
 
-from ..clients.ingest import BatchSource, IngestUplink, ReopenStream, UplinkRejected
+from ..clients.ingest import BatchSource, IngestUplink, ReopenStream, UplinkRejected, UplinkStats
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
 from ..runtime.telemetry import client_interceptors
 from ..runtime.retry import RetryPolicy
@@ -236,6 +236,11 @@ class Uplink:
     @property
     def connected(self) -> bool:
         return self.source.connected
+
+    @property
+    def stats(self) -> UplinkStats | None:
+        """The client's counters (None before start)."""
+        return self._client.stats if self._client is not None else None
 
     @property
     def rejected_batches(self) -> int:

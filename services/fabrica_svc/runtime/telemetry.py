@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -204,6 +205,32 @@ def parent_of(contexts: Sequence[SpanContext | None]) -> tuple[Context | None, l
 
 def is_sampled(ctx: SpanContext | None) -> bool:
     return ctx is not None and bool(ctx.trace_flags & TraceFlags.SAMPLED)
+
+
+# --- health as a metric ---------------------------------------------------------------------------------
+_health_sources: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_health_gauge = False
+
+
+def observe_health(host: object) -> None:
+    """Export `fabrica_health_serving{service}`: 1 while `host` (a ServiceHost: `.app.name`, `.serving`) is
+    SERVING, 0 while NOT_SERVING, so an alert can watch what Kubernetes' probes see."""
+    global _health_gauge
+    with _lock:
+        _health_sources[id(host)] = host
+        if _health_gauge:
+            return
+        _health_gauge = True
+
+    def callback(options):
+        for source in list(_health_sources.values()):
+            serving = getattr(source, "serving", None)
+            if serving is not None:
+                yield metrics.Observation(int(serving), {"service": source.app.name})
+
+    metrics.get_meter("fabrica.runtime").create_observable_gauge(
+        "fabrica_health_serving", callbacks=[callback],
+        description="1 while the service's health is SERVING (its dependencies are ready), 0 while NOT_SERVING")
 
 
 def start_metrics_endpoint(host: str, port: int) -> tuple[object, int] | None:
