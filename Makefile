@@ -22,8 +22,13 @@ run: $(STAMP)
 	$(VENV)/bin/fabrica run
 
 ## test: the test suite against real servers on loopback and an embedded Postgres.
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(PY) -m pytest
+
+# promtool and prometheus (the observability tests) come from Debian's prometheus package.
+.PHONY: promtool
+promtool:
+	@command -v promtool >/dev/null || { apt-get update && apt-get install -y --no-install-recommends prometheus; }
 
 ## gen: regenerate gen/ from protos/.
 gen: $(STAMP)
