@@ -125,7 +125,7 @@ class WriteBatch:
     #: The epoch of the stream the batch came on (StreamOpen.epoch); set by the stream handler.
     epoch: int = 0
     #: The batch's W3C trace context (ReadingBatch.trace_context); set by the stream handler. Stored with its
-    #: tag events when the trace is sampled (flags ...-01), so production's booking joins the trace.
+    #: tag events when the trace is sampled (trace flags with bit 0 set), so production's booking joins the trace.
     traceparent: str = ""
     tracestate: str = ""
 

@@ -183,9 +183,14 @@ ALTER TABLE tag_events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
 """),
 ]
 
+def _sampled(traceparent: str) -> bool:
+    """The traceparent's sampled flag (the low bit of its last field; 0x02 is W3C level 2's random flag)."""
+    return len(traceparent) == 55 and int(traceparent[53:], 16) & 1 == 1
+
+
 def _trace_of(batch: WriteBatch) -> tuple[str | None, str | None]:
     """The trace columns of a batch's tag events: its context when sampled, else NULL."""
-    if batch.traceparent.endswith("-01"):
+    if _sampled(batch.traceparent):
         return batch.traceparent, batch.tracestate or None
     return None, None
 
@@ -390,7 +395,7 @@ class IngestStore:
                 )
             events = list(chain.from_iterable(b.events for b in written))
             columns = EVENT_COLUMNS
-            if events and any(b.traceparent.endswith("-01") for b in written):
+            if events and any(_sampled(b.traceparent) for b in written):
                 # Some batches' traces are sampled: their events carry the context on to production.
                 events = [(*e, *_trace_of(b)) for b in written for e in b.events]
                 columns = (*EVENT_COLUMNS, "traceparent", "tracestate")
