@@ -3,8 +3,11 @@ when the trace is sampled, and only then."""
 
 from __future__ import annotations
 
+import grpc
+import pytest
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from grpc_helpers import field_violations
 
 from .support import T0_US, batch, reading, start_ingest, stream_batches
 from .test_events import collect
@@ -34,5 +37,19 @@ async def test_tag_events_carry_the_sampled_context_of_their_batch(database_url:
         assert [(e.trace_context.traceparent, e.trace_context.tracestate) for e in events] == [
             (SAMPLED, "fabrica=1"), (SAMPLED, "fabrica=1"), ("", ""), ("", ""), (SAMPLED_RANDOM, "")]
         assert not events[2].HasField("trace_context")
+    finally:
+        await ingest.stop()
+
+
+async def test_a_malformed_trace_context_is_invalid_argument_naming_the_field(database_url: str) -> None:
+    ingest = await start_ingest(database_url)
+    try:
+        for field, value in (("traceparent", "00-not-a-trace-01"), ("tracestate", "k=" + "v" * 600)):
+            bad = batch("cell-1", 1, [reading(7, T0_US, 1, role=COUNTER)])
+            setattr(bad.trace_context, field, value)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stream_batches(ingest.stub, "cell-1", [bad])
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"batch.trace_context.{field}" in field_violations(caught.value)
     finally:
         await ingest.stop()

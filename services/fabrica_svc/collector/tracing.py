@@ -11,6 +11,7 @@
 * ``collector.spool.append``: the spool write of the batch (child of the batch span).
 * ``collector.uplink.send``: a batch sent to ingest (child of the batch's context, read back from the
   batch itself, so also after a restart); always kept when the batch goes out again.
+* ``collector.batch.rejected``: a batch ingest rejected for good, set aside; always kept.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def poll_span(plc_id: str, group: str, block: object, start_ns: int, latency: fl
     if error:
         span.set_status(trace.Status(trace.StatusCode.ERROR, error[:256]))
     return span
+
+
+def trouble_span(name: str, payload: bytes | None, attributes: dict[str, object], error: str) -> None:
+    """A short span for what befell a batch (set aside after ingest rejected it), in the batch's trace and
+    always sampled."""
+    parent = trace_context_of(payload) if payload else None
+    context = trace.set_span_in_context(trace.NonRecordingSpan(parent) if parent else trace.INVALID_SPAN)
+    span = tracer.start_span(name, context=context, attributes={ALWAYS_SAMPLE: True, **attributes})
+    span.set_status(trace.Status(trace.StatusCode.ERROR, error[:256]))
+    span.end()
 
 
 # --- the batch's context in its encoding ---------------------------------------------------------------

@@ -51,7 +51,7 @@ from ..runtime.telemetry import client_interceptors
 from ..runtime.retry import RetryPolicy
 from ..runtime.telemetry import ALWAYS_SAMPLE
 from .spool import Spool, format_ns
-from .tracing import trace_context_of, tracer
+from .tracing import trace_context_of, tracer, trouble_span
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,9 @@ class Uplink:
             except OSError as exc:
                 log.error("cannot keep the rejected batch %d: %s", sequence, exc)
         details = rejected.details
+        trouble_span("collector.batch.rejected", payload, {"fabrica.collector.id": self.collector_id,
+                                                           "fabrica.batch.sequence": sequence,
+                                                           "fabrica.batch.readings": readings}, str(details))
         log.error(
             "ingest rejects batch %d for good (%s): set aside in %s with its %d readings (%s), counted as dropped; "
             "%d batches and %d readings rejected since the log was created",

@@ -53,7 +53,7 @@ from ..runtime.db import DB_UNAVAILABLE_ERRORS
 from ..runtime.errors import FieldViolation, InvalidArgument, Unavailable
 from .domain import BatchOutcome, TagCache, WriteBatch
 from .store import IngestStore
-from .tracing import commit_span
+from .tracing import commit_span, trouble_span
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +338,7 @@ class BatchWriter:
         for item, outcome in zip(group, outcomes, strict=True):
             if outcome.refused is not None:
                 self._m_batches.add(1, {"outcome": "refused"})
+                trouble_span("ingest.batch.refused", item.batch, outcome.refused)
                 log.warning("batch refused: %s", outcome.refused.message, extra={
                     "reason": outcome.refused.reason, **outcome.refused.metadata})
                 if not item.future.done():
@@ -366,6 +367,7 @@ class BatchWriter:
                 item.future.set_exception(error)
             item.session.fail(error)
             self._m_batches.add(1, {"outcome": "failed"})
+            trouble_span("ingest.batch.failed", item.batch, error)
 
     # --- open streams ---------------------------------------------------------------------------------
 
