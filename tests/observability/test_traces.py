@@ -160,8 +160,11 @@ async def test_one_trace_from_poll_to_booking_and_a_resent_batch_links_to_its_po
 
             commit = await wait_for(resent_commit, timeout=60, what="the resent batch's commit")
             assert commit.trace_id == batch.trace_id
-            sends = [x for _, x in receiver.named("collector.uplink.send") if x.parent_span_id == batch.span_id]
-            assert any(_attr(x, "fabrica.batch.resent") for x in sends)
+            def resent_send() -> bool:  # its span ends with the acknowledgement, so it may come after the commit's
+                return any(_attr(x, "fabrica.batch.resent") for _, x in receiver.named("collector.uplink.send")
+                           if x.parent_span_id == batch.span_id)
+
+            await wait_for(resent_send, timeout=30, what="the resent batch's send span, marked resent")
             # The commit reaches the poll through the batch span, exported before the kill.
             assert by_id[batch.parent_span_id][1].name == "collector.poll"
     finally:
