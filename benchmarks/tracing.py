@@ -10,8 +10,9 @@ one run, on the same machine.
   Batcher, batches cut (batch span, spool append span) into a real store-and-forward log on disk, and the
   uplink's send span per batch. Readings per second through it; "on" and "off" as for ingest.
 
-Knobs: FABRICA_BENCH_TRACE_ROWS (ingest readings, default 200,000), FABRICA_BENCH_TRACE_READINGS (collector
-readings, default 500,000). Run: ``make bench`` or ``.venv/bin/python -m benchmarks.tracing``.
+Both run alternately FABRICA_BENCH_TRACE_ROUNDS times (default 2) and the best of each is printed: the host
+is shared and noisy. Knobs: FABRICA_BENCH_TRACE_ROWS (ingest readings, default 200,000),
+FABRICA_BENCH_TRACE_READINGS (collector readings, default 500,000). Run: ``make bench`` or ``.venv/bin/python -m benchmarks.tracing``.
 """
 
 from __future__ import annotations
@@ -218,17 +219,21 @@ async def _run() -> int:
         batches = _batches(rows, 2000, day, DEFAULT_SAMPLE_RATIO)
         print(f"ingest: {rows:,} readings in batches of 2,000; collector: {readings:,} readings in polls of {TAGS};"
               f" default sample ratio {DEFAULT_SAMPLE_RATIO}", flush=True)
-        for name, env in variants.items():
-            dsn = await _fresh_database(admin, f"bench_trace_{name}")
-            results[("ingest", name)] = await _ingest_variant(dsn, env, batches, root, name)
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "benchmarks.tracing", "--collector-child", str(readings), cwd=REPO,
-                env={**os.environ, "PYTHONPATH": _pythonpath(), **env}, stdout=asyncio.subprocess.PIPE)
-            out, _ = await child.communicate()
-            if child.returncode:
-                raise RuntimeError(f"collector child exited {child.returncode}")
-            figures = json.loads(out.decode().strip().splitlines()[-1])
-            results[("collector", name)] = figures["readings"] / figures["seconds"]
+        rounds = _env_int("FABRICA_BENCH_TRACE_ROUNDS", 2)
+        for round_ in range(rounds):  # alternating, best of each: the host is shared and noisy
+            for name, env in variants.items():
+                dsn = await _fresh_database(admin, f"bench_trace_{name}_{round_}")
+                rate = await _ingest_variant(dsn, env, batches, root, name)
+                results[("ingest", name)] = max(results.get(("ingest", name), 0.0), rate)
+                child = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "benchmarks.tracing", "--collector-child", str(readings), cwd=REPO,
+                    env={**os.environ, "PYTHONPATH": _pythonpath(), **env}, stdout=asyncio.subprocess.PIPE)
+                out, _ = await child.communicate()
+                if child.returncode:
+                    raise RuntimeError(f"collector child exited {child.returncode}")
+                figures = json.loads(out.decode().strip().splitlines()[-1])
+                results[("collector", name)] = max(results.get(("collector", name), 0.0),
+                                                   figures["readings"] / figures["seconds"])
     finally:
         server.cleanup()
         shutil.rmtree(root, ignore_errors=True)
