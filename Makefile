@@ -44,8 +44,13 @@ run: $(STAMP) $(WEB_STAMP)
 	$(VENV)/bin/fabrica run
 
 ## test: the test suite against real servers on loopback and an embedded Postgres.
-test: $(STAMP) $(NPM_STAMP) $(WEB_STAMP) $(CHROMIUM)
+test: $(STAMP) $(NPM_STAMP) $(WEB_STAMP) $(CHROMIUM) promtool
 	$(PY) -m pytest
+
+# promtool and prometheus (the observability tests) come from Debian's prometheus package.
+.PHONY: promtool
+promtool:
+	@command -v promtool >/dev/null || { apt-get update && apt-get install -y --no-install-recommends prometheus; }
 
 ## gen: regenerate gen/ (Python, descriptor image) and web/src/gen/ (TypeScript) from protos/.
 gen: $(STAMP) $(NPM_STAMP)

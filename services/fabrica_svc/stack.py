@@ -26,6 +26,7 @@ from .runtime.db import resolve_database_url
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceHost
 from .runtime.settings import Settings, SettingsError, load_settings
+from .runtime.telemetry import configure_telemetry
 
 log = logging.getLogger("fabrica.run")
 
@@ -91,6 +92,9 @@ async def run_stack(args: argparse.Namespace) -> int:
         return 2
     first = settings_of[ORDER[0]]
     configure_logging("run", first.log_level, first.log_format)
+    # One process hosts every service: its spans and metrics are the stack's (service.name fabrica-run), not
+    # the first service's; each span's instrumentation scope (fabrica.collector, ...) names its service.
+    configure_telemetry("run")
     database_url = await resolve_database_url(first.database_url, data_dir)
 
     stop = asyncio.Event()

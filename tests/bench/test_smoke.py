@@ -57,3 +57,11 @@ def test_the_collector_benchmark_runs_a_step() -> None:
     out = run_benchmark("collector", FABRICA_BENCH_MAX_DEVICES="2", FABRICA_BENCH_UPLINK_READINGS="2000")
     assert "2 devices: p99" in out and "decoder alone, tags/s" in out
     assert "spool + uplink CPU per reading" in out
+
+
+def test_the_tracing_benchmark_compares_tracing_on_and_off_for_ingest_and_collector() -> None:
+    out = run_benchmark("tracing", FABRICA_BENCH_TRACE_ROWS="4000", FABRICA_BENCH_TRACE_READINGS="5000")
+    table = out[out.index("\nreadings/s") + 1:].splitlines()
+    assert table[0].split()[:3] == ["readings/s", "tracing", "off"]
+    assert table[1].startswith("ingest (acknowledged)") and table[2].startswith("collector (poll->batch")
+    assert "spans received by the OTLP receiver while tracing was on" in out

@@ -20,8 +20,12 @@ import logging
 
 from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_DISK_ERROR
 from fabrica.common.v1 import reading_pb2
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
+from ..runtime.telemetry import ALWAYS_SAMPLE, parent_of, to_proto
 from .spool import Spool, format_ns
+from .tracing import encode_batch, tracer
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +46,24 @@ class Batcher:
         self._soon = False
         if flush_when_idle:
             spool.on_drained = self._drained
+        #: The poll spans the pending readings came from (the current span at `add`), each once, and whether
+        #: one of them is of bad quality (then the batch's span is always sampled).
+        self._polls: list[SpanContext] = []
+        self._last_poll: SpanContext | None = None
+        self._bad = False
         #: Readings appended to the spool so far.
         self.readings = 0
 
     def add(self, reading: reading_pb2.Reading) -> None:
         pending = self._pending
         pending.append(reading)
+        poll = trace.get_current_span().get_span_context()
+        if poll is not self._last_poll:
+            self._last_poll = poll
+            if poll.is_valid:
+                self._polls.append(poll)
+        if reading.quality != reading_pb2.QUALITY_GOOD:
+            self._bad = True
         if len(pending) >= self.max_readings:
             self.cut()
         elif self._soon:
@@ -75,16 +91,32 @@ class Batcher:
             self._timer = None
         self._soon = False
         readings, self._pending = self._pending, []
+        polls, self._polls, self._last_poll, bad, self._bad = self._polls, [], None, self._bad, False
         if not readings:
             return
         sequence = self.spool.next_sequence()
+        parent, links = parent_of(polls)
+        attributes: dict[str, object] = {"fabrica.collector.id": self.collector_id, "fabrica.batch.sequence": sequence,
+                                         "fabrica.batch.readings": len(readings)}
+        if bad:
+            attributes[ALWAYS_SAMPLE] = True
+        with tracer.start_as_current_span("collector.batch", context=parent, links=links, attributes=attributes) as span:
+            self._append(sequence, readings, span)
+
+    def _append(self, sequence: int, readings: list[reading_pb2.Reading], span: trace.Span) -> None:
         batch = reading_pb2.ReadingBatch(collector_id=self.collector_id, sequence=sequence, readings=readings)
+        context = None
+        if span.get_span_context().is_valid:
+            context = reading_pb2.TraceContext()
+            to_proto(context, span)
         # Readings come in poll order, so the first is the oldest (within the few microseconds that separate
         # two pollers' reads).
         oldest = readings[0].read_time.ToNanoseconds()
         try:
-            self.spool.append(sequence, batch.SerializeToString(), len(readings), oldest)
+            with tracer.start_as_current_span("collector.spool.append", attributes={"fabrica.batch.sequence": sequence}):
+                self.spool.append(sequence, encode_batch(batch, context), len(readings), oldest)
         except OSError as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"spool append failed: {exc}"))
             # Not in the log, so lost: the spool counts them (DROP_REASON_DISK_ERROR), this says which.
             log.error(
                 "cannot append batch %d to the spool (%s): dropped its %d readings (read from %s to %s); %d readings "

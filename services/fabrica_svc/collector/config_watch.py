@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 
 from ..clients.errors import error_details
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.telemetry import client_interceptors
 from ..runtime.retry import RetryPolicy
 from .files import atomic_write
 from .supervisor import PlcSupervisor
@@ -79,7 +80,7 @@ class ConfigWatcher:
         return True
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS, interceptors=client_interceptors())
         stub = config_service_pb2_grpc.ConfigServiceStub(self._channel)
         self._tasks = [
             asyncio.create_task(self._watch(stub), name="config-watch"),

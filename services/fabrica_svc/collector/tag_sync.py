@@ -39,6 +39,7 @@ from ..clients.errors import error_details
 from ..clients.ingest import RETRYABLE
 from ..clients.tags import sync_tags
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.telemetry import client_interceptors
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class TagSync:
         self._wake.set()
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS, interceptors=client_interceptors())
         self._task = asyncio.create_task(self._run(self._channel), name="tag-sync")
 
     async def stop(self) -> None:

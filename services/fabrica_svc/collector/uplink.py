@@ -44,13 +44,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from opentelemetry import trace
 from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_REJECTED_BY_INGEST
 from fabrica.common.v1 import reading_pb2
 
-from ..clients.ingest import BatchSource, IngestUplink, RawBatch, ReopenStream, UplinkRejected
+from ..clients.ingest import BatchSource, IngestUplink, RawBatch, ReopenStream, UplinkRejected, UplinkStats
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.telemetry import client_interceptors
 from ..runtime.retry import RetryPolicy
+from ..runtime.telemetry import ALWAYS_SAMPLE
 from .spool import Spool, format_ns
+from .tracing import trace_context_of, tracer, trouble_span
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class SpoolSource(BatchSource):
         #: have been, by an earlier run. A duplicate above its value when a stream starts is suspicious.
         self._sent_through = spool.high_water - spool.wire_shift
         self._stream_prior = self._sent_through
+        #: The send span of each batch on the wire, by wire sequence, until its acknowledgement.
+        self._sending: dict[int, trace.Span] = {}
 
     @property
     def connected(self) -> bool:
@@ -154,10 +160,31 @@ class SpoolSource(BatchSource):
                     if seq != cursor + 1:
                         await self._hole(cursor, seq)
                     cursor = seq
-                    self._sent_through = max(self._sent_through, seq - shift)
-                    yield RawBatch(seq - shift, readings, payload)
+                    wire = seq - shift
+                    self._send_span(wire, payload, resent=wire <= self._sent_through)
+                    self._sent_through = max(self._sent_through, wire)
+                    yield RawBatch(wire, readings, payload)
         finally:
             self._streams -= 1
+            for span in self._sending.values():  # not acknowledged on this stream: sent again on the next
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "stream ended before the acknowledgement"))
+                span.end()
+            self._sending.clear()
+
+    def _send_span(self, wire: int, payload: bytes, *, resent: bool) -> None:
+        """Start the span of sending a batch, a child of the batch's own span (its context is in the record,
+        so this holds after a restart too); it ends with the acknowledgement. A batch sent again is always
+        sampled (runtime.telemetry: FabricaSampler)."""
+        parent = trace_context_of(payload)
+        attributes: dict[str, object] = {"fabrica.collector.id": self.collector_id, "fabrica.batch.sequence": wire,
+                                         "fabrica.batch.resent": resent}
+        if resent:
+            attributes[ALWAYS_SAMPLE] = True
+        context = trace.set_span_in_context(trace.NonRecordingSpan(parent) if parent else trace.INVALID_SPAN)
+        old = self._sending.pop(wire, None)
+        if old is not None:
+            old.end()
+        self._sending[wire] = tracer.start_span("collector.uplink.send", context=context, attributes=attributes)
 
     async def _hole(self, cursor: int, nxt: int) -> None:
         """The records between `cursor` (the last sent) and `nxt` left the log unsent (the size limit): the
@@ -167,8 +194,15 @@ class SpoolSource(BatchSource):
 
     async def acknowledged(self, sequence: int) -> None:
         self.spool.ack(sequence + self.spool.wire_shift)
+        span = self._sending.pop(sequence, None)
+        if span is not None:
+            span.end()
 
     async def duplicate(self, sequence: int, readings: int) -> None:
+        span = self._sending.pop(sequence, None)
+        if span is not None:
+            span.set_attribute("fabrica.batch.duplicate", True)
+            span.end()
         if sequence <= self._stream_prior:
             return  # sent before: an earlier stream's copy was committed
         spool = self.spool
@@ -206,12 +240,17 @@ class Uplink:
         return self.source.connected
 
     @property
+    def stats(self) -> UplinkStats | None:
+        """The client's counters (None before start)."""
+        return self._client.stats if self._client is not None else None
+
+    @property
     def rejected_batches(self) -> int:
         """Batches set aside since the log was created (the spool keeps the count)."""
         return self.spool.rejected_batches
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.target, options=PEER_CHANNEL_OPTIONS, interceptors=client_interceptors())
         self._client = IngestUplink(self._channel, self.collector_id, self.source, max_in_flight=self.max_in_flight,
                                     retry=self.retry, on_failure=self._on_failure)
         self._task = asyncio.create_task(self._client.run(), name="uplink")
@@ -299,6 +338,9 @@ class Uplink:
             except OSError as exc:
                 log.error("cannot keep the rejected batch %d: %s", sequence, exc)
         details = rejected.details
+        trouble_span("collector.batch.rejected", payload, {"fabrica.collector.id": self.collector_id,
+                                                           "fabrica.batch.sequence": sequence,
+                                                           "fabrica.batch.readings": readings}, str(details))
         log.error(
             "ingest rejects batch %d for good (%s): set aside in %s with its %d readings (%s), counted as dropped; "
             "%d batches and %d readings rejected since the log was created",

@@ -335,6 +335,9 @@ def tag_event_from_row(row: Mapping[str, Any]) -> tag_event_pb2.TagEvent:
     value = value_from_row(row["kind"], row["value"], row["int_value"], row["text_value"], row["bytes_value"])
     if value is not None:
         e.value.CopyFrom(value)
+    if row.get("traceparent"):
+        e.trace_context.traceparent = row["traceparent"]
+        e.trace_context.tracestate = row["tracestate"] or ""
     return e
 
 

@@ -127,6 +127,10 @@ class WriteBatch:
     #: The batch as received (the serialized ReadingBatch), for the committed-readings feed; set by the
     #: stream handler when the feed is on (store.py, "The committed-readings feed").
     payload: bytes | None = None
+    #: The batch's W3C trace context (ReadingBatch.trace_context); set by the stream handler. Stored with its
+    #: tag events when the trace is sampled (trace flags with bit 0 set), so production's booking joins the trace.
+    traceparent: str = ""
+    tracestate: str = ""
 
     @property
     def size(self) -> int:

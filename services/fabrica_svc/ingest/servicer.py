@@ -64,6 +64,7 @@ from .domain import (
     micros_to_datetime,
 )
 from .store import IngestStore
+from .tracing import duplicate_span
 from .writer import BatchWriter, StreamSession
 
 #: Events per WatchTagEvents message (and per catch-up query).
@@ -195,10 +196,14 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 if sequence <= session.resumed_at:
                     future: asyncio.Future[BatchOutcome] = loop.create_future()
                     future.set_result(BatchOutcome(duplicate=True, written=0))
+                    duplicate_span(batch, session.resumed_at)
                 else:
                     converted.epoch = session.epoch
                     if self.config.feed:  # the batch as received, for the committed-readings feed
                         converted.payload = batch.SerializeToString()
+                    if batch.HasField("trace_context"):
+                        converted.traceparent = batch.trace_context.traceparent
+                        converted.tracestate = batch.trace_context.tracestate
                     future = await self.writer.submit(session, converted)
                 pending.put_nowait((sequence, future))
             pending.put_nowait(_END)

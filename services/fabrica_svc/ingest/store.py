@@ -234,7 +234,22 @@ CREATE TABLE feed_retention (
 );
 INSERT INTO feed_retention DEFAULT VALUES;
 """),
+    Migration(5, "tag events carry the trace context of their batch (when it was sampled)", """
+ALTER TABLE tag_events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
+"""),
 ]
+
+def _sampled(traceparent: str) -> bool:
+    """The traceparent's sampled flag (the low bit of its last field; 0x02 is W3C level 2's random flag)."""
+    return len(traceparent) == 55 and int(traceparent[53:], 16) & 1 == 1
+
+
+def _trace_of(batch: WriteBatch) -> tuple[str | None, str | None]:
+    """The trace columns of a batch's tag events: its context when sampled, else NULL."""
+    if _sampled(batch.traceparent):
+        return batch.traceparent, batch.tracestate or None
+    return None, None
+
 
 _READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
 #: The tag's columns a returned reading carries (convert.reading_from_row), over `r` (the readings) joined
@@ -486,13 +501,18 @@ class IngestStore:
                     tag_ids, plc_ids, roles,
                 )
             events = list(chain.from_iterable(b.events for b in written))
+            columns = EVENT_COLUMNS
+            if events and any(_sampled(b.traceparent) for b in written):
+                # Some batches' traces are sampled: their events carry the context on to production.
+                events = [(*e, *_trace_of(b)) for b in written for e in b.events]
+                columns = (*EVENT_COLUMNS, "traceparent", "tracestate")
             if events or self.feed:
                 # Serialize event-writing transactions (of every replica) from here to commit, and take
                 # the cursors only now: a cursor then never becomes visible before a smaller one.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", EVENTS_LOCK_KEY)
             if events:
                 await conn.copy_records_to_table(
-                    "tag_events", schema_name=SCHEMA, columns=EVENT_COLUMNS, records=events
+                    "tag_events", schema_name=SCHEMA, columns=columns, records=events
                 )
             if self.feed:  # the committed-readings feed: one row per written batch (see the module docstring)
                 await conn.execute(_APPEND_FEED, *feed_columns(written), FEED_CHANNEL)
@@ -653,7 +673,7 @@ class IngestStore:
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
                 "SELECT cursor, tag_id, plc_id, role, read_time, quality, kind, value, int_value,"
-                " text_value, bytes_value FROM ingest.tag_events"
+                " text_value, bytes_value, traceparent, tracestate FROM ingest.tag_events"
                 " WHERE cursor > $1 AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[]))"
                 "   AND ($3::text[] IS NULL OR plc_id = ANY($3::text[]))"
                 " ORDER BY cursor LIMIT $4",

@@ -21,6 +21,7 @@ import grpc
 from fabrica.production.v1 import production_service_pb2, production_service_pb2_grpc
 
 from ..runtime.channels import PEER_CHANNEL_OPTIONS
+from ..runtime.telemetry import client_interceptors
 from ..runtime.notify import Listener
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.server import Resources
@@ -48,7 +49,7 @@ class _ConfigChannel:
     """The channel to config, closed on stop like the other parts."""
 
     def __init__(self, address: str):
-        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS, interceptors=client_interceptors())
 
     async def stop(self) -> None:
         await self.channel.close()

@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/common/v1/reading.proto.
  */
 export const file_fabrica_common_v1_reading: GenFile = /*@__PURE__*/
-  fileDesc("Ch9mYWJyaWNhL2NvbW1vbi92MS9yZWFkaW5nLnByb3RvEhFmYWJyaWNhLmNvbW1vbi52MSK0AQoFVmFsdWUSFAoKYm9vbF92YWx1ZRgBIAEoCEgAEhMKCWludF92YWx1ZRgCIAEoEkgAEhQKCnVpbnRfdmFsdWUYAyABKARIABIWCgxkb3VibGVfdmFsdWUYBCABKAFIABIhCgxzdHJpbmdfdmFsdWUYBSABKAlCCbpIBnIEKICABEgAEiAKC2J5dGVzX3ZhbHVlGAYgASgMQgm6SAZ6BBiAgARIAEINCgRraW5kEgW6SAIIASLDAgoHUmVhZGluZxIXCgZ0YWdfaWQYASABKARCB7pIBDICIAASNQoJcmVhZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIGukgDyAEBEicKBXZhbHVlGAMgASgLMhguZmFicmljYS5jb21tb24udjEuVmFsdWUSNwoHcXVhbGl0eRgEIAEoDjIaLmZhYnJpY2EuY29tbW9uLnYxLlF1YWxpdHlCCrpIB4IBBBABIAASFwoFZXJyb3IYBSABKAlCCLpIBXIDGIAIEhkKBnBsY19pZBgGIAEoCUIJukgGcgQQARg/EjIKBHJvbGUYByABKA4yGi5mYWJyaWNhLmNvbW1vbi52MS5UYWdSb2xlQgi6SAWCAQIQARIQCgh0YWdfbmFtZRgIIAEoCRIMCgR1bml0GAkgASgJIqYBCgxSZWFkaW5nQmF0Y2gSQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSGQoIc2VxdWVuY2UYAiABKARCB7pIBDICIAASOQoIcmVhZGluZ3MYAyADKAsyGi5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nQgu6SAiSAQUIARCQTiqgAQoHUXVhbGl0eRIXChNRVUFMSVRZX1VOU1BFQ0lGSUVEEAASEAoMUVVBTElUWV9HT09EEAESIQodUVVBTElUWV9DT01NVU5JQ0FUSU9OX0ZBSUxVUkUQAhIaChZRVUFMSVRZX0RFQ09ERV9GQUlMVVJFEAMSEQoNUVVBTElUWV9TVEFMRRAEEhgKFFFVQUxJVFlfQ09ORklHX0VSUk9SEAUqlgEKB1RhZ1JvbGUSGAoUVEFHX1JPTEVfVU5TUEVDSUZJRUQQABIYChRUQUdfUk9MRV9NRUFTVVJFTUVOVBABEh8KG1RBR19ST0xFX1BST0RVQ1RJT05fQ09VTlRFUhACEhoKFlRBR19ST0xFX1NDUkFQX0NPVU5URVIQAxIaChZUQUdfUk9MRV9NQUNISU5FX1NUQVRFEARiBnByb3RvMw", [file_buf_validate_validate, file_google_protobuf_timestamp]);
+  fileDesc("Ch9mYWJyaWNhL2NvbW1vbi92MS9yZWFkaW5nLnByb3RvEhFmYWJyaWNhLmNvbW1vbi52MSK0AQoFVmFsdWUSFAoKYm9vbF92YWx1ZRgBIAEoCEgAEhMKCWludF92YWx1ZRgCIAEoEkgAEhQKCnVpbnRfdmFsdWUYAyABKARIABIWCgxkb3VibGVfdmFsdWUYBCABKAFIABIhCgxzdHJpbmdfdmFsdWUYBSABKAlCCbpIBnIEKICABEgAEiAKC2J5dGVzX3ZhbHVlGAYgASgMQgm6SAZ6BBiAgARIAEINCgRraW5kEgW6SAIIASLDAgoHUmVhZGluZxIXCgZ0YWdfaWQYASABKARCB7pIBDICIAASNQoJcmVhZF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIGukgDyAEBEicKBXZhbHVlGAMgASgLMhguZmFicmljYS5jb21tb24udjEuVmFsdWUSNwoHcXVhbGl0eRgEIAEoDjIaLmZhYnJpY2EuY29tbW9uLnYxLlF1YWxpdHlCCrpIB4IBBBABIAASFwoFZXJyb3IYBSABKAlCCLpIBXIDGIAIEhkKBnBsY19pZBgGIAEoCUIJukgGcgQQARg/EjIKBHJvbGUYByABKA4yGi5mYWJyaWNhLmNvbW1vbi52MS5UYWdSb2xlQgi6SAWCAQIQARIQCgh0YWdfbmFtZRgIIAEoCRIMCgR1bml0GAkgASgJIt4BCgxSZWFkaW5nQmF0Y2gSQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSGQoIc2VxdWVuY2UYAiABKARCB7pIBDICIAASOQoIcmVhZGluZ3MYAyADKAsyGi5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nQgu6SAiSAQUIARCQThI2Cg10cmFjZV9jb250ZXh0GAQgASgLMh8uZmFicmljYS5jb21tb24udjEuVHJhY2VDb250ZXh0InkKDFRyYWNlQ29udGV4dBJLCgt0cmFjZXBhcmVudBgBIAEoCUI2ukgzcjEYNzItXigwMC1bMC05YS1mXXszMn0tWzAtOWEtZl17MTZ9LVswLTlhLWZdezJ9KT8kEhwKCnRyYWNlc3RhdGUYAiABKAlCCLpIBXIDKIAEKqABCgdRdWFsaXR5EhcKE1FVQUxJVFlfVU5TUEVDSUZJRUQQABIQCgxRVUFMSVRZX0dPT0QQARIhCh1RVUFMSVRZX0NPTU1VTklDQVRJT05fRkFJTFVSRRACEhoKFlFVQUxJVFlfREVDT0RFX0ZBSUxVUkUQAxIRCg1RVUFMSVRZX1NUQUxFEAQSGAoUUVVBTElUWV9DT05GSUdfRVJST1IQBSqWAQoHVGFnUm9sZRIYChRUQUdfUk9MRV9VTlNQRUNJRklFRBAAEhgKFFRBR19ST0xFX01FQVNVUkVNRU5UEAESHwobVEFHX1JPTEVfUFJPRFVDVElPTl9DT1VOVEVSEAISGgoWVEFHX1JPTEVfU0NSQVBfQ09VTlRFUhADEhoKFlRBR19ST0xFX01BQ0hJTkVfU1RBVEUQBGIGcHJvdG8z", [file_buf_validate_validate, file_google_protobuf_timestamp]);
 
 /**
  * A typed value. Exactly one kind is set.
@@ -196,6 +196,17 @@ export type ReadingBatch = Message<"fabrica.common.v1.ReadingBatch"> & {
    * @generated from field: repeated fabrica.common.v1.Reading readings = 3;
    */
   readings: Reading[];
+
+  /**
+   * Where the batch sits in a distributed trace (W3C Trace Context): the collector's batch span, which is
+   * a child of the poll that produced its first reading. It is part of the batch, so it is written to the
+   * collector's store-and-forward log with it and survives a restart: a batch sent again still links to
+   * the poll it came from. Ingest's commit span is its child (or links to it when one commit covers
+   * several batches), and the tag events of its readings carry it on to production. Optional.
+   *
+   * @generated from field: fabrica.common.v1.TraceContext trace_context = 4;
+   */
+  traceContext?: TraceContext | undefined;
 };
 
 /**
@@ -204,6 +215,37 @@ export type ReadingBatch = Message<"fabrica.common.v1.ReadingBatch"> & {
  */
 export const ReadingBatchSchema: GenMessage<ReadingBatch> = /*@__PURE__*/
   messageDesc(file_fabrica_common_v1_reading, 2);
+
+/**
+ * A W3C Trace Context (https://www.w3.org/TR/trace-context/): the `traceparent` and `tracestate` headers
+ * of a span, carried inside a message where no request headers go along with it (a batch in a log, an
+ * event in a table). At most 567 bytes.
+ *
+ * @generated from message fabrica.common.v1.TraceContext
+ */
+export type TraceContext = Message<"fabrica.common.v1.TraceContext"> & {
+  /**
+   * The `traceparent` value: version 00, a 32-hex-digit trace id, a 16-hex-digit parent span id and the
+   * trace flags, e.g. "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01". Empty: no trace.
+   *
+   * @generated from field: string traceparent = 1;
+   */
+  traceparent: string;
+
+  /**
+   * The `tracestate` value (vendor-specific entries), at most 512 bytes. Empty when there are none.
+   *
+   * @generated from field: string tracestate = 2;
+   */
+  tracestate: string;
+};
+
+/**
+ * Describes the message fabrica.common.v1.TraceContext.
+ * Use `create(TraceContextSchema)` to create a new message.
+ */
+export const TraceContextSchema: GenMessage<TraceContext> = /*@__PURE__*/
+  messageDesc(file_fabrica_common_v1_reading, 3);
 
 /**
  * Quality of a reading, as the collector judged it.
