@@ -77,10 +77,29 @@ def readings(draw: st.DrawFn) -> reading_pb2.Reading:
     return r
 
 
-batches = st.builds(
-    lambda c, s, rs: reading_pb2.ReadingBatch(collector_id=c, sequence=s, readings=rs),
-    collector_ids, u64s, st.lists(readings(), max_size=6),
+#: Trace contexts (ReadingBatch.trace_context): none, valid ones, and ones breaking the pattern, max_len or
+#: tracestate's max_bytes.
+traceparents = st.one_of(
+    st.just(""),
+    st.from_regex(r"\A00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z"),
+    st.text(max_size=60),
+    st.from_regex(r"\A00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}x+\Z"),
 )
+trace_contexts = st.one_of(
+    st.none(),
+    st.builds(lambda p, t: reading_pb2.TraceContext(traceparent=p, tracestate=t), traceparents,
+              st.one_of(st.text(max_size=20), st.text(min_size=129, max_size=200))),
+)
+
+
+def _batch(c: str, s: int, rs: list[reading_pb2.Reading], tc: reading_pb2.TraceContext | None) -> reading_pb2.ReadingBatch:
+    b = reading_pb2.ReadingBatch(collector_id=c, sequence=s, readings=rs)
+    if tc is not None:
+        b.trace_context.CopyFrom(tc)
+    return b
+
+
+batches = st.builds(_batch, collector_ids, u64s, st.lists(readings(), max_size=6), trace_contexts)
 
 
 # --- valid batches only, to show acceptance is exercised as much as rejection -----------------------------

@@ -31,6 +31,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import committed_pb2, query_pb2, tag_event_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime.validation import violations_of
 from ..runtime.timefmt import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS, timestamp_from_datetime, timestamp_is_valid
 from .domain import (
     EVENT_ROLES,
@@ -224,6 +225,9 @@ def batch_from_proto(batch: reading_pb2.ReadingBatch, prefix: str = "batch") -> 
             latest[tag_id] = row
         if role in event_roles:
             events.append((tag_id, plc_id, role, *row[1:8]))
+    if batch.HasField("trace_context"):  # field 4, after the readings as protovalidate orders them; once a
+        # batch, small: protovalidate itself checks it, so its verdict is protovalidate's by construction
+        ruled.extend(violations_of(batch.trace_context, f"{prefix}.trace_context"))
     if ruled:
         raise InvalidArgument(ruled)
     if violations:
