@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,58 @@ def _decoder_only(seconds: float = 1.5) -> float:
             block.decode(data)
         decoded += 100 * REGISTERS
     return decoded / (time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------ spool + uplink alone
+
+
+async def _spool_uplink_cpu(sink: int, readings: int, raw: bool) -> float:
+    """CPU µs of this process per reading from Batcher.add to its acknowledgement (batcher, spool on disk,
+    uplink; the readings are built beforehand, as the pollers would). `raw`: the spooled bytes go out as they
+    are (what the uplink does); otherwise each record is parsed and encoded again before it is sent (before)."""
+    from google.protobuf import timestamp_pb2
+
+    from fabrica.common.v1 import reading_pb2
+    from fabrica_svc.collector.batcher import Batcher
+    from fabrica_svc.collector.spool import Spool
+    from fabrica_svc.collector.uplink import SpoolSource, Uplink
+
+    class Reencoding(SpoolSource):
+        """The uplink's source as it was: parse each record, set its sequence, let the client encode it."""
+
+        async def batches_after(self, sequence):  # noqa: ANN001, ANN201
+            async for raw_batch in super().batches_after(sequence):
+                batch = reading_pb2.ReadingBatch.FromString(raw_batch.payload)
+                batch.sequence = raw_batch.sequence
+                yield batch
+
+    state = Path(tempfile.mkdtemp(prefix="fabrica-bench-uplink-"))
+    spool = Spool(state / "spool", 1 << 30)
+    spool.open()
+    await spool.start()
+    batcher = Batcher("bench-uplink", spool, max_readings=500, max_latency=0.2)
+    uplink = Uplink(f"127.0.0.1:{sink}", "bench-uplink", spool, state, backoff_min=0.1, backoff_max=1.0)
+    if not raw:
+        uplink.source = Reencoding(spool, "bench-uplink")
+    stamp = timestamp_pb2.Timestamp(seconds=1_740_787_200)
+    built = [reading_pb2.Reading(tag_id=1 + i % 1000, read_time=stamp, quality=1, plc_id="dev-0001",
+                                 value=reading_pb2.Value(uint_value=i & 0xFFFF)) for i in range(readings)]
+    uplink.start()
+    try:
+        await asyncio.sleep(0.2)  # connected
+        cpu = time.process_time()
+        for i in range(0, readings, 100):  # polls of 100 tags
+            for r in built[i:i + 100]:
+                batcher.add(r)
+            await asyncio.sleep(0)
+        batcher.cut()
+        while spool.acked < spool.high_water:
+            await asyncio.sleep(0.002)
+        return (time.process_time() - cpu) / readings * 1e6
+    finally:
+        await uplink.stop()
+        await spool.close()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------- the collector
@@ -232,6 +285,11 @@ def main() -> int:
             print("the device process did not start", file=sys.stderr)
             return 1
         info = json.loads(line)
+        n = int(os.environ.get("FABRICA_BENCH_UPLINK_READINGS") or 200_000)
+        before = asyncio.run(_spool_uplink_cpu(info["sink"], n, raw=False))
+        after = asyncio.run(_spool_uplink_cpu(info["sink"], n, raw=True))
+        print(f"  spool + uplink alone, {n:,} readings: collector CPU {after:.2f} µs per reading sent (before, parsing"
+              f" and encoding each batch again: {before:.2f})", flush=True)
         rows = asyncio.run(_run_collector(info["ports"], info["sink"], child.pid, steps))
     finally:
         if child.stdin:
@@ -258,6 +316,7 @@ def main() -> int:
     else:
         print(f"{'devices sustained (p99 < 100 ms)':<34}{'none of the steps':>22}{NEURON['devices']:>22,}")
     print(f"{'decoder alone, tags/s':<34}{decoder:>22,.0f}{'':>22}")
+    print(f"{'spool + uplink CPU per reading':<34}{f'{after:.2f} µs (before {before:.2f})':>22}{'':>22}")
     limit = rows[-1] if rows and not rows[-1]["ok"] else None
     if limit:
         print(f"  (at {limit['devices']} devices: p99 {limit['p99_ms']:.1f} ms, collector CPU {limit['cpu']:.0f} %, "

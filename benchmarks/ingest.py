@@ -10,16 +10,20 @@ embedded Postgres, in one run.
 Each mode writes into a fresh database of the same server. Prints rows/s, the ratios 3/1 and 3/2, the
 ingest process's peak RSS (VmHWM) and the CPU each process used during the Fabrica run.
 
-Where Fabrica's time goes (cProfile, FABRICA_BENCH_PROFILE): ingest is bound by its one Python thread.
-Per reading, the shared interceptor's protovalidate check of each ReadingBatch takes ~5-6 µs (more than
-half of it the ``reading.value_required`` CEL rule) and the conversion to rows ~2 µs; COPY, the
-transaction and gRPC are the rest. So on its own the validation caps one ingest process near 180,000
-readings/s, whatever Postgres does; scale-out is by replicas (they are stateless and share nothing but
-Postgres).
+4. Fabrica with 2 ingest processes on the same database, the clients spread over them (client k to process
+   k % 2): the aggregate beside mode 3. On a 2-core machine shared by both, Postgres and the clients this
+   shows that nothing serialises across replicas, not what more cores would buy.
+
+Where Fabrica's time goes (cProfile, FABRICA_BENCH_PROFILE; and the "validation" line, measured in this
+process): ingest is bound by its one Python thread. StreamReadings validates each ReadingBatch once, in
+the conversion loop (~1.5 µs per reading, most of it reading upb fields from Python); before, the shared
+interceptor's protovalidate check cost another 2.2-3.7 µs per reading on top of that. COPY encoding, the
+transaction and gRPC are the rest (see services/fabrica_svc/ingest/README.md).
 
 Knobs: FABRICA_BENCH_ROWS (default 1,000,000), FABRICA_BENCH_CLIENTS (4), FABRICA_BENCH_BATCH (readings per
 batch, 2,000), FABRICA_BENCH_IN_FLIGHT (batches each client keeps unacknowledged, 8),
-FABRICA_BENCH_PROFILE=<file> (run the ingest server under cProfile), FABRICA_BENCH_LOG_LEVEL and
+FABRICA_BENCH_PROFILE=<file> (run the ingest server under cProfile), FABRICA_BENCH_PYSPY=<file> (sample the
+ingest server with py-spy during the run, native frames included, as collapsed stacks), FABRICA_BENCH_LOG_LEVEL and
 FABRICA_BENCH_KEEP_LOG=<file> (the ingest server's log).
 
 Run: ``make bench`` or ``.venv/bin/python -m benchmarks.ingest``.
@@ -32,6 +36,7 @@ import multiprocessing as mp
 import operator
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -100,6 +105,10 @@ async def _count(dsn: str) -> int:
         await conn.close()
 
 
+#: CPU µs per row this process spent in raw COPY (sorting, asyncpg's encoding, the socket): set by bench_raw_copy.
+COPY_CPU_US = [float("nan")]
+
+
 async def bench_raw_copy(dsn: str, rows: list[tuple]) -> float:
     from fabrica_svc.ingest.domain import READING_COLUMNS
     from fabrica_svc.ingest.store import IngestStore
@@ -107,13 +116,14 @@ async def bench_raw_copy(dsn: str, rows: list[tuple]) -> float:
     await _create_today_partition(dsn)
     conn = await IngestStore(None, dsn).connect_writer()  # type: ignore[arg-type]
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(rows), GROUP_ROWS):
             group = sorted(rows[i:i + GROUP_ROWS], key=operator.itemgetter(0))
             async with conn.transaction():
                 await conn.copy_records_to_table("readings", schema_name="ingest", columns=READING_COLUMNS,
                                                  records=group)
         elapsed = time.perf_counter() - started
+        COPY_CPU_US[0] = (time.process_time() - cpu) / len(rows) * 1e6
     finally:
         await conn.close()
     assert await _count(dsn) == len(rows)
@@ -219,72 +229,172 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_us: int,
-                        logdir: Path) -> tuple[float, int, float, float]:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    import grpc
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # FABRICA_INSECURE=1: the figure is the write path's, without token checks (as the baselines have none).
+        return s.getsockname()[1]
+
+
+def start_ingest_process(dsn: str, logfile: Path, *, profile: str | None = None,
+                         extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
+    """``fabrica serve ingest`` on `dsn` as its own process (its log in `logfile`); returns it and its port.
+
+    FABRICA_INSECURE=1: the figure is the write path's, without token checks (as the baselines have none)."""
+    port = _free_port()
     env = {**os.environ, "DATABASE_URL": dsn, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text",
            "FABRICA_INSECURE": "1",
-           "FABRICA_LOG_LEVEL": os.environ.get("FABRICA_BENCH_LOG_LEVEL", "WARNING"), "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}"}
-    log = open(logdir / "ingest.log", "wb")  # noqa: SIM115
-    profile = os.environ.get("FABRICA_BENCH_PROFILE")  # a file: run the server under cProfile
+           "FABRICA_LOG_LEVEL": os.environ.get("FABRICA_BENCH_LOG_LEVEL", "WARNING"),
+           "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}", **(extra_env or {})}
+    log = open(logfile, "wb")  # noqa: SIM115 - the child holds it
     prefix = ["-m", "cProfile", "-o", profile] if profile else []
     server = subprocess.Popen([sys.executable, *prefix, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    log.close()
+    return server, port
+
+
+async def wait_serving(server: subprocess.Popen, port: int, logfile: Path) -> None:  # type: ignore[type-arg]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for _ in range(300):
+            try:
+                r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError(f"ingest exited: {logfile.read_text()}")
+            await asyncio.sleep(0.1)
+    raise RuntimeError("ingest did not become SERVING")
+
+
+def stop_process(server: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_us: int,
+                        logdir: Path, replicas: int = 1) -> tuple[float, int, float, float]:
+    """`replicas` ingest processes on the same database; client k streams to replica k % replicas. Returns
+    (seconds, readings acknowledged, the largest peak RSS of a replica in MiB, CPU seconds of all replicas)."""
+    profile = os.environ.get("FABRICA_BENCH_PROFILE") if replicas == 1 else None  # a file: run under cProfile
+    servers = [start_ingest_process(dsn, logdir / f"ingest-{k}.log", profile=profile) for k in range(replicas)]
     ctx = mp.get_context("spawn")
     procs: list = []
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            for _ in range(300):
-                try:
-                    r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                if server.poll() is not None:
-                    raise RuntimeError(f"ingest exited: {(logdir / 'ingest.log').read_text()}")
-                await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError("ingest did not become SERVING")
+        for k, (server, port) in enumerate(servers):
+            await wait_serving(server, port, logdir / f"ingest-{k}.log")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-        procs = [ctx.Process(target=_client, args=(k, clients, n, batch_size, start_us, f"127.0.0.1:{port}",
-                                                   ready, go, results)) for k in range(clients)]
+        procs = [ctx.Process(target=_client, args=(k, clients, n, batch_size, start_us,
+                                                   f"127.0.0.1:{servers[k % replicas][1]}", ready, go, results))
+                 for k in range(clients)]
         for p in procs:
             p.start()
         for _ in range(clients):
             await asyncio.to_thread(ready.get, True, 300)
-        server_cpu, pg_cpu = _cpu_seconds([server.pid]), _cpu_seconds(_postgres_pids())
+        pids = [s.pid for s, _ in servers]
+        spy = None
+        if os.environ.get("FABRICA_BENCH_PYSPY") and replicas == 1:  # sample the server, native frames too
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pids[0]),
+                                    "--native", "--rate", "200", "--format", "raw",
+                                    "--output", os.environ["FABRICA_BENCH_PYSPY"]],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(1.0)
+        server_cpu, pg_cpu = _cpu_seconds(pids), _cpu_seconds(_postgres_pids())
         started = time.monotonic()
         go.set()
         done = [await asyncio.to_thread(results.get, True, 600) for _ in range(clients)]
         elapsed = max(t for _, _, t, _ in done) - started
         acked = sum(w for _, w, _, _ in done)
-        peak = _peak_rss_mib(server.pid)
-        server_cpu = _cpu_seconds([server.pid]) - server_cpu
+        peak = max(_peak_rss_mib(pid) for pid in pids)
+        server_cpu = _cpu_seconds(pids) - server_cpu
         pg_cpu = _cpu_seconds(_postgres_pids()) - pg_cpu
         client_cpu = sum(c for _, _, _, c in done)
-        print(f"  CPU seconds during the run: ingest {server_cpu:.1f}, Postgres {pg_cpu:.1f},"
-              f" clients {client_cpu:.1f} (wall {elapsed:.1f} s)", flush=True)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
+            print_profile(Path(os.environ["FABRICA_BENCH_PYSPY"]))
+        print(f"  {replicas} ingest process(es): CPU seconds during the run: ingest {server_cpu:.1f}, Postgres"
+              f" {pg_cpu:.1f}, clients {client_cpu:.1f} (wall {elapsed:.1f} s)", flush=True)
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        for server, _ in servers:
+            stop_process(server)
     assert await _count(dsn) == acked == n, (acked, n)
     return elapsed, acked, peak, server_cpu
+
+
+def print_profile(path: Path, top: int = 14) -> None:
+    """The busiest frames of py-spy's collapsed stacks (`path`): share of the busy samples (idle epoll
+    waits left out) spent in each function and below it, and in each function itself."""
+    from collections import Counter
+
+    if not path.exists():
+        print(f"  (py-spy wrote no profile to {path})")
+        return
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    busy = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        if not frames or frames[-1] in ("epoll_wait", "poll", "select"):
+            continue
+        n = int(count)
+        busy += n
+        own[frames[-1]] += n
+        for name in set(frames):
+            inclusive[name] += n
+    print(f"  py-spy, {busy} busy samples of the ingest process; in and below / itself:")
+    for name in ("IngestServicer._read_batches", "batch_from_proto", "PyUpb_Message_GetAttr", "IngestStore.write_group",
+                 "Connection.copy_records_to_table", "gc_collect_main"):
+        print(f"    {inclusive[name] / max(1, busy):6.1%}  {name}")
+    for name, n in own.most_common(top):
+        print(f"    {'':6}  {n / max(1, busy):6.1%} itself  {name[:90]}")
+
+
+def validation_figures(batch_size: int) -> tuple[float, float, float]:
+    """CPU µs per reading, in this process, on a batch like the clients': the interceptor's protovalidate
+    check of the request (what every batch paid before StreamReadings validated its own), the conversion
+    that now also validates (convert.batch_from_proto), and parsing the request (what grpcio does first)."""
+    from google.protobuf import timestamp_pb2
+
+    from fabrica.common.v1 import reading_pb2
+    from fabrica.ingest.v1 import ingest_service_pb2 as pb
+    from fabrica_svc.ingest.convert import batch_from_proto
+    from fabrica_svc.runtime.validation import violations_of
+
+    start_us = _day_start_us()
+    readings = []
+    for i in range(batch_size):
+        us = start_us + i * 1000
+        readings.append(reading_pb2.Reading(
+            tag_id=1 + i % TAGS, read_time=timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000),
+            value=reading_pb2.Value(double_value=i * 0.25), quality=1, plc_id=f"plc-{(i % TAGS) // 100}", role=1))
+    request = pb.StreamReadingsRequest(batch=reading_pb2.ReadingBatch(collector_id="bench-0", sequence=1,
+                                                                      readings=readings))
+    raw = request.SerializeToString()
+
+    def per_reading(f: object) -> float:
+        f()  # type: ignore[operator]
+        rounds = max(3, 200_000 // batch_size)
+        cpu = time.process_time()
+        for _ in range(rounds):
+            f()  # type: ignore[operator]
+        return (time.process_time() - cpu) / rounds / batch_size * 1e6
+
+    return (per_reading(lambda: violations_of(request)), per_reading(lambda: batch_from_proto(request.batch)),
+            per_reading(lambda: pb.StreamReadingsRequest.FromString(raw)))
 
 
 async def _run() -> int:
@@ -309,23 +419,33 @@ async def _run() -> int:
         print(f"  naive done in {naive_s:.1f} s", flush=True)
         del rows
         fab_s, acked, peak, ingest_cpu = await bench_fabrica(await _fresh_database(admin, "bench_fabrica"), n, batch_size,
-                                                 clients, start_us, root)
+                                                             clients, start_us, root)
         print(f"  fabrica done in {fab_s:.1f} s", flush=True)
+        two_s, two_acked, two_peak, two_cpu = await bench_fabrica(
+            await _fresh_database(admin, "bench_fabrica_2"), n, batch_size, max(2, clients), start_us, root, replicas=2)
+        print(f"  fabrica, 2 ingest processes, done in {two_s:.1f} s", flush=True)
     finally:
         server.cleanup()
-        if os.environ.get("FABRICA_BENCH_KEEP_LOG"):
-            shutil.copy(root / "ingest.log", os.environ["FABRICA_BENCH_KEEP_LOG"])
+        if os.environ.get("FABRICA_BENCH_KEEP_LOG") and (root / "ingest-0.log").exists():
+            shutil.copy(root / "ingest-0.log", os.environ["FABRICA_BENCH_KEEP_LOG"])
         shutil.rmtree(root, ignore_errors=True)
 
-    raw, naive, fab = n / raw_s, n / naive_s, acked / fab_s
+    raw, naive, fab, two = n / raw_s, n / naive_s, acked / fab_s, two_acked / two_s
+    checked, converted, parsed = validation_figures(batch_size)
     print()
     print(f"{'mode':<58}{'rows/s':>12}{'seconds':>10}")
     print(f"{'1. raw asyncpg COPY, one process (the limit)':<58}{raw:>12,.0f}{raw_s:>10.1f}")
     print(f"{'2. naive: asyncio queue, one worker, executemany per batch':<58}{naive:>12,.0f}{naive_s:>10.1f}")
     print(f"{f'3. Fabrica end to end: {clients} clients -> ingest (acked)':<58}{fab:>12,.0f}{fab_s:>10.1f}")
+    print(f"{f'4. Fabrica, 2 ingest processes, {max(2, clients)} clients spread':<58}{two:>12,.0f}{two_s:>10.1f}")
     print()
     print(f"ratio 3/1: {fab / raw:.0%}   ratio 3/2: {fab / naive:.2f}x   ingest peak RSS: {peak:.0f} MiB"
           f"   ingest CPU: {ingest_cpu / acked * 1e6:.1f} µs per reading")
+    print(f"scale-out 4/3: {two / fab:.2f}x   (2 processes: peak RSS {two_peak:.0f} MiB each at most, ingest CPU"
+          f" {two_cpu / two_acked * 1e6:.1f} µs per reading; {os.cpu_count()} CPUs shared with Postgres and the clients)")
+    print(f"CPU µs per reading, measured apart in this process: request parse {parsed:.2f}   one pass, validate +"
+          f" convert {converted:.2f}   COPY (sort + asyncpg encoding) {COPY_CPU_US[0]:.2f}   (before, on top:"
+          f" protovalidate in the interceptor {checked:.2f})")
     return 0
 
 

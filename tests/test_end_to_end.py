@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from fabrica_svc.runtime.server import ServiceHost
 from fabrica_svc.runtime.settings import load_settings
 from fabrica_svc.stack import PORTS_USED
 from procs import PLAINTEXT, free_base_port, wait_for
+from web.grpcweb_client import call as grpc_web_call
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +138,8 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fabrica_svc.cli", "run", "--data-dir", str(tmp_path / "data"),
-                                 "--base-port", str(base)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "--base-port", str(base), "--web-port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         banner = ""
         for _ in range(600):
@@ -168,6 +171,18 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
                     break
                 time.sleep(0.1)
             assert good > 0, "the demo order was not filled from the simulated counter"
+        # The same order through the web origin `fabrica run` prints: its gRPC-Web gateway.
+        web = re.search(r"^  web +(http://127\.0\.0\.1:\d+)/", banner, re.MULTILINE)
+        assert web, banner
+        # The gateway calls the services over TLS (the local CA) and forwards the browser's token, adding
+        # none of its own: without one the services answer UNAUTHENTICATED through it.
+        anonymous = grpc_web_call(web.group(1), "/fabrica.production.v1.ProductionService/ListOrders",
+                                  prod_pb.ListOrdersRequest())
+        assert anonymous.status == grpc.StatusCode.UNAUTHENTICATED.value[0], (anonymous.status, anonymous.message)
+        reply = grpc_web_call(web.group(1), "/fabrica.production.v1.ProductionService/ListOrders",
+                              prod_pb.ListOrdersRequest(), headers={"authorization": f"Bearer {admin}"})
+        assert reply.status == 0 and len(reply.messages) == 1, (reply.status, reply.message)
+        assert "DEMO-0001" in [o.number for o in prod_pb.ListOrdersResponse.FromString(reply.messages[0]).orders]
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)

@@ -18,6 +18,10 @@ How each command is checked:
   Commands run with FABRICA_DATA_DIR naming the stack's data folder, so `fabrica token` in an assignment
   signs with that stack's key, as it does with `make run`'s `.fabrica` for a reader.
 - `make <target>`: the target is real (`make -n <target>` exits 0); not run.
+- client generation (`.venv/bin/buf generate`, `.venv/bin/python -m grpc_tools.protoc`, and the `mkdir -p`
+  before them): run as written from the repository root, offline, in the order the doc shows them; each must
+  exit 0 and leave generated files in every output folder it names (`--X_out=DIR`; for buf generate, the
+  `out` of each plugin of its template).
 - `kubectl kustomize <dir>`: run when kubectl is installed (it works offline), else the folder must exist.
 - other `kubectl` and `docker` commands need a cluster or a Docker daemon: not run, but every repository path
   they name must exist.
@@ -45,6 +49,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 
@@ -133,6 +138,9 @@ def _kind(command: Command) -> str:
     words = command.words()
     if words[0] in GRPCURL:
         return "grpcurl"
+    if words[:2] == [".venv/bin/buf", "generate"] or words[:3] == [".venv/bin/python", "-m", "grpc_tools.protoc"] \
+            or words[:2] == ["mkdir", "-p"]:
+        return "codegen"
     if words[0] == "make":
         return "make"
     if words[:2] == ["kubectl", "kustomize"]:
@@ -324,7 +332,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "fabrica_svc.cli", "run", "--data-dir", str(tmp / "data"),
-                                 "--base-port", str(base)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "--base-port", str(base), "--web-port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         text = ""
         for _ in range(1200):  # bounded: 120 s
@@ -420,6 +429,32 @@ def test_the_docs_cluster_commands_name_real_files() -> None:
                 assert done.returncode == 0 and "kind: Deployment" in done.stdout, f"{command.where}: {done.stderr}"
             else:
                 assert (REPO / words[2] / "kustomization.yaml").exists(), command.where
+
+
+def _codegen_outputs(words: list[str]) -> list[Path]:
+    """The folders a client-generation command writes into."""
+    if words[:2] == ["mkdir", "-p"]:
+        return []
+    if words[0].endswith("buf"):
+        template = words[words.index("--template") + 1] if "--template" in words else "buf.gen.yaml"
+        config = yaml.safe_load((REPO / template).read_text())
+        return [REPO / plugin["out"] for plugin in config["plugins"]]
+    return [REPO / w.split("=", 1)[1] for w in words if re.fullmatch(r"--\w+_out=[^:]+", w)]
+
+
+def test_the_docs_client_generation_commands_run() -> None:
+    """Offline, as written: the descriptor image (gen/fabrica/image.binpb) is all they need."""
+    commands = [c for c in doc_commands() if _kind(c) == "codegen"]
+    assert any(c.words()[0].endswith("buf") for c in commands), "the README shows no buf generate"
+    for command in commands:  # the output folders removed first: what is there afterwards, a command wrote
+        for folder in _codegen_outputs(command.words()):
+            assert folder.resolve().is_relative_to(REPO / "build"), f"{command.where}: generate into build/"
+            shutil.rmtree(folder, ignore_errors=True)
+    for command in commands:
+        done = _run(_script(command, command.text))
+        assert done.returncode == 0, f"{command.where}: {command.text}\n{done.stdout}\n{done.stderr}"
+        for folder in _codegen_outputs(command.words()):
+            assert any(p.is_file() for p in folder.rglob("*")), f"{command.where}: nothing generated into {folder}"
 
 
 @pytest.mark.slow

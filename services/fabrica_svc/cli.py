@@ -3,6 +3,7 @@
   fabrica serve <config|ingest|production|collector> [--port N]   run one service (what a container runs)
   fabrica run                                                      the whole local stack, for trying it out
   fabrica token --role R --user U [--data-dir D] [--ttl 8h]        a bearer token signed by `run`'s local key
+  fabrica grpc-web [--port N]                                      the gRPC-Web gateway and web UI alone
   fabrica plcsim                                                   the PLC simulator
 """
 
@@ -95,6 +96,20 @@ def _duration(text: str) -> float:
     return value
 
 
+def _grpc_web(args: argparse.Namespace) -> int:
+    from .grpcweb.app import load_gateway_settings, serve_gateway
+
+    settings = load_gateway_settings()
+    base = settings.base
+    if args.port is not None:
+        base = base.with_overrides(port=args.port)
+    if args.host is not None:
+        base = base.with_overrides(host=args.host)
+    configure_logging("grpc-web", base.log_level, base.log_format)
+    asyncio.run(serve_gateway(settings.with_overrides(base=base)))
+    return 0
+
+
 def _plcsim(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .plcsim.cli import main as plcsim_main
 
@@ -115,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the embedded Postgres and local state live (FABRICA_DATA_DIR, else .fabrica)")
     run.add_argument("--base-port", type=int, default=50051, help="config on this port, the others on the next ones")
     run.add_argument("--no-demo", action="store_true", help="do not create the demo plant, PLCs and order")
+    run.add_argument("--web-port", type=int, default=8080,
+                     help="the web UI and gRPC-Web gateway's HTTP port (0: any free port)")
+
+    web = sub.add_parser("grpc-web", help="the gRPC-Web gateway and web UI; upstreams and CORS origins come "
+                                          "from environment variables (fabrica_svc/grpcweb/app.py)")
+    web.add_argument("--port", type=int, help="HTTP port (overrides FABRICA_PORT; default 8080)")
+    web.add_argument("--host", help="address to bind (overrides FABRICA_HOST)")
 
     token = sub.add_parser("token", help="mint a bearer token with the local signing key of `fabrica run`")
     token.add_argument("--role", required=True,
@@ -142,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "token":
             return _token(args)
+        if args.command == "grpc-web":
+            return _grpc_web(args)
     except SettingsError as exc:
         print(f"fabrica: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """`fabrica run`: the whole local stack in one process, for trying Fabrica out.
 
 An embedded Postgres in --data-dir (unless DATABASE_URL names one), every service on consecutive ports from
---base-port, and (unless --no-demo) the PLC simulator with a demo plant, demo PLC definitions and a demo
+--base-port, the web UI with the gRPC-Web gateway on --web-port (http://127.0.0.1:8080), and (unless
+--no-demo) the PLC simulator with a demo plant, demo PLC definitions and a demo
 order, so live data flows as soon as it starts. Ctrl-C stops it all.
 
 Each service gets its settings as `fabrica serve` would read them, pointed at this stack (its port, the
@@ -32,12 +33,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from .grpcweb.app import Gateway, GatewaySettings, load_gateway_settings
 from .local_tls import LocalPki
 from .runtime.auth import LocalKey, ensure_local_key, mint_token
 from .runtime.db import resolve_database_url
 from .runtime.logs import configure_logging
 from .runtime.server import ServiceHost
 from .runtime.settings import Settings, SettingsError, load_settings
+from .runtime.telemetry import configure_telemetry
 
 log = logging.getLogger("fabrica.run")
 
@@ -61,7 +64,8 @@ VERIFIER_VARIABLES = ("FABRICA_JWT_PUBLIC_KEY_FILE", "FABRICA_JWKS_URL", "FABRIC
 TOKEN_VARIABLES = ("FABRICA_TOKEN_FILE", "FABRICA_TOKEN")
 
 
-def _banner(hosts: dict[str, ServiceHost], extra: list[str], auth_lines: Sequence[str] = ()) -> str:
+def _banner(hosts: dict[str, ServiceHost], extra: list[str], auth_lines: Sequence[str] = (),
+            web: Gateway | None = None) -> str:
     cfg = hosts["config"].address
     how = grpcurl_transport(hosts["config"].settings)
     tls = hosts["config"].settings.tls
@@ -72,6 +76,11 @@ def _banner(hosts: dict[str, ServiceHost], extra: list[str], auth_lines: Sequenc
         metrics = f"   metrics http://127.0.0.1:{host.metrics_port}/metrics" if host.metrics_port else ""
         peer = f"   peer (mutual TLS) {host.peer_address}" if host.peer_address else ""
         lines.append(f"  {name:<11} {host.address}{peer}{metrics}")
+    if web is not None:
+        what = "the web UI (log in with a token, e.g. the admin token below), and gRPC-Web to every service" \
+            if web.settings.web_dist else \
+            "gRPC-Web to every service (the UI is not built: npm run build in web/)"
+        lines.append(f"  {'web':<11} {web.url}/   {what}")
     lines += extra
     lines += auth_lines
     lines += [
@@ -170,6 +179,24 @@ def _auth_lines(key: LocalKey, settings: Settings, data_dir: Path) -> tuple[list
     ], admin
 
 
+def gateway_settings(hosts: Mapping[str, ServiceHost], web_port: int, data_dir: Path,
+                     env: Mapping[str, str] | None = None) -> GatewaySettings:
+    """The settings of this stack's gRPC-Web gateway: on 127.0.0.1:`web_port`, its upstreams the services'
+    user ports (TLS without client certificates, verified with the local CA: the gateway gets a certificate
+    of its own from it, ``service:grpc-web``), forwarding each browser's own ``authorization`` header; the
+    gateway sends no token of its own (runtime/channels.py adds none without FABRICA_TOKEN*)."""
+    env = os.environ if env is None else env
+    web_env = {"FABRICA_LOG_FORMAT": "text", **env}
+    for variable in TOKEN_VARIABLES:  # a browser's call carries its caller's token, never the gateway's
+        web_env.pop(variable, None)
+    if hosts["config"].settings.tls is not None:
+        web_env.update(LocalPki(data_dir).service("grpc-web").env())
+    settings = load_gateway_settings(web_env)
+    return settings.with_overrides(
+        base=settings.base.with_overrides(host="127.0.0.1", port=web_port, token="", token_file=None),
+        upstreams={name: host.address for name, host in hosts.items()})
+
+
 async def run_stack(args: argparse.Namespace) -> int:
     from .cli import create_app
 
@@ -183,6 +210,9 @@ async def run_stack(args: argparse.Namespace) -> int:
         return 2
     first = settings_of[ORDER[0]]
     configure_logging("run", first.log_level, first.log_format)
+    # One process hosts every service: its spans and metrics are the stack's (service.name fabrica-run), not
+    # the first service's; each span's instrumentation scope (fabrica.collector, ...) names its service.
+    configure_telemetry("run")
     database_url = await resolve_database_url(first.database_url, data_dir)
 
     stop = asyncio.Event()
@@ -191,25 +221,30 @@ async def run_stack(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     hosts: dict[str, ServiceHost] = {}
+    web: Gateway | None = None
     try:
         for name in ORDER:
             settings = settings_of[name].with_overrides(database_url=database_url)
             host = ServiceHost(create_app(name, settings), settings)
             await host.start()
             hosts[name] = host
+        web = Gateway(gateway_settings(hosts, args.web_port, data_dir))
+        await web.start()
         extra: list[str] = [f"  postgres    {shown_dsn(database_url)}"]
         auth_lines, admin = _auth_lines(key, first, data_dir)
         async with contextlib.AsyncExitStack() as demo:
             from .demo import start_demo  # noqa: PLC0415 - the demo pulls in the simulator only when run
 
             extra += await start_demo(demo, hosts, args, data_dir, token=admin)
-            print(_banner(hosts, extra, auth_lines), flush=True)
+            print(_banner(hosts, extra, auth_lines, web), flush=True)
             await stop.wait()
             log.info("stopping")
     except SettingsError as exc:
         print(f"fabrica run: {exc}")
         return 2
     finally:
+        if web is not None:
+            await web.stop(grace=1)
         for host in reversed(list(hosts.values())):
             await host.stop(grace=1)
     return 0

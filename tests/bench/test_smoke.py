@@ -34,13 +34,34 @@ def test_the_fuzz_benchmark_fuzzes_every_service_and_reports_throughput_and_memo
     assert all(row[-1] == "yes" for row in rows.values()), table  # every server alive after its fuzz
 
 
-def test_the_ingest_benchmark_runs_its_three_modes() -> None:
-    out = run_benchmark("ingest", FABRICA_BENCH_ROWS="3000", FABRICA_BENCH_CLIENTS="1", FABRICA_BENCH_BATCH="500")
-    for mode in ("1. raw asyncpg COPY", "2. naive", "3. Fabrica end to end"):
+def test_the_ingest_benchmark_runs_its_four_modes(tmp_path: Path) -> None:
+    out = run_benchmark("ingest", FABRICA_BENCH_ROWS="3000", FABRICA_BENCH_CLIENTS="1", FABRICA_BENCH_BATCH="500",
+                        FABRICA_BENCH_PYSPY=str(tmp_path / "ingest.pyspy"))
+    for mode in ("1. raw asyncpg COPY", "2. naive", "3. Fabrica end to end", "4. Fabrica, 2 ingest processes"):
         assert mode in out
-    assert "ratio 3/1" in out
+    assert "ratio 3/1" in out and "µs per reading" in out and "ingest peak RSS" in out
+    assert "scale-out 4/3" in out and "CPU µs per reading, measured apart" in out
+    assert "py-spy" in out  # its profile of the ingest process, or that it could not take one here
+
+
+def test_the_freshness_benchmark_measures_each_load_with_and_without_flush_when_idle() -> None:
+    out = run_benchmark("freshness", FABRICA_BENCH_FRESH_SECONDS="0.5")
+    assert "sustained:" in out
+    table = out[out.index("\nload ") + 1:].splitlines()
+    assert table[0].split()[:2] == ["load", "batching"]
+    loads = [line for line in table[1:] if line.startswith(("light", "50%", "90%"))]
+    assert len(loads) == 6 and sum("flush when idle" in line for line in loads) == 3
 
 
 def test_the_collector_benchmark_runs_a_step() -> None:
-    out = run_benchmark("collector", FABRICA_BENCH_MAX_DEVICES="2")
+    out = run_benchmark("collector", FABRICA_BENCH_MAX_DEVICES="2", FABRICA_BENCH_UPLINK_READINGS="2000")
     assert "2 devices: p99" in out and "decoder alone, tags/s" in out
+    assert "spool + uplink CPU per reading" in out
+
+
+def test_the_tracing_benchmark_compares_tracing_on_and_off_for_ingest_and_collector() -> None:
+    out = run_benchmark("tracing", FABRICA_BENCH_TRACE_ROWS="4000", FABRICA_BENCH_TRACE_READINGS="5000")
+    table = out[out.index("\nreadings/s") + 1:].splitlines()
+    assert table[0].split()[:3] == ["readings/s", "tracing", "off"]
+    assert table[1].startswith("ingest (acknowledged)") and table[2].startswith("collector (poll->batch")
+    assert "spans received by the OTLP receiver while tracing was on" in out

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fabrica.collector.v1 import collector_service_pb2
 from fabrica.config.v1 import config_service_pb2
 from fabrica.ingest.v1 import ingest_service_pb2
 from fabrica.production.v1 import production_service_pb2
@@ -53,11 +54,12 @@ ADDRESSES = {
     "collector": {"FABRICA_CONFIG_ADDR": "config", "FABRICA_INGEST_ADDR": "ingest"},
 }
 
-#: The gRPC services the UI reaches through Envoy, and the Envoy cluster of each.
+#: The gRPC services the UI reaches through Envoy (the collector: its admin API), and the Envoy cluster of each.
 BROWSER_SERVICES = {
     "config": config_service_pb2.DESCRIPTOR.services_by_name["ConfigService"],
     "ingest": ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"],
     "production": production_service_pb2.DESCRIPTOR.services_by_name["ProductionService"],
+    "collector": collector_service_pb2.DESCRIPTOR.services_by_name["CollectorService"],
 }
 FILTER_TYPES = {
     "envoy.filters.http.grpc_web": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb",

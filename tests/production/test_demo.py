@@ -7,9 +7,11 @@ from datetime import UTC, timedelta
 import asyncpg
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import tag_event_pb2
+from fabrica.production.v1 import master_data_pb2 as md
 from fabrica.production.v1 import order_pb2 as S
 from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from fabrica_svc.production.demo import create_demo
 from in_process import Server
@@ -28,9 +30,22 @@ async def test_create_demo(stub: pb_grpc.ProductionServiceStub, server: Server, 
     reasons = (await stub.ListDowntimeReasons(pb.ListDowntimeReasonsRequest())).downtime_reasons
     assert {r.id for r in reasons if not r.counts_against_availability} == {"BREAK"}
 
+    item = (await stub.GetItem(pb.GetItemRequest(id=order.item_id))).item
+    assert item.ideal_cycle_time.ToNanoseconds() == 450_000_000
+
     again = await create_demo(stub, plc_id="demo-press", production_counter_tag_id=11, scrap_counter_tag_id=12,
                               machine_state_tag_id=13)
     assert again == order, "a second call changes nothing"
+    assert (await stub.GetItem(pb.GetItemRequest(id=order.item_id))).item == item
+
+    # A data folder from a run with the old ideal cycle time (0.5 s, a performance above 100 %) is corrected.
+    await stub.UpdateItem(pb.UpdateItemRequest(
+        item=md.Item(id=item.id, ideal_cycle_time=duration_pb2.Duration(nanos=500_000_000), etag=item.etag),
+        update_mask=field_mask_pb2.FieldMask(paths=["ideal_cycle_time"])))
+    await create_demo(stub, plc_id="demo-press", production_counter_tag_id=11, scrap_counter_tag_id=12,
+                      machine_state_tag_id=13)
+    fixed = (await stub.GetItem(pb.GetItemRequest(id=order.item_id))).item
+    assert fixed.ideal_cycle_time.ToNanoseconds() == 450_000_000
 
     # A fresh config database gave the tags new ids: the work centre follows them.
     await create_demo(stub, plc_id="demo-press", production_counter_tag_id=21, machine_state_tag_id=23)

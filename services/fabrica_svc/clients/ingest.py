@@ -22,6 +22,12 @@ the stream to be opened again, e.g. with a new epoch before it renumbers), may e
 reopened at once (:class:`ReopenStream`), and hears of every batch acknowledged as a duplicate
 (:meth:`BatchSource.duplicate`).
 
+Encoded once. The stream is a stream-stream call with an identity request serializer: every request goes
+out as bytes the uplink builds. A source may give a batch as a :class:`RawBatch`, the serialized
+``ReadingBatch`` it already holds (the collector's spool), which then goes on the wire as it is, framed as
+the ``batch`` field of a ``StreamReadingsRequest`` (:func:`frame_batch`); a ``ReadingBatch`` message is
+serialized once. So a collector's batch is encoded once in its life, by its batcher.
+
 Example::
 
     channel = grpc.aio.insecure_channel(target, options=runtime.channels.PEER_CHANNEL_OPTIONS)
@@ -36,13 +42,12 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Union
 
 import grpc
 
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
-from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from .errors import ErrorDetails, error_details
@@ -61,13 +66,64 @@ RETRYABLE: frozenset[grpc.StatusCode] = frozenset({
 })
 
 
+_STREAM_READINGS = "/{}/StreamReadings".format(pb.DESCRIPTOR.services_by_name["IngestService"].full_name)
+#: Wire tags (field number << 3 | wire type) of StreamReadingsRequest.batch and ReadingBatch.sequence.
+_BATCH_TAG = bytes([pb.StreamReadingsRequest.BATCH_FIELD_NUMBER << 3 | 2])
+_SEQUENCE_TAG = bytes([reading_pb2.ReadingBatch.SEQUENCE_FIELD_NUMBER << 3 | 0])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def frame_batch(payload: bytes, sequence: int) -> bytes:
+    """A serialized StreamReadingsRequest whose ``batch`` is the serialized ReadingBatch `payload` with its
+    sequence set to `sequence`: `payload` is copied as it is, followed by the sequence field, which a
+    protobuf parser takes over the one in `payload` (for a scalar field given twice, the last one wins)."""
+    inner = _SEQUENCE_TAG + _varint(sequence)
+    return b"".join((_BATCH_TAG, _varint(len(payload) + len(inner)), payload, inner))
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """A batch as the bytes of a serialized ReadingBatch, sent as they are (:func:`frame_batch`) under
+    `sequence`, whatever sequence `payload` itself carries. `readings` is how many it holds."""
+
+    sequence: int
+    readings: int
+    payload: bytes
+
+
+#: What a source gives: a message (serialized once, when sent) or the bytes of one (sent as they are).
+Batch = Union[reading_pb2.ReadingBatch, RawBatch]
+
+
+def _identity(request: bytes) -> bytes:
+    return request
+
+
+def _count(batch: Batch) -> int:
+    return batch.readings if isinstance(batch, RawBatch) else len(batch.readings)
+
+
+def _request_bytes(batch: Batch) -> bytes:
+    if isinstance(batch, RawBatch):
+        return frame_batch(batch.payload, batch.sequence)
+    return pb.StreamReadingsRequest(batch=batch).SerializeToString()
+
+
 class BatchSource(Protocol):
     """Where the uplink's batches come from. Sequences start at 1 and strictly increase; ingest stores a batch
     only when it is exactly one above the committed sequence. Subclass it to inherit the defaults of the
     optional methods (no epoch, nothing to do on resume or on a duplicate)."""
 
-    def batches_after(self, sequence: int) -> AsyncIterator[reading_pb2.ReadingBatch]:
-        """The batches with a sequence above `sequence`, in order. Called again after every reconnect.
+    def batches_after(self, sequence: int) -> AsyncIterator[Batch]:
+        """The batches (messages or :class:`RawBatch`) with a sequence above `sequence`, in order. Called again after every reconnect.
         It may wait for new batches (a live collector) or end (a finite source: the uplink then finishes
         once everything is acknowledged), or raise :class:`ReopenStream`."""
         ...
@@ -164,7 +220,9 @@ class IngestUplink:
         retryable: frozenset[grpc.StatusCode] = RETRYABLE,
         on_failure: FailureHandler | None = None,
     ):
-        self.stub = pb_grpc.IngestServiceStub(channel)
+        # StreamReadings with an identity request serializer: requests are bytes (see the module's docstring).
+        self._open_call = channel.stream_stream(_STREAM_READINGS, request_serializer=_identity,
+                                                response_deserializer=pb.StreamReadingsResponse.FromString)
         self.collector_id = collector_id
         self.source = source
         #: Read when a stream opens: a failure handler may change it for the next attempt.
@@ -224,7 +282,7 @@ class IngestUplink:
         del self.stats.errors[:-100]
 
     async def _stream(self) -> None:
-        call = self.stub.StreamReadings()
+        call = self._open_call()
         self.stats.streams += 1
         in_flight: deque[tuple[int, int]] = deque()  # (sequence, readings)
         window = asyncio.Semaphore(self.max_in_flight)
@@ -235,7 +293,7 @@ class IngestUplink:
             epoch, new_epoch = self.source.stream_epoch()
             opening = pb.StreamOpen(collector_id=self.collector_id, epoch=epoch, new_epoch=new_epoch)
             with contextlib.suppress(asyncio.InvalidStateError):  # the call already ended: read() says why
-                await call.write(pb.StreamReadingsRequest(open=opening))
+                await call.write(pb.StreamReadingsRequest(open=opening).SerializeToString())
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "resume":
                 raise _Retry("stream ended before resume")
@@ -253,9 +311,9 @@ class IngestUplink:
                                 raise ValueError(f"source gave sequence {batch.sequence} after {last}")
                             last = batch.sequence
                             await window.acquire()
-                            in_flight.append((batch.sequence, len(batch.readings)))
+                            in_flight.append((batch.sequence, _count(batch)))
                             self._first_unacked = in_flight[0][0]
-                            await call.write(pb.StreamReadingsRequest(batch=batch))
+                            await call.write(_request_bytes(batch))
                     except ReopenStream:
                         reopen.set()  # end this stream after its acks; run() opens the next at once
                     await call.done_writing()

@@ -30,7 +30,7 @@ from .batcher import Batcher
 from .config_watch import ConfigWatcher
 from .drivers import BusRegistry
 from .files import DirectoryLock
-from .metrics import PollMetrics, SpoolFigures, register_spool, unregister_spool
+from .metrics import CollectorFigures, PollMetrics, SpoolFigures, register_spool, unregister_spool
 from .servicer import CollectorServicer
 from .settings import CollectorSettings, load_collector_settings
 from .spool import Spool
@@ -132,6 +132,19 @@ class CollectorApp:
 
     def spool_figures(self) -> SpoolFigures:
         return SpoolFigures.of(self.spool)
+
+    def collector_figures(self) -> CollectorFigures:
+        stats = self.uplink.stats
+        plcs = {}
+        for plc_id, poller in self.supervisor.pollers.items():
+            status = poller.status
+            interval = min((g.interval for g in poller.groups), default=0.0)
+            plcs[plc_id] = (status.connected, status.last_good_read_ns / 1e9, interval)
+        return CollectorFigures(
+            uplink_connected=self.uplink.connected, readings_sent=stats.readings_written if stats else 0,
+            batches_written=stats.batches_written if stats else 0,
+            batches_duplicate=stats.batches_duplicate if stats else 0,
+            config_connected=self.watcher.connected, config_revision=self.watcher.revision, plcs=plcs)
 
 
 def create_app(settings: Settings, config: CollectorSettings | None = None, *,

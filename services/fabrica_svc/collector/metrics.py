@@ -41,6 +41,37 @@ class SpoolFigures:
                    spool.rejected_batches, spool.suspicious_duplicates)
 
 
+@dataclass(frozen=True)
+class CollectorFigures:
+    """What the uplink's, the configuration's and the PLCs' gauges show."""
+
+    uplink_connected: bool = False
+    readings_sent: int = 0
+    batches_written: int = 0
+    batches_duplicate: int = 0
+    config_connected: bool = False
+    config_revision: int = 0
+    #: plc_id -> (connected, wall clock of the last good block read in seconds (0: none), shortest poll
+    #: interval of its groups in seconds).
+    plcs: Mapping[str, tuple[bool, float, float]] = None  # type: ignore[assignment]
+
+
+def _collector(values: Callable[[CollectorFigures], Iterable[tuple[float, dict[str, str]]]]) -> object:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        for source in list(_sources):
+            figures_of = getattr(source, "collector_figures", None)
+            if figures_of is None:
+                continue
+            try:
+                figures = figures_of()
+            except Exception:  # a collector starting or shutting down; skip it this time
+                continue
+            for value, attributes in values(figures):
+                yield Observation(value, {"collector_id": source.collector_id, **attributes})
+
+    return callback
+
+
 class SpoolView(Protocol):
     collector_id: str
 
@@ -117,6 +148,37 @@ def _setup() -> dict[str, object]:
             "fabrica_collector_suspicious_duplicates", callbacks=[_observe(_one("suspicious_duplicates"))],
             description="Batches ingest acknowledged as duplicates the first time the collector sent them (another "
             "writer uses its collector id; their readings were most likely not stored), since the log was created")
+        meter.create_observable_gauge(
+            "fabrica_collector_uplink_connected", callbacks=[_collector(lambda f: [(int(f.uplink_connected), {})])],
+            description="1 while the collector's stream to ingest is open (ingest answered its resume)")
+        meter.create_observable_counter(
+            "fabrica_collector_readings_sent", callbacks=[_collector(lambda f: [(f.readings_sent, {})])],
+            description="Readings ingest acknowledged as stored, since the collector started")
+        meter.create_observable_counter(
+            "fabrica_collector_batches_acknowledged",
+            callbacks=[_collector(lambda f: [(f.batches_written, {"outcome": "written"}),
+                                             (f.batches_duplicate, {"outcome": "duplicate"})])],
+            description="Batches ingest acknowledged since the collector started, by outcome (written, duplicate); "
+            "refused ones are fabrica_collector_rejected_batches")
+        meter.create_observable_gauge(
+            "fabrica_collector_config_connected", callbacks=[_collector(lambda f: [(int(f.config_connected), {})])],
+            description="1 while the collector follows the configuration (WatchPlcs open)")
+        meter.create_observable_gauge(
+            "fabrica_collector_config_revision_applied",
+            callbacks=[_collector(lambda f: [(f.config_revision, {})])],
+            description="The configuration revision the collector applied (0: none yet)")
+        meter.create_observable_gauge(
+            "fabrica_collector_plc_connected",
+            callbacks=[_collector(lambda f: [(int(c), {"plc_id": p}) for p, (c, _, _) in (f.plcs or {}).items()])],
+            description="1 while the collector has a working connection to the PLC, by PLC")
+        meter.create_observable_gauge(
+            "fabrica_collector_last_good_read_timestamp", unit="s",
+            callbacks=[_collector(lambda f: [(t, {"plc_id": p}) for p, (_, t, _) in (f.plcs or {}).items() if t])],
+            description="Unix time of the PLC's last successful block read, by PLC")
+        meter.create_observable_gauge(
+            "fabrica_collector_poll_interval", unit="s",
+            callbacks=[_collector(lambda f: [(i, {"plc_id": p}) for p, (_, _, i) in (f.plcs or {}).items() if i])],
+            description="The PLC's shortest poll interval, by PLC")
         return _instruments
 
 

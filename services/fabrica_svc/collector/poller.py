@@ -46,6 +46,7 @@ from typing import Any
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import plc_pb2
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
 
 from ..plcmodel.plc import block_limits
 from ..plcmodel.spec import DecodeError, TagSpec, TagSpecError
@@ -55,6 +56,7 @@ from .blocks import ModbusBlock
 from .drivers import Block, BlockData, CommunicationError, Driver, PlcConfigError
 from .metrics import PollMetrics
 from .split import plan_fitting, read_block
+from .tracing import poll_span
 from .tags import compiled, tag_violations, to_value, value_kind
 
 log = logging.getLogger(__name__)
@@ -483,13 +485,17 @@ class Poller:
         changed = False
         for block, retry in jobs:
             t0 = time.perf_counter()
+            t0_ns = time.time_ns()
             try:
                 result = await read_block(driver, block, self.limits)
             except CommunicationError as exc:
                 if metrics:
                     metrics.reads.add(1, {**self._attrs, "outcome": "communication_error"})
                 self._count(good, "GOOD")
-                await self._communication_failure(str(exc))
+                span = poll_span(self.plc_id, group.name, block, t0_ns, time.perf_counter() - t0,
+                                 "COMMUNICATION_FAILURE", str(exc))
+                with trace.use_span(span, end_on_exit=True):  # the bad readings come from this read
+                    await self._communication_failure(str(exc))
                 self._advance(group)
                 return
             status.read_latency = elapsed = time.perf_counter() - t0
@@ -514,23 +520,26 @@ class Poller:
                 changed = True
             else:
                 plan.append(block)
-            ns = self._wall_ns()
-            stamp = timestamp_from_ns(ns)
-            if result.reads:
-                status.last_good_read_ns = ns
-            for part, data in result.reads:
-                n_good, n_bad, failed = self._report_block(part, data, stamp, force)
-                good += n_good
-                bad += n_bad
-                had_error = had_error or failed
-            if not retry:
-                for part, error in result.failed:
-                    had_error = True
-                    status.last_error = str(error)
-                    for spec, _ in part.tags:
-                        bad += self._bad(self.by_id[spec.tag_id], DECODE_FAILURE, str(error), stamp, force)
-            for spec, error in result.absent:
-                self._mark_absent(group, spec, error, stamp, force)
+            span = poll_span(self.plc_id, group.name, block, t0_ns, elapsed,
+                             "GOOD" if not (refused or result.failed) else "DECODE_FAILURE")
+            with trace.use_span(span, end_on_exit=True):  # readings emitted here carry the poll's context
+                ns = self._wall_ns()
+                stamp = timestamp_from_ns(ns)
+                if result.reads:
+                    status.last_good_read_ns = ns
+                for part, data in result.reads:
+                    n_good, n_bad, failed = self._report_block(part, data, stamp, force)
+                    good += n_good
+                    bad += n_bad
+                    had_error = had_error or failed
+                if not retry:
+                    for part, error in result.failed:
+                        had_error = True
+                        status.last_error = str(error)
+                        for spec, _ in part.tags:
+                            bad += self._bad(self.by_id[spec.tag_id], DECODE_FAILURE, str(error), stamp, force)
+                for spec, error in result.absent:
+                    self._mark_absent(group, spec, error, stamp, force)
         if changed or len(jobs) > len(group.blocks):
             if changed:
                 group.blocks = sorted(plan, key=_block_order)

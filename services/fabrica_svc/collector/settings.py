@@ -11,6 +11,7 @@ FABRICA_COLLECTOR_LOG_MAX_BYTES     Size limit of the store-and-forward log; abo
                                     the oldest segment is dropped (counted and logged)
 FABRICA_COLLECTOR_BATCH_SIZE        Readings per batch sent to ingest (cut when reached)  500
 FABRICA_COLLECTOR_BATCH_LATENCY_MS  Longest a reading waits for its batch to be cut      200
+                                    while acks are outstanding (none in flight: at once)
 FABRICA_COLLECTOR_RECONNECT_MIN     First reconnect delay, seconds (PLCs, config, ingest) 0.5
 FABRICA_COLLECTOR_RECONNECT_MAX     Longest reconnect delay, seconds                      30
 FABRICA_COLLECTOR_STATUS_INTERVAL   Seconds between ReportCollectorStatus calls           15

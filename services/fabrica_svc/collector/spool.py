@@ -71,7 +71,7 @@ import struct
 import time
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +163,8 @@ class Spool:
         self.segment_bytes = segment_bytes or max(1024, min(8 * 1024 * 1024, max_bytes // 16))
         self.acked = 0
         self.high_water = 0
+        #: Called when an acknowledgement covers every batch appended (nothing in flight: collector/batcher.py).
+        self.on_drained: Callable[[], None] | None = None
         #: Readings that left the log without being acknowledged, by DropReason (since the log was created).
         self.dropped: dict[int, int] = dict.fromkeys(DROP_STATE_KEYS, 0)
         #: Batches ingest rejected for good (see `reject`).
@@ -435,8 +437,15 @@ class Spool:
     def read_after(self, after: int, max_records: int = 64, max_bytes: int = 8 * 1024 * 1024, *,
                    durable_only: bool = True) -> list[tuple[int, bytes]]:
         """Durable records with a sequence above `after`, in order (skipping dropped ones)."""
+        return [(seq, payload) for seq, payload, _ in self.read_records_after(after, max_records, max_bytes,
+                                                                               durable_only=durable_only)]
+
+    def read_records_after(self, after: int, max_records: int = 64, max_bytes: int = 8 * 1024 * 1024, *,
+                           durable_only: bool = True) -> list[tuple[int, bytes, int]]:
+        """Like :meth:`read_after`, with each record's number of readings (from the index): (sequence,
+        payload, readings)."""
         limit = self._durable if durable_only else self.high_water
-        out: list[tuple[int, bytes]] = []
+        out: list[tuple[int, bytes, int]] = []
         size = 0
         for seg in list(self._segments):
             if seg.last_seq <= after:
@@ -454,7 +463,7 @@ class Spool:
                             fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
                         record = os.pread(fd, seg.lengths[i], seg.offsets[i])
                         payload = record[HEADER.size:]
-                    out.append((seq, payload))
+                    out.append((seq, payload, seg.counts[i]))
                     size += len(payload)
                     i += 1
             except FileNotFoundError:
@@ -493,6 +502,8 @@ class Spool:
                 break
         self.acked = sequence
         self._wake.set()
+        if sequence >= self.high_water and self.on_drained is not None:
+            self.on_drained()
 
     def reject(self, sequence: int) -> tuple[bytes | None, int]:
         """Ingest will never take batch `sequence`, the first unacknowledged one: acknowledge it, and count it

@@ -2,7 +2,10 @@
 
 `SpoolSource` is the client's BatchSource over the store-and-forward log: after every (re)connect it
 yields the durable batches above the sequence ingest reports as committed, then waits for new ones; each
-acknowledgement (and the resume point itself) acknowledges the spool, which deletes what ingest has.
+acknowledgement (and the resume point itself) acknowledges the spool, which deletes what ingest has. It
+yields each record's bytes as they are (`RawBatch`: the client frames them as the request's ``batch`` and
+sets the wire sequence after them), so a batch is encoded once in its life, by the batcher, and never
+parsed again on its way to ingest.
 
 Wire numbering. Ingest stores a batch only when it is exactly one above the committed sequence (a batch
 further ahead is refused), but the log has holes where batches left it without reaching ingest: the size
@@ -41,14 +44,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from opentelemetry import trace
 from fabrica.collector.v1.collector_service_pb2 import DROP_REASON_REJECTED_BY_INGEST
 from fabrica.common.v1 import reading_pb2
 
-from ..clients.ingest import BatchSource, IngestUplink, ReopenStream, UplinkRejected
+from ..clients.ingest import BatchSource, IngestUplink, RawBatch, ReopenStream, UplinkRejected, UplinkStats
 from ..runtime.channels import peer_channel
 from ..runtime.settings import Settings
 from ..runtime.retry import RetryPolicy
+from ..runtime.telemetry import ALWAYS_SAMPLE
 from .spool import Spool, format_ns
+from .tracing import trace_context_of, tracer, trouble_span
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,8 @@ class SpoolSource(BatchSource):
         #: have been, by an earlier run. A duplicate above its value when a stream starts is suspicious.
         self._sent_through = spool.high_water - spool.wire_shift
         self._stream_prior = self._sent_through
+        #: The send span of each batch on the wire, by wire sequence, until its acknowledgement.
+        self._sending: dict[int, trace.Span] = {}
 
     @property
     def connected(self) -> bool:
@@ -133,7 +141,7 @@ class SpoolSource(BatchSource):
         log.warning("%s: the numbering must change, so the collector takes epoch %d (fencing streams of the "
                     "old one) and opens a new stream", why, spool.epoch, extra={"epoch": spool.epoch})
 
-    async def batches_after(self, sequence: int) -> AsyncIterator[reading_pb2.ReadingBatch]:
+    async def batches_after(self, sequence: int) -> AsyncIterator[RawBatch]:
         spool = self.spool
         shift = spool.wire_shift
         cursor = sequence + shift  # resumed() made sure that the next record is cursor + 1
@@ -141,23 +149,42 @@ class SpoolSource(BatchSource):
         self._streams += 1
         try:
             while True:
-                records = spool.read_after(cursor, self.max_records)
+                records = spool.read_records_after(cursor, self.max_records)
                 if not records:
                     nxt = spool.first_after(cursor)
                     if nxt == cursor + 1 or (nxt is None and spool.high_water == cursor):
                         await spool.wait_durable_beyond(cursor)
                         continue
                     await self._hole(cursor, nxt if nxt is not None else spool.high_water + 1)
-                for seq, payload in records:
+                for seq, payload, readings in records:
                     if seq != cursor + 1:
                         await self._hole(cursor, seq)
-                    batch = reading_pb2.ReadingBatch.FromString(payload)
-                    batch.sequence = seq - shift
                     cursor = seq
-                    self._sent_through = max(self._sent_through, batch.sequence)
-                    yield batch
+                    wire = seq - shift
+                    self._send_span(wire, payload, resent=wire <= self._sent_through)
+                    self._sent_through = max(self._sent_through, wire)
+                    yield RawBatch(wire, readings, payload)
         finally:
             self._streams -= 1
+            for span in self._sending.values():  # not acknowledged on this stream: sent again on the next
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "stream ended before the acknowledgement"))
+                span.end()
+            self._sending.clear()
+
+    def _send_span(self, wire: int, payload: bytes, *, resent: bool) -> None:
+        """Start the span of sending a batch, a child of the batch's own span (its context is in the record,
+        so this holds after a restart too); it ends with the acknowledgement. A batch sent again is always
+        sampled (runtime.telemetry: FabricaSampler)."""
+        parent = trace_context_of(payload)
+        attributes: dict[str, object] = {"fabrica.collector.id": self.collector_id, "fabrica.batch.sequence": wire,
+                                         "fabrica.batch.resent": resent}
+        if resent:
+            attributes[ALWAYS_SAMPLE] = True
+        context = trace.set_span_in_context(trace.NonRecordingSpan(parent) if parent else trace.INVALID_SPAN)
+        old = self._sending.pop(wire, None)
+        if old is not None:
+            old.end()
+        self._sending[wire] = tracer.start_span("collector.uplink.send", context=context, attributes=attributes)
 
     async def _hole(self, cursor: int, nxt: int) -> None:
         """The records between `cursor` (the last sent) and `nxt` left the log unsent (the size limit): the
@@ -167,8 +194,15 @@ class SpoolSource(BatchSource):
 
     async def acknowledged(self, sequence: int) -> None:
         self.spool.ack(sequence + self.spool.wire_shift)
+        span = self._sending.pop(sequence, None)
+        if span is not None:
+            span.end()
 
     async def duplicate(self, sequence: int, readings: int) -> None:
+        span = self._sending.pop(sequence, None)
+        if span is not None:
+            span.set_attribute("fabrica.batch.duplicate", True)
+            span.end()
         if sequence <= self._stream_prior:
             return  # sent before: an earlier stream's copy was committed
         spool = self.spool
@@ -208,6 +242,11 @@ class Uplink:
     @property
     def connected(self) -> bool:
         return self.source.connected
+
+    @property
+    def stats(self) -> UplinkStats | None:
+        """The client's counters (None before start)."""
+        return self._client.stats if self._client is not None else None
 
     @property
     def rejected_batches(self) -> int:
@@ -303,6 +342,9 @@ class Uplink:
             except OSError as exc:
                 log.error("cannot keep the rejected batch %d: %s", sequence, exc)
         details = rejected.details
+        trouble_span("collector.batch.rejected", payload, {"fabrica.collector.id": self.collector_id,
+                                                           "fabrica.batch.sequence": sequence,
+                                                           "fabrica.batch.readings": readings}, str(details))
         log.error(
             "ingest rejects batch %d for good (%s): set aside in %s with its %d readings (%s), counted as dropped; "
             "%d batches and %d readings rejected since the log was created",

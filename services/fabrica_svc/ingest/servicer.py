@@ -1,8 +1,11 @@
 """The IngestService gRPC methods: proto ⇄ domain, no SQL (that is in store.py).
 
-Validation: the shared interceptor has already checked every request (and every message of the
-StreamReadings stream) against the protovalidate rules in the protos. What is checked here is what those
-rules cannot express: the stream's protocol (open first, one collector, increasing sequences, each new
+Validation: the shared interceptor has already checked every request against the protovalidate rules in
+the protos, except StreamReadings' messages: that method validates its own (``@validates_own_requests``),
+because converting a ReadingBatch reads every field of every reading anyway. Its batches are checked in the
+conversion loop (convert.batch_from_proto, which gives protovalidate's verdicts, differential-tested), its
+other messages (open) with protovalidate here (:func:`_checked`), each before anything else looks at it,
+as the interceptor did. What is checked here besides is what those rules cannot express: the stream's protocol (open first, one collector, increasing sequences, each new
 batch exactly one above the last: the sequence rule, see domain.plan_group; the epoch) and values Postgres
 cannot hold (see convert.py).
 
@@ -27,13 +30,16 @@ from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
 from ..runtime import audit, principal
-from ..runtime.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
+from ..runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, OutOfRange
+from ..runtime.interceptors import invalid_stream_message, validates_own_requests
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.timefmt import to_datetime
+from ..runtime.validation import violations_of
 from ..runtime.watch import Page, watch
 from .config import IngestConfig
 from .convert import (
+    FeedFilter,
     batch_from_proto,
     bucket_from_row,
     check_filter,
@@ -50,6 +56,7 @@ from .domain import (
     MAX_RESPONSE_BYTES,
     BatchOutcome,
     PageCursor,
+    WriteBatch,
     check_bucket_count,
     datetime_to_micros,
     epoch_fenced,
@@ -58,24 +65,47 @@ from .domain import (
     micros_to_datetime,
 )
 from .store import IngestStore
+from .tracing import duplicate_span
 from .writer import BatchWriter, StreamSession
 
 #: Events per WatchTagEvents message (and per catch-up query).
 EVENTS_PAGE = 500
+#: Committed batches per WatchCommittedReadings message at most (fewer when their payload passes
+#: MAX_RESPONSE_BYTES; a batch is at most one received message, so one alone always fits).
+FEED_PAGE = 200
 _END = object()
 
 log = logging.getLogger(__name__)
 
 
+def _checked(request: pb.StreamReadingsRequest, index: int) -> WriteBatch | None:
+    """Message `index` of a StreamReadings stream, validated as the interceptor would (the method opts out
+    of its check): a batch is checked while it is converted (its rows are returned), anything else by
+    protovalidate. InvalidArgument with the interceptor's message if it breaks a rule."""
+    if request.WhichOneof("kind") == "batch":
+        try:
+            return batch_from_proto(request.batch)
+        except InvalidArgument as exc:
+            raise invalid_stream_message(index, exc.violations) from None
+    found = violations_of(request)
+    if found:
+        raise invalid_stream_message(index, found)
+    return None
+
+
 class IngestServicer(pb_grpc.IngestServiceServicer):
-    def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: Listener):
+    def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: Listener,
+                 feed_hub: Listener | None = None):
         self.config = config
         self.store = store
         self.writer = writer
         self.hub = hub
+        #: The Listener on the committed-readings feed's channel (store.FEED_CHANNEL).
+        self.feed_hub = feed_hub if feed_hub is not None else hub
 
     # --- write path -----------------------------------------------------------------------------------
 
+    @validates_own_requests  # each message in _checked: a batch as it is converted
     async def StreamReadings(
         self, request_iterator: AsyncIterator[pb.StreamReadingsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamReadingsResponse]:
@@ -84,6 +114,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             first = await anext(requests)
         except StopAsyncIteration:
             return
+        _checked(first, 0)
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument(FieldViolation("open", "the first message of the stream must be open"))
         opening = first.open
@@ -133,6 +164,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                             pending: asyncio.Queue[Any], window: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
         last = 0
+        index = 0  # of the message in the stream (the open message was 0)
         try:
             while True:
                 await window.acquire()
@@ -140,7 +172,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     request = await anext(requests)
                 except StopAsyncIteration:
                     break
-                if request.WhichOneof("kind") != "batch":
+                index += 1
+                converted = _checked(request, index)  # before anything else looks at it, as the interceptor did
+                if converted is None:
                     raise InvalidArgument(FieldViolation("open", "only the first message of the stream may be open"))
                 batch = request.batch
                 principal.require_collector(batch.collector_id)
@@ -165,9 +199,14 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 if sequence <= session.resumed_at:
                     future: asyncio.Future[BatchOutcome] = loop.create_future()
                     future.set_result(BatchOutcome(duplicate=True, written=0))
+                    duplicate_span(batch, session.resumed_at)
                 else:
-                    converted = batch_from_proto(batch)
                     converted.epoch = session.epoch
+                    if self.config.feed:  # the batch as received, for the committed-readings feed
+                        converted.payload = batch.SerializeToString()
+                    if batch.HasField("trace_context"):
+                        converted.traceparent = batch.trace_context.traceparent
+                        converted.tracestate = batch.trace_context.tracestate
                     future = await self.writer.submit(session, converted)
                 pending.put_nowait((sequence, future))
             pending.put_nowait(_END)
@@ -228,6 +267,50 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             return Page([response], after, more=True)
         # A short page: every event up to `high` was visible to that query, nothing below it can still appear.
         return Page([response], max(after, page.high))
+
+    # --- the committed-readings feed ---------------------------------------------------------------------
+
+    async def WatchCommittedReadings(
+        self, request: pb.WatchCommittedReadingsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchCommittedReadingsResponse]:
+        found: list[FieldViolation] = []
+        check_tag_ids(request.tag_ids, "tag_ids", found)
+        if found:
+            raise InvalidArgument(found)
+        if not self.config.feed:
+            raise FailedPrecondition("this ingest keeps no committed-readings feed (FABRICA_INGEST_FEED=off)",
+                                     reason="FEED_DISABLED")
+        after = request.after_cursor
+        if after == 0 and request.start_at_end:
+            # Where "now" is, at once: a consumer stores it and resumes from it, even if nothing commits.
+            after = await self.store.feed_head()
+            yield pb.WatchCommittedReadingsResponse(cursor=after, head_cursor=after)
+        read = functools.partial(self._feed_page, FeedFilter.of(request.plc_ids, request.tag_ids))
+        async with contextlib.aclosing(watch(self.feed_hub, read, after)) as out:
+            async for response in out:
+                yield response
+
+    async def _feed_page(self, where: FeedFilter, after: int) -> Page[pb.WatchCommittedReadingsResponse, int]:
+        """The committed batches after cursor `after` (up to FEED_PAGE, about MAX_RESPONSE_BYTES), narrowed
+        by `where`, in one message. A page whose batches the filter left out entirely gives a message with
+        no batches that moves the cursor (so a consumer can store it), once per read, and only when it
+        moves. OUT_OF_RANGE if retention removed batches after `after`."""
+        page = await self.store.feed_page(after, where.plc_ids, FEED_PAGE, MAX_RESPONSE_BYTES)
+        if 0 < after < page.purged_through:
+            raise OutOfRange(
+                f"after_cursor {after} is older than the retained committed batches (batches up to "
+                f"{page.purged_through} were removed by retention); resume from 0 for the oldest retained batch",
+                reason="CURSOR_OUT_OF_RANGE", metadata={"purged_through": str(page.purged_through)},
+            )
+        if page.complete:  # every matching batch up to `high`: nothing at or below it can still appear
+            cursor = max(after, page.high)
+        else:  # cut by the row or byte limit: read again at once after the last one
+            cursor = page.rows[-1]["cursor"]
+        batches = [b for b in map(where.committed_batch, page.rows) if b is not None]
+        if not batches and cursor == after:
+            return Page([], after)
+        response = pb.WatchCommittedReadingsResponse(batches=batches, cursor=cursor, head_cursor=page.high)
+        return Page([response], cursor, more=not page.complete)
 
     # --- read path ------------------------------------------------------------------------------------
 
@@ -313,6 +396,33 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
                                context: grpc.aio.ServicerContext) -> pb.ListAuditEntriesResponse:
         return await audit.list_response(self.store.pool, request, pb.ListAuditEntriesResponse)
+
+    async def WatchLatestValues(
+        self, request: pb.WatchLatestValuesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchLatestValuesResponse]:
+        """A snapshot of the latest values, then each tag whose latest reading changed, every
+        latest_watch_interval (the query GetLatestValues makes; one per interval per stream)."""
+        found: list[FieldViolation] = []
+        if not request.tag_ids and not request.plc_id:
+            found.append(FieldViolation("tag_ids", "name tag_ids or a plc_id"))
+        check_tag_ids(request.tag_ids, "tag_ids", found)
+        if found:
+            raise InvalidArgument(found)
+        seen: dict[int, bytes] = {}
+        snapshot = True
+        while True:
+            rows = await self.store.latest(list(request.tag_ids), request.plc_id)
+            readings, _ = readings_from_rows(rows, 2**62)
+            changed = []
+            for r in readings:
+                wire = r.SerializeToString(deterministic=True)
+                if seen.get(r.tag_id) != wire:
+                    seen[r.tag_id] = wire
+                    changed.append(r)
+            if snapshot or changed:
+                yield pb.WatchLatestValuesResponse(readings=changed, snapshot=snapshot)
+                snapshot = False
+            await asyncio.sleep(self.config.latest_watch_interval)
 
     async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
         """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""

@@ -5,7 +5,8 @@ written would pass ``queue_max_rows``; the stream handler is then not reading it
 control stops the client. That is the only buffer: memory stays bounded whatever the clients do.
 
 One task takes batches from the queue into a group, bounded by ``group_max_rows`` and by
-``group_max_delay`` after the first batch, and writes the group in one transaction
+``group_max_delay`` after the first batch (0 by default: a group is what queued while the previous
+transaction ran, so an idle writer writes a batch at once and a busy one in large groups), and writes the group in one transaction
 (:meth:`IngestStore.write_group`). While that transaction runs, the streams keep converting and queueing
 the next batches, so Python and Postgres work at the same time. Each batch's future resolves only after
 commit; the stream acknowledges in order by awaiting its futures in order.
@@ -46,13 +47,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 
 from ..runtime.tasks import cancel_and_wait
 from ..runtime.db import DB_UNAVAILABLE_ERRORS
 from ..runtime.errors import FieldViolation, InvalidArgument, Unavailable
 from .domain import BatchOutcome, TagCache, WriteBatch
 from .store import IngestStore
+from .tracing import commit_span, trouble_span
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +290,22 @@ class BatchWriter:
 
     async def _transaction(self, group: Sequence[_Pending]) -> tuple[list[BatchOutcome], list[tuple[int, str, int]]]:
         batches = [p.batch for p in group]
+        span = commit_span(batches)
+        try:
+            outcomes, tag_changes = await self._transaction_of(batches)
+        except BaseException as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:256]))
+            raise
+        else:
+            span.set_attribute("fabrica.ingest.rows_written", sum(o.written for o in outcomes))
+            span.set_attribute("fabrica.ingest.batches_refused", sum(o.refused is not None for o in outcomes))
+        finally:
+            span.set_attribute("fabrica.ingest.commit_seconds", (time.time_ns() - span.start_time) / 1e9
+                               if getattr(span, "start_time", None) else 0.0)
+            span.end()
+        return outcomes, tag_changes
+
+    async def _transaction_of(self, batches: list[WriteBatch]) -> tuple[list[BatchOutcome], list[tuple[int, str, int]]]:
         tag_changes = self.tags.changes(batches)
         started = time.perf_counter()
         if self._conn is None or self._conn.is_closed():
@@ -321,6 +339,7 @@ class BatchWriter:
         for item, outcome in zip(group, outcomes, strict=True):
             if outcome.refused is not None:
                 self._m_batches.add(1, {"outcome": "refused"})
+                trouble_span("ingest.batch.refused", item.batch, outcome.refused)
                 log.warning("batch refused: %s", outcome.refused.message, extra={
                     "reason": outcome.refused.reason, **outcome.refused.metadata})
                 if not item.future.done():
@@ -349,6 +368,7 @@ class BatchWriter:
                 item.future.set_exception(error)
             item.session.fail(error)
             self._m_batches.add(1, {"outcome": "failed"})
+            trouble_span("ingest.batch.failed", item.batch, error)
 
     # --- open streams ---------------------------------------------------------------------------------
 

@@ -30,16 +30,29 @@ import time
 import asyncpg
 import grpc
 from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..clients.errors import error_details
 from ..runtime.channels import peer_channel
 from ..runtime.settings import Settings
+from ..runtime.telemetry import from_proto, parent_of
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
 from .service import TagEventService
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("fabrica.production")
+
+
+def booking_span(events) -> trace.Span:
+    """The span of applying one message of tag events (the bookings derived from them): a child of the first
+    sampled event's batch (TagEvent.trace_context), with a link to each batch, so the booking closes the trace
+    that began with the PLC read."""
+    parent, links = parent_of([from_proto(e.trace_context) for e in events if e.HasField("trace_context")])
+    return tracer.start_as_current_span(
+        "production.book", context=parent or trace.set_span_in_context(trace.INVALID_SPAN), links=links,
+        attributes={"fabrica.production.events": len(events)})
 
 
 class TagEventConsumer:
@@ -69,6 +82,20 @@ class TagEventConsumer:
                                                description="Counter jumps and unusable values flagged, not booked")
         self._active_gauge = meter.create_up_down_counter(
             "fabrica_production_consumer_active", description="1 while this process consumes tag events")
+        #: (lag of the newest event applied in seconds, wall time it was applied, whether the stream is open).
+        self._lag = (0.0, 0.0, False)
+        meter.create_observable_gauge(
+            "fabrica_tag_events_lag", unit="s", callbacks=[self._observe_lag],
+            description="How far a tag-event consumer is behind: the age of the newest event it applied when it "
+            "applied it, plus the time since then while its stream to ingest is down, by consumer")
+
+    def _observe_lag(self, options: CallbackOptions) -> list[Observation]:
+        if not self.active.is_set():
+            return []  # a standby replica is not the consumer
+        lag, at, connected = self._lag
+        if not connected and at:
+            lag += max(0.0, time.time() - at)
+        return [Observation(lag, {"consumer": "production"})]
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="production-tag-event-consumer")
@@ -136,7 +163,14 @@ class TagEventConsumer:
                 call = stub.WatchTagEvents(ingest_service_pb2.WatchTagEventsRequest(after_cursor=cursor))
                 try:
                     async for response in call:
-                        result = await self.tag_events.apply_tag_events(conn, response.events)
+                        with booking_span(response.events) as span:
+                            result = await self.tag_events.apply_tag_events(conn, response.events)
+                            span.set_attributes({"fabrica.production.booked_good": result.booked_good,
+                                                 "fabrica.production.booked_scrap": result.booked_scrap,
+                                                 "fabrica.production.anomalies": result.anomalies})
+                        if response.events:
+                            now = time.time()
+                            self._lag = (max(0.0, now - response.events[-1].read_time.ToNanoseconds() / 1e9), now, True)
                         self.cursor = result.cursor
                         self._backoff.reset()
                         self._last_problem = ""
@@ -149,6 +183,7 @@ class TagEventConsumer:
                                 "cursor": result.cursor, "events": result.applied, "good": result.booked_good,
                                 "scrap": result.booked_scrap, "anomalies": result.anomalies})
                     log.info("WatchTagEvents ended; reconnecting")
+                    self._lag = (self._lag[0], self._lag[1] or time.time(), False)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
                         # Ingest no longer has the events after our cursor: they are lost to us. Carry on from
@@ -158,6 +193,7 @@ class TagEventConsumer:
                         await self.tag_events.reset_cursor(conn)
                     else:
                         self._warn_ingest(str(error_details(exc)))
+                    self._lag = (self._lag[0], self._lag[1] or time.time(), False)
                 finally:
                     call.cancel()
                 await self._backoff.wait()

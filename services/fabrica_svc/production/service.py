@@ -17,7 +17,7 @@ import asyncpg
 from fabrica.ingest.v1 import tag_event_pb2
 
 from ..runtime import audit
-from ..runtime.errors import Aborted, FailedPrecondition, NotFound
+from ..runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from ..runtime.pages import etag_of
 from ..runtime.timefmt import timestamp_is_valid, to_datetime
 from . import booking, convert, domain
@@ -286,6 +286,31 @@ class ProductionService:
             classified = await downtime.classify(conn, did, reason_id, note)
             await audit.record(conn, f"downtimes/{did}", f"classified as {reason_id!r}")
             return classified
+
+    async def end_downtime(self, downtime_id: str, end: datetime | None) -> records.Downtime:
+        """End an open stop entered by hand at `end` (the transaction's time when None)."""
+        did = parse_id(downtime_id, "downtime")
+        async with self.db.write() as conn:
+            stop = await downtime.get(conn, did, lock=True)
+            if stop is None:
+                raise NotFound(f"no downtime with id {downtime_id!r}", metadata={"downtime_id": downtime_id})
+            subject = f"downtimes/{did}"
+            if stop.end_time is not None:
+                raise precondition("DOWNTIME_STATE", subject, f"the stop ended already, at {stop.end_time.isoformat()}",
+                                   "DOWNTIME_NOT_OPEN", downtime_id=downtime_id)
+            if stop.automatic:
+                raise precondition("DOWNTIME_STATE", subject, "the machine-state tag opened this stop; it ends when "
+                                   "the machine runs again", "DOWNTIME_AUTOMATIC", downtime_id=downtime_id)
+            t_now = await now(conn)
+            end = end or t_now
+            if end <= stop.start_time:
+                raise InvalidArgument(FieldViolation("end_time", f"must be after the stop began "
+                                                                 f"({stop.start_time.isoformat()})"))
+            if end > t_now:
+                raise InvalidArgument(FieldViolation("end_time", "must not be in the future"))
+            ended = await downtime.end(conn, did, end)
+            await audit.record(conn, subject, f"ended at {end.isoformat()}")
+            return ended
 
     async def list_downtimes(self, work_center_id: str, start: datetime | None, end: datetime | None,
                              page_size: int, after: tuple[datetime, int] | None

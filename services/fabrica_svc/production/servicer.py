@@ -311,6 +311,11 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
         return pb.ClassifyDowntimeResponse(downtime=convert.downtime_message(await self.service.classify_downtime(
             request.id, request.reason_id, request.note)))
 
+    async def EndDowntime(self, request: pb.EndDowntimeRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.EndDowntimeResponse:
+        return pb.EndDowntimeResponse(downtime=convert.downtime_message(await self.service.end_downtime(
+            request.id, optional_datetime(request, "end_time"))))
+
     async def ListDowntimes(self, request: pb.ListDowntimesRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListDowntimesResponse:
         start, end = optional_datetime(request, "start_time"), optional_datetime(request, "end_time")

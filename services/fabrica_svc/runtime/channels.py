@@ -1,5 +1,5 @@
 """The long-lived channels one Fabrica service keeps to another (collector → config and ingest, production →
-ingest and config, the demo), all made by :func:`peer_channel` (TLS and the bearer token), and the one
+ingest and config, the demo), all made by :func:`peer_channel` (TLS, the bearer token and client spans), and the one
 message size limit of every server and channel."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from .settings import Settings, SettingsError
+from .telemetry import client_interceptors
 
 #: The largest message any Fabrica server or channel sends or receives, in bytes: 64 MiB. Servers
 #: (runtime/server.py) and every peer channel take it from here, so whatever a service sends fits in what
@@ -118,19 +119,21 @@ def peer_channel(address: str, settings: Settings | None = None,
     - TLS with this service's certificate as the client certificate when it has one (``settings.tls``,
       runtime/tls.py: the server is verified against FABRICA_TLS_CA, and the peer's port is its mutual-TLS
       FABRICA_PEER_PORT); plaintext only in development mode (FABRICA_INSECURE=1);
-    - the bearer token of `settings` (FABRICA_TOKEN_FILE / FABRICA_TOKEN) as call metadata on every call.
+    - the bearer token of `settings` (FABRICA_TOKEN_FILE / FABRICA_TOKEN) as call metadata on every call;
+    - a client span per call (runtime/telemetry.py client_interceptors), its W3C traceparent in the metadata.
 
     `settings` None is plaintext without a token: for a test that builds a client part without a service
     around it. SettingsError for an unreadable token file."""
-    interceptors: list[Any] = []
+    # Outermost first: the client span (its traceparent goes into the metadata), then the token.
+    interceptors: list[Any] = list(client_interceptors())
     if settings is not None and (settings.token_file is not None or settings.token):
         source = _TokenSource(settings.token_file, settings.token)
         interceptors += [shape(source) for shape in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken,
                                                      _StreamStreamToken)]
     if settings is not None and settings.tls is not None:
         return grpc.aio.secure_channel(address, settings.tls.channel_credentials(), options=list(options),
-                                       interceptors=interceptors or None)
-    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors or None)
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
 
 
 def check_peer_token(settings: Settings) -> None:

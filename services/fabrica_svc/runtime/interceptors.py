@@ -215,6 +215,13 @@ class _InvalidStreamMessage(Exception):
         self.error = error
 
 
+def invalid_stream_message(index: int, found: list[FieldViolation]) -> InvalidArgument:
+    """The error for message `index` of a request stream that breaks the rules (`found`): the interceptor's,
+    and that of a method that validates its own stream (:func:`validates_own_requests`)."""
+    listed = "; ".join(f"{v.field}: {v.description}" for v in found[:MAX_VIOLATIONS])
+    return InvalidArgument(found, f"message {index} of the stream is invalid: {listed}")
+
+
 async def _validated_stream(requests: AsyncIterator[Any], validate: bool,
                             malformed: Callable[[_Undecodable], None]) -> AsyncIterator[Any]:
     index = 0
@@ -225,8 +232,7 @@ async def _validated_stream(requests: AsyncIterator[Any], validate: bool,
         if validate:
             found = violations_of(request)
             if found:
-                listed = "; ".join(f"{v.field}: {v.description}" for v in found[:MAX_VIOLATIONS])
-                raise _InvalidStreamMessage(InvalidArgument(found, f"message {index} of the stream is invalid: {listed}"))
+                raise _InvalidStreamMessage(invalid_stream_message(index, found))
         index += 1
         yield request
 
@@ -300,19 +306,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
 
-    async def _checked(self, path: str, request: Any, request_streaming: bool) -> Any:
-        """The request, decoded and validated: a message now (a large one away from the event loop), or each
-        message of a stream as it is read. `path` is the full method name
-        (``/fabrica.config.v1.ConfigService/GetPlc``)."""
+    async def _checked(self, path: str, request: Any, request_streaming: bool, validate: bool) -> Any:
+        """The request, decoded and validated (unless `validate` is False: the method validates its own): a
+        message now (a large one away from the event loop), or each message of a stream as it is read. `path`
+        is the full method name (``/fabrica.config.v1.ConfigService/GetPlc``)."""
         def malformed(bad: _Undecodable) -> None:
             self._malformed_log.note(path, bad)
 
         if request_streaming:
-            return _validated_stream(request, self.validate, malformed)
+            return _validated_stream(request, validate, malformed)
         if isinstance(request, _Undecodable):
             malformed(request)
             raise _malformed(None)
-        if self.validate:
+        if validate:
             found = await self.validator.violations_of(request)
             if found:
                 raise InvalidArgument(found)
@@ -337,12 +343,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _behavior(self, method: str, path: str) -> Callable[[Callable[..., Any], bool, bool], Callable[..., Any]]:
         def wrap(behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool) -> Callable[..., Any]:
+            validate = self.validate and not getattr(behavior, VALIDATES_OWN_REQUESTS, False)
             if response_streaming:
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     async with self._outcome(method, context):
                         await self._admit(path, context)
-                        checked = await self._checked(path, request, request_streaming)
+                        checked = await self._checked(path, request, request_streaming, validate)
                         async for response in _responses(behavior, checked, context):
                             yield response
 
@@ -351,7 +358,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._outcome(method, context):
                     await self._admit(path, context)
-                    return await behavior(await self._checked(path, request, request_streaming), context)
+                    return await behavior(await self._checked(path, request, request_streaming, validate), context)
 
             return unary
 
@@ -380,4 +387,21 @@ async def _responses(behavior: Callable[..., Any], request: Any, context: grpc.a
             raise TypeError("a streaming handler that uses context.write must return None")
 
 
-__all__ = ["ServiceInterceptor", "abort_with", "status_for"]
+# --- the per-method opt-out of request validation ------------------------------------------------------
+
+#: The attribute :func:`validates_own_requests` sets on a servicer method.
+VALIDATES_OWN_REQUESTS = "__fabrica_validates_own_requests__"
+
+_Method = Callable[..., Any]
+
+
+def validates_own_requests(method: _Method) -> _Method:
+    """Declares that a servicer method validates its requests itself, with the same verdicts as
+    protovalidate (shown by a differential test): the interceptor then skips its protovalidate check for
+    that method only, and still refuses undecodable messages. Use it where the method reads every field
+    anyway (StreamReadings converts each reading), so that the check is not made twice."""
+    setattr(method, VALIDATES_OWN_REQUESTS, True)
+    return method
+
+
+__all__ = ["ServiceInterceptor", "abort_with", "invalid_stream_message", "status_for", "validates_own_requests"]

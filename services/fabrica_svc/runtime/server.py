@@ -33,7 +33,7 @@ from .reflection import SourceInfoPool, descriptor_set_path
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .tls import principal_from_peer
-from .telemetry import configure_telemetry, start_metrics_endpoint
+from .telemetry import configure_telemetry, flush_traces, observe_health, start_metrics_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ class ServiceHost:
     _authenticator: auth.Authenticator | None = None
 
     @property
+    def serving(self) -> bool | None:
+        """SERVING (True), NOT_SERVING (False), or None before the first health check."""
+        return self._serving
+
+    @property
     def address(self) -> str:
         return _address(self.settings.host, self.port)
 
@@ -149,6 +154,7 @@ class ServiceHost:
         self._authenticator = auth.authenticator_for(settings, peer_identifier=principal_from_peer)
         check_peer_token(settings)
         configure_telemetry(app.name)
+        observe_health(self)
         resources = Resources(settings=settings)
         if app.schema is not None:
             resources.dsn = await resolve_database_url(settings.database_url, settings.data_dir)
@@ -292,6 +298,7 @@ class ServiceHost:
         if self._interceptor is not None:
             self._interceptor.close()
         await self._release()
+        flush_traces()
         log.info("stopped", extra={"service": self.app.name})
 
     async def _release(self) -> None:

@@ -70,8 +70,10 @@ from typing import TypeVar
 
 from .tls import TlsConfig, TlsFileError, load_tls
 
-DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054}
-DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454}
+#: "grpc-web" is the gRPC-Web gateway (`fabrica grpc-web`, fabrica_svc/grpcweb): HTTP on 8080, as Envoy's
+#: listener in deploy/envoy/envoy.yaml; it has no metrics endpoint of its own.
+DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054, "grpc-web": 8080}
+DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454, "grpc-web": -1}
 
 
 N = TypeVar("N", int, float)

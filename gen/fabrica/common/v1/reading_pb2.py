@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x61\x62rica/common/v1/reading.proto\x12\x11\x66\x61\x62rica.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\x05Value\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nuint_value\x18\x03 \x01(\x04H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12!\n\x0cstring_value\x18\x05 \x01(\tB\t\xbaH\x06r\x04(\x80\x80\x04H\x00\x12 \n\x0b\x62ytes_value\x18\x06 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80\x04H\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"\xc3\x02\n\x07Reading\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12\x35\n\tread_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12\'\n\x05value\x18\x03 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12\x37\n\x07quality\x18\x04 \x01(\x0e\x32\x1a.fabrica.common.v1.QualityB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x17\n\x05\x65rror\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x19\n\x06plc_id\x18\x06 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18?\x12\x32\n\x04role\x18\x07 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x10\n\x08tag_name\x18\x08 \x01(\t\x12\x0c\n\x04unit\x18\t \x01(\t\"\xa6\x01\n\x0cReadingBatch\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x19\n\x08sequence\x18\x02 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12\x39\n\x08readings\x18\x03 \x03(\x0b\x32\x1a.fabrica.common.v1.ReadingB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x90N*\xa0\x01\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cQUALITY_GOOD\x10\x01\x12!\n\x1dQUALITY_COMMUNICATION_FAILURE\x10\x02\x12\x1a\n\x16QUALITY_DECODE_FAILURE\x10\x03\x12\x11\n\rQUALITY_STALE\x10\x04\x12\x18\n\x14QUALITY_CONFIG_ERROR\x10\x05*\x96\x01\n\x07TagRole\x12\x18\n\x14TAG_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14TAG_ROLE_MEASUREMENT\x10\x01\x12\x1f\n\x1bTAG_ROLE_PRODUCTION_COUNTER\x10\x02\x12\x1a\n\x16TAG_ROLE_SCRAP_COUNTER\x10\x03\x12\x1a\n\x16TAG_ROLE_MACHINE_STATE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x61\x62rica/common/v1/reading.proto\x12\x11\x66\x61\x62rica.common.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x01\n\x05Value\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x14\n\nuint_value\x18\x03 \x01(\x04H\x00\x12\x16\n\x0c\x64ouble_value\x18\x04 \x01(\x01H\x00\x12!\n\x0cstring_value\x18\x05 \x01(\tB\t\xbaH\x06r\x04(\x80\x80\x04H\x00\x12 \n\x0b\x62ytes_value\x18\x06 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80\x04H\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"\xc3\x02\n\x07Reading\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12\x35\n\tread_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x06\xbaH\x03\xc8\x01\x01\x12\'\n\x05value\x18\x03 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12\x37\n\x07quality\x18\x04 \x01(\x0e\x32\x1a.fabrica.common.v1.QualityB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12\x17\n\x05\x65rror\x18\x05 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x19\n\x06plc_id\x18\x06 \x01(\tB\t\xbaH\x06r\x04\x10\x01\x18?\x12\x32\n\x04role\x18\x07 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x10\n\x08tag_name\x18\x08 \x01(\t\x12\x0c\n\x04unit\x18\t \x01(\t\"\xde\x01\n\x0cReadingBatch\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x19\n\x08sequence\x18\x02 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12\x39\n\x08readings\x18\x03 \x03(\x0b\x32\x1a.fabrica.common.v1.ReadingB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x90N\x12\x36\n\rtrace_context\x18\x04 \x01(\x0b\x32\x1f.fabrica.common.v1.TraceContext\"y\n\x0cTraceContext\x12K\n\x0btraceparent\x18\x01 \x01(\tB6\xbaH3r1\x18\x37\x32-^(00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2})?$\x12\x1c\n\ntracestate\x18\x02 \x01(\tB\x08\xbaH\x05r\x03(\x80\x04*\xa0\x01\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cQUALITY_GOOD\x10\x01\x12!\n\x1dQUALITY_COMMUNICATION_FAILURE\x10\x02\x12\x1a\n\x16QUALITY_DECODE_FAILURE\x10\x03\x12\x11\n\rQUALITY_STALE\x10\x04\x12\x18\n\x14QUALITY_CONFIG_ERROR\x10\x05*\x96\x01\n\x07TagRole\x12\x18\n\x14TAG_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14TAG_ROLE_MEASUREMENT\x10\x01\x12\x1f\n\x1bTAG_ROLE_PRODUCTION_COUNTER\x10\x02\x12\x1a\n\x16TAG_ROLE_SCRAP_COUNTER\x10\x03\x12\x1a\n\x16TAG_ROLE_MACHINE_STATE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,14 +57,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READINGBATCH'].fields_by_name['sequence']._serialized_options = b'\272H\0042\002 \000'
   _globals['_READINGBATCH'].fields_by_name['readings']._loaded_options = None
   _globals['_READINGBATCH'].fields_by_name['readings']._serialized_options = b'\272H\010\222\001\005\010\001\020\220N'
-  _globals['_QUALITY']._serialized_start=795
-  _globals['_QUALITY']._serialized_end=955
-  _globals['_TAGROLE']._serialized_start=958
-  _globals['_TAGROLE']._serialized_end=1108
+  _globals['_TRACECONTEXT'].fields_by_name['traceparent']._loaded_options = None
+  _globals['_TRACECONTEXT'].fields_by_name['traceparent']._serialized_options = b'\272H3r1\03072-^(00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2})?$'
+  _globals['_TRACECONTEXT'].fields_by_name['tracestate']._loaded_options = None
+  _globals['_TRACECONTEXT'].fields_by_name['tracestate']._serialized_options = b'\272H\005r\003(\200\004'
+  _globals['_QUALITY']._serialized_start=974
+  _globals['_QUALITY']._serialized_end=1134
+  _globals['_TAGROLE']._serialized_start=1137
+  _globals['_TAGROLE']._serialized_end=1287
   _globals['_VALUE']._serialized_start=117
   _globals['_VALUE']._serialized_end=297
   _globals['_READING']._serialized_start=300
   _globals['_READING']._serialized_end=623
   _globals['_READINGBATCH']._serialized_start=626
-  _globals['_READINGBATCH']._serialized_end=792
+  _globals['_READINGBATCH']._serialized_end=848
+  _globals['_TRACECONTEXT']._serialized_start=850
+  _globals['_TRACECONTEXT']._serialized_end=971
 # @@protoc_insertion_point(module_scope)

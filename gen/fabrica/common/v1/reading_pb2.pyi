@@ -214,6 +214,7 @@ class ReadingBatch(_message.Message):
     COLLECTOR_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     READINGS_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     collector_id: _builtins.str
     """The collector that produced the batch."""
     sequence: _builtins.int
@@ -222,17 +223,58 @@ class ReadingBatch(_message.Message):
     def readings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reading]:
         """The readings, at most 10,000 per batch."""
 
+    @_builtins.property
+    def trace_context(self) -> Global___TraceContext:
+        """Where the batch sits in a distributed trace (W3C Trace Context): the collector's batch span, which is
+        a child of the poll that produced its first reading. It is part of the batch, so it is written to the
+        collector's store-and-forward log with it and survives a restart: a batch sent again still links to
+        the poll it came from. Ingest's commit span is its child (or links to it when one commit covers
+        several batches), and the tag events of its readings carry it on to production. Optional.
+        """
+
     def __init__(
         self,
         *,
         collector_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
         readings: _abc.Iterable[Global___Reading] | None = ...,
+        trace_context: Global___TraceContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trace_context", b"trace_context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "readings", b"readings", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collector_id", b"collector_id", "readings", b"readings", "sequence", b"sequence", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadingBatch: _TypeAlias = ReadingBatch  # noqa: Y015
+
+@_typing.final
+class TraceContext(_message.Message):
+    """A W3C Trace Context (https://www.w3.org/TR/trace-context/): the `traceparent` and `tracestate` headers
+    of a span, carried inside a message where no request headers go along with it (a batch in a log, an
+    event in a table). At most 567 bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
+    traceparent: _builtins.str
+    """The `traceparent` value: version 00, a 32-hex-digit trace id, a 16-hex-digit parent span id and the
+    trace flags, e.g. "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01". Empty: no trace.
+    """
+    tracestate: _builtins.str
+    """The `tracestate` value (vendor-specific entries), at most 512 bytes. Empty when there are none."""
+    def __init__(
+        self,
+        *,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["traceparent", b"traceparent", "tracestate", b"tracestate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraceContext: _TypeAlias = TraceContext  # noqa: Y015

@@ -26,12 +26,13 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from fabrica.common.v1 import audit_pb2 as fabrica_dot_common_dot_v1_dot_audit__pb2
 from fabrica.common.v1 import auth_pb2 as fabrica_dot_common_dot_v1_dot_auth__pb2
 from fabrica.common.v1 import reading_pb2 as fabrica_dot_common_dot_v1_dot_reading__pb2
+from fabrica.ingest.v1 import committed_pb2 as fabrica_dot_ingest_dot_v1_dot_committed__pb2
 from fabrica.ingest.v1 import query_pb2 as fabrica_dot_ingest_dot_v1_dot_query__pb2
 from fabrica.ingest.v1 import tag_event_pb2 as fabrica_dot_ingest_dot_v1_dot_tag__event__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/ingest/v1/ingest_service.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1d\x66\x61\x62rica/common/v1/audit.proto\x1a\x1c\x66\x61\x62rica/common/v1/auth.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1d\x66\x61\x62rica/ingest/v1/query.proto\x1a!fabrica/ingest/v1/tag_event.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\nStreamOpen\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1e\n\x05\x65poch\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12\x11\n\tnew_epoch\x18\x03 \x01(\x08\"\x87\x01\n\x15StreamReadingsRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.fabrica.ingest.v1.StreamOpenH\x00\x12\x30\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatchH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"l\n\x0cStreamResume\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"@\n\x08\x42\x61tchAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07written\x18\x03 \x01(\r\"\x7f\n\x16StreamReadingsResponse\x12\x31\n\x06resume\x18\x01 \x01(\x0b\x32\x1f.fabrica.ingest.v1.StreamResumeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.fabrica.ingest.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x90\x01\n\x15WatchTagEventsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12 \n\x07tag_ids\x18\x02 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x36\n\x07plc_ids\x18\x03 \x03(\tB%\xbaH\"\x92\x01\x1f\x10\xe8\x07\"\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"E\n\x16WatchTagEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fabrica.ingest.v1.TagEvent\"\xa2\x01\n\x14QueryReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x90N(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"}\n\x15QueryReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"Q\n\x15\x45xportReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\"F\n\x16\x45xportReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"z\n\x18\x41ggregateReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12$\n\x0e\x62ucket_seconds\x18\x02 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xbd\xa3\x01(\x01\"N\n\x19\x41ggregateReadingsResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .fabrica.ingest.v1.ReadingBucket\"g\n\x16GetLatestValuesRequest\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\x88\'\"\x04\x32\x02 \x00\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\"G\n\x17GetLatestValuesResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"\xd9\x02\n\x18SummarizeReadingsRequest\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12U\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12S\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12&\n\x10lower_spec_limit\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12&\n\x10upper_spec_limit\x18\x05 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x13\n\x11_lower_spec_limitB\x13\n\x11_upper_spec_limit\"O\n\x19SummarizeReadingsResponse\x12\x32\n\x07summary\x18\x01 \x01(\x0b\x32!.fabrica.ingest.v1.ReadingSummary\"\xf1\x01\n\x07TagInfo\x12!\n\x06tag_id\x18\x01 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12-\n\x06plc_id\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12\x34\n\x04name\x18\x03 \x01(\tB&\xbaH#r!\x10\x01\x18\x80\x01\x32\x1a^[A-Za-z_][A-Za-z0-9_.-]*$\x12*\n\x04unit\x18\x04 \x01(\tB\x1c\xbaH\x19r\x17\x18 2\x13^[^\\x00-\\x1F\\x7F]*$\x12\x32\n\x04role\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\x89\x01\n\x0fSyncTagsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x34\n\x04tags\x18\x02 \x03(\x0b\x32\x1a.fabrica.ingest.v1.TagInfoB\n\xbaH\x07\x92\x01\x04\x10\xc0\x9a\x0c\"4\n\x10SyncTagsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\x12\x0f\n\x07removed\x18\x02 \x01(\r\"\xbd\x01\n\x1dResetCollectorSequenceRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12+\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12#\n\x05\x65poch\x18\x03 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7fH\x00\x88\x01\x01\x42\x08\n\x06_epoch\"\x9e\x01\n\x1eResetCollectorSequenceResponse\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12#\n\x1bprevious_committed_sequence\x18\x02 \x01(\x04\x12\x16\n\x0eprevious_epoch\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ommitted_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"\x9b\x01\n\x17ListAuditEntriesRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.fabrica.common.v1.AuditFilter\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"c\n\x18ListAuditEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.fabrica.common.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf8\x08\n\rIngestService\x12o\n\x0eStreamReadings\x12(.fabrica.ingest.v1.StreamReadingsRequest\x1a).fabrica.ingest.v1.StreamReadingsResponse\"\x04\xa8\xed\x18\x05(\x01\x30\x01\x12m\n\x0eWatchTagEvents\x12(.fabrica.ingest.v1.WatchTagEventsRequest\x1a).fabrica.ingest.v1.WatchTagEventsResponse\"\x04\xa8\xed\x18\x01\x30\x01\x12h\n\rQueryReadings\x12\'.fabrica.ingest.v1.QueryReadingsRequest\x1a(.fabrica.ingest.v1.QueryReadingsResponse\"\x04\xa8\xed\x18\x01\x12m\n\x0e\x45xportReadings\x12(.fabrica.ingest.v1.ExportReadingsRequest\x1a).fabrica.ingest.v1.ExportReadingsResponse\"\x04\xa8\xed\x18\x01\x30\x01\x12t\n\x11\x41ggregateReadings\x12+.fabrica.ingest.v1.AggregateReadingsRequest\x1a,.fabrica.ingest.v1.AggregateReadingsResponse\"\x04\xa8\xed\x18\x01\x12n\n\x0fGetLatestValues\x12).fabrica.ingest.v1.GetLatestValuesRequest\x1a*.fabrica.ingest.v1.GetLatestValuesResponse\"\x04\xa8\xed\x18\x01\x12t\n\x11SummarizeReadings\x12+.fabrica.ingest.v1.SummarizeReadingsRequest\x1a,.fabrica.ingest.v1.SummarizeReadingsResponse\"\x04\xa8\xed\x18\x01\x12Y\n\x08SyncTags\x12\".fabrica.ingest.v1.SyncTagsRequest\x1a#.fabrica.ingest.v1.SyncTagsResponse\"\x04\xa8\xed\x18\x05\x12\x83\x01\n\x16ResetCollectorSequence\x12\x30.fabrica.ingest.v1.ResetCollectorSequenceRequest\x1a\x31.fabrica.ingest.v1.ResetCollectorSequenceResponse\"\x04\xa8\xed\x18\x04\x12q\n\x10ListAuditEntries\x12*.fabrica.ingest.v1.ListAuditEntriesRequest\x1a+.fabrica.ingest.v1.ListAuditEntriesResponse\"\x04\xa8\xed\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/ingest/v1/ingest_service.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1d\x66\x61\x62rica/common/v1/audit.proto\x1a\x1c\x66\x61\x62rica/common/v1/auth.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a!fabrica/ingest/v1/committed.proto\x1a\x1d\x66\x61\x62rica/ingest/v1/query.proto\x1a!fabrica/ingest/v1/tag_event.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\nStreamOpen\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1e\n\x05\x65poch\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12\x11\n\tnew_epoch\x18\x03 \x01(\x08\"\x87\x01\n\x15StreamReadingsRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.fabrica.ingest.v1.StreamOpenH\x00\x12\x30\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatchH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"l\n\x0cStreamResume\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"@\n\x08\x42\x61tchAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07written\x18\x03 \x01(\r\"\x7f\n\x16StreamReadingsResponse\x12\x31\n\x06resume\x18\x01 \x01(\x0b\x32\x1f.fabrica.ingest.v1.StreamResumeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.fabrica.ingest.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x90\x01\n\x15WatchTagEventsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12 \n\x07tag_ids\x18\x02 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x36\n\x07plc_ids\x18\x03 \x03(\tB%\xbaH\"\x92\x01\x1f\x10\xe8\x07\"\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"E\n\x16WatchTagEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fabrica.ingest.v1.TagEvent\"\xae\x01\n\x1dWatchCommittedReadingsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x36\n\x07plc_ids\x18\x02 \x03(\tB%\xbaH\"\x92\x01\x1f\x10\xe8\x07\"\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12 \n\x07tag_ids\x18\x03 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x14\n\x0cstart_at_end\x18\x04 \x01(\x08\"\x8b\x01\n\x1eWatchCommittedReadingsResponse\x12\x32\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32!.fabrica.ingest.v1.CommittedBatch\x12\x17\n\x06\x63ursor\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1c\n\x0bhead_cursor\x18\x03 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"\xa2\x01\n\x14QueryReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x90N(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"}\n\x15QueryReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"Q\n\x15\x45xportReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\"F\n\x16\x45xportReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"z\n\x18\x41ggregateReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12$\n\x0e\x62ucket_seconds\x18\x02 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xbd\xa3\x01(\x01\"N\n\x19\x41ggregateReadingsResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .fabrica.ingest.v1.ReadingBucket\"g\n\x16GetLatestValuesRequest\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\x88\'\"\x04\x32\x02 \x00\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\"G\n\x17GetLatestValuesResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"i\n\x18WatchLatestValuesRequest\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\x88\'\"\x04\x32\x02 \x00\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\"[\n\x19WatchLatestValuesResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\"\xd9\x02\n\x18SummarizeReadingsRequest\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12U\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12S\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12&\n\x10lower_spec_limit\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12&\n\x10upper_spec_limit\x18\x05 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x13\n\x11_lower_spec_limitB\x13\n\x11_upper_spec_limit\"O\n\x19SummarizeReadingsResponse\x12\x32\n\x07summary\x18\x01 \x01(\x0b\x32!.fabrica.ingest.v1.ReadingSummary\"\xf1\x01\n\x07TagInfo\x12!\n\x06tag_id\x18\x01 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12-\n\x06plc_id\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12\x34\n\x04name\x18\x03 \x01(\tB&\xbaH#r!\x10\x01\x18\x80\x01\x32\x1a^[A-Za-z_][A-Za-z0-9_.-]*$\x12*\n\x04unit\x18\x04 \x01(\tB\x1c\xbaH\x19r\x17\x18 2\x13^[^\\x00-\\x1F\\x7F]*$\x12\x32\n\x04role\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\x89\x01\n\x0fSyncTagsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x34\n\x04tags\x18\x02 \x03(\x0b\x32\x1a.fabrica.ingest.v1.TagInfoB\n\xbaH\x07\x92\x01\x04\x10\xc0\x9a\x0c\"4\n\x10SyncTagsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\x12\x0f\n\x07removed\x18\x02 \x01(\r\"\xbd\x01\n\x1dResetCollectorSequenceRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12+\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12#\n\x05\x65poch\x18\x03 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7fH\x00\x88\x01\x01\x42\x08\n\x06_epoch\"\x9e\x01\n\x1eResetCollectorSequenceResponse\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12#\n\x1bprevious_committed_sequence\x18\x02 \x01(\x04\x12\x16\n\x0eprevious_epoch\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ommitted_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"\x9b\x01\n\x17ListAuditEntriesRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.fabrica.common.v1.AuditFilter\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"c\n\x18ListAuditEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.fabrica.common.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf8\n\n\rIngestService\x12o\n\x0eStreamReadings\x12(.fabrica.ingest.v1.StreamReadingsRequest\x1a).fabrica.ingest.v1.StreamReadingsResponse\"\x04\xa8\xed\x18\x05(\x01\x30\x01\x12m\n\x0eWatchTagEvents\x12(.fabrica.ingest.v1.WatchTagEventsRequest\x1a).fabrica.ingest.v1.WatchTagEventsResponse\"\x04\xa8\xed\x18\x01\x30\x01\x12\x85\x01\n\x16WatchCommittedReadings\x12\x30.fabrica.ingest.v1.WatchCommittedReadingsRequest\x1a\x31.fabrica.ingest.v1.WatchCommittedReadingsResponse\"\x04\xa8\xed\x18\x01\x30\x01\x12h\n\rQueryReadings\x12\'.fabrica.ingest.v1.QueryReadingsRequest\x1a(.fabrica.ingest.v1.QueryReadingsResponse\"\x04\xa8\xed\x18\x01\x12m\n\x0e\x45xportReadings\x12(.fabrica.ingest.v1.ExportReadingsRequest\x1a).fabrica.ingest.v1.ExportReadingsResponse\"\x04\xa8\xed\x18\x01\x30\x01\x12t\n\x11\x41ggregateReadings\x12+.fabrica.ingest.v1.AggregateReadingsRequest\x1a,.fabrica.ingest.v1.AggregateReadingsResponse\"\x04\xa8\xed\x18\x01\x12n\n\x0fGetLatestValues\x12).fabrica.ingest.v1.GetLatestValuesRequest\x1a*.fabrica.ingest.v1.GetLatestValuesResponse\"\x04\xa8\xed\x18\x01\x12v\n\x11WatchLatestValues\x12+.fabrica.ingest.v1.WatchLatestValuesRequest\x1a,.fabrica.ingest.v1.WatchLatestValuesResponse\"\x04\xa8\xed\x18\x01\x30\x01\x12t\n\x11SummarizeReadings\x12+.fabrica.ingest.v1.SummarizeReadingsRequest\x1a,.fabrica.ingest.v1.SummarizeReadingsResponse\"\x04\xa8\xed\x18\x01\x12Y\n\x08SyncTags\x12\".fabrica.ingest.v1.SyncTagsRequest\x1a#.fabrica.ingest.v1.SyncTagsResponse\"\x04\xa8\xed\x18\x05\x12\x83\x01\n\x16ResetCollectorSequence\x12\x30.fabrica.ingest.v1.ResetCollectorSequenceRequest\x1a\x31.fabrica.ingest.v1.ResetCollectorSequenceResponse\"\x04\xa8\xed\x18\x04\x12q\n\x10ListAuditEntries\x12*.fabrica.ingest.v1.ListAuditEntriesRequest\x1a+.fabrica.ingest.v1.ListAuditEntriesResponse\"\x04\xa8\xed\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,6 +53,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\350\007\"\0042\002 \000'
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['plc_ids']._loaded_options = None
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['plc_ids']._serialized_options = b'\272H\"\222\001\037\020\350\007\"\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['after_cursor']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['after_cursor']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['plc_ids']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['plc_ids']._serialized_options = b'\272H\"\222\001\037\020\350\007\"\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['tag_ids']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\350\007\"\0042\002 \000'
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['cursor']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['cursor']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['head_cursor']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['head_cursor']._serialized_options = b'\272H\004\"\002(\000'
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['filter']._loaded_options = None
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['filter']._serialized_options = b'\272H\003\310\001\001'
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -70,6 +81,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETLATESTVALUESREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\210\'\"\0042\002 \000'
   _globals['_GETLATESTVALUESREQUEST'].fields_by_name['plc_id']._loaded_options = None
   _globals['_GETLATESTVALUESREQUEST'].fields_by_name['plc_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
+  _globals['_WATCHLATESTVALUESREQUEST'].fields_by_name['tag_ids']._loaded_options = None
+  _globals['_WATCHLATESTVALUESREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\210\'\"\0042\002 \000'
+  _globals['_WATCHLATESTVALUESREQUEST'].fields_by_name['plc_id']._loaded_options = None
+  _globals['_WATCHLATESTVALUESREQUEST'].fields_by_name['plc_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_SUMMARIZEREADINGSREQUEST'].fields_by_name['tag_id']._loaded_options = None
   _globals['_SUMMARIZEREADINGSREQUEST'].fields_by_name['tag_id']._serialized_options = b'\272H\0042\002 \000'
   _globals['_SUMMARIZEREADINGSREQUEST'].fields_by_name['start_time']._loaded_options = None
@@ -108,6 +123,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTSERVICE'].methods_by_name['StreamReadings']._serialized_options = b'\250\355\030\005'
   _globals['_INGESTSERVICE'].methods_by_name['WatchTagEvents']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['WatchTagEvents']._serialized_options = b'\250\355\030\001'
+  _globals['_INGESTSERVICE'].methods_by_name['WatchCommittedReadings']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['WatchCommittedReadings']._serialized_options = b'\250\355\030\001'
   _globals['_INGESTSERVICE'].methods_by_name['QueryReadings']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['QueryReadings']._serialized_options = b'\250\355\030\001'
   _globals['_INGESTSERVICE'].methods_by_name['ExportReadings']._loaded_options = None
@@ -116,6 +133,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTSERVICE'].methods_by_name['AggregateReadings']._serialized_options = b'\250\355\030\001'
   _globals['_INGESTSERVICE'].methods_by_name['GetLatestValues']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['GetLatestValues']._serialized_options = b'\250\355\030\001'
+  _globals['_INGESTSERVICE'].methods_by_name['WatchLatestValues']._loaded_options = None
+  _globals['_INGESTSERVICE'].methods_by_name['WatchLatestValues']._serialized_options = b'\250\355\030\001'
   _globals['_INGESTSERVICE'].methods_by_name['SummarizeReadings']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['SummarizeReadings']._serialized_options = b'\250\355\030\001'
   _globals['_INGESTSERVICE'].methods_by_name['SyncTags']._loaded_options = None
@@ -124,54 +143,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTSERVICE'].methods_by_name['ResetCollectorSequence']._serialized_options = b'\250\355\030\004'
   _globals['_INGESTSERVICE'].methods_by_name['ListAuditEntries']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['ListAuditEntries']._serialized_options = b'\250\355\030\001'
-  _globals['_STREAMOPEN']._serialized_start=284
-  _globals['_STREAMOPEN']._serialized_end=413
-  _globals['_STREAMREADINGSREQUEST']._serialized_start=416
-  _globals['_STREAMREADINGSREQUEST']._serialized_end=551
-  _globals['_STREAMRESUME']._serialized_start=553
-  _globals['_STREAMRESUME']._serialized_end=661
-  _globals['_BATCHACK']._serialized_start=663
-  _globals['_BATCHACK']._serialized_end=727
-  _globals['_STREAMREADINGSRESPONSE']._serialized_start=729
-  _globals['_STREAMREADINGSRESPONSE']._serialized_end=856
-  _globals['_WATCHTAGEVENTSREQUEST']._serialized_start=859
-  _globals['_WATCHTAGEVENTSREQUEST']._serialized_end=1003
-  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_start=1005
-  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_end=1074
-  _globals['_QUERYREADINGSREQUEST']._serialized_start=1077
-  _globals['_QUERYREADINGSREQUEST']._serialized_end=1239
-  _globals['_QUERYREADINGSRESPONSE']._serialized_start=1241
-  _globals['_QUERYREADINGSRESPONSE']._serialized_end=1366
-  _globals['_EXPORTREADINGSREQUEST']._serialized_start=1368
-  _globals['_EXPORTREADINGSREQUEST']._serialized_end=1449
-  _globals['_EXPORTREADINGSRESPONSE']._serialized_start=1451
-  _globals['_EXPORTREADINGSRESPONSE']._serialized_end=1521
-  _globals['_AGGREGATEREADINGSREQUEST']._serialized_start=1523
-  _globals['_AGGREGATEREADINGSREQUEST']._serialized_end=1645
-  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_start=1647
-  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_end=1725
-  _globals['_GETLATESTVALUESREQUEST']._serialized_start=1727
-  _globals['_GETLATESTVALUESREQUEST']._serialized_end=1830
-  _globals['_GETLATESTVALUESRESPONSE']._serialized_start=1832
-  _globals['_GETLATESTVALUESRESPONSE']._serialized_end=1903
-  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_start=1906
-  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_end=2251
-  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_start=2253
-  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_end=2332
-  _globals['_TAGINFO']._serialized_start=2335
-  _globals['_TAGINFO']._serialized_end=2576
-  _globals['_SYNCTAGSREQUEST']._serialized_start=2579
-  _globals['_SYNCTAGSREQUEST']._serialized_end=2716
-  _globals['_SYNCTAGSRESPONSE']._serialized_start=2718
-  _globals['_SYNCTAGSRESPONSE']._serialized_end=2770
-  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_start=2773
-  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_end=2962
-  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_start=2965
-  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_end=3123
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=3126
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=3281
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=3283
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=3382
-  _globals['_INGESTSERVICE']._serialized_start=3385
-  _globals['_INGESTSERVICE']._serialized_end=4529
+  _globals['_STREAMOPEN']._serialized_start=319
+  _globals['_STREAMOPEN']._serialized_end=448
+  _globals['_STREAMREADINGSREQUEST']._serialized_start=451
+  _globals['_STREAMREADINGSREQUEST']._serialized_end=586
+  _globals['_STREAMRESUME']._serialized_start=588
+  _globals['_STREAMRESUME']._serialized_end=696
+  _globals['_BATCHACK']._serialized_start=698
+  _globals['_BATCHACK']._serialized_end=762
+  _globals['_STREAMREADINGSRESPONSE']._serialized_start=764
+  _globals['_STREAMREADINGSRESPONSE']._serialized_end=891
+  _globals['_WATCHTAGEVENTSREQUEST']._serialized_start=894
+  _globals['_WATCHTAGEVENTSREQUEST']._serialized_end=1038
+  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_start=1040
+  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_end=1109
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST']._serialized_start=1112
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST']._serialized_end=1286
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE']._serialized_start=1289
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE']._serialized_end=1428
+  _globals['_QUERYREADINGSREQUEST']._serialized_start=1431
+  _globals['_QUERYREADINGSREQUEST']._serialized_end=1593
+  _globals['_QUERYREADINGSRESPONSE']._serialized_start=1595
+  _globals['_QUERYREADINGSRESPONSE']._serialized_end=1720
+  _globals['_EXPORTREADINGSREQUEST']._serialized_start=1722
+  _globals['_EXPORTREADINGSREQUEST']._serialized_end=1803
+  _globals['_EXPORTREADINGSRESPONSE']._serialized_start=1805
+  _globals['_EXPORTREADINGSRESPONSE']._serialized_end=1875
+  _globals['_AGGREGATEREADINGSREQUEST']._serialized_start=1877
+  _globals['_AGGREGATEREADINGSREQUEST']._serialized_end=1999
+  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_start=2001
+  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_end=2079
+  _globals['_GETLATESTVALUESREQUEST']._serialized_start=2081
+  _globals['_GETLATESTVALUESREQUEST']._serialized_end=2184
+  _globals['_GETLATESTVALUESRESPONSE']._serialized_start=2186
+  _globals['_GETLATESTVALUESRESPONSE']._serialized_end=2257
+  _globals['_WATCHLATESTVALUESREQUEST']._serialized_start=2259
+  _globals['_WATCHLATESTVALUESREQUEST']._serialized_end=2364
+  _globals['_WATCHLATESTVALUESRESPONSE']._serialized_start=2366
+  _globals['_WATCHLATESTVALUESRESPONSE']._serialized_end=2457
+  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_start=2460
+  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_end=2805
+  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_start=2807
+  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_end=2886
+  _globals['_TAGINFO']._serialized_start=2889
+  _globals['_TAGINFO']._serialized_end=3130
+  _globals['_SYNCTAGSREQUEST']._serialized_start=3133
+  _globals['_SYNCTAGSREQUEST']._serialized_end=3270
+  _globals['_SYNCTAGSRESPONSE']._serialized_start=3272
+  _globals['_SYNCTAGSRESPONSE']._serialized_end=3324
+  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_start=3327
+  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_end=3516
+  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_start=3519
+  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_end=3677
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=3680
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=3835
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=3837
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=3936
+  _globals['_INGESTSERVICE']._serialized_start=3939
+  _globals['_INGESTSERVICE']._serialized_end=5339
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class IngestServiceStub:
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchCommittedReadings = channel.unary_stream(
+                '/fabrica.ingest.v1.IngestService/WatchCommittedReadings',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsResponse.FromString,
+                _registered_method=True)
         self.QueryReadings = channel.unary_unary(
                 '/fabrica.ingest.v1.IngestService/QueryReadings',
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.QueryReadingsRequest.SerializeToString,
@@ -69,6 +74,11 @@ class IngestServiceStub:
                 '/fabrica.ingest.v1.IngestService/GetLatestValues',
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesResponse.FromString,
+                _registered_method=True)
+        self.WatchLatestValues = channel.unary_stream(
+                '/fabrica.ingest.v1.IngestService/WatchLatestValues',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesResponse.FromString,
                 _registered_method=True)
         self.SummarizeReadings = channel.unary_unary(
                 '/fabrica.ingest.v1.IngestService/SummarizeReadings',
@@ -137,6 +147,21 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCommittedReadings(self, request, context):
+        """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+        batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+        Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+        any replica, after any restart. A message without batches only moves the cursor past batches the
+        filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+        for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+        `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+        FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+        beyond 2^63-1.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QueryReadings(self, request, context):
         """Raw readings of tags in a time range, paged, ordered by time then tag. INVALID_ARGUMENT for a bad
         range or page token.
@@ -162,6 +187,16 @@ class IngestServiceServicer:
     def GetLatestValues(self, request, context):
         """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
         collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchLatestValues(self, request, context):
+        """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+        reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+        first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+        with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +255,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsResponse.SerializeToString,
             ),
+            'WatchCommittedReadings': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCommittedReadings,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsResponse.SerializeToString,
+            ),
             'QueryReadings': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryReadings,
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.QueryReadingsRequest.FromString,
@@ -239,6 +279,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.GetLatestValues,
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesResponse.SerializeToString,
+            ),
+            'WatchLatestValues': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLatestValues,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesResponse.SerializeToString,
             ),
             'SummarizeReadings': grpc.unary_unary_rpc_method_handler(
                     servicer.SummarizeReadings,
@@ -321,6 +366,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/WatchTagEvents',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCommittedReadings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/WatchCommittedReadings',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -429,6 +501,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/GetLatestValues',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.GetLatestValuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLatestValues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/WatchLatestValues',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchLatestValuesResponse.FromString,
             options,
             channel_credentials,
             insecure,

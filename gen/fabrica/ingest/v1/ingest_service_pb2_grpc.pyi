@@ -67,6 +67,17 @@ class IngestServiceStub:
     from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
     than the retained events.
     """
+    WatchCommittedReadings: _grpc.UnaryStreamMultiCallable[_ingest_service_pb2.WatchCommittedReadingsRequest, _ingest_service_pb2.WatchCommittedReadingsResponse]
+    """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+    batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+    Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+    any replica, after any restart. A message without batches only moves the cursor past batches the
+    filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+    for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+    `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+    FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+    beyond 2^63-1.
+    """
     QueryReadings: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.QueryReadingsRequest, _ingest_service_pb2.QueryReadingsResponse]
     """Raw readings of tags in a time range, paged, ordered by time then tag. INVALID_ARGUMENT for a bad
     range or page token.
@@ -78,6 +89,12 @@ class IngestServiceStub:
     GetLatestValues: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.GetLatestValuesRequest, _ingest_service_pb2.GetLatestValuesResponse]
     """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
     collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+    """
+    WatchLatestValues: _grpc.UnaryStreamMultiCallable[_ingest_service_pb2.WatchLatestValuesRequest, _ingest_service_pb2.WatchLatestValuesResponse]
+    """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+    reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+    first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+    with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
     """
     SummarizeReadings: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.SummarizeReadingsRequest, _ingest_service_pb2.SummarizeReadingsResponse]
     """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
@@ -143,6 +160,17 @@ class IngestServiceAsyncStub(IngestServiceStub):
     from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
     than the retained events.
     """
+    WatchCommittedReadings: _aio.UnaryStreamMultiCallable[_ingest_service_pb2.WatchCommittedReadingsRequest, _ingest_service_pb2.WatchCommittedReadingsResponse]  # type: ignore[assignment]
+    """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+    batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+    Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+    any replica, after any restart. A message without batches only moves the cursor past batches the
+    filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+    for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+    `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+    FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+    beyond 2^63-1.
+    """
     QueryReadings: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.QueryReadingsRequest, _ingest_service_pb2.QueryReadingsResponse]  # type: ignore[assignment]
     """Raw readings of tags in a time range, paged, ordered by time then tag. INVALID_ARGUMENT for a bad
     range or page token.
@@ -154,6 +182,12 @@ class IngestServiceAsyncStub(IngestServiceStub):
     GetLatestValues: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.GetLatestValuesRequest, _ingest_service_pb2.GetLatestValuesResponse]  # type: ignore[assignment]
     """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
     collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+    """
+    WatchLatestValues: _aio.UnaryStreamMultiCallable[_ingest_service_pb2.WatchLatestValuesRequest, _ingest_service_pb2.WatchLatestValuesResponse]  # type: ignore[assignment]
+    """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+    reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+    first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+    with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
     """
     SummarizeReadings: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.SummarizeReadingsRequest, _ingest_service_pb2.SummarizeReadingsResponse]  # type: ignore[assignment]
     """Statistics of one numeric tag over a time range: count, mean, standard deviation, min, max, process
@@ -230,6 +264,23 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def WatchCommittedReadings(
+        self,
+        request: _ingest_service_pb2.WatchCommittedReadingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_service_pb2.WatchCommittedReadingsResponse], _abc.AsyncIterator[_ingest_service_pb2.WatchCommittedReadingsResponse]]:
+        """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+        batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+        Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+        any replica, after any restart. A message without batches only moves the cursor past batches the
+        filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+        for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+        `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+        FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+        beyond 2^63-1.
+        """
+
+    @_abc_1.abstractmethod
     def QueryReadings(
         self,
         request: _ingest_service_pb2.QueryReadingsRequest,
@@ -263,6 +314,18 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_service_pb2.GetLatestValuesResponse, _abc.Awaitable[_ingest_service_pb2.GetLatestValuesResponse]]:
         """The latest reading of each tag, by tag ids or by PLC, with the tag's name and unit. A tag its
         collector has reported removed from its PLC (SyncTags) is left out; its history stays queryable.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchLatestValues(
+        self,
+        request: _ingest_service_pb2.WatchLatestValuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_service_pb2.WatchLatestValuesResponse], _abc.AsyncIterator[_ingest_service_pb2.WatchLatestValuesResponse]]:
+        """The latest reading of each tag, by tag ids or by PLC, as GetLatestValues gives them, then live: each newer
+        reading (or a tag that appears) as ingest commits it, looked for every FABRICA_INGEST_LATEST_WATCH_MS. The
+        first message is a snapshot of every tag; later messages carry only what changed. Reconnecting starts
+        with a snapshot again, so nothing is missed. INVALID_ARGUMENT without tag_ids or a plc_id.
         """
 
     @_abc_1.abstractmethod

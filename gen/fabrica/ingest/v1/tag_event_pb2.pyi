@@ -31,6 +31,7 @@ class TagEvent(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Position in the event log; strictly increasing in commit order. Resume after it."""
     tag_id: _builtins.int
@@ -49,6 +50,13 @@ class TagEvent(_message.Message):
     def read_time(self) -> _timestamp_pb2.Timestamp:
         """When it was read."""
 
+    @_builtins.property
+    def trace_context(self) -> _reading_pb2.TraceContext:
+        """The trace of the batch the reading arrived in (ReadingBatch.trace_context), when that batch's trace
+        was sampled: production's booking span is its child, so one trace runs from the PLC read to the
+        booking. Empty otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -59,10 +67,11 @@ class TagEvent(_message.Message):
         value: _reading_pb2.Value | None = ...,
         quality: _reading_pb2.Quality.ValueType = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_context: _reading_pb2.TraceContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

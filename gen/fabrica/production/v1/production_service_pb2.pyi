@@ -2011,6 +2011,58 @@ class ClassifyDowntimeResponse(_message.Message):
 Global___ClassifyDowntimeResponse: _TypeAlias = ClassifyDowntimeResponse  # noqa: Y015
 
 @_typing.final
+class EndDowntimeRequest(_message.Message):
+    """Request of EndDowntime."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The stop."""
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the machine ran again; now when unset."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndDowntimeRequest: _TypeAlias = EndDowntimeRequest  # noqa: Y015
+
+@_typing.final
+class EndDowntimeResponse(_message.Message):
+    """Response of EndDowntime."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOWNTIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def downtime(self) -> _order_pb2.Downtime:
+        """The stop after the change."""
+
+    def __init__(
+        self,
+        *,
+        downtime: _order_pb2.Downtime | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["downtime", b"downtime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downtime", b"downtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndDowntimeResponse: _TypeAlias = EndDowntimeResponse  # noqa: Y015
+
+@_typing.final
 class ListDowntimesRequest(_message.Message):
     """Request of ListDowntimes."""
 

@@ -241,6 +241,11 @@ class ProductionServiceStub:
                 request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListDowntimesRequest.SerializeToString,
                 response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListDowntimesResponse.FromString,
                 _registered_method=True)
+        self.EndDowntime = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/EndDowntime',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.EndDowntimeRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.EndDowntimeResponse.FromString,
+                _registered_method=True)
         self.GetOee = channel.unary_unary(
                 '/fabrica.production.v1.ProductionService/GetOee',
                 request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.GetOeeRequest.SerializeToString,
@@ -555,6 +560,16 @@ class ProductionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndDowntime(self, request, context):
+        """Ends a stop entered by hand that is still open, at end_time (now when unset). NOT_FOUND for an unknown
+        stop; FAILED_PRECONDITION (ErrorInfo reason DOWNTIME_NOT_OPEN) if it has ended already, or
+        (DOWNTIME_AUTOMATIC) if the machine-state tag opened it (its next running state ends it);
+        INVALID_ARGUMENT (end_time) for an end before the stop began or in the future.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetOee(self, request, context):
         """OEE of an order (over its run) or of a work centre over a window.
         """
@@ -780,6 +795,11 @@ def add_ProductionServiceServicer_to_server(servicer, server):
                     servicer.ListDowntimes,
                     request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListDowntimesRequest.FromString,
                     response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListDowntimesResponse.SerializeToString,
+            ),
+            'EndDowntime': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndDowntime,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.EndDowntimeRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.EndDowntimeResponse.SerializeToString,
             ),
             'GetOee': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOee,
@@ -1884,6 +1904,33 @@ class ProductionService:
             '/fabrica.production.v1.ProductionService/ListDowntimes',
             fabrica_dot_production_dot_v1_dot_production__service__pb2.ListDowntimesRequest.SerializeToString,
             fabrica_dot_production_dot_v1_dot_production__service__pb2.ListDowntimesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndDowntime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/EndDowntime',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.EndDowntimeRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.EndDowntimeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -131,6 +131,12 @@ class ProductionServiceStub:
     """Gives a stop its reason. NOT_FOUND for an unknown stop; FAILED_PRECONDITION for an unknown reason."""
     ListDowntimes: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.ListDowntimesRequest, _production_service_pb2.ListDowntimesResponse]
     """Lists a work centre's stops in a time window, newest first."""
+    EndDowntime: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.EndDowntimeRequest, _production_service_pb2.EndDowntimeResponse]
+    """Ends a stop entered by hand that is still open, at end_time (now when unset). NOT_FOUND for an unknown
+    stop; FAILED_PRECONDITION (ErrorInfo reason DOWNTIME_NOT_OPEN) if it has ended already, or
+    (DOWNTIME_AUTOMATIC) if the machine-state tag opened it (its next running state ends it);
+    INVALID_ARGUMENT (end_time) for an end before the stop began or in the future.
+    """
     GetOee: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.GetOeeRequest, _production_service_pb2.GetOeeResponse]
     """OEE of an order (over its run) or of a work centre over a window."""
     WatchOrders: _grpc.UnaryStreamMultiCallable[_production_service_pb2.WatchOrdersRequest, _production_service_pb2.WatchOrdersResponse]
@@ -244,6 +250,12 @@ class ProductionServiceAsyncStub(ProductionServiceStub):
     """Gives a stop its reason. NOT_FOUND for an unknown stop; FAILED_PRECONDITION for an unknown reason."""
     ListDowntimes: _aio.UnaryUnaryMultiCallable[_production_service_pb2.ListDowntimesRequest, _production_service_pb2.ListDowntimesResponse]  # type: ignore[assignment]
     """Lists a work centre's stops in a time window, newest first."""
+    EndDowntime: _aio.UnaryUnaryMultiCallable[_production_service_pb2.EndDowntimeRequest, _production_service_pb2.EndDowntimeResponse]  # type: ignore[assignment]
+    """Ends a stop entered by hand that is still open, at end_time (now when unset). NOT_FOUND for an unknown
+    stop; FAILED_PRECONDITION (ErrorInfo reason DOWNTIME_NOT_OPEN) if it has ended already, or
+    (DOWNTIME_AUTOMATIC) if the machine-state tag opened it (its next running state ends it);
+    INVALID_ARGUMENT (end_time) for an end before the stop began or in the future.
+    """
     GetOee: _aio.UnaryUnaryMultiCallable[_production_service_pb2.GetOeeRequest, _production_service_pb2.GetOeeResponse]  # type: ignore[assignment]
     """OEE of an order (over its run) or of a work centre over a window."""
     WatchOrders: _aio.UnaryStreamMultiCallable[_production_service_pb2.WatchOrdersRequest, _production_service_pb2.WatchOrdersResponse]  # type: ignore[assignment]
@@ -594,6 +606,18 @@ class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_production_service_pb2.ListDowntimesResponse, _abc.Awaitable[_production_service_pb2.ListDowntimesResponse]]:
         """Lists a work centre's stops in a time window, newest first."""
+
+    @_abc_1.abstractmethod
+    def EndDowntime(
+        self,
+        request: _production_service_pb2.EndDowntimeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_production_service_pb2.EndDowntimeResponse, _abc.Awaitable[_production_service_pb2.EndDowntimeResponse]]:
+        """Ends a stop entered by hand that is still open, at end_time (now when unset). NOT_FOUND for an unknown
+        stop; FAILED_PRECONDITION (ErrorInfo reason DOWNTIME_NOT_OPEN) if it has ended already, or
+        (DOWNTIME_AUTOMATIC) if the machine-state tag opened it (its next running state ends it);
+        INVALID_ARGUMENT (end_time) for an end before the stop began or in the future.
+        """
 
     @_abc_1.abstractmethod
     def GetOee(

@@ -33,6 +33,18 @@ async def classify(conn: asyncpg.Connection, downtime_id: int, reason_id: str, n
     return from_row(Downtime, row)
 
 
+async def get(conn: asyncpg.Connection, downtime_id: int, *, lock: bool = False) -> Downtime | None:
+    row = await conn.fetchrow("SELECT * FROM downtimes WHERE id = $1" + (" FOR NO KEY UPDATE" if lock else ""),
+                              downtime_id)
+    return None if row is None else from_row(Downtime, row)
+
+
+async def end(conn: asyncpg.Connection, downtime_id: int, end_time: datetime) -> Downtime:
+    """Set the end of a stop."""
+    row = await conn.fetchrow("UPDATE downtimes SET end_time = $2 WHERE id = $1 RETURNING *", downtime_id, end_time)
+    return from_row(Downtime, row)
+
+
 async def list_page(conn: asyncpg.Connection, work_center_id: str, start: datetime | None, end: datetime | None,
                     page_size: int, after: tuple[datetime, int] | None) -> tuple[list[Downtime], bool]:
     """Stops overlapping [start, end), newest first, after the (start time, id) `after`."""
