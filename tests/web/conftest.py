@@ -11,6 +11,7 @@ import pytest
 
 from fabrica_svc.collector.settings import CollectorSettings
 from fabrica_svc.grpcweb.app import Gateway, GatewaySettings
+from fabrica_svc.runtime import auth
 from fabrica_svc.runtime.settings import load_settings
 from in_process import Server, Servers, settings_for
 
@@ -26,18 +27,32 @@ class WebStack:
 
 
 def gateway_settings(upstreams: Mapping[str, str], **overrides: object) -> GatewaySettings:
-    base = load_settings("grpc-web", {}).with_overrides(port=0, shutdown_grace=0.5)
+    # Development mode, as the in-process services (tests/in_process.py): plaintext to them. The gateway under
+    # TLS and tokens: tests/test_end_to_end.py, tests/web/screens (a real `fabrica run`).
+    base = load_settings("grpc-web", {"FABRICA_INSECURE": "1"}).with_overrides(port=0, shutdown_grace=0.5)
     return GatewaySettings(base=base, upstreams=dict(upstreams), web_dist=None).with_overrides(**overrides)
 
 
-async def start_services(servers: Servers, database_url: str, tmp_path: Path) -> dict[str, Server]:
+async def start_services(servers: Servers, database_url: str, tmp_path: Path,
+                         key: auth.LocalKey | None = None) -> dict[str, Server]:
+    """The services in development mode (plaintext); with `key`, authentication is on (they verify tokens
+    signed by it) and production and the collector send tokens of their own, as under `fabrica run`."""
+    env: dict[str, str] = {}
+    tokens: dict[str, dict[str, str]] = {name: {} for name in ("config", "ingest", "production", "collector")}
+    if key is not None:
+        env = {"FABRICA_JWT_PUBLIC_KEY_FILE": str(key.public_key_file)}
+        tokens["production"] = {"token": auth.mint_token(key, subject="service-production", roles=["viewer"],
+                                                         ttl_seconds=3600)}
+        tokens["collector"] = {"token": auth.mint_token(key, subject="collector-web-1", roles=["collector"],
+                                                        collector_id="web-1", ttl_seconds=3600)}
     out: dict[str, Server] = {}
     for name in ("config", "ingest"):
-        out[name] = await servers.start(name, settings_for(name, database_url=database_url, data_dir=tmp_path))
+        out[name] = await servers.start(name, settings_for(name, env, database_url=database_url, data_dir=tmp_path))
     out["production"] = await servers.start(
-        "production", settings_for("production", database_url=database_url, data_dir=tmp_path),
+        "production", settings_for("production", env, database_url=database_url, data_dir=tmp_path,
+                                   **tokens["production"]),
         ingest_addr=out["ingest"].address)
-    base = settings_for("collector", data_dir=tmp_path)
+    base = settings_for("collector", env, data_dir=tmp_path, **tokens["collector"])
     collector = CollectorSettings(base=base, collector_id="web-1", config_addr=out["config"].address,
                                   ingest_addr=out["ingest"].address, batch_latency=0.05)
     out["collector"] = await servers.start("collector", base, config=collector)
@@ -52,5 +67,19 @@ async def web_stack(database_url: str, servers: Servers, tmp_path: Path) -> Asyn
     await gateway.start()
     try:
         yield WebStack(started, gateway)
+    finally:
+        await gateway.stop(grace=0.5)
+
+
+@pytest.fixture
+async def authed_web_stack(database_url: str, servers: Servers, tmp_path: Path) -> AsyncIterator[tuple[WebStack, str]]:
+    """The web stack with authentication on (tokens of a local key, verified by every service; plaintext),
+    and an engineer's token for the caller. The gateway forwards the caller's `authorization` only."""
+    key = auth.ensure_local_key(tmp_path / "auth-data")
+    started = await start_services(servers, database_url, tmp_path, key)
+    gateway = Gateway(gateway_settings({name: s.address for name, s in started.items()}))
+    await gateway.start()
+    try:
+        yield WebStack(started, gateway), auth.mint_token(key, subject="node", roles=["engineer"], ttl_seconds=600)
     finally:
         await gateway.stop(grace=0.5)

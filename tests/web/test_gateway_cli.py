@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 async def test_fabrica_grpc_web_serves_from_its_environment(database_url: str, servers: Servers) -> None:
     config = await servers.start("config", settings_for("config", database_url=database_url))
-    env = {**os.environ, "FABRICA_CONFIG_ADDR": config.address, "FABRICA_LOG_FORMAT": "text",
+    # Development mode (plaintext), as the in-process config it calls; under TLS: tests/test_end_to_end.py.
+    env = {**os.environ, "FABRICA_INSECURE": "1", "FABRICA_CONFIG_ADDR": config.address, "FABRICA_LOG_FORMAT": "text",
            "FABRICA_WEB_DIST": "-", "FABRICA_SHUTDOWN_GRACE": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fabrica_svc.cli", "grpc-web", "--port", "0", cwd=REPO, env=env,
@@ -46,7 +47,7 @@ async def test_fabrica_grpc_web_serves_from_its_environment(database_url: str, s
 
 
 async def test_a_bad_setting_stops_it_with_one_line() -> None:
-    env = {**os.environ, "FABRICA_GRPC_WEB_CORS_ORIGINS": "*"}
+    env = {**os.environ, "FABRICA_INSECURE": "1", "FABRICA_GRPC_WEB_CORS_ORIGINS": "*"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fabrica_svc.cli", "grpc-web", "--port", "0", cwd=REPO, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -86,10 +86,14 @@ async def test_without_a_built_ui_the_root_says_how_to_build_it() -> None:
     assert status == 404 and b"npm run build" in body
 
 
+#: Development mode (plaintext channels to the services), as the in-process services of these tests.
+DEV = {"FABRICA_INSECURE": "1"}
+
+
 def test_settings_from_the_environment(tmp_path: Path) -> None:
     (tmp_path / "index.html").write_text("x")
     settings = load_gateway_settings({
-        "FABRICA_PORT": "9000", "FABRICA_CONFIG_ADDR": "config:1", "FABRICA_PRODUCTION_ADDR": "prod.svc:50053",
+        "FABRICA_INSECURE": "1", "FABRICA_PORT": "9000", "FABRICA_CONFIG_ADDR": "config:1", "FABRICA_PRODUCTION_ADDR": "prod.svc:50053",
         "FABRICA_GRPC_WEB_CORS_ORIGINS": "https://ui.example.com, http://localhost:5173/",
         "FABRICA_WEB_DIST": str(tmp_path)})
     assert settings.base.port == 9000
@@ -97,8 +101,14 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
                                   "production": "prod.svc:50053", "collector": "127.0.0.1:50054"}
     assert settings.cors_origins == ("https://ui.example.com", "http://localhost:5173")
     assert settings.web_dist == tmp_path
-    assert load_gateway_settings({"FABRICA_WEB_DIST": "-"}).web_dist is None
-    assert load_gateway_settings({}).base.port == 8080
+    assert load_gateway_settings({**DEV, "FABRICA_WEB_DIST": "-"}).web_dist is None
+    assert load_gateway_settings(DEV).base.port == 8080
+
+
+def test_without_development_mode_the_gateway_needs_tls_files() -> None:
+    """Its channels to the services are TLS (runtime/channels.peer_channel) unless FABRICA_INSECURE=1."""
+    with pytest.raises(SettingsError, match="FABRICA_TLS_CERT"):
+        load_gateway_settings({})
 
 
 @pytest.mark.parametrize(("variable", "value"), [
@@ -111,7 +121,7 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
 ])
 def test_a_bad_setting_is_refused_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
-        load_gateway_settings({variable: value})
+        load_gateway_settings({**DEV, variable: value})
 
 
 async def test_a_taken_port_is_one_clear_error() -> None:

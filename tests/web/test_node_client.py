@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ WEB = Path(__file__).resolve().parents[2] / "web"
 TSX = WEB / "node_modules" / ".bin" / "tsx"
 
 
-async def _run_node_client(url: str) -> dict[str, dict[str, Any]]:
+async def _run_node_client(url: str, token: str) -> dict[str, dict[str, Any]]:
     assert shutil.which("node"), "Node.js (20+) is needed for the web client"
     assert TSX.exists(), f"{TSX} is missing: `make web-deps` (make test runs it) installs web/'s packages"
     proc = await asyncio.create_subprocess_exec(str(TSX), "tests/node-client.ts", url, cwd=WEB,
+                                                env={**os.environ, "FABRICA_TOKEN": token},
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
@@ -36,12 +38,21 @@ async def _run_node_client(url: str) -> dict[str, dict[str, Any]]:
     return {s.pop("step"): s for s in steps}
 
 
-async def test_the_generated_typescript_client_through_the_gateway(web_stack: WebStack) -> None:
-    steps = await _run_node_client(web_stack.url)
-    assert list(steps) == ["unary", "setup", "stream", "invalid", "state", "deadline"]
+async def test_the_generated_typescript_client_through_the_gateway(
+        authed_web_stack: tuple[WebStack, str]) -> None:
+    web_stack, token = authed_web_stack
+    steps = await _run_node_client(web_stack.url, token)
+    assert list(steps) == ["anonymous", "unary", "setup", "stream", "invalid", "state", "deadline"]
+    bearer = (("authorization", f"Bearer {token}"),)
+
+    # Without a token the services refuse the call (the gateway adds none), with the reason decoded.
+    anonymous = steps["anonymous"]
+    assert anonymous["code"] == "Unauthenticated", anonymous
+    assert anonymous["errorInfo"] and anonymous["errorInfo"]["reason"] == "TOKEN_MISSING", anonymous
 
     # Unary: the device profiles config serves, by name.
-    direct = await web_stack.servers["config"].stub.ListDeviceProfiles(config_pb.ListDeviceProfilesRequest())
+    direct = await web_stack.servers["config"].stub.ListDeviceProfiles(config_pb.ListDeviceProfilesRequest(),
+                                                                       metadata=bearer)
     assert [p["id"] for p in steps["unary"]["profiles"]] == [p.id for p in direct.profiles]
     assert all(p["displayName"] for p in steps["unary"]["profiles"])
 
@@ -50,7 +61,8 @@ async def test_the_generated_typescript_client_through_the_gateway(web_stack: We
     assert stream["first"]["snapshot"] is True and stream["first"]["orders"] == 0
     change = stream["change"]
     assert change["snapshot"] is False and int(change["revision"]) > int(stream["first"]["revision"])
-    stored = (await web_stack.servers["production"].stub.GetOrder(prod_pb.GetOrderRequest(id=change["id"]))).order
+    stored = (await web_stack.servers["production"].stub.GetOrder(prod_pb.GetOrderRequest(id=change["id"]),
+                                                                  metadata=bearer)).order
     assert (change["number"], int(change["plannedQuantity"]), change["workCenterId"]) == \
         (stored.number, stored.planned_quantity, stored.work_center_id) == ("NODE-1", 5, "node-wc")
 

@@ -41,6 +41,7 @@ let identity: Identity | null = (() => {
 })();
 /** True once a call was refused as UNAUTHENTICATED: the stack enforces auth and the login must be shown. */
 let authRequired = false;
+let refusedReason: string | null = null;
 
 export const auth = {
   get identity() { return identity; },
@@ -52,6 +53,7 @@ export const auth = {
     if (id.exp && id.exp * 1000 < Date.now()) return "This token has expired; ask for a new one.";
     identity = id;
     authRequired = false;
+    refusedReason = null;
     sessionStorage.setItem(TOKEN_KEY, id.token);
     listeners.forEach((l) => l());
     return null;
@@ -67,8 +69,17 @@ export const auth = {
     return identity.roles.some((r) => RANK[r] >= RANK[role]);
   },
   subscribe(l: Listener) { listeners.add(l); return () => { listeners.delete(l); }; },
-  markRequired() {
-    if (!authRequired) { authRequired = true; listeners.forEach((l) => l()); }
+  /** Why the last token was dropped: the services refused it (expired, not signed by their key, ...). */
+  get refused() { return refusedReason; },
+  markRequired(reason?: string) {
+    // A token the services refused is no identity at all: forget it, so the login shows again.
+    const dropped = identity !== null;
+    if (dropped) {
+      identity = null;
+      sessionStorage.removeItem(TOKEN_KEY);
+      refusedReason = reason || "The services refused this token.";
+    }
+    if (!authRequired || dropped) { authRequired = true; listeners.forEach((l) => l()); }
   },
 };
 
@@ -77,7 +88,7 @@ const bearer: Interceptor = (next) => async (req) => {
   try {
     return await next(req);
   } catch (err) {
-    if (err instanceof ConnectError && err.code === Code.Unauthenticated) auth.markRequired();
+    if (err instanceof ConnectError && err.code === Code.Unauthenticated) auth.markRequired(err.rawMessage);
     throw err;
   }
 };
@@ -128,6 +139,8 @@ function sentence(s: string): string {
 /** Decodes a failed call: google.rpc.BadRequest field violations, ErrorInfo reason, PreconditionFailure. */
 export function problem(err: unknown): Problem {
   const ce = ConnectError.from(err);
+  // A stream's refusal arrives here, not in the interceptor: the login must show all the same.
+  if (ce.code === Code.Unauthenticated) auth.markRequired(ce.rawMessage);
   const fields: Record<string, string> = {};
   const extra: string[] = [];
   let reason: string | undefined;

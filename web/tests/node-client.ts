@@ -2,7 +2,8 @@
 // gRPC-Web transport a browser uses, against a real gateway: run by tests/web/test_node_client.py as
 //   npx tsx tests/node-client.ts http://127.0.0.1:PORT
 // It prints one JSON object per step on stdout (int64 values as strings), which the test checks:
-//   unary   ListDeviceProfiles
+//   anonymous ListDeviceProfiles without a token: UNAUTHENTICATED, its ErrorInfo decoded
+//   unary   ListDeviceProfiles (every call from here on with the bearer token of FABRICA_TOKEN)
 //   setup   CreateSector, CreateWorkCenter, CreateItem
 //   stream  WatchOrders: the snapshot, then the order this program creates meanwhile, live
 //   invalid CreatePlc with bad fields: first the client-side validation (@bufbuild/protovalidate, the same
@@ -13,7 +14,7 @@ import { create } from "@bufbuild/protobuf";
 import { pathToString } from "@bufbuild/protobuf/reflect";
 import { durationFromMs } from "@bufbuild/protobuf/wkt";
 import { createValidator } from "@bufbuild/protovalidate";
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 
 import { ConfigService, CreatePlcRequestSchema } from "../src/gen/fabrica/config/v1/config_service_pb";
@@ -26,7 +27,13 @@ if (!baseUrl) {
   process.exit(2);
 }
 
-const transport = createGrpcWebTransport({ baseUrl, useBinaryFormat: true });
+const token = process.env.FABRICA_TOKEN ?? "";
+const bearer: Interceptor = (next) => async (req) => {
+  if (token) req.header.set("authorization", `Bearer ${token}`);
+  return await next(req);
+};
+const transport = createGrpcWebTransport({ baseUrl, useBinaryFormat: true, interceptors: [bearer] });
+const anonymous = createClient(ConfigService, createGrpcWebTransport({ baseUrl, useBinaryFormat: true }));
 const config = createClient(ConfigService, transport);
 const production = createClient(ProductionService, transport);
 
@@ -51,6 +58,14 @@ function describe(err: unknown): Record<string, unknown> {
 }
 
 async function main(): Promise<void> {
+  // No token: refused by the service behind the gateway.
+  try {
+    await anonymous.listDeviceProfiles({});
+    print("anonymous", { code: "OK" });
+  } catch (err) {
+    print("anonymous", describe(err));
+  }
+
   // Unary.
   const profiles = await config.listDeviceProfiles({});
   print("unary", { profiles: profiles.profiles.map((p) => ({ id: p.id, displayName: p.displayName })) });

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fabrica_svc.stack import PORTS_USED
 from procs import free_base_port, free_port
 
 REPO = Path(__file__).resolve().parents[3]
@@ -43,12 +44,36 @@ class Stack:
     s7_port: int
     modbus_port: int
     log: Path
+    #: The data folder of the stack: its CA (tls/ca.pem) and signing key (auth/).
+    data_dir: Path
+    #: The admin token the banner prints.
+    admin_token: str
+
+    @property
+    def ca(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    def token(self, role: str, user: str) -> str:
+        """A token minted by `fabrica token` from the stack's data folder (the token alone on its last line)."""
+        out = subprocess.run([sys.executable, "-m", "fabrica_svc.cli", "token", "--role", role, "--user", user,
+                              "--data-dir", str(self.data_dir)], capture_output=True, text=True, check=True,
+                             timeout=60)
+        return out.stdout.strip().splitlines()[-1]
+
+    def channel(self, address: str):  # noqa: ANN201 - a grpc.Channel
+        """A channel to one of the stack's services over TLS, trusting the stack's CA."""
+        import grpc
+
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(self.ca.read_bytes()))
+
+    def metadata(self, token: str | None = None) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token or self.admin_token}"),)
 
 
 def _start_stack(tmp: Path) -> tuple[subprocess.Popen, Stack]:
     if not (DIST / "index.html").is_file():
         raise AssertionError("web/dist is not built: run the tests with `make test` (it builds the UI)")
-    base, web = free_base_port(4), free_port()
+    base, web = free_base_port(PORTS_USED), free_port()
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1", "FABRICA_WEB_DIST": str(DIST)}
     log = tmp / "run.log"
     with open(log, "wb") as out:
@@ -66,9 +91,12 @@ def _start_stack(tmp: Path) -> tuple[subprocess.Popen, Stack]:
         raise AssertionError(f"fabrica run did not come up:\n{banner[-4000:]}")
     sim = re.search(r"Modbus TCP 127\.0\.0\.1:(\d+), .* S7 127\.0\.0\.1:(\d+)", banner)
     assert sim, banner
+    admin = re.search(r"^  export TOKEN=(\S+)$", banner, re.MULTILINE)
+    assert admin, banner
     return proc, Stack(url=f"http://127.0.0.1:{web}/", config=f"127.0.0.1:{base}", ingest=f"127.0.0.1:{base + 1}",
                        production=f"127.0.0.1:{base + 2}", collector=f"127.0.0.1:{base + 3}",
-                       modbus_port=int(sim.group(1)), s7_port=int(sim.group(2)), log=log)
+                       modbus_port=int(sim.group(1)), s7_port=int(sim.group(2)), log=log, data_dir=tmp / "data",
+                       admin_token=admin.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +131,26 @@ def browser() -> Iterator[object]:
             b.close()
 
 
+def sign_in(page, url: str, token: str, who: str) -> None:  # noqa: ANN001 - a Playwright page
+    """Sign in on the UI at `url` (its login screen, the token field) and wait until it names `who`."""
+    from playwright.sync_api import expect
+
+    page.goto(url.rstrip("/") + "/#/login")
+    page.locator("textarea[name=token]").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator(".who-name")).to_contain_text(who)
+
+
 @pytest.fixture
 def page(browser, stack: Stack, request: pytest.FixtureRequest):  # noqa: ANN001, ANN201 - Playwright objects
-    """A fresh page (1280×860, tablet-sized screens are tried in their own test) with the UI open; a page
-    error or a failed script fails the test."""
+    """A fresh page (1280×860, tablet-sized screens are tried in their own test), signed in with the banner's
+    admin token (every call is verified by the services); a page error or a failed script fails the test."""
     context = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True)
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.set_default_timeout(20_000)
+    sign_in(pg, stack.url, stack.admin_token, "admin · admin")
     try:
         yield pg
     finally:

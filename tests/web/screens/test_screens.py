@@ -12,7 +12,7 @@ import re
 import pytest
 from playwright.sync_api import Page, expect
 
-from .conftest import CuttableProxy, Stack, screenshot
+from .conftest import CuttableProxy, Stack, screenshot, sign_in
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,8 @@ def _column(page: Page, state: str):  # noqa: ANN202 - a Playwright locator
     return page.locator(f'{ORDERS} .board-col[data-state="{state}"]')
 
 
-def _token(sub: str, roles: list[str]) -> str:
-    """A JWT with these claims (unsigned: today's stack checks none; the identity work will refuse it)."""
+def _forged_token(sub: str, roles: list[str]) -> str:
+    """A JWT with these claims, unsigned: it reads as a token in the browser; the services refuse it."""
     enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
     return f"{enc({'alg': 'none', 'typ': 'JWT'})}.{enc({'sub': sub, 'roles': roles})}.sig"
 
@@ -49,7 +49,9 @@ def test_the_demo_orders_progress_bar_advances_as_the_press_counts_without_a_rel
     screenshot(page, "01-overview")
 
 
-def test_a_broken_order_stream_says_reconnecting_and_resumes(page: Page, proxy: CuttableProxy) -> None:
+def test_a_broken_order_stream_says_reconnecting_and_resumes(page: Page, proxy: CuttableProxy, stack: Stack) -> None:
+    # Another origin (the proxy's port): the token is kept per origin, so sign in there.
+    sign_in(page, f"http://127.0.0.1:{proxy.port}/", stack.admin_token, "admin")
     page.goto(f"http://127.0.0.1:{proxy.port}/#/orders")
     badge = page.get_by_test_id("stream-state")
     expect(badge).to_have_text("live")
@@ -76,10 +78,8 @@ def test_an_operator_runs_an_order_on_a_second_work_centre(page: Page, stack: St
     expect(page.locator("tr[data-id=assembly-1]")).to_contain_text("Assembly cell 1")
     screenshot(page, "08-master-data")
 
-    page.goto(stack.url + "#/login")
-    page.locator("textarea[name=token]").fill(_token("olga", ["operator"]))
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.locator(".who-name")).to_contain_text("olga · operator")
+    # The operator's own token, from `fabrica token` on the stack's data folder.
+    sign_in(page, stack.url, stack.token("operator", "olga"), "olga · operator")
 
     page.goto(stack.url + "#/orders")
     page.get_by_test_id("new-order").click()
@@ -248,8 +248,16 @@ def test_a_viewer_sees_no_buttons_for_what_the_role_may_not_do(page: Page, stack
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator(".field-error")).to_contain_text("This is not a JSON Web Token")
     screenshot(page, "09-login")
-    page.locator("textarea[name=token]").fill(_token("vera", ["viewer"]))
+    # A token the services do not trust (no signature of their key): their UNAUTHENTICATED brings the login back.
+    page.locator("textarea[name=token]").fill(_forged_token("mallory", ["admin"]))
     page.get_by_role("button", name="Sign in").click()
+    page.goto(stack.url + "#/orders")
+    expect(page.get_by_test_id("login-required")).to_contain_text("The last one was refused", timeout=30_000)
+    expect(page.locator("textarea[name=token]")).to_be_visible()
+    expect(page.locator(".who-name")).to_have_count(0)
+    expect(page.get_by_test_id("new-order")).to_have_count(0)
+    # A real viewer token (minted by `fabrica token`, verified by the services): it reads, and no action is offered.
+    sign_in(page, stack.url, stack.token("viewer", "vera"), "vera · viewer")
     page.goto(stack.url + "#/orders")
     expect(page.locator(f'{ORDERS} .order-card[data-order="DEMO-0001"]')).to_be_visible()
     expect(page.get_by_test_id("new-order")).to_have_count(0)
@@ -258,6 +266,16 @@ def test_a_viewer_sees_no_buttons_for_what_the_role_may_not_do(page: Page, stack
     expect(page.locator("tr[data-plc=press-1]")).to_be_visible()
     expect(page.get_by_test_id("new-plc")).to_have_count(0)
     screenshot(page, "06-configuration")
+    # What the buttons would do, the services refuse for this token all the same.
+    import grpc
+    from fabrica.production.v1 import production_service_pb2 as ppb
+    from fabrica.production.v1 import production_service_pb2_grpc as pgrpc
+
+    with stack.channel(stack.production) as ch:
+        with pytest.raises(grpc.RpcError) as denied:
+            pgrpc.ProductionServiceStub(ch).CreateOrder(ppb.CreateOrderRequest(), timeout=10,
+                                                        metadata=stack.metadata(stack.token("viewer", "vera")))
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_the_screens_fit_a_tablet(page: Page, stack: Stack) -> None:
@@ -271,7 +289,6 @@ def test_the_screens_fit_a_tablet(page: Page, stack: Stack) -> None:
 
 
 def test_an_edit_made_meanwhile_is_shown_not_overwritten(page: Page, stack: Stack) -> None:
-    import grpc
     from fabrica.config.v1 import config_service_pb2 as cpb
     from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
     from fabrica.config.v1 import plc_pb2
@@ -282,29 +299,30 @@ def test_an_edit_made_meanwhile_is_shown_not_overwritten(page: Page, stack: Stac
     editor = page.get_by_test_id("plc-editor")
     expect(editor.locator("input[name=displayName]")).not_to_have_value("")
     # Someone else saves the meter while it is open here.
-    with grpc.insecure_channel(stack.config) as ch:
+    md = stack.metadata()
+    with stack.channel(stack.config) as ch:
         stub = cgrpc.ConfigServiceStub(ch)
-        current = stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10).plc
+        current = stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10, metadata=md).plc
         stub.UpdatePlc(cpb.UpdatePlcRequest(plc=plc_pb2.Plc(id="meter-1", display_name="Energy meter (renamed meanwhile)",
                                                             etag=current.etag),
-                                            update_mask=field_mask_pb2.FieldMask(paths=["display_name"])), timeout=10)
+                                            update_mask=field_mask_pb2.FieldMask(paths=["display_name"])), timeout=10,
+                        metadata=md)
         editor.locator("input[name=displayName]").fill("Energy meter, hall 2")
         editor.get_by_test_id("save-plc").click()
         conflict = editor.get_by_test_id("conflict")
         expect(conflict).to_contain_text("Energy meter (renamed meanwhile)")
         expect(conflict).to_contain_text("were not saved")
-        assert stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10).plc.display_name == "Energy meter (renamed meanwhile)"
+        assert stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10, metadata=md).plc.display_name == "Energy meter (renamed meanwhile)"
         expect(editor.locator("input[name=displayName]")).to_have_value("Energy meter, hall 2")  # ours, kept
         screenshot(page, "07-configuration-concurrent-edit")
         # Deliberately over theirs, now that they were seen.
         conflict.get_by_role("button", name="Keep mine over theirs").click()
         editor.get_by_test_id("save-plc").click()
         expect(page.get_by_test_id("saved")).to_contain_text("Saved Energy meter, hall 2")
-        assert stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10).plc.display_name == "Energy meter, hall 2"
+        assert stub.GetPlc(cpb.GetPlcRequest(id="meter-1"), timeout=10, metadata=md).plc.display_name == "Energy meter, hall 2"
 
 
 def test_a_plc_with_a_thousand_tags_renders_only_the_rows_in_view(page: Page, stack: Stack) -> None:
-    import grpc
     from fabrica.config.v1 import config_service_pb2 as cpb
     from fabrica.config.v1 import config_service_pb2_grpc as cgrpc
     from fabrica.config.v1 import plc_pb2
@@ -316,8 +334,8 @@ def test_a_plc_with_a_thousand_tags_renders_only_the_rows_in_view(page: Page, st
     for i in range(1000):
         plc.tags.add(name=f"reg_{i:04d}", poll_group="default", data_type=plc_pb2.DATA_TYPE_UINT16, unit="raw",
                      modbus=plc_pb2.ModbusAddress(table=plc_pb2.MODBUS_TABLE_HOLDING_REGISTER, address=i))
-    with grpc.insecure_channel(stack.config) as ch:
-        cgrpc.ConfigServiceStub(ch).CreatePlc(cpb.CreatePlcRequest(plc=plc), timeout=30)
+    with stack.channel(stack.config) as ch:
+        cgrpc.ConfigServiceStub(ch).CreatePlc(cpb.CreatePlcRequest(plc=plc), timeout=30, metadata=stack.metadata())
     page.goto(stack.url + "#/plant?plc=big-1")
     table = page.get_by_test_id("tag-table")
     expect(table).to_contain_text("Tags (1000)")

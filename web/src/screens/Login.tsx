@@ -15,7 +15,8 @@ export function Login() {
   return (
     <div class="login">
       <Card title="Sign in">
-        {a.required && <div class="banner warn">This Fabrica asks who you are: paste your access token.</div>}
+        {a.required && <div class="banner warn" data-testid="login-required">This Fabrica asks who you are: paste your access token.
+          {auth.refused && <> The last one was refused: {auth.refused}</>}</div>}
         <form onSubmit={submit} class="form">
           <label class={`field wide ${err ? "invalid" : ""}`}>
             <span class="field-label">Access token</span>
