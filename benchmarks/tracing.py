@@ -136,8 +136,9 @@ async def _ingest_variant(dsn: str, env: dict[str, str], batches, root: Path, na
     log = open(root / f"ingest-{name}.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(port)], cwd=REPO,
+        # FABRICA_INSECURE=1: plaintext without token checks in both variants; the figure is tracing's cost.
         env={**os.environ, "DATABASE_URL": dsn, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_LEVEL": "WARNING",
-             "PYTHONPATH": _pythonpath(), **env}, stdout=log, stderr=subprocess.STDOUT)
+             "FABRICA_INSECURE": "1", "PYTHONPATH": _pythonpath(), **env}, stdout=log, stderr=subprocess.STDOUT)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=PEER_CHANNEL_OPTIONS) as channel:
             for _ in range(300):

@@ -20,6 +20,7 @@ import asyncio
 import gzip
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -120,8 +121,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="fabrica-bench-ui-"))
     os.chmod(tmp, 0o755)  # the embedded Postgres runs as its own user
-    base = _free_ports(5)
-    web = base + 4
+    base = _free_ports(7)  # config, ingest, production, collector, the two peer ports, the web origin
+    web = base + 6
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1", "FABRICA_WEB_DIST": str(DIST)}
     log = tmp / "run.log"
     with open(log, "wb") as out:
@@ -134,25 +135,36 @@ def main() -> int:
             if "Ctrl-C stops everything" in log.read_text(errors="replace") or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        if "Ctrl-C stops everything" not in log.read_text(errors="replace"):
-            print(log.read_text(errors="replace")[-3000:])
+        banner = log.read_text(errors="replace")
+        if "Ctrl-C stops everything" not in banner:
+            print(banner[-3000:])
             return 1
+        # The stack's TLS (its CA) and the banner's admin token: the browser signs in with it too.
+        admin = re.search(r"^  export TOKEN=(\S+)$", banner, re.MULTILINE).group(1)  # type: ignore[union-attr]
+        md = (("authorization", f"Bearer {admin}"),)
+        creds = grpc.ssl_channel_credentials((tmp / "data" / "tls" / "ca.pem").read_bytes())
         sim = SimThread()
         press = demo_plcs("demo", sim.sim.modbus_port, sim.sim.rtu_port, sim.sim.s7_port)[0]
         press.id, press.display_name = PLC_ID, "Benchmark press"
         press.poll_groups[0].poll_interval.CopyFrom(duration_pb2.Duration(nanos=100_000_000))
-        with grpc.insecure_channel(f"127.0.0.1:{base}") as cch, grpc.insecure_channel(f"127.0.0.1:{base + 1}") as ich:
-            plc = cgrpc.ConfigServiceStub(cch).CreatePlc(cpb.CreatePlcRequest(plc=press), timeout=10).plc
+        with grpc.secure_channel(f"127.0.0.1:{base}", creds) as cch, \
+                grpc.secure_channel(f"127.0.0.1:{base + 1}", creds) as ich:
+            plc = cgrpc.ConfigServiceStub(cch).CreatePlc(cpb.CreatePlcRequest(plc=press), timeout=10, metadata=md).plc
             tag_id = next(t.id for t in plc.tags if t.name == TAG)
             ingest = igrpc.IngestServiceStub(ich)
 
             def ingest_value() -> int | None:
-                r = ingest.GetLatestValues(ipb.GetLatestValuesRequest(tag_ids=[tag_id]), timeout=5).readings
+                r = ingest.GetLatestValues(ipb.GetLatestValuesRequest(tag_ids=[tag_id]), timeout=5,
+                                            metadata=md).readings
                 return r[0].value.uint_value if r and r[0].HasField("value") else None
 
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1280, "height": 860})
+                page.goto(f"http://127.0.0.1:{web}/#/login")
+                page.locator("textarea[name=token]").fill(admin)
+                page.get_by_role("button", name="Sign in").click()
+                page.wait_for_selector(".who-name")
                 page.goto(f"http://127.0.0.1:{web}/#/plant?plc={PLC_ID}")
                 cell = f'[data-testid=tag-table] tr[data-tag="{TAG}"] [data-testid=tag-value]'
                 page.wait_for_function(f"(document.querySelector('{cell}')?.textContent ?? '—') !== '—'",

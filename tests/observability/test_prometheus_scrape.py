@@ -35,7 +35,7 @@ def test_every_metric_a_rule_or_panel_names_is_scraped_from_fabrica_run(tmp_path
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "0"}
     with open(log, "wb") as out:
         run = subprocess.Popen([sys.executable, "-m", "fabrica_svc.cli", "run", "--data-dir", str(tmp_path / "data"),
-                                "--base-port", str(base)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                "--base-port", str(base), "--web-port", "0"], stdout=out, stderr=subprocess.STDOUT, env=env)
     prom = None
     try:
         text = ""
