@@ -429,6 +429,26 @@ async def test_audit_entries_name_the_user_of_a_plc_edit_an_order_start_and_a_bo
         await reader.ListAuditEntries(ppb.ListAuditEntriesRequest(page_token="nonsense"))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+    # A stop entered by hand and ended by hand (EndDowntime): both name the operator; a refused end (it has
+    # ended already) leaves no entry.
+    from datetime import UTC, datetime, timedelta
+
+    from google.protobuf import timestamp_pb2
+
+    began = timestamp_pb2.Timestamp()
+    began.FromDatetime(datetime.now(UTC) - timedelta(minutes=5))
+    stop = (await operator.CreateDowntime(ppb.CreateDowntimeRequest(downtime=order_pb2.Downtime(
+        work_center_id="wc-1", start_time=began, note="coil change")))).downtime
+    await operator.EndDowntime(ppb.EndDowntimeRequest(id=stop.id), metadata=(("x-request-id", "end-stop-1"),))
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await operator.EndDowntime(ppb.EndDowntimeRequest(id=stop.id))
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    stops = (await reader.ListAuditEntries(ppb.ListAuditEntriesRequest(
+        filter=audit_pb2.AuditFilter(resource=f"downtimes/{stop.id}")))).entries
+    assert [(e.actor, e.action, e.request_id) for e in stops][:1] == [("user:ana", "EndDowntime", "end-stop-1")]
+    assert [(e.actor, e.action) for e in stops] == [("user:ana", "EndDowntime"), ("user:ana", "CreateDowntime")]
+    assert "ended at" in stops[0].details
+
 
 async def test_peer_channels_send_their_token_in_every_call_shape(stack: dict[str, Server], key: auth.LocalKey,
                                                                   tmp_path: Path) -> None:
