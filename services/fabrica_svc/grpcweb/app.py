@@ -19,7 +19,14 @@ FABRICA_GRPC_WEB_CORS_ORIGINS  Comma-separated origins allowed to call from     
                                another origin (scheme://host[:port]; never *)   (the UI's dev server)
 FABRICA_WEB_DIST               The built UI to serve; "-" serves none           web/dist when it exists
 FABRICA_GRPC_WEB_MAX_MESSAGE   Largest request message, bytes                   4194304
+FABRICA_TLS_CERT/KEY/CA        TLS to the upstreams (runtime/channels.py):      required unless
+                               the CA verifies them; the certificate is         FABRICA_INSECURE=1
+                               presented where a port asks for one
 =============================  ===============================================  ===========================
+
+Who calls is the browser's business: its ``authorization`` header is forwarded to the service, which
+verifies the token and checks the method's role. The gateway never sends a token of its own (FABRICA_TOKEN
+and FABRICA_TOKEN_FILE are ignored here), so a call without one is UNAUTHENTICATED at the service.
 """
 
 from __future__ import annotations
@@ -175,8 +182,10 @@ class Gateway:
         from hypercorn.config import Config  # noqa: PLC0415
 
         base = self.settings.base
+        # TLS and tracing from peer_channel, but never a token of the gateway's: each call carries its caller's.
+        upstream = base.with_overrides(token="", token_file=None)
         for name, address in self.settings.upstreams.items():
-            self._channels[name] = peer_channel(address, base)
+            self._channels[name] = peer_channel(address, upstream)
         family = socket.AF_INET6 if ":" in base.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
