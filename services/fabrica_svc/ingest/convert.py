@@ -162,9 +162,12 @@ def batch_from_proto(batch: reading_pb2.ReadingBatch, prefix: str = "batch") -> 
         plc_id = r.plc_id
         role = r.role
         v = r.value
-        kind = v.WhichOneof("kind")
+        dv = v.double_value
+        # A double_value that reads as nonzero (NaN too) is the member set: an unset member reads as 0.0. So
+        # the usual reading skips WhichOneof (~600 instructions a reading, callgrind); a zero asks it.
+        kind = "double_value" if dv else v.WhichOneof("kind")
         if kind == "double_value":
-            row = (tag_id, read_us, quality, KIND_DOUBLE, v.double_value, None, None, None, error)
+            row = (tag_id, read_us, quality, KIND_DOUBLE, dv, None, None, None, error)
         elif kind == "int_value":
             iv = v.int_value
             row = (tag_id, read_us, quality, KIND_INT, float(iv), iv, None, None, error)
