@@ -22,7 +22,8 @@ transaction and gRPC are the rest (see services/fabrica_svc/ingest/README.md).
 
 Knobs: FABRICA_BENCH_ROWS (default 1,000,000), FABRICA_BENCH_CLIENTS (4), FABRICA_BENCH_BATCH (readings per
 batch, 2,000), FABRICA_BENCH_IN_FLIGHT (batches each client keeps unacknowledged, 8),
-FABRICA_BENCH_PROFILE=<file> (run the ingest server under cProfile), FABRICA_BENCH_PYSPY=<file> (sample the
+FABRICA_BENCH_PROFILE=<file> (run the ingest server under cProfile), FABRICA_BENCH_CALLGRIND=1 (instead of the
+modes: the ingest server's instructions per reading by stage, under valgrind's callgrind; use ~60,000 rows), FABRICA_BENCH_PYSPY=<file> (sample the
 ingest server with py-spy during the run, native frames included, as collapsed stacks), FABRICA_BENCH_LOG_LEVEL and
 FABRICA_BENCH_KEEP_LOG=<file> (the ingest server's log).
 
@@ -236,8 +237,10 @@ def _free_port() -> int:
 
 
 def start_ingest_process(dsn: str, logfile: Path, *, profile: str | None = None,
-                         extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
-    """``fabrica serve ingest`` on `dsn` as its own process (its log in `logfile`); returns it and its port.
+                         extra_env: dict[str, str] | None = None,
+                         wrapper: list[str] | None = None) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
+    """``fabrica serve ingest`` on `dsn` as its own process (its log in `logfile`), under `wrapper` (a
+    command line such as valgrind's) if given; returns it and its port.
 
     FABRICA_INSECURE=1: the figure is the write path's, without token checks (as the baselines have none)."""
     port = _free_port()
@@ -247,7 +250,7 @@ def start_ingest_process(dsn: str, logfile: Path, *, profile: str | None = None,
            "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}", **(extra_env or {})}
     log = open(logfile, "wb")  # noqa: SIM115 - the child holds it
     prefix = ["-m", "cProfile", "-o", profile] if profile else []
-    server = subprocess.Popen([sys.executable, *prefix, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(port)],
+    server = subprocess.Popen([*(wrapper or []), sys.executable, *prefix, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(port)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     log.close()
     return server, port
@@ -271,21 +274,23 @@ async def wait_serving(server: subprocess.Popen, port: int, logfile: Path) -> No
     raise RuntimeError("ingest did not become SERVING")
 
 
-def stop_process(server: subprocess.Popen) -> None:  # type: ignore[type-arg]
+def stop_process(server: subprocess.Popen, timeout: float = 15) -> None:  # type: ignore[type-arg]
     server.terminate()
     try:
-        server.wait(timeout=15)
+        server.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
 
 
 async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_us: int,
-                        logdir: Path, replicas: int = 1) -> tuple[float, int, float, float]:
-    """`replicas` ingest processes on the same database; client k streams to replica k % replicas. Returns
-    (seconds, readings acknowledged, the largest peak RSS of a replica in MiB, CPU seconds of all replicas)."""
+                        logdir: Path, replicas: int = 1, wrapper: list[str] | None = None) -> tuple[float, int, float, float]:
+    """`replicas` ingest processes on the same database (under `wrapper` if given); client k streams to
+    replica k % replicas. Returns (seconds, readings acknowledged, the largest peak RSS of a replica in MiB,
+    CPU seconds of all replicas)."""
     profile = os.environ.get("FABRICA_BENCH_PROFILE") if replicas == 1 else None  # a file: run under cProfile
-    servers = [start_ingest_process(dsn, logdir / f"ingest-{k}.log", profile=profile) for k in range(replicas)]
+    servers = [start_ingest_process(dsn, logdir / f"ingest-{k}.log", profile=profile, wrapper=wrapper)
+               for k in range(replicas)]
     ctx = mp.get_context("spawn")
     procs: list = []
     try:
@@ -329,7 +334,7 @@ async def bench_fabrica(dsn: str, n: int, batch_size: int, clients: int, start_u
             if p.is_alive():
                 p.kill()
         for server, _ in servers:
-            stop_process(server)
+            stop_process(server, timeout=300 if wrapper else 15)
     assert await _count(dsn) == acked == n, (acked, n)
     return elapsed, acked, peak, server_cpu
 
@@ -363,15 +368,17 @@ def print_profile(path: Path, top: int = 14) -> None:
         print(f"    {'':6}  {n / max(1, busy):6.1%} itself  {name[:90]}")
 
 
-def validation_figures(batch_size: int) -> tuple[float, float, float]:
+def validation_figures(batch_size: int) -> tuple[float, float, float, float, float]:
     """CPU µs per reading, in this process, on a batch like the clients': the interceptor's protovalidate
     check of the request (what every batch paid before StreamReadings validated its own), the conversion
-    that now also validates (convert.batch_from_proto), and parsing the request (what grpcio does first)."""
+    that now also validates (convert.batch_from_proto, on a freshly parsed request as in the server),
+    parsing the request (what grpcio does first), and the feed's payload: before, the parsed batch encoded
+    again; now, the received batch field's bytes (convert.batch_bytes_of)."""
     from google.protobuf import timestamp_pb2
 
     from fabrica.common.v1 import reading_pb2
     from fabrica.ingest.v1 import ingest_service_pb2 as pb
-    from fabrica_svc.ingest.convert import batch_from_proto
+    from fabrica_svc.ingest.convert import batch_bytes_of, batch_from_proto
     from fabrica_svc.runtime.validation import violations_of
 
     start_us = _day_start_us()
@@ -393,8 +400,80 @@ def validation_figures(batch_size: int) -> tuple[float, float, float]:
             f()  # type: ignore[operator]
         return (time.process_time() - cpu) / rounds / batch_size * 1e6
 
-    return (per_reading(lambda: violations_of(request)), per_reading(lambda: batch_from_proto(request.batch)),
-            per_reading(lambda: pb.StreamReadingsRequest.FromString(raw)))
+    parse = pb.StreamReadingsRequest.FromString
+    parsed = per_reading(lambda: parse(raw))
+    return (per_reading(lambda: violations_of(request)), per_reading(lambda: batch_from_proto(parse(raw).batch)) - parsed,
+            parsed, per_reading(lambda: parse(raw).batch.SerializeToString()) - parsed,
+            per_reading(lambda: batch_bytes_of(raw)))
+
+
+#: The stages of a reading in the ingest process, as callgrind names their code: (label, how the cost is
+#: taken, pattern). "self" sums the instructions executed in the functions of the shared objects matching
+#: the pattern; "incl" takes the inclusive cost of the one function of that name.
+CALLGRIND_STAGES = [
+    ("Python interpreter (the one pass's bytecode, asyncio, writer, servicer)", "self", r"libpython|_asyncio|^/tmp/python-build|Python-3"),
+    ("upb (parse + each field read from Python)", "self", r"_message\.abi3"),
+    ("  inclusive: a field read from Python, with the object it makes (PyUpb_Message_GetAttr)", "incl", r"PyUpb_Message_GetAttr \["),
+    ("asyncpg (COPY and statements: encoding, protocol)", "self", r"asyncpg|pgproto|protocol\.cpython"),
+    ("  inclusive: the timestamptz codec, a Python call per value (Codec_encode_in_python)", "incl",
+     r"Codec_encode_in_python \["),
+    ("  inclusive: the latest-values arrays of the upsert (Codec_encode_array)", "incl", r"Codec_encode_array \["),
+    ("sort by tag before COPY (list_sort)", "incl", r"listobject.c.h:list_sort \["),
+    ("garbage collector (gc_collect_main)", "incl", r"gcmodule.c:gc_collect_main \["),
+    ("libc (malloc, memcpy)", "self", r"libc\.so"),
+    ("gRPC (cygrpc, C-core)", "self", r"cygrpc|libgrpc"),
+]
+
+
+def _callgrind_costs(path: Path) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Total instructions of a callgrind profile, self cost per function and inclusive cost per function."""
+    import re
+
+    def table(*extra: str) -> dict[str, int]:
+        out = subprocess.run(["callgrind_annotate", "--threshold=100", *extra, str(path)], capture_output=True,
+                             text=True, check=True).stdout
+        costs: dict[str, int] = {}
+        for line in out.splitlines():
+            m = re.match(r"\s*([\d,]+) \(.*?\)\s+(.*)", line)
+            if m:
+                costs[m.group(2).strip()] = int(m.group(1).replace(",", ""))
+        return costs
+
+    self_costs, inclusive = table(), table("--inclusive=yes")
+    return self_costs.pop("PROGRAM TOTALS", 0), self_costs, inclusive
+
+
+def _object_of(name: str) -> str:
+    """The shared object of a callgrind_annotate function name (``file:function [object]``); for a name
+    without one, the name itself."""
+    return name[name.rindex("[") + 1:-1] if name.endswith("]") else name
+
+
+async def callgrind_breakdown(admin: str, root: Path, n: int, batch_size: int, clients: int, start_us: int) -> None:
+    """Mode 3 twice with the ingest server under ``valgrind --tool=callgrind`` (n/3 and n readings), and
+    the difference per reading: instructions, which do not depend on what else the host runs (CPU time on
+    this shared machine varies by 50% between runs), split by stage (CALLGRIND_STAGES). Start-up and
+    shut-down cancel out in the difference."""
+    import re
+
+    sizes = (max(batch_size, n // 3 // batch_size * batch_size), n)
+    costs = []
+    for size in sizes:
+        out = root / f"callgrind.{size}"
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        await bench_fabrica(await _fresh_database(admin, f"bench_callgrind_{size}"), size, batch_size, clients,
+                            start_us, root, wrapper=wrapper)
+        costs.append(_callgrind_costs(out))
+    (t0, self0, inc0), (t1, self1, inc1) = costs
+    readings = sizes[1] - sizes[0]
+    print(f"\ningest process, instructions per reading (callgrind, {sizes[1]:,} minus {sizes[0]:,} readings):"
+          f" {(t1 - t0) / readings:,.0f} in all")
+    for label, how, pattern in CALLGRIND_STAGES:
+        if how == "self":  # by the shared object the function is in (the name's last [...])
+            got = sum(v - self0.get(k, 0) for k, v in self1.items() if re.search(pattern, _object_of(k)))
+        else:
+            got = sum(v - inc0.get(k, 0) for k, v in inc1.items() if re.search(pattern, k))
+        print(f"  {got / readings:8,.0f}  {got / max(1, t1 - t0):6.1%}  {label}")
 
 
 async def _run() -> int:
@@ -409,6 +488,9 @@ async def _run() -> int:
     try:
         admin = server.get_uri()
         start_us = _day_start_us()
+        if os.environ.get("FABRICA_BENCH_CALLGRIND"):  # only the instruction counts of the ingest process
+            await callgrind_breakdown(admin, root, n, batch_size, clients, start_us)
+            return 0
         rows = _rows(n, start_us)
         print(f"{n:,} readings of {TAGS:,} tags; batches of {batch_size:,}; {clients} client processes;"
               f" {os.cpu_count()} CPUs; Postgres {await _version(admin)}", flush=True)
@@ -431,7 +513,7 @@ async def _run() -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     raw, naive, fab, two = n / raw_s, n / naive_s, acked / fab_s, two_acked / two_s
-    checked, converted, parsed = validation_figures(batch_size)
+    checked, converted, parsed, reencoded, kept = validation_figures(batch_size)
     print()
     print(f"{'mode':<58}{'rows/s':>12}{'seconds':>10}")
     print(f"{'1. raw asyncpg COPY, one process (the limit)':<58}{raw:>12,.0f}{raw_s:>10.1f}")
@@ -446,6 +528,8 @@ async def _run() -> int:
     print(f"CPU µs per reading, measured apart in this process: request parse {parsed:.2f}   one pass, validate +"
           f" convert {converted:.2f}   COPY (sort + asyncpg encoding) {COPY_CPU_US[0]:.2f}   (before, on top:"
           f" protovalidate in the interceptor {checked:.2f})")
+    print(f"the feed's payload per reading: before, the batch encoded again {reencoded:.2f} µs; now, the received"
+          f" bytes kept {kept:.3f} µs")
     return 0
 
 

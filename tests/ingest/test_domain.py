@@ -216,3 +216,23 @@ def test_time_conversions_are_exact_to_the_microsecond() -> None:
     for us in (0, 1, -1, T0_US + 123_456, 253_402_300_799_999_999):
         assert domain.datetime_to_micros(domain.micros_to_datetime(us)) == us
     assert math.isclose(domain.micros_to_datetime(T0_US).timestamp(), T0_US / 1e6)
+
+
+def test_each_kind_of_value_is_told_apart_when_it_reads_as_zero() -> None:
+    """The one pass takes a nonzero double_value as the member set and asks WhichOneof only for a zero:
+    zeros of every kind, -0.0 and NaN keep their kind and value."""
+    cases = [(0.0, "double_value", domain.KIND_DOUBLE, 0.0), (-0.0, "double_value", domain.KIND_DOUBLE, -0.0),
+             (float("nan"), "double_value", domain.KIND_DOUBLE, None), (2.5, "double_value", domain.KIND_DOUBLE, 2.5),
+             (0, "int_value", domain.KIND_INT, 0.0), (-7, "int_value", domain.KIND_INT, -7.0),
+             (0, "uint_value", domain.KIND_UINT, 0.0), (False, "bool_value", domain.KIND_BOOL, 0.0),
+             (True, "bool_value", domain.KIND_BOOL, 1.0), ("", "string_value", domain.KIND_STRING, None),
+             (b"", "bytes_value", domain.KIND_BYTES, None)]
+    wb = batch_from_proto(batch("c", 1, [reading(i + 1, T0_US, v, kind=k) for i, (v, k, _, _) in enumerate(cases)]))
+    for row, (v, k, kind, value) in zip(wb.rows, cases, strict=True):
+        assert row[3] == kind, (v, k)
+        if k == "double_value" and math.isnan(v):
+            assert math.isnan(row[4])
+        else:
+            assert row[4] == value and (value is None or math.copysign(1, row[4]) == math.copysign(1, value)), (v, k)
+    assert [r[5:8] for r in wb.rows[4:7]] == [(0, None, None), (-7, None, None), (0, None, None)]
+    assert wb.rows[9][6] == "" and wb.rows[10][7] == b""

@@ -229,3 +229,60 @@ async def test_watch_request_validation(ingest) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in field_violations(err.value)
 
+
+
+async def test_the_feed_stores_each_batch_as_received_not_encoded_again(ingest) -> None:
+    """The stored payload is the bytes the collector sent (the ``batch`` field of its request), not the
+    batch encoded again: a batch whose fields are written in an order protobuf never writes them
+    (sequence before collector_id, and readings before both) is stored with that order."""
+    from fabrica.common.v1 import reading_pb2
+
+    readings = numbered_batches("raw-c", 1, 5)[0].readings
+    b = reading_pb2.ReadingBatch(collector_id="raw-c", sequence=1, readings=readings)
+    unusual = reading_pb2.ReadingBatch(readings=readings).SerializeToString() + (
+        reading_pb2.ReadingBatch(sequence=1).SerializeToString()
+        + reading_pb2.ReadingBatch(collector_id="raw-c").SerializeToString())
+    assert reading_pb2.ReadingBatch.FromString(unusual) == b and unusual != b.SerializeToString()
+    call = ingest.channel.stream_stream("/fabrica.ingest.v1.IngestService/StreamReadings",
+                                        request_serializer=lambda raw: raw,
+                                        response_deserializer=pb.StreamReadingsResponse.FromString)()
+    await call.write(pb.StreamReadingsRequest(open=pb.StreamOpen(collector_id="raw-c")).SerializeToString())
+    assert (await call.read()).resume.committed_sequence == 0
+    await call.write(b"\x12" + _varint(len(unusual)) + unusual)
+    assert (await call.read()).ack.sequence == 1
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    stored = await fetchval(ingest.database_url, "SELECT payload FROM ingest.committed_batches"
+                                                 " WHERE collector_id = 'raw-c' AND sequence = 1")
+    assert stored == unusual
+    got, _ = await watch_batches(ingest.stub, pb.WatchCommittedReadingsRequest(), 1)
+    assert got[0].batch == b
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_batch_bytes_are_taken_only_from_a_request_that_is_one_batch_field() -> None:
+    from fabrica.common.v1 import reading_pb2
+    from fabrica_svc.ingest.convert import batch_bytes_of, parse_stream_request
+
+    big = numbered_batches("c", 1, 300)[0]  # over 127 bytes: a length of several varint bytes
+    small = batch("c", 1, [reading(1, T0_US)])
+    for b in (big, small, reading_pb2.ReadingBatch()):
+        raw = pb.StreamReadingsRequest(batch=b).SerializeToString()
+        assert batch_bytes_of(raw) == b.SerializeToString()
+        received = parse_stream_request(raw)
+        assert received.message == pb.StreamReadingsRequest(batch=b) and received.batch_bytes == b.SerializeToString()
+    raw = pb.StreamReadingsRequest(batch=small).SerializeToString()
+    assert batch_bytes_of(pb.StreamReadingsRequest(open=pb.StreamOpen(collector_id="c")).SerializeToString()) is None
+    assert batch_bytes_of(raw + raw) is None  # the field twice: protobuf merges them, the bytes are not one batch
+    assert batch_bytes_of(raw + b"\x08\x01") is None  # another field besides
+    assert batch_bytes_of(raw[:-1]) is None and batch_bytes_of(b"") is None and batch_bytes_of(b"\x12\xff") is None
+    with pytest.raises(Exception):
+        parse_stream_request(b"\x12\x05ab")  # truncated: refused as grpcio's own deserializer refuses it

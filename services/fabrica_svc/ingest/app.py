@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+from fabrica.ingest.v1 import ingest_service_pb2
 
 from ..runtime.db import Migration
 from ..runtime.notify import Listener
@@ -22,7 +22,7 @@ from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .config import IngestConfig, load_ingest_config
 from .maintenance import Maintenance
-from .servicer import IngestServicer
+from .servicer import IngestServicer, add_to_server
 from .store import EVENTS_CHANNEL, FEED_CHANNEL, MIGRATIONS, SCHEMA, IngestStore
 from .writer import BatchWriter
 
@@ -83,7 +83,7 @@ class IngestApp:
         await self.feed_hub.start()
 
     def register(self, server: grpc.aio.Server) -> None:
-        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)  # StreamReadings keeps each batch's received bytes
 
     async def stop(self) -> None:
         parts, self._parts = self._parts, []

@@ -40,6 +40,7 @@ from ..runtime.watch import Page, watch
 from .config import IngestConfig
 from .convert import (
     FeedFilter,
+    ReceivedRequest,
     batch_from_proto,
     bucket_from_row,
     check_filter,
@@ -47,6 +48,7 @@ from .convert import (
     check_timestamp,
     readings_from_rows,
     tag_event_from_row,
+    parse_stream_request,
     tag_infos_from_proto,
 )
 from .domain import (
@@ -78,6 +80,39 @@ _END = object()
 log = logging.getLogger(__name__)
 
 
+def add_to_server(servicer: IngestServicer, server: grpc.aio.Server) -> None:
+    """Register `servicer` as ``add_IngestServiceServicer_to_server`` does, with one difference:
+    StreamReadings' request deserializer is :func:`convert.parse_stream_request`, which keeps each
+    batch's received bytes beside the parsed message (for the committed-readings feed, so that ingest never
+    encodes a batch again). The other methods' handlers are the generated ones, taken from the generated
+    function itself (so a method added to the proto is registered here too)."""
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            self.service, self.handlers = service, dict(handlers)
+
+    capture = _Capture()
+    pb_grpc.add_IngestServiceServicer_to_server(servicer, capture)
+    generated = capture.handlers["StreamReadings"]
+    capture.handlers["StreamReadings"] = grpc.stream_stream_rpc_method_handler(
+        servicer.StreamReadings, request_deserializer=parse_stream_request,
+        response_serializer=generated.response_serializer,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, capture.handlers),))
+    server.add_registered_method_handlers(capture.service, capture.handlers)
+
+
+def _received(item: ReceivedRequest | pb.StreamReadingsRequest) -> tuple[pb.StreamReadingsRequest, bytes | None]:
+    """A stream message and its batch's received bytes (None: not known, as when the servicer is registered
+    with the generated deserializer)."""
+    if isinstance(item, ReceivedRequest):
+        return item.message, item.batch_bytes
+    return item, None
+
+
 def _checked(request: pb.StreamReadingsRequest, index: int) -> WriteBatch | None:
     """Message `index` of a StreamReadings stream, validated as the interceptor would (the method opts out
     of its check): a batch is checked while it is converted (its rows are returned), anything else by
@@ -107,11 +142,12 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
     @validates_own_requests  # each message in _checked: a batch as it is converted
     async def StreamReadings(
-        self, request_iterator: AsyncIterator[pb.StreamReadingsRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[ReceivedRequest | pb.StreamReadingsRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamReadingsResponse]:
         requests = aiter(request_iterator)
         try:
-            first = await anext(requests)
+            first, _ = _received(await anext(requests))
         except StopAsyncIteration:
             return
         _checked(first, 0)
@@ -160,7 +196,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
 
-    async def _read_batches(self, requests: AsyncIterator[pb.StreamReadingsRequest], session: StreamSession,
+    async def _read_batches(self, requests: AsyncIterator[ReceivedRequest | pb.StreamReadingsRequest],
+                            session: StreamSession,
                             pending: asyncio.Queue[Any], window: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
         last = 0
@@ -169,7 +206,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             while True:
                 await window.acquire()
                 try:
-                    request = await anext(requests)
+                    request, received_bytes = _received(await anext(requests))
                 except StopAsyncIteration:
                     break
                 index += 1
@@ -203,7 +240,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 else:
                     converted.epoch = session.epoch
                     if self.config.feed:  # the batch as received, for the committed-readings feed
-                        converted.payload = batch.SerializeToString()
+                        converted.payload = (received_bytes if received_bytes is not None
+                                             else batch.SerializeToString())
                     if batch.HasField("trace_context"):
                         converted.traceparent = batch.trace_context.traceparent
                         converted.tracestate = batch.trace_context.tracestate
