@@ -1,6 +1,6 @@
 """The `fabrica` command line.
 
-  fabrica serve <config|ingest|production|collector> [--port N]   run one service (what a container runs)
+  fabrica serve <config|ingest|production|collector|alarm> [--port N]   run one service (a container)
   fabrica run                                                      the whole local stack, for trying it out
   fabrica plcsim                                                   the PLC simulator
 """
@@ -28,6 +28,7 @@ SERVICES = {
     "ingest": "fabrica_svc.ingest.app",
     "production": "fabrica_svc.production.app",
     "collector": "fabrica_svc.collector.app",
+    "alarm": "fabrica_svc.alarm.app",
 }
 
 

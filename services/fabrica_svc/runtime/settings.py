@@ -41,8 +41,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054}
-DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454}
+DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054, "alarm": 50055}
+DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454, "alarm": 9455}
 
 
 N = TypeVar("N", int, float)

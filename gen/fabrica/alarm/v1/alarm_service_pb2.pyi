@@ -632,7 +632,7 @@ class AlarmChange(_message.Message):
 
     @_builtins.property
     def alarm(self) -> _alarm_pb2.Alarm:
-        """The alarm after every event up to this one."""
+        """The alarm as it was when this change was read (later events of it may have moved it on already)."""
 
     def __init__(
         self,
