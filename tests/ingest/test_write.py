@@ -299,6 +299,8 @@ async def test_a_batch_postgres_rejects_fails_alone_and_the_rest_of_its_group_is
     row = batch_from_proto(batch("line-2", 1, [reading(2, T0_US, "x")])).rows[0]
     bad = WriteBatch("line-2", 1, [row[:6] + ("bad\x00", *row[7:])])
     other = batch_from_proto(batch("line-3", 1, [reading(3, T0_US)]))
+    for b in (good, bad, other):  # what the stream handler adds for the committed-readings feed
+        b.payload = batch(b.collector_id, b.sequence, [reading(1, T0_US)]).SerializeToString()
     sessions = [StreamSession(c) for c in ("line-1", "line-2", "line-3")]
     futures = [await writer.submit(s, b) for s, b in zip(sessions, (good, bad, other))]
     results = await asyncio.gather(*futures, return_exceptions=True)

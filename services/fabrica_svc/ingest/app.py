@@ -1,5 +1,5 @@
 """Wires the ingest service: its settings (IngestConfig) and the host's database give the store, the
-writer, the hub (the runtime's Listener on the tag events channel) and the maintenance rounds, which are
+writer, the hubs (the runtime's Listener on the tag events channel and on the feed's) and the maintenance rounds, which are
 passed to the servicer.
 
 ``fabrica serve ingest`` calls :func:`create_app`; the shared ServiceHost does the rest (Postgres and
@@ -23,7 +23,7 @@ from ..runtime.settings import Settings
 from .config import IngestConfig, load_ingest_config
 from .maintenance import Maintenance
 from .servicer import IngestServicer
-from .store import EVENTS_CHANNEL, MIGRATIONS, SCHEMA, IngestStore
+from .store import EVENTS_CHANNEL, FEED_CHANNEL, MIGRATIONS, SCHEMA, IngestStore
 from .writer import BatchWriter
 
 SERVICE_NAME = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -42,6 +42,7 @@ class IngestApp:
         self.store: IngestStore
         self.writer: BatchWriter
         self.hub: Listener
+        self.feed_hub: Listener
         self.maintenance: Maintenance
         self.servicer: IngestServicer
         #: What stop() stops, in that order: every part start() built, started or not.
@@ -50,7 +51,7 @@ class IngestApp:
     async def start(self, resources: Resources) -> None:
         assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
         config = self.config
-        self.store = IngestStore(resources.pool, resources.dsn)
+        self.store = IngestStore(resources.pool, resources.dsn, feed=config.feed)
         self.writer = BatchWriter(
             self.store,
             group_max_rows=config.group_max_rows,
@@ -64,15 +65,22 @@ class IngestApp:
         self.hub = Listener(resources.dsn, EVENTS_CHANNEL, poll_interval=config.event_poll_interval,
                             check_interval=config.event_poll_interval, on_lost=self.writer.database_lost,
                             application_name="fabrica-ingest-listen")
+        # The committed-readings feed's watchers wait on their own channel (every write transaction notifies
+        # it), so that tag-event watchers are not woken by commits without events.
+        self.feed_hub = Listener(resources.dsn, FEED_CHANNEL, poll_interval=config.event_poll_interval,
+                                 check_interval=config.event_poll_interval,
+                                 application_name="fabrica-ingest-feed-listen")
         self.maintenance = Maintenance(
             self.store, interval=config.maintenance_interval, ahead=config.partitions_ahead,
             retention_days=config.retention_days,
+            feed_retention_hours=config.feed_retention_hours if config.feed else None,
         )
-        self.servicer = IngestServicer(config, self.store, self.writer, self.hub)
-        self._parts = [self.maintenance, self.hub, self.writer]
+        self.servicer = IngestServicer(config, self.store, self.writer, self.hub, self.feed_hub)
+        self._parts = [self.maintenance, self.feed_hub, self.hub, self.writer]
         await self.maintenance.start()
         await self.writer.start()
         await self.hub.start()
+        await self.feed_hub.start()
 
     def register(self, server: grpc.aio.Server) -> None:
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(self.servicer, server)

@@ -10,10 +10,15 @@ FABRICA_INGEST_GROUP_MAX_DELAY_MS      How long the writer waits to fill a group
 FABRICA_INGEST_QUEUE_MAX_ROWS          Rows accepted but not yet written; streams wait beyond it    100000
 FABRICA_INGEST_EVENT_POLL_SECONDS      Watchers re-check for events this often without a NOTIFY     2
 FABRICA_INGEST_MAINTENANCE_SECONDS     Partition and retention maintenance interval                 3600
+FABRICA_INGEST_FEED                    Keep the committed-readings feed (WatchCommittedReadings)    on
+FABRICA_INGEST_FEED_RETENTION_HOURS    Hours of committed batches the feed keeps for its consumers  168
 =====================================  ===========================================================  =======
 
 Retention defaults to "keep everything": a historian that deletes data nobody asked it to delete is worse
-than one that needs a setting to free disk.
+than one that needs a setting to free disk. The feed is different: it is a copy of the readings for
+consumers that fall behind (the alarm service, forwarding), so it keeps a week unless told otherwise; a
+consumer further behind than that is told OUT_OF_RANGE. With the feed off, write transactions append
+nothing to it (store.py, "The committed-readings feed").
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..runtime.settings import env_float, env_int
+from ..runtime.settings import env_choice, env_float, env_int
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class IngestConfig:
     stream_max_in_flight: int = 256
     #: A write transaction that takes longer than this is abandoned as "database unavailable".
     transaction_timeout: float = 30.0
+    #: Write transactions append each batch to the committed-readings feed.
+    feed: bool = True
+    #: Hours the feed keeps committed batches (purged by the maintenance rounds).
+    feed_retention_hours: int = 168
 
 
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
@@ -52,4 +61,6 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         queue_max_rows=env_int(env, "FABRICA_INGEST_QUEUE_MAX_ROWS", 100_000, 1, 100_000_000),
         event_poll_interval=env_float(env, "FABRICA_INGEST_EVENT_POLL_SECONDS", 2.0, 0.05, 3600.0),
         maintenance_interval=env_float(env, "FABRICA_INGEST_MAINTENANCE_SECONDS", 3600.0, 1.0, 86_400.0),
+        feed=env_choice(env, "FABRICA_INGEST_FEED", "on", ("on", "off")) == "on",
+        feed_retention_hours=env_int(env, "FABRICA_INGEST_FEED_RETENTION_HOURS", 168, 1, 876_000),
     )

@@ -10,13 +10,14 @@ reading can never fail a transaction that also holds other streams' batches.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
-from fabrica.ingest.v1 import query_pb2, tag_event_pb2
+from fabrica.ingest.v1 import committed_pb2, query_pb2, tag_event_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument
 from ..runtime.timefmt import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS, timestamp_from_datetime, timestamp_is_valid
@@ -235,3 +236,39 @@ def bucket_from_row(row: Mapping[str, Any]) -> query_pb2.ReadingBucket:
         first=num("first"),
         last=num("last"),
     )
+
+
+# --- the committed-readings feed ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedFilter:
+    """What a WatchCommittedReadings asked for: readings of these PLCs and/or tags (both: readings that
+    match both, as WatchTagEvents); None is "any"."""
+
+    plc_ids: frozenset[str] | None
+    tag_ids: frozenset[int] | None
+
+    @classmethod
+    def of(cls, plc_ids: Iterable[str], tag_ids: Iterable[int]) -> FeedFilter:
+        return cls(frozenset(plc_ids) or None, frozenset(tag_ids) or None)
+
+    def committed_batch(self, row: Mapping[str, Any]) -> committed_pb2.CommittedBatch | None:
+        """The CommittedBatch of a feed row, narrowed to the readings asked for; None if none is left."""
+        out = committed_pb2.CommittedBatch(cursor=row["cursor"], commit_time=timestamp_from_datetime(row["commit_time"]),
+                                           stored_readings=row["reading_count"])
+        plcs, tags = self.plc_ids, self.tag_ids
+        if plcs is None and tags is None:
+            out.batch.MergeFromString(row["payload"])
+            return out
+        batch = reading_pb2.ReadingBatch.FromString(row["payload"])
+        kept = [r for r in batch.readings if (plcs is None or r.plc_id in plcs) and (tags is None or r.tag_id in tags)]
+        if not kept:
+            return None
+        if len(kept) == len(batch.readings):
+            out.batch.CopyFrom(batch)
+        else:
+            out.batch.collector_id = batch.collector_id
+            out.batch.sequence = batch.sequence
+            out.batch.readings.extend(kept)
+        return out

@@ -124,6 +124,9 @@ class WriteBatch:
     tags: dict[int, tuple[str, int]] = field(default_factory=dict)
     #: The epoch of the stream the batch came on (StreamOpen.epoch); set by the stream handler.
     epoch: int = 0
+    #: The batch as received (the serialized ReadingBatch), for the committed-readings feed; set by the
+    #: stream handler when the feed is on (store.py, "The committed-readings feed").
+    payload: bytes | None = None
 
     @property
     def size(self) -> int:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from ..runtime.tasks import cancel_and_wait
 from .domain import day_bounds, days_ahead, expired_partitions, partition_name, retention_cutoff
@@ -27,6 +27,7 @@ class MaintenanceReport:
     dropped: list[str] = field(default_factory=list)
     default_rows_deleted: int = 0
     events_purged_through: int = 0
+    feed_purged_through: int = 0
 
 
 async def ensure_ahead(store: IngestStore, now: datetime, *, ahead: int) -> list[str]:
@@ -40,9 +41,11 @@ async def ensure_ahead(store: IngestStore, now: datetime, *, ahead: int) -> list
     return created
 
 
-async def maintain(store: IngestStore, now: datetime, *, ahead: int, retention_days: int) -> MaintenanceReport:
+async def maintain(store: IngestStore, now: datetime, *, ahead: int, retention_days: int,
+                   feed_retention_hours: int | None = None) -> MaintenanceReport:
     """One round: create today's and the next `ahead` days' partitions, give days that have rows in the
-    default partition (within retention) their own partition, and drop what retention no longer keeps."""
+    default partition (within retention) their own partition, and drop what retention no longer keeps;
+    with `feed_retention_hours`, also the committed-readings feed older than that."""
     report = MaintenanceReport()
     existing = set(await store.partitions())
     cutoff = retention_cutoff(now, retention_days)
@@ -62,6 +65,8 @@ async def maintain(store: IngestStore, now: datetime, *, ahead: int, retention_d
             await store.drop_partition(name)
             report.dropped.append(name)
         report.default_rows_deleted, report.events_purged_through = await store.purge_before(cutoff)
+    if feed_retention_hours is not None:
+        report.feed_purged_through = await store.purge_feed_before(now - timedelta(hours=feed_retention_hours))
     if report.created or report.dropped or report.default_rows_deleted:
         log.info("partition maintenance", extra={
             "created": report.created, "dropped": report.dropped,
@@ -72,17 +77,20 @@ async def maintain(store: IngestStore, now: datetime, *, ahead: int, retention_d
 
 class Maintenance:
     def __init__(self, store: IngestStore, *, interval: float, ahead: int, retention_days: int,
+                 feed_retention_hours: int | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
         self.store = store
         self.interval = interval
         self.ahead = ahead
         self.retention_days = retention_days
+        self.feed_retention_hours = feed_retention_hours
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> MaintenanceReport | None:
         try:
-            return await maintain(self.store, self.clock(), ahead=self.ahead, retention_days=self.retention_days)
+            return await maintain(self.store, self.clock(), ahead=self.ahead, retention_days=self.retention_days,
+                                  feed_retention_hours=self.feed_retention_hours)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the database may be away; the next round retries

@@ -26,13 +26,14 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
-from ..runtime.errors import FieldViolation, InvalidArgument, NotFound, OutOfRange
+from ..runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, OutOfRange
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.timefmt import to_datetime
 from ..runtime.watch import Page, watch
 from .config import IngestConfig
 from .convert import (
+    FeedFilter,
     batch_from_proto,
     bucket_from_row,
     check_filter,
@@ -61,17 +62,23 @@ from .writer import BatchWriter, StreamSession
 
 #: Events per WatchTagEvents message (and per catch-up query).
 EVENTS_PAGE = 500
+#: Committed batches per WatchCommittedReadings message at most (fewer when their payload passes
+#: MAX_RESPONSE_BYTES; a batch is at most one received message, so one alone always fits).
+FEED_PAGE = 200
 _END = object()
 
 log = logging.getLogger(__name__)
 
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
-    def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: Listener):
+    def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: Listener,
+                 feed_hub: Listener | None = None):
         self.config = config
         self.store = store
         self.writer = writer
         self.hub = hub
+        #: The Listener on the committed-readings feed's channel (store.FEED_CHANNEL).
+        self.feed_hub = feed_hub if feed_hub is not None else hub
 
     # --- write path -----------------------------------------------------------------------------------
 
@@ -165,6 +172,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 else:
                     converted = batch_from_proto(batch)
                     converted.epoch = session.epoch
+                    if self.config.feed:  # the batch as received, for the committed-readings feed
+                        converted.payload = batch.SerializeToString()
                     future = await self.writer.submit(session, converted)
                 pending.put_nowait((sequence, future))
             pending.put_nowait(_END)
@@ -225,6 +234,48 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             return Page([response], after, more=True)
         # A short page: every event up to `high` was visible to that query, nothing below it can still appear.
         return Page([response], max(after, page.high))
+
+    # --- the committed-readings feed ---------------------------------------------------------------------
+
+    async def WatchCommittedReadings(
+        self, request: pb.WatchCommittedReadingsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchCommittedReadingsResponse]:
+        found: list[FieldViolation] = []
+        check_tag_ids(request.tag_ids, "tag_ids", found)
+        if found:
+            raise InvalidArgument(found)
+        if not self.config.feed:
+            raise FailedPrecondition("this ingest keeps no committed-readings feed (FABRICA_INGEST_FEED=off)",
+                                     reason="FEED_DISABLED")
+        after = request.after_cursor
+        if after == 0 and request.start_at_end:
+            after = await self.store.feed_head()
+        read = functools.partial(self._feed_page, FeedFilter.of(request.plc_ids, request.tag_ids))
+        async with contextlib.aclosing(watch(self.feed_hub, read, after)) as out:
+            async for response in out:
+                yield response
+
+    async def _feed_page(self, where: FeedFilter, after: int) -> Page[pb.WatchCommittedReadingsResponse, int]:
+        """The committed batches after cursor `after` (up to FEED_PAGE, about MAX_RESPONSE_BYTES), narrowed
+        by `where`, in one message. A page whose batches the filter left out entirely gives a message with
+        no batches that moves the cursor (so a consumer can store it), once per read, and only when it
+        moves. OUT_OF_RANGE if retention removed batches after `after`."""
+        page = await self.store.feed_page(after, where.plc_ids, FEED_PAGE, MAX_RESPONSE_BYTES)
+        if 0 < after < page.purged_through:
+            raise OutOfRange(
+                f"after_cursor {after} is older than the retained committed batches (batches up to "
+                f"{page.purged_through} were removed by retention); resume from 0 for the oldest retained batch",
+                reason="CURSOR_OUT_OF_RANGE", metadata={"purged_through": str(page.purged_through)},
+            )
+        if page.complete:  # every matching batch up to `high`: nothing at or below it can still appear
+            cursor = max(after, page.high)
+        else:  # cut by the row or byte limit: read again at once after the last one
+            cursor = page.rows[-1]["cursor"]
+        batches = [b for b in map(where.committed_batch, page.rows) if b is not None]
+        if not batches and cursor == after:
+            return Page([], after)
+        response = pb.WatchCommittedReadingsResponse(batches=batches, cursor=cursor, head_cursor=page.high)
+        return Page([response], cursor, more=not page.complete)
 
     # --- read path ------------------------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ Tables (schema ``ingest``)
                         highest epoch (which fences older incarnations; migration 3).
 ``tag_events``          readings of counter and machine-state tags with a ``cursor`` that increases in commit
                         order; ``event_retention.purged_through`` is the highest cursor deleted by retention.
+``committed_batches``   the committed-readings feed (migration 4): one row per stored batch, with a ``cursor``
+                        in commit order, the batch's PLC ids and the batch itself (the serialized ReadingBatch);
+                        ``feed_retention.purged_through`` is the highest cursor deleted by feed retention.
 
 Indexes: the trade-off
 ----------------------
@@ -54,9 +57,34 @@ tags, but a month of one tag would scan every tag's index entries for that month
 today, the most queried day, the slow one. A deployment with far higher rates than a plant produces
 (or TimescaleDB/Citus, see ARCHITECTURE.md) can revisit this; the benchmark prints the figures.
 
+The committed-readings feed (WatchCommittedReadings)
+---------------------------------------------------
+Consumers that need every reading (the alarm evaluator, forwarding to another platform) follow a log of
+committed batches from a cursor they store with their own results. The choice, and what was rejected:
+
+* One row per committed batch, in the write transaction (``_APPEND_FEED``), holding the ReadingBatch as the
+  collector sent it (serialized protobuf, ~40 bytes a reading, stored uncompressed out of line: STORAGE
+  EXTERNAL, so Postgres spends no CPU compressing inside the writer's transaction). What it costs the write
+  path: serializing the batch once more in the stream handler (~0.2 µs a reading against ~4 µs to convert
+  it), one INSERT of a few rows per transaction, and the events lock (below) in every transaction, not only
+  in those with events. The readings are written exactly once by the same transaction, so the feed holds
+  exactly the committed batches: no reading in the feed that is not stored, none stored that is not in it.
+* Cursors come from ``committed_batches_cursor_seq`` taken under the same advisory lock as the tag events
+  (EVENTS_LOCK_KEY, held to commit), so they follow commit order across replicas: once a cursor is
+  visible, every smaller one that will ever exist is too, and a watcher can resume after any cursor.
+* A NOTIFY on FEED_CHANNEL at commit wakes the watchers (their own LISTEN: the tag-event watchers are
+  not woken by every commit).
+* Rejected: reading the ``readings`` table by a commit position (it has none: rows carry read_time, not
+  commit order, and adding a column to every narrow row costs far more than one row per batch); a tag
+  event per reading (one row per reading, and the events table is about counters and states); logical
+  decoding (a replication slot per consumer, superuser set-up, WAL retained by a stalled consumer).
+* Retention is its own (``FABRICA_INGEST_FEED_RETENTION_HOURS``, 7 days by default): the feed is for
+  consumers catching up, not a second historian. ``FABRICA_INGEST_FEED=off`` turns it off entirely
+  (nothing is written; the RPC answers FAILED_PRECONDITION).
+
 Locks, in the order every write transaction takes them (so that transactions of several ingest replicas
 cannot deadlock): collector_sequences rows (sorted by collector id, FOR UPDATE), tags rows (sorted by
-tag_id), the events advisory lock (only with events; held to commit), latest rows (sorted by tag_id).
+tag_id), the events advisory lock (with events or the feed on; held to commit), latest rows (sorted by tag_id).
 A transaction that holds latest rows either holds the events lock already or never asks for it.
 A SyncTags transaction takes only its collector's advisory lock and ``tag_metadata`` rows (in tag_id order).
 """
@@ -89,6 +117,8 @@ from .domain import (
 
 SCHEMA = "ingest"
 EVENTS_CHANNEL = "fabrica_ingest_events"
+#: Notified (with the highest cursor) by each write transaction that appended to the committed-readings feed.
+FEED_CHANNEL = "fabrica_ingest_feed"
 #: pg_advisory_xact_lock key that serializes event-writing transactions (so cursors follow commit order).
 EVENTS_LOCK_KEY = zlib.crc32(b"fabrica.ingest.tag_events") - 2**31
 MAINTENANCE_LOCK_KEY = zlib.crc32(b"fabrica.ingest.maintenance") - 2**31
@@ -178,6 +208,28 @@ CREATE INDEX tag_metadata_collector_idx ON tag_metadata (collector_id, tag_id);
     Migration(3, "collector epochs: the highest epoch of each collector, which fences older incarnations", """
 ALTER TABLE collector_sequences ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
 """),
+    Migration(4, "the committed-readings feed: one row per committed batch, with a cursor in commit order", """
+-- CACHE 1 (the default) matters: cursors are taken under the events lock, so they follow commit order.
+CREATE SEQUENCE committed_batches_cursor_seq AS bigint CACHE 1;
+CREATE TABLE committed_batches (
+    cursor bigint PRIMARY KEY,
+    collector_id text NOT NULL,
+    sequence bigint NOT NULL,
+    plc_ids text[] NOT NULL,
+    reading_count integer NOT NULL,
+    payload bytea NOT NULL,
+    commit_time timestamptz NOT NULL DEFAULT now()
+);
+ALTER SEQUENCE committed_batches_cursor_seq OWNED BY committed_batches.cursor;
+ALTER TABLE committed_batches ALTER COLUMN payload SET STORAGE EXTERNAL;
+CREATE INDEX committed_batches_commit_time_idx ON committed_batches USING brin (commit_time);
+
+CREATE TABLE feed_retention (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    purged_through bigint NOT NULL DEFAULT 0
+);
+INSERT INTO feed_retention DEFAULT VALUES;
+"""),
 ]
 
 _READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
@@ -233,6 +285,41 @@ SELECT CASE WHEN $12::boolean THEN pg_notify($13, currval('ingest.tag_events_cur
 """
 
 
+#: The feed rows of a transaction's written batches, cursors taken in batch order (under the events lock,
+#: which the caller holds), and the NOTIFY that wakes the feed's watchers at commit.
+_APPEND_FEED = """
+WITH b AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::bytea[])
+        WITH ORDINALITY AS u(collector_id, sequence, reading_count, payload, i)
+), p AS (
+    SELECT i, array_agg(DISTINCT plc_id ORDER BY plc_id) AS plc_ids
+    FROM unnest($5::bigint[], $6::text[]) AS x(i, plc_id) GROUP BY i
+), fed AS (
+    INSERT INTO ingest.committed_batches (cursor, collector_id, sequence, plc_ids, reading_count, payload)
+    SELECT nextval('ingest.committed_batches_cursor_seq'), b.collector_id, b.sequence,
+           coalesce(p.plc_ids, '{}'), b.reading_count, b.payload
+    FROM b LEFT JOIN p USING (i) ORDER BY b.i
+    RETURNING cursor
+)
+SELECT pg_notify($7, (SELECT max(cursor) FROM fed)::text)
+"""
+
+
+def feed_columns(batches: Sequence[WriteBatch]) -> tuple[list[object], ...]:
+    """The parameters of _APPEND_FEED for `batches`: per batch its collector, sequence, size and payload,
+    and (batch number from 1, plc_id) per distinct PLC of each batch."""
+    owners: list[int] = []
+    plcs: list[str] = []
+    for i, b in enumerate(batches, 1):
+        if b.payload is None:
+            raise ValueError(f"batch {b.collector_id}/{b.sequence} has no payload for the committed-readings feed")
+        for plc_id in {plc_id for plc_id, _ in b.tags.values()}:
+            owners.append(i)
+            plcs.append(plc_id)
+    return ([b.collector_id for b in batches], [b.sequence for b in batches], [b.size for b in batches],
+            [b.payload for b in batches], owners, plcs)
+
+
 def _encode_us(us: int) -> tuple[int]:
     return (us - _PG_EPOCH_US,)
 
@@ -243,6 +330,20 @@ def _decode_us(t: tuple[int]) -> int:
 
 def _ts(t: datetime) -> str:
     return t.isoformat()
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    """Feed rows after a cursor, with the highest cursor committed and the retention mark, all from one
+    snapshot (see :meth:`IngestStore.feed_page`)."""
+
+    rows: list[asyncpg.Record]
+    #: The highest cursor committed when the page was read (everything up to it was visible).
+    high: int
+    purged_through: int
+    #: The rows are every matching row after the cursor up to `high` (neither the row limit nor the byte
+    #: limit cut the page short).
+    complete: bool
 
 
 @dataclass(frozen=True)
@@ -264,9 +365,11 @@ class EventsPage:
 class IngestStore:
     """SQL over the service's pool (reads) and the writer's own connection (writes)."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str):
+    def __init__(self, pool: asyncpg.Pool, dsn: str, *, feed: bool = True):
         self.pool = pool
         self.dsn = dsn
+        #: Whether write transactions append to the committed-readings feed (FABRICA_INGEST_FEED).
+        self.feed = feed
 
     # --- write path -----------------------------------------------------------------------------------
 
@@ -379,13 +482,16 @@ class IngestStore:
                     tag_ids, plc_ids, roles,
                 )
             events = list(chain.from_iterable(b.events for b in written))
-            if events:
+            if events or self.feed:
                 # Serialize event-writing transactions (of every replica) from here to commit, and take
                 # the cursors only now: a cursor then never becomes visible before a smaller one.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", EVENTS_LOCK_KEY)
+            if events:
                 await conn.copy_records_to_table(
                     "tag_events", schema_name=SCHEMA, columns=EVENT_COLUMNS, records=events
                 )
+            if self.feed:  # the committed-readings feed: one row per written batch (see the module docstring)
+                await conn.execute(_APPEND_FEED, *feed_columns(written), FEED_CHANNEL)
             # Latest values, the sequences and the NOTIFY in one statement (data-modifying CTEs always run).
             await conn.execute(
                 _FINISH_GROUP,
@@ -554,6 +660,48 @@ class IngestStore:
                 " (SELECT purged_through FROM ingest.event_retention) AS purged"
             )
         return EventsPage(rows, marks["high"], marks["purged"])
+
+    async def feed_page(self, after: int, plc_ids: Sequence[str] | None, limit: int, max_bytes: int) -> FeedPage:
+        """Feed rows after cursor `after` (of batches with a reading of one of `plc_ids`, when set), at most
+        `limit` rows and `max_bytes` of payload (but always the first row, whatever its size), plus, from the same snapshot, the
+        highest cursor committed and the retention mark. As for events, every cursor at or below `high`
+        that will ever exist is already visible (cursors are taken in commit order)."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            # The first `limit` matching rows (ids and sizes only), then the payloads of those that fit.
+            rows = await conn.fetch(
+                "WITH f AS ("
+                "  SELECT cursor, octet_length(payload) AS size FROM ingest.committed_batches"
+                "  WHERE cursor > $1 AND ($2::text[] IS NULL OR plc_ids && $2::text[])"
+                "  ORDER BY cursor LIMIT $3"
+                "), w AS (SELECT cursor, sum(size) OVER (ORDER BY cursor) AS upto, count(*) OVER () AS n FROM f)"
+                " SELECT c.cursor, c.commit_time, c.reading_count, c.payload, w.n"
+                " FROM w JOIN ingest.committed_batches c USING (cursor)"
+                " WHERE w.upto <= $4 OR w.cursor = (SELECT min(cursor) FROM f) ORDER BY c.cursor",
+                after, list(plc_ids) if plc_ids else None, limit, max_bytes,
+            )
+            marks = await conn.fetchrow(
+                "SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches) AS high,"
+                " (SELECT purged_through FROM ingest.feed_retention) AS purged"
+            )
+        complete = not rows or (len(rows) == rows[0]["n"] < limit)
+        return FeedPage(rows, marks["high"], marks["purged"], complete)
+
+    async def feed_head(self) -> int:
+        """The highest cursor of the committed-readings feed (0 when it is empty)."""
+        return int(await self.pool.fetchval("SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches"))
+
+    async def purge_feed_before(self, cutoff: datetime) -> int:
+        """Delete feed rows committed before `cutoff`, by cursor (up to the last one committed before it),
+        so that what remains is always every batch after `purged_through`; returns purged_through."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            return int(await conn.fetchval(
+                "WITH edge AS (SELECT max(cursor) AS c FROM ingest.committed_batches WHERE commit_time < $1),"
+                " gone AS (DELETE FROM ingest.committed_batches WHERE cursor <= (SELECT c FROM edge))"
+                " UPDATE ingest.feed_retention"
+                " SET purged_through = greatest(purged_through, coalesce((SELECT c FROM edge), 0))"
+                " RETURNING purged_through",
+                cutoff,
+            ))
 
     # --- maintenance ----------------------------------------------------------------------------------
 

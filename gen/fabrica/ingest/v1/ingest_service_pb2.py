@@ -24,12 +24,13 @@ _sym_db = _symbol_database.Default()
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from fabrica.common.v1 import reading_pb2 as fabrica_dot_common_dot_v1_dot_reading__pb2
+from fabrica.ingest.v1 import committed_pb2 as fabrica_dot_ingest_dot_v1_dot_committed__pb2
 from fabrica.ingest.v1 import query_pb2 as fabrica_dot_ingest_dot_v1_dot_query__pb2
 from fabrica.ingest.v1 import tag_event_pb2 as fabrica_dot_ingest_dot_v1_dot_tag__event__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/ingest/v1/ingest_service.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1d\x66\x61\x62rica/ingest/v1/query.proto\x1a!fabrica/ingest/v1/tag_event.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\nStreamOpen\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1e\n\x05\x65poch\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12\x11\n\tnew_epoch\x18\x03 \x01(\x08\"\x87\x01\n\x15StreamReadingsRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.fabrica.ingest.v1.StreamOpenH\x00\x12\x30\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatchH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"l\n\x0cStreamResume\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"@\n\x08\x42\x61tchAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07written\x18\x03 \x01(\r\"\x7f\n\x16StreamReadingsResponse\x12\x31\n\x06resume\x18\x01 \x01(\x0b\x32\x1f.fabrica.ingest.v1.StreamResumeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.fabrica.ingest.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x90\x01\n\x15WatchTagEventsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12 \n\x07tag_ids\x18\x02 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x36\n\x07plc_ids\x18\x03 \x03(\tB%\xbaH\"\x92\x01\x1f\x10\xe8\x07\"\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"E\n\x16WatchTagEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fabrica.ingest.v1.TagEvent\"\xa2\x01\n\x14QueryReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x90N(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"}\n\x15QueryReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"Q\n\x15\x45xportReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\"F\n\x16\x45xportReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"z\n\x18\x41ggregateReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12$\n\x0e\x62ucket_seconds\x18\x02 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xbd\xa3\x01(\x01\"N\n\x19\x41ggregateReadingsResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .fabrica.ingest.v1.ReadingBucket\"g\n\x16GetLatestValuesRequest\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\x88\'\"\x04\x32\x02 \x00\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\"G\n\x17GetLatestValuesResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"\xd9\x02\n\x18SummarizeReadingsRequest\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12U\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12S\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12&\n\x10lower_spec_limit\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12&\n\x10upper_spec_limit\x18\x05 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x13\n\x11_lower_spec_limitB\x13\n\x11_upper_spec_limit\"O\n\x19SummarizeReadingsResponse\x12\x32\n\x07summary\x18\x01 \x01(\x0b\x32!.fabrica.ingest.v1.ReadingSummary\"\xf1\x01\n\x07TagInfo\x12!\n\x06tag_id\x18\x01 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12-\n\x06plc_id\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12\x34\n\x04name\x18\x03 \x01(\tB&\xbaH#r!\x10\x01\x18\x80\x01\x32\x1a^[A-Za-z_][A-Za-z0-9_.-]*$\x12*\n\x04unit\x18\x04 \x01(\tB\x1c\xbaH\x19r\x17\x18 2\x13^[^\\x00-\\x1F\\x7F]*$\x12\x32\n\x04role\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\x89\x01\n\x0fSyncTagsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x34\n\x04tags\x18\x02 \x03(\x0b\x32\x1a.fabrica.ingest.v1.TagInfoB\n\xbaH\x07\x92\x01\x04\x10\xc0\x9a\x0c\"4\n\x10SyncTagsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\x12\x0f\n\x07removed\x18\x02 \x01(\r\"\xbd\x01\n\x1dResetCollectorSequenceRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12+\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12#\n\x05\x65poch\x18\x03 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7fH\x00\x88\x01\x01\x42\x08\n\x06_epoch\"\x9e\x01\n\x1eResetCollectorSequenceResponse\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12#\n\x1bprevious_committed_sequence\x18\x02 \x01(\x04\x12\x16\n\x0eprevious_epoch\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ommitted_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x32\xce\x07\n\rIngestService\x12i\n\x0eStreamReadings\x12(.fabrica.ingest.v1.StreamReadingsRequest\x1a).fabrica.ingest.v1.StreamReadingsResponse(\x01\x30\x01\x12g\n\x0eWatchTagEvents\x12(.fabrica.ingest.v1.WatchTagEventsRequest\x1a).fabrica.ingest.v1.WatchTagEventsResponse0\x01\x12\x62\n\rQueryReadings\x12\'.fabrica.ingest.v1.QueryReadingsRequest\x1a(.fabrica.ingest.v1.QueryReadingsResponse\x12g\n\x0e\x45xportReadings\x12(.fabrica.ingest.v1.ExportReadingsRequest\x1a).fabrica.ingest.v1.ExportReadingsResponse0\x01\x12n\n\x11\x41ggregateReadings\x12+.fabrica.ingest.v1.AggregateReadingsRequest\x1a,.fabrica.ingest.v1.AggregateReadingsResponse\x12h\n\x0fGetLatestValues\x12).fabrica.ingest.v1.GetLatestValuesRequest\x1a*.fabrica.ingest.v1.GetLatestValuesResponse\x12n\n\x11SummarizeReadings\x12+.fabrica.ingest.v1.SummarizeReadingsRequest\x1a,.fabrica.ingest.v1.SummarizeReadingsResponse\x12S\n\x08SyncTags\x12\".fabrica.ingest.v1.SyncTagsRequest\x1a#.fabrica.ingest.v1.SyncTagsResponse\x12}\n\x16ResetCollectorSequence\x12\x30.fabrica.ingest.v1.ResetCollectorSequenceRequest\x1a\x31.fabrica.ingest.v1.ResetCollectorSequenceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/ingest/v1/ingest_service.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a!fabrica/ingest/v1/committed.proto\x1a\x1d\x66\x61\x62rica/ingest/v1/query.proto\x1a!fabrica/ingest/v1/tag_event.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\nStreamOpen\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1e\n\x05\x65poch\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12\x11\n\tnew_epoch\x18\x03 \x01(\x08\"\x87\x01\n\x15StreamReadingsRequest\x12-\n\x04open\x18\x01 \x01(\x0b\x32\x1d.fabrica.ingest.v1.StreamOpenH\x00\x12\x30\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatchH\x00\x42\r\n\x04kind\x12\x05\xbaH\x02\x08\x01\"l\n\x0cStreamResume\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1a\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"@\n\x08\x42\x61tchAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07written\x18\x03 \x01(\r\"\x7f\n\x16StreamReadingsResponse\x12\x31\n\x06resume\x18\x01 \x01(\x0b\x32\x1f.fabrica.ingest.v1.StreamResumeH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.fabrica.ingest.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x90\x01\n\x15WatchTagEventsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12 \n\x07tag_ids\x18\x02 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x36\n\x07plc_ids\x18\x03 \x03(\tB%\xbaH\"\x92\x01\x1f\x10\xe8\x07\"\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"E\n\x16WatchTagEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fabrica.ingest.v1.TagEvent\"\xae\x01\n\x1dWatchCommittedReadingsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x36\n\x07plc_ids\x18\x02 \x03(\tB%\xbaH\"\x92\x01\x1f\x10\xe8\x07\"\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12 \n\x07tag_ids\x18\x03 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\xe8\x07\"\x04\x32\x02 \x00\x12\x14\n\x0cstart_at_end\x18\x04 \x01(\x08\"\x8b\x01\n\x1eWatchCommittedReadingsResponse\x12\x32\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32!.fabrica.ingest.v1.CommittedBatch\x12\x17\n\x06\x63ursor\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1c\n\x0bhead_cursor\x18\x03 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"\xa2\x01\n\x14QueryReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\x90N(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"}\n\x15QueryReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"Q\n\x15\x45xportReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\"F\n\x16\x45xportReadingsResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"z\n\x18\x41ggregateReadingsRequest\x12\x38\n\x06\x66ilter\x18\x01 \x01(\x0b\x32 .fabrica.ingest.v1.ReadingFilterB\x06\xbaH\x03\xc8\x01\x01\x12$\n\x0e\x62ucket_seconds\x18\x02 \x01(\x03\x42\x0c\xbaH\t\"\x07\x18\x80\xbd\xa3\x01(\x01\"N\n\x19\x41ggregateReadingsResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .fabrica.ingest.v1.ReadingBucket\"g\n\x16GetLatestValuesRequest\x12 \n\x07tag_ids\x18\x01 \x03(\x04\x42\x0f\xbaH\x0c\x92\x01\t\x10\x88\'\"\x04\x32\x02 \x00\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\"G\n\x17GetLatestValuesResponse\x12,\n\x08readings\x18\x01 \x03(\x0b\x32\x1a.fabrica.common.v1.Reading\"\xd9\x02\n\x18SummarizeReadingsRequest\x12\x17\n\x06tag_id\x18\x01 \x01(\x04\x42\x07\xbaH\x04\x32\x02 \x00\x12U\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12S\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB%\xbaH\"\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\xc8\x01\x01\x12&\n\x10lower_spec_limit\x18\x04 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12&\n\x10upper_spec_limit\x18\x05 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x13\n\x11_lower_spec_limitB\x13\n\x11_upper_spec_limit\"O\n\x19SummarizeReadingsResponse\x12\x32\n\x07summary\x18\x01 \x01(\x0b\x32!.fabrica.ingest.v1.ReadingSummary\"\xf1\x01\n\x07TagInfo\x12!\n\x06tag_id\x18\x01 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12-\n\x06plc_id\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12\x34\n\x04name\x18\x03 \x01(\tB&\xbaH#r!\x10\x01\x18\x80\x01\x32\x1a^[A-Za-z_][A-Za-z0-9_.-]*$\x12*\n\x04unit\x18\x04 \x01(\tB\x1c\xbaH\x19r\x17\x18 2\x13^[^\\x00-\\x1F\\x7F]*$\x12\x32\n\x04role\x18\x05 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRoleB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\x89\x01\n\x0fSyncTagsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x34\n\x04tags\x18\x02 \x03(\x0b\x32\x1a.fabrica.ingest.v1.TagInfoB\n\xbaH\x07\x92\x01\x04\x10\xc0\x9a\x0c\"4\n\x10SyncTagsResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\r\x12\x0f\n\x07removed\x18\x02 \x01(\r\"\xbd\x01\n\x1dResetCollectorSequenceRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12+\n\x12\x63ommitted_sequence\x18\x02 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12#\n\x05\x65poch\x18\x03 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7fH\x00\x88\x01\x01\x42\x08\n\x06_epoch\"\x9e\x01\n\x1eResetCollectorSequenceResponse\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\x12#\n\x1bprevious_committed_sequence\x18\x02 \x01(\x04\x12\x16\n\x0eprevious_epoch\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ommitted_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x32\xcf\x08\n\rIngestService\x12i\n\x0eStreamReadings\x12(.fabrica.ingest.v1.StreamReadingsRequest\x1a).fabrica.ingest.v1.StreamReadingsResponse(\x01\x30\x01\x12g\n\x0eWatchTagEvents\x12(.fabrica.ingest.v1.WatchTagEventsRequest\x1a).fabrica.ingest.v1.WatchTagEventsResponse0\x01\x12\x7f\n\x16WatchCommittedReadings\x12\x30.fabrica.ingest.v1.WatchCommittedReadingsRequest\x1a\x31.fabrica.ingest.v1.WatchCommittedReadingsResponse0\x01\x12\x62\n\rQueryReadings\x12\'.fabrica.ingest.v1.QueryReadingsRequest\x1a(.fabrica.ingest.v1.QueryReadingsResponse\x12g\n\x0e\x45xportReadings\x12(.fabrica.ingest.v1.ExportReadingsRequest\x1a).fabrica.ingest.v1.ExportReadingsResponse0\x01\x12n\n\x11\x41ggregateReadings\x12+.fabrica.ingest.v1.AggregateReadingsRequest\x1a,.fabrica.ingest.v1.AggregateReadingsResponse\x12h\n\x0fGetLatestValues\x12).fabrica.ingest.v1.GetLatestValuesRequest\x1a*.fabrica.ingest.v1.GetLatestValuesResponse\x12n\n\x11SummarizeReadings\x12+.fabrica.ingest.v1.SummarizeReadingsRequest\x1a,.fabrica.ingest.v1.SummarizeReadingsResponse\x12S\n\x08SyncTags\x12\".fabrica.ingest.v1.SyncTagsRequest\x1a#.fabrica.ingest.v1.SyncTagsResponse\x12}\n\x16ResetCollectorSequence\x12\x30.fabrica.ingest.v1.ResetCollectorSequenceRequest\x1a\x31.fabrica.ingest.v1.ResetCollectorSequenceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +51,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\350\007\"\0042\002 \000'
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['plc_ids']._loaded_options = None
   _globals['_WATCHTAGEVENTSREQUEST'].fields_by_name['plc_ids']._serialized_options = b'\272H\"\222\001\037\020\350\007\"\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['after_cursor']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['after_cursor']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['plc_ids']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['plc_ids']._serialized_options = b'\272H\"\222\001\037\020\350\007\"\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]+$'
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['tag_ids']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST'].fields_by_name['tag_ids']._serialized_options = b'\272H\014\222\001\t\020\350\007\"\0042\002 \000'
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['cursor']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['cursor']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['head_cursor']._loaded_options = None
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE'].fields_by_name['head_cursor']._serialized_options = b'\272H\004\"\002(\000'
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['filter']._loaded_options = None
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['filter']._serialized_options = b'\272H\003\310\001\001'
   _globals['_QUERYREADINGSREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -98,50 +109,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESETCOLLECTORSEQUENCEREQUEST'].fields_by_name['committed_sequence']._serialized_options = b'\272H\0142\n\030\377\377\377\377\377\377\377\377\177'
   _globals['_RESETCOLLECTORSEQUENCEREQUEST'].fields_by_name['epoch']._loaded_options = None
   _globals['_RESETCOLLECTORSEQUENCEREQUEST'].fields_by_name['epoch']._serialized_options = b'\272H\0142\n\030\377\377\377\377\377\377\377\377\177'
-  _globals['_STREAMOPEN']._serialized_start=223
-  _globals['_STREAMOPEN']._serialized_end=352
-  _globals['_STREAMREADINGSREQUEST']._serialized_start=355
-  _globals['_STREAMREADINGSREQUEST']._serialized_end=490
-  _globals['_STREAMRESUME']._serialized_start=492
-  _globals['_STREAMRESUME']._serialized_end=600
-  _globals['_BATCHACK']._serialized_start=602
-  _globals['_BATCHACK']._serialized_end=666
-  _globals['_STREAMREADINGSRESPONSE']._serialized_start=668
-  _globals['_STREAMREADINGSRESPONSE']._serialized_end=795
-  _globals['_WATCHTAGEVENTSREQUEST']._serialized_start=798
-  _globals['_WATCHTAGEVENTSREQUEST']._serialized_end=942
-  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_start=944
-  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_end=1013
-  _globals['_QUERYREADINGSREQUEST']._serialized_start=1016
-  _globals['_QUERYREADINGSREQUEST']._serialized_end=1178
-  _globals['_QUERYREADINGSRESPONSE']._serialized_start=1180
-  _globals['_QUERYREADINGSRESPONSE']._serialized_end=1305
-  _globals['_EXPORTREADINGSREQUEST']._serialized_start=1307
-  _globals['_EXPORTREADINGSREQUEST']._serialized_end=1388
-  _globals['_EXPORTREADINGSRESPONSE']._serialized_start=1390
-  _globals['_EXPORTREADINGSRESPONSE']._serialized_end=1460
-  _globals['_AGGREGATEREADINGSREQUEST']._serialized_start=1462
-  _globals['_AGGREGATEREADINGSREQUEST']._serialized_end=1584
-  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_start=1586
-  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_end=1664
-  _globals['_GETLATESTVALUESREQUEST']._serialized_start=1666
-  _globals['_GETLATESTVALUESREQUEST']._serialized_end=1769
-  _globals['_GETLATESTVALUESRESPONSE']._serialized_start=1771
-  _globals['_GETLATESTVALUESRESPONSE']._serialized_end=1842
-  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_start=1845
-  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_end=2190
-  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_start=2192
-  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_end=2271
-  _globals['_TAGINFO']._serialized_start=2274
-  _globals['_TAGINFO']._serialized_end=2515
-  _globals['_SYNCTAGSREQUEST']._serialized_start=2518
-  _globals['_SYNCTAGSREQUEST']._serialized_end=2655
-  _globals['_SYNCTAGSRESPONSE']._serialized_start=2657
-  _globals['_SYNCTAGSRESPONSE']._serialized_end=2709
-  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_start=2712
-  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_end=2901
-  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_start=2904
-  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_end=3062
-  _globals['_INGESTSERVICE']._serialized_start=3065
-  _globals['_INGESTSERVICE']._serialized_end=4039
+  _globals['_STREAMOPEN']._serialized_start=258
+  _globals['_STREAMOPEN']._serialized_end=387
+  _globals['_STREAMREADINGSREQUEST']._serialized_start=390
+  _globals['_STREAMREADINGSREQUEST']._serialized_end=525
+  _globals['_STREAMRESUME']._serialized_start=527
+  _globals['_STREAMRESUME']._serialized_end=635
+  _globals['_BATCHACK']._serialized_start=637
+  _globals['_BATCHACK']._serialized_end=701
+  _globals['_STREAMREADINGSRESPONSE']._serialized_start=703
+  _globals['_STREAMREADINGSRESPONSE']._serialized_end=830
+  _globals['_WATCHTAGEVENTSREQUEST']._serialized_start=833
+  _globals['_WATCHTAGEVENTSREQUEST']._serialized_end=977
+  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_start=979
+  _globals['_WATCHTAGEVENTSRESPONSE']._serialized_end=1048
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST']._serialized_start=1051
+  _globals['_WATCHCOMMITTEDREADINGSREQUEST']._serialized_end=1225
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE']._serialized_start=1228
+  _globals['_WATCHCOMMITTEDREADINGSRESPONSE']._serialized_end=1367
+  _globals['_QUERYREADINGSREQUEST']._serialized_start=1370
+  _globals['_QUERYREADINGSREQUEST']._serialized_end=1532
+  _globals['_QUERYREADINGSRESPONSE']._serialized_start=1534
+  _globals['_QUERYREADINGSRESPONSE']._serialized_end=1659
+  _globals['_EXPORTREADINGSREQUEST']._serialized_start=1661
+  _globals['_EXPORTREADINGSREQUEST']._serialized_end=1742
+  _globals['_EXPORTREADINGSRESPONSE']._serialized_start=1744
+  _globals['_EXPORTREADINGSRESPONSE']._serialized_end=1814
+  _globals['_AGGREGATEREADINGSREQUEST']._serialized_start=1816
+  _globals['_AGGREGATEREADINGSREQUEST']._serialized_end=1938
+  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_start=1940
+  _globals['_AGGREGATEREADINGSRESPONSE']._serialized_end=2018
+  _globals['_GETLATESTVALUESREQUEST']._serialized_start=2020
+  _globals['_GETLATESTVALUESREQUEST']._serialized_end=2123
+  _globals['_GETLATESTVALUESRESPONSE']._serialized_start=2125
+  _globals['_GETLATESTVALUESRESPONSE']._serialized_end=2196
+  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_start=2199
+  _globals['_SUMMARIZEREADINGSREQUEST']._serialized_end=2544
+  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_start=2546
+  _globals['_SUMMARIZEREADINGSRESPONSE']._serialized_end=2625
+  _globals['_TAGINFO']._serialized_start=2628
+  _globals['_TAGINFO']._serialized_end=2869
+  _globals['_SYNCTAGSREQUEST']._serialized_start=2872
+  _globals['_SYNCTAGSREQUEST']._serialized_end=3009
+  _globals['_SYNCTAGSRESPONSE']._serialized_start=3011
+  _globals['_SYNCTAGSRESPONSE']._serialized_end=3063
+  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_start=3066
+  _globals['_RESETCOLLECTORSEQUENCEREQUEST']._serialized_end=3255
+  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_start=3258
+  _globals['_RESETCOLLECTORSEQUENCERESPONSE']._serialized_end=3416
+  _globals['_INGESTSERVICE']._serialized_start=3419
+  _globals['_INGESTSERVICE']._serialized_end=4522
 # @@protoc_insertion_point(module_scope)

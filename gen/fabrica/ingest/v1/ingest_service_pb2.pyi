@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from fabrica.common.v1 import reading_pb2 as _reading_pb2
+from fabrica.ingest.v1 import committed_pb2 as _committed_pb2
 from fabrica.ingest.v1 import query_pb2 as _query_pb2
 from fabrica.ingest.v1 import tag_event_pb2 as _tag_event_pb2
 from google.protobuf import descriptor as _descriptor
@@ -240,6 +241,84 @@ class WatchTagEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchTagEventsResponse: _TypeAlias = WatchTagEventsResponse  # noqa: Y015
+
+@_typing.final
+class WatchCommittedReadingsRequest(_message.Message):
+    """Request of WatchCommittedReadings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    PLC_IDS_FIELD_NUMBER: _builtins.int
+    TAG_IDS_FIELD_NUMBER: _builtins.int
+    START_AT_END_FIELD_NUMBER: _builtins.int
+    after_cursor: _builtins.int
+    """Send batches after this cursor (WatchCommittedReadingsResponse.cursor of the last message received);
+    0 from the oldest retained batch (or from now on, with start_at_end).
+    """
+    start_at_end: _builtins.bool
+    """With after_cursor 0: start after the newest batch committed now, so only what commits from then on
+    is sent (a new consumer that does not want the retained history). Ignored for any other cursor.
+    """
+    @_builtins.property
+    def plc_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only readings of these PLCs when set: at most 1,000 PLC ids (as config names them)."""
+
+    @_builtins.property
+    def tag_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Only readings of these tags when set (with plc_ids too: readings of these tags in those PLCs)."""
+
+    def __init__(
+        self,
+        *,
+        after_cursor: _builtins.int = ...,
+        plc_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tag_ids: _abc.Iterable[_builtins.int] | None = ...,
+        start_at_end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "plc_ids", b"plc_ids", "start_at_end", b"start_at_end", "tag_ids", b"tag_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCommittedReadingsRequest: _TypeAlias = WatchCommittedReadingsRequest  # noqa: Y015
+
+@_typing.final
+class WatchCommittedReadingsResponse(_message.Message):
+    """One message of WatchCommittedReadings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCHES_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    HEAD_CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """Resume after this cursor: every batch up to it has been sent or was left out by the filters. At
+    least the cursor of the last batch of this message.
+    """
+    head_cursor: _builtins.int
+    """The newest cursor committed when this message was read (of any PLC): `head_cursor` minus `cursor` is
+    how far (in batches) the watcher is behind; 0 when nothing is retained.
+    """
+    @_builtins.property
+    def batches(self) -> _containers.RepeatedCompositeFieldContainer[_committed_pb2.CommittedBatch]:
+        """Committed batches in cursor (commit) order; empty when the message only moves the cursor."""
+
+    def __init__(
+        self,
+        *,
+        batches: _abc.Iterable[_committed_pb2.CommittedBatch] | None = ...,
+        cursor: _builtins.int = ...,
+        head_cursor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "cursor", b"cursor", "head_cursor", b"head_cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCommittedReadingsResponse: _TypeAlias = WatchCommittedReadingsResponse  # noqa: Y015
 
 @_typing.final
 class QueryReadingsRequest(_message.Message):

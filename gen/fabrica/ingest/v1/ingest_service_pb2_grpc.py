@@ -45,6 +45,11 @@ class IngestServiceStub:
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsRequest.SerializeToString,
                 response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchCommittedReadings = channel.unary_stream(
+                '/fabrica.ingest.v1.IngestService/WatchCommittedReadings',
+                request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsRequest.SerializeToString,
+                response_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsResponse.FromString,
+                _registered_method=True)
         self.QueryReadings = channel.unary_unary(
                 '/fabrica.ingest.v1.IngestService/QueryReadings',
                 request_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.QueryReadingsRequest.SerializeToString,
@@ -117,6 +122,21 @@ class IngestServiceServicer:
         """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
         from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
         than the retained events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchCommittedReadings(self, request, context):
+        """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+        batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+        Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+        any replica, after any restart. A message without batches only moves the cursor past batches the
+        filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+        for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+        `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+        FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+        beyond 2^63-1.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,6 +215,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.WatchTagEvents,
                     request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsRequest.FromString,
                     response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsResponse.SerializeToString,
+            ),
+            'WatchCommittedReadings': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCommittedReadings,
+                    request_deserializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsRequest.FromString,
+                    response_serializer=fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsResponse.SerializeToString,
             ),
             'QueryReadings': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryReadings,
@@ -287,6 +312,33 @@ class IngestService:
             '/fabrica.ingest.v1.IngestService/WatchTagEvents',
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsRequest.SerializeToString,
             fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchTagEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCommittedReadings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fabrica.ingest.v1.IngestService/WatchCommittedReadings',
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsRequest.SerializeToString,
+            fabrica_dot_ingest_dot_v1_dot_ingest__service__pb2.WatchCommittedReadingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,17 @@ class IngestServiceStub:
     from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
     than the retained events.
     """
+    WatchCommittedReadings: _grpc.UnaryStreamMultiCallable[_ingest_service_pb2.WatchCommittedReadingsRequest, _ingest_service_pb2.WatchCommittedReadingsResponse]
+    """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+    batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+    Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+    any replica, after any restart. A message without batches only moves the cursor past batches the
+    filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+    for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+    `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+    FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+    beyond 2^63-1.
+    """
     QueryReadings: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.QueryReadingsRequest, _ingest_service_pb2.QueryReadingsResponse]
     """Raw readings of tags in a time range, paged, ordered by time then tag. INVALID_ARGUMENT for a bad
     range or page token.
@@ -125,6 +136,17 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
     from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
     than the retained events.
+    """
+    WatchCommittedReadings: _aio.UnaryStreamMultiCallable[_ingest_service_pb2.WatchCommittedReadingsRequest, _ingest_service_pb2.WatchCommittedReadingsResponse]  # type: ignore[assignment]
+    """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+    batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+    Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+    any replica, after any restart. A message without batches only moves the cursor past batches the
+    filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+    for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+    `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+    FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+    beyond 2^63-1.
     """
     QueryReadings: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.QueryReadingsRequest, _ingest_service_pb2.QueryReadingsResponse]  # type: ignore[assignment]
     """Raw readings of tags in a time range, paged, ordered by time then tag. INVALID_ARGUMENT for a bad
@@ -199,6 +221,23 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
         from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
         than the retained events.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchCommittedReadings(
+        self,
+        request: _ingest_service_pb2.WatchCommittedReadingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_service_pb2.WatchCommittedReadingsResponse], _abc.AsyncIterator[_ingest_service_pb2.WatchCommittedReadingsResponse]]:
+        """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
+        batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
+        Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
+        any replica, after any restart. A message without batches only moves the cursor past batches the
+        filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+        for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
+        `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
+        FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
+        beyond 2^63-1.
         """
 
     @_abc_1.abstractmethod
