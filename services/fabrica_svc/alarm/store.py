@@ -274,7 +274,7 @@ async def carry_evaluation(conn: asyncpg.Connection, rule_id: str, old_revision:
 
 async def rules_version(conn: asyncpg.Connection) -> int:
     """Moves whenever a rule is created, changed or deleted (the revision sequence): the evaluator reloads."""
-    return await conn.fetchval("SELECT last_value FROM rule_revision")
+    return await conn.fetchval("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rule_revision")
 
 
 # --- alarms -----------------------------------------------------------------------------------------------

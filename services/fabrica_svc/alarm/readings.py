@@ -1,0 +1,94 @@
+"""The readings source of the evaluation: ingest's WatchCommittedReadings (the committed-readings feed), from a
+cursor, as `ReadingsMessage`s.
+
+Each message of the feed becomes one ReadingsMessage with the feed's cursor: the evaluation commits that
+cursor with what the message produced, and resumes after it. A message without batches (the filters left
+them out, or retention moved on) still moves the cursor.
+
+The feed's readings carry no tag name or unit (collectors leave them empty); the message templates want
+them, so the first time a tag appears its name and unit are asked of ingest (GetLatestValues, which
+answers them from what the collector reported with SyncTags) and remembered. A tag ingest does not describe
+is named "tag <id>" in messages; a failure to ask is logged and asked again a minute later. Names only
+decorate messages: transitions never depend on them.
+
+Retention: if ingest no longer keeps the batches after our cursor (OUT_OF_RANGE, reason
+CURSOR_OUT_OF_RANGE), those readings are lost to the evaluation. It says so loudly and carries on from the
+oldest batch ingest keeps (the `purged_through` cursor it names), as production's consumer does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+
+from ..clients.errors import error_details
+from .convert import sample_of
+from .evaluation import ReadingSource, ReadingsMessage
+from .evaluator import Sample
+
+log = logging.getLogger(__name__)
+
+NAME_TIMEOUT = 5.0
+NAME_RETRY_SECONDS = 60.0
+#: GetLatestValues takes at most this many tag ids a call.
+NAME_BATCH = 5000
+
+
+class _Names:
+    def __init__(self, stub: ingest_service_pb2_grpc.IngestServiceStub):
+        self.stub = stub
+        self.known: dict[int, tuple[str, str]] = {}
+        self.failed_at = 0.0
+
+    async def fill(self, tag_ids: set[int]) -> None:
+        missing = sorted(t for t in tag_ids if t not in self.known)
+        if not missing or time.monotonic() - self.failed_at < NAME_RETRY_SECONDS:
+            return
+        try:
+            for i in range(0, len(missing), NAME_BATCH):
+                chunk = missing[i:i + NAME_BATCH]
+                answer = await self.stub.GetLatestValues(ingest_service_pb2.GetLatestValuesRequest(tag_ids=chunk),
+                                                         timeout=NAME_TIMEOUT)
+                for r in answer.readings:
+                    self.known[r.tag_id] = (r.tag_name, r.unit)
+                for t in chunk:
+                    self.known.setdefault(t, ("", ""))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cannot ask ingest for tag names: %s", error_details(exc))
+            self.failed_at = time.monotonic()
+
+    def named(self, s: Sample) -> Sample:
+        name, unit = self.known.get(s.tag_id, ("", ""))
+        if not name and not unit:
+            return s
+        return Sample(s.tag_id, s.plc_id, s.time_ns, s.good, s.value, s.role, name, unit)
+
+
+def ingest_readings(channel: grpc.aio.Channel) -> ReadingSource:
+    stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+    names = _Names(stub)
+
+    async def source(after_cursor: int) -> AsyncIterator[ReadingsMessage]:
+        call = stub.WatchCommittedReadings(ingest_service_pb2.WatchCommittedReadingsRequest(after_cursor=after_cursor))
+        try:
+            async for response in call:
+                samples = [sample_of(r) for b in response.batches for r in b.batch.readings]
+                await names.fill({s.tag_id for s in samples})
+                yield ReadingsMessage(response.cursor, [names.named(s) for s in samples])
+        except grpc.aio.AioRpcError as exc:
+            metadata = dict(error_details(exc).metadata)
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE and metadata.get("purged_through", "").isdigit():
+                oldest = int(metadata["purged_through"])
+                log.error("ingest no longer keeps the readings after cursor %d; continuing from %d. Readings in "
+                          "between are not evaluated.", after_cursor, oldest)
+                yield ReadingsMessage(oldest, [])
+                return
+            raise
+        finally:
+            call.cancel()
+
+    return source
