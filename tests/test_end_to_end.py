@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fabrica.alarm.v1 import alarm_service_pb2 as alarm_pb
+from fabrica.alarm.v1 import alarm_service_pb2_grpc as alarm_grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
@@ -130,7 +132,7 @@ async def test_order_fills_from_the_simulated_counter_and_completes_itself(datab
 
 
 def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
-    base = free_base_port(4)
+    base = free_base_port(5)
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1"}
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
@@ -155,6 +157,19 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
                     break
                 time.sleep(0.1)
             assert good > 0, "the demo order was not filled from the simulated counter"
+        assert "demo alarms press-1-oil-hot, press-1-silent" in banner, banner
+        with grpc.insecure_channel(f"127.0.0.1:{base + 4}") as ch:
+            alarms = alarm_grpc.AlarmServiceStub(ch)
+            rules = alarms.ListAlarmRules(alarm_pb.ListAlarmRulesRequest(), timeout=10).rules
+            assert [r.id for r in rules] == ["press-1-oil-hot", "press-1-silent"]
+            evaluated: set[str] = set()
+            for _ in range(600):  # each rule's alarm exists once the evaluator has seen the tag's readings
+                listed = alarms.ListAlarms(alarm_pb.ListAlarmsRequest(include_normal=True), timeout=10).alarms
+                evaluated = {a.rule_id for a in listed}
+                if len(evaluated) == 2:
+                    break
+                time.sleep(0.1)
+            assert evaluated == {"press-1-oil-hot", "press-1-silent"}, "the demo rules are not evaluated"
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)

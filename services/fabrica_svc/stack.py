@@ -27,7 +27,7 @@ from .runtime.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("fabrica.run")
 
-ORDER = ("config", "ingest", "production", "collector")
+ORDER = ("config", "ingest", "production", "collector", "alarm")
 DEMO_COLLECTOR_ID = "demo"
 
 
