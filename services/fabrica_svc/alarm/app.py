@@ -21,6 +21,8 @@ from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .config import AlarmConfig, load_alarm_config
 from .evaluation import Evaluation, EvaluationOptions, ReadingSource
+from .notify.webhook import WebhookDispatcher
+from .outbox import WebhookOutbox
 from .rules import ConfigTagCatalog, NoTagCatalog, TagCatalog
 from .service import AlarmService
 from .servicer import AlarmServicer, decode_rule
@@ -54,6 +56,7 @@ class AlarmApp:
         self.service: AlarmService
         self.servicer: AlarmServicer
         self.evaluation: Evaluation | None = None
+        self.dispatcher: WebhookDispatcher
         self._parts: list[Any] = []
 
     def _ingest_source(self, channel: grpc.aio.Channel) -> ReadingSource | None:
@@ -76,15 +79,18 @@ class AlarmApp:
             channels.append(_Channel(settings.ingest_addr))
             source = self._ingest_source(channels[-1].channel)
         self.listener = Listener(resources.dsn, CHANNEL, application_name="fabrica-alarm-listen")
-        self.service = AlarmService(resources.pool)
-        self.servicer = AlarmServicer(self.service, catalog, self.listener)
+        outbox = WebhookOutbox()
+        self.service = AlarmService(resources.pool, outbox)
+        self.servicer = AlarmServicer(self.service, catalog, self.listener, resources.pool)
         if source is not None:
             options = EvaluationOptions(tick_interval=self.config.tick_interval, live_window=self.config.live_window)
-            self.evaluation = Evaluation(resources.dsn, source, decode_rule, options=options)
+            self.evaluation = Evaluation(resources.dsn, source, decode_rule, options=options, outbox=outbox)
         else:
             log.info("FABRICA_INGEST_ADDR is not set: alarm rules are not evaluated")
-        self._parts = [*([self.evaluation] if self.evaluation else []), self.listener, *channels]
+        self.dispatcher = WebhookDispatcher(resources.pool, resources.dsn)
+        self._parts = [*([self.evaluation] if self.evaluation else []), self.dispatcher, self.listener, *channels]
         await self.listener.start()
+        await self.dispatcher.start()
         if self.evaluation:
             await self.evaluation.start()
 

@@ -45,7 +45,7 @@ from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
 from . import store
 from .evaluator import NS, Evaluator, Rule, Sample, Transition
-from .service import EvaluationStore
+from .service import EvaluationStore, Outbox
 from .store import EventRow, RuleRow
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,14 @@ class Evaluation:
 
     def __init__(self, dsn: str, source: ReadingSource, decode: Callable[[RuleRow], Rule], *,
                  options: EvaluationOptions | None = None, clock: Callable[[], float] = time.time,
-                 on_events: Callable[[list[EventRow]], None] | None = None):
+                 on_events: Callable[[list[EventRow]], None] | None = None, outbox: Outbox | None = None):
         self.dsn = dsn
         self.source = source
         self.decode = decode
         self.options = options or EvaluationOptions()
         self.clock = clock
         self.on_events = on_events
-        self.store = EvaluationStore()
+        self.store = EvaluationStore(outbox)
         self.active = asyncio.Event()
         #: The cursor of the last commit of this replica.
         self.cursor: int | None = None

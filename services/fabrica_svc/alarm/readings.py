@@ -8,7 +8,8 @@ them out, or retention moved on) still moves the cursor.
 The feed's readings carry no tag name or unit (collectors leave them empty); the message templates want
 them, so the first time a tag appears its name and unit are asked of ingest (GetLatestValues, which
 answers them from what the collector reported with SyncTags) and remembered. A tag ingest does not describe
-is named "tag <id>" in messages; a failure to ask is logged and asked again a minute later. Names only
+is named "tag <id>" in messages and asked about again every 5 s (its collector may not have reported its tags
+yet); a failure to ask is logged and asked again a minute later. Names only
 decorate messages: transitions never depend on them.
 
 Retention: if ingest no longer keeps the batches after our cursor (OUT_OF_RANGE, reason
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 NAME_TIMEOUT = 5.0
 NAME_RETRY_SECONDS = 60.0
+#: A tag ingest has no name for yet is asked about again after this many seconds.
+UNNAMED_RETRY = 5.0
 #: GetLatestValues takes at most this many tag ids a call.
 NAME_BATCH = 5000
 
@@ -42,11 +45,14 @@ class _Names:
     def __init__(self, stub: ingest_service_pb2_grpc.IngestServiceStub):
         self.stub = stub
         self.known: dict[int, tuple[str, str]] = {}
-        self.failed_at = 0.0
+        #: When a tag ingest could not name yet was last asked about (its collector may not have synced yet).
+        self.asked: dict[int, float] = {}
+        self.failed_at = -NAME_RETRY_SECONDS
 
     async def fill(self, tag_ids: set[int]) -> None:
-        missing = sorted(t for t in tag_ids if t not in self.known)
-        if not missing or time.monotonic() - self.failed_at < NAME_RETRY_SECONDS:
+        now = time.monotonic()
+        missing = sorted(t for t in tag_ids if t not in self.known and now - self.asked.get(t, -1e9) >= UNNAMED_RETRY)
+        if not missing or now - self.failed_at < NAME_RETRY_SECONDS:
             return
         try:
             for i in range(0, len(missing), NAME_BATCH):
@@ -54,16 +60,19 @@ class _Names:
                 answer = await self.stub.GetLatestValues(ingest_service_pb2.GetLatestValuesRequest(tag_ids=chunk),
                                                          timeout=NAME_TIMEOUT)
                 for r in answer.readings:
-                    self.known[r.tag_id] = (r.tag_name, r.unit)
+                    if r.tag_name:
+                        self.known[r.tag_id] = (r.tag_name, r.unit)
+                        self.asked.pop(r.tag_id, None)
                 for t in chunk:
-                    self.known.setdefault(t, ("", ""))
+                    if t not in self.known:
+                        self.asked[t] = now
         except grpc.aio.AioRpcError as exc:
             log.warning("cannot ask ingest for tag names: %s", error_details(exc))
-            self.failed_at = time.monotonic()
+            self.failed_at = now
 
     def named(self, s: Sample) -> Sample:
         name, unit = self.known.get(s.tag_id, ("", ""))
-        if not name and not unit:
+        if not name:
             return s
         return Sample(s.tag_id, s.plc_id, s.time_ns, s.good, s.value, s.role, name, unit)
 

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import asyncpg
 
@@ -28,6 +29,23 @@ from .store import AlarmRow, EventRow, NewEvent, RuleRow
 log = logging.getLogger(__name__)
 
 SYSTEM = "system"
+
+
+class Outbox(Protocol):
+    async def add(self, conn: asyncpg.Connection, events: Sequence[EventRow]) -> None:
+        """Queue the notifications of `events` (those with `notify`) in the caller's transaction."""
+
+
+class NoOutbox:
+    async def add(self, conn: asyncpg.Connection, events: Sequence[EventRow]) -> None:
+        return None
+
+
+async def _record(conn: asyncpg.Connection, outbox: Outbox, events: Sequence[NewEvent]) -> list[EventRow]:
+    """Insert events and queue their notifications, in the caller's transaction."""
+    rows = await store.insert_events(conn, events)
+    await outbox.add(conn, rows)
+    return rows
 
 
 def _dt(ns: int) -> datetime:
@@ -45,21 +63,21 @@ def _event(a: AlarmRow, type_: str, new_state: str, when: datetime, value: objec
                     message, actor, note, lc.is_annunciated(type_, shelved) if notify is None else notify)
 
 
-async def _suppress(conn: asyncpg.Connection, rule_id: str, why: str) -> list[EventRow]:
+async def _suppress(conn: asyncpg.Connection, outbox: Outbox, rule_id: str, why: str) -> list[EventRow]:
     """Every alarm of the rule that is not normal goes back to normal, with a SUPPRESSED event each."""
     events, now = [], datetime.now(UTC)
     for a in await store.not_normal_alarms(conn, rule_id):
         events.append(_event(a, lc.SUPPRESSED, lc.NORMAL, now, a.value, a.message, principal.actor(), why))
         await store.set_alarm(conn, replace(a, state=lc.NORMAL, state_time=now, revision=a.revision + 1))
-    return await store.insert_events(conn, events)
+    return await _record(conn, outbox, events)
 
 
 class AlarmService:
-    """Rules and operator actions, on the service's pool. `encode` turns a stored rule's definition into
-    (enabled, severity) for the columns the store keeps beside it."""
+    """Rules and operator actions, on the service's pool; `outbox` queues the notifications of their events."""
 
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, outbox: Outbox | None = None):
         self.pool = pool
+        self.outbox = outbox or NoOutbox()
 
     async def create_rule(self, rule_id: str, definition: bytes, enabled: bool, request_id: str) -> RuleRow:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -102,7 +120,7 @@ class AlarmService:
             row = await store.update_rule(conn, rule_id, revision, definition, enabled)
             restart = restart or enabled != current.enabled
             if restart:
-                await _suppress(conn, rule_id, "rule disabled" if not enabled else "rule changed")
+                await _suppress(conn, self.outbox, rule_id, "rule disabled" if not enabled else "rule changed")
                 await store.reset_evaluation(conn, rule_id, severity)
             else:  # the same evaluation: the evaluator's states carry over to the new revision
                 await store.carry_evaluation(conn, rule_id, current.revision, revision, severity)
@@ -117,7 +135,7 @@ class AlarmService:
             if etag and etag != f"r{current.revision}":
                 raise Aborted(f"rule {rule_id!r} changed since it was read (etag {etag}, now r{current.revision})",
                               metadata={"rule_id": rule_id})
-            await _suppress(conn, rule_id, "rule deleted")
+            await _suppress(conn, self.outbox, rule_id, "rule deleted")
             await store.next_rule_revision(conn)  # the evaluator notices the change by the revision sequence
             await store.delete_rule(conn, rule_id)
             await conn.execute("SELECT pg_notify($1, 'rules')", store.CHANNEL)
@@ -135,7 +153,7 @@ class AlarmService:
             updated, event = change(a, datetime.now(UTC))
             updated = replace(updated, revision=a.revision + 1)
             await store.set_alarm(conn, updated)
-            (row,) = await store.insert_events(conn, [event])
+            (row,) = await _record(conn, self.outbox, [event])
             return updated, row
 
     async def acknowledge(self, rule_id: str, tag_id: int, note: str, etag: str) -> tuple[AlarmRow, EventRow]:
@@ -199,6 +217,9 @@ class EvaluationStore:
     """The evaluator's reads and its one transaction per message of readings (or tick), on its own
     connection (the one holding the evaluator lock)."""
 
+    def __init__(self, outbox: Outbox | None = None):
+        self.outbox = outbox or NoOutbox()
+
     async def load(self, conn: asyncpg.Connection, decode: Callable[[RuleRow], Rule]
                    ) -> tuple[list[Rule], dict[Key, InstanceState], int]:
         """Every rule, the evaluator states stored for their current revisions, and the cursor."""
@@ -252,7 +273,7 @@ class EvaluationStore:
                                       **({"acknowledged_by": "", "acknowledge_note": ""} if t.raised else {}))
                 await store.set_alarm(conn, alarms[key])
             events += await self._unshelve(conn, alarms, now)
-            rows = await store.insert_events(conn, events)
+            rows = await _record(conn, self.outbox, events)
             if cursor is not None:
                 await store.save_evaluator_cursor(conn, cursor)
         return CommitResult(rows)

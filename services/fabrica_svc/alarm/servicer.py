@@ -11,10 +11,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 from fabrica.alarm.v1 import alarm_service_pb2 as pb
 from fabrica.alarm.v1 import alarm_service_pb2_grpc as pb_grpc
-from fabrica.alarm.v1 import rule_pb2
+from fabrica.alarm.v1 import notify_pb2, rule_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument, OutOfRange
 from ..runtime.notify import Listener
@@ -24,6 +25,8 @@ from ..runtime.validation import violations_of
 from ..runtime.watch import Page, watch
 from . import convert
 from . import lifecycle as lc
+from .notify import store as notify_store
+from .notify.domain import NotificationTarget
 from .rules import EVALUATION_FIELDS, UPDATABLE, TagCatalog, check_rule
 from .service import AlarmService
 from .store import RuleRow
@@ -63,10 +66,12 @@ def _mask_paths(paths: list[str]) -> list[str]:
 
 
 class AlarmServicer(pb_grpc.AlarmServiceServicer):
-    def __init__(self, service: AlarmService, catalog: TagCatalog, listener: Listener):
+    def __init__(self, service: AlarmService, catalog: TagCatalog, listener: Listener, pool: asyncpg.Pool):
         self.service = service
         self.catalog = catalog
         self.listener = listener
+        #: The notification targets and deliveries are notify/store.py's, on the service's pool.
+        self.pool = pool
 
     # --- rules --------------------------------------------------------------------------------------------
 
@@ -205,3 +210,96 @@ class AlarmServicer(pb_grpc.AlarmServiceServicer):
                                                                           alarm=convert.alarm_message(a)))
                for e, a in changes]
         return Page(out, changes[-1][0].id, more=len(changes) == WATCH_PAGE)
+
+    # --- notification targets and deliveries (notify/) ----------------------------------------------------
+
+    async def CreateNotificationTarget(self, request: pb.CreateNotificationTargetRequest,
+                                       context: grpc.aio.ServicerContext) -> pb.CreateNotificationTargetResponse:
+        t = request.target
+        with _prefixed("target"):
+            target = await notify_store.create_notification_target(self.pool, NotificationTarget(
+                id=t.id, url=t.url, secret=t.secret, display_name=t.display_name, enabled=t.enabled))
+        return pb.CreateNotificationTargetResponse(target=target_message(target))
+
+    async def GetNotificationTarget(self, request: pb.GetNotificationTargetRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.GetNotificationTargetResponse:
+        target = await notify_store.get_notification_target(self.pool, request.id)
+        return pb.GetNotificationTargetResponse(target=target_message(target))
+
+    async def ListNotificationTargets(self, request: pb.ListNotificationTargetsRequest,
+                                      context: grpc.aio.ServicerContext) -> pb.ListNotificationTargetsResponse:
+        targets = await notify_store.list_notification_targets(self.pool)
+        return pb.ListNotificationTargetsResponse(targets=[target_message(t) for t in targets])
+
+    async def UpdateNotificationTarget(self, request: pb.UpdateNotificationTargetRequest,
+                                       context: grpc.aio.ServicerContext) -> pb.UpdateNotificationTargetResponse:
+        t = request.target
+        if not t.id:
+            raise InvalidArgument(FieldViolation("target.id", "the target to update is required"))
+        updatable = ("display_name", "url", "secret", "enabled")
+        paths = list(request.update_mask.paths)
+        if not paths or paths == ["*"]:
+            paths = ["display_name", "url", "enabled"]
+        bad = [FieldViolation(f"update_mask.paths[{i}]", f"{p!r} cannot be updated; updatable: {', '.join(updatable)}")
+               for i, p in enumerate(paths) if p not in updatable]
+        if bad:
+            raise InvalidArgument(bad)
+        revision = None
+        if t.etag:
+            if not (t.etag.startswith("t") and t.etag[1:].isdigit()):
+                raise InvalidArgument(FieldViolation("target.etag", "not an etag this service issued"))
+            revision = int(t.etag[1:])
+        with _prefixed("target"):
+            target = await notify_store.update_notification_target(
+                self.pool, t.id, expected_revision=revision, **{p: getattr(t, p) for p in paths})
+        return pb.UpdateNotificationTargetResponse(target=target_message(target))
+
+    async def DeleteNotificationTarget(self, request: pb.DeleteNotificationTargetRequest,
+                                       context: grpc.aio.ServicerContext) -> pb.DeleteNotificationTargetResponse:
+        await notify_store.delete_notification_target(self.pool, request.id)
+        return pb.DeleteNotificationTargetResponse()
+
+    async def ListDeliveries(self, request: pb.ListDeliveriesRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListDeliveriesResponse:
+        query = f"deliveries:{request.target_id}:{request.state}"
+        before = decode_int_page_token(request.page_token, query)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        rows = await notify_store.list_deliveries(self.pool, target_id=request.target_id or None,
+                                                  state=request.state or None, before_id=before, limit=size + 1)
+        token = encode_page_token(query, str(rows[size - 1].id)) if len(rows) > size else ""
+        return pb.ListDeliveriesResponse(deliveries=[delivery_message(d) for d in rows[:size]], next_page_token=token)
+
+
+class _prefixed(contextlib.AbstractContextManager):
+    """Field violations raised inside name fields of the request's `prefix` message (notify/ names them bare)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __exit__(self, kind, exc, tb) -> bool:  # noqa: ANN001
+        if isinstance(exc, InvalidArgument):
+            raise InvalidArgument([FieldViolation(f"{self.prefix}.{v.field}", v.description)
+                                   for v in exc.violations]) from None
+        return False
+
+
+def target_message(t: NotificationTarget) -> notify_pb2.NotificationTarget:
+    msg = notify_pb2.NotificationTarget(
+        id=t.id, display_name=t.display_name, url=t.url, enabled=t.enabled, etag=f"t{t.revision}",
+        pending_deliveries=t.pending_deliveries, failed_deliveries=t.failed_deliveries, last_error=t.last_error)
+    set_timestamp(msg.last_delivered_time, t.last_delivered_time)
+    set_timestamp(msg.create_time, t.create_time)
+    set_timestamp(msg.update_time, t.update_time)
+    return msg
+
+
+def delivery_message(d) -> notify_pb2.Delivery:  # noqa: ANN001 - notify.domain.Delivery
+    msg = notify_pb2.Delivery(id=d.id, target_id=d.target_id, idempotency_key=d.idempotency_key,
+                              event_type=d.event_type, state=d.state, attempts=d.attempts, last_error=d.last_error,
+                              last_http_status=d.last_http_status)
+    if d.state == notify_pb2.DELIVERY_STATE_PENDING:
+        set_timestamp(msg.next_attempt_time, d.next_attempt_time)
+    set_timestamp(msg.last_attempt_time, d.last_attempt_time)
+    set_timestamp(msg.create_time, d.create_time)
+    set_timestamp(msg.delivered_time, d.delivered_time)
+    return msg

@@ -27,12 +27,13 @@ from typing import Any
 import asyncpg
 
 from ..runtime.db import Migration
+from .notify import NOTIFY_MIGRATIONS
 
 CHANNEL = "fabrica_alarm"
 #: The session lock of the one evaluating replica.
 EVALUATOR_LOCK_KEY = zlib.crc32(b"fabrica.alarm.evaluator") - 2**31
 
-MIGRATIONS: list[Migration] = [
+_OWN_MIGRATIONS: list[Migration] = [
     Migration(1, "rules, alarms, events, evaluator cursor", """
         CREATE TABLE rules (
             id text PRIMARY KEY,
@@ -101,6 +102,8 @@ MIGRATIONS: list[Migration] = [
         INSERT INTO evaluator_cursor (cursor) VALUES (0);
     """),
 ]
+#: The service's own migrations and those of notifications and forwarding (notify/schema.py, from 1001).
+MIGRATIONS: list[Migration] = sorted([*_OWN_MIGRATIONS, *NOTIFY_MIGRATIONS], key=lambda m: m.version)
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from fabrica.alarm.v1 import alarm_pb2 as fabrica_dot_alarm_dot_v1_dot_alarm__pb2
+from fabrica.alarm.v1 import notify_pb2 as fabrica_dot_alarm_dot_v1_dot_notify__pb2
 from fabrica.alarm.v1 import rule_pb2 as fabrica_dot_alarm_dot_v1_dot_rule__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fabrica/alarm/v1/alarm_service.proto\x12\x10\x66\x61\x62rica.alarm.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1c\x66\x61\x62rica/alarm/v1/alarm.proto\x1a\x1b\x66\x61\x62rica/alarm/v1/rule.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x16\x43reateAlarmRuleRequest\x12\x31\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRuleB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\nrequest_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"D\n\x17\x43reateAlarmRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\"M\n\x13GetAlarmRuleRequest\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\"A\n\x14GetAlarmRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\"i\n\x15ListAlarmRulesRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"|\n\x16ListAlarmRulesResponse\x12*\n\x05rules\x18\x01 \x03(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xc6\x02\n\x16UpdateAlarmRuleRequest\x12\x31\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRuleB\x06\xbaH\x03\xd8\x01\x03\x12\xf8\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xc6\x01\xbaH\xc2\x01\xba\x01\xbe\x01\n\x11update_mask.paths\x12Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\x1aYsize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))\"D\n\x17UpdateAlarmRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\"w\n\x16\x44\x65leteAlarmRuleRequest\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12%\n\x04\x65tag\x18\x02 \x01(\tB\x17\xbaH\x14r\x12\x18@2\x0e^[A-Za-z0-9]*$\"\x19\n\x17\x44\x65leteAlarmRuleResponse\"\xd6\x02\n\x11ListAlarmsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x31\n\npage_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x41\n\nseverities\x18\x03 \x03(\x0e\x32\x1a.fabrica.alarm.v1.SeverityB\x11\xbaH\x0e\x92\x01\x0b\x10\x04\"\x07\x82\x01\x04\x10\x01 \x00\x12+\n\x06plc_id\x18\x04 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12?\n\x06states\x18\x05 \x03(\x0e\x32\x1c.fabrica.alarm.v1.AlarmStateB\x11\xbaH\x0e\x92\x01\x0b\x10\x04\"\x07\x82\x01\x04\x10\x01 \x00\x12&\n\x07rule_id\x18\x06 \x01(\tB\x15\xbaH\x12r\x10\x18?2\x0c^[a-z0-9-]*$\x12\x16\n\x0einclude_normal\x18\x07 \x01(\x08\"u\n\x12ListAlarmsResponse\x12\'\n\x06\x61larms\x18\x01 \x03(\x0b\x32\x17.fabrica.alarm.v1.Alarm\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xc9\x03\n\x16ListAlarmEventsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x31\n\npage_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12R\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12+\n\x06plc_id\x18\x05 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1f\n\x06tag_id\x18\x06 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12\x41\n\nseverities\x18\x07 \x03(\x0e\x32\x1a.fabrica.alarm.v1.SeverityB\x11\xbaH\x0e\x92\x01\x0b\x10\x04\"\x07\x82\x01\x04\x10\x01 \x00\x12&\n\x07rule_id\x18\x08 \x01(\tB\x15\xbaH\x12r\x10\x18?2\x0c^[a-z0-9-]*$\"\x7f\n\x17ListAlarmEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xde\x01\n\x17\x41\x63knowledgeAlarmRequest\x12;\n\x07rule_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x06tag_id\x18\x02 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12<\n\x04note\x18\x03 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12%\n\x04\x65tag\x18\x04 \x01(\tB\x17\xbaH\x14r\x12\x18@2\x0e^[A-Za-z0-9]*$\"o\n\x18\x41\x63knowledgeAlarmResponse\x12&\n\x05\x61larm\x18\x01 \x01(\x0b\x32\x17.fabrica.alarm.v1.Alarm\x12+\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\"\x9c\x02\n\x12ShelveAlarmRequest\x12;\n\x07rule_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x06tag_id\x18\x02 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12\x41\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x14\xbaH\x11\xaa\x01\x0b\"\x05\x08\x80\x9a\x9e\x01\x32\x02\x08\x01\xc8\x01\x01\x12<\n\x04note\x18\x04 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12%\n\x04\x65tag\x18\x05 \x01(\tB\x17\xbaH\x14r\x12\x18@2\x0e^[A-Za-z0-9]*$\"j\n\x13ShelveAlarmResponse\x12&\n\x05\x61larm\x18\x01 \x01(\x0b\x32\x17.fabrica.alarm.v1.Alarm\x12+\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\"3\n\x12WatchAlarmsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"8\n\rAlarmSnapshot\x12\'\n\x06\x61larms\x18\x01 \x03(\x0b\x32\x17.fabrica.alarm.v1.Alarm\"b\n\x0b\x41larmChange\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\x12&\n\x05\x61larm\x18\x02 \x01(\x0b\x32\x17.fabrica.alarm.v1.Alarm\"\x93\x01\n\x13WatchAlarmsResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x33\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1f.fabrica.alarm.v1.AlarmSnapshotH\x00\x12/\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x1d.fabrica.alarm.v1.AlarmChangeH\x00\x42\x06\n\x04kind2\xf0\x07\n\x0c\x41larmService\x12\x66\n\x0f\x43reateAlarmRule\x12(.fabrica.alarm.v1.CreateAlarmRuleRequest\x1a).fabrica.alarm.v1.CreateAlarmRuleResponse\x12]\n\x0cGetAlarmRule\x12%.fabrica.alarm.v1.GetAlarmRuleRequest\x1a&.fabrica.alarm.v1.GetAlarmRuleResponse\x12\x63\n\x0eListAlarmRules\x12\'.fabrica.alarm.v1.ListAlarmRulesRequest\x1a(.fabrica.alarm.v1.ListAlarmRulesResponse\x12\x66\n\x0fUpdateAlarmRule\x12(.fabrica.alarm.v1.UpdateAlarmRuleRequest\x1a).fabrica.alarm.v1.UpdateAlarmRuleResponse\x12\x66\n\x0f\x44\x65leteAlarmRule\x12(.fabrica.alarm.v1.DeleteAlarmRuleRequest\x1a).fabrica.alarm.v1.DeleteAlarmRuleResponse\x12W\n\nListAlarms\x12#.fabrica.alarm.v1.ListAlarmsRequest\x1a$.fabrica.alarm.v1.ListAlarmsResponse\x12\x66\n\x0fListAlarmEvents\x12(.fabrica.alarm.v1.ListAlarmEventsRequest\x1a).fabrica.alarm.v1.ListAlarmEventsResponse\x12i\n\x10\x41\x63knowledgeAlarm\x12).fabrica.alarm.v1.AcknowledgeAlarmRequest\x1a*.fabrica.alarm.v1.AcknowledgeAlarmResponse\x12Z\n\x0bShelveAlarm\x12$.fabrica.alarm.v1.ShelveAlarmRequest\x1a%.fabrica.alarm.v1.ShelveAlarmResponse\x12\\\n\x0bWatchAlarms\x12$.fabrica.alarm.v1.WatchAlarmsRequest\x1a%.fabrica.alarm.v1.WatchAlarmsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$fabrica/alarm/v1/alarm_service.proto\x12\x10\x66\x61\x62rica.alarm.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1c\x66\x61\x62rica/alarm/v1/alarm.proto\x1a\x1d\x66\x61\x62rica/alarm/v1/notify.proto\x1a\x1b\x66\x61\x62rica/alarm/v1/rule.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x16\x43reateAlarmRuleRequest\x12\x31\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRuleB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\nrequest_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"D\n\x17\x43reateAlarmRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\"M\n\x13GetAlarmRuleRequest\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\"A\n\x14GetAlarmRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\"i\n\x15ListAlarmRulesRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"|\n\x16ListAlarmRulesResponse\x12*\n\x05rules\x18\x01 \x03(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xc6\x02\n\x16UpdateAlarmRuleRequest\x12\x31\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRuleB\x06\xbaH\x03\xd8\x01\x03\x12\xf8\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xc6\x01\xbaH\xc2\x01\xba\x01\xbe\x01\n\x11update_mask.paths\x12Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\x1aYsize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))\"D\n\x17UpdateAlarmRuleResponse\x12)\n\x04rule\x18\x01 \x01(\x0b\x32\x1b.fabrica.alarm.v1.AlarmRule\"w\n\x16\x44\x65leteAlarmRuleRequest\x12\x36\n\x02id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12%\n\x04\x65tag\x18\x02 \x01(\tB\x17\xbaH\x14r\x12\x18@2\x0e^[A-Za-z0-9]*$\"\x19\n\x17\x44\x65leteAlarmRuleResponse\"\xd6\x02\n\x11ListAlarmsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x31\n\npage_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x41\n\nseverities\x18\x03 \x03(\x0e\x32\x1a.fabrica.alarm.v1.SeverityB\x11\xbaH\x0e\x92\x01\x0b\x10\x04\"\x07\x82\x01\x04\x10\x01 \x00\x12+\n\x06plc_id\x18\x04 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12?\n\x06states\x18\x05 \x03(\x0e\x32\x1c.fabrica.alarm.v1.AlarmStateB\x11\xbaH\x0e\x92\x01\x0b\x10\x04\"\x07\x82\x01\x04\x10\x01 \x00\x12&\n\x07rule_id\x18\x06 \x01(\tB\x15\xbaH\x12r\x10\x18?2\x0c^[a-z0-9-]*$\x12\x16\n\x0einclude_normal\x18\x07 \x01(\x08\"u\n\x12ListAlarmsResponse\x12\'\n\x06\x61larms\x18\x01 \x03(\x0b\x32\x17.fabrica.alarm.v1.Alarm\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xc9\x03\n\x16ListAlarmEventsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x31\n\npage_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12R\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12P\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12+\n\x06plc_id\x18\x05 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1f\n\x06tag_id\x18\x06 \x01(\x04\x42\x0f\xbaH\x0c\x32\n\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12\x41\n\nseverities\x18\x07 \x03(\x0e\x32\x1a.fabrica.alarm.v1.SeverityB\x11\xbaH\x0e\x92\x01\x0b\x10\x04\"\x07\x82\x01\x04\x10\x01 \x00\x12&\n\x07rule_id\x18\x08 \x01(\tB\x15\xbaH\x12r\x10\x18?2\x0c^[a-z0-9-]*$\"\x7f\n\x17ListAlarmEventsResponse\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xde\x01\n\x17\x41\x63knowledgeAlarmRequest\x12;\n\x07rule_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x06tag_id\x18\x02 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12<\n\x04note\x18\x03 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12%\n\x04\x65tag\x18\x04 \x01(\tB\x17\xbaH\x14r\x12\x18@2\x0e^[A-Za-z0-9]*$\"o\n\x18\x41\x63knowledgeAlarmResponse\x12&\n\x05\x61larm\x18\x01 \x01(\x0b\x32\x17.fabrica.alarm.v1.Alarm\x12+\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\"\x9c\x02\n\x12ShelveAlarmRequest\x12;\n\x07rule_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x06tag_id\x18\x02 \x01(\x04\x42\x11\xbaH\x0e\x32\x0c\x18\xff\xff\xff\xff\xff\xff\xff\xff\x7f \x00\x12\x41\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x14\xbaH\x11\xaa\x01\x0b\"\x05\x08\x80\x9a\x9e\x01\x32\x02\x08\x01\xc8\x01\x01\x12<\n\x04note\x18\x04 \x01(\tB.\xbaH+r)\x18\xe8\x07\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12%\n\x04\x65tag\x18\x05 \x01(\tB\x17\xbaH\x14r\x12\x18@2\x0e^[A-Za-z0-9]*$\"j\n\x13ShelveAlarmResponse\x12&\n\x05\x61larm\x18\x01 \x01(\x0b\x32\x17.fabrica.alarm.v1.Alarm\x12+\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\"3\n\x12WatchAlarmsRequest\x12\x1d\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"8\n\rAlarmSnapshot\x12\'\n\x06\x61larms\x18\x01 \x03(\x0b\x32\x17.fabrica.alarm.v1.Alarm\"b\n\x0b\x41larmChange\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.fabrica.alarm.v1.AlarmEvent\x12&\n\x05\x61larm\x18\x02 \x01(\x0b\x32\x17.fabrica.alarm.v1.Alarm\"\x93\x01\n\x13WatchAlarmsResponse\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x33\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1f.fabrica.alarm.v1.AlarmSnapshotH\x00\x12/\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x1d.fabrica.alarm.v1.AlarmChangeH\x00\x42\x06\n\x04kind\"_\n\x1f\x43reateNotificationTargetRequest\x12<\n\x06target\x18\x01 \x01(\x0b\x32$.fabrica.alarm.v1.NotificationTargetB\x06\xbaH\x03\xc8\x01\x01\"X\n CreateNotificationTargetResponse\x12\x34\n\x06target\x18\x01 \x01(\x0b\x32$.fabrica.alarm.v1.NotificationTarget\"S\n\x1cGetNotificationTargetRequest\x12\x33\n\x02id\x18\x01 \x01(\tB\'\xbaH$r\"\x10\x01\x18?2\x1c^[a-z]([a-z0-9-]*[a-z0-9])?$\"U\n\x1dGetNotificationTargetResponse\x12\x34\n\x06target\x18\x01 \x01(\x0b\x32$.fabrica.alarm.v1.NotificationTarget\" \n\x1eListNotificationTargetsRequest\"X\n\x1fListNotificationTargetsResponse\x12\x35\n\x07targets\x18\x01 \x03(\x0b\x32$.fabrica.alarm.v1.NotificationTarget\"\xda\x02\n\x1fUpdateNotificationTargetRequest\x12<\n\x06target\x18\x01 \x01(\x0b\x32$.fabrica.alarm.v1.NotificationTargetB\x06\xbaH\x03\xd8\x01\x03\x12\xf8\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xc6\x01\xbaH\xc2\x01\xba\x01\xbe\x01\n\x11update_mask.paths\x12Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\x1aYsize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))\"X\n UpdateNotificationTargetResponse\x12\x34\n\x06target\x18\x01 \x01(\x0b\x32$.fabrica.alarm.v1.NotificationTarget\"V\n\x1f\x44\x65leteNotificationTargetRequest\x12\x33\n\x02id\x18\x01 \x01(\tB\'\xbaH$r\"\x10\x01\x18?2\x1c^[a-z]([a-z0-9-]*[a-z0-9])?$\"\"\n DeleteNotificationTargetResponse\"\xe0\x01\n\x15ListDeliveriesRequest\x12;\n\ttarget_id\x18\x01 \x01(\tB(\xbaH%r#\x18?2\x1f^([a-z]([a-z0-9-]*[a-z0-9])?)?$\x12\x38\n\x05state\x18\x02 \x01(\x0e\x32\x1f.fabrica.alarm.v1.DeliveryStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1d\n\tpage_size\x18\x03 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x00\x12\x31\n\npage_token\x18\x04 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\x80\x01\n\x16ListDeliveriesResponse\x12.\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1a.fabrica.alarm.v1.Delivery\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$2\xdb\r\n\x0c\x41larmService\x12\x66\n\x0f\x43reateAlarmRule\x12(.fabrica.alarm.v1.CreateAlarmRuleRequest\x1a).fabrica.alarm.v1.CreateAlarmRuleResponse\x12]\n\x0cGetAlarmRule\x12%.fabrica.alarm.v1.GetAlarmRuleRequest\x1a&.fabrica.alarm.v1.GetAlarmRuleResponse\x12\x63\n\x0eListAlarmRules\x12\'.fabrica.alarm.v1.ListAlarmRulesRequest\x1a(.fabrica.alarm.v1.ListAlarmRulesResponse\x12\x66\n\x0fUpdateAlarmRule\x12(.fabrica.alarm.v1.UpdateAlarmRuleRequest\x1a).fabrica.alarm.v1.UpdateAlarmRuleResponse\x12\x66\n\x0f\x44\x65leteAlarmRule\x12(.fabrica.alarm.v1.DeleteAlarmRuleRequest\x1a).fabrica.alarm.v1.DeleteAlarmRuleResponse\x12W\n\nListAlarms\x12#.fabrica.alarm.v1.ListAlarmsRequest\x1a$.fabrica.alarm.v1.ListAlarmsResponse\x12\x66\n\x0fListAlarmEvents\x12(.fabrica.alarm.v1.ListAlarmEventsRequest\x1a).fabrica.alarm.v1.ListAlarmEventsResponse\x12i\n\x10\x41\x63knowledgeAlarm\x12).fabrica.alarm.v1.AcknowledgeAlarmRequest\x1a*.fabrica.alarm.v1.AcknowledgeAlarmResponse\x12Z\n\x0bShelveAlarm\x12$.fabrica.alarm.v1.ShelveAlarmRequest\x1a%.fabrica.alarm.v1.ShelveAlarmResponse\x12\\\n\x0bWatchAlarms\x12$.fabrica.alarm.v1.WatchAlarmsRequest\x1a%.fabrica.alarm.v1.WatchAlarmsResponse0\x01\x12\x81\x01\n\x18\x43reateNotificationTarget\x12\x31.fabrica.alarm.v1.CreateNotificationTargetRequest\x1a\x32.fabrica.alarm.v1.CreateNotificationTargetResponse\x12x\n\x15GetNotificationTarget\x12..fabrica.alarm.v1.GetNotificationTargetRequest\x1a/.fabrica.alarm.v1.GetNotificationTargetResponse\x12~\n\x17ListNotificationTargets\x12\x30.fabrica.alarm.v1.ListNotificationTargetsRequest\x1a\x31.fabrica.alarm.v1.ListNotificationTargetsResponse\x12\x81\x01\n\x18UpdateNotificationTarget\x12\x31.fabrica.alarm.v1.UpdateNotificationTargetRequest\x1a\x32.fabrica.alarm.v1.UpdateNotificationTargetResponse\x12\x81\x01\n\x18\x44\x65leteNotificationTarget\x12\x31.fabrica.alarm.v1.DeleteNotificationTargetRequest\x1a\x32.fabrica.alarm.v1.DeleteNotificationTargetResponse\x12\x63\n\x0eListDeliveries\x12\'.fabrica.alarm.v1.ListDeliveriesRequest\x1a(.fabrica.alarm.v1.ListDeliveriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -109,50 +110,94 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHELVEALARMREQUEST'].fields_by_name['etag']._serialized_options = b'\272H\024r\022\030@2\016^[A-Za-z0-9]*$'
   _globals['_WATCHALARMSREQUEST'].fields_by_name['after_cursor']._loaded_options = None
   _globals['_WATCHALARMSREQUEST'].fields_by_name['after_cursor']._serialized_options = b'\272H\004\"\002(\000'
-  _globals['_CREATEALARMRULEREQUEST']._serialized_start=246
-  _globals['_CREATEALARMRULEREQUEST']._serialized_end=375
-  _globals['_CREATEALARMRULERESPONSE']._serialized_start=377
-  _globals['_CREATEALARMRULERESPONSE']._serialized_end=445
-  _globals['_GETALARMRULEREQUEST']._serialized_start=447
-  _globals['_GETALARMRULEREQUEST']._serialized_end=524
-  _globals['_GETALARMRULERESPONSE']._serialized_start=526
-  _globals['_GETALARMRULERESPONSE']._serialized_end=591
-  _globals['_LISTALARMRULESREQUEST']._serialized_start=593
-  _globals['_LISTALARMRULESREQUEST']._serialized_end=698
-  _globals['_LISTALARMRULESRESPONSE']._serialized_start=700
-  _globals['_LISTALARMRULESRESPONSE']._serialized_end=824
-  _globals['_UPDATEALARMRULEREQUEST']._serialized_start=827
-  _globals['_UPDATEALARMRULEREQUEST']._serialized_end=1153
-  _globals['_UPDATEALARMRULERESPONSE']._serialized_start=1155
-  _globals['_UPDATEALARMRULERESPONSE']._serialized_end=1223
-  _globals['_DELETEALARMRULEREQUEST']._serialized_start=1225
-  _globals['_DELETEALARMRULEREQUEST']._serialized_end=1344
-  _globals['_DELETEALARMRULERESPONSE']._serialized_start=1346
-  _globals['_DELETEALARMRULERESPONSE']._serialized_end=1371
-  _globals['_LISTALARMSREQUEST']._serialized_start=1374
-  _globals['_LISTALARMSREQUEST']._serialized_end=1716
-  _globals['_LISTALARMSRESPONSE']._serialized_start=1718
-  _globals['_LISTALARMSRESPONSE']._serialized_end=1835
-  _globals['_LISTALARMEVENTSREQUEST']._serialized_start=1838
-  _globals['_LISTALARMEVENTSREQUEST']._serialized_end=2295
-  _globals['_LISTALARMEVENTSRESPONSE']._serialized_start=2297
-  _globals['_LISTALARMEVENTSRESPONSE']._serialized_end=2424
-  _globals['_ACKNOWLEDGEALARMREQUEST']._serialized_start=2427
-  _globals['_ACKNOWLEDGEALARMREQUEST']._serialized_end=2649
-  _globals['_ACKNOWLEDGEALARMRESPONSE']._serialized_start=2651
-  _globals['_ACKNOWLEDGEALARMRESPONSE']._serialized_end=2762
-  _globals['_SHELVEALARMREQUEST']._serialized_start=2765
-  _globals['_SHELVEALARMREQUEST']._serialized_end=3049
-  _globals['_SHELVEALARMRESPONSE']._serialized_start=3051
-  _globals['_SHELVEALARMRESPONSE']._serialized_end=3157
-  _globals['_WATCHALARMSREQUEST']._serialized_start=3159
-  _globals['_WATCHALARMSREQUEST']._serialized_end=3210
-  _globals['_ALARMSNAPSHOT']._serialized_start=3212
-  _globals['_ALARMSNAPSHOT']._serialized_end=3268
-  _globals['_ALARMCHANGE']._serialized_start=3270
-  _globals['_ALARMCHANGE']._serialized_end=3368
-  _globals['_WATCHALARMSRESPONSE']._serialized_start=3371
-  _globals['_WATCHALARMSRESPONSE']._serialized_end=3518
-  _globals['_ALARMSERVICE']._serialized_start=3521
-  _globals['_ALARMSERVICE']._serialized_end=4529
+  _globals['_CREATENOTIFICATIONTARGETREQUEST'].fields_by_name['target']._loaded_options = None
+  _globals['_CREATENOTIFICATIONTARGETREQUEST'].fields_by_name['target']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_GETNOTIFICATIONTARGETREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_GETNOTIFICATIONTARGETREQUEST'].fields_by_name['id']._serialized_options = b'\272H$r\"\020\001\030?2\034^[a-z]([a-z0-9-]*[a-z0-9])?$'
+  _globals['_UPDATENOTIFICATIONTARGETREQUEST'].fields_by_name['target']._loaded_options = None
+  _globals['_UPDATENOTIFICATIONTARGETREQUEST'].fields_by_name['target']._serialized_options = b'\272H\003\330\001\003'
+  _globals['_UPDATENOTIFICATIONTARGETREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATENOTIFICATIONTARGETREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\302\001\272\001\276\001\n\021update_mask.paths\022Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\032Ysize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))'
+  _globals['_DELETENOTIFICATIONTARGETREQUEST'].fields_by_name['id']._loaded_options = None
+  _globals['_DELETENOTIFICATIONTARGETREQUEST'].fields_by_name['id']._serialized_options = b'\272H$r\"\020\001\030?2\034^[a-z]([a-z0-9-]*[a-z0-9])?$'
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['target_id']._loaded_options = None
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['target_id']._serialized_options = b'\272H%r#\030?2\037^([a-z]([a-z0-9-]*[a-z0-9])?)?$'
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['state']._loaded_options = None
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['state']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\350\007(\000'
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTDELIVERIESREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\032r\030\030\200\0042\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_LISTDELIVERIESRESPONSE'].fields_by_name['next_page_token']._loaded_options = None
+  _globals['_LISTDELIVERIESRESPONSE'].fields_by_name['next_page_token']._serialized_options = b'\272H\032r\030\030\200\0042\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_CREATEALARMRULEREQUEST']._serialized_start=277
+  _globals['_CREATEALARMRULEREQUEST']._serialized_end=406
+  _globals['_CREATEALARMRULERESPONSE']._serialized_start=408
+  _globals['_CREATEALARMRULERESPONSE']._serialized_end=476
+  _globals['_GETALARMRULEREQUEST']._serialized_start=478
+  _globals['_GETALARMRULEREQUEST']._serialized_end=555
+  _globals['_GETALARMRULERESPONSE']._serialized_start=557
+  _globals['_GETALARMRULERESPONSE']._serialized_end=622
+  _globals['_LISTALARMRULESREQUEST']._serialized_start=624
+  _globals['_LISTALARMRULESREQUEST']._serialized_end=729
+  _globals['_LISTALARMRULESRESPONSE']._serialized_start=731
+  _globals['_LISTALARMRULESRESPONSE']._serialized_end=855
+  _globals['_UPDATEALARMRULEREQUEST']._serialized_start=858
+  _globals['_UPDATEALARMRULEREQUEST']._serialized_end=1184
+  _globals['_UPDATEALARMRULERESPONSE']._serialized_start=1186
+  _globals['_UPDATEALARMRULERESPONSE']._serialized_end=1254
+  _globals['_DELETEALARMRULEREQUEST']._serialized_start=1256
+  _globals['_DELETEALARMRULEREQUEST']._serialized_end=1375
+  _globals['_DELETEALARMRULERESPONSE']._serialized_start=1377
+  _globals['_DELETEALARMRULERESPONSE']._serialized_end=1402
+  _globals['_LISTALARMSREQUEST']._serialized_start=1405
+  _globals['_LISTALARMSREQUEST']._serialized_end=1747
+  _globals['_LISTALARMSRESPONSE']._serialized_start=1749
+  _globals['_LISTALARMSRESPONSE']._serialized_end=1866
+  _globals['_LISTALARMEVENTSREQUEST']._serialized_start=1869
+  _globals['_LISTALARMEVENTSREQUEST']._serialized_end=2326
+  _globals['_LISTALARMEVENTSRESPONSE']._serialized_start=2328
+  _globals['_LISTALARMEVENTSRESPONSE']._serialized_end=2455
+  _globals['_ACKNOWLEDGEALARMREQUEST']._serialized_start=2458
+  _globals['_ACKNOWLEDGEALARMREQUEST']._serialized_end=2680
+  _globals['_ACKNOWLEDGEALARMRESPONSE']._serialized_start=2682
+  _globals['_ACKNOWLEDGEALARMRESPONSE']._serialized_end=2793
+  _globals['_SHELVEALARMREQUEST']._serialized_start=2796
+  _globals['_SHELVEALARMREQUEST']._serialized_end=3080
+  _globals['_SHELVEALARMRESPONSE']._serialized_start=3082
+  _globals['_SHELVEALARMRESPONSE']._serialized_end=3188
+  _globals['_WATCHALARMSREQUEST']._serialized_start=3190
+  _globals['_WATCHALARMSREQUEST']._serialized_end=3241
+  _globals['_ALARMSNAPSHOT']._serialized_start=3243
+  _globals['_ALARMSNAPSHOT']._serialized_end=3299
+  _globals['_ALARMCHANGE']._serialized_start=3301
+  _globals['_ALARMCHANGE']._serialized_end=3399
+  _globals['_WATCHALARMSRESPONSE']._serialized_start=3402
+  _globals['_WATCHALARMSRESPONSE']._serialized_end=3549
+  _globals['_CREATENOTIFICATIONTARGETREQUEST']._serialized_start=3551
+  _globals['_CREATENOTIFICATIONTARGETREQUEST']._serialized_end=3646
+  _globals['_CREATENOTIFICATIONTARGETRESPONSE']._serialized_start=3648
+  _globals['_CREATENOTIFICATIONTARGETRESPONSE']._serialized_end=3736
+  _globals['_GETNOTIFICATIONTARGETREQUEST']._serialized_start=3738
+  _globals['_GETNOTIFICATIONTARGETREQUEST']._serialized_end=3821
+  _globals['_GETNOTIFICATIONTARGETRESPONSE']._serialized_start=3823
+  _globals['_GETNOTIFICATIONTARGETRESPONSE']._serialized_end=3908
+  _globals['_LISTNOTIFICATIONTARGETSREQUEST']._serialized_start=3910
+  _globals['_LISTNOTIFICATIONTARGETSREQUEST']._serialized_end=3942
+  _globals['_LISTNOTIFICATIONTARGETSRESPONSE']._serialized_start=3944
+  _globals['_LISTNOTIFICATIONTARGETSRESPONSE']._serialized_end=4032
+  _globals['_UPDATENOTIFICATIONTARGETREQUEST']._serialized_start=4035
+  _globals['_UPDATENOTIFICATIONTARGETREQUEST']._serialized_end=4381
+  _globals['_UPDATENOTIFICATIONTARGETRESPONSE']._serialized_start=4383
+  _globals['_UPDATENOTIFICATIONTARGETRESPONSE']._serialized_end=4471
+  _globals['_DELETENOTIFICATIONTARGETREQUEST']._serialized_start=4473
+  _globals['_DELETENOTIFICATIONTARGETREQUEST']._serialized_end=4559
+  _globals['_DELETENOTIFICATIONTARGETRESPONSE']._serialized_start=4561
+  _globals['_DELETENOTIFICATIONTARGETRESPONSE']._serialized_end=4595
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=4598
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=4822
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=4825
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=4953
+  _globals['_ALARMSERVICE']._serialized_start=4956
+  _globals['_ALARMSERVICE']._serialized_end=6711
 # @@protoc_insertion_point(module_scope)

@@ -87,6 +87,36 @@ class AlarmServiceStub:
                 request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.WatchAlarmsRequest.SerializeToString,
                 response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.WatchAlarmsResponse.FromString,
                 _registered_method=True)
+        self.CreateNotificationTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/CreateNotificationTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateNotificationTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateNotificationTargetResponse.FromString,
+                _registered_method=True)
+        self.GetNotificationTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/GetNotificationTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetNotificationTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetNotificationTargetResponse.FromString,
+                _registered_method=True)
+        self.ListNotificationTargets = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/ListNotificationTargets',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListNotificationTargetsRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListNotificationTargetsResponse.FromString,
+                _registered_method=True)
+        self.UpdateNotificationTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/UpdateNotificationTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateNotificationTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateNotificationTargetResponse.FromString,
+                _registered_method=True)
+        self.DeleteNotificationTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/DeleteNotificationTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteNotificationTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteNotificationTargetResponse.FromString,
+                _registered_method=True)
+        self.ListDeliveries = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/ListDeliveries',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class AlarmServiceServicer:
@@ -180,6 +210,51 @@ class AlarmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateNotificationTarget(self, request, context):
+        """Creates a webhook target; events committed from then on are notified to it. ALREADY_EXISTS if the id
+        is taken; INVALID_ARGUMENT for a bad URL or secret (16 to 256 characters).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNotificationTarget(self, request, context):
+        """Returns a target with its delivery status (its secret is never returned). NOT_FOUND if missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNotificationTargets(self, request, context):
+        """Lists the targets ordered by id, with their delivery status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateNotificationTarget(self, request, context):
+        """Updates the fields in update_mask (display_name, url, secret, enabled). NOT_FOUND if missing; ABORTED if
+        the etag is stale; INVALID_ARGUMENT for bad fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNotificationTarget(self, request, context):
+        """Deletes a target and its deliveries (pending ones are not sent). NOT_FOUND if missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeliveries(self, request, context):
+        """Lists deliveries, newest first, optionally of one target and in one state. INVALID_ARGUMENT for a bad
+        page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AlarmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +307,36 @@ def add_AlarmServiceServicer_to_server(servicer, server):
                     servicer.WatchAlarms,
                     request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.WatchAlarmsRequest.FromString,
                     response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.WatchAlarmsResponse.SerializeToString,
+            ),
+            'CreateNotificationTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateNotificationTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateNotificationTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateNotificationTargetResponse.SerializeToString,
+            ),
+            'GetNotificationTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNotificationTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetNotificationTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetNotificationTargetResponse.SerializeToString,
+            ),
+            'ListNotificationTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNotificationTargets,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListNotificationTargetsRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListNotificationTargetsResponse.SerializeToString,
+            ),
+            'UpdateNotificationTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateNotificationTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateNotificationTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateNotificationTargetResponse.SerializeToString,
+            ),
+            'DeleteNotificationTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNotificationTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteNotificationTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteNotificationTargetResponse.SerializeToString,
+            ),
+            'ListDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeliveries,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -507,6 +612,168 @@ class AlarmService:
             '/fabrica.alarm.v1.AlarmService/WatchAlarms',
             fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.WatchAlarmsRequest.SerializeToString,
             fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.WatchAlarmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateNotificationTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/CreateNotificationTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateNotificationTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateNotificationTargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNotificationTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/GetNotificationTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetNotificationTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetNotificationTargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNotificationTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/ListNotificationTargets',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListNotificationTargetsRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListNotificationTargetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateNotificationTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/UpdateNotificationTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateNotificationTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateNotificationTargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNotificationTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/DeleteNotificationTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteNotificationTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteNotificationTargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/ListDeliveries',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,24 @@ class AlarmServiceStub:
     commits with the alarm after it. Resuming with the last cursor received sends the events after it (no
     snapshot): none is missed or repeated. OUT_OF_RANGE if the cursor is ahead of every event.
     """
+    CreateNotificationTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.CreateNotificationTargetRequest, _alarm_service_pb2.CreateNotificationTargetResponse]
+    """Creates a webhook target; events committed from then on are notified to it. ALREADY_EXISTS if the id
+    is taken; INVALID_ARGUMENT for a bad URL or secret (16 to 256 characters).
+    """
+    GetNotificationTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.GetNotificationTargetRequest, _alarm_service_pb2.GetNotificationTargetResponse]
+    """Returns a target with its delivery status (its secret is never returned). NOT_FOUND if missing."""
+    ListNotificationTargets: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.ListNotificationTargetsRequest, _alarm_service_pb2.ListNotificationTargetsResponse]
+    """Lists the targets ordered by id, with their delivery status."""
+    UpdateNotificationTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.UpdateNotificationTargetRequest, _alarm_service_pb2.UpdateNotificationTargetResponse]
+    """Updates the fields in update_mask (display_name, url, secret, enabled). NOT_FOUND if missing; ABORTED if
+    the etag is stale; INVALID_ARGUMENT for bad fields.
+    """
+    DeleteNotificationTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.DeleteNotificationTargetRequest, _alarm_service_pb2.DeleteNotificationTargetResponse]
+    """Deletes a target and its deliveries (pending ones are not sent). NOT_FOUND if missing."""
+    ListDeliveries: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.ListDeliveriesRequest, _alarm_service_pb2.ListDeliveriesResponse]
+    """Lists deliveries, newest first, optionally of one target and in one state. INVALID_ARGUMENT for a bad
+    page token.
+    """
 
 @_typing.type_check_only
 class AlarmServiceAsyncStub(AlarmServiceStub):
@@ -130,6 +148,24 @@ class AlarmServiceAsyncStub(AlarmServiceStub):
     """Streams the alarms that are not normal (a snapshot with the cursor it stands at), then each event as it
     commits with the alarm after it. Resuming with the last cursor received sends the events after it (no
     snapshot): none is missed or repeated. OUT_OF_RANGE if the cursor is ahead of every event.
+    """
+    CreateNotificationTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.CreateNotificationTargetRequest, _alarm_service_pb2.CreateNotificationTargetResponse]  # type: ignore[assignment]
+    """Creates a webhook target; events committed from then on are notified to it. ALREADY_EXISTS if the id
+    is taken; INVALID_ARGUMENT for a bad URL or secret (16 to 256 characters).
+    """
+    GetNotificationTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.GetNotificationTargetRequest, _alarm_service_pb2.GetNotificationTargetResponse]  # type: ignore[assignment]
+    """Returns a target with its delivery status (its secret is never returned). NOT_FOUND if missing."""
+    ListNotificationTargets: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.ListNotificationTargetsRequest, _alarm_service_pb2.ListNotificationTargetsResponse]  # type: ignore[assignment]
+    """Lists the targets ordered by id, with their delivery status."""
+    UpdateNotificationTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.UpdateNotificationTargetRequest, _alarm_service_pb2.UpdateNotificationTargetResponse]  # type: ignore[assignment]
+    """Updates the fields in update_mask (display_name, url, secret, enabled). NOT_FOUND if missing; ABORTED if
+    the etag is stale; INVALID_ARGUMENT for bad fields.
+    """
+    DeleteNotificationTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.DeleteNotificationTargetRequest, _alarm_service_pb2.DeleteNotificationTargetResponse]  # type: ignore[assignment]
+    """Deletes a target and its deliveries (pending ones are not sent). NOT_FOUND if missing."""
+    ListDeliveries: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.ListDeliveriesRequest, _alarm_service_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
+    """Lists deliveries, newest first, optionally of one target and in one state. INVALID_ARGUMENT for a bad
+    page token.
     """
 
 class AlarmServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -239,6 +275,60 @@ class AlarmServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams the alarms that are not normal (a snapshot with the cursor it stands at), then each event as it
         commits with the alarm after it. Resuming with the last cursor received sends the events after it (no
         snapshot): none is missed or repeated. OUT_OF_RANGE if the cursor is ahead of every event.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateNotificationTarget(
+        self,
+        request: _alarm_service_pb2.CreateNotificationTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.CreateNotificationTargetResponse, _abc.Awaitable[_alarm_service_pb2.CreateNotificationTargetResponse]]:
+        """Creates a webhook target; events committed from then on are notified to it. ALREADY_EXISTS if the id
+        is taken; INVALID_ARGUMENT for a bad URL or secret (16 to 256 characters).
+        """
+
+    @_abc_1.abstractmethod
+    def GetNotificationTarget(
+        self,
+        request: _alarm_service_pb2.GetNotificationTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.GetNotificationTargetResponse, _abc.Awaitable[_alarm_service_pb2.GetNotificationTargetResponse]]:
+        """Returns a target with its delivery status (its secret is never returned). NOT_FOUND if missing."""
+
+    @_abc_1.abstractmethod
+    def ListNotificationTargets(
+        self,
+        request: _alarm_service_pb2.ListNotificationTargetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.ListNotificationTargetsResponse, _abc.Awaitable[_alarm_service_pb2.ListNotificationTargetsResponse]]:
+        """Lists the targets ordered by id, with their delivery status."""
+
+    @_abc_1.abstractmethod
+    def UpdateNotificationTarget(
+        self,
+        request: _alarm_service_pb2.UpdateNotificationTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.UpdateNotificationTargetResponse, _abc.Awaitable[_alarm_service_pb2.UpdateNotificationTargetResponse]]:
+        """Updates the fields in update_mask (display_name, url, secret, enabled). NOT_FOUND if missing; ABORTED if
+        the etag is stale; INVALID_ARGUMENT for bad fields.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteNotificationTarget(
+        self,
+        request: _alarm_service_pb2.DeleteNotificationTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.DeleteNotificationTargetResponse, _abc.Awaitable[_alarm_service_pb2.DeleteNotificationTargetResponse]]:
+        """Deletes a target and its deliveries (pending ones are not sent). NOT_FOUND if missing."""
+
+    @_abc_1.abstractmethod
+    def ListDeliveries(
+        self,
+        request: _alarm_service_pb2.ListDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.ListDeliveriesResponse, _abc.Awaitable[_alarm_service_pb2.ListDeliveriesResponse]]:
+        """Lists deliveries, newest first, optionally of one target and in one state. INVALID_ARGUMENT for a bad
+        page token.
         """
 
 def add_AlarmServiceServicer_to_server(servicer: AlarmServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
