@@ -44,3 +44,10 @@ def test_the_ingest_benchmark_runs_its_three_modes() -> None:
 def test_the_collector_benchmark_runs_a_step() -> None:
     out = run_benchmark("collector", FABRICA_BENCH_MAX_DEVICES="2")
     assert "2 devices: p99" in out and "decoder alone, tags/s" in out
+
+
+def test_the_alarm_benchmark_prints_the_evaluator_beside_ingest() -> None:
+    out = run_benchmark("alarm", FABRICA_BENCH_ALARM_READINGS="4000", FABRICA_BENCH_ALARM_BATCH="1000")
+    assert "1,000 rules over 10,000 tags" in out
+    for mode in ("1. ingest write rate", "2. evaluator alone", "3. alarm end to end"):
+        assert mode in out

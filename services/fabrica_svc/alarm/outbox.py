@@ -25,7 +25,11 @@ def event_type(event: EventRow) -> str:
 
 class WebhookOutbox:
     async def add(self, conn: asyncpg.Connection, events: Sequence[EventRow]) -> None:
-        for e in events:
+        announced = [e for e in events if e.notify]
+        if not announced or not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM notification_targets WHERE enabled)"):
+            return  # no target to notify: nothing to queue (one query, not one per event)
+        for e in announced:
             if e.notify:
                 await enqueue_notification(conn, idempotency_key=idempotency_key(e.id), event_type=event_type(e),
                                            event=convert.event_message(e), create_time=e.event_time)

@@ -253,6 +253,7 @@ class EvaluationStore:
                 (k[0], k[1], s.plc_id, s.tag_name, rules[k[0]].severity, rules[k[0]].revision,
                  _json_state(s)) for k, s in sorted(states.items())])
             events: list[NewEvent] = []
+            changed: dict[Key, AlarmRow] = {}
             alarms = await store.lock_alarms(conn, [(t.rule_id, t.tag_id) for t in transitions])
             for t in transitions:
                 key = (t.rule_id, t.tag_id)
@@ -271,7 +272,8 @@ class EvaluationStore:
                 alarms[key] = replace(a, state=new_state, state_time=when, value=value, message=t.message,
                                       raise_time=when if t.raised else a.raise_time, revision=a.revision + 1,
                                       **({"acknowledged_by": "", "acknowledge_note": ""} if t.raised else {}))
-                await store.set_alarm(conn, alarms[key])
+                changed[key] = alarms[key]
+            await store.set_alarms(conn, list(changed.values()))
             events += await self._unshelve(conn, alarms, now)
             rows = await _record(conn, self.outbox, events)
             if cursor is not None:

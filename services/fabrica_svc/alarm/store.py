@@ -65,7 +65,7 @@ _OWN_MIGRATIONS: list[Migration] = [
             shelved_until timestamptz,
             revision bigint NOT NULL DEFAULT 0,
             eval_revision bigint NOT NULL DEFAULT 0,
-            eval_state jsonb,
+            eval_state text,
             PRIMARY KEY (rule_id, tag_id)
         );
         CREATE INDEX alarms_not_normal ON alarms (rule_id, tag_id) WHERE state <> 'NORMAL';
@@ -340,7 +340,7 @@ async def save_states(conn: asyncpg.Connection, rows: Sequence[tuple[str, int, s
     await conn.execute(
         "INSERT INTO alarms (rule_id, tag_id, plc_id, tag_name, severity, eval_revision, eval_state)"
         " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::bigint[],"
-        "                      $7::jsonb[])"
+        "                      $7::text[])"
         " ON CONFLICT (rule_id, tag_id) DO UPDATE SET plc_id = excluded.plc_id,"
         "   tag_name = CASE WHEN excluded.tag_name = '' THEN alarms.tag_name ELSE excluded.tag_name END,"
         "   eval_revision = excluded.eval_revision, eval_state = excluded.eval_state",
@@ -361,6 +361,26 @@ async def set_alarm(conn: asyncpg.Connection, a: AlarmRow) -> None:
         " revision = $14 WHERE rule_id = $1 AND tag_id = $2",
         a.rule_id, a.tag_id, a.plc_id, a.tag_name, a.severity, a.state, _json(a.value), a.message, a.raise_time,
         a.state_time, a.acknowledged_by, a.acknowledge_note, a.shelved_until, a.revision)
+
+
+async def set_alarms(conn: asyncpg.Connection, alarms: Sequence[AlarmRow]) -> None:
+    """`set_alarm` for many, in one statement."""
+    if not alarms:
+        return
+    cols = list(zip(*[(a.rule_id, a.tag_id, a.plc_id, a.tag_name, a.severity, a.state, _json(a.value), a.message,
+                       a.raise_time, a.state_time, a.acknowledged_by, a.acknowledge_note, a.shelved_until, a.revision)
+                      for a in alarms], strict=True))
+    await conn.execute(
+        "UPDATE alarms a SET plc_id = u.plc_id, tag_name = u.tag_name, severity = u.severity, state = u.state,"
+        " value = u.value, message = u.message, raise_time = u.raise_time, state_time = u.state_time,"
+        " acknowledged_by = u.acknowledged_by, acknowledge_note = u.acknowledge_note,"
+        " shelved_until = u.shelved_until, revision = u.revision"
+        " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::jsonb[],"
+        "            $8::text[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[],"
+        "            $13::timestamptz[], $14::bigint[])"
+        "   AS u(rule_id, tag_id, plc_id, tag_name, severity, state, value, message, raise_time, state_time,"
+        "        acknowledged_by, acknowledge_note, shelved_until, revision)"
+        " WHERE a.rule_id = u.rule_id AND a.tag_id = u.tag_id", *[list(c) for c in cols])
 
 
 async def ensure_alarm(conn: asyncpg.Connection, rule_id: str, tag_id: int, plc_id: str, severity: int) -> None:

