@@ -8,8 +8,8 @@ only `NAME=value` (`G=.venv/bin/grpcurl`) are assignments, run before every late
 How each command is checked:
 - grpcurl (`$G`, `.venv/bin/grpcurl`, `grpcurl`): run as written by bash from the repository root, in the order
   the doc shows them, against a real `fabrica run` this module starts (fresh --data-dir under tmp, its own
-  --base-port). The one substitution: the docs use `make run`'s ports 50051-50054 (config, ingest, production,
-  collector); the test rewrites exactly those four port numbers after `127.0.0.1:`/`localhost:` to the ports
+  --base-port). The one substitution: the docs use `make run`'s ports 50051-50055 (config, ingest, production,
+  collector, alarm); the test rewrites exactly those five port numbers after `127.0.0.1:`/`localhost:` to the ports
   its stack bound, and nothing else. Each must exit 0 and print something sensible: `list` names services,
   `describe X` names X, a call prints JSON objects (non-empty unless the method returns google.protobuf.Empty).
   A server-streaming call ("Ctrl-C to stop") is stopped after its first message, which it must print.
@@ -50,9 +50,9 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "CONTRIBUTING.md", "deploy/README.md", "services/fabrica_svc/collector/README.md")
 SHELL_LANGS = {"sh", "bash", "shell", "console"}
 GRPCURL = (".venv/bin/grpcurl", "$G", "grpcurl")
-README_PORTS = {50051: 0, 50052: 1, 50053: 2, 50054: 3}  # make run's port -> offset from the base port
+README_PORTS = {50051: 0, 50052: 1, 50053: 2, 50054: 3, 50055: 4}  # make run's port -> offset from the base port
 _ADDRESS = re.compile(r"^[\w.-]+:\d+$")
-_DOC_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):(5005[1-4])\b")
+_DOC_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):(5005[1-5])\b")
 _TIMEOUT = 60.0  # seconds a command may take (bounded; the assertion is its output, never its duration)
 
 
