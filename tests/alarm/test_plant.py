@@ -136,7 +136,7 @@ async def test_raise_notify_acknowledge_clear_then_no_data(plant) -> None:  # no
                                                  "alarm.raised"]
     assert bodies[0]["event"]["value"]["double_value"] == 80.0 and bodies[1]["event"]["note"] == "checking the motor"
     target = (await stub.GetNotificationTarget(pb.GetNotificationTargetRequest(id="ops"))).target
-    assert target.pending_deliveries == 0 and target.HasField("last_delivered_time") and not target.secret
+    assert target.pending_deliveries == 0 and target.HasField("last_delivery_time") and not target.secret
     deliveries = (await stub.ListDeliveries(pb.ListDeliveriesRequest(target_id="ops"))).deliveries
     assert sorted(d.idempotency_key for d in deliveries) == sorted(keys)
     assert all(d.state == notify_pb2.DELIVERY_STATE_DELIVERED for d in deliveries)

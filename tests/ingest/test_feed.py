@@ -154,6 +154,8 @@ async def test_filters_narrow_the_batches_and_still_move_the_cursor(ingest) -> N
 async def test_start_at_end_sends_only_what_commits_from_then_on(ingest) -> None:
     await stream_batches(ingest.stub, "c1", numbered_batches("c1", 3, 5))
     call = ingest.stub.WatchCommittedReadings(pb.WatchCommittedReadingsRequest(start_at_end=True))
+    now = await next_message(call)  # at once: where "now" is
+    assert (list(now.batches), now.cursor, now.head_cursor) == ([], 3, 3)
     await wait_for(lambda: ingest.app.feed_hub.waiting == 1, what="the watch waits on the feed's hub")
     later = numbered_batches("c1", 1, 5, first_sequence=4, start_us=T0_US + 10**9)
     await stream_batches(ingest.stub, "c1", later)

@@ -1,8 +1,9 @@
 """Wires the alarm service from its Settings (as every Fabrica service: ``start()`` builds the parts and
 passes them in constructors, ``register()`` adds the servicer, ``stop()`` stops what ``start()`` built).
 
-* ``settings.ingest_addr`` (FABRICA_INGEST_ADDR): where the evaluation reads ingest's committed readings.
-  Unset: rules, alarms and operator actions work, nothing is evaluated (said once at start).
+* ``settings.ingest_addr`` (FABRICA_INGEST_ADDR): where the evaluation, and the readings forwarding, read
+  ingest's committed readings. Unset: rules, alarms and operator actions work, nothing is evaluated or
+  forwarded (said once at start).
 * ``settings.config_addr`` (FABRICA_CONFIG_ADDR): rules' PLCs and tags are checked there. Unset: not checked.
 * FABRICA_ALARM_* (config.py): the evaluator's tick and live window.
 """
@@ -21,6 +22,7 @@ from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .config import AlarmConfig, load_alarm_config
 from .evaluation import Evaluation, EvaluationOptions, ReadingSource
+from .notify.forwarding import ForwardingSupervisor
 from .notify.webhook import WebhookDispatcher
 from .outbox import WebhookOutbox
 from .rules import ConfigTagCatalog, NoTagCatalog, TagCatalog
@@ -57,6 +59,8 @@ class AlarmApp:
         self.servicer: AlarmServicer
         self.evaluation: Evaluation | None = None
         self.dispatcher: WebhookDispatcher
+        #: Readings forwarding (notify/forwarding.py): only with an ingest to read from.
+        self.forwarding: ForwardingSupervisor | None = None
         self._parts: list[Any] = []
 
     def _ingest_source(self, channel: grpc.aio.Channel) -> ReadingSource | None:
@@ -88,9 +92,14 @@ class AlarmApp:
         else:
             log.info("FABRICA_INGEST_ADDR is not set: alarm rules are not evaluated")
         self.dispatcher = WebhookDispatcher(resources.pool, resources.dsn)
-        self._parts = [*([self.evaluation] if self.evaluation else []), self.dispatcher, self.listener, *channels]
+        if settings.ingest_addr:
+            self.forwarding = ForwardingSupervisor(resources.pool, resources.dsn, settings.ingest_addr)
+        self._parts = [*([self.evaluation] if self.evaluation else []), *([self.forwarding] if self.forwarding else []),
+                       self.dispatcher, self.listener, *channels]
         await self.listener.start()
         await self.dispatcher.start()
+        if self.forwarding:
+            await self.forwarding.start()
         if self.evaluation:
             await self.evaluation.start()
 

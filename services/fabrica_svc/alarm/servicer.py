@@ -15,7 +15,7 @@ import asyncpg
 import grpc
 from fabrica.alarm.v1 import alarm_service_pb2 as pb
 from fabrica.alarm.v1 import alarm_service_pb2_grpc as pb_grpc
-from fabrica.alarm.v1 import notify_pb2, rule_pb2
+from fabrica.alarm.v1 import rule_pb2
 
 from ..runtime.errors import FieldViolation, InvalidArgument, OutOfRange
 from ..runtime.notify import Listener
@@ -26,7 +26,8 @@ from ..runtime.watch import Page, watch
 from . import convert
 from . import lifecycle as lc
 from .notify import store as notify_store
-from .notify.domain import NotificationTarget
+from .notify import convert as notify_convert
+from .notify.domain import FORWARD_HTTP
 from .rules import EVALUATION_FIELDS, UPDATABLE, TagCatalog, check_rule
 from .service import AlarmService
 from .store import RuleRow
@@ -215,10 +216,9 @@ class AlarmServicer(pb_grpc.AlarmServiceServicer):
 
     async def CreateNotificationTarget(self, request: pb.CreateNotificationTargetRequest,
                                        context: grpc.aio.ServicerContext) -> pb.CreateNotificationTargetResponse:
-        t = request.target
         with _prefixed("target"):
-            target = await notify_store.create_notification_target(self.pool, NotificationTarget(
-                id=t.id, url=t.url, secret=t.secret, display_name=t.display_name, enabled=t.enabled))
+            target = await notify_store.create_notification_target(
+                self.pool, notify_convert.notification_target_from_proto(request.target))
         return pb.CreateNotificationTargetResponse(target=target_message(target))
 
     async def GetNotificationTarget(self, request: pb.GetNotificationTargetRequest,
@@ -244,14 +244,9 @@ class AlarmServicer(pb_grpc.AlarmServiceServicer):
                for i, p in enumerate(paths) if p not in updatable]
         if bad:
             raise InvalidArgument(bad)
-        revision = None
-        if t.etag:
-            if not (t.etag.startswith("t") and t.etag[1:].isdigit()):
-                raise InvalidArgument(FieldViolation("target.etag", "not an etag this service issued"))
-            revision = int(t.etag[1:])
         with _prefixed("target"):
             target = await notify_store.update_notification_target(
-                self.pool, t.id, expected_revision=revision, **{p: getattr(t, p) for p in paths})
+                self.pool, t.id, expected_revision=_revision(t.etag), **{p: getattr(t, p) for p in paths})
         return pb.UpdateNotificationTargetResponse(target=target_message(target))
 
     async def DeleteNotificationTarget(self, request: pb.DeleteNotificationTargetRequest,
@@ -267,7 +262,54 @@ class AlarmServicer(pb_grpc.AlarmServiceServicer):
         rows = await notify_store.list_deliveries(self.pool, target_id=request.target_id or None,
                                                   state=request.state or None, before_id=before, limit=size + 1)
         token = encode_page_token(query, str(rows[size - 1].id)) if len(rows) > size else ""
-        return pb.ListDeliveriesResponse(deliveries=[delivery_message(d) for d in rows[:size]], next_page_token=token)
+        return pb.ListDeliveriesResponse(deliveries=[notify_convert.delivery_to_proto(d) for d in rows[:size]],
+                                         next_page_token=token)
+
+    # --- forwarding targets (notify/forwarding.py) --------------------------------------------------------
+
+    async def CreateForwardingTarget(self, request: pb.CreateForwardingTargetRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.CreateForwardingTargetResponse:
+        with _prefixed("target"):
+            target = await notify_store.create_forwarding_target(
+                self.pool, notify_convert.forwarding_target_from_proto(request.target))
+        return pb.CreateForwardingTargetResponse(target=notify_convert.forwarding_target_to_proto(target))
+
+    async def GetForwardingTarget(self, request: pb.GetForwardingTargetRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.GetForwardingTargetResponse:
+        target = await notify_store.get_forwarding_target(self.pool, request.id)
+        return pb.GetForwardingTargetResponse(target=notify_convert.forwarding_target_to_proto(target))
+
+    async def ListForwardingTargets(self, request: pb.ListForwardingTargetsRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.ListForwardingTargetsResponse:
+        targets = await notify_store.list_forwarding_targets(self.pool)
+        return pb.ListForwardingTargetsResponse(targets=[notify_convert.forwarding_target_to_proto(t) for t in targets])
+
+    async def UpdateForwardingTarget(self, request: pb.UpdateForwardingTargetRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.UpdateForwardingTargetResponse:
+        t = request.target
+        if not t.id:
+            raise InvalidArgument(FieldViolation("target.id", "the target to update is required"))
+        updatable = ("display_name", "plc_ids", "http.url", "http.secret", "enabled")
+        paths = list(request.update_mask.paths)
+        if not paths or paths == ["*"]:
+            current = await notify_store.get_forwarding_target(self.pool, t.id)
+            paths = ["display_name", "plc_ids", *(["http.url"] if current.kind == FORWARD_HTTP else []), "enabled"]
+        bad = [FieldViolation(f"update_mask.paths[{i}]", f"{p!r} cannot be updated; updatable: {', '.join(updatable)}")
+               for i, p in enumerate(paths) if p not in updatable]
+        if bad:
+            raise InvalidArgument(bad)
+        values = {"display_name": t.display_name, "plc_ids": list(t.plc_ids), "http.url": t.http.url,
+                  "http.secret": t.http.secret, "enabled": t.enabled}
+        names = {"http.url": "url", "http.secret": "secret"}
+        with _prefixed("target"):
+            target = await notify_store.update_forwarding_target(
+                self.pool, t.id, expected_revision=_revision(t.etag), **{names.get(p, p): values[p] for p in paths})
+        return pb.UpdateForwardingTargetResponse(target=notify_convert.forwarding_target_to_proto(target))
+
+    async def DeleteForwardingTarget(self, request: pb.DeleteForwardingTargetRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.DeleteForwardingTargetResponse:
+        await notify_store.delete_forwarding_target(self.pool, request.id)
+        return pb.DeleteForwardingTargetResponse()
 
 
 class _prefixed(contextlib.AbstractContextManager):
@@ -283,23 +325,13 @@ class _prefixed(contextlib.AbstractContextManager):
         return False
 
 
-def target_message(t: NotificationTarget) -> notify_pb2.NotificationTarget:
-    msg = notify_pb2.NotificationTarget(
-        id=t.id, display_name=t.display_name, url=t.url, enabled=t.enabled, etag=f"t{t.revision}",
-        pending_deliveries=t.pending_deliveries, failed_deliveries=t.failed_deliveries, last_error=t.last_error)
-    set_timestamp(msg.last_delivered_time, t.last_delivered_time)
-    set_timestamp(msg.create_time, t.create_time)
-    set_timestamp(msg.update_time, t.update_time)
-    return msg
+def _revision(etag: str) -> int | None:
+    """The revision an etag of notify's resources names (runtime.pages.etag_of); None for no etag."""
+    if not etag:
+        return None
+    if not (etag.startswith("r") and etag[1:].isdigit()) or len(etag) > 20:
+        raise InvalidArgument(FieldViolation("target.etag", "not an etag this service issued"))
+    return int(etag[1:])
 
 
-def delivery_message(d) -> notify_pb2.Delivery:  # noqa: ANN001 - notify.domain.Delivery
-    msg = notify_pb2.Delivery(id=d.id, target_id=d.target_id, idempotency_key=d.idempotency_key,
-                              event_type=d.event_type, state=d.state, attempts=d.attempts, last_error=d.last_error,
-                              last_http_status=d.last_http_status)
-    if d.state == notify_pb2.DELIVERY_STATE_PENDING:
-        set_timestamp(msg.next_attempt_time, d.next_attempt_time)
-    set_timestamp(msg.last_attempt_time, d.last_attempt_time)
-    set_timestamp(msg.create_time, d.create_time)
-    set_timestamp(msg.delivered_time, d.delivered_time)
-    return msg
+target_message = notify_convert.notification_target_to_proto

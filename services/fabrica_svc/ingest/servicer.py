@@ -249,7 +249,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                                      reason="FEED_DISABLED")
         after = request.after_cursor
         if after == 0 and request.start_at_end:
+            # Where "now" is, at once: a consumer stores it and resumes from it, even if nothing commits.
             after = await self.store.feed_head()
+            yield pb.WatchCommittedReadingsResponse(cursor=after, head_cursor=after)
         read = functools.partial(self._feed_page, FeedFilter.of(request.plc_ids, request.tag_ids))
         async with contextlib.aclosing(watch(self.feed_hub, read, after)) as out:
             async for response in out:

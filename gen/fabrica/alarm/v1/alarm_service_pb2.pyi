@@ -978,3 +978,235 @@ class ListDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDeliveriesResponse: _TypeAlias = ListDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class CreateForwardingTargetRequest(_message.Message):
+    """Request of CreateForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def target(self) -> _notify_pb2.ForwardingTarget:
+        """The forwarding target (an HTTP destination with its secret)."""
+
+    def __init__(
+        self,
+        *,
+        target: _notify_pb2.ForwardingTarget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateForwardingTargetRequest: _TypeAlias = CreateForwardingTargetRequest  # noqa: Y015
+
+@_typing.final
+class CreateForwardingTargetResponse(_message.Message):
+    """Response of CreateForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def target(self) -> _notify_pb2.ForwardingTarget:
+        """The target as stored (without its secret)."""
+
+    def __init__(
+        self,
+        *,
+        target: _notify_pb2.ForwardingTarget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateForwardingTargetResponse: _TypeAlias = CreateForwardingTargetResponse  # noqa: Y015
+
+@_typing.final
+class GetForwardingTargetRequest(_message.Message):
+    """Request of GetForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The target's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetForwardingTargetRequest: _TypeAlias = GetForwardingTargetRequest  # noqa: Y015
+
+@_typing.final
+class GetForwardingTargetResponse(_message.Message):
+    """Response of GetForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def target(self) -> _notify_pb2.ForwardingTarget:
+        """The target (without its secret)."""
+
+    def __init__(
+        self,
+        *,
+        target: _notify_pb2.ForwardingTarget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetForwardingTargetResponse: _TypeAlias = GetForwardingTargetResponse  # noqa: Y015
+
+@_typing.final
+class ListForwardingTargetsRequest(_message.Message):
+    """Request of ListForwardingTargets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListForwardingTargetsRequest: _TypeAlias = ListForwardingTargetsRequest  # noqa: Y015
+
+@_typing.final
+class ListForwardingTargetsResponse(_message.Message):
+    """Response of ListForwardingTargets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[_notify_pb2.ForwardingTarget]:
+        """Every forwarding target, ordered by id (without their secrets)."""
+
+    def __init__(
+        self,
+        *,
+        targets: _abc.Iterable[_notify_pb2.ForwardingTarget] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListForwardingTargetsResponse: _TypeAlias = ListForwardingTargetsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateForwardingTargetRequest(_message.Message):
+    """Request of UpdateForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def target(self) -> _notify_pb2.ForwardingTarget:
+        """The target with its id, the new values, and optionally the etag last read. Validated after the mask is
+        applied.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to update: display_name, plc_ids, http.url, http.secret, enabled. Empty or "*": display_name,
+        plc_ids, http.url (for an HTTP target) and enabled (the secret only when named). At most 32 paths.
+        """
+
+    def __init__(
+        self,
+        *,
+        target: _notify_pb2.ForwardingTarget | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateForwardingTargetRequest: _TypeAlias = UpdateForwardingTargetRequest  # noqa: Y015
+
+@_typing.final
+class UpdateForwardingTargetResponse(_message.Message):
+    """Response of UpdateForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def target(self) -> _notify_pb2.ForwardingTarget:
+        """The target as stored (without its secret)."""
+
+    def __init__(
+        self,
+        *,
+        target: _notify_pb2.ForwardingTarget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateForwardingTargetResponse: _TypeAlias = UpdateForwardingTargetResponse  # noqa: Y015
+
+@_typing.final
+class DeleteForwardingTargetRequest(_message.Message):
+    """Request of DeleteForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The target's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteForwardingTargetRequest: _TypeAlias = DeleteForwardingTargetRequest  # noqa: Y015
+
+@_typing.final
+class DeleteForwardingTargetResponse(_message.Message):
+    """Response of DeleteForwardingTarget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteForwardingTargetResponse: _TypeAlias = DeleteForwardingTargetResponse  # noqa: Y015

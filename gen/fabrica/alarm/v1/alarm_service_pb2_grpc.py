@@ -117,6 +117,31 @@ class AlarmServiceStub:
                 request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesRequest.SerializeToString,
                 response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.CreateForwardingTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/CreateForwardingTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateForwardingTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateForwardingTargetResponse.FromString,
+                _registered_method=True)
+        self.GetForwardingTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/GetForwardingTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetForwardingTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetForwardingTargetResponse.FromString,
+                _registered_method=True)
+        self.ListForwardingTargets = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/ListForwardingTargets',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListForwardingTargetsRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListForwardingTargetsResponse.FromString,
+                _registered_method=True)
+        self.UpdateForwardingTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/UpdateForwardingTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateForwardingTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateForwardingTargetResponse.FromString,
+                _registered_method=True)
+        self.DeleteForwardingTarget = channel.unary_unary(
+                '/fabrica.alarm.v1.AlarmService/DeleteForwardingTarget',
+                request_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteForwardingTargetRequest.SerializeToString,
+                response_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteForwardingTargetResponse.FromString,
+                _registered_method=True)
 
 
 class AlarmServiceServicer:
@@ -255,6 +280,45 @@ class AlarmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateForwardingTarget(self, request, context):
+        """Creates a forwarding target: the committed readings of its PLCs are sent on from ingest's feed (from the
+        oldest retained batch, or from now with start_at_end), resuming from its cursor after any restart.
+        ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields (a destination, 1 to 1,000 PLCs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetForwardingTarget(self, request, context):
+        """Returns a forwarding target with its cursor, counts and lag. NOT_FOUND if missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListForwardingTargets(self, request, context):
+        """Lists the forwarding targets ordered by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateForwardingTarget(self, request, context):
+        """Updates the fields in update_mask (display_name, plc_ids, http.url, http.secret, enabled); the
+        destination's kind, address and collector id are fixed. NOT_FOUND if missing; ABORTED if the etag is
+        stale; INVALID_ARGUMENT for bad fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteForwardingTarget(self, request, context):
+        """Deletes a forwarding target (it stops forwarding). NOT_FOUND if missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AlarmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +401,31 @@ def add_AlarmServiceServicer_to_server(servicer, server):
                     servicer.ListDeliveries,
                     request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesRequest.FromString,
                     response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesResponse.SerializeToString,
+            ),
+            'CreateForwardingTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateForwardingTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateForwardingTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateForwardingTargetResponse.SerializeToString,
+            ),
+            'GetForwardingTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetForwardingTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetForwardingTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetForwardingTargetResponse.SerializeToString,
+            ),
+            'ListForwardingTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListForwardingTargets,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListForwardingTargetsRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListForwardingTargetsResponse.SerializeToString,
+            ),
+            'UpdateForwardingTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateForwardingTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateForwardingTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateForwardingTargetResponse.SerializeToString,
+            ),
+            'DeleteForwardingTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteForwardingTarget,
+                    request_deserializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteForwardingTargetRequest.FromString,
+                    response_serializer=fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteForwardingTargetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -774,6 +863,141 @@ class AlarmService:
             '/fabrica.alarm.v1.AlarmService/ListDeliveries',
             fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesRequest.SerializeToString,
             fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateForwardingTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/CreateForwardingTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateForwardingTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.CreateForwardingTargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetForwardingTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/GetForwardingTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetForwardingTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.GetForwardingTargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListForwardingTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/ListForwardingTargets',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListForwardingTargetsRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.ListForwardingTargetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateForwardingTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/UpdateForwardingTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateForwardingTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.UpdateForwardingTargetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteForwardingTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.alarm.v1.AlarmService/DeleteForwardingTarget',
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteForwardingTargetRequest.SerializeToString,
+            fabrica_dot_alarm_dot_v1_dot_alarm__service__pb2.DeleteForwardingTargetResponse.FromString,
             options,
             channel_credentials,
             insecure,

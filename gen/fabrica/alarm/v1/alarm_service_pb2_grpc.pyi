@@ -97,6 +97,22 @@ class AlarmServiceStub:
     """Lists deliveries, newest first, optionally of one target and in one state. INVALID_ARGUMENT for a bad
     page token.
     """
+    CreateForwardingTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.CreateForwardingTargetRequest, _alarm_service_pb2.CreateForwardingTargetResponse]
+    """Creates a forwarding target: the committed readings of its PLCs are sent on from ingest's feed (from the
+    oldest retained batch, or from now with start_at_end), resuming from its cursor after any restart.
+    ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields (a destination, 1 to 1,000 PLCs).
+    """
+    GetForwardingTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.GetForwardingTargetRequest, _alarm_service_pb2.GetForwardingTargetResponse]
+    """Returns a forwarding target with its cursor, counts and lag. NOT_FOUND if missing."""
+    ListForwardingTargets: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.ListForwardingTargetsRequest, _alarm_service_pb2.ListForwardingTargetsResponse]
+    """Lists the forwarding targets ordered by id."""
+    UpdateForwardingTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.UpdateForwardingTargetRequest, _alarm_service_pb2.UpdateForwardingTargetResponse]
+    """Updates the fields in update_mask (display_name, plc_ids, http.url, http.secret, enabled); the
+    destination's kind, address and collector id are fixed. NOT_FOUND if missing; ABORTED if the etag is
+    stale; INVALID_ARGUMENT for bad fields.
+    """
+    DeleteForwardingTarget: _grpc.UnaryUnaryMultiCallable[_alarm_service_pb2.DeleteForwardingTargetRequest, _alarm_service_pb2.DeleteForwardingTargetResponse]
+    """Deletes a forwarding target (it stops forwarding). NOT_FOUND if missing."""
 
 @_typing.type_check_only
 class AlarmServiceAsyncStub(AlarmServiceStub):
@@ -167,6 +183,22 @@ class AlarmServiceAsyncStub(AlarmServiceStub):
     """Lists deliveries, newest first, optionally of one target and in one state. INVALID_ARGUMENT for a bad
     page token.
     """
+    CreateForwardingTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.CreateForwardingTargetRequest, _alarm_service_pb2.CreateForwardingTargetResponse]  # type: ignore[assignment]
+    """Creates a forwarding target: the committed readings of its PLCs are sent on from ingest's feed (from the
+    oldest retained batch, or from now with start_at_end), resuming from its cursor after any restart.
+    ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields (a destination, 1 to 1,000 PLCs).
+    """
+    GetForwardingTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.GetForwardingTargetRequest, _alarm_service_pb2.GetForwardingTargetResponse]  # type: ignore[assignment]
+    """Returns a forwarding target with its cursor, counts and lag. NOT_FOUND if missing."""
+    ListForwardingTargets: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.ListForwardingTargetsRequest, _alarm_service_pb2.ListForwardingTargetsResponse]  # type: ignore[assignment]
+    """Lists the forwarding targets ordered by id."""
+    UpdateForwardingTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.UpdateForwardingTargetRequest, _alarm_service_pb2.UpdateForwardingTargetResponse]  # type: ignore[assignment]
+    """Updates the fields in update_mask (display_name, plc_ids, http.url, http.secret, enabled); the
+    destination's kind, address and collector id are fixed. NOT_FOUND if missing; ABORTED if the etag is
+    stale; INVALID_ARGUMENT for bad fields.
+    """
+    DeleteForwardingTarget: _aio.UnaryUnaryMultiCallable[_alarm_service_pb2.DeleteForwardingTargetRequest, _alarm_service_pb2.DeleteForwardingTargetResponse]  # type: ignore[assignment]
+    """Deletes a forwarding target (it stops forwarding). NOT_FOUND if missing."""
 
 class AlarmServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns alarm rules, alarms with their ISA-18.2 lifecycle, and alarm events. Rules are evaluated on the
@@ -330,5 +362,51 @@ class AlarmServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists deliveries, newest first, optionally of one target and in one state. INVALID_ARGUMENT for a bad
         page token.
         """
+
+    @_abc_1.abstractmethod
+    def CreateForwardingTarget(
+        self,
+        request: _alarm_service_pb2.CreateForwardingTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.CreateForwardingTargetResponse, _abc.Awaitable[_alarm_service_pb2.CreateForwardingTargetResponse]]:
+        """Creates a forwarding target: the committed readings of its PLCs are sent on from ingest's feed (from the
+        oldest retained batch, or from now with start_at_end), resuming from its cursor after any restart.
+        ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields (a destination, 1 to 1,000 PLCs).
+        """
+
+    @_abc_1.abstractmethod
+    def GetForwardingTarget(
+        self,
+        request: _alarm_service_pb2.GetForwardingTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.GetForwardingTargetResponse, _abc.Awaitable[_alarm_service_pb2.GetForwardingTargetResponse]]:
+        """Returns a forwarding target with its cursor, counts and lag. NOT_FOUND if missing."""
+
+    @_abc_1.abstractmethod
+    def ListForwardingTargets(
+        self,
+        request: _alarm_service_pb2.ListForwardingTargetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.ListForwardingTargetsResponse, _abc.Awaitable[_alarm_service_pb2.ListForwardingTargetsResponse]]:
+        """Lists the forwarding targets ordered by id."""
+
+    @_abc_1.abstractmethod
+    def UpdateForwardingTarget(
+        self,
+        request: _alarm_service_pb2.UpdateForwardingTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.UpdateForwardingTargetResponse, _abc.Awaitable[_alarm_service_pb2.UpdateForwardingTargetResponse]]:
+        """Updates the fields in update_mask (display_name, plc_ids, http.url, http.secret, enabled); the
+        destination's kind, address and collector id are fixed. NOT_FOUND if missing; ABORTED if the etag is
+        stale; INVALID_ARGUMENT for bad fields.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteForwardingTarget(
+        self,
+        request: _alarm_service_pb2.DeleteForwardingTargetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_alarm_service_pb2.DeleteForwardingTargetResponse, _abc.Awaitable[_alarm_service_pb2.DeleteForwardingTargetResponse]]:
+        """Deletes a forwarding target (it stops forwarding). NOT_FOUND if missing."""
 
 def add_AlarmServiceServicer_to_server(servicer: AlarmServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

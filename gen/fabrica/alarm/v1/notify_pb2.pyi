@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -27,30 +29,32 @@ class _DeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Deliver
     DELIVERY_STATE_UNSPECIFIED: _DeliveryState.ValueType  # 0
     """Not set."""
     DELIVERY_STATE_PENDING: _DeliveryState.ValueType  # 1
-    """Not delivered yet: waiting for its first or next attempt."""
+    """Queued or being retried."""
     DELIVERY_STATE_DELIVERED: _DeliveryState.ValueType  # 2
     """The target answered 2xx."""
     DELIVERY_STATE_FAILED: _DeliveryState.ValueType  # 3
-    """Given up after the last attempt."""
+    """Given up after the last attempt (about an hour of retries)."""
 
 class DeliveryState(_DeliveryState, metaclass=_DeliveryStateEnumTypeWrapper):
-    """Where one notification stands."""
+    """Where a notification stands."""
 
 DELIVERY_STATE_UNSPECIFIED: DeliveryState.ValueType  # 0
 """Not set."""
 DELIVERY_STATE_PENDING: DeliveryState.ValueType  # 1
-"""Not delivered yet: waiting for its first or next attempt."""
+"""Queued or being retried."""
 DELIVERY_STATE_DELIVERED: DeliveryState.ValueType  # 2
 """The target answered 2xx."""
 DELIVERY_STATE_FAILED: DeliveryState.ValueType  # 3
-"""Given up after the last attempt."""
+"""Given up after the last attempt (about an hour of retries)."""
 Global___DeliveryState: _TypeAlias = DeliveryState  # noqa: Y015
 
 @_typing.final
 class NotificationTarget(_message.Message):
-    """A webhook: every annunciated alarm event is POSTed to `url` as JSON ({"idempotency_key", "event_type",
-    "create_time", "event": the AlarmEvent}), with the headers Idempotency-Key (the same on every attempt of
-    an event), Fabrica-Timestamp and Fabrica-Signature (v1=hex HMAC-SHA256(secret, "<timestamp>." + body)).
+    """An HTTP webhook that receives each alarm event as a JSON POST:
+    `{"idempotency_key", "event_type", "event"}`, with the headers `Idempotency-Key` (the same on every
+    attempt of one event: drop duplicates by it), `Fabrica-Timestamp` (unix seconds of the attempt) and
+    `Fabrica-Signature: v1=<hex HMAC-SHA256(secret, timestamp + "." + body)>`. A non-2xx answer or no answer
+    is retried with backoff (1 s doubling to 5 min); a target that fails never delays another.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -63,39 +67,41 @@ class NotificationTarget(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     PENDING_DELIVERIES_FIELD_NUMBER: _builtins.int
     FAILED_DELIVERIES_FIELD_NUMBER: _builtins.int
-    LAST_DELIVERED_TIME_FIELD_NUMBER: _builtins.int
+    LAST_DELIVERY_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Id chosen by the user. Immutable."""
+    """Id chosen by the user: lower case letters, digits and dashes, starting with a letter. Immutable."""
     display_name: _builtins.str
     """Name for people."""
     url: _builtins.str
-    """An http:// or https:// URL."""
+    """Required. The http:// or https:// URL events are POSTed to."""
     secret: _builtins.str
-    """Input only: the signing secret, 16 to 256 printable characters. Never returned."""
+    """Input only: never returned. The signing secret, 16 to 256 printable characters. Required on create;
+    left unchanged on update unless named in the update mask.
+    """
     enabled: _builtins.bool
-    """Disabled targets get no new notifications; their pending ones wait."""
+    """Whether events are queued for this target. Events of the time it was disabled are never sent to it."""
     etag: _builtins.str
-    """Output only: changes with every update."""
+    """Output only. Changes on every update."""
     pending_deliveries: _builtins.int
-    """Output only: notifications waiting to be delivered."""
+    """Output only. Deliveries queued or being retried."""
     failed_deliveries: _builtins.int
-    """Output only: notifications given up."""
+    """Output only. Deliveries given up."""
     last_error: _builtins.str
-    """Output only: the error of the last failed attempt, if any."""
+    """Output only. The last error an attempt met (empty if none)."""
     @_builtins.property
-    def last_delivered_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only: the last successful delivery."""
+    def last_delivery_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the target last answered 2xx."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only: when it was created."""
+        """Output only. Creation time."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only: when it was last changed."""
+        """Output only. Last change."""
 
     def __init__(
         self,
@@ -108,14 +114,14 @@ class NotificationTarget(_message.Message):
         etag: _builtins.str = ...,
         pending_deliveries: _builtins.int = ...,
         failed_deliveries: _builtins.int = ...,
-        last_delivered_time: _timestamp_pb2.Timestamp | None = ...,
+        last_delivery_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_delivered_time", b"last_delivered_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_delivery_time", b"last_delivery_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "failed_deliveries", b"failed_deliveries", "id", b"id", "last_delivered_time", b"last_delivered_time", "last_error", b"last_error", "pending_deliveries", b"pending_deliveries", "secret", b"secret", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "failed_deliveries", b"failed_deliveries", "id", b"id", "last_delivery_time", b"last_delivery_time", "last_error", b"last_error", "pending_deliveries", b"pending_deliveries", "secret", b"secret", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -123,7 +129,7 @@ Global___NotificationTarget: _TypeAlias = NotificationTarget  # noqa: Y015
 
 @_typing.final
 class Delivery(_message.Message):
-    """One notification of one alarm event to one target."""
+    """One alarm event's notification to one target, and where it stands. Output only."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -133,43 +139,46 @@ class Delivery(_message.Message):
     EVENT_TYPE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
-    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LAST_HTTP_STATUS_FIELD_NUMBER: _builtins.int
-    LAST_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     DELIVERED_TIME_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """The delivery's id (increasing in queue order)."""
+    """Its id (increasing in the order deliveries were queued)."""
     target_id: _builtins.str
     """The target."""
     idempotency_key: _builtins.str
-    """The event's idempotency key (alarm-event-<event id>), sent on every attempt."""
+    """The Idempotency-Key header of every attempt."""
     event_type: _builtins.str
-    """The event type (alarm.raised, alarm.cleared, alarm.acknowledged, ...)."""
+    """The event's type, e.g. "alarm.raised" (also the Fabrica-Event-Type header)."""
     state: Global___DeliveryState.ValueType
     """Where it stands."""
     attempts: _builtins.int
-    """Attempts made."""
+    """Attempts made (answered or not)."""
     last_error: _builtins.str
-    """The error of the last attempt, if it failed."""
+    """The last error met (an HTTP status and its text, a timeout, a refused connection); empty if none."""
     last_http_status: _builtins.int
-    """The HTTP status of the last attempt (0: no answer)."""
+    """The HTTP status of the last answer; 0 if the last attempt got none."""
+    body: _builtins.bytes
+    """The JSON body sent, byte for byte."""
     @_builtins.property
-    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
-        """When the next attempt is due (pending only)."""
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was queued."""
 
     @_builtins.property
     def last_attempt_time(self) -> _timestamp_pb2.Timestamp:
         """When the last attempt was made."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was queued (the event's commit)."""
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due (pending only)."""
 
     @_builtins.property
     def delivered_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was delivered."""
+        """When the target answered 2xx (delivered only)."""
 
     def __init__(
         self,
@@ -180,17 +189,176 @@ class Delivery(_message.Message):
         event_type: _builtins.str = ...,
         state: Global___DeliveryState.ValueType = ...,
         attempts: _builtins.int = ...,
-        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
         last_http_status: _builtins.int = ...,
-        last_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         delivered_time: _timestamp_pb2.Timestamp | None = ...,
+        body: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delivered_time", b"delivered_time", "last_attempt_time", b"last_attempt_time", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "delivered_time", b"delivered_time", "event_type", b"event_type", "id", b"id", "idempotency_key", b"idempotency_key", "last_attempt_time", b"last_attempt_time", "last_error", b"last_error", "last_http_status", b"last_http_status", "next_attempt_time", b"next_attempt_time", "state", b"state", "target_id", b"target_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "body", b"body", "create_time", b"create_time", "delivered_time", b"delivered_time", "event_type", b"event_type", "id", b"id", "idempotency_key", b"idempotency_key", "last_attempt_time", b"last_attempt_time", "last_error", b"last_error", "last_http_status", b"last_http_status", "next_attempt_time", b"next_attempt_time", "state", b"state", "target_id", b"target_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Delivery: _TypeAlias = Delivery  # noqa: Y015
+
+@_typing.final
+class ForwardingTarget(_message.Message):
+    """Forwarding of the committed readings of chosen PLCs to another platform, from ingest's committed-readings
+    feed (IngestService.WatchCommittedReadings), resuming from its stored cursor after any restart.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Http(_message.Message):
+        """HTTP JSON batches: each POST is `{"target_id", "cursor", "batches": [CommittedBatch as JSON]}` with the
+        webhook headers (Idempotency-Key `<target id>:<cursor>`, Fabrica-Timestamp, Fabrica-Signature). At
+        least once: a receiver drops a repeated key.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        URL_FIELD_NUMBER: _builtins.int
+        SECRET_FIELD_NUMBER: _builtins.int
+        url: _builtins.str
+        """Required. The http:// or https:// URL batches are POSTed to."""
+        secret: _builtins.str
+        """Input only: never returned. The signing secret, 16 to 256 printable characters."""
+        def __init__(
+            self,
+            *,
+            url: _builtins.str = ...,
+            secret: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "url", b"url"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Ingest(_message.Message):
+        """Another Fabrica's ingest: the readings are streamed to its StreamReadings as collector `collector_id`,
+        one batch per forwarded batch, numbered from the committed state kept with the cursor, so that ingest's
+        sequence rule makes it exactly once end to end.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        ADDRESS_FIELD_NUMBER: _builtins.int
+        COLLECTOR_ID_FIELD_NUMBER: _builtins.int
+        address: _builtins.str
+        """Required. host:port of the other ingest."""
+        collector_id: _builtins.str
+        """Required. The collector id the readings arrive under there; nothing else may stream as it. Immutable."""
+        def __init__(
+            self,
+            *,
+            address: _builtins.str = ...,
+            collector_id: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "collector_id", b"collector_id"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PLC_IDS_FIELD_NUMBER: _builtins.int
+    HTTP_FIELD_NUMBER: _builtins.int
+    INGEST_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    START_AT_END_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    FORWARDED_BATCHES_FIELD_NUMBER: _builtins.int
+    FORWARDED_READINGS_FIELD_NUMBER: _builtins.int
+    LAST_FORWARD_TIME_FIELD_NUMBER: _builtins.int
+    LAST_COMMIT_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id chosen by the user: lower case letters, digits and dashes, starting with a letter. Immutable."""
+    display_name: _builtins.str
+    """Name for people."""
+    enabled: _builtins.bool
+    """Whether readings are forwarded now. A disabled target keeps its cursor and resumes from it."""
+    start_at_end: _builtins.bool
+    """Set on create: start with what commits from then on, not with the oldest batch ingest retains. Cleared
+    once forwarding has started (it then resumes from its cursor).
+    """
+    etag: _builtins.str
+    """Output only. Changes on every update."""
+    cursor: _builtins.int
+    """Output only. The feed cursor up to which everything is forwarded."""
+    forwarded_batches: _builtins.int
+    """Output only. Batches forwarded."""
+    forwarded_readings: _builtins.int
+    """Output only. Readings forwarded."""
+    last_error: _builtins.str
+    """Output only. The last error (empty once a batch goes through again)."""
+    @_builtins.property
+    def plc_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Required. The PLCs whose readings are forwarded: 1 to 1,000 PLC ids."""
+
+    @_builtins.property
+    def http(self) -> Global___ForwardingTarget.Http:
+        """HTTP JSON batches."""
+
+    @_builtins.property
+    def ingest(self) -> Global___ForwardingTarget.Ingest:
+        """Another Fabrica's ingest."""
+
+    @_builtins.property
+    def last_forward_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When a batch was last forwarded."""
+
+    @_builtins.property
+    def last_commit_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the last batch forwarded was committed by ingest (now minus this is the lag while
+        more is waiting).
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Creation time."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Last change."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        plc_ids: _abc.Iterable[_builtins.str] | None = ...,
+        http: Global___ForwardingTarget.Http | None = ...,
+        ingest: Global___ForwardingTarget.Ingest | None = ...,
+        enabled: _builtins.bool = ...,
+        start_at_end: _builtins.bool = ...,
+        etag: _builtins.str = ...,
+        cursor: _builtins.int = ...,
+        forwarded_batches: _builtins.int = ...,
+        forwarded_readings: _builtins.int = ...,
+        last_forward_time: _timestamp_pb2.Timestamp | None = ...,
+        last_commit_time: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "destination", b"destination", "http", b"http", "ingest", b"ingest", "last_commit_time", b"last_commit_time", "last_forward_time", b"last_forward_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cursor", b"cursor", "destination", b"destination", "display_name", b"display_name", "enabled", b"enabled", "etag", b"etag", "forwarded_batches", b"forwarded_batches", "forwarded_readings", b"forwarded_readings", "http", b"http", "id", b"id", "ingest", b"ingest", "last_commit_time", b"last_commit_time", "last_error", b"last_error", "last_forward_time", b"last_forward_time", "plc_ids", b"plc_ids", "start_at_end", b"start_at_end", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_destination: _TypeAlias = _typing.Literal["http", "ingest"]  # noqa: Y015
+    _WhichOneofArgType_destination: _TypeAlias = _typing.Literal["destination", b"destination"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_destination) -> _WhichOneofReturnType_destination | None: ...
+
+Global___ForwardingTarget: _TypeAlias = ForwardingTarget  # noqa: Y015

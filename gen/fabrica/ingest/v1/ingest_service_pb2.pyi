@@ -258,7 +258,8 @@ class WatchCommittedReadingsRequest(_message.Message):
     """
     start_at_end: _builtins.bool
     """With after_cursor 0: start after the newest batch committed now, so only what commits from then on
-    is sent (a new consumer that does not want the retained history). Ignored for any other cursor.
+    is sent (a new consumer that does not want the retained history); the first message, sent at once,
+    has no batches and that newest cursor, to resume from. Ignored for any other cursor.
     """
     @_builtins.property
     def plc_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

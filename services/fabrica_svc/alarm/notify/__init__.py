@@ -13,7 +13,10 @@ What the alarm service calls (everything else here is internal):
 
 from __future__ import annotations
 
+from .forwarding import ForwardingSupervisor
 from .schema import NOTIFY_MIGRATIONS, OUTBOX_CHANNEL, SCHEMA
 from .store import enqueue_notification
+from .webhook import WebhookDispatcher
 
-__all__ = ["NOTIFY_MIGRATIONS", "OUTBOX_CHANNEL", "SCHEMA", "enqueue_notification"]
+__all__ = ["NOTIFY_MIGRATIONS", "OUTBOX_CHANNEL", "SCHEMA", "ForwardingSupervisor", "WebhookDispatcher",
+           "enqueue_notification"]

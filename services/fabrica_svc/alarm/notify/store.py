@@ -295,9 +295,11 @@ async def delete_forwarding_target(db: Db, target_id: str) -> None:
 async def commit_forwarded(db: Db, target_id: str, *, from_cursor: int, cursor: int, batches: int, readings: int,
                            commit_time: datetime | None) -> bool:
     """Move the target's committed state from `from_cursor` to `cursor` (`batches` more sent). False if the
-    stored cursor is no longer `from_cursor` (another forwarder moved it: this one must stop)."""
+    stored cursor is no longer `from_cursor` (another forwarder moved it: this one must stop). Clears
+    `start_at_end`: once a cursor is stored, the target resumes from it."""
     status = await db.execute(
         "UPDATE alarm.forwarding_targets SET cursor = $3, forwarded_batches = forwarded_batches + $4,"
+        " start_at_end = false,"
         " forwarded_readings = forwarded_readings + $5, last_forward_time = CASE WHEN $4 > 0 THEN now()"
         " ELSE last_forward_time END, last_commit_time = coalesce($6, last_commit_time), last_error = ''"
         " WHERE id = $1 AND cursor = $2",

@@ -138,7 +138,7 @@ class WebhookDispatcher:
                     if not task.cancelled() and task.exception() is not None:
                         log.warning("webhook worker of %s failed: %s", target_id, task.exception())
             await self.listener.wait(token, self.poll_interval)
-            await conn.execute("SELECT 1")  # the lock's session is still ours
+            await asyncio.wait_for(conn.execute("SELECT 1"), 10)  # the lock's session is still ours
 
     async def _target_worker(self, target_id: str) -> None:
         """Send the target's pending deliveries in order until none is left."""
