@@ -2,7 +2,9 @@
 while readings flow into a real ingest and restarted each time. Afterwards the alarm events are exactly the
 transitions of the value series sent, once each and in order, and the webhook receiver, after dropping
 duplicates by idempotency key, has exactly one notification per event (a duplicate delivery, which a kill
-between the receiver's 200 and its record may cause, carries the same body)."""
+between the receiver's 200 and its record may cause, carries the same body). Meanwhile a forwarding target
+sends the same readings into a second Fabrica's ingest (its own database) as collector ``from-plant``: it
+holds every reading exactly once."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from .support import gt_rule
 pytestmark = pytest.mark.slow
 
 KILLS = 5
+#: Readings sent at least, whatever the kills take: the series then crosses the threshold 15 times or more.
+MIN_READINGS = 300
 THRESHOLD = 50.0
 US = 1_000_000
 
@@ -49,8 +53,28 @@ def expected_transitions(values: list[float]) -> list[tuple[int, float]]:
     return out
 
 
-async def test_sigkill_five_times_while_readings_flow(database_url: str, servers: Servers, tmp_path: Path) -> None:
+@pytest.fixture
+async def other_database(pg_admin_dsn: str):  # noqa: ANN201 - the second Fabrica's database
+    from conftest import dsn_with_database
+
+    name = f"other_{time.monotonic_ns()}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield dsn_with_database(pg_admin_dsn, name)
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def test_sigkill_five_times_while_readings_flow(database_url: str, other_database: str, servers: Servers,
+                                                     tmp_path: Path) -> None:
     ingest = await servers.start("ingest", settings_for("ingest", database_url=database_url))
+    other = await servers.start("ingest", settings_for("ingest", database_url=other_database))
     env = {"DATABASE_URL": database_url, "FABRICA_INGEST_ADDR": ingest.address, "FABRICA_ALARM_TICK_SECONDS": "0.2"}
     alarm = ServiceProcess("alarm", env, tmp_path / "alarm.log")
     await asyncio.to_thread(alarm.start)
@@ -62,7 +86,7 @@ async def test_sigkill_five_times_while_readings_flow(database_url: str, servers
         sequence = 0
         extra = 40  # after the last kill
         while extra > 0:
-            if stop_feeding.is_set():
+            if stop_feeding.is_set() and len(sent) >= MIN_READINGS:
                 extra -= 1
             sequence += 1
             i = len(sent)
@@ -83,6 +107,9 @@ async def test_sigkill_five_times_while_readings_flow(database_url: str, servers
             await stub.CreateNotificationTarget(pb.CreateNotificationTargetRequest(target=notify_pb2.NotificationTarget(
                 id="ops", url=receiver.url("/hook"), secret="sixteen-chars-or-more", enabled=True)))
             await stub.CreateAlarmRule(pb.CreateAlarmRuleRequest(rule=gt_rule("hot", "plc-1", 1, THRESHOLD)))
+            await stub.CreateForwardingTarget(pb.CreateForwardingTargetRequest(target=notify_pb2.ForwardingTarget(
+                id="other", plc_ids=["plc-1"], enabled=True,
+                ingest=notify_pb2.ForwardingTarget.Ingest(address=other.address, collector_id="from-plant"))))
         feeding = asyncio.create_task(feed())
         try:
             for kill in range(KILLS):
@@ -113,7 +140,14 @@ async def test_sigkill_five_times_while_readings_flow(database_url: str, servers
                 target = (await stub.GetNotificationTarget(pb.GetNotificationTargetRequest(id="ops"))).target
                 return target.pending_deliveries == 0
             await wait_for(all_delivered, timeout=60, what="every notification delivered")
+
+            async def all_forwarded() -> bool:
+                return await count(other_database, "SELECT count(*) FROM ingest.readings") >= len(sent)
+            await wait_for(all_forwarded, timeout=60, what="every reading forwarded")
         alarm.terminate()
+        assert await count(other_database, "SELECT count(*) FROM ingest.readings") == len(sent)
+        assert await count(other_database, "SELECT count(DISTINCT (tag_id, read_time)) FROM ingest.readings") == \
+            len(sent)
 
         first: dict[str, bytes] = {}
         for r in receiver.at("/hook"):
@@ -135,5 +169,13 @@ async def ingest_head(database_url: str) -> int:
     conn = await asyncpg.connect(database_url)
     try:
         return await conn.fetchval("SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches")
+    finally:
+        await conn.close()
+
+
+async def count(dsn: str, sql: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql)
     finally:
         await conn.close()
