@@ -29,8 +29,8 @@ def test_the_fuzz_benchmark_fuzzes_every_service_and_reports_throughput_and_memo
                         FABRICA_BENCH_FUZZ_SEED="14")
     table = out[out.index("\nservice ") + 1:].splitlines()
     assert table[0].split()[:4] == ["service", "RPCs", "valid", "msg/s"]
-    rows = {line.split()[0]: line.split() for line in table[1:5]}
-    assert sorted(rows) == ["collector", "config", "ingest", "production"]
+    rows = {line.split()[0]: line.split() for line in table[1:6]}
+    assert sorted(rows) == ["alarm", "collector", "config", "ingest", "production"]
     assert all(row[-1] == "yes" for row in rows.values()), table  # every server alive after its fuzz
 
 
