@@ -105,12 +105,22 @@ CASES = {
     "ewma: no raise during warm-up": (rule(Condition(EWMA, alpha=0.2, k=3, warmup_samples=5)),
                                       [(0, 10), (1, 100), (2, 10)], []),
     # no data
-    "no data: a bad-quality heartbeat raises after the timeout": (
-        rule(Condition(NO_DATA, timeout_ns=10 * NS)), [(0, 1), (5, BAD), (10, BAD), (12, 2)],
-        [(10, "raise"), (12, "clear")]),
-    "no data: silence raises on the clock at last good + timeout": (
+    "no data: bad-quality heartbeats raise timeout after the first": (
+        rule(Condition(NO_DATA, timeout_ns=10 * NS)), [(0, 1), (5, BAD), (10, BAD), (14, BAD), (15, BAD), (17, 2)],
+        [(15, "raise"), (17, "clear")]),
+    "no data: the clock raises timeout after the first bad reading": (
+        rule(Condition(NO_DATA, timeout_ns=10 * NS)), [(0, 1), (5, BAD), ("tick", 14), ("tick", 15.5)],
+        [(15, "raise")]),
+    "no data: silence raises on the clock at last reading + timeout": (
         rule(Condition(NO_DATA, timeout_ns=10 * NS)), [(0, 1), ("tick", 9), ("tick", 15), ("tick", 20), (21, 1)],
         [(10, "raise"), (21, "clear")]),
+    "no data: a steady value refreshed by integrity reports never raises": (
+        rule(Condition(NO_DATA, timeout_ns=10 * NS)), [(0, 1), (8, 1), (16, 1), ("tick", 17), ("tick", 25.9),
+                                                       ("tick", 26.5)],
+        [(26, "raise")]),
+    "no data: a good reading ends a bad spell": (
+        rule(Condition(NO_DATA, timeout_ns=10 * NS)), [(0, 1), (5, BAD), (9, 1), (14, BAD), ("tick", 19)],
+        []),
     "no data: a tag that never reports raises from the rule's start": (
         rule(Condition(NO_DATA, timeout_ns=10 * NS), since_ns=100 * NS), [("tick", 105), ("tick", 111)],
         [(110, "raise")]),

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from in_process import Server, Servers, settings_for
 
-from .support import create_press, gt_rule, tag_named
+from .support import create_press, gt_rule, seconds, tag_named
 
 
 @pytest.fixture
@@ -116,6 +116,8 @@ async def test_bad_rules_are_refused_with_the_field_named(stack: tuple[Server, S
          "rule.message_template"),
         (gt_rule("a", "press-1", temp.id, 1, severity=rule_pb2.SEVERITY_UNSPECIFIED),
          grpc.StatusCode.INVALID_ARGUMENT, "rule.severity"),
+        (gt_rule("a", "press-1", temp.id, 1, condition=rule_pb2.Condition(no_data=rule_pb2.NoDataCondition(
+            timeout=seconds(60)))), grpc.StatusCode.INVALID_ARGUMENT, "rule.condition.no_data.timeout"),
         (gt_rule("a", "press-1", 987654, 1), grpc.StatusCode.FAILED_PRECONDITION, "tags/987654"),
         (gt_rule("a", "no-such-plc", temp.id, 1), grpc.StatusCode.FAILED_PRECONDITION, "plcs/no-such-plc"),
     ]

@@ -2,8 +2,8 @@
 
 * ``press-1-oil-hot``: the hydraulic oil temperature above 66.5 °C (the simulated press runs at about 66 °C
   with a slow ripple, so it raises and clears now and then), a 0.3 °C deadband and a 5 s on-delay, medium;
-* ``press-1-silent``: no good reading of the oil temperature for 30 s (stop the simulator's press, or the
-  collector, to see it raise), high.
+* ``press-1-silent``: no good reading of the oil temperature for 90 s (longer than the demo poll group's
+  60 s integrity interval, so a steady value never raises it; stop the collector to see it raise), high.
 
 Calling it again (a restart on the same data folder) leaves rules that exist as they are.
 """
@@ -28,8 +28,8 @@ def demo_rules(plc_id: str, temperature_tag_id: int) -> list[rule_pb2.AlarmRule]
             message_template="{tag} at {value} {unit} (above 66.5 {unit})", enabled=True),
         rule_pb2.AlarmRule(
             id=f"{plc_id}-silent", display_name="Press 1 silent", target=target,
-            condition=rule_pb2.Condition(no_data=rule_pb2.NoDataCondition(timeout=duration_pb2.Duration(seconds=30))),
-            severity=rule_pb2.SEVERITY_HIGH, message_template="no good reading of {tag} on {plc} for 30 s",
+            condition=rule_pb2.Condition(no_data=rule_pb2.NoDataCondition(timeout=duration_pb2.Duration(seconds=90))),
+            severity=rule_pb2.SEVERITY_HIGH, message_template="no good reading of {tag} on {plc} for 90 s",
             enabled=True),
     ]
 

@@ -72,17 +72,16 @@ class EvaluationOptions:
 
 
 class Evaluation:
-    """The background task. `on_events` is called with the events of each commit, after it."""
+    """The background task (see the module docstring); `clock` is the wall clock of the tick."""
 
     def __init__(self, dsn: str, source: ReadingSource, decode: Callable[[RuleRow], Rule], *,
                  options: EvaluationOptions | None = None, clock: Callable[[], float] = time.time,
-                 on_events: Callable[[list[EventRow]], None] | None = None, outbox: Outbox | None = None):
+                 outbox: Outbox | None = None):
         self.dsn = dsn
         self.source = source
         self.decode = decode
         self.options = options or EvaluationOptions()
         self.clock = clock
-        self.on_events = on_events
         self.store = EvaluationStore(outbox)
         self.active = asyncio.Event()
         #: The cursor of the last commit of this replica.
@@ -225,5 +224,3 @@ class Evaluation:
     def _published(self, events: list[EventRow]) -> None:
         if events:
             self._events_metric.add(len(events))
-            if self.on_events:
-                self.on_events(events)

@@ -17,9 +17,15 @@ times; `tick(now)` completes a delay that has run out while no reading came, and
 tag whose last good reading is older than the rule's timeout.
 
 Values that do not fit a condition (a string, a bool for a band, rate or EWMA, any bad-quality reading for a
-value condition) leave the instance as it is: no opinion, no transition. A bad-quality reading does count
-for "no data": it is no good reading, so once the timeout has passed since the last good one it raises at
-that reading's time.
+value condition) leave the instance as it is: no opinion, no transition.
+
+"No good reading for N seconds" follows how collectors report: a value when it changes, every value again
+each integrity interval, and a bad quality at once when a PLC stops answering (then again each integrity
+interval). So the condition holds N seconds after the first bad reading (a PLC that stopped answering:
+raised at that time + N, by the next bad reading or the tick), or N seconds after the last reading of any
+kind (silence: a collector or its network gone; the tick raises it). A steady good value is refreshed by
+the integrity reports, so a timeout longer than the integrity interval never raises on it (rules.py refuses
+a shorter one when it can ask config). Any good reading clears it.
 """
 
 from __future__ import annotations
@@ -144,6 +150,10 @@ class InstanceState:
     ewma_n: int = 0
     #: Read time of the last good reading; None before the first.
     last_good_ns: int | None = None
+    #: Read time of the last reading of any quality (silence is measured from it); None before the first.
+    last_seen_ns: int | None = None
+    #: Read time of the first bad reading since the last good one (the PLC stopped answering); None while good.
+    bad_since_ns: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -250,9 +260,11 @@ def _raw(rule: Rule, state: InstanceState, sample: Sample) -> bool | None:
     cond = rule.condition
     if cond.kind == NO_DATA:
         if sample.good:
+            state.bad_since_ns = None
             return False
-        since = state.last_good_ns if state.last_good_ns is not None else rule.since_ns
-        return True if sample.time_ns - since >= cond.timeout_ns else None
+        if state.bad_since_ns is None:
+            state.bad_since_ns = sample.time_ns
+        return True if sample.time_ns - state.bad_since_ns >= cond.timeout_ns else None
     if not sample.good:
         return None
     db = rule.deadband
@@ -319,6 +331,19 @@ def _flip(rule: Rule, key: Key, state: InstanceState, raised: bool, time_ns: int
                       state.plc_id, state.tag_name)
 
 
+def no_data_due(rule: Rule, state: InstanceState) -> int:
+    """When a "no data" rule's condition holds without another reading: `timeout` after the first bad reading
+    (a PLC that stopped answering: the collector reports that at once), or after the last reading of any
+    kind (silence: a collector or network gone), whichever is first. A steady good value is not silence:
+    the collector reports it again every integrity interval, which the rule's timeout must exceed
+    (rules.py checks it against config)."""
+    seen = state.last_seen_ns if state.last_seen_ns is not None else rule.since_ns
+    due = seen + rule.condition.timeout_ns
+    if state.bad_since_ns is not None:
+        due = min(due, state.bad_since_ns + rule.condition.timeout_ns)
+    return due
+
+
 @dataclass
 class Evaluator:
     """Every enabled rule and the state of each of its instances. `evaluate` and `tick` mutate the states and
@@ -379,6 +404,7 @@ class Evaluator:
             if sample.good and sample.value is not None:
                 state.value, state.value_ns = sample.value, sample.time_ns
             raw = _raw(rule, state, sample)
+            state.last_seen_ns = sample.time_ns
             if sample.good:
                 state.last_good_ns = sample.time_ns
             transition = _step(rule, key, state, raw, sample.time_ns)
@@ -396,8 +422,7 @@ class Evaluator:
             if rule is None:
                 continue
             if rule.condition.kind == NO_DATA and not state.active:
-                since = state.last_good_ns if state.last_good_ns is not None else rule.since_ns
-                due = since + rule.condition.timeout_ns
+                due = no_data_due(rule, state)
                 if state.pending_since is None and due <= now_ns:
                     state.pending_since = due
                 if state.pending_since is not None and state.pending_since + rule.on_delay_ns <= now_ns:

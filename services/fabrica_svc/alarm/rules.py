@@ -14,7 +14,10 @@ target limited to a PLC:
   (subject ``plcs/<id>``) or ``TAG_NOT_FOUND`` (``tags/<id>``), each description naming the field;
 * a one-tag target whose data type the condition cannot use (a rate, band or deviation on a bool or string
   tag, a numeric threshold on a string tag, a bool threshold on a numeric tag): INVALID_ARGUMENT on
-  ``rule.condition.<kind>``.
+  ``rule.condition.<kind>``;
+* a "no data" timeout not longer than the integrity interval of the tag's poll group (of any poll group of
+  the PLC, for a PLC target): a collector reports a steady value only that often, so the rule would raise on
+  it. INVALID_ARGUMENT on ``rule.condition.no_data.timeout``.
 
 Config unreachable: UNAVAILABLE, never unchecked. No config address (FABRICA_CONFIG_ADDR unset): the tags
 are taken as given, and the app says so once at start.
@@ -30,6 +33,7 @@ from fabrica.alarm.v1 import rule_pb2
 from fabrica.config.v1 import config_service_pb2, config_service_pb2_grpc, plc_pb2
 
 from ..runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, PreconditionViolation, Unavailable
+from ..runtime.timefmt import seconds_of
 from ..runtime.validation import violations_of
 from .evaluator import template_errors
 
@@ -68,6 +72,9 @@ def check_rule(rule: rule_pb2.AlarmRule) -> None:
         raise InvalidArgument(found)
 
 
+#: config's integrity interval when a poll group sets none (plc.proto: "60 s when not set").
+DEFAULT_INTEGRITY_SECONDS = 60.0
+
 _NUMERIC = frozenset(range(plc_pb2.DATA_TYPE_INT16, plc_pb2.DATA_TYPE_FLOAT64 + 1))
 
 
@@ -90,6 +97,31 @@ def _type_violation(cond: rule_pb2.Condition, tag: plc_pb2.Tag) -> FieldViolatio
         names = {"band": "a band", "rate": "a rate of change", "ewma": "a deviation from the moving average"}
         return FieldViolation(f"rule.condition.{kind}", f"{what} tag: {names[kind]} needs a numeric tag")
     return None
+
+
+def _integrity_seconds(plc: plc_pb2.Plc, group_name: str | None) -> float:
+    """The integrity interval of a poll group of `plc` (a tag's, whose empty name means the first group), or
+    the longest of all of them for None."""
+    groups = list(plc.poll_groups)
+    if group_name:
+        groups = [g for g in groups if g.name == group_name]
+    elif group_name is not None:  # a tag without a poll group is polled with the first group
+        groups = groups[:1]
+    values = [seconds_of(g.integrity_interval, DEFAULT_INTEGRITY_SECONDS) for g in groups]
+    return max(values, default=DEFAULT_INTEGRITY_SECONDS)
+
+
+def _timeout_violation(rule: rule_pb2.AlarmRule, plc: plc_pb2.Plc, tag: plc_pb2.Tag | None) -> FieldViolation | None:
+    if rule.condition.WhichOneof("kind") != "no_data":
+        return None
+    integrity = _integrity_seconds(plc, tag.poll_group if tag is not None else None)
+    timeout = rule.condition.no_data.timeout.ToTimedelta().total_seconds()
+    if timeout > integrity:
+        return None
+    whose = f"tag {tag.id} ({tag.name!r})" if tag is not None else f"PLC {plc.id!r}"
+    return FieldViolation("rule.condition.no_data.timeout",
+                          f"{whose} reports a steady value only every {integrity:g} s (the integrity interval of its "
+                          f"poll group): the timeout must be longer, or a steady value would raise the alarm")
 
 
 class TagCatalog(Protocol):
@@ -134,6 +166,9 @@ class ConfigTagCatalog:
                 violations=[PreconditionViolation("PLC_NOT_FOUND", f"plcs/{plc_id}",
                                                   f"rule.target.{kind}.plc_id: config has no PLC {plc_id!r}")])
         if kind != "tag":
+            problem = _timeout_violation(rule, plc, None) if kind == "plc" else None
+            if problem is not None:
+                raise InvalidArgument(problem)
             return
         tag = next((t for t in plc.tags if t.id == target.tag.tag_id), None)
         if tag is None:
@@ -143,6 +178,6 @@ class ConfigTagCatalog:
                 metadata={"plc_id": plc_id, "tag_id": str(tag_id)},
                 violations=[PreconditionViolation("TAG_NOT_FOUND", f"tags/{tag_id}",
                                                   f"rule.target.tag.tag_id: PLC {plc_id!r} has no tag {tag_id}")])
-        problem = _type_violation(rule.condition, tag)
+        problem = _type_violation(rule.condition, tag) or _timeout_violation(rule, plc, tag)
         if problem is not None:
             raise InvalidArgument(problem)
