@@ -12,6 +12,7 @@ import pytest
 from fabrica.alarm.v1 import alarm_pb2
 from fabrica.alarm.v1 import alarm_service_pb2 as pb
 from fabrica.alarm.v1 import rule_pb2
+from fabrica.common.v1 import reading_pb2
 from google.protobuf import field_mask_pb2
 
 from in_process import Server, Servers, settings_for
@@ -166,3 +167,64 @@ async def test_shelving_silences_notifications_until_it_ends_and_watch_resumes(s
         call = alarm.stub.WatchAlarms(pb.WatchAlarmsRequest(after_cursor=10_000))
         await call.read()
     assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+async def test_a_plc_rule_has_an_alarm_per_tag_and_list_alarms_filters_and_pages(stack: tuple[Server, Server]) -> None:
+    ingest, alarm = stack
+    plc_rule = gt_rule("plc-hot", "plc-1", 1, 80, target=rule_pb2.RuleTarget(plc=rule_pb2.PlcTarget(plc_id="plc-1")),
+                       severity=rule_pb2.SEVERITY_CRITICAL)
+    role_rule = gt_rule("any-low", "plc-1", 1, 0, target=rule_pb2.RuleTarget(role=rule_pb2.RoleTarget(
+        role=reading_pb2.TAG_ROLE_MEASUREMENT)), condition=rule_pb2.Condition(threshold=rule_pb2.ThresholdCondition(
+            comparison=rule_pb2.COMPARISON_LESS, number=5)), severity=rule_pb2.SEVERITY_LOW)
+    for rule in (plc_rule, role_rule):
+        await alarm.stub.CreateAlarmRule(pb.CreateAlarmRuleRequest(rule=rule))
+    t_us = int((time.time() - 100) * US)
+    readings = [reading(tag, t_us + tag, v) for tag, v in ((1, 90.0), (2, 95.0), (3, 99.0), (4, 10.0))]
+    readings += [reading(7, t_us, 1.0, plc_id="plc-2")]  # another PLC: only the role rule
+    await stream_batches(ingest.stub, "c1", [batch("c1", 1, readings)])
+
+    async def listed(**filters: object) -> list[tuple[str, int]]:
+        out, token = [], ""
+        while True:
+            page = await alarm.stub.ListAlarms(pb.ListAlarmsRequest(page_size=2, page_token=token, **filters))
+            out += [(a.rule_id, a.tag_id) for a in page.alarms]
+            if not (token := page.next_page_token):
+                return out
+    await wait_for(lambda: _count_is(listed, 4), timeout=15)
+    assert await listed() == [("any-low", 7), ("plc-hot", 1), ("plc-hot", 2), ("plc-hot", 3)]
+    assert await listed(plc_id="plc-2") == [("any-low", 7)]
+    assert await listed(severities=[rule_pb2.SEVERITY_CRITICAL]) == [("plc-hot", 1), ("plc-hot", 2), ("plc-hot", 3)]
+    assert await listed(rule_id="plc-hot", states=[S.ALARM_STATE_ACTIVE_ACKNOWLEDGED]) == []
+    assert len(await listed(include_normal=True)) == 9  # every instance evaluated, normal ones too
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # a token of another query
+        page = await alarm.stub.ListAlarms(pb.ListAlarmsRequest(page_size=1))
+        await alarm.stub.ListAlarms(pb.ListAlarmsRequest(page_size=1, plc_id="plc-2", page_token=page.next_page_token))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _count_is(listed, n: int) -> bool:  # noqa: ANN001
+    return len(await listed()) == n
+
+
+async def test_changing_a_rules_condition_suppresses_and_evaluates_afresh(stack: tuple[Server, Server]) -> None:
+    ingest, alarm = stack
+    await alarm.stub.CreateAlarmRule(pb.CreateAlarmRuleRequest(rule=gt_rule("hot", "plc-1", 1, 80)))
+    feed = Feed(ingest)
+    await feed.send(90)
+    await wait_state(alarm, S.ALARM_STATE_ACTIVE_UNACKNOWLEDGED)
+    # A new name only: the alarm and its evaluation carry over.
+    await alarm.stub.UpdateAlarmRule(pb.UpdateAlarmRuleRequest(
+        rule=rule_pb2.AlarmRule(id="hot", display_name="renamed"),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"])))
+    assert await state_of(alarm) == S.ALARM_STATE_ACTIVE_UNACKNOWLEDGED
+    await feed.send(95)  # still above: no new raise
+    # A new threshold: suppressed, then evaluated from scratch against 100.
+    new = gt_rule("hot", "plc-1", 1, 100)
+    await alarm.stub.UpdateAlarmRule(pb.UpdateAlarmRuleRequest(
+        rule=new, update_mask=field_mask_pb2.FieldMask(paths=["condition"])))
+    assert await state_of(alarm) == S.ALARM_STATE_NORMAL
+    await feed.send(97, 105)
+    await wait_state(alarm, S.ALARM_STATE_ACTIVE_UNACKNOWLEDGED)
+    history = await events(alarm)
+    assert [(e.type, e.value.double_value) for e in history] == [
+        (S.ALARM_EVENT_TYPE_RAISED, 90.0), (S.ALARM_EVENT_TYPE_SUPPRESSED, 90.0), (S.ALARM_EVENT_TYPE_RAISED, 105.0)]
