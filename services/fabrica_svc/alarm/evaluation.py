@@ -39,8 +39,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+import grpc
 from opentelemetry import metrics
 
+from ..clients.errors import error_details
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
 from . import store
@@ -88,6 +90,8 @@ class Evaluation:
         self.cursor: int | None = None
         self.readings = 0
         self._backoff = self.options.retry.backoff()
+        self._last_problem = ""
+        self._last_warning = 0.0
         self._task: asyncio.Task[None] | None = None
         meter = metrics.get_meter("fabrica.alarm")
         self._readings_metric = meter.create_counter("fabrica_alarm_readings_evaluated",
@@ -155,7 +159,7 @@ class Evaluation:
                         item = "tick"  # type: ignore[assignment]
                     if isinstance(item, BaseException) or item is None:
                         if isinstance(item, BaseException):
-                            log.warning("committed-readings stream failed: %s", item)
+                            self._warn_stream(item)
                         break
                     if await store.rules_version(conn) != version:
                         evaluator, stored, version = await self._load(conn)
@@ -174,12 +178,24 @@ class Evaluation:
                     evaluator, version = await self._apply(conn, evaluator, version, item)
                     cursor = item.cursor
                     self._backoff.reset()
+                    self._last_problem = ""
                     if queue.empty() and time.monotonic() - last_tick >= self.options.tick_interval:
                         await self._tick(conn, evaluator, False, newest_ns)
                         last_tick = time.monotonic()
             finally:
                 await cancel_and_wait(reader)
             await self._backoff.wait()
+
+    def _warn_stream(self, exc: BaseException) -> None:
+        """A warning when the stream fails in a new way, then one a minute: an ingest that is away for an hour
+        should not write a line per retry."""
+        problem = str(error_details(exc)) if isinstance(exc, grpc.RpcError) else str(exc)
+        now = time.monotonic()
+        if problem != self._last_problem or now - self._last_warning >= 60.0:
+            log.warning("committed-readings stream failed: %s; retrying with backoff", problem)
+            self._last_problem, self._last_warning = problem, now
+        else:
+            log.debug("committed-readings stream failed again: %s", problem)
 
     async def _read(self, cursor: int, queue: asyncio.Queue) -> None:
         try:
