@@ -87,7 +87,9 @@ class AlarmApp:
         self.service = AlarmService(resources.pool, outbox)
         self.servicer = AlarmServicer(self.service, catalog, self.listener, resources.pool)
         if source is not None:
-            options = EvaluationOptions(tick_interval=self.config.tick_interval, live_window=self.config.live_window)
+            options = EvaluationOptions(tick_interval=self.config.tick_interval, live_window=self.config.live_window,
+                                        group_messages=self.config.group_messages,
+                                        group_readings=self.config.group_readings)
             self.evaluation = Evaluation(resources.dsn, source, decode_rule, options=options, outbox=outbox)
         else:
             log.info("FABRICA_INGEST_ADDR is not set: alarm rules are not evaluated")

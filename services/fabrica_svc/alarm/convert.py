@@ -60,12 +60,18 @@ def rule_of(msg: rule_pb2.AlarmRule, revision: int = 0, since_ns: int = 0) -> ev
         enabled=msg.enabled, revision=revision, since_ns=since_ns)
 
 
-def sample_of(reading: reading_pb2.Reading) -> ev.Sample:
-    return ev.Sample(
-        tag_id=reading.tag_id, plc_id=reading.plc_id,
-        time_ns=reading.read_time.seconds * ev.NS + reading.read_time.nanos,
-        good=reading.quality == reading_pb2.QUALITY_GOOD, value=python_value(reading.value)
-        if reading.HasField("value") else None, role=reading.role, tag_name=reading.tag_name, unit=reading.unit)
+_GOOD = reading_pb2.QUALITY_GOOD
+
+
+def sample_of(reading: reading_pb2.Reading, name_unit: tuple[str, str] | None = None) -> ev.Sample:
+    """The evaluator's sample of a reading; `name_unit` replaces the reading's tag name and unit when given.
+    (On the evaluation's path for every reading: kept to plain attribute reads.)"""
+    t = reading.read_time
+    value = reading.value
+    kind = value.WhichOneof("kind")  # an unset value has no kind either
+    name, unit = name_unit if name_unit is not None else (reading.tag_name, reading.unit)
+    return ev.Sample(reading.tag_id, reading.plc_id, t.seconds * ev.NS + t.nanos, reading.quality == _GOOD,
+                     None if kind is None else getattr(value, kind), reading.role, name, unit)
 
 
 def python_value(value: reading_pb2.Value) -> ev.Value:

@@ -29,7 +29,6 @@ from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from ..clients.errors import error_details
 from .convert import sample_of
 from .evaluation import ReadingSource, ReadingsMessage
-from .evaluator import Sample
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +69,6 @@ class _Names:
             log.warning("cannot ask ingest for tag names: %s", error_details(exc))
             self.failed_at = now
 
-    def named(self, s: Sample) -> Sample:
-        name, unit = self.known.get(s.tag_id, ("", ""))
-        if not name:
-            return s
-        return Sample(s.tag_id, s.plc_id, s.time_ns, s.good, s.value, s.role, name, unit)
-
 
 def ingest_readings(channel: grpc.aio.Channel) -> ReadingSource:
     stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
@@ -84,10 +77,11 @@ def ingest_readings(channel: grpc.aio.Channel) -> ReadingSource:
     async def source(after_cursor: int) -> AsyncIterator[ReadingsMessage]:
         call = stub.WatchCommittedReadings(ingest_service_pb2.WatchCommittedReadingsRequest(after_cursor=after_cursor))
         try:
+            known = names.known
             async for response in call:
-                samples = [sample_of(r) for b in response.batches for r in b.batch.readings]
-                await names.fill({s.tag_id for s in samples})
-                yield ReadingsMessage(response.cursor, [names.named(s) for s in samples])
+                readings = [r for b in response.batches for r in b.batch.readings]
+                await names.fill({r.tag_id for r in readings})
+                yield ReadingsMessage(response.cursor, [sample_of(r, known.get(r.tag_id)) for r in readings])
         except grpc.aio.AioRpcError as exc:
             metadata = dict(error_details(exc).metadata)
             if exc.code() == grpc.StatusCode.OUT_OF_RANGE and metadata.get("purged_through", "").isdigit():

@@ -11,6 +11,7 @@ Lock order, for every transaction: rule rows, then alarm rows (by rule id, tag i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -295,7 +296,8 @@ class EvaluationStore:
         return out
 
 
-def _json_state(state: InstanceState) -> str:
-    import json  # noqa: PLC0415
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 
-    return json.dumps(state.to_json())
+
+def _json_state(state: InstanceState) -> str:
+    return _dumps(state.to_json())

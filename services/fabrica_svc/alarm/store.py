@@ -30,6 +30,9 @@ from ..runtime.db import Migration
 from .notify import NOTIFY_MIGRATIONS
 
 CHANNEL = "fabrica_alarm"
+SCHEMA = "alarm"
+#: From this many rows on, a statement inserts them with COPY.
+_COPY_FROM = 20
 #: The session lock of the one evaluating replica.
 EVALUATOR_LOCK_KEY = zlib.crc32(b"fabrica.alarm.evaluator") - 2**31
 
@@ -403,19 +406,20 @@ async def insert_events(conn: asyncpg.Connection, events: Sequence[NewEvent]) ->
         return []
     last = await conn.fetchval("UPDATE event_seq SET last = last + $1 RETURNING last", len(events))
     first = last - len(events) + 1
-    ids = list(range(first, last + 1))
-    cols = list(zip(*[(e.type, e.rule_id, e.tag_id, e.plc_id, e.tag_name, e.severity, e.previous_state, e.state,
-                       e.event_time, _json(e.value), e.message, e.actor, e.note, e.notify) for e in events],
-                    strict=True))
-    await conn.execute(
-        "INSERT INTO events (id, type, rule_id, tag_id, plc_id, tag_name, severity, previous_state, state,"
-        " event_time, value, message, actor, note, notify)"
-        " SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],"
-        " $7::int[], $8::text[], $9::text[], $10::timestamptz[], $11::jsonb[], $12::text[], $13::text[],"
-        " $14::text[], $15::boolean[])", ids, *[list(c) for c in cols])
+    ids = range(first, last + 1)
+    rows = [(i, e.type, e.rule_id, e.tag_id, e.plc_id, e.tag_name, e.severity, e.previous_state, e.state,
+             e.event_time, _json(e.value), e.message, e.actor, e.note, e.notify) for i, e in zip(ids, events,
+                                                                                                    strict=True)]
+    if len(rows) < _COPY_FROM:
+        await conn.executemany(
+            "INSERT INTO events (id, type, rule_id, tag_id, plc_id, tag_name, severity, previous_state, state,"
+            " event_time, value, message, actor, note, notify)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14, $15)", rows)
+    else:  # many (a burst, a replay): binary COPY, several times faster than unnest's arrays
+        await conn.copy_records_to_table("events", schema_name=SCHEMA, columns=_EVENT_COLUMNS.split(", "),
+                                         records=rows)
     await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(last))
-    return [EventRow(i, *(getattr(e, f) for f in NewEvent.__dataclass_fields__)) for i, e in zip(ids, events,
-                                                                                                   strict=True)]
+    return [EventRow(*r[:10], e.value, *r[11:]) for r, e in zip(rows, events, strict=True)]
 
 
 async def list_events(conn: asyncpg.Connection | asyncpg.Pool, *, before_id: int | None, limit: int,
