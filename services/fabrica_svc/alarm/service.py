@@ -254,27 +254,41 @@ class EvaluationStore:
                 (k[0], k[1], s.plc_id, s.tag_name, rules[k[0]].severity, rules[k[0]].revision,
                  _json_state(s)) for k, s in sorted(states.items())])
             events: list[NewEvent] = []
-            changed: dict[Key, AlarmRow] = {}
             alarms = await store.lock_alarms(conn, [(t.rule_id, t.tag_id) for t in transitions])
+            # The alarms as the transitions leave them, as mutable field dicts: one alarm often has several
+            # transitions in a commit (a backlog), and an AlarmRow is then built once, not per transition.
+            fields: dict[Key, dict] = {}
+            changed: dict[Key, None] = {}
             for t in transitions:
                 key = (t.rule_id, t.tag_id)
-                a = alarms.get(key)
-                if a is None:  # a transition of an instance whose state was not passed: create its row
-                    await store.ensure_alarm(conn, t.rule_id, t.tag_id, t.plc_id, rules[t.rule_id].severity)
-                    a = (await store.lock_alarms(conn, [key]))[key]
-                new_state = lc.on_raise(a.state) if t.raised else lc.on_clear(a.state)
+                a = fields.get(key)
+                if a is None:
+                    row = alarms.get(key)
+                    if row is None:  # a transition of an instance whose state was not passed: create its row
+                        await store.ensure_alarm(conn, t.rule_id, t.tag_id, t.plc_id, rules[t.rule_id].severity)
+                        row = alarms[key] = (await store.lock_alarms(conn, [key]))[key]
+                    a = fields[key] = dict(vars(row))
+                previous = a["state"]
+                new_state = lc.on_raise(previous) if t.raised else lc.on_clear(previous)
                 if new_state is None:
                     continue
                 when = _dt(t.time_ns)
                 value = stored_value(t.value)
-                a = replace(a, plc_id=t.plc_id, tag_name=t.tag_name or a.tag_name)
-                events.append(_event(a, lc.RAISED if t.raised else lc.CLEARED, new_state, when, value, t.message,
-                                     SYSTEM))
-                alarms[key] = replace(a, state=new_state, state_time=when, value=value, message=t.message,
-                                      raise_time=when if t.raised else a.raise_time, revision=a.revision + 1,
-                                      **({"acknowledged_by": "", "acknowledge_note": ""} if t.raised else {}))
-                changed[key] = alarms[key]
-            await store.set_alarms(conn, list(changed.values()))
+                a["plc_id"] = t.plc_id
+                if t.tag_name:
+                    a["tag_name"] = t.tag_name
+                type_ = lc.RAISED if t.raised else lc.CLEARED
+                events.append(NewEvent(type_, t.rule_id, t.tag_id, t.plc_id, a["tag_name"], a["severity"], previous,
+                                       new_state, when, value, t.message, SYSTEM, "",
+                                       lc.is_annunciated(type_, a["shelved_until"] is not None)))
+                a["state"], a["state_time"], a["value"], a["message"] = new_state, when, value, t.message
+                a["revision"] += 1
+                if t.raised:
+                    a["raise_time"], a["acknowledged_by"], a["acknowledge_note"] = when, "", ""
+                changed[key] = None
+            for key in changed:
+                alarms[key] = AlarmRow(**fields[key])
+            await store.set_alarms(conn, [alarms[k] for k in changed])
             events += await self._unshelve(conn, alarms, now)
             rows = await _record(conn, self.outbox, events)
             if cursor is not None:
