@@ -219,6 +219,9 @@ class Evaluation:
         try:
             async for message in self.source(cursor):
                 await queue.put(message)
+                # Let the evaluation run: the stream's next messages are often buffered already, and reading
+                # them all first would leave the commits' database time unused for reading.
+                await asyncio.sleep(0)
             await queue.put(None)
         except asyncio.CancelledError:
             raise

@@ -336,17 +336,42 @@ async def list_alarms(conn: asyncpg.Connection | asyncpg.Pool, *, after: tuple[s
     return [_alarm(r) for r in rows]
 
 
+#: The staging tables of the evaluator's bulk writes: session-local, emptied by every commit.
+_STAGES = {
+    "eval_states_in": "rule_id text, tag_id bigint, plc_id text, tag_name text, severity integer,"
+                      " eval_revision bigint, eval_state text",
+    "alarms_in": "rule_id text, tag_id bigint, plc_id text, tag_name text, severity integer, state text,"
+                 " value jsonb, message text, raise_time timestamptz, state_time timestamptz,"
+                 " acknowledged_by text, acknowledge_note text, shelved_until timestamptz, revision bigint",
+}
+
+
+async def _stage(conn: asyncpg.Connection, table: str, rows: Sequence[tuple]) -> None:
+    """`rows` into the temporary table `table` (created on first use, ON COMMIT DELETE ROWS), by binary COPY:
+    for thousands of rows several times cheaper than unnest's arrays, which asyncpg checks element by
+    element. Only inside a transaction."""
+    await conn.execute(f"SET LOCAL client_min_messages = warning;"
+                       f" CREATE TEMPORARY TABLE IF NOT EXISTS {table} ({_STAGES[table]}) ON COMMIT DELETE ROWS")
+    await conn.copy_records_to_table(table, records=rows, schema_name="pg_temp")
+
+
 async def save_states(conn: asyncpg.Connection, rows: Sequence[tuple[str, int, str, str, int, int, str]]) -> None:
-    """Upsert evaluator states: (rule_id, tag_id, plc_id, tag_name, severity, eval_revision, state json)."""
+    """Upsert evaluator states: (rule_id, tag_id, plc_id, tag_name, severity, eval_revision, state json), in one
+    statement (many: staged by COPY first). Inside a transaction."""
     if not rows:
         return
+    upsert = (" ON CONFLICT (rule_id, tag_id) DO UPDATE SET plc_id = excluded.plc_id,"
+              "   tag_name = CASE WHEN excluded.tag_name = '' THEN alarms.tag_name ELSE excluded.tag_name END,"
+              "   eval_revision = excluded.eval_revision, eval_state = excluded.eval_state")
+    columns = "rule_id, tag_id, plc_id, tag_name, severity, eval_revision, eval_state"
+    if len(rows) >= _COPY_FROM:
+        await _stage(conn, "eval_states_in", rows)
+        await conn.execute(f"INSERT INTO alarms ({columns}) SELECT {columns} FROM pg_temp.eval_states_in{upsert}")
+        return
     await conn.execute(
-        "INSERT INTO alarms (rule_id, tag_id, plc_id, tag_name, severity, eval_revision, eval_state)"
+        f"INSERT INTO alarms ({columns})"
         " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::bigint[],"
-        "                      $7::text[])"
-        " ON CONFLICT (rule_id, tag_id) DO UPDATE SET plc_id = excluded.plc_id,"
-        "   tag_name = CASE WHEN excluded.tag_name = '' THEN alarms.tag_name ELSE excluded.tag_name END,"
-        "   eval_revision = excluded.eval_revision, eval_state = excluded.eval_state",
+        "                      $7::text[])" + upsert,
         *[list(col) for col in zip(*rows, strict=True)])
 
 
@@ -367,17 +392,23 @@ async def set_alarm(conn: asyncpg.Connection, a: AlarmRow) -> None:
 
 
 async def set_alarms(conn: asyncpg.Connection, alarms: Sequence[AlarmRow]) -> None:
-    """`set_alarm` for many, in one statement."""
+    """`set_alarm` for many, in one statement (many: staged by COPY first). Inside a transaction."""
     if not alarms:
         return
-    cols = list(zip(*[(a.rule_id, a.tag_id, a.plc_id, a.tag_name, a.severity, a.state, _json(a.value), a.message,
-                       a.raise_time, a.state_time, a.acknowledged_by, a.acknowledge_note, a.shelved_until, a.revision)
-                      for a in alarms], strict=True))
+    rows = [(a.rule_id, a.tag_id, a.plc_id, a.tag_name, a.severity, a.state, _json(a.value), a.message,
+             a.raise_time, a.state_time, a.acknowledged_by, a.acknowledge_note, a.shelved_until, a.revision)
+            for a in alarms]
+    assign = ("UPDATE alarms a SET plc_id = u.plc_id, tag_name = u.tag_name, severity = u.severity, state = u.state,"
+              " value = u.value, message = u.message, raise_time = u.raise_time, state_time = u.state_time,"
+              " acknowledged_by = u.acknowledged_by, acknowledge_note = u.acknowledge_note,"
+              " shelved_until = u.shelved_until, revision = u.revision")
+    if len(rows) >= _COPY_FROM:
+        await _stage(conn, "alarms_in", rows)
+        await conn.execute(f"{assign} FROM pg_temp.alarms_in u WHERE a.rule_id = u.rule_id AND a.tag_id = u.tag_id")
+        return
+    cols = list(zip(*rows, strict=True))
     await conn.execute(
-        "UPDATE alarms a SET plc_id = u.plc_id, tag_name = u.tag_name, severity = u.severity, state = u.state,"
-        " value = u.value, message = u.message, raise_time = u.raise_time, state_time = u.state_time,"
-        " acknowledged_by = u.acknowledged_by, acknowledge_note = u.acknowledge_note,"
-        " shelved_until = u.shelved_until, revision = u.revision"
+        f"{assign}"
         " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::text[], $7::jsonb[],"
         "            $8::text[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[],"
         "            $13::timestamptz[], $14::bigint[])"
