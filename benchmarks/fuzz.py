@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = ("config", "ingest", "production", "collector")
+SERVICES = ("config", "ingest", "production", "collector", "alarm")
 IDLE = 0.05
 
 
@@ -120,7 +120,7 @@ def main() -> int:
                     "PYTHONPATH": os.pathsep.join([str(REPO / "gen"), str(REPO / "services")])}
         for name in chosen:
             env = dict(base_env)
-            if name == "production" and "config" in procs:
+            if name in ("production", "alarm") and "config" in procs:
                 env["FABRICA_CONFIG_ADDR"] = procs["config"].address
             if name == "collector":
                 env.update({"FABRICA_COLLECTOR_ID": "bench-fuzz", "FABRICA_DATA_DIR": str(root / "collector"),

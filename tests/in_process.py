@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from fabrica.alarm.v1 import alarm_service_pb2_grpc
 from fabrica.collector.v1 import collector_service_pb2_grpc
 from fabrica.config.v1 import config_service_pb2_grpc
 from fabrica.ingest.v1 import ingest_service_pb2_grpc
@@ -28,6 +29,7 @@ STUBS: dict[str, Any] = {
     "ingest": ingest_service_pb2_grpc.IngestServiceStub,
     "production": production_service_pb2_grpc.ProductionServiceStub,
     "collector": collector_service_pb2_grpc.CollectorServiceStub,
+    "alarm": alarm_service_pb2_grpc.AlarmServiceStub,
 }
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fabrica.alarm.v1 import alarm_service_pb2 as alarm_pb
+from fabrica.alarm.v1 import alarm_service_pb2_grpc as alarm_grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
@@ -183,6 +185,20 @@ def test_fabrica_run_shows_a_demo_order_being_filled(tmp_path: Path) -> None:
                               prod_pb.ListOrdersRequest(), headers={"authorization": f"Bearer {admin}"})
         assert reply.status == 0 and len(reply.messages) == 1, (reply.status, reply.message)
         assert "DEMO-0001" in [o.number for o in prod_pb.ListOrdersResponse.FromString(reply.messages[0]).orders]
+        assert "demo alarms press-1-oil-hot, press-1-silent" in banner, banner
+        with grpc.secure_channel(f"127.0.0.1:{base + 4}", grpc.ssl_channel_credentials(ca.read_bytes())) as ch:
+            alarms = alarm_grpc.AlarmServiceStub(ch)
+            rules = alarms.ListAlarmRules(alarm_pb.ListAlarmRulesRequest(), timeout=10, metadata=bearer).rules
+            assert [r.id for r in rules] == ["press-1-oil-hot", "press-1-silent"]
+            evaluated: set[str] = set()
+            for _ in range(600):  # each rule's alarm exists once the evaluator has seen the tag's readings
+                listed = alarms.ListAlarms(alarm_pb.ListAlarmsRequest(include_normal=True), timeout=10,
+                                           metadata=bearer).alarms
+                evaluated = {a.rule_id for a in listed}
+                if len(evaluated) == 2:
+                    break
+                time.sleep(0.1)
+            assert evaluated == {"press-1-oil-hot", "press-1-silent"}, "the demo rules are not evaluated"
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)

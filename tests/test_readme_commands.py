@@ -9,8 +9,8 @@ are assignments, run before every later command of the same doc.
 How each command is checked:
 - grpcurl (`$G`, `.venv/bin/grpcurl`, `grpcurl`): run as written by bash from the repository root, in the order
   the doc shows them, against a real `fabrica run` this module starts (fresh --data-dir under tmp, its own
-  --base-port). The two substitutions: the docs use `make run`'s ports 50051-50056 (config, ingest, production,
-  collector, then config's and ingest's peer ports); the test rewrites exactly those six port numbers after `127.0.0.1:`/`localhost:` to the ports
+  --base-port). The two substitutions: the docs use `make run`'s ports 50051-50057 (config, ingest, production,
+  collector, alarm, then config's and ingest's peer ports); the test rewrites exactly those seven port numbers after `127.0.0.1:`/`localhost:` to the ports
   its stack bound; and `make run`'s data folder `.fabrica/` (where `-cacert .fabrica/tls/ca.pem` finds the
   stack's CA) to the stack's; nothing else. Each must exit 0 and print something sensible: `list` names services,
   `describe X` names X, a call prints JSON objects (non-empty unless the method returns google.protobuf.Empty).
@@ -60,11 +60,11 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "CONTRIBUTING.md", "deploy/README.md", "services/fabrica_svc/collector/README.md")
 SHELL_LANGS = {"sh", "bash", "shell", "console"}
 GRPCURL = (".venv/bin/grpcurl", "$G", "grpcurl")
-#: make run's port -> offset from the base port: config, ingest, production, collector, then config's and
+#: make run's port -> offset from the base port: config, ingest, production, collector, alarm, then config's and
 #: ingest's mutual-TLS peer ports.
-README_PORTS = {50051: 0, 50052: 1, 50053: 2, 50054: 3, 50055: 4, 50056: 5}
+README_PORTS = {50051: 0, 50052: 1, 50053: 2, 50054: 3, 50055: 4, 50056: 5, 50057: 6}
 _ADDRESS = re.compile(r"^[\w.-]+:\d+$")
-_DOC_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):(5005[1-6])\b")
+_DOC_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):(5005[1-7])\b")
 #: `make run`'s data folder, as the docs name it (relative to the repository root): a word that starts with it.
 _DOC_DATA = re.compile(r"(?<![\w./-])\.fabrica/")
 _TIMEOUT = 60.0  # seconds a command may take (bounded; the assertion is its output, never its duration)

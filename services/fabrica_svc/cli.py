@@ -1,6 +1,6 @@
 """The `fabrica` command line.
 
-  fabrica serve <config|ingest|production|collector> [--port N]   run one service (what a container runs)
+  fabrica serve <config|ingest|production|collector|alarm> [--port N]   run one service (a container)
   fabrica run                                                      the whole local stack, for trying it out
   fabrica token --role R --user U [--data-dir D] [--ttl 8h]        a bearer token signed by `run`'s local key
   fabrica grpc-web [--port N]                                      the gRPC-Web gateway and web UI alone
@@ -32,6 +32,7 @@ SERVICES = {
     "ingest": "fabrica_svc.ingest.app",
     "production": "fabrica_svc.production.app",
     "collector": "fabrica_svc.collector.app",
+    "alarm": "fabrica_svc.alarm.app",
 }
 
 

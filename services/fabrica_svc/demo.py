@@ -3,7 +3,7 @@
 The PLC simulator (Modbus TCP press, Modbus RTU-over-TCP energy meter, S7 press), the demo PLC
 definitions for the collector (created, or brought up to date with this run's simulator ports), and in
 production a demo work centre bound to the Modbus press's counters with a running order that the
-simulated counter fills.
+simulated counter fills, and in the alarm service two demo rules on the press's oil temperature.
 """
 
 from __future__ import annotations
@@ -80,4 +80,15 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         lines.append(f"              .venv/bin/grpcurl {grpcurl_transport(hosts['production'].settings)} "
                      f"-H \"authorization: Bearer $TOKEN\" -d '{{\"id\": \"{order.id}\"}}' "
                      f"{hosts['production'].address} fabrica.production.v1.ProductionService/GetOrder")
+    if "alarm" in hosts:
+        from fabrica.alarm.v1 import alarm_service_pb2_grpc as alarm_grpc
+
+        from .alarm.demo import create_demo_rules
+
+        temperature = next(t.id for t in plcs["press-1"].tags if t.name == "press.temperature")
+        alarm_channel = await stack.enter_async_context(grpc.aio.insecure_channel(hosts["alarm"].address))
+        rules = await create_demo_rules(alarm_grpc.AlarmServiceStub(alarm_channel), "press-1", temperature)
+        lines.append(f"  demo alarms {', '.join(rules)} on press-1's oil temperature:")
+        lines.append(f"              .venv/bin/grpcurl -plaintext {hosts['alarm'].address} "
+                     "fabrica.alarm.v1.AlarmService/ListAlarmRules")
     return lines

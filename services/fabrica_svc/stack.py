@@ -44,7 +44,7 @@ from .runtime.telemetry import configure_telemetry
 
 log = logging.getLogger("fabrica.run")
 
-ORDER = ("config", "ingest", "production", "collector")
+ORDER = ("config", "ingest", "production", "collector", "alarm")
 DEMO_COLLECTOR_ID = "demo"
 #: The services collectors and services call, each with a mutual-TLS peer port (after the gRPC ports).
 PEER_SERVICES = ("config", "ingest")
@@ -155,14 +155,14 @@ def shown_dsn(dsn: str) -> str:
 
 
 def _service_token(key: LocalKey, settings: Settings) -> str:
-    """The token a service of this stack sends its peers: the collector's own, production's a viewer's;
-    "" for config and ingest, which call no one."""
+    """The token a service of this stack sends its peers: the collector's own, production's and alarm's a
+    viewer's (they read tag events, committed readings and PLCs); "" for config and ingest, which call no one."""
     common = {"ttl_seconds": SERVICE_TOKEN_TTL, "issuer": settings.jwt_issuer, "audience": settings.jwt_audience}
     if settings.service == "collector":
         return mint_token(key, subject=f"collector-{settings.collector_id}", roles=["collector"],
                           collector_id=settings.collector_id, **common)
-    if settings.service == "production":
-        return mint_token(key, subject="service-production", roles=["viewer"], **common)
+    if settings.service in ("production", "alarm"):
+        return mint_token(key, subject=f"service-{settings.service}", roles=["viewer"], **common)
     return ""
 
 

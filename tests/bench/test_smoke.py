@@ -29,8 +29,8 @@ def test_the_fuzz_benchmark_fuzzes_every_service_and_reports_throughput_and_memo
                         FABRICA_BENCH_FUZZ_SEED="14")
     table = out[out.index("\nservice ") + 1:].splitlines()
     assert table[0].split()[:4] == ["service", "RPCs", "valid", "msg/s"]
-    rows = {line.split()[0]: line.split() for line in table[1:5]}
-    assert sorted(rows) == ["collector", "config", "ingest", "production"]
+    rows = {line.split()[0]: line.split() for line in table[1:6]}
+    assert sorted(rows) == ["alarm", "collector", "config", "ingest", "production"]
     assert all(row[-1] == "yes" for row in rows.values()), table  # every server alive after its fuzz
 
 
@@ -65,3 +65,10 @@ def test_the_tracing_benchmark_compares_tracing_on_and_off_for_ingest_and_collec
     assert table[0].split()[:3] == ["readings/s", "tracing", "off"]
     assert table[1].startswith("ingest (acknowledged)") and table[2].startswith("collector (poll->batch")
     assert "spans received by the OTLP receiver while tracing was on" in out
+
+
+def test_the_alarm_benchmark_prints_the_evaluator_beside_ingest() -> None:
+    out = run_benchmark("alarm", FABRICA_BENCH_ALARM_READINGS="4000", FABRICA_BENCH_ALARM_BATCH="1000")
+    assert "1,000 rules over 10,000 tags" in out
+    for mode in ("1. ingest write rate", "2. evaluator alone", "3. feed alone", "4. alarm end to end"):
+        assert mode in out

@@ -87,7 +87,7 @@ def test_fabrica_run_wires_its_stack_with_settings_and_leaves_the_environment_al
     settings = stack_settings(ORDER, 6100, tmp_path, {"FABRICA_LOG_LEVEL": "warning"})
     assert dict(os.environ) == environ
     assert {name: s.port for name, s in settings.items()} == {
-        "config": 6100, "ingest": 6101, "production": 6102, "collector": 6103}
+        "config": 6100, "ingest": 6101, "production": 6102, "collector": 6103, "alarm": 6104}
     for s in settings.values():
         # Every service finds its peers (config's and ingest's mutual-TLS peer ports, after the four gRPC
         # ports) and the demo collector in its settings; logs are text unless set.

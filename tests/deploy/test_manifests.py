@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fabrica.alarm.v1 import alarm_service_pb2
 from fabrica.collector.v1 import collector_service_pb2
 from fabrica.config.v1 import config_service_pb2
 from fabrica.ingest.v1 import ingest_service_pb2
@@ -37,21 +38,23 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 NAMESPACE = "fabrica"
 UID = 10001
-SERVICES = ("config", "ingest", "production", "collector")
-WITH_DATABASE = ("config", "ingest", "production")
-WORKLOAD_KIND = {"config": "Deployment", "ingest": "Deployment", "production": "Deployment", "collector": "StatefulSet"}
+SERVICES = ("config", "ingest", "production", "collector", "alarm")
+WITH_DATABASE = ("config", "ingest", "production", "alarm")
+WORKLOAD_KIND = {"config": "Deployment", "ingest": "Deployment", "production": "Deployment", "collector": "StatefulSet",
+                 "alarm": "Deployment"}
 #: Stateless services run at least this many replicas.
-MIN_REPLICAS = {"config": 2, "ingest": 2, "production": 2}
+MIN_REPLICAS = {"config": 2, "ingest": 2, "production": 2, "alarm": 2}
 #: Services whose clients need per-request balancing: each has a `<name>-headless` Service.
-HEADLESS = ("config", "ingest", "production")
+HEADLESS = ("config", "ingest", "production", "alarm")
 #: The services collectors and services call, on their mutual-TLS peer port (FABRICA_PEER_PORT).
 PEER_PORTS = {"config": 50061, "ingest": 50062}
 #: Who may call each peer port (NetworkPolicy), by app.kubernetes.io/name.
-PEER_CALLERS = {"config": {"collector", "production"}, "ingest": {"collector", "production"}}
+PEER_CALLERS = {"config": {"collector", "production", "alarm"}, "ingest": {"collector", "production", "alarm"}}
 #: Addresses each service is given, and the Service they must point at (its peer port).
 ADDRESSES = {
     "production": {"FABRICA_INGEST_ADDR": "ingest", "FABRICA_CONFIG_ADDR": "config"},
     "collector": {"FABRICA_CONFIG_ADDR": "config", "FABRICA_INGEST_ADDR": "ingest"},
+    "alarm": {"FABRICA_INGEST_ADDR": "ingest", "FABRICA_CONFIG_ADDR": "config"},
 }
 
 #: The gRPC services the UI reaches through Envoy (the collector: its admin API), and the Envoy cluster of each.
@@ -60,6 +63,7 @@ BROWSER_SERVICES = {
     "ingest": ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"],
     "production": production_service_pb2.DESCRIPTOR.services_by_name["ProductionService"],
     "collector": collector_service_pb2.DESCRIPTOR.services_by_name["CollectorService"],
+    "alarm": alarm_service_pb2.DESCRIPTOR.services_by_name["AlarmService"],
 }
 FILTER_TYPES = {
     "envoy.filters.http.grpc_web": "type.googleapis.com/envoy.extensions.filters.http.grpc_web.v3.GrpcWeb",

@@ -72,8 +72,10 @@ from .tls import TlsConfig, TlsFileError, load_tls
 
 #: "grpc-web" is the gRPC-Web gateway (`fabrica grpc-web`, fabrica_svc/grpcweb): HTTP on 8080, as Envoy's
 #: listener in deploy/envoy/envoy.yaml; it has no metrics endpoint of its own.
-DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054, "grpc-web": 8080}
-DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454, "grpc-web": -1}
+DEFAULT_PORTS = {"config": 50051, "ingest": 50052, "production": 50053, "collector": 50054, "alarm": 50055,
+                 "grpc-web": 8080}
+DEFAULT_METRICS_PORTS = {"config": 9451, "ingest": 9452, "production": 9453, "collector": 9454, "alarm": 9455,
+                         "grpc-web": -1}
 
 
 N = TypeVar("N", int, float)
