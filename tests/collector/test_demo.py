@@ -89,18 +89,18 @@ def test_fabrica_run_wires_its_stack_with_settings_and_leaves_the_environment_al
     assert {name: s.port for name, s in settings.items()} == {
         "config": 6100, "ingest": 6101, "production": 6102, "collector": 6103, "alarm": 6104}
     for s in settings.values():
-        # Every service finds its peers (config's and ingest's mutual-TLS peer ports, after the four gRPC
+        # Every service finds its peers (config's and ingest's mutual-TLS peer ports, after the five gRPC
         # ports) and the demo collector in its settings; logs are text unless set.
-        assert (s.config_addr, s.ingest_addr, s.collector_id) == ("127.0.0.1:6104", "127.0.0.1:6105", "demo")
+        assert (s.config_addr, s.ingest_addr, s.collector_id) == ("127.0.0.1:6105", "127.0.0.1:6106", "demo")
         assert (s.data_dir, s.log_level, s.log_format) == (tmp_path, "WARNING", "text")
     # TLS with the stack's own CA: a certificate per service, the collector's naming its id.
     assert {name: s.peer_port for name, s in settings.items()} == {
-        "config": 6104, "ingest": 6105, "production": -1, "collector": -1}
+        "config": 6105, "ingest": 6106, "production": -1, "collector": -1, "alarm": -1}
     assert all(s.tls is not None and s.tls.ca_path == tmp_path / "tls" / "ca.pem" for s in settings.values())
     assert settings["collector"].tls.cert_path == tmp_path / "tls" / "collector-demo.pem"
     collector = load_collector_settings(settings["collector"], {})
     assert (collector.collector_id, collector.config_addr, collector.ingest_addr) == (
-        "demo", "127.0.0.1:6104", "127.0.0.1:6105")
+        "demo", "127.0.0.1:6105", "127.0.0.1:6106")
     assert collector.state_dir == tmp_path / "collector" / "demo"
 
 
@@ -131,7 +131,7 @@ def test_fabrica_run_keeps_the_peers_and_the_collector_id_the_environment_names(
     assert settings["production"].ingest_addr == "10.0.0.5:7000"
     collector = load_collector_settings(settings["collector"], env)
     assert (collector.collector_id, collector.config_addr, collector.ingest_addr) == (
-        "cell-7", "127.0.0.1:6104", "10.0.0.5:7000")
+        "cell-7", "127.0.0.1:6105", "10.0.0.5:7000")
     assert settings["collector"].tls.cert_path == tmp_path / "tls" / "collector-cell-7.pem"
     assert settings["collector"].log_format == "json"
     with pytest.raises(SettingsError, match="FABRICA_LOG_LEVEL"):
