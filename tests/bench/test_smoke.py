@@ -70,5 +70,6 @@ def test_the_tracing_benchmark_compares_tracing_on_and_off_for_ingest_and_collec
 def test_the_alarm_benchmark_prints_the_evaluator_beside_ingest() -> None:
     out = run_benchmark("alarm", FABRICA_BENCH_ALARM_READINGS="4000", FABRICA_BENCH_ALARM_BATCH="1000")
     assert "1,000 rules over 10,000 tags" in out
-    for mode in ("1. ingest write rate", "2. evaluator alone", "3. feed alone", "4. alarm end to end"):
+    for mode in ("1. ingest write rate", "2. evaluator alone", "3. feed alone", "4. alarm end to end",
+                 "5. alarm end to end, a commit per message", "6. alarm live", "7. alarm live"):
         assert mode in out
