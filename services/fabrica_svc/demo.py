@@ -86,7 +86,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         from .alarm.demo import create_demo_rules
 
         temperature = next(t.id for t in plcs["press-1"].tags if t.name == "press.temperature")
-        alarm_channel = await stack.enter_async_context(grpc.aio.insecure_channel(hosts["alarm"].address))
+        alarm_channel = await stack.enter_async_context(peer_channel(hosts["alarm"].address, caller))
         rules = await create_demo_rules(alarm_grpc.AlarmServiceStub(alarm_channel), "press-1", temperature)
         lines.append(f"  demo alarms {', '.join(rules)} on press-1's oil temperature:")
         lines.append(f"              .venv/bin/grpcurl -plaintext {hosts['alarm'].address} "
