@@ -89,6 +89,7 @@ async def start_demo(stack: contextlib.AsyncExitStack, hosts: dict[str, ServiceH
         alarm_channel = await stack.enter_async_context(peer_channel(hosts["alarm"].address, caller))
         rules = await create_demo_rules(alarm_grpc.AlarmServiceStub(alarm_channel), "press-1", temperature)
         lines.append(f"  demo alarms {', '.join(rules)} on press-1's oil temperature:")
-        lines.append(f"              .venv/bin/grpcurl -plaintext {hosts['alarm'].address} "
+        lines.append(f"              .venv/bin/grpcurl {grpcurl_transport(hosts['alarm'].settings)} "
+                     f"-H \"authorization: Bearer $TOKEN\" {hosts['alarm'].address} "
                      "fabrica.alarm.v1.AlarmService/ListAlarmRules")
     return lines
