@@ -15,6 +15,7 @@ from fabrica.alarm.v1 import rule_pb2
 from fabrica.common.v1 import reading_pb2
 from google.protobuf import field_mask_pb2
 
+from fabrica_svc.runtime.principal import INSECURE
 from in_process import Server, Servers, settings_for
 from ingest.support import batch, reading, stream_batches
 from procs import wait_for
@@ -83,7 +84,10 @@ async def test_raise_acknowledge_clear_and_cleared_unacknowledged(stack: tuple[S
     assert err.value.code() == grpc.StatusCode.ABORTED
     acked = await alarm.stub.AcknowledgeAlarm(pb.AcknowledgeAlarmRequest(rule_id="hot", tag_id=1, note="on it",
                                                                          etag=active.etag))
-    assert acked.alarm.state == S.ALARM_STATE_ACTIVE_ACKNOWLEDGED and acked.event.actor == "system"
+    # Who acknowledged is the caller's principal (runtime/principal.actor()): here the development principal,
+    # as these in-process servers run with authentication off.
+    assert acked.alarm.state == S.ALARM_STATE_ACTIVE_ACKNOWLEDGED and acked.event.actor == INSECURE.subject
+    assert acked.alarm.acknowledged_by == INSECURE.subject
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await alarm.stub.AcknowledgeAlarm(pb.AcknowledgeAlarmRequest(rule_id="hot", tag_id=1))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
