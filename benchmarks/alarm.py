@@ -138,7 +138,10 @@ async def _serve_ingest(dsn: str, logdir: Path) -> tuple[subprocess.Popen, str]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = _free_port()
+    # FABRICA_INSECURE=1: the figures are the write and evaluation paths', without token checks (as
+    # benchmarks/ingest.py measures them).
     env = {**os.environ, "DATABASE_URL": dsn, "FABRICA_METRICS_PORT": "-1", "FABRICA_LOG_FORMAT": "text",
+           "FABRICA_INSECURE": "1",
            "FABRICA_LOG_LEVEL": "WARNING", "PYTHONPATH": f"{REPO / 'gen'}:{REPO / 'services'}"}
     log = open(logdir / "ingest.log", "ab")  # noqa: SIM115 - the child owns it
     server = subprocess.Popen([sys.executable, "-m", "fabrica_svc.cli", "serve", "ingest", "--port", str(port)],
@@ -205,7 +208,7 @@ async def bench_feed(dsn: str, ingest_address: str) -> float:
 def _alarm_settings(dsn: str, logdir: Path):  # noqa: ANN202 - Settings
     from fabrica_svc.runtime.settings import load_settings
 
-    return load_settings("alarm", {}).with_overrides(port=0, metrics_port=-1, database_url=dsn, data_dir=logdir,
+    return load_settings("alarm", {"FABRICA_INSECURE": "1"}).with_overrides(port=0, metrics_port=-1, database_url=dsn, data_dir=logdir,
                                                      log_level="WARNING")
 
 

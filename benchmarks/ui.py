@@ -121,8 +121,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="fabrica-bench-ui-"))
     os.chmod(tmp, 0o755)  # the embedded Postgres runs as its own user
-    base = _free_ports(7)  # config, ingest, production, collector, the two peer ports, the web origin
-    web = base + 6
+    base = _free_ports(8)  # config, ingest, production, collector, alarm, the two peer ports, the web origin
+    web = base + 7
     env = {**os.environ, "FABRICA_LOG_FORMAT": "text", "FABRICA_METRICS_PORT": "-1", "FABRICA_WEB_DIST": str(DIST)}
     log = tmp / "run.log"
     with open(log, "wb") as out:
