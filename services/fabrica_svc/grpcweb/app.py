@@ -15,6 +15,7 @@ FABRICA_CONFIG_ADDR            host:port of config                              
 FABRICA_INGEST_ADDR            host:port of ingest                              127.0.0.1:50052
 FABRICA_PRODUCTION_ADDR        host:port of production                          127.0.0.1:50053
 FABRICA_COLLECTOR_ADDR         host:port of the collector (probe, preview)      127.0.0.1:50054
+FABRICA_ALARM_ADDR             host:port of alarm                               127.0.0.1:50055
 FABRICA_GRPC_WEB_CORS_ORIGINS  Comma-separated origins allowed to call from     http://localhost:5173
                                another origin (scheme://host[:port]; never *)   (the UI's dev server)
 FABRICA_WEB_DIST               The built UI to serve; "-" serves none           web/dist when it exists
@@ -61,7 +62,8 @@ _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa
 #: A path that names an RPC (/package.Service/Method): answered by the proxy, never by the UI's files.
 _RPC_PATH = re.compile(r"/[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+/[A-Za-z_]\w*")
 _ADDR_VARS = {"config": "FABRICA_CONFIG_ADDR", "ingest": "FABRICA_INGEST_ADDR",
-              "production": "FABRICA_PRODUCTION_ADDR", "collector": "FABRICA_COLLECTOR_ADDR"}
+              "production": "FABRICA_PRODUCTION_ADDR", "collector": "FABRICA_COLLECTOR_ADDR",
+              "alarm": "FABRICA_ALARM_ADDR"}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from ..runtime.reflection import descriptor_set_path
 UNARY_TIMEOUT = 60.0
 
 #: The upstreams, by the second part of a service's package (``fabrica.config.v1`` → config).
-UPSTREAMS = ("config", "ingest", "production", "collector")
+UPSTREAMS = ("config", "ingest", "production", "collector", "alarm")
 
 
 class Kind(enum.Enum):
