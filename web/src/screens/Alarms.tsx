@@ -1,6 +1,6 @@
 // The alarms that are not normal, live from WatchAlarms, with the operator's Acknowledge and Shelve; the recent
 // alarm events (ListAlarmEvents) below, reloaded whenever the stream moves on.
-import { useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { create } from "@bufbuild/protobuf";
 import { alarm as alarms, problem, validate, type Problem } from "../api";
 import { AlarmEventType, AlarmState, type Alarm, type AlarmEvent } from "../gen/fabrica/alarm/v1/alarm_pb";
@@ -113,6 +113,14 @@ export function Alarms() {
   const events = useLoad(() => alarms.listAlarmEvents({ pageSize: 50 }).then((r) => r.events), [board.cursor], 15000);
   const ruleName = (id: string) => rules.data?.get(id) || id;
   const list = sortedAlarms(board.alarms.values());
+  // A rule created since the rules were read: read them again (once per unknown rule) for its name.
+  const asked = useRef(new Set<string>());
+  const unknown = list.map((a) => a.ruleId).filter((id) => rules.data && !rules.data.has(id) && !asked.current.has(id));
+  useEffect(() => {
+    if (!unknown.length) return;
+    unknown.forEach((id) => asked.current.add(id));
+    rules.reload();
+  }, [unknown.join(",")]);
 
   return (
     <div class="page">
