@@ -8,7 +8,7 @@ import grpc
 import pytest
 from playwright.sync_api import Page, expect
 
-from .conftest import Stack, screenshot, sign_in
+from .conftest import CuttableProxy, Stack, screenshot, sign_in
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +106,32 @@ def test_an_alarm_appears_live_an_operator_acknowledges_it_and_a_viewer_may_not(
             agrpc.AlarmServiceStub(ch).AcknowledgeAlarm(apb.AcknowledgeAlarmRequest(rule_id=RULE, tag_id=tag_id),
                                                         timeout=10, metadata=stack.metadata(stack.token("viewer", "vera")))
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_broken_alarm_stream_says_reconnecting_and_resumes_with_what_happened_meanwhile(
+        page: Page, proxy: CuttableProxy, stack: Stack) -> None:
+    from fabrica.alarm.v1 import alarm_service_pb2 as apb
+    from fabrica.alarm.v1 import alarm_service_pb2_grpc as agrpc
+    from google.protobuf import duration_pb2
+
+    tag_id, _ = _temperature_tag(stack)
+    origin = f"http://127.0.0.1:{proxy.port}/"
+    sign_in(page, origin, stack.admin_token, "admin")
+    page.goto(origin + "#/alarms")
+    badge = page.get_by_test_id("stream-state")
+    expect(badge).to_have_text("live")
+    row = page.locator(f"[data-testid=active-alarms] tr[data-rule={RULE}]")  # raised by the test above
+    expect(row).to_be_visible()
+    expect(row.get_by_test_id("shelved")).to_have_count(0)
+    proxy.cut()
+    expect(badge).to_have_text("reconnecting…", timeout=30_000)
+    # Meanwhile someone shelves it: the resumed stream (after its last cursor) brings the change.
+    with stack.channel(stack.alarm) as ch:
+        agrpc.AlarmServiceStub(ch).ShelveAlarm(apb.ShelveAlarmRequest(
+            rule_id=RULE, tag_id=tag_id, duration=duration_pb2.Duration(seconds=3600), note="cooler on order"),
+            timeout=10, metadata=stack.metadata())
+    proxy.restore()
+    expect(badge).to_have_text("live", timeout=30_000)
+    expect(row.get_by_test_id("shelved")).to_contain_text("shelved until", timeout=30_000)
+    expect(page.locator(f"[data-testid=alarm-events] tr[data-rule={RULE}]", has_text="shelved").first
+           ).to_contain_text("cooler on order")
