@@ -8,7 +8,7 @@ import { AcknowledgeAlarmRequestSchema, ShelveAlarmRequestSchema } from "../gen/
 import { Severity } from "../gen/fabrica/alarm/v1/rule_pb";
 import { agoText, timeText, tsDate, valueText } from "../format";
 import { alarmKey, useAlarms } from "../live";
-import { Allowed, Card, Empty, ErrorBanner, plcName, StreamBadge, useLoad, useNames, useNow, type Names } from "../ui";
+import { Allowed, Card, Empty, ErrorBanner, plcName, refreshNames, StreamBadge, useLoad, useNames, useNow, type Names } from "../ui";
 
 export const SEVERITY_WORDS: Record<Severity, string> = {
   [Severity.UNSPECIFIED]: "unknown",
@@ -121,6 +121,13 @@ export function Alarms() {
     unknown.forEach((id) => asked.current.add(id));
     rules.reload();
   }, [unknown.join(",")]);
+  // Likewise a PLC or tag the names do not know yet (created since they were read, or their read failed).
+  const unnamed = names ? list.filter((a) => !names.tags.has(a.tagId)).map(alarmKey).filter((k) => !asked.current.has(k)) : [];
+  useEffect(() => {
+    if (!unnamed.length) return;
+    unnamed.forEach((k) => asked.current.add(k));
+    refreshNames();
+  }, [unnamed.join(",")]);
 
   return (
     <div class="page">
