@@ -57,10 +57,11 @@ def test_an_alarm_appears_live_an_operator_acknowledges_it_and_a_viewer_may_not(
     assert page.evaluate("window.__sameDocument") is True, "the page was reloaded"
     expect(row.get_by_test_id("alarm-state")).to_have_text("active, unacknowledged")
     expect(row.get_by_test_id("severity")).to_have_text("high")
-    expect(row).to_contain_text("Oil warmer than 20 °C")
-    expect(row).to_contain_text("Press 1 (Modbus TCP)")
+    # The names (rules, PLCs, tags) are read once per page; a loaded machine may take a while.
+    expect(row).to_contain_text("Oil warmer than 20 °C", timeout=20_000)
+    expect(row).to_contain_text("Press 1 (Modbus TCP)", timeout=20_000)
     expect(row.get_by_test_id("tag-name")).to_have_text("press.temperature")
-    expect(row.get_by_test_id("alarm-value")).to_contain_text(unit)
+    expect(row.get_by_test_id("alarm-value")).to_contain_text(unit, timeout=20_000)
     value = float(row.get_by_test_id("alarm-value").inner_text().split()[0].replace(",", ""))
     assert value > 20.0
     expect(page.get_by_test_id("nav-alarm-count")).to_be_visible()
@@ -83,7 +84,7 @@ def test_an_alarm_appears_live_an_operator_acknowledges_it_and_a_viewer_may_not(
     row.get_by_test_id("acknowledge").click()
     row.get_by_label("Note").fill("checked the cooler")
     row.get_by_test_id("acknowledge-confirm").click()
-    expect(row.get_by_test_id("alarm-state")).to_have_text("active, acknowledged")
+    expect(row.get_by_test_id("alarm-state")).to_have_text("active, acknowledged", timeout=20_000)
     expect(row.get_by_test_id("acknowledged-by")).to_contain_text("olga")
     expect(row.get_by_test_id("acknowledged-by")).to_contain_text("checked the cooler")
     expect(row.get_by_test_id("acknowledge")).to_have_count(0)
