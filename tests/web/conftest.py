@@ -1,4 +1,4 @@
-"""The web tests' stack: config, ingest, production, a collector and alarm in process (tests/in_process.py) over
+"""The web tests' stack: config, ingest, production, alarm and a collector in process (tests/in_process.py) over
 the test's database, and the gRPC-Web gateway (fabrica_svc.grpcweb) in front of them on 127.0.0.1:0."""
 
 from __future__ import annotations
@@ -38,15 +38,14 @@ async def start_services(servers: Servers, database_url: str, tmp_path: Path,
     """The services in development mode (plaintext); with `key`, authentication is on (they verify tokens
     signed by it) and production and the collector send tokens of their own, as under `fabrica run`."""
     env: dict[str, str] = {}
-    tokens: dict[str, dict[str, str]] = {name: {} for name in ("config", "ingest", "production", "collector",
-                                                                "alarm")}
+    tokens: dict[str, dict[str, str]] = {name: {} for name in ("config", "ingest", "production", "collector", "alarm")}
     if key is not None:
         env = {"FABRICA_JWT_PUBLIC_KEY_FILE": str(key.public_key_file)}
         tokens["production"] = {"token": auth.mint_token(key, subject="service-production", roles=["viewer"],
                                                          ttl_seconds=3600)}
+        tokens["alarm"] = {"token": auth.mint_token(key, subject="service-alarm", roles=["viewer"], ttl_seconds=3600)}
         tokens["collector"] = {"token": auth.mint_token(key, subject="collector-web-1", roles=["collector"],
                                                         collector_id="web-1", ttl_seconds=3600)}
-        tokens["alarm"] = {"token": auth.mint_token(key, subject="service-alarm", roles=["viewer"], ttl_seconds=3600)}
     out: dict[str, Server] = {}
     for name in ("config", "ingest"):
         out[name] = await servers.start(name, settings_for(name, env, database_url=database_url, data_dir=tmp_path))
@@ -54,13 +53,13 @@ async def start_services(servers: Servers, database_url: str, tmp_path: Path,
         "production", settings_for("production", env, database_url=database_url, data_dir=tmp_path,
                                    **tokens["production"]),
         ingest_addr=out["ingest"].address)
+    # Rules, alarms and operator actions; no evaluation (no ingest address): the gateway's routes are what is tried.
+    out["alarm"] = await servers.start("alarm", settings_for("alarm", env, database_url=database_url, data_dir=tmp_path,
+                                                             config_addr=out["config"].address, **tokens["alarm"]))
     base = settings_for("collector", env, data_dir=tmp_path, **tokens["collector"])
     collector = CollectorSettings(base=base, collector_id="web-1", config_addr=out["config"].address,
                                   ingest_addr=out["ingest"].address, batch_latency=0.05)
     out["collector"] = await servers.start("collector", base, config=collector)
-    out["alarm"] = await servers.start(
-        "alarm", settings_for("alarm", env, database_url=database_url, data_dir=tmp_path,
-                              ingest_addr=out["ingest"].address, config_addr=out["config"].address, **tokens["alarm"]))
     return out
 
 

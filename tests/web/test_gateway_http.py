@@ -94,11 +94,13 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
     (tmp_path / "index.html").write_text("x")
     settings = load_gateway_settings({
         "FABRICA_INSECURE": "1", "FABRICA_PORT": "9000", "FABRICA_CONFIG_ADDR": "config:1", "FABRICA_PRODUCTION_ADDR": "prod.svc:50053",
+        "FABRICA_ALARM_ADDR": "alarm.svc:50055",
         "FABRICA_GRPC_WEB_CORS_ORIGINS": "https://ui.example.com, http://localhost:5173/",
         "FABRICA_WEB_DIST": str(tmp_path)})
     assert settings.base.port == 9000
     assert settings.upstreams == {"config": "config:1", "ingest": "127.0.0.1:50052",
-                                  "production": "prod.svc:50053", "collector": "127.0.0.1:50054"}
+                                  "production": "prod.svc:50053", "collector": "127.0.0.1:50054",
+                                  "alarm": "alarm.svc:50055"}
     assert settings.cors_origins == ("https://ui.example.com", "http://localhost:5173")
     assert settings.web_dist == tmp_path
     assert load_gateway_settings({**DEV, "FABRICA_WEB_DIST": "-"}).web_dist is None

@@ -9,6 +9,7 @@ import { ConfigService } from "./gen/fabrica/config/v1/config_service_pb";
 import { IngestService } from "./gen/fabrica/ingest/v1/ingest_service_pb";
 import { ProductionService } from "./gen/fabrica/production/v1/production_service_pb";
 import { CollectorService } from "./gen/fabrica/collector/v1/collector_service_pb";
+import { AlarmService } from "./gen/fabrica/alarm/v1/alarm_service_pb";
 import { BadRequestSchema, ErrorInfoSchema, PreconditionFailureSchema } from "./gen/google/rpc/error_details_pb";
 
 // ---- identity ---------------------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ export const config: Client<typeof ConfigService> = createClient(ConfigService, 
 export const ingest: Client<typeof IngestService> = createClient(IngestService, transport);
 export const production: Client<typeof ProductionService> = createClient(ProductionService, transport);
 export const collector: Client<typeof CollectorService> = createClient(CollectorService, transport);
+export const alarm: Client<typeof AlarmService> = createClient(AlarmService, transport);
 
 // ---- errors -----------------------------------------------------------------------------------------------
 

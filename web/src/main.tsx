@@ -10,6 +10,8 @@ import { Trend } from "./screens/Trend";
 import { Orders } from "./screens/Orders";
 import { Downtime } from "./screens/Downtime";
 import { Configuration } from "./screens/Configuration";
+import { Alarms } from "./screens/Alarms";
+import { useAlarms } from "./live";
 import { Login } from "./screens/Login";
 
 type Route = { path: string; params: URLSearchParams };
@@ -25,9 +27,16 @@ const NAV: [string, string, string][] = [
   ["/plant", "Plant", "M4 20V9l5 3V9l5 3V4h6v16z"],
   ["/trend", "Trend", "M3 17l6-6 4 4 8-8M15 7h6v6"],
   ["/orders", "Orders", "M6 3h12v18H6zM9 8h6M9 12h6M9 16h4"],
+  ["/alarms", "Alarms", "M6 17V11a6 6 0 1 1 12 0v6l2 2H4zM10 21h4"],
   ["/downtime", "Downtime", "M12 7v5l3 3M12 3a9 9 0 1 0 0 18 9 9 0 0 0 0-18z"],
   ["/config", "Configuration", "M12 9a3 3 0 1 0 0 6 3 3 0 0 0 0-6zM19 12l2-1-2-4-2 1-2-2V4h-4v2l-2 2-2-1-2 4 2 1v0l-2 1 2 4 2-1 2 2v2h4v-2l2-2 2 1 2-4z"],
 ];
+
+/** The nav's count of alarms still to see to (active, or cleared but not acknowledged). */
+function AlarmCount() {
+  const n = useAlarms().alarms.size;
+  return n ? <span class="nav-count" data-testid="nav-alarm-count" title={`${n} alarm${n === 1 ? "" : "s"} to see to`}>{n}</span> : null;
+}
 
 function App() {
   const [route, setRoute] = useState(parse());
@@ -45,6 +54,7 @@ function App() {
     case "/trend": screen = <Trend params={route.params} />; break;
     case "/orders": screen = <Orders />; break;
     case "/downtime": screen = <Downtime params={route.params} />; break;
+    case "/alarms": screen = <Alarms />; break;
     case "/config": screen = <Configuration params={route.params} />; break;
     default: screen = <Overview />;
   }
@@ -57,6 +67,7 @@ function App() {
             <a href={`#${p}`} class={`nav-link ${route.path === p && !showLogin ? "active" : ""}`} data-nav={label}>
               <svg viewBox="0 0 24 24" width="18" height="18" aria-hidden="true"><path d={icon} /></svg>
               <span>{label}</span>
+              {p === "/alarms" && !showLogin && <AlarmCount />}
             </a>
           ))}
         </nav>

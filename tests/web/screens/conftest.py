@@ -48,6 +48,8 @@ class Stack:
     data_dir: Path
     #: The admin token the banner prints.
     admin_token: str
+    #: The alarm service's address.
+    alarm: str = ""
 
     @property
     def ca(self) -> Path:
@@ -96,7 +98,7 @@ def _start_stack(tmp: Path) -> tuple[subprocess.Popen, Stack]:
     return proc, Stack(url=f"http://127.0.0.1:{web}/", config=f"127.0.0.1:{base}", ingest=f"127.0.0.1:{base + 1}",
                        production=f"127.0.0.1:{base + 2}", collector=f"127.0.0.1:{base + 3}",
                        modbus_port=int(sim.group(1)), s7_port=int(sim.group(2)), log=log, data_dir=tmp / "data",
-                       admin_token=admin.group(1))
+                       admin_token=admin.group(1), alarm=f"127.0.0.1:{base + 4}")
 
 
 @pytest.fixture(scope="module")

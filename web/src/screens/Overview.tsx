@@ -1,10 +1,13 @@
 import { OrderState, type Order } from "../gen/fabrica/production/v1/order_pb";
 import { agoText, latencyText, STATE_WORDS } from "../format";
-import { useCollectorStatus, useOrderBoard } from "../live";
+import { useAlarms, useCollectorStatus, useOrderBoard } from "../live";
+import { AlarmState } from "../gen/fabrica/alarm/v1/alarm_pb";
 import { Card, Dot, Empty, ErrorBanner, itemName, plcName, Progress, StreamBadge, useNames, useNow, wcName } from "../ui";
 
 export function Overview() {
   const board = useOrderBoard();
+  const alarms = useAlarms();
+  const unacked = [...alarms.alarms.values()].filter((a) => a.state !== AlarmState.ACTIVE_ACKNOWLEDGED).length;
   const status = useCollectorStatus();
   const names = useNames();
   const now = useNow();
@@ -22,6 +25,9 @@ export function Overview() {
       <div class="tiles">
         <div class="tile"><span class="tile-label">Running orders</span><span class="tile-value" data-testid="kpi-running">{open.filter((o) => o.state === OrderState.IN_PROGRESS).length}</span></div>
         <div class="tile"><span class="tile-label">Paused</span><span class="tile-value">{open.filter((o) => o.state === OrderState.PAUSED).length}</span></div>
+        <a class={`tile ${alarms.alarms.size ? "tile-warn" : ""}`} href="#/alarms" data-testid="kpi-alarms-tile"><span class="tile-label">Alarms</span>
+          <span class="tile-value" data-testid="kpi-alarms">{alarms.state === "connecting" ? "—" : alarms.alarms.size}</span>
+          <span class="tile-sub">{alarms.alarms.size ? `${unacked} unacknowledged` : "none active"}</span></a>
         <div class={`tile ${plcs.length && connected < plcs.length ? "tile-warn" : ""}`}><span class="tile-label">PLCs connected</span><span class="tile-value">{connected} / {plcs.length}</span></div>
         <div class={`tile ${status.data && !status.data.uplinkConnected ? "tile-warn" : ""}`}><span class="tile-label">Uplink to ingest</span>
           <span class="tile-value small">{status.data ? (status.data.uplinkConnected ? "connected" : "down") : "—"}</span>
