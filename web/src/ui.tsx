@@ -77,7 +77,10 @@ async function pages<T>(call: (token: string) => Promise<[T[], string]>): Promis
 }
 
 export async function loadNames(): Promise<Names> {
-  const settle = async <T,>(p: Promise<T[]>): Promise<T[]> => { try { return await p; } catch { return []; } };
+  // A list that fails (a call before sign-in, a service restarting) leaves its names out for now, and the
+  // names are read again shortly (below): a failure must not be cached as "no names" for the page's life.
+  let failed = false;
+  const settle = async <T,>(p: Promise<T[]>): Promise<T[]> => { try { return await p; } catch { failed = true; return []; } };
   const [plcs, wcs, items, reasons, codes] = await Promise.all([
     settle(pages((t) => config.listPlcs({ pageSize: 500, pageToken: t }).then((r) => [r.plcs, r.nextPageToken]))),
     settle(pages((t) => production.listWorkCenters({ pageSize: 500, pageToken: t }).then((r) => [r.workCenters, r.nextPageToken]))),
@@ -97,8 +100,12 @@ export async function loadNames(): Promise<Names> {
   };
   namesCache = n;
   namesListeners.forEach((l) => l(n));
+  if (failed) setTimeout(refreshNames, NAMES_RETRY_MS);
   return n;
 }
+
+/** How soon names are read again after one of their lists failed. */
+const NAMES_RETRY_MS = 1000;
 
 export function refreshNames(): void {
   namesPromise = loadNames();
