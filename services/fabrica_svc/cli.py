@@ -2,7 +2,7 @@
 
   fabrica serve <config|ingest|production|collector|alarm> [--port N]   run one service (a container)
   fabrica run                                                      the whole local stack, for trying it out
-  fabrica token --role R --user U [--data-dir D] [--ttl 8h]        a bearer token signed by `run`'s local key
+  fabrica token --role R --user U [--tenant T] [--data-dir D] [--ttl 8h]  a bearer token signed by `run`'s local key
   fabrica grpc-web [--port N]                                      the gRPC-Web gateway and web UI alone
   fabrica plcsim                                                   the PLC simulator
 """
@@ -72,13 +72,17 @@ def _token(args: argparse.Namespace) -> int:
     key = ensure_local_key(data_dir)
     roles = sorted({r.strip() for r in args.role.split(",") if r.strip()})
     kw: dict[str, Any] = {"collector_id": args.collector_id} if args.collector_id else {}
+    if args.tenant:
+        kw["tenant"] = args.tenant
     try:
         token = mint_token(key, subject=args.user, roles=roles, ttl_seconds=ttl, issuer=issuer,
                            audience=audience, **kw)
     except ValueError as exc:
         print(f"fabrica token: {exc}", file=sys.stderr)
         return 2
-    print(f"# {args.user}: {', '.join(roles)}, valid {args.ttl}, signed by {key.private_key_file}", file=sys.stderr)
+    tenant = "every tenant" if args.tenant == "*" else f"tenant {args.tenant or 'default'}"
+    print(f"# {args.user}: {', '.join(roles)} of {tenant}, valid {args.ttl}, signed by {key.private_key_file}",
+          file=sys.stderr)
     print(token)
     return 0
 
@@ -146,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--data-dir", default=None, help="the folder of `fabrica run` (FABRICA_DATA_DIR, else .fabrica)")
     token.add_argument("--ttl", default="8h", help="how long the token is valid: 90s, 30m, 8h, 7d (default 8h)")
     token.add_argument("--collector-id", default="", help="for a collector's token: the collector it proves")
+    token.add_argument("--tenant", default="",
+                       help="the tenant the token belongs to (default: the tenant 'default'); '*' for an admin of "
+                            "the whole installation, who names the tenant per call (header x-fabrica-tenant)")
 
     sub.add_parser("plcsim", help="the PLC simulator (Modbus TCP, Modbus RTU over TCP, S7); --help for options",
                    add_help=False)

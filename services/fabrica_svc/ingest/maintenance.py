@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from ..runtime import tenancy
 from ..runtime.tasks import cancel_and_wait
 from .domain import day_bounds, days_ahead, expired_partitions, partition_name, retention_cutoff
 from .store import IngestStore
@@ -89,7 +90,8 @@ class Maintenance:
 
     async def run_once(self) -> MaintenanceReport | None:
         try:
-            return await maintain(self.store, self.clock(), ahead=self.ahead, retention_days=self.retention_days,
+            with tenancy.system():  # partitions and retention of every tenant
+                return await maintain(self.store, self.clock(), ahead=self.ahead, retention_days=self.retention_days,
                                   feed_retention_hours=self.feed_retention_hours)
         except asyncio.CancelledError:
             raise
@@ -101,7 +103,8 @@ class Maintenance:
         """Today's and the next days' partitions before serving; the rest of a round (moving late rows,
         retention, which may take long) in the background, right away and then every `interval`."""
         try:
-            await ensure_ahead(self.store, self.clock(), ahead=self.ahead)
+            with tenancy.system():
+                await ensure_ahead(self.store, self.clock(), ahead=self.ahead)
         except Exception as exc:  # the default partition takes every reading meanwhile
             log.warning("could not create partitions ahead; retrying in the background",
                         extra={"error": f"{type(exc).__name__}: {exc}"})

@@ -753,6 +753,8 @@ class IngestStore:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MAINTENANCE_LOCK_KEY):
                 return False
+            # Partitions are DDL on the tables' owner's tables: as the connecting user, not the RLS role.
+            await conn.execute("SET LOCAL ROLE NONE")
             # Never let a DDL lock queue block the writer for long: give up and retry next round.
             await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
             if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.{name}") is not None:
@@ -788,6 +790,7 @@ class IngestStore:
         allows no DETACH ... CONCURRENTLY next to a default partition), so writers may wait up to
         `lock_timeout` once per retention round; past it the drop is retried next round."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL ROLE NONE")  # DDL, as in create_partition
             await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
             await conn.execute(f'DROP TABLE IF EXISTS ingest."{name}"')
 

@@ -38,6 +38,7 @@ from fabrica.common.v1 import auth_pb2
 from google.protobuf import descriptor_pool
 
 from . import principal as principals
+from . import tenancy
 from .errors import PermissionDenied, Unauthenticated, Unavailable
 from .principal import Principal
 from .settings import Settings, SettingsError
@@ -224,9 +225,15 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     if principals.COLLECTOR in roles and not collector_id:
         raise _unauthenticated("a token with the collector role must name its collector (collector_id claim)",
                                "TOKEN_INVALID")
+    tenant = claims.get("tenant", tenancy.DEFAULT)
+    if not isinstance(tenant, str) or not (tenant == tenancy.ALL or tenancy.is_code(tenant)):
+        raise _unauthenticated("the bearer token's tenant claim is not a tenant code or *", "TOKEN_INVALID")
+    if tenant == tenancy.ALL and (collector_id or principals.ADMIN not in roles):
+        raise _unauthenticated("only an admin's token may be installation-wide (tenant *)", "TOKEN_INVALID")
     if collector_id:
-        return Principal(subject=f"collector:{collector_id}", roles=roles, collector_id=collector_id, via="token")
-    return Principal(subject=f"user:{sub}", roles=roles, via="token")
+        return Principal(subject=f"collector:{collector_id}", roles=roles, collector_id=collector_id, via="token",
+                         tenant=tenant)
+    return Principal(subject=f"user:{sub}", roles=roles, via="token", tenant=tenant)
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]]) -> str | None:
@@ -378,8 +385,10 @@ def ensure_local_key(data_dir: Path) -> LocalKey:
 
 
 def mint_token(key: LocalKey, *, subject: str, roles: Iterable[str], ttl_seconds: float,
-               issuer: str = "fabrica", audience: str = "fabrica", collector_id: str | None = None) -> str:
-    """A token signed by the local key for `subject` with `roles`, valid for `ttl_seconds`."""
+               issuer: str = "fabrica", audience: str = "fabrica", collector_id: str | None = None,
+               tenant: str | None = None) -> str:
+    """A token signed by the local key for `subject` with `roles`, valid for `ttl_seconds`, of `tenant` (a
+    code; ``*`` for an installation-wide admin; no claim, that is ``default``, when None)."""
     roles = set(roles)
     unknown = sorted(roles - set(principals.ROLES))
     if unknown:
@@ -391,6 +400,13 @@ def mint_token(key: LocalKey, *, subject: str, roles: Iterable[str], ttl_seconds
                               "iat": now, "exp": now + int(ttl_seconds), "jti": uuid.uuid4().hex}
     if collector_id:
         claims["collector_id"] = collector_id
+    if tenant is not None:
+        if not (tenant == tenancy.ALL or tenancy.is_code(tenant)):
+            raise ValueError(f"{tenant!r} is not a tenant code (lower-case letters, digits and dashes, starting "
+                             "with a letter) or * (installation-wide)")
+        if tenant == tenancy.ALL and (collector_id or principals.ADMIN not in roles):
+            raise ValueError("only an admin's token may be installation-wide (--tenant '*')")
+        claims["tenant"] = tenant
     return jwt.encode(claims, key.private_key(), algorithm="EdDSA", headers={"kid": key.key_id})
 
 

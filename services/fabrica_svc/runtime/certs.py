@@ -23,6 +23,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SERVICE_URI = "urn:fabrica:service:"
 COLLECTOR_URI = "urn:fabrica:collector:"
+#: A collector certificate's tenant (runtime/tenancy.py); without it the collector is of ``default``.
+TENANT_URI = "urn:fabrica:tenant:"
 
 #: What a server certificate of `fabrica run` answers to (its services listen on 127.0.0.1).
 LOCAL_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -37,6 +39,10 @@ def service_uri(name: str) -> str:
 
 def collector_uri(collector_id: str) -> str:
     return COLLECTOR_URI + collector_id
+
+
+def tenant_uri(tenant: str) -> str:
+    return TENANT_URI + tenant
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -142,9 +148,12 @@ class CertificateAuthority:
         """A service's certificate: a server certificate for `hosts`, and a client one naming the service."""
         return self.issue(f"fabrica {service}", [service_uri(service), *hosts])
 
-    def issue_collector(self, collector_id: str, hosts: Sequence[str] = LOCAL_NAMES) -> Issued:
-        """A collector's certificate: its client identity, and its admin API's server certificate."""
-        return self.issue(f"fabrica collector {collector_id}", [collector_uri(collector_id), *hosts])
+    def issue_collector(self, collector_id: str, hosts: Sequence[str] = LOCAL_NAMES, *,
+                        tenant: str | None = None) -> Issued:
+        """A collector's certificate: its client identity (of `tenant`; ``default`` when None), and its admin
+        API's server certificate."""
+        names = [collector_uri(collector_id), *([tenant_uri(tenant)] if tenant else []), *hosts]
+        return self.issue(f"fabrica collector {collector_id}", names)
 
 
 def write_private(path: Path, data: bytes) -> None:

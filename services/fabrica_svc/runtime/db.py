@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 
+from . import tenancy
 from .retry import SERVICE_RETRY, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -78,21 +79,38 @@ async def apply_migrations(conn: asyncpg.Connection, schema: str, migrations: Se
                 f'INSERT INTO "{schema}".schema_migrations (version, name) VALUES ($1, $2)', m.version, m.name
             )
             applied.append(m.version)
+        # Every start: the row-level-security role may use what the migrations made (one service at a time:
+        # the role is shared by every schema).
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key("fabrica.rls-role"))
+        await conn.execute(tenancy.role_sql(schema))
         return applied
 
 
-async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections use `schema` first on their search path.
+async def _scope_to_tenant(conn: asyncpg.Connection) -> None:
+    """On every acquire: the connection works for the acquiring task's tenant (runtime/tenancy.py), or for
+    nobody (it then sees no row of a tenant table)."""
+    await conn.execute(f"SELECT set_config('{tenancy.SETTING}', $1, false)", tenancy.session_value())
 
-    The search path is a start-up parameter, not a SET: the pool's reset on release (RESET ALL) returns
-    to start-up values, so it survives.
+
+async def create_pool(dsn: str, schema: str, *, min_size: int = 1, max_size: int = 10,
+                      row_security: bool = True) -> asyncpg.Pool:
+    """A pool whose connections use `schema` first on their search path, run as the role ``fabrica_rls``
+    and are scoped to the acquiring task's tenant (runtime/tenancy.py).
+
+    The search path and the role are start-up parameters, not SETs: the pool's reset on release (RESET ALL)
+    returns to start-up values, so they survive. ``row_security=False`` (benchmarks only) keeps the
+    connecting user's role: a superuser or the tables' owner is not held by the policies.
     """
+    settings = {"application_name": f"fabrica-{schema}", "search_path": f'"{schema}", public'}
+    if row_security:
+        settings["role"] = tenancy.DB_ROLE
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
         command_timeout=60,
-        server_settings={"application_name": f"fabrica-{schema}", "search_path": f'"{schema}", public'},
+        server_settings=settings,
+        setup=_scope_to_tenant,
     )
     assert pool is not None
     return pool

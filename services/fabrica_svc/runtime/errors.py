@@ -107,10 +107,24 @@ class PermissionDenied(DomainError):
     reason = "PERMISSION_DENIED"
 
 
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One quota used up: `subject` whose (``tenants/acme``), `description` which and how far."""
+
+    subject: str
+    description: str
+
+
 class ResourceExhausted(DomainError):
-    """A quota or limit is used up. Maps to RESOURCE_EXHAUSTED; retry later, slower."""
+    """A quota or limit is used up. Maps to RESOURCE_EXHAUSTED (with a QuotaFailure detail when the error
+    names quotas); retry later, slower."""
 
     reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, quota_violations: list[QuotaViolation] | None = None,
+                 reason: str | None = None, metadata: dict[str, str] | None = None):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.quota_violations = list(quota_violations or [])
 
 
 class Unavailable(DomainError):
@@ -129,6 +143,7 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "QuotaViolation",
     "PreconditionViolation",
     "ResourceExhausted",
     "Unauthenticated",

@@ -41,6 +41,7 @@ from opentelemetry import metrics
 
 from . import audit, auth
 from . import principal as principals
+from . import tenancy
 from .db import DB_UNAVAILABLE_ERRORS
 from .errors import (
     Aborted,
@@ -136,6 +137,13 @@ def status_for(exc: DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
                     )
                     for v in exc.violations
                 ]
+            )
+        )
+    elif isinstance(exc, ResourceExhausted) and exc.quota_violations:
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                            for v in exc.quota_violations]
             )
         )
     details.append(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))
@@ -331,11 +339,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if auth.is_open(path):
             return
         if self.identify is None:
-            principals.set_current(principals.INSECURE)
-            return
-        caller = await self.identify(context)
-        auth.authorize(path, caller)
+            caller = principals.INSECURE
+        else:
+            caller = await self.identify(context)
+            auth.authorize(path, caller)
         principals.set_current(caller)
+        tenancy.set_current(principals.tenant_of_request(caller, tenancy.requested(context.invocation_metadata())))
 
     def close(self) -> None:
         """Release the validator's worker process (ServiceHost.stop calls this)."""

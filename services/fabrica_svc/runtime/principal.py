@@ -6,9 +6,11 @@ The transport (a verified client certificate) and the bearer token (a verified J
 
 Tokens are JWTs with these claims (the embedded signer, `fabrica token`, and any OIDC provider in
 deployment produce them alike): ``sub`` (the user or collector), ``roles`` (a list of role names below),
-``iss``/``aud`` (checked against settings), ``exp``, and, for a collector's token, ``collector_id``.
-A collector's certificate names its collector id in a URI SAN ``urn:fabrica:collector:<id>``; a service's
-certificate names the service in ``urn:fabrica:service:<name>``.
+``iss``/``aud`` (checked against settings), ``exp``, for a collector's token ``collector_id``, and
+``tenant`` (a tenant code, or ``*`` for an installation-wide admin; ``default`` when absent: see
+runtime/tenancy.py). A collector's certificate names its collector id in a URI SAN
+``urn:fabrica:collector:<id>`` and its tenant in ``urn:fabrica:tenant:<code>`` (``default`` when absent); a
+service's certificate names the service in ``urn:fabrica:service:<name>`` and acts across tenants.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass, field
 
-from .errors import PermissionDenied, Unauthenticated
+from . import tenancy
+from .errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 
 #: The roles, weakest first. A role includes the ones before it in this order, except `collector`, which
 #: is a machine role of its own (a collector streams and watches as itself and reads nothing else).
@@ -39,6 +42,12 @@ class Principal:
     roles: frozenset[str] = field(default_factory=frozenset)
     collector_id: str | None = None
     via: str = "token"
+    #: The tenant it belongs to, or ``*`` (installation-wide: it names the tenant per request).
+    tenant: str = tenancy.DEFAULT
+
+    @property
+    def installation_wide(self) -> bool:
+        return self.tenant == tenancy.ALL
 
     def has_role(self, role: str) -> bool:
         """True when this principal may act with `role`: an exact grant, or a stronger user role."""
@@ -51,7 +60,8 @@ class Principal:
 
 
 #: The principal of the development mode, when authentication is off: may do everything, as any collector.
-INSECURE = Principal(subject="insecure", roles=frozenset(USER_ROLES), collector_id=None, via="insecure")
+INSECURE = Principal(subject="insecure", roles=frozenset(USER_ROLES), collector_id=None, via="insecure",
+                     tenant=tenancy.ALL)
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("fabrica_principal", default=None)
 
@@ -94,6 +104,23 @@ def require_collector(collector_id: str) -> None:
             reason="COLLECTOR_IDENTITY_MISMATCH",
             metadata={"collector_id": collector_id, "caller": p.subject},
         )
+
+
+def tenant_of_request(p: Principal, header: str | None) -> str:
+    """The tenant an RPC of `p` works for (the rules are in runtime/tenancy.py): `p`'s own, or for an
+    installation-wide caller the one its ``x-fabrica-tenant`` header names (``default`` for a user without
+    the header, across tenants for a service without it)."""
+    if header is not None and header != tenancy.ALL and not tenancy.is_code(header):
+        raise InvalidArgument(FieldViolation(tenancy.HEADER, f"the {tenancy.HEADER} header is not a tenant code "
+                                             "(lower-case letters, digits and dashes, starting with a letter) or *"))
+    if not p.installation_wide:
+        if header is not None and header != p.tenant:
+            raise PermissionDenied(f"{p.subject} belongs to tenant {p.tenant!r} and acts in it only",
+                                   reason="TENANT_MISMATCH", metadata={"tenant": p.tenant})
+        return p.tenant
+    if header is not None:
+        return header
+    return tenancy.ALL if p.subject.startswith("service:") else tenancy.DEFAULT
 
 
 def require_authenticated() -> Principal:

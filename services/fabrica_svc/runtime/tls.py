@@ -37,8 +37,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import principal
-from .certs import COLLECTOR_URI, SERVICE_URI
+from . import principal, tenancy
+from .certs import COLLECTOR_URI, SERVICE_URI, TENANT_URI
 
 log = logging.getLogger(__name__)
 

@@ -28,16 +28,29 @@ from fabrica.common.v1 import auth_pb2 as fabrica_dot_common_dot_v1_dot_auth__pb
 from fabrica.config.v1 import collector_status_pb2 as fabrica_dot_config_dot_v1_dot_collector__status__pb2
 from fabrica.config.v1 import device_profile_pb2 as fabrica_dot_config_dot_v1_dot_device__profile__pb2
 from fabrica.config.v1 import plc_pb2 as fabrica_dot_config_dot_v1_dot_plc__pb2
+from fabrica.config.v1 import tenant_pb2 as fabrica_dot_config_dot_v1_dot_tenant__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/config_service.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1d\x66\x61\x62rica/common/v1/audit.proto\x1a\x1c\x66\x61\x62rica/common/v1/auth.proto\x1a(fabrica/config/v1/collector_status.proto\x1a&fabrica/config/v1/device_profile.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a google/protobuf/field_mask.proto\"u\n\x10\x43reatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\nrequest_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"8\n\x11\x43reatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\":\n\rGetPlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"5\n\x0eGetPlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x96\x01\n\x0fListPlcsRequest\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"p\n\x10ListPlcsResponse\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xba\x02\n\x10UpdatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12\xf8\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xc6\x01\xbaH\xc2\x01\xba\x01\xbe\x01\n\x11update_mask.paths\x12Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\x1aYsize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))\"8\n\x11UpdatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"j\n\x10\x44\x65letePlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x04\x65tag\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\x13\n\x11\x44\x65letePlcResponse\"\x1b\n\x19ListDeviceProfilesRequest\"P\n\x1aListDeviceProfilesResponse\x12\x32\n\x08profiles\x18\x01 \x03(\x0b\x32 .fabrica.config.v1.DeviceProfile\"\xf4\x01\n\x1b\x43reatePlcFromProfileRequest\x12\x31\n\nprofile_id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x03plc\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12?\n\x0ftag_name_prefix\x18\x03 \x01(\tB&\xbaH#r!\x18@2\x1d^$|^[A-Za-z_][A-Za-z0-9_.-]*$\x12\x34\n\nrequest_id\x18\x04 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"C\n\x1c\x43reatePlcFromProfileResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"u\n\x10WatchPlcsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1f\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"C\n\x0bPlcSnapshot\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x0e\n\x06resync\x18\x02 \x01(\x08\"\x8a\x01\n\tPlcChange\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.fabrica.config.v1.ChangeType\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12#\n\x03plc\x18\x03 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x92\x01\n\x11WatchPlcsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x32\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1e.fabrica.config.v1.PlcSnapshotH\x00\x12.\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x1c.fabrica.config.v1.PlcChangeH\x00\x42\x07\n\x05\x65vent\"\xc2\x01\n\x1cReportCollectorStatusRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12=\n\x0cplc_statuses\x18\x03 \x03(\x0b\x32\x1c.fabrica.config.v1.PlcStatusB\t\xbaH\x06\x92\x01\x03\x10\x90N\"9\n\x1dReportCollectorStatusResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x03\"\x17\n\x15ListCollectorsRequest\"J\n\x16ListCollectorsResponse\x12\x30\n\ncollectors\x18\x01 \x03(\x0b\x32\x1c.fabrica.config.v1.Collector\"\x9b\x01\n\x17ListAuditEntriesRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.fabrica.common.v1.AuditFilter\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"c\n\x18ListAuditEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.fabrica.common.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*Y\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANGE_TYPE_UPSERT\x10\x01\x12\x16\n\x12\x43HANGE_TYPE_DELETE\x10\x02\x32\x94\t\n\rConfigService\x12\\\n\tCreatePlc\x12#.fabrica.config.v1.CreatePlcRequest\x1a$.fabrica.config.v1.CreatePlcResponse\"\x04\xa8\xed\x18\x03\x12S\n\x06GetPlc\x12 .fabrica.config.v1.GetPlcRequest\x1a!.fabrica.config.v1.GetPlcResponse\"\x04\xa8\xed\x18\x01\x12Y\n\x08ListPlcs\x12\".fabrica.config.v1.ListPlcsRequest\x1a#.fabrica.config.v1.ListPlcsResponse\"\x04\xa8\xed\x18\x01\x12\\\n\tUpdatePlc\x12#.fabrica.config.v1.UpdatePlcRequest\x1a$.fabrica.config.v1.UpdatePlcResponse\"\x04\xa8\xed\x18\x03\x12\\\n\tDeletePlc\x12#.fabrica.config.v1.DeletePlcRequest\x1a$.fabrica.config.v1.DeletePlcResponse\"\x04\xa8\xed\x18\x03\x12w\n\x12ListDeviceProfiles\x12,.fabrica.config.v1.ListDeviceProfilesRequest\x1a-.fabrica.config.v1.ListDeviceProfilesResponse\"\x04\xa8\xed\x18\x01\x12}\n\x14\x43reatePlcFromProfile\x12..fabrica.config.v1.CreatePlcFromProfileRequest\x1a/.fabrica.config.v1.CreatePlcFromProfileResponse\"\x04\xa8\xed\x18\x03\x12^\n\tWatchPlcs\x12#.fabrica.config.v1.WatchPlcsRequest\x1a$.fabrica.config.v1.WatchPlcsResponse\"\x04\xa8\xed\x18\x05\x30\x01\x12\x80\x01\n\x15ReportCollectorStatus\x12/.fabrica.config.v1.ReportCollectorStatusRequest\x1a\x30.fabrica.config.v1.ReportCollectorStatusResponse\"\x04\xa8\xed\x18\x05\x12k\n\x0eListCollectors\x12(.fabrica.config.v1.ListCollectorsRequest\x1a).fabrica.config.v1.ListCollectorsResponse\"\x04\xa8\xed\x18\x01\x12q\n\x10ListAuditEntries\x12*.fabrica.config.v1.ListAuditEntriesRequest\x1a+.fabrica.config.v1.ListAuditEntriesResponse\"\x04\xa8\xed\x18\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/config_service.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1d\x66\x61\x62rica/common/v1/audit.proto\x1a\x1c\x66\x61\x62rica/common/v1/auth.proto\x1a(fabrica/config/v1/collector_status.proto\x1a&fabrica/config/v1/device_profile.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\x1a\x1e\x66\x61\x62rica/config/v1/tenant.proto\x1a google/protobuf/field_mask.proto\"H\n\x13\x43reateTenantRequest\x12\x31\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.fabrica.config.v1.TenantB\x06\xbaH\x03\xc8\x01\x01\"A\n\x14\x43reateTenantResponse\x12)\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.fabrica.config.v1.Tenant\"C\n\x10GetTenantRequest\x12/\n\x04\x63ode\x18\x01 \x01(\tB!\xbaH\x1er\x1c\x10\x01\x18?2\x16^[a-z][a-z0-9-]{0,62}$\">\n\x11GetTenantResponse\x12)\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.fabrica.config.v1.Tenant\"f\n\x12ListTenantsRequest\x12\x1d\n\tpage_size\x18\x01 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"y\n\x13ListTenantsResponse\x12*\n\x07tenants\x18\x01 \x03(\x0b\x32\x19.fabrica.config.v1.Tenant\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"y\n\x13UpdateTenantRequest\x12\x31\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.fabrica.config.v1.TenantB\x06\xbaH\x03\xc8\x01\x01\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"A\n\x14UpdateTenantResponse\x12)\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.fabrica.config.v1.Tenant\"u\n\x10\x43reatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xc8\x01\x01\x12\x34\n\nrequest_id\x18\x02 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"8\n\x11\x43reatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\":\n\rGetPlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\"5\n\x0eGetPlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x96\x01\n\x0fListPlcsRequest\x12\x31\n\x0c\x63ollector_id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"p\n\x10ListPlcsResponse\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x36\n\x0fnext_page_token\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\xba\x02\n\x10UpdatePlcRequest\x12+\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12\xf8\x01\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xc6\x01\xbaH\xc2\x01\xba\x01\xbe\x01\n\x11update_mask.paths\x12Nat most 32 paths, each a field name (lower case letters, digits, _ and .) or *\x1aYsize(this.paths) <= 32 && this.paths.all(p, p.matches(\'^([a-z_][a-z0-9_.]{0,127}|[*])$\'))\"8\n\x11UpdatePlcResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"j\n\x10\x44\x65letePlcRequest\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x04\x65tag\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\"\x13\n\x11\x44\x65letePlcResponse\"\x1b\n\x19ListDeviceProfilesRequest\"P\n\x1aListDeviceProfilesResponse\x12\x32\n\x08profiles\x18\x01 \x03(\x0b\x32 .fabrica.config.v1.DeviceProfile\"\xf4\x01\n\x1b\x43reatePlcFromProfileRequest\x12\x31\n\nprofile_id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]+$\x12+\n\x03plc\x18\x02 \x01(\x0b\x32\x16.fabrica.config.v1.PlcB\x06\xbaH\x03\xd8\x01\x03\x12?\n\x0ftag_name_prefix\x18\x03 \x01(\tB&\xbaH#r!\x18@2\x1d^$|^[A-Za-z_][A-Za-z0-9_.-]*$\x12\x34\n\nrequest_id\x18\x04 \x01(\tB \xbaH\x1dr\x1b\x18$2\x17^$|^[0-9a-fA-F-]{1,36}$\"C\n\x1c\x43reatePlcFromProfileResponse\x12#\n\x03plc\x18\x01 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"u\n\x10WatchPlcsRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12\x1f\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\"C\n\x0bPlcSnapshot\x12$\n\x04plcs\x18\x01 \x03(\x0b\x32\x16.fabrica.config.v1.Plc\x12\x0e\n\x06resync\x18\x02 \x01(\x08\"\x8a\x01\n\tPlcChange\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.fabrica.config.v1.ChangeType\x12+\n\x06plc_id\x18\x02 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12#\n\x03plc\x18\x03 \x01(\x0b\x32\x16.fabrica.config.v1.Plc\"\x92\x01\n\x11WatchPlcsResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x32\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1e.fabrica.config.v1.PlcSnapshotH\x00\x12.\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x1c.fabrica.config.v1.PlcChangeH\x00\x42\x07\n\x05\x65vent\"\xc2\x01\n\x1cReportCollectorStatusRequest\x12@\n\x0c\x63ollector_id\x18\x01 \x01(\tB*\xbaH\'r%\x10\x01\x18?2\x1f^[a-z0-9]([a-z0-9-]*[a-z0-9])?$\x12!\n\x10\x61pplied_revision\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12=\n\x0cplc_statuses\x18\x03 \x03(\x0b\x32\x1c.fabrica.config.v1.PlcStatusB\t\xbaH\x06\x92\x01\x03\x10\x90N\"9\n\x1dReportCollectorStatusResponse\x12\x18\n\x10\x63urrent_revision\x18\x01 \x01(\x03\"\x17\n\x15ListCollectorsRequest\"J\n\x16ListCollectorsResponse\x12\x30\n\ncollectors\x18\x01 \x03(\x0b\x32\x1c.fabrica.config.v1.Collector\"\x9b\x01\n\x17ListAuditEntriesRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.fabrica.common.v1.AuditFilter\x12\x1d\n\tpage_size\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xf4\x03(\x00\x12\x31\n\npage_token\x18\x03 \x01(\tB\x1d\xbaH\x1ar\x18\x18\x80\x04\x32\x13^[^\\x00-\\x1F\\x7F]*$\"c\n\x18ListAuditEntriesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.fabrica.common.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*Y\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HANGE_TYPE_UPSERT\x10\x01\x12\x16\n\x12\x43HANGE_TYPE_DELETE\x10\x02\x32\xa4\x0c\n\rConfigService\x12\\\n\tCreatePlc\x12#.fabrica.config.v1.CreatePlcRequest\x1a$.fabrica.config.v1.CreatePlcResponse\"\x04\xa8\xed\x18\x03\x12S\n\x06GetPlc\x12 .fabrica.config.v1.GetPlcRequest\x1a!.fabrica.config.v1.GetPlcResponse\"\x04\xa8\xed\x18\x01\x12Y\n\x08ListPlcs\x12\".fabrica.config.v1.ListPlcsRequest\x1a#.fabrica.config.v1.ListPlcsResponse\"\x04\xa8\xed\x18\x01\x12\\\n\tUpdatePlc\x12#.fabrica.config.v1.UpdatePlcRequest\x1a$.fabrica.config.v1.UpdatePlcResponse\"\x04\xa8\xed\x18\x03\x12\\\n\tDeletePlc\x12#.fabrica.config.v1.DeletePlcRequest\x1a$.fabrica.config.v1.DeletePlcResponse\"\x04\xa8\xed\x18\x03\x12w\n\x12ListDeviceProfiles\x12,.fabrica.config.v1.ListDeviceProfilesRequest\x1a-.fabrica.config.v1.ListDeviceProfilesResponse\"\x04\xa8\xed\x18\x01\x12}\n\x14\x43reatePlcFromProfile\x12..fabrica.config.v1.CreatePlcFromProfileRequest\x1a/.fabrica.config.v1.CreatePlcFromProfileResponse\"\x04\xa8\xed\x18\x03\x12^\n\tWatchPlcs\x12#.fabrica.config.v1.WatchPlcsRequest\x1a$.fabrica.config.v1.WatchPlcsResponse\"\x04\xa8\xed\x18\x05\x30\x01\x12\x80\x01\n\x15ReportCollectorStatus\x12/.fabrica.config.v1.ReportCollectorStatusRequest\x1a\x30.fabrica.config.v1.ReportCollectorStatusResponse\"\x04\xa8\xed\x18\x05\x12k\n\x0eListCollectors\x12(.fabrica.config.v1.ListCollectorsRequest\x1a).fabrica.config.v1.ListCollectorsResponse\"\x04\xa8\xed\x18\x01\x12q\n\x10ListAuditEntries\x12*.fabrica.config.v1.ListAuditEntriesRequest\x1a+.fabrica.config.v1.ListAuditEntriesResponse\"\x04\xa8\xed\x18\x01\x12\x65\n\x0c\x43reateTenant\x12&.fabrica.config.v1.CreateTenantRequest\x1a\'.fabrica.config.v1.CreateTenantResponse\"\x04\xa8\xed\x18\x04\x12\\\n\tGetTenant\x12#.fabrica.config.v1.GetTenantRequest\x1a$.fabrica.config.v1.GetTenantResponse\"\x04\xa8\xed\x18\x01\x12\x62\n\x0bListTenants\x12%.fabrica.config.v1.ListTenantsRequest\x1a&.fabrica.config.v1.ListTenantsResponse\"\x04\xa8\xed\x18\x01\x12\x65\n\x0cUpdateTenant\x12&.fabrica.config.v1.UpdateTenantRequest\x1a\'.fabrica.config.v1.UpdateTenantResponse\"\x04\xa8\xed\x18\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fabrica.config.v1.config_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CREATETENANTREQUEST'].fields_by_name['tenant']._loaded_options = None
+  _globals['_CREATETENANTREQUEST'].fields_by_name['tenant']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_GETTENANTREQUEST'].fields_by_name['code']._loaded_options = None
+  _globals['_GETTENANTREQUEST'].fields_by_name['code']._serialized_options = b'\272H\036r\034\020\001\030?2\026^[a-z][a-z0-9-]{0,62}$'
+  _globals['_LISTTENANTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTTENANTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\007\032\005\030\364\003(\000'
+  _globals['_LISTTENANTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTTENANTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\032r\030\030\200\0042\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_LISTTENANTSRESPONSE'].fields_by_name['next_page_token']._loaded_options = None
+  _globals['_LISTTENANTSRESPONSE'].fields_by_name['next_page_token']._serialized_options = b'\272H\032r\030\030\200\0042\023^[^\\x00-\\x1F\\x7F]*$'
+  _globals['_UPDATETENANTREQUEST'].fields_by_name['tenant']._loaded_options = None
+  _globals['_UPDATETENANTREQUEST'].fields_by_name['tenant']._serialized_options = b'\272H\003\310\001\001'
   _globals['_CREATEPLCREQUEST'].fields_by_name['plc']._loaded_options = None
   _globals['_CREATEPLCREQUEST'].fields_by_name['plc']._serialized_options = b'\272H\003\310\001\001'
   _globals['_CREATEPLCREQUEST'].fields_by_name['request_id']._loaded_options = None
@@ -106,56 +119,80 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIGSERVICE'].methods_by_name['ListCollectors']._serialized_options = b'\250\355\030\001'
   _globals['_CONFIGSERVICE'].methods_by_name['ListAuditEntries']._loaded_options = None
   _globals['_CONFIGSERVICE'].methods_by_name['ListAuditEntries']._serialized_options = b'\250\355\030\001'
-  _globals['_CHANGETYPE']._serialized_start=2880
-  _globals['_CHANGETYPE']._serialized_end=2969
-  _globals['_CREATEPLCREQUEST']._serialized_start=296
-  _globals['_CREATEPLCREQUEST']._serialized_end=413
-  _globals['_CREATEPLCRESPONSE']._serialized_start=415
-  _globals['_CREATEPLCRESPONSE']._serialized_end=471
-  _globals['_GETPLCREQUEST']._serialized_start=473
-  _globals['_GETPLCREQUEST']._serialized_end=531
-  _globals['_GETPLCRESPONSE']._serialized_start=533
-  _globals['_GETPLCRESPONSE']._serialized_end=586
-  _globals['_LISTPLCSREQUEST']._serialized_start=589
-  _globals['_LISTPLCSREQUEST']._serialized_end=739
-  _globals['_LISTPLCSRESPONSE']._serialized_start=741
-  _globals['_LISTPLCSRESPONSE']._serialized_end=853
-  _globals['_UPDATEPLCREQUEST']._serialized_start=856
-  _globals['_UPDATEPLCREQUEST']._serialized_end=1170
-  _globals['_UPDATEPLCRESPONSE']._serialized_start=1172
-  _globals['_UPDATEPLCRESPONSE']._serialized_end=1228
-  _globals['_DELETEPLCREQUEST']._serialized_start=1230
-  _globals['_DELETEPLCREQUEST']._serialized_end=1336
-  _globals['_DELETEPLCRESPONSE']._serialized_start=1338
-  _globals['_DELETEPLCRESPONSE']._serialized_end=1357
-  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_start=1359
-  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_end=1386
-  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_start=1388
-  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_end=1468
-  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_start=1471
-  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_end=1715
-  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_start=1717
-  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_end=1784
-  _globals['_WATCHPLCSREQUEST']._serialized_start=1786
-  _globals['_WATCHPLCSREQUEST']._serialized_end=1903
-  _globals['_PLCSNAPSHOT']._serialized_start=1905
-  _globals['_PLCSNAPSHOT']._serialized_end=1972
-  _globals['_PLCCHANGE']._serialized_start=1975
-  _globals['_PLCCHANGE']._serialized_end=2113
-  _globals['_WATCHPLCSRESPONSE']._serialized_start=2116
-  _globals['_WATCHPLCSRESPONSE']._serialized_end=2262
-  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_start=2265
-  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_end=2459
-  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_start=2461
-  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_end=2518
-  _globals['_LISTCOLLECTORSREQUEST']._serialized_start=2520
-  _globals['_LISTCOLLECTORSREQUEST']._serialized_end=2543
-  _globals['_LISTCOLLECTORSRESPONSE']._serialized_start=2545
-  _globals['_LISTCOLLECTORSRESPONSE']._serialized_end=2619
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=2622
-  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=2777
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=2779
-  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=2878
-  _globals['_CONFIGSERVICE']._serialized_start=2972
-  _globals['_CONFIGSERVICE']._serialized_end=4144
+  _globals['_CONFIGSERVICE'].methods_by_name['CreateTenant']._loaded_options = None
+  _globals['_CONFIGSERVICE'].methods_by_name['CreateTenant']._serialized_options = b'\250\355\030\004'
+  _globals['_CONFIGSERVICE'].methods_by_name['GetTenant']._loaded_options = None
+  _globals['_CONFIGSERVICE'].methods_by_name['GetTenant']._serialized_options = b'\250\355\030\001'
+  _globals['_CONFIGSERVICE'].methods_by_name['ListTenants']._loaded_options = None
+  _globals['_CONFIGSERVICE'].methods_by_name['ListTenants']._serialized_options = b'\250\355\030\001'
+  _globals['_CONFIGSERVICE'].methods_by_name['UpdateTenant']._loaded_options = None
+  _globals['_CONFIGSERVICE'].methods_by_name['UpdateTenant']._serialized_options = b'\250\355\030\004'
+  _globals['_CHANGETYPE']._serialized_start=3603
+  _globals['_CHANGETYPE']._serialized_end=3692
+  _globals['_CREATETENANTREQUEST']._serialized_start=328
+  _globals['_CREATETENANTREQUEST']._serialized_end=400
+  _globals['_CREATETENANTRESPONSE']._serialized_start=402
+  _globals['_CREATETENANTRESPONSE']._serialized_end=467
+  _globals['_GETTENANTREQUEST']._serialized_start=469
+  _globals['_GETTENANTREQUEST']._serialized_end=536
+  _globals['_GETTENANTRESPONSE']._serialized_start=538
+  _globals['_GETTENANTRESPONSE']._serialized_end=600
+  _globals['_LISTTENANTSREQUEST']._serialized_start=602
+  _globals['_LISTTENANTSREQUEST']._serialized_end=704
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=706
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=827
+  _globals['_UPDATETENANTREQUEST']._serialized_start=829
+  _globals['_UPDATETENANTREQUEST']._serialized_end=950
+  _globals['_UPDATETENANTRESPONSE']._serialized_start=952
+  _globals['_UPDATETENANTRESPONSE']._serialized_end=1017
+  _globals['_CREATEPLCREQUEST']._serialized_start=1019
+  _globals['_CREATEPLCREQUEST']._serialized_end=1136
+  _globals['_CREATEPLCRESPONSE']._serialized_start=1138
+  _globals['_CREATEPLCRESPONSE']._serialized_end=1194
+  _globals['_GETPLCREQUEST']._serialized_start=1196
+  _globals['_GETPLCREQUEST']._serialized_end=1254
+  _globals['_GETPLCRESPONSE']._serialized_start=1256
+  _globals['_GETPLCRESPONSE']._serialized_end=1309
+  _globals['_LISTPLCSREQUEST']._serialized_start=1312
+  _globals['_LISTPLCSREQUEST']._serialized_end=1462
+  _globals['_LISTPLCSRESPONSE']._serialized_start=1464
+  _globals['_LISTPLCSRESPONSE']._serialized_end=1576
+  _globals['_UPDATEPLCREQUEST']._serialized_start=1579
+  _globals['_UPDATEPLCREQUEST']._serialized_end=1893
+  _globals['_UPDATEPLCRESPONSE']._serialized_start=1895
+  _globals['_UPDATEPLCRESPONSE']._serialized_end=1951
+  _globals['_DELETEPLCREQUEST']._serialized_start=1953
+  _globals['_DELETEPLCREQUEST']._serialized_end=2059
+  _globals['_DELETEPLCRESPONSE']._serialized_start=2061
+  _globals['_DELETEPLCRESPONSE']._serialized_end=2080
+  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_start=2082
+  _globals['_LISTDEVICEPROFILESREQUEST']._serialized_end=2109
+  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_start=2111
+  _globals['_LISTDEVICEPROFILESRESPONSE']._serialized_end=2191
+  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_start=2194
+  _globals['_CREATEPLCFROMPROFILEREQUEST']._serialized_end=2438
+  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_start=2440
+  _globals['_CREATEPLCFROMPROFILERESPONSE']._serialized_end=2507
+  _globals['_WATCHPLCSREQUEST']._serialized_start=2509
+  _globals['_WATCHPLCSREQUEST']._serialized_end=2626
+  _globals['_PLCSNAPSHOT']._serialized_start=2628
+  _globals['_PLCSNAPSHOT']._serialized_end=2695
+  _globals['_PLCCHANGE']._serialized_start=2698
+  _globals['_PLCCHANGE']._serialized_end=2836
+  _globals['_WATCHPLCSRESPONSE']._serialized_start=2839
+  _globals['_WATCHPLCSRESPONSE']._serialized_end=2985
+  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_start=2988
+  _globals['_REPORTCOLLECTORSTATUSREQUEST']._serialized_end=3182
+  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_start=3184
+  _globals['_REPORTCOLLECTORSTATUSRESPONSE']._serialized_end=3241
+  _globals['_LISTCOLLECTORSREQUEST']._serialized_start=3243
+  _globals['_LISTCOLLECTORSREQUEST']._serialized_end=3266
+  _globals['_LISTCOLLECTORSRESPONSE']._serialized_start=3268
+  _globals['_LISTCOLLECTORSRESPONSE']._serialized_end=3342
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=3345
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=3500
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=3502
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=3601
+  _globals['_CONFIGSERVICE']._serialized_start=3695
+  _globals['_CONFIGSERVICE']._serialized_end=5267
 # @@protoc_insertion_point(module_scope)

@@ -95,6 +95,26 @@ class ConfigServiceStub:
                 request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.SerializeToString,
                 response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.FromString,
                 _registered_method=True)
+        self.CreateTenant = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/CreateTenant',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/GetTenant',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetTenantResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/ListTenants',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.UpdateTenant = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/UpdateTenant',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.UpdateTenantRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.UpdateTenantResponse.FromString,
+                _registered_method=True)
 
 
 class ConfigServiceServicer:
@@ -190,6 +210,36 @@ class ConfigServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTenant(self, request, context):
+        """Creates a tenant. Installation-wide admins only (PERMISSION_DENIED otherwise); ALREADY_EXISTS if the
+        code is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """A tenant. A tenant's caller sees its own tenant only: another code is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """The tenants, ordered by code: all of them for an installation-wide caller, the caller's own otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTenant(self, request, context):
+        """Updates a tenant's fields named by update_mask (name, trade_name, legal_id, contact, active, quota,
+        retention). Installation-wide admins only; NOT_FOUND, ABORTED on a stale etag.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfigServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +297,26 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEntries,
                     request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.FromString,
                     response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateTenantRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetTenantRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetTenantResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListTenantsRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'UpdateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenant,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.UpdateTenantRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.UpdateTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -552,6 +622,114 @@ class ConfigService:
             '/fabrica.config.v1.ConfigService/ListAuditEntries',
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesRequest.SerializeToString,
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/CreateTenant',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateTenantRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/GetTenant',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.GetTenantRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.GetTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/ListTenants',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.ListTenantsRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/UpdateTenant',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.UpdateTenantRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.UpdateTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,18 @@ class ConfigServiceStub:
     paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
     page token.
     """
+    CreateTenant: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreateTenantRequest, _config_service_pb2.CreateTenantResponse]
+    """Creates a tenant. Installation-wide admins only (PERMISSION_DENIED otherwise); ALREADY_EXISTS if the
+    code is taken.
+    """
+    GetTenant: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetTenantRequest, _config_service_pb2.GetTenantResponse]
+    """A tenant. A tenant's caller sees its own tenant only: another code is NOT_FOUND."""
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListTenantsRequest, _config_service_pb2.ListTenantsResponse]
+    """The tenants, ordered by code: all of them for an installation-wide caller, the caller's own otherwise."""
+    UpdateTenant: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpdateTenantRequest, _config_service_pb2.UpdateTenantResponse]
+    """Updates a tenant's fields named by update_mask (name, trade_name, legal_id, contact, active, quota,
+    retention). Installation-wide admins only; NOT_FOUND, ABORTED on a stale etag.
+    """
 
 @_typing.type_check_only
 class ConfigServiceAsyncStub(ConfigServiceStub):
@@ -118,6 +130,18 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     """The audit trail of this service: who changed what, when and under which request id, newest first,
     paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
     page token.
+    """
+    CreateTenant: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreateTenantRequest, _config_service_pb2.CreateTenantResponse]  # type: ignore[assignment]
+    """Creates a tenant. Installation-wide admins only (PERMISSION_DENIED otherwise); ALREADY_EXISTS if the
+    code is taken.
+    """
+    GetTenant: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetTenantRequest, _config_service_pb2.GetTenantResponse]  # type: ignore[assignment]
+    """A tenant. A tenant's caller sees its own tenant only: another code is NOT_FOUND."""
+    ListTenants: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListTenantsRequest, _config_service_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """The tenants, ordered by code: all of them for an installation-wide caller, the caller's own otherwise."""
+    UpdateTenant: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpdateTenantRequest, _config_service_pb2.UpdateTenantResponse]  # type: ignore[assignment]
+    """Updates a tenant's fields named by update_mask (name, trade_name, legal_id, contact, active, quota,
+    retention). Installation-wide admins only; NOT_FOUND, ABORTED on a stale etag.
     """
 
 class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -227,6 +251,42 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         """The audit trail of this service: who changed what, when and under which request id, newest first,
         paged (at most page_size entries; next_page_token for the rest). INVALID_ARGUMENT for a bad filter or
         page token.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateTenant(
+        self,
+        request: _config_service_pb2.CreateTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.CreateTenantResponse, _abc.Awaitable[_config_service_pb2.CreateTenantResponse]]:
+        """Creates a tenant. Installation-wide admins only (PERMISSION_DENIED otherwise); ALREADY_EXISTS if the
+        code is taken.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTenant(
+        self,
+        request: _config_service_pb2.GetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.GetTenantResponse, _abc.Awaitable[_config_service_pb2.GetTenantResponse]]:
+        """A tenant. A tenant's caller sees its own tenant only: another code is NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _config_service_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.ListTenantsResponse, _abc.Awaitable[_config_service_pb2.ListTenantsResponse]]:
+        """The tenants, ordered by code: all of them for an installation-wide caller, the caller's own otherwise."""
+
+    @_abc_1.abstractmethod
+    def UpdateTenant(
+        self,
+        request: _config_service_pb2.UpdateTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.UpdateTenantResponse, _abc.Awaitable[_config_service_pb2.UpdateTenantResponse]]:
+        """Updates a tenant's fields named by update_mask (name, trade_name, legal_id, contact, active, quota,
+        retention). Installation-wide admins only; NOT_FOUND, ABORTED on a stale etag.
         """
 
 def add_ConfigServiceServicer_to_server(servicer: ConfigServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

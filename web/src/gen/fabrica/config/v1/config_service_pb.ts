@@ -14,6 +14,8 @@ import type { DeviceProfile } from "./device_profile_pb";
 import { file_fabrica_config_v1_device_profile } from "./device_profile_pb";
 import type { Plc } from "./plc_pb";
 import { file_fabrica_config_v1_plc } from "./plc_pb";
+import type { Tenant } from "./tenant_pb";
+import { file_fabrica_config_v1_tenant } from "./tenant_pb";
 import type { FieldMask } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_field_mask } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -22,7 +24,196 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/config/v1/config_service.proto.
  */
 export const file_fabrica_config_v1_config_service: GenFile = /*@__PURE__*/
-  fileDesc("CiZmYWJyaWNhL2NvbmZpZy92MS9jb25maWdfc2VydmljZS5wcm90bxIRZmFicmljYS5jb25maWcudjEidQoQQ3JlYXRlUGxjUmVxdWVzdBIrCgNwbGMYASABKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGNCBrpIA8gBARI0CgpyZXF1ZXN0X2lkGAIgASgJQiC6SB1yGxgkMhdeJHxeWzAtOWEtZkEtRi1dezEsMzZ9JCI4ChFDcmVhdGVQbGNSZXNwb25zZRIjCgNwbGMYASABKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMiOgoNR2V0UGxjUmVxdWVzdBIpCgJpZBgBIAEoCUIdukgachgQARg/MhJeW0EtWmEtejAtOS5fOi1dKyQiNQoOR2V0UGxjUmVzcG9uc2USIwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjIpYBCg9MaXN0UGxjc1JlcXVlc3QSMQoMY29sbGVjdG9yX2lkGAEgASgJQhu6SBhyFhg/MhJeW0EtWmEtejAtOS5fOi1dKiQSHQoJcGFnZV9zaXplGAIgASgFQgq6SAcaBRj0AygAEjEKCnBhZ2VfdG9rZW4YAyABKAlCHbpIGnIYGIAEMhNeW15ceDAwLVx4MUZceDdGXSokInAKEExpc3RQbGNzUmVzcG9uc2USJAoEcGxjcxgBIAMoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYxI2Cg9uZXh0X3BhZ2VfdG9rZW4YAiABKAlCHbpIGnIYGIAEMhNeW15ceDAwLVx4MUZceDdGXSokIroCChBVcGRhdGVQbGNSZXF1ZXN0EisKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsY0IGukgD2AEDEvgBCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2tCxgG6SMIBugG+AQoRdXBkYXRlX21hc2sucGF0aHMSTmF0IG1vc3QgMzIgcGF0aHMsIGVhY2ggYSBmaWVsZCBuYW1lIChsb3dlciBjYXNlIGxldHRlcnMsIGRpZ2l0cywgXyBhbmQgLikgb3IgKhpZc2l6ZSh0aGlzLnBhdGhzKSA8PSAzMiAmJiB0aGlzLnBhdGhzLmFsbChwLCBwLm1hdGNoZXMoJ14oW2Etel9dW2EtejAtOV8uXXswLDEyN318WypdKSQnKSkiOAoRVXBkYXRlUGxjUmVzcG9uc2USIwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjImoKEERlbGV0ZVBsY1JlcXVlc3QSKQoCaWQYASABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSskEisKBGV0YWcYAiABKAlCHbpIGnIYGIABMhNeW15ceDAwLVx4MUZceDdGXSokIhMKEURlbGV0ZVBsY1Jlc3BvbnNlIhsKGUxpc3REZXZpY2VQcm9maWxlc1JlcXVlc3QiUAoaTGlzdERldmljZVByb2ZpbGVzUmVzcG9uc2USMgoIcHJvZmlsZXMYASADKAsyIC5mYWJyaWNhLmNvbmZpZy52MS5EZXZpY2VQcm9maWxlIvQBChtDcmVhdGVQbGNGcm9tUHJvZmlsZVJlcXVlc3QSMQoKcHJvZmlsZV9pZBgBIAEoCUIdukgachgQARg/MhJeW0EtWmEtejAtOS5fOi1dKyQSKwoDcGxjGAIgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjQga6SAPYAQMSPwoPdGFnX25hbWVfcHJlZml4GAMgASgJQia6SCNyIRhAMh1eJHxeW0EtWmEtel9dW0EtWmEtejAtOV8uLV0qJBI0CgpyZXF1ZXN0X2lkGAQgASgJQiC6SB1yGxgkMhdeJHxeWzAtOWEtZkEtRi1dezEsMzZ9JCJDChxDcmVhdGVQbGNGcm9tUHJvZmlsZVJlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyJ1ChBXYXRjaFBsY3NSZXF1ZXN0EkAKDGNvbGxlY3Rvcl9pZBgBIAEoCUIqukgnciUQARg/Mh9eW2EtejAtOV0oW2EtejAtOS1dKlthLXowLTldKT8kEh8KDmFmdGVyX3JldmlzaW9uGAIgASgDQge6SAQiAigAIkMKC1BsY1NuYXBzaG90EiQKBHBsY3MYASADKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMSDgoGcmVzeW5jGAIgASgIIooBCglQbGNDaGFuZ2USKwoEdHlwZRgBIAEoDjIdLmZhYnJpY2EuY29uZmlnLnYxLkNoYW5nZVR5cGUSKwoGcGxjX2lkGAIgASgJQhu6SBhyFhg/MhJeW0EtWmEtejAtOS5fOi1dKiQSIwoDcGxjGAMgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjIpIBChFXYXRjaFBsY3NSZXNwb25zZRIQCghyZXZpc2lvbhgBIAEoAxIyCghzbmFwc2hvdBgCIAEoCzIeLmZhYnJpY2EuY29uZmlnLnYxLlBsY1NuYXBzaG90SAASLgoGY2hhbmdlGAMgASgLMhwuZmFicmljYS5jb25maWcudjEuUGxjQ2hhbmdlSABCBwoFZXZlbnQiwgEKHFJlcG9ydENvbGxlY3RvclN0YXR1c1JlcXVlc3QSQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSIQoQYXBwbGllZF9yZXZpc2lvbhgCIAEoA0IHukgEIgIoABI9CgxwbGNfc3RhdHVzZXMYAyADKAsyHC5mYWJyaWNhLmNvbmZpZy52MS5QbGNTdGF0dXNCCbpIBpIBAxCQTiI5Ch1SZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXNwb25zZRIYChBjdXJyZW50X3JldmlzaW9uGAEgASgDIhcKFUxpc3RDb2xsZWN0b3JzUmVxdWVzdCJKChZMaXN0Q29sbGVjdG9yc1Jlc3BvbnNlEjAKCmNvbGxlY3RvcnMYASADKAsyHC5mYWJyaWNhLmNvbmZpZy52MS5Db2xsZWN0b3IimwEKF0xpc3RBdWRpdEVudHJpZXNSZXF1ZXN0Ei4KBmZpbHRlchgBIAEoCzIeLmZhYnJpY2EuY29tbW9uLnYxLkF1ZGl0RmlsdGVyEh0KCXBhZ2Vfc2l6ZRgCIAEoBUIKukgHGgUY9AMoABIxCgpwYWdlX3Rva2VuGAMgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJjChhMaXN0QXVkaXRFbnRyaWVzUmVzcG9uc2USLgoHZW50cmllcxgBIAMoCzIdLmZhYnJpY2EuY29tbW9uLnYxLkF1ZGl0RW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKlkKCkNoYW5nZVR5cGUSGwoXQ0hBTkdFX1RZUEVfVU5TUEVDSUZJRUQQABIWChJDSEFOR0VfVFlQRV9VUFNFUlQQARIWChJDSEFOR0VfVFlQRV9ERUxFVEUQAjKUCQoNQ29uZmlnU2VydmljZRJcCglDcmVhdGVQbGMSIy5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVQbGNSZXF1ZXN0GiQuZmFicmljYS5jb25maWcudjEuQ3JlYXRlUGxjUmVzcG9uc2UiBKjtGAMSUwoGR2V0UGxjEiAuZmFicmljYS5jb25maWcudjEuR2V0UGxjUmVxdWVzdBohLmZhYnJpY2EuY29uZmlnLnYxLkdldFBsY1Jlc3BvbnNlIgSo7RgBElkKCExpc3RQbGNzEiIuZmFicmljYS5jb25maWcudjEuTGlzdFBsY3NSZXF1ZXN0GiMuZmFicmljYS5jb25maWcudjEuTGlzdFBsY3NSZXNwb25zZSIEqO0YARJcCglVcGRhdGVQbGMSIy5mYWJyaWNhLmNvbmZpZy52MS5VcGRhdGVQbGNSZXF1ZXN0GiQuZmFicmljYS5jb25maWcudjEuVXBkYXRlUGxjUmVzcG9uc2UiBKjtGAMSXAoJRGVsZXRlUGxjEiMuZmFicmljYS5jb25maWcudjEuRGVsZXRlUGxjUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLkRlbGV0ZVBsY1Jlc3BvbnNlIgSo7RgDEncKEkxpc3REZXZpY2VQcm9maWxlcxIsLmZhYnJpY2EuY29uZmlnLnYxLkxpc3REZXZpY2VQcm9maWxlc1JlcXVlc3QaLS5mYWJyaWNhLmNvbmZpZy52MS5MaXN0RGV2aWNlUHJvZmlsZXNSZXNwb25zZSIEqO0YARJ9ChRDcmVhdGVQbGNGcm9tUHJvZmlsZRIuLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZVBsY0Zyb21Qcm9maWxlUmVxdWVzdBovLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZVBsY0Zyb21Qcm9maWxlUmVzcG9uc2UiBKjtGAMSXgoJV2F0Y2hQbGNzEiMuZmFicmljYS5jb25maWcudjEuV2F0Y2hQbGNzUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLldhdGNoUGxjc1Jlc3BvbnNlIgSo7RgFMAESgAEKFVJlcG9ydENvbGxlY3RvclN0YXR1cxIvLmZhYnJpY2EuY29uZmlnLnYxLlJlcG9ydENvbGxlY3RvclN0YXR1c1JlcXVlc3QaMC5mYWJyaWNhLmNvbmZpZy52MS5SZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXNwb25zZSIEqO0YBRJrCg5MaXN0Q29sbGVjdG9ycxIoLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RDb2xsZWN0b3JzUmVxdWVzdBopLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RDb2xsZWN0b3JzUmVzcG9uc2UiBKjtGAEScQoQTGlzdEF1ZGl0RW50cmllcxIqLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RBdWRpdEVudHJpZXNSZXF1ZXN0GisuZmFicmljYS5jb25maWcudjEuTGlzdEF1ZGl0RW50cmllc1Jlc3BvbnNlIgSo7RgBYgZwcm90bzM", [file_buf_validate_validate, file_fabrica_common_v1_audit, file_fabrica_common_v1_auth, file_fabrica_config_v1_collector_status, file_fabrica_config_v1_device_profile, file_fabrica_config_v1_plc, file_google_protobuf_field_mask]);
+  fileDesc("CiZmYWJyaWNhL2NvbmZpZy92MS9jb25maWdfc2VydmljZS5wcm90bxIRZmFicmljYS5jb25maWcudjEiSAoTQ3JlYXRlVGVuYW50UmVxdWVzdBIxCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnRCBrpIA8gBASJBChRDcmVhdGVUZW5hbnRSZXNwb25zZRIpCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnQiQwoQR2V0VGVuYW50UmVxdWVzdBIvCgRjb2RlGAEgASgJQiG6SB5yHBABGD8yFl5bYS16XVthLXowLTktXXswLDYyfSQiPgoRR2V0VGVuYW50UmVzcG9uc2USKQoGdGVuYW50GAEgASgLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50ImYKEkxpc3RUZW5hbnRzUmVxdWVzdBIdCglwYWdlX3NpemUYASABKAVCCrpIBxoFGPQDKAASMQoKcGFnZV90b2tlbhgCIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQieQoTTGlzdFRlbmFudHNSZXNwb25zZRIqCgd0ZW5hbnRzGAEgAygLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50EjYKD25leHRfcGFnZV90b2tlbhgCIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQieQoTVXBkYXRlVGVuYW50UmVxdWVzdBIxCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnRCBrpIA8gBARIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siQQoUVXBkYXRlVGVuYW50UmVzcG9uc2USKQoGdGVuYW50GAEgASgLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50InUKEENyZWF0ZVBsY1JlcXVlc3QSKwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjQga6SAPIAQESNAoKcmVxdWVzdF9pZBgCIAEoCUIgukgdchsYJDIXXiR8XlswLTlhLWZBLUYtXXsxLDM2fSQiOAoRQ3JlYXRlUGxjUmVzcG9uc2USIwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjIjoKDUdldFBsY1JlcXVlc3QSKQoCaWQYASABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSskIjUKDkdldFBsY1Jlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyKWAQoPTGlzdFBsY3NSZXF1ZXN0EjEKDGNvbGxlY3Rvcl9pZBgBIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEh0KCXBhZ2Vfc2l6ZRgCIAEoBUIKukgHGgUY9AMoABIxCgpwYWdlX3Rva2VuGAMgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJwChBMaXN0UGxjc1Jlc3BvbnNlEiQKBHBsY3MYASADKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMSNgoPbmV4dF9wYWdlX3Rva2VuGAIgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCK6AgoQVXBkYXRlUGxjUmVxdWVzdBIrCgNwbGMYASABKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGNCBrpIA9gBAxL4AQoLdXBkYXRlX21hc2sYAiABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrQsYBukjCAboBvgEKEXVwZGF0ZV9tYXNrLnBhdGhzEk5hdCBtb3N0IDMyIHBhdGhzLCBlYWNoIGEgZmllbGQgbmFtZSAobG93ZXIgY2FzZSBsZXR0ZXJzLCBkaWdpdHMsIF8gYW5kIC4pIG9yICoaWXNpemUodGhpcy5wYXRocykgPD0gMzIgJiYgdGhpcy5wYXRocy5hbGwocCwgcC5tYXRjaGVzKCdeKFthLXpfXVthLXowLTlfLl17MCwxMjd9fFsqXSkkJykpIjgKEVVwZGF0ZVBsY1Jlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyJqChBEZWxldGVQbGNSZXF1ZXN0EikKAmlkGAEgASgJQh26SBpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJBIrCgRldGFnGAIgASgJQh26SBpyGBiAATITXlteXHgwMC1ceDFGXHg3Rl0qJCITChFEZWxldGVQbGNSZXNwb25zZSIbChlMaXN0RGV2aWNlUHJvZmlsZXNSZXF1ZXN0IlAKGkxpc3REZXZpY2VQcm9maWxlc1Jlc3BvbnNlEjIKCHByb2ZpbGVzGAEgAygLMiAuZmFicmljYS5jb25maWcudjEuRGV2aWNlUHJvZmlsZSL0AQobQ3JlYXRlUGxjRnJvbVByb2ZpbGVSZXF1ZXN0EjEKCnByb2ZpbGVfaWQYASABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSskEisKA3BsYxgCIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsY0IGukgD2AEDEj8KD3RhZ19uYW1lX3ByZWZpeBgDIAEoCUImukgjciEYQDIdXiR8XltBLVphLXpfXVtBLVphLXowLTlfLi1dKiQSNAoKcmVxdWVzdF9pZBgEIAEoCUIgukgdchsYJDIXXiR8XlswLTlhLWZBLUYtXXsxLDM2fSQiQwocQ3JlYXRlUGxjRnJvbVByb2ZpbGVSZXNwb25zZRIjCgNwbGMYASABKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMidQoQV2F0Y2hQbGNzUmVxdWVzdBJACgxjb2xsZWN0b3JfaWQYASABKAlCKrpIJ3IlEAEYPzIfXlthLXowLTldKFthLXowLTktXSpbYS16MC05XSk/JBIfCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IHukgEIgIoACJDCgtQbGNTbmFwc2hvdBIkCgRwbGNzGAEgAygLMhYuZmFicmljYS5jb25maWcudjEuUGxjEg4KBnJlc3luYxgCIAEoCCKKAQoJUGxjQ2hhbmdlEisKBHR5cGUYASABKA4yHS5mYWJyaWNhLmNvbmZpZy52MS5DaGFuZ2VUeXBlEisKBnBsY19pZBgCIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEiMKA3BsYxgDIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyKSAQoRV2F0Y2hQbGNzUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSMgoIc25hcHNob3QYAiABKAsyHi5mYWJyaWNhLmNvbmZpZy52MS5QbGNTbmFwc2hvdEgAEi4KBmNoYW5nZRgDIAEoCzIcLmZhYnJpY2EuY29uZmlnLnYxLlBsY0NoYW5nZUgAQgcKBWV2ZW50IsIBChxSZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXF1ZXN0EkAKDGNvbGxlY3Rvcl9pZBgBIAEoCUIqukgnciUQARg/Mh9eW2EtejAtOV0oW2EtejAtOS1dKlthLXowLTldKT8kEiEKEGFwcGxpZWRfcmV2aXNpb24YAiABKANCB7pIBCICKAASPQoMcGxjX3N0YXR1c2VzGAMgAygLMhwuZmFicmljYS5jb25maWcudjEuUGxjU3RhdHVzQgm6SAaSAQMQkE4iOQodUmVwb3J0Q29sbGVjdG9yU3RhdHVzUmVzcG9uc2USGAoQY3VycmVudF9yZXZpc2lvbhgBIAEoAyIXChVMaXN0Q29sbGVjdG9yc1JlcXVlc3QiSgoWTGlzdENvbGxlY3RvcnNSZXNwb25zZRIwCgpjb2xsZWN0b3JzGAEgAygLMhwuZmFicmljYS5jb25maWcudjEuQ29sbGVjdG9yIpsBChdMaXN0QXVkaXRFbnRyaWVzUmVxdWVzdBIuCgZmaWx0ZXIYASABKAsyHi5mYWJyaWNhLmNvbW1vbi52MS5BdWRpdEZpbHRlchIdCglwYWdlX3NpemUYAiABKAVCCrpIBxoFGPQDKAASMQoKcGFnZV90b2tlbhgDIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQiYwoYTGlzdEF1ZGl0RW50cmllc1Jlc3BvbnNlEi4KB2VudHJpZXMYASADKAsyHS5mYWJyaWNhLmNvbW1vbi52MS5BdWRpdEVudHJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSpZCgpDaGFuZ2VUeXBlEhsKF0NIQU5HRV9UWVBFX1VOU1BFQ0lGSUVEEAASFgoSQ0hBTkdFX1RZUEVfVVBTRVJUEAESFgoSQ0hBTkdFX1RZUEVfREVMRVRFEAIypAwKDUNvbmZpZ1NlcnZpY2USXAoJQ3JlYXRlUGxjEiMuZmFicmljYS5jb25maWcudjEuQ3JlYXRlUGxjUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZVBsY1Jlc3BvbnNlIgSo7RgDElMKBkdldFBsYxIgLmZhYnJpY2EuY29uZmlnLnYxLkdldFBsY1JlcXVlc3QaIS5mYWJyaWNhLmNvbmZpZy52MS5HZXRQbGNSZXNwb25zZSIEqO0YARJZCghMaXN0UGxjcxIiLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RQbGNzUmVxdWVzdBojLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RQbGNzUmVzcG9uc2UiBKjtGAESXAoJVXBkYXRlUGxjEiMuZmFicmljYS5jb25maWcudjEuVXBkYXRlUGxjUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLlVwZGF0ZVBsY1Jlc3BvbnNlIgSo7RgDElwKCURlbGV0ZVBsYxIjLmZhYnJpY2EuY29uZmlnLnYxLkRlbGV0ZVBsY1JlcXVlc3QaJC5mYWJyaWNhLmNvbmZpZy52MS5EZWxldGVQbGNSZXNwb25zZSIEqO0YAxJ3ChJMaXN0RGV2aWNlUHJvZmlsZXMSLC5mYWJyaWNhLmNvbmZpZy52MS5MaXN0RGV2aWNlUHJvZmlsZXNSZXF1ZXN0Gi0uZmFicmljYS5jb25maWcudjEuTGlzdERldmljZVByb2ZpbGVzUmVzcG9uc2UiBKjtGAESfQoUQ3JlYXRlUGxjRnJvbVByb2ZpbGUSLi5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVQbGNGcm9tUHJvZmlsZVJlcXVlc3QaLy5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVQbGNGcm9tUHJvZmlsZVJlc3BvbnNlIgSo7RgDEl4KCVdhdGNoUGxjcxIjLmZhYnJpY2EuY29uZmlnLnYxLldhdGNoUGxjc1JlcXVlc3QaJC5mYWJyaWNhLmNvbmZpZy52MS5XYXRjaFBsY3NSZXNwb25zZSIEqO0YBTABEoABChVSZXBvcnRDb2xsZWN0b3JTdGF0dXMSLy5mYWJyaWNhLmNvbmZpZy52MS5SZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXF1ZXN0GjAuZmFicmljYS5jb25maWcudjEuUmVwb3J0Q29sbGVjdG9yU3RhdHVzUmVzcG9uc2UiBKjtGAUSawoOTGlzdENvbGxlY3RvcnMSKC5mYWJyaWNhLmNvbmZpZy52MS5MaXN0Q29sbGVjdG9yc1JlcXVlc3QaKS5mYWJyaWNhLmNvbmZpZy52MS5MaXN0Q29sbGVjdG9yc1Jlc3BvbnNlIgSo7RgBEnEKEExpc3RBdWRpdEVudHJpZXMSKi5mYWJyaWNhLmNvbmZpZy52MS5MaXN0QXVkaXRFbnRyaWVzUmVxdWVzdBorLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RBdWRpdEVudHJpZXNSZXNwb25zZSIEqO0YARJlCgxDcmVhdGVUZW5hbnQSJi5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVUZW5hbnRSZXF1ZXN0GicuZmFicmljYS5jb25maWcudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2UiBKjtGAQSXAoJR2V0VGVuYW50EiMuZmFicmljYS5jb25maWcudjEuR2V0VGVuYW50UmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLkdldFRlbmFudFJlc3BvbnNlIgSo7RgBEmIKC0xpc3RUZW5hbnRzEiUuZmFicmljYS5jb25maWcudjEuTGlzdFRlbmFudHNSZXF1ZXN0GiYuZmFicmljYS5jb25maWcudjEuTGlzdFRlbmFudHNSZXNwb25zZSIEqO0YARJlCgxVcGRhdGVUZW5hbnQSJi5mYWJyaWNhLmNvbmZpZy52MS5VcGRhdGVUZW5hbnRSZXF1ZXN0GicuZmFicmljYS5jb25maWcudjEuVXBkYXRlVGVuYW50UmVzcG9uc2UiBKjtGARiBnByb3RvMw", [file_buf_validate_validate, file_fabrica_common_v1_audit, file_fabrica_common_v1_auth, file_fabrica_config_v1_collector_status, file_fabrica_config_v1_device_profile, file_fabrica_config_v1_plc, file_fabrica_config_v1_tenant, file_google_protobuf_field_mask]);
+
+/**
+ * Request of CreateTenant.
+ *
+ * @generated from message fabrica.config.v1.CreateTenantRequest
+ */
+export type CreateTenantRequest = Message<"fabrica.config.v1.CreateTenantRequest"> & {
+  /**
+   * The tenant to create; output-only fields are ignored.
+   *
+   * @generated from field: fabrica.config.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+};
+
+/**
+ * Describes the message fabrica.config.v1.CreateTenantRequest.
+ * Use `create(CreateTenantRequestSchema)` to create a new message.
+ */
+export const CreateTenantRequestSchema: GenMessage<CreateTenantRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 0);
+
+/**
+ * Response of CreateTenant.
+ *
+ * @generated from message fabrica.config.v1.CreateTenantResponse
+ */
+export type CreateTenantResponse = Message<"fabrica.config.v1.CreateTenantResponse"> & {
+  /**
+   * The tenant as stored.
+   *
+   * @generated from field: fabrica.config.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+};
+
+/**
+ * Describes the message fabrica.config.v1.CreateTenantResponse.
+ * Use `create(CreateTenantResponseSchema)` to create a new message.
+ */
+export const CreateTenantResponseSchema: GenMessage<CreateTenantResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 1);
+
+/**
+ * Request of GetTenant.
+ *
+ * @generated from message fabrica.config.v1.GetTenantRequest
+ */
+export type GetTenantRequest = Message<"fabrica.config.v1.GetTenantRequest"> & {
+  /**
+   * The tenant's code.
+   *
+   * @generated from field: string code = 1;
+   */
+  code: string;
+};
+
+/**
+ * Describes the message fabrica.config.v1.GetTenantRequest.
+ * Use `create(GetTenantRequestSchema)` to create a new message.
+ */
+export const GetTenantRequestSchema: GenMessage<GetTenantRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 2);
+
+/**
+ * Response of GetTenant.
+ *
+ * @generated from message fabrica.config.v1.GetTenantResponse
+ */
+export type GetTenantResponse = Message<"fabrica.config.v1.GetTenantResponse"> & {
+  /**
+   * The tenant.
+   *
+   * @generated from field: fabrica.config.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+};
+
+/**
+ * Describes the message fabrica.config.v1.GetTenantResponse.
+ * Use `create(GetTenantResponseSchema)` to create a new message.
+ */
+export const GetTenantResponseSchema: GenMessage<GetTenantResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 3);
+
+/**
+ * Request of ListTenants.
+ *
+ * @generated from message fabrica.config.v1.ListTenantsRequest
+ */
+export type ListTenantsRequest = Message<"fabrica.config.v1.ListTenantsRequest"> & {
+  /**
+   * At most this many tenants, 1 to 500; 50 when 0.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * The next_page_token of the previous page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message fabrica.config.v1.ListTenantsRequest.
+ * Use `create(ListTenantsRequestSchema)` to create a new message.
+ */
+export const ListTenantsRequestSchema: GenMessage<ListTenantsRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 4);
+
+/**
+ * Response of ListTenants.
+ *
+ * @generated from message fabrica.config.v1.ListTenantsResponse
+ */
+export type ListTenantsResponse = Message<"fabrica.config.v1.ListTenantsResponse"> & {
+  /**
+   * The tenants, ordered by code.
+   *
+   * @generated from field: repeated fabrica.config.v1.Tenant tenants = 1;
+   */
+  tenants: Tenant[];
+
+  /**
+   * Token of the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message fabrica.config.v1.ListTenantsResponse.
+ * Use `create(ListTenantsResponseSchema)` to create a new message.
+ */
+export const ListTenantsResponseSchema: GenMessage<ListTenantsResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 5);
+
+/**
+ * Request of UpdateTenant.
+ *
+ * @generated from message fabrica.config.v1.UpdateTenantRequest
+ */
+export type UpdateTenantRequest = Message<"fabrica.config.v1.UpdateTenantRequest"> & {
+  /**
+   * The tenant with its code, the new values, and optionally the etag last read.
+   *
+   * @generated from field: fabrica.config.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+
+  /**
+   * The fields to change; all of the updatable ones when empty.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 2;
+   */
+  updateMask?: FieldMask | undefined;
+};
+
+/**
+ * Describes the message fabrica.config.v1.UpdateTenantRequest.
+ * Use `create(UpdateTenantRequestSchema)` to create a new message.
+ */
+export const UpdateTenantRequestSchema: GenMessage<UpdateTenantRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 6);
+
+/**
+ * Response of UpdateTenant.
+ *
+ * @generated from message fabrica.config.v1.UpdateTenantResponse
+ */
+export type UpdateTenantResponse = Message<"fabrica.config.v1.UpdateTenantResponse"> & {
+  /**
+   * The tenant as stored.
+   *
+   * @generated from field: fabrica.config.v1.Tenant tenant = 1;
+   */
+  tenant?: Tenant | undefined;
+};
+
+/**
+ * Describes the message fabrica.config.v1.UpdateTenantResponse.
+ * Use `create(UpdateTenantResponseSchema)` to create a new message.
+ */
+export const UpdateTenantResponseSchema: GenMessage<UpdateTenantResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 7);
 
 /**
  * Request of CreatePlc.
@@ -50,7 +241,7 @@ export type CreatePlcRequest = Message<"fabrica.config.v1.CreatePlcRequest"> & {
  * Use `create(CreatePlcRequestSchema)` to create a new message.
  */
 export const CreatePlcRequestSchema: GenMessage<CreatePlcRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 0);
+  messageDesc(file_fabrica_config_v1_config_service, 8);
 
 /**
  * Response of CreatePlc.
@@ -71,7 +262,7 @@ export type CreatePlcResponse = Message<"fabrica.config.v1.CreatePlcResponse"> &
  * Use `create(CreatePlcResponseSchema)` to create a new message.
  */
 export const CreatePlcResponseSchema: GenMessage<CreatePlcResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 1);
+  messageDesc(file_fabrica_config_v1_config_service, 9);
 
 /**
  * Request of GetPlc.
@@ -92,7 +283,7 @@ export type GetPlcRequest = Message<"fabrica.config.v1.GetPlcRequest"> & {
  * Use `create(GetPlcRequestSchema)` to create a new message.
  */
 export const GetPlcRequestSchema: GenMessage<GetPlcRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 2);
+  messageDesc(file_fabrica_config_v1_config_service, 10);
 
 /**
  * Response of GetPlc.
@@ -113,7 +304,7 @@ export type GetPlcResponse = Message<"fabrica.config.v1.GetPlcResponse"> & {
  * Use `create(GetPlcResponseSchema)` to create a new message.
  */
 export const GetPlcResponseSchema: GenMessage<GetPlcResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 3);
+  messageDesc(file_fabrica_config_v1_config_service, 11);
 
 /**
  * Request of ListPlcs.
@@ -148,7 +339,7 @@ export type ListPlcsRequest = Message<"fabrica.config.v1.ListPlcsRequest"> & {
  * Use `create(ListPlcsRequestSchema)` to create a new message.
  */
 export const ListPlcsRequestSchema: GenMessage<ListPlcsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 4);
+  messageDesc(file_fabrica_config_v1_config_service, 12);
 
 /**
  * Response of ListPlcs.
@@ -176,7 +367,7 @@ export type ListPlcsResponse = Message<"fabrica.config.v1.ListPlcsResponse"> & {
  * Use `create(ListPlcsResponseSchema)` to create a new message.
  */
 export const ListPlcsResponseSchema: GenMessage<ListPlcsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 5);
+  messageDesc(file_fabrica_config_v1_config_service, 13);
 
 /**
  * Request of UpdatePlc.
@@ -208,7 +399,7 @@ export type UpdatePlcRequest = Message<"fabrica.config.v1.UpdatePlcRequest"> & {
  * Use `create(UpdatePlcRequestSchema)` to create a new message.
  */
 export const UpdatePlcRequestSchema: GenMessage<UpdatePlcRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 6);
+  messageDesc(file_fabrica_config_v1_config_service, 14);
 
 /**
  * Response of UpdatePlc.
@@ -229,7 +420,7 @@ export type UpdatePlcResponse = Message<"fabrica.config.v1.UpdatePlcResponse"> &
  * Use `create(UpdatePlcResponseSchema)` to create a new message.
  */
 export const UpdatePlcResponseSchema: GenMessage<UpdatePlcResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 7);
+  messageDesc(file_fabrica_config_v1_config_service, 15);
 
 /**
  * Request of DeletePlc.
@@ -257,7 +448,7 @@ export type DeletePlcRequest = Message<"fabrica.config.v1.DeletePlcRequest"> & {
  * Use `create(DeletePlcRequestSchema)` to create a new message.
  */
 export const DeletePlcRequestSchema: GenMessage<DeletePlcRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 8);
+  messageDesc(file_fabrica_config_v1_config_service, 16);
 
 /**
  * Response of DeletePlc.
@@ -272,7 +463,7 @@ export type DeletePlcResponse = Message<"fabrica.config.v1.DeletePlcResponse"> &
  * Use `create(DeletePlcResponseSchema)` to create a new message.
  */
 export const DeletePlcResponseSchema: GenMessage<DeletePlcResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 9);
+  messageDesc(file_fabrica_config_v1_config_service, 17);
 
 /**
  * Request of ListDeviceProfiles.
@@ -287,7 +478,7 @@ export type ListDeviceProfilesRequest = Message<"fabrica.config.v1.ListDevicePro
  * Use `create(ListDeviceProfilesRequestSchema)` to create a new message.
  */
 export const ListDeviceProfilesRequestSchema: GenMessage<ListDeviceProfilesRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 10);
+  messageDesc(file_fabrica_config_v1_config_service, 18);
 
 /**
  * Response of ListDeviceProfiles.
@@ -308,7 +499,7 @@ export type ListDeviceProfilesResponse = Message<"fabrica.config.v1.ListDevicePr
  * Use `create(ListDeviceProfilesResponseSchema)` to create a new message.
  */
 export const ListDeviceProfilesResponseSchema: GenMessage<ListDeviceProfilesResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 11);
+  messageDesc(file_fabrica_config_v1_config_service, 19);
 
 /**
  * Request of CreatePlcFromProfile.
@@ -351,7 +542,7 @@ export type CreatePlcFromProfileRequest = Message<"fabrica.config.v1.CreatePlcFr
  * Use `create(CreatePlcFromProfileRequestSchema)` to create a new message.
  */
 export const CreatePlcFromProfileRequestSchema: GenMessage<CreatePlcFromProfileRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 12);
+  messageDesc(file_fabrica_config_v1_config_service, 20);
 
 /**
  * Response of CreatePlcFromProfile.
@@ -372,7 +563,7 @@ export type CreatePlcFromProfileResponse = Message<"fabrica.config.v1.CreatePlcF
  * Use `create(CreatePlcFromProfileResponseSchema)` to create a new message.
  */
 export const CreatePlcFromProfileResponseSchema: GenMessage<CreatePlcFromProfileResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 13);
+  messageDesc(file_fabrica_config_v1_config_service, 21);
 
 /**
  * Request of WatchPlcs.
@@ -400,7 +591,7 @@ export type WatchPlcsRequest = Message<"fabrica.config.v1.WatchPlcsRequest"> & {
  * Use `create(WatchPlcsRequestSchema)` to create a new message.
  */
 export const WatchPlcsRequestSchema: GenMessage<WatchPlcsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 14);
+  messageDesc(file_fabrica_config_v1_config_service, 22);
 
 /**
  * The complete set of a collector's PLCs at a revision.
@@ -428,7 +619,7 @@ export type PlcSnapshot = Message<"fabrica.config.v1.PlcSnapshot"> & {
  * Use `create(PlcSnapshotSchema)` to create a new message.
  */
 export const PlcSnapshotSchema: GenMessage<PlcSnapshot> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 15);
+  messageDesc(file_fabrica_config_v1_config_service, 23);
 
 /**
  * One change to one PLC.
@@ -463,7 +654,7 @@ export type PlcChange = Message<"fabrica.config.v1.PlcChange"> & {
  * Use `create(PlcChangeSchema)` to create a new message.
  */
 export const PlcChangeSchema: GenMessage<PlcChange> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 16);
+  messageDesc(file_fabrica_config_v1_config_service, 24);
 
 /**
  * One message of WatchPlcs.
@@ -507,7 +698,7 @@ export type WatchPlcsResponse = Message<"fabrica.config.v1.WatchPlcsResponse"> &
  * Use `create(WatchPlcsResponseSchema)` to create a new message.
  */
 export const WatchPlcsResponseSchema: GenMessage<WatchPlcsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 17);
+  messageDesc(file_fabrica_config_v1_config_service, 25);
 
 /**
  * Request of ReportCollectorStatus.
@@ -542,7 +733,7 @@ export type ReportCollectorStatusRequest = Message<"fabrica.config.v1.ReportColl
  * Use `create(ReportCollectorStatusRequestSchema)` to create a new message.
  */
 export const ReportCollectorStatusRequestSchema: GenMessage<ReportCollectorStatusRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 18);
+  messageDesc(file_fabrica_config_v1_config_service, 26);
 
 /**
  * Response of ReportCollectorStatus.
@@ -563,7 +754,7 @@ export type ReportCollectorStatusResponse = Message<"fabrica.config.v1.ReportCol
  * Use `create(ReportCollectorStatusResponseSchema)` to create a new message.
  */
 export const ReportCollectorStatusResponseSchema: GenMessage<ReportCollectorStatusResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 19);
+  messageDesc(file_fabrica_config_v1_config_service, 27);
 
 /**
  * Request of ListCollectors.
@@ -578,7 +769,7 @@ export type ListCollectorsRequest = Message<"fabrica.config.v1.ListCollectorsReq
  * Use `create(ListCollectorsRequestSchema)` to create a new message.
  */
 export const ListCollectorsRequestSchema: GenMessage<ListCollectorsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 20);
+  messageDesc(file_fabrica_config_v1_config_service, 28);
 
 /**
  * Response of ListCollectors.
@@ -599,7 +790,7 @@ export type ListCollectorsResponse = Message<"fabrica.config.v1.ListCollectorsRe
  * Use `create(ListCollectorsResponseSchema)` to create a new message.
  */
 export const ListCollectorsResponseSchema: GenMessage<ListCollectorsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 21);
+  messageDesc(file_fabrica_config_v1_config_service, 29);
 
 /**
  * Request of ListAuditEntries.
@@ -634,7 +825,7 @@ export type ListAuditEntriesRequest = Message<"fabrica.config.v1.ListAuditEntrie
  * Use `create(ListAuditEntriesRequestSchema)` to create a new message.
  */
 export const ListAuditEntriesRequestSchema: GenMessage<ListAuditEntriesRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 22);
+  messageDesc(file_fabrica_config_v1_config_service, 30);
 
 /**
  * Response of ListAuditEntries.
@@ -662,7 +853,7 @@ export type ListAuditEntriesResponse = Message<"fabrica.config.v1.ListAuditEntri
  * Use `create(ListAuditEntriesResponseSchema)` to create a new message.
  */
 export const ListAuditEntriesResponseSchema: GenMessage<ListAuditEntriesResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 23);
+  messageDesc(file_fabrica_config_v1_config_service, 31);
 
 /**
  * Kind of a PLC change.
@@ -825,6 +1016,48 @@ export const ConfigService: GenService<{
     methodKind: "unary";
     input: typeof ListAuditEntriesRequestSchema;
     output: typeof ListAuditEntriesResponseSchema;
+  },
+  /**
+   * Creates a tenant. Installation-wide admins only (PERMISSION_DENIED otherwise); ALREADY_EXISTS if the
+   * code is taken.
+   *
+   * @generated from rpc fabrica.config.v1.ConfigService.CreateTenant
+   */
+  createTenant: {
+    methodKind: "unary";
+    input: typeof CreateTenantRequestSchema;
+    output: typeof CreateTenantResponseSchema;
+  },
+  /**
+   * A tenant. A tenant's caller sees its own tenant only: another code is NOT_FOUND.
+   *
+   * @generated from rpc fabrica.config.v1.ConfigService.GetTenant
+   */
+  getTenant: {
+    methodKind: "unary";
+    input: typeof GetTenantRequestSchema;
+    output: typeof GetTenantResponseSchema;
+  },
+  /**
+   * The tenants, ordered by code: all of them for an installation-wide caller, the caller's own otherwise.
+   *
+   * @generated from rpc fabrica.config.v1.ConfigService.ListTenants
+   */
+  listTenants: {
+    methodKind: "unary";
+    input: typeof ListTenantsRequestSchema;
+    output: typeof ListTenantsResponseSchema;
+  },
+  /**
+   * Updates a tenant's fields named by update_mask (name, trade_name, legal_id, contact, active, quota,
+   * retention). Installation-wide admins only; NOT_FOUND, ABORTED on a stale etag.
+   *
+   * @generated from rpc fabrica.config.v1.ConfigService.UpdateTenant
+   */
+  updateTenant: {
+    methodKind: "unary";
+    input: typeof UpdateTenantRequestSchema;
+    output: typeof UpdateTenantResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_fabrica_config_v1_config_service, 0);
