@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from . import tenancy
 from .settings import Settings, SettingsError
 from .telemetry import client_interceptors
 
@@ -75,17 +76,22 @@ class _TokenSource:
 
 
 class _BearerToken:
-    """Adds ``authorization: Bearer <token>`` to a call's metadata (so it works over plaintext as over TLS)."""
+    """Adds ``authorization: Bearer <token>`` (when `source` has one) and ``x-fabrica-tenant`` (when
+    `tenant` is set) to a call's metadata (so it works over plaintext as over TLS)."""
 
-    def __init__(self, source: _TokenSource):
+    def __init__(self, source: _TokenSource | None, tenant: str = ""):
         self.source = source
+        self.tenant = tenant
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        token = self.source.get()
-        if not token:
+        token = self.source.get() if self.source is not None else ""
+        if not token and not self.tenant:
             return details
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata["authorization"] = f"Bearer {token}"
+        if token:
+            metadata["authorization"] = f"Bearer {token}"
+        if self.tenant and tenancy.HEADER not in metadata:
+            metadata[tenancy.HEADER] = self.tenant
         return details._replace(metadata=metadata)  # type: ignore[attr-defined]
 
 
@@ -112,7 +118,7 @@ class _StreamStreamToken(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
 
 
 def peer_channel(address: str, settings: Settings | None = None,
-                 options: Sequence[tuple[str, Any]] = PEER_CHANNEL_OPTIONS) -> grpc.aio.Channel:
+                 options: Sequence[tuple[str, Any]] = PEER_CHANNEL_OPTIONS, *, tenant: str | None = None) -> grpc.aio.Channel:
     """The one way a Fabrica service opens a channel to another (collector → config and ingest, production →
     ingest and config, the demo), with PEER_CHANNEL_OPTIONS:
 
@@ -120,16 +126,20 @@ def peer_channel(address: str, settings: Settings | None = None,
       runtime/tls.py: the server is verified against FABRICA_TLS_CA, and the peer's port is its mutual-TLS
       FABRICA_PEER_PORT); plaintext only in development mode (FABRICA_INSECURE=1);
     - the bearer token of `settings` (FABRICA_TOKEN_FILE / FABRICA_TOKEN) as call metadata on every call;
-    - a client span per call (runtime/telemetry.py client_interceptors), its W3C traceparent in the metadata.
+    - a client span per call (runtime/telemetry.py client_interceptors), its W3C traceparent in the metadata;
+    - the header ``x-fabrica-tenant`` (runtime/tenancy.py) with `tenant`, else ``settings.tenant``
+      (FABRICA_TENANT), when either is set: an internal consumer of every tenant's events passes ``*``.
 
     `settings` None is plaintext without a token: for a test that builds a client part without a service
     around it. SettingsError for an unreadable token file."""
     # Outermost first: the client span (its traceparent goes into the metadata), then the token.
     interceptors: list[Any] = list(client_interceptors())
-    if settings is not None and (settings.token_file is not None or settings.token):
-        source = _TokenSource(settings.token_file, settings.token)
-        interceptors += [shape(source) for shape in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken,
-                                                     _StreamStreamToken)]
+    source = (_TokenSource(settings.token_file, settings.token)
+              if settings is not None and (settings.token_file is not None or settings.token) else None)
+    named = tenant if tenant is not None else (settings.tenant if settings is not None else "")
+    if source is not None or named:
+        interceptors += [shape(source, named) for shape in (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken,
+                                                            _StreamStreamToken)]
     if settings is not None and settings.tls is not None:
         return grpc.aio.secure_channel(address, settings.tls.channel_credentials(), options=list(options),
                                        interceptors=interceptors)

@@ -127,6 +127,9 @@ class Settings:
     #: changes) or the token itself.
     token_file: Path | None = None
     token: str = field(default="", repr=False)
+    #: FABRICA_TENANT: the tenant this process's calls name (header x-fabrica-tenant, runtime/tenancy.py)
+    #: when its identity is installation-wide (development mode, an admin token with tenant *); empty: none.
+    tenant: str = ""
     #: Server reflection on (FABRICA_REFLECTION=0 turns it off; health stays).
     reflection: bool = True
 
@@ -194,6 +197,16 @@ def token_audience(env: Mapping[str, str]) -> str:
     return (env.get("FABRICA_JWT_AUDIENCE") or "").strip() or "fabrica"
 
 
+def _env_tenant(env: Mapping[str, str]) -> str:
+    from .tenancy import ALL, is_code
+
+    tenant = (env.get("FABRICA_TENANT") or "").strip()
+    if tenant and tenant != ALL and not is_code(tenant):
+        raise SettingsError(f"FABRICA_TENANT={tenant!r}: not a tenant code (lower-case letters, digits and dashes, "
+                            "starting with a letter) or *")
+    return tenant
+
+
 def load_settings(service: str, env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings of `service` from `env` (default: the process environment)."""
     env = os.environ if env is None else env
@@ -227,6 +240,7 @@ def load_settings(service: str, env: Mapping[str, str] | None = None) -> Setting
         jwt_audience=token_audience(env),
         token_file=_env_path(env, "FABRICA_TOKEN_FILE"),
         token=(env.get("FABRICA_TOKEN") or "").strip(),
+        tenant=_env_tenant(env),
         reflection=env_bool(env, "FABRICA_REFLECTION", True),
     )
     insecure = env_choice(env, "FABRICA_INSECURE", "0", ("0", "1")) == "1"
