@@ -98,6 +98,14 @@ def migration(version: int) -> Migration:
     return Migration(version, "audit trail: who changed what, when, under which request id", TABLE_SQL)
 
 
+def isolation_sql(schema: str) -> str:
+    """SQL for a service's tenants migration: each audit entry belongs to the tenant of the change it records
+    (runtime/tenancy.py; entries from before tenants to ``default``), and a tenant reads only its own."""
+    from .tenancy import isolate_sql
+
+    return isolate_sql(schema, "audit_entries")
+
+
 def _filter_key(f: audit_pb2.AuditFilter) -> str:
     return "audit:" + f.SerializeToString(deterministic=True).hex()
 
