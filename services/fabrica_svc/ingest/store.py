@@ -240,6 +240,9 @@ INSERT INTO feed_retention DEFAULT VALUES;
 ALTER TABLE tag_events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
 """),
     audit.migration(6),
+    Migration(7, "each reading names its tenant (runtime/tenancy.py; readings from before tenants: default)", """
+ALTER TABLE readings ADD COLUMN tenant_id text NOT NULL DEFAULT 'default';
+"""),
 ]
 
 def _sampled(traceparent: str) -> bool:
