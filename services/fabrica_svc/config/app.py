@@ -1,5 +1,5 @@
-"""Wires the config service: its settings and the host's database give the store and the LISTEN connection,
-which are passed to the servicer.
+"""Wires the config service: its settings and the host's database give the store and the LISTEN connection
+(fanned out per tenant: fanout.py), which are passed to the servicer.
 
 Like every Fabrica service: ``create_app(settings)`` returns the app; the ServiceHost calls ``start()``, which
 builds the parts and the servicer, then ``register()``, which adds that servicer to the gRPC server.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import grpc
 from fabrica.config.v1 import config_service_pb2, config_service_pb2_grpc
 
-from ..runtime.notify import Listener
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
+from .fanout import TenantListener
 from .servicer import ConfigServicer
 from .store import CHANNEL, MIGRATIONS, ConfigStore
 
@@ -29,15 +29,15 @@ class ConfigApp:
         self.settings = settings
         # Built by start():
         self.store: ConfigStore
-        self.listener: Listener
+        self.listener: TenantListener
         self.servicer: ConfigServicer
         #: What stop() stops, in that order: every part start() built, started or not.
-        self._parts: list[Listener] = []
+        self._parts: list[TenantListener] = []
 
     async def start(self, resources: Resources) -> None:
         assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
         self.store = ConfigStore(resources.pool)
-        self.listener = Listener(resources.dsn, CHANNEL)
+        self.listener = TenantListener(resources.dsn, CHANNEL)
         self.servicer = ConfigServicer(self.store, self.listener)
         self._parts = [self.listener]
         await self.listener.start()

@@ -1,4 +1,5 @@
-"""PLC definitions as config stores them: normalisation, update masks, who a change concerns.
+"""PLC definitions and tenants as config stores them: normalisation, update masks, who a change concerns,
+a tenant's rules (a name that is not blank, retention of downsampled history at least that of its source).
 
 Plain Python over the contract's messages: no gRPC, no SQL. The rules a definition must satisfy (the
 proto's own, then those relating fields to each other, reported as field violations with a path such as
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fabrica.config.v1 import plc_pb2
+from fabrica.config.v1 import plc_pb2, tenant_pb2
 
 from ..plcmodel.plc import check_plc, with_defaults
 from ..runtime.errors import FieldViolation, InvalidArgument
 
-__all__ = ["UPDATABLE_FIELDS", "apply_update_mask", "check_plc", "normalized", "relevant_change"]
+__all__ = ["TENANT_FIELDS", "UPDATABLE_FIELDS", "apply_tenant_mask", "apply_update_mask", "check_plc", "new_tenant",
+           "normalized", "relevant_change", "tenant_mask", "tenant_violations"]
 
 #: Paths UpdatePlc accepts in its update_mask.
 UPDATABLE_FIELDS = ("display_name", "collector_id", "enabled", "connection", "poll_groups", "tags", "writable",
@@ -77,3 +79,72 @@ def relevant_change(collector_id: str, old_collector: str | None, new_collector:
     if old_collector == collector_id:
         return "delete"
     return None
+
+
+# --- tenants ----------------------------------------------------------------------------------------
+
+#: Paths UpdateTenant accepts in its update_mask (a message's fields one by one too, e.g. quota.max_plcs).
+TENANT_FIELDS = ("name", "trade_name", "legal_id", "contact", "active", "quota", "retention")
+_TENANT_SUBFIELDS = tuple(f"{m}.{f.name}" for m, d in (("quota", tenant_pb2.TenantQuota.DESCRIPTOR),
+                                                       ("retention", tenant_pb2.RetentionPolicy.DESCRIPTOR))
+                          for f in d.fields)
+
+
+def tenant_violations(t: tenant_pb2.Tenant, prefix: str = "tenant") -> list[FieldViolation]:
+    """The rules of a tenant beyond the proto's: a name that is not blank, and downsampled history kept at
+    least as long as what it is computed from (0 = for ever)."""
+    out = []
+    if not t.name.strip():
+        out.append(FieldViolation(f"{prefix}.name", "must not be blank"))
+    r = t.retention
+    for longer, shorter in (("minute_days", "raw_days"), ("hour_days", "minute_days")):
+        kept, source = getattr(r, longer), getattr(r, shorter)
+        if source == 0 and kept != 0:
+            out.append(FieldViolation(f"{prefix}.retention.{longer}",
+                                      f"must be 0 (for ever) while retention.{shorter} is 0: downsampled history "
+                                      "is kept at least as long as what it is computed from"))
+        elif kept != 0 and kept < source:
+            out.append(FieldViolation(f"{prefix}.retention.{longer}",
+                                      f"must be 0 (for ever) or at least retention.{shorter} ({source})"))
+    return out
+
+
+def new_tenant(t: tenant_pb2.Tenant) -> tenant_pb2.Tenant:
+    """A copy of a tenant to create, output-only fields cleared; INVALID_ARGUMENT when it breaks a rule."""
+    out = tenant_pb2.Tenant()
+    out.CopyFrom(t)
+    for name in ("etag", "create_time", "update_time"):
+        out.ClearField(name)
+    if bad := tenant_violations(out):
+        raise InvalidArgument(bad)
+    return out
+
+
+def apply_tenant_mask(current: tenant_pb2.Tenant, patch: tenant_pb2.Tenant, paths: Iterable[str]) -> tenant_pb2.Tenant:
+    """`current` with the fields named in `paths` taken from `patch` (all updatable ones when empty or "*")."""
+    merged = tenant_pb2.Tenant()
+    merged.CopyFrom(current)
+    for path in tenant_mask(paths):
+        if "." in path:
+            message, field = path.split(".")
+            setattr(getattr(merged, message), field, getattr(getattr(patch, message), field))
+        elif path in ("quota", "retention"):
+            getattr(merged, path).CopyFrom(getattr(patch, path))
+        else:
+            setattr(merged, path, getattr(patch, path))
+    if bad := tenant_violations(merged):
+        raise InvalidArgument(bad)
+    return merged
+
+
+def tenant_mask(paths: Iterable[str]) -> list[str]:
+    """The paths of an UpdateTenant mask (all updatable ones when empty or "*"); INVALID_ARGUMENT for others."""
+    paths = list(paths)
+    if not paths or paths == ["*"]:
+        paths = list(TENANT_FIELDS)
+    bad = [FieldViolation(f"update_mask.paths[{i}]",
+                          f"{p!r} cannot be updated; updatable: {', '.join(TENANT_FIELDS + _TENANT_SUBFIELDS)}")
+           for i, p in enumerate(paths) if p not in TENANT_FIELDS and p not in _TENANT_SUBFIELDS]
+    if bad:
+        raise InvalidArgument(bad)
+    return paths

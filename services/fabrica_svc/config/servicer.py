@@ -1,4 +1,21 @@
-"""ConfigService over gRPC: translates requests to the domain and the store. No SQL here."""
+"""ConfigService over gRPC: translates requests to the domain and the store. No SQL here.
+
+Tenants. Every RPC works in the tenant of the call (runtime/tenancy.py): the caller's own, or the one an
+installation-wide caller names with ``x-fabrica-tenant`` (``default`` without it). The store's row-level
+security keeps each statement inside it, so another tenant's PLC or collector is NOT_FOUND and never listed
+or watched. PLCs, collectors and WatchPlcs need one tenant: an installation-wide call across tenants
+(``*``, e.g. a service certificate without the header) is INVALID_ARGUMENT naming the header. A tenant that
+does not exist is NOT_FOUND (reason TENANT_NOT_FOUND). The callers of an inactive tenant are refused on
+every config RPC (PERMISSION_DENIED, reason TENANT_INACTIVE); installation-wide callers acting in it are not
+(they suspended it and may still look and clean up). Other services do not check this (they may ignore a
+suspension; config, which pushes PLCs to collectors, is where it bites).
+
+The tenant RPCs: CreateTenant and UpdateTenant are for installation-wide admins only (PERMISSION_DENIED,
+reason INSTALLATION_ADMIN_REQUIRED, for anybody else, a tenant's own admin included). GetTenant and
+ListTenants run across tenants (``tenancy.system()``) for an installation-wide caller, and in the caller's
+tenant otherwise, where the ``tenants`` table's policy shows that tenant's row only: another code is
+NOT_FOUND.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +28,12 @@ from collections.abc import AsyncIterator
 import grpc
 from fabrica.config.v1 import config_service_pb2 as pb
 from fabrica.config.v1 import config_service_pb2_grpc as pb_grpc
-from fabrica.config.v1 import device_profile_pb2, plc_pb2
+from fabrica.config.v1 import device_profile_pb2, plc_pb2, tenant_pb2
 
 from ..plcmodel.mirrors import mirror_violations, target_ids
 from ..plcmodel.plc import is_s7
-from ..runtime import audit, principal
-from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
+from ..runtime import audit, principal, tenancy
+from ..runtime.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.validation import OFF_LOOP_BYTES
@@ -60,10 +77,86 @@ def _protocol_mismatch(profile: device_profile_pb2.DeviceProfile, plc: plc_pb2.P
     )
 
 
+def _installation_wide() -> bool:
+    p = principal.current()
+    return p is not None and p.installation_wide
+
+
+def _require_installation_admin() -> None:
+    p = principal.current()
+    if p is None or not p.installation_wide or not p.has_role(principal.ADMIN):
+        raise PermissionDenied("creating and changing tenants is for the installation's admins (a token of tenant "
+                               "'*' with the role admin)", reason="INSTALLATION_ADMIN_REQUIRED")
+
+
 class ConfigServicer(pb_grpc.ConfigServiceServicer):
     def __init__(self, store: ConfigStore, listener: Listener):
         self.store = store
         self.listener = listener
+
+    async def _admit(self, *, one_tenant: bool = True) -> None:
+        """Refuse a call across tenants where one is needed, a tenant that does not exist, and the callers of
+        an inactive tenant (see the module docstring)."""
+        code = tenancy.current()
+        if code is None or code == tenancy.ALL:
+            if one_tenant:
+                raise InvalidArgument(FieldViolation(
+                    tenancy.HEADER, "PLCs and collectors belong to one tenant: name it with the "
+                    f"{tenancy.HEADER} header (an installation-wide caller acts across tenants without it)"))
+            return
+        active = await self.store.tenant_state(code)
+        if active is None:
+            raise NotFound(f"no tenant {code!r}", reason="TENANT_NOT_FOUND", metadata={"tenant": code})
+        if not active and not _installation_wide():
+            raise PermissionDenied(f"tenant {code!r} is suspended (inactive)", reason="TENANT_INACTIVE",
+                                   metadata={"tenant": code})
+
+    @contextlib.contextmanager
+    def _tenants_scope(self):  # noqa: ANN202 - a context manager
+        """Where the tenant RPCs run: across tenants for an installation-wide caller, else in the caller's."""
+        if _installation_wide():
+            with tenancy.system():
+                yield
+        else:
+            yield
+
+    # --- tenants -------------------------------------------------------------------------------------
+
+    async def CreateTenant(self, request: pb.CreateTenantRequest,
+                           context: grpc.aio.ServicerContext) -> pb.CreateTenantResponse:
+        _require_installation_admin()
+        tenant = domain.new_tenant(request.tenant)
+        with tenancy.system():
+            return pb.CreateTenantResponse(tenant=await self.store.create_tenant(tenant))
+
+    async def GetTenant(self, request: pb.GetTenantRequest, context: grpc.aio.ServicerContext) -> pb.GetTenantResponse:
+        await self._admit(one_tenant=False)
+        with self._tenants_scope():
+            return pb.GetTenantResponse(tenant=await self.store.get_tenant(request.code))
+
+    async def ListTenants(self, request: pb.ListTenantsRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ListTenantsResponse:
+        await self._admit(one_tenant=False)
+        after = decode_page_token(request.page_token, "tenants") if request.page_token else ""
+        with self._tenants_scope():
+            tenants, more = await self.store.list_tenants(request.page_size or DEFAULT_PAGE_SIZE, after)
+        token = encode_page_token("tenants", tenants[-1].code) if more else ""
+        return pb.ListTenantsResponse(tenants=tenants, next_page_token=token)
+
+    async def UpdateTenant(self, request: pb.UpdateTenantRequest,
+                           context: grpc.aio.ServicerContext) -> pb.UpdateTenantResponse:
+        _require_installation_admin()
+        paths = list(request.update_mask.paths)
+        domain.tenant_mask(paths)  # a bad mask before any read
+
+        def merge(current: tenant_pb2.Tenant) -> tenant_pb2.Tenant:
+            return domain.apply_tenant_mask(current, request.tenant, paths)
+
+        with tenancy.system():
+            tenant = await self.store.update_tenant(request.tenant.code, request.tenant.etag, merge)
+        return pb.UpdateTenantResponse(tenant=tenant)
+
+    # --- PLCs ----------------------------------------------------------------------------------------
 
     async def _targets(self, plc: plc_pb2.Plc) -> dict[str, plc_pb2.Plc | None]:
         """The stored definitions of the PLCs the mirrors of `plc` write to (None: no such PLC).
@@ -84,15 +177,18 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
             raise InvalidArgument(found)
 
     async def CreatePlc(self, request: pb.CreatePlcRequest, context: grpc.aio.ServicerContext) -> pb.CreatePlcResponse:
+        await self._admit()
         plc = domain.normalized(request.plc)
         await _check_plc(plc)
         await self._check_mirrors(plc)
         return pb.CreatePlcResponse(plc=await self.store.create(plc, request.request_id))
 
     async def GetPlc(self, request: pb.GetPlcRequest, context: grpc.aio.ServicerContext) -> pb.GetPlcResponse:
+        await self._admit()
         return pb.GetPlcResponse(plc=await self.store.get(request.id))
 
     async def ListPlcs(self, request: pb.ListPlcsRequest, context: grpc.aio.ServicerContext) -> pb.ListPlcsResponse:
+        await self._admit()
         # A token is bound to the collector it lists (the query) and holds the last PLC id of its page.
         after = decode_page_token(request.page_token, request.collector_id) if request.page_token else ""
         plcs, more = await self.store.list(request.collector_id, request.page_size or DEFAULT_PAGE_SIZE, after)
@@ -100,6 +196,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         return pb.ListPlcsResponse(plcs=plcs, next_page_token=token)
 
     async def UpdatePlc(self, request: pb.UpdatePlcRequest, context: grpc.aio.ServicerContext) -> pb.UpdatePlcResponse:
+        await self._admit()
         if not request.HasField("plc") or not request.plc.id:
             raise InvalidArgument(FieldViolation("plc.id", "the PLC to update is required"))
         paths = list(request.update_mask.paths)
@@ -119,15 +216,18 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         return pb.UpdatePlcResponse(plc=plc)
 
     async def DeletePlc(self, request: pb.DeletePlcRequest, context: grpc.aio.ServicerContext) -> pb.DeletePlcResponse:
+        await self._admit()
         await self.store.delete(request.id, request.etag)
         return pb.DeletePlcResponse()
 
     async def ListDeviceProfiles(self, request: pb.ListDeviceProfilesRequest,
                                  context: grpc.aio.ServicerContext) -> pb.ListDeviceProfilesResponse:
+        await self._admit(one_tenant=False)
         return pb.ListDeviceProfilesResponse(profiles=list(PROFILES.values()))
 
     async def CreatePlcFromProfile(self, request: pb.CreatePlcFromProfileRequest,
                                    context: grpc.aio.ServicerContext) -> pb.CreatePlcFromProfileResponse:
+        await self._admit()
         profile = PROFILES.get(request.profile_id)
         if profile is None:
             raise NotFound(f"no device profile {request.profile_id!r}; ListDeviceProfiles shows them",
@@ -155,6 +255,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
     async def WatchPlcs(self, request: pb.WatchPlcsRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchPlcsResponse]:
         principal.require_collector(request.collector_id)
+        await self._admit()
         # The cursor is the revision sent last; None until the first snapshot is sent.
         start = request.after_revision or None
         read = functools.partial(self._plc_page, request.collector_id)
@@ -192,13 +293,16 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
     async def ReportCollectorStatus(self, request: pb.ReportCollectorStatusRequest,
                                     context: grpc.aio.ServicerContext) -> pb.ReportCollectorStatusResponse:
         principal.require_collector(request.collector_id)
+        await self._admit()
         current = await self.store.report(request.collector_id, request.applied_revision, request.plc_statuses)
         return pb.ReportCollectorStatusResponse(current_revision=current)
 
     async def ListCollectors(self, request: pb.ListCollectorsRequest,
                              context: grpc.aio.ServicerContext) -> pb.ListCollectorsResponse:
+        await self._admit()
         return pb.ListCollectorsResponse(collectors=await self.store.collectors())
 
     async def ListAuditEntries(self, request: pb.ListAuditEntriesRequest,
                                context: grpc.aio.ServicerContext) -> pb.ListAuditEntriesResponse:
+        await self._admit(one_tenant=False)  # across tenants ('*'): every tenant's entries
         return await audit.list_response(self.store.pool, request, pb.ListAuditEntriesResponse)

@@ -1,11 +1,28 @@
 """All SQL of the config service (schema ``config``).
 
 A PLC is stored as its serialized ``fabrica.config.v1.Plc`` (the contract is the schema; new fields need
-no migration) next to the columns we query by. Every change takes the next global revision from a
-one-row counter whose row lock is held to commit, so revisions commit in order: a watcher that has read
-every change up to R can never later see one below R appear. Each change is also written to a change
-log (kept for RETAINED_CHANGES revisions) and announced with NOTIFY in the same transaction, so a
-watcher on any replica learns of it.
+no migration) next to the columns we query by. Every change takes the next revision of its tenant from
+the tenant's row of the counter table ``revision`` (one row per tenant), whose row lock is held to
+commit, so a tenant's revisions commit in order: a watcher that has read every change up to R can never
+later see one below R appear. Each change is also written to the change log, keyed by (tenant, revision)
+and kept for RETAINED_CHANGES revisions per tenant, and announced with NOTIFY (payload
+``<tenant>:<revision>``) in the same transaction, so a watcher of that tenant on any replica learns of it.
+One tenant's changes never move another's revisions.
+
+Tenants (migration 3). Every table holds the tenant of its rows (``tenant_id``) under row-level security
+(runtime/tenancy.py ``isolate_sql``): the pool's connections see and write the rows of the RPC's tenant
+only, and a connection taken with no tenant sees nothing. Ids a user chooses (PLC id, collector id, the
+create request id) are unique per tenant: the keys are (tenant_id, id). Tag ids stay one global sequence.
+The ``tenants`` table is under row-level security too, with a policy of its own (``tenant_self``): a
+session of one tenant sees that tenant's row only, an installation-wide session (``*``) all of them; it is
+written only in installation-wide sessions (the servicer runs the tenant RPCs of installation-wide admins
+in ``tenancy.system()``). Only ``schema_migrations`` has no tenant.
+
+Quotas (the tenant's ``quota``: max_plcs, max_tags, max_collectors; 0 = no limit) are checked in the
+transaction of the create or update, after it has taken the tenant's revision row lock: a tenant's
+writes queue there, so two concurrent creates cannot both pass a limit that only one of them fits.
+A change over a limit that makes the count grow is RESOURCE_EXHAUSTED (QuotaFailure); one that keeps or
+lowers the count of a tenant already over a lowered limit passes.
 """
 
 from __future__ import annotations
@@ -16,13 +33,60 @@ from dataclasses import dataclass
 import asyncpg
 from fabrica.config.v1 import collector_status_pb2, plc_pb2
 
+from fabrica.config.v1 import tenant_pb2
+
+from ..runtime import audit, tenancy
 from ..runtime.db import Migration
-from ..runtime import audit
-from ..runtime.errors import Aborted, AlreadyExists, NotFound
+from ..runtime.errors import Aborted, AlreadyExists, NotFound, QuotaViolation, ResourceExhausted
 from ..runtime.pages import etag_of
 
 CHANNEL = "fabrica_config_changes"
+#: Changes kept in the log, per tenant.
 RETAINED_CHANGES = 10_000
+
+#: The tenant every installation has, as migration 3 seeds it.
+DEFAULT_TENANT = tenant_pb2.Tenant(code=tenancy.DEFAULT, name="Default", active=True)
+_TENANT_POLICY = (f"(code = current_setting('{tenancy.SETTING}', true)"
+                  f" OR current_setting('{tenancy.SETTING}', true) = '{tenancy.ALL}')")
+
+
+def _tenants_migration() -> str:
+    isolated = "".join(tenancy.isolate_sql("config", t)
+                       for t in ("revision", "plcs", "tag_ids", "changes", "create_requests", "collectors"))
+    seed = DEFAULT_TENANT.SerializeToString(deterministic=True).hex()
+    return f"""
+        -- The migrating user may be the tables' owner, not a superuser: FORCE makes the policies hold it too.
+        SELECT set_config('{tenancy.SETTING}', '{tenancy.ALL}', true);
+        CREATE TABLE tenants (
+            code text PRIMARY KEY CHECK (code ~ '{tenancy.CODE_PATTERN}'),
+            definition bytea NOT NULL,
+            active boolean NOT NULL,
+            version bigint NOT NULL DEFAULT 1,
+            create_time timestamptz NOT NULL DEFAULT now(),
+            update_time timestamptz NOT NULL DEFAULT now()
+        );
+        INSERT INTO tenants (code, definition, active) VALUES ('{tenancy.DEFAULT}', decode('{seed}', 'hex'), true);
+        ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE tenants FORCE ROW LEVEL SECURITY;
+        CREATE POLICY tenant_self ON tenants USING {_TENANT_POLICY}
+            WITH CHECK (current_setting('{tenancy.SETTING}', true) = '{tenancy.ALL}');
+        {isolated}
+        {audit.isolation_sql("config")}
+        ALTER TABLE revision DROP COLUMN only_row;
+        ALTER TABLE revision ADD PRIMARY KEY (tenant_id);
+        ALTER TABLE revision ADD FOREIGN KEY (tenant_id) REFERENCES tenants (code);
+        ALTER TABLE plcs DROP CONSTRAINT plcs_pkey, ADD PRIMARY KEY (tenant_id, id);
+        -- How many tags the definition holds (the max_tags quota); NULL for PLCs from before, counted when needed.
+        ALTER TABLE plcs ADD COLUMN tag_count integer;
+        DROP INDEX plcs_collector;
+        CREATE INDEX plcs_collector ON plcs (tenant_id, collector_id, id);
+        ALTER TABLE tag_ids DROP CONSTRAINT tag_ids_pkey, ADD PRIMARY KEY (tenant_id, plc_id, name);
+        ALTER TABLE changes DROP CONSTRAINT changes_pkey, ADD PRIMARY KEY (tenant_id, revision);
+        ALTER TABLE create_requests DROP CONSTRAINT create_requests_pkey, ADD PRIMARY KEY (tenant_id, request_id);
+        ALTER TABLE collectors DROP CONSTRAINT collectors_pkey, ADD PRIMARY KEY (tenant_id, id);
+        SELECT set_config('{tenancy.SETTING}', '', true);
+    """
+
 
 MIGRATIONS = [
     Migration(
@@ -79,7 +143,16 @@ MIGRATIONS = [
         """,
     ),
     audit.migration(2),
+    Migration(3, "tenants: the tenants table, row-level security on every table, keys and revisions per tenant",
+              _tenants_migration()),
 ]
+
+
+async def _audit_in(conn: asyncpg.Connection, tenant: str, resource: str, details: str) -> None:
+    """An audit entry of `tenant` (a tenant's own trail records what was done to it) written in an
+    installation-wide transaction: the session is that tenant's for the rest of the transaction."""
+    await conn.execute(f"SELECT set_config('{tenancy.SETTING}', $1, true)", tenant)
+    await audit.record(conn, resource, details)
 
 
 @dataclass(frozen=True)
@@ -117,20 +190,129 @@ def _plc_changes(old: plc_pb2.Plc, new: plc_pb2.Plc) -> str:
     return "; ".join(parts) or "no change"
 
 
+def _tenant(row: asyncpg.Record) -> tenant_pb2.Tenant:
+    t = tenant_pb2.Tenant.FromString(row["definition"])
+    t.code = row["code"]
+    t.active = row["active"]
+    t.etag = etag_of(row["version"])
+    t.create_time.FromDatetime(row["create_time"])
+    t.update_time.FromDatetime(row["update_time"])
+    return t
+
+
+def _stored_tenant(t: tenant_pb2.Tenant) -> bytes:
+    copy = tenant_pb2.Tenant()
+    copy.CopyFrom(t)
+    for name in ("code", "active", "etag", "create_time", "update_time"):
+        copy.ClearField(name)
+    return copy.SerializeToString(deterministic=True)
+
+
 class ConfigStore:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
 
+    # --- tenants (the servicer calls these in tenancy.system() for installation-wide callers) ----------
+
+    async def tenant_state(self, code: str) -> bool | None:
+        """Whether tenant `code` is active; None when the session cannot see it (no such tenant)."""
+        return await self.pool.fetchval("SELECT active FROM tenants WHERE code = $1", code)
+
+    async def create_tenant(self, t: tenant_pb2.Tenant) -> tenant_pb2.Tenant:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "INSERT INTO tenants (code, definition, active) VALUES ($1, $2, $3)"
+                " ON CONFLICT (code) DO NOTHING RETURNING *",
+                t.code, _stored_tenant(t), t.active)
+            if row is None:
+                raise AlreadyExists(f"a tenant with code {t.code!r} exists", metadata={"tenant": t.code})
+            await conn.execute("INSERT INTO revision (tenant_id, value) VALUES ($1, 0)", t.code)
+            await _audit_in(conn, t.code, f"tenants/{t.code}", f"created ({'active' if t.active else 'inactive'})")
+            return _tenant(row)
+
+    async def get_tenant(self, code: str) -> tenant_pb2.Tenant:
+        row = await self.pool.fetchrow("SELECT * FROM tenants WHERE code = $1", code)
+        if row is None:
+            raise NotFound(f"no tenant with code {code!r}", metadata={"tenant": code})
+        return _tenant(row)
+
+    async def list_tenants(self, page_size: int, after: str) -> tuple[list[tenant_pb2.Tenant], bool]:
+        rows = await self.pool.fetch("SELECT * FROM tenants WHERE code > $1 ORDER BY code LIMIT $2",
+                                     after, page_size + 1)
+        return [_tenant(r) for r in rows[:page_size]], len(rows) > page_size
+
+    async def update_tenant(self, code: str, etag: str, merge) -> tenant_pb2.Tenant:  # noqa: ANN001 - Tenant -> Tenant
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM tenants WHERE code = $1 FOR UPDATE", code)
+            if row is None:
+                raise NotFound(f"no tenant with code {code!r}", metadata={"tenant": code})
+            current = _tenant(row)
+            if etag and etag != current.etag:
+                raise Aborted(f"tenant {code!r} changed since it was read (etag {etag}, now {current.etag}); "
+                              "read it again and retry", reason="ETAG_MISMATCH",
+                              metadata={"tenant": code, "etag": current.etag})
+            new = merge(current)
+            row = await conn.fetchrow(
+                "UPDATE tenants SET definition = $2, active = $3, version = version + 1, update_time = now()"
+                " WHERE code = $1 RETURNING *", code, _stored_tenant(new), new.active)
+            changed = sorted(f.name for f in tenant_pb2.Tenant.DESCRIPTOR.fields
+                             if f.name not in ("etag", "create_time", "update_time")
+                             and getattr(current, f.name) != getattr(new, f.name))
+            await _audit_in(conn, code, f"tenants/{code}", f"fields {', '.join(changed)}" if changed else "no change")
+            return _tenant(row)
+
+    # --- quotas ------------------------------------------------------------------------------------
+
+    async def _check_quota(self, conn: asyncpg.Connection, plc: plc_pb2.Plc, old: plc_pb2.Plc | None) -> None:
+        """RESOURCE_EXHAUSTED when writing `plc` (replacing `old`; None for a create) takes the tenant past a
+        quota. Called after the tenant's revision row is locked, so the tenant's writes are serialized."""
+        code = tenancy.require()
+        definition = await conn.fetchval("SELECT definition FROM tenants WHERE code = $1", code)
+        quota = tenant_pb2.Tenant.FromString(definition).quota if definition is not None else tenant_pb2.TenantQuota()
+        if not (quota.max_plcs or quota.max_tags or quota.max_collectors):
+            return
+        for r in await conn.fetch("SELECT id, definition FROM plcs WHERE tag_count IS NULL"):  # PLCs from before
+            await conn.execute("UPDATE plcs SET tag_count = $2 WHERE id = $1", r["id"],
+                               len(plc_pb2.Plc.FromString(r["definition"]).tags))
+        # The tenant's other PLCs: all of them for a create, all but the one updated for an update.
+        others = await conn.fetchrow(
+            "SELECT count(*) AS plcs, coalesce(sum(tag_count), 0) AS tags,"
+            " coalesce(array_agg(DISTINCT collector_id), '{}') AS collectors FROM plcs WHERE id IS DISTINCT FROM $1",
+            old.id if old is not None else None)
+        collectors = set(others["collectors"])
+        before = (others["plcs"] + (old is not None), others["tags"] + (len(old.tags) if old is not None else 0),
+                  len(collectors | ({old.collector_id} if old is not None else set())))
+        after = (others["plcs"] + 1, others["tags"] + len(plc.tags), len(collectors | {plc.collector_id}))
+        violations, names = [], []
+        for name, limit, was, will in zip(("max_plcs", "max_tags", "max_collectors"),
+                                          (quota.max_plcs, quota.max_tags, quota.max_collectors), before, after):
+            if limit and will > limit and will > was:
+                names.append(name)
+                violations.append(QuotaViolation(
+                    subject=f"tenants/{code}", description=f"{name} is {limit}; this change would make it {will}"))
+        if violations:
+            raise ResourceExhausted(
+                f"tenant {code!r} is over its quota: " + "; ".join(v.description for v in violations),
+                quota_violations=violations, reason="QUOTA_EXCEEDED", metadata={"quota": names[0]})
+
+    # --- PLCs ----------------------------------------------------------------------------------------
+
     async def _next_revision(self, conn: asyncpg.Connection) -> int:
-        # The row lock is held until commit: writers queue here, so revisions commit in order.
-        return await conn.fetchval("UPDATE revision SET value = value + 1 RETURNING value")
+        # The tenant's row (the session sees no other); its lock is held until commit: the tenant's writers
+        # queue here, so its revisions commit in order (and its quotas are checked one write at a time).
+        revision = await conn.fetchval("UPDATE revision SET value = value + 1 RETURNING value")
+        if revision is None:
+            raise NotFound(f"no tenant {tenancy.current()!r}", reason="TENANT_NOT_FOUND",
+                           metadata={"tenant": str(tenancy.current())})
+        return revision
 
     async def _assign_tag_ids(self, conn: asyncpg.Connection, plc: plc_pb2.Plc) -> None:
         names = [t.name for t in plc.tags]
         if not names:
             return
         await conn.execute(
-            "INSERT INTO tag_ids (plc_id, name) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING", plc.id, names
+            "INSERT INTO tag_ids (plc_id, name) SELECT $1, unnest($2::text[])"
+            " ON CONFLICT (tenant_id, plc_id, name) DO NOTHING", plc.id, names
         )
         rows = await conn.fetch("SELECT name, id FROM tag_ids WHERE plc_id = $1 AND name = ANY($2::text[])", plc.id, names)
         ids = {r["name"]: r["id"] for r in rows}
@@ -145,7 +327,7 @@ class ConfigStore:
             revision, plc_id, old, new, definition,
         )
         await conn.execute("DELETE FROM changes WHERE revision <= $1", revision - RETAINED_CHANGES)
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(revision))
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{tenancy.require()}:{revision}")
 
     async def create(self, plc: plc_pb2.Plc, request_id: str = "") -> plc_pb2.Plc:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -159,12 +341,13 @@ class ConfigStore:
                     if row is None:
                         raise NotFound(f"the PLC created by request {request_id} ({earlier}) has been deleted since")
                     return _plc(row)
+            await self._check_quota(conn, plc, None)
             await self._assign_tag_ids(conn, plc)
             definition = plc.SerializeToString(deterministic=True)
             row = await conn.fetchrow(
-                "INSERT INTO plcs (id, collector_id, definition, revision, create_time, update_time)"
-                " VALUES ($1, $2, $3, $4, now(), now()) ON CONFLICT (id) DO NOTHING RETURNING *",
-                plc.id, plc.collector_id, definition, revision,
+                "INSERT INTO plcs (id, collector_id, definition, revision, tag_count, create_time, update_time)"
+                " VALUES ($1, $2, $3, $4, $5, now(), now()) ON CONFLICT (tenant_id, id) DO NOTHING RETURNING *",
+                plc.id, plc.collector_id, definition, revision, len(plc.tags),
             )
             if row is None:
                 raise AlreadyExists(f"a PLC with id {plc.id!r} exists", metadata={"plc_id": plc.id})
@@ -201,12 +384,13 @@ class ConfigStore:
                               "read it again and retry", reason="ETAG_MISMATCH",
                               metadata={"plc_id": plc_id, "etag": current.etag})
             new = await merge(current)
+            await self._check_quota(conn, new, current)
             await self._assign_tag_ids(conn, new)
             definition = new.SerializeToString(deterministic=True)
             row = await conn.fetchrow(
-                "UPDATE plcs SET collector_id = $2, definition = $3, revision = $4, update_time = now()"
+                "UPDATE plcs SET collector_id = $2, definition = $3, revision = $4, tag_count = $5, update_time = now()"
                 " WHERE id = $1 RETURNING *",
-                plc_id, new.collector_id, definition, revision,
+                plc_id, new.collector_id, definition, revision, len(new.tags),
             )
             await self._log_change(conn, revision, plc_id, current.collector_id, new.collector_id, definition)
             await audit.record(conn, f"plcs/{plc_id}", _plc_changes(current, new) + f", revision {revision}")
@@ -239,7 +423,7 @@ class ConfigStore:
             oldest = await conn.fetchval("SELECT coalesce(min(revision), $1 + 1) FROM changes", current)
             rows = await conn.fetch(
                 "SELECT c.*, p.create_time, p.update_time FROM changes c LEFT JOIN plcs p"
-                " ON p.id = c.plc_id AND p.revision = c.revision"
+                " ON p.tenant_id = c.tenant_id AND p.id = c.plc_id AND p.revision = c.revision"
                 " WHERE c.revision > $1 ORDER BY c.revision LIMIT $2",
                 revision, limit,
             )
@@ -262,7 +446,7 @@ class ConfigStore:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO collectors (id, applied_revision, statuses, report_time) VALUES ($1, $2, $3, now())"
-                " ON CONFLICT (id) DO UPDATE SET applied_revision = excluded.applied_revision,"
+                " ON CONFLICT (tenant_id, id) DO UPDATE SET applied_revision = excluded.applied_revision,"
                 " statuses = excluded.statuses, report_time = excluded.report_time",
                 collector_id, applied_revision, blob,
             )
