@@ -28,8 +28,9 @@ async def two_replicas(database_url: str, servers: Servers) -> tuple[Server, Ser
 class Watch:
     """A WatchPlcs stream read in the background into a queue."""
 
-    def __init__(self, stub: pb_grpc.ConfigServiceStub, collector: str, after: int = 0):
-        self.call = stub.WatchPlcs(pb.WatchPlcsRequest(collector_id=collector, after_revision=after))
+    def __init__(self, stub: pb_grpc.ConfigServiceStub, collector: str, after: int = 0,
+                 metadata: tuple[tuple[str, str], ...] | None = None):
+        self.call = stub.WatchPlcs(pb.WatchPlcsRequest(collector_id=collector, after_revision=after), metadata=metadata)
         self.queue: asyncio.Queue[pb.WatchPlcsResponse] = asyncio.Queue()
         self.task = asyncio.create_task(self._read())
 
