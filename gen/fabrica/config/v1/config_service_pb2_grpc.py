@@ -26,7 +26,17 @@ if _version_not_supported:
 
 
 class ConfigServiceStub:
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+    """Owns PLC definitions and pushes them to collectors. Every change bumps the revision of its tenant.
+
+    Tenants: every RPC works in one tenant, the caller's own or the one an installation-wide caller names with
+    the header `x-fabrica-tenant` (`default` without it). PLC ids, collector ids and request ids are unique per
+    tenant; another tenant's PLC or collector is NOT_FOUND and never listed or watched, and each tenant has
+    its own revisions. The PLC and collector RPCs need one tenant: a call across tenants (`*`) is
+    INVALID_ARGUMENT (field `x-fabrica-tenant`); a tenant that does not exist is NOT_FOUND (reason
+    TENANT_NOT_FOUND). The callers of an inactive tenant are PERMISSION_DENIED (reason TENANT_INACTIVE). A
+    create or update that takes the tenant past its quota (max_plcs, max_tags, max_collectors) is
+    RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure (subject `tenants/<code>`) and ErrorInfo reason
+    QUOTA_EXCEEDED, metadata `quota`; nothing is written.
 
     Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
     bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
@@ -118,7 +128,17 @@ class ConfigServiceStub:
 
 
 class ConfigServiceServicer:
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+    """Owns PLC definitions and pushes them to collectors. Every change bumps the revision of its tenant.
+
+    Tenants: every RPC works in one tenant, the caller's own or the one an installation-wide caller names with
+    the header `x-fabrica-tenant` (`default` without it). PLC ids, collector ids and request ids are unique per
+    tenant; another tenant's PLC or collector is NOT_FOUND and never listed or watched, and each tenant has
+    its own revisions. The PLC and collector RPCs need one tenant: a call across tenants (`*`) is
+    INVALID_ARGUMENT (field `x-fabrica-tenant`); a tenant that does not exist is NOT_FOUND (reason
+    TENANT_NOT_FOUND). The callers of an inactive tenant are PERMISSION_DENIED (reason TENANT_INACTIVE). A
+    create or update that takes the tenant past its quota (max_plcs, max_tags, max_collectors) is
+    RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure (subject `tenants/<code>`) and ErrorInfo reason
+    QUOTA_EXCEEDED, metadata `quota`; nothing is written.
 
     Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
     bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
@@ -128,7 +148,8 @@ class ConfigServiceServicer:
 
     def CreatePlc(self, request, context):
         """Creates a PLC. ALREADY_EXISTS if the id is taken (unless request_id repeats an earlier create, which
-        returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition.
+        returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition;
+        RESOURCE_EXHAUSTED over a quota of the tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,7 +171,7 @@ class ConfigServiceServicer:
 
     def UpdatePlc(self, request, context):
         """Updates the fields named in update_mask. NOT_FOUND if the PLC does not exist; ABORTED if plc.etag is
-        set and stale; INVALID_ARGUMENT for a bad mask or definition.
+        set and stale; INVALID_ARGUMENT for a bad mask or definition; RESOURCE_EXHAUSTED over a quota of the tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -327,7 +348,17 @@ def add_ConfigServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ConfigService:
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+    """Owns PLC definitions and pushes them to collectors. Every change bumps the revision of its tenant.
+
+    Tenants: every RPC works in one tenant, the caller's own or the one an installation-wide caller names with
+    the header `x-fabrica-tenant` (`default` without it). PLC ids, collector ids and request ids are unique per
+    tenant; another tenant's PLC or collector is NOT_FOUND and never listed or watched, and each tenant has
+    its own revisions. The PLC and collector RPCs need one tenant: a call across tenants (`*`) is
+    INVALID_ARGUMENT (field `x-fabrica-tenant`); a tenant that does not exist is NOT_FOUND (reason
+    TENANT_NOT_FOUND). The callers of an inactive tenant are PERMISSION_DENIED (reason TENANT_INACTIVE). A
+    create or update that takes the tenant past its quota (max_plcs, max_tags, max_collectors) is
+    RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure (subject `tenants/<code>`) and ErrorInfo reason
+    QUOTA_EXCEEDED, metadata `quota`; nothing is written.
 
     Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
     bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or

@@ -27,7 +27,17 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ConfigServiceStub:
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+    """Owns PLC definitions and pushes them to collectors. Every change bumps the revision of its tenant.
+
+    Tenants: every RPC works in one tenant, the caller's own or the one an installation-wide caller names with
+    the header `x-fabrica-tenant` (`default` without it). PLC ids, collector ids and request ids are unique per
+    tenant; another tenant's PLC or collector is NOT_FOUND and never listed or watched, and each tenant has
+    its own revisions. The PLC and collector RPCs need one tenant: a call across tenants (`*`) is
+    INVALID_ARGUMENT (field `x-fabrica-tenant`); a tenant that does not exist is NOT_FOUND (reason
+    TENANT_NOT_FOUND). The callers of an inactive tenant are PERMISSION_DENIED (reason TENANT_INACTIVE). A
+    create or update that takes the tenant past its quota (max_plcs, max_tags, max_collectors) is
+    RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure (subject `tenants/<code>`) and ErrorInfo reason
+    QUOTA_EXCEEDED, metadata `quota`; nothing is written.
 
     Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
     bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
@@ -41,7 +51,8 @@ class ConfigServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ConfigServiceAsyncStub: ...
     CreatePlc: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreatePlcRequest, _config_service_pb2.CreatePlcResponse]
     """Creates a PLC. ALREADY_EXISTS if the id is taken (unless request_id repeats an earlier create, which
-    returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition.
+    returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition;
+    RESOURCE_EXHAUSTED over a quota of the tenant.
     """
     GetPlc: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetPlcRequest, _config_service_pb2.GetPlcResponse]
     """Returns one PLC. NOT_FOUND if it does not exist."""
@@ -49,7 +60,7 @@ class ConfigServiceStub:
     """Lists PLCs ordered by id, optionally of one collector. INVALID_ARGUMENT for a bad page token."""
     UpdatePlc: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpdatePlcRequest, _config_service_pb2.UpdatePlcResponse]
     """Updates the fields named in update_mask. NOT_FOUND if the PLC does not exist; ABORTED if plc.etag is
-    set and stale; INVALID_ARGUMENT for a bad mask or definition.
+    set and stale; INVALID_ARGUMENT for a bad mask or definition; RESOURCE_EXHAUSTED over a quota of the tenant.
     """
     DeletePlc: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeletePlcRequest, _config_service_pb2.DeletePlcResponse]
     """Deletes a PLC. NOT_FOUND if it does not exist; ABORTED if etag is set and stale."""
@@ -88,7 +99,17 @@ class ConfigServiceStub:
 
 @_typing.type_check_only
 class ConfigServiceAsyncStub(ConfigServiceStub):
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+    """Owns PLC definitions and pushes them to collectors. Every change bumps the revision of its tenant.
+
+    Tenants: every RPC works in one tenant, the caller's own or the one an installation-wide caller names with
+    the header `x-fabrica-tenant` (`default` without it). PLC ids, collector ids and request ids are unique per
+    tenant; another tenant's PLC or collector is NOT_FOUND and never listed or watched, and each tenant has
+    its own revisions. The PLC and collector RPCs need one tenant: a call across tenants (`*`) is
+    INVALID_ARGUMENT (field `x-fabrica-tenant`); a tenant that does not exist is NOT_FOUND (reason
+    TENANT_NOT_FOUND). The callers of an inactive tenant are PERMISSION_DENIED (reason TENANT_INACTIVE). A
+    create or update that takes the tenant past its quota (max_plcs, max_tags, max_collectors) is
+    RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure (subject `tenants/<code>`) and ErrorInfo reason
+    QUOTA_EXCEEDED, metadata `quota`; nothing is written.
 
     Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
     bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
@@ -99,7 +120,8 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreatePlc: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreatePlcRequest, _config_service_pb2.CreatePlcResponse]  # type: ignore[assignment]
     """Creates a PLC. ALREADY_EXISTS if the id is taken (unless request_id repeats an earlier create, which
-    returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition.
+    returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition;
+    RESOURCE_EXHAUSTED over a quota of the tenant.
     """
     GetPlc: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetPlcRequest, _config_service_pb2.GetPlcResponse]  # type: ignore[assignment]
     """Returns one PLC. NOT_FOUND if it does not exist."""
@@ -107,7 +129,7 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     """Lists PLCs ordered by id, optionally of one collector. INVALID_ARGUMENT for a bad page token."""
     UpdatePlc: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpdatePlcRequest, _config_service_pb2.UpdatePlcResponse]  # type: ignore[assignment]
     """Updates the fields named in update_mask. NOT_FOUND if the PLC does not exist; ABORTED if plc.etag is
-    set and stale; INVALID_ARGUMENT for a bad mask or definition.
+    set and stale; INVALID_ARGUMENT for a bad mask or definition; RESOURCE_EXHAUSTED over a quota of the tenant.
     """
     DeletePlc: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeletePlcRequest, _config_service_pb2.DeletePlcResponse]  # type: ignore[assignment]
     """Deletes a PLC. NOT_FOUND if it does not exist; ABORTED if etag is set and stale."""
@@ -145,7 +167,17 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     """
 
 class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Owns PLC definitions and pushes them to collectors. Every change bumps a global revision.
+    """Owns PLC definitions and pushes them to collectors. Every change bumps the revision of its tenant.
+
+    Tenants: every RPC works in one tenant, the caller's own or the one an installation-wide caller names with
+    the header `x-fabrica-tenant` (`default` without it). PLC ids, collector ids and request ids are unique per
+    tenant; another tenant's PLC or collector is NOT_FOUND and never listed or watched, and each tenant has
+    its own revisions. The PLC and collector RPCs need one tenant: a call across tenants (`*`) is
+    INVALID_ARGUMENT (field `x-fabrica-tenant`); a tenant that does not exist is NOT_FOUND (reason
+    TENANT_NOT_FOUND). The callers of an inactive tenant are PERMISSION_DENIED (reason TENANT_INACTIVE). A
+    create or update that takes the tenant past its quota (max_plcs, max_tags, max_collectors) is
+    RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure (subject `tenants/<code>`) and ErrorInfo reason
+    QUOTA_EXCEEDED, metadata `quota`; nothing is written.
 
     Every RPC declares the role it needs (option fabrica.common.v1.required_role): a call without a valid
     bearer token (or client certificate) is UNAUTHENTICATED (ErrorInfo reason TOKEN_MISSING, TOKEN_EXPIRED or
@@ -160,7 +192,8 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.CreatePlcResponse, _abc.Awaitable[_config_service_pb2.CreatePlcResponse]]:
         """Creates a PLC. ALREADY_EXISTS if the id is taken (unless request_id repeats an earlier create, which
-        returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition.
+        returns the PLC it created); INVALID_ARGUMENT with field violations for a bad definition;
+        RESOURCE_EXHAUSTED over a quota of the tenant.
         """
 
     @_abc_1.abstractmethod
@@ -186,7 +219,7 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.UpdatePlcResponse, _abc.Awaitable[_config_service_pb2.UpdatePlcResponse]]:
         """Updates the fields named in update_mask. NOT_FOUND if the PLC does not exist; ABORTED if plc.etag is
-        set and stale; INVALID_ARGUMENT for a bad mask or definition.
+        set and stale; INVALID_ARGUMENT for a bad mask or definition; RESOURCE_EXHAUSTED over a quota of the tenant.
         """
 
     @_abc_1.abstractmethod
