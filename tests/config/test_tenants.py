@@ -432,7 +432,10 @@ async def test_tenant_tokens_reach_their_own_tenant_only(secure: tuple[Server, a
                 assert error_info(denied).reason == "INSTALLATION_ADMIN_REQUIRED"
         assert (await root.GetTenant(pb.GetTenantRequest(code="acme"))).tenant.quota.max_plcs == 0
 
-        # Suspended: acme's callers are refused on every config RPC; the installation's admin is not.
+        # Suspended: acme's callers are refused on every config RPC; the installation's admin is not. A watch of
+        # acme's collector that is open ends.
+        acme_watch = as_("collector", "acme", collector="cell-1").WatchPlcs(pb.WatchPlcsRequest(collector_id="cell-1"))
+        assert [p.id for p in (await acme_watch.read()).snapshot.plcs] == ["press-01"]
         await root.UpdateTenant(pb.UpdateTenantRequest(tenant=tenant_pb2.Tenant(code="acme", name="Acme", active=False),
                                                        update_mask=field_mask_pb2.FieldMask(paths=["active"])))
         for call in (acme.GetPlc(pb.GetPlcRequest(id="press-01")), acme.ListPlcs(pb.ListPlcsRequest()),
@@ -440,6 +443,8 @@ async def test_tenant_tokens_reach_their_own_tenant_only(secure: tuple[Server, a
                      acme.ListTenants(pb.ListTenantsRequest()), acme.ListDeviceProfiles(pb.ListDeviceProfilesRequest())):
             inactive = await raises(call, Code.PERMISSION_DENIED)
             assert error_info(inactive).reason == "TENANT_INACTIVE"
+        ended = await raises(acme_watch.read(), Code.PERMISSION_DENIED)
+        assert error_info(ended).reason == "TENANT_INACTIVE"
         assert len((await as_("admin", "*", header="acme").ListPlcs(pb.ListPlcsRequest())).plcs) == 1
         assert (await beta.ListPlcs(pb.ListPlcsRequest())).plcs == []
     finally:

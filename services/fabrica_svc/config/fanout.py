@@ -1,8 +1,8 @@
 """The LISTEN/NOTIFY fan-out of config's changes, per tenant.
 
 Each change is announced on ``fabrica_config_changes`` with the payload ``<tenant>:<revision>``
-(store.py). A waiter takes its token in the tenant of its RPC (runtime/tenancy.py ``current``), and a
-notification wakes that tenant's waiters only: a WatchPlcs of tenant A is not woken, and reads nothing,
+(store.py), and a change of the tenant itself (UpdateTenant) with ``<tenant>:tenant``. A waiter takes
+its token in the tenant of its RPC (runtime/tenancy.py ``current``), and a notification wakes that tenant's waiters only: a WatchPlcs of tenant A is not woken, and reads nothing,
 when tenant B changes a PLC. A reconnect of the LISTEN connection (or `stop`) wakes every tenant's
 waiters, as runtime/notify.py's Listener does, since a change of any tenant may have been missed.
 """

@@ -265,7 +265,10 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
 
     async def _plc_page(self, collector: str, cursor: int | None) -> Page[pb.WatchPlcsResponse, int | None]:
         """The next page of `collector`'s WatchPlcs: a snapshot first (or when `cursor` cannot be resumed
-        from), then one message per relevant change."""
+        from), then one message per relevant change. Each later page checks the tenant again: the watch of a
+        tenant suspended meanwhile ends with PERMISSION_DENIED (TENANT_INACTIVE; UpdateTenant wakes it)."""
+        if cursor is not None:
+            await self._admit()
         if cursor is None:
             return await self._plc_snapshot(collector, resync=False)
         changes, oldest, current = await self.store.changes_after(cursor)

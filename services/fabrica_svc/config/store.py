@@ -258,6 +258,8 @@ class ConfigStore:
             changed = sorted(f.name for f in tenant_pb2.Tenant.DESCRIPTOR.fields
                              if f.name not in ("etag", "create_time", "update_time")
                              and getattr(current, f.name) != getattr(new, f.name))
+            # The tenant's watchers look again (a suspended tenant's watches end).
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{code}:tenant")
             await _audit_in(conn, code, f"tenants/{code}", f"fields {', '.join(changed)}" if changed else "no change")
             return _tenant(row)
 
