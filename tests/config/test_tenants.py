@@ -450,3 +450,58 @@ async def test_tenant_tokens_reach_their_own_tenant_only(secure: tuple[Server, a
     finally:
         for channel in opened:
             await channel.close()
+
+
+# --- upgrade ---------------------------------------------------------------------------------------------
+
+
+async def test_an_installation_from_before_tenants_upgrades_into_default(database_url: str, servers: Servers) -> None:
+    """Migration 3 over data of migrations 1-2: everything lands in `default`, its revisions go on from where
+    they were, and the PLCs from before count towards quotas (their tag counts are taken when needed)."""
+    from fabrica_svc.config.store import MIGRATIONS
+    from fabrica_svc.runtime.db import apply_migrations
+
+    plc = modbus_plc("old-press", n_tags=4)
+    for i, t in enumerate(plc.tags):
+        t.id = 100 + i
+    admin = await asyncpg.connect(database_url)
+    try:
+        assert await apply_migrations(admin, "config", MIGRATIONS[:2]) == [1, 2]
+        await admin.execute("""
+            UPDATE config.revision SET value = 7;
+            SELECT setval('config.tag_id_seq', 103);
+            INSERT INTO config.tag_ids (plc_id, name, id) VALUES
+                ('old-press', 'value_0', 100), ('old-press', 'value_1', 101),
+                ('old-press', 'value_2', 102), ('old-press', 'value_3', 103);
+            INSERT INTO config.collectors VALUES ('cell-1', 7, '', now());
+            INSERT INTO config.create_requests VALUES ('abcd', 'old-press');
+            INSERT INTO config.audit_entries (actor, action, resource) VALUES ('user:ana', 'CreatePlc', 'plcs/old-press');
+        """)
+        await admin.execute("INSERT INTO config.plcs VALUES ('old-press', 'cell-1', $1, 7, now(), now())",
+                            plc.SerializeToString(deterministic=True))
+        await admin.execute("INSERT INTO config.changes (revision, plc_id, new_collector_id, definition)"
+                            " VALUES (7, 'old-press', 'cell-1', $1)", plc.SerializeToString(deterministic=True))
+    finally:
+        await admin.close()
+
+    server = await servers.start("config", settings_for("config", database_url=database_url))
+    stub = pb_grpc.ConfigServiceStub(server.channel)
+    got = (await stub.GetPlc(pb.GetPlcRequest(id="old-press"))).plc
+    assert got.revision == 7 and [t.id for t in got.tags] == [100, 101, 102, 103]
+    assert [c.id for c in (await stub.ListCollectors(pb.ListCollectorsRequest())).collectors] == ["cell-1"]
+    assert [e.resource for e in (await stub.ListAuditEntries(pb.ListAuditEntriesRequest())).entries] == [
+        "plcs/old-press"]
+    retried = await stub.CreatePlc(pb.CreatePlcRequest(plc=modbus_plc("old-press"), request_id="abcd"))
+    assert retried.plc.id == "old-press" and len(retried.plc.tags) == 4
+    watch = stub.WatchPlcs(pb.WatchPlcsRequest(collector_id="cell-1", after_revision=6))
+    resumed = await watch.read()
+    assert resumed.revision == 7 and resumed.change.plc_id == "old-press", "the change log from before resumes"
+    watch.cancel()
+
+    await stub.UpdateTenant(pb.UpdateTenantRequest(tenant=tenant("default", "Default", max_tags=5),
+                                                   update_mask=field_mask_pb2.FieldMask(paths=["quota.max_tags"])))
+    err = await raises(stub.CreatePlc(pb.CreatePlcRequest(plc=modbus_plc("new-press", n_tags=2))),
+                       Code.RESOURCE_EXHAUSTED)
+    _assert_quota(err, "default", "max_tags", 5, 6)
+    created = (await stub.CreatePlc(pb.CreatePlcRequest(plc=modbus_plc("new-press", n_tags=1)))).plc
+    assert created.revision == 9, "default's revisions go on (the retry above took and skipped 8)"

@@ -53,7 +53,7 @@ _TENANT_POLICY = (f"(code = current_setting('{tenancy.SETTING}', true)"
 def _tenants_migration() -> str:
     isolated = "".join(tenancy.isolate_sql("config", t)
                        for t in ("revision", "plcs", "tag_ids", "changes", "create_requests", "collectors"))
-    seed = DEFAULT_TENANT.SerializeToString(deterministic=True).hex()
+    seed = tenant_pb2.Tenant(name=DEFAULT_TENANT.name).SerializeToString(deterministic=True).hex()  # as stored
     return f"""
         -- The migrating user may be the tables' owner, not a superuser: FORCE makes the policies hold it too.
         SELECT set_config('{tenancy.SETTING}', '{tenancy.ALL}', true);
