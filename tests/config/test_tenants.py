@@ -299,6 +299,8 @@ async def test_max_plcs_refuses_the_plc_over_it_and_writes_nothing(stub: pb_grpc
         profile_id="eastron-sdm120", plc=plc_pb2.Plc(id="meter", collector_id="cell-1", modbus_tcp=plc_pb2.ModbusTcpConnection(
             host="127.0.0.1", unit_id=1))), metadata=md("acme")), Code.RESOURCE_EXHAUSTED)
     _assert_quota(err, "acme", "max_plcs", 2, 3)
+    await raises(stub.CreatePlc(pb.CreatePlcRequest(plc=modbus_plc("press-01")), metadata=md("acme")),
+                 Code.ALREADY_EXISTS)  # a taken id is that, whatever the quota
     assert [p.id for p in (await stub.ListPlcs(pb.ListPlcsRequest(), metadata=md("acme"))).plcs] == [
         "press-01", "press-02"]
     assert await _revision(stub, "acme") == revision and await _audit_count(stub, "acme") == audited

@@ -343,6 +343,8 @@ class ConfigStore:
                     if row is None:
                         raise NotFound(f"the PLC created by request {request_id} ({earlier}) has been deleted since")
                     return _plc(row)
+            if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM plcs WHERE id = $1)", plc.id):  # before the quota
+                raise AlreadyExists(f"a PLC with id {plc.id!r} exists", metadata={"plc_id": plc.id})
             await self._check_quota(conn, plc, None)
             await self._assign_tag_ids(conn, plc)
             definition = plc.SerializeToString(deterministic=True)
