@@ -17,7 +17,15 @@ message that cannot be applied because the database is gone is retried the same 
 cursor. An event that cannot be applied because of what it holds (service.UNTAKEABLE_ERRORS: it would fail
 the same way on every retry) is recorded as an ``UNTAKEABLE`` anomaly and passed, the cursor moved past it
 in the same transaction, and logged once (TagEventService.apply_tag_events): one event never stops every
-later booking. The channel's message size limit is the one of every Fabrica server and channel
+later booking.
+
+Tenants: the consumer is installation-wide. It asks ingest as ``*`` (peer_channel(..., tenant="*")), so one
+stream carries every tenant's events, each naming its tenant (TagEvent.tenant; ``default`` when empty). Its
+connection runs as the row-level-security role (runtime/tenancy.py) and sees no tenant's rows until a
+transaction names one: each tenant's events are booked under that tenant (TagEventService), so an event of
+tenant A's tag finds A's bindings and orders only, even where B bound a tag with the same id. The cursor
+(``consumer_cursor``, the installation's position in the one stream) is the one table without a tenant, and
+it moves in the same transaction as before: exactly once holds across tenants. The channel's message size limit is the one of every Fabrica server and channel
 (runtime/channels.py), so whatever ingest sends fits in what this consumer accepts.
 """
 
@@ -34,6 +42,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..clients.errors import error_details
+from ..runtime import tenancy
 from ..runtime.channels import peer_channel
 from ..runtime.settings import Settings
 from ..runtime.telemetry import from_proto, parent_of
@@ -122,7 +131,7 @@ class TagEventConsumer:
                 conn = await asyncpg.connect(
                     self.dsn, timeout=10, command_timeout=60,
                     server_settings={"application_name": "fabrica-production-consumer",
-                                     "search_path": '"production", public'})
+                                     "search_path": '"production", public', "role": tenancy.DB_ROLE})
                 if not await self.tag_events.try_lock(conn):
                     if not standing_by:
                         log.info("another replica consumes tag events; standing by")
@@ -156,7 +165,8 @@ class TagEventConsumer:
 
     async def _consume(self, conn: asyncpg.Connection) -> None:
         """Stream and apply events while the lock's connection lives; reconnect to ingest with backoff."""
-        async with peer_channel(self.ingest_addr, self.settings) as channel:
+        # Installation-wide: one stream of every tenant's events, each naming its tenant.
+        async with peer_channel(self.ingest_addr, self.settings, tenant=tenancy.ALL) as channel:
             stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
             while not conn.is_closed():
                 cursor = await self.tag_events.cursor(conn)
