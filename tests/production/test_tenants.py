@@ -27,9 +27,12 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from fabrica_svc.production.notices import TenantListener
 from fabrica_svc.production.service import TagEventService
-from fabrica_svc.production.store.schema import CHANNEL, TENANT_TABLES, UNSCOPED_TABLES
+from fabrica_svc.production.store import Database, common, orders
+from fabrica_svc.production.store.schema import CHANNEL, MIGRATIONS, TENANT_TABLES, UNSCOPED_TABLES
 from fabrica_svc.runtime import tenancy
 from fabrica_svc.runtime.channels import peer_channel
+from fabrica_svc.runtime.db import apply_migrations, create_pool
+from fabrica_svc.runtime.errors import NotFound
 from grpc_helpers import field_violations
 from in_process import Server
 
@@ -441,3 +444,43 @@ async def test_reference_types_group_items(tenants: dict[str, pb_grpc.Production
     await acme.DeleteReferenceType(pb.DeleteReferenceTypeRequest(id="BRACKETS"))
     await not_found(acme.GetReferenceType(pb.GetReferenceTypeRequest(id="BRACKETS")))
     await not_found(acme.DeleteReferenceType(pb.DeleteReferenceTypeRequest(id="BRACKETS")))
+
+
+async def test_data_from_before_tenants_is_the_default_tenants(database_url: str) -> None:
+    """Migration 3 on a schema with rows: they belong to ``default``, keys and the order revision survive, and
+    the default tenant goes on from where it was."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        assert await apply_migrations(admin, "production", MIGRATIONS[:2]) == [1, 2]
+        await admin.execute("""
+            SET search_path TO production;
+            INSERT INTO sectors VALUES ('pressing', 'Pressing', 1, now(), now());
+            INSERT INTO work_centers VALUES ('press-1', 'Press 1', 'pressing', 'plc', 101, 0, 0, 16, 1000, 2, now(), now());
+            INSERT INTO tag_bindings VALUES (101, 'press-1', 1);
+            INSERT INTO items VALUES ('BRK-100', 'Bracket', 2000000000, 3, now(), now());
+            UPDATE order_revision SET value = 41;
+            INSERT INTO orders (number, item_id, work_center_id, planned_quantity, state, revision, create_time,
+                                update_time) VALUES ('PO-1', 'BRK-100', 'press-1', 10, 1, 41, now(), now());
+            INSERT INTO create_requests (kind, request_id, resource_id) VALUES ('order', 'r-1', '1');
+        """)
+        assert await apply_migrations(admin, "production", MIGRATIONS) == [3]
+        for table in ("sectors", "work_centers", "tag_bindings", "items", "orders", "order_revision", "create_requests"):
+            assert await admin.fetchval(f"SELECT string_agg(DISTINCT tenant_id, ',') FROM production.{table}") == \
+                "default", table
+    finally:
+        await admin.close()
+    pool = await create_pool(database_url, "production")
+    try:
+        with tenancy.scope(tenancy.DEFAULT):
+            async with Database(pool).write() as conn:
+                await common.lock_revision(conn)
+                assert await common.next_revision(conn) == 42
+                assert (await orders.get(conn, "1")).number == "PO-1"
+        with tenancy.scope(ACME):
+            async with Database(pool).write() as conn:
+                await common.lock_revision(conn)
+                assert await common.next_revision(conn) == 1, "a new tenant's revisions start at 1"
+                with pytest.raises(NotFound):
+                    await orders.get(conn, "1")
+    finally:
+        await pool.close()
