@@ -144,8 +144,11 @@ async def snapshot(conn: asyncpg.Connection, work_center_id: str) -> list[Order]
 
 
 async def changed_after(conn: asyncpg.Connection, revision: int, work_center_id: str, limit: int) -> list[Order]:
-    """Orders changed after `revision`, by revision."""
+    """Orders changed after `revision`, by revision: of the connection's tenant, as row-level security says
+    anyway. The tenant is also named here so that the watch's poll is one search of orders (tenant_id,
+    revision), not one per tenant (measured with 50 tenants of 4,000 orders: 10 buffers instead of 215)."""
     rows = await conn.fetch(
-        "SELECT * FROM orders WHERE revision > $1 AND ($2 = '' OR work_center_id = $2)"
+        "SELECT * FROM orders WHERE tenant_id = production.session_tenant() AND revision > $1"
+        " AND ($2 = '' OR work_center_id = $2)"
         " ORDER BY revision LIMIT $3", revision, work_center_id, limit)
     return [_order(r) for r in rows]

@@ -3,6 +3,10 @@
 Enum numbers the SQL must hold are named constants taken from the generated enums (``OrderState`` is
 numbered like ``fabrica.production.v1.OrderState``); the migration text interpolates them, so what it
 creates is exactly the DDL that shipped (``state = 2`` is ``IN_PROGRESS``).
+
+Tenants (migration 3): every table but UNSCOPED_TABLES has a ``tenant_id`` and row-level security, forced
+(runtime/tenancy.py isolate_sql), so every statement of the store sees and writes the rows of its
+connection's tenant only, and one that names no tenant sees nothing.
 """
 
 from __future__ import annotations
