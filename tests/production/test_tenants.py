@@ -32,7 +32,9 @@ from fabrica_svc.production.store.schema import CHANNEL, MIGRATIONS, TENANT_TABL
 from fabrica_svc.runtime import tenancy
 from fabrica_svc.runtime.channels import peer_channel
 from fabrica_svc.runtime.db import apply_migrations, create_pool
-from fabrica_svc.runtime.errors import NotFound
+from fabrica_svc.runtime import principal
+from fabrica_svc.runtime.errors import DomainError, NotFound
+from fabrica_svc.runtime.interceptors import abort_with
 from grpc_helpers import field_violations
 from in_process import Server
 
@@ -245,15 +247,22 @@ async def test_a_tag_event_books_on_its_tenants_order_only(tenants: dict[str, pb
 
 class _Ingest(ipb_grpc.IngestServiceServicer):
     """An ingest that serves a fixed list of tag events, as the real one serves an installation-wide caller
-    (every event naming its tenant), and records the tenant header each WatchTagEvents came with."""
+    (every event naming its tenant), and records the tenant header each WatchTagEvents came with. With
+    `caller`, the caller is that principal and the header is judged as the real interceptor judges it."""
 
-    def __init__(self, events: list[tag_event_pb2.TagEvent]):
+    def __init__(self, events: list[tag_event_pb2.TagEvent], caller: principal.Principal | None = None):
         self.events = events
+        self.caller = caller
         self.headers: list[str | None] = []
 
     async def WatchTagEvents(self, request: ipb.WatchTagEventsRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[ipb.WatchTagEventsResponse]:
         self.headers.append(tenancy.requested(context.invocation_metadata()))
+        if self.caller is not None:
+            try:
+                principal.tenant_of_request(self.caller, self.headers[-1])
+            except DomainError as exc:
+                await abort_with(context, exc)
         fresh = [e for e in self.events if e.cursor > request.after_cursor]
         if fresh:
             yield ipb.WatchTagEventsResponse(events=fresh)
@@ -291,6 +300,35 @@ async def test_the_consumer_reads_every_tenant_and_books_each_in_its_own(
         assert (a.good_quantity, a.scrap_quantity) == (4, 2)
         assert (g.good_quantity, g.scrap_quantity) == (5, 0)
         assert fake.headers and set(fake.headers) == {tenancy.ALL}, "the consumer asks ingest across tenants"
+    finally:
+        await host.stop(grace=0)
+        await ingest.stop(0)
+
+
+async def test_a_consumer_whose_identity_is_one_tenants_consumes_that_tenant(
+        tenants: dict[str, pb_grpc.ProductionServiceStub], database_url: str) -> None:
+    """A token of one tenant (as `fabrica run` mints production's, of default): ingest refuses it "*"; the
+    consumer then reads that tenant's events (which name no tenant) and books them in that tenant."""
+    acme, globex = tenants[ACME], tenants[GLOBEX]
+    await seed(acme)
+    await seed(globex)
+    a_order = await new_order(acme, "PO-1", planned=1000, start=True)
+    g_order = await new_order(globex, "PO-1", planned=1000, start=True)
+    t0 = max(a_order.start_time.ToDatetime(tzinfo=UTC), g_order.start_time.ToDatetime(tzinfo=UTC))
+    fake = _Ingest([event(1, GOOD_TAG, 10, t0 + timedelta(seconds=1), ""),
+                    event(2, GOOD_TAG, 16, t0 + timedelta(seconds=2), "")],
+                   caller=principal.Principal(subject="user:service-production", roles=frozenset({"viewer"}),
+                                              tenant=ACME))
+    ingest = grpc.aio.server()
+    ipb_grpc.add_IngestServiceServicer_to_server(fake, ingest)
+    port = ingest.add_insecure_port("127.0.0.1:0")
+    await ingest.start()
+    host = await start_production(database_url, ingest_addr=f"127.0.0.1:{port}")
+    try:
+        await wait_for(lambda: host.app.consumer.cursor == 2)
+        assert fake.headers[:2] == [tenancy.ALL, ACME], "asked for every tenant first, then for its own"
+        assert (await acme.GetOrder(pb.GetOrderRequest(id=a_order.id))).order.good_quantity == 6
+        assert (await globex.GetOrder(pb.GetOrderRequest(id=g_order.id))).order.good_quantity == 0
     finally:
         await host.stop(grace=0)
         await ingest.stop(0)

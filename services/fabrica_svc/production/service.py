@@ -437,9 +437,10 @@ class TagEventService:
     async def reset_cursor(conn: asyncpg.Connection) -> None:
         await events.save_cursor(conn, 0)
 
-    async def apply_tag_events(self, conn: asyncpg.Connection,
-                               messages: Sequence[tag_event_pb2.TagEvent]) -> ApplyResult:
-        """Apply one message of tag events and move the cursor past it, in one transaction on `conn`.
+    async def apply_tag_events(self, conn: asyncpg.Connection, messages: Sequence[tag_event_pb2.TagEvent], *,
+                               unnamed: str = tenancy.DEFAULT) -> ApplyResult:
+        """Apply one message of tag events and move the cursor past it, in one transaction on `conn`. Each event
+        is booked in the tenant it names (TagEvent.tenant), one that names none in `unnamed`.
 
         If the message cannot be applied because of what is in it (an error of the data, not of the database
         being away: see UNTAKEABLE_ERRORS), its events are applied one at a time, each in its own
@@ -447,16 +448,16 @@ class TagEventService:
         anomaly and passed, the cursor moved past it in the same transaction, and logged once. Replaying
         the same event could only fail the same way, and would stop every later booking."""
         try:
-            return await self._apply(conn, messages)
+            return await self._apply(conn, messages, unnamed)
         except UNTAKEABLE_ERRORS as exc:
             if len(messages) == 1:
-                return await self._pass_untakeable(conn, messages[0], exc)
+                return await self._pass_untakeable(conn, messages[0], exc, unnamed)
         total = ApplyResult(cursor=await events.cursor(conn))
         for event in sorted(messages, key=lambda e: e.cursor):
             try:
-                one = await self._apply(conn, [event])
+                one = await self._apply(conn, [event], unnamed)
             except UNTAKEABLE_ERRORS as exc:
-                one = await self._pass_untakeable(conn, event, exc)
+                one = await self._pass_untakeable(conn, event, exc, unnamed)
             total.cursor = max(total.cursor, one.cursor)
             total.applied += one.applied
             total.booked_good += one.booked_good
@@ -466,12 +467,12 @@ class TagEventService:
         return total
 
     async def _pass_untakeable(self, conn: asyncpg.Connection, event: tag_event_pb2.TagEvent,
-                               exc: BaseException) -> ApplyResult:
+                               exc: BaseException, unnamed: str) -> ApplyResult:
         """Record `event`, which failed with `exc`, as an UNTAKEABLE anomaly of its tenant and move the cursor
         past it, in one transaction; log it. An event naming no tenant code at all cannot be recorded anywhere:
         it is passed and logged only."""
         problem = f"{type(exc).__name__}: {exc}"[:500]
-        tenant = event.tenant or tenancy.DEFAULT
+        tenant = event.tenant or unnamed
         work_center_id = ""
         async with conn.transaction():
             stored = await events.cursor(conn, for_update=True)
@@ -498,7 +499,8 @@ class TagEventService:
                          "work_center_id": work_center_id, "tenant": event.tenant})
         return ApplyResult(cursor=event.cursor, applied=1, anomalies=1 if recorded else 0)
 
-    async def _apply(self, conn: asyncpg.Connection, messages: Sequence[tag_event_pb2.TagEvent]) -> ApplyResult:
+    async def _apply(self, conn: asyncpg.Connection, messages: Sequence[tag_event_pb2.TagEvent],
+                     unnamed: str) -> ApplyResult:
         """One transaction: the cursor row locked, each tenant's fresh events planned and applied under that
         tenant (in tenant order, so two transactions lock tenants' revision rows in the same order), the cursor
         moved past them all."""
@@ -512,7 +514,7 @@ class TagEventService:
             result.cursor = fresh[-1].cursor
             result.applied = len(fresh)
             done = []
-            for tenant, group in _by_tenant(fresh):
+            for tenant, group in _by_tenant(fresh, unnamed):
                 with tenancy.scope(tenant):
                     await events.set_tenant(conn, tenant)
                     planned = [convert.event(e) for e in group]
@@ -542,13 +544,14 @@ class TagEventService:
                 "order_id": o.id, "number": o.number, "good": o.good, "planned": o.planned})
 
 
-def _by_tenant(messages: Sequence[tag_event_pb2.TagEvent]) -> list[tuple[str, list[tag_event_pb2.TagEvent]]]:
-    """The events of each tenant (``default`` for an event that names none, as from an ingest from before
-    tenants), in cursor order, tenants in name order. ValueError for a tenant that is not a tenant code (an
-    untakeable event)."""
+def _by_tenant(messages: Sequence[tag_event_pb2.TagEvent],
+               unnamed: str) -> list[tuple[str, list[tag_event_pb2.TagEvent]]]:
+    """The events of each tenant (`unnamed` for an event that names none: ``default`` from an ingest from before
+    tenants, or the one tenant a consumer of one tenant's events reads), in cursor order, tenants in name order.
+    ValueError for a tenant that is not a tenant code (an untakeable event)."""
     groups: dict[str, list[tag_event_pb2.TagEvent]] = {}
     for e in messages:
-        tenant = e.tenant or tenancy.DEFAULT
+        tenant = e.tenant or unnamed
         if not tenancy.is_code(tenant):
             raise ValueError(f"tag event {e.cursor} names {e.tenant!r}, not a tenant code")
         groups.setdefault(tenant, []).append(e)
