@@ -16,6 +16,9 @@ import asyncpg
 import grpc
 import pytest
 from fabrica.common.v1 import reading_pb2
+from fabrica.config.v1 import config_service_pb2 as cpb
+from fabrica.config.v1 import config_service_pb2_grpc as cpb_grpc
+from fabrica.config.v1 import plc_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as ipb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 from fabrica.ingest.v1 import tag_event_pb2
@@ -332,6 +335,54 @@ async def test_a_consumer_whose_identity_is_one_tenants_consumes_that_tenant(
     finally:
         await host.stop(grace=0)
         await ingest.stop(0)
+
+
+class _Config(cpb_grpc.ConfigServiceServicer):
+    """A config whose PLCs are each one tenant's: GetPlc answers a PLC of the tenant the header names only."""
+
+    def __init__(self, plcs: dict[tuple[str, str], plc_pb2.Plc]):
+        self.plcs = plcs
+        self.headers: list[str | None] = []
+
+    async def GetPlc(self, request: cpb.GetPlcRequest, context: grpc.aio.ServicerContext) -> cpb.GetPlcResponse:
+        tenant = tenancy.requested(context.invocation_metadata())
+        self.headers.append(tenant)
+        plc = self.plcs.get((tenant or "", request.id))
+        if plc is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no PLC {request.id!r}")
+        return cpb.GetPlcResponse(plc=plc)
+
+
+async def test_bindings_are_checked_against_the_tenants_own_plcs(
+        tenants: dict[str, pb_grpc.ProductionServiceStub], database_url: str) -> None:
+    """Config is asked in the request's tenant: Globex cannot bind a tag of Acme's PLC (TAG_NOT_FOUND)."""
+    tags = [plc_pb2.Tag(id=GOOD_TAG, name="good", role=reading_pb2.TAG_ROLE_PRODUCTION_COUNTER),
+            plc_pb2.Tag(id=SCRAP_TAG, name="scrap", role=reading_pb2.TAG_ROLE_SCRAP_COUNTER),
+            plc_pb2.Tag(id=STATE_TAG, name="state", role=reading_pb2.TAG_ROLE_MACHINE_STATE)]
+    fake = _Config({(ACME, "press-plc"): plc_pb2.Plc(id="press-plc", tags=tags)})
+    config = grpc.aio.server()
+    cpb_grpc.add_ConfigServiceServicer_to_server(fake, config)
+    port = config.add_insecure_port("127.0.0.1:0")
+    await config.start()
+    host = await start_production(database_url, config_addr=f"127.0.0.1:{port}")
+    channels = [peer_channel(host.address, None, tenant=t) for t in (ACME, GLOBEX)]
+    acme, globex = (pb_grpc.ProductionServiceStub(c) for c in channels)
+    try:
+        await seed(acme)  # press-1 bound to press-plc's tags: config (Acme's) agrees
+        await globex.CreateSector(pb.CreateSectorRequest(sector=md.Sector(id="pressing", display_name="Pressing")))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await globex.CreateWorkCenter(pb.CreateWorkCenterRequest(work_center=md.WorkCenter(
+                id="press-1", display_name="Press 1", sector_id="pressing", plc_id="press-plc",
+                production_counter_tag_id=GOOD_TAG)))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert [(v.type, v.subject) for v in precondition_violations(err.value)] == [
+            ("TAG_NOT_FOUND", f"tags/{GOOD_TAG}")]
+        assert fake.headers == [ACME, GLOBEX]
+    finally:
+        for c in channels:
+            await c.close()
+        await host.stop(grace=0)
+        await config.stop(0)
 
 
 async def _populate_every_table(acme: pb_grpc.ProductionServiceStub, tag_events: TagEventService,
