@@ -242,6 +242,11 @@ async def test_a_tag_event_books_on_its_tenants_order_only(tenants: dict[str, pb
         with_tenant = await fetchval(database_url, "SELECT string_agg(tenant_id || '=' || value, ',' ORDER BY"
                                                    " tenant_id) FROM production.counter_state")
         assert with_tenant == "acme=117,globex=503"
+        # An event naming something that is not a tenant code is passed (nowhere to record it), the others book.
+        result = await tag_events.apply_tag_events(conn, [event(7, GOOD_TAG, 120, t0 + timedelta(seconds=4), ACME),
+                                                          event(8, GOOD_TAG, 999, t0 + timedelta(seconds=4), "Acme!")])
+        assert (result.cursor, result.applied, result.booked_good, result.anomalies) == (8, 2, 3, 0)
+        assert (await acme.GetOrder(pb.GetOrderRequest(id=a_order.id))).order.good_quantity == 20
         # The connection outside a transaction that names a tenant sees none of it.
         assert await conn.fetchval("SELECT count(*) FROM orders") == 0
     finally:
