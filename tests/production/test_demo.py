@@ -32,6 +32,9 @@ async def test_create_demo(stub: pb_grpc.ProductionServiceStub, server: Server, 
 
     item = (await stub.GetItem(pb.GetItemRequest(id=order.item_id))).item
     assert item.ideal_cycle_time.ToNanoseconds() == 450_000_000
+    assert item.reference_type_id == "BRACKETS"
+    assert [(r.id, r.display_name) for r in (await stub.ListReferenceTypes(pb.ListReferenceTypesRequest())
+                                             ).reference_types] == [("BRACKETS", "Brackets")]
 
     again = await create_demo(stub, plc_id="demo-press", production_counter_tag_id=11, scrap_counter_tag_id=12,
                               machine_state_tag_id=13)
@@ -46,6 +49,13 @@ async def test_create_demo(stub: pb_grpc.ProductionServiceStub, server: Server, 
                       machine_state_tag_id=13)
     fixed = (await stub.GetItem(pb.GetItemRequest(id=order.item_id))).item
     assert fixed.ideal_cycle_time.ToNanoseconds() == 450_000_000
+    # ... and so is one from before reference types: the demo item is grouped.
+    await stub.UpdateItem(pb.UpdateItemRequest(item=md.Item(id=item.id, etag=fixed.etag),
+                                               update_mask=field_mask_pb2.FieldMask(paths=["reference_type_id"])))
+    await create_demo(stub, plc_id="demo-press", production_counter_tag_id=11, scrap_counter_tag_id=12,
+                      machine_state_tag_id=13)
+    regrouped = (await stub.GetItem(pb.GetItemRequest(id=order.item_id))).item
+    assert (regrouped.reference_type_id, regrouped.ideal_cycle_time) == ("BRACKETS", fixed.ideal_cycle_time)
 
     # A fresh config database gave the tags new ids: the work centre follows them.
     await create_demo(stub, plc_id="demo-press", production_counter_tag_id=21, machine_state_tag_id=23)

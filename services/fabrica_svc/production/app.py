@@ -21,11 +21,11 @@ import grpc
 from fabrica.production.v1 import production_service_pb2, production_service_pb2_grpc
 
 from ..runtime.channels import peer_channel
-from ..runtime.notify import Listener
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .consumer import TagEventConsumer
+from .notices import TenantListener
 from .service import ProductionService, TagEventService
 from .servicer import ProductionServicer
 from .store import CHANNEL, MIGRATIONS, Database
@@ -66,13 +66,13 @@ class ProductionApp:
         #: Applies messages of tag events (the consumer's, and tests' on their own connection).
         self.tag_events = TagEventService()
         # Built by start():
-        self.listener: Listener
+        self.listener: TenantListener
         self.service: ProductionService
         self.servicer: ProductionServicer
         #: None when settings.ingest_addr is unset.
         self.consumer: TagEventConsumer | None = None
         #: What stop() stops, in that order: every part start() built, started or not.
-        self._parts: list[TagEventConsumer | Listener | _ConfigChannel] = []
+        self._parts: list[TagEventConsumer | TenantListener | _ConfigChannel] = []
 
     async def start(self, resources: Resources) -> None:
         assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
@@ -85,7 +85,7 @@ class ProductionApp:
         else:
             log.info("FABRICA_CONFIG_ADDR is not set: work centre bindings are not checked against config's tag "
                      "roles")
-        self.listener = Listener(resources.dsn, CHANNEL)
+        self.listener = TenantListener(resources.dsn, CHANNEL)
         self.service = ProductionService(Database(resources.pool), tag_check)
         self.servicer = ProductionServicer(self.service, self.listener)
         if settings.ingest_addr:

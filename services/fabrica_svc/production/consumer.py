@@ -17,7 +17,17 @@ message that cannot be applied because the database is gone is retried the same 
 cursor. An event that cannot be applied because of what it holds (service.UNTAKEABLE_ERRORS: it would fail
 the same way on every retry) is recorded as an ``UNTAKEABLE`` anomaly and passed, the cursor moved past it
 in the same transaction, and logged once (TagEventService.apply_tag_events): one event never stops every
-later booking. The channel's message size limit is the one of every Fabrica server and channel
+later booking.
+
+Tenants: the consumer is installation-wide. It asks ingest as ``*`` (peer_channel(..., tenant="*")), so one
+stream carries every tenant's events, each naming its tenant (TagEvent.tenant; ``default`` when empty). Its
+connection runs as the row-level-security role (runtime/tenancy.py) and sees no tenant's rows until a
+transaction names one: each tenant's events are booked under that tenant (TagEventService), so an event of
+tenant A's tag finds A's bindings and orders only, even where B bound a tag with the same id. The cursor
+(``consumer_cursor``, the installation's position in the one stream) is the one table without a tenant, and
+it moves in the same transaction as before: exactly once holds across tenants. A service whose identity is
+one tenant's (a token of that tenant: ingest refuses it "*", PERMISSION_DENIED TENANT_MISMATCH) consumes
+that tenant's events only, and says so in an error log line. The channel's message size limit is the one of every Fabrica server and channel
 (runtime/channels.py), so whatever ingest sends fits in what this consumer accepts.
 """
 
@@ -33,7 +43,8 @@ from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from ..clients.errors import error_details
+from ..clients.errors import ErrorDetails, error_details
+from ..runtime import tenancy
 from ..runtime.channels import peer_channel
 from ..runtime.settings import Settings
 from ..runtime.telemetry import from_proto, parent_of
@@ -68,6 +79,9 @@ class TagEventConsumer:
         self.retry = retry
         #: Set while this replica holds the lock and consumes.
         self.active = asyncio.Event()
+        #: The tenant it asks ingest for: every tenant's events ("*"), unless its identity turned out to be one
+        #: tenant's (see _one_tenant_only).
+        self.tenant = tenancy.ALL
         #: The cursor of the last message applied by this replica (None before the first).
         self.cursor: int | None = None
         self._backoff = retry.backoff()
@@ -97,6 +111,29 @@ class TagEventConsumer:
             lag += max(0.0, time.time() - at)
         return [Observation(lag, {"consumer": "production"})]
 
+    @property
+    def unnamed_tenant(self) -> str:
+        """The tenant of an event that names none: the one tenant consumed, or ``default`` (events from an
+        ingest from before tenants)."""
+        return tenancy.DEFAULT if self.tenant == tenancy.ALL else self.tenant
+
+    def _one_tenant_only(self, details: ErrorDetails) -> bool:
+        """True (and from now on consume that tenant's events) when ingest refused "*" because this service's
+        identity belongs to one tenant (PERMISSION_DENIED, reason TENANT_MISMATCH: a token without an
+        installation-wide tenant). Logged as an error: every other tenant's counts are not booked until
+        production gets an installation-wide identity (its service certificate, or a token minted with
+        --tenant '*')."""
+        tenant = dict(details.metadata).get("tenant", "")
+        if (details.code != grpc.StatusCode.PERMISSION_DENIED or details.reason != "TENANT_MISMATCH"
+                or self.tenant != tenancy.ALL or not tenancy.is_code(tenant)):
+            return False
+        log.error("ingest refused to serve every tenant's tag events: this service's identity belongs to tenant "
+                  "%r. Consuming that tenant's events only; other tenants' counts are not booked until production "
+                  "has an installation-wide identity (its service certificate, or a token with tenant '*')",
+                  tenant, extra={"ingest": self.ingest_addr, "tenant": tenant})
+        self.tenant = tenant
+        return True
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="production-tag-event-consumer")
 
@@ -122,7 +159,7 @@ class TagEventConsumer:
                 conn = await asyncpg.connect(
                     self.dsn, timeout=10, command_timeout=60,
                     server_settings={"application_name": "fabrica-production-consumer",
-                                     "search_path": '"production", public'})
+                                     "search_path": '"production", public', "role": tenancy.DB_ROLE})
                 if not await self.tag_events.try_lock(conn):
                     if not standing_by:
                         log.info("another replica consumes tag events; standing by")
@@ -156,44 +193,50 @@ class TagEventConsumer:
 
     async def _consume(self, conn: asyncpg.Connection) -> None:
         """Stream and apply events while the lock's connection lives; reconnect to ingest with backoff."""
-        async with peer_channel(self.ingest_addr, self.settings) as channel:
-            stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
-            while not conn.is_closed():
-                cursor = await self.tag_events.cursor(conn)
-                call = stub.WatchTagEvents(ingest_service_pb2.WatchTagEventsRequest(after_cursor=cursor))
-                try:
-                    async for response in call:
-                        with booking_span(response.events) as span:
-                            result = await self.tag_events.apply_tag_events(conn, response.events)
-                            span.set_attributes({"fabrica.production.booked_good": result.booked_good,
-                                                 "fabrica.production.booked_scrap": result.booked_scrap,
-                                                 "fabrica.production.anomalies": result.anomalies})
-                        if response.events:
-                            now = time.time()
-                            self._lag = (max(0.0, now - response.events[-1].read_time.ToNanoseconds() / 1e9), now, True)
-                        self.cursor = result.cursor
-                        self._backoff.reset()
-                        self._last_problem = ""
-                        self._events.add(result.applied)
-                        self._parts.add(result.booked_good, {"kind": "good"})
-                        self._parts.add(result.booked_scrap, {"kind": "scrap"})
-                        self._anomalies.add(result.anomalies)
-                        if result.booked_good or result.booked_scrap or result.anomalies:
-                            log.debug("tag events applied", extra={
-                                "cursor": result.cursor, "events": result.applied, "good": result.booked_good,
-                                "scrap": result.booked_scrap, "anomalies": result.anomalies})
-                    log.info("WatchTagEvents ended; reconnecting")
-                    self._lag = (self._lag[0], self._lag[1] or time.time(), False)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
-                        # Ingest no longer has the events after our cursor: they are lost to us. Carry on from
-                        # the oldest it has (all newer than ours, as cursors only grow) and say so loudly.
-                        log.error("ingest no longer retains the events after cursor %d; continuing from its "
-                                  "oldest event. Counts in the gap are not booked.", cursor)
-                        await self.tag_events.reset_cursor(conn)
-                    else:
-                        self._warn_ingest(str(error_details(exc)))
-                    self._lag = (self._lag[0], self._lag[1] or time.time(), False)
-                finally:
-                    call.cancel()
-                await self._backoff.wait()
+        while not conn.is_closed():
+            tenant = self.tenant
+            async with peer_channel(self.ingest_addr, self.settings, tenant=tenant) as channel:
+                stub = ingest_service_pb2_grpc.IngestServiceStub(channel)
+                while not conn.is_closed() and self.tenant == tenant:
+                    cursor = await self.tag_events.cursor(conn)
+                    call = stub.WatchTagEvents(ingest_service_pb2.WatchTagEventsRequest(after_cursor=cursor))
+                    try:
+                        async for response in call:
+                            with booking_span(response.events) as span:
+                                result = await self.tag_events.apply_tag_events(conn, response.events,
+                                                                                unnamed=self.unnamed_tenant)
+                                span.set_attributes({"fabrica.production.booked_good": result.booked_good,
+                                                     "fabrica.production.booked_scrap": result.booked_scrap,
+                                                     "fabrica.production.anomalies": result.anomalies})
+                            if response.events:
+                                now = time.time()
+                                self._lag = (max(0.0, now - response.events[-1].read_time.ToNanoseconds() / 1e9), now, True)
+                            self.cursor = result.cursor
+                            self._backoff.reset()
+                            self._last_problem = ""
+                            self._events.add(result.applied)
+                            self._parts.add(result.booked_good, {"kind": "good"})
+                            self._parts.add(result.booked_scrap, {"kind": "scrap"})
+                            self._anomalies.add(result.anomalies)
+                            if result.booked_good or result.booked_scrap or result.anomalies:
+                                log.debug("tag events applied", extra={
+                                    "cursor": result.cursor, "events": result.applied, "good": result.booked_good,
+                                    "scrap": result.booked_scrap, "anomalies": result.anomalies})
+                        log.info("WatchTagEvents ended; reconnecting")
+                        self._lag = (self._lag[0], self._lag[1] or time.time(), False)
+                    except grpc.aio.AioRpcError as exc:
+                        details = error_details(exc)
+                        if self._one_tenant_only(details):
+                            continue
+                        if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                            # Ingest no longer has the events after our cursor: they are lost to us. Carry on from
+                            # the oldest it has (all newer than ours, as cursors only grow) and say so loudly.
+                            log.error("ingest no longer retains the events after cursor %d; continuing from its "
+                                      "oldest event. Counts in the gap are not booked.", cursor)
+                            await self.tag_events.reset_cursor(conn)
+                        else:
+                            self._warn_ingest(str(details))
+                        self._lag = (self._lag[0], self._lag[1] or time.time(), False)
+                    finally:
+                        call.cancel()
+                    await self._backoff.wait()

@@ -18,7 +18,7 @@ from ..runtime.pages import etag_of
 from ..runtime.timefmt import set_timestamp, to_datetime
 from .booking import Event
 from .domain import Oee
-from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind
+from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, REFERENCE_TYPE, SECTOR, WORK_CENTER, Kind
 from .store import records
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def _common(msg: message.Message, rec: records.MasterRecord) -> message.Message:
 
 
 def _item_message(r: records.Item) -> master_data_pb2.Item:
-    item = master_data_pb2.Item(id=r.id, display_name=r.display_name)
+    item = master_data_pb2.Item(id=r.id, display_name=r.display_name, reference_type_id=r.reference_type_id)
     item.ideal_cycle_time.FromNanoseconds(r.ideal_cycle_nanos)
     return item
 
@@ -88,7 +88,11 @@ _MASTER: dict[str, _Mapping] = {
     ITEM.field: _Mapping(
         _item_message,
         lambda m: records.Item(id=m.id, display_name=m.display_name,
-                               ideal_cycle_nanos=m.ideal_cycle_time.ToNanoseconds())),
+                               ideal_cycle_nanos=m.ideal_cycle_time.ToNanoseconds(),
+                               reference_type_id=m.reference_type_id)),
+    REFERENCE_TYPE.field: _Mapping(
+        lambda r: master_data_pb2.ReferenceType(id=r.id, display_name=r.display_name, description=r.description),
+        lambda m: records.ReferenceType(id=m.id, display_name=m.display_name, description=m.description)),
     DEFECT_CODE.field: _Mapping(
         lambda r: master_data_pb2.DefectCode(id=r.id, display_name=r.display_name, severity=r.severity),
         lambda m: records.DefectCode(id=m.id, display_name=m.display_name, severity=int(m.severity))),

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SECTOR_ID = "pressing"
 WORK_CENTER_ID = "press-1"
 ITEM_ID = "BRK-100"
+#: The reference type the demo item is grouped under.
+REFERENCE_TYPE = md.ReferenceType(id="BRACKETS", display_name="Brackets", description="Pressed steel brackets")
 ORDER_PREFIX = "DEMO-"
 #: The demo item's ideal cycle time in seconds (see the module docstring).
 IDEAL_CYCLE_SECONDS = 0.45
@@ -72,7 +74,8 @@ async def create_demo(
     planned_quantity: int = 600,
     ideal_cycle_seconds: float = IDEAL_CYCLE_SECONDS,
 ) -> order_pb2.Order:
-    """Create (or bring up to date) the demo sector, work centre, item, defect codes and downtime reasons,
+    """Create (or bring up to date) the demo sector, work centre, reference type, item, defect codes and downtime
+    reasons,
     and return the work centre's running order, starting a new demo order if none runs."""
     await _create(stub.CreateSector, pb.CreateSectorRequest(sector=md.Sector(id=SECTOR_ID, display_name="Pressing")))
     wanted = md.WorkCenter(
@@ -92,18 +95,22 @@ async def create_demo(
                 work_center=wanted, update_mask=field_mask_pb2.FieldMask(paths=_BINDING_FIELDS)))
     cycle = duration_pb2.Duration()
     cycle.FromNanoseconds(round(ideal_cycle_seconds * 1e9))
+    await _create(stub.CreateReferenceType, pb.CreateReferenceTypeRequest(reference_type=REFERENCE_TYPE))
     try:
         await stub.CreateItem(pb.CreateItemRequest(item=md.Item(
-            id=ITEM_ID, display_name="Mounting bracket", ideal_cycle_time=cycle)))
+            id=ITEM_ID, display_name="Mounting bracket", ideal_cycle_time=cycle, reference_type_id=REFERENCE_TYPE.id)))
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
         item = (await stub.GetItem(pb.GetItemRequest(id=ITEM_ID))).item
-        if item.ideal_cycle_time != cycle:  # from a run before the ideal cycle time was corrected
-            log.info("demo item's ideal cycle time corrected", extra={"item_id": ITEM_ID})
+        # From a run before the ideal cycle time was corrected, or before items had reference types.
+        paths = ([*(["ideal_cycle_time"] if item.ideal_cycle_time != cycle else []),
+                  *(["reference_type_id"] if not item.reference_type_id else [])])
+        if paths:
+            log.info("demo item brought up to date", extra={"item_id": ITEM_ID, "fields": ",".join(paths)})
             await stub.UpdateItem(pb.UpdateItemRequest(
-                item=md.Item(id=ITEM_ID, ideal_cycle_time=cycle, etag=item.etag),
-                update_mask=field_mask_pb2.FieldMask(paths=["ideal_cycle_time"])))
+                item=md.Item(id=ITEM_ID, ideal_cycle_time=cycle, reference_type_id=REFERENCE_TYPE.id, etag=item.etag),
+                update_mask=field_mask_pb2.FieldMask(paths=paths)))
     for code in _DEFECT_CODES:
         await _create(stub.CreateDefectCode, pb.CreateDefectCodeRequest(defect_code=code))
     for reason in _DOWNTIME_REASONS:

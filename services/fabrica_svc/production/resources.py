@@ -54,12 +54,14 @@ WORK_CENTER = Kind(
     ("display_name", "sector_id", "plc_id", "production_counter_tag_id", "scrap_counter_tag_id",
      "machine_state_tag_id", "counter_width", "max_counter_jump"),
 )
-ITEM = Kind("item", "item", "items", master_data_pb2.Item, ("display_name", "ideal_cycle_time"))
+ITEM = Kind("item", "item", "items", master_data_pb2.Item, ("display_name", "ideal_cycle_time", "reference_type_id"))
 DEFECT_CODE = Kind("defect code", "defect_code", "defectCodes", master_data_pb2.DefectCode,
                    ("display_name", "severity"))
 DOWNTIME_REASON = Kind("downtime reason", "downtime_reason", "downtimeReasons", master_data_pb2.DowntimeReason,
                        ("display_name", "color", "counts_against_availability"))
-KINDS = (SECTOR, WORK_CENTER, ITEM, DEFECT_CODE, DOWNTIME_REASON)
+REFERENCE_TYPE = Kind("reference type", "reference_type", "referenceTypes", master_data_pb2.ReferenceType,
+                      ("display_name", "description"))
+KINDS = (SECTOR, WORK_CENTER, ITEM, DEFECT_CODE, DOWNTIME_REASON, REFERENCE_TYPE)
 
 _OUTPUT_ONLY = ("etag", "create_time", "update_time")
 

@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 import asyncpg
 from fabrica.ingest.v1 import tag_event_pb2
 
-from ..runtime import audit
+from ..runtime import audit, tenancy
 from ..runtime.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from ..runtime.pages import etag_of
 from ..runtime.timefmt import timestamp_is_valid, to_datetime
 from . import booking, convert, domain
 from .domain import OrderAction, OrderState
-from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind, tag_bindings
+from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, REFERENCE_TYPE, SECTOR, WORK_CENTER, Kind, tag_bindings
 from .store import Database, bookings, downtime, events, master, orders, records
 from .store.common import (
     claim_request,
@@ -71,6 +71,9 @@ class ProductionService:
         # FOR SHARE: the sector cannot be deleted under us before we commit.
         if kind is WORK_CENTER and not await exists(conn, "sectors", rec.sector_id, lock=True):
             raise missing(SECTOR, rec.sector_id)
+        if (kind is ITEM and rec.reference_type_id
+                and not await exists(conn, "reference_types", rec.reference_type_id, lock=True)):
+            raise missing(REFERENCE_TYPE, rec.reference_type_id)
 
     async def create_master(self, kind: Kind, rec: records.MasterRecord) -> records.MasterRecord:
         if kind is WORK_CENTER:
@@ -87,8 +90,9 @@ class ProductionService:
         return await master.get(self.db.pool, kind, resource_id)
 
     async def list_master(self, kind: Kind, page_size: int, after_id: str,
-                          sector_id: str = "") -> tuple[list[records.MasterRecord], bool]:
-        return await master.list_page(self.db.pool, kind, page_size, after_id, sector_id)
+                          parent_id: str = "") -> tuple[list[records.MasterRecord], bool]:
+        """A page by id; `parent_id` filters work centres by sector and items by reference type."""
+        return await master.list_page(self.db.pool, kind, page_size, after_id, parent_id)
 
     async def update_master(self, kind: Kind, resource_id: str, etag: str,
                             merge: Callable[[records.MasterRecord], records.MasterRecord]) -> records.MasterRecord:
@@ -433,9 +437,10 @@ class TagEventService:
     async def reset_cursor(conn: asyncpg.Connection) -> None:
         await events.save_cursor(conn, 0)
 
-    async def apply_tag_events(self, conn: asyncpg.Connection,
-                               messages: Sequence[tag_event_pb2.TagEvent]) -> ApplyResult:
-        """Apply one message of tag events and move the cursor past it, in one transaction on `conn`.
+    async def apply_tag_events(self, conn: asyncpg.Connection, messages: Sequence[tag_event_pb2.TagEvent], *,
+                               unnamed: str = tenancy.DEFAULT) -> ApplyResult:
+        """Apply one message of tag events and move the cursor past it, in one transaction on `conn`. Each event
+        is booked in the tenant it names (TagEvent.tenant), one that names none in `unnamed`.
 
         If the message cannot be applied because of what is in it (an error of the data, not of the database
         being away: see UNTAKEABLE_ERRORS), its events are applied one at a time, each in its own
@@ -443,16 +448,16 @@ class TagEventService:
         anomaly and passed, the cursor moved past it in the same transaction, and logged once. Replaying
         the same event could only fail the same way, and would stop every later booking."""
         try:
-            return await self._apply(conn, messages)
+            return await self._apply(conn, messages, unnamed)
         except UNTAKEABLE_ERRORS as exc:
             if len(messages) == 1:
-                return await self._pass_untakeable(conn, messages[0], exc)
+                return await self._pass_untakeable(conn, messages[0], exc, unnamed)
         total = ApplyResult(cursor=await events.cursor(conn))
         for event in sorted(messages, key=lambda e: e.cursor):
             try:
-                one = await self._apply(conn, [event])
+                one = await self._apply(conn, [event], unnamed)
             except UNTAKEABLE_ERRORS as exc:
-                one = await self._pass_untakeable(conn, event, exc)
+                one = await self._pass_untakeable(conn, event, exc, unnamed)
             total.cursor = max(total.cursor, one.cursor)
             total.applied += one.applied
             total.booked_good += one.booked_good
@@ -462,51 +467,73 @@ class TagEventService:
         return total
 
     async def _pass_untakeable(self, conn: asyncpg.Connection, event: tag_event_pb2.TagEvent,
-                               exc: BaseException) -> ApplyResult:
-        """Record `event`, which failed with `exc`, as an UNTAKEABLE anomaly and move the cursor past it, in
-        one transaction; log it."""
+                               exc: BaseException, unnamed: str) -> ApplyResult:
+        """Record `event`, which failed with `exc`, as an UNTAKEABLE anomaly of its tenant and move the cursor
+        past it, in one transaction; log it. An event naming no tenant code at all cannot be recorded anywhere:
+        it is passed and logged only."""
         problem = f"{type(exc).__name__}: {exc}"[:500]
+        tenant = event.tenant or unnamed
+        work_center_id = ""
         async with conn.transaction():
             stored = await events.cursor(conn, for_update=True)
             if event.cursor <= stored:
                 return ApplyResult(cursor=stored)
-            bindings = await events.load_bindings(conn, [event.tag_id])
-            binding = bindings.get(event.tag_id)
-            read_time = (to_datetime(event.read_time) if timestamp_is_valid(event.read_time.seconds, event.read_time.nanos)
-                         else datetime.now(UTC))
-            anomaly = booking.Anomaly(binding.work_center_id if binding else "", event.tag_id, event.cursor,
-                                      booking.UNTAKEABLE, None, convert.value_text(event.value),
-                                      f"the event could not be applied ({problem}); passed", read_time)
-            await events.apply(conn, booking.Effects(anomalies=[anomaly]))
+            recorded = tenancy.is_code(tenant)
+            if recorded:
+                with tenancy.scope(tenant):
+                    await events.set_tenant(conn, tenant)
+                    bindings = await events.load_bindings(conn, [event.tag_id])
+                    binding = bindings.get(event.tag_id)
+                    work_center_id = binding.work_center_id if binding else ""
+                    read_time = (to_datetime(event.read_time)
+                                 if timestamp_is_valid(event.read_time.seconds, event.read_time.nanos)
+                                 else datetime.now(UTC))
+                    anomaly = booking.Anomaly(work_center_id, event.tag_id, event.cursor, booking.UNTAKEABLE, None,
+                                              convert.value_text(event.value),
+                                              f"the event could not be applied ({problem}); passed", read_time)
+                    await events.apply(conn, booking.Effects(anomalies=[anomaly]))
             await events.save_cursor(conn, event.cursor)
-        log.error("tag event could not be applied and was passed (recorded as an UNTAKEABLE anomaly): %s", problem,
+        log.error("tag event could not be applied and was passed (%s): %s",
+                  "recorded as an UNTAKEABLE anomaly" if recorded else "its tenant is not a tenant code", problem,
                   extra={"cursor": event.cursor, "tag_id": event.tag_id, "plc_id": event.plc_id,
-                         "work_center_id": anomaly.work_center_id})
-        return ApplyResult(cursor=event.cursor, applied=1, anomalies=1)
+                         "work_center_id": work_center_id, "tenant": event.tenant})
+        return ApplyResult(cursor=event.cursor, applied=1, anomalies=1 if recorded else 0)
 
-    async def _apply(self, conn: asyncpg.Connection, messages: Sequence[tag_event_pb2.TagEvent]) -> ApplyResult:
+    async def _apply(self, conn: asyncpg.Connection, messages: Sequence[tag_event_pb2.TagEvent],
+                     unnamed: str) -> ApplyResult:
+        """One transaction: the cursor row locked, each tenant's fresh events planned and applied under that
+        tenant (in tenant order, so two transactions lock tenants' revision rows in the same order), the cursor
+        moved past them all."""
         async with conn.transaction():
             stored = await events.cursor(conn, for_update=True)
             # Events at or below the stored cursor are applied already: a replay books nothing.
-            fresh = sorted((convert.event(e) for e in messages if e.cursor > stored), key=lambda e: e.cursor)
+            fresh = sorted((e for e in messages if e.cursor > stored), key=lambda e: e.cursor)
             result = ApplyResult(cursor=stored)
             if not fresh:
                 return result
             result.cursor = fresh[-1].cursor
             result.applied = len(fresh)
-            bindings = await events.load_bindings(conn, (e.tag_id for e in fresh))
-            state = await events.load_state(conn, bindings, ((e.tag_id, e.read_time) for e in fresh))
-            effects = booking.plan(fresh, state)
-            await events.apply(conn, effects)
+            done = []
+            for tenant, group in _by_tenant(fresh, unnamed):
+                with tenancy.scope(tenant):
+                    await events.set_tenant(conn, tenant)
+                    planned = [convert.event(e) for e in group]
+                    bindings = await events.load_bindings(conn, (e.tag_id for e in planned))
+                    state = await events.load_state(conn, bindings, ((e.tag_id, e.read_time) for e in planned))
+                    effects = booking.plan(planned, state)
+                    await events.apply(conn, effects)
+                done.append(effects)
             await events.save_cursor(conn, result.cursor)
-        self._report(effects, state, result)
+        for effects in done:
+            self._report(effects, result)
         return result
 
     @staticmethod
-    def _report(effects: booking.Effects, state: booking.BookingState, result: ApplyResult) -> None:
-        result.booked_good, result.booked_scrap = effects.booked_good, effects.booked_scrap
-        result.anomalies = len(effects.anomalies)
-        result.completed_orders = list(effects.completed_orders)
+    def _report(effects: booking.Effects, result: ApplyResult) -> None:
+        result.booked_good += effects.booked_good
+        result.booked_scrap += effects.booked_scrap
+        result.anomalies += len(effects.anomalies)
+        result.completed_orders += list(effects.completed_orders)
         for a in effects.anomalies:
             log.warning("tag event not booked: %s", a.note, extra={
                 "work_center_id": a.work_center_id, "tag_id": a.tag_id, "cursor": a.cursor, "kind": a.kind})
@@ -515,3 +542,17 @@ class TagEventService:
             o = totals[order_id]
             log.info("order completed: planned quantity reached", extra={
                 "order_id": o.id, "number": o.number, "good": o.good, "planned": o.planned})
+
+
+def _by_tenant(messages: Sequence[tag_event_pb2.TagEvent],
+               unnamed: str) -> list[tuple[str, list[tag_event_pb2.TagEvent]]]:
+    """The events of each tenant (`unnamed` for an event that names none: ``default`` from an ingest from before
+    tenants, or the one tenant a consumer of one tenant's events reads), in cursor order, tenants in name order.
+    ValueError for a tenant that is not a tenant code (an untakeable event)."""
+    groups: dict[str, list[tag_event_pb2.TagEvent]] = {}
+    for e in messages:
+        tenant = e.tenant or unnamed
+        if not tenancy.is_code(tenant):
+            raise ValueError(f"tag event {e.cursor} names {e.tenant!r}, not a tenant code")
+        groups.setdefault(tenant, []).append(e)
+    return sorted(groups.items())

@@ -3,14 +3,21 @@
 
 Every request has already passed protovalidate (the interceptor); the rules the protos cannot express are
 in resources.py and are checked here, before the service layer writes anything.
+
+Tenants: every RPC but ListAuditEntries works in the one tenant the interceptor set for it (the caller's, or
+the one an installation-wide caller names with x-fabrica-tenant); across tenants it is INVALID_ARGUMENT
+(field x-fabrica-tenant). The pool scopes every statement to that tenant (row-level security), so another
+tenant's id is NOT_FOUND like an id nobody has, and WatchOrders wakes on its tenant's changes only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -18,16 +25,16 @@ from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import field_mask_pb2, message
 
-from ..runtime import audit
+from ..runtime import audit, tenancy
 from ..runtime.errors import FieldViolation, InvalidArgument
-from ..runtime.notify import Listener
 from ..runtime.pages import decode_int_page_token, decode_page_token, encode_page_token
 from ..runtime.timefmt import optional_datetime
 from ..runtime.validation import violations_of
 from ..runtime.watch import Page, watch
 from . import convert, resources
 from .domain import OrderAction
-from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind
+from .notices import TenantListener
+from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, REFERENCE_TYPE, SECTOR, WORK_CENTER, Kind
 from .service import ProductionService
 from .store import records
 
@@ -61,13 +68,54 @@ def _require_id(kind: Kind, resource: message.Message, present: bool) -> str:
     return resource.id  # type: ignore[attr-defined]
 
 
+#: The methods an installation-wide caller may call without naming a tenant (x-fabrica-tenant: * or no header
+#: from a service): they read every tenant's rows. Every other method works in one tenant.
+ACROSS_TENANTS = frozenset({"ListAuditEntries"})
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _require_one_tenant() -> None:
+    """INVALID_ARGUMENT unless the RPC works for one tenant: production's ids are unique per tenant only, its
+    order revisions are per tenant, and what it writes belongs to one tenant."""
+    tenant = tenancy.current()
+    if tenant is None or tenant == tenancy.ALL:
+        raise InvalidArgument(FieldViolation(tenancy.HEADER, "production works in one tenant at a time: an "
+                                             "installation-wide caller names it with this header"))
+
+
+def _in_one_tenant(method: F) -> F:
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
+            _require_one_tenant()
+            async for response in method(self, request, context):
+                yield response
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:  # noqa: ANN401
+        _require_one_tenant()
+        return await method(self, request, context)
+    return unary  # type: ignore[return-value]
+
+
+def _tenant_methods(cls: type) -> type:
+    """Every RPC of ProductionService on `cls`, except ACROSS_TENANTS, refuses a caller across tenants."""
+    for name in pb.DESCRIPTOR.services_by_name["ProductionService"].methods_by_name:
+        if name not in ACROSS_TENANTS:
+            setattr(cls, name, _in_one_tenant(cls.__dict__[name]))
+    return cls
+
+
+@_tenant_methods
 class ProductionServicer(pb_grpc.ProductionServiceServicer):
-    def __init__(self, service: ProductionService, listener: Listener):
+    def __init__(self, service: ProductionService, listener: TenantListener):
         self.service = service
         self.listener = listener
 
     # ----------------------------------------------------------------------------------------------------------
-    # Master data: one implementation, five resources
+    # Master data: one implementation, six resources
     # ----------------------------------------------------------------------------------------------------------
 
     async def _create(self, kind: Kind, resource: message.Message) -> message.Message:
@@ -79,10 +127,10 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
     async def _get(self, kind: Kind, resource_id: str) -> message.Message:
         return convert.master_message(kind, await self.service.get_master(kind, resource_id))
 
-    async def _list(self, kind: Kind, page_size: int, token: str, sector_id: str = "") -> tuple[list, str]:
-        query = f"{kind.field}|{sector_id}"
+    async def _list(self, kind: Kind, page_size: int, token: str, parent_id: str = "") -> tuple[list, str]:
+        query = f"{kind.field}|{parent_id}"
         after = decode_page_token(token, query) if token else ""
-        items, more = await self.service.list_master(kind, _page_size(page_size), after, sector_id)
+        items, more = await self.service.list_master(kind, _page_size(page_size), after, parent_id)
         return [convert.master_message(kind, r) for r in items], encode_page_token(query, items[-1].id) if more else ""
 
     async def _update(self, kind: Kind, patch: message.Message, present: bool,
@@ -151,7 +199,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
         return pb.GetItemResponse(item=await self._get(ITEM, request.id))
 
     async def ListItems(self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext) -> pb.ListItemsResponse:
-        items, token = await self._list(ITEM, request.page_size, request.page_token)
+        items, token = await self._list(ITEM, request.page_size, request.page_token, request.reference_type_id)
         return pb.ListItemsResponse(items=items, next_page_token=token)
 
     async def UpdateItem(self, request: pb.UpdateItemRequest, context: grpc.aio.ServicerContext
@@ -186,6 +234,30 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
                                ) -> pb.DeleteDefectCodeResponse:
         await self.service.delete_master(DEFECT_CODE, request.id, request.etag)
         return pb.DeleteDefectCodeResponse()
+
+    async def CreateReferenceType(self, request: pb.CreateReferenceTypeRequest, context: grpc.aio.ServicerContext
+                                  ) -> pb.CreateReferenceTypeResponse:
+        return pb.CreateReferenceTypeResponse(
+            reference_type=await self._create(REFERENCE_TYPE, request.reference_type))
+
+    async def GetReferenceType(self, request: pb.GetReferenceTypeRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.GetReferenceTypeResponse:
+        return pb.GetReferenceTypeResponse(reference_type=await self._get(REFERENCE_TYPE, request.id))
+
+    async def ListReferenceTypes(self, request: pb.ListReferenceTypesRequest, context: grpc.aio.ServicerContext
+                                 ) -> pb.ListReferenceTypesResponse:
+        items, token = await self._list(REFERENCE_TYPE, request.page_size, request.page_token)
+        return pb.ListReferenceTypesResponse(reference_types=items, next_page_token=token)
+
+    async def UpdateReferenceType(self, request: pb.UpdateReferenceTypeRequest, context: grpc.aio.ServicerContext
+                                  ) -> pb.UpdateReferenceTypeResponse:
+        return pb.UpdateReferenceTypeResponse(reference_type=await self._update(
+            REFERENCE_TYPE, request.reference_type, request.HasField("reference_type"), request.update_mask))
+
+    async def DeleteReferenceType(self, request: pb.DeleteReferenceTypeRequest, context: grpc.aio.ServicerContext
+                                  ) -> pb.DeleteReferenceTypeResponse:
+        await self.service.delete_master(REFERENCE_TYPE, request.id, request.etag)
+        return pb.DeleteReferenceTypeResponse()
 
     async def CreateDowntimeReason(self, request: pb.CreateDowntimeReasonRequest, context: grpc.aio.ServicerContext
                                    ) -> pb.CreateDowntimeReasonResponse:
@@ -378,7 +450,9 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
                          extra={"after_revision": start, "current": current, "work_center_id": wc})
                 start = None
         read = functools.partial(self._order_page, wc)
-        async with contextlib.aclosing(watch(self.listener, read, start, poll_interval=WATCH_POLL_SECONDS)) as out:
+        # Woken by this tenant's order changes only (notices.py); what it reads is this tenant's (row-level security).
+        waits = self.listener.for_tenant(tenancy.require())
+        async with contextlib.aclosing(watch(waits, read, start, poll_interval=WATCH_POLL_SECONDS)) as out:  # type: ignore[arg-type]
             async for response in out:
                 yield response
 

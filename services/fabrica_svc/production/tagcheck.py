@@ -15,7 +15,8 @@ bindings are created or changed, production asks config (ConfigService.GetPlc of
 A create is checked before its transaction; an update is checked inside it, after the row is locked and the
 update mask merged (only if the plc, a bound tag or the counter width changed), so what is checked is what is
 written. A production service with no config address (FABRICA_CONFIG_ADDR unset) skips the check and says so once
-at start. Config being unreachable makes the write UNAVAILABLE (retry), never unchecked.
+at start. Config being unreachable makes the write UNAVAILABLE (retry), never unchecked. Config is asked in the
+request's tenant (header x-fabrica-tenant): a tag of another tenant's PLC is TAG_NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import grpc
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import config_service_pb2, config_service_pb2_grpc
 
+from ..runtime import tenancy
 from ..runtime.errors import FailedPrecondition, PreconditionViolation, Unavailable
 from . import domain
 from .resources import TAG_FIELDS
@@ -71,8 +73,9 @@ class ConfigTagCheck:
         if not bound:
             return
         try:
-            plc = (await self._stub.GetPlc(config_service_pb2.GetPlcRequest(id=wc.plc_id),
-                                           timeout=self._timeout)).plc
+            # Asked in the request's tenant: a PLC and tags of another tenant are not found.
+            plc = (await self._stub.GetPlc(config_service_pb2.GetPlcRequest(id=wc.plc_id), timeout=self._timeout,
+                                           metadata=((tenancy.HEADER, tenancy.require()),))).plc
             tags = {t.id: t for t in plc.tags}
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:

@@ -1,4 +1,5 @@
-// Master data: sectors, work centres (with their PLC tag bindings), items, defect codes, downtime reasons.
+// Master data: sectors, work centres (with their PLC tag bindings), items (grouped by reference types), defect codes,
+// downtime reasons.
 // Create, and edit with the etag as read (a concurrent change is refused and shown, not overwritten).
 import { useState } from "preact/hooks";
 import { create, type DescMessage } from "@bufbuild/protobuf";
@@ -6,26 +7,27 @@ import { Code } from "@connectrpc/connect";
 import { durationFromMs, FieldMaskSchema } from "@bufbuild/protobuf/wkt";
 import { production, problem, validate, type Problem } from "../api";
 import {
-  DefectCodeSchema, DowntimeReasonSchema, ItemSchema, SectorSchema, Severity, WorkCenterSchema,
-  type DefectCode, type DowntimeReason, type Item, type Sector, type WorkCenter,
+  DefectCodeSchema, DowntimeReasonSchema, ItemSchema, ReferenceTypeSchema, SectorSchema, Severity, WorkCenterSchema,
+  type DefectCode, type DowntimeReason, type Item, type ReferenceType, type Sector, type WorkCenter,
 } from "../gen/fabrica/production/v1/master_data_pb";
 import { TagRole } from "../gen/fabrica/common/v1/reading_pb";
 import { durSeconds } from "../format";
 import { Allowed, Card, Empty, ErrorBanner, Field, plcName, refreshNames, useAuth, usePaged, useNames } from "../ui";
 
-type Kind = "workCenters" | "items" | "defectCodes" | "downtimeReasons" | "sectors";
-const KINDS: [Kind, string][] = [["workCenters", "Work centres"], ["items", "Items"], ["defectCodes", "Defect codes"], ["downtimeReasons", "Downtime reasons"], ["sectors", "Sectors"]];
+type Kind = "workCenters" | "items" | "referenceTypes" | "defectCodes" | "downtimeReasons" | "sectors";
+const KINDS: [Kind, string][] = [["workCenters", "Work centres"], ["items", "Items"], ["referenceTypes", "Reference types"], ["defectCodes", "Defect codes"], ["downtimeReasons", "Downtime reasons"], ["sectors", "Sectors"]];
 const SEVERITY_WORDS: Record<number, string> = { [Severity.MINOR]: "minor", [Severity.MAJOR]: "major", [Severity.CRITICAL]: "critical" };
 
 type Form = Record<string, string | boolean>;
-type Any = Sector | WorkCenter | Item | DefectCode | DowntimeReason;
+type Any = Sector | WorkCenter | Item | ReferenceType | DefectCode | DowntimeReason;
 
 function toForm(kind: Kind, x?: Any): Form {
   const a = (x ?? {}) as any;
   const base: Form = { id: a.id ?? "", display_name: a.displayName ?? "" };
   switch (kind) {
     case "workCenters": return { ...base, sector_id: a.sectorId ?? "", plc_id: a.plcId ?? "", production_counter_tag_id: a.productionCounterTagId?.toString() ?? "0", scrap_counter_tag_id: a.scrapCounterTagId?.toString() ?? "0", machine_state_tag_id: a.machineStateTagId?.toString() ?? "0", counter_width: String(a.counterWidth ?? 32) };
-    case "items": return { ...base, ideal_cycle_time: a.idealCycleTime ? String(durSeconds(a.idealCycleTime)) : "" };
+    case "items": return { ...base, ideal_cycle_time: a.idealCycleTime ? String(durSeconds(a.idealCycleTime)) : "", reference_type_id: a.referenceTypeId ?? "" };
+    case "referenceTypes": return { ...base, description: a.description ?? "" };
     case "defectCodes": return { ...base, severity: String(a.severity ?? Severity.MINOR) };
     case "downtimeReasons": return { ...base, color: a.color ?? "#64748b", counts_against_availability: a.countsAgainstAvailability ?? true };
     default: return base;
@@ -44,8 +46,9 @@ function build(kind: Kind, f: Form): [DescMessage, any, string] {
     }), "work_center"];
     case "items": {
       const s = Number(f.ideal_cycle_time);
-      return [ItemSchema, create(ItemSchema, { id, displayName, idealCycleTime: String(f.ideal_cycle_time).trim() === "" || !Number.isFinite(s) ? undefined : durationFromMs(Math.round(s * 1000)) }), "item"];
+      return [ItemSchema, create(ItemSchema, { id, displayName, referenceTypeId: String(f.reference_type_id ?? ""), idealCycleTime: String(f.ideal_cycle_time).trim() === "" || !Number.isFinite(s) ? undefined : durationFromMs(Math.round(s * 1000)) }), "item"];
     }
+    case "referenceTypes": return [ReferenceTypeSchema, create(ReferenceTypeSchema, { id, displayName, description: String(f.description ?? "") }), "reference_type"];
     case "defectCodes": return [DefectCodeSchema, create(DefectCodeSchema, { id, displayName, severity: Number(f.severity) }), "defect_code"];
     case "downtimeReasons": return [DowntimeReasonSchema, create(DowntimeReasonSchema, { id, displayName, color: String(f.color), countsAgainstAvailability: !!f.counts_against_availability }), "downtime_reason"];
   }
@@ -54,7 +57,8 @@ function build(kind: Kind, f: Form): [DescMessage, any, string] {
 const EDITABLE: Record<Kind, string[]> = {
   sectors: ["display_name"],
   workCenters: ["display_name", "sector_id", "plc_id", "production_counter_tag_id", "scrap_counter_tag_id", "machine_state_tag_id", "counter_width"],
-  items: ["display_name", "ideal_cycle_time"],
+  items: ["display_name", "ideal_cycle_time", "reference_type_id"],
+  referenceTypes: ["display_name", "description"],
   defectCodes: ["display_name", "severity"],
   downtimeReasons: ["display_name", "color", "counts_against_availability"],
 };
@@ -66,6 +70,7 @@ async function save(kind: Kind, msg: any, existing: Any | undefined): Promise<vo
     case "sectors": existing ? await production.updateSector({ sector: msg, updateMask: mask }) : await production.createSector({ sector: msg }); break;
     case "workCenters": existing ? await production.updateWorkCenter({ workCenter: msg, updateMask: mask }) : await production.createWorkCenter({ workCenter: msg }); break;
     case "items": existing ? await production.updateItem({ item: msg, updateMask: mask }) : await production.createItem({ item: msg }); break;
+    case "referenceTypes": existing ? await production.updateReferenceType({ referenceType: msg, updateMask: mask }) : await production.createReferenceType({ referenceType: msg }); break;
     case "defectCodes": existing ? await production.updateDefectCode({ defectCode: msg, updateMask: mask }) : await production.createDefectCode({ defectCode: msg }); break;
     case "downtimeReasons": existing ? await production.updateDowntimeReason({ downtimeReason: msg, updateMask: mask }) : await production.createDowntimeReason({ downtimeReason: msg }); break;
   }
@@ -77,6 +82,7 @@ function list(kind: Kind, token: string): Promise<[Any[], string]> {
     case "sectors": return production.listSectors(q).then((r) => [r.sectors, r.nextPageToken]);
     case "workCenters": return production.listWorkCenters(q).then((r) => [r.workCenters, r.nextPageToken]);
     case "items": return production.listItems(q).then((r) => [r.items, r.nextPageToken]);
+    case "referenceTypes": return production.listReferenceTypes(q).then((r) => [r.referenceTypes, r.nextPageToken]);
     case "defectCodes": return production.listDefectCodes(q).then((r) => [r.defectCodes, r.nextPageToken]);
     case "downtimeReasons": return production.listDowntimeReasons(q).then((r) => [r.downtimeReasons, r.nextPageToken]);
   }
@@ -100,6 +106,9 @@ function Editor({ kind, existing, onDone }: { kind: Kind; existing?: Any; onDone
   const [sectors] = useState(() => production.listSectors({ pageSize: 500 }));
   const [sectorList, setSectorList] = useState<Sector[]>([]);
   if (kind === "workCenters") sectors.then((r) => { if (r.sectors.length !== sectorList.length) setSectorList(r.sectors); }, () => undefined);
+  const [referenceTypes] = useState(() => production.listReferenceTypes({ pageSize: 500 }));
+  const [referenceTypeList, setReferenceTypeList] = useState<ReferenceType[]>([]);
+  if (kind === "items") referenceTypes.then((r) => { if (r.referenceTypes.length !== referenceTypeList.length) setReferenceTypeList(r.referenceTypes); }, () => undefined);
   const set = (k: string) => (e: Event) => setF({ ...f, [k]: (e.currentTarget as HTMLInputElement).type === "checkbox" ? (e.currentTarget as HTMLInputElement).checked : (e.currentTarget as HTMLInputElement).value });
   const submit = async (e: Event) => {
     e.preventDefault();
@@ -121,6 +130,8 @@ function Editor({ kind, existing, onDone }: { kind: Kind; existing?: Any; onDone
         <Field label="Id" path={P("id")} p={err} hint={existing ? "Cannot change" : undefined}><input class="input" name="id" value={String(f.id)} disabled={!!existing} onInput={set("id")} /></Field>
         <Field label="Name" path={P("display_name")} p={err}><input class="input" name="display_name" value={String(f.display_name)} onInput={set("display_name")} /></Field>
         {kind === "items" && <Field label="Ideal cycle time (s)" path={P("ideal_cycle_time")} p={err} hint="Fastest time for one part"><input class="input w-num" name="ideal_cycle_time" inputMode="decimal" value={String(f.ideal_cycle_time)} onInput={set("ideal_cycle_time")} /></Field>}
+        {kind === "items" && <Field label="Reference type" path={P("reference_type_id")} p={err}><select class="input" name="reference_type_id" value={String(f.reference_type_id)} onChange={set("reference_type_id")}><option value="">none</option>{referenceTypeList.map((r) => <option value={r.id}>{r.displayName}</option>)}</select></Field>}
+        {kind === "referenceTypes" && <Field label="Description" path={P("description")} p={err}><input class="input" name="description" value={String(f.description)} onInput={set("description")} /></Field>}
         {kind === "defectCodes" && <Field label="Severity" path={P("severity")} p={err}><select class="input" value={String(f.severity)} onChange={set("severity")}>{Object.entries(SEVERITY_WORDS).map(([v, l]) => <option value={v}>{l}</option>)}</select></Field>}
         {kind === "downtimeReasons" && (<>
           <Field label="Colour" path={P("color")} p={err}><input class="input color" type="color" name="color" value={String(f.color)} onInput={set("color")} /></Field>
@@ -146,7 +157,8 @@ function describe(kind: Kind, x: Any, names: ReturnType<typeof useNames>): strin
   const a = x as any;
   switch (kind) {
     case "workCenters": return `${a.plcId ? `PLC ${plcName(names, a.plcId)}` : "booked by hand"} · ${a.sectorId}`;
-    case "items": return `ideal cycle time ${durSeconds(a.idealCycleTime)} s`;
+    case "items": return `ideal cycle time ${durSeconds(a.idealCycleTime)} s${a.referenceTypeId ? ` · ${a.referenceTypeId}` : ""}`;
+    case "referenceTypes": return a.description ?? "";
     case "defectCodes": return SEVERITY_WORDS[a.severity] ?? "";
     case "downtimeReasons": return a.countsAgainstAvailability ? "counts against availability" : "planned stop";
     default: return "";

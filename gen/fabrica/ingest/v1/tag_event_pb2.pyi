@@ -32,6 +32,7 @@ class TagEvent(_message.Message):
     QUALITY_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Position in the event log; strictly increasing in commit order. Resume after it."""
     tag_id: _builtins.int
@@ -42,6 +43,8 @@ class TagEvent(_message.Message):
     """The tag's role."""
     quality: _reading_pb2.Quality.ValueType
     """Quality of the reading."""
+    tenant: _builtins.str
+    """The tenant whose tag this is (runtime/tenancy.py); set on events sent to an installation-wide caller."""
     @_builtins.property
     def value(self) -> _reading_pb2.Value:
         """The value read."""
@@ -68,10 +71,11 @@ class TagEvent(_message.Message):
         quality: _reading_pb2.Quality.ValueType = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
         trace_context: _reading_pb2.TraceContext | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "tenant", b"tenant", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -175,12 +175,17 @@ class Item(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    REFERENCE_TYPE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Id chosen by the user (often the article number). Immutable."""
     display_name: _builtins.str
     """Name for people."""
     etag: _builtins.str
     """Output only. Changes on every update."""
+    reference_type_id: _builtins.str
+    """The reference type the item is grouped under (ReferenceType.id, of the same tenant); empty: none.
+    FAILED_PRECONDITION on create or update if it does not exist.
+    """
     @_builtins.property
     def ideal_cycle_time(self) -> _duration_pb2.Duration:
         """Time one part takes at the ideal rate; the basis of OEE performance."""
@@ -202,14 +207,61 @@ class Item(_message.Message):
         etag: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        reference_type_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "ideal_cycle_time", b"ideal_cycle_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "etag", b"etag", "id", b"id", "ideal_cycle_time", b"ideal_cycle_time", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "etag", b"etag", "id", b"id", "ideal_cycle_time", b"ideal_cycle_time", "reference_type_id", b"reference_type_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Item: _TypeAlias = Item  # noqa: Y015
+
+@_typing.final
+class ReferenceType(_message.Message):
+    """A group of items of one kind, e.g. "Brackets" or "Finished goods" (the MES seed's ReferenceType)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Id chosen by the user. Immutable."""
+    display_name: _builtins.str
+    """Name for people."""
+    description: _builtins.str
+    """What the group holds, for people; may be empty."""
+    etag: _builtins.str
+    """Output only. Changes on every update."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Creation time."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Last change."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "id", b"id", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferenceType: _TypeAlias = ReferenceType  # noqa: Y015
 
 @_typing.final
 class DefectCode(_message.Message):

@@ -627,19 +627,23 @@ class ListItemsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REFERENCE_TYPE_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many, 1 to 500; 100 when 0."""
     page_token: _builtins.str
     """The next_page_token of the previous page."""
+    reference_type_id: _builtins.str
+    """Only the items grouped under this reference type; empty: every item."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        reference_type_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "reference_type_id", b"reference_type_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,7 +693,7 @@ class UpdateItemRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to update: display_name, ideal_cycle_time. Empty or "*" replaces all of them.
+        """Fields to update: display_name, ideal_cycle_time, reference_type_id. Empty or "*" replaces all of them.
         At most 32 paths.
         """
 
@@ -1022,6 +1026,255 @@ class DeleteDefectCodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteDefectCodeResponse: _TypeAlias = DeleteDefectCodeResponse  # noqa: Y015
+
+@_typing.final
+class CreateReferenceTypeRequest(_message.Message):
+    """Request of CreateReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reference_type(self) -> _master_data_pb2.ReferenceType:
+        """The reference type to create."""
+
+    def __init__(
+        self,
+        *,
+        reference_type: _master_data_pb2.ReferenceType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateReferenceTypeRequest: _TypeAlias = CreateReferenceTypeRequest  # noqa: Y015
+
+@_typing.final
+class CreateReferenceTypeResponse(_message.Message):
+    """Response of CreateReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reference_type(self) -> _master_data_pb2.ReferenceType:
+        """The reference type as stored."""
+
+    def __init__(
+        self,
+        *,
+        reference_type: _master_data_pb2.ReferenceType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateReferenceTypeResponse: _TypeAlias = CreateReferenceTypeResponse  # noqa: Y015
+
+@_typing.final
+class GetReferenceTypeRequest(_message.Message):
+    """Request of GetReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReferenceTypeRequest: _TypeAlias = GetReferenceTypeRequest  # noqa: Y015
+
+@_typing.final
+class GetReferenceTypeResponse(_message.Message):
+    """Response of GetReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reference_type(self) -> _master_data_pb2.ReferenceType:
+        """The reference type."""
+
+    def __init__(
+        self,
+        *,
+        reference_type: _master_data_pb2.ReferenceType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReferenceTypeResponse: _TypeAlias = GetReferenceTypeResponse  # noqa: Y015
+
+@_typing.final
+class ListReferenceTypesRequest(_message.Message):
+    """Request of ListReferenceTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many, 1 to 500; 100 when 0."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReferenceTypesRequest: _TypeAlias = ListReferenceTypesRequest  # noqa: Y015
+
+@_typing.final
+class ListReferenceTypesResponse(_message.Message):
+    """Response of ListReferenceTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_TYPES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last page."""
+    @_builtins.property
+    def reference_types(self) -> _containers.RepeatedCompositeFieldContainer[_master_data_pb2.ReferenceType]:
+        """The reference types, ordered by id."""
+
+    def __init__(
+        self,
+        *,
+        reference_types: _abc.Iterable[_master_data_pb2.ReferenceType] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "reference_types", b"reference_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReferenceTypesResponse: _TypeAlias = ListReferenceTypesResponse  # noqa: Y015
+
+@_typing.final
+class UpdateReferenceTypeRequest(_message.Message):
+    """Request of UpdateReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_TYPE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reference_type(self) -> _master_data_pb2.ReferenceType:
+        """The reference type with its id, new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged resource must satisfy its rules.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to update: display_name, description. Empty or "*" replaces all of them.
+        At most 32 paths.
+        """
+
+    def __init__(
+        self,
+        *,
+        reference_type: _master_data_pb2.ReferenceType | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateReferenceTypeRequest: _TypeAlias = UpdateReferenceTypeRequest  # noqa: Y015
+
+@_typing.final
+class UpdateReferenceTypeResponse(_message.Message):
+    """Response of UpdateReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reference_type(self) -> _master_data_pb2.ReferenceType:
+        """The reference type as stored."""
+
+    def __init__(
+        self,
+        *,
+        reference_type: _master_data_pb2.ReferenceType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reference_type", b"reference_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateReferenceTypeResponse: _TypeAlias = UpdateReferenceTypeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteReferenceTypeRequest(_message.Message):
+    """Request of DeleteReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id."""
+    etag: _builtins.str
+    """When set, delete only if the etag still matches."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteReferenceTypeRequest: _TypeAlias = DeleteReferenceTypeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteReferenceTypeResponse(_message.Message):
+    """Response of DeleteReferenceType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteReferenceTypeResponse: _TypeAlias = DeleteReferenceTypeResponse  # noqa: Y015
 
 @_typing.final
 class CreateDowntimeReasonRequest(_message.Message):

@@ -141,6 +141,31 @@ class ProductionServiceStub:
                 request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteDefectCodeRequest.SerializeToString,
                 response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteDefectCodeResponse.FromString,
                 _registered_method=True)
+        self.CreateReferenceType = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/CreateReferenceType',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.CreateReferenceTypeRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.CreateReferenceTypeResponse.FromString,
+                _registered_method=True)
+        self.GetReferenceType = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/GetReferenceType',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.GetReferenceTypeRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.GetReferenceTypeResponse.FromString,
+                _registered_method=True)
+        self.ListReferenceTypes = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/ListReferenceTypes',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListReferenceTypesRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListReferenceTypesResponse.FromString,
+                _registered_method=True)
+        self.UpdateReferenceType = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/UpdateReferenceType',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.UpdateReferenceTypeRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.UpdateReferenceTypeResponse.FromString,
+                _registered_method=True)
+        self.DeleteReferenceType = channel.unary_unary(
+                '/fabrica.production.v1.ProductionService/DeleteReferenceType',
+                request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteReferenceTypeRequest.SerializeToString,
+                response_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteReferenceTypeResponse.FromString,
+                _registered_method=True)
         self.CreateDowntimeReason = channel.unary_unary(
                 '/fabrica.production.v1.ProductionService/CreateDowntimeReason',
                 request_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.CreateDowntimeReasonRequest.SerializeToString,
@@ -349,7 +374,8 @@ class ProductionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateItem(self, request, context):
-        """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields.
+        """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+        reference type does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -363,7 +389,7 @@ class ProductionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListItems(self, request, context):
-        """Lists items ordered by id.
+        """Lists items ordered by id, optionally only those of one reference type.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -413,6 +439,41 @@ class ProductionServiceServicer:
 
     def DeleteDefectCode(self, request, context):
         """Deletes a defect code. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateReferenceType(self, request, context):
+        """Creates a reference type. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReferenceType(self, request, context):
+        """Returns a reference type. NOT_FOUND if it does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReferenceTypes(self, request, context):
+        """Lists reference types ordered by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateReferenceType(self, request, context):
+        """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteReferenceType(self, request, context):
+        """Deletes a reference type. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while items are grouped under it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -695,6 +756,31 @@ def add_ProductionServiceServicer_to_server(servicer, server):
                     servicer.DeleteDefectCode,
                     request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteDefectCodeRequest.FromString,
                     response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteDefectCodeResponse.SerializeToString,
+            ),
+            'CreateReferenceType': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateReferenceType,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.CreateReferenceTypeRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.CreateReferenceTypeResponse.SerializeToString,
+            ),
+            'GetReferenceType': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReferenceType,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.GetReferenceTypeRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.GetReferenceTypeResponse.SerializeToString,
+            ),
+            'ListReferenceTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReferenceTypes,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListReferenceTypesRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.ListReferenceTypesResponse.SerializeToString,
+            ),
+            'UpdateReferenceType': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateReferenceType,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.UpdateReferenceTypeRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.UpdateReferenceTypeResponse.SerializeToString,
+            ),
+            'DeleteReferenceType': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteReferenceType,
+                    request_deserializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteReferenceTypeRequest.FromString,
+                    response_serializer=fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteReferenceTypeResponse.SerializeToString,
             ),
             'CreateDowntimeReason': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateDowntimeReason,
@@ -1364,6 +1450,141 @@ class ProductionService:
             '/fabrica.production.v1.ProductionService/DeleteDefectCode',
             fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteDefectCodeRequest.SerializeToString,
             fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteDefectCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateReferenceType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/CreateReferenceType',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.CreateReferenceTypeRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.CreateReferenceTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReferenceType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/GetReferenceType',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.GetReferenceTypeRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.GetReferenceTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReferenceTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/ListReferenceTypes',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.ListReferenceTypesRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.ListReferenceTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateReferenceType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/UpdateReferenceType',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.UpdateReferenceTypeRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.UpdateReferenceTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteReferenceType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.production.v1.ProductionService/DeleteReferenceType',
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteReferenceTypeRequest.SerializeToString,
+            fabrica_dot_production_dot_v1_dot_production__service__pb2.DeleteReferenceTypeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,11 +68,13 @@ class ProductionServiceStub:
     DeleteWorkCenter: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.DeleteWorkCenterRequest, _production_service_pb2.DeleteWorkCenterResponse]
     """Deletes a work centre. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
     CreateItem: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.CreateItemRequest, _production_service_pb2.CreateItemResponse]
-    """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
+    """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+    reference type does not exist.
+    """
     GetItem: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.GetItemRequest, _production_service_pb2.GetItemResponse]
     """Returns a item. NOT_FOUND if it does not exist."""
     ListItems: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.ListItemsRequest, _production_service_pb2.ListItemsResponse]
-    """Lists items ordered by id."""
+    """Lists items ordered by id, optionally only those of one reference type."""
     UpdateItem: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.UpdateItemRequest, _production_service_pb2.UpdateItemResponse]
     """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
     DeleteItem: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.DeleteItemRequest, _production_service_pb2.DeleteItemResponse]
@@ -87,6 +89,16 @@ class ProductionServiceStub:
     """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
     DeleteDefectCode: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.DeleteDefectCodeRequest, _production_service_pb2.DeleteDefectCodeResponse]
     """Deletes a defect code. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
+    CreateReferenceType: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.CreateReferenceTypeRequest, _production_service_pb2.CreateReferenceTypeResponse]
+    """Creates a reference type. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
+    GetReferenceType: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.GetReferenceTypeRequest, _production_service_pb2.GetReferenceTypeResponse]
+    """Returns a reference type. NOT_FOUND if it does not exist."""
+    ListReferenceTypes: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.ListReferenceTypesRequest, _production_service_pb2.ListReferenceTypesResponse]
+    """Lists reference types ordered by id."""
+    UpdateReferenceType: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.UpdateReferenceTypeRequest, _production_service_pb2.UpdateReferenceTypeResponse]
+    """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
+    DeleteReferenceType: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.DeleteReferenceTypeRequest, _production_service_pb2.DeleteReferenceTypeResponse]
+    """Deletes a reference type. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while items are grouped under it."""
     CreateDowntimeReason: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.CreateDowntimeReasonRequest, _production_service_pb2.CreateDowntimeReasonResponse]
     """Creates a downtime reason. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
     GetDowntimeReason: _grpc.UnaryUnaryMultiCallable[_production_service_pb2.GetDowntimeReasonRequest, _production_service_pb2.GetDowntimeReasonResponse]
@@ -187,11 +199,13 @@ class ProductionServiceAsyncStub(ProductionServiceStub):
     DeleteWorkCenter: _aio.UnaryUnaryMultiCallable[_production_service_pb2.DeleteWorkCenterRequest, _production_service_pb2.DeleteWorkCenterResponse]  # type: ignore[assignment]
     """Deletes a work centre. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
     CreateItem: _aio.UnaryUnaryMultiCallable[_production_service_pb2.CreateItemRequest, _production_service_pb2.CreateItemResponse]  # type: ignore[assignment]
-    """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
+    """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+    reference type does not exist.
+    """
     GetItem: _aio.UnaryUnaryMultiCallable[_production_service_pb2.GetItemRequest, _production_service_pb2.GetItemResponse]  # type: ignore[assignment]
     """Returns a item. NOT_FOUND if it does not exist."""
     ListItems: _aio.UnaryUnaryMultiCallable[_production_service_pb2.ListItemsRequest, _production_service_pb2.ListItemsResponse]  # type: ignore[assignment]
-    """Lists items ordered by id."""
+    """Lists items ordered by id, optionally only those of one reference type."""
     UpdateItem: _aio.UnaryUnaryMultiCallable[_production_service_pb2.UpdateItemRequest, _production_service_pb2.UpdateItemResponse]  # type: ignore[assignment]
     """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
     DeleteItem: _aio.UnaryUnaryMultiCallable[_production_service_pb2.DeleteItemRequest, _production_service_pb2.DeleteItemResponse]  # type: ignore[assignment]
@@ -206,6 +220,16 @@ class ProductionServiceAsyncStub(ProductionServiceStub):
     """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
     DeleteDefectCode: _aio.UnaryUnaryMultiCallable[_production_service_pb2.DeleteDefectCodeRequest, _production_service_pb2.DeleteDefectCodeResponse]  # type: ignore[assignment]
     """Deletes a defect code. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
+    CreateReferenceType: _aio.UnaryUnaryMultiCallable[_production_service_pb2.CreateReferenceTypeRequest, _production_service_pb2.CreateReferenceTypeResponse]  # type: ignore[assignment]
+    """Creates a reference type. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
+    GetReferenceType: _aio.UnaryUnaryMultiCallable[_production_service_pb2.GetReferenceTypeRequest, _production_service_pb2.GetReferenceTypeResponse]  # type: ignore[assignment]
+    """Returns a reference type. NOT_FOUND if it does not exist."""
+    ListReferenceTypes: _aio.UnaryUnaryMultiCallable[_production_service_pb2.ListReferenceTypesRequest, _production_service_pb2.ListReferenceTypesResponse]  # type: ignore[assignment]
+    """Lists reference types ordered by id."""
+    UpdateReferenceType: _aio.UnaryUnaryMultiCallable[_production_service_pb2.UpdateReferenceTypeRequest, _production_service_pb2.UpdateReferenceTypeResponse]  # type: ignore[assignment]
+    """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
+    DeleteReferenceType: _aio.UnaryUnaryMultiCallable[_production_service_pb2.DeleteReferenceTypeRequest, _production_service_pb2.DeleteReferenceTypeResponse]  # type: ignore[assignment]
+    """Deletes a reference type. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while items are grouped under it."""
     CreateDowntimeReason: _aio.UnaryUnaryMultiCallable[_production_service_pb2.CreateDowntimeReasonRequest, _production_service_pb2.CreateDowntimeReasonResponse]  # type: ignore[assignment]
     """Creates a downtime reason. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
     GetDowntimeReason: _aio.UnaryUnaryMultiCallable[_production_service_pb2.GetDowntimeReasonRequest, _production_service_pb2.GetDowntimeReasonResponse]  # type: ignore[assignment]
@@ -369,7 +393,9 @@ class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _production_service_pb2.CreateItemRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_production_service_pb2.CreateItemResponse, _abc.Awaitable[_production_service_pb2.CreateItemResponse]]:
-        """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
+        """Creates a item. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields; FAILED_PRECONDITION if the
+        reference type does not exist.
+        """
 
     @_abc_1.abstractmethod
     def GetItem(
@@ -385,7 +411,7 @@ class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _production_service_pb2.ListItemsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_production_service_pb2.ListItemsResponse, _abc.Awaitable[_production_service_pb2.ListItemsResponse]]:
-        """Lists items ordered by id."""
+        """Lists items ordered by id, optionally only those of one reference type."""
 
     @_abc_1.abstractmethod
     def UpdateItem(
@@ -442,6 +468,46 @@ class ProductionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_production_service_pb2.DeleteDefectCodeResponse, _abc.Awaitable[_production_service_pb2.DeleteDefectCodeResponse]]:
         """Deletes a defect code. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while it is in use."""
+
+    @_abc_1.abstractmethod
+    def CreateReferenceType(
+        self,
+        request: _production_service_pb2.CreateReferenceTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_production_service_pb2.CreateReferenceTypeResponse, _abc.Awaitable[_production_service_pb2.CreateReferenceTypeResponse]]:
+        """Creates a reference type. ALREADY_EXISTS if the id is taken; INVALID_ARGUMENT for bad fields."""
+
+    @_abc_1.abstractmethod
+    def GetReferenceType(
+        self,
+        request: _production_service_pb2.GetReferenceTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_production_service_pb2.GetReferenceTypeResponse, _abc.Awaitable[_production_service_pb2.GetReferenceTypeResponse]]:
+        """Returns a reference type. NOT_FOUND if it does not exist."""
+
+    @_abc_1.abstractmethod
+    def ListReferenceTypes(
+        self,
+        request: _production_service_pb2.ListReferenceTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_production_service_pb2.ListReferenceTypesResponse, _abc.Awaitable[_production_service_pb2.ListReferenceTypesResponse]]:
+        """Lists reference types ordered by id."""
+
+    @_abc_1.abstractmethod
+    def UpdateReferenceType(
+        self,
+        request: _production_service_pb2.UpdateReferenceTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_production_service_pb2.UpdateReferenceTypeResponse, _abc.Awaitable[_production_service_pb2.UpdateReferenceTypeResponse]]:
+        """Updates the fields in update_mask. NOT_FOUND if missing; ABORTED if the etag is stale."""
+
+    @_abc_1.abstractmethod
+    def DeleteReferenceType(
+        self,
+        request: _production_service_pb2.DeleteReferenceTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_production_service_pb2.DeleteReferenceTypeResponse, _abc.Awaitable[_production_service_pb2.DeleteReferenceTypeResponse]]:
+        """Deletes a reference type. NOT_FOUND if missing; ABORTED if the etag is stale; FAILED_PRECONDITION while items are grouped under it."""
 
     @_abc_1.abstractmethod
     def CreateDowntimeReason(

@@ -45,20 +45,32 @@ async def exists(conn: asyncpg.Connection, table: str, resource_id: str, *, lock
 
 
 async def lock_revision(conn: asyncpg.Connection) -> None:
-    """Taken first by every transaction that writes orders, held to commit: revisions commit in order."""
-    await conn.execute("SELECT value FROM order_revision FOR NO KEY UPDATE")
+    """Taken first by every transaction that writes orders, held to commit: revisions commit in order. The
+    counter is the connection's tenant's (a row per tenant, made on its first order write)."""
+    if await conn.fetchval("SELECT value FROM order_revision FOR NO KEY UPDATE") is None:
+        await conn.execute("INSERT INTO order_revision (value) VALUES (0) ON CONFLICT (tenant_id) DO NOTHING")
+        await conn.execute("SELECT value FROM order_revision FOR NO KEY UPDATE")
 
 
 async def next_revision(conn: asyncpg.Connection) -> int:
+    """The next revision of the connection's tenant (lock_revision first)."""
     return await conn.fetchval("UPDATE order_revision SET value = value + 1 RETURNING value")
 
 
 async def current_revision(conn: asyncpg.Connection | asyncpg.Pool) -> int:
-    return await conn.fetchval("SELECT value FROM order_revision")
+    """The last revision of the connection's tenant (0 before its first order)."""
+    return await conn.fetchval("SELECT coalesce((SELECT value FROM order_revision), 0)")
+
+
+def notice_tenant(payload: str) -> str | None:
+    """The tenant a NOTIFY payload (``<tenant>:<revision>``) names; None for one without (every watcher wakes)."""
+    tenant, sep, _ = payload.rpartition(":")
+    return tenant if sep and tenant else None
 
 
 async def notify(conn: asyncpg.Connection, revision: int) -> None:
-    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(revision))
+    """Announce `revision` of the connection's tenant (delivered on commit)."""
+    await conn.execute("SELECT pg_notify($1, production.session_tenant() || ':' || $2)", CHANNEL, str(revision))
 
 
 async def now(conn: asyncpg.Connection) -> datetime:

@@ -76,7 +76,7 @@ async def counting(conn: asyncpg.Connection, work_center_id: str, start: datetim
                    end: datetime) -> list[tuple[datetime, datetime | None]]:
     """(start, end) of the stops in the window that count against availability or are not classified."""
     rows = await conn.fetch(
-        "SELECT d.start_time, d.end_time FROM downtimes d LEFT JOIN downtime_reasons r ON r.id = d.reason_id"
+        "SELECT d.start_time, d.end_time FROM downtimes d LEFT JOIN downtime_reasons r ON r.tenant_id = d.tenant_id AND r.id = d.reason_id"
         " WHERE d.work_center_id = $1 AND (d.reason_id IS NULL OR r.counts_against_availability)"
         " AND d.start_time < $3 AND (d.end_time IS NULL OR d.end_time > $2)",
         work_center_id, start, end)
@@ -87,7 +87,7 @@ async def order_with_cycle(conn: asyncpg.Connection, order_id: int) -> OrderCycl
     """The order's work centre, times and quantities with its item's ideal cycle (nanoseconds)."""
     row = await conn.fetchrow(
         "SELECT o.work_center_id, o.start_time, o.end_time, o.good_quantity, o.scrap_quantity, i.ideal_cycle_nanos"
-        " FROM orders o JOIN items i ON i.id = o.item_id WHERE o.id = $1", order_id)
+        " FROM orders o JOIN items i ON i.tenant_id = o.tenant_id AND i.id = o.item_id WHERE o.id = $1", order_id)
     return None if row is None else from_row(OrderCycle, row)
 
 
@@ -96,7 +96,7 @@ async def counts_by_item(conn: asyncpg.Connection, work_center_id: str, start: d
     """(ideal cycle in seconds, good, scrap) per item booked on the work centre in [start, end)."""
     rows = await conn.fetch(
         "SELECT i.ideal_cycle_nanos, sum(b.good_quantity) AS good, sum(b.scrap_quantity) AS scrap"
-        " FROM bookings b JOIN orders o ON o.id = b.order_id JOIN items i ON i.id = o.item_id"
+        " FROM bookings b JOIN orders o ON o.id = b.order_id JOIN items i ON i.tenant_id = o.tenant_id AND i.id = o.item_id"
         " WHERE o.work_center_id = $1 AND b.book_time >= $2 AND b.book_time < $3"
         " GROUP BY i.id, i.ideal_cycle_nanos",
         work_center_id, start, end)

@@ -6,6 +6,10 @@ row is locked first, and events at or below the stored cursor are skipped, so ev
 somehow ran at once could not book an event twice; the unique index on ``bookings.source_cursor`` is a last
 guard. Counter baselines (``counter_state``) and machine states (``machine_state``) are per work centre.
 
+The cursor is the installation's (one consumer reads every tenant's events); everything else is a tenant's:
+the events of each tenant in a message are applied under that tenant (set_tenant), so a tenant's event finds
+only its own tenant's bindings, work centres and orders.
+
 The state a message needs is read in bulk, a handful of queries per message whatever its size
 (load_bindings, load_state); the effects the plan returns are written back in bulk too (apply).
 """
@@ -17,6 +21,7 @@ from datetime import datetime
 
 import asyncpg
 
+from ...runtime import tenancy
 from .. import domain
 from ..booking import (
     COUNTER_ROLES,
@@ -41,6 +46,12 @@ async def try_lock(conn: asyncpg.Connection) -> bool:
     return await conn.fetchval("SELECT pg_try_advisory_lock($1)", CONSUMER_LOCK_KEY)
 
 
+async def set_tenant(conn: asyncpg.Connection, tenant: str) -> None:
+    """Work for `tenant` until the transaction ends: the consumer's connection sees, and writes, that tenant's
+    rows only (row-level security; runtime/tenancy.py). Outside a transaction it sees none."""
+    await conn.execute(f"SELECT set_config('{tenancy.SETTING}', $1, true)", tenant)
+
+
 async def cursor(conn: asyncpg.Connection | asyncpg.Pool, *, for_update: bool = False) -> int:
     lock = " FOR UPDATE" if for_update else ""
     return await conn.fetchval(f"SELECT cursor FROM consumer_cursor{lock}")
@@ -55,7 +66,7 @@ async def load_bindings(conn: asyncpg.Connection, tag_ids: Iterable[int]) -> dic
     ids = sorted({t for t in tag_ids if t <= _MAX_INT64})
     rows = await conn.fetch(
         "SELECT b.tag_id, b.role, b.work_center_id, w.counter_width, w.max_counter_jump FROM tag_bindings b"
-        " JOIN work_centers w ON w.id = b.work_center_id WHERE b.tag_id = ANY($1::bigint[])", ids)
+        " JOIN work_centers w ON w.tenant_id = b.tenant_id AND w.id = b.work_center_id WHERE b.tag_id = ANY($1::bigint[])", ids)
     out = {}
     for r in rows:
         width, jump = domain.resolve_counter_settings(r["counter_width"], r["max_counter_jump"])
@@ -118,13 +129,13 @@ async def apply(conn: asyncpg.Connection, effects: Effects) -> None:
     if effects.baselines:
         await conn.executemany(
             "INSERT INTO counter_state (work_center_id, tag_id, value, cursor, read_time)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (work_center_id, tag_id) DO UPDATE SET"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, work_center_id, tag_id) DO UPDATE SET"
             " value = excluded.value, cursor = excluded.cursor, read_time = excluded.read_time",
             [(wc, tag, b.value, b.cursor, b.read_time) for (wc, tag), b in effects.baselines.items()])
     if effects.machine_states:
         await conn.executemany(
             "INSERT INTO machine_state (work_center_id, tag_id, running, cursor, read_time)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (work_center_id) DO UPDATE SET"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, work_center_id) DO UPDATE SET"
             " tag_id = excluded.tag_id, running = excluded.running, cursor = excluded.cursor,"
             " read_time = excluded.read_time",
             [(wc, m.tag_id, m.running, m.cursor, m.read_time) for wc, m in effects.machine_states.items()])

@@ -1,8 +1,10 @@
 """Master data (sectors, work centres, items, defect codes, downtime reasons): plain rows, one table each.
 
 Each write takes the next value of one sequence (``master_revision``) as the row's revision; the etag is
-made from it. A work centre's bound tags are also rows of ``tag_bindings`` (primary key: the tag), so a tag
-is bound once, in one role, and the event consumer finds its work centre with one lookup.
+made from it. A work centre's bound tags are also rows of ``tag_bindings`` (primary key: the tenant and the
+tag), so a tag is bound once in a tenant, in one role, and the event consumer finds its work centre with one
+lookup. Every row belongs to a tenant (schema.py); row-level security keeps each statement to the tenant of
+the connection, so no query here names it, and ids are unique per tenant.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from dataclasses import dataclass, fields
 import asyncpg
 
 from ...runtime.errors import AlreadyExists, FailedPrecondition, NotFound, PreconditionViolation
-from ..resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, SECTOR, WORK_CENTER, Kind
+from ..resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, REFERENCE_TYPE, SECTOR, WORK_CENTER, Kind
 from . import records
 from .common import precondition
-from .records import MasterRecord, from_row
+from .records import MasterRecord
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,16 @@ _TABLES: dict[str, _Table] = {
     ITEM.field: _Table("items", records.Item),
     DEFECT_CODE.field: _Table("defect_codes", records.DefectCode),
     DOWNTIME_REASON.field: _Table("downtime_reasons", records.DowntimeReason),
+    REFERENCE_TYPE.field: _Table("reference_types", records.ReferenceType),
 }
+#: Columns that hold NULL for "none" (a foreign key), '' in the records.
+_NULL_WHEN_EMPTY = frozenset({"reference_type_id"})
 _SERVICE_SET = ("id", "revision", "create_time", "update_time")
 
 #: What a foreign key from each table means when it blocks a delete.
 _USED_BY = {
     "work_centers": "work centres", "orders": "orders", "downtimes": "downtime records", "defects": "defect records",
+    "items": "items",
 }
 
 
@@ -48,11 +54,12 @@ def _columns(kind: Kind) -> tuple[str, ...]:
 
 
 def _values(kind: Kind, record: MasterRecord) -> tuple[object, ...]:
-    return tuple(getattr(record, c) for c in _columns(kind))
+    return tuple((getattr(record, c) or None) if c in _NULL_WHEN_EMPTY else getattr(record, c) for c in _columns(kind))
 
 
 def _record(kind: Kind, row: asyncpg.Record) -> MasterRecord:
-    return from_row(_TABLES[kind.field].record, row)
+    cls = _TABLES[kind.field].record
+    return cls(**{f.name: (row[f.name] or "") if f.name in _NULL_WHEN_EMPTY else row[f.name] for f in fields(cls)})
 
 
 def _not_found(kind: Kind, resource_id: str) -> NotFound:
@@ -66,7 +73,7 @@ async def insert(conn: asyncpg.Connection, kind: Kind, record: MasterRecord) -> 
     row = await conn.fetchrow(
         f"INSERT INTO {table_of(kind)} (id, {', '.join(cols)}, revision, create_time, update_time)"
         f" VALUES ($1, {params}, nextval('master_revision'), now(), now())"
-        " ON CONFLICT (id) DO NOTHING RETURNING *",
+        " ON CONFLICT (tenant_id, id) DO NOTHING RETURNING *",
         record.id, *_values(kind, record))
     if row is None:
         raise AlreadyExists(f"a {kind.name} with id {record.id!r} exists", metadata={f"{kind.field}_id": record.id})
@@ -84,12 +91,17 @@ async def get(conn: asyncpg.Connection | asyncpg.Pool, kind: Kind, resource_id: 
 
 
 async def list_page(conn: asyncpg.Connection | asyncpg.Pool, kind: Kind, page_size: int, after_id: str,
-                    sector_id: str = "") -> tuple[list[MasterRecord], bool]:
-    """Rows by id after `after_id`, and whether there are more."""
+                    parent_id: str = "") -> tuple[list[MasterRecord], bool]:
+    """Rows by id after `after_id`, and whether there are more; work centres of the sector `parent_id`, items of
+    the reference type `parent_id`, when it is set."""
     if kind is WORK_CENTER:
         rows = await conn.fetch(
             "SELECT * FROM work_centers WHERE ($1 = '' OR sector_id = $1) AND id > $2 ORDER BY id LIMIT $3",
-            sector_id, after_id, page_size + 1)
+            parent_id, after_id, page_size + 1)
+    elif kind is ITEM:
+        rows = await conn.fetch(
+            "SELECT * FROM items WHERE ($1 = '' OR reference_type_id = $1) AND id > $2 ORDER BY id LIMIT $3",
+            parent_id, after_id, page_size + 1)
     else:
         rows = await conn.fetch(f"SELECT * FROM {table_of(kind)} WHERE id > $1 ORDER BY id LIMIT $2",
                                 after_id, page_size + 1)

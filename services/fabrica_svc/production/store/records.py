@@ -44,6 +44,8 @@ class Item:
     id: str
     display_name: str
     ideal_cycle_nanos: int
+    #: The reference type it is grouped under; '' when none (NULL in the table).
+    reference_type_id: str = ""
     revision: int = 0
     create_time: datetime | None = None
     update_time: datetime | None = None
@@ -70,7 +72,17 @@ class DowntimeReason:
     update_time: datetime | None = None
 
 
-MasterRecord = Sector | WorkCenter | Item | DefectCode | DowntimeReason
+@dataclass(frozen=True)
+class ReferenceType:
+    id: str
+    display_name: str
+    description: str
+    revision: int = 0
+    create_time: datetime | None = None
+    update_time: datetime | None = None
+
+
+MasterRecord = Sector | WorkCenter | Item | DefectCode | DowntimeReason | ReferenceType
 
 
 @dataclass(frozen=True)

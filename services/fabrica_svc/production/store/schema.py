@@ -3,6 +3,10 @@
 Enum numbers the SQL must hold are named constants taken from the generated enums (``OrderState`` is
 numbered like ``fabrica.production.v1.OrderState``); the migration text interpolates them, so what it
 creates is exactly the DDL that shipped (``state = 2`` is ``IN_PROGRESS``).
+
+Tenants (migration 3): every table but UNSCOPED_TABLES has a ``tenant_id`` and row-level security, forced
+(runtime/tenancy.py isolate_sql), so every statement of the store sees and writes the rows of its
+connection's tenant only, and one that names no tenant sees nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import zlib
 from datetime import timedelta
 
-from ...runtime import audit
+from ...runtime import audit, tenancy
 from ...runtime.db import Migration
 from ..domain import OrderState
 
@@ -27,6 +31,104 @@ _PAUSED = int(OrderState.PAUSED)
 _CANCELLED = int(OrderState.CANCELLED)
 #: The states of an order that is not closed, as the SQL compares them.
 OPEN_STATES = [_PLANNED, _IN_PROGRESS, _PAUSED]
+
+#: Tables of the schema that hold no tenant's rows, so carry no row-level security, and why. Every other
+#: table of the schema has it, forced (tests/production/test_tenants.py checks pg_class against this).
+UNSCOPED_TABLES: dict[str, str] = {
+    "consumer_cursor": "the one tag-event consumer of the installation reads every tenant's events from one "
+                       "ingest stream: its cursor is the installation's position in that stream, not a tenant's",
+    "schema_migrations": "the migrations applied to the schema (runtime/db.py), the installation's",
+}
+
+#: The tables whose rows belong to a tenant (each gets tenancy.isolate_sql): all but UNSCOPED_TABLES.
+TENANT_TABLES = (
+    "sectors", "work_centers", "tag_bindings", "items", "defect_codes", "downtime_reasons", "reference_types",
+    "order_revision", "orders", "order_runs", "bookings", "defects", "downtimes", "create_requests",
+    "counter_state", "machine_state", "tag_anomalies",
+)
+
+# Ids users choose (sectors, work centres, items, defect codes, downtime reasons, reference types, request
+# ids, an order's number) are unique per tenant: keys, unique indexes and foreign keys gain tenant_id, so two
+# tenants may use the same ids and a row can refer only to rows of its own tenant. Ids the service assigns
+# (orders, runs, bookings, defects, downtimes, anomalies: identity columns) stay unique across tenants; the
+# rows that refer to an order name it with their tenant too ((tenant_id, order_id) -> orders (tenant_id, id)).
+# A tag is bound once per tenant. The order revision is a counter per tenant (one row each, created on first
+# use): one tenant's changes never move another's revisions. Existing rows go to the tenant "default".
+_TENANTS_SQL = f"""
+    CREATE TABLE reference_types (
+        id text NOT NULL,
+        display_name text NOT NULL,
+        description text NOT NULL DEFAULT '',
+        revision bigint NOT NULL,
+        create_time timestamptz NOT NULL,
+        update_time timestamptz NOT NULL
+    );
+    ALTER TABLE items ADD COLUMN reference_type_id text;
+
+    {"".join(tenancy.isolate_sql("production", t) for t in TENANT_TABLES)}
+    {audit.isolation_sql("production")}
+
+    -- Foreign keys on user-chosen ids go first (they depend on the keys they point at).
+    ALTER TABLE work_centers DROP CONSTRAINT work_centers_sector_id_fkey;
+    ALTER TABLE tag_bindings DROP CONSTRAINT tag_bindings_work_center_id_fkey;
+    ALTER TABLE orders DROP CONSTRAINT orders_item_id_fkey;
+    ALTER TABLE orders DROP CONSTRAINT orders_work_center_id_fkey;
+    ALTER TABLE defects DROP CONSTRAINT defects_defect_code_id_fkey;
+    ALTER TABLE downtimes DROP CONSTRAINT downtimes_work_center_id_fkey;
+    ALTER TABLE downtimes DROP CONSTRAINT downtimes_reason_id_fkey;
+    ALTER TABLE counter_state DROP CONSTRAINT counter_state_work_center_id_fkey;
+    ALTER TABLE machine_state DROP CONSTRAINT machine_state_work_center_id_fkey;
+    ALTER TABLE order_runs DROP CONSTRAINT order_runs_order_id_fkey;
+    ALTER TABLE bookings DROP CONSTRAINT bookings_order_id_fkey;
+    ALTER TABLE defects DROP CONSTRAINT defects_order_id_fkey;
+    ALTER TABLE downtimes DROP CONSTRAINT downtimes_order_id_fkey;
+
+    ALTER TABLE sectors DROP CONSTRAINT sectors_pkey, ADD PRIMARY KEY (tenant_id, id);
+    ALTER TABLE work_centers DROP CONSTRAINT work_centers_pkey, ADD PRIMARY KEY (tenant_id, id);
+    ALTER TABLE items DROP CONSTRAINT items_pkey, ADD PRIMARY KEY (tenant_id, id);
+    ALTER TABLE defect_codes DROP CONSTRAINT defect_codes_pkey, ADD PRIMARY KEY (tenant_id, id);
+    ALTER TABLE downtime_reasons DROP CONSTRAINT downtime_reasons_pkey, ADD PRIMARY KEY (tenant_id, id);
+    ALTER TABLE reference_types ADD PRIMARY KEY (tenant_id, id);
+    ALTER TABLE tag_bindings DROP CONSTRAINT tag_bindings_pkey, ADD PRIMARY KEY (tenant_id, tag_id);
+    ALTER TABLE counter_state DROP CONSTRAINT counter_state_pkey, ADD PRIMARY KEY (tenant_id, work_center_id, tag_id);
+    ALTER TABLE machine_state DROP CONSTRAINT machine_state_pkey, ADD PRIMARY KEY (tenant_id, work_center_id);
+    -- The lookup is by (kind, request id): tenant_id last keeps the key usable for it.
+    ALTER TABLE create_requests DROP CONSTRAINT create_requests_pkey, ADD PRIMARY KEY (kind, request_id, tenant_id);
+    ALTER TABLE order_revision DROP CONSTRAINT order_revision_pkey;
+    ALTER TABLE order_revision DROP COLUMN only_row;
+    ALTER TABLE order_revision ADD PRIMARY KEY (tenant_id);
+    ALTER TABLE orders DROP CONSTRAINT orders_number_key, ADD CONSTRAINT orders_number_key UNIQUE (tenant_id, number);
+    ALTER TABLE orders ADD CONSTRAINT orders_tenant_id_id_key UNIQUE (tenant_id, id);
+
+    ALTER TABLE work_centers ADD FOREIGN KEY (tenant_id, sector_id) REFERENCES sectors (tenant_id, id);
+    ALTER TABLE tag_bindings ADD FOREIGN KEY (tenant_id, work_center_id) REFERENCES work_centers (tenant_id, id)
+        ON DELETE CASCADE;
+    ALTER TABLE items ADD FOREIGN KEY (tenant_id, reference_type_id) REFERENCES reference_types (tenant_id, id);
+    ALTER TABLE orders ADD FOREIGN KEY (tenant_id, item_id) REFERENCES items (tenant_id, id);
+    ALTER TABLE orders ADD FOREIGN KEY (tenant_id, work_center_id) REFERENCES work_centers (tenant_id, id);
+    ALTER TABLE defects ADD FOREIGN KEY (tenant_id, defect_code_id) REFERENCES defect_codes (tenant_id, id);
+    ALTER TABLE downtimes ADD FOREIGN KEY (tenant_id, work_center_id) REFERENCES work_centers (tenant_id, id);
+    ALTER TABLE downtimes ADD FOREIGN KEY (tenant_id, reason_id) REFERENCES downtime_reasons (tenant_id, id);
+    ALTER TABLE counter_state ADD FOREIGN KEY (tenant_id, work_center_id) REFERENCES work_centers (tenant_id, id)
+        ON DELETE CASCADE;
+    ALTER TABLE machine_state ADD FOREIGN KEY (tenant_id, work_center_id) REFERENCES work_centers (tenant_id, id)
+        ON DELETE CASCADE;
+    ALTER TABLE order_runs ADD FOREIGN KEY (tenant_id, order_id) REFERENCES orders (tenant_id, id);
+    ALTER TABLE bookings ADD FOREIGN KEY (tenant_id, order_id) REFERENCES orders (tenant_id, id);
+    ALTER TABLE defects ADD FOREIGN KEY (tenant_id, order_id) REFERENCES orders (tenant_id, id);
+    ALTER TABLE downtimes ADD FOREIGN KEY (tenant_id, order_id) REFERENCES orders (tenant_id, id);
+
+    -- One running order, one open automatic stop per work centre: of a tenant.
+    DROP INDEX orders_one_in_progress;
+    CREATE UNIQUE INDEX orders_one_in_progress ON orders (work_center_id, tenant_id) WHERE state = {_IN_PROGRESS};
+    DROP INDEX downtimes_one_open_automatic;
+    CREATE UNIQUE INDEX downtimes_one_open_automatic ON downtimes (work_center_id, tenant_id)
+        WHERE automatic AND end_time IS NULL;
+    -- WatchOrders reads a tenant's orders changed after a revision.
+    DROP INDEX orders_revision;
+    CREATE INDEX orders_revision ON orders (tenant_id, revision);
+    CREATE INDEX items_reference_type ON items (tenant_id, reference_type_id, id);
+"""
 
 MIGRATIONS = [
     Migration(
@@ -231,4 +333,6 @@ MIGRATIONS = [
         """,
     ),
     audit.migration(2),
+    Migration(3, "tenants: every row belongs to a tenant, ids unique per tenant; reference types", _TENANTS_SQL),
 ]
+

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/ingest/v1/tag_event.proto.
  */
 export const file_fabrica_ingest_v1_tag_event: GenFile = /*@__PURE__*/
-  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS90YWdfZXZlbnQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxIuICCghUYWdFdmVudBIOCgZjdXJzb3IYASABKAMSDgoGdGFnX2lkGAIgASgEEisKBnBsY19pZBgDIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEigKBHJvbGUYBCABKA4yGi5mYWJyaWNhLmNvbW1vbi52MS5UYWdSb2xlEicKBXZhbHVlGAUgASgLMhguZmFicmljYS5jb21tb24udjEuVmFsdWUSKwoHcXVhbGl0eRgGIAEoDjIaLmZhYnJpY2EuY29tbW9uLnYxLlF1YWxpdHkSUQoJcmVhZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARI2Cg10cmFjZV9jb250ZXh0GAggASgLMh8uZmFicmljYS5jb21tb24udjEuVHJhY2VDb250ZXh0YgZwcm90bzM", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
+  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS90YWdfZXZlbnQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxIvICCghUYWdFdmVudBIOCgZjdXJzb3IYASABKAMSDgoGdGFnX2lkGAIgASgEEisKBnBsY19pZBgDIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEigKBHJvbGUYBCABKA4yGi5mYWJyaWNhLmNvbW1vbi52MS5UYWdSb2xlEicKBXZhbHVlGAUgASgLMhguZmFicmljYS5jb21tb24udjEuVmFsdWUSKwoHcXVhbGl0eRgGIAEoDjIaLmZhYnJpY2EuY29tbW9uLnYxLlF1YWxpdHkSUQoJcmVhZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARI2Cg10cmFjZV9jb250ZXh0GAggASgLMh8uZmFicmljYS5jb21tb24udjEuVHJhY2VDb250ZXh0Eg4KBnRlbmFudBgJIAEoCWIGcHJvdG8z", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
 
 /**
  * A reading of a counter or machine-state tag, as an event with a cursor.
@@ -80,6 +80,13 @@ export type TagEvent = Message<"fabrica.ingest.v1.TagEvent"> & {
    * @generated from field: fabrica.common.v1.TraceContext trace_context = 8;
    */
   traceContext?: TraceContext | undefined;
+
+  /**
+   * The tenant whose tag this is (runtime/tenancy.py); set on events sent to an installation-wide caller.
+   *
+   * @generated from field: string tenant = 9;
+   */
+  tenant: string;
 };
 
 /**

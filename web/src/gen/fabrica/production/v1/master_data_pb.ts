@@ -13,7 +13,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/production/v1/master_data.proto.
  */
 export const file_fabrica_production_v1_master_data: GenFile = /*@__PURE__*/
-  fileDesc("CidmYWJyaWNhL3Byb2R1Y3Rpb24vdjEvbWFzdGVyX2RhdGEucHJvdG8SFWZhYnJpY2EucHJvZHVjdGlvbi52MSLOAgoGU2VjdG9yEjYKAmlkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSNQoMZGlzcGxheV9uYW1lGAIgASgJQh+6SBxyGhABGMgBMhNeW15ceDAwLVx4MUZceDdGXSokEisKBGV0YWcYAyABKAlCHbpIGnIYGIABMhNeW15ceDAwLVx4MUZceDdGXSokElMKC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARJTCgt1cGRhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCIrpIH7IBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wEi0AQKCldvcmtDZW50ZXISNgoCaWQYASABKAlCKrpIJ3IlEAEYPzIfXlthLXowLTldKFthLXowLTktXSpbYS16MC05XSk/JBI1CgxkaXNwbGF5X25hbWUYAiABKAlCH7pIHHIaEAEYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSMAoJc2VjdG9yX2lkGAMgASgJQh26SBpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJBIrCgZwbGNfaWQYBCABKAlCG7pIGHIWGD8yEl5bQS1aYS16MC05Ll86LV0qJBIhChlwcm9kdWN0aW9uX2NvdW50ZXJfdGFnX2lkGAUgASgEEhwKFHNjcmFwX2NvdW50ZXJfdGFnX2lkGAYgASgEEhwKFG1hY2hpbmVfc3RhdGVfdGFnX2lkGAcgASgEEiQKDWNvdW50ZXJfd2lkdGgYCCABKA1CDbpICioIMAAwEDAgMEASGAoQbWF4X2NvdW50ZXJfanVtcBgJIAEoBBIrCgRldGFnGAogASgJQh26SBpyGBiAATITXlteXHgwMC1ceDFGXHg3Rl0qJBJTCgtjcmVhdGVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCIrpIH7IBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wESUwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BIp8DCgRJdGVtEkEKAmlkGAEgASgJQjW6SDJyMBABGD8yKl5bQS1aYS16MC05XShbQS1aYS16MC05Ll8tXSpbQS1aYS16MC05XSk/JBI1CgxkaXNwbGF5X25hbWUYAiABKAlCH7pIHHIaEAEYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSRgoQaWRlYWxfY3ljbGVfdGltZRgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIRukgOqgEIIgQIgKMFKgDIAQESKwoEZXRhZxgEIAEoCUIdukgachgYgAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSUwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BElMKC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ASKcAwoKRGVmZWN0Q29kZRJBCgJpZBgBIAEoCUI1ukgycjAQARg/MipeW0EtWmEtejAtOV0oW0EtWmEtejAtOS5fLV0qW0EtWmEtejAtOV0pPyQSNQoMZGlzcGxheV9uYW1lGAIgASgJQh+6SBxyGhABGMgBMhNeW15ceDAwLVx4MUZceDdGXSokEj0KCHNldmVyaXR5GAMgASgOMh8uZmFicmljYS5wcm9kdWN0aW9uLnYxLlNldmVyaXR5Qgq6SAeCAQQQASAAEisKBGV0YWcYBCABKAlCHbpIGnIYGIABMhNeW15ceDAwLVx4MUZceDdGXSokElMKC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARJTCgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCIrpIH7IBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wEirwMKDkRvd250aW1lUmVhc29uEkEKAmlkGAEgASgJQjW6SDJyMBABGD8yKl5bQS1aYS16MC05XShbQS1aYS16MC05Ll8tXSpbQS1aYS16MC05XSk/JBI1CgxkaXNwbGF5X25hbWUYAiABKAlCH7pIHHIaEAEYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSJwoFY29sb3IYAyABKAlCGLpIFXITMhFeI1swLTlhLWZBLUZdezZ9JBIjChtjb3VudHNfYWdhaW5zdF9hdmFpbGFiaWxpdHkYBCABKAgSKwoEZXRhZxgFIAEoCUIdukgachgYgAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSUwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BElMKC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ASpjCghTZXZlcml0eRIYChRTRVZFUklUWV9VTlNQRUNJRklFRBAAEhIKDlNFVkVSSVRZX01JTk9SEAESEgoOU0VWRVJJVFlfTUFKT1IQAhIVChFTRVZFUklUWV9DUklUSUNBTBADYgZwcm90bzM", [file_buf_validate_validate, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CidmYWJyaWNhL3Byb2R1Y3Rpb24vdjEvbWFzdGVyX2RhdGEucHJvdG8SFWZhYnJpY2EucHJvZHVjdGlvbi52MSLOAgoGU2VjdG9yEjYKAmlkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSNQoMZGlzcGxheV9uYW1lGAIgASgJQh+6SBxyGhABGMgBMhNeW15ceDAwLVx4MUZceDdGXSokEisKBGV0YWcYAyABKAlCHbpIGnIYGIABMhNeW15ceDAwLVx4MUZceDdGXSokElMKC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARJTCgt1cGRhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCIrpIH7IBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wEi0AQKCldvcmtDZW50ZXISNgoCaWQYASABKAlCKrpIJ3IlEAEYPzIfXlthLXowLTldKFthLXowLTktXSpbYS16MC05XSk/JBI1CgxkaXNwbGF5X25hbWUYAiABKAlCH7pIHHIaEAEYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSMAoJc2VjdG9yX2lkGAMgASgJQh26SBpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJBIrCgZwbGNfaWQYBCABKAlCG7pIGHIWGD8yEl5bQS1aYS16MC05Ll86LV0qJBIhChlwcm9kdWN0aW9uX2NvdW50ZXJfdGFnX2lkGAUgASgEEhwKFHNjcmFwX2NvdW50ZXJfdGFnX2lkGAYgASgEEhwKFG1hY2hpbmVfc3RhdGVfdGFnX2lkGAcgASgEEiQKDWNvdW50ZXJfd2lkdGgYCCABKA1CDbpICioIMAAwEDAgMEASGAoQbWF4X2NvdW50ZXJfanVtcBgJIAEoBBIrCgRldGFnGAogASgJQh26SBpyGBiAATITXlteXHgwMC1ceDFGXHg3Rl0qJBJTCgtjcmVhdGVfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCIrpIH7IBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wESUwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BIvIDCgRJdGVtEkEKAmlkGAEgASgJQjW6SDJyMBABGD8yKl5bQS1aYS16MC05XShbQS1aYS16MC05Ll8tXSpbQS1aYS16MC05XSk/JBI1CgxkaXNwbGF5X25hbWUYAiABKAlCH7pIHHIaEAEYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSRgoQaWRlYWxfY3ljbGVfdGltZRgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbkIRukgOqgEIIgQIgKMFKgDIAQESKwoEZXRhZxgEIAEoCUIdukgachgYgAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSUwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BElMKC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARJRChFyZWZlcmVuY2VfdHlwZV9pZBgHIAEoCUI2ukgzcjEYPzItXihbQS1aYS16MC05XShbQS1aYS16MC05Ll8tXSpbQS1aYS16MC05XSk/KT8kIqUDCg1SZWZlcmVuY2VUeXBlEkEKAmlkGAEgASgJQjW6SDJyMBABGD8yKl5bQS1aYS16MC05XShbQS1aYS16MC05Ll8tXSpbQS1aYS16MC05XSk/JBI1CgxkaXNwbGF5X25hbWUYAiABKAlCH7pIHHIaEAEYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSQwoLZGVzY3JpcHRpb24YAyABKAlCLrpIK3IpGOgHMiReW15ceDAwLVx4MDhceDBCXHgwQ1x4MEUtXHgxRlx4N0ZdKiQSKwoEZXRhZxgEIAEoCUIdukgachgYgAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSUwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BElMKC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ASKcAwoKRGVmZWN0Q29kZRJBCgJpZBgBIAEoCUI1ukgycjAQARg/MipeW0EtWmEtejAtOV0oW0EtWmEtejAtOS5fLV0qW0EtWmEtejAtOV0pPyQSNQoMZGlzcGxheV9uYW1lGAIgASgJQh+6SBxyGhABGMgBMhNeW15ceDAwLVx4MUZceDdGXSokEj0KCHNldmVyaXR5GAMgASgOMh8uZmFicmljYS5wcm9kdWN0aW9uLnYxLlNldmVyaXR5Qgq6SAeCAQQQASAAEisKBGV0YWcYBCABKAlCHbpIGnIYGIABMhNeW15ceDAwLVx4MUZceDdGXSokElMKC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARJTCgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCIrpIH7IBHCINCP+C0f+vBxD/k+vcAzILCICSuMOY/v///wEirwMKDkRvd250aW1lUmVhc29uEkEKAmlkGAEgASgJQjW6SDJyMBABGD8yKl5bQS1aYS16MC05XShbQS1aYS16MC05Ll8tXSpbQS1aYS16MC05XSk/JBI1CgxkaXNwbGF5X25hbWUYAiABKAlCH7pIHHIaEAEYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSJwoFY29sb3IYAyABKAlCGLpIFXITMhFeI1swLTlhLWZBLUZdezZ9JBIjChtjb3VudHNfYWdhaW5zdF9hdmFpbGFiaWxpdHkYBCABKAgSKwoEZXRhZxgFIAEoCUIdukgachgYgAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSUwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BElMKC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ASpjCghTZXZlcml0eRIYChRTRVZFUklUWV9VTlNQRUNJRklFRBAAEhIKDlNFVkVSSVRZX01JTk9SEAESEgoOU0VWRVJJVFlfTUFKT1IQAhIVChFTRVZFUklUWV9DUklUSUNBTBADYgZwcm90bzM", [file_buf_validate_validate, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * An area of a plant, e.g. "Pressing" or "Assembly hall 2".
@@ -211,6 +211,14 @@ export type Item = Message<"fabrica.production.v1.Item"> & {
    * @generated from field: google.protobuf.Timestamp update_time = 6;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * The reference type the item is grouped under (ReferenceType.id, of the same tenant); empty: none.
+   * FAILED_PRECONDITION on create or update if it does not exist.
+   *
+   * @generated from field: string reference_type_id = 7;
+   */
+  referenceTypeId: string;
 };
 
 /**
@@ -219,6 +227,62 @@ export type Item = Message<"fabrica.production.v1.Item"> & {
  */
 export const ItemSchema: GenMessage<Item> = /*@__PURE__*/
   messageDesc(file_fabrica_production_v1_master_data, 2);
+
+/**
+ * A group of items of one kind, e.g. "Brackets" or "Finished goods" (the MES seed's ReferenceType).
+ *
+ * @generated from message fabrica.production.v1.ReferenceType
+ */
+export type ReferenceType = Message<"fabrica.production.v1.ReferenceType"> & {
+  /**
+   * Id chosen by the user. Immutable.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * Name for people.
+   *
+   * @generated from field: string display_name = 2;
+   */
+  displayName: string;
+
+  /**
+   * What the group holds, for people; may be empty.
+   *
+   * @generated from field: string description = 3;
+   */
+  description: string;
+
+  /**
+   * Output only. Changes on every update.
+   *
+   * @generated from field: string etag = 4;
+   */
+  etag: string;
+
+  /**
+   * Output only. Creation time.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 5;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * Output only. Last change.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 6;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message fabrica.production.v1.ReferenceType.
+ * Use `create(ReferenceTypeSchema)` to create a new message.
+ */
+export const ReferenceTypeSchema: GenMessage<ReferenceType> = /*@__PURE__*/
+  messageDesc(file_fabrica_production_v1_master_data, 3);
 
 /**
  * A kind of defect operators record, e.g. "Burr" or "Crack".
@@ -274,7 +338,7 @@ export type DefectCode = Message<"fabrica.production.v1.DefectCode"> & {
  * Use `create(DefectCodeSchema)` to create a new message.
  */
 export const DefectCodeSchema: GenMessage<DefectCode> = /*@__PURE__*/
-  messageDesc(file_fabrica_production_v1_master_data, 3);
+  messageDesc(file_fabrica_production_v1_master_data, 4);
 
 /**
  * A reason operators give a stop, e.g. "Tool change".
@@ -337,7 +401,7 @@ export type DowntimeReason = Message<"fabrica.production.v1.DowntimeReason"> & {
  * Use `create(DowntimeReasonSchema)` to create a new message.
  */
 export const DowntimeReasonSchema: GenMessage<DowntimeReason> = /*@__PURE__*/
-  messageDesc(file_fabrica_production_v1_master_data, 4);
+  messageDesc(file_fabrica_production_v1_master_data, 5);
 
 /**
  * How serious a defect is.
