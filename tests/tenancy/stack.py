@@ -59,6 +59,7 @@ GLOBEX_NUMBERS = {"planned": 7919, "good": 7907, "scrap": 7901, "defects": 7883,
                   "count": 7873}
 ACME_NUMBERS = {"planned": 104, "good": 103, "scrap": 101, "defects": 107, "value": 109.25, "count": 113}
 TIMEOUT = 20.0
+SECRET = "a-webhook-secret-of-the-test"
 
 
 def ts(seconds: float) -> timestamp_pb2.Timestamp:
@@ -86,6 +87,9 @@ class Ids:
     sector: str = "pressing"
     only_sector: str = "gx-only-sector"
     work_center: str = "press-1"
+    only_work_center: str = "gx-only-wc"
+    #: An order number globex has and acme does not.
+    only_order_number: str = "PO-2"
     item: str = "BRK-100"
     only_item: str = "gx-only-item"
     defect_code: str = "BURR"
@@ -110,7 +114,8 @@ def nowhere() -> Ids:
     """Ids no tenant has: acme's answer to them is what "there is no such thing" looks like."""
     return Ids(tenant="nowhere", plc="nowhere-plc", only_plc="nowhere-plc", collector="nowhere-cell",
                tags=[987654321], measurement_tag=987654321, counter_tag=987654322, sector="nowhere-sector",
-               only_sector="nowhere-sector", work_center="nowhere-wc", item="nowhere-item", only_item="nowhere-item",
+               only_sector="nowhere-sector", work_center="nowhere-wc", only_work_center="nowhere-wc",
+               only_order_number="PO-nowhere", item="nowhere-item", only_item="nowhere-item",
                defect_code="nowhere-defect", only_defect_code="nowhere-defect", reason="nowhere-reason",
                only_reason="nowhere-reason", order="987654321", only_order="987654321", downtime="987654321", only_downtime="987654321", rule="nowhere-rule",
                only_rule="nowhere-rule", target="nowhere-pager", only_target="nowhere-pager",
@@ -206,11 +211,12 @@ class TenantStack:
         t.ids.counter_tag = by_role.get(reading_pb2.TAG_ROLE_PRODUCTION_COUNTER, 0)
         t.ids.measurement_tag = next((tag.id for tag in press.tags if tag.name == "press.temperature"), 0)
         if t.code == GLOBEX:
-            only = plc_pb2.Plc()
-            only.CopyFrom(plcs["press-2"])
-            only.id, only.display_name = t.ids.only_plc, f"{label} only press"
-            await self.step(f"{t.code}: CreatePlc {only.id}", config.CreatePlc(
-                config_pb.CreatePlcRequest(plc=only), metadata=md_, timeout=TIMEOUT))
+            for only_id in (t.ids.only_plc, t.ids.only_plc + "-p"):
+                only = plc_pb2.Plc()
+                only.CopyFrom(plcs["press-2"])
+                only.id, only.display_name = only_id, f"{label} only press"
+                await self.step(f"{t.code}: CreatePlc {only.id}", config.CreatePlc(
+                    config_pb.CreatePlcRequest(plc=only), metadata=md_, timeout=TIMEOUT))
         await self.step(f"{t.code}: ReportCollectorStatus", config.ReportCollectorStatus(
             config_pb.ReportCollectorStatusRequest(collector_id=COLLECTOR, applied_revision=1, plc_statuses=[
                 collector_status_pb2.PlcStatus(plc_id=PLC, connected=False, error=f"{label} cable unplugged")]),
@@ -218,7 +224,7 @@ class TenantStack:
 
         # Ingest: the collector's tag metadata and readings.
         await self.step(f"{t.code}: SyncTags", ingest.SyncTags(ingest_pb.SyncTagsRequest(
-            collector_id=COLLECTOR, tags=[ingest_pb.TagInfo(tag_id=tag.id, plc_id=PLC, name=f"{label} {tag.name}",
+            collector_id=COLLECTOR, tags=[ingest_pb.TagInfo(tag_id=tag.id, plc_id=PLC, name=f"{label}_{tag.name}",
                                                              unit=tag.unit, role=tag.role) for tag in press.tags]),
             metadata=t.collector.metadata, timeout=TIMEOUT))
 
@@ -250,6 +256,10 @@ class TenantStack:
                 ("CreateSector gx-only", production.CreateSector(prod_pb.CreateSectorRequest(
                     sector=md.Sector(id=t.ids.only_sector, display_name=f"{label} only sector")), metadata=md_,
                     timeout=TIMEOUT)),
+                ("CreateWorkCenter gx-only", production.CreateWorkCenter(prod_pb.CreateWorkCenterRequest(
+                    work_center=md.WorkCenter(id=t.ids.only_work_center, display_name=f"{label} only line",
+                                              sector_id=t.ids.sector, plc_id=PLC, counter_width=32,
+                                              max_counter_jump=1000)), metadata=md_, timeout=TIMEOUT)),
                 ("CreateItem gx-only", production.CreateItem(prod_pb.CreateItemRequest(item=md.Item(
                     id=t.ids.only_item, display_name=f"{label} only item",
                     ideal_cycle_time=duration_pb2.Duration(seconds=3))), metadata=md_, timeout=TIMEOUT)),
@@ -278,7 +288,7 @@ class TenantStack:
                 metadata=md_, timeout=TIMEOUT))
         if t.code == GLOBEX:
             second = await self.step(f"{t.code}: CreateOrder PO-2", production.CreateOrder(prod_pb.CreateOrderRequest(
-                order=order_pb2.Order(number="PO-2", item_id=t.ids.item, work_center_id=t.ids.work_center,
+                order=order_pb2.Order(number=t.ids.only_order_number, item_id=t.ids.item, work_center_id=t.ids.work_center,
                                       planned_quantity=int(n["planned"]))), metadata=md_, timeout=TIMEOUT))
             if second is not None:
                 t.ids.only_order = second.order.id
@@ -308,12 +318,12 @@ class TenantStack:
                                                                            metadata=md_, timeout=TIMEOUT))
         await self.step(f"{t.code}: CreateNotificationTarget", alarm.CreateNotificationTarget(
             alarm_pb.CreateNotificationTargetRequest(target=notify_pb2.NotificationTarget(
-                id=t.ids.target, display_name=f"{label} pager", url=f"https://{t.code}.example/hook",
+                id=t.ids.target, display_name=f"{label} pager", url=f"https://{t.code}.example/hook", secret=SECRET,
                 enabled=False)), metadata=md_, timeout=TIMEOUT))
         await self.step(f"{t.code}: CreateForwardingTarget", alarm.CreateForwardingTarget(
             alarm_pb.CreateForwardingTargetRequest(target=notify_pb2.ForwardingTarget(
                 id=t.ids.forwarding, display_name=f"{label} forward", plc_ids=[PLC],
-                http=notify_pb2.ForwardingTarget.Http(url=f"https://{t.code}.example/ingest"),
+                http=notify_pb2.ForwardingTarget.Http(url=f"https://{t.code}.example/ingest", secret=SECRET),
                 enabled=False)), metadata=md_, timeout=TIMEOUT))
         if t.code == GLOBEX:
             only_rule = rule_pb2.AlarmRule()
@@ -323,12 +333,12 @@ class TenantStack:
                 alarm_pb.CreateAlarmRuleRequest(rule=only_rule), metadata=md_, timeout=TIMEOUT))
             await self.step(f"{t.code}: CreateNotificationTarget gx-only", alarm.CreateNotificationTarget(
                 alarm_pb.CreateNotificationTargetRequest(target=notify_pb2.NotificationTarget(
-                    id=t.ids.only_target, display_name=f"{label} only pager", url="https://globex.example/only",
+                    id=t.ids.only_target, display_name=f"{label} only pager", url="https://globex.example/only", secret=SECRET,
                     enabled=False)), metadata=md_, timeout=TIMEOUT))
             await self.step(f"{t.code}: CreateForwardingTarget gx-only", alarm.CreateForwardingTarget(
                 alarm_pb.CreateForwardingTargetRequest(target=notify_pb2.ForwardingTarget(
                     id=t.ids.only_forwarding, display_name=f"{label} only forward", plc_ids=[PLC],
-                    http=notify_pb2.ForwardingTarget.Http(url="https://globex.example/only-ingest"),
+                    http=notify_pb2.ForwardingTarget.Http(url="https://globex.example/only-ingest", secret=SECRET),
                     enabled=False)), metadata=md_, timeout=TIMEOUT))
 
     async def stream(self, t: Tenant, batches: int = 3, *, value: float | None = None) -> str | None:
@@ -389,7 +399,7 @@ def leaks(message_text: str, globex: Ids, acme: Ids) -> list[str]:
     for tag_field in re.findall(r"tag_ids?: (\d+)", message_text):
         if int(tag_field) in set(globex.tags) - own_tags:
             found.append(f"globex's tag id {tag_field}")
-    for only in (globex.only_plc, globex.only_sector, globex.only_item, globex.only_defect_code,
+    for only in (globex.only_plc, globex.only_work_center, globex.only_sector, globex.only_item, globex.only_defect_code,
                  globex.only_reason, globex.only_rule, globex.only_target, globex.only_forwarding):
         if f'"{only}"' in message_text:
             found.append(f"globex's id {only}")

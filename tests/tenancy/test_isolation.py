@@ -102,7 +102,7 @@ TABLE: dict[str, Entry] = {
     f"{C}/ListDeviceProfiles": Entry(READ, lambda g: config_pb.ListDeviceProfilesRequest(), control=False),
     f"{C}/WatchPlcs": Entry(READ, lambda g: config_pb.WatchPlcsRequest(collector_id=g.collector), caller="collector"),
     f"{C}/ListCollectors": Entry(READ, lambda g: config_pb.ListCollectorsRequest()),
-    f"{C}/ListAuditEntries": Entry(READ, lambda g: config_pb.ListAuditEntriesRequest(page_size=1000)),
+    f"{C}/ListAuditEntries": Entry(READ, lambda g: config_pb.ListAuditEntriesRequest(page_size=500)),
     f"{C}/GetTenant": Entry(READ, lambda g: config_pb.GetTenantRequest(code=g.tenant)),
     f"{C}/ListTenants": Entry(READ, lambda g: config_pb.ListTenantsRequest()),
     f"{C}/UpdatePlc": Entry(WRITE, lambda g: config_pb.UpdatePlcRequest(
@@ -125,7 +125,7 @@ TABLE: dict[str, Entry] = {
     f"{I}/WatchTagEvents": Entry(READ, lambda g: ingest_pb.WatchTagEventsRequest(tag_ids=g.tags)),
     f"{I}/WatchCommittedReadings": Entry(READ, lambda g: ingest_pb.WatchCommittedReadingsRequest(tag_ids=g.tags)),
     f"{I}/QueryReadings": Entry(READ, lambda g: ingest_pb.QueryReadingsRequest(filter=reading_filter(g),
-                                                                                page_size=1000)),
+                                                                                page_size=500)),
     f"{I}/ExportReadings": Entry(READ, lambda g: ingest_pb.ExportReadingsRequest(filter=reading_filter(g))),
     f"{I}/AggregateReadings": Entry(READ, lambda g: ingest_pb.AggregateReadingsRequest(
         filter=query_pb2.ReadingFilter(tag_ids=[g.measurement_tag], **span(g)), bucket_seconds=60)),
@@ -133,37 +133,37 @@ TABLE: dict[str, Entry] = {
     f"{I}/WatchLatestValues": Entry(READ, lambda g: ingest_pb.WatchLatestValuesRequest(tag_ids=g.tags)),
     f"{I}/SummarizeReadings": Entry(READ, lambda g: ingest_pb.SummarizeReadingsRequest(
         tag_id=g.measurement_tag, **span(g))),
-    f"{I}/ListAuditEntries": Entry(READ, lambda g: ingest_pb.ListAuditEntriesRequest(page_size=1000)),
+    f"{I}/ListAuditEntries": Entry(READ, lambda g: ingest_pb.ListAuditEntriesRequest(page_size=500)),
     f"{I}/ResetCollectorSequence": Entry(WRITE, lambda g: ingest_pb.ResetCollectorSequenceRequest(
         collector_id=g.collector, committed_sequence=1)),
     # --- production -------------------------------------------------------------------------------------
     f"{P}/GetSector": Entry(READ, lambda g: prod_pb.GetSectorRequest(id=g.only_sector)),
-    f"{P}/ListSectors": Entry(READ, lambda g: prod_pb.ListSectorsRequest(page_size=1000)),
+    f"{P}/ListSectors": Entry(READ, lambda g: prod_pb.ListSectorsRequest(page_size=500)),
     f"{P}/GetWorkCenter": Entry(READ, lambda g: prod_pb.GetWorkCenterRequest(id=g.work_center)),
-    f"{P}/ListWorkCenters": Entry(READ, lambda g: prod_pb.ListWorkCentersRequest(page_size=1000)),
+    f"{P}/ListWorkCenters": Entry(READ, lambda g: prod_pb.ListWorkCentersRequest(page_size=500)),
     f"{P}/GetItem": Entry(READ, lambda g: prod_pb.GetItemRequest(id=g.only_item)),
-    f"{P}/ListItems": Entry(READ, lambda g: prod_pb.ListItemsRequest(page_size=1000)),
+    f"{P}/ListItems": Entry(READ, lambda g: prod_pb.ListItemsRequest(page_size=500)),
     f"{P}/GetDefectCode": Entry(READ, lambda g: prod_pb.GetDefectCodeRequest(id=g.only_defect_code)),
-    f"{P}/ListDefectCodes": Entry(READ, lambda g: prod_pb.ListDefectCodesRequest(page_size=1000)),
+    f"{P}/ListDefectCodes": Entry(READ, lambda g: prod_pb.ListDefectCodesRequest(page_size=500)),
     f"{P}/GetDowntimeReason": Entry(READ, lambda g: prod_pb.GetDowntimeReasonRequest(id=g.only_reason)),
-    f"{P}/ListDowntimeReasons": Entry(READ, lambda g: prod_pb.ListDowntimeReasonsRequest(page_size=1000)),
+    f"{P}/ListDowntimeReasons": Entry(READ, lambda g: prod_pb.ListDowntimeReasonsRequest(page_size=500)),
     f"{P}/GetOrder": Entry(READ, lambda g: prod_pb.GetOrderRequest(id=g.only_order)),
     f"{P}/ListOrders": Entry(READ, lambda g: prod_pb.ListOrdersRequest(work_center_id=g.work_center,
-                                                                       page_size=1000)),
-    f"{P}/ListBookings": Entry(READ, lambda g: prod_pb.ListBookingsRequest(order_id=g.order, page_size=1000)),
-    f"{P}/ListDefects": Entry(READ, lambda g: prod_pb.ListDefectsRequest(order_id=g.order, page_size=1000)),
+                                                                       page_size=500)),
+    f"{P}/ListBookings": Entry(READ, lambda g: prod_pb.ListBookingsRequest(order_id=g.order, page_size=500)),
+    f"{P}/ListDefects": Entry(READ, lambda g: prod_pb.ListDefectsRequest(order_id=g.order, page_size=500)),
     f"{P}/ListDowntimes": Entry(READ, lambda g: prod_pb.ListDowntimesRequest(work_center_id=g.work_center,
-                                                                             page_size=1000)),
+                                                                             page_size=500)),
     f"{P}/GetOee": Entry(READ, lambda g: prod_pb.GetOeeRequest(order_id=g.order)),
     f"{P}/WatchOrders": Entry(READ, lambda g: prod_pb.WatchOrdersRequest(work_center_id=g.work_center)),
-    f"{P}/ListAuditEntries": Entry(READ, lambda g: prod_pb.ListAuditEntriesRequest(page_size=1000)),
+    f"{P}/ListAuditEntries": Entry(READ, lambda g: prod_pb.ListAuditEntriesRequest(page_size=500)),
     f"{P}/UpdateSector": Entry(WRITE, lambda g: prod_pb.UpdateSectorRequest(
         sector=md.Sector(id=g.only_sector, display_name="Acme renamed"), update_mask=mask("display_name"))),
     f"{P}/DeleteSector": Entry(WRITE, lambda g: prod_pb.DeleteSectorRequest(id=g.only_sector)),
     f"{P}/UpdateWorkCenter": Entry(WRITE, lambda g: prod_pb.UpdateWorkCenterRequest(
         work_center=md.WorkCenter(id=g.work_center, display_name="Acme renamed line"),
         update_mask=mask("display_name"))),
-    f"{P}/DeleteWorkCenter": Entry(WRITE, lambda g: prod_pb.DeleteWorkCenterRequest(id=g.work_center + "-none")),
+    f"{P}/DeleteWorkCenter": Entry(WRITE, lambda g: prod_pb.DeleteWorkCenterRequest(id=g.only_work_center)),
     f"{P}/UpdateItem": Entry(WRITE, lambda g: prod_pb.UpdateItemRequest(
         item=md.Item(id=g.only_item, display_name="Acme renamed"), update_mask=mask("display_name"))),
     f"{P}/DeleteItem": Entry(WRITE, lambda g: prod_pb.DeleteItemRequest(id=g.only_item)),
@@ -193,7 +193,7 @@ TABLE: dict[str, Entry] = {
     f"{P}/CreateSector": Entry(CREATE, lambda g: prod_pb.CreateSectorRequest(
         sector=md.Sector(id=g.only_sector, display_name="Acme sector"))),
     f"{P}/CreateWorkCenter": Entry(CREATE, lambda g: prod_pb.CreateWorkCenterRequest(work_center=md.WorkCenter(
-        id=g.only_sector + "-wc", display_name="Acme line", sector_id="pressing", plc_id=PLC,
+        id=g.only_work_center, display_name="Acme line", sector_id="pressing", plc_id=PLC,
         counter_width=32, max_counter_jump=1000))),
     f"{P}/CreateItem": Entry(CREATE, lambda g: prod_pb.CreateItemRequest(item=md.Item(
         id=g.only_item, display_name="Acme item", ideal_cycle_time=duration_pb2.Duration(seconds=1)))),
@@ -202,12 +202,12 @@ TABLE: dict[str, Entry] = {
     f"{P}/CreateDowntimeReason": Entry(CREATE, lambda g: prod_pb.CreateDowntimeReasonRequest(
         downtime_reason=md.DowntimeReason(id=g.only_reason, display_name="Acme reason", color="#123456"))),
     f"{P}/CreateOrder": Entry(CREATE, lambda g: prod_pb.CreateOrderRequest(order=order_pb2.Order(
-        number="PO-2", item_id="BRK-100", work_center_id=g.work_center, planned_quantity=5))),
+        number=g.only_order_number, item_id="BRK-100", work_center_id="press-1", planned_quantity=5))),
     # --- alarm ------------------------------------------------------------------------------------------
     f"{A}/GetAlarmRule": Entry(READ, lambda g: alarm_pb.GetAlarmRuleRequest(id=g.only_rule)),
-    f"{A}/ListAlarmRules": Entry(READ, lambda g: alarm_pb.ListAlarmRulesRequest(page_size=1000)),
-    f"{A}/ListAlarms": Entry(READ, lambda g: alarm_pb.ListAlarmsRequest(page_size=1000, include_normal=True)),
-    f"{A}/ListAlarmEvents": Entry(READ, lambda g: alarm_pb.ListAlarmEventsRequest(page_size=1000, **span(g))),
+    f"{A}/ListAlarmRules": Entry(READ, lambda g: alarm_pb.ListAlarmRulesRequest(page_size=500)),
+    f"{A}/ListAlarms": Entry(READ, lambda g: alarm_pb.ListAlarmsRequest(page_size=500, include_normal=True)),
+    f"{A}/ListAlarmEvents": Entry(READ, lambda g: alarm_pb.ListAlarmEventsRequest(page_size=500, **span(g))),
     f"{A}/WatchAlarms": Entry(READ, lambda g: alarm_pb.WatchAlarmsRequest()),
     f"{A}/GetNotificationTarget": Entry(READ, lambda g: alarm_pb.GetNotificationTargetRequest(id=g.only_target)),
     f"{A}/ListNotificationTargets": Entry(READ, lambda g: alarm_pb.ListNotificationTargetsRequest()),
@@ -411,21 +411,19 @@ async def globex_view(stack: TenantStack) -> dict[str, str]:
         out[name] = outcome.shown + " " + " | ".join(text(m) for m in outcome.messages)
     collectors = await call(stack, f"{C}/ListCollectors", TABLE[f"{C}/ListCollectors"], g.ids, g.admin)
     out["collectors"] = " | ".join(text(m) for m in collectors.messages)
-    for tag_name in await _tag_names(stack):
-        out.setdefault("ingest tag names", "")
-        out["ingest tag names"] += tag_name + ";"
+    out["ingest tags"] = ";".join(await _tag_rows(stack))
     return out
 
 
-async def _tag_names(stack: TenantStack) -> list[str]:
-    """globex's tag names in ingest (read as the database owner: no policy in the way)."""
+async def _tag_rows(stack: TenantStack) -> list[str]:
+    """globex's tags in ingest (plc, role) (read as the database owner: no policy in the way)."""
     conn = await asyncpg.connect(stack.servers["ingest"].database_url)
     try:
-        rows = await conn.fetch("SELECT tag_id, name FROM ingest.tags WHERE tag_id = ANY($1::bigint[]) ORDER BY 1, 2",
-                                stack.globex.ids.tags)
+        rows = await conn.fetch("SELECT tag_id, (to_jsonb(t) - 'update_time')::text AS row FROM ingest.tags t"
+                                " WHERE tag_id = ANY($1::bigint[]) ORDER BY 1, 2", stack.globex.ids.tags)
     finally:
         await conn.close()
-    return [f"{r['tag_id']}={r['name']}" for r in rows]
+    return [f"{r['tag_id']}={r['row']}" for r in rows]
 
 
 async def _globex_ready(stack: TenantStack) -> None:
