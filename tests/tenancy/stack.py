@@ -56,7 +56,7 @@ COLLECTOR = "cell-1"
 PLC = "press-1"
 #: Numbers only globex's resources carry (planned quantity, booked good/scrap, reading values, ...).
 GLOBEX_NUMBERS = {"planned": 7919, "good": 7907, "scrap": 7901, "defects": 7883, "value": 7877.25,
-                  "count": 7873}
+                  "count": 60013}
 ACME_NUMBERS = {"planned": 104, "good": 103, "scrap": 101, "defects": 107, "value": 109.25, "count": 113}
 TIMEOUT = 20.0
 SECRET = "a-webhook-secret-of-the-test"

@@ -133,7 +133,10 @@ TABLE: dict[str, Entry] = {
     f"{I}/WatchLatestValues": Entry(READ, lambda g: ingest_pb.WatchLatestValuesRequest(tag_ids=g.tags)),
     f"{I}/SummarizeReadings": Entry(READ, lambda g: ingest_pb.SummarizeReadingsRequest(
         tag_id=g.measurement_tag, **span(g))),
-    f"{I}/ListAuditEntries": Entry(READ, lambda g: ingest_pb.ListAuditEntriesRequest(page_size=500)),
+    # ingest audits tag syncs and sequence resets, whose actor is the collector (cell-1 in both tenants):
+    # nothing in globex's own entries says "globex", so no control; acme's must still carry none of globex's.
+    f"{I}/ListAuditEntries": Entry(READ, lambda g: ingest_pb.ListAuditEntriesRequest(page_size=500),
+                                   control=False),
     f"{I}/ResetCollectorSequence": Entry(WRITE, lambda g: ingest_pb.ResetCollectorSequenceRequest(
         collector_id=g.collector, committed_sequence=1)),
     # --- production -------------------------------------------------------------------------------------
