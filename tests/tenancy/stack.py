@@ -231,46 +231,46 @@ class TenantStack:
         # Production master data and an order with bookings, a defect and a downtime.
         wc_tags = {tag.role: tag.id for tag in press.tags}
         for what, call in (
-            ("CreateSector", production.CreateSector(prod_pb.CreateSectorRequest(
+            ("CreateSector", lambda: production.CreateSector(prod_pb.CreateSectorRequest(
                 sector=md.Sector(id=t.ids.sector, display_name=f"{label} pressing")), metadata=md_, timeout=TIMEOUT)),
-            ("CreateWorkCenter", production.CreateWorkCenter(prod_pb.CreateWorkCenterRequest(work_center=md.WorkCenter(
+            ("CreateWorkCenter", lambda: production.CreateWorkCenter(prod_pb.CreateWorkCenterRequest(work_center=md.WorkCenter(
                 id=t.ids.work_center, display_name=f"{label} press line", sector_id=t.ids.sector, plc_id=PLC,
                 production_counter_tag_id=wc_tags.get(reading_pb2.TAG_ROLE_PRODUCTION_COUNTER, 0),
                 scrap_counter_tag_id=wc_tags.get(reading_pb2.TAG_ROLE_SCRAP_COUNTER, 0),
                 machine_state_tag_id=wc_tags.get(reading_pb2.TAG_ROLE_MACHINE_STATE, 0),
                 counter_width=32, max_counter_jump=100000)), metadata=md_, timeout=TIMEOUT)),
-            ("CreateItem", production.CreateItem(prod_pb.CreateItemRequest(item=md.Item(
+            ("CreateItem", lambda: production.CreateItem(prod_pb.CreateItemRequest(item=md.Item(
                 id=t.ids.item, display_name=f"{label} bracket", ideal_cycle_time=duration_pb2.Duration(seconds=2))),
                 metadata=md_, timeout=TIMEOUT)),
-            ("CreateDefectCode", production.CreateDefectCode(prod_pb.CreateDefectCodeRequest(defect_code=md.DefectCode(
+            ("CreateDefectCode", lambda: production.CreateDefectCode(prod_pb.CreateDefectCodeRequest(defect_code=md.DefectCode(
                 id=t.ids.defect_code, display_name=f"{label} burr", severity=md.SEVERITY_MINOR)),
                 metadata=md_, timeout=TIMEOUT)),
-            ("CreateDowntimeReason", production.CreateDowntimeReason(prod_pb.CreateDowntimeReasonRequest(
+            ("CreateDowntimeReason", lambda: production.CreateDowntimeReason(prod_pb.CreateDowntimeReasonRequest(
                 downtime_reason=md.DowntimeReason(id=t.ids.reason, display_name=f"{label} tool change",
                                                   color="#ff8800", counts_against_availability=True)),
                 metadata=md_, timeout=TIMEOUT)),
-        ):
-            await self.step(f"{t.code}: {what}", call)
+        ):  # one after the other: a gRPC call starts when it is made
+            await self.step(f"{t.code}: {what}", call())
         if t.code == GLOBEX:
             for what, call in (
-                ("CreateSector gx-only", production.CreateSector(prod_pb.CreateSectorRequest(
+                ("CreateSector gx-only", lambda: production.CreateSector(prod_pb.CreateSectorRequest(
                     sector=md.Sector(id=t.ids.only_sector, display_name=f"{label} only sector")), metadata=md_,
                     timeout=TIMEOUT)),
-                ("CreateWorkCenter gx-only", production.CreateWorkCenter(prod_pb.CreateWorkCenterRequest(
+                ("CreateWorkCenter gx-only", lambda: production.CreateWorkCenter(prod_pb.CreateWorkCenterRequest(
                     work_center=md.WorkCenter(id=t.ids.only_work_center, display_name=f"{label} only line",
                                               sector_id=t.ids.sector, plc_id=PLC, counter_width=32,
                                               max_counter_jump=1000)), metadata=md_, timeout=TIMEOUT)),
-                ("CreateItem gx-only", production.CreateItem(prod_pb.CreateItemRequest(item=md.Item(
+                ("CreateItem gx-only", lambda: production.CreateItem(prod_pb.CreateItemRequest(item=md.Item(
                     id=t.ids.only_item, display_name=f"{label} only item",
                     ideal_cycle_time=duration_pb2.Duration(seconds=3))), metadata=md_, timeout=TIMEOUT)),
-                ("CreateDefectCode gx-only", production.CreateDefectCode(prod_pb.CreateDefectCodeRequest(
+                ("CreateDefectCode gx-only", lambda: production.CreateDefectCode(prod_pb.CreateDefectCodeRequest(
                     defect_code=md.DefectCode(id=t.ids.only_defect_code, display_name=f"{label} only defect",
                                               severity=md.SEVERITY_MAJOR)), metadata=md_, timeout=TIMEOUT)),
-                ("CreateDowntimeReason gx-only", production.CreateDowntimeReason(prod_pb.CreateDowntimeReasonRequest(
+                ("CreateDowntimeReason gx-only", lambda: production.CreateDowntimeReason(prod_pb.CreateDowntimeReasonRequest(
                     downtime_reason=md.DowntimeReason(id=t.ids.only_reason, display_name=f"{label} only reason",
                                                       color="#0000ff")), metadata=md_, timeout=TIMEOUT)),
             ):
-                await self.step(f"{t.code}: {what}", call)
+                await self.step(f"{t.code}: {what}", call())
         order = await self.step(f"{t.code}: CreateOrder PO-1", production.CreateOrder(prod_pb.CreateOrderRequest(
             order=order_pb2.Order(number="PO-1", item_id=t.ids.item, work_center_id=t.ids.work_center,
                                   planned_quantity=int(n["planned"]))), metadata=md_, timeout=TIMEOUT))
@@ -341,6 +341,19 @@ class TenantStack:
                     http=notify_pb2.ForwardingTarget.Http(url="https://globex.example/only-ingest", secret=SECRET),
                     enabled=False)), metadata=md_, timeout=TIMEOUT))
 
+    async def resume(self, t: Tenant) -> str:
+        """Where tenant `t`'s cell-1 resumes (its committed sequence and epoch), as its collector sees it."""
+        call = self.stub("ingest").StreamReadings(metadata=t.collector.metadata, timeout=TIMEOUT)
+        try:
+            await call.write(ingest_pb.StreamReadingsRequest(open=ingest_pb.StreamOpen(collector_id=COLLECTOR)))
+            first = await call.read()
+            await call.done_writing()
+            return text(first) if first is not grpc.aio.EOF else "EOF"
+        except grpc.aio.AioRpcError as err:
+            return f"{err.code().name} {err.details()}"
+        finally:
+            call.cancel()
+
     async def stream(self, t: Tenant, batches: int = 3, *, value: float | None = None) -> str | None:
         """Tenant `t`'s collector streams `batches` batches (every tag of its press, value `value`, default the
         tenant's marker) through ingest's StreamReadings; None, or what went wrong."""
@@ -395,6 +408,13 @@ def leaks(message_text: str, globex: Ids, acme: Ids) -> list[str]:
         shown = repr(number) if isinstance(number, float) else str(number)
         if shown in numbers:
             found.append(f"globex's {name} {shown}")
+    # Numbers that grow from globex's base: its production counter (stream(): base + batch sequence), and
+    # its order's good quantity (the booking, plus what production books from that counter).
+    for name in ("count", "good"):
+        base = int(GLOBEX_NUMBERS[name])
+        grown = sorted({n for n in numbers if n.isdigit() and base <= int(n) < base + 1000})
+        if grown:
+            found.append(f"globex's {name} {grown[0]}")
     own_tags = set(acme.tags)
     for tag_field in re.findall(r"tag_ids?: (\d+)", message_text):
         if int(tag_field) in set(globex.tags) - own_tags:
