@@ -94,6 +94,8 @@ class Ids:
     only_item: str = "gx-only-item"
     defect_code: str = "BURR"
     only_defect_code: str = "gx-only-defect"
+    reference_type: str = "BRACKETS"
+    only_reference_type: str = "gx-only-reftype"
     reason: str = "TOOL"
     only_reason: str = "gx-only-reason"
     order: str = ""
@@ -116,7 +118,8 @@ def nowhere() -> Ids:
                tags=[987654321], measurement_tag=987654321, counter_tag=987654322, sector="nowhere-sector",
                only_sector="nowhere-sector", work_center="nowhere-wc", only_work_center="nowhere-wc",
                only_order_number="PO-nowhere", item="nowhere-item", only_item="nowhere-item",
-               defect_code="nowhere-defect", only_defect_code="nowhere-defect", reason="nowhere-reason",
+               defect_code="nowhere-defect", only_defect_code="nowhere-defect", reference_type="nowhere-reftype",
+               only_reference_type="nowhere-reftype", reason="nowhere-reason",
                only_reason="nowhere-reason", order="987654321", only_order="987654321", downtime="987654321", only_downtime="987654321", rule="nowhere-rule",
                only_rule="nowhere-rule", target="nowhere-pager", only_target="nowhere-pager",
                forwarding="nowhere-fwd", only_forwarding="nowhere-fwd")
@@ -271,6 +274,12 @@ class TenantStack:
                                                       color="#0000ff")), metadata=md_, timeout=TIMEOUT)),
             ):
                 await self.step(f"{t.code}: {what}", call())
+        if hasattr(prod_pb, "CreateReferenceTypeRequest"):  # (issue 15's new master data; see test_isolation ARRIVING)
+            for ref_id, name in ((t.ids.reference_type, f"{label} brackets"),
+                                 *(((t.ids.only_reference_type, f"{label} only type"),) if t.code == GLOBEX else ())):
+                await self.step(f"{t.code}: CreateReferenceType {ref_id}", production.CreateReferenceType(
+                    prod_pb.CreateReferenceTypeRequest(reference_type=md.ReferenceType(id=ref_id, display_name=name)),
+                    metadata=md_, timeout=TIMEOUT))
         order = await self.step(f"{t.code}: CreateOrder PO-1", production.CreateOrder(prod_pb.CreateOrderRequest(
             order=order_pb2.Order(number="PO-1", item_id=t.ids.item, work_center_id=t.ids.work_center,
                                   planned_quantity=int(n["planned"]))), metadata=md_, timeout=TIMEOUT))
@@ -393,12 +402,14 @@ class TenantStack:
 
 
 #: Every number of globex's in a response's text, as the text shows it.
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+#: (Not digits inside a word: an etag "r14", a colour "#ff8800", an id "gx-2".)
+_NUMBER = re.compile(r"(?<![\w#.-])-?\d+(?:\.\d+)?(?![\w.-])")
 
 
-def leaks(message_text: str, globex: Ids, acme: Ids) -> list[str]:
+def leaks(message_text: str, globex: Ids, acme: Ids, *, only_ids: bool = True) -> list[str]:
     """What of globex's `message_text` (a response acme got) carries: its name, its numbers, its tag ids (tag
-    ids are global numbers: globex's are not acme's), its only-ids."""
+    ids are global numbers: globex's are not acme's), its only-ids (`only_ids`: not in the answer to acme's
+    create of that id, which is acme's own resource then)."""
     found = []
     if "globex" in message_text.lower():
         at = message_text.lower().index("globex")
@@ -412,14 +423,14 @@ def leaks(message_text: str, globex: Ids, acme: Ids) -> list[str]:
     # its order's good quantity (the booking, plus what production books from that counter).
     for name in ("count", "good"):
         base = int(GLOBEX_NUMBERS[name])
-        grown = sorted({n for n in numbers if n.isdigit() and base <= int(n) < base + 1000})
+        grown = sorted({n for n in numbers if n.isdigit() and base <= int(n) < base + 100})
         if grown:
             found.append(f"globex's {name} {grown[0]}")
     own_tags = set(acme.tags)
     for tag_field in re.findall(r"tag_ids?: (\d+)", message_text):
         if int(tag_field) in set(globex.tags) - own_tags:
             found.append(f"globex's tag id {tag_field}")
-    for only in (globex.only_plc, globex.only_work_center, globex.only_sector, globex.only_item, globex.only_defect_code,
+    for only in () if not only_ids else (globex.only_plc, globex.only_reference_type, globex.only_work_center, globex.only_sector, globex.only_item, globex.only_defect_code,
                  globex.only_reason, globex.only_rule, globex.only_target, globex.only_forwarding):
         if f'"{only}"' in message_text:
             found.append(f"globex's id {only}")
