@@ -198,7 +198,9 @@ async def test_a_collector_watches_and_reports_only_as_itself(config, pki: Pki) 
             await cpb_grpc.ConfigServiceStub(channel).ReportCollectorStatus(
                 cpb.ReportCollectorStatusRequest(collector_id="cell-1"))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    # Nothing of the refused calls was recorded: cell-2 never reported.
+    # Nothing of the refused calls was recorded: cell-2 never reported. (A service is installation-wide: it
+    # names the tenant whose collectors it lists, issue 15.)
     async with pki.channel(config.peer_address, "production") as channel:
-        listed = await cpb_grpc.ConfigServiceStub(channel).ListCollectors(cpb.ListCollectorsRequest())
+        listed = await cpb_grpc.ConfigServiceStub(channel).ListCollectors(
+            cpb.ListCollectorsRequest(), metadata=(("x-fabrica-tenant", "default"),))
     assert [c.id for c in listed.collectors] == ["cell-1"]
