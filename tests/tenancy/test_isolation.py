@@ -580,3 +580,48 @@ async def test_watches_of_acme_never_carry_globex_changes(stack: TenantStack) ->
             problems.append(f"{name}: control failed: globex's own watch saw none of globex's changes "
                             f"({own_err.code().name if own_err else f'{len(own)} messages'})")
     assert not problems, f"{len(problems)} isolation problem(s):\n" + "\n".join(problems)
+
+
+async def test_an_installation_wide_admin_names_the_tenant_of_each_call(stack: TenantStack) -> None:
+    """The header end to end, in every service: the installation's admin sees acme's resource with
+    ``x-fabrica-tenant: acme`` and globex's with ``globex``, under the same id; a tenant's admin naming the
+    other tenant is PERMISSION_DENIED (TENANT_MISMATCH, whatever the id) and a header that is not a code is
+    INVALID_ARGUMENT on the header."""
+    from grpc_helpers import error_info, field_violations
+
+    problems = list(stack.setup_problems)
+    reads = {
+        "config GetPlc": lambda t, md_: stack.stub("config").GetPlc(config_pb.GetPlcRequest(id=PLC), metadata=md_,
+                                                                     timeout=TIMEOUT),
+        "ingest GetLatestValues": lambda t, md_: stack.stub("ingest").GetLatestValues(
+            ingest_pb.GetLatestValuesRequest(plc_id=PLC), metadata=md_, timeout=TIMEOUT),
+        "production GetWorkCenter": lambda t, md_: stack.stub("production").GetWorkCenter(
+            prod_pb.GetWorkCenterRequest(id="press-1"), metadata=md_, timeout=TIMEOUT),
+        "alarm GetAlarmRule": lambda t, md_: stack.stub("alarm").GetAlarmRule(
+            alarm_pb.GetAlarmRuleRequest(id="press-hot"), metadata=md_, timeout=TIMEOUT),
+    }
+    for what, read in reads.items():
+        for tenant in (stack.acme, stack.globex):
+            header = Caller(stack.installer.token, tenant.code).metadata
+            try:
+                shown = text(await read(tenant, header))
+            except grpc.aio.AioRpcError as err:
+                problems.append(f"{what} as the installation's admin in {tenant.code}: {err.code().name} "
+                                f"{err.details()}")
+                continue
+            other = "Globex" if tenant.code == "acme" else "Acme"
+            if tenant.label not in shown or other in shown:
+                problems.append(f"{what} as the installation's admin in {tenant.code} shows {shown[:200]}")
+        try:
+            await read(stack.acme, Caller(stack.acme.admin.token, "globex").metadata)
+            problems.append(f"{what}: acme's admin naming globex was served")
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.PERMISSION_DENIED or error_info(err).reason != "TENANT_MISMATCH":
+                problems.append(f"{what}: acme's admin naming globex: {err.code().name} {err.details()}")
+        try:
+            await read(stack.acme, Caller(stack.installer.token, "Globex Corp").metadata)
+            problems.append(f"{what}: a header that is not a tenant code was served")
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.INVALID_ARGUMENT or "x-fabrica-tenant" not in field_violations(err):
+                problems.append(f"{what}: a bad header: {err.code().name} {err.details()}")
+    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
