@@ -160,8 +160,15 @@ async def test_the_health_port_answers_health_in_plaintext_and_nothing_else(conf
 def test_the_uri_san_names_the_principal() -> None:
     demo = principal_from_uris(["urn:fabrica:collector:demo"])
     assert demo == principal.Principal("collector:demo", frozenset({"collector"}), "demo", "certificate")
+    # A service's certificate is installation-wide (runtime/tenancy.py): it names the tenant per request.
     assert principal_from_uris(["urn:fabrica:service:production"]) == principal.Principal(
-        "service:production", frozenset({"viewer"}), None, "certificate")
+        "service:production", frozenset({"viewer"}), None, "certificate", tenant="*")
+    # A collector's certificate names its tenant (default without one); a malformed or second tenant: nobody.
+    assert principal_from_uris(["urn:fabrica:collector:c", "urn:fabrica:tenant:acme"]).tenant == "acme"
+    assert demo.tenant == "default"
+    for uris in (["urn:fabrica:collector:c", "urn:fabrica:tenant:*"], ["urn:fabrica:collector:c", "urn:fabrica:tenant:"],
+                 ["urn:fabrica:collector:c", "urn:fabrica:tenant:a", "urn:fabrica:tenant:b"]):
+        assert principal_from_uris(uris) is None
     # Both (never issued so): the collector's, the narrower identity.
     assert principal_from_uris(["urn:fabrica:service:x", "urn:fabrica:collector:c"]).collector_id == "c"
     for uris in ([], ["urn:fabrica:collector:"], ["urn:other:collector:demo"], ["https://example.com"]):
@@ -191,7 +198,9 @@ async def test_a_collector_watches_and_reports_only_as_itself(config, pki: Pki) 
             await cpb_grpc.ConfigServiceStub(channel).ReportCollectorStatus(
                 cpb.ReportCollectorStatusRequest(collector_id="cell-1"))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    # Nothing of the refused calls was recorded: cell-2 never reported.
+    # Nothing of the refused calls was recorded: cell-2 never reported. (A service is installation-wide: it
+    # names the tenant whose collectors it lists, issue 15.)
     async with pki.channel(config.peer_address, "production") as channel:
-        listed = await cpb_grpc.ConfigServiceStub(channel).ListCollectors(cpb.ListCollectorsRequest())
+        listed = await cpb_grpc.ConfigServiceStub(channel).ListCollectors(
+            cpb.ListCollectorsRequest(), metadata=(("x-fabrica-tenant", "default"),))
     assert [c.id for c in listed.collectors] == ["cell-1"]

@@ -197,8 +197,11 @@ async def test_an_allowed_origin_gets_envoys_cors_answers(web_stack: WebStack, o
     policy = _envoy_cors()
     preflight = await _call(web_stack, path, None, method="OPTIONS", content_type="", headers={
         "origin": origin, "access-control-request-method": "POST",
-        "access-control-request-headers": "content-type,x-grpc-web,x-user-agent,grpc-timeout,authorization"})
+        "access-control-request-headers": "content-type,x-grpc-web,x-user-agent,grpc-timeout,authorization,"
+                                          "x-fabrica-tenant"})
     assert preflight.http_status in (200, 204)
+    # An installation-wide admin names the tenant per call from the browser (issue 15).
+    assert "x-fabrica-tenant" in _split(preflight.headers["access-control-allow-headers"])
     assert preflight.headers["access-control-allow-origin"] == origin
     assert _split(preflight.headers["access-control-allow-methods"]) == _split(policy["allow_methods"])
     assert _split(preflight.headers["access-control-allow-headers"]) == _split(policy["allow_headers"])

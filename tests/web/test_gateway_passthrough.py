@@ -106,7 +106,7 @@ async def test_request_bytes_metadata_and_deadline_reach_the_upstream(upstream: 
                                                                      gateway: Gateway) -> None:
     recorder, _ = upstream
     reply = await _call(gateway, UNARY, RAW, headers={
-        "authorization": "Bearer header.payload.signature", "x-request-id": "req-42",
+        "authorization": "Bearer header.payload.signature", "x-request-id": "req-42", "x-fabrica-tenant": "acme",
         "x-trace-bin": base64.b64encode(b"\x01\x02\x03").decode(), "grpc-timeout": "5S",
         "origin": "http://localhost:5173"})
     assert reply.status == 0 and reply.messages == [RAW[::-1]]
@@ -115,6 +115,7 @@ async def test_request_bytes_metadata_and_deadline_reach_the_upstream(upstream: 
     metadata = dict(seen["metadata"])
     assert metadata["authorization"] == "Bearer header.payload.signature"
     assert metadata["x-request-id"] == "req-42"
+    assert metadata["x-fabrica-tenant"] == "acme"  # an installation-wide admin's tenant of the call (issue 15)
     assert metadata["x-trace-bin"] == b"\x01\x02\x03"
     for transport in ("x-grpc-web", "origin", "grpc-timeout", "accept", "host"):  # HTTP's and gRPC-Web's own
         assert transport not in metadata, transport

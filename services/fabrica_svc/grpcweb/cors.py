@@ -19,7 +19,7 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Cal
 ALLOW_METHODS = "GET, PUT, DELETE, POST, OPTIONS"
 ALLOW_HEADERS = ("keep-alive,user-agent,cache-control,content-type,content-transfer-encoding,"
                  "x-accept-content-transfer-encoding,x-accept-response-streaming,x-user-agent,x-grpc-web,"
-                 "grpc-timeout,authorization")
+                 "grpc-timeout,authorization,x-fabrica-tenant")
 EXPOSE_HEADERS = "grpc-status,grpc-message,grpc-status-details-bin"
 MAX_AGE = "1728000"
 

@@ -20,6 +20,25 @@ tables' owner), so each table's row-level-security policy (:func:`isolate_sql`) 
 write only rows of that tenant. A connection taken outside any tenant (a background task that forgot to
 say whose work it does) has ``fabrica.tenant`` empty and sees nothing: a forgotten filter fails closed.
 Background work across tenants says so with ``system()``; inside it, an insert must name its tenant.
+
+Why row-level security rather than a ``WHERE tenant_id = $1`` in each query (the trade-off, issue 15):
+- A filter written by hand in every statement of every store fails open: the one query that forgets it
+  (or a new store method, a join added later, a maintenance job) serves every tenant's rows, and tests of
+  the happy path pass. The policy is on the table: whatever the statement, it sees the session's tenant's
+  rows only, and a session that names no tenant sees none. Forgetting fails closed, visibly (empty
+  answers, NOT NULL violations on insert) rather than silently leaking.
+- Costs: the role ``fabrica_rls`` (the policies do not bind a superuser or, unless forced, the owner), whose
+  grants `role_sql` renews at every start, and runtime DDL that steps back to the owner (``SET LOCAL ROLE
+  NONE``); one ``set_config`` per acquire; ``COPY ... FROM`` is refused on a table with row-level security,
+  so bulk loads go through an unpoliced staging (temporary) table and ``INSERT ... SELECT`` under the batch's
+  tenant; the planner adds the policy's predicate to every statement (keep ``tenant_id`` leading in the
+  primary key or an index, and the ``current_setting`` call is STABLE, evaluated once per statement); a
+  partition queried directly does not apply its parent's policy, so each partition is isolated too (or not
+  reachable by the role); and writes across tenants (``*``) must name ``tenant_id`` themselves, which the
+  ``WITH CHECK`` and the column's NULL default enforce.
+- tests/tenancy/test_rls.py proves the fail-closed half (every table forced; a raw SELECT without a tenant
+  sees nothing), tests/tenancy/test_isolation.py the contract half (every RPC, generated from the
+  descriptors: another tenant's ids are NOT_FOUND or empty).
 """
 
 from __future__ import annotations
