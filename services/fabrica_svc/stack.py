@@ -155,14 +155,16 @@ def shown_dsn(dsn: str) -> str:
 
 
 def _service_token(key: LocalKey, settings: Settings) -> str:
-    """The token a service of this stack sends its peers: the collector's own, production's and alarm's a
-    viewer's (they read tag events, committed readings and PLCs); "" for config and ingest, which call no one."""
+    """The token a service of this stack sends its peers: the collector's own (of tenant default);
+    production's, alarm's and ingest's an installation-wide viewer's (they read every tenant's tag events,
+    committed readings, PLCs and tenants, naming the tenant per call: runtime/tenancy.py); "" for config,
+    which calls no one."""
     common = {"ttl_seconds": SERVICE_TOKEN_TTL, "issuer": settings.jwt_issuer, "audience": settings.jwt_audience}
     if settings.service == "collector":
         return mint_token(key, subject=f"collector-{settings.collector_id}", roles=["collector"],
                           collector_id=settings.collector_id, **common)
-    if settings.service in ("production", "alarm"):
-        return mint_token(key, subject=f"service-{settings.service}", roles=["viewer"], **common)
+    if settings.service in ("production", "alarm", "ingest"):
+        return mint_token(key, subject=f"service-{settings.service}", roles=["viewer"], tenant="*", **common)
     return ""
 
 

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
     ({"sub": "ana", "roles": ["engineer"]}, "default"),  # no claim: the tenant every installation has
     ({"sub": "ana", "roles": ["engineer"], "tenant": "acme"}, "acme"),
     ({"sub": "root", "roles": ["admin"], "tenant": "*"}, "*"),
+    ({"sub": "service-alarm", "roles": ["viewer"], "tenant": "*"}, "*"),  # a service's read-only identity
     ({"sub": "c", "roles": ["collector"], "collector_id": "cell-1", "tenant": "globex"}, "globex"),
 ])
 def test_a_token_names_its_tenant(claims: dict, tenant: str) -> None:
@@ -44,7 +45,7 @@ def test_a_token_names_its_tenant(claims: dict, tenant: str) -> None:
     ({"sub": "ana", "roles": ["viewer"], "tenant": 7}, "not a tenant code"),
     ({"sub": "ana", "roles": ["viewer"], "tenant": "acme corp"}, "not a tenant code"),
     ({"sub": "ana", "roles": ["viewer"], "tenant": "a" * 64}, "not a tenant code"),
-    # "*" only for an admin, never for a collector (even one with the admin role).
+    # "*" only for an admin (or a viewer-only service identity), never for a collector (even an admin one).
     ({"sub": "ana", "roles": ["engineer"], "tenant": "*"}, "only an admin"),
     ({"sub": "c", "roles": ["admin", "collector"], "collector_id": "c", "tenant": "*"}, "only an admin"),
 ])

@@ -41,9 +41,10 @@ async def start_services(servers: Servers, database_url: str, tmp_path: Path,
     tokens: dict[str, dict[str, str]] = {name: {} for name in ("config", "ingest", "production", "collector", "alarm")}
     if key is not None:
         env = {"FABRICA_JWT_PUBLIC_KEY_FILE": str(key.public_key_file)}
-        tokens["production"] = {"token": auth.mint_token(key, subject="service-production", roles=["viewer"],
-                                                         ttl_seconds=3600)}
-        tokens["alarm"] = {"token": auth.mint_token(key, subject="service-alarm", roles=["viewer"], ttl_seconds=3600)}
+        # Installation-wide viewers, as `fabrica run` mints them: they read every tenant's events.
+        for service in ("production", "alarm", "ingest"):
+            tokens[service] = {"token": auth.mint_token(key, subject=f"service-{service}", roles=["viewer"],
+                                                        tenant="*", ttl_seconds=3600)}
         tokens["collector"] = {"token": auth.mint_token(key, subject="collector-web-1", roles=["collector"],
                                                         collector_id="web-1", ttl_seconds=3600)}
     out: dict[str, Server] = {}

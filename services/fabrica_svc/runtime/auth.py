@@ -209,6 +209,12 @@ def _algorithms_for(key: Any) -> list[str]:
     return ALGORITHMS
 
 
+def _may_be_installation_wide(roles: frozenset[str], collector_id: str | None) -> bool:
+    """An installation-wide token (tenant ``*``) is an admin's, or a read-only service identity's (exactly the
+    viewer role: production and alarm read every tenant's events with one); never a collector's."""
+    return not collector_id and (principals.ADMIN in roles or roles == {principals.VIEWER})
+
+
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
     """The principal a verified token names: ``collector:<collector_id>`` for a collector's token, else
     ``user:<sub>``; roles not known to Fabrica are ignored."""
@@ -228,8 +234,9 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     tenant = claims.get("tenant", tenancy.DEFAULT)
     if not isinstance(tenant, str) or not (tenant == tenancy.ALL or tenancy.is_code(tenant)):
         raise _unauthenticated("the bearer token's tenant claim is not a tenant code or *", "TOKEN_INVALID")
-    if tenant == tenancy.ALL and (collector_id or principals.ADMIN not in roles):
-        raise _unauthenticated("only an admin's token may be installation-wide (tenant *)", "TOKEN_INVALID")
+    if tenant == tenancy.ALL and not _may_be_installation_wide(roles, collector_id):
+        raise _unauthenticated("only an admin's token (or a viewer-only one, a service's) may be installation-wide "
+                               "(tenant *)", "TOKEN_INVALID")
     if collector_id:
         return Principal(subject=f"collector:{collector_id}", roles=roles, collector_id=collector_id, via="token",
                          tenant=tenant)
@@ -404,8 +411,9 @@ def mint_token(key: LocalKey, *, subject: str, roles: Iterable[str], ttl_seconds
         if not (tenant == tenancy.ALL or tenancy.is_code(tenant)):
             raise ValueError(f"{tenant!r} is not a tenant code (lower-case letters, digits and dashes, starting "
                              "with a letter) or * (installation-wide)")
-        if tenant == tenancy.ALL and (collector_id or principals.ADMIN not in roles):
-            raise ValueError("only an admin's token may be installation-wide (--tenant '*')")
+        if tenant == tenancy.ALL and not _may_be_installation_wide(frozenset(roles), collector_id):
+            raise ValueError("only an admin's token (or a viewer-only one, a service's) may be installation-wide "
+                             "(--tenant '*')")
         claims["tenant"] = tenant
     return jwt.encode(claims, key.private_key(), algorithm="EdDSA", headers={"kid": key.key_id})
 
