@@ -177,3 +177,45 @@ async def test_a_second_collector_process_on_the_same_state_folder_is_refused(st
     # The first one is unharmed.
     status = await stub.GetStatus(pb.GetStatusRequest())
     assert status.collector_id == "cell-1"
+
+
+async def test_a_caller_of_another_tenant_finds_no_collector(stub: pb_grpc.CollectorServiceStub, sim: Simulator,
+                                                             tmp_path: Path) -> None:
+    """The collector is of tenant default (its identity names none): a caller working in another tenant is
+    answered NOT_FOUND on every admin RPC, as if it did not exist; its own tenant's and an installation-wide
+    caller's pass."""
+    from fabrica_svc.collector.servicer import own_tenant
+
+    from .test_mirror import lab, line, mirror
+    from fabrica_svc.runtime import auth
+    from fabrica_svc.runtime.settings import Settings
+
+    other = (("x-fabrica-tenant", "globex"),)
+    plc = modbus_plc("p", sim.modbus_port, [mb_tag("count", 0, T.DATA_TYPE_UINT32)])
+    calls = {
+        "GetStatus": lambda md: stub.GetStatus(pb.GetStatusRequest(), metadata=md),
+        "ProbePlc": lambda md: stub.ProbePlc(pb.ProbePlcRequest(plc=plc), metadata=md),
+        "PreviewDecode": lambda md: stub.PreviewDecode(pb.PreviewDecodeRequest(plc=plc, tag=plc.tags[0]), metadata=md),
+        "PreviewPlc": lambda md: stub.PreviewPlc(pb.PreviewPlcRequest(plc=plc), metadata=md),
+        # A well-formed dry run (to ports nobody listens on: the tenant is refused before anything is read).
+        "ProbeMirror": lambda md: stub.ProbeMirror(pb.ProbeMirrorRequest(
+            source_plc=line(free_port()), target_plc=lab(free_port()), mirror=mirror()), metadata=md),
+    }
+    assert set(calls) == set(pb.DESCRIPTOR.services_by_name["CollectorService"].methods_by_name)
+    for name, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(other)
+        assert err.value.code() == Code.NOT_FOUND, name
+        assert "globex" in (err.value.details() or ""), name
+    status = await calls["GetStatus"]((("x-fabrica-tenant", "default"),))
+    assert status.collector_id == "cell-1"
+    assert (await calls["GetStatus"]((("x-fabrica-tenant", "*"),))).collector_id == "cell-1"
+
+    # Where the collector's tenant comes from: its certificate, else its token's claim, else FABRICA_TENANT,
+    # else default.
+    key = auth.ensure_local_key(tmp_path / "auth")
+    token = auth.mint_token(key, subject="c", roles=["collector"], collector_id="cell-1", ttl_seconds=60,
+                            tenant="acme")
+    assert own_tenant(Settings(service="collector", token=token)) == "acme"
+    assert own_tenant(Settings(service="collector", tenant="globex")) == "globex"
+    assert own_tenant(Settings(service="collector")) == "default"

@@ -31,7 +31,7 @@ from .config_watch import ConfigWatcher
 from .drivers import BusRegistry
 from .files import DirectoryLock
 from .metrics import CollectorFigures, PollMetrics, SpoolFigures, register_spool, unregister_spool
-from .servicer import CollectorServicer
+from .servicer import CollectorServicer, own_tenant
 from .settings import CollectorSettings, load_collector_settings
 from .spool import Spool
 from .supervisor import PlcSupervisor
@@ -105,7 +105,8 @@ class CollectorApp:
         self.uplink.start()
         self._started.append("uplink")
         self.servicer = CollectorServicer(cfg.collector_id, spool=self.spool, supervisor=self.supervisor,
-                                          watcher=self.watcher, uplink=self.uplink, buses=self.buses, reach=cfg.reach)
+                                          watcher=self.watcher, uplink=self.uplink, buses=self.buses, reach=cfg.reach,
+                                          tenant=own_tenant(self.settings))
         log.info("collector started", extra={"collector_id": cfg.collector_id, "state_dir": str(state_dir),
                                              "config": cfg.config_addr, "ingest": cfg.ingest_addr})
 

@@ -5,6 +5,9 @@ Requests are validated by the shared interceptor (protovalidate); the rules that
 are checked here and answered with INVALID_ARGUMENT and field violations. A device that cannot be reached
 or answers with an error is not an RPC error: the response says so in its fields.
 
+A collector belongs to one tenant (its identity's: :func:`own_tenant`); a caller of another tenant is
+answered NOT_FOUND on every RPC, as if this collector did not exist (runtime/tenancy.py).
+
 Previews read as the poller does: the tags of a poll group planned together within the PLC's block
 limits, and a block refused for an illegal address split until the tags the device lacks are found
 (collector/split.py). So the preview of a tag and the poll of the same tag agree.
@@ -23,7 +26,8 @@ from fabrica.config.v1 import plc_pb2
 
 from ..plcmodel import plc as model
 from ..plcmodel.spec import DecodeError, ModbusTable, S7Area, TagSpec
-from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime import tenancy
+from ..runtime.errors import FieldViolation, InvalidArgument, NotFound
 from ..runtime.timefmt import duration_from_seconds, timestamp_from_ns
 from .blocks import ModbusBlock
 from .drivers import Block, BlockData, BusRegistry, CommunicationError, DeviceError, Driver, PlcConfigError, make_driver
@@ -34,10 +38,48 @@ from .split import BlockRead, plan_fitting, read_block, tag_range
 from .tags import compiled, tag_spec, tag_violations, to_value, value_kind
 
 if TYPE_CHECKING:
+    from ..runtime.settings import Settings
     from .config_watch import ConfigWatcher
     from .spool import Spool
     from .supervisor import PlcSupervisor
     from .uplink import Uplink
+
+
+def own_tenant(settings: Settings) -> str:
+    """The tenant this collector belongs to: the one its certificate names (``urn:fabrica:tenant:<code>``),
+    else its token's ``tenant`` claim (its own token, read without verifying: the services verify it), else
+    FABRICA_TENANT, else ``default``."""
+    import jwt
+    from cryptography import x509
+
+    from ..runtime.certs import TENANT_URI
+
+    if settings.tls is not None:
+        cert = x509.load_pem_x509_certificates(settings.tls.cert_pem)[0]
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        for uri in uris:
+            if uri.startswith(TENANT_URI) and tenancy.is_code(uri[len(TENANT_URI):]):
+                return uri[len(TENANT_URI):]
+    token = settings.token
+    if not token and settings.token_file is not None:
+        try:
+            token = settings.token_file.read_text().strip()
+        except OSError:
+            token = ""
+    if token:
+        try:
+            claim = jwt.decode(token, options={"verify_signature": False}).get("tenant")
+        except jwt.PyJWTError:
+            claim = None
+        if isinstance(claim, str) and tenancy.is_code(claim):
+            return claim
+    if settings.tenant and tenancy.is_code(settings.tenant):
+        return settings.tenant
+    return tenancy.DEFAULT
 
 
 class CollectorServicer(pb_grpc.CollectorServiceServicer):
@@ -46,8 +88,11 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
     so they take their turn on a bus the pollers use."""
 
     def __init__(self, collector_id: str, *, spool: Spool, supervisor: PlcSupervisor, watcher: ConfigWatcher,
-                 uplink: Uplink, buses: BusRegistry, reach: ReachPolicy | None = None):
+                 uplink: Uplink, buses: BusRegistry, reach: ReachPolicy | None = None,
+                 tenant: str = tenancy.DEFAULT):
         self.collector_id = collector_id
+        #: The tenant this collector belongs to; callers of another are NOT_FOUND.
+        self.tenant = tenant
         #: Where the caller's PLC definitions may make the collector connect (collector/reach.py).
         self.reach = reach or ReachPolicy()
         self.spool = spool
@@ -56,7 +101,15 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
         self.uplink = uplink
         self.buses = buses
 
+    def _admit(self) -> None:
+        """NOT_FOUND for a caller of another tenant (installation-wide callers naming none, ``*``, pass)."""
+        caller = tenancy.current()
+        if caller is not None and caller not in (self.tenant, tenancy.ALL):
+            raise NotFound(f"no collector {self.collector_id!r} in tenant {caller!r}", reason="COLLECTOR_NOT_FOUND",
+                           metadata={"collector_id": self.collector_id})
+
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
+        self._admit()
         spool = self.spool
         response = pb.GetStatusResponse(
             collector_id=self.collector_id,
@@ -92,6 +145,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
 
     async def ProbeMirror(self, request: pb.ProbeMirrorRequest,
                           context: grpc.aio.ServicerContext) -> pb.ProbeMirrorResponse:
+        self._admit()
         if request.mirror.target_plc_id != request.target_plc.id:
             raise InvalidArgument(FieldViolation("mirror.target_plc_id",
                                                  f"must be target_plc.id ({request.target_plc.id!r})"))
@@ -111,6 +165,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
             raise InvalidArgument(found, "; ".join(f"{v.field}: {v.description}" for v in found))
 
     async def ProbePlc(self, request: pb.ProbePlcRequest, context: grpc.aio.ServicerContext) -> pb.ProbePlcResponse:
+        self._admit()
         plc = request.plc
         self._check_reach((plc, "plc"))
         response = pb.ProbePlcResponse()
@@ -154,6 +209,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
 
     async def PreviewDecode(self, request: pb.PreviewDecodeRequest,
                             context: grpc.aio.ServicerContext) -> pb.PreviewDecodeResponse:
+        self._admit()
         plc, tag = request.plc, request.tag
         self._check_reach((plc, "plc"))
         tag_id = tag.id or 1  # a definition being tried out has no id yet
@@ -207,6 +263,7 @@ class CollectorServicer(pb_grpc.CollectorServiceServicer):
         return response
 
     async def PreviewPlc(self, request: pb.PreviewPlcRequest, context: grpc.aio.ServicerContext) -> pb.PreviewPlcResponse:
+        self._admit()
         plc = request.plc
         model.check_plc(plc, "plc")
         self._check_reach((plc, "plc"))
