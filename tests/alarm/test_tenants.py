@@ -29,7 +29,7 @@ from in_process import Server, Servers, settings_for
 from procs import wait_for
 from webhook_receiver import Receiver
 
-from .support import gt_rule
+from .support import gt_rule, seconds
 
 S = alarm_pb2
 A, B = (("x-fabrica-tenant", "acme"),), (("x-fabrica-tenant", "bolt"),)
@@ -153,7 +153,16 @@ async def test_same_rule_and_tag_ids_in_two_tenants_evaluate_and_list_apart(alar
         await asyncio.sleep(0.5)
         assert len(receiver.at("/acme")) == 1 and len(receiver.at("/bolt")) == 1
 
-    # Acknowledging, shelving, updating and deleting in one tenant leave the other's alone.
+    # Shelving runs out by the evaluator's clock, which unshelves every tenant's alarms, each in its tenant.
+    await stub.ShelveAlarm(pb.ShelveAlarmRequest(rule_id="hot", tag_id=1, duration=seconds(1)), metadata=B)
+
+    async def unshelved() -> bool:
+        return (await events(server, B))[0].type == S.ALARM_EVENT_TYPE_UNSHELVED  # newest first
+    await wait_for(unshelved, timeout=15, what="B's alarm unshelved")
+    assert [e.id for e in await events(server, B)] == [3, 2, 1]  # B's own numbering: raised, shelved, unshelved
+    assert [e.type for e in await events(server, A)] == [S.ALARM_EVENT_TYPE_RAISED]
+
+    # Acknowledging, updating and deleting in one tenant leave the other's alone.
     await stub.AcknowledgeAlarm(pb.AcknowledgeAlarmRequest(rule_id="hot", tag_id=1), metadata=A)
     assert await state(server, A) == S.ALARM_STATE_ACTIVE_ACKNOWLEDGED
     assert await state(server, B) == S.ALARM_STATE_ACTIVE_UNACKNOWLEDGED
