@@ -288,10 +288,13 @@ class Evaluation:
         count = sum(len(m.samples) for m in group)
         while True:
             transitions: list[Transition] = []
-            evaluate = evaluator.evaluate
+            of_tenant = evaluator.by_tenant.get  # (Evaluators.evaluate, inlined: one call less per reading)
             for message in group:
                 for sample in message.samples:
-                    found = evaluate(sample)
+                    tenant_evaluator = of_tenant(sample.tenant)
+                    if tenant_evaluator is None:  # a tenant without rules
+                        continue
+                    found = tenant_evaluator.evaluate(sample)
                     if found:
                         transitions += found
             result = await self.store.commit(conn, rules=_rules(evaluator), cursor=cursor,
