@@ -22,9 +22,10 @@ from fabrica.alarm.v1 import alarm_service_pb2 as pb
 
 from fabrica_svc.alarm.evaluation import ReadingsMessage
 from fabrica_svc.alarm.evaluator import NS, Sample
-from fabrica_svc.alarm.store import UNSCOPED_TABLES
+from fabrica_svc.alarm import store
+from fabrica_svc.alarm.store import MIGRATIONS, UNSCOPED_TABLES
 from fabrica_svc.runtime import tenancy
-from fabrica_svc.runtime.db import create_pool
+from fabrica_svc.runtime.db import apply_migrations, create_pool
 from in_process import Server, Servers, settings_for
 from procs import wait_for
 from webhook_receiver import Receiver
@@ -241,5 +242,40 @@ async def test_every_alarm_table_is_under_forced_row_level_security_and_unscoped
                 assert await pool.fetchval(f"SELECT count(*) FROM alarm.{table}") == 0, table
         with pytest.raises(asyncpg.PostgresError):  # and it cannot write without a tenant either
             await pool.execute("INSERT INTO alarm.rules (id, revision, definition, enabled) VALUES ('x', 1, '', true)")
+    finally:
+        await pool.close()
+
+
+async def test_what_was_there_before_tenants_is_the_default_tenants(database_url: str) -> None:
+    """Migrations 2 and 1003 on a schema with data: every row becomes the tenant default's, whose revisions
+    and event ids carry on from where the installation-wide ones stood."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        await apply_migrations(admin, "alarm", [m for m in MIGRATIONS if m.version in (1, 1001, 1002)])
+        await admin.execute("""
+            SELECT nextval('alarm.rule_revision'), nextval('alarm.rule_revision');
+            INSERT INTO alarm.rules (id, revision, definition, enabled) VALUES ('hot', 2, '', true);
+            INSERT INTO alarm.alarms (rule_id, tag_id, severity) VALUES ('hot', 1, 3);
+            UPDATE alarm.event_seq SET last = 7;
+            INSERT INTO alarm.notification_targets (id, url, secret) VALUES ('ops', 'http://127.0.0.1:9/', 's');
+            INSERT INTO alarm.notification_outbox (target_id, idempotency_key, event_type, body)
+                VALUES ('ops', 'alarm-event-7', 'alarm.raised', '{}');
+        """)
+        await apply_migrations(admin, "alarm", MIGRATIONS)
+    finally:
+        await admin.close()
+    pool = await create_pool(database_url, "alarm", max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM alarm.alarms") == 0  # no tenant: nothing
+        with tenancy.scope(tenancy.DEFAULT):
+            async with pool.acquire() as conn, conn.transaction():
+                assert await conn.fetchval("SELECT count(*) FROM alarm.notification_outbox") == 1
+                assert await conn.fetchval("SELECT tenant_id FROM alarm.rules WHERE id = 'hot'") == "default"
+                assert await store.next_rule_revision(conn) == 3
+                assert await store.last_event_id(conn) == 7
+        with tenancy.scope("acme"):
+            async with pool.acquire() as conn, conn.transaction():
+                assert await store.next_rule_revision(conn) == 1 and await store.last_event_id(conn) == 0
     finally:
         await pool.close()

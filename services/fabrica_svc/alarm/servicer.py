@@ -374,5 +374,6 @@ def _in_one_tenant(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
-for _rpc in pb.DESCRIPTOR.services_by_name["AlarmService"].methods_by_name:
-    setattr(AlarmServicer, _rpc, _in_one_tenant(getattr(AlarmServicer, _rpc)))
+for _rpc in pb.DESCRIPTOR.services_by_name["AlarmService"].methods_by_name:  # every RPC served here
+    if _rpc in AlarmServicer.__dict__:  # (one not served stays the generated UNIMPLEMENTED)
+        setattr(AlarmServicer, _rpc, _in_one_tenant(AlarmServicer.__dict__[_rpc]))
