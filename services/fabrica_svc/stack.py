@@ -155,14 +155,16 @@ def shown_dsn(dsn: str) -> str:
 
 
 def _service_token(key: LocalKey, settings: Settings) -> str:
-    """The token a service of this stack sends its peers: the collector's own, production's and alarm's a
-    viewer's (they read tag events, committed readings and PLCs); "" for config and ingest, which call no one."""
+    """The token a service of this stack sends its peers: the collector's own; production's and alarm's an
+    installation-wide one (tenant ``*``: they read every tenant's tag events and committed readings, and act
+    in a request's tenant with the x-fabrica-tenant header), which runtime/auth.py grants an admin's token only
+    (as a service certificate is installation-wide); "" for config and ingest, which call no one."""
     common = {"ttl_seconds": SERVICE_TOKEN_TTL, "issuer": settings.jwt_issuer, "audience": settings.jwt_audience}
     if settings.service == "collector":
         return mint_token(key, subject=f"collector-{settings.collector_id}", roles=["collector"],
                           collector_id=settings.collector_id, **common)
     if settings.service in ("production", "alarm"):
-        return mint_token(key, subject=f"service-{settings.service}", roles=["viewer"], **common)
+        return mint_token(key, subject=f"service-{settings.service}", roles=["admin"], tenant="*", **common)
     return ""
 
 

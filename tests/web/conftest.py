@@ -43,7 +43,9 @@ async def start_services(servers: Servers, database_url: str, tmp_path: Path,
         env = {"FABRICA_JWT_PUBLIC_KEY_FILE": str(key.public_key_file)}
         tokens["production"] = {"token": auth.mint_token(key, subject="service-production", roles=["viewer"],
                                                          ttl_seconds=3600)}
-        tokens["alarm"] = {"token": auth.mint_token(key, subject="service-alarm", roles=["viewer"], ttl_seconds=3600)}
+        # Installation-wide, as under `fabrica run` (stack._service_token): alarm reads every tenant's feed.
+        tokens["alarm"] = {"token": auth.mint_token(key, subject="service-alarm", roles=["admin"], tenant="*",
+                                                    ttl_seconds=3600)}
         tokens["collector"] = {"token": auth.mint_token(key, subject="collector-web-1", roles=["collector"],
                                                         collector_id="web-1", ttl_seconds=3600)}
     out: dict[str, Server] = {}
