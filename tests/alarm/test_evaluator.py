@@ -12,7 +12,8 @@ import pytest
 from fabrica_svc.alarm import lifecycle as lc
 from fabrica_svc.alarm.evaluator import (BAND, EQUAL, EWMA, GREATER, GREATER_OR_EQUAL, LESS, LESS_OR_EQUAL, NO_DATA,
                                          NOT_EQUAL, NS, RATE, TARGET_PLC, TARGET_ROLE, TARGET_TAG, THRESHOLD,
-                                         Condition, Evaluator, InstanceState, Rule, Sample, template_errors)
+                                         Condition, Evaluator, Evaluators, InstanceState, Rule, Sample,
+                                         template_errors)
 from fabrica_svc.runtime.errors import FailedPrecondition
 
 BAD = object()  # a bad-quality reading
@@ -150,6 +151,25 @@ def test_targets_match_one_tag_a_plc_or_a_role() -> None:
     assert ids(8, "p2", 2) == ["plc"]
     assert ids(9, "p3", 1) == ["role"]
     assert ids(7, "p1", 1) == []  # active already
+
+
+def test_a_reading_meets_the_rules_of_its_own_tenant_only() -> None:
+    """Two tenants with the same rule id on the same tag id (tag and rule ids are a tenant's): each reading
+    is evaluated against its tenant's rules; a tenant without rules evaluates nothing; states stay apart."""
+    acme, bolt = rule(gt(80), tenant="acme"), rule(gt(50), tenant="bolt")
+    stored = InstanceState(active=True, value=99.0)  # bolt's instance is active already (loaded as stored)
+    ev = Evaluators.build([acme, bolt], {("bolt", "r", 1): stored})
+    assert sorted(ev.by_tenant) == ["acme", "bolt"] and ev.rule_count == 2
+    (t,) = ev.evaluate(Sample(1, "p", 0, True, 90.0, tenant="acme"))
+    assert (t.tenant, t.rule_id, t.raised) == ("acme", "r", True)
+    assert [x.raised for x in ev.evaluate(Sample(1, "p", 1, True, 60.0, tenant="acme"))] == [False]  # < 80
+    assert ev.evaluate(Sample(1, "p", 2, True, 60.0, tenant="bolt")) == []  # bolt: active already, above 50
+    (cleared,) = ev.evaluate(Sample(1, "p", 3, True, 10.0, tenant="bolt"))
+    assert (cleared.tenant, cleared.raised) == ("bolt", False)
+    assert ev.evaluate(Sample(1, "p", 4, True, 1000.0, tenant="cobalt")) == []  # no rules: nothing
+    dirty = ev.take_dirty()
+    assert sorted(dirty) == ["acme", "bolt"] and list(dirty["acme"]) == [("r", 1)]
+    assert ev.take_dirty() == {}
 
 
 def test_disabled_rules_evaluate_nothing_and_states_round_trip_through_json() -> None:

@@ -8,8 +8,18 @@ import asyncpg
 import pytest
 
 from fabrica_svc.alarm.notify import NOTIFY_MIGRATIONS
+from fabrica_svc.runtime import tenancy
 from fabrica_svc.runtime.db import apply_migrations, create_pool
 from webhook_receiver import Receiver
+
+
+@pytest.fixture(autouse=True)
+def in_default_tenant() -> Iterator[None]:
+    """These tests call notify's store functions as a request would: in a tenant (``default``), since the
+    tables are under row-level security (a connection of no tenant sees and writes nothing)."""
+    token = tenancy.set_current(tenancy.DEFAULT)
+    yield
+    tenancy.reset(token)
 
 
 @pytest.fixture

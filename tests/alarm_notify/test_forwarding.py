@@ -17,10 +17,12 @@ import pytest
 
 from conftest import dsn_with_database
 from fabrica.common.v1 import reading_pb2
+from fabrica.ingest.v1 import committed_pb2, ingest_service_pb2
 from fabrica_svc.alarm.notify import store
 from fabrica_svc.alarm.notify.domain import FORWARD_HTTP, FORWARD_INGEST, ForwardingTarget
-from fabrica_svc.alarm.notify.forwarding import ForwardingSupervisor
+from fabrica_svc.alarm.notify.forwarding import Forwarder, ForwardingSupervisor, target_key
 from fabrica_svc.ingest.config import IngestConfig
+from fabrica_svc.runtime import tenancy
 from fabrica_svc.runtime.errors import InvalidArgument
 from fabrica_svc.runtime.retry import RetryPolicy
 from in_process import Servers
@@ -239,3 +241,71 @@ async def test_a_cursor_ingest_no_longer_retains_goes_on_from_the_oldest_retaine
         assert forwarder.stats["cloud"].restarts == 0  # went on at once, no backoff
     finally:
         await forwarder.stop()
+
+
+class _TenantFeed:
+    """A stand-in for ingest's WatchCommittedReadings that gives every tenant's batches whatever the caller's
+    tenant (as an ingest that filtered nothing would), and records the tenant each call named."""
+
+    def __init__(self, batches: list[tuple[str, reading_pb2.ReadingBatch]]):
+        self.batches = batches
+        self.tenants: list[str] = []
+
+    def WatchCommittedReadings(self, request, metadata=()):  # noqa: ANN001, ANN201, N802 - the stub's API
+        self.tenants.append(dict(metadata)[tenancy.HEADER])
+        feed = self
+
+        class Call:
+            def cancel(self) -> None:
+                pass
+
+            async def __aiter__(self):  # noqa: ANN204
+                committed = [committed_pb2.CommittedBatch(cursor=i + 1, batch=b, tenant=t)
+                             for i, (t, b) in enumerate(feed.batches) if i + 1 > request.after_cursor]
+                if committed:
+                    yield ingest_service_pb2.WatchCommittedReadingsResponse(
+                        batches=committed, cursor=len(feed.batches), head_cursor=len(feed.batches))
+                await asyncio.Event().wait()  # the live feed: nothing more
+
+        return Call()
+
+
+async def test_a_forwarding_target_forwards_its_own_tenants_readings_only(alarm_pool, receiver) -> None:  # noqa: ANN001
+    """Two tenants, each with a target "cloud" on plc-1: each forwarder asks the feed as its tenant and posts
+    only its tenant's batches, and commits its own target's cursor."""
+    feed = _TenantFeed([("acme", batch("c1", 1, [reading(1, T0_US, 1.0, plc_id="plc-1")])),
+                        ("bolt", batch("c1", 1, [reading(1, T0_US, 2.0, plc_id="plc-1")])),
+                        ("acme", batch("c1", 2, [reading(1, T0_US + 1, 3.0, plc_id="plc-1")]))])
+    for tenant in ("acme", "bolt"):
+        with tenancy.scope(tenant):
+            await store.create_forwarding_target(alarm_pool, ForwardingTarget(
+                id="cloud", plc_ids=("plc-1",), kind=FORWARD_HTTP, url=receiver.url(f"/{tenant}"), secret=SECRET))
+    with tenancy.system():  # as the supervisor lists them: every tenant's, each naming its tenant
+        listed = await store.list_forwarding_targets(alarm_pool)
+    assert [(t.tenant, t.id, target_key(t.tenant, t.id)) for t in listed] == [
+        ("acme", "cloud", "acme/cloud"), ("bolt", "cloud", "bolt/cloud")]
+    assert await store.list_forwarding_targets(alarm_pool) == []  # (the tenant default has none)
+    tasks = []
+    for target in listed:
+        with tenancy.scope(target.tenant):
+            tasks.append(asyncio.create_task(Forwarder(alarm_pool, target, feed, retry=FAST).run()))
+    try:
+        async def committed(tenant: str, cursor: int) -> bool:
+            with tenancy.scope(tenant):
+                return (await store.get_forwarding_target(alarm_pool, "cloud")).cursor == cursor
+        for tenant in ("acme", "bolt"):
+            await wait_for(lambda tenant=tenant: committed(tenant, 3), timeout=10, what=f"{tenant}'s cursor")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert sorted(feed.tenants) == ["acme", "bolt"]
+
+    def values(path: str) -> list[float]:
+        return [v["value"]["double_value"] for r in receiver.at(path)
+                for v in json.loads(r.body)["batch"]["batch"]["readings"]]
+    assert values("/acme") == [1.0, 3.0] and values("/bolt") == [2.0]
+    with tenancy.scope("acme"):
+        assert (await store.get_forwarding_target(alarm_pool, "cloud")).forwarded_batches == 2
+    with tenancy.scope("bolt"):
+        assert (await store.get_forwarding_target(alarm_pool, "cloud")).forwarded_batches == 1

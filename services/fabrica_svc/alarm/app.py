@@ -4,7 +4,8 @@ passes them in constructors, ``register()`` adds the servicer, ``stop()`` stops 
 * ``settings.ingest_addr`` (FABRICA_INGEST_ADDR): where the evaluation, and the readings forwarding, read
   ingest's committed readings. Unset: rules, alarms and operator actions work, nothing is evaluated or
   forwarded (said once at start).
-* ``settings.config_addr`` (FABRICA_CONFIG_ADDR): rules' PLCs and tags are checked there. Unset: not checked.
+* ``settings.config_addr`` (FABRICA_CONFIG_ADDR): rules' PLCs and tags are checked there (in the request's
+  tenant). Unset: not checked.
 * FABRICA_ALARM_* (config.py): the evaluator's tick and live window.
 """
 
@@ -16,8 +17,9 @@ from typing import Any
 import grpc
 from fabrica.alarm.v1 import alarm_service_pb2, alarm_service_pb2_grpc
 
+from ..runtime import tenancy
 from ..runtime.channels import peer_channel
-from ..runtime.notify import Listener
+from .listen import TenantListener
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .config import AlarmConfig, load_alarm_config
@@ -38,8 +40,8 @@ SERVICE_NAME = alarm_service_pb2.DESCRIPTOR.services_by_name["AlarmService"].ful
 class _Channel:
     """A channel to config or ingest (runtime/channels.peer_channel: TLS, the service's token, tracing)."""
 
-    def __init__(self, address: str, settings: Settings):
-        self.channel = peer_channel(address, settings)
+    def __init__(self, address: str, settings: Settings, tenant: str | None = None):
+        self.channel = peer_channel(address, settings, tenant=tenant)
 
     async def stop(self) -> None:
         await self.channel.close()
@@ -56,7 +58,7 @@ class AlarmApp:
         self.config = config
         #: Where readings come from: given by a test, else built from settings.ingest_addr in start().
         self.source = source
-        self.listener: Listener
+        self.listener: TenantListener
         self.service: AlarmService
         self.servicer: AlarmServicer
         self.evaluation: Evaluation | None = None
@@ -82,9 +84,10 @@ class AlarmApp:
             log.info("FABRICA_CONFIG_ADDR is not set: the PLCs and tags of alarm rules are not checked")
         source = self.source
         if source is None and settings.ingest_addr:
-            channels.append(_Channel(settings.ingest_addr, settings))
+            # The evaluation reads every tenant's committed readings, each batch naming its tenant.
+            channels.append(_Channel(settings.ingest_addr, settings, tenant=tenancy.ALL))
             source = self._ingest_source(channels[-1].channel)
-        self.listener = Listener(resources.dsn, CHANNEL, application_name="fabrica-alarm-listen")
+        self.listener = TenantListener(resources.dsn, CHANNEL, application_name="fabrica-alarm-listen")
         outbox = WebhookOutbox()
         self.service = AlarmService(resources.pool, outbox)
         self.servicer = AlarmServicer(self.service, catalog, self.listener, resources.pool)

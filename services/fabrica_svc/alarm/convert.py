@@ -42,8 +42,9 @@ def condition_of(msg: rule_pb2.Condition) -> ev.Condition:
     return ev.Condition(ev.NO_DATA, timeout_ns=_ns(msg.no_data.timeout))
 
 
-def rule_of(msg: rule_pb2.AlarmRule, revision: int = 0, since_ns: int = 0) -> ev.Rule:
-    """The evaluator's rule from a (valid) AlarmRule."""
+def rule_of(msg: rule_pb2.AlarmRule, revision: int = 0, since_ns: int = 0,
+            tenant: str = ev.DEFAULT_TENANT) -> ev.Rule:
+    """The evaluator's rule from a (valid) AlarmRule of `tenant`."""
     target = msg.target
     kind = target.WhichOneof("kind")
     plc_id, tag_id, role = "", 0, 0
@@ -57,21 +58,22 @@ def rule_of(msg: rule_pb2.AlarmRule, revision: int = 0, since_ns: int = 0) -> ev
         id=msg.id, condition=condition_of(msg.condition), target_kind=kind or ev.TARGET_TAG, plc_id=plc_id,
         tag_id=tag_id, role=role, display_name=msg.display_name, severity=msg.severity, deadband=msg.deadband,
         on_delay_ns=_ns(msg.on_delay), off_delay_ns=_ns(msg.off_delay), message_template=msg.message_template,
-        enabled=msg.enabled, revision=revision, since_ns=since_ns)
+        enabled=msg.enabled, revision=revision, since_ns=since_ns, tenant=tenant)
 
 
 _GOOD = reading_pb2.QUALITY_GOOD
 
 
-def sample_of(reading: reading_pb2.Reading, name_unit: tuple[str, str] | None = None) -> ev.Sample:
-    """The evaluator's sample of a reading; `name_unit` replaces the reading's tag name and unit when given.
-    (On the evaluation's path for every reading: kept to plain attribute reads.)"""
+def sample_of(reading: reading_pb2.Reading, name_unit: tuple[str, str] | None = None,
+              tenant: str = ev.DEFAULT_TENANT) -> ev.Sample:
+    """The evaluator's sample of a reading of `tenant`; `name_unit` replaces the reading's tag name and unit when
+    given. (On the evaluation's path for every reading: kept to plain attribute reads.)"""
     t = reading.read_time
     value = reading.value
     kind = value.WhichOneof("kind")  # an unset value has no kind either
     name, unit = name_unit if name_unit is not None else (reading.tag_name, reading.unit)
     return ev.Sample(reading.tag_id, reading.plc_id, t.seconds * ev.NS + t.nanos, reading.quality == _GOOD,
-                     None if kind is None else getattr(value, kind), reading.role, name, unit)
+                     None if kind is None else getattr(value, kind), reading.role, name, unit, tenant)
 
 
 def python_value(value: reading_pb2.Value) -> ev.Value:

@@ -26,6 +26,10 @@ raised at that time + N, by the next bad reading or the tick), or N seconds afte
 kind (silence: a collector or its network gone; the tick raises it). A steady good value is refreshed by
 the integrity reports, so a timeout longer than the integrity interval never raises on it (rules.py refuses
 a shorter one when it can ask config). Any good reading clears it.
+
+Tenants: an `Evaluator` holds the rules of one tenant (rule ids are unique per tenant only); `Evaluators`
+keeps one per tenant and hands each reading to its own tenant's, so a rule of one tenant never sees
+another's readings, whatever their tag ids. Rules, samples and transitions name their tenant.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ PLACEHOLDERS = ("value", "unit", "tag", "tag_id", "plc", "rule", "severity")
 SEVERITY_NAMES = {1: "low", 2: "medium", 3: "high", 4: "critical"}
 
 NS = 1_000_000_000
+#: The tenant of whatever names none (runtime/tenancy.py DEFAULT; repeated: this module imports nothing).
+DEFAULT_TENANT = "default"
 
 Value = bool | int | float | str | bytes | None
 
@@ -105,6 +111,8 @@ class Rule:
     #: When the rule started watching (its last change): a tag target that never reports raises "no data"
     #: `timeout` after this.
     since_ns: int = 0
+    #: The tenant whose rule it is (it sees only that tenant's readings).
+    tenant: str = DEFAULT_TENANT
 
     def matches(self, tag_id: int, plc_id: str, role: int) -> bool:
         if self.target_kind == TARGET_TAG:
@@ -127,6 +135,8 @@ class Sample:
     role: int = 0
     tag_name: str = ""
     unit: str = ""
+    #: The tenant whose reading it is.
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass
@@ -183,6 +193,8 @@ class Transition:
     message: str
     plc_id: str
     tag_name: str
+    #: The tenant of the rule (and of the reading).
+    tenant: str = DEFAULT_TENANT
 
 
 Key = tuple[str, int]
@@ -329,7 +341,7 @@ def _flip(rule: Rule, key: Key, state: InstanceState, raised: bool, time_ns: int
     state.pending_since = None
     value = state.value if rule.condition.kind != NO_DATA or not raised else None
     return Transition(rule.id, key[1], raised, time_ns, value, render_message(rule, key[1], state, value),
-                      state.plc_id, state.tag_name)
+                      state.plc_id, state.tag_name, rule.tenant)
 
 
 def no_data_due(rule: Rule, state: InstanceState) -> int:
@@ -443,3 +455,43 @@ class Evaluator:
         out = {k: self.states[k] for k in self.dirty if k in self.states}
         self.dirty.clear()
         return out
+
+
+@dataclass
+class Evaluators:
+    """One `Evaluator` per tenant (of the tenants that have enabled rules). `evaluate` hands a reading to its
+    tenant's evaluator only: a reading of a tenant without rules costs a dictionary lookup."""
+
+    by_tenant: dict[str, Evaluator] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, rules: Iterable[Rule], states: Mapping[tuple[str, str, int], InstanceState] | None = None
+              ) -> Evaluators:
+        """From every tenant's rules and the states stored per (tenant, rule id, tag id)."""
+        rules_of: dict[str, list[Rule]] = {}
+        for rule in rules:
+            rules_of.setdefault(rule.tenant, []).append(rule)
+        states_of: dict[str, dict[Key, InstanceState]] = {}
+        for (tenant, rule_id, tag_id), state in (states or {}).items():
+            states_of.setdefault(tenant, {})[(rule_id, tag_id)] = state
+        built = {t: Evaluator.build(r, states_of.get(t)) for t, r in sorted(rules_of.items())}
+        return cls({t: e for t, e in built.items() if e.rules})
+
+    @property
+    def rule_count(self) -> int:
+        return sum(len(e.rules) for e in self.by_tenant.values())
+
+    def evaluate(self, sample: Sample) -> list[Transition]:
+        evaluator = self.by_tenant.get(sample.tenant)
+        return evaluator.evaluate(sample) if evaluator is not None else []
+
+    def tick(self, now_ns: int) -> list[Transition]:
+        out: list[Transition] = []
+        for evaluator in self.by_tenant.values():
+            out += evaluator.tick(now_ns)
+        return out
+
+    def take_dirty(self) -> dict[str, dict[Key, InstanceState]]:
+        """Per tenant, the states touched since the last call (tenants with none left out)."""
+        out = {t: e.take_dirty() for t, e in self.by_tenant.items()}
+        return {t: d for t, d in out.items() if d}

@@ -32,6 +32,7 @@ import grpc
 from fabrica.alarm.v1 import rule_pb2
 from fabrica.config.v1 import config_service_pb2, config_service_pb2_grpc, plc_pb2
 
+from ..runtime import tenancy
 from ..runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, PreconditionViolation, Unavailable
 from ..runtime.timefmt import seconds_of
 from ..runtime.validation import violations_of
@@ -145,7 +146,10 @@ class ConfigTagCatalog:
 
     async def _plc(self, plc_id: str) -> plc_pb2.Plc | None:
         try:
-            return (await self._stub.GetPlc(config_service_pb2.GetPlcRequest(id=plc_id), timeout=self._timeout)).plc
+            # In the request's tenant: the rule's PLC is the caller's tenant's (config answers NOT_FOUND for another's).
+            tenant = tenancy.current() or tenancy.DEFAULT
+            return (await self._stub.GetPlc(config_service_pb2.GetPlcRequest(id=plc_id), timeout=self._timeout,
+                                            metadata=((tenancy.HEADER, tenant),))).plc
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None

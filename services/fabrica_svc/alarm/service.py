@@ -7,20 +7,27 @@ readings cursor: a message of readings is either wholly evaluated, with its even
 or not at all, so a replay after any crash neither repeats nor misses a transition.
 
 Lock order, for every transaction: rule rows, then alarm rows (by rule id, tag id), then ``event_seq``.
+
+Tenants: `AlarmService` runs in the request's tenant (its pool's connections are scoped to it, and row-level
+security does the rest). The evaluator's transaction covers every tenant whose readings a group of messages
+carried: on its own connection it scopes itself to each tenant in turn (store.as_tenant, in tenant order,
+each tenant's part in the lock order above), so each tenant's states, alarms, events and outbox rows are
+written as that tenant, and the cursor (no tenant's) moves in the same transaction. A rule changed in any of
+them rolls all of it back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import asyncpg
 
-from ..runtime import principal
+from ..runtime import principal, tenancy
 from ..runtime.errors import Aborted, AlreadyExists, NotFound
 from . import lifecycle as lc
 from . import store
@@ -93,7 +100,7 @@ class AlarmService:
             row = await store.insert_rule(conn, rule_id, revision, definition, enabled, request_id)
             if row is None:
                 raise AlreadyExists(f"a rule with id {rule_id!r} exists", metadata={"rule_id": rule_id})
-            await conn.execute("SELECT pg_notify($1, 'rules')", store.CHANNEL)
+            await conn.execute("SELECT pg_notify($1, session_tenant())", store.CHANNEL)
             return row
 
     async def get_rule(self, rule_id: str) -> RuleRow:
@@ -125,7 +132,7 @@ class AlarmService:
                 await store.reset_evaluation(conn, rule_id, severity)
             else:  # the same evaluation: the evaluator's states carry over to the new revision
                 await store.carry_evaluation(conn, rule_id, current.revision, revision, severity)
-            await conn.execute("SELECT pg_notify($1, 'rules')", store.CHANNEL)
+            await conn.execute("SELECT pg_notify($1, session_tenant())", store.CHANNEL)
             return row
 
     async def delete_rule(self, rule_id: str, etag: str) -> None:
@@ -139,7 +146,7 @@ class AlarmService:
             await _suppress(conn, self.outbox, rule_id, "rule deleted")
             await store.next_rule_revision(conn)  # the evaluator notices the change by the revision sequence
             await store.delete_rule(conn, rule_id)
-            await conn.execute("SELECT pg_notify($1, 'rules')", store.CHANNEL)
+            await conn.execute("SELECT pg_notify($1, session_tenant())", store.CHANNEL)
 
     async def _act(self, rule_id: str, tag_id: int, etag: str,
                    change: Callable[[AlarmRow, datetime], tuple[AlarmRow, NewEvent]]) -> tuple[AlarmRow, EventRow]:
@@ -222,78 +229,103 @@ class EvaluationStore:
         self.outbox = outbox or NoOutbox()
 
     async def load(self, conn: asyncpg.Connection, decode: Callable[[RuleRow], Rule]
-                   ) -> tuple[list[Rule], dict[Key, InstanceState], int]:
-        """Every rule, the evaluator states stored for their current revisions, and the cursor."""
+                   ) -> tuple[list[Rule], dict[tuple[str, str, int], InstanceState], int]:
+        """Every tenant's rules, the evaluator states stored for their current revisions (by tenant, rule id,
+        tag id), and the cursor."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await store.as_tenant(conn, tenancy.ALL)
             rules = [decode(r) for r in await store.all_rules(conn)]
-            states = {(rule_id, tag_id): InstanceState.from_json(data)
-                      for rule_id, tag_id, data in await store.load_states(conn)}
+            states = {(tenant, rule_id, tag_id): InstanceState.from_json(data)
+                      for tenant, rule_id, tag_id, data in await store.load_states(conn)}
             cursor = await store.evaluator_cursor(conn)
         return rules, states, cursor
 
-    async def commit(self, conn: asyncpg.Connection, *, rules: dict[str, Rule], cursor: int | None,
-                     transitions: Sequence[Transition], states: dict[Key, InstanceState],
+    async def commit(self, conn: asyncpg.Connection, *, rules: Mapping[str, Mapping[str, Rule]], cursor: int | None,
+                     transitions: Sequence[Transition], states: Mapping[str, Mapping[Key, InstanceState]],
                      now: datetime | None = None) -> CommitResult:
-        """Record `transitions`, store `states` and move the cursor to `cursor` (None: leave it), in one
-        transaction; or write nothing (committed=False) if a rule used has changed since it was loaded."""
+        """Record `transitions` (each of its tenant), store `states` and move the cursor to `cursor` (None: leave
+        it), in one transaction; or write nothing (committed=False) if a rule used has changed since it was
+        loaded. `rules` and `states` are per tenant; `now` (a tick) also ends the shelving of every tenant's
+        alarms whose shelving has run out."""
+        of_tenant: dict[str, list[Transition]] = {}
+        for t in transitions:
+            of_tenant.setdefault(t.tenant, []).append(t)
+        try:
+            async with conn.transaction():
+                if cursor is not None:
+                    stored = await store.evaluator_cursor(conn, for_update=True)
+                    if cursor < stored:  # another evaluator got further: ours is stale (impossible under the lock)
+                        log.warning("evaluator cursor %d is behind the stored %d; reloading", cursor, stored)
+                        raise _RuleChanged()
+                tenants = {t for t, s in states.items() if s} | set(of_tenant)
+                if now is not None:
+                    await store.as_tenant(conn, tenancy.ALL)
+                    tenants.update(await store.tenants_shelving_due(conn, now))
+                rows: list[EventRow] = []
+                for tenant in sorted(tenants):
+                    await store.as_tenant(conn, tenant)
+                    rows += await self._commit_tenant(conn, rules.get(tenant, {}), of_tenant.get(tenant, ()),
+                                                      states.get(tenant, {}), now)
+                if cursor is not None:
+                    await store.save_evaluator_cursor(conn, cursor)
+        except _RuleChanged:
+            return CommitResult([], committed=False)
+        return CommitResult(rows)
+
+    async def _commit_tenant(self, conn: asyncpg.Connection, rules: Mapping[str, Rule],
+                             transitions: Sequence[Transition], states: Mapping[Key, InstanceState],
+                             now: datetime | None) -> list[EventRow]:
+        """One tenant's part of `commit`, on a connection scoped to the tenant; _RuleChanged if a rule used has
+        changed since it was loaded."""
         from .convert import stored_value  # noqa: PLC0415 - the stored form of values
 
         used = sorted({k[0] for k in states} | {t.rule_id for t in transitions})
-        async with conn.transaction():
-            if cursor is not None:
-                stored = await store.evaluator_cursor(conn, for_update=True)
-                if cursor < stored:  # another evaluator got further: ours is stale (cannot happen under the lock)
-                    log.warning("evaluator cursor %d is behind the stored %d; reloading", cursor, stored)
-                    return CommitResult([], committed=False)
-            current = await store.rule_revisions(conn, used)
-            for rule_id in used:
-                rule = rules[rule_id]
-                if current.get(rule_id) != (rule.revision, True):
-                    return CommitResult([], committed=False)
-            await store.save_states(conn, [
-                (k[0], k[1], s.plc_id, s.tag_name, rules[k[0]].severity, rules[k[0]].revision,
-                 _json_state(s)) for k, s in sorted(states.items())])
-            events: list[NewEvent] = []
-            alarms = await store.lock_alarms(conn, [(t.rule_id, t.tag_id) for t in transitions])
-            # The alarms as the transitions leave them, as mutable field dicts: one alarm often has several
-            # transitions in a commit (a backlog), and an AlarmRow is then built once, not per transition.
-            fields: dict[Key, dict] = {}
-            changed: dict[Key, None] = {}
-            for t in transitions:
-                key = (t.rule_id, t.tag_id)
-                a = fields.get(key)
-                if a is None:
-                    row = alarms.get(key)
-                    if row is None:  # a transition of an instance whose state was not passed: create its row
-                        await store.ensure_alarm(conn, t.rule_id, t.tag_id, t.plc_id, rules[t.rule_id].severity)
-                        row = alarms[key] = (await store.lock_alarms(conn, [key]))[key]
-                    a = fields[key] = dict(vars(row))
-                previous = a["state"]
-                new_state = lc.on_raise(previous) if t.raised else lc.on_clear(previous)
-                if new_state is None:
-                    continue
-                when = _dt(t.time_ns)
-                value = stored_value(t.value)
-                a["plc_id"] = t.plc_id
-                if t.tag_name:
-                    a["tag_name"] = t.tag_name
-                type_ = lc.RAISED if t.raised else lc.CLEARED
-                events.append(NewEvent(type_, t.rule_id, t.tag_id, t.plc_id, a["tag_name"], a["severity"], previous,
-                                       new_state, when, value, t.message, SYSTEM, "",
-                                       lc.is_annunciated(type_, a["shelved_until"] is not None)))
-                a["state"], a["state_time"], a["value"], a["message"] = new_state, when, value, t.message
-                a["revision"] += 1
-                if t.raised:
-                    a["raise_time"], a["acknowledged_by"], a["acknowledge_note"] = when, "", ""
-                changed[key] = None
-            for key in changed:
-                alarms[key] = AlarmRow(**fields[key])
-            await store.set_alarms(conn, [alarms[k] for k in changed])
-            events += await self._unshelve(conn, alarms, now)
-            rows = await _record(conn, self.outbox, events)
-            if cursor is not None:
-                await store.save_evaluator_cursor(conn, cursor)
-        return CommitResult(rows)
+        current = await store.rule_revisions(conn, used)
+        for rule_id in used:
+            rule = rules[rule_id]
+            if current.get(rule_id) != (rule.revision, True):
+                raise _RuleChanged()
+        await store.save_states(conn, [
+            (k[0], k[1], s.plc_id, s.tag_name, rules[k[0]].severity, rules[k[0]].revision,
+             _json_state(s)) for k, s in sorted(states.items())])
+        events: list[NewEvent] = []
+        alarms = await store.lock_alarms(conn, [(t.rule_id, t.tag_id) for t in transitions])
+        # The alarms as the transitions leave them, as mutable field dicts: one alarm often has several
+        # transitions in a commit (a backlog), and an AlarmRow is then built once, not per transition.
+        fields: dict[Key, dict] = {}
+        changed: dict[Key, None] = {}
+        for t in transitions:
+            key = (t.rule_id, t.tag_id)
+            a = fields.get(key)
+            if a is None:
+                row = alarms.get(key)
+                if row is None:  # a transition of an instance whose state was not passed: create its row
+                    await store.ensure_alarm(conn, t.rule_id, t.tag_id, t.plc_id, rules[t.rule_id].severity)
+                    row = alarms[key] = (await store.lock_alarms(conn, [key]))[key]
+                a = fields[key] = dict(vars(row))
+            previous = a["state"]
+            new_state = lc.on_raise(previous) if t.raised else lc.on_clear(previous)
+            if new_state is None:
+                continue
+            when = _dt(t.time_ns)
+            value = stored_value(t.value)
+            a["plc_id"] = t.plc_id
+            if t.tag_name:
+                a["tag_name"] = t.tag_name
+            type_ = lc.RAISED if t.raised else lc.CLEARED
+            events.append(NewEvent(type_, t.rule_id, t.tag_id, t.plc_id, a["tag_name"], a["severity"], previous,
+                                   new_state, when, value, t.message, SYSTEM, "",
+                                   lc.is_annunciated(type_, a["shelved_until"] is not None)))
+            a["state"], a["state_time"], a["value"], a["message"] = new_state, when, value, t.message
+            a["revision"] += 1
+            if t.raised:
+                a["raise_time"], a["acknowledged_by"], a["acknowledge_note"] = when, "", ""
+            changed[key] = None
+        for key in changed:
+            alarms[key] = AlarmRow(**fields[key])
+        await store.set_alarms(conn, [alarms[k] for k in changed])
+        events += await self._unshelve(conn, alarms, now)
+        return await _record(conn, self.outbox, events)
 
     async def _unshelve(self, conn: asyncpg.Connection, locked: dict[Key, AlarmRow],
                         now: datetime | None) -> list[NewEvent]:
@@ -308,6 +340,10 @@ class EvaluationStore:
             out.append(_event(a, lc.UNSHELVED, a.state, now, a.value, a.message, SYSTEM, notify=True))
             await store.set_alarm(conn, replace(a, shelved_until=None, revision=a.revision + 1))
         return out
+
+
+class _RuleChanged(Exception):
+    """A rule the evaluation used changed since it was loaded: the evaluator's transaction rolls back."""
 
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode

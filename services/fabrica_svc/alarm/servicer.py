@@ -3,13 +3,22 @@
 
 Every request has passed protovalidate (the interceptor); a rule's cross-field rules and its tags are
 checked here (rules.py) before anything is written.
+
+Tenants: every RPC works in the caller's tenant (runtime/tenancy.py; row-level security scopes each
+statement to it): rule, alarm, event and target ids are a tenant's, and another tenant's are NOT_FOUND. An
+installation-wide caller names the tenant with the ``x-fabrica-tenant`` header; without one (``*``) every
+RPC is INVALID_ARGUMENT (ids and event cursors are per tenant: a call across tenants would mean nothing).
+WatchAlarms is woken only by its tenant's changes (listen.TenantListener).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import grpc
@@ -17,6 +26,7 @@ from fabrica.alarm.v1 import alarm_service_pb2 as pb
 from fabrica.alarm.v1 import alarm_service_pb2_grpc as pb_grpc
 from fabrica.alarm.v1 import rule_pb2
 
+from ..runtime import tenancy
 from ..runtime.errors import FieldViolation, InvalidArgument, OutOfRange
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_int_page_token, decode_page_token, encode_page_token, etag_of
@@ -53,7 +63,7 @@ def rule_message(row: RuleRow) -> rule_pb2.AlarmRule:
 def decode_rule(row: RuleRow):  # noqa: ANN201 - the evaluator's Rule
     """The evaluator's rule of a stored one; it watches from its last change (a tag's "no data" counts from there)."""
     msg = rule_pb2.AlarmRule.FromString(row.definition)
-    return convert.rule_of(msg, row.revision, int(row.update_time.timestamp() * 1e9))
+    return convert.rule_of(msg, row.revision, int(row.update_time.timestamp() * 1e9), row.tenant)
 
 
 def _mask_paths(paths: list[str]) -> list[str]:
@@ -335,3 +345,35 @@ def _revision(etag: str) -> int | None:
 
 
 target_message = notify_convert.notification_target_to_proto
+
+
+def require_one_tenant() -> str:
+    """The request's tenant; INVALID_ARGUMENT for an installation-wide call (``*``) that names none."""
+    tenant = tenancy.current()
+    if tenant is None or tenant == tenancy.ALL:
+        raise InvalidArgument(FieldViolation(
+            tenancy.HEADER, "alarm rules, alarms, events and targets are a tenant's: an installation-wide caller "
+                            "names the tenant with the x-fabrica-tenant header"))
+    return tenant
+
+
+def _in_one_tenant(method: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: AlarmServicer, request: Any, context: Any) -> AsyncIterator[Any]:
+            require_one_tenant()
+            async with contextlib.aclosing(method(self, request, context)) as out:
+                async for response in out:
+                    yield response
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: AlarmServicer, request: Any, context: Any) -> Any:
+        require_one_tenant()
+        return await method(self, request, context)
+    return unary
+
+
+for _rpc in pb.DESCRIPTOR.services_by_name["AlarmService"].methods_by_name:  # every RPC served here
+    if _rpc in AlarmServicer.__dict__:  # (one not served stays the generated UNIMPLEMENTED)
+        setattr(AlarmServicer, _rpc, _in_one_tenant(AlarmServicer.__dict__[_rpc]))

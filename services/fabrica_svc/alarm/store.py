@@ -13,6 +13,16 @@ Tables:
   transition itself.
 * ``evaluator_cursor``: the position in ingest's committed readings up to which the events are recorded,
   moved in the same transaction as the events and states a message of readings produced.
+
+Tenants (runtime/tenancy.py; migration 2 here, 1003 in notify/schema.py): every table but those of
+`UNSCOPED_TABLES` has a ``tenant_id`` and a forced row-level-security policy, so a statement sees and
+writes only the rows of the tenant its connection is scoped to (none when it is scoped to nobody). Ids
+chosen by users (rule ids, request ids, target ids) are unique per tenant: the keys are (tenant_id, ...).
+Event ids are per tenant too (``event_seq`` has a row per tenant): a tenant's WatchAlarms cursor and
+event ids are dense in its own events and say nothing about another tenant's; so are rule revisions
+(``rule_revision_counter``; the sequence ``rule_revision`` only tells the evaluator that some rule of
+some tenant changed, and is never shown). The evaluator's connection is not a pool's: it sets the tenant
+itself, per transaction (`as_tenant`).
 """
 
 from __future__ import annotations
@@ -26,8 +36,10 @@ from typing import Any
 
 import asyncpg
 
+from ..runtime import tenancy
 from ..runtime.db import Migration
 from .notify import NOTIFY_MIGRATIONS
+from .notify.schema import NOTIFY_UNSCOPED_TABLES
 
 CHANNEL = "fabrica_alarm"
 SCHEMA = "alarm"
@@ -104,7 +116,42 @@ _OWN_MIGRATIONS: list[Migration] = [
         );
         INSERT INTO evaluator_cursor (cursor) VALUES (0);
     """),
+    Migration(2, "tenants: every table but the evaluator's cursor is a tenant's (row-level security); rule, "
+              "request and event ids are unique per tenant, event ids and rule revisions numbered per tenant", f"""
+        CREATE TABLE rule_revision_counter (
+            tenant_id text NOT NULL PRIMARY KEY,
+            last bigint NOT NULL
+        );
+        INSERT INTO rule_revision_counter (tenant_id, last)
+            SELECT '{tenancy.DEFAULT}', CASE WHEN is_called THEN last_value ELSE 0 END FROM rule_revision;
+        {tenancy.isolate_sql(SCHEMA, "rule_revision_counter")}
+        {tenancy.isolate_sql(SCHEMA, "rules")}
+        ALTER TABLE rules DROP CONSTRAINT rules_pkey, ADD PRIMARY KEY (tenant_id, id);
+        {tenancy.isolate_sql(SCHEMA, "create_requests")}
+        ALTER TABLE create_requests DROP CONSTRAINT create_requests_pkey, ADD PRIMARY KEY (tenant_id, request_id);
+        {tenancy.isolate_sql(SCHEMA, "alarms")}
+        ALTER TABLE alarms DROP CONSTRAINT alarms_pkey, ADD PRIMARY KEY (tenant_id, rule_id, tag_id);
+        DROP INDEX alarms_not_normal;
+        CREATE INDEX alarms_not_normal ON alarms (tenant_id, rule_id, tag_id) WHERE state <> 'NORMAL';
+        {tenancy.isolate_sql(SCHEMA, "event_seq")}
+        ALTER TABLE event_seq ADD PRIMARY KEY (tenant_id);
+        {tenancy.isolate_sql(SCHEMA, "events")}
+        ALTER TABLE events DROP CONSTRAINT events_pkey, ADD PRIMARY KEY (tenant_id, id);
+        DROP INDEX events_time, events_plc, events_tag, events_rule;
+        CREATE INDEX events_time ON events (tenant_id, event_time);
+        CREATE INDEX events_plc ON events (tenant_id, plc_id, id);
+        CREATE INDEX events_tag ON events (tenant_id, tag_id, id);
+        CREATE INDEX events_rule ON events (tenant_id, rule_id, id);
+    """),
 ]
+#: Tables of the schema that belong to no tenant (no row-level security), and why: tests/alarm checks every
+#: other table of the schema against pg_class (row-level security enabled and forced).
+UNSCOPED_TABLES: dict[str, str] = {
+    "evaluator_cursor": "installation-wide bookkeeping: the position of the one evaluation in ingest's feed of "
+                        "every tenant's readings",
+    "schema_migrations": "the schema's applied migrations (runtime/db.py)",
+    **NOTIFY_UNSCOPED_TABLES,
+}
 #: The service's own migrations and those of notifications and forwarding (notify/schema.py, from 1001).
 MIGRATIONS: list[Migration] = sorted([*_OWN_MIGRATIONS, *NOTIFY_MIGRATIONS], key=lambda m: m.version)
 
@@ -117,6 +164,7 @@ class RuleRow:
     enabled: bool
     create_time: datetime
     update_time: datetime
+    tenant: str = tenancy.DEFAULT
 
 
 @dataclass(frozen=True)
@@ -191,7 +239,8 @@ def _unjson(text: str | None) -> Any:
 
 
 def _rule(r: asyncpg.Record) -> RuleRow:
-    return RuleRow(r["id"], r["revision"], bytes(r["definition"]), r["enabled"], r["create_time"], r["update_time"])
+    return RuleRow(r["id"], r["revision"], bytes(r["definition"]), r["enabled"], r["create_time"], r["update_time"],
+                   r["tenant_id"])
 
 
 def _alarm(r: asyncpg.Record) -> AlarmRow:
@@ -209,8 +258,21 @@ def _event(r: asyncpg.Record) -> EventRow:
 # --- rules ------------------------------------------------------------------------------------------------
 
 
+async def as_tenant(conn: asyncpg.Connection, tenant: str) -> None:
+    """Scope the rest of `conn`'s transaction to `tenant` (a code, or ``*``): for the evaluator's own
+    connection, which no pool scopes; a pool's connection is scoped by runtime/db.py on acquire."""
+    if tenant != tenancy.ALL and not tenancy.is_code(tenant):
+        raise ValueError(f"not a tenant code: {tenant!r}")
+    await conn.execute(f"SELECT set_config('{tenancy.SETTING}', $1, true)", tenant)
+
+
 async def next_rule_revision(conn: asyncpg.Connection) -> int:
-    return await conn.fetchval("SELECT nextval('rule_revision')")
+    """The next revision of the connection's tenant's rules; also moves `rules_version` (the evaluator's
+    signal that some rule of some tenant changed)."""
+    await conn.execute("SELECT nextval('rule_revision')")
+    return await conn.fetchval(
+        "INSERT INTO rule_revision_counter (last) VALUES (1)"
+        " ON CONFLICT (tenant_id) DO UPDATE SET last = rule_revision_counter.last + 1 RETURNING last")
 
 
 async def rule_of_request(conn: asyncpg.Connection, request_id: str) -> str | None:
@@ -222,7 +284,7 @@ async def insert_rule(conn: asyncpg.Connection, rule_id: str, revision: int, def
     """The new rule, or None when the id is taken."""
     row = await conn.fetchrow(
         "INSERT INTO rules (id, revision, definition, enabled) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (id) DO NOTHING RETURNING *", rule_id, revision, definition, enabled)
+        " ON CONFLICT (tenant_id, id) DO NOTHING RETURNING *", rule_id, revision, definition, enabled)
     if row is not None and request_id:
         await conn.execute("INSERT INTO create_requests (request_id, rule_id) VALUES ($1, $2)", request_id, rule_id)
     return None if row is None else _rule(row)
@@ -242,7 +304,8 @@ async def list_rules(conn: asyncpg.Connection | asyncpg.Pool, after: str | None,
 
 
 async def all_rules(conn: asyncpg.Connection) -> list[RuleRow]:
-    return [_rule(r) for r in await conn.fetch("SELECT * FROM rules ORDER BY id")]
+    """Every rule the connection sees (the evaluator's: of every tenant), each with its tenant."""
+    return [_rule(r) for r in await conn.fetch("SELECT * FROM rules ORDER BY tenant_id, id")]
 
 
 async def rule_revisions(conn: asyncpg.Connection, rule_ids: Sequence[str]) -> dict[str, tuple[int, bool]]:
@@ -343,6 +406,9 @@ _STAGES = {
     "alarms_in": "rule_id text, tag_id bigint, plc_id text, tag_name text, severity integer, state text,"
                  " value jsonb, message text, raise_time timestamptz, state_time timestamptz,"
                  " acknowledged_by text, acknowledge_note text, shelved_until timestamptz, revision bigint",
+    "events_in": "id bigint, type text, rule_id text, tag_id bigint, plc_id text, tag_name text, severity integer,"
+                 " previous_state text, state text, event_time timestamptz, value jsonb, message text, actor text,"
+                 " note text, notify boolean",
 }
 
 
@@ -360,7 +426,7 @@ async def save_states(conn: asyncpg.Connection, rows: Sequence[tuple[str, int, s
     statement (many: staged by COPY first). Inside a transaction."""
     if not rows:
         return
-    upsert = (" ON CONFLICT (rule_id, tag_id) DO UPDATE SET plc_id = excluded.plc_id,"
+    upsert = (" ON CONFLICT (tenant_id, rule_id, tag_id) DO UPDATE SET plc_id = excluded.plc_id,"
               "   tag_name = CASE WHEN excluded.tag_name = '' THEN alarms.tag_name ELSE excluded.tag_name END,"
               "   eval_revision = excluded.eval_revision, eval_state = excluded.eval_state")
     columns = "rule_id, tag_id, plc_id, tag_name, severity, eval_revision, eval_state"
@@ -375,11 +441,13 @@ async def save_states(conn: asyncpg.Connection, rows: Sequence[tuple[str, int, s
         *[list(col) for col in zip(*rows, strict=True)])
 
 
-async def load_states(conn: asyncpg.Connection) -> list[tuple[str, int, Any]]:
-    """(rule_id, tag_id, state) of every alarm whose evaluator state belongs to its rule's current revision."""
-    rows = await conn.fetch("SELECT a.rule_id, a.tag_id, a.eval_state FROM alarms a JOIN rules r ON r.id = a.rule_id"
+async def load_states(conn: asyncpg.Connection) -> list[tuple[str, str, int, Any]]:
+    """(tenant, rule_id, tag_id, state) of every alarm the connection sees whose evaluator state belongs to its
+    rule's current revision."""
+    rows = await conn.fetch("SELECT a.tenant_id, a.rule_id, a.tag_id, a.eval_state FROM alarms a"
+                            " JOIN rules r ON r.tenant_id = a.tenant_id AND r.id = a.rule_id"
                             " WHERE a.eval_state IS NOT NULL AND a.eval_revision = r.revision")
-    return [(r["rule_id"], r["tag_id"], json.loads(r["eval_state"])) for r in rows]
+    return [(r["tenant_id"], r["rule_id"], r["tag_id"], json.loads(r["eval_state"])) for r in rows]
 
 
 async def set_alarm(conn: asyncpg.Connection, a: AlarmRow) -> None:
@@ -422,6 +490,12 @@ async def ensure_alarm(conn: asyncpg.Connection, rule_id: str, tag_id: int, plc_
                        " ON CONFLICT DO NOTHING", rule_id, tag_id, plc_id, severity)
 
 
+async def tenants_shelving_due(conn: asyncpg.Connection, now: datetime) -> list[str]:
+    """The tenants with alarms whose shelving has run out by `now` (of those the connection sees)."""
+    rows = await conn.fetch("SELECT DISTINCT tenant_id FROM alarms WHERE shelved_until <= $1 ORDER BY tenant_id", now)
+    return [r["tenant_id"] for r in rows]
+
+
 async def shelving_due(conn: asyncpg.Connection, now: datetime) -> list[AlarmRow]:
     rows = await conn.fetch(f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE shelved_until <= $1"
                             " ORDER BY rule_id, tag_id FOR UPDATE SKIP LOCKED", now)
@@ -432,10 +506,12 @@ async def shelving_due(conn: asyncpg.Connection, now: datetime) -> list[AlarmRow
 
 
 async def insert_events(conn: asyncpg.Connection, events: Sequence[NewEvent]) -> list[EventRow]:
-    """Record events with the next ids (taken under event_seq's row lock, so ids follow commit order)."""
+    """Record events of the connection's tenant with its next event ids (taken under the tenant's event_seq row
+    lock, so a tenant's ids follow its commit order)."""
     if not events:
         return []
-    last = await conn.fetchval("UPDATE event_seq SET last = last + $1 RETURNING last", len(events))
+    last = await conn.fetchval("INSERT INTO event_seq (last) VALUES ($1) ON CONFLICT (tenant_id)"
+                               " DO UPDATE SET last = event_seq.last + $1 RETURNING last", len(events))
     first = last - len(events) + 1
     ids = range(first, last + 1)
     rows = [(i, e.type, e.rule_id, e.tag_id, e.plc_id, e.tag_name, e.severity, e.previous_state, e.state,
@@ -446,10 +522,12 @@ async def insert_events(conn: asyncpg.Connection, events: Sequence[NewEvent]) ->
             "INSERT INTO events (id, type, rule_id, tag_id, plc_id, tag_name, severity, previous_state, state,"
             " event_time, value, message, actor, note, notify)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14, $15)", rows)
-    else:  # many (a burst, a replay): binary COPY, several times faster than unnest's arrays
-        await conn.copy_records_to_table("events", schema_name=SCHEMA, columns=_EVENT_COLUMNS.split(", "),
-                                         records=rows)
-    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(last))
+    else:  # many (a burst, a replay): binary COPY (several times faster than unnest's arrays) into a staging
+        # table, then one INSERT: Postgres refuses COPY FROM into a table under row-level security
+        await _stage(conn, "events_in", rows)
+        await conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM pg_temp.events_in")
+    # The payload names the tenant: a WatchAlarms of another tenant is not woken (listen.TenantListener).
+    await conn.execute("SELECT pg_notify($1, session_tenant())", CHANNEL)
     return [EventRow(*r[:10], e.value, *r[11:]) for r, e in zip(rows, events, strict=True)]
 
 
@@ -474,7 +552,8 @@ async def events_after(conn: asyncpg.Connection | asyncpg.Pool, after_id: int, l
 
 
 async def last_event_id(conn: asyncpg.Connection | asyncpg.Pool) -> int:
-    return await conn.fetchval("SELECT last FROM event_seq")
+    """The last event id of the connection's tenant (0 before its first event)."""
+    return await conn.fetchval("SELECT coalesce((SELECT last FROM event_seq), 0)")
 
 
 # --- the evaluator's cursor -------------------------------------------------------------------------------

@@ -28,10 +28,13 @@ class CommittedBatch(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     COMMIT_TIME_FIELD_NUMBER: _builtins.int
     STORED_READINGS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Position in the feed; strictly increasing in commit order (across replicas). Resume after it."""
     stored_readings: _builtins.int
     """How many readings the batch had when it was stored (before any filter)."""
+    tenant: _builtins.str
+    """The tenant whose readings these are (runtime/tenancy.py); set for an installation-wide caller."""
     @_builtins.property
     def batch(self) -> _reading_pb2.ReadingBatch:
         """The batch as its collector sent it (collector_id, sequence, readings in the order sent), narrowed to
@@ -49,10 +52,11 @@ class CommittedBatch(_message.Message):
         batch: _reading_pb2.ReadingBatch | None = ...,
         commit_time: _timestamp_pb2.Timestamp | None = ...,
         stored_readings: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "commit_time", b"commit_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "commit_time", b"commit_time", "cursor", b"cursor", "stored_readings", b"stored_readings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "commit_time", b"commit_time", "cursor", b"cursor", "stored_readings", b"stored_readings", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

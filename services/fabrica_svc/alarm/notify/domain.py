@@ -170,6 +170,8 @@ class ForwardingTarget:
     last_error: str = ""
     create_time: datetime | None = None
     update_time: datetime | None = None
+    #: The tenant whose target it is (and whose readings it forwards); set when read from the store.
+    tenant: str = ""
 
     def check(self) -> None:
         found: list[FieldViolation] = []

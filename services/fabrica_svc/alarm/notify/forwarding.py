@@ -21,6 +21,13 @@ target's PLCs) from the cursor stored with the target (``forwarding_targets.curs
 Changing a target's PLCs applies from its stored cursor on (for an ingest target, batches forwarded but not
 yet stored when it changed are numbered as before: the other ingest keeps the first version).
 
+Tenants: a target is a tenant's and forwards that tenant's readings only. Its forwarder runs in the tenant
+(``tenancy.scope``: it reads and commits only its own target's row) and watches ingest's feed as that tenant
+(the ``x-fabrica-tenant`` header of its calls), so another tenant's PLC of the same id is never forwarded;
+a batch that names another tenant is skipped all the same. The supervisor lists every tenant's targets
+(``tenancy.system()``). Stats and metric labels name a target ``<id>`` in the tenant ``default`` and
+``<tenant>/<id>`` in the others.
+
 One alarm replica forwards at a time (a session advisory lock, as the webhook dispatcher). A source cursor
 older than ingest's retention (OUT_OF_RANGE) is a loss the forwarder cannot repair: it is logged as an
 error and recorded as the target's last error, and forwarding goes on from the oldest retained batch.
@@ -53,6 +60,7 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import committed_pb2, ingest_service_pb2, ingest_service_pb2_grpc
 
 from ...clients.errors import error_details
+from ...runtime import tenancy
 from ...runtime.channels import PEER_CHANNEL_OPTIONS, peer_channel
 from ...runtime.retry import SERVICE_RETRY, RetryPolicy
 from ...runtime.settings import Settings
@@ -64,6 +72,11 @@ from .domain import FORWARD_HTTP, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAM
 log = logging.getLogger(__name__)
 
 FORWARD_LOCK_KEY = zlib.crc32(b"fabrica.alarm.forwarding") - 2**31
+
+
+def target_key(tenant: str, target_id: str) -> str:
+    """How stats and metrics name a target: its id in the tenant ``default``, else ``<tenant>/<id>``."""
+    return target_id if tenant in ("", tenancy.DEFAULT) else f"{tenant}/{target_id}"
 
 
 class Superseded(Exception):
@@ -145,9 +158,15 @@ class Forwarder:
         self._start_at_end = False
 
     def _watch(self, cursor: int) -> grpc.aio.UnaryStreamCall:
+        tenant = self.target.tenant or tenancy.DEFAULT
         return self.source.WatchCommittedReadings(ingest_service_pb2.WatchCommittedReadingsRequest(
             after_cursor=cursor, plc_ids=list(self.target.plc_ids),
-            start_at_end=self._start_at_end and cursor == 0))
+            start_at_end=self._start_at_end and cursor == 0), metadata=((tenancy.HEADER, tenant),))
+
+    def _own(self, committed: committed_pb2.CommittedBatch) -> bool:
+        """Whether a batch of the feed is the target's tenant's (ingest names the tenant of each batch; a
+        batch of no tenant is from an ingest before tenants, whose readings are all the default tenant's)."""
+        return (committed.tenant or tenancy.DEFAULT) == (self.target.tenant or tenancy.DEFAULT)
 
     def _observe(self, message: ingest_service_pb2.WatchCommittedReadingsResponse) -> None:
         s = self.stats
@@ -181,22 +200,23 @@ class Forwarder:
                 async for message in _messages(watch):
                     self._observe(message)
                     readings = 0
-                    for committed in message.batches:
+                    own = [c for c in message.batches if self._own(c)]  # another tenant's: never forwarded
+                    for committed in own:
                         sent += 1
                         readings += len(committed.batch.readings)
                         await stream.write(ingest_service_pb2.StreamReadingsRequest(batch=reading_pb2.ReadingBatch(
                             collector_id=self.target.collector_id, sequence=sent, readings=committed.batch.readings)))
-                    for n in range(sent - len(message.batches) + 1, sent + 1):
+                    for n in range(sent - len(own) + 1, sent + 1):
                         response = await stream.read()
                         if response is grpc.aio.EOF:  # (a refusal, e.g. SEQUENCE_GAP, raises from read())
                             raise _Refused("the other ingest ended the stream")
                         if response.ack.sequence != n:
                             raise _Refused(f"acknowledged {response.ack.sequence}, expected {n}")
                         self.stats.duplicates += response.ack.duplicate
-                    commit_time = to_datetime(message.batches[-1].commit_time) if message.batches else None
-                    await self._commit(cursor, message.cursor, len(message.batches), readings, commit_time)
+                    commit_time = to_datetime(own[-1].commit_time) if own else None
+                    await self._commit(cursor, message.cursor, len(own), readings, commit_time)
                     cursor = message.cursor
-                    self._count(len(message.batches), readings)
+                    self._count(len(own), readings)
                     backoff.reset()  # type: ignore[attr-defined]
             finally:
                 watch.cancel()
@@ -212,6 +232,8 @@ class Forwarder:
                 async for message in _messages(watch):
                     self._observe(message)
                     for committed in message.batches:
+                        if not self._own(committed):  # another tenant's: never forwarded
+                            continue
                         await self._post(client, committed)
                         readings = len(committed.batch.readings)
                         await self._commit(cursor, committed.cursor, 1, readings, to_datetime(committed.commit_time))
@@ -243,7 +265,7 @@ class Forwarder:
         self.stats.batches += batches
         self.stats.readings += readings
         if readings:
-            _forwarded_readings.add(readings, {"target": self.target.id})
+            _forwarded_readings.add(readings, {"target": target_key(self.target.tenant, self.target.id)})
 
 
 async def _messages(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[ingest_service_pb2.WatchCommittedReadingsResponse]:
@@ -297,7 +319,7 @@ class ForwardingSupervisor:
         self.request_timeout = request_timeout
         #: Set while this replica holds the lock and forwards.
         self.active = asyncio.Event()
-        #: Per target id, what its forwarders did in this process.
+        #: Per target (`target_key`), what its forwarders did in this process.
         self.stats: dict[str, ForwardingStats] = {}
         self._running: dict[str, tuple[int, asyncio.Task[None]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -349,7 +371,9 @@ class ForwardingSupervisor:
 
     async def _supervise(self, conn: asyncpg.Connection, source: ingest_service_pb2_grpc.IngestServiceStub) -> None:
         while not conn.is_closed():
-            wanted = {t.id: t for t in await store.list_forwarding_targets(self.pool) if t.enabled}
+            with tenancy.system():  # every tenant's targets
+                targets = await store.list_forwarding_targets(self.pool)
+            wanted = {target_key(t.tenant, t.id): t for t in targets if t.enabled}
             for target_id, (revision, task) in list(self._running.items()):
                 target = wanted.get(target_id)
                 if target is None or target.revision != revision or task.done():
@@ -362,7 +386,8 @@ class ForwardingSupervisor:
                     stats = self.stats.setdefault(target_id, ForwardingStats())
                     forwarder = Forwarder(self.pool, target, source, retry=self.retry,
                                           request_timeout=self.request_timeout, stats=stats)
-                    self._running[target_id] = (target.revision,
-                                                asyncio.create_task(forwarder.run(), name=f"forward-{target_id}"))
+                    with tenancy.scope(target.tenant):  # the forwarder's task works in its target's tenant
+                        task = asyncio.create_task(forwarder.run(), name=f"forward-{target_id}")
+                    self._running[target_id] = (target.revision, task)
             await asyncio.sleep(self.poll_interval)
             await asyncio.wait_for(conn.execute("SELECT 1"), 10)  # the lock's session is still ours

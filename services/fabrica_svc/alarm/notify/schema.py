@@ -16,13 +16,23 @@ Tables
 ``forwarding_targets``     readings forwarding: which PLCs, where to (HTTP JSON batches or another
                            Fabrica's ingest), and the committed state: the source cursor of the last batch
                            forwarded and how many batches were sent (the next target sequence is that + 1).
+
+Tenants (1003): every table is a tenant's (runtime/tenancy.py isolate_sql: ``tenant_id``, forced row-level
+security). Target ids are unique per tenant, so the keys, the outbox's reference to its target and its
+idempotency keys are (tenant_id, ...). Delivery ids (``notification_outbox.id``) stay one sequence of the
+installation: a tenant's delivery ids have gaps where other tenants' deliveries were queued (they order its
+ListDeliveries pages, nothing else).
 """
 
 from __future__ import annotations
 
+from ...runtime import tenancy
 from ...runtime.db import Migration
 
 SCHEMA = "alarm"
+#: Tables of notifications and forwarding that belong to no tenant, and why (none: all are a tenant's); part
+#: of the alarm schema's allow-list (store.UNSCOPED_TABLES).
+NOTIFY_UNSCOPED_TABLES: dict[str, str] = {}
 #: Notified (in the inserting transaction, so at its commit) when outbox rows are added.
 OUTBOX_CHANNEL = "fabrica_alarm_outbox"
 
@@ -82,5 +92,21 @@ CREATE TABLE forwarding_targets (
     create_time timestamptz NOT NULL DEFAULT now(),
     update_time timestamptz NOT NULL DEFAULT now()
 );
+"""),
+    Migration(1003, "tenants: notification targets, deliveries and forwarding targets are a tenant's (row-level "
+                    "security); target ids unique per tenant", f"""
+{tenancy.isolate_sql(SCHEMA, "notification_targets")}
+{tenancy.isolate_sql(SCHEMA, "notification_outbox")}
+{tenancy.isolate_sql(SCHEMA, "forwarding_targets")}
+ALTER TABLE notification_outbox DROP CONSTRAINT notification_outbox_target_id_fkey;
+ALTER TABLE notification_outbox DROP CONSTRAINT notification_outbox_target_id_idempotency_key_key;
+ALTER TABLE notification_targets DROP CONSTRAINT notification_targets_pkey, ADD PRIMARY KEY (tenant_id, id);
+ALTER TABLE notification_outbox ADD FOREIGN KEY (tenant_id, target_id)
+    REFERENCES notification_targets (tenant_id, id) ON DELETE CASCADE;
+ALTER TABLE notification_outbox ADD UNIQUE (tenant_id, target_id, idempotency_key);
+DROP INDEX notification_outbox_pending_idx, notification_outbox_target_idx;
+CREATE INDEX notification_outbox_pending_idx ON notification_outbox (tenant_id, target_id, id) WHERE state = 1;
+CREATE INDEX notification_outbox_target_idx ON notification_outbox (tenant_id, target_id, id DESC);
+ALTER TABLE forwarding_targets DROP CONSTRAINT forwarding_targets_pkey, ADD PRIMARY KEY (tenant_id, id);
 """),
 ]

@@ -39,10 +39,14 @@ class Db(Protocol):
 
 _TARGET_SELECT = """
 SELECT t.*,
-    (SELECT count(*) FROM alarm.notification_outbox o WHERE o.target_id = t.id AND o.state = 1) AS pending,
-    (SELECT count(*) FROM alarm.notification_outbox o WHERE o.target_id = t.id AND o.state = 3) AS failed,
-    (SELECT max(delivered_time) FROM alarm.notification_outbox o WHERE o.target_id = t.id) AS last_delivered_time,
-    (SELECT o.last_error FROM alarm.notification_outbox o WHERE o.target_id = t.id AND o.attempts > 0
+    (SELECT count(*) FROM alarm.notification_outbox o
+     WHERE o.tenant_id = t.tenant_id AND o.target_id = t.id AND o.state = 1) AS pending,
+    (SELECT count(*) FROM alarm.notification_outbox o
+     WHERE o.tenant_id = t.tenant_id AND o.target_id = t.id AND o.state = 3) AS failed,
+    (SELECT max(delivered_time) FROM alarm.notification_outbox o
+     WHERE o.tenant_id = t.tenant_id AND o.target_id = t.id) AS last_delivered_time,
+    (SELECT o.last_error FROM alarm.notification_outbox o
+     WHERE o.tenant_id = t.tenant_id AND o.target_id = t.id AND o.attempts > 0
      ORDER BY o.last_attempt_time DESC NULLS LAST, o.id DESC LIMIT 1) AS last_error
 FROM alarm.notification_targets t
 """
@@ -145,7 +149,7 @@ async def enqueue_notification(conn: Db, *, idempotency_key: str, event_type: st
         "INSERT INTO alarm.notification_outbox (target_id, idempotency_key, event_type, body)"
         " SELECT id, $1, $2, $3 FROM alarm.notification_targets"
         " WHERE enabled AND ($4::text[] IS NULL OR id = ANY($4::text[])) ORDER BY id"
-        " ON CONFLICT (target_id, idempotency_key) DO NOTHING",
+        " ON CONFLICT (tenant_id, target_id, idempotency_key) DO NOTHING",
         idempotency_key, event_type, body, list(target_ids) if target_ids is not None else None,
     )
     added = int(status.split()[-1])
@@ -180,13 +184,15 @@ async def list_deliveries(db: Db, *, target_id: str | None = None, state: int | 
     return [_delivery(r) for r in rows]
 
 
-async def targets_with_pending(db: Db) -> list[str]:
-    """Enabled targets that have deliveries to make."""
+async def targets_with_pending(db: Db) -> list[tuple[str, str]]:
+    """(tenant, id) of the enabled targets that have deliveries to make (of the tenants `db` sees: the
+    dispatcher's, every tenant's)."""
     rows = await db.fetch(
-        "SELECT t.id FROM alarm.notification_targets t WHERE t.enabled AND EXISTS"
-        " (SELECT 1 FROM alarm.notification_outbox o WHERE o.target_id = t.id AND o.state = 1) ORDER BY t.id"
+        "SELECT t.tenant_id, t.id FROM alarm.notification_targets t WHERE t.enabled AND EXISTS"
+        " (SELECT 1 FROM alarm.notification_outbox o WHERE o.tenant_id = t.tenant_id AND o.target_id = t.id"
+        "  AND o.state = 1) ORDER BY t.tenant_id, t.id"
     )
-    return [r["id"] for r in rows]
+    return [(r["tenant_id"], r["id"]) for r in rows]
 
 
 async def next_delivery(db: Db, target_id: str) -> tuple[Delivery, str, str, float] | None:
@@ -195,7 +201,7 @@ async def next_delivery(db: Db, target_id: str) -> tuple[Delivery, str, str, flo
     row = await db.fetchrow(
         "SELECT o.*, t.url, t.secret, extract(epoch FROM o.next_attempt_time - now())::float8 AS due_in"
         " FROM alarm.notification_outbox o"
-        " JOIN alarm.notification_targets t ON t.id = o.target_id"
+        " JOIN alarm.notification_targets t ON t.tenant_id = o.tenant_id AND t.id = o.target_id"
         " WHERE o.target_id = $1 AND o.state = 1 AND t.enabled ORDER BY o.id LIMIT 1",
         target_id,
     )
@@ -229,7 +235,7 @@ def _forwarding(row: asyncpg.Record) -> ForwardingTarget:
         revision=row["revision"], cursor=row["cursor"], forwarded_batches=row["forwarded_batches"],
         forwarded_readings=row["forwarded_readings"], last_forward_time=row["last_forward_time"],
         last_commit_time=row["last_commit_time"], last_error=row["last_error"],
-        create_time=row["create_time"], update_time=row["update_time"],
+        create_time=row["create_time"], update_time=row["update_time"], tenant=row["tenant_id"],
     )
 
 
@@ -257,7 +263,8 @@ async def get_forwarding_target(db: Db, target_id: str) -> ForwardingTarget:
 
 
 async def list_forwarding_targets(db: Db) -> list[ForwardingTarget]:
-    return [_forwarding(r) for r in await db.fetch("SELECT * FROM alarm.forwarding_targets ORDER BY id")]
+    """The forwarding targets `db` sees (a request's: its tenant's; the supervisor's: every tenant's)."""
+    return [_forwarding(r) for r in await db.fetch("SELECT * FROM alarm.forwarding_targets ORDER BY tenant_id, id")]
 
 
 async def update_forwarding_target(db: Db, target_id: str, *, display_name: str | None = None,

@@ -14,6 +14,10 @@ resumes each delivery where it stood; a crash between a receiver's 2xx and that 
 again, with the same Idempotency-Key (at least once). The body is the one stored at enqueue, byte for byte;
 the signature is computed per attempt over its timestamp and that body (domain.sign).
 
+Tenants: the dispatcher serves every tenant's targets. It finds the targets with pending deliveries across
+tenants (``tenancy.system()``); each target's worker runs in its target's tenant (``tenancy.scope``), so it
+reads and records only that tenant's deliveries (target ids are unique per tenant only).
+
 Wake-ups: enqueue_notification NOTIFYs ``OUTBOX_CHANNEL`` in the caller's transaction, so the dispatcher
 looks at the outbox when the alarm event commits; it also looks every ``poll_interval`` seconds.
 """
@@ -31,6 +35,7 @@ import asyncpg
 import httpx
 from opentelemetry import metrics
 
+from ...runtime import tenancy
 from ...runtime.notify import Listener
 from ...runtime.retry import RetryPolicy
 from ...runtime.tasks import cancel_and_wait
@@ -68,7 +73,8 @@ class WebhookDispatcher:
         self.active = asyncio.Event()
         self.listener = Listener(dsn, OUTBOX_CHANNEL, poll_interval=poll_interval, check_interval=poll_interval,
                                  application_name="fabrica-alarm-outbox-listen")
-        self._workers: dict[str, asyncio.Task[None]] = {}
+        #: The worker of each (tenant, target id).
+        self._workers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         meter = metrics.get_meter("fabrica.alarm")
@@ -127,21 +133,25 @@ class WebhookDispatcher:
         """While the lock's connection lives: a worker per target with pending deliveries."""
         while not conn.is_closed():
             token = self.listener.token()
-            for target_id in await store.targets_with_pending(self.pool):
-                task = self._workers.get(target_id)
+            with tenancy.system():  # every tenant's targets
+                pending = await store.targets_with_pending(self.pool)
+            for key in pending:
+                task = self._workers.get(key)
                 if task is None or task.done():
-                    self._workers[target_id] = asyncio.create_task(self._target_worker(target_id),
-                                                                   name=f"webhook-{target_id}")
-            for target_id, task in list(self._workers.items()):
+                    tenant, target_id = key
+                    with tenancy.scope(tenant):  # the worker (a task: it copies the context) is the target's tenant's
+                        self._workers[key] = asyncio.create_task(self._target_worker(target_id),
+                                                                 name=f"webhook-{tenant}-{target_id}")
+            for key, task in list(self._workers.items()):
                 if task.done():
-                    del self._workers[target_id]
+                    del self._workers[key]
                     if not task.cancelled() and task.exception() is not None:
-                        log.warning("webhook worker of %s failed: %s", target_id, task.exception())
+                        log.warning("webhook worker of %s (tenant %s) failed: %s", key[1], key[0], task.exception())
             await self.listener.wait(token, self.poll_interval)
             await asyncio.wait_for(conn.execute("SELECT 1"), 10)  # the lock's session is still ours
 
     async def _target_worker(self, target_id: str) -> None:
-        """Send the target's pending deliveries in order until none is left."""
+        """Send the target's pending deliveries in order until none is left (in the target's tenant: the task's)."""
         while True:
             found = await store.next_delivery(self.pool, target_id)
             if found is None:

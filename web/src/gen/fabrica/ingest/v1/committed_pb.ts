@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/ingest/v1/committed.proto.
  */
 export const file_fabrica_ingest_v1_committed: GenFile = /*@__PURE__*/
-  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS9jb21taXR0ZWQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxIscBCg5Db21taXR0ZWRCYXRjaBIXCgZjdXJzb3IYASABKANCB7pIBCICIAASLgoFYmF0Y2gYAiABKAsyHy5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nQmF0Y2gSUwoLY29tbWl0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BEhcKD3N0b3JlZF9yZWFkaW5ncxgEIAEoDWIGcHJvdG8z", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
+  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS9jb21taXR0ZWQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxItcBCg5Db21taXR0ZWRCYXRjaBIXCgZjdXJzb3IYASABKANCB7pIBCICIAASLgoFYmF0Y2gYAiABKAsyHy5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nQmF0Y2gSUwoLY29tbWl0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BEhcKD3N0b3JlZF9yZWFkaW5ncxgEIAEoDRIOCgZ0ZW5hbnQYBSABKAliBnByb3RvMw", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
 
 /**
  * A reading batch as ingest committed it, with its position in the committed-readings feed.
@@ -51,6 +51,13 @@ export type CommittedBatch = Message<"fabrica.ingest.v1.CommittedBatch"> & {
    * @generated from field: uint32 stored_readings = 4;
    */
   storedReadings: number;
+
+  /**
+   * The tenant whose readings these are (runtime/tenancy.py); set for an installation-wide caller.
+   *
+   * @generated from field: string tenant = 5;
+   */
+  tenant: string;
 };
 
 /**
