@@ -282,7 +282,8 @@ def test_master_data_created_after_the_page_read_its_names_is_shown_by_name(page
     page.goto(stack.url + "#/downtime?wc=press-1")
     expect(page.get_by_test_id("oee-wc").locator("h2")).to_have_text("Press 1, last 8 h")  # names read
     # Someone else adds a reason and books a stop with it; this page has never heard of the reason.
-    # (Its own id and note on each try: a rerun after a failure does not meet the last try's.)
+    # (Its own id and note on each try: a rerun after a failure does not meet the last try's. The note is no part
+    # of the reason's name, which every row's reason picker lists once the names have it.)
     key = uuid.uuid4().hex[:6]
     start = timestamp_pb2.Timestamp(seconds=int(time.time()) - 50 * 60)
     end = timestamp_pb2.Timestamp(seconds=start.seconds + 7 * 60)
@@ -292,9 +293,9 @@ def test_master_data_created_after_the_page_read_its_names_is_shown_by_name(page
             id=f"JAM-{key}", display_name=f"Coil jammed {key}", color="#7c3aed", counts_against_availability=True)),
             timeout=10, metadata=stack.metadata())
         stub.CreateDowntime(ppb.CreateDowntimeRequest(downtime=opb.Downtime(
-            work_center_id="press-1", start_time=start, end_time=end, reason_id=f"JAM-{key}", note=f"jammed {key}")),
+            work_center_id="press-1", start_time=start, end_time=end, reason_id=f"JAM-{key}", note=f"booked elsewhere {key}")),
             timeout=10, metadata=stack.metadata())
-    row = page.locator("[data-testid=past-downtimes] tr", has_text=f"jammed {key}")
+    row = page.locator("[data-testid=past-downtimes] tr", has_text=f"booked elsewhere {key}")
     expect(row).to_contain_text(f"Coil jammed {key}", timeout=30_000)  # the list polls every 5 s, the names follow
     expect(row).not_to_contain_text(f"JAM-{key}")
     bar = page.locator(f'[data-testid=pareto] .pareto-row[data-reason="Coil jammed {key}"]')
