@@ -253,8 +253,10 @@ _HOLD_NAMES_UNTIL_DOWNTIME = """(() => {
     const url = typeof input === "string" ? input : input.url;
     const p = fetch0(input, init);
     if (!holding || !/List(Plcs|WorkCenters|Items|DowntimeReasons|DefectCodes)$/.test(url)) return p;
-    return p.then((r) => r.arrayBuffer().then((b) => new Promise((done) =>
-      held.push(() => done(new Response(b, { status: r.status, headers: r.headers }))))));
+    return p.then((r) => r.arrayBuffer().then((b) => new Promise((done) => {
+      const answer = () => done(new Response(b, { status: r.status, headers: r.headers }));
+      if (holding) held.push(answer); else answer();  // one that arrives after the release goes straight on
+    })));
   };
   addEventListener("hashchange", () => {
     if (!holding || !location.hash.startsWith("#/downtime")) return;
