@@ -80,7 +80,7 @@ async function pages<T>(call: (token: string) => Promise<[T[], string]>): Promis
 
 /** How soon names are read again after one of their lists failed (doubling up to NAMES_RETRY_MAX_MS). */
 const NAMES_RETRY_MS = 1000;
-const NAMES_RETRY_MAX_MS = 30000;
+const NAMES_RETRY_MAX_MS = 8000;
 let namesRetryMs = NAMES_RETRY_MS;
 let namesRetryTimer = 0;
 
