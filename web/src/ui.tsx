@@ -67,6 +67,8 @@ export type Names = {
 
 let namesCache: Names | null = null;
 let namesPromise: Promise<Names> | null = null;
+/** The latest read of the names: an older one that answers late never overwrites a newer one. */
+let namesSeq = 0;
 const namesListeners = new Set<(n: Names) => void>();
 
 async function pages<T>(call: (token: string) => Promise<[T[], string]>): Promise<T[]> {
@@ -76,9 +78,16 @@ async function pages<T>(call: (token: string) => Promise<[T[], string]>): Promis
   return out;
 }
 
+/** How soon names are read again after one of their lists failed (doubling up to NAMES_RETRY_MAX_MS). */
+const NAMES_RETRY_MS = 1000;
+const NAMES_RETRY_MAX_MS = 8000;
+let namesRetryMs = NAMES_RETRY_MS;
+let namesRetryTimer = 0;
+
 export async function loadNames(): Promise<Names> {
   // A list that fails (a call before sign-in, a service restarting) leaves its names out for now, and the
   // names are read again shortly (below): a failure must not be cached as "no names" for the page's life.
+  const mine = ++namesSeq;
   let failed = false;
   const settle = async <T,>(p: Promise<T[]>): Promise<T[]> => { try { return await p; } catch { failed = true; return []; } };
   const [plcs, wcs, items, reasons, codes] = await Promise.all([
@@ -98,34 +107,63 @@ export async function loadNames(): Promise<Names> {
     defectCodes: new Map(codes.map((c) => [c.id, c])),
     tags,
   };
+  if (mine !== namesSeq) return namesCache ?? n;
   namesCache = n;
   namesListeners.forEach((l) => l(n));
-  if (failed) setTimeout(refreshNames, NAMES_RETRY_MS);
+  clearTimeout(namesRetryTimer);
+  if (failed) { namesRetryTimer = window.setTimeout(refreshNames, namesRetryMs); namesRetryMs = Math.min(namesRetryMs * 2, NAMES_RETRY_MAX_MS); }
+  else namesRetryMs = NAMES_RETRY_MS;
   return n;
 }
-
-/** How soon names are read again after one of their lists failed. */
-const NAMES_RETRY_MS = 1000;
 
 export function refreshNames(): void {
   namesPromise = loadNames();
 }
 
+/** The names, re-rendering the component whenever they are read again. */
 export function useNames(): Names | null {
   const [n, setN] = useState<Names | null>(namesCache);
   useEffect(() => {
     namesListeners.add(setN);
-    if (!namesCache) { namesPromise ??= loadNames(); namesPromise.then(setN, () => undefined); }
+    // The names may have arrived between this component's first render and now (effects run after the
+    // paint): a component that only waited for the next read would show ids until then.
+    if (namesCache) setN(namesCache);
+    else { namesPromise ??= loadNames(); namesPromise.then(() => { if (namesCache) setN(namesCache); }, () => undefined); }
     return () => { namesListeners.delete(setN); };
   }, []);
   return n;
 }
 
-export const plcName = (n: Names | null, id: string) => n?.plcs.get(id)?.displayName || id;
-export const wcName = (n: Names | null, id: string) => n?.workCenters.get(id)?.displayName || id;
-export const itemName = (n: Names | null, id: string) => n?.items.get(id)?.displayName || id;
-export const reasonName = (n: Names | null, id: string) => (id ? n?.reasons.get(id)?.displayName || id : "Unclassified");
-export const codeName = (n: Names | null, id: string) => n?.defectCodes.get(id)?.displayName || id;
+// An id the names do not know (master data created since they were read, by someone else or in another
+// tab) reads the names again, at most once per id and MISS_MS, so it shows by its name a moment later;
+// an id that stays unknown (deleted since) shows as itself and costs one read.
+const MISS_MS = 500;
+const missed = new Set<string>();
+let missTimer = 0;
+function miss(kind: string, id: string): void {
+  const key = `${kind}\u0000${id}`;
+  if (!id || !namesCache || missed.has(key)) return;
+  missed.add(key);
+  if (!missTimer) missTimer = window.setTimeout(() => { missTimer = 0; refreshNames(); }, MISS_MS);
+}
+
+function named(kind: "plcs" | "workCenters" | "items" | "reasons" | "defectCodes", n: Names | null, id: string): string {
+  const v = n?.[kind].get(id);
+  if (!v && n) miss(kind, id);
+  return v?.displayName || id;
+}
+
+export const plcName = (n: Names | null, id: string) => named("plcs", n, id);
+export const wcName = (n: Names | null, id: string) => named("workCenters", n, id);
+export const itemName = (n: Names | null, id: string) => named("items", n, id);
+export const reasonName = (n: Names | null, id: string) => (id ? named("reasons", n, id) : "Unclassified");
+export const codeName = (n: Names | null, id: string) => named("defectCodes", n, id);
+/** A tag's PLC, name and unit, or undefined (and the names are read again) while they do not know it. */
+export function tagInfo(n: Names | null, id: bigint): { plc: Plc; name: string; unit: string } | undefined {
+  const t = n?.tags.get(id);
+  if (!t && n) miss("tags", String(id));
+  return t;
+}
 
 // ---- components -------------------------------------------------------------------------------------------
 

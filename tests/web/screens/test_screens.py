@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
+import uuid
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -205,7 +207,6 @@ def test_a_value_opens_its_trend_which_draws_points_and_exports_them(page: Page,
     screenshot(page, "03-trend")
 
 
-@pytest.mark.xfail(reason="fails in full runs on fresh clones: the Downtime screen shows reason and work-centre ids, not names (names not loaded); open bug, issue 8 left open", strict=False)
 def test_a_stop_is_classified_with_a_reason_and_the_pareto_shows_it(page: Page, stack: Stack) -> None:
     page.goto(stack.url + "#/downtime?wc=press-1")
     page.get_by_role("button", name="Record a stop").click()
@@ -241,6 +242,67 @@ def test_a_stop_is_classified_with_a_reason_and_the_pareto_shows_it(page: Page, 
     open_row.get_by_test_id("end-downtime").click()
     expect(page.locator("[data-testid=past-downtimes] tr", has_text="waiting for coil")).to_contain_text("entered by hand")
     expect(page.locator("[data-testid=open-downtimes] tr", has_text="waiting for coil")).to_have_count(0)
+
+
+#: Holds the answers of the lists the names are read from until the Downtime screen is opened, then lets them
+#: all through right after its first render, before its effects run (they run after the next paint): the
+#: timing that, under load, left the screen showing ids while the cache and later-mounted parts had names.
+_HOLD_NAMES_UNTIL_DOWNTIME = """(() => {
+  const held = []; let holding = true; const fetch0 = window.fetch.bind(window);
+  window.fetch = (input, init) => {
+    const url = typeof input === "string" ? input : input.url;
+    const p = fetch0(input, init);
+    if (!holding || !/List(Plcs|WorkCenters|Items|DowntimeReasons|DefectCodes)$/.test(url)) return p;
+    return p.then((r) => r.arrayBuffer().then((b) => new Promise((done) => {
+      const answer = () => done(new Response(b, { status: r.status, headers: r.headers }));
+      if (holding) held.push(answer); else answer();  // one that arrives after the release goes straight on
+    })));
+  };
+  addEventListener("hashchange", () => {
+    if (!holding || !location.hash.startsWith("#/downtime")) return;
+    holding = false;
+    setTimeout(() => held.splice(0).forEach((f) => f()), 0);
+  });
+})();"""
+
+
+def test_names_that_arrive_right_after_a_screen_first_renders_are_shown(page: Page, stack: Stack) -> None:
+    page.add_init_script(_HOLD_NAMES_UNTIL_DOWNTIME)
+    page.reload()  # the overview again (the token is kept in the tab), its names held back
+    expect(page.locator(".who-name")).to_contain_text("admin · admin")
+    page.goto(stack.url + "#/downtime?wc=press-1")
+    expect(page.get_by_test_id("oee-wc").locator("h2")).to_have_text("Press 1, last 8 h")
+
+
+def test_master_data_created_after_the_page_read_its_names_is_shown_by_name(page: Page, stack: Stack) -> None:
+    from fabrica.production.v1 import master_data_pb2 as mpb
+    from fabrica.production.v1 import order_pb2 as opb
+    from fabrica.production.v1 import production_service_pb2 as ppb
+    from fabrica.production.v1 import production_service_pb2_grpc as pgrpc
+    from google.protobuf import timestamp_pb2
+
+    page.goto(stack.url + "#/downtime?wc=press-1")
+    expect(page.get_by_test_id("oee-wc").locator("h2")).to_have_text("Press 1, last 8 h")  # names read
+    # Someone else adds a reason and books a stop with it; this page has never heard of the reason.
+    # (Its own id and note on each try: a rerun after a failure does not meet the last try's. The note is no part
+    # of the reason's name, which every row's reason picker lists once the names have it.)
+    key = uuid.uuid4().hex[:6]
+    start = timestamp_pb2.Timestamp(seconds=int(time.time()) - 50 * 60)
+    end = timestamp_pb2.Timestamp(seconds=start.seconds + 7 * 60)
+    with stack.channel(stack.production) as ch:
+        stub = pgrpc.ProductionServiceStub(ch)
+        stub.CreateDowntimeReason(ppb.CreateDowntimeReasonRequest(downtime_reason=mpb.DowntimeReason(
+            id=f"JAM-{key}", display_name=f"Coil jammed {key}", color="#7c3aed", counts_against_availability=True)),
+            timeout=10, metadata=stack.metadata())
+        stub.CreateDowntime(ppb.CreateDowntimeRequest(downtime=opb.Downtime(
+            work_center_id="press-1", start_time=start, end_time=end, reason_id=f"JAM-{key}", note=f"booked elsewhere {key}")),
+            timeout=10, metadata=stack.metadata())
+    row = page.locator("[data-testid=past-downtimes] tr", has_text=f"booked elsewhere {key}")
+    expect(row).to_contain_text(f"Coil jammed {key}", timeout=30_000)  # the list polls every 5 s, the names follow
+    expect(row).not_to_contain_text(f"JAM-{key}")
+    bar = page.locator(f'[data-testid=pareto] .pareto-row[data-reason="Coil jammed {key}"]')
+    expect(bar).to_contain_text("7 min")
+    assert bar.locator(".pareto-bar").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(124, 58, 237)"
 
 
 def test_a_viewer_sees_no_buttons_for_what_the_role_may_not_do(page: Page, stack: Stack) -> None:

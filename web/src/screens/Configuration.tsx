@@ -11,7 +11,7 @@ import { Protocol, type DeviceProfile } from "../gen/fabrica/config/v1/device_pr
 import { TagRole, Quality } from "../gen/fabrica/common/v1/reading_pb";
 import type { PreviewDecodeResponse, ProbePlcResponse } from "../gen/fabrica/collector/v1/collector_service_pb";
 import { agoText, latencyText, QUALITY_WORDS, timeText, valueText } from "../format";
-import { Allowed, Card, Dot, Empty, ErrorBanner, Field, refreshNames, useLoad, useNames, usePaged } from "../ui";
+import { Allowed, Card, Dot, Empty, ErrorBanner, Field, plcName, refreshNames, useLoad, useNames, usePaged } from "../ui";
 import { MasterData } from "./MasterData";
 
 type ConnKind = "modbusTcp" | "modbusRtuOverTcp" | "s7";
@@ -333,6 +333,7 @@ function PlcEditor({ initial, onDone }: EditorProps) {
 // ---- the screen ---------------------------------------------------------------------------------------------
 
 function Plcs() {
+  const names = useNames();
   const [editing, setEditing] = useState<Plc | null>(null);
   const [creating, setCreating] = useState(false);
   const [saved, setSaved] = useState("");
@@ -378,7 +379,7 @@ function Plcs() {
             <thead><tr><th>Collector</th><th>Applied revision</th><th>Last report</th><th>PLCs</th></tr></thead>
             <tbody>{collectors.data!.collectors.map((c) => (
               <tr><td><strong>{c.id}</strong></td><td>r{c.appliedRevision.toString()}</td><td>{agoText(c.reportTime)}</td>
-                <td class="small">{c.plcStatuses.map((s) => <span class="chip-plain"><Dot ok={s.connected} /> {s.plcId}</span>)}</td></tr>
+                <td class="small">{c.plcStatuses.map((s) => <span class="chip-plain"><Dot ok={s.connected} /> {plcName(names, s.plcId)}</span>)}</td></tr>
             ))}</tbody>
           </table>
         )}

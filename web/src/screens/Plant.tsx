@@ -3,7 +3,7 @@ import { ingest, keepStreaming, type StreamState } from "../api";
 import { Quality, type Reading } from "../gen/fabrica/common/v1/reading_pb";
 import { agoText, latencyText, QUALITY_WORDS, tsDate, valueText } from "../format";
 import { useCollectorStatus } from "../live";
-import { Card, Dot, Empty, ErrorBanner, StreamBadge, useNames, useNow, VirtualRows } from "../ui";
+import { Card, Dot, Empty, ErrorBanner, plcName, StreamBadge, useNames, useNow, VirtualRows } from "../ui";
 
 /** The live values of one PLC's tags: WatchLatestValues (a snapshot, then what changed), again after a break. */
 function useLiveValues(plcId: string) {
@@ -58,7 +58,7 @@ export function Plant({ params }: { params: URLSearchParams }) {
           const rt = status.data?.plcs.find((p) => p.plcId === id);
           return (
             <a key={id} href={`#/plant?plc=${encodeURIComponent(id)}`} class={`plc-card ${id === selected ? "active" : ""}`} data-plc={id}>
-              <div class="plc-card-head"><Dot ok={!!rt?.connected} warn={!!rt?.lastError} /><strong>{names?.plcs.get(id)?.displayName || id}</strong></div>
+              <div class="plc-card-head"><Dot ok={!!rt?.connected} warn={!!rt?.lastError} /><strong>{plcName(names, id)}</strong></div>
               <div class="muted small">{rt ? (rt.connected ? "connected" : "disconnected") : "not reported by this collector"}</div>
               <div class="muted small">{rt ? `${rt.tagCount} tags · ${latencyText(rt.readLatency)} · ${agoText(rt.lastGoodReadTime, now)}` : ""}</div>
             </a>

@@ -5,7 +5,7 @@ import { ingest, problem, type Problem } from "../api";
 import { Quality } from "../gen/fabrica/common/v1/reading_pb";
 import type { ReadingSummary } from "../gen/fabrica/ingest/v1/query_pb";
 import { downloadCsv, fmtNum, tsDate, valueNumber } from "../format";
-import { Card, Empty, ErrorBanner, useNames } from "../ui";
+import { Card, Empty, ErrorBanner, tagInfo, useNames } from "../ui";
 
 /** At most this many buckets per tag: the server aggregates, the chart draws a bounded number of points. */
 const MAX_POINTS = 600;
@@ -119,7 +119,7 @@ export function Trend({ params }: { params: URLSearchParams }) {
   }, [tags, range, limits.lsl, limits.usl]);
 
   const label = (t: bigint) => {
-    const info = names?.tags.get(t);
+    const info = tagInfo(names, t);
     return info ? `${info.plc.displayName || info.plc.id} · ${info.name}${info.unit ? ` (${info.unit})` : ""}` : `tag ${t}`;
   };
 
