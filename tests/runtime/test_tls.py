@@ -160,8 +160,15 @@ async def test_the_health_port_answers_health_in_plaintext_and_nothing_else(conf
 def test_the_uri_san_names_the_principal() -> None:
     demo = principal_from_uris(["urn:fabrica:collector:demo"])
     assert demo == principal.Principal("collector:demo", frozenset({"collector"}), "demo", "certificate")
+    # A service's certificate is installation-wide (runtime/tenancy.py): it names the tenant per request.
     assert principal_from_uris(["urn:fabrica:service:production"]) == principal.Principal(
-        "service:production", frozenset({"viewer"}), None, "certificate")
+        "service:production", frozenset({"viewer"}), None, "certificate", tenant="*")
+    # A collector's certificate names its tenant (default without one); a malformed or second tenant: nobody.
+    assert principal_from_uris(["urn:fabrica:collector:c", "urn:fabrica:tenant:acme"]).tenant == "acme"
+    assert demo.tenant == "default"
+    for uris in (["urn:fabrica:collector:c", "urn:fabrica:tenant:*"], ["urn:fabrica:collector:c", "urn:fabrica:tenant:"],
+                 ["urn:fabrica:collector:c", "urn:fabrica:tenant:a", "urn:fabrica:tenant:b"]):
+        assert principal_from_uris(uris) is None
     # Both (never issued so): the collector's, the narrower identity.
     assert principal_from_uris(["urn:fabrica:service:x", "urn:fabrica:collector:c"]).collector_id == "c"
     for uris in ([], ["urn:fabrica:collector:"], ["urn:other:collector:demo"], ["https://example.com"]):

@@ -64,12 +64,13 @@ class TenantDirectory:
     """
 
     def __init__(self, settings: Settings | None = None, *, config_addr: str | None = None,
-                 interval: float = POLL_INTERVAL,
+                 interval: float = POLL_INTERVAL, page_size: int = PAGE_SIZE,
                  channel_factory: Callable[[], grpc.aio.Channel] | None = None,
                  on_change: Callable[[set[str]], None] | None = None):
         self.settings = settings
         self.config_addr = config_addr if config_addr is not None else (settings.config_addr if settings else "")
         self.interval = interval
+        self.page_size = page_size
         self._channel_factory = channel_factory
         self._on_change = on_change
         self._tenants: dict[str, tenant_pb2.Tenant] = {}
@@ -146,7 +147,7 @@ class TenantDirectory:
         token = ""
         try:
             while True:
-                page = await stub.ListTenants(config_pb.ListTenantsRequest(page_size=PAGE_SIZE, page_token=token),
+                page = await stub.ListTenants(config_pb.ListTenantsRequest(page_size=self.page_size, page_token=token),
                                               timeout=POLL_TIMEOUT)
                 for t in page.tenants:
                     found[t.code] = t

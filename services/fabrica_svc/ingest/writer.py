@@ -88,6 +88,8 @@ class StreamSession:
     failed: BaseException | None = None
     #: Told when the stream fails while it may be idle (the stream handler then ends the call with it).
     interrupt: Callable[[BaseException], None] | None = None
+    #: The tenant of the stream's collector; its batches are written under it.
+    tenant: str = "default"
 
     def fail(self, error: BaseException) -> None:
         if self.failed is None:
@@ -288,7 +290,7 @@ class BatchWriter:
             return
         self._fail(group, Unavailable("write conflicts persisted; retry", reason="WRITE_CONFLICT"))
 
-    async def _transaction(self, group: Sequence[_Pending]) -> tuple[list[BatchOutcome], list[tuple[int, str, int]]]:
+    async def _transaction(self, group: Sequence[_Pending]) -> tuple[list[BatchOutcome], list[tuple[str, int, str, int]]]:
         batches = [p.batch for p in group]
         span = commit_span(batches)
         try:
@@ -305,7 +307,7 @@ class BatchWriter:
             span.end()
         return outcomes, tag_changes
 
-    async def _transaction_of(self, batches: list[WriteBatch]) -> tuple[list[BatchOutcome], list[tuple[int, str, int]]]:
+    async def _transaction_of(self, batches: list[WriteBatch]) -> tuple[list[BatchOutcome], list[tuple[str, int, str, int]]]:
         tag_changes = self.tags.changes(batches)
         started = time.perf_counter()
         if self._conn is None or self._conn.is_closed():
@@ -372,8 +374,8 @@ class BatchWriter:
 
     # --- open streams ---------------------------------------------------------------------------------
 
-    def open_session(self, collector_id: str, resumed_at: int, epoch: int = 0) -> StreamSession:
-        session = StreamSession(collector_id, resumed_at, epoch)
+    def open_session(self, collector_id: str, resumed_at: int, epoch: int = 0, tenant: str = "default") -> StreamSession:
+        session = StreamSession(collector_id, resumed_at, epoch, tenant=tenant)
         self._sessions.add(session)
         return session
 

@@ -117,16 +117,22 @@ def load_tls(cert: str, key: str, ca: str) -> TlsConfig:
 
 def principal_from_uris(uris: list[str]) -> principal.Principal | None:
     """The principal a verified certificate's URI SANs name: ``urn:fabrica:collector:<id>`` →
-    ``collector:<id>`` (role collector), ``urn:fabrica:service:<name>`` → ``service:<name>`` (viewer);
-    None when it names neither. A collector URI wins over a service URI in the same certificate."""
+    ``collector:<id>`` (role collector) of the tenant its ``urn:fabrica:tenant:<code>`` names (``default``
+    without one), ``urn:fabrica:service:<name>`` → ``service:<name>`` (viewer), installation-wide (``*``:
+    it names the tenant per request, runtime/tenancy.py); None when it names neither, or names a tenant
+    that is not a tenant code. A collector URI wins over a service URI in the same certificate."""
+    tenants = [uri[len(TENANT_URI):] for uri in uris if uri.startswith(TENANT_URI)]
     for uri in uris:
         if uri.startswith(COLLECTOR_URI) and (cid := uri[len(COLLECTOR_URI):]):
+            tenant = tenants[0] if tenants else tenancy.DEFAULT
+            if len(set(tenants)) > 1 or not tenancy.is_code(tenant):
+                return None
             return principal.Principal(subject=f"collector:{cid}", roles=frozenset({principal.COLLECTOR}),
-                                       collector_id=cid, via="certificate")
+                                       collector_id=cid, via="certificate", tenant=tenant)
     for uri in uris:
         if uri.startswith(SERVICE_URI) and (name := uri[len(SERVICE_URI):]):
             return principal.Principal(subject=f"service:{name}", roles=frozenset({principal.VIEWER}),
-                                       via="certificate")
+                                       via="certificate", tenant=tenancy.ALL)
     return None
 
 

@@ -28,10 +28,19 @@ class CommittedBatch(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     COMMIT_TIME_FIELD_NUMBER: _builtins.int
     STORED_READINGS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
-    """Position in the feed; strictly increasing in commit order (across replicas). Resume after it."""
+    """Position in the feed; strictly increasing in commit order (across replicas). Resume after it. Opaque:
+    cursors are positions in the feed of every tenant, so a watcher sees gaps between the cursors of its
+    batches (other tenants' batches, and batches its filters leave out); gaps are normal and mean nothing.
+    """
     stored_readings: _builtins.int
     """How many readings the batch had when it was stored (before any filter)."""
+    tenant: _builtins.str
+    """The tenant whose batch it is (the tenant of the collector that sent it). A tenant's watcher only ever
+    receives its own tenant's batches; an installation-wide watcher (header `x-fabrica-tenant: *`, e.g. the
+    alarm service) receives every tenant's and evaluates each within the tenant it names.
+    """
     @_builtins.property
     def batch(self) -> _reading_pb2.ReadingBatch:
         """The batch as its collector sent it (collector_id, sequence, readings in the order sent), narrowed to
@@ -49,10 +58,11 @@ class CommittedBatch(_message.Message):
         batch: _reading_pb2.ReadingBatch | None = ...,
         commit_time: _timestamp_pb2.Timestamp | None = ...,
         stored_readings: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "commit_time", b"commit_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "commit_time", b"commit_time", "cursor", b"cursor", "stored_readings", b"stored_readings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "commit_time", b"commit_time", "cursor", b"cursor", "stored_readings", b"stored_readings", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

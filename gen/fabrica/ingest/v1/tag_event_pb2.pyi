@@ -32,8 +32,12 @@ class TagEvent(_message.Message):
     QUALITY_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
-    """Position in the event log; strictly increasing in commit order. Resume after it."""
+    """Position in the event log; strictly increasing in commit order. Resume after it. Opaque: cursors are
+    positions in the log of every tenant, so a watcher sees gaps between the cursors of its events (the
+    other tenants' events, and events its filters leave out); gaps are normal and mean nothing.
+    """
     tag_id: _builtins.int
     """The tag."""
     plc_id: _builtins.str
@@ -42,6 +46,11 @@ class TagEvent(_message.Message):
     """The tag's role."""
     quality: _reading_pb2.Quality.ValueType
     """Quality of the reading."""
+    tenant: _builtins.str
+    """The tenant whose tag it is (the tenant of the collector that sent the reading). A tenant's watcher only
+    ever receives its own tenant's events; an installation-wide watcher (header `x-fabrica-tenant: *`, e.g.
+    the production service) receives every tenant's and books each in the tenant it names.
+    """
     @_builtins.property
     def value(self) -> _reading_pb2.Value:
         """The value read."""
@@ -68,10 +77,11 @@ class TagEvent(_message.Message):
         quality: _reading_pb2.Quality.ValueType = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
         trace_context: _reading_pb2.TraceContext | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "plc_id", b"plc_id", "quality", b"quality", "read_time", b"read_time", "role", b"role", "tag_id", b"tag_id", "tenant", b"tenant", "trace_context", b"trace_context", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
