@@ -156,7 +156,8 @@ def shown_dsn(dsn: str) -> str:
 
 def _service_token(key: LocalKey, settings: Settings) -> str:
     """The token a service of this stack sends its peers: the collector's own, production's and alarm's a
-    viewer's (they read tag events, committed readings and PLCs); "" for config and ingest, which call no one."""
+    viewer's (they read tag events, committed readings and PLCs); "" for config, which calls no one, and ingest,
+    which calls config (ListTenants) with its certificate alone (a service's certificate acts across tenants)."""
     common = {"ttl_seconds": SERVICE_TOKEN_TTL, "issuer": settings.jwt_issuer, "audience": settings.jwt_audience}
     if settings.service == "collector":
         return mint_token(key, subject=f"collector-{settings.collector_id}", roles=["collector"],

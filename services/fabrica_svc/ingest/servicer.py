@@ -9,6 +9,11 @@ as the interceptor did. What is checked here besides is what those rules cannot 
 batch exactly one above the last: the sequence rule, see domain.plan_group; the epoch) and values Postgres
 cannot hold (see convert.py).
 
+Tenants: every query runs on the pool, scoped to the RPC's tenant by row-level security (store.py,
+"Tenants"), so nothing here filters by tenant. What belongs to one tenant (a collector's stream, its tags,
+its sequence) needs one: an installation-wide caller naming none (``*``) is INVALID_ARGUMENT. A stream's
+batches are stamped with its tenant and pass its readings/s quota (quota.py) before they are queued.
+
 Names and units: SyncTags stores what each collector says of its tags (store.sync_tags, in its own table
 and transaction, apart from the write path); the readings GetLatestValues, QueryReadings and
 ExportReadings return carry them (tag_name, unit), and GetLatestValues leaves out removed tags.
