@@ -395,7 +395,7 @@ SELECT (SELECT count(*) FROM upserted) AS changed, (SELECT count(*) FROM gone) A
 
 _LOCK_SEQUENCES = (
     "SELECT collector_id, committed_sequence, epoch FROM ingest.collector_sequences"
-    " WHERE collector_id = ANY($1::text[]) ORDER BY tenant_id, collector_id FOR UPDATE"
+    " WHERE tenant_id = $2 AND collector_id = ANY($1::text[]) ORDER BY collector_id FOR UPDATE"
 )
 
 _FINISH_GROUP = f"""
@@ -410,7 +410,7 @@ WITH newest AS (
 ), advanced AS (
     UPDATE ingest.collector_sequences s SET committed_sequence = u.seq, update_time = now()
     FROM unnest($10::text[], $11::bigint[]) AS u(collector_id, seq)
-    WHERE s.collector_id = u.collector_id
+    WHERE s.tenant_id = $14 AND s.collector_id = u.collector_id
 )
 SELECT CASE WHEN $12::boolean THEN pg_notify($13, currval('ingest.tag_events_cursor_seq')::text) END
 """
@@ -610,7 +610,9 @@ class IngestStore:
                 await conn.execute(_SET_TENANT, tenant)
                 mine = [batches[i] for i in slices[tenant]]
                 collectors = sorted({b.collector_id for b in mine})
-                locked = await conn.fetch(_LOCK_SEQUENCES, collectors)
+                # The statements name the slice's tenant besides the policy (which alone would do): so that
+                # without row-level security (benchmarks) the slices stay apart too.
+                locked = await conn.fetch(_LOCK_SEQUENCES, collectors, tenant)
                 if len(locked) < len(collectors):  # a collector's first batch
                     await conn.execute(
                         "INSERT INTO ingest.collector_sequences (collector_id)"
@@ -618,7 +620,7 @@ class IngestStore:
                         " ON CONFLICT (tenant_id, collector_id) DO NOTHING",
                         collectors,
                     )
-                    locked = await conn.fetch(_LOCK_SEQUENCES, collectors)
+                    locked = await conn.fetch(_LOCK_SEQUENCES, collectors, tenant)
                 plan = plan_group(
                     {r["collector_id"]: (r["committed_sequence"], r["epoch"]) for r in locked},
                     [(b.collector_id, b.sequence, b.size, b.epoch) for b in mine],
@@ -673,7 +675,7 @@ class IngestStore:
                 await conn.execute(
                     _FINISH_GROUP,
                     *zip(*merge_latest(written)),
-                    list(advanced[tenant]), list(advanced[tenant].values()), bool(events), EVENTS_CHANNEL,
+                    list(advanced[tenant]), list(advanced[tenant].values()), bool(events), EVENTS_CHANNEL, tenant,
                 )
         assert all(o is not None for o in outcomes)
         # The sequences advanced, by "tenant/collector" (a collector id is unique within its tenant only).
