@@ -328,8 +328,22 @@ ALTER TABLE latest DROP CONSTRAINT latest_pkey, ADD PRIMARY KEY (tag_id, tenant_
 ALTER TABLE tag_metadata DROP CONSTRAINT tag_metadata_pkey, ADD PRIMARY KEY (tag_id, tenant_id);
 DROP INDEX tag_metadata_collector_idx;
 CREATE INDEX tag_metadata_collector_idx ON tag_metadata (tenant_id, collector_id, tag_id);
+-- A tenant's watcher reads its own events and batches after its cursor, and its newest cursor, without
+-- scanning every other tenant's (the policy's OR cannot use an index; the watch queries name the tenant).
+CREATE INDEX tag_events_tenant_cursor_idx ON tag_events (tenant_id, cursor);
+CREATE INDEX committed_batches_tenant_cursor_idx ON committed_batches (tenant_id, cursor);
 """])),
 ]
+
+def _own_tenant(param: int) -> tuple[str, tuple[str, ...]]:
+    """For the watch queries of a single tenant's caller: the predicate ``tenant_id = $<param> AND `` and its
+    argument, so that the (tenant_id, cursor) indexes serve them (the policy, which holds all the same, is an
+    OR no index can serve); nothing for a caller across tenants."""
+    tenant = tenancy.current()
+    if tenant is None or tenant == tenancy.ALL:
+        return "", ()
+    return f"tenant_id = ${param} AND ", (tenant,)
+
 
 def _sampled(traceparent: str) -> bool:
     """The traceparent's sampled flag (the low bit of its last field; 0x02 is W3C level 2's random flag)."""
@@ -848,18 +862,20 @@ class IngestStore:
         """Events after cursor `after` (filtered), plus, from the same snapshot, the highest cursor
         committed and the retention mark. Because cursors are taken in commit order, every cursor at or
         below `high` that will ever exist is already visible: a filtered watcher may skip to `high`."""
+        mine, args = _own_tenant(5)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
                 "SELECT cursor, tenant_id, tag_id, plc_id, role, read_time, quality, kind, value, int_value,"
                 " text_value, bytes_value, traceparent, tracestate FROM ingest.tag_events"
-                " WHERE cursor > $1 AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[]))"
+                f" WHERE {mine}cursor > $1 AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[]))"
                 "   AND ($3::text[] IS NULL OR plc_id = ANY($3::text[]))"
                 " ORDER BY cursor LIMIT $4",
-                after, list(tag_ids) if tag_ids else None, list(plc_ids) if plc_ids else None, limit,
+                after, list(tag_ids) if tag_ids else None, list(plc_ids) if plc_ids else None, limit, *args,
             )
+            mine, args = _own_tenant(1)
             marks = await conn.fetchrow(
-                "SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.tag_events) AS high,"
-                " (SELECT purged_through FROM ingest.event_retention) AS purged"
+                f"SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.tag_events WHERE {mine}true) AS high,"
+                " (SELECT purged_through FROM ingest.event_retention) AS purged", *args
             )
         return EventsPage(rows, marks["high"], marks["purged"])
 
@@ -868,29 +884,33 @@ class IngestStore:
         `limit` rows and `max_bytes` of payload (but always the first row, whatever its size), plus, from the same snapshot, the
         highest cursor committed and the retention mark. As for events, every cursor at or below `high`
         that will ever exist is already visible (cursors are taken in commit order)."""
+        mine, args = _own_tenant(5)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             # The first `limit` matching rows (ids and sizes only), then the payloads of those that fit.
             rows = await conn.fetch(
                 "WITH f AS ("
                 "  SELECT cursor, octet_length(payload) AS size FROM ingest.committed_batches"
-                "  WHERE cursor > $1 AND ($2::text[] IS NULL OR plc_ids && $2::text[])"
+                f"  WHERE {mine}cursor > $1 AND ($2::text[] IS NULL OR plc_ids && $2::text[])"
                 "  ORDER BY cursor LIMIT $3"
                 "), w AS (SELECT cursor, sum(size) OVER (ORDER BY cursor) AS upto, count(*) OVER () AS n FROM f)"
                 " SELECT c.cursor, c.tenant_id, c.commit_time, c.reading_count, c.payload, w.n"
                 " FROM w JOIN ingest.committed_batches c USING (cursor)"
                 " WHERE w.upto <= $4 OR w.cursor = (SELECT min(cursor) FROM f) ORDER BY c.cursor",
-                after, list(plc_ids) if plc_ids else None, limit, max_bytes,
+                after, list(plc_ids) if plc_ids else None, limit, max_bytes, *args,
             )
+            mine, args = _own_tenant(1)
             marks = await conn.fetchrow(
-                "SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches) AS high,"
-                " (SELECT purged_through FROM ingest.feed_retention) AS purged"
+                f"SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches WHERE {mine}true) AS high,"
+                " (SELECT purged_through FROM ingest.feed_retention) AS purged", *args
             )
         complete = not rows or (len(rows) == rows[0]["n"] < limit)
         return FeedPage(rows, marks["high"], marks["purged"], complete)
 
     async def feed_head(self) -> int:
         """The highest cursor of the committed-readings feed (0 when it is empty)."""
-        return int(await self.pool.fetchval("SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches"))
+        mine, args = _own_tenant(1)
+        return int(await self.pool.fetchval(
+            f"SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches WHERE {mine}true", *args))
 
     async def purge_feed_before(self, cutoff: datetime) -> int:
         """Delete feed rows committed before `cutoff`, by cursor (up to the last one committed before it),
