@@ -849,7 +849,9 @@ class IngestStore:
         One statement under the collector's advisory lock, so two syncs of a collector never interleave."""
         columns = list(zip(*tags)) if tags else [(), (), (), (), ()]
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", TAG_SYNC_LOCK_CLASS, collector_id)
+            # Keyed by tenant and collector: another tenant's collector of the same id is another collector.
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", TAG_SYNC_LOCK_CLASS,
+                               f"{tenancy.current()}/{collector_id}")
             row = await conn.fetchrow(_SYNC_TAGS, collector_id, *(list(c) for c in columns))
             if row["changed"] or row["removed"]:  # the same set again changes nothing and is not recorded
                 await audit.record(conn, f"collectors/{collector_id}/tags",
