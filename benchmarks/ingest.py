@@ -13,6 +13,13 @@ ingest process's peak RSS (VmHWM) and the CPU each process used during the Fabri
 4. Fabrica with 2 ingest processes on the same database, the clients spread over them (client k to process
    k % 2): the aggregate beside mode 3. On a 2-core machine shared by both, Postgres and the clients this
    shows that nothing serialises across replicas, not what more cores would buy.
+5. and 6. Row-level security (tenants, services/fabrica_svc/ingest/store.py): the write path alone, in this
+   process (the BatchWriter and the store over their own connections, batches converted beforehand), with
+   row-level security on, as ingest runs (each tenant's slice COPYed into a temporary staging table and
+   moved with INSERT .. SELECT under the tenant's policy), beside the same batches with it off
+   (runtime/db.py ``create_pool(row_security=False)``: the connecting superuser, whom no policy holds, COPYs
+   straight into the tables). Streams of two tenants, so that groups mix tenants. Each mode runs twice,
+   interleaved, and the better run of each is printed (the machine is shared and noisy).
 
 Where Fabrica's time goes (cProfile, FABRICA_BENCH_PROFILE; and the "validation" line, measured in this
 process): ingest is bound by its one Python thread. StreamReadings validates each ReadingBatch once, in
@@ -110,12 +117,21 @@ async def _count(dsn: str) -> int:
 COPY_CPU_US = [float("nan")]
 
 
-async def bench_raw_copy(dsn: str, rows: list[tuple]) -> float:
-    from fabrica_svc.ingest.domain import READING_COLUMNS
+async def _owner_writer(dsn: str) -> asyncpg.Connection:
+    """The writer's connection as the tables' owner (no row-level security: the baselines), its rows of the
+    tenant ``default`` (the tenant column's default is the session's tenant)."""
     from fabrica_svc.ingest.store import IngestStore
 
+    conn = await IngestStore(None, dsn, row_security=False).connect_writer()  # type: ignore[arg-type]
+    await conn.execute("SELECT set_config('fabrica.tenant', 'default', false)")
+    return conn
+
+
+async def bench_raw_copy(dsn: str, rows: list[tuple]) -> float:
+    from fabrica_svc.ingest.domain import READING_COLUMNS
+
     await _create_today_partition(dsn)
-    conn = await IngestStore(None, dsn).connect_writer()  # type: ignore[arg-type]
+    conn = await _owner_writer(dsn)
     try:
         started, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(rows), GROUP_ROWS):
@@ -133,10 +149,9 @@ async def bench_raw_copy(dsn: str, rows: list[tuple]) -> float:
 
 async def bench_naive(dsn: str, rows: list[tuple], batch_size: int) -> float:
     from fabrica_svc.ingest.domain import READING_COLUMNS
-    from fabrica_svc.ingest.store import IngestStore
 
     await _create_today_partition(dsn)
-    conn = await IngestStore(None, dsn).connect_writer()  # type: ignore[arg-type]
+    conn = await _owner_writer(dsn)
     sql = (f"INSERT INTO ingest.readings ({', '.join(READING_COLUMNS)})"
            f" VALUES ({', '.join(f'${i}' for i in range(1, len(READING_COLUMNS) + 1))})")
     queue: asyncio.Queue[list[tuple] | None] = asyncio.Queue(maxsize=64)
@@ -157,6 +172,79 @@ async def bench_naive(dsn: str, rows: list[tuple], batch_size: int) -> float:
     finally:
         await conn.close()
     assert await _count(dsn) == len(rows)
+    return elapsed
+
+
+BENCH_TENANTS = ("acme", "globex")
+
+
+def write_batches(n: int, batch_size: int, streams: int, start_us: int) -> list[list]:
+    """The batches of each of `streams` streams (readings index, index+streams, ...), converted as
+    StreamReadings converts them (convert.batch_from_proto), with their received bytes as the feed's payload
+    and the tenant of the stream (BENCH_TENANTS, alternately)."""
+    from google.protobuf import timestamp_pb2
+
+    from fabrica.common.v1 import reading_pb2
+    from fabrica_svc.ingest.convert import batch_from_proto
+
+    out: list[list] = []
+    for k in range(streams):
+        mine, readings = [], []
+        for i in range(k, n, streams):
+            us = start_us + i * 1000
+            readings.append(reading_pb2.Reading(
+                tag_id=1 + i % TAGS, read_time=timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000),
+                value=reading_pb2.Value(double_value=i * 0.25), quality=1, plc_id=f"plc-{(i % TAGS) // 100}", role=1))
+            if len(readings) == batch_size or i + streams >= n:
+                proto = reading_pb2.ReadingBatch(collector_id=f"bench-{k}", sequence=len(mine) + 1, readings=readings)
+                converted = batch_from_proto(proto)
+                converted.payload = proto.SerializeToString()
+                converted.tenant = BENCH_TENANTS[k % len(BENCH_TENANTS)]
+                mine.append(converted)
+                readings = []
+        out.append(mine)
+    return out
+
+
+async def bench_write_path(dsn: str, streams: list[list], *, row_security: bool, in_flight: int = 8) -> float:
+    """The BatchWriter and the store alone (no gRPC, no conversion): each stream submits its batches with
+    `in_flight` of them unacknowledged, as StreamReadings does; seconds until every batch is committed."""
+    from fabrica_svc.ingest.store import IngestStore
+    from fabrica_svc.ingest.writer import BatchWriter
+    from fabrica_svc.runtime.db import create_pool
+
+    await _create_today_partition(dsn)
+    pool = await create_pool(dsn, "ingest", min_size=1, max_size=2, row_security=row_security)
+    store = IngestStore(pool, dsn, row_security=row_security)
+    writer = BatchWriter(store, group_max_rows=GROUP_ROWS, group_max_delay=0.0, queue_max_rows=100_000)
+    await writer.start()
+
+    async def stream(batches: list) -> int:
+        session = writer.open_session(batches[0].collector_id, 0, tenant=batches[0].tenant)
+        window: asyncio.Queue = asyncio.Queue(maxsize=in_flight)
+        written = 0
+
+        async def acks() -> None:
+            nonlocal written
+            while (future := await window.get()) is not None:
+                written += (await future).written
+
+        reader = asyncio.create_task(acks())
+        for b in batches:
+            await window.put(await writer.submit(session, b))
+        await window.put(None)
+        await reader
+        return written
+
+    try:
+        started = time.perf_counter()
+        written = await asyncio.gather(*(stream(s) for s in streams))
+        elapsed = time.perf_counter() - started
+    finally:
+        await writer.stop()
+        await pool.close()
+    expected = sum(b.size for s in streams for b in s)
+    assert sum(written) == expected == await _count(dsn), (written, expected)
     return elapsed
 
 
@@ -506,6 +594,17 @@ async def _run() -> int:
         two_s, two_acked, two_peak, two_cpu = await bench_fabrica(
             await _fresh_database(admin, "bench_fabrica_2"), n, batch_size, max(2, clients), start_us, root, replicas=2)
         print(f"  fabrica, 2 ingest processes, done in {two_s:.1f} s", flush=True)
+        streams = write_batches(n, batch_size, max(2, clients), start_us)
+        rls_s = {True: float("inf"), False: float("inf")}
+        for round_ in range(2):
+            for row_security in (False, True):
+                seconds = await bench_write_path(
+                    await _fresh_database(admin, f"bench_rls_{'on' if row_security else 'off'}_{round_}"), streams,
+                    row_security=row_security)
+                rls_s[row_security] = min(rls_s[row_security], seconds)
+        del streams
+        print(f"  write path, row-level security on and off, done (best of 2: {rls_s[True]:.1f} s, {rls_s[False]:.1f} s)",
+              flush=True)
     finally:
         server.cleanup()
         if os.environ.get("FABRICA_BENCH_KEEP_LOG") and (root / "ingest-0.log").exists():
@@ -520,7 +619,12 @@ async def _run() -> int:
     print(f"{'2. naive: asyncio queue, one worker, executemany per batch':<58}{naive:>12,.0f}{naive_s:>10.1f}")
     print(f"{f'3. Fabrica end to end: {clients} clients -> ingest (acked)':<58}{fab:>12,.0f}{fab_s:>10.1f}")
     print(f"{f'4. Fabrica, 2 ingest processes, {max(2, clients)} clients spread':<58}{two:>12,.0f}{two_s:>10.1f}")
+    rls_on, rls_off = n / rls_s[True], n / rls_s[False]
+    print(f"{f'5. write path, row-level security on ({len(BENCH_TENANTS)} tenants)':<58}{rls_on:>12,.0f}{rls_s[True]:>10.1f}")
+    print(f"{'6. write path, row-level security off (superuser COPY)':<58}{rls_off:>12,.0f}{rls_s[False]:>10.1f}")
     print()
+    print(f"ingest rate with row-level security on: {rls_on:,.0f} rows/s beside {rls_off:,.0f} rows/s with it off"
+          f" (ratio 5/6: {rls_on / rls_off:.0%})")
     print(f"ratio 3/1: {fab / raw:.0%}   ratio 3/2: {fab / naive:.2f}x   ingest peak RSS: {peak:.0f} MiB"
           f"   ingest CPU: {ingest_cpu / acked * 1e6:.1f} µs per reading")
     print(f"scale-out 4/3: {two / fab:.2f}x   (2 processes: peak RSS {two_peak:.0f} MiB each at most, ingest CPU"

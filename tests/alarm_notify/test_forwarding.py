@@ -130,7 +130,8 @@ async def test_forwarding_into_a_second_ingest_is_exactly_once_across_forwarder_
     assert await readings_of(second_database) == expected  # every reading once, nothing of plc-2
     duplicates += forwarder.stats["site-b"].duplicates
     state = await store.get_forwarding_target(alarm_pool, "site-b")
-    committed = await other.app.store.committed_sequence("fwd-site-a")
+    with tenancy.scope(tenancy.DEFAULT):  # ingest's store, called outside an RPC: in the forwarder's tenant
+        committed = await other.app.store.committed_sequence("fwd-site-a")
     assert committed == state.forwarded_batches  # the k-th batch forwarded is sequence k there
     assert duplicates >= lost, "the replay after the lost commit was acknowledged as duplicates"
     assert state.cursor > 0 and state.last_error == "" and state.last_forward_time is not None
@@ -230,9 +231,10 @@ async def test_a_cursor_ingest_no_longer_retains_goes_on_from_the_oldest_retaine
     await store.create_forwarding_target(alarm_pool, ForwardingTarget(
         id="cloud", plc_ids=("plc-1",), kind=FORWARD_HTTP, url=receiver.url("/in"), secret=SECRET))
     await alarm_pool.execute("UPDATE alarm.forwarding_targets SET cursor = 1, forwarded_batches = 1")
-    await source.app.store.pool.execute(
-        "UPDATE ingest.committed_batches SET commit_time = now() - interval '2 days' WHERE cursor <= 2")
-    assert await source.app.store.purge_feed_before(datetime.now(UTC) - timedelta(days=1)) == 2
+    with tenancy.system():  # ingest's pool and maintenance, outside an RPC: across tenants (row-level security)
+        await source.app.store.pool.execute(
+            "UPDATE ingest.committed_batches SET commit_time = now() - interval '2 days' WHERE cursor <= 2")
+        assert await source.app.store.purge_feed_before(datetime.now(UTC) - timedelta(days=1)) == 2
     forwarder = await supervisor(alarm_pool, database_url, source.address)
     try:
         await wait_for(lambda: len(receiver.at("/in")) == 2, timeout=20, what="the retained batches")

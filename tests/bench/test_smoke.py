@@ -34,11 +34,13 @@ def test_the_fuzz_benchmark_fuzzes_every_service_and_reports_throughput_and_memo
     assert all(row[-1] == "yes" for row in rows.values()), table  # every server alive after its fuzz
 
 
-def test_the_ingest_benchmark_runs_its_four_modes(tmp_path: Path) -> None:
+def test_the_ingest_benchmark_runs_its_modes_with_row_level_security_on_beside_off(tmp_path: Path) -> None:
     out = run_benchmark("ingest", FABRICA_BENCH_ROWS="3000", FABRICA_BENCH_CLIENTS="1", FABRICA_BENCH_BATCH="500",
                         FABRICA_BENCH_PYSPY=str(tmp_path / "ingest.pyspy"))
-    for mode in ("1. raw asyncpg COPY", "2. naive", "3. Fabrica end to end", "4. Fabrica, 2 ingest processes"):
+    for mode in ("1. raw asyncpg COPY", "2. naive", "3. Fabrica end to end", "4. Fabrica, 2 ingest processes",
+                 "5. write path, row-level security on", "6. write path, row-level security off"):
         assert mode in out
+    assert "ingest rate with row-level security on:" in out and "ratio 5/6" in out
     assert "ratio 3/1" in out and "µs per reading" in out and "ingest peak RSS" in out
     assert "scale-out 4/3" in out and "CPU µs per reading, measured apart" in out
     assert "py-spy" in out  # its profile of the ingest process, or that it could not take one here

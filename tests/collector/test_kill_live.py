@@ -39,6 +39,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as ipb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 
 from fabrica_svc.plcsim import ManualClock, PlantConfig, Simulator
+from fabrica_svc.runtime import tenancy
 
 from .support import (GOOD, collector_settings, free_port, key, mb_tag, modbus_plc, s7_plc, s7_tag, start_ingest,
                       store_config, stored_readings, value_of, wait_for)
@@ -153,8 +154,9 @@ async def test_collector_killed_three_times_while_streaming_to_live_ingest_store
                     if release == "while dead":
                         await transaction.rollback()
                         # Ingest commits what it had received; the acknowledgements go nowhere.
-                        await wait_for(lambda: _equal(store.committed_sequence(COLLECTOR), max(on_disk)),
-                                       timeout=30, what="ingest to commit the batches in flight")
+                        with tenancy.scope(tenancy.DEFAULT):  # ingest's store outside an RPC: the collector's tenant
+                            await wait_for(lambda: _equal(store.committed_sequence(COLLECTOR), max(on_disk)),
+                                           timeout=30, what="ingest to commit the batches in flight")
                     await collector.start()
                     if release == "after the restart":
                         await transaction.rollback()

@@ -49,12 +49,13 @@ HEADLESS = ("config", "ingest", "production", "alarm")
 #: The services collectors and services call, on their mutual-TLS peer port (FABRICA_PEER_PORT).
 PEER_PORTS = {"config": 50061, "ingest": 50062}
 #: Who may call each peer port (NetworkPolicy), by app.kubernetes.io/name.
-PEER_CALLERS = {"config": {"collector", "production", "alarm"}, "ingest": {"collector", "production", "alarm"}}
+PEER_CALLERS = {"config": {"collector", "production", "alarm", "ingest"}, "ingest": {"collector", "production", "alarm"}}
 #: Addresses each service is given, and the Service they must point at (its peer port).
 ADDRESSES = {
     "production": {"FABRICA_INGEST_ADDR": "ingest", "FABRICA_CONFIG_ADDR": "config"},
     "collector": {"FABRICA_CONFIG_ADDR": "config", "FABRICA_INGEST_ADDR": "ingest"},
     "alarm": {"FABRICA_INGEST_ADDR": "ingest", "FABRICA_CONFIG_ADDR": "config"},
+    "ingest": {"FABRICA_CONFIG_ADDR": "config"},  # the tenants' quotas and retention (ListTenants)
 }
 
 #: The gRPC services the UI reaches through Envoy (the collector: its admin API), and the Envoy cluster of each.

@@ -17,6 +17,9 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fabrica.common.v1 import reading_pb2
+from fabrica.config.v1 import config_service_pb2 as config_pb
+from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
+from fabrica.config.v1 import tenant_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica_svc.ingest.config import IngestConfig
@@ -194,3 +197,40 @@ class IngestProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+class TenantsConfig(config_grpc.ConfigServiceServicer):
+    """A real gRPC ConfigService serving ListTenants only, from `tenants` (a test changes them at will), in
+    pages of the size asked: the quotas and retention ingest's TenantDirectory polls. (Config's own
+    ListTenants is another part's; every other RPC here is UNIMPLEMENTED, as the generated base class has it.)"""
+
+    def __init__(self, tenants: Sequence[tenant_pb2.Tenant] = ()):
+        self.tenants = {t.code: t for t in tenants}
+        self.calls = 0
+        self.unimplemented = False
+
+    async def ListTenants(self, request: config_pb.ListTenantsRequest,
+                          context: grpc.aio.ServicerContext) -> config_pb.ListTenantsResponse:
+        self.calls += 1
+        if self.unimplemented:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ListTenants is not served")
+        codes = sorted(self.tenants)
+        start = int(request.page_token or 0)
+        end = start + (request.page_size or 50)
+        return config_pb.ListTenantsResponse(tenants=[self.tenants[c] for c in codes[start:end]],
+                                             next_page_token=str(end) if end < len(codes) else "")
+
+
+async def serve_config(servicer: config_grpc.ConfigServiceServicer) -> tuple[grpc.aio.Server, str]:
+    """`servicer` on 127.0.0.1:0; returns the server (the caller stops it) and its address."""
+    server = grpc.aio.server()
+    config_grpc.add_ConfigServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def tenant(code: str, readings_per_second: int = 0, raw_days: int = 0) -> tenant_pb2.Tenant:
+    return tenant_pb2.Tenant(code=code, name=code, active=True,
+                             quota=tenant_pb2.TenantQuota(readings_per_second=readings_per_second),
+                             retention=tenant_pb2.RetentionPolicy(raw_days=raw_days))

@@ -145,15 +145,25 @@ def test_merge_latest_takes_the_newest_per_tag_sorted_by_tag() -> None:
 def test_tag_cache_reports_only_new_or_changed_tags_and_stays_bounded() -> None:
     cache = domain.TagCache(max_size=3)
     one = batch_from_proto(batch("c", 1, [reading(1, T0_US), reading(2, T0_US)]))
-    assert cache.changes([one]) == [(1, "plc-1", 1), (2, "plc-1", 1)]
+    assert cache.changes([one]) == [("default", 1, "plc-1", 1), ("default", 2, "plc-1", 1)]
     cache.remember(cache.changes([one]))
     assert cache.changes([one]) == []
     moved = batch_from_proto(batch("c", 2, [reading(2, T0_US, plc_id="plc-9"), reading(3, T0_US)]))
-    assert cache.changes([moved]) == [(2, "plc-9", 1), (3, "plc-1", 1)]
+    assert cache.changes([moved]) == [("default", 2, "plc-9", 1), ("default", 3, "plc-1", 1)]
     cache.remember(cache.changes([moved]))
     assert len(cache) <= 3
-    cache.remember([(10, "x", 1), (11, "x", 1)])
+    cache.remember([("default", 10, "x", 1), ("default", 11, "x", 1)])
     assert len(cache) <= 3
+
+
+def test_tag_cache_keeps_each_tenants_rows_apart() -> None:
+    """A tag's row is its tenant's: the same tag id named by another tenant's batch is a change of its own."""
+    cache = domain.TagCache()
+    mine = batch_from_proto(batch("c", 1, [reading(1, T0_US)]))
+    theirs = batch_from_proto(batch("c", 1, [reading(1, T0_US)]))
+    theirs.tenant = "acme"
+    cache.remember(cache.changes([mine]))
+    assert cache.changes([mine, theirs]) == [("acme", 1, "plc-1", 1)]
 
 
 def _cursor_of(token: str, query: str) -> domain.PageCursor:

@@ -13,6 +13,7 @@ from grpc_helpers import error_info, field_violations
 
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import tag_event_pb2
+from fabrica_svc.runtime import tenancy
 from fabrica_svc.ingest.config import IngestConfig
 from fabrica_svc.ingest.maintenance import maintain
 from fabrica_svc.ingest.store import EVENTS_LOCK_KEY
@@ -138,8 +139,10 @@ async def test_cursor_older_than_retained_events_is_out_of_range(ingest) -> None
     await stream_batches(ingest.stub, "c1", counter_batches("c1", 2))
     events = await collect(ingest.stub, pb.WatchTagEventsRequest(), 6)
     # the first batch's events become old enough for a 7-day retention to remove them
-    await ingest.app.store.pool.execute(
-        "UPDATE ingest.tag_events SET insert_time = now() - interval '30 days' WHERE cursor <= $1", events[2].cursor)
+    with tenancy.system():  # the test's own SQL on the service's pool says whose rows (row-level security)
+        await ingest.app.store.pool.execute(
+            "UPDATE ingest.tag_events SET insert_time = now() - interval '30 days' WHERE cursor <= $1",
+            events[2].cursor)
     await maintain(ingest.app.store, datetime.now(UTC), ahead=1, retention_days=7)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await collect(ingest.stub, pb.WatchTagEventsRequest(after_cursor=events[0].cursor), 1)
@@ -173,8 +176,8 @@ async def test_event_transactions_serialize_so_a_cursor_never_becomes_visible_be
         await tx.start()
         await conn.execute("SELECT pg_advisory_xact_lock($1)", EVENTS_LOCK_KEY)
         other = await conn.fetchval(
-            "INSERT INTO ingest.tag_events (tag_id, plc_id, role, read_time, quality, kind, value, int_value)"
-            " VALUES (7, 'press-9', 2, now(), 1, 2, 1, 1) RETURNING cursor")
+            "INSERT INTO ingest.tag_events (tenant_id, tag_id, plc_id, role, read_time, quality, kind, value, int_value)"
+            " VALUES ('default', 7, 'press-9', 2, now(), 1, 2, 1, 1) RETURNING cursor")  # every event names its tenant
         watch = ingest.stub.WatchTagEvents(pb.WatchTagEventsRequest())
         write = asyncio.create_task(stream_batches(ingest.stub, "c1", counter_batches("c1", 1)))
         done, _ = await asyncio.wait({write}, timeout=0.5)

@@ -12,6 +12,7 @@ from grpc_helpers import error_info, field_violations
 
 from fabrica.ingest.v1 import committed_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from fabrica_svc.runtime import tenancy
 from fabrica_svc.ingest.config import IngestConfig
 from fabrica_svc.ingest.maintenance import maintain
 
@@ -194,8 +195,10 @@ async def test_cursor_older_than_the_retained_feed_is_out_of_range(ingest) -> No
     await ingest.app.maintenance.stop()  # this test runs the round itself
     await stream_batches(ingest.stub, "c1", numbered_batches("c1", 4, 5))
     got, _ = await watch_batches(ingest.stub, pb.WatchCommittedReadingsRequest(), 4)
-    await ingest.app.store.pool.execute(
-        "UPDATE ingest.committed_batches SET commit_time = now() - interval '3 hours' WHERE cursor <= $1", got[1].cursor)
+    with tenancy.system():  # the test's own SQL on the service's pool says whose rows (row-level security)
+        await ingest.app.store.pool.execute(
+            "UPDATE ingest.committed_batches SET commit_time = now() - interval '3 hours' WHERE cursor <= $1",
+            got[1].cursor)
     report = await maintain(ingest.app.store, datetime.now(UTC), ahead=1, retention_days=0, feed_retention_hours=2)
     assert report.feed_purged_through == got[1].cursor
     with pytest.raises(grpc.aio.AioRpcError) as err:

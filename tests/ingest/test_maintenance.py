@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
@@ -115,3 +117,36 @@ async def test_a_starting_replica_moves_late_rows_in_the_background(ingest_facto
         return (await partitions(first.database_url)).get("readings_p20240229") == 20
     await wait_for(moved, what="the late rows in their day's partition")
     assert (await partitions(first.database_url))["readings_default"] == 0
+
+
+async def test_a_write_racing_the_attach_of_its_days_partition_is_retried_and_stored_in_it(ingest) -> None:
+    """Maintenance attaches a late day's partition while the writer is routing that day's rows to the
+    default partition: the writer's statement, which saw the partitions as they were when it started, is
+    refused ("violates partition constraint") once the attach commits; the writer writes the group again,
+    into the new partition, and the batch is acknowledged once (never rejected as a bad batch)."""
+    dsn = ingest.database_url
+    await ingest.app.maintenance.stop()
+    day = date(2024, 6, 3)
+    lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():  # what create_partition does, held open
+            await conn.execute("LOCK TABLE ingest.readings_default IN ACCESS EXCLUSIVE MODE")
+            await conn.execute("CREATE TABLE ingest.readings_p20240603"
+                               " (LIKE ingest.readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
+            await conn.execute(f"ALTER TABLE ingest.readings ATTACH PARTITION ingest.readings_p20240603"
+                               f" FOR VALUES FROM ('{lo.isoformat()}') TO ('{(lo + timedelta(days=1)).isoformat()}')")
+            write = asyncio.create_task(stream_batches(ingest.stub, "c1", [
+                batch("c1", 1, [reading(1, day_us(day) + i * S, float(i)) for i in range(20)])]))
+            await wait_for(lambda: _waiting(dsn), what="the writer waiting for the default partition")
+        _, acks = await asyncio.wait_for(write, 30)
+    finally:
+        await conn.close()
+    assert [(a.sequence, a.written) for a in acks] == [(1, 20)]
+    assert (await partitions(dsn))["readings_p20240603"] == 20
+    assert ingest.app.writer.stats.failed_groups == 0
+
+
+async def _waiting(dsn: str) -> bool:
+    return bool(await fetchval(dsn, "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                                    " WHERE NOT l.granted AND c.relname = 'readings_default'"))

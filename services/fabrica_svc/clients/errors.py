@@ -33,6 +33,8 @@ class ErrorDetails:
     field_violations: tuple[tuple[str, str], ...] = ()
     #: PreconditionFailure: (type, subject, description) per violation.
     precondition_violations: tuple[tuple[str, str, str], ...] = ()
+    #: QuotaFailure: (subject, description) per violation, e.g. ("tenants/acme", "... readings per second ...").
+    quota_violations: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         parts = [f"{self.code.name}: {self.message}"]
@@ -41,6 +43,7 @@ class ErrorDetails:
         parts += [f"{k}={v}" for k, v in self.metadata]
         violations = [f"{f}: {d}" for f, d in self.field_violations]
         violations += [f"{t} {s}: {d}" for t, s, d in self.precondition_violations]
+        violations += [f"quota {s}: {d}" for s, d in self.quota_violations]
         parts += [v for v in violations if v not in self.message]  # a service often says them in the message too
         return parts[0] if len(parts) == 1 else f"{parts[0]} [{'; '.join(parts[1:])}]"
 
@@ -59,6 +62,7 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
     metadata: tuple[tuple[str, str], ...] = ()
     fields: list[tuple[str, str]] = []
     preconditions: list[tuple[str, str, str]] = []
+    quotas: list[tuple[str, str]] = []
     for packed in status.details:
         if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -72,4 +76,8 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
             failure = error_details_pb2.PreconditionFailure()
             packed.Unpack(failure)
             preconditions += [(v.type, v.subject, v.description) for v in failure.violations]
-    return ErrorDetails(code, message, reason, domain, metadata, tuple(fields), tuple(preconditions))
+        elif packed.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            packed.Unpack(quota)
+            quotas += [(v.subject, v.description) for v in quota.violations]
+    return ErrorDetails(code, message, reason, domain, metadata, tuple(fields), tuple(preconditions), tuple(quotas))

@@ -7,7 +7,10 @@ come in order, and tells the source what is acknowledged (so a store-and-forward
 :meth:`IngestUplink.run` is the one reconnect loop of the uplink; it waits with the runtime's
 :class:`~fabrica_svc.runtime.retry.RetryPolicy` (the channel below only re-establishes its connection).
 On a retryable error (UNAVAILABLE and the like: ingest restarting, Postgres away) it reconnects and
-resends everything after the new resume point; ingest stores each batch once whatever is resent.
+resends everything after the new resume point; ingest stores each batch once whatever is resent. That
+includes RESOURCE_EXHAUSTED, ingest's refusal of a batch over the tenant's readings/s quota: nothing of the
+batch was stored, and the uplink waits at least the ``retry_after_ms`` ingest names (ErrorInfo metadata)
+before it sends it again (:attr:`UplinkStats.quota_refusals` counts these).
 INVALID_ARGUMENT and other permanent errors become :class:`UplinkRejected` (resending the same batch cannot
 help), with ingest's error details decoded; so do FAILED_PRECONDITION refusals of the sequence rule
 (SEQUENCE_GAP, with ingest's ``expected_sequence``) and of a fenced epoch (EPOCH_FENCED). Without an
@@ -206,6 +209,10 @@ class UplinkStats:
     streams: int = 0
     #: Status codes of the errors that ended a stream, in order (the last 100).
     errors: list[grpc.StatusCode] = field(default_factory=list)
+    #: Streams ended by RESOURCE_EXHAUSTED (a batch over the tenant's readings/s quota), and the seconds
+    #: waited after them before sending again.
+    quota_refusals: int = 0
+    quota_wait_seconds: float = 0.0
 
 
 class IngestUplink:
@@ -272,10 +279,22 @@ class IngestUplink:
                     backoff.reset()
                     continue
             delay = backoff.next_delay()
+            if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                delay = max(delay, self._retry_after(failure))
+                self.stats.quota_refusals += 1
+                self.stats.quota_wait_seconds += delay
             reason = str(error_details(failure)) if isinstance(failure, grpc.aio.AioRpcError) else str(failure)
             log.info("uplink reconnecting", extra={"collector_id": self.collector_id, "delay": round(delay, 3),
                                                    "error": reason[:500]})
             await asyncio.sleep(delay)
+
+    def _retry_after(self, error: grpc.aio.AioRpcError) -> float:
+        """The seconds ingest asks to wait after a RESOURCE_EXHAUSTED (metadata ``retry_after_ms``; 0 when it
+        names none), at most a minute."""
+        try:
+            return min(60.0, max(0, int(dict(error_details(error).metadata).get("retry_after_ms", "0"))) / 1000)
+        except ValueError:
+            return 0.0
 
     def _note_error(self, code: grpc.StatusCode) -> None:
         self.stats.errors.append(code)

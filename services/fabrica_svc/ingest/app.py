@@ -1,6 +1,8 @@
 """Wires the ingest service: its settings (IngestConfig) and the host's database give the store, the
-writer, the hubs (the runtime's Listener on the tag events channel and on the feed's) and the maintenance rounds, which are
-passed to the servicer.
+writer, the hubs (the runtime's Listener on the tag events channel and on the feed's), the maintenance rounds
+and the tenant directory (tenants.py: each tenant's quota and retention, polled from config at
+``settings.config_addr``; none set: every tenant unlimited, kept for ever) with the quotas it feeds
+(quota.py), which are passed to the servicer.
 
 ``fabrica serve ingest`` calls :func:`create_app`; the shared ServiceHost does the rest (Postgres and
 migrations, the pool, the gRPC server with validation, health, reflection, metrics, shutdown). As in every
@@ -22,8 +24,10 @@ from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .config import IngestConfig, load_ingest_config
 from .maintenance import Maintenance
+from .quota import TenantQuotas
 from .servicer import IngestServicer, add_to_server
 from .store import EVENTS_CHANNEL, FEED_CHANNEL, MIGRATIONS, SCHEMA, IngestStore
+from .tenants import TenantDirectory
 from .writer import BatchWriter
 
 SERVICE_NAME = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -44,9 +48,12 @@ class IngestApp:
         self.hub: Listener
         self.feed_hub: Listener
         self.maintenance: Maintenance
+        #: The tenants' quotas and retention as config last said (tenants.py).
+        self.tenants: TenantDirectory
+        self.quotas: TenantQuotas
         self.servicer: IngestServicer
         #: What stop() stops, in that order: every part start() built, started or not.
-        self._parts: list[Maintenance | Listener | BatchWriter] = []
+        self._parts: list[Maintenance | Listener | BatchWriter | TenantDirectory] = []
 
     async def start(self, resources: Resources) -> None:
         assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
@@ -75,8 +82,11 @@ class IngestApp:
             retention_days=config.retention_days,
             feed_retention_hours=config.feed_retention_hours if config.feed else None,
         )
-        self.servicer = IngestServicer(config, self.store, self.writer, self.hub, self.feed_hub)
-        self._parts = [self.maintenance, self.feed_hub, self.hub, self.writer]
+        self.tenants = TenantDirectory(self.settings, interval=config.tenants_poll_interval)
+        self.quotas = TenantQuotas(self.tenants, max_delay=config.quota_max_delay)
+        self.servicer = IngestServicer(config, self.store, self.writer, self.hub, self.feed_hub, quotas=self.quotas)
+        self._parts = [self.maintenance, self.feed_hub, self.hub, self.writer, self.tenants]
+        await self.tenants.start()  # polls in the background: start-up never waits for config
         await self.maintenance.start()
         await self.writer.start()
         await self.hub.start()

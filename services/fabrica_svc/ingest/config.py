@@ -13,6 +13,10 @@ FABRICA_INGEST_MAINTENANCE_SECONDS     Partition and retention maintenance inter
 FABRICA_INGEST_FEED                    Keep the committed-readings feed (WatchCommittedReadings)    on
 FABRICA_INGEST_FEED_RETENTION_HOURS    Hours of committed batches the feed keeps for its consumers  168
 FABRICA_INGEST_LATEST_WATCH_MS         WatchLatestValues looks for newer readings this often        200
+FABRICA_INGEST_QUOTA_MAX_DELAY_MS      Longest a stream over its tenant's readings/s quota is held  1000
+                                       before its batch is refused with RESOURCE_EXHAUSTED
+FABRICA_INGEST_TENANTS_POLL_SECONDS    How often the tenants' quotas and retention are read from    10
+                                       config (FABRICA_CONFIG_ADDR; unset: no quotas, keep all)
 =====================================  ===========================================================  =======
 
 The writer does not wait to fill a group by default: a group is what queued while the previous transaction
@@ -24,6 +28,11 @@ than one that needs a setting to free disk. The feed is different: it is a copy 
 consumers that fall behind (the alarm service, forwarding), so it keeps a week unless told otherwise; a
 consumer further behind than that is told OUT_OF_RANGE. With the feed off, write transactions append
 nothing to it (store.py, "The committed-readings feed").
+
+Tenants' quotas (quota.py): a stream over its tenant's readings/s quota waits for its turn, up to the quota
+delay, before its next batch is read (backpressure); a batch that would wait longer is refused with
+RESOURCE_EXHAUSTED and sent again by the collector. The quotas come from config's ListTenants, polled by
+tenants.py; without FABRICA_CONFIG_ADDR every tenant is unlimited.
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ class IngestConfig:
     feed: bool = True
     #: Hours the feed keeps committed batches (purged by the maintenance rounds).
     feed_retention_hours: int = 168
+    #: Longest a stream over its tenant's readings/s quota waits for its turn before RESOURCE_EXHAUSTED.
+    quota_max_delay: float = 1.0
+    #: How often the tenants (quotas, retention) are read from config.
+    tenants_poll_interval: float = 10.0
 
 
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
@@ -70,4 +83,6 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         feed=env_choice(env, "FABRICA_INGEST_FEED", "on", ("on", "off")) == "on",
         feed_retention_hours=env_int(env, "FABRICA_INGEST_FEED_RETENTION_HOURS", 168, 1, 876_000),
         latest_watch_interval=env_int(env, "FABRICA_INGEST_LATEST_WATCH_MS", 200, 20, 60_000) / 1000.0,
+        quota_max_delay=env_int(env, "FABRICA_INGEST_QUOTA_MAX_DELAY_MS", 1000, 0, 60_000) / 1000.0,
+        tenants_poll_interval=env_float(env, "FABRICA_INGEST_TENANTS_POLL_SECONDS", 10.0, 0.05, 3600.0),
     )

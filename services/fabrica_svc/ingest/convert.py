@@ -385,6 +385,7 @@ def tag_event_from_row(row: Mapping[str, Any]) -> tag_event_pb2.TagEvent:
         role=row["role"],
         quality=row["quality"],
         read_time=timestamp_from_datetime(row["read_time"]),
+        tenant=row["tenant_id"],
     )
     value = value_from_row(row["kind"], row["value"], row["int_value"], row["text_value"], row["bytes_value"])
     if value is not None:
@@ -432,7 +433,7 @@ class FeedFilter:
     def committed_batch(self, row: Mapping[str, Any]) -> committed_pb2.CommittedBatch | None:
         """The CommittedBatch of a feed row, narrowed to the readings asked for; None if none is left."""
         out = committed_pb2.CommittedBatch(cursor=row["cursor"], commit_time=timestamp_from_datetime(row["commit_time"]),
-                                           stored_readings=row["reading_count"])
+                                           stored_readings=row["reading_count"], tenant=row["tenant_id"])
         plcs, tags = self.plc_ids, self.tag_ids
         if plcs is None and tags is None:
             out.batch.MergeFromString(row["payload"])

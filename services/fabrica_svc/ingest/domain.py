@@ -131,6 +131,9 @@ class WriteBatch:
     #: tag events when the trace is sampled (trace flags with bit 0 set), so production's booking joins the trace.
     traceparent: str = ""
     tracestate: str = ""
+    #: The tenant whose rows these are: the tenant of the collector that streamed it (runtime/tenancy.py),
+    #: set by the stream handler. The writer writes the batch under it (never across tenants).
+    tenant: str = "default"
 
     @property
     def size(self) -> int:
@@ -222,8 +225,8 @@ def merge_latest(batches: Iterable[WriteBatch]) -> list[ReadingRow]:
 
 class TagCache:
     """What this process last wrote to the `tags` table, so that tag metadata is upserted only when it is
-    new or changed. Bounded: past `max_size` entries it starts over (it is only a cache; the upsert
-    itself is idempotent).
+    new or changed. Keyed by (tenant, tag_id): a tag's row is its tenant's. Bounded: past `max_size` entries
+    it starts over (it is only a cache; the upsert itself is idempotent).
 
     With several replicas each has its own cache; a tag whose PLC flips back and forth between replicas
     may be left as the other replica wrote it until this one sees a change. Tags change PLC rarely, and
@@ -231,23 +234,25 @@ class TagCache:
 
     def __init__(self, max_size: int = 1_000_000):
         self.max_size = max_size
-        self._known: dict[int, tuple[str, int]] = {}
+        self._known: dict[tuple[str, int], tuple[str, int]] = {}
 
-    def changes(self, batches: Iterable[WriteBatch]) -> list[tuple[int, str, int]]:
-        """(tag_id, plc_id, role) of tags new or changed in `batches`, sorted by tag_id."""
-        merged: dict[int, tuple[str, int]] = {}
+    def changes(self, batches: Iterable[WriteBatch]) -> list[tuple[str, int, str, int]]:
+        """(tenant, tag_id, plc_id, role) of tags new or changed in `batches`, sorted by tenant and tag_id."""
+        merged: dict[tuple[str, int], tuple[str, int]] = {}
         for batch in batches:
-            merged.update(batch.tags)
+            tenant = batch.tenant
+            for tag_id, info in batch.tags.items():
+                merged[(tenant, tag_id)] = info
         known = self._known
-        return sorted((t, *info) for t, info in merged.items() if known.get(t) != info)
+        return sorted((*key, *info) for key, info in merged.items() if known.get(key) != info)
 
-    def remember(self, changes: Iterable[tuple[int, str, int]]) -> None:
+    def remember(self, changes: Iterable[tuple[str, int, str, int]]) -> None:
         """Call after the transaction that wrote `changes` committed."""
         changes = list(changes)
         if len(self._known) + len(changes) > self.max_size:
             self._known.clear()
-        for tag_id, plc_id, role in changes:
-            self._known[tag_id] = (plc_id, role)
+        for tenant, tag_id, plc_id, role in changes:
+            self._known[(tenant, tag_id)] = (plc_id, role)
 
     def __len__(self) -> int:
         return len(self._known)

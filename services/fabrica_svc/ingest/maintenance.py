@@ -33,20 +33,29 @@ class MaintenanceReport:
 
 async def ensure_ahead(store: IngestStore, now: datetime, *, ahead: int) -> list[str]:
     """Create today's and the next `ahead` days' partitions if missing (quick: normally no rows move)."""
-    existing = set(await store.partitions())
-    created = []
-    for day in days_ahead(now, ahead):
-        name = partition_name(day)
-        if name not in existing and await store.create_partition(day):
-            created.append(name)
-    return created
+    with tenancy.system():  # the partitions hold every tenant's rows
+        existing = set(await store.partitions())
+        created = []
+        for day in days_ahead(now, ahead):
+            name = partition_name(day)
+            if name not in existing and await store.create_partition(day):
+                created.append(name)
+        return created
 
 
 async def maintain(store: IngestStore, now: datetime, *, ahead: int, retention_days: int,
                    feed_retention_hours: int | None = None) -> MaintenanceReport:
     """One round: create today's and the next `ahead` days' partitions, give days that have rows in the
     default partition (within retention) their own partition, and drop what retention no longer keeps;
-    with `feed_retention_hours`, also the committed-readings feed older than that."""
+    with `feed_retention_hours`, also the committed-readings feed older than that. Across tenants
+    (tenancy.system(): partitions, late rows and retention are every tenant's), whoever calls it."""
+    with tenancy.system():
+        return await _maintain(store, now, ahead=ahead, retention_days=retention_days,
+                               feed_retention_hours=feed_retention_hours)
+
+
+async def _maintain(store: IngestStore, now: datetime, *, ahead: int, retention_days: int,
+                    feed_retention_hours: int | None) -> MaintenanceReport:
     report = MaintenanceReport()
     existing = set(await store.partitions())
     cutoff = retention_cutoff(now, retention_days)

@@ -9,6 +9,11 @@ as the interceptor did. What is checked here besides is what those rules cannot 
 batch exactly one above the last: the sequence rule, see domain.plan_group; the epoch) and values Postgres
 cannot hold (see convert.py).
 
+Tenants: every query runs on the pool, scoped to the RPC's tenant by row-level security (store.py,
+"Tenants"), so nothing here filters by tenant. What belongs to one tenant (a collector's stream, its tags,
+its sequence) needs one: an installation-wide caller naming none (``*``) is INVALID_ARGUMENT. A stream's
+batches are stamped with its tenant and pass its readings/s quota (quota.py) before they are queued.
+
 Names and units: SyncTags stores what each collector says of its tags (store.sync_tags, in its own table
 and transaction, apart from the write path); the readings GetLatestValues, QueryReadings and
 ExportReadings return carry them (tag_name, unit), and GetLatestValues leaves out removed tags.
@@ -29,7 +34,7 @@ from fabrica.ingest.v1 import ingest_service_pb2 as pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 
-from ..runtime import audit, principal
+from ..runtime import audit, principal, tenancy
 from ..runtime.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, OutOfRange
 from ..runtime.interceptors import invalid_stream_message, validates_own_requests
 from ..runtime.notify import Listener
@@ -66,7 +71,9 @@ from .domain import (
     filter_fingerprint,
     micros_to_datetime,
 )
+from .quota import TenantQuotas
 from .store import IngestStore
+from .tenants import TenantDirectory
 from .tracing import duplicate_span
 from .writer import BatchWriter, StreamSession
 
@@ -113,6 +120,16 @@ def _received(item: ReceivedRequest | pb.StreamReadingsRequest) -> tuple[pb.Stre
     return item, None
 
 
+def _one_tenant(what: str) -> str:
+    """The single tenant of the running RPC. An installation-wide caller naming no tenant (``*``) is
+    INVALID_ARGUMENT: `what` (a collector's stream, its tags, its sequence) is one tenant's."""
+    tenant = tenancy.current()
+    if tenant is None or tenant == tenancy.ALL:
+        raise InvalidArgument(FieldViolation(
+            tenancy.HEADER, f"{what} belongs to one tenant: name it with the {tenancy.HEADER} header, not *"))
+    return tenant
+
+
 def _checked(request: pb.StreamReadingsRequest, index: int) -> WriteBatch | None:
     """Message `index` of a StreamReadings stream, validated as the interceptor would (the method opts out
     of its check): a batch is checked while it is converted (its rows are returned), anything else by
@@ -130,13 +147,15 @@ def _checked(request: pb.StreamReadingsRequest, index: int) -> WriteBatch | None
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
     def __init__(self, config: IngestConfig, store: IngestStore, writer: BatchWriter, hub: Listener,
-                 feed_hub: Listener | None = None):
+                 feed_hub: Listener | None = None, *, quotas: TenantQuotas | None = None):
         self.config = config
         self.store = store
         self.writer = writer
         self.hub = hub
         #: The Listener on the committed-readings feed's channel (store.FEED_CHANNEL).
         self.feed_hub = feed_hub if feed_hub is not None else hub
+        #: The tenants' readings/s quotas (quota.py); None: no quotas.
+        self.quotas = quotas if quotas is not None else TenantQuotas(TenantDirectory(config_addr=""))
 
     # --- write path -----------------------------------------------------------------------------------
 
@@ -156,6 +175,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         opening = first.open
         collector_id = opening.collector_id
         principal.require_collector(collector_id)  # before anything reads or creates its sequence row
+        # The stream is its collector's tenant's: its sequence row, its batches (stamped below), its quota.
+        tenant = _one_tenant("a collector's stream")
         if opening.new_epoch and opening.epoch:
             raise InvalidArgument(FieldViolation("open.epoch", "must be 0 with new_epoch: ingest gives the epoch"))
         state = await self.store.open_stream(collector_id, opening.epoch, opening.new_epoch)
@@ -167,7 +188,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         yield pb.StreamReadingsResponse(
             resume=pb.StreamResume(collector_id=collector_id, committed_sequence=committed, epoch=state.epoch)
         )
-        session = self.writer.open_session(collector_id, committed, state.epoch)
+        session = self.writer.open_session(collector_id, committed, state.epoch, tenant)
         # In stream order: (sequence, future) per batch, then _END or the exception that ends the stream.
         # The writer may also put an exception here (the database is lost) while the stream is idle.
         pending: asyncio.Queue[Any] = asyncio.Queue()
@@ -245,6 +266,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     if batch.HasField("trace_context"):
                         converted.traceparent = batch.trace_context.traceparent
                         converted.tracestate = batch.trace_context.tracestate
+                    converted.tenant = session.tenant
+                    # The tenant's readings/s quota: this stream waits its turn here (backpressure: the next
+                    # batch is not read meanwhile) or the batch is refused with RESOURCE_EXHAUSTED (quota.py).
+                    await self.quotas.admit(session.tenant, converted.size, sequence=sequence)
                     future = await self.writer.submit(session, converted)
                 pending.put_nowait((sequence, future))
             pending.put_nowait(_END)
@@ -256,6 +281,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def ResetCollectorSequence(
         self, request: pb.ResetCollectorSequenceRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetCollectorSequenceResponse:
+        _one_tenant("a collector's sequence")
         epoch = request.epoch if request.HasField("epoch") else None
         result = await self.store.reset_sequence(request.collector_id, request.committed_sequence, epoch)
         if result is None:
@@ -465,6 +491,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
         """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""
         principal.require_collector(request.collector_id)
+        _one_tenant("a collector's tags")
         changed, removed = await self.store.sync_tags(request.collector_id, tag_infos_from_proto(request))
         return pb.SyncTagsResponse(changed=changed, removed=removed)
 

@@ -84,11 +84,52 @@ committed batches from a cursor they store with their own results. The choice, a
   consumers catching up, not a second historian. ``FABRICA_INGEST_FEED=off`` turns it off entirely
   (nothing is written; the RPC answers FAILED_PRECONDITION).
 
+Tenants (migration 8)
+---------------------
+Every table but the two retention marks (``event_retention``, ``feed_retention``: one installation-wide row
+each, no tenant's data) and ``schema_migrations`` has a ``tenant_id`` and row-level security, forced, with the
+policy of runtime/tenancy.py (TENANT_TABLES; ``audit_entries`` by runtime/audit.py). ``readings`` is
+partitioned: the policy is on the parent, which every query names, and on each partition too (those of the
+migration and those maintenance creates, :func:`partition_isolation_sql`), so a statement naming a partition
+(maintenance's on ``readings_default``) is held as well. Keys: a collector id is unique within its tenant
+(``collector_sequences`` (tenant_id, collector_id)); tag ids are config's global numbers, but ``tags``,
+``latest`` and ``tag_metadata`` are keyed (tag_id, tenant_id), so a collector of another tenant naming an id
+that is not its own writes rows of its own tenant and never touches (nor learns of) the owner's. Cursors of
+``tag_events`` and ``committed_batches`` stay global positions: a tenant's watcher sees gaps.
+
+Reads run on the service's pool, whose connections are scoped to the RPC's tenant on acquire: no query
+here names a tenant, and one that ran outside a tenant would see nothing. Background work says whose it is
+(maintenance: ``tenancy.system()``).
+
+The writer's connection is its own (not the pool's) and runs as the row-level-security role too. A group
+holds batches of several tenants; :meth:`IngestStore.write_group` writes each tenant's slice after
+``set_config('fabrica.tenant', <tenant>, true)``, so every statement is under that tenant's policy (never
+``*``): its WITH CHECK refuses a row of another tenant, and the sequence rows it locks are the tenant's.
+Postgres refuses COPY FROM into a table with row-level security, so the slice's readings (and tag events)
+are COPYed into a temporary table of the writer's connection (``readings_stage``, ``events_stage``: no
+policy, emptied at each commit) and moved with one INSERT .. SELECT under the tenant. What the options cost,
+measured here (embedded Postgres 18, 2 shared cores, 400,000 readings in transactions of 20,000, the
+table's index as above; rows/s, and CPU per row in the writer's process)::
+
+    COPY straight into readings (no row-level security)           ~310,000-400,000   1.0 µs (tenant column sent)
+    COPY straight in, tenant from the session default             ~400,000           0.6 µs
+    COPY into the staging table, INSERT .. SELECT under the       ~300,000-356,000   0.6-0.7 µs  <- what ingest does
+      tenant's policy
+    INSERT .. SELECT FROM unnest($1::bigint[], ...) (9 arrays)   ~155,000-190,000   2.2-3.3 µs
+    executemany INSERT                                           ~90,000            2.7 µs
+
+The staging table keeps the write at ~90% of COPY and costs the writer's process nothing more (the
+INSERT .. SELECT is Postgres's work), where the array parameters cost the one Python thread ingest is bound
+by 2-3 µs a row. ``make bench`` (benchmarks/ingest.py, modes 5 and 6) prints the write path with row-level
+security on beside off. A group of several tenants costs a round trip more per tenant (set_config) and the
+staging table's TRUNCATE between slices.
+
 Locks, in the order every write transaction takes them (so that transactions of several ingest replicas
-cannot deadlock): collector_sequences rows (sorted by collector id, FOR UPDATE), tags rows (sorted by
-tag_id), the events advisory lock (with events or the feed on; held to commit), latest rows (sorted by tag_id).
-A transaction that holds latest rows either holds the events lock already or never asks for it.
-A SyncTags transaction takes only its collector's advisory lock and ``tag_metadata`` rows (in tag_id order).
+cannot deadlock): tenant by tenant (in code order), collector_sequences rows (sorted by collector id, FOR
+UPDATE) and tags rows (sorted by tag_id); then the events advisory lock (with events or the feed on; held
+to commit); then, tenant by tenant, latest rows (sorted by tag_id). A transaction that holds latest rows
+either holds the events lock already or never asks for it. A SyncTags transaction takes only its
+collector's advisory lock and ``tag_metadata`` rows (in tag_id order).
 """
 
 from __future__ import annotations
@@ -101,7 +142,7 @@ from datetime import date, datetime
 from itertools import chain
 import asyncpg
 
-from ..runtime import audit
+from ..runtime import audit, tenancy
 from ..runtime.db import Migration
 from ..runtime.errors import FailedPrecondition
 from .domain import (
@@ -109,6 +150,7 @@ from .domain import (
     MAX_BIGINT,
     QUALITY_GOOD,
     READING_COLUMNS,
+    BatchOutcome,
     GroupPlan,
     PageCursor,
     WriteBatch,
@@ -128,6 +170,25 @@ MAINTENANCE_LOCK_KEY = zlib.crc32(b"fabrica.ingest.maintenance") - 2**31
 #: First key of the two-key pg_advisory_xact_lock that serializes the SyncTags of one collector.
 TAG_SYNC_LOCK_CLASS = zlib.crc32(b"fabrica.ingest.tag_sync") - 2**31
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-01
+
+#: The tables whose rows belong to a tenant (row-level security, migration 8; audit_entries too, by
+#: runtime/audit.py). Not in it: ``event_retention`` and ``feed_retention``, one row each, the
+#: installation-wide retention marks of the cursors (no tenant's data), and ``schema_migrations``.
+TENANT_TABLES = ("readings", "latest", "tags", "tag_metadata", "collector_sequences", "tag_events",
+                 "committed_batches")
+#: The tenant policy's predicate, quoted for a format() string in SQL.
+_POLICY_SQL = tenancy.POLICY_PREDICATE.replace("'", "''")
+
+
+def partition_isolation_sql(name: str) -> str:
+    """Row-level security on the readings partition `name` (created at runtime by maintenance): the parent's
+    policy, so that a statement naming the partition itself is held by it too, and the grants every table of
+    the schema gives the row-level-security role at start (runtime/tenancy.py role_sql)."""
+    return (f'ALTER TABLE ingest."{name}" ENABLE ROW LEVEL SECURITY;'
+            f' ALTER TABLE ingest."{name}" FORCE ROW LEVEL SECURITY;'
+            f' CREATE POLICY tenant_isolation ON ingest."{name}" USING {tenancy.POLICY_PREDICATE}'
+            f" WITH CHECK {tenancy.POLICY_PREDICATE};"
+            f' GRANT SELECT, INSERT, UPDATE, DELETE ON ingest."{name}" TO {tenancy.DB_ROLE};')
 
 MIGRATIONS = [
     Migration(1, "readings, latest values, tags, collector sequences, tag events", """
@@ -243,7 +304,46 @@ ALTER TABLE tag_events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
     Migration(7, "each reading names its tenant (runtime/tenancy.py; readings from before tenants: default)", """
 ALTER TABLE readings ADD COLUMN tenant_id text NOT NULL DEFAULT 'default';
 """),
+    Migration(8, "tenants: row-level security on every ingest table, keys per tenant", "\n".join([
+        *(tenancy.isolate_sql(SCHEMA, table) for table in TENANT_TABLES),
+        audit.isolation_sql(SCHEMA),
+        """
+-- Each partition of readings has the parent's policy too (a query names the parent, but a statement on a
+-- partition, as maintenance makes, must not pass the policy by).
+DO $$ DECLARE p regclass; BEGIN
+    FOR p IN SELECT inhrelid::regclass FROM pg_inherits WHERE inhparent = 'ingest.readings'::regclass LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', p);
+        EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', p);
+        EXECUTE format('CREATE POLICY tenant_isolation ON %s USING """ + _POLICY_SQL + """ WITH CHECK """ + _POLICY_SQL + """', p);
+    END LOOP;
+END $$;
+
+-- Collector ids are unique per tenant: each tenant's collector has its own sequence and epoch.
+ALTER TABLE collector_sequences DROP CONSTRAINT collector_sequences_pkey,
+    ADD PRIMARY KEY (tenant_id, collector_id);
+-- Tag ids are global numbers (config's sequence), but a row is its tenant's: a collector of another
+-- tenant naming the same id writes rows of its own tenant, never one of this tenant's.
+ALTER TABLE tags DROP CONSTRAINT tags_pkey, ADD PRIMARY KEY (tag_id, tenant_id);
+ALTER TABLE latest DROP CONSTRAINT latest_pkey, ADD PRIMARY KEY (tag_id, tenant_id);
+ALTER TABLE tag_metadata DROP CONSTRAINT tag_metadata_pkey, ADD PRIMARY KEY (tag_id, tenant_id);
+DROP INDEX tag_metadata_collector_idx;
+CREATE INDEX tag_metadata_collector_idx ON tag_metadata (tenant_id, collector_id, tag_id);
+-- A tenant's watcher reads its own events and batches after its cursor, and its newest cursor, without
+-- scanning every other tenant's (the policy's OR cannot use an index; the watch queries name the tenant).
+CREATE INDEX tag_events_tenant_cursor_idx ON tag_events (tenant_id, cursor);
+CREATE INDEX committed_batches_tenant_cursor_idx ON committed_batches (tenant_id, cursor);
+"""])),
 ]
+
+def _own_tenant(param: int) -> tuple[str, tuple[str, ...]]:
+    """For the watch queries of a single tenant's caller: the predicate ``tenant_id = $<param> AND `` and its
+    argument, so that the (tenant_id, cursor) indexes serve them (the policy, which holds all the same, is an
+    OR no index can serve); nothing for a caller across tenants."""
+    tenant = tenancy.current()
+    if tenant is None or tenant == tenancy.ALL:
+        return "", ()
+    return f"tenant_id = ${param} AND ", (tenant,)
+
 
 def _sampled(traceparent: str) -> bool:
     """The traceparent's sampled flag (the low bit of its last field; 0x02 is W3C level 2's random flag)."""
@@ -258,11 +358,31 @@ def _trace_of(batch: WriteBatch) -> tuple[str | None, str | None]:
 
 
 _READING_SELECT = "tag_id, read_time, quality, kind, value, int_value, text_value, bytes_value, error"
+_READING_COLUMN_LIST = ", ".join(READING_COLUMNS)
+_EVENT_COLUMN_LIST = ", ".join((*EVENT_COLUMNS, "traceparent", "tracestate"))
+#: The writer connection's staging tables (temporary: its own, emptied at each commit, no row-level
+#: security). COPY is not allowed into a table with row-level security, so each tenant slice of a group is
+#: COPYed here and moved into the real table with INSERT ... SELECT under the slice's tenant (see "Tenants").
+_STAGE_SQL = """
+CREATE TEMPORARY TABLE readings_stage (LIKE ingest.readings) ON COMMIT DELETE ROWS;
+ALTER TABLE readings_stage DROP COLUMN tenant_id;
+CREATE TEMPORARY TABLE events_stage (
+    ord bigint GENERATED ALWAYS AS IDENTITY,
+    tag_id bigint, plc_id text, role smallint, read_time timestamptz, quality smallint, kind smallint,
+    value double precision, int_value bigint, text_value text, bytes_value bytea, traceparent text, tracestate text
+) ON COMMIT DELETE ROWS;
+"""
+_MOVE_READINGS = (f"INSERT INTO ingest.readings (tenant_id, {_READING_COLUMN_LIST})"
+                  f" SELECT $1, {_READING_COLUMN_LIST} FROM pg_temp.readings_stage")
+_MOVE_EVENTS = (f"INSERT INTO ingest.tag_events ({_EVENT_COLUMN_LIST})"
+                f" SELECT {_EVENT_COLUMN_LIST} FROM pg_temp.events_stage ORDER BY ord")
+_SET_TENANT = f"SELECT set_config('{tenancy.SETTING}', $1, true)"
 #: The tag's columns a returned reading carries (convert.reading_from_row), over `r` (the readings) joined
 #: with `t` (tags) and `m` (tag_metadata): _TAG_JOIN.
 _TAG_SELECT = "t.plc_id, t.role, m.name AS tag_name, m.unit"
-_TAG_JOIN = (" LEFT JOIN ingest.tags t ON t.tag_id = r.tag_id"
-             " LEFT JOIN ingest.tag_metadata m ON m.tag_id = r.tag_id")
+#: `r` must have tenant_id: a tag id is one tenant's, but an installation-wide caller sees every tenant's rows.
+_TAG_JOIN = (" LEFT JOIN ingest.tags t ON t.tag_id = r.tag_id AND t.tenant_id = r.tenant_id"
+             " LEFT JOIN ingest.tag_metadata m ON m.tag_id = r.tag_id AND m.tenant_id = r.tenant_id")
 
 _SYNC_TAGS = """
 WITH incoming AS (
@@ -271,7 +391,7 @@ WITH incoming AS (
 ), upserted AS (
     INSERT INTO ingest.tag_metadata AS m (tag_id, collector_id, plc_id, name, unit, role)
     SELECT tag_id, $1, plc_id, name, unit, role FROM incoming ORDER BY tag_id
-    ON CONFLICT (tag_id) DO UPDATE SET collector_id = EXCLUDED.collector_id, plc_id = EXCLUDED.plc_id,
+    ON CONFLICT (tag_id, tenant_id) DO UPDATE SET collector_id = EXCLUDED.collector_id, plc_id = EXCLUDED.plc_id,
         name = EXCLUDED.name, unit = EXCLUDED.unit, role = EXCLUDED.role, removed = false, update_time = now()
     WHERE (m.collector_id, m.plc_id, m.name, m.unit, m.role, m.removed)
         IS DISTINCT FROM (EXCLUDED.collector_id, EXCLUDED.plc_id, EXCLUDED.name, EXCLUDED.unit, EXCLUDED.role, false)
@@ -289,7 +409,7 @@ SELECT (SELECT count(*) FROM upserted) AS changed, (SELECT count(*) FROM gone) A
 
 _LOCK_SEQUENCES = (
     "SELECT collector_id, committed_sequence, epoch FROM ingest.collector_sequences"
-    " WHERE collector_id = ANY($1::text[]) ORDER BY collector_id FOR UPDATE"
+    " WHERE tenant_id = $2 AND collector_id = ANY($1::text[]) ORDER BY collector_id FOR UPDATE"
 )
 
 _FINISH_GROUP = f"""
@@ -297,14 +417,14 @@ WITH newest AS (
     INSERT INTO ingest.latest AS l ({_READING_SELECT})
     SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::smallint[], $4::smallint[], $5::float8[],
                          $6::bigint[], $7::text[], $8::bytea[], $9::text[])
-    ON CONFLICT (tag_id) DO UPDATE SET read_time = EXCLUDED.read_time, quality = EXCLUDED.quality,
+    ON CONFLICT (tag_id, tenant_id) DO UPDATE SET read_time = EXCLUDED.read_time, quality = EXCLUDED.quality,
         kind = EXCLUDED.kind, value = EXCLUDED.value, int_value = EXCLUDED.int_value,
         text_value = EXCLUDED.text_value, bytes_value = EXCLUDED.bytes_value, error = EXCLUDED.error
     WHERE l.read_time <= EXCLUDED.read_time
 ), advanced AS (
     UPDATE ingest.collector_sequences s SET committed_sequence = u.seq, update_time = now()
     FROM unnest($10::text[], $11::bigint[]) AS u(collector_id, seq)
-    WHERE s.collector_id = u.collector_id
+    WHERE s.tenant_id = $14 AND s.collector_id = u.collector_id
 )
 SELECT CASE WHEN $12::boolean THEN pg_notify($13, currval('ingest.tag_events_cursor_seq')::text) END
 """
@@ -390,24 +510,32 @@ class EventsPage:
 class IngestStore:
     """SQL over the service's pool (reads) and the writer's own connection (writes)."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, *, feed: bool = True):
+    def __init__(self, pool: asyncpg.Pool, dsn: str, *, feed: bool = True, row_security: bool = True):
         self.pool = pool
         self.dsn = dsn
         #: Whether write transactions append to the committed-readings feed (FABRICA_INGEST_FEED).
         self.feed = feed
+        #: The writer's connection runs as the row-level-security role (runtime/tenancy.py DB_ROLE), as the
+        #: pool's do. False (benchmarks only, beside runtime/db.py ``create_pool(row_security=False)``): as
+        #: the connecting user, whom the policies do not hold when it is a superuser, and COPY goes
+        #: straight into the tables.
+        self.row_security = row_security
 
     # --- write path -----------------------------------------------------------------------------------
 
     async def connect_writer(self, timeout: float = 5.0) -> asyncpg.Connection:
         """A dedicated connection for write transactions. Its timestamptz codec takes microseconds since
         the Unix epoch (ints), the form the rows are built in, which saves making a datetime per row."""
-        conn = await asyncpg.connect(
-            self.dsn, timeout=timeout, server_settings={"application_name": "fabrica-ingest-writer"}
-        )
+        settings = {"application_name": "fabrica-ingest-writer"}
+        if self.row_security:
+            settings["role"] = tenancy.DB_ROLE
+        conn = await asyncpg.connect(self.dsn, timeout=timeout, server_settings=settings)
         try:
             await conn.set_type_codec(
                 "timestamptz", schema="pg_catalog", encoder=_encode_us, decoder=_decode_us, format="tuple"
             )
+            if self.row_security:
+                await conn.execute(_STAGE_SQL)
         except BaseException:
             conn.terminate()
             raise
@@ -437,7 +565,7 @@ class IngestStore:
         row = await self.pool.fetchrow(
             "INSERT INTO ingest.collector_sequences AS s (collector_id, epoch)"
             " VALUES ($1, CASE WHEN $3 THEN 1 ELSE $2 END)"
-            " ON CONFLICT (collector_id) DO UPDATE SET update_time = now(), epoch = CASE"
+            " ON CONFLICT (tenant_id, collector_id) DO UPDATE SET update_time = now(), epoch = CASE"
             "  WHEN $3 THEN s.epoch + (s.epoch < 9223372036854775807)::int ELSE greatest(s.epoch, $2) END"
             " RETURNING committed_sequence, epoch",
             collector_id, epoch, new_epoch,
@@ -468,70 +596,122 @@ class IngestStore:
         return before, after
 
     async def write_group(
-        self, conn: asyncpg.Connection, batches: Sequence[WriteBatch], tag_changes: Sequence[tuple[int, str, int]]
+        self, conn: asyncpg.Connection, batches: Sequence[WriteBatch], tag_changes: Sequence[tuple[str, int, str, int]]
     ) -> GroupPlan:
-        """One transaction for a group of batches: lock the collectors' sequence rows, drop the batches at
-        or below the committed sequences and refuse those that do not follow them or come from a fenced
-        epoch (domain.plan_group), COPY the rest, keep tags and latest values current, append tag
-        events (with NOTIFY), advance the sequences, commit. Raises on any failure; nothing is then written."""
-        collectors = sorted({b.collector_id for b in batches})
-        # Every statement here is a round trip during which the event loop may be busy converting
-        # other batches, so the transaction is kept to five of them (eight with events or new tags).
+        """One transaction for a group of batches, each tenant's slice under that tenant (``fabrica.tenant``
+        set with set_config(..., true) before its statements, so every statement is held by the policies:
+        a row of another tenant can be neither read nor written). First, tenant by tenant (in code order):
+        lock the collectors' sequence rows, drop the batches at or below the committed sequences and refuse
+        those that do not follow them or come from a fenced epoch (domain.plan_group), write the rest's
+        readings and keep the tags current. Then, under the events lock, tenant by tenant: append tag events
+        (with NOTIFY) and the feed, keep latest values current, advance the sequences. Commit. Raises on any
+        failure; nothing is then written. `tag_changes` are (tenant, tag_id, plc_id, role), sorted."""
+        slices: dict[str, list[int]] = {}
+        for i, b in enumerate(batches):
+            slices.setdefault(b.tenant, []).append(i)
+        tenants = sorted(slices)
+        changes: dict[str, list[tuple[str, int, str, int]]] = {}
+        for change in tag_changes:
+            changes.setdefault(change[0], []).append(change)
+        outcomes: list[BatchOutcome | None] = [None] * len(batches)
+        advanced: dict[str, dict[str, int]] = {}
+        written_of: dict[str, list[WriteBatch]] = {}
+        staged = False
+        # Every statement here is a round trip during which the event loop may be busy converting other
+        # batches, so a one-tenant transaction is kept to seven of them (ten with events or new tags).
         async with conn.transaction():
-            locked = await conn.fetch(_LOCK_SEQUENCES, collectors)
-            if len(locked) < len(collectors):  # a collector's first batch
-                await conn.execute(
-                    "INSERT INTO ingest.collector_sequences (collector_id)"
-                    " SELECT c FROM unnest($1::text[]) AS c ORDER BY c ON CONFLICT DO NOTHING",
-                    collectors,
+            for tenant in tenants:
+                await conn.execute(_SET_TENANT, tenant)
+                mine = [batches[i] for i in slices[tenant]]
+                collectors = sorted({b.collector_id for b in mine})
+                # The statements name the slice's tenant besides the policy (which alone would do): so that
+                # without row-level security (benchmarks) the slices stay apart too.
+                locked = await conn.fetch(_LOCK_SEQUENCES, collectors, tenant)
+                if len(locked) < len(collectors):  # a collector's first batch
+                    await conn.execute(
+                        "INSERT INTO ingest.collector_sequences (collector_id)"
+                        " SELECT c FROM unnest($1::text[]) AS c ORDER BY c"
+                        " ON CONFLICT (tenant_id, collector_id) DO NOTHING",
+                        collectors,
+                    )
+                    locked = await conn.fetch(_LOCK_SEQUENCES, collectors, tenant)
+                plan = plan_group(
+                    {r["collector_id"]: (r["committed_sequence"], r["epoch"]) for r in locked},
+                    [(b.collector_id, b.sequence, b.size, b.epoch) for b in mine],
                 )
-                locked = await conn.fetch(_LOCK_SEQUENCES, collectors)
-            plan = plan_group(
-                {r["collector_id"]: (r["committed_sequence"], r["epoch"]) for r in locked},
-                [(b.collector_id, b.sequence, b.size, b.epoch) for b in batches],
-            )
-            written = [batches[i] for i in plan.written]
-            if not written:
-                return plan
-            # Stable sort by tag: the btree on (tag_id, read_time) is then filled in order (see above).
-            records = sorted(chain.from_iterable(b.rows for b in written), key=operator.itemgetter(0))
-            await conn.copy_records_to_table(
-                "readings", schema_name=SCHEMA, columns=READING_COLUMNS, records=records
-            )
-            del records
-            if tag_changes:
-                tag_ids, plc_ids, roles = zip(*tag_changes)
-                await conn.execute(
-                    "INSERT INTO ingest.tags (tag_id, plc_id, role)"
-                    " SELECT * FROM unnest($1::bigint[], $2::text[], $3::smallint[])"
-                    " ON CONFLICT (tag_id) DO UPDATE SET plc_id = EXCLUDED.plc_id, role = EXCLUDED.role,"
-                    "  update_time = now()"
-                    " WHERE (tags.plc_id, tags.role) IS DISTINCT FROM (EXCLUDED.plc_id, EXCLUDED.role)",
-                    tag_ids, plc_ids, roles,
-                )
-            events = list(chain.from_iterable(b.events for b in written))
-            columns = EVENT_COLUMNS
-            if events and any(_sampled(b.traceparent) for b in written):
-                # Some batches' traces are sampled: their events carry the context on to production.
-                events = [(*e, *_trace_of(b)) for b in written for e in b.events]
-                columns = (*EVENT_COLUMNS, "traceparent", "tracestate")
-            if events or self.feed:
+                for i, outcome in zip(slices[tenant], plan.outcomes):
+                    outcomes[i] = outcome
+                written = [mine[i] for i in plan.written]
+                if not written:
+                    continue
+                written_of[tenant], advanced[tenant] = written, plan.advanced
+                # Stable sort by tag: the btree on (tag_id, read_time) is then filled in order (see above).
+                records = sorted(chain.from_iterable(b.rows for b in written), key=operator.itemgetter(0))
+                if self.row_security:
+                    if staged:
+                        await conn.execute("TRUNCATE pg_temp.readings_stage")
+                    await conn.copy_records_to_table("readings_stage", schema_name="pg_temp",
+                                                     columns=READING_COLUMNS, records=records)
+                    await conn.execute(_MOVE_READINGS, tenant)
+                    staged = True
+                else:  # the tenant_id column's default is the session's tenant, set above
+                    await conn.copy_records_to_table(
+                        "readings", schema_name=SCHEMA, columns=READING_COLUMNS, records=records
+                    )
+                del records
+                if tenant in changes:
+                    _, tag_ids, plc_ids, roles = zip(*changes[tenant])
+                    await conn.execute(
+                        "INSERT INTO ingest.tags (tag_id, plc_id, role)"
+                        " SELECT * FROM unnest($1::bigint[], $2::text[], $3::smallint[])"
+                        " ON CONFLICT (tag_id, tenant_id) DO UPDATE SET plc_id = EXCLUDED.plc_id,"
+                        "  role = EXCLUDED.role, update_time = now()"
+                        " WHERE (tags.plc_id, tags.role) IS DISTINCT FROM (EXCLUDED.plc_id, EXCLUDED.role)",
+                        tag_ids, plc_ids, roles,
+                    )
+            if written_of and (self.feed or any(b.events for w in written_of.values() for b in w)):
                 # Serialize event-writing transactions (of every replica) from here to commit, and take
                 # the cursors only now: a cursor then never becomes visible before a smaller one.
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", EVENTS_LOCK_KEY)
-            if events:
-                await conn.copy_records_to_table(
-                    "tag_events", schema_name=SCHEMA, columns=columns, records=events
+            current = tenants[-1] if tenants else None
+            staged = False
+            for tenant, written in written_of.items():  # in code order, as above
+                if tenant != current:
+                    await conn.execute(_SET_TENANT, tenant)
+                    current = tenant
+                events = list(chain.from_iterable(b.events for b in written))
+                if events:
+                    await self._append_events(conn, written, events, staged)
+                    staged = self.row_security
+                if self.feed:  # the committed-readings feed: one row per written batch (see the module docstring)
+                    await conn.execute(_APPEND_FEED, *feed_columns(written), FEED_CHANNEL)
+                # Latest values, the sequences and the NOTIFY in one statement (data-modifying CTEs always run).
+                await conn.execute(
+                    _FINISH_GROUP,
+                    *zip(*merge_latest(written)),
+                    list(advanced[tenant]), list(advanced[tenant].values()), bool(events), EVENTS_CHANNEL, tenant,
                 )
-            if self.feed:  # the committed-readings feed: one row per written batch (see the module docstring)
-                await conn.execute(_APPEND_FEED, *feed_columns(written), FEED_CHANNEL)
-            # Latest values, the sequences and the NOTIFY in one statement (data-modifying CTEs always run).
-            await conn.execute(
-                _FINISH_GROUP,
-                *zip(*merge_latest(written)),
-                list(plan.advanced), list(plan.advanced.values()), bool(events), EVENTS_CHANNEL,
-            )
-        return plan
+        assert all(o is not None for o in outcomes)
+        # The sequences advanced, by "tenant/collector" (a collector id is unique within its tenant only).
+        return GroupPlan(outcomes, {f"{t}/{c}": seq for t in tenants  # type: ignore[arg-type]
+                                    for c, seq in advanced.get(t, {}).items()})
+
+    async def _append_events(self, conn: asyncpg.Connection, written: Sequence[WriteBatch],
+                             events: list[tuple[object, ...]], staged: bool) -> None:
+        """The tag events of one tenant's written batches, cursors in batch order (the caller holds the
+        events lock and has set the tenant)."""
+        columns: tuple[str, ...] = EVENT_COLUMNS
+        if any(_sampled(b.traceparent) for b in written):
+            # Some batches' traces are sampled: their events carry the context on to production.
+            events = [(*e, *_trace_of(b)) for b in written for e in b.events]
+            columns = (*EVENT_COLUMNS, "traceparent", "tracestate")
+        if not self.row_security:
+            await conn.copy_records_to_table("tag_events", schema_name=SCHEMA, columns=columns, records=events)
+            return
+        if staged:
+            await conn.execute("TRUNCATE pg_temp.events_stage")
+        await conn.copy_records_to_table("events_stage", schema_name="pg_temp", columns=columns, records=events)
+        await conn.execute(_MOVE_EVENTS)
 
     # --- read path ------------------------------------------------------------------------------------
 
@@ -570,7 +750,7 @@ class IngestStore:
             f"SELECT r.*, {_TAG_SELECT}"
             " FROM unnest($1::bigint[]) AS q(tag_id)"
             " CROSS JOIN LATERAL ("
-            f"  SELECT {_READING_SELECT}, x.ctid AS row_id FROM ingest.readings x"
+            f"  SELECT {_READING_SELECT}, x.tenant_id, x.ctid AS row_id FROM ingest.readings x"
             "   WHERE x.tag_id = q.tag_id AND x.read_time >= $2 AND x.read_time < $3"
             "     AND (x.read_time, x.tag_id, x.ctid) > ($4, $5, $6::tid)"
             "     AND ($7::smallint[] IS NULL OR x.quality = ANY($7::smallint[]))"
@@ -590,7 +770,7 @@ class IngestStore:
         pace sets the pace (memory here is one chunk)."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             cursor = await conn.cursor(
-                f"SELECT r.*, {_TAG_SELECT} FROM (SELECT {_READING_SELECT} FROM ingest.readings"
+                f"SELECT r.*, {_TAG_SELECT} FROM (SELECT {_READING_SELECT}, tenant_id FROM ingest.readings"
                 "  WHERE tag_id = ANY($1::bigint[]) AND read_time >= $2 AND read_time < $3"
                 "    AND ($4::smallint[] IS NULL OR quality = ANY($4::smallint[]))) r"
                 f"{_TAG_JOIN}"
@@ -669,7 +849,9 @@ class IngestStore:
         One statement under the collector's advisory lock, so two syncs of a collector never interleave."""
         columns = list(zip(*tags)) if tags else [(), (), (), (), ()]
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", TAG_SYNC_LOCK_CLASS, collector_id)
+            # Keyed by tenant and collector: another tenant's collector of the same id is another collector.
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", TAG_SYNC_LOCK_CLASS,
+                               f"{tenancy.current()}/{collector_id}")
             row = await conn.fetchrow(_SYNC_TAGS, collector_id, *(list(c) for c in columns))
             if row["changed"] or row["removed"]:  # the same set again changes nothing and is not recorded
                 await audit.record(conn, f"collectors/{collector_id}/tags",
@@ -682,18 +864,20 @@ class IngestStore:
         """Events after cursor `after` (filtered), plus, from the same snapshot, the highest cursor
         committed and the retention mark. Because cursors are taken in commit order, every cursor at or
         below `high` that will ever exist is already visible: a filtered watcher may skip to `high`."""
+        mine, args = _own_tenant(5)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
-                "SELECT cursor, tag_id, plc_id, role, read_time, quality, kind, value, int_value,"
+                "SELECT cursor, tenant_id, tag_id, plc_id, role, read_time, quality, kind, value, int_value,"
                 " text_value, bytes_value, traceparent, tracestate FROM ingest.tag_events"
-                " WHERE cursor > $1 AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[]))"
+                f" WHERE {mine}cursor > $1 AND ($2::bigint[] IS NULL OR tag_id = ANY($2::bigint[]))"
                 "   AND ($3::text[] IS NULL OR plc_id = ANY($3::text[]))"
                 " ORDER BY cursor LIMIT $4",
-                after, list(tag_ids) if tag_ids else None, list(plc_ids) if plc_ids else None, limit,
+                after, list(tag_ids) if tag_ids else None, list(plc_ids) if plc_ids else None, limit, *args,
             )
+            mine, args = _own_tenant(1)
             marks = await conn.fetchrow(
-                "SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.tag_events) AS high,"
-                " (SELECT purged_through FROM ingest.event_retention) AS purged"
+                f"SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.tag_events WHERE {mine}true) AS high,"
+                " (SELECT purged_through FROM ingest.event_retention) AS purged", *args
             )
         return EventsPage(rows, marks["high"], marks["purged"])
 
@@ -702,29 +886,33 @@ class IngestStore:
         `limit` rows and `max_bytes` of payload (but always the first row, whatever its size), plus, from the same snapshot, the
         highest cursor committed and the retention mark. As for events, every cursor at or below `high`
         that will ever exist is already visible (cursors are taken in commit order)."""
+        mine, args = _own_tenant(5)
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             # The first `limit` matching rows (ids and sizes only), then the payloads of those that fit.
             rows = await conn.fetch(
                 "WITH f AS ("
                 "  SELECT cursor, octet_length(payload) AS size FROM ingest.committed_batches"
-                "  WHERE cursor > $1 AND ($2::text[] IS NULL OR plc_ids && $2::text[])"
+                f"  WHERE {mine}cursor > $1 AND ($2::text[] IS NULL OR plc_ids && $2::text[])"
                 "  ORDER BY cursor LIMIT $3"
                 "), w AS (SELECT cursor, sum(size) OVER (ORDER BY cursor) AS upto, count(*) OVER () AS n FROM f)"
-                " SELECT c.cursor, c.commit_time, c.reading_count, c.payload, w.n"
+                " SELECT c.cursor, c.tenant_id, c.commit_time, c.reading_count, c.payload, w.n"
                 " FROM w JOIN ingest.committed_batches c USING (cursor)"
                 " WHERE w.upto <= $4 OR w.cursor = (SELECT min(cursor) FROM f) ORDER BY c.cursor",
-                after, list(plc_ids) if plc_ids else None, limit, max_bytes,
+                after, list(plc_ids) if plc_ids else None, limit, max_bytes, *args,
             )
+            mine, args = _own_tenant(1)
             marks = await conn.fetchrow(
-                "SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches) AS high,"
-                " (SELECT purged_through FROM ingest.feed_retention) AS purged"
+                f"SELECT (SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches WHERE {mine}true) AS high,"
+                " (SELECT purged_through FROM ingest.feed_retention) AS purged", *args
             )
         complete = not rows or (len(rows) == rows[0]["n"] < limit)
         return FeedPage(rows, marks["high"], marks["purged"], complete)
 
     async def feed_head(self) -> int:
         """The highest cursor of the committed-readings feed (0 when it is empty)."""
-        return int(await self.pool.fetchval("SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches"))
+        mine, args = _own_tenant(1)
+        return int(await self.pool.fetchval(
+            f"SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches WHERE {mine}true", *args))
 
     async def purge_feed_before(self, cutoff: datetime) -> int:
         """Delete feed rows committed before `cutoff`, by cursor (up to the last one committed before it),
@@ -768,6 +956,8 @@ class IngestStore:
             await conn.execute(
                 f"CREATE TABLE ingest.{name} (LIKE ingest.readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
             )
+            # The tenant column came with LIKE (its default and check too); the policy is the parent's.
+            await conn.execute(partition_isolation_sql(name))
             await conn.execute(
                 f"WITH moved AS (DELETE FROM ingest.readings_default WHERE read_time >= $1 AND read_time < $2"
                 f" RETURNING *) INSERT INTO ingest.{name} SELECT * FROM moved",

@@ -29,7 +29,11 @@ Failures
   new streams fail at open until Postgres answers, and then work again without a restart.
 * A transaction that outlives ``transaction_timeout`` (a hung server, a partition) is abandoned as
   "unavailable": its connection is terminated, nothing of it is acknowledged.
-* Deadlock or serialization failure (should not happen given the lock order): the group is retried.
+* Deadlock or serialization failure (should not happen given the lock order): the group is retried. So is
+  a row that the default partition of ``readings`` refuses because maintenance attached the partition of
+  its day while the transaction routed it ("violates partition constraint": the statement saw the
+  partitions as they were when it started); the retry routes it to the new partition. It is never a bad
+  batch: a reading of any time has a partition.
 * Anything else (a batch Postgres rejects): the group is retried batch by batch so that the one bad batch
   fails alone, and the other streams' batches are written.
 * A batch the transaction refuses under the collector's row lock (it does not follow the committed
@@ -88,6 +92,8 @@ class StreamSession:
     failed: BaseException | None = None
     #: Told when the stream fails while it may be idle (the stream handler then ends the call with it).
     interrupt: Callable[[BaseException], None] | None = None
+    #: The tenant of the stream's collector; its batches are written under it.
+    tenant: str = "default"
 
     def fail(self, error: BaseException) -> None:
         if self.failed is None:
@@ -264,6 +270,12 @@ class BatchWriter:
             except _CONFLICTS as exc:
                 log.warning("write conflict, retrying", extra={"attempt": attempt, "error": str(exc)})
                 continue
+            except asyncpg.exceptions.CheckViolationError as exc:
+                if "partition constraint" in str(exc):  # a partition attached under the transaction: again
+                    log.warning("partition attached during the write, retrying", extra={"attempt": attempt})
+                    continue
+                await self._reject(group, exc)
+                return
             except UNAVAILABLE_ERRORS as exc:
                 await self._drop_connection()
                 reason = f"{type(exc).__name__}: {exc}"
@@ -272,23 +284,26 @@ class BatchWriter:
                 self.database_lost(reason)
                 return
             except Exception as exc:
-                if len(group) > 1:
-                    # Isolate the batch Postgres rejects; write the others.
-                    log.warning("group rejected, writing its batches one by one", extra={"error": str(exc)})
-                    for item in group:
-                        if item.session.failed is None:
-                            await self._write([item])
-                        elif not item.future.done():
-                            item.future.set_exception(item.session.failed)
-                    return
-                self._fail(group, self._rejection(exc))
+                await self._reject(group, exc)
                 return
             self.tags.remember(tag_changes)
             self._resolve(group, outcomes)
             return
         self._fail(group, Unavailable("write conflicts persisted; retry", reason="WRITE_CONFLICT"))
 
-    async def _transaction(self, group: Sequence[_Pending]) -> tuple[list[BatchOutcome], list[tuple[int, str, int]]]:
+    async def _reject(self, group: list[_Pending], exc: Exception) -> None:
+        """Postgres refused the group: isolate the batch it rejects (writing the others), or fail the one."""
+        if len(group) > 1:
+            log.warning("group rejected, writing its batches one by one", extra={"error": str(exc)})
+            for item in group:
+                if item.session.failed is None:
+                    await self._write([item])
+                elif not item.future.done():
+                    item.future.set_exception(item.session.failed)
+            return
+        self._fail(group, self._rejection(exc))
+
+    async def _transaction(self, group: Sequence[_Pending]) -> tuple[list[BatchOutcome], list[tuple[str, int, str, int]]]:
         batches = [p.batch for p in group]
         span = commit_span(batches)
         try:
@@ -305,7 +320,7 @@ class BatchWriter:
             span.end()
         return outcomes, tag_changes
 
-    async def _transaction_of(self, batches: list[WriteBatch]) -> tuple[list[BatchOutcome], list[tuple[int, str, int]]]:
+    async def _transaction_of(self, batches: list[WriteBatch]) -> tuple[list[BatchOutcome], list[tuple[str, int, str, int]]]:
         tag_changes = self.tags.changes(batches)
         started = time.perf_counter()
         if self._conn is None or self._conn.is_closed():
@@ -372,8 +387,8 @@ class BatchWriter:
 
     # --- open streams ---------------------------------------------------------------------------------
 
-    def open_session(self, collector_id: str, resumed_at: int, epoch: int = 0) -> StreamSession:
-        session = StreamSession(collector_id, resumed_at, epoch)
+    def open_session(self, collector_id: str, resumed_at: int, epoch: int = 0, tenant: str = "default") -> StreamSession:
+        session = StreamSession(collector_id, resumed_at, epoch, tenant=tenant)
         self._sessions.add(session)
         return session
 

@@ -27,7 +27,7 @@ from fabrica.common.v1 import reading_pb2 as fabrica_dot_common_dot_v1_dot_readi
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabrica/ingest/v1/committed.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x01\n\x0e\x43ommittedBatch\x12\x17\n\x06\x63ursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\x12.\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatch\x12S\n\x0b\x63ommit_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x17\n\x0fstored_readings\x18\x04 \x01(\r\x12\x0e\n\x06tenant\x18\x05 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabrica/ingest/v1/committed.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x01\n\x0e\x43ommittedBatch\x12\x17\n\x06\x63ursor\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02 \x00\x12.\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1f.fabrica.common.v1.ReadingBatch\x12S\n\x0b\x63ommit_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x17\n\x0fstored_readings\x18\x04 \x01(\r\x12\x32\n\x06tenant\x18\x05 \x01(\tB\"\xbaH\x1fr\x1d\x18?2\x19^([a-z][a-z0-9-]{0,62})?$b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITTEDBATCH'].fields_by_name['cursor']._serialized_options = b'\272H\004\"\002 \000'
   _globals['_COMMITTEDBATCH'].fields_by_name['commit_time']._loaded_options = None
   _globals['_COMMITTEDBATCH'].fields_by_name['commit_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_COMMITTEDBATCH'].fields_by_name['tenant']._loaded_options = None
+  _globals['_COMMITTEDBATCH'].fields_by_name['tenant']._serialized_options = b'\272H\037r\035\030?2\031^([a-z][a-z0-9-]{0,62})?$'
   _globals['_COMMITTEDBATCH']._serialized_start=152
-  _globals['_COMMITTEDBATCH']._serialized_end=367
+  _globals['_COMMITTEDBATCH']._serialized_end=403
 # @@protoc_insertion_point(module_scope)

@@ -30,11 +30,17 @@ class CommittedBatch(_message.Message):
     STORED_READINGS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
-    """Position in the feed; strictly increasing in commit order (across replicas). Resume after it."""
+    """Position in the feed; strictly increasing in commit order (across replicas). Resume after it. Opaque:
+    cursors are positions in the feed of every tenant, so a watcher sees gaps between the cursors of its
+    batches (other tenants' batches, and batches its filters leave out); gaps are normal and mean nothing.
+    """
     stored_readings: _builtins.int
     """How many readings the batch had when it was stored (before any filter)."""
     tenant: _builtins.str
-    """The tenant whose readings these are (runtime/tenancy.py); set for an installation-wide caller."""
+    """The tenant whose batch it is (the tenant of the collector that sent it). A tenant's watcher only ever
+    receives its own tenant's batches; an installation-wide watcher (header `x-fabrica-tenant: *`, e.g. the
+    alarm service) receives every tenant's and evaluates each within the tenant it names.
+    """
     @_builtins.property
     def batch(self) -> _reading_pb2.ReadingBatch:
         """The batch as its collector sent it (collector_id, sequence, readings in the order sent), narrowed to

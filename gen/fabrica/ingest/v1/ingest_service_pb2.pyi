@@ -300,8 +300,9 @@ class WatchCommittedReadingsResponse(_message.Message):
     least the cursor of the last batch of this message.
     """
     head_cursor: _builtins.int
-    """The newest cursor committed when this message was read (of any PLC): `head_cursor` minus `cursor` is
-    how far (in batches) the watcher is behind; 0 when nothing is retained.
+    """The newest cursor committed when this message was read (of any PLC of the caller's tenants): the
+    watcher is behind while `head_cursor` is above `cursor` (their difference counts positions, not
+    batches: other tenants' batches take positions too); 0 when nothing is retained.
     """
     @_builtins.property
     def batches(self) -> _containers.RepeatedCompositeFieldContainer[_committed_pb2.CommittedBatch]:

@@ -59,20 +59,39 @@ class IngestServiceStub:
     next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
     resumes at committed_sequence + 1.
 
+    Tenants: the stream is the tenant's of the collector's identity (its certificate or token; an
+    installation-wide caller names one with `x-fabrica-tenant`, and `*` is INVALID_ARGUMENT). A collector
+    id and its sequence are the tenant's own: two tenants' collectors of the same id never meet.
+
+    Quota (the tenant's Tenant.quota.readings_per_second in config; 0: none): a token bucket per tenant
+    holding one second's worth, shared by all the tenant's streams on one ingest replica (the quota is
+    enforced per replica: a tenant whose streams are spread over N replicas may reach N times it). A
+    stream over it is slowed first: its next batch is read only when the bucket has room. A batch that
+    would wait longer than FABRICA_INGEST_QUOTA_MAX_DELAY_MS ends the stream with RESOURCE_EXHAUSTED
+    (a QuotaFailure with subject `tenants/<code>`, ErrorInfo reason QUOTA_EXCEEDED with metadata `quota`
+    = readings_per_second, `limit`, `retry_after_ms`); nothing of that batch is stored, the batches before
+    it are acknowledged, and the collector resends it from its log after `retry_after_ms`. Other tenants'
+    streams are never slowed.
+
     INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
     UNAVAILABLE when the database is lost.
     """
     WatchTagEvents: _grpc.UnaryStreamMultiCallable[_ingest_service_pb2.WatchTagEventsRequest, _ingest_service_pb2.WatchTagEventsResponse]
     """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
-    from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
-    than the retained events.
+    from the last cursor received never misses or repeats an event. A tenant's caller receives its
+    tenant's events only; an installation-wide caller naming no tenant (`x-fabrica-tenant: *`) receives
+    every tenant's, each naming its tenant (TagEvent.tenant). Cursors are opaque positions shared by every
+    tenant: gaps between them are normal. OUT_OF_RANGE if the cursor is older than the retained events.
     """
     WatchCommittedReadings: _grpc.UnaryStreamMultiCallable[_ingest_service_pb2.WatchCommittedReadingsRequest, _ingest_service_pb2.WatchCommittedReadingsResponse]
     """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
     batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
     Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
     any replica, after any restart. A message without batches only moves the cursor past batches the
-    filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+    filters left out. A tenant's caller receives its tenant's batches only; an installation-wide caller
+    naming no tenant (`x-fabrica-tenant: *`) receives every tenant's, each naming its tenant
+    (CommittedBatch.tenant). Cursors are opaque positions shared by every tenant: gaps between them are
+    normal. This is the feed of consumers that need every reading (alarms, forwarding), kept
     for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
     `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
     FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
@@ -152,20 +171,39 @@ class IngestServiceAsyncStub(IngestServiceStub):
     next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
     resumes at committed_sequence + 1.
 
+    Tenants: the stream is the tenant's of the collector's identity (its certificate or token; an
+    installation-wide caller names one with `x-fabrica-tenant`, and `*` is INVALID_ARGUMENT). A collector
+    id and its sequence are the tenant's own: two tenants' collectors of the same id never meet.
+
+    Quota (the tenant's Tenant.quota.readings_per_second in config; 0: none): a token bucket per tenant
+    holding one second's worth, shared by all the tenant's streams on one ingest replica (the quota is
+    enforced per replica: a tenant whose streams are spread over N replicas may reach N times it). A
+    stream over it is slowed first: its next batch is read only when the bucket has room. A batch that
+    would wait longer than FABRICA_INGEST_QUOTA_MAX_DELAY_MS ends the stream with RESOURCE_EXHAUSTED
+    (a QuotaFailure with subject `tenants/<code>`, ErrorInfo reason QUOTA_EXCEEDED with metadata `quota`
+    = readings_per_second, `limit`, `retry_after_ms`); nothing of that batch is stored, the batches before
+    it are acknowledged, and the collector resends it from its log after `retry_after_ms`. Other tenants'
+    streams are never slowed.
+
     INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
     UNAVAILABLE when the database is lost.
     """
     WatchTagEvents: _aio.UnaryStreamMultiCallable[_ingest_service_pb2.WatchTagEventsRequest, _ingest_service_pb2.WatchTagEventsResponse]  # type: ignore[assignment]
     """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
-    from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
-    than the retained events.
+    from the last cursor received never misses or repeats an event. A tenant's caller receives its
+    tenant's events only; an installation-wide caller naming no tenant (`x-fabrica-tenant: *`) receives
+    every tenant's, each naming its tenant (TagEvent.tenant). Cursors are opaque positions shared by every
+    tenant: gaps between them are normal. OUT_OF_RANGE if the cursor is older than the retained events.
     """
     WatchCommittedReadings: _aio.UnaryStreamMultiCallable[_ingest_service_pb2.WatchCommittedReadingsRequest, _ingest_service_pb2.WatchCommittedReadingsResponse]  # type: ignore[assignment]
     """Streams committed reading batches after a cursor, in commit order, then live as they commit: each
     batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
     Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
     any replica, after any restart. A message without batches only moves the cursor past batches the
-    filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+    filters left out. A tenant's caller receives its tenant's batches only; an installation-wide caller
+    naming no tenant (`x-fabrica-tenant: *`) receives every tenant's, each naming its tenant
+    (CommittedBatch.tenant). Cursors are opaque positions shared by every tenant: gaps between them are
+    normal. This is the feed of consumers that need every reading (alarms, forwarding), kept
     for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
     `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
     FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id
@@ -248,6 +286,20 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
         resumes at committed_sequence + 1.
 
+        Tenants: the stream is the tenant's of the collector's identity (its certificate or token; an
+        installation-wide caller names one with `x-fabrica-tenant`, and `*` is INVALID_ARGUMENT). A collector
+        id and its sequence are the tenant's own: two tenants' collectors of the same id never meet.
+
+        Quota (the tenant's Tenant.quota.readings_per_second in config; 0: none): a token bucket per tenant
+        holding one second's worth, shared by all the tenant's streams on one ingest replica (the quota is
+        enforced per replica: a tenant whose streams are spread over N replicas may reach N times it). A
+        stream over it is slowed first: its next batch is read only when the bucket has room. A batch that
+        would wait longer than FABRICA_INGEST_QUOTA_MAX_DELAY_MS ends the stream with RESOURCE_EXHAUSTED
+        (a QuotaFailure with subject `tenants/<code>`, ErrorInfo reason QUOTA_EXCEEDED with metadata `quota`
+        = readings_per_second, `limit`, `retry_after_ms`); nothing of that batch is stored, the batches before
+        it are acknowledged, and the collector resends it from its log after `retry_after_ms`. Other tenants'
+        streams are never slowed.
+
         INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
         UNAVAILABLE when the database is lost.
         """
@@ -259,8 +311,10 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ingest_service_pb2.WatchTagEventsResponse], _abc.AsyncIterator[_ingest_service_pb2.WatchTagEventsResponse]]:
         """Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
-        from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
-        than the retained events.
+        from the last cursor received never misses or repeats an event. A tenant's caller receives its
+        tenant's events only; an installation-wide caller naming no tenant (`x-fabrica-tenant: *`) receives
+        every tenant's, each naming its tenant (TagEvent.tenant). Cursors are opaque positions shared by every
+        tenant: gaps between them are normal. OUT_OF_RANGE if the cursor is older than the retained events.
         """
 
     @_abc_1.abstractmethod
@@ -273,7 +327,10 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
         Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
         any replica, after any restart. A message without batches only moves the cursor past batches the
-        filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+        filters left out. A tenant's caller receives its tenant's batches only; an installation-wide caller
+        naming no tenant (`x-fabrica-tenant: *`) receives every tenant's, each naming its tenant
+        (CommittedBatch.tenant). Cursors are opaque positions shared by every tenant: gaps between them are
+        normal. This is the feed of consumers that need every reading (alarms, forwarding), kept
         for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
         `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
         FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id

@@ -27,7 +27,7 @@ from fabrica.common.v1 import reading_pb2 as fabrica_dot_common_dot_v1_dot_readi
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabrica/ingest/v1/tag_event.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf2\x02\n\x08TagEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x0e\n\x06tag_id\x18\x02 \x01(\x04\x12+\n\x06plc_id\x18\x03 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12(\n\x04role\x18\x04 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRole\x12\'\n\x05value\x18\x05 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x06 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12Q\n\tread_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x36\n\rtrace_context\x18\x08 \x01(\x0b\x32\x1f.fabrica.common.v1.TraceContext\x12\x0e\n\x06tenant\x18\t \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fabrica/ingest/v1/tag_event.proto\x12\x11\x66\x61\x62rica.ingest.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1f\x66\x61\x62rica/common/v1/reading.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x03\n\x08TagEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x03\x12\x0e\n\x06tag_id\x18\x02 \x01(\x04\x12+\n\x06plc_id\x18\x03 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12(\n\x04role\x18\x04 \x01(\x0e\x32\x1a.fabrica.common.v1.TagRole\x12\'\n\x05value\x18\x05 \x01(\x0b\x32\x18.fabrica.common.v1.Value\x12+\n\x07quality\x18\x06 \x01(\x0e\x32\x1a.fabrica.common.v1.Quality\x12Q\n\tread_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\"\xbaH\x1f\xb2\x01\x1c\"\r\x08\xff\x82\xd1\xff\xaf\x07\x10\xff\x93\xeb\xdc\x03\x32\x0b\x08\x80\x92\xb8\xc3\x98\xfe\xff\xff\xff\x01\x12\x36\n\rtrace_context\x18\x08 \x01(\x0b\x32\x1f.fabrica.common.v1.TraceContext\x12\x32\n\x06tenant\x18\t \x01(\tB\"\xbaH\x1fr\x1d\x18?2\x19^([a-z][a-z0-9-]{0,62})?$b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TAGEVENT'].fields_by_name['plc_id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_TAGEVENT'].fields_by_name['read_time']._loaded_options = None
   _globals['_TAGEVENT'].fields_by_name['read_time']._serialized_options = b'\272H\037\262\001\034\"\r\010\377\202\321\377\257\007\020\377\223\353\334\0032\013\010\200\222\270\303\230\376\377\377\377\001'
+  _globals['_TAGEVENT'].fields_by_name['tenant']._loaded_options = None
+  _globals['_TAGEVENT'].fields_by_name['tenant']._serialized_options = b'\272H\037r\035\030?2\031^([a-z][a-z0-9-]{0,62})?$'
   _globals['_TAGEVENT']._serialized_start=152
-  _globals['_TAGEVENT']._serialized_end=522
+  _globals['_TAGEVENT']._serialized_end=558
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,10 @@ class TagEvent(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
-    """Position in the event log; strictly increasing in commit order. Resume after it."""
+    """Position in the event log; strictly increasing in commit order. Resume after it. Opaque: cursors are
+    positions in the log of every tenant, so a watcher sees gaps between the cursors of its events (the
+    other tenants' events, and events its filters leave out); gaps are normal and mean nothing.
+    """
     tag_id: _builtins.int
     """The tag."""
     plc_id: _builtins.str
@@ -44,7 +47,10 @@ class TagEvent(_message.Message):
     quality: _reading_pb2.Quality.ValueType
     """Quality of the reading."""
     tenant: _builtins.str
-    """The tenant whose tag this is (runtime/tenancy.py); set on events sent to an installation-wide caller."""
+    """The tenant whose tag it is (the tenant of the collector that sent the reading). A tenant's watcher only
+    ever receives its own tenant's events; an installation-wide watcher (header `x-fabrica-tenant: *`, e.g.
+    the production service) receives every tenant's and books each in the tenant it names.
+    """
     @_builtins.property
     def value(self) -> _reading_pb2.Value:
         """The value read."""

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/ingest/v1/committed.proto.
  */
 export const file_fabrica_ingest_v1_committed: GenFile = /*@__PURE__*/
-  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS9jb21taXR0ZWQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxItcBCg5Db21taXR0ZWRCYXRjaBIXCgZjdXJzb3IYASABKANCB7pIBCICIAASLgoFYmF0Y2gYAiABKAsyHy5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nQmF0Y2gSUwoLY29tbWl0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BEhcKD3N0b3JlZF9yZWFkaW5ncxgEIAEoDRIOCgZ0ZW5hbnQYBSABKAliBnByb3RvMw", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
+  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS9jb21taXR0ZWQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxIvsBCg5Db21taXR0ZWRCYXRjaBIXCgZjdXJzb3IYASABKANCB7pIBCICIAASLgoFYmF0Y2gYAiABKAsyHy5mYWJyaWNhLmNvbW1vbi52MS5SZWFkaW5nQmF0Y2gSUwoLY29tbWl0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQiK6SB+yARwiDQj/gtH/rwcQ/5Pr3AMyCwiAkrjDmP7///8BEhcKD3N0b3JlZF9yZWFkaW5ncxgEIAEoDRIyCgZ0ZW5hbnQYBSABKAlCIrpIH3IdGD8yGV4oW2Etel1bYS16MC05LV17MCw2Mn0pPyRiBnByb3RvMw", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
 
 /**
  * A reading batch as ingest committed it, with its position in the committed-readings feed.
@@ -24,7 +24,9 @@ export const file_fabrica_ingest_v1_committed: GenFile = /*@__PURE__*/
  */
 export type CommittedBatch = Message<"fabrica.ingest.v1.CommittedBatch"> & {
   /**
-   * Position in the feed; strictly increasing in commit order (across replicas). Resume after it.
+   * Position in the feed; strictly increasing in commit order (across replicas). Resume after it. Opaque:
+   * cursors are positions in the feed of every tenant, so a watcher sees gaps between the cursors of its
+   * batches (other tenants' batches, and batches its filters leave out); gaps are normal and mean nothing.
    *
    * @generated from field: int64 cursor = 1;
    */
@@ -53,7 +55,9 @@ export type CommittedBatch = Message<"fabrica.ingest.v1.CommittedBatch"> & {
   storedReadings: number;
 
   /**
-   * The tenant whose readings these are (runtime/tenancy.py); set for an installation-wide caller.
+   * The tenant whose batch it is (the tenant of the collector that sent it). A tenant's watcher only ever
+   * receives its own tenant's batches; an installation-wide watcher (header `x-fabrica-tenant: *`, e.g. the
+   * alarm service) receives every tenant's and evaluates each within the tenant it names.
    *
    * @generated from field: string tenant = 5;
    */

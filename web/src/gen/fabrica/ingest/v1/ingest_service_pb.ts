@@ -333,8 +333,9 @@ export type WatchCommittedReadingsResponse = Message<"fabrica.ingest.v1.WatchCom
   cursor: bigint;
 
   /**
-   * The newest cursor committed when this message was read (of any PLC): `head_cursor` minus `cursor` is
-   * how far (in batches) the watcher is behind; 0 when nothing is retained.
+   * The newest cursor committed when this message was read (of any PLC of the caller's tenants): the
+   * watcher is behind while `head_cursor` is above `cursor` (their difference counts positions, not
+   * batches: other tenants' batches take positions too); 0 when nothing is retained.
    *
    * @generated from field: int64 head_cursor = 3;
    */
@@ -963,6 +964,20 @@ export const IngestService: GenService<{
    * next batch (nothing of which is stored). A new epoch does not move the sequence: the new incarnation
    * resumes at committed_sequence + 1.
    *
+   * Tenants: the stream is the tenant's of the collector's identity (its certificate or token; an
+   * installation-wide caller names one with `x-fabrica-tenant`, and `*` is INVALID_ARGUMENT). A collector
+   * id and its sequence are the tenant's own: two tenants' collectors of the same id never meet.
+   *
+   * Quota (the tenant's Tenant.quota.readings_per_second in config; 0: none): a token bucket per tenant
+   * holding one second's worth, shared by all the tenant's streams on one ingest replica (the quota is
+   * enforced per replica: a tenant whose streams are spread over N replicas may reach N times it). A
+   * stream over it is slowed first: its next batch is read only when the bucket has room. A batch that
+   * would wait longer than FABRICA_INGEST_QUOTA_MAX_DELAY_MS ends the stream with RESOURCE_EXHAUSTED
+   * (a QuotaFailure with subject `tenants/<code>`, ErrorInfo reason QUOTA_EXCEEDED with metadata `quota`
+   * = readings_per_second, `limit`, `retry_after_ms`); nothing of that batch is stored, the batches before
+   * it are acknowledged, and the collector resends it from its log after `retry_after_ms`. Other tenants'
+   * streams are never slowed.
+   *
    * INVALID_ARGUMENT (with field violations) ends the stream for a bad batch, nothing of which is written;
    * UNAVAILABLE when the database is lost.
    *
@@ -975,8 +990,10 @@ export const IngestService: GenService<{
   },
   /**
    * Streams events of counter and machine-state tags after a cursor, then live as they commit. Resuming
-   * from the last cursor received never misses or repeats an event. OUT_OF_RANGE if the cursor is older
-   * than the retained events.
+   * from the last cursor received never misses or repeats an event. A tenant's caller receives its
+   * tenant's events only; an installation-wide caller naming no tenant (`x-fabrica-tenant: *`) receives
+   * every tenant's, each naming its tenant (TagEvent.tenant). Cursors are opaque positions shared by every
+   * tenant: gaps between them are normal. OUT_OF_RANGE if the cursor is older than the retained events.
    *
    * @generated from rpc fabrica.ingest.v1.IngestService.WatchTagEvents
    */
@@ -990,7 +1007,10 @@ export const IngestService: GenService<{
    * batch exactly as its collector sent it (narrowed to the PLCs and tags asked for), with its cursor.
    * Every message carries the cursor to resume from; resuming from it never misses or repeats a batch, on
    * any replica, after any restart. A message without batches only moves the cursor past batches the
-   * filters left out. This is the feed of consumers that need every reading (alarms, forwarding), kept
+   * filters left out. A tenant's caller receives its tenant's batches only; an installation-wide caller
+   * naming no tenant (`x-fabrica-tenant: *`) receives every tenant's, each naming its tenant
+   * (CommittedBatch.tenant). Cursors are opaque positions shared by every tenant: gaps between them are
+   * normal. This is the feed of consumers that need every reading (alarms, forwarding), kept
    * for FABRICA_INGEST_FEED_RETENTION_HOURS. OUT_OF_RANGE (reason CURSOR_OUT_OF_RANGE, metadata
    * `purged_through`) if the cursor is older than the retained batches; FAILED_PRECONDITION (reason
    * FEED_DISABLED) if this ingest keeps no feed (FABRICA_INGEST_FEED=off); INVALID_ARGUMENT for a tag id

@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/ingest/v1/tag_event.proto.
  */
 export const file_fabrica_ingest_v1_tag_event: GenFile = /*@__PURE__*/
-  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS90YWdfZXZlbnQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxIvICCghUYWdFdmVudBIOCgZjdXJzb3IYASABKAMSDgoGdGFnX2lkGAIgASgEEisKBnBsY19pZBgDIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEigKBHJvbGUYBCABKA4yGi5mYWJyaWNhLmNvbW1vbi52MS5UYWdSb2xlEicKBXZhbHVlGAUgASgLMhguZmFicmljYS5jb21tb24udjEuVmFsdWUSKwoHcXVhbGl0eRgGIAEoDjIaLmZhYnJpY2EuY29tbW9uLnYxLlF1YWxpdHkSUQoJcmVhZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARI2Cg10cmFjZV9jb250ZXh0GAggASgLMh8uZmFicmljYS5jb21tb24udjEuVHJhY2VDb250ZXh0Eg4KBnRlbmFudBgJIAEoCWIGcHJvdG8z", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
+  fileDesc("CiFmYWJyaWNhL2luZ2VzdC92MS90YWdfZXZlbnQucHJvdG8SEWZhYnJpY2EuaW5nZXN0LnYxIpYDCghUYWdFdmVudBIOCgZjdXJzb3IYASABKAMSDgoGdGFnX2lkGAIgASgEEisKBnBsY19pZBgDIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEigKBHJvbGUYBCABKA4yGi5mYWJyaWNhLmNvbW1vbi52MS5UYWdSb2xlEicKBXZhbHVlGAUgASgLMhguZmFicmljYS5jb21tb24udjEuVmFsdWUSKwoHcXVhbGl0eRgGIAEoDjIaLmZhYnJpY2EuY29tbW9uLnYxLlF1YWxpdHkSUQoJcmVhZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIiukgfsgEcIg0I/4LR/68HEP+T69wDMgsIgJK4w5j+////ARI2Cg10cmFjZV9jb250ZXh0GAggASgLMh8uZmFicmljYS5jb21tb24udjEuVHJhY2VDb250ZXh0EjIKBnRlbmFudBgJIAEoCUIiukgfch0YPzIZXihbYS16XVthLXowLTktXXswLDYyfSk/JGIGcHJvdG8z", [file_buf_validate_validate, file_fabrica_common_v1_reading, file_google_protobuf_timestamp]);
 
 /**
  * A reading of a counter or machine-state tag, as an event with a cursor.
@@ -24,7 +24,9 @@ export const file_fabrica_ingest_v1_tag_event: GenFile = /*@__PURE__*/
  */
 export type TagEvent = Message<"fabrica.ingest.v1.TagEvent"> & {
   /**
-   * Position in the event log; strictly increasing in commit order. Resume after it.
+   * Position in the event log; strictly increasing in commit order. Resume after it. Opaque: cursors are
+   * positions in the log of every tenant, so a watcher sees gaps between the cursors of its events (the
+   * other tenants' events, and events its filters leave out); gaps are normal and mean nothing.
    *
    * @generated from field: int64 cursor = 1;
    */
@@ -82,7 +84,9 @@ export type TagEvent = Message<"fabrica.ingest.v1.TagEvent"> & {
   traceContext?: TraceContext | undefined;
 
   /**
-   * The tenant whose tag this is (runtime/tenancy.py); set on events sent to an installation-wide caller.
+   * The tenant whose tag it is (the tenant of the collector that sent the reading). A tenant's watcher only
+   * ever receives its own tenant's events; an installation-wide watcher (header `x-fabrica-tenant: *`, e.g.
+   * the production service) receives every tenant's and books each in the tenant it names.
    *
    * @generated from field: string tenant = 9;
    */
