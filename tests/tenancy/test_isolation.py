@@ -105,7 +105,9 @@ C, I, P, A = ("fabrica.config.v1.ConfigService", "fabrica.ingest.v1.IngestServic
               "fabrica.production.v1.ProductionService", "fabrica.alarm.v1.AlarmService")
 K = "fabrica.collector.v1.CollectorService"
 _COLLECTOR_NOTE = ("the collector's admin API is served by one collector process about its own PLCs; it holds "
-                   "no other tenant's data, and is not part of this stack")
+                   "no other tenant's data, and is not part of this stack: a caller of another tenant is NOT_FOUND "
+                   "on each of its RPCs (tests/collector/test_admin_api.py "
+                   "test_a_caller_of_another_tenant_finds_no_collector)")
 
 TABLE: dict[str, Entry] = {
     # --- config -----------------------------------------------------------------------------------------
@@ -277,9 +279,8 @@ TABLE: dict[str, Entry] = {
 }
 
 
-#: RPCs that other branches of issue 15 add (the production helper's ReferenceType master data), in the
-#: table as soon as the descriptors have them: the integrator moves them into TABLE after the merge.
-ARRIVING: dict[str, Entry] = {
+#: The production service's reference types (items grouped by a reference type).
+REFERENCE_TYPES: dict[str, Entry] = {
     f"{P}/GetReferenceType": Entry(READ, lambda g: prod_pb.GetReferenceTypeRequest(id=g.only_reference_type)),
     f"{P}/ListReferenceTypes": Entry(READ, lambda g: prod_pb.ListReferenceTypesRequest(page_size=500)),
     f"{P}/UpdateReferenceType": Entry(WRITE, lambda g: prod_pb.UpdateReferenceTypeRequest(
@@ -292,17 +293,11 @@ ARRIVING: dict[str, Entry] = {
 }
 
 
-def _present(name: str) -> bool:
-    service, method = name.rsplit("/", 1)
-    return any(f"{s.full_name}/{m.name}" == name for module in SERVICE_MODULES
-               for s in _file_of(module).services_by_name.values() for m in s.methods)
+TABLE.update(REFERENCE_TYPES)
 
 
 def _file_of(module: Any) -> Any:
     return __import__(module.__name__.replace("_grpc", ""), fromlist=["DESCRIPTOR"]).DESCRIPTOR
-
-
-TABLE.update({name: entry for name, entry in ARRIVING.items() if _present(name)})
 
 
 def _acme_plc(plc_id: str, *, tags: bool = True) -> plc_pb2.Plc:
