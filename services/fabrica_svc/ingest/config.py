@@ -13,6 +13,8 @@ FABRICA_INGEST_MAINTENANCE_SECONDS     Partition and retention maintenance inter
 FABRICA_INGEST_FEED                    Keep the committed-readings feed (WatchCommittedReadings)    on
 FABRICA_INGEST_FEED_RETENTION_HOURS    Hours of committed batches the feed keeps for its consumers  168
 FABRICA_INGEST_LATEST_WATCH_MS         WatchLatestValues looks for newer readings this often        200
+FABRICA_INGEST_ROLLUP                  Keep the 1-minute and 1-hour rollups (needs the feed)        on
+FABRICA_INGEST_ROLLUP_MS               The rollup job looks for newly committed batches this often  1000
 =====================================  ===========================================================  =======
 
 The writer does not wait to fill a group by default: a group is what queued while the previous transaction
@@ -53,6 +55,10 @@ class IngestConfig:
     feed: bool = True
     #: Hours the feed keeps committed batches (purged by the maintenance rounds).
     feed_retention_hours: int = 168
+    #: The rollup job keeps the 1-minute and 1-hour rollups and AggregateReadings reads them (rollup.py).
+    rollup: bool = True
+    #: The rollup job's pause between rounds when it has caught up.
+    rollup_interval: float = 1.0
 
 
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
@@ -70,4 +76,6 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         feed=env_choice(env, "FABRICA_INGEST_FEED", "on", ("on", "off")) == "on",
         feed_retention_hours=env_int(env, "FABRICA_INGEST_FEED_RETENTION_HOURS", 168, 1, 876_000),
         latest_watch_interval=env_int(env, "FABRICA_INGEST_LATEST_WATCH_MS", 200, 20, 60_000) / 1000.0,
+        rollup=env_choice(env, "FABRICA_INGEST_ROLLUP", "on", ("on", "off")) == "on",
+        rollup_interval=env_int(env, "FABRICA_INGEST_ROLLUP_MS", 1000, 10, 3_600_000) / 1000.0,
     )

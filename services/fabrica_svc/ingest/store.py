@@ -104,6 +104,8 @@ import asyncpg
 from ..runtime import audit
 from ..runtime.db import Migration
 from ..runtime.errors import FailedPrecondition
+from .rollup import MIGRATION_SQL as ROLLUP_MIGRATION_SQL
+from .rollup import RollupReader
 from .domain import (
     EVENT_COLUMNS,
     MAX_BIGINT,
@@ -243,6 +245,8 @@ ALTER TABLE tag_events ADD COLUMN traceparent text, ADD COLUMN tracestate text;
     Migration(7, "each reading names its tenant (runtime/tenancy.py; readings from before tenants: default)", """
 ALTER TABLE readings ADD COLUMN tenant_id text NOT NULL DEFAULT 'default';
 """),
+    Migration(9, "1-minute and 1-hour rollups of the readings per tenant, tag, bucket and quality (rollup.py)",
+              ROLLUP_MIGRATION_SQL),
 ]
 
 def _sampled(traceparent: str) -> bool:
@@ -395,6 +399,8 @@ class IngestStore:
         self.dsn = dsn
         #: Whether write transactions append to the committed-readings feed (FABRICA_INGEST_FEED).
         self.feed = feed
+        #: Answers aggregate() from the 1-minute and 1-hour rollups when set (rollup.py; needs the feed).
+        self.rollups: RollupReader | None = None
 
     # --- write path -----------------------------------------------------------------------------------
 
@@ -610,7 +616,15 @@ class IngestStore:
         ``min``/``max`` over ``ARRAY[microseconds, value]`` (arrays compare element by element): constant
         memory per bucket, where ``array_agg(value ORDER BY read_time)[1]`` would hold the whole bucket.
         Readings of one tag at the very same instant are ordered by value. A bucket with no numeric
-        value (only failures, or text) has NULL min/max/avg/first/last."""
+        value (only failures, or text) has NULL min/max/avg/first/last.
+
+        With :attr:`rollups` set and a bucket of whole minutes, the same aggregates come from the rollup
+        tables for the whole minutes (hours) they have caught up on, and from the readings for the rest
+        (rollup.py: the same answer, read from far fewer rows)."""
+        if self.rollups is not None:
+            rows = await self.rollups.aggregate(tag_ids, start, end, bucket_seconds, qualities)
+            if rows is not None:
+                return rows
         return await self.pool.fetch(
             "SELECT tag_id,"
             " date_bin(make_interval(secs => $4::float8), read_time, '1970-01-01 00:00:00+00'::timestamptz) AS bucket,"
@@ -726,17 +740,18 @@ class IngestStore:
         """The highest cursor of the committed-readings feed (0 when it is empty)."""
         return int(await self.pool.fetchval("SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches"))
 
-    async def purge_feed_before(self, cutoff: datetime) -> int:
-        """Delete feed rows committed before `cutoff`, by cursor (up to the last one committed before it),
-        so that what remains is always every batch after `purged_through`; returns purged_through."""
+    async def purge_feed_before(self, cutoff: datetime, keep_after: int | None = None) -> int:
+        """Delete feed rows committed before `cutoff`, by cursor (up to the last one committed before it,
+        and never past `keep_after`: the rollup job's cursor), so that what remains is always every batch
+        after `purged_through`; returns purged_through."""
         async with self.pool.acquire() as conn, conn.transaction():
             return int(await conn.fetchval(
-                "WITH edge AS (SELECT max(cursor) AS c FROM ingest.committed_batches WHERE commit_time < $1),"
+                "WITH edge AS (SELECT least(max(cursor), $2) AS c FROM ingest.committed_batches WHERE commit_time < $1),"
                 " gone AS (DELETE FROM ingest.committed_batches WHERE cursor <= (SELECT c FROM edge))"
                 " UPDATE ingest.feed_retention"
                 " SET purged_through = greatest(purged_through, coalesce((SELECT c FROM edge), 0))"
                 " RETURNING purged_through",
-                cutoff,
+                cutoff, keep_after,
             ))
 
     # --- maintenance ----------------------------------------------------------------------------------
