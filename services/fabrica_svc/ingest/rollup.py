@@ -104,17 +104,20 @@ def _key(t: str) -> str:
     return f"(extract(epoch FROM {t}) * 1000000)::float8"
 
 
-#: The partial aggregate of raw readings `r` (the columns of a rollup row, in order).
-_RAW_PARTIAL = (
-    "count(*) AS n, count(r.value) AS nv, sum(r.value) AS sum, min(r.value) AS min, max(r.value) AS max,"
+#: The partial aggregate of raw readings `r` (the columns of a rollup row, in order). `{sum_order}`: the
+#: rollup sums in a fixed order, so that recomputing a bucket gives the very same bits again.
+_RAW_PARTIAL_OF = (
+    "count(*) AS n, count(r.value) AS nv, sum(r.value{sum_order}) AS sum, min(r.value) AS min, max(r.value) AS max,"
     " min(r.read_time) FILTER (WHERE r.value IS NOT NULL) AS first_time,"
     f" (min(ARRAY[{_key('r.read_time')}, r.value]) FILTER (WHERE r.value IS NOT NULL))[2] AS first_value,"
     " max(r.read_time) FILTER (WHERE r.value IS NOT NULL) AS last_time,"
     f" (max(ARRAY[{_key('r.read_time')}, r.value]) FILTER (WHERE r.value IS NOT NULL))[2] AS last_value"
 )
-#: The merge of partial aggregates `p` (rollup rows or _RAW_PARTIAL rows) into one partial aggregate.
+_RAW_PARTIAL = _RAW_PARTIAL_OF.format(sum_order="")
+_RAW_PARTIAL_ORDERED = _RAW_PARTIAL_OF.format(sum_order=" ORDER BY r.read_time, r.value")
+#: The merge of minute rows `p` into an hour row (sums in bucket order: the same bits when recomputed).
 _MERGE_PARTIAL = (
-    "sum(p.n)::bigint AS n, sum(p.nv)::bigint AS nv, sum(p.sum) AS sum, min(p.min) AS min, max(p.max) AS max,"
+    "sum(p.n)::bigint AS n, sum(p.nv)::bigint AS nv, sum(p.sum ORDER BY p.bucket_start, p.quality) AS sum, min(p.min) AS min, max(p.max) AS max,"
     " min(p.first_time) AS first_time,"
     f" (min(ARRAY[{_key('p.first_time')}, p.first_value]) FILTER (WHERE p.nv > 0))[2] AS first_value,"
     " max(p.last_time) AS last_time,"
@@ -163,7 +166,7 @@ def _recompute_minutes_sql(keys: str) -> tuple[str, str]:
     )
     insert = (
         f"INSERT INTO ingest.rollup_minute (tenant_id, tag_id, bucket_start, quality, {_COLUMNS})"
-        f" SELECT r.tenant_id, k.tag_id, k.bucket_start, r.quality, {_RAW_PARTIAL}"
+        f" SELECT r.tenant_id, k.tag_id, k.bucket_start, r.quality, {_RAW_PARTIAL_ORDERED}"
         f" FROM {keys} JOIN ingest.readings r ON r.tag_id = k.tag_id"
         "   AND r.read_time >= k.bucket_start AND r.read_time < k.bucket_start + interval '1 minute'"
         " WHERE k.bucket_start >= ingest.rollup_raw_before(r.tenant_id)"
