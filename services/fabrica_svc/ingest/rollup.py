@@ -158,7 +158,8 @@ CREATE INDEX {table}_tenant_time_idx ON {table} (tenant_id, bucket_start);
 
 def _recompute_minutes_sql(keys: str) -> tuple[str, str]:
     """(DELETE, INSERT) recomputing the minute rows of the (tag_id, bucket_start) rows of `keys` (a FROM
-    item) from raw readings, for buckets at or after the tenant's raw horizon."""
+    item named k) from raw readings, for buckets at or after the tenant's raw horizon. Per key one index
+    range scan (LATERAL: the planner cannot turn it into a join on tag_id alone)."""
     delete = (
         f"DELETE FROM ingest.rollup_minute m USING {keys}"
         " WHERE m.tag_id = k.tag_id AND m.bucket_start = k.bucket_start"
@@ -166,11 +167,12 @@ def _recompute_minutes_sql(keys: str) -> tuple[str, str]:
     )
     insert = (
         f"INSERT INTO ingest.rollup_minute (tenant_id, tag_id, bucket_start, quality, {_COLUMNS})"
-        f" SELECT r.tenant_id, k.tag_id, k.bucket_start, r.quality, {_RAW_PARTIAL_ORDERED}"
-        f" FROM {keys} JOIN ingest.readings r ON r.tag_id = k.tag_id"
-        "   AND r.read_time >= k.bucket_start AND r.read_time < k.bucket_start + interval '1 minute'"
-        " WHERE k.bucket_start >= ingest.rollup_raw_before(r.tenant_id)"
-        " GROUP BY r.tenant_id, k.tag_id, k.bucket_start, r.quality"
+        f" SELECT x.* FROM {keys} CROSS JOIN LATERAL ("
+        f"  SELECT r.tenant_id, k.tag_id, k.bucket_start, r.quality, {_RAW_PARTIAL_ORDERED}"
+        "   FROM ingest.readings r WHERE r.tag_id = k.tag_id"
+        "    AND r.read_time >= k.bucket_start AND r.read_time < k.bucket_start + interval '1 minute'"
+        "    AND k.bucket_start >= ingest.rollup_raw_before(r.tenant_id)"
+        "   GROUP BY r.tenant_id, r.quality) x"
     )
     return delete, insert
 
@@ -185,21 +187,32 @@ def _recompute_hours_sql(keys: str) -> tuple[str, str]:
     )
     insert = (
         f"INSERT INTO ingest.rollup_hour (tenant_id, tag_id, bucket_start, quality, {_COLUMNS})"
-        f" SELECT p.tenant_id, k.tag_id, k.bucket_start, p.quality, {_MERGE_PARTIAL}"
-        f" FROM {keys} JOIN ingest.rollup_minute p ON p.tag_id = k.tag_id"
-        "   AND p.bucket_start >= k.bucket_start AND p.bucket_start < k.bucket_start + interval '1 hour'"
-        " WHERE k.bucket_start >= ingest.rollup_raw_before(p.tenant_id)"
-        " GROUP BY p.tenant_id, k.tag_id, k.bucket_start, p.quality"
+        f" SELECT x.* FROM {keys} CROSS JOIN LATERAL ("
+        f"  SELECT p.tenant_id, k.tag_id, k.bucket_start, p.quality, {_MERGE_PARTIAL}"
+        "   FROM ingest.rollup_minute p WHERE p.tag_id = k.tag_id"
+        "    AND p.bucket_start >= k.bucket_start AND p.bucket_start < k.bucket_start + interval '1 hour'"
+        "    AND k.bucket_start >= ingest.rollup_raw_before(p.tenant_id)"
+        "   GROUP BY p.tenant_id, p.quality) x"
     )
     return delete, insert
 
 
-#: Every bucket of every raw reading, recomputed (the migration's backfill and the job's rebuild).
-_ALL_MINUTES = ("(SELECT DISTINCT tag_id, date_bin(interval '1 minute', read_time, " + _EPOCH + ") AS bucket_start"
-                " FROM ingest.readings) k")
-_ALL_HOURS = ("(SELECT DISTINCT tag_id, date_bin(interval '1 hour', bucket_start, " + _EPOCH + ") AS bucket_start"
-              " FROM ingest.rollup_minute) k")
-REBUILD_SQL = ";\n".join([*_recompute_minutes_sql(_ALL_MINUTES), *_recompute_hours_sql(_ALL_HOURS)])
+#: Every bucket of every raw reading at or after its tenant's raw horizon, recomputed in two passes over
+#: the tables (the migration's backfill and the job's rebuild when the feed lost batches it had not read).
+_MINUTE = f"date_bin(interval '1 minute', r.read_time, {_EPOCH})"
+_HOUR = f"date_bin(interval '1 hour', p.bucket_start, {_EPOCH})"
+REBUILD_SQL = f"""
+DELETE FROM ingest.rollup_minute WHERE bucket_start >= ingest.rollup_raw_before(tenant_id);
+DELETE FROM ingest.rollup_hour WHERE bucket_start >= ingest.rollup_raw_before(tenant_id);
+INSERT INTO ingest.rollup_minute (tenant_id, tag_id, bucket_start, quality, {_COLUMNS})
+SELECT r.tenant_id, r.tag_id, {_MINUTE}, r.quality, {_RAW_PARTIAL_ORDERED}
+FROM ingest.readings r WHERE {_MINUTE} >= ingest.rollup_raw_before(r.tenant_id)
+GROUP BY r.tenant_id, r.tag_id, {_MINUTE}, r.quality;
+INSERT INTO ingest.rollup_hour (tenant_id, tag_id, bucket_start, quality, {_COLUMNS})
+SELECT p.tenant_id, p.tag_id, {_HOUR}, p.quality, {_MERGE_PARTIAL}
+FROM ingest.rollup_minute p WHERE {_HOUR} >= ingest.rollup_raw_before(p.tenant_id)
+GROUP BY p.tenant_id, p.tag_id, {_HOUR}, p.quality
+"""
 
 #: Migration 9 (store.MIGRATIONS): the tables, their policies, the backfill of what readings there are.
 MIGRATION_SQL = f"""
@@ -502,11 +515,12 @@ class RollupReader:
                 " GROUP BY 1, 2")
         if dirty:  # buckets touched by batches the job has not taken yet (within raw retention)
             arms.append(
-                f"SELECT r.tag_id, date_bin({bucket}, r.read_time, {_EPOCH}) AS bucket, {_RAW_PARTIAL}"
-                f" FROM dirty d JOIN ingest.readings r ON r.tag_id = d.tag_id"
-                f"   AND r.read_time >= d.bucket_start AND r.read_time < d.bucket_start + $10::interval"
-                f" WHERE {raw_where} AND d.bucket_start >= ingest.rollup_raw_before(r.tenant_id)"
-                " GROUP BY 1, 2")
+                f"SELECT x.* FROM dirty d CROSS JOIN LATERAL ("
+                f" SELECT r.tag_id, date_bin({bucket}, r.read_time, {_EPOCH}) AS bucket, {_RAW_PARTIAL}"
+                "  FROM ingest.readings r WHERE r.tag_id = d.tag_id"
+                "   AND r.read_time >= d.bucket_start AND r.read_time < d.bucket_start + $10::interval"
+                f"  AND {raw_where} AND d.bucket_start >= ingest.rollup_raw_before(r.tenant_id)"
+                "  GROUP BY 1, 2) x")
         parts = "\n UNION ALL ".join(arms)
         # Every parameter is typed in `a` (never read: an arm that does not need one leaves it out).
         sql = ("WITH a AS (SELECT $2::timestamptz AS s, $3::timestamptz AS e, $10::interval AS w),"
