@@ -18,7 +18,7 @@ import pytest
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import tenant_pb2
 from fabrica_svc.ingest import rollup as rollup_module
-from fabrica_svc.ingest.domain import KIND_DOUBLE, KIND_NONE, KIND_STRING, micros_to_datetime
+from fabrica_svc.ingest.domain import KIND_DOUBLE, KIND_NONE, micros_to_datetime
 from fabrica_svc.ingest.maintenance import maintain
 from fabrica_svc.ingest.rollup import RollupJob, RollupReader, effective_days, purge_tenant, touched_minutes
 from fabrica_svc.ingest.store import EVENTS_LOCK_KEY
@@ -145,6 +145,7 @@ async def two_tenants(ingest_factory):
     """Tags 1-3 of tenant default streamed through StreamReadings (the real write path), tags 11-12 of
     tenant acme committed as the writer commits them; three days of readings from T0."""
     ingest = await ingest_factory(NO_JOB)
+    assert await RollupJob(ingest.app.store.pool).run_once() == 1  # the first round builds them (empty)
     rows = generate([1, 2, 3], T0_US, 3, seed=1)
     batches = [batch("c-default", n + 1, [reading(t, us, v, quality=q) if v is not None else
                                            reading(t, us, None, quality=q, error="x") for t, us, v, q in rows[i:i + 400]])
@@ -234,6 +235,7 @@ async def test_the_job_survives_a_crash_mid_round_and_a_restart_without_counting
     monkeypatch.setattr(rollup_module, "_recompute", real)
     assert await job.cursor() == cursor and await rollup_contents(store.pool) == before
     # A new job (a restarted ingest) continues from the stored cursor.
+    assert cursor > 0
     restarted = RollupJob(store.pool)
     await restarted.catch_up()
     caught_up = await rollup_contents(store.pool)
@@ -245,6 +247,12 @@ async def test_the_job_survives_a_crash_mid_round_and_a_restart_without_counting
         await store.pool.execute("UPDATE ingest.rollup_state SET cursor = 0")
     await RollupJob(store.pool).catch_up()
     assert await rollup_contents(store.pool) == caught_up
+    # And a rebuild from every raw reading (what the first round after migration 9 does) gives them too.
+    with tenancy.system():
+        await store.pool.execute("UPDATE ingest.rollup_state SET cursor = -1")
+    rebuilt = RollupJob(store.pool)
+    await rebuilt.catch_up()
+    assert rebuilt.stats.rebuilds == 1 and await rollup_contents(store.pool) == caught_up
     await check_all(store, RollupReader(store.pool), [1, 2, 3, 11, 12], expect_from_rollup=True, cases=SOME_CASES)
 
 
@@ -280,6 +288,7 @@ async def test_a_year_of_minute_buckets_is_answered_from_the_rollup_table(ingest
             " SELECT 'default', 77, t, 1, 2, 2, 2 * i, i - 1, i + 1, t, i - 1, t + interval '30 s', i + 1"
             " FROM generate_series($1::timestamptz, $2::timestamptz - interval '1 minute', interval '1 minute')"
             "   WITH ORDINALITY AS g(t, i)", year, end)
+        await store.pool.execute("UPDATE ingest.rollup_state SET cursor = 0")  # built (nothing in the feed)
     reader = RollupReader(store.pool)
     with tenancy.scope("default"):
         async with store.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):

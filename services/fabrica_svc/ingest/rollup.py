@@ -198,7 +198,8 @@ def _recompute_hours_sql(keys: str) -> tuple[str, str]:
 
 
 #: Every bucket of every raw reading at or after its tenant's raw horizon, recomputed in two passes over
-#: the tables (the migration's backfill and the job's rebuild when the feed lost batches it had not read).
+#: the tables (the job's first round after migration 9, and its rebuild if the feed lost batches it had
+#: not read).
 _MINUTE = f"date_bin(interval '1 minute', r.read_time, {_EPOCH})"
 _HOUR = f"date_bin(interval '1 hour', p.bucket_start, {_EPOCH})"
 REBUILD_SQL = f"""
@@ -214,18 +215,17 @@ FROM ingest.rollup_minute p WHERE {_HOUR} >= ingest.rollup_raw_before(p.tenant_i
 GROUP BY p.tenant_id, p.tag_id, {_HOUR}, p.quality
 """
 
-#: Migration 9 (store.MIGRATIONS): the tables, their policies, the backfill of what readings there are.
+#: Migration 9 (store.MIGRATIONS): the tables and their policies (the job's first round fills them).
 MIGRATION_SQL = f"""
--- The backfill reads every tenant's readings (their policy, when they have one, lets '*' see all).
-SELECT set_config('{tenancy.SETTING}', '{tenancy.ALL}', true);
 CREATE TABLE rollup_state (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    cursor bigint NOT NULL DEFAULT 0,
+    -- -1: the rollups are to be built from every raw reading (the job's first round, not this migration:
+    -- on a large installation that takes long, and a migration holds up every replica's start).
+    cursor bigint NOT NULL DEFAULT -1,
     raw_before timestamptz,
     update_time timestamptz NOT NULL DEFAULT now()
 );
--- The cursor first: batches committed while the backfill runs are then recomputed again by the job.
-INSERT INTO rollup_state (cursor) SELECT coalesce(max(cursor), 0) FROM committed_batches;
+INSERT INTO rollup_state DEFAULT VALUES;
 CREATE TABLE rollup_horizons (
     raw_before timestamptz NOT NULL,
     update_time timestamptz NOT NULL DEFAULT now()
@@ -240,10 +240,7 @@ CREATE FUNCTION rollup_raw_before(tenant text) RETURNS timestamptz LANGUAGE sql 
 $$;
 {_table_sql("rollup_minute")}
 {_table_sql("rollup_hour")}
-{REBUILD_SQL};
-SELECT set_config('{tenancy.SETTING}', '', true);
 """
-
 
 
 def touched_minutes(payloads: Iterable[bytes]) -> set[tuple[int, int]]:
@@ -313,7 +310,7 @@ class RollupJob:
                     return 0
                 cursor = await conn.fetchval("SELECT cursor FROM ingest.rollup_state")
                 purged = await conn.fetchval("SELECT purged_through FROM ingest.feed_retention")
-                if purged > cursor:  # the feed lost batches the job never saw: recompute every bucket
+                if cursor < 0 or purged > cursor:  # never built, or the feed lost batches it never saw
                     return await self._rebuild(conn)
                 rows = await conn.fetch(
                     "WITH f AS (SELECT cursor, octet_length(payload) AS size FROM ingest.committed_batches"
@@ -334,7 +331,10 @@ class RollupJob:
         return len(rows)
 
     async def _rebuild(self, conn: asyncpg.Connection) -> int:
-        log.warning("the committed-readings feed was purged past the rollup cursor; rebuilding the rollups")
+        """Every bucket from every raw reading, in the round's snapshot; the cursor is then the feed's head
+        of that snapshot (every batch up to it is in the readings read)."""
+        log.warning("building the rollups from every raw reading (first start, or the feed was purged past "
+                    "the rollup's cursor)")
         head = await conn.fetchval(
             "SELECT greatest(coalesce(max(cursor), 0), (SELECT purged_through FROM ingest.feed_retention))"
             " FROM ingest.committed_batches")
@@ -483,7 +483,8 @@ class RollupReader:
             "SELECT s.cursor, (SELECT purged_through FROM ingest.feed_retention) AS purged,"
             " (SELECT coalesce(sum(octet_length(payload)), 0) FROM ingest.committed_batches c"
             "  WHERE c.cursor > s.cursor) AS pending FROM ingest.rollup_state s")
-        if state is None or state["purged"] > state["cursor"] or state["pending"] > self.max_pending_bytes:
+        if (state is None or state["cursor"] < 0 or state["purged"] > state["cursor"]
+                or state["pending"] > self.max_pending_bytes):
             return None
         asked = set(tag_ids)
         dirty: set[tuple[int, int]] = set()
