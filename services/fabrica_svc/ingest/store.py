@@ -20,6 +20,9 @@ Tables (schema ``ingest``)
                         highest epoch (which fences older incarnations; migration 3).
 ``tag_events``          readings of counter and machine-state tags with a ``cursor`` that increases in commit
                         order; ``event_retention.purged_through`` is the highest cursor deleted by retention.
+``rollup_minute``,      1-minute and 1-hour rollups per tenant, tag, bucket and quality (migration 9), kept by
+``rollup_hour``         the rollup job; ``rollup_state`` (its feed cursor), ``rollup_horizons`` (raw retention per
+                        tenant). See rollup.py.
 ``committed_batches``   the committed-readings feed (migration 4): one row per stored batch, with a ``cursor``
                         in commit order, the batch's PLC ids and the batch itself (the serialized ReadingBatch);
                         ``feed_retention.purged_through`` is the highest cursor deleted by feed retention.
