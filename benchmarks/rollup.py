@@ -9,7 +9,9 @@ printed), then:
 - a year (the whole range) of 1-hour buckets: from ``rollup_hour`` vs from the raw readings;
 - the last 30 days (at most the range) of 1-minute buckets: from ``rollup_minute`` vs raw;
 
-each the median of FABRICA_BENCH_ROLLUP_REPEAT (5) runs of ``IngestStore.aggregate`` (asyncpg decoding the
+and how fast the job follows the feed (FABRICA_BENCH_ROLLUP_FEED_BATCHES (200) committed batches of 1,000
+readings over FABRICA_BENCH_ROLLUP_FEED_TAGS (500) tags, one reading per tag and second). Queries: each the
+median of FABRICA_BENCH_ROLLUP_REPEAT (5) runs of ``IngestStore.aggregate`` (asyncpg decoding the
 rows included), on the embedded Postgres. Both answers are compared (count, min, max, first, last exact,
 avg to 1e-9) before any figure is printed. The raw set is one reading a minute so that a year of it fits in
 a benchmark run; a second tag read every second for the last FABRICA_BENCH_ROLLUP_FAST_DAYS (2) days shows
@@ -67,6 +69,51 @@ async def _timed(fn, repeat: int) -> tuple[float, list]:
         result = await fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), result
+
+
+async def _feed_job(dsn: str, batches: int, size: int, tags: int, start: datetime) -> tuple[int, float]:
+    """The job following the feed: `batches` committed batches of `size` readings over `tags` tags (one
+    reading per tag and second, as a plant's 1 s tags), written as the writer writes them (readings and the
+    feed row in one transaction); then the job's rounds until caught up. Returns (readings, seconds)."""
+    from fabrica.common.v1 import reading_pb2
+    from fabrica_svc.ingest.domain import KIND_DOUBLE, READING_COLUMNS
+    from fabrica_svc.ingest.rollup import RollupJob
+    from fabrica_svc.runtime.db import create_pool
+
+    conn = await asyncpg.connect(dsn)
+    base_us = int(start.timestamp()) * 1_000_000
+    try:
+        i = 0
+        for b in range(batches):
+            readings, rows = [], []
+            for _ in range(size):
+                tag, us = 10_000 + i % tags, base_us + (i // tags) * 1_000_000
+                value = float(i % 1000) * 0.5
+                r = reading_pb2.Reading(tag_id=tag, quality=1, plc_id="p", role=1)
+                r.read_time.seconds, r.read_time.nanos = us // 1_000_000, 0
+                r.value.double_value = value
+                readings.append(r)
+                rows.append((tag, start + timedelta(microseconds=us - base_us), 1, KIND_DOUBLE, value,
+                             None, None, None, None))
+                i += 1
+            payload = reading_pb2.ReadingBatch(collector_id="bench", sequence=b + 1, readings=readings
+                                               ).SerializeToString()
+            async with conn.transaction():
+                await conn.copy_records_to_table("readings", schema_name="ingest", columns=READING_COLUMNS,
+                                                 records=rows)
+                await conn.execute(
+                    "INSERT INTO ingest.committed_batches (cursor, collector_id, sequence, plc_ids, reading_count,"
+                    " payload) VALUES (nextval('ingest.committed_batches_cursor_seq'), 'bench', $1, '{p}', $2, $3)",
+                    b + 1, size, payload)
+    finally:
+        await conn.close()
+    pool = await create_pool(dsn, "ingest", min_size=1, max_size=2)
+    try:
+        t = time.perf_counter()
+        await RollupJob(pool).catch_up()
+        return batches * size, time.perf_counter() - t
+    finally:
+        await pool.close()
 
 
 def _same(a: list, b: list) -> bool:
@@ -137,6 +184,10 @@ async def _run() -> int:
             print(f"{label:<38} {len(raw):>9,} {raw_s * 1000:>9.1f} {roll_s * 1000:>10.1f} "
                   f"{raw_s / roll_s:>8.1f}x", flush=True)
         await pool.close()
+        n_feed, feed_s = await _feed_job(dsn, _env_int("FABRICA_BENCH_ROLLUP_FEED_BATCHES", 200), 1000,
+                                         _env_int("FABRICA_BENCH_ROLLUP_FEED_TAGS", 500), end + timedelta(days=1))
+        print(f"\nthe job following the feed: {n_feed:,} readings (batches of 1,000, one reading per tag and second)"
+              f" rolled up in {feed_s:.2f} s: {n_feed / feed_s:,.0f} readings/s", flush=True)
         return 1 if failed else 0
     finally:
         server.cleanup()
