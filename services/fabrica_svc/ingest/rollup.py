@@ -311,7 +311,7 @@ class RollupJob:
                 cursor = await conn.fetchval("SELECT cursor FROM ingest.rollup_state")
                 purged = await conn.fetchval("SELECT purged_through FROM ingest.feed_retention")
                 if cursor < 0 or purged > cursor:  # never built, or the feed lost batches it never saw
-                    return await self._rebuild(conn)
+                    return await self._rebuild(conn, lost=cursor >= 0)
                 rows = await conn.fetch(
                     "WITH f AS (SELECT cursor, octet_length(payload) AS size FROM ingest.committed_batches"
                     "  WHERE cursor > $1 ORDER BY cursor LIMIT $2),"
@@ -330,11 +330,13 @@ class RollupJob:
         self.stats.buckets += len(minutes)
         return len(rows)
 
-    async def _rebuild(self, conn: asyncpg.Connection) -> int:
+    async def _rebuild(self, conn: asyncpg.Connection, *, lost: bool) -> int:
         """Every bucket from every raw reading, in the round's snapshot; the cursor is then the feed's head
         of that snapshot (every batch up to it is in the readings read)."""
-        log.warning("building the rollups from every raw reading (first start, or the feed was purged past "
-                    "the rollup's cursor)")
+        if lost:
+            log.warning("the committed-readings feed was purged past the rollup's cursor; rebuilding the rollups")
+        else:
+            log.info("building the rollups from every raw reading (the first round after migration 9)")
         head = await conn.fetchval(
             "SELECT greatest(coalesce(max(cursor), 0), (SELECT purged_through FROM ingest.feed_retention))"
             " FROM ingest.committed_batches")
