@@ -405,3 +405,20 @@ async def test_tenant_directory_without_config_knows_no_tenant() -> None:
     assert directory.retention("other") is None and directory.quota("other") is None
     assert await directory.refresh() is True  # no config address: nobody is known, everything is kept
     assert directory.codes() == [] and directory.retention("acme") is None
+
+
+async def test_tenant_directory_keeps_the_last_known_tenants_while_config_is_away() -> None:
+    import socket
+
+    from in_process import settings_for
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    known = tenant_pb2.Tenant(code="acme", retention=tenant_pb2.RetentionPolicy(raw_days=3))
+    directory = TenantDirectory(settings_for("ingest", config_addr=f"127.0.0.1:{port}"), tenants=[known])
+    try:
+        assert await directory.refresh() is False  # UNAVAILABLE
+        assert directory.codes() == ["acme"] and directory.retention("acme").raw_days == 3
+    finally:
+        await directory.stop()
