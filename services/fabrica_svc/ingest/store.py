@@ -780,8 +780,15 @@ class IngestStore:
             await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
             if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.{name}") is not None:
                 return True
+            # No write may be in progress across the attach: a COPY routes its rows with the partitions it
+            # saw when it started, so one that started before the attach and waited for the default
+            # partition's lock would put that day's rows into the default partition after it, and fail
+            # ("violates partition constraint", a batch refused for nothing). Readers are not held up;
+            # writers wait while the partition is made (moving that day's late rows, normally none). Any
+            # long reader of the default partition (an export, the rollup job's round) made that race likely.
+            await conn.execute("LOCK TABLE ingest.readings IN SHARE ROW EXCLUSIVE MODE")
             # No rows of that day may reach the default partition between the move and the attach
-            # (the attach would then fail). Writers of other days do not touch it and are not held up.
+            # (the attach would then fail).
             await conn.execute("LOCK TABLE ingest.readings_default IN ACCESS EXCLUSIVE MODE")
             await conn.execute(
                 f"CREATE TABLE ingest.{name} (LIKE ingest.readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
