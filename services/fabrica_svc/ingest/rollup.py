@@ -290,7 +290,7 @@ class RollupStats:
 class RollupJob:
     """Follows the committed-readings feed and keeps the rollups current (see the module docstring)."""
 
-    def __init__(self, pool: asyncpg.Pool, *, interval: float = 1.0, max_batches: int = JOB_MAX_BATCHES,
+    def __init__(self, pool: asyncpg.Pool, *, interval: float = 5.0, max_batches: int = JOB_MAX_BATCHES,
                  max_bytes: int = JOB_MAX_BYTES):
         self.pool = pool
         self.interval = interval
