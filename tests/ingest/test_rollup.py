@@ -17,6 +17,8 @@ import pytest
 
 from fabrica.common.v1 import reading_pb2
 from fabrica.config.v1 import tenant_pb2
+from fabrica.ingest.v1 import ingest_service_pb2 as pb
+from fabrica.ingest.v1 import query_pb2
 from fabrica_svc.ingest import rollup as rollup_module
 from fabrica_svc.ingest.domain import KIND_DOUBLE, KIND_NONE, micros_to_datetime
 from fabrica_svc.ingest.maintenance import maintain
@@ -25,7 +27,7 @@ from fabrica_svc.ingest.store import EVENTS_LOCK_KEY
 from fabrica_svc.ingest.tenants import TenantDirectory
 from fabrica_svc.runtime import tenancy
 
-from .support import TEST_CONFIG, T0_US, batch, reading, stream_batches
+from .support import TEST_CONFIG, T0_US, batch, reading, stream_batches, ts_us
 
 GOOD = reading_pb2.QUALITY_GOOD
 STALE = reading_pb2.QUALITY_STALE
@@ -274,6 +276,12 @@ async def test_the_apps_job_follows_the_feed_and_keeps_after_a_restart(ingest_fa
         assert await again.app.store.pool.fetchval("SELECT sum(n) FROM ingest.rollup_hour") == 301
         got = await again.app.store.aggregate([1], base, base + timedelta(hours=1), 3600, None)
     assert [(r["n"], r["max"], r["first"], r["last"]) for r in got] == [(301, 1000.0, 0.0, 299.0)]
+    # The RPC (its default tenant) answers the same, from the hour table.
+    response = await again.stub.AggregateReadings(pb.AggregateReadingsRequest(
+        filter=query_pb2.ReadingFilter(tag_ids=[1], start_time=ts_us(t0), end_time=ts_us(t0 + HOUR)),
+        bucket_seconds=3600))
+    assert [(b.count, b.min, b.max, b.first, b.last) for b in response.buckets] == [(301, 0.0, 1000.0, 0.0, 299.0)]
+    assert math.isclose(response.buckets[0].avg, (sum(range(300)) + 1000.0) / 301, rel_tol=1e-12)
 
 
 async def test_a_year_of_minute_buckets_is_answered_from_the_rollup_table(ingest_factory) -> None:
@@ -319,15 +327,15 @@ async def test_a_year_of_minute_buckets_is_answered_from_the_rollup_table(ingest
 async def test_retention_per_tenant_deletes_exactly_that_tenants_old_rows(two_tenants) -> None:
     ingest, conn, _, _ = two_tenants
     store = ingest.app.store
-    job = RollupJob(store.pool)
-    await job.catch_up()
+    job = RollupJob(store.pool)  # nothing rolled up yet: maintenance must catch up before deleting raw rows
+    assert await job.cursor() == 0
     now = dt(T0_US + 3 * DAY + 5 * HOUR)  # the data ends today; raw readings of the first two days go
     with tenancy.system():
         before = {t: await store.pool.fetchval(
             "SELECT count(*) FROM ingest.readings WHERE tenant_id = $1", t) for t in ("default", "acme")}
         acme_old = await store.pool.fetchval(
             "SELECT count(*) FROM ingest.readings WHERE tenant_id = 'acme' AND read_time < $1", dt(T0_US + 2 * DAY))
-        hours_before = await store.aggregate([11, 12], dt(T0_US), dt(T0_US + 3 * DAY), 3600, None)
+        hours_before = await raw_aggregate(store, [11, 12], dt(T0_US), dt(T0_US + 3 * DAY), 3600, None)
     directory = TenantDirectory(None, tenants=[
         tenant_pb2.Tenant(code="acme", retention=tenant_pb2.RetentionPolicy(raw_days=1, minute_days=1, hour_days=0)),
         tenant_pb2.Tenant(code="default"),  # no retention: kept forever
@@ -422,3 +430,23 @@ async def test_tenant_directory_keeps_the_last_known_tenants_while_config_is_awa
         assert directory.codes() == ["acme"] and directory.retention("acme").raw_days == 3
     finally:
         await directory.stop()
+
+
+async def test_installation_wide_retention_keeps_the_rollups_of_what_it_deletes(two_tenants) -> None:
+    ingest, conn, _, _ = two_tenants
+    store = ingest.app.store
+    job = RollupJob(store.pool)
+    tags = [1, 2, 3, 11, 12]
+    with tenancy.system():
+        hours_before = await raw_aggregate(store, tags, dt(T0_US), dt(T0_US + 3 * DAY), 3600, None)
+        await maintain(store, dt(T0_US + 3 * DAY + 5 * HOUR), ahead=1, retention_days=1, rollup=job)
+        assert await store.pool.fetchval("SELECT min(read_time) FROM ingest.readings") >= dt(T0_US + 2 * DAY)
+        assert await store.pool.fetchval("SELECT raw_before FROM ingest.rollup_state") == dt(T0_US + 2 * DAY)
+        store.rollups = RollupReader(store.pool)
+        assert_same(await store.aggregate(tags, dt(T0_US), dt(T0_US + 3 * DAY), 3600, None), hours_before,
+                    "hours after the installation's retention")
+        await commit_batch(conn, "acme", "c-acme", 1000, [(12, T0_US + DAY + 5 * S, -9999.0, GOOD)])
+        await job.catch_up()
+        assert_same(await store.aggregate(tags, dt(T0_US), dt(T0_US + 3 * DAY), 3600, None), hours_before,
+                    "a late reading older than the horizon leaves the rolled-up hours as they were")
+        store.rollups = None
