@@ -500,8 +500,12 @@ class RollupReader:
         table = TABLES[width]
         edges = start_us < lo or hi < end_us
         bucket = "make_interval(secs => $4::float8)"
+        rollup_bucket = ("m.bucket_start" if bucket_seconds * 1_000_000 == width
+                         else f"date_bin({bucket}, m.bucket_start, {_EPOCH})")
         arms = [
-            f"SELECT m.tag_id, date_bin({bucket}, m.bucket_start, {_EPOCH}) AS bucket, {_COLUMNS}"
+            # A bucket of the table's own width is its bucket_start: no date_bin, so the rows come out of
+            # the primary key in the order the merge groups them (no hash and sort of every row).
+            f"SELECT m.tag_id, {rollup_bucket} AS bucket, {_COLUMNS}"
             f" FROM ingest.{table} m"
             " WHERE m.tag_id = ANY($1::bigint[]) AND m.bucket_start >= $6 AND m.bucket_start < $7"
             "   AND ($5::smallint[] IS NULL OR m.quality = ANY($5::smallint[]))"
@@ -526,7 +530,7 @@ class RollupReader:
                 "  GROUP BY 1, 2) x")
         parts = "\n UNION ALL ".join(arms)
         # Every parameter is typed in `a` (never read: an arm that does not need one leaves it out).
-        sql = ("WITH a AS (SELECT $2::timestamptz AS s, $3::timestamptz AS e, $10::interval AS w),"
+        sql = ("WITH a AS (SELECT $2::timestamptz AS s, $3::timestamptz AS e, $4::float8 AS b, $10::interval AS w),"
                " dirty AS (SELECT * FROM unnest($8::bigint[], $9::timestamptz[]) AS d(tag_id, bucket_start)),"
                f" p AS ({parts})"
                f" SELECT p.tag_id, p.bucket, {_MERGE_FINAL} FROM p GROUP BY p.tag_id, p.bucket"
