@@ -34,8 +34,13 @@ batches after its cursor, decodes from their payloads which (tag, minute) bucket
 transaction recomputes those minute buckets from the raw readings (delete + insert: exact, idempotent,
 late data included), recomputes their hours from the minutes, and stores the new cursor. A crash before
 commit leaves the old cursor and the old rows; replaying recomputes the same buckets to the same result:
-nothing is ever counted twice. Any replica may run it (an advisory lock: one at a time). Without the feed
-(FABRICA_INGEST_FEED=off) there is no rollup, and AggregateReadings reads raw readings as before.
+nothing is ever counted twice. Any replica may run it (an advisory lock: one at a time). Its first round
+after migration 9 (``rollup_state.cursor`` -1) builds every bucket from the raw readings there are, in one
+snapshot, and takes the feed's head of that snapshot as its cursor (not the migration: on an installation
+with data that takes a while, and a migration holds up every replica's start); until then queries read raw
+readings. Without the feed (FABRICA_INGEST_FEED=off; every replica must agree on it) there is no rollup,
+and AggregateReadings reads raw readings as before. The job's pause between rounds
+(FABRICA_INGEST_ROLLUP_MS, 5 s) is cheap for queries: what it has not taken yet is read raw.
 
 Why the answers are always exact (the read side, :class:`RollupReader`)
 -----------------------------------------------------------------------
