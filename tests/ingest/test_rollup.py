@@ -450,3 +450,15 @@ async def test_installation_wide_retention_keeps_the_rollups_of_what_it_deletes(
         assert_same(await store.aggregate(tags, dt(T0_US), dt(T0_US + 3 * DAY), 3600, None), hours_before,
                     "a late reading older than the horizon leaves the rolled-up hours as they were")
         store.rollups = None
+
+
+def test_rollup_settings() -> None:
+    from fabrica_svc.ingest.config import load_ingest_config
+    from fabrica_svc.runtime.settings import SettingsError
+
+    assert (load_ingest_config({}).rollup, load_ingest_config({}).rollup_interval) == (True, 5.0)
+    cfg = load_ingest_config({"FABRICA_INGEST_ROLLUP": "off", "FABRICA_INGEST_ROLLUP_MS": "250"})
+    assert (cfg.rollup, cfg.rollup_interval) == (False, 0.25)
+    for name, value in (("FABRICA_INGEST_ROLLUP", "maybe"), ("FABRICA_INGEST_ROLLUP_MS", "0")):
+        with pytest.raises(SettingsError, match=name):
+            load_ingest_config({name: value})
