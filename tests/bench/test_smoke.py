@@ -75,3 +75,11 @@ def test_the_alarm_benchmark_prints_the_evaluator_beside_ingest() -> None:
     for mode in ("1. ingest write rate", "2. evaluator alone", "3. feed alone", "4. alarm end to end",
                  "5. alarm end to end, a commit per message", "6. alarm live", "7. alarm live"):
         assert mode in out
+
+
+def test_the_rollup_benchmark_compares_rollup_and_raw_answers() -> None:
+    out = run_benchmark("rollup", FABRICA_BENCH_ROLLUP_DAYS="2", FABRICA_BENCH_ROLLUP_FAST_DAYS="1",
+                        FABRICA_BENCH_ROLLUP_REPEAT="1", FABRICA_BENCH_ROLLUP_FEED_BATCHES="5")
+    table = out[out.index("\nquery ") + 1:].splitlines()
+    assert "speed-up" in table[0] and len([line for line in table[1:] if line.endswith("x")]) == 4
+    assert "differs" not in out and "readings/s" in out and "the job following the feed" in out

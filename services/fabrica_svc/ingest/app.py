@@ -25,6 +25,7 @@ from ..runtime.settings import Settings
 from .config import IngestConfig, load_ingest_config
 from .maintenance import Maintenance
 from .quota import TenantQuotas
+from .rollup import RollupJob, RollupReader
 from .servicer import IngestServicer, add_to_server
 from .store import EVENTS_CHANNEL, FEED_CHANNEL, MIGRATIONS, SCHEMA, IngestStore
 from .tenants import TenantDirectory
@@ -52,8 +53,10 @@ class IngestApp:
         self.tenants: TenantDirectory
         self.quotas: TenantQuotas
         self.servicer: IngestServicer
+        #: The rollup job (None with the feed or the rollup off).
+        self.rollup: RollupJob | None = None
         #: What stop() stops, in that order: every part start() built, started or not.
-        self._parts: list[Maintenance | Listener | BatchWriter | TenantDirectory] = []
+        self._parts: list[Maintenance | Listener | BatchWriter | RollupJob | TenantDirectory] = []
 
     async def start(self, resources: Resources) -> None:
         assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
@@ -77,16 +80,23 @@ class IngestApp:
         self.feed_hub = Listener(resources.dsn, FEED_CHANNEL, poll_interval=config.event_poll_interval,
                                  check_interval=config.event_poll_interval,
                                  application_name="fabrica-ingest-feed-listen")
+        self.tenants = TenantDirectory(self.settings, interval=config.tenants_poll_interval)
+        if config.feed and config.rollup:  # the rollup follows the feed (rollup.py)
+            self.rollup = RollupJob(resources.pool, interval=config.rollup_interval)
+            self.store.rollups = RollupReader(resources.pool)
         self.maintenance = Maintenance(
             self.store, interval=config.maintenance_interval, ahead=config.partitions_ahead,
             retention_days=config.retention_days,
             feed_retention_hours=config.feed_retention_hours if config.feed else None,
+            rollup=self.rollup, tenants=self.tenants,
         )
-        self.tenants = TenantDirectory(self.settings, interval=config.tenants_poll_interval)
         self.quotas = TenantQuotas(self.tenants, max_delay=config.quota_max_delay)
         self.servicer = IngestServicer(config, self.store, self.writer, self.hub, self.feed_hub, quotas=self.quotas)
-        self._parts = [self.maintenance, self.feed_hub, self.hub, self.writer, self.tenants]
+        self._parts = [self.maintenance, *([self.rollup] if self.rollup else []), self.tenants, self.feed_hub,
+                       self.hub, self.writer]
         await self.tenants.start()  # polls in the background: start-up never waits for config
+        if self.rollup is not None:
+            await self.rollup.start()
         await self.maintenance.start()
         await self.writer.start()
         await self.hub.start()

@@ -17,6 +17,8 @@ FABRICA_INGEST_QUOTA_MAX_DELAY_MS      Longest a stream over its tenant's readin
                                        before its batch is refused with RESOURCE_EXHAUSTED
 FABRICA_INGEST_TENANTS_POLL_SECONDS    How often the tenants' quotas and retention are read from    10
                                        config (FABRICA_CONFIG_ADDR; unset: no quotas, keep all)
+FABRICA_INGEST_ROLLUP                  Keep the 1-minute and 1-hour rollups (needs the feed)        on
+FABRICA_INGEST_ROLLUP_MS               The rollup job looks for newly committed batches this often  5000
 =====================================  ===========================================================  =======
 
 The writer does not wait to fill a group by default: a group is what queued while the previous transaction
@@ -66,6 +68,12 @@ class IngestConfig:
     quota_max_delay: float = 1.0
     #: How often the tenants (quotas, retention) are read from config.
     tenants_poll_interval: float = 10.0
+    #: The rollup job keeps the 1-minute and 1-hour rollups and AggregateReadings reads them (rollup.py).
+    rollup: bool = True
+    #: The rollup job's pause between rounds when it has caught up. A round recomputes each minute it
+    #: touches whole (up to a minute of a tag's raw rows), so rounds further apart read each reading fewer
+    #: times; queries stay exact meanwhile (the minutes not rolled up yet come from raw readings).
+    rollup_interval: float = 5.0
 
 
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
@@ -85,4 +93,6 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         latest_watch_interval=env_int(env, "FABRICA_INGEST_LATEST_WATCH_MS", 200, 20, 60_000) / 1000.0,
         quota_max_delay=env_int(env, "FABRICA_INGEST_QUOTA_MAX_DELAY_MS", 1000, 0, 60_000) / 1000.0,
         tenants_poll_interval=env_float(env, "FABRICA_INGEST_TENANTS_POLL_SECONDS", 10.0, 0.05, 3600.0),
+        rollup=env_choice(env, "FABRICA_INGEST_ROLLUP", "on", ("on", "off")) == "on",
+        rollup_interval=env_int(env, "FABRICA_INGEST_ROLLUP_MS", 5000, 10, 3_600_000) / 1000.0,
     )

@@ -1,5 +1,10 @@
 """Partition maintenance: daily partitions ahead of time, late rows out of the default partition, retention.
 
+Retention is installation-wide (FABRICA_INGEST_RETENTION_DAYS: whole daily partitions dropped) and, with a
+tenant directory (tenants.py), per tenant (RetentionPolicy: raw readings deleted by tenant and time, rollup
+rows by tenant and bucket; rollup.py ``purge_tenant``). With the rollup job, raw readings go only after the
+job has caught up (rollup.py, "Retention"), and the feed is never purged past the job's cursor.
+
 Runs once at start-up and then every ``maintenance_interval``. Any replica may run it: partition creation
 takes a transaction-level advisory lock (another replica that holds it is doing the same work), and every
 DDL statement runs with a short ``lock_timeout`` so that it never holds up the writer; what does not get
@@ -17,7 +22,9 @@ from datetime import UTC, datetime, timedelta
 from ..runtime import tenancy
 from ..runtime.tasks import cancel_and_wait
 from .domain import day_bounds, days_ahead, expired_partitions, partition_name, retention_cutoff
+from .rollup import RollupJob, TenantPurge, purge_tenant
 from .store import IngestStore
+from .tenants import TenantDirectory
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,7 @@ class MaintenanceReport:
     default_rows_deleted: int = 0
     events_purged_through: int = 0
     feed_purged_through: int = 0
+    tenants: list[TenantPurge] = field(default_factory=list)
 
 
 async def ensure_ahead(store: IngestStore, now: datetime, *, ahead: int) -> list[str]:
@@ -44,18 +52,21 @@ async def ensure_ahead(store: IngestStore, now: datetime, *, ahead: int) -> list
 
 
 async def maintain(store: IngestStore, now: datetime, *, ahead: int, retention_days: int,
-                   feed_retention_hours: int | None = None) -> MaintenanceReport:
+                   feed_retention_hours: int | None = None, rollup: RollupJob | None = None,
+                   tenants: TenantDirectory | None = None) -> MaintenanceReport:
     """One round: create today's and the next `ahead` days' partitions, give days that have rows in the
     default partition (within retention) their own partition, and drop what retention no longer keeps;
-    with `feed_retention_hours`, also the committed-readings feed older than that. Across tenants
-    (tenancy.system(): partitions, late rows and retention are every tenant's), whoever calls it."""
+    with `feed_retention_hours`, also the committed-readings feed older than that (never past the `rollup`
+    job's cursor); with `tenants`, each known tenant's own retention. Across tenants (tenancy.system():
+    partitions, late rows and retention are every tenant's), whoever calls it."""
     with tenancy.system():
         return await _maintain(store, now, ahead=ahead, retention_days=retention_days,
-                               feed_retention_hours=feed_retention_hours)
+                               feed_retention_hours=feed_retention_hours, rollup=rollup, tenants=tenants)
 
 
 async def _maintain(store: IngestStore, now: datetime, *, ahead: int, retention_days: int,
-                    feed_retention_hours: int | None) -> MaintenanceReport:
+                    feed_retention_hours: int | None, rollup: RollupJob | None,
+                    tenants: TenantDirectory | None) -> MaintenanceReport:
     report = MaintenanceReport()
     existing = set(await store.partitions())
     cutoff = retention_cutoff(now, retention_days)
@@ -71,12 +82,20 @@ async def _maintain(store: IngestStore, now: datetime, *, ahead: int, retention_
             report.created.append(name)
             existing.add(name)
     if cutoff is not None:
+        if rollup is not None:  # the rollup has every reading before any goes, and stops recomputing them
+            await rollup.hold_raw_before(cutoff)
         for name in expired_partitions(existing, cutoff):
             await store.drop_partition(name)
             report.dropped.append(name)
         report.default_rows_deleted, report.events_purged_through = await store.purge_before(cutoff)
     if feed_retention_hours is not None:
-        report.feed_purged_through = await store.purge_feed_before(now - timedelta(hours=feed_retention_hours))
+        report.feed_purged_through = await store.purge_feed_before(
+            now - timedelta(hours=feed_retention_hours), await rollup.cursor() if rollup is not None else None)
+    for code in tenants.codes() if tenants is not None else ():
+        policy = tenants.retention(code)
+        if policy is not None and (policy.raw_days or policy.minute_days or policy.hour_days):
+            report.tenants.append(await purge_tenant(store.pool, rollup, code, now, policy.raw_days,
+                                                     policy.minute_days, policy.hour_days))
     if report.created or report.dropped or report.default_rows_deleted:
         log.info("partition maintenance", extra={
             "created": report.created, "dropped": report.dropped,
@@ -87,13 +106,16 @@ async def _maintain(store: IngestStore, now: datetime, *, ahead: int, retention_
 
 class Maintenance:
     def __init__(self, store: IngestStore, *, interval: float, ahead: int, retention_days: int,
-                 feed_retention_hours: int | None = None,
+                 feed_retention_hours: int | None = None, rollup: RollupJob | None = None,
+                 tenants: TenantDirectory | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
         self.store = store
         self.interval = interval
         self.ahead = ahead
         self.retention_days = retention_days
         self.feed_retention_hours = feed_retention_hours
+        self.rollup = rollup
+        self.tenants = tenants
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
 
@@ -101,7 +123,8 @@ class Maintenance:
         try:
             with tenancy.system():  # partitions and retention of every tenant
                 return await maintain(self.store, self.clock(), ahead=self.ahead, retention_days=self.retention_days,
-                                  feed_retention_hours=self.feed_retention_hours)
+                                  feed_retention_hours=self.feed_retention_hours, rollup=self.rollup,
+                                  tenants=self.tenants)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the database may be away; the next round retries

@@ -20,6 +20,9 @@ Tables (schema ``ingest``)
                         highest epoch (which fences older incarnations; migration 3).
 ``tag_events``          readings of counter and machine-state tags with a ``cursor`` that increases in commit
                         order; ``event_retention.purged_through`` is the highest cursor deleted by retention.
+``rollup_minute``,      1-minute and 1-hour rollups per tenant, tag, bucket and quality (migration 9), kept by
+``rollup_hour``         the rollup job; ``rollup_state`` (its feed cursor), ``rollup_horizons`` (raw retention per
+                        tenant). See rollup.py.
 ``committed_batches``   the committed-readings feed (migration 4): one row per stored batch, with a ``cursor``
                         in commit order, the batch's PLC ids and the batch itself (the serialized ReadingBatch);
                         ``feed_retention.purged_through`` is the highest cursor deleted by feed retention.
@@ -145,6 +148,8 @@ import asyncpg
 from ..runtime import audit, tenancy
 from ..runtime.db import Migration
 from ..runtime.errors import FailedPrecondition
+from .rollup import MIGRATION_SQL as ROLLUP_MIGRATION_SQL
+from .rollup import RollupReader
 from .domain import (
     EVENT_COLUMNS,
     MAX_BIGINT,
@@ -333,6 +338,8 @@ CREATE INDEX tag_metadata_collector_idx ON tag_metadata (tenant_id, collector_id
 CREATE INDEX tag_events_tenant_cursor_idx ON tag_events (tenant_id, cursor);
 CREATE INDEX committed_batches_tenant_cursor_idx ON committed_batches (tenant_id, cursor);
 """])),
+    Migration(9, "1-minute and 1-hour rollups of the readings per tenant, tag, bucket and quality (rollup.py)",
+              ROLLUP_MIGRATION_SQL),
 ]
 
 def _own_tenant(param: int) -> tuple[str, tuple[str, ...]]:
@@ -520,6 +527,8 @@ class IngestStore:
         #: the connecting user, whom the policies do not hold when it is a superuser, and COPY goes
         #: straight into the tables.
         self.row_security = row_security
+        #: Answers aggregate() from the 1-minute and 1-hour rollups when set (rollup.py; needs the feed).
+        self.rollups: RollupReader | None = None
 
     # --- write path -----------------------------------------------------------------------------------
 
@@ -790,7 +799,15 @@ class IngestStore:
         ``min``/``max`` over ``ARRAY[microseconds, value]`` (arrays compare element by element): constant
         memory per bucket, where ``array_agg(value ORDER BY read_time)[1]`` would hold the whole bucket.
         Readings of one tag at the very same instant are ordered by value. A bucket with no numeric
-        value (only failures, or text) has NULL min/max/avg/first/last."""
+        value (only failures, or text) has NULL min/max/avg/first/last.
+
+        With :attr:`rollups` set and a bucket of whole minutes, the same aggregates come from the rollup
+        tables for the whole minutes (hours) they have caught up on, and from the readings for the rest
+        (rollup.py: the same answer, read from far fewer rows)."""
+        if self.rollups is not None:
+            rows = await self.rollups.aggregate(tag_ids, start, end, bucket_seconds, qualities)
+            if rows is not None:
+                return rows
         return await self.pool.fetch(
             "SELECT tag_id,"
             " date_bin(make_interval(secs => $4::float8), read_time, '1970-01-01 00:00:00+00'::timestamptz) AS bucket,"
@@ -914,17 +931,18 @@ class IngestStore:
         return int(await self.pool.fetchval(
             f"SELECT coalesce(max(cursor), 0) FROM ingest.committed_batches WHERE {mine}true", *args))
 
-    async def purge_feed_before(self, cutoff: datetime) -> int:
-        """Delete feed rows committed before `cutoff`, by cursor (up to the last one committed before it),
-        so that what remains is always every batch after `purged_through`; returns purged_through."""
+    async def purge_feed_before(self, cutoff: datetime, keep_after: int | None = None) -> int:
+        """Delete feed rows committed before `cutoff`, by cursor (up to the last one committed before it,
+        and never past `keep_after`: the rollup job's cursor), so that what remains is always every batch
+        after `purged_through`; returns purged_through."""
         async with self.pool.acquire() as conn, conn.transaction():
             return int(await conn.fetchval(
-                "WITH edge AS (SELECT max(cursor) AS c FROM ingest.committed_batches WHERE commit_time < $1),"
+                "WITH edge AS (SELECT least(max(cursor), $2) AS c FROM ingest.committed_batches WHERE commit_time < $1),"
                 " gone AS (DELETE FROM ingest.committed_batches WHERE cursor <= (SELECT c FROM edge))"
                 " UPDATE ingest.feed_retention"
                 " SET purged_through = greatest(purged_through, coalesce((SELECT c FROM edge), 0))"
                 " RETURNING purged_through",
-                cutoff,
+                cutoff, keep_after,
             ))
 
     # --- maintenance ----------------------------------------------------------------------------------
@@ -950,8 +968,15 @@ class IngestStore:
             await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
             if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.{name}") is not None:
                 return True
+            # No write may be in progress across the attach: a COPY routes its rows with the partitions it
+            # saw when it started, so one that started before the attach and waited for the default
+            # partition's lock would put that day's rows into the default partition after it, and fail
+            # ("violates partition constraint", a batch refused for nothing). Readers are not held up;
+            # writers wait while the partition is made (moving that day's late rows, normally none). Any
+            # long reader of the default partition (an export, the rollup job's round) made that race likely.
+            await conn.execute("LOCK TABLE ingest.readings IN SHARE ROW EXCLUSIVE MODE")
             # No rows of that day may reach the default partition between the move and the attach
-            # (the attach would then fail). Writers of other days do not touch it and are not held up.
+            # (the attach would then fail).
             await conn.execute("LOCK TABLE ingest.readings_default IN ACCESS EXCLUSIVE MODE")
             await conn.execute(
                 f"CREATE TABLE ingest.{name} (LIKE ingest.readings INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"

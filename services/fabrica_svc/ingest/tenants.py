@@ -66,14 +66,16 @@ class TenantDirectory:
     def __init__(self, settings: Settings | None = None, *, config_addr: str | None = None,
                  interval: float = POLL_INTERVAL, page_size: int = PAGE_SIZE,
                  channel_factory: Callable[[], grpc.aio.Channel] | None = None,
-                 on_change: Callable[[set[str]], None] | None = None):
+                 on_change: Callable[[set[str]], None] | None = None,
+                 tenants: Iterable[tenant_pb2.Tenant] | None = None):
         self.settings = settings
         self.config_addr = config_addr if config_addr is not None else (settings.config_addr if settings else "")
         self.interval = interval
         self.page_size = page_size
         self._channel_factory = channel_factory
         self._on_change = on_change
-        self._tenants: dict[str, tenant_pb2.Tenant] = {}
+        #: `tenants`: what is known before the first poll (tests).
+        self._tenants: dict[str, tenant_pb2.Tenant] = {t.code: t for t in tenants or ()}
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
         self._state = ""  # what the last poll logged ("ok", or the failure), so each change is logged once
@@ -96,6 +98,8 @@ class TenantDirectory:
     def known(self) -> list[str]:
         """The codes of the tenants known, sorted."""
         return sorted(self._tenants)
+
+    codes = known  # maintenance's per-tenant retention walks these
 
     def set(self, tenant: str, *, quota: tenant_pb2.TenantQuota | None = None,
             retention: tenant_pb2.RetentionPolicy | None = None) -> None:
@@ -165,6 +169,10 @@ class TenantDirectory:
         self.polls += 1
         self._polled.set()
         return True
+
+    async def refresh(self) -> bool:
+        """One poll now (what the loop does): True when config's list was read and kept."""
+        return await self.poll_once()
 
     async def _loop(self) -> None:
         while True:
