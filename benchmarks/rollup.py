@@ -51,9 +51,9 @@ async def _load(dsn: str, days: int, interval_s: int, start: datetime, tag: int 
         chunk = 100_000
         for lo in range(0, n, chunk):
             rows = [(tag, start + timedelta(seconds=i * interval_s), 1, KIND_DOUBLE,
-                     50.0 + 20.0 * math.sin(i / 300.0) + (i % 7) * 0.125, None, None, None, None)
+                     50.0 + 20.0 * math.sin(i / 300.0) + (i % 7) * 0.125, None, None, None, None, "default")
                     for i in range(lo, min(n, lo + chunk))]
-            await conn.copy_records_to_table("readings", schema_name="ingest", columns=READING_COLUMNS,
+            await conn.copy_records_to_table("readings", schema_name="ingest", columns=(*READING_COLUMNS, "tenant_id"),
                                              records=rows)
         await conn.execute("ANALYZE ingest.readings")
     finally:
@@ -94,16 +94,17 @@ async def _feed_job(dsn: str, batches: int, size: int, tags: int, start: datetim
                 r.value.double_value = value
                 readings.append(r)
                 rows.append((tag, start + timedelta(microseconds=us - base_us), 1, KIND_DOUBLE, value,
-                             None, None, None, None))
+                             None, None, None, None, "default"))
                 i += 1
             payload = reading_pb2.ReadingBatch(collector_id="bench", sequence=b + 1, readings=readings
                                                ).SerializeToString()
             async with conn.transaction():
-                await conn.copy_records_to_table("readings", schema_name="ingest", columns=READING_COLUMNS,
+                await conn.copy_records_to_table("readings", schema_name="ingest", columns=(*READING_COLUMNS, "tenant_id"),
                                                  records=rows)
                 await conn.execute(
                     "INSERT INTO ingest.committed_batches (cursor, collector_id, sequence, plc_ids, reading_count,"
-                    " payload) VALUES (nextval('ingest.committed_batches_cursor_seq'), 'bench', $1, '{p}', $2, $3)",
+                    " payload, tenant_id)"
+                    " VALUES (nextval('ingest.committed_batches_cursor_seq'), 'bench', $1, '{p}', $2, $3, 'default')",
                     b + 1, size, payload)
     finally:
         await conn.close()
