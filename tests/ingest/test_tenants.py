@@ -20,7 +20,7 @@ from fabrica.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from fabrica.ingest.v1 import query_pb2
 from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource
 from fabrica_svc.ingest.convert import batch_from_proto
-from fabrica_svc.ingest.store import TENANT_TABLES
+from fabrica_svc.ingest.store import TENANT_TABLES, UNSCOPED_TABLES
 from fabrica_svc.ingest.writer import StreamSession
 from fabrica_svc.runtime import tenancy
 from fabrica_svc.runtime.channels import PEER_CHANNEL_OPTIONS, peer_channel
@@ -33,8 +33,8 @@ from .support import (
 )
 
 ACME, GLOBEX = "acme", "globex"
-#: The ingest tables without a tenant: one row each, the installation-wide retention marks of the cursors.
-NOT_TENANT_TABLES = {"schema_migrations", "event_retention", "feed_retention"}
+#: The ingest tables without a tenant (store.py UNSCOPED_TABLES: one-row marks and the rollup job's state).
+NOT_TENANT_TABLES = set(UNSCOPED_TABLES)
 
 
 def tenant_channel(address: str, tenant: str) -> grpc.aio.Channel:

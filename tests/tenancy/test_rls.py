@@ -42,14 +42,8 @@ ALLOW_LIST_MODULES = {
 }
 #: Tables of every schema that hold no tenant's data, whatever a service says.
 ALWAYS_UNSCOPED = {"schema_migrations": "the migrations applied to the schema: bookkeeping of the installation"}
-#: Allow-lists a service documents in prose rather than as UNSCOPED_TABLES (the reason is its own words).
-DOCUMENTED_UNSCOPED: dict[str, dict[str, str]] = {
-    "ingest": {
-        "event_retention": "one row: the installation-wide retention mark of the tag-event cursor (ingest/store.py)",
-        "feed_retention": "one row: the installation-wide retention mark of the committed feed's cursor "
-                          "(ingest/store.py)",
-    },
-}
+#: Allow-lists a service documents in prose rather than as UNSCOPED_TABLES (none now).
+DOCUMENTED_UNSCOPED: dict[str, dict[str, str]] = {}
 
 
 def unscoped_tables(schema: str) -> dict[str, str]:

@@ -181,6 +181,14 @@ _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in microseconds since 1970-01-0
 #: installation-wide retention marks of the cursors (no tenant's data), and ``schema_migrations``.
 TENANT_TABLES = ("readings", "latest", "tags", "tag_metadata", "collector_sequences", "tag_events",
                  "committed_batches")
+#: The ingest tables without row-level security, and why they hold no tenant's data (tests/tenancy checks
+#: every other table has it, forced).
+UNSCOPED_TABLES = {
+    "schema_migrations": "the migrations applied to the schema",
+    "event_retention": "one row: the installation-wide retention mark of the tag-event cursor",
+    "feed_retention": "one row: the installation-wide retention mark of the committed feed's cursor",
+    "rollup_state": "one row: the rollup job's own cursor and the installation-wide raw horizon (rollup.py)",
+}
 #: The tenant policy's predicate, quoted for a format() string in SQL.
 _POLICY_SQL = tenancy.POLICY_PREDICATE.replace("'", "''")
 
