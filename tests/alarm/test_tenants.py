@@ -127,7 +127,7 @@ async def test_same_rule_and_tag_ids_in_two_tenants_evaluate_and_list_apart(alar
         assert await events(server, B) == []
         (a_event,) = await events(server, A)
         assert a_event.id == 1 and a_event.type == S.ALARM_EVENT_TYPE_RAISED and a_event.value.double_value == 90
-        # B's watch got nothing, and was not even woken: the notification named A (listen.TenantListener).
+        # B's watch got nothing, and was not even woken: the notification named A (runtime/notify.py TenantListener).
         await wait_for(lambda: server.app.listener.tenant_notifications > woken, timeout=10,
                        what="the listener heard A's event")
         await asyncio.sleep(1.0)

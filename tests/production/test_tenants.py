@@ -28,7 +28,7 @@ from fabrica.production.v1 import production_service_pb2 as pb
 from fabrica.production.v1 import production_service_pb2_grpc as pb_grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from fabrica_svc.production.notices import TenantListener
+from fabrica_svc.runtime.notify import TenantListener
 from fabrica_svc.production.service import TagEventService
 from fabrica_svc.production.store import Database, common, orders
 from fabrica_svc.production.store.schema import CHANNEL, MIGRATIONS, TENANT_TABLES, UNSCOPED_TABLES

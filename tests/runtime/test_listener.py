@@ -190,3 +190,30 @@ async def test_connect_with_retry_makes_its_attempts_then_gives_up(proxy: HalfOp
     conn = await connect_with_retry(proxy.url, attempts=1)
     assert await conn.fetchval("SELECT 1") == 1
     await conn.close()
+
+
+@pytest.mark.parametrize(("payload", "tenant"), [
+    ("acme", "acme"), ("acme:42", "acme"), ("acme:tenant", "acme"), ("42", None), ("", None), ("Bad:1", None),
+])
+def test_a_payload_names_its_tenant_or_none(payload: str, tenant: str | None) -> None:
+    from fabrica_svc.runtime.notify import payload_tenant
+
+    assert payload_tenant(payload) == tenant
+
+
+async def test_a_tenant_listener_wakes_the_named_tenant_and_those_across_tenants_only() -> None:
+    from fabrica_svc.runtime import tenancy
+    from fabrica_svc.runtime.notify import TenantListener
+
+    listener = TenantListener("postgresql://unused", "fabrica_test")  # never started: notified by hand
+    with tenancy.scope("acme"):
+        acme = listener.token()
+    with tenancy.scope("globex"):
+        globex = listener.token()
+    with tenancy.system():
+        everyone = listener.token()
+    listener._on_notify(None, 0, "fabrica_test", "globex:7")
+    assert globex.is_set() and everyone.is_set() and not acme.is_set()
+    assert listener.tenant_notifications == 1
+    listener._on_notify(None, 0, "fabrica_test", "7")  # names nobody: everyone looks
+    assert acme.is_set() and listener.notifications == 2

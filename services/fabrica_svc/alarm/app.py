@@ -19,7 +19,7 @@ from fabrica.alarm.v1 import alarm_service_pb2, alarm_service_pb2_grpc
 
 from ..runtime import tenancy
 from ..runtime.channels import peer_channel
-from .listen import TenantListener
+from ..runtime.notify import TenantListener
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .config import AlarmConfig, load_alarm_config

@@ -8,7 +8,7 @@ Tenants: every RPC works in the caller's tenant (runtime/tenancy.py; row-level s
 statement to it): rule, alarm, event and target ids are a tenant's, and another tenant's are NOT_FOUND. An
 installation-wide caller names the tenant with the ``x-fabrica-tenant`` header; without one (``*``) every
 RPC is INVALID_ARGUMENT (ids and event cursors are per tenant: a call across tenants would mean nothing).
-WatchAlarms is woken only by its tenant's changes (listen.TenantListener).
+WatchAlarms is woken only by its tenant's changes (runtime/notify.py TenantListener).
 """
 
 from __future__ import annotations

@@ -526,7 +526,7 @@ async def insert_events(conn: asyncpg.Connection, events: Sequence[NewEvent]) ->
         # table, then one INSERT: Postgres refuses COPY FROM into a table under row-level security
         await _stage(conn, "events_in", rows)
         await conn.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS} FROM pg_temp.events_in")
-    # The payload names the tenant: a WatchAlarms of another tenant is not woken (listen.TenantListener).
+    # The payload names the tenant: a WatchAlarms of another tenant is not woken (runtime/notify.py TenantListener).
     await conn.execute("SELECT pg_notify($1, session_tenant())", CHANNEL)
     return [EventRow(*r[:10], e.value, *r[11:]) for r, e in zip(rows, events, strict=True)]
 

@@ -2,4 +2,4 @@
 
 Each tenant's PLCs, collectors, revisions and audit trail are its own (row-level security: store.py);
 quotas of a tenant's PLCs, tags and collectors are checked as they are written; WatchPlcs streams a
-collector's tenant only (fanout.py). The tenant RPCs and who may call them: servicer.py."""
+collector's tenant only (runtime/notify.py TenantListener). The tenant RPCs and who may call them: servicer.py."""

@@ -1,5 +1,5 @@
 """Wires the config service: its settings and the host's database give the store and the LISTEN connection
-(fanned out per tenant: fanout.py), which are passed to the servicer.
+(fanned out per tenant: runtime/notify.py TenantListener), which are passed to the servicer.
 
 Like every Fabrica service: ``create_app(settings)`` returns the app; the ServiceHost calls ``start()``, which
 builds the parts and the servicer, then ``register()``, which adds that servicer to the gRPC server.
@@ -12,7 +12,7 @@ from fabrica.config.v1 import config_service_pb2, config_service_pb2_grpc
 
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
-from .fanout import TenantListener
+from ..runtime.notify import TenantListener
 from .servicer import ConfigServicer
 from .store import CHANNEL, MIGRATIONS, ConfigStore
 

@@ -25,7 +25,7 @@ from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
 from .consumer import TagEventConsumer
-from .notices import TenantListener
+from ..runtime.notify import TenantListener
 from .service import ProductionService, TagEventService
 from .servicer import ProductionServicer
 from .store import CHANNEL, MIGRATIONS, Database

@@ -33,7 +33,7 @@ from ..runtime.validation import violations_of
 from ..runtime.watch import Page, watch
 from . import convert, resources
 from .domain import OrderAction
-from .notices import TenantListener
+from ..runtime.notify import TenantListener
 from .resources import DEFECT_CODE, DOWNTIME_REASON, ITEM, REFERENCE_TYPE, SECTOR, WORK_CENTER, Kind
 from .service import ProductionService
 from .store import records
@@ -450,7 +450,7 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
                          extra={"after_revision": start, "current": current, "work_center_id": wc})
                 start = None
         read = functools.partial(self._order_page, wc)
-        # Woken by this tenant's order changes only (notices.py); what it reads is this tenant's (row-level security).
+        # Woken by this tenant's order changes only (runtime/notify.py TenantListener); what it reads is this tenant's (row-level security).
         waits = self.listener.for_tenant(tenancy.require())
         async with contextlib.aclosing(watch(waits, read, start, poll_interval=WATCH_POLL_SECONDS)) as out:  # type: ignore[arg-type]
             async for response in out:

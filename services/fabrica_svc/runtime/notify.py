@@ -1,6 +1,7 @@
 """Postgres LISTEN fanned out to every waiter in one process: the one LISTEN/NOTIFY implementation.
 
-Config's WatchPlcs, production's WatchOrders and ingest's WatchTagEvents all wait on a `Listener`. One
+Config's WatchPlcs, production's WatchOrders and ingest's WatchTagEvents all wait on a `Listener` (the first two, and
+alarm's WatchAlarms, on a `TenantListener`: wake-ups per tenant). One
 dedicated connection listens on a channel, and every notification wakes all current waiters. A waiter takes
 `listener.token()` *before* it reads the database, then ``await listener.wait(token)``: a notification that
 arrives between the read and the wait is never lost, because the token it then waits on is already set.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from . import tenancy
 from .retry import SERVICE_RETRY, RetryPolicy
 from .tasks import cancel_and_wait
 
@@ -152,3 +154,78 @@ class Listener:
                     await conn.execute("SELECT 1")  # a dead peer shows here, never as a notification
             except TimeoutError:
                 return f"no answer to a check within {check_timeout:g} s (a half-open connection)"
+
+
+def payload_tenant(payload: str) -> str | None:
+    """The tenant a notification's payload names: ``<tenant>`` or ``<tenant>:<anything>`` (a revision, a
+    kind); None for a payload naming none (a bare revision of an older replica), which wakes everybody."""
+    tenant = payload.partition(":")[0]
+    return tenant if tenancy.is_code(tenant) else None
+
+
+class TenantListener(Listener):
+    """A `Listener` whose notifications name their tenant (runtime/tenancy.py): a notification wakes the
+    waiters of that tenant only (and those across tenants), so a watch of tenant A neither wakes nor reads
+    when tenant B changes something; it could not see B's rows anyway (row-level security), and this keeps
+    B's activity from even timing A's reads. A reconnect, `stop` and a payload naming no tenant wake
+    everybody, as a plain `Listener` does. Config's WatchPlcs, production's WatchOrders and alarm's
+    WatchAlarms wait on one; `tenant_of` reads the tenant from a payload (default: `payload_tenant`)."""
+
+    def __init__(self, dsn: str, channel: str, *, tenant_of: Callable[[str], str | None] = payload_tenant,
+                 **kwargs: object):
+        super().__init__(dsn, channel, **kwargs)  # type: ignore[arg-type]
+        self._tenant_of = tenant_of
+        self._tenants: dict[str, asyncio.Event] = {}
+        #: Notifications that woke one tenant's waiters (the rest of `notifications` woke everybody).
+        self.tenant_notifications = 0
+
+    def token(self, tenant: str | None = None) -> asyncio.Event:
+        """What the next wake-up of `tenant` (default: the running task's) sets; a task of no single tenant
+        (none, or across tenants) takes the token every wake-up sets."""
+        tenant = tenant if tenant is not None else tenancy.current()
+        if tenant is None or tenant == tenancy.ALL:
+            return super().token()
+        event = self._tenants.get(tenant)
+        if event is None:
+            event = self._tenants[tenant] = asyncio.Event()
+        return event
+
+    def for_tenant(self, tenant: str) -> TenantWaits:
+        """`tenant`'s side of the listener, shaped like a `Listener` (for runtime/watch.py's loop)."""
+        return TenantWaits(self, tenant)
+
+    def wake_tenant(self, tenant: str) -> None:
+        """Wake the waiters of `tenant`, and those across tenants."""
+        event = self._tenants.pop(tenant, None)
+        if event is not None:
+            event.set()
+        super().wake_all()
+
+    def wake_all(self) -> None:
+        super().wake_all()
+        events, self._tenants = self._tenants, {}
+        for event in events.values():
+            event.set()
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self.notifications += 1
+        tenant = self._tenant_of(payload)
+        if tenant is None:
+            self.wake_all()
+        else:
+            self.tenant_notifications += 1
+            self.wake_tenant(tenant)
+
+
+class TenantWaits:
+    """One tenant's side of a `TenantListener`: `token` and `wait` as a `Listener` has them."""
+
+    def __init__(self, listener: TenantListener, tenant: str):
+        self.listener = listener
+        self.tenant = tenant
+
+    def token(self) -> asyncio.Event:
+        return self.listener.token(self.tenant)
+
+    async def wait(self, token: asyncio.Event, timeout: float | None = None) -> bool:
+        return await self.listener.wait(token, timeout)

@@ -62,12 +62,6 @@ async def current_revision(conn: asyncpg.Connection | asyncpg.Pool) -> int:
     return await conn.fetchval("SELECT coalesce((SELECT value FROM order_revision), 0)")
 
 
-def notice_tenant(payload: str) -> str | None:
-    """The tenant a NOTIFY payload (``<tenant>:<revision>``) names; None for one without (every watcher wakes)."""
-    tenant, sep, _ = payload.rpartition(":")
-    return tenant if sep and tenant else None
-
-
 async def notify(conn: asyncpg.Connection, revision: int) -> None:
     """Announce `revision` of the connection's tenant (delivered on commit)."""
     await conn.execute("SELECT pg_notify($1, production.session_tenant() || ':' || $2)", CHANNEL, str(revision))
