@@ -80,7 +80,7 @@ async def test_raise_acknowledge_clear_and_cleared_unacknowledged(stack: tuple[S
     (active,) = (await alarm.stub.ListAlarms(pb.ListAlarmsRequest())).alarms
     assert active.value.double_value == 90 and active.message == "tag 1 = 90" and active.plc_id == "plc-1"
     # The evaluation lag (fabrica_tag_events_lag{consumer="alarm"}): the feed's readings are ~100 s old.
-    (lag,) = alarm.host.app.evaluation._observe_lag(None)
+    (lag,) = alarm.host.app.evaluation.lag.observe()
     assert lag.attributes == {"consumer": "alarm"} and 90 <= lag.value <= 3600, lag
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await alarm.stub.AcknowledgeAlarm(pb.AcknowledgeAlarmRequest(rule_id="hot", tag_id=1, etag="a999"))

@@ -54,12 +54,12 @@ from datetime import UTC, datetime
 import asyncpg
 import grpc
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..clients.errors import error_details
 from ..runtime import tenancy
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
+from ..runtime.telemetry import ConsumerLag
 from . import store
 from .evaluator import NS, Evaluators, Rule, Sample, Transition
 from .service import EvaluationStore, Outbox
@@ -117,31 +117,9 @@ class Evaluation:
         self._readings_metric = meter.create_counter("fabrica_alarm_readings_evaluated",
                                                      description="Readings evaluated against the alarm rules")
         self._events_metric = meter.create_counter("fabrica_alarm_events", description="Alarm events recorded")
-        #: (age in seconds of the newest reading evaluated, when it was evaluated (epoch s), stream connected):
-        #: the alarm service's evaluation lag, reported as production reports its own.
-        self._lag: tuple[float, float, bool] = (0.0, 0.0, False)
-        meter.create_observable_gauge(
-            "fabrica_tag_events_lag", unit="s", callbacks=[self._observe_lag],
-            description="How far a tag-event consumer is behind: the age of the newest event it applied when it "
-            "applied it, plus the time since then while its stream to ingest is down, by consumer")
-
-    def _observe_lag(self, options: CallbackOptions) -> list[Observation]:
-        """The evaluation lag (consumer="alarm"): the age of the newest reading evaluated when it was, plus
-        the time since while the stream to ingest is down; nothing from a standby replica."""
-        if not self.active.is_set():
-            return []
-        lag, at, connected = self._lag
-        if not connected and at:
-            lag += max(0.0, time.time() - at)
-        return [Observation(lag, {"consumer": "alarm"})]
-
-    def _evaluated(self, newest_ns: int) -> None:
-        now = time.time()
-        self._lag = (max(0.0, now - newest_ns / 1e9) if newest_ns else 0.0, now, True)
-
-    def _disconnected(self) -> None:
-        lag, at, _ = self._lag
-        self._lag = (lag, at or time.time(), False)
+        #: The evaluation lag, fabrica_tag_events_lag{consumer="alarm"}, as production reports its own
+        #: (runtime/telemetry.py ConsumerLag).
+        self.lag = ConsumerLag(meter, "alarm", self.active)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="alarm-evaluation")
@@ -208,7 +186,7 @@ class Evaluation:
                     if isinstance(item, BaseException) or item is None:
                         if isinstance(item, BaseException):
                             self._warn_stream(item)
-                        self._disconnected()
+                        self.lag.disconnected()
                         break
                     if await store.rules_version(conn) != version:
                         evaluator, stored, version = await self._load(conn)
@@ -227,14 +205,14 @@ class Evaluation:
                         if message.samples:
                             newest_ns = max(newest_ns, max(s.time_ns for s in message.samples))
                     evaluator, version = await self._apply(conn, evaluator, version, group)
-                    self._evaluated(newest_ns)
+                    self.lag.applied(newest_ns)
                     cursor = group[-1].cursor
                     self._backoff.reset()
                     self._last_problem = ""
                     if end is not None:  # the stream ended (or failed) behind the group: reconnect after it
                         if isinstance(end, BaseException):
                             self._warn_stream(end)
-                        self._disconnected()
+                        self.lag.disconnected()
                         break
                     if queue.empty() and time.monotonic() - last_tick >= self.options.tick_interval:
                         await self._tick(conn, evaluator, False, newest_ns)

@@ -41,13 +41,12 @@ import asyncpg
 import grpc
 from fabrica.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from ..clients.errors import ErrorDetails, error_details
 from ..runtime import tenancy
 from ..runtime.channels import peer_channel
 from ..runtime.settings import Settings
-from ..runtime.telemetry import from_proto, parent_of
+from ..runtime.telemetry import ConsumerLag, from_proto, parent_of
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.tasks import cancel_and_wait
 from .service import TagEventService
@@ -96,20 +95,8 @@ class TagEventConsumer:
                                                description="Counter jumps and unusable values flagged, not booked")
         self._active_gauge = meter.create_up_down_counter(
             "fabrica_production_consumer_active", description="1 while this process consumes tag events")
-        #: (lag of the newest event applied in seconds, wall time it was applied, whether the stream is open).
-        self._lag = (0.0, 0.0, False)
-        meter.create_observable_gauge(
-            "fabrica_tag_events_lag", unit="s", callbacks=[self._observe_lag],
-            description="How far a tag-event consumer is behind: the age of the newest event it applied when it "
-            "applied it, plus the time since then while its stream to ingest is down, by consumer")
-
-    def _observe_lag(self, options: CallbackOptions) -> list[Observation]:
-        if not self.active.is_set():
-            return []  # a standby replica is not the consumer
-        lag, at, connected = self._lag
-        if not connected and at:
-            lag += max(0.0, time.time() - at)
-        return [Observation(lag, {"consumer": "production"})]
+        #: fabrica_tag_events_lag{consumer="production"} (runtime/telemetry.py).
+        self.lag = ConsumerLag(meter, "production", self.active)
 
     @property
     def unnamed_tenant(self) -> str:
@@ -209,8 +196,7 @@ class TagEventConsumer:
                                                      "fabrica.production.booked_scrap": result.booked_scrap,
                                                      "fabrica.production.anomalies": result.anomalies})
                             if response.events:
-                                now = time.time()
-                                self._lag = (max(0.0, now - response.events[-1].read_time.ToNanoseconds() / 1e9), now, True)
+                                self.lag.applied(response.events[-1].read_time.ToNanoseconds())
                             self.cursor = result.cursor
                             self._backoff.reset()
                             self._last_problem = ""
@@ -223,7 +209,7 @@ class TagEventConsumer:
                                     "cursor": result.cursor, "events": result.applied, "good": result.booked_good,
                                     "scrap": result.booked_scrap, "anomalies": result.anomalies})
                         log.info("WatchTagEvents ended; reconnecting")
-                        self._lag = (self._lag[0], self._lag[1] or time.time(), False)
+                        self.lag.disconnected()
                     except grpc.aio.AioRpcError as exc:
                         details = error_details(exc)
                         if self._one_tenant_only(details):
@@ -236,7 +222,7 @@ class TagEventConsumer:
                             await self.tag_events.reset_cursor(conn)
                         else:
                             self._warn_ingest(str(details))
-                        self._lag = (self._lag[0], self._lag[1] or time.time(), False)
+                        self.lag.disconnected()
                     finally:
                         call.cancel()
                     await self._backoff.wait()

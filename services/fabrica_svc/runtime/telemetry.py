@@ -31,9 +31,11 @@ Metrics: the OpenTelemetry SDK with the Prometheus reader, served on FABRICA_MET
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -240,3 +242,37 @@ __all__ = [
     "configure_telemetry", "flush_traces", "from_proto", "parent_of", "span_context",
     "start_metrics_endpoint", "to_proto",
 ]
+
+
+class ConsumerLag:
+    """The gauge ``fabrica_tag_events_lag{consumer=...}`` of a consumer of ingest's streams (production's tag
+    events, alarm's committed readings): the age of the newest item it applied when it applied it, plus the
+    time since then while its stream to ingest is down. A standby replica (`active` not set) reports nothing.
+    The consumer calls `applied(newest_ns)` after each message and `disconnected()` when its stream ends."""
+
+    def __init__(self, meter: metrics.Meter, consumer: str, active: asyncio.Event):
+        self.consumer = consumer
+        self.active = active
+        #: (lag in seconds of the newest item applied, wall time it was applied, whether the stream is open).
+        self._lag: tuple[float, float, bool] = (0.0, 0.0, False)
+        meter.create_observable_gauge(
+            "fabrica_tag_events_lag", unit="s", callbacks=[self.observe],
+            description="How far a tag-event consumer is behind: the age of the newest event it applied when it "
+            "applied it, plus the time since then while its stream to ingest is down, by consumer")
+
+    def applied(self, newest_ns: int) -> None:
+        """A message applied whose newest item was read at `newest_ns` (0: none had a time)."""
+        now = time.time()
+        self._lag = (max(0.0, now - newest_ns / 1e9) if newest_ns else 0.0, now, True)
+
+    def disconnected(self) -> None:
+        lag, at, _ = self._lag
+        self._lag = (lag, at or time.time(), False)
+
+    def observe(self, options: object = None) -> list[metrics.Observation]:
+        if not self.active.is_set():
+            return []
+        lag, at, connected = self._lag
+        if not connected and at:
+            lag += max(0.0, time.time() - at)
+        return [metrics.Observation(lag, {"consumer": self.consumer})]
