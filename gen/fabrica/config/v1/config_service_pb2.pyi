@@ -552,6 +552,143 @@ class ListDeviceProfilesResponse(_message.Message):
 Global___ListDeviceProfilesResponse: _TypeAlias = ListDeviceProfilesResponse  # noqa: Y015
 
 @_typing.final
+class GetDeviceProfileRequest(_message.Message):
+    """Request of GetDeviceProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The profile id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeviceProfileRequest: _TypeAlias = GetDeviceProfileRequest  # noqa: Y015
+
+@_typing.final
+class GetDeviceProfileResponse(_message.Message):
+    """Response of GetDeviceProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> _device_profile_pb2.DeviceProfile:
+        """The profile."""
+
+    def __init__(
+        self,
+        *,
+        profile: _device_profile_pb2.DeviceProfile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeviceProfileResponse: _TypeAlias = GetDeviceProfileResponse  # noqa: Y015
+
+@_typing.final
+class CreateDeviceProfileRequest(_message.Message):
+    """Request of CreateDeviceProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional idempotency key (a UUID): a retried create with the same key returns the first result."""
+    @_builtins.property
+    def profile(self) -> _device_profile_pb2.DeviceProfile:
+        """The profile to create: id, protocol, poll groups and tags (output-only fields are ignored)."""
+
+    def __init__(
+        self,
+        *,
+        profile: _device_profile_pb2.DeviceProfile | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDeviceProfileRequest: _TypeAlias = CreateDeviceProfileRequest  # noqa: Y015
+
+@_typing.final
+class CreateDeviceProfileResponse(_message.Message):
+    """Response of CreateDeviceProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> _device_profile_pb2.DeviceProfile:
+        """The profile as stored."""
+
+    def __init__(
+        self,
+        *,
+        profile: _device_profile_pb2.DeviceProfile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDeviceProfileResponse: _TypeAlias = CreateDeviceProfileResponse  # noqa: Y015
+
+@_typing.final
+class DeleteDeviceProfileRequest(_message.Message):
+    """Request of DeleteDeviceProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of one of the tenant's profiles."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDeviceProfileRequest: _TypeAlias = DeleteDeviceProfileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDeviceProfileResponse(_message.Message):
+    """Response of DeleteDeviceProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDeviceProfileResponse: _TypeAlias = DeleteDeviceProfileResponse  # noqa: Y015
+
+@_typing.final
 class CreatePlcFromProfileRequest(_message.Message):
     """Request of CreatePlcFromProfile."""
 
@@ -562,7 +699,7 @@ class CreatePlcFromProfileRequest(_message.Message):
     TAG_NAME_PREFIX_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
-    """The profile to copy tags from."""
+    """The profile to copy tags from: a built-in one or one of the tenant's own."""
     tag_name_prefix: _builtins.str
     """Prepended to every tag name, e.g. "meter1." (optional)."""
     request_id: _builtins.str

@@ -80,6 +80,21 @@ class ConfigServiceStub:
                 request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListDeviceProfilesRequest.SerializeToString,
                 response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListDeviceProfilesResponse.FromString,
                 _registered_method=True)
+        self.GetDeviceProfile = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/GetDeviceProfile',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetDeviceProfileRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetDeviceProfileResponse.FromString,
+                _registered_method=True)
+        self.CreateDeviceProfile = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/CreateDeviceProfile',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateDeviceProfileRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateDeviceProfileResponse.FromString,
+                _registered_method=True)
+        self.DeleteDeviceProfile = channel.unary_unary(
+                '/fabrica.config.v1.ConfigService/DeleteDeviceProfile',
+                request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.DeleteDeviceProfileRequest.SerializeToString,
+                response_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.DeleteDeviceProfileResponse.FromString,
+                _registered_method=True)
         self.CreatePlcFromProfile = channel.unary_unary(
                 '/fabrica.config.v1.ConfigService/CreatePlcFromProfile',
                 request_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreatePlcFromProfileRequest.SerializeToString,
@@ -185,7 +200,34 @@ class ConfigServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListDeviceProfiles(self, request, context):
-        """Lists the device profiles shipped with Fabrica.
+        """Lists the device profiles the caller may use, ordered by id: the ones shipped with Fabrica (built_in,
+        the same for every tenant) and the tenant's own (CreateDeviceProfile).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeviceProfile(self, request, context):
+        """Returns one device profile, built-in or the tenant's own. NOT_FOUND otherwise (another tenant's
+        profile included).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateDeviceProfile(self, request, context):
+        """Creates a device profile of the caller's tenant (ids are unique per tenant; the built-ins' ids are
+        reserved). ALREADY_EXISTS if the tenant has a profile with that id or a built-in one has it;
+        INVALID_ARGUMENT if its poll groups or tags break the rules a PLC's poll groups and tags follow (field
+        violations name profile.tags[i]...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDeviceProfile(self, request, context):
+        """Deletes one of the tenant's device profiles (PLCs created from it keep their tags). FAILED_PRECONDITION
+        (reason BUILT_IN_PROFILE) for a built-in profile; NOT_FOUND for an id the tenant has no profile under.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -293,6 +335,21 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.ListDeviceProfiles,
                     request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListDeviceProfilesRequest.FromString,
                     response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.ListDeviceProfilesResponse.SerializeToString,
+            ),
+            'GetDeviceProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeviceProfile,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetDeviceProfileRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.GetDeviceProfileResponse.SerializeToString,
+            ),
+            'CreateDeviceProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDeviceProfile,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateDeviceProfileRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateDeviceProfileResponse.SerializeToString,
+            ),
+            'DeleteDeviceProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDeviceProfile,
+                    request_deserializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.DeleteDeviceProfileRequest.FromString,
+                    response_serializer=fabrica_dot_config_dot_v1_dot_config__service__pb2.DeleteDeviceProfileResponse.SerializeToString,
             ),
             'CreatePlcFromProfile': grpc.unary_unary_rpc_method_handler(
                     servicer.CreatePlcFromProfile,
@@ -518,6 +575,87 @@ class ConfigService:
             '/fabrica.config.v1.ConfigService/ListDeviceProfiles',
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListDeviceProfilesRequest.SerializeToString,
             fabrica_dot_config_dot_v1_dot_config__service__pb2.ListDeviceProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeviceProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/GetDeviceProfile',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.GetDeviceProfileRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.GetDeviceProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDeviceProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/CreateDeviceProfile',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateDeviceProfileRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.CreateDeviceProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDeviceProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fabrica.config.v1.ConfigService/DeleteDeviceProfile',
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.DeleteDeviceProfileRequest.SerializeToString,
+            fabrica_dot_config_dot_v1_dot_config__service__pb2.DeleteDeviceProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,7 +65,23 @@ class ConfigServiceStub:
     DeletePlc: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeletePlcRequest, _config_service_pb2.DeletePlcResponse]
     """Deletes a PLC. NOT_FOUND if it does not exist; ABORTED if etag is set and stale."""
     ListDeviceProfiles: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListDeviceProfilesRequest, _config_service_pb2.ListDeviceProfilesResponse]
-    """Lists the device profiles shipped with Fabrica."""
+    """Lists the device profiles the caller may use, ordered by id: the ones shipped with Fabrica (built_in,
+    the same for every tenant) and the tenant's own (CreateDeviceProfile).
+    """
+    GetDeviceProfile: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetDeviceProfileRequest, _config_service_pb2.GetDeviceProfileResponse]
+    """Returns one device profile, built-in or the tenant's own. NOT_FOUND otherwise (another tenant's
+    profile included).
+    """
+    CreateDeviceProfile: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreateDeviceProfileRequest, _config_service_pb2.CreateDeviceProfileResponse]
+    """Creates a device profile of the caller's tenant (ids are unique per tenant; the built-ins' ids are
+    reserved). ALREADY_EXISTS if the tenant has a profile with that id or a built-in one has it;
+    INVALID_ARGUMENT if its poll groups or tags break the rules a PLC's poll groups and tags follow (field
+    violations name profile.tags[i]...).
+    """
+    DeleteDeviceProfile: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeleteDeviceProfileRequest, _config_service_pb2.DeleteDeviceProfileResponse]
+    """Deletes one of the tenant's device profiles (PLCs created from it keep their tags). FAILED_PRECONDITION
+    (reason BUILT_IN_PROFILE) for a built-in profile; NOT_FOUND for an id the tenant has no profile under.
+    """
     CreatePlcFromProfile: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreatePlcFromProfileRequest, _config_service_pb2.CreatePlcFromProfileResponse]
     """Creates a PLC whose poll groups and tags are copied from a device profile. NOT_FOUND for an unknown
     profile; INVALID_ARGUMENT if the connection does not fit the profile's protocol; ALREADY_EXISTS as CreatePlc.
@@ -134,7 +150,23 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     DeletePlc: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeletePlcRequest, _config_service_pb2.DeletePlcResponse]  # type: ignore[assignment]
     """Deletes a PLC. NOT_FOUND if it does not exist; ABORTED if etag is set and stale."""
     ListDeviceProfiles: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListDeviceProfilesRequest, _config_service_pb2.ListDeviceProfilesResponse]  # type: ignore[assignment]
-    """Lists the device profiles shipped with Fabrica."""
+    """Lists the device profiles the caller may use, ordered by id: the ones shipped with Fabrica (built_in,
+    the same for every tenant) and the tenant's own (CreateDeviceProfile).
+    """
+    GetDeviceProfile: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetDeviceProfileRequest, _config_service_pb2.GetDeviceProfileResponse]  # type: ignore[assignment]
+    """Returns one device profile, built-in or the tenant's own. NOT_FOUND otherwise (another tenant's
+    profile included).
+    """
+    CreateDeviceProfile: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreateDeviceProfileRequest, _config_service_pb2.CreateDeviceProfileResponse]  # type: ignore[assignment]
+    """Creates a device profile of the caller's tenant (ids are unique per tenant; the built-ins' ids are
+    reserved). ALREADY_EXISTS if the tenant has a profile with that id or a built-in one has it;
+    INVALID_ARGUMENT if its poll groups or tags break the rules a PLC's poll groups and tags follow (field
+    violations name profile.tags[i]...).
+    """
+    DeleteDeviceProfile: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeleteDeviceProfileRequest, _config_service_pb2.DeleteDeviceProfileResponse]  # type: ignore[assignment]
+    """Deletes one of the tenant's device profiles (PLCs created from it keep their tags). FAILED_PRECONDITION
+    (reason BUILT_IN_PROFILE) for a built-in profile; NOT_FOUND for an id the tenant has no profile under.
+    """
     CreatePlcFromProfile: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreatePlcFromProfileRequest, _config_service_pb2.CreatePlcFromProfileResponse]  # type: ignore[assignment]
     """Creates a PLC whose poll groups and tags are copied from a device profile. NOT_FOUND for an unknown
     profile; INVALID_ARGUMENT if the connection does not fit the profile's protocol; ALREADY_EXISTS as CreatePlc.
@@ -236,7 +268,41 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.ListDeviceProfilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.ListDeviceProfilesResponse, _abc.Awaitable[_config_service_pb2.ListDeviceProfilesResponse]]:
-        """Lists the device profiles shipped with Fabrica."""
+        """Lists the device profiles the caller may use, ordered by id: the ones shipped with Fabrica (built_in,
+        the same for every tenant) and the tenant's own (CreateDeviceProfile).
+        """
+
+    @_abc_1.abstractmethod
+    def GetDeviceProfile(
+        self,
+        request: _config_service_pb2.GetDeviceProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.GetDeviceProfileResponse, _abc.Awaitable[_config_service_pb2.GetDeviceProfileResponse]]:
+        """Returns one device profile, built-in or the tenant's own. NOT_FOUND otherwise (another tenant's
+        profile included).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateDeviceProfile(
+        self,
+        request: _config_service_pb2.CreateDeviceProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.CreateDeviceProfileResponse, _abc.Awaitable[_config_service_pb2.CreateDeviceProfileResponse]]:
+        """Creates a device profile of the caller's tenant (ids are unique per tenant; the built-ins' ids are
+        reserved). ALREADY_EXISTS if the tenant has a profile with that id or a built-in one has it;
+        INVALID_ARGUMENT if its poll groups or tags break the rules a PLC's poll groups and tags follow (field
+        violations name profile.tags[i]...).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteDeviceProfile(
+        self,
+        request: _config_service_pb2.DeleteDeviceProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.DeleteDeviceProfileResponse, _abc.Awaitable[_config_service_pb2.DeleteDeviceProfileResponse]]:
+        """Deletes one of the tenant's device profiles (PLCs created from it keep their tags). FAILED_PRECONDITION
+        (reason BUILT_IN_PROFILE) for a built-in profile; NOT_FOUND for an id the tenant has no profile under.
+        """
 
     @_abc_1.abstractmethod
     def CreatePlcFromProfile(

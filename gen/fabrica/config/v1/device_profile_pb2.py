@@ -26,7 +26,7 @@ from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from fabrica.config.v1 import plc_pb2 as fabrica_dot_config_dot_v1_dot_plc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/device_profile.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\"\xba\x02\n\rDeviceProfile\x12\'\n\x02id\x18\x01 \x01(\tB\x1b\xbaH\x18r\x16\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x33\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x43\n\x0b\x64\x65scription\x18\x03 \x01(\tB.\xbaH+r)\x18\xd0\x0f\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12-\n\x08protocol\x18\x04 \x01(\x0e\x32\x1b.fabrica.config.v1.Protocol\x12\x31\n\x0bpoll_groups\x18\x05 \x03(\x0b\x32\x1c.fabrica.config.v1.PollGroup\x12$\n\x04tags\x18\x06 \x03(\x0b\x32\x16.fabrica.config.v1.Tag*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROTOCOL_MODBUS\x10\x01\x12\x0f\n\x0bPROTOCOL_S7\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fabrica/config/v1/device_profile.proto\x12\x11\x66\x61\x62rica.config.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1b\x66\x61\x62rica/config/v1/plc.proto\"\xf1\x02\n\rDeviceProfile\x12)\n\x02id\x18\x01 \x01(\tB\x1d\xbaH\x1ar\x18\x10\x01\x18?2\x12^[A-Za-z0-9._:-]*$\x12\x33\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x1d\xbaH\x1ar\x18\x18\xc8\x01\x32\x13^[^\\x00-\\x1F\\x7F]*$\x12\x43\n\x0b\x64\x65scription\x18\x03 \x01(\tB.\xbaH+r)\x18\xd0\x0f\x32$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$\x12\x39\n\x08protocol\x18\x04 \x01(\x0e\x32\x1b.fabrica.config.v1.ProtocolB\n\xbaH\x07\x82\x01\x04\x10\x01 \x00\x12=\n\x0bpoll_groups\x18\x05 \x03(\x0b\x32\x1c.fabrica.config.v1.PollGroupB\n\xbaH\x07\x92\x01\x04\x08\x01\x10 \x12/\n\x04tags\x18\x06 \x03(\x0b\x32\x16.fabrica.config.v1.TagB\t\xbaH\x06\x92\x01\x03\x10\x88\'\x12\x10\n\x08\x62uilt_in\x18\x07 \x01(\x08*J\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROTOCOL_MODBUS\x10\x01\x12\x0f\n\x0bPROTOCOL_S7\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fabrica.config.v1.device_pr
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICEPROFILE'].fields_by_name['id']._loaded_options = None
-  _globals['_DEVICEPROFILE'].fields_by_name['id']._serialized_options = b'\272H\030r\026\030?2\022^[A-Za-z0-9._:-]*$'
+  _globals['_DEVICEPROFILE'].fields_by_name['id']._serialized_options = b'\272H\032r\030\020\001\030?2\022^[A-Za-z0-9._:-]*$'
   _globals['_DEVICEPROFILE'].fields_by_name['display_name']._loaded_options = None
   _globals['_DEVICEPROFILE'].fields_by_name['display_name']._serialized_options = b'\272H\032r\030\030\310\0012\023^[^\\x00-\\x1F\\x7F]*$'
   _globals['_DEVICEPROFILE'].fields_by_name['description']._loaded_options = None
   _globals['_DEVICEPROFILE'].fields_by_name['description']._serialized_options = b'\272H+r)\030\320\0172$^[^\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]*$'
-  _globals['_PROTOCOL']._serialized_start=436
-  _globals['_PROTOCOL']._serialized_end=510
+  _globals['_DEVICEPROFILE'].fields_by_name['protocol']._loaded_options = None
+  _globals['_DEVICEPROFILE'].fields_by_name['protocol']._serialized_options = b'\272H\007\202\001\004\020\001 \000'
+  _globals['_DEVICEPROFILE'].fields_by_name['poll_groups']._loaded_options = None
+  _globals['_DEVICEPROFILE'].fields_by_name['poll_groups']._serialized_options = b'\272H\007\222\001\004\010\001\020 '
+  _globals['_DEVICEPROFILE'].fields_by_name['tags']._loaded_options = None
+  _globals['_DEVICEPROFILE'].fields_by_name['tags']._serialized_options = b'\272H\006\222\001\003\020\210\''
+  _globals['_PROTOCOL']._serialized_start=491
+  _globals['_PROTOCOL']._serialized_end=565
   _globals['_DEVICEPROFILE']._serialized_start=120
-  _globals['_DEVICEPROFILE']._serialized_end=434
+  _globals['_DEVICEPROFILE']._serialized_end=489
 # @@protoc_insertion_point(module_scope)

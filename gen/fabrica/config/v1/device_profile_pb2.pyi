@@ -47,7 +47,8 @@ Global___Protocol: _TypeAlias = Protocol  # noqa: Y015
 @_typing.final
 class DeviceProfile(_message.Message):
     """A template of tags for a kind of device (a meter model, an S7 data-block layout). Creating a PLC from a
-    profile copies its poll groups and tags into the new PLC.
+    profile copies its poll groups and tags into the new PLC. Fabrica ships built-in profiles (built_in, the
+    same for every tenant); a tenant may define its own (CreateDeviceProfile), which only it sees.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -58,21 +59,24 @@ class DeviceProfile(_message.Message):
     PROTOCOL_FIELD_NUMBER: _builtins.int
     POLL_GROUPS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    BUILT_IN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Id, e.g. "eastron-sdm630"."""
+    """Id, e.g. "eastron-sdm630"; unique within the tenant, and the built-ins' ids are reserved."""
     display_name: _builtins.str
     """Name for people, e.g. "Eastron SDM630 three-phase meter"."""
     description: _builtins.str
     """What the device is and how it must be set up (baud rate, parity, unit id)."""
     protocol: Global___Protocol.ValueType
-    """The protocol family the tags are addressed in."""
+    """The protocol family the tags are addressed in (required)."""
+    built_in: _builtins.bool
+    """Output only. True for the profiles shipped with Fabrica (they cannot be deleted), false for a tenant's own."""
     @_builtins.property
     def poll_groups(self) -> _containers.RepeatedCompositeFieldContainer[_plc_pb2.PollGroup]:
-        """Poll groups the tags use."""
+        """Poll groups the tags use. At least one, at most 32 (as a PLC's)."""
 
     @_builtins.property
     def tags(self) -> _containers.RepeatedCompositeFieldContainer[_plc_pb2.Tag]:
-        """The tags (their ids are unset)."""
+        """The tags (their ids are unset), at most 5,000 (as a PLC's); names are unique within the profile."""
 
     def __init__(
         self,
@@ -83,10 +87,11 @@ class DeviceProfile(_message.Message):
         protocol: Global___Protocol.ValueType = ...,
         poll_groups: _abc.Iterable[_plc_pb2.PollGroup] | None = ...,
         tags: _abc.Iterable[_plc_pb2.Tag] | None = ...,
+        built_in: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "display_name", b"display_name", "id", b"id", "poll_groups", b"poll_groups", "protocol", b"protocol", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["built_in", b"built_in", "description", b"description", "display_name", b"display_name", "id", b"id", "poll_groups", b"poll_groups", "protocol", b"protocol", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

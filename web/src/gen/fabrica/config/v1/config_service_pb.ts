@@ -24,7 +24,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/config/v1/config_service.proto.
  */
 export const file_fabrica_config_v1_config_service: GenFile = /*@__PURE__*/
-  fileDesc("CiZmYWJyaWNhL2NvbmZpZy92MS9jb25maWdfc2VydmljZS5wcm90bxIRZmFicmljYS5jb25maWcudjEiSAoTQ3JlYXRlVGVuYW50UmVxdWVzdBIxCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnRCBrpIA8gBASJBChRDcmVhdGVUZW5hbnRSZXNwb25zZRIpCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnQiQwoQR2V0VGVuYW50UmVxdWVzdBIvCgRjb2RlGAEgASgJQiG6SB5yHBABGD8yFl5bYS16XVthLXowLTktXXswLDYyfSQiPgoRR2V0VGVuYW50UmVzcG9uc2USKQoGdGVuYW50GAEgASgLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50ImYKEkxpc3RUZW5hbnRzUmVxdWVzdBIdCglwYWdlX3NpemUYASABKAVCCrpIBxoFGPQDKAASMQoKcGFnZV90b2tlbhgCIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQieQoTTGlzdFRlbmFudHNSZXNwb25zZRIqCgd0ZW5hbnRzGAEgAygLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50EjYKD25leHRfcGFnZV90b2tlbhgCIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQieQoTVXBkYXRlVGVuYW50UmVxdWVzdBIxCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnRCBrpIA8gBARIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siQQoUVXBkYXRlVGVuYW50UmVzcG9uc2USKQoGdGVuYW50GAEgASgLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50InUKEENyZWF0ZVBsY1JlcXVlc3QSKwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjQga6SAPIAQESNAoKcmVxdWVzdF9pZBgCIAEoCUIgukgdchsYJDIXXiR8XlswLTlhLWZBLUYtXXsxLDM2fSQiOAoRQ3JlYXRlUGxjUmVzcG9uc2USIwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjIjoKDUdldFBsY1JlcXVlc3QSKQoCaWQYASABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSskIjUKDkdldFBsY1Jlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyKWAQoPTGlzdFBsY3NSZXF1ZXN0EjEKDGNvbGxlY3Rvcl9pZBgBIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEh0KCXBhZ2Vfc2l6ZRgCIAEoBUIKukgHGgUY9AMoABIxCgpwYWdlX3Rva2VuGAMgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJwChBMaXN0UGxjc1Jlc3BvbnNlEiQKBHBsY3MYASADKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMSNgoPbmV4dF9wYWdlX3Rva2VuGAIgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCK6AgoQVXBkYXRlUGxjUmVxdWVzdBIrCgNwbGMYASABKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGNCBrpIA9gBAxL4AQoLdXBkYXRlX21hc2sYAiABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrQsYBukjCAboBvgEKEXVwZGF0ZV9tYXNrLnBhdGhzEk5hdCBtb3N0IDMyIHBhdGhzLCBlYWNoIGEgZmllbGQgbmFtZSAobG93ZXIgY2FzZSBsZXR0ZXJzLCBkaWdpdHMsIF8gYW5kIC4pIG9yICoaWXNpemUodGhpcy5wYXRocykgPD0gMzIgJiYgdGhpcy5wYXRocy5hbGwocCwgcC5tYXRjaGVzKCdeKFthLXpfXVthLXowLTlfLl17MCwxMjd9fFsqXSkkJykpIjgKEVVwZGF0ZVBsY1Jlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyJqChBEZWxldGVQbGNSZXF1ZXN0EikKAmlkGAEgASgJQh26SBpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJBIrCgRldGFnGAIgASgJQh26SBpyGBiAATITXlteXHgwMC1ceDFGXHg3Rl0qJCITChFEZWxldGVQbGNSZXNwb25zZSIbChlMaXN0RGV2aWNlUHJvZmlsZXNSZXF1ZXN0IlAKGkxpc3REZXZpY2VQcm9maWxlc1Jlc3BvbnNlEjIKCHByb2ZpbGVzGAEgAygLMiAuZmFicmljYS5jb25maWcudjEuRGV2aWNlUHJvZmlsZSL0AQobQ3JlYXRlUGxjRnJvbVByb2ZpbGVSZXF1ZXN0EjEKCnByb2ZpbGVfaWQYASABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSskEisKA3BsYxgCIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsY0IGukgD2AEDEj8KD3RhZ19uYW1lX3ByZWZpeBgDIAEoCUImukgjciEYQDIdXiR8XltBLVphLXpfXVtBLVphLXowLTlfLi1dKiQSNAoKcmVxdWVzdF9pZBgEIAEoCUIgukgdchsYJDIXXiR8XlswLTlhLWZBLUYtXXsxLDM2fSQiQwocQ3JlYXRlUGxjRnJvbVByb2ZpbGVSZXNwb25zZRIjCgNwbGMYASABKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMidQoQV2F0Y2hQbGNzUmVxdWVzdBJACgxjb2xsZWN0b3JfaWQYASABKAlCKrpIJ3IlEAEYPzIfXlthLXowLTldKFthLXowLTktXSpbYS16MC05XSk/JBIfCg5hZnRlcl9yZXZpc2lvbhgCIAEoA0IHukgEIgIoACJDCgtQbGNTbmFwc2hvdBIkCgRwbGNzGAEgAygLMhYuZmFicmljYS5jb25maWcudjEuUGxjEg4KBnJlc3luYxgCIAEoCCKKAQoJUGxjQ2hhbmdlEisKBHR5cGUYASABKA4yHS5mYWJyaWNhLmNvbmZpZy52MS5DaGFuZ2VUeXBlEisKBnBsY19pZBgCIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEiMKA3BsYxgDIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyKSAQoRV2F0Y2hQbGNzUmVzcG9uc2USEAoIcmV2aXNpb24YASABKAMSMgoIc25hcHNob3QYAiABKAsyHi5mYWJyaWNhLmNvbmZpZy52MS5QbGNTbmFwc2hvdEgAEi4KBmNoYW5nZRgDIAEoCzIcLmZhYnJpY2EuY29uZmlnLnYxLlBsY0NoYW5nZUgAQgcKBWV2ZW50IsIBChxSZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXF1ZXN0EkAKDGNvbGxlY3Rvcl9pZBgBIAEoCUIqukgnciUQARg/Mh9eW2EtejAtOV0oW2EtejAtOS1dKlthLXowLTldKT8kEiEKEGFwcGxpZWRfcmV2aXNpb24YAiABKANCB7pIBCICKAASPQoMcGxjX3N0YXR1c2VzGAMgAygLMhwuZmFicmljYS5jb25maWcudjEuUGxjU3RhdHVzQgm6SAaSAQMQkE4iOQodUmVwb3J0Q29sbGVjdG9yU3RhdHVzUmVzcG9uc2USGAoQY3VycmVudF9yZXZpc2lvbhgBIAEoAyIXChVMaXN0Q29sbGVjdG9yc1JlcXVlc3QiSgoWTGlzdENvbGxlY3RvcnNSZXNwb25zZRIwCgpjb2xsZWN0b3JzGAEgAygLMhwuZmFicmljYS5jb25maWcudjEuQ29sbGVjdG9yIpsBChdMaXN0QXVkaXRFbnRyaWVzUmVxdWVzdBIuCgZmaWx0ZXIYASABKAsyHi5mYWJyaWNhLmNvbW1vbi52MS5BdWRpdEZpbHRlchIdCglwYWdlX3NpemUYAiABKAVCCrpIBxoFGPQDKAASMQoKcGFnZV90b2tlbhgDIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQiYwoYTGlzdEF1ZGl0RW50cmllc1Jlc3BvbnNlEi4KB2VudHJpZXMYASADKAsyHS5mYWJyaWNhLmNvbW1vbi52MS5BdWRpdEVudHJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSpZCgpDaGFuZ2VUeXBlEhsKF0NIQU5HRV9UWVBFX1VOU1BFQ0lGSUVEEAASFgoSQ0hBTkdFX1RZUEVfVVBTRVJUEAESFgoSQ0hBTkdFX1RZUEVfREVMRVRFEAIypAwKDUNvbmZpZ1NlcnZpY2USXAoJQ3JlYXRlUGxjEiMuZmFicmljYS5jb25maWcudjEuQ3JlYXRlUGxjUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZVBsY1Jlc3BvbnNlIgSo7RgDElMKBkdldFBsYxIgLmZhYnJpY2EuY29uZmlnLnYxLkdldFBsY1JlcXVlc3QaIS5mYWJyaWNhLmNvbmZpZy52MS5HZXRQbGNSZXNwb25zZSIEqO0YARJZCghMaXN0UGxjcxIiLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RQbGNzUmVxdWVzdBojLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RQbGNzUmVzcG9uc2UiBKjtGAESXAoJVXBkYXRlUGxjEiMuZmFicmljYS5jb25maWcudjEuVXBkYXRlUGxjUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLlVwZGF0ZVBsY1Jlc3BvbnNlIgSo7RgDElwKCURlbGV0ZVBsYxIjLmZhYnJpY2EuY29uZmlnLnYxLkRlbGV0ZVBsY1JlcXVlc3QaJC5mYWJyaWNhLmNvbmZpZy52MS5EZWxldGVQbGNSZXNwb25zZSIEqO0YAxJ3ChJMaXN0RGV2aWNlUHJvZmlsZXMSLC5mYWJyaWNhLmNvbmZpZy52MS5MaXN0RGV2aWNlUHJvZmlsZXNSZXF1ZXN0Gi0uZmFicmljYS5jb25maWcudjEuTGlzdERldmljZVByb2ZpbGVzUmVzcG9uc2UiBKjtGAESfQoUQ3JlYXRlUGxjRnJvbVByb2ZpbGUSLi5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVQbGNGcm9tUHJvZmlsZVJlcXVlc3QaLy5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVQbGNGcm9tUHJvZmlsZVJlc3BvbnNlIgSo7RgDEl4KCVdhdGNoUGxjcxIjLmZhYnJpY2EuY29uZmlnLnYxLldhdGNoUGxjc1JlcXVlc3QaJC5mYWJyaWNhLmNvbmZpZy52MS5XYXRjaFBsY3NSZXNwb25zZSIEqO0YBTABEoABChVSZXBvcnRDb2xsZWN0b3JTdGF0dXMSLy5mYWJyaWNhLmNvbmZpZy52MS5SZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXF1ZXN0GjAuZmFicmljYS5jb25maWcudjEuUmVwb3J0Q29sbGVjdG9yU3RhdHVzUmVzcG9uc2UiBKjtGAUSawoOTGlzdENvbGxlY3RvcnMSKC5mYWJyaWNhLmNvbmZpZy52MS5MaXN0Q29sbGVjdG9yc1JlcXVlc3QaKS5mYWJyaWNhLmNvbmZpZy52MS5MaXN0Q29sbGVjdG9yc1Jlc3BvbnNlIgSo7RgBEnEKEExpc3RBdWRpdEVudHJpZXMSKi5mYWJyaWNhLmNvbmZpZy52MS5MaXN0QXVkaXRFbnRyaWVzUmVxdWVzdBorLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RBdWRpdEVudHJpZXNSZXNwb25zZSIEqO0YARJlCgxDcmVhdGVUZW5hbnQSJi5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVUZW5hbnRSZXF1ZXN0GicuZmFicmljYS5jb25maWcudjEuQ3JlYXRlVGVuYW50UmVzcG9uc2UiBKjtGAQSXAoJR2V0VGVuYW50EiMuZmFicmljYS5jb25maWcudjEuR2V0VGVuYW50UmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLkdldFRlbmFudFJlc3BvbnNlIgSo7RgBEmIKC0xpc3RUZW5hbnRzEiUuZmFicmljYS5jb25maWcudjEuTGlzdFRlbmFudHNSZXF1ZXN0GiYuZmFicmljYS5jb25maWcudjEuTGlzdFRlbmFudHNSZXNwb25zZSIEqO0YARJlCgxVcGRhdGVUZW5hbnQSJi5mYWJyaWNhLmNvbmZpZy52MS5VcGRhdGVUZW5hbnRSZXF1ZXN0GicuZmFicmljYS5jb25maWcudjEuVXBkYXRlVGVuYW50UmVzcG9uc2UiBKjtGARiBnByb3RvMw", [file_buf_validate_validate, file_fabrica_common_v1_audit, file_fabrica_common_v1_auth, file_fabrica_config_v1_collector_status, file_fabrica_config_v1_device_profile, file_fabrica_config_v1_plc, file_fabrica_config_v1_tenant, file_google_protobuf_field_mask]);
+  fileDesc("CiZmYWJyaWNhL2NvbmZpZy92MS9jb25maWdfc2VydmljZS5wcm90bxIRZmFicmljYS5jb25maWcudjEiSAoTQ3JlYXRlVGVuYW50UmVxdWVzdBIxCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnRCBrpIA8gBASJBChRDcmVhdGVUZW5hbnRSZXNwb25zZRIpCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnQiQwoQR2V0VGVuYW50UmVxdWVzdBIvCgRjb2RlGAEgASgJQiG6SB5yHBABGD8yFl5bYS16XVthLXowLTktXXswLDYyfSQiPgoRR2V0VGVuYW50UmVzcG9uc2USKQoGdGVuYW50GAEgASgLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50ImYKEkxpc3RUZW5hbnRzUmVxdWVzdBIdCglwYWdlX3NpemUYASABKAVCCrpIBxoFGPQDKAASMQoKcGFnZV90b2tlbhgCIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQieQoTTGlzdFRlbmFudHNSZXNwb25zZRIqCgd0ZW5hbnRzGAEgAygLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50EjYKD25leHRfcGFnZV90b2tlbhgCIAEoCUIdukgachgYgAQyE15bXlx4MDAtXHgxRlx4N0ZdKiQieQoTVXBkYXRlVGVuYW50UmVxdWVzdBIxCgZ0ZW5hbnQYASABKAsyGS5mYWJyaWNhLmNvbmZpZy52MS5UZW5hbnRCBrpIA8gBARIvCgt1cGRhdGVfbWFzaxgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2siQQoUVXBkYXRlVGVuYW50UmVzcG9uc2USKQoGdGVuYW50GAEgASgLMhkuZmFicmljYS5jb25maWcudjEuVGVuYW50InUKEENyZWF0ZVBsY1JlcXVlc3QSKwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjQga6SAPIAQESNAoKcmVxdWVzdF9pZBgCIAEoCUIgukgdchsYJDIXXiR8XlswLTlhLWZBLUYtXXsxLDM2fSQiOAoRQ3JlYXRlUGxjUmVzcG9uc2USIwoDcGxjGAEgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjIjoKDUdldFBsY1JlcXVlc3QSKQoCaWQYASABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSskIjUKDkdldFBsY1Jlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyKWAQoPTGlzdFBsY3NSZXF1ZXN0EjEKDGNvbGxlY3Rvcl9pZBgBIAEoCUIbukgYchYYPzISXltBLVphLXowLTkuXzotXSokEh0KCXBhZ2Vfc2l6ZRgCIAEoBUIKukgHGgUY9AMoABIxCgpwYWdlX3Rva2VuGAMgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJwChBMaXN0UGxjc1Jlc3BvbnNlEiQKBHBsY3MYASADKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMSNgoPbmV4dF9wYWdlX3Rva2VuGAIgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCK6AgoQVXBkYXRlUGxjUmVxdWVzdBIrCgNwbGMYASABKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGNCBrpIA9gBAxL4AQoLdXBkYXRlX21hc2sYAiABKAsyGi5nb29nbGUucHJvdG9idWYuRmllbGRNYXNrQsYBukjCAboBvgEKEXVwZGF0ZV9tYXNrLnBhdGhzEk5hdCBtb3N0IDMyIHBhdGhzLCBlYWNoIGEgZmllbGQgbmFtZSAobG93ZXIgY2FzZSBsZXR0ZXJzLCBkaWdpdHMsIF8gYW5kIC4pIG9yICoaWXNpemUodGhpcy5wYXRocykgPD0gMzIgJiYgdGhpcy5wYXRocy5hbGwocCwgcC5tYXRjaGVzKCdeKFthLXpfXVthLXowLTlfLl17MCwxMjd9fFsqXSkkJykpIjgKEVVwZGF0ZVBsY1Jlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyJqChBEZWxldGVQbGNSZXF1ZXN0EikKAmlkGAEgASgJQh26SBpyGBABGD8yEl5bQS1aYS16MC05Ll86LV0rJBIrCgRldGFnGAIgASgJQh26SBpyGBiAATITXlteXHgwMC1ceDFGXHg3Rl0qJCITChFEZWxldGVQbGNSZXNwb25zZSIbChlMaXN0RGV2aWNlUHJvZmlsZXNSZXF1ZXN0IlAKGkxpc3REZXZpY2VQcm9maWxlc1Jlc3BvbnNlEjIKCHByb2ZpbGVzGAEgAygLMiAuZmFicmljYS5jb25maWcudjEuRGV2aWNlUHJvZmlsZSJEChdHZXREZXZpY2VQcm9maWxlUmVxdWVzdBIpCgJpZBgBIAEoCUIdukgachgQARg/MhJeW0EtWmEtejAtOS5fOi1dKyQiTQoYR2V0RGV2aWNlUHJvZmlsZVJlc3BvbnNlEjEKB3Byb2ZpbGUYASABKAsyIC5mYWJyaWNhLmNvbmZpZy52MS5EZXZpY2VQcm9maWxlIo0BChpDcmVhdGVEZXZpY2VQcm9maWxlUmVxdWVzdBI5Cgdwcm9maWxlGAEgASgLMiAuZmFicmljYS5jb25maWcudjEuRGV2aWNlUHJvZmlsZUIGukgDyAEBEjQKCnJlcXVlc3RfaWQYAiABKAlCILpIHXIbGCQyF14kfF5bMC05YS1mQS1GLV17MSwzNn0kIlAKG0NyZWF0ZURldmljZVByb2ZpbGVSZXNwb25zZRIxCgdwcm9maWxlGAEgASgLMiAuZmFicmljYS5jb25maWcudjEuRGV2aWNlUHJvZmlsZSJHChpEZWxldGVEZXZpY2VQcm9maWxlUmVxdWVzdBIpCgJpZBgBIAEoCUIdukgachgQARg/MhJeW0EtWmEtejAtOS5fOi1dKyQiHQobRGVsZXRlRGV2aWNlUHJvZmlsZVJlc3BvbnNlIvQBChtDcmVhdGVQbGNGcm9tUHJvZmlsZVJlcXVlc3QSMQoKcHJvZmlsZV9pZBgBIAEoCUIdukgachgQARg/MhJeW0EtWmEtejAtOS5fOi1dKyQSKwoDcGxjGAIgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjQga6SAPYAQMSPwoPdGFnX25hbWVfcHJlZml4GAMgASgJQia6SCNyIRhAMh1eJHxeW0EtWmEtel9dW0EtWmEtejAtOV8uLV0qJBI0CgpyZXF1ZXN0X2lkGAQgASgJQiC6SB1yGxgkMhdeJHxeWzAtOWEtZkEtRi1dezEsMzZ9JCJDChxDcmVhdGVQbGNGcm9tUHJvZmlsZVJlc3BvbnNlEiMKA3BsYxgBIAEoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlBsYyJ1ChBXYXRjaFBsY3NSZXF1ZXN0EkAKDGNvbGxlY3Rvcl9pZBgBIAEoCUIqukgnciUQARg/Mh9eW2EtejAtOV0oW2EtejAtOS1dKlthLXowLTldKT8kEh8KDmFmdGVyX3JldmlzaW9uGAIgASgDQge6SAQiAigAIkMKC1BsY1NuYXBzaG90EiQKBHBsY3MYASADKAsyFi5mYWJyaWNhLmNvbmZpZy52MS5QbGMSDgoGcmVzeW5jGAIgASgIIooBCglQbGNDaGFuZ2USKwoEdHlwZRgBIAEoDjIdLmZhYnJpY2EuY29uZmlnLnYxLkNoYW5nZVR5cGUSKwoGcGxjX2lkGAIgASgJQhu6SBhyFhg/MhJeW0EtWmEtejAtOS5fOi1dKiQSIwoDcGxjGAMgASgLMhYuZmFicmljYS5jb25maWcudjEuUGxjIpIBChFXYXRjaFBsY3NSZXNwb25zZRIQCghyZXZpc2lvbhgBIAEoAxIyCghzbmFwc2hvdBgCIAEoCzIeLmZhYnJpY2EuY29uZmlnLnYxLlBsY1NuYXBzaG90SAASLgoGY2hhbmdlGAMgASgLMhwuZmFicmljYS5jb25maWcudjEuUGxjQ2hhbmdlSABCBwoFZXZlbnQiwgEKHFJlcG9ydENvbGxlY3RvclN0YXR1c1JlcXVlc3QSQAoMY29sbGVjdG9yX2lkGAEgASgJQiq6SCdyJRABGD8yH15bYS16MC05XShbYS16MC05LV0qW2EtejAtOV0pPyQSIQoQYXBwbGllZF9yZXZpc2lvbhgCIAEoA0IHukgEIgIoABI9CgxwbGNfc3RhdHVzZXMYAyADKAsyHC5mYWJyaWNhLmNvbmZpZy52MS5QbGNTdGF0dXNCCbpIBpIBAxCQTiI5Ch1SZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXNwb25zZRIYChBjdXJyZW50X3JldmlzaW9uGAEgASgDIhcKFUxpc3RDb2xsZWN0b3JzUmVxdWVzdCJKChZMaXN0Q29sbGVjdG9yc1Jlc3BvbnNlEjAKCmNvbGxlY3RvcnMYASADKAsyHC5mYWJyaWNhLmNvbmZpZy52MS5Db2xsZWN0b3IimwEKF0xpc3RBdWRpdEVudHJpZXNSZXF1ZXN0Ei4KBmZpbHRlchgBIAEoCzIeLmZhYnJpY2EuY29tbW9uLnYxLkF1ZGl0RmlsdGVyEh0KCXBhZ2Vfc2l6ZRgCIAEoBUIKukgHGgUY9AMoABIxCgpwYWdlX3Rva2VuGAMgASgJQh26SBpyGBiABDITXlteXHgwMC1ceDFGXHg3Rl0qJCJjChhMaXN0QXVkaXRFbnRyaWVzUmVzcG9uc2USLgoHZW50cmllcxgBIAMoCzIdLmZhYnJpY2EuY29tbW9uLnYxLkF1ZGl0RW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKlkKCkNoYW5nZVR5cGUSGwoXQ0hBTkdFX1RZUEVfVU5TUEVDSUZJRUQQABIWChJDSEFOR0VfVFlQRV9VUFNFUlQQARIWChJDSEFOR0VfVFlQRV9ERUxFVEUQAjKPDwoNQ29uZmlnU2VydmljZRJcCglDcmVhdGVQbGMSIy5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVQbGNSZXF1ZXN0GiQuZmFicmljYS5jb25maWcudjEuQ3JlYXRlUGxjUmVzcG9uc2UiBKjtGAMSUwoGR2V0UGxjEiAuZmFicmljYS5jb25maWcudjEuR2V0UGxjUmVxdWVzdBohLmZhYnJpY2EuY29uZmlnLnYxLkdldFBsY1Jlc3BvbnNlIgSo7RgBElkKCExpc3RQbGNzEiIuZmFicmljYS5jb25maWcudjEuTGlzdFBsY3NSZXF1ZXN0GiMuZmFicmljYS5jb25maWcudjEuTGlzdFBsY3NSZXNwb25zZSIEqO0YARJcCglVcGRhdGVQbGMSIy5mYWJyaWNhLmNvbmZpZy52MS5VcGRhdGVQbGNSZXF1ZXN0GiQuZmFicmljYS5jb25maWcudjEuVXBkYXRlUGxjUmVzcG9uc2UiBKjtGAMSXAoJRGVsZXRlUGxjEiMuZmFicmljYS5jb25maWcudjEuRGVsZXRlUGxjUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLkRlbGV0ZVBsY1Jlc3BvbnNlIgSo7RgDEncKEkxpc3REZXZpY2VQcm9maWxlcxIsLmZhYnJpY2EuY29uZmlnLnYxLkxpc3REZXZpY2VQcm9maWxlc1JlcXVlc3QaLS5mYWJyaWNhLmNvbmZpZy52MS5MaXN0RGV2aWNlUHJvZmlsZXNSZXNwb25zZSIEqO0YARJxChBHZXREZXZpY2VQcm9maWxlEiouZmFicmljYS5jb25maWcudjEuR2V0RGV2aWNlUHJvZmlsZVJlcXVlc3QaKy5mYWJyaWNhLmNvbmZpZy52MS5HZXREZXZpY2VQcm9maWxlUmVzcG9uc2UiBKjtGAESegoTQ3JlYXRlRGV2aWNlUHJvZmlsZRItLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZURldmljZVByb2ZpbGVSZXF1ZXN0Gi4uZmFicmljYS5jb25maWcudjEuQ3JlYXRlRGV2aWNlUHJvZmlsZVJlc3BvbnNlIgSo7RgDEnoKE0RlbGV0ZURldmljZVByb2ZpbGUSLS5mYWJyaWNhLmNvbmZpZy52MS5EZWxldGVEZXZpY2VQcm9maWxlUmVxdWVzdBouLmZhYnJpY2EuY29uZmlnLnYxLkRlbGV0ZURldmljZVByb2ZpbGVSZXNwb25zZSIEqO0YAxJ9ChRDcmVhdGVQbGNGcm9tUHJvZmlsZRIuLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZVBsY0Zyb21Qcm9maWxlUmVxdWVzdBovLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZVBsY0Zyb21Qcm9maWxlUmVzcG9uc2UiBKjtGAMSXgoJV2F0Y2hQbGNzEiMuZmFicmljYS5jb25maWcudjEuV2F0Y2hQbGNzUmVxdWVzdBokLmZhYnJpY2EuY29uZmlnLnYxLldhdGNoUGxjc1Jlc3BvbnNlIgSo7RgFMAESgAEKFVJlcG9ydENvbGxlY3RvclN0YXR1cxIvLmZhYnJpY2EuY29uZmlnLnYxLlJlcG9ydENvbGxlY3RvclN0YXR1c1JlcXVlc3QaMC5mYWJyaWNhLmNvbmZpZy52MS5SZXBvcnRDb2xsZWN0b3JTdGF0dXNSZXNwb25zZSIEqO0YBRJrCg5MaXN0Q29sbGVjdG9ycxIoLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RDb2xsZWN0b3JzUmVxdWVzdBopLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RDb2xsZWN0b3JzUmVzcG9uc2UiBKjtGAEScQoQTGlzdEF1ZGl0RW50cmllcxIqLmZhYnJpY2EuY29uZmlnLnYxLkxpc3RBdWRpdEVudHJpZXNSZXF1ZXN0GisuZmFicmljYS5jb25maWcudjEuTGlzdEF1ZGl0RW50cmllc1Jlc3BvbnNlIgSo7RgBEmUKDENyZWF0ZVRlbmFudBImLmZhYnJpY2EuY29uZmlnLnYxLkNyZWF0ZVRlbmFudFJlcXVlc3QaJy5mYWJyaWNhLmNvbmZpZy52MS5DcmVhdGVUZW5hbnRSZXNwb25zZSIEqO0YBBJcCglHZXRUZW5hbnQSIy5mYWJyaWNhLmNvbmZpZy52MS5HZXRUZW5hbnRSZXF1ZXN0GiQuZmFicmljYS5jb25maWcudjEuR2V0VGVuYW50UmVzcG9uc2UiBKjtGAESYgoLTGlzdFRlbmFudHMSJS5mYWJyaWNhLmNvbmZpZy52MS5MaXN0VGVuYW50c1JlcXVlc3QaJi5mYWJyaWNhLmNvbmZpZy52MS5MaXN0VGVuYW50c1Jlc3BvbnNlIgSo7RgBEmUKDFVwZGF0ZVRlbmFudBImLmZhYnJpY2EuY29uZmlnLnYxLlVwZGF0ZVRlbmFudFJlcXVlc3QaJy5mYWJyaWNhLmNvbmZpZy52MS5VcGRhdGVUZW5hbnRSZXNwb25zZSIEqO0YBGIGcHJvdG8z", [file_buf_validate_validate, file_fabrica_common_v1_audit, file_fabrica_common_v1_auth, file_fabrica_config_v1_collector_status, file_fabrica_config_v1_device_profile, file_fabrica_config_v1_plc, file_fabrica_config_v1_tenant, file_google_protobuf_field_mask]);
 
 /**
  * Request of CreateTenant.
@@ -502,13 +502,140 @@ export const ListDeviceProfilesResponseSchema: GenMessage<ListDeviceProfilesResp
   messageDesc(file_fabrica_config_v1_config_service, 19);
 
 /**
+ * Request of GetDeviceProfile.
+ *
+ * @generated from message fabrica.config.v1.GetDeviceProfileRequest
+ */
+export type GetDeviceProfileRequest = Message<"fabrica.config.v1.GetDeviceProfileRequest"> & {
+  /**
+   * The profile id.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message fabrica.config.v1.GetDeviceProfileRequest.
+ * Use `create(GetDeviceProfileRequestSchema)` to create a new message.
+ */
+export const GetDeviceProfileRequestSchema: GenMessage<GetDeviceProfileRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 20);
+
+/**
+ * Response of GetDeviceProfile.
+ *
+ * @generated from message fabrica.config.v1.GetDeviceProfileResponse
+ */
+export type GetDeviceProfileResponse = Message<"fabrica.config.v1.GetDeviceProfileResponse"> & {
+  /**
+   * The profile.
+   *
+   * @generated from field: fabrica.config.v1.DeviceProfile profile = 1;
+   */
+  profile?: DeviceProfile | undefined;
+};
+
+/**
+ * Describes the message fabrica.config.v1.GetDeviceProfileResponse.
+ * Use `create(GetDeviceProfileResponseSchema)` to create a new message.
+ */
+export const GetDeviceProfileResponseSchema: GenMessage<GetDeviceProfileResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 21);
+
+/**
+ * Request of CreateDeviceProfile.
+ *
+ * @generated from message fabrica.config.v1.CreateDeviceProfileRequest
+ */
+export type CreateDeviceProfileRequest = Message<"fabrica.config.v1.CreateDeviceProfileRequest"> & {
+  /**
+   * The profile to create: id, protocol, poll groups and tags (output-only fields are ignored).
+   *
+   * @generated from field: fabrica.config.v1.DeviceProfile profile = 1;
+   */
+  profile?: DeviceProfile | undefined;
+
+  /**
+   * Optional idempotency key (a UUID): a retried create with the same key returns the first result.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message fabrica.config.v1.CreateDeviceProfileRequest.
+ * Use `create(CreateDeviceProfileRequestSchema)` to create a new message.
+ */
+export const CreateDeviceProfileRequestSchema: GenMessage<CreateDeviceProfileRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 22);
+
+/**
+ * Response of CreateDeviceProfile.
+ *
+ * @generated from message fabrica.config.v1.CreateDeviceProfileResponse
+ */
+export type CreateDeviceProfileResponse = Message<"fabrica.config.v1.CreateDeviceProfileResponse"> & {
+  /**
+   * The profile as stored.
+   *
+   * @generated from field: fabrica.config.v1.DeviceProfile profile = 1;
+   */
+  profile?: DeviceProfile | undefined;
+};
+
+/**
+ * Describes the message fabrica.config.v1.CreateDeviceProfileResponse.
+ * Use `create(CreateDeviceProfileResponseSchema)` to create a new message.
+ */
+export const CreateDeviceProfileResponseSchema: GenMessage<CreateDeviceProfileResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 23);
+
+/**
+ * Request of DeleteDeviceProfile.
+ *
+ * @generated from message fabrica.config.v1.DeleteDeviceProfileRequest
+ */
+export type DeleteDeviceProfileRequest = Message<"fabrica.config.v1.DeleteDeviceProfileRequest"> & {
+  /**
+   * The id of one of the tenant's profiles.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message fabrica.config.v1.DeleteDeviceProfileRequest.
+ * Use `create(DeleteDeviceProfileRequestSchema)` to create a new message.
+ */
+export const DeleteDeviceProfileRequestSchema: GenMessage<DeleteDeviceProfileRequest> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 24);
+
+/**
+ * Response of DeleteDeviceProfile.
+ *
+ * @generated from message fabrica.config.v1.DeleteDeviceProfileResponse
+ */
+export type DeleteDeviceProfileResponse = Message<"fabrica.config.v1.DeleteDeviceProfileResponse"> & {
+};
+
+/**
+ * Describes the message fabrica.config.v1.DeleteDeviceProfileResponse.
+ * Use `create(DeleteDeviceProfileResponseSchema)` to create a new message.
+ */
+export const DeleteDeviceProfileResponseSchema: GenMessage<DeleteDeviceProfileResponse> = /*@__PURE__*/
+  messageDesc(file_fabrica_config_v1_config_service, 25);
+
+/**
  * Request of CreatePlcFromProfile.
  *
  * @generated from message fabrica.config.v1.CreatePlcFromProfileRequest
  */
 export type CreatePlcFromProfileRequest = Message<"fabrica.config.v1.CreatePlcFromProfileRequest"> & {
   /**
-   * The profile to copy tags from.
+   * The profile to copy tags from: a built-in one or one of the tenant's own.
    *
    * @generated from field: string profile_id = 1;
    */
@@ -542,7 +669,7 @@ export type CreatePlcFromProfileRequest = Message<"fabrica.config.v1.CreatePlcFr
  * Use `create(CreatePlcFromProfileRequestSchema)` to create a new message.
  */
 export const CreatePlcFromProfileRequestSchema: GenMessage<CreatePlcFromProfileRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 20);
+  messageDesc(file_fabrica_config_v1_config_service, 26);
 
 /**
  * Response of CreatePlcFromProfile.
@@ -563,7 +690,7 @@ export type CreatePlcFromProfileResponse = Message<"fabrica.config.v1.CreatePlcF
  * Use `create(CreatePlcFromProfileResponseSchema)` to create a new message.
  */
 export const CreatePlcFromProfileResponseSchema: GenMessage<CreatePlcFromProfileResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 21);
+  messageDesc(file_fabrica_config_v1_config_service, 27);
 
 /**
  * Request of WatchPlcs.
@@ -591,7 +718,7 @@ export type WatchPlcsRequest = Message<"fabrica.config.v1.WatchPlcsRequest"> & {
  * Use `create(WatchPlcsRequestSchema)` to create a new message.
  */
 export const WatchPlcsRequestSchema: GenMessage<WatchPlcsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 22);
+  messageDesc(file_fabrica_config_v1_config_service, 28);
 
 /**
  * The complete set of a collector's PLCs at a revision.
@@ -619,7 +746,7 @@ export type PlcSnapshot = Message<"fabrica.config.v1.PlcSnapshot"> & {
  * Use `create(PlcSnapshotSchema)` to create a new message.
  */
 export const PlcSnapshotSchema: GenMessage<PlcSnapshot> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 23);
+  messageDesc(file_fabrica_config_v1_config_service, 29);
 
 /**
  * One change to one PLC.
@@ -654,7 +781,7 @@ export type PlcChange = Message<"fabrica.config.v1.PlcChange"> & {
  * Use `create(PlcChangeSchema)` to create a new message.
  */
 export const PlcChangeSchema: GenMessage<PlcChange> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 24);
+  messageDesc(file_fabrica_config_v1_config_service, 30);
 
 /**
  * One message of WatchPlcs.
@@ -698,7 +825,7 @@ export type WatchPlcsResponse = Message<"fabrica.config.v1.WatchPlcsResponse"> &
  * Use `create(WatchPlcsResponseSchema)` to create a new message.
  */
 export const WatchPlcsResponseSchema: GenMessage<WatchPlcsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 25);
+  messageDesc(file_fabrica_config_v1_config_service, 31);
 
 /**
  * Request of ReportCollectorStatus.
@@ -733,7 +860,7 @@ export type ReportCollectorStatusRequest = Message<"fabrica.config.v1.ReportColl
  * Use `create(ReportCollectorStatusRequestSchema)` to create a new message.
  */
 export const ReportCollectorStatusRequestSchema: GenMessage<ReportCollectorStatusRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 26);
+  messageDesc(file_fabrica_config_v1_config_service, 32);
 
 /**
  * Response of ReportCollectorStatus.
@@ -754,7 +881,7 @@ export type ReportCollectorStatusResponse = Message<"fabrica.config.v1.ReportCol
  * Use `create(ReportCollectorStatusResponseSchema)` to create a new message.
  */
 export const ReportCollectorStatusResponseSchema: GenMessage<ReportCollectorStatusResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 27);
+  messageDesc(file_fabrica_config_v1_config_service, 33);
 
 /**
  * Request of ListCollectors.
@@ -769,7 +896,7 @@ export type ListCollectorsRequest = Message<"fabrica.config.v1.ListCollectorsReq
  * Use `create(ListCollectorsRequestSchema)` to create a new message.
  */
 export const ListCollectorsRequestSchema: GenMessage<ListCollectorsRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 28);
+  messageDesc(file_fabrica_config_v1_config_service, 34);
 
 /**
  * Response of ListCollectors.
@@ -790,7 +917,7 @@ export type ListCollectorsResponse = Message<"fabrica.config.v1.ListCollectorsRe
  * Use `create(ListCollectorsResponseSchema)` to create a new message.
  */
 export const ListCollectorsResponseSchema: GenMessage<ListCollectorsResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 29);
+  messageDesc(file_fabrica_config_v1_config_service, 35);
 
 /**
  * Request of ListAuditEntries.
@@ -825,7 +952,7 @@ export type ListAuditEntriesRequest = Message<"fabrica.config.v1.ListAuditEntrie
  * Use `create(ListAuditEntriesRequestSchema)` to create a new message.
  */
 export const ListAuditEntriesRequestSchema: GenMessage<ListAuditEntriesRequest> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 30);
+  messageDesc(file_fabrica_config_v1_config_service, 36);
 
 /**
  * Response of ListAuditEntries.
@@ -853,7 +980,7 @@ export type ListAuditEntriesResponse = Message<"fabrica.config.v1.ListAuditEntri
  * Use `create(ListAuditEntriesResponseSchema)` to create a new message.
  */
 export const ListAuditEntriesResponseSchema: GenMessage<ListAuditEntriesResponse> = /*@__PURE__*/
-  messageDesc(file_fabrica_config_v1_config_service, 31);
+  messageDesc(file_fabrica_config_v1_config_service, 37);
 
 /**
  * Kind of a PLC change.
@@ -964,7 +1091,8 @@ export const ConfigService: GenService<{
     output: typeof DeletePlcResponseSchema;
   },
   /**
-   * Lists the device profiles shipped with Fabrica.
+   * Lists the device profiles the caller may use, ordered by id: the ones shipped with Fabrica (built_in,
+   * the same for every tenant) and the tenant's own (CreateDeviceProfile).
    *
    * @generated from rpc fabrica.config.v1.ConfigService.ListDeviceProfiles
    */
@@ -972,6 +1100,41 @@ export const ConfigService: GenService<{
     methodKind: "unary";
     input: typeof ListDeviceProfilesRequestSchema;
     output: typeof ListDeviceProfilesResponseSchema;
+  },
+  /**
+   * Returns one device profile, built-in or the tenant's own. NOT_FOUND otherwise (another tenant's
+   * profile included).
+   *
+   * @generated from rpc fabrica.config.v1.ConfigService.GetDeviceProfile
+   */
+  getDeviceProfile: {
+    methodKind: "unary";
+    input: typeof GetDeviceProfileRequestSchema;
+    output: typeof GetDeviceProfileResponseSchema;
+  },
+  /**
+   * Creates a device profile of the caller's tenant (ids are unique per tenant; the built-ins' ids are
+   * reserved). ALREADY_EXISTS if the tenant has a profile with that id or a built-in one has it;
+   * INVALID_ARGUMENT if its poll groups or tags break the rules a PLC's poll groups and tags follow (field
+   * violations name profile.tags[i]...).
+   *
+   * @generated from rpc fabrica.config.v1.ConfigService.CreateDeviceProfile
+   */
+  createDeviceProfile: {
+    methodKind: "unary";
+    input: typeof CreateDeviceProfileRequestSchema;
+    output: typeof CreateDeviceProfileResponseSchema;
+  },
+  /**
+   * Deletes one of the tenant's device profiles (PLCs created from it keep their tags). FAILED_PRECONDITION
+   * (reason BUILT_IN_PROFILE) for a built-in profile; NOT_FOUND for an id the tenant has no profile under.
+   *
+   * @generated from rpc fabrica.config.v1.ConfigService.DeleteDeviceProfile
+   */
+  deleteDeviceProfile: {
+    methodKind: "unary";
+    input: typeof DeleteDeviceProfileRequestSchema;
+    output: typeof DeleteDeviceProfileResponseSchema;
   },
   /**
    * Creates a PLC whose poll groups and tags are copied from a device profile. NOT_FOUND for an unknown

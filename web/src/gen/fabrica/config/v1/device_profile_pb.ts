@@ -13,17 +13,18 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fabrica/config/v1/device_profile.proto.
  */
 export const file_fabrica_config_v1_device_profile: GenFile = /*@__PURE__*/
-  fileDesc("CiZmYWJyaWNhL2NvbmZpZy92MS9kZXZpY2VfcHJvZmlsZS5wcm90bxIRZmFicmljYS5jb25maWcudjEiugIKDURldmljZVByb2ZpbGUSJwoCaWQYASABKAlCG7pIGHIWGD8yEl5bQS1aYS16MC05Ll86LV0qJBIzCgxkaXNwbGF5X25hbWUYAiABKAlCHbpIGnIYGMgBMhNeW15ceDAwLVx4MUZceDdGXSokEkMKC2Rlc2NyaXB0aW9uGAMgASgJQi66SCtyKRjQDzIkXlteXHgwMC1ceDA4XHgwQlx4MENceDBFLVx4MUZceDdGXSokEi0KCHByb3RvY29sGAQgASgOMhsuZmFicmljYS5jb25maWcudjEuUHJvdG9jb2wSMQoLcG9sbF9ncm91cHMYBSADKAsyHC5mYWJyaWNhLmNvbmZpZy52MS5Qb2xsR3JvdXASJAoEdGFncxgGIAMoCzIWLmZhYnJpY2EuY29uZmlnLnYxLlRhZypKCghQcm90b2NvbBIYChRQUk9UT0NPTF9VTlNQRUNJRklFRBAAEhMKD1BST1RPQ09MX01PREJVUxABEg8KC1BST1RPQ09MX1M3EAJiBnByb3RvMw", [file_buf_validate_validate, file_fabrica_config_v1_plc]);
+  fileDesc("CiZmYWJyaWNhL2NvbmZpZy92MS9kZXZpY2VfcHJvZmlsZS5wcm90bxIRZmFicmljYS5jb25maWcudjEi8QIKDURldmljZVByb2ZpbGUSKQoCaWQYASABKAlCHbpIGnIYEAEYPzISXltBLVphLXowLTkuXzotXSokEjMKDGRpc3BsYXlfbmFtZRgCIAEoCUIdukgachgYyAEyE15bXlx4MDAtXHgxRlx4N0ZdKiQSQwoLZGVzY3JpcHRpb24YAyABKAlCLrpIK3IpGNAPMiReW15ceDAwLVx4MDhceDBCXHgwQ1x4MEUtXHgxRlx4N0ZdKiQSOQoIcHJvdG9jb2wYBCABKA4yGy5mYWJyaWNhLmNvbmZpZy52MS5Qcm90b2NvbEIKukgHggEEEAEgABI9Cgtwb2xsX2dyb3VwcxgFIAMoCzIcLmZhYnJpY2EuY29uZmlnLnYxLlBvbGxHcm91cEIKukgHkgEECAEQIBIvCgR0YWdzGAYgAygLMhYuZmFicmljYS5jb25maWcudjEuVGFnQgm6SAaSAQMQiCcSEAoIYnVpbHRfaW4YByABKAgqSgoIUHJvdG9jb2wSGAoUUFJPVE9DT0xfVU5TUEVDSUZJRUQQABITCg9QUk9UT0NPTF9NT0RCVVMQARIPCgtQUk9UT0NPTF9TNxACYgZwcm90bzM", [file_buf_validate_validate, file_fabrica_config_v1_plc]);
 
 /**
  * A template of tags for a kind of device (a meter model, an S7 data-block layout). Creating a PLC from a
- * profile copies its poll groups and tags into the new PLC.
+ * profile copies its poll groups and tags into the new PLC. Fabrica ships built-in profiles (built_in, the
+ * same for every tenant); a tenant may define its own (CreateDeviceProfile), which only it sees.
  *
  * @generated from message fabrica.config.v1.DeviceProfile
  */
 export type DeviceProfile = Message<"fabrica.config.v1.DeviceProfile"> & {
   /**
-   * Id, e.g. "eastron-sdm630".
+   * Id, e.g. "eastron-sdm630"; unique within the tenant, and the built-ins' ids are reserved.
    *
    * @generated from field: string id = 1;
    */
@@ -44,25 +45,32 @@ export type DeviceProfile = Message<"fabrica.config.v1.DeviceProfile"> & {
   description: string;
 
   /**
-   * The protocol family the tags are addressed in.
+   * The protocol family the tags are addressed in (required).
    *
    * @generated from field: fabrica.config.v1.Protocol protocol = 4;
    */
   protocol: Protocol;
 
   /**
-   * Poll groups the tags use.
+   * Poll groups the tags use. At least one, at most 32 (as a PLC's).
    *
    * @generated from field: repeated fabrica.config.v1.PollGroup poll_groups = 5;
    */
   pollGroups: PollGroup[];
 
   /**
-   * The tags (their ids are unset).
+   * The tags (their ids are unset), at most 5,000 (as a PLC's); names are unique within the profile.
    *
    * @generated from field: repeated fabrica.config.v1.Tag tags = 6;
    */
   tags: Tag[];
+
+  /**
+   * Output only. True for the profiles shipped with Fabrica (they cannot be deleted), false for a tenant's own.
+   *
+   * @generated from field: bool built_in = 7;
+   */
+  builtIn: boolean;
 };
 
 /**
