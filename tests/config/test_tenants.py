@@ -236,6 +236,9 @@ async def test_raw_sql_without_a_tenant_sees_no_row_of_any_config_table(
     for code in ("acme", "default"):
         await stub.CreatePlc(pb.CreatePlcRequest(plc=modbus_plc("press-01"), request_id="1234"), metadata=md(code))
         await stub.ReportCollectorStatus(pb.ReportCollectorStatusRequest(collector_id="cell-1"), metadata=md(code))
+        profile = (await stub.GetDeviceProfile(pb.GetDeviceProfileRequest(id="eastron-sdm120"))).profile
+        profile.id = "own-meter"  # a profile of the tenant's own (device_profiles)
+        await stub.CreateDeviceProfile(pb.CreateDeviceProfileRequest(profile=profile), metadata=md(code))
     admin = await asyncpg.connect(database_url)
     try:
         tables = [r["tablename"] for r in await admin.fetch(
@@ -245,8 +248,8 @@ async def test_raw_sql_without_a_tenant_sees_no_row_of_any_config_table(
         await admin.close()
     #: The only table without tenants: the migrations applied.
     unscoped = {"schema_migrations"}
-    assert set(tables) >= {"audit_entries", "changes", "collectors", "create_requests", "plcs", "revision",
-                           "tag_ids", "tenants"}
+    assert set(tables) >= {"audit_entries", "changes", "collectors", "create_requests", "device_profiles", "plcs",
+                           "revision", "tag_ids", "tenants"}
     assert all(everything[t] > 0 for t in tables), everything  # every table has rows (of both tenants)
 
     pool = server.app.store.pool
@@ -258,6 +261,7 @@ async def test_raw_sql_without_a_tenant_sees_no_row_of_any_config_table(
     with tenancy.scope("acme"):
         async with pool.acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM plcs") == 1
+            assert await conn.fetchval("SELECT count(*) FROM device_profiles") == 1
             assert await conn.fetchval("SELECT count(*) FROM tenants") == 1
             assert await conn.fetchval("SELECT count(DISTINCT tenant_id) FROM audit_entries") == 1
             with pytest.raises(asyncpg.InsufficientPrivilegeError):  # RLS's WITH CHECK: not into another tenant

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fabrica.config.v1 import plc_pb2, tenant_pb2
+from fabrica.config.v1 import device_profile_pb2, plc_pb2, tenant_pb2
 
-from ..plcmodel.plc import check_plc, with_defaults
+from ..plcmodel.plc import check_plc, plc_violations, with_defaults
 from ..runtime.errors import FieldViolation, InvalidArgument
 
-__all__ = ["TENANT_FIELDS", "UPDATABLE_FIELDS", "apply_tenant_mask", "apply_update_mask", "check_plc", "new_tenant",
-           "normalized", "relevant_change", "tenant_mask", "tenant_violations"]
+__all__ = ["TENANT_FIELDS", "UPDATABLE_FIELDS", "apply_tenant_mask", "apply_update_mask", "check_plc", "new_profile",
+           "new_tenant", "normalized", "profile_violations", "relevant_change", "tenant_mask", "tenant_violations"]
 
 #: Paths UpdatePlc accepts in its update_mask.
 UPDATABLE_FIELDS = ("display_name", "collector_id", "enabled", "connection", "poll_groups", "tags", "writable",
@@ -79,6 +79,40 @@ def relevant_change(collector_id: str, old_collector: str | None, new_collector:
     if old_collector == collector_id:
         return "delete"
     return None
+
+
+# --- device profiles of a tenant's own -----------------------------------------------------------------
+
+#: The host of the PLC a profile is checked as (never connected to).
+_PROFILE_HOST = "profile.invalid"
+
+
+def profile_violations(profile: device_profile_pb2.DeviceProfile) -> list[FieldViolation]:
+    """The rules a PLC's poll groups and tags follow, applied to a profile's: a throwaway PLC with the
+    profile's poll groups and tags, on a connection of the profile's protocol, is checked as CreatePlc checks
+    one (the shared PLC/tag model), its violations named ``profile.poll_groups[i]...``, ``profile.tags[i]...``.
+    Tags without a poll group get the first, as a PLC created from the profile will."""
+    plc = plc_pb2.Plc(id="profile", collector_id="profile", poll_groups=profile.poll_groups, tags=profile.tags)
+    if profile.protocol == device_profile_pb2.PROTOCOL_S7:
+        plc.s7.host = _PROFILE_HOST
+    else:
+        plc.modbus_tcp.host = _PROFILE_HOST
+    with_defaults(plc)
+    # Only the profile's own fields: the throwaway's id, collector and connection are this function's.
+    return [v for v in plc_violations(plc, "profile") if v.field.startswith(("profile.poll_groups", "profile.tags"))]
+
+
+def new_profile(profile: device_profile_pb2.DeviceProfile) -> device_profile_pb2.DeviceProfile:
+    """A copy of a tenant's profile to store (output-only built_in and the tags' ids cleared);
+    INVALID_ARGUMENT with every violation of its poll groups and tags (`profile_violations`)."""
+    out = device_profile_pb2.DeviceProfile()
+    out.CopyFrom(profile)
+    out.ClearField("built_in")
+    for tag in out.tags:
+        tag.ClearField("id")
+    if bad := profile_violations(out):
+        raise InvalidArgument(bad)
+    return out
 
 
 # --- tenants ----------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ reason INSTALLATION_ADMIN_REQUIRED, for anybody else, a tenant's own admin inclu
 ListTenants run across tenants (``tenancy.system()``) for an installation-wide caller, and in the caller's
 tenant otherwise, where the ``tenants`` table's policy shows that tenant's row only: another code is
 NOT_FOUND.
+
+Device profiles: the built-in ones (profiles.py) are every tenant's (``built_in``), and reserve their ids in
+every tenant; a tenant's own (CreateDeviceProfile) are rows under the same row-level security as its PLCs,
+so another tenant's profile is NOT_FOUND for Get, Delete and CreatePlcFromProfile and never listed. Their
+poll groups and tags are checked with the PLC/tag model's rules (domain.profile_violations).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from fabrica.config.v1 import device_profile_pb2, plc_pb2, tenant_pb2
 from ..plcmodel.mirrors import mirror_violations, target_ids
 from ..plcmodel.plc import is_s7
 from ..runtime import audit, principal, tenancy
-from ..runtime.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from ..runtime.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
+                              PermissionDenied, PreconditionViolation)
 from ..runtime.notify import Listener
 from ..runtime.pages import decode_page_token, encode_page_token
 from ..runtime.validation import OFF_LOOP_BYTES
@@ -43,6 +49,18 @@ from .profiles import PROFILES
 from .store import ConfigStore
 
 log = logging.getLogger(__name__)
+
+
+
+def _built_in(profile: device_profile_pb2.DeviceProfile) -> device_profile_pb2.DeviceProfile:
+    out = device_profile_pb2.DeviceProfile()
+    out.CopyFrom(profile)
+    out.built_in = True
+    return out
+
+
+#: The built-in device profiles as the RPCs answer them (built_in set).
+BUILT_IN: dict[str, device_profile_pb2.DeviceProfile] = {id_: _built_in(p) for id_, p in PROFILES.items()}
 
 DEFAULT_PAGE_SIZE = 50
 #: Longest a watcher waits for a notification before it looks for changes anyway.
@@ -220,18 +238,54 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         await self.store.delete(request.id, request.etag)
         return pb.DeletePlcResponse()
 
+    # --- device profiles: the built-in ones (profiles.py, every tenant's) and the tenant's own --------
+
+    async def _profile(self, profile_id: str) -> device_profile_pb2.DeviceProfile:
+        """A built-in profile, or one of the tenant's own; NOT_FOUND otherwise (another tenant's included)."""
+        if profile_id in BUILT_IN:
+            return BUILT_IN[profile_id]
+        profile = await self.store.get_profile(profile_id)
+        if profile is None:
+            raise NotFound(f"no device profile {profile_id!r}; ListDeviceProfiles shows them",
+                           metadata={"profile_id": profile_id})
+        return profile
+
     async def ListDeviceProfiles(self, request: pb.ListDeviceProfilesRequest,
                                  context: grpc.aio.ServicerContext) -> pb.ListDeviceProfilesResponse:
-        await self._admit(one_tenant=False)
-        return pb.ListDeviceProfilesResponse(profiles=list(PROFILES.values()))
+        await self._admit()
+        profiles = [*BUILT_IN.values(), *await self.store.list_profiles()]
+        return pb.ListDeviceProfilesResponse(profiles=sorted(profiles, key=lambda p: p.id))
+
+    async def GetDeviceProfile(self, request: pb.GetDeviceProfileRequest,
+                               context: grpc.aio.ServicerContext) -> pb.GetDeviceProfileResponse:
+        await self._admit()
+        return pb.GetDeviceProfileResponse(profile=await self._profile(request.id))
+
+    async def CreateDeviceProfile(self, request: pb.CreateDeviceProfileRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.CreateDeviceProfileResponse:
+        await self._admit()
+        if request.profile.id in BUILT_IN:  # reserved in every tenant: a built-in one has it
+            raise AlreadyExists(f"{request.profile.id!r} is the id of a built-in device profile; choose another",
+                                reason="BUILT_IN_PROFILE", metadata={"profile_id": request.profile.id})
+        profile = domain.new_profile(request.profile)
+        return pb.CreateDeviceProfileResponse(profile=await self.store.create_profile(profile, request.request_id))
+
+    async def DeleteDeviceProfile(self, request: pb.DeleteDeviceProfileRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.DeleteDeviceProfileResponse:
+        await self._admit()
+        if request.id in BUILT_IN:
+            raise FailedPrecondition(
+                f"{request.id!r} is a built-in device profile; only a tenant's own profiles can be deleted",
+                reason="BUILT_IN_PROFILE", metadata={"profile_id": request.id},
+                violations=[PreconditionViolation(type="BUILT_IN_PROFILE", subject=f"device-profiles/{request.id}",
+                                                  description="shipped with Fabrica, shared by every tenant")])
+        await self.store.delete_profile(request.id)
+        return pb.DeleteDeviceProfileResponse()
 
     async def CreatePlcFromProfile(self, request: pb.CreatePlcFromProfileRequest,
                                    context: grpc.aio.ServicerContext) -> pb.CreatePlcFromProfileResponse:
         await self._admit()
-        profile = PROFILES.get(request.profile_id)
-        if profile is None:
-            raise NotFound(f"no device profile {request.profile_id!r}; ListDeviceProfiles shows them",
-                           metadata={"profile_id": request.profile_id})
+        profile = await self._profile(request.profile_id)
         if not request.HasField("plc"):
             raise InvalidArgument(FieldViolation("plc", "the PLC (id, collector, connection) is required"))
         bad = [FieldViolation(f"plc.{f}", "comes from the profile; leave it empty")

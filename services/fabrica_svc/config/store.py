@@ -18,6 +18,11 @@ session of one tenant sees that tenant's row only, an installation-wide session 
 written only in installation-wide sessions (the servicer runs the tenant RPCs of installation-wide admins
 in ``tenancy.system()``). Only ``schema_migrations`` has no tenant.
 
+Device profiles (migration 4). A tenant's own profiles are rows of ``device_profiles`` (the serialized
+``DeviceProfile``, keyed by (tenant_id, id), under the same row-level security); the built-in ones are
+code (profiles.py), the same for every tenant, and never stored. A create's optional request id is kept on
+its row (unique per tenant), so a retried create answers the first one's profile.
+
 Quotas (the tenant's ``quota``: max_plcs, max_tags, max_collectors; 0 = no limit) are checked in the
 transaction of the create or update, after it has taken the tenant's revision row lock: a tenant's
 writes queue there, so two concurrent creates cannot both pass a limit that only one of them fits.
@@ -31,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-from fabrica.config.v1 import collector_status_pb2, plc_pb2
+from fabrica.config.v1 import collector_status_pb2, device_profile_pb2, plc_pb2
 
 from fabrica.config.v1 import tenant_pb2
 
@@ -145,6 +150,19 @@ MIGRATIONS = [
     audit.migration(2),
     Migration(3, "tenants: the tenants table, row-level security on every table, keys and revisions per tenant",
               _tenants_migration()),
+    Migration(4, "device profiles of a tenant's own (the built-in ones are code, profiles.py)", f"""
+        CREATE TABLE device_profiles (
+            id text NOT NULL,
+            definition bytea NOT NULL,
+            request_id text,
+            create_time timestamptz NOT NULL DEFAULT now()
+        );
+        {tenancy.isolate_sql("config", "device_profiles")}
+        ALTER TABLE device_profiles ADD PRIMARY KEY (tenant_id, id);
+        ALTER TABLE device_profiles ADD FOREIGN KEY (tenant_id) REFERENCES tenants (code);
+        CREATE UNIQUE INDEX device_profiles_request ON device_profiles (tenant_id, request_id)
+            WHERE request_id IS NOT NULL;
+    """),
 ]
 
 
@@ -188,6 +206,12 @@ def _plc_changes(old: plc_pb2.Plc, new: plc_pb2.Plc) -> str:
         if names:
             parts.append(f"{what} {', '.join(names[:20])}{' …' if len(names) > 20 else ''}")
     return "; ".join(parts) or "no change"
+
+
+def _profile(row: asyncpg.Record) -> device_profile_pb2.DeviceProfile:
+    profile = device_profile_pb2.DeviceProfile.FromString(row["definition"])
+    profile.id = row["id"]
+    return profile
 
 
 def _tenant(row: asyncpg.Record) -> tenant_pb2.Tenant:
@@ -262,6 +286,47 @@ class ConfigStore:
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{code}:tenant")
             await _audit_in(conn, code, f"tenants/{code}", f"fields {', '.join(changed)}" if changed else "no change")
             return _tenant(row)
+
+    # --- device profiles of the tenant's own (the servicer keeps the built-in ids out) ----------------
+
+    async def get_profile(self, profile_id: str) -> device_profile_pb2.DeviceProfile | None:
+        row = await self.pool.fetchrow("SELECT id, definition FROM device_profiles WHERE id = $1", profile_id)
+        return _profile(row) if row is not None else None
+
+    async def list_profiles(self) -> list[device_profile_pb2.DeviceProfile]:
+        return [_profile(r) for r in await self.pool.fetch("SELECT id, definition FROM device_profiles ORDER BY id")]
+
+    async def create_profile(self, profile: device_profile_pb2.DeviceProfile,
+                             request_id: str = "") -> device_profile_pb2.DeviceProfile:
+        """Store a profile of the tenant; ALREADY_EXISTS if the tenant has one with its id. A retry with the
+        `request_id` of a create that succeeded answers that create's profile."""
+        stored = device_profile_pb2.DeviceProfile()
+        stored.CopyFrom(profile)
+        stored.ClearField("built_in")
+        async with self.pool.acquire() as conn, conn.transaction():
+            # No conflict target: a concurrent retry (the request id) is caught here as well as the id.
+            row = await conn.fetchrow(
+                "INSERT INTO device_profiles (id, definition, request_id) VALUES ($1, $2, NULLIF($3, ''))"
+                " ON CONFLICT DO NOTHING RETURNING id, definition",
+                stored.id, stored.SerializeToString(deterministic=True), request_id)
+            if row is None:
+                if request_id:
+                    earlier = await conn.fetchrow(
+                        "SELECT id, definition FROM device_profiles WHERE request_id = $1", request_id)
+                    if earlier is not None:
+                        return _profile(earlier)
+                raise AlreadyExists(f"a device profile with id {stored.id!r} exists",
+                                    metadata={"profile_id": stored.id})
+            await audit.record(conn, f"device-profiles/{stored.id}",
+                               f"created with {len(stored.tags)} tags in {len(stored.poll_groups)} poll groups")
+            return _profile(row)
+
+    async def delete_profile(self, profile_id: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            deleted = await conn.fetchval("DELETE FROM device_profiles WHERE id = $1 RETURNING id", profile_id)
+            if deleted is None:
+                raise NotFound(f"no device profile {profile_id!r}", metadata={"profile_id": profile_id})
+            await audit.record(conn, f"device-profiles/{profile_id}", "deleted")
 
     # --- quotas ------------------------------------------------------------------------------------
 
