@@ -6,7 +6,7 @@ and talks to its peers over mutual TLS on their peer ports (production and alarm
 services, across tenants). An installation-wide admin (``tenant *``) creates the tenants ``acme`` and
 ``globex`` with CreateTenant; each tenant's own admin then creates the SAME resource ids (PLC ``press-1`` with
 its tags, collector ``cell-1``, sector, work centre, item, defect code, downtime reason, an order, an alarm
-rule, a notification and a forwarding target) and its collector streams readings for its tags; globex also
+rule, a notification and a forwarding target, a device profile) and its collector streams readings for its tags; globex also
 has a few resources acme does not (ids ``gx-only-*``), so that "NOT_FOUND" is a real answer for acme.
 
 Every string globex creates contains ``Globex`` and every number that is globex's own is one of
@@ -33,7 +33,7 @@ from fabrica.alarm.v1 import alarm_service_pb2_grpc as alarm_grpc
 from fabrica.alarm.v1 import notify_pb2, rule_pb2
 from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import config_service_pb2_grpc as config_grpc
-from fabrica.config.v1 import collector_status_pb2, plc_pb2, tenant_pb2
+from fabrica.config.v1 import collector_status_pb2, device_profile_pb2, plc_pb2, tenant_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from fabrica.common.v1 import reading_pb2
@@ -110,6 +110,9 @@ class Ids:
     only_target: str = "gx-only-pager"
     forwarding: str = "fwd"
     only_forwarding: str = "gx-only-fwd"
+    #: A device profile of the tenant's own (config), and one only globex has.
+    profile: str = "press-profile"
+    only_profile: str = "gx-only-profile"
 
 
 def nowhere() -> Ids:
@@ -122,7 +125,8 @@ def nowhere() -> Ids:
                only_reference_type="nowhere-reftype", reason="nowhere-reason",
                only_reason="nowhere-reason", order="987654321", only_order="987654321", downtime="987654321", only_downtime="987654321", rule="nowhere-rule",
                only_rule="nowhere-rule", target="nowhere-pager", only_target="nowhere-pager",
-               forwarding="nowhere-fwd", only_forwarding="nowhere-fwd")
+               forwarding="nowhere-fwd", only_forwarding="nowhere-fwd", profile="nowhere-profile",
+               only_profile="nowhere-profile")
 
 
 @dataclass
@@ -220,6 +224,13 @@ class TenantStack:
                 only.id, only.display_name = only_id, f"{label} only press"
                 await self.step(f"{t.code}: CreatePlc {only.id}", config.CreatePlc(
                     config_pb.CreatePlcRequest(plc=only), metadata=md_, timeout=TIMEOUT))
+        # Device profiles of the tenant's own: the same id in both tenants, and one only globex has.
+        for profile_id in (t.ids.profile, *((t.ids.only_profile,) if t.code == GLOBEX else ())):
+            profile = device_profile_pb2.DeviceProfile(
+                id=profile_id, display_name=f"{label} profile {profile_id}", protocol=device_profile_pb2.PROTOCOL_MODBUS,
+                poll_groups=plcs[PLC].poll_groups, tags=plcs[PLC].tags)
+            await self.step(f"{t.code}: CreateDeviceProfile {profile_id}", config.CreateDeviceProfile(
+                config_pb.CreateDeviceProfileRequest(profile=profile), metadata=md_, timeout=TIMEOUT))
         await self.step(f"{t.code}: ReportCollectorStatus", config.ReportCollectorStatus(
             config_pb.ReportCollectorStatusRequest(collector_id=COLLECTOR, applied_revision=1, plc_statuses=[
                 collector_status_pb2.PlcStatus(plc_id=PLC, connected=False, error=f"{label} cable unplugged")]),
@@ -431,7 +442,8 @@ def leaks(message_text: str, globex: Ids, acme: Ids, *, only_ids: bool = True) -
         if int(tag_field) in set(globex.tags) - own_tags:
             found.append(f"globex's tag id {tag_field}")
     for only in () if not only_ids else (globex.only_plc, globex.only_reference_type, globex.only_work_center, globex.only_sector, globex.only_item, globex.only_defect_code,
-                 globex.only_reason, globex.only_rule, globex.only_target, globex.only_forwarding):
+                 globex.only_reason, globex.only_rule, globex.only_target, globex.only_forwarding,
+                 globex.only_profile):
         if f'"{only}"' in message_text:
             found.append(f"globex's id {only}")
     return sorted(set(found))

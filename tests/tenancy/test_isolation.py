@@ -38,7 +38,7 @@ from fabrica.alarm.v1 import notify_pb2, rule_pb2
 from fabrica.collector.v1 import collector_service_pb2_grpc
 from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import config_service_pb2_grpc
-from fabrica.config.v1 import plc_pb2, tenant_pb2
+from fabrica.config.v1 import device_profile_pb2, plc_pb2, tenant_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
 from fabrica.ingest.v1 import ingest_service_pb2_grpc, query_pb2
 from fabrica.common.v1 import reading_pb2
@@ -113,7 +113,9 @@ TABLE: dict[str, Entry] = {
     # --- config -----------------------------------------------------------------------------------------
     f"{C}/GetPlc": Entry(READ, lambda g: config_pb.GetPlcRequest(id=g.only_plc)),
     f"{C}/ListPlcs": Entry(READ, lambda g: config_pb.ListPlcsRequest(collector_id=g.collector)),
-    f"{C}/ListDeviceProfiles": Entry(READ, lambda g: config_pb.ListDeviceProfilesRequest(), control=False),
+    # The built-ins and the tenant's own profiles (globex's control: its press-profile and gx-only-profile).
+    f"{C}/ListDeviceProfiles": Entry(READ, lambda g: config_pb.ListDeviceProfilesRequest()),
+    f"{C}/GetDeviceProfile": Entry(READ, lambda g: config_pb.GetDeviceProfileRequest(id=g.only_profile)),
     f"{C}/WatchPlcs": Entry(READ, lambda g: config_pb.WatchPlcsRequest(collector_id=COLLECTOR), caller="collector"),
     f"{C}/ListCollectors": Entry(READ, lambda g: config_pb.ListCollectorsRequest()),
     f"{C}/ListAuditEntries": Entry(READ, lambda g: config_pb.ListAuditEntriesRequest(page_size=500)),
@@ -122,6 +124,7 @@ TABLE: dict[str, Entry] = {
     f"{C}/UpdatePlc": Entry(WRITE, lambda g: config_pb.UpdatePlcRequest(
         plc=plc_pb2.Plc(id=g.only_plc, display_name="Acme renamed"), update_mask=mask("display_name"))),
     f"{C}/DeletePlc": Entry(WRITE, lambda g: config_pb.DeletePlcRequest(id=g.only_plc)),
+    f"{C}/DeleteDeviceProfile": Entry(WRITE, lambda g: config_pb.DeleteDeviceProfileRequest(id=g.only_profile)),
     # acme's own cell-1 reports (OK): globex's cell-1 keeps its status (the after-view compares).
     f"{C}/ReportCollectorStatus": Entry(WRITE, lambda g: config_pb.ReportCollectorStatusRequest(
         collector_id=COLLECTOR, applied_revision=999), caller="collector", absent=("OK",)),
@@ -132,6 +135,9 @@ TABLE: dict[str, Entry] = {
     f"{C}/CreatePlc": Entry(CREATE, lambda g: config_pb.CreatePlcRequest(plc=_acme_plc(g.only_plc))),
     f"{C}/CreatePlcFromProfile": Entry(CREATE, lambda g: config_pb.CreatePlcFromProfileRequest(
         profile_id="eastron-sdm120", plc=_acme_plc(g.only_plc + "-p", tags=False))),
+    # Ids are unique per tenant: acme creates its own profile under globex's only id (OK, acme's).
+    f"{C}/CreateDeviceProfile": Entry(CREATE, lambda g: config_pb.CreateDeviceProfileRequest(
+        profile=_acme_profile(g.only_profile))),
     f"{C}/CreateTenant": Entry(CREATE, lambda g: config_pb.CreateTenantRequest(
         tenant=tenant_pb2.Tenant(code=g.tenant, name="Acme's copy", active=True)), absent=("PERMISSION_DENIED",)),
     # --- ingest -----------------------------------------------------------------------------------------
@@ -310,6 +316,12 @@ def _acme_plc(plc_id: str, *, tags: bool = True) -> plc_pb2.Plc:
         del plc.tags[:]
         del plc.poll_groups[:]
     return plc
+
+
+def _acme_profile(profile_id: str) -> device_profile_pb2.DeviceProfile:
+    plc = _acme_plc(profile_id)
+    return device_profile_pb2.DeviceProfile(id=profile_id, display_name="Acme profile", tags=plc.tags,
+                                            poll_groups=plc.poll_groups, protocol=device_profile_pb2.PROTOCOL_S7)
 
 
 def fabrica_methods() -> list[tuple[str, Any]]:
