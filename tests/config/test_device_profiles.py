@@ -184,3 +184,18 @@ async def test_an_installation_wide_call_across_tenants_is_refused(stub: pb_grpc
                "DeleteDeviceProfile": pb.DeleteDeviceProfileRequest(id="acme-meter")}[rpc]
     err = await raises(getattr(stub, rpc)(request, metadata=md(tenancy.ALL)), Code.INVALID_ARGUMENT)
     assert tenancy.HEADER in field_violations(err)
+
+
+async def test_a_profile_as_large_as_a_plc_may_be_is_stored_and_one_tag_more_is_refused(
+        stub: pb_grpc.ConfigServiceStub) -> None:
+    big = own_profile("big")
+    del big.tags[:]
+    for i in range(5000):  # a PLC's max_items: checked in a thread, as a PLC that large is
+        big.tags.add(name=f"r{i}", data_type=plc_pb2.DATA_TYPE_UINT16,
+                     modbus=plc_pb2.ModbusAddress(table=plc_pb2.MODBUS_TABLE_HOLDING_REGISTER, address=i))
+    assert len((await stub.CreateDeviceProfile(pb.CreateDeviceProfileRequest(profile=big))).profile.tags) == 5000
+    big.id = "bigger"
+    big.tags.add(name="one-more", data_type=plc_pb2.DATA_TYPE_UINT16,
+                 modbus=plc_pb2.ModbusAddress(table=plc_pb2.MODBUS_TABLE_HOLDING_REGISTER, address=5000))
+    err = await raises(stub.CreateDeviceProfile(pb.CreateDeviceProfileRequest(profile=big)), Code.INVALID_ARGUMENT)
+    assert "profile.tags" in field_violations(err)

@@ -267,7 +267,10 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         if request.profile.id in BUILT_IN:  # reserved in every tenant: a built-in one has it
             raise AlreadyExists(f"{request.profile.id!r} is the id of a built-in device profile; choose another",
                                 reason="BUILT_IN_PROFILE", metadata={"profile_id": request.profile.id})
-        profile = domain.new_profile(request.profile)
+        if request.profile.ByteSize() < OFF_LOOP_BYTES:  # a large profile is checked in a thread, as a PLC is
+            profile = domain.new_profile(request.profile)
+        else:
+            profile = await asyncio.to_thread(domain.new_profile, request.profile)
         return pb.CreateDeviceProfileResponse(profile=await self.store.create_profile(profile, request.request_id))
 
     async def DeleteDeviceProfile(self, request: pb.DeleteDeviceProfileRequest,
