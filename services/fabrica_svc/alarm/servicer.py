@@ -14,11 +14,8 @@ WatchAlarms is woken only by its tenant's changes (runtime/notify.py TenantListe
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
@@ -347,33 +344,6 @@ def _revision(etag: str) -> int | None:
 target_message = notify_convert.notification_target_to_proto
 
 
-def require_one_tenant() -> str:
-    """The request's tenant; INVALID_ARGUMENT for an installation-wide call (``*``) that names none."""
-    tenant = tenancy.current()
-    if tenant is None or tenant == tenancy.ALL:
-        raise InvalidArgument(FieldViolation(
-            tenancy.HEADER, "alarm rules, alarms, events and targets are a tenant's: an installation-wide caller "
-                            "names the tenant with the x-fabrica-tenant header"))
-    return tenant
-
-
-def _in_one_tenant(method: Callable[..., Any]) -> Callable[..., Any]:
-    if inspect.isasyncgenfunction(method):
-        @functools.wraps(method)
-        async def stream(self: AlarmServicer, request: Any, context: Any) -> AsyncIterator[Any]:
-            require_one_tenant()
-            async with contextlib.aclosing(method(self, request, context)) as out:
-                async for response in out:
-                    yield response
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self: AlarmServicer, request: Any, context: Any) -> Any:
-        require_one_tenant()
-        return await method(self, request, context)
-    return unary
-
-
-for _rpc in pb.DESCRIPTOR.services_by_name["AlarmService"].methods_by_name:  # every RPC served here
-    if _rpc in AlarmServicer.__dict__:  # (one not served stays the generated UNIMPLEMENTED)
-        setattr(AlarmServicer, _rpc, _in_one_tenant(AlarmServicer.__dict__[_rpc]))
+# Every RPC served here works in one tenant (a not-served one stays the generated UNIMPLEMENTED).
+tenancy.every_rpc_in_one_tenant(AlarmServicer, pb.DESCRIPTOR.services_by_name["AlarmService"],
+                                "alarm rules, alarms, events and targets")

@@ -118,9 +118,7 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
         code = tenancy.current()
         if code is None or code == tenancy.ALL:
             if one_tenant:
-                raise InvalidArgument(FieldViolation(
-                    tenancy.HEADER, "PLCs and collectors belong to one tenant: name it with the "
-                    f"{tenancy.HEADER} header (an installation-wide caller acts across tenants without it)"))
+                tenancy.require_one("PLCs, collectors and device profiles")
             return
         active = await self.store.tenant_state(code)
         if active is None:

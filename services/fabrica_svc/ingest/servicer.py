@@ -120,16 +120,6 @@ def _received(item: ReceivedRequest | pb.StreamReadingsRequest) -> tuple[pb.Stre
     return item, None
 
 
-def _one_tenant(what: str) -> str:
-    """The single tenant of the running RPC. An installation-wide caller naming no tenant (``*``) is
-    INVALID_ARGUMENT: `what` (a collector's stream, its tags, its sequence) is one tenant's."""
-    tenant = tenancy.current()
-    if tenant is None or tenant == tenancy.ALL:
-        raise InvalidArgument(FieldViolation(
-            tenancy.HEADER, f"{what} belongs to one tenant: name it with the {tenancy.HEADER} header, not *"))
-    return tenant
-
-
 def _checked(request: pb.StreamReadingsRequest, index: int) -> WriteBatch | None:
     """Message `index` of a StreamReadings stream, validated as the interceptor would (the method opts out
     of its check): a batch is checked while it is converted (its rows are returned), anything else by
@@ -176,7 +166,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         collector_id = opening.collector_id
         principal.require_collector(collector_id)  # before anything reads or creates its sequence row
         # The stream is its collector's tenant's: its sequence row, its batches (stamped below), its quota.
-        tenant = _one_tenant("a collector's stream")
+        tenant = tenancy.require_one("a collector's stream and its batches")
         if opening.new_epoch and opening.epoch:
             raise InvalidArgument(FieldViolation("open.epoch", "must be 0 with new_epoch: ingest gives the epoch"))
         state = await self.store.open_stream(collector_id, opening.epoch, opening.new_epoch)
@@ -281,7 +271,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def ResetCollectorSequence(
         self, request: pb.ResetCollectorSequenceRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetCollectorSequenceResponse:
-        _one_tenant("a collector's sequence")
+        tenancy.require_one("a collector's sequence and epoch")
         epoch = request.epoch if request.HasField("epoch") else None
         result = await self.store.reset_sequence(request.collector_id, request.committed_sequence, epoch)
         if result is None:
@@ -491,7 +481,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def SyncTags(self, request: pb.SyncTagsRequest, context: grpc.aio.ServicerContext) -> pb.SyncTagsResponse:
         """The collector's current tags replace what ingest knew of its tags (see store.sync_tags)."""
         principal.require_collector(request.collector_id)
-        _one_tenant("a collector's tags")
+        tenancy.require_one("a collector's tags")
         changed, removed = await self.store.sync_tags(request.collector_id, tag_infos_from_proto(request))
         return pb.SyncTagsResponse(changed=changed, removed=removed)
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -72,43 +70,6 @@ def _require_id(kind: Kind, resource: message.Message, present: bool) -> str:
 #: from a service): they read every tenant's rows. Every other method works in one tenant.
 ACROSS_TENANTS = frozenset({"ListAuditEntries"})
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _require_one_tenant() -> None:
-    """INVALID_ARGUMENT unless the RPC works for one tenant: production's ids are unique per tenant only, its
-    order revisions are per tenant, and what it writes belongs to one tenant."""
-    tenant = tenancy.current()
-    if tenant is None or tenant == tenancy.ALL:
-        raise InvalidArgument(FieldViolation(tenancy.HEADER, "production works in one tenant at a time: an "
-                                             "installation-wide caller names it with this header"))
-
-
-def _in_one_tenant(method: F) -> F:
-    if inspect.isasyncgenfunction(method):
-        @functools.wraps(method)
-        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
-            _require_one_tenant()
-            async for response in method(self, request, context):
-                yield response
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    async def unary(self: Any, request: Any, context: Any) -> Any:  # noqa: ANN401
-        _require_one_tenant()
-        return await method(self, request, context)
-    return unary  # type: ignore[return-value]
-
-
-def _tenant_methods(cls: type) -> type:
-    """Every RPC of ProductionService on `cls`, except ACROSS_TENANTS, refuses a caller across tenants."""
-    for name in pb.DESCRIPTOR.services_by_name["ProductionService"].methods_by_name:
-        if name not in ACROSS_TENANTS:
-            setattr(cls, name, _in_one_tenant(cls.__dict__[name]))
-    return cls
-
-
-@_tenant_methods
 class ProductionServicer(pb_grpc.ProductionServiceServicer):
     def __init__(self, service: ProductionService, listener: TenantListener):
         self.service = service
@@ -471,3 +432,9 @@ class ProductionServicer(pb_grpc.ProductionServiceServicer):
             return Page([], new_cursor)
         response = pb.WatchOrdersResponse(revision=new_cursor, orders=[convert.order_message(o) for o in changes])
         return Page([response], new_cursor, more=full)
+
+
+# Every RPC but ACROSS_TENANTS refuses a call across tenants: production's ids are unique per tenant only, its
+# order revisions are per tenant, and what it writes belongs to one tenant.
+tenancy.every_rpc_in_one_tenant(ProductionServicer, pb.DESCRIPTOR.services_by_name["ProductionService"],
+                                "production's master data, orders and records", except_=ACROSS_TENANTS)

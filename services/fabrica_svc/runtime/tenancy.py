@@ -45,9 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 from typing import Any
+
+from .errors import FieldViolation, InvalidArgument
 
 #: The tenant of everything that names none (tokens without a tenant claim, data from before tenants).
 DEFAULT = "default"
@@ -82,6 +86,44 @@ def require() -> str:
     if tenant is None or tenant == ALL:
         raise RuntimeError(f"this needs the tenant of a request, not {tenant!r}")
     return tenant
+
+
+def require_one(what: str) -> str:
+    """The single tenant of the running RPC; INVALID_ARGUMENT (a field violation on the header) for a call
+    across tenants (``*``, or no tenant): `what` (e.g. "production's orders") belongs to one tenant."""
+    tenant = _current.get()
+    if tenant is None or tenant == ALL:
+        raise InvalidArgument(FieldViolation(
+            HEADER, f"{what} belong to one tenant: an installation-wide caller names it with the {HEADER} header, "
+                    "not *"))
+    return tenant
+
+
+def in_one_tenant(method: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """A servicer method (unary or server-streaming) that first requires one tenant (`require_one`)."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: ANN401
+            require_one(what)
+            async with contextlib.aclosing(method(self, request, context)) as out:
+                async for response in out:
+                    yield response
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:  # noqa: ANN401
+        require_one(what)
+        return await method(self, request, context)
+    return unary
+
+
+def every_rpc_in_one_tenant(cls: type, service: Any, what: str, *, except_: Collection[str] = ()) -> type:
+    """Wrap every RPC of `service` (a ServiceDescriptor) that `cls` serves, but `except_`, with
+    `in_one_tenant`; returns `cls` (usable as a class decorator)."""
+    for name in service.methods_by_name:
+        if name in cls.__dict__ and name not in except_:
+            setattr(cls, name, in_one_tenant(cls.__dict__[name], what))
+    return cls
 
 
 def set_current(tenant: str | None) -> contextvars.Token[str | None]:
@@ -179,6 +221,7 @@ def role_sql(schema: str) -> str:
 
 __all__ = [
     "ALL", "CODE_PATTERN", "DB_ROLE", "DEFAULT", "HEADER", "POLICY_PREDICATE", "SETTING", "current",
-    "is_code", "isolate_sql", "requested", "require", "reset", "role_sql", "scope", "session_tenant_function_sql",
+    "every_rpc_in_one_tenant", "in_one_tenant", "is_code", "isolate_sql", "requested", "require", "require_one",
+    "reset", "role_sql", "scope", "session_tenant_function_sql",
     "session_value", "set_current", "system",
 ]
