@@ -232,6 +232,13 @@ def _stored_tenant(t: tenant_pb2.Tenant) -> bytes:
     return copy.SerializeToString(deterministic=True)
 
 
+def _check_etag(what: str, key: str, ident: str, given: str, current: str) -> None:
+    """ABORTED (ETAG_MISMATCH) when an etag was given and is not the resource's `current` one."""
+    if given and given != current:
+        raise Aborted(f"{what} {ident!r} changed since it was read (etag {given}, now {current}); read it again "
+                      "and retry", reason="ETAG_MISMATCH", metadata={key: ident, "etag": current})
+
+
 class ConfigStore:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
@@ -271,10 +278,7 @@ class ConfigStore:
             if row is None:
                 raise NotFound(f"no tenant with code {code!r}", metadata={"tenant": code})
             current = _tenant(row)
-            if etag and etag != current.etag:
-                raise Aborted(f"tenant {code!r} changed since it was read (etag {etag}, now {current.etag}); "
-                              "read it again and retry", reason="ETAG_MISMATCH",
-                              metadata={"tenant": code, "etag": current.etag})
+            _check_etag("tenant", "tenant", code, etag, current.etag)
             new = merge(current)
             row = await conn.fetchrow(
                 "UPDATE tenants SET definition = $2, active = $3, version = version + 1, update_time = now()"
@@ -448,10 +452,7 @@ class ConfigStore:
             if row is None:
                 raise NotFound(f"no PLC with id {plc_id!r}", metadata={"plc_id": plc_id})
             current = _plc(row)
-            if etag and etag != current.etag:
-                raise Aborted(f"PLC {plc_id!r} changed since it was read (etag {etag}, now {current.etag}); "
-                              "read it again and retry", reason="ETAG_MISMATCH",
-                              metadata={"plc_id": plc_id, "etag": current.etag})
+            _check_etag("PLC", "plc_id", plc_id, etag, current.etag)
             new = await merge(current)
             await self._check_quota(conn, new, current)
             await self._assign_tag_ids(conn, new)
@@ -471,9 +472,7 @@ class ConfigStore:
             row = await conn.fetchrow("SELECT collector_id, revision FROM plcs WHERE id = $1 FOR UPDATE", plc_id)
             if row is None:
                 raise NotFound(f"no PLC with id {plc_id!r}", metadata={"plc_id": plc_id})
-            if etag and etag != etag_of(row["revision"]):
-                raise Aborted(f"PLC {plc_id!r} changed since it was read; read it again and retry",
-                              reason="ETAG_MISMATCH", metadata={"plc_id": plc_id, "etag": etag_of(row["revision"])})
+            _check_etag("PLC", "plc_id", plc_id, etag, etag_of(row["revision"]))
             await conn.execute("DELETE FROM plcs WHERE id = $1", plc_id)
             await self._log_change(conn, revision, plc_id, row["collector_id"], None, None)
             await audit.record(conn, f"plcs/{plc_id}", f"deleted (collector {row['collector_id']!r}), revision {revision}")
