@@ -413,8 +413,8 @@ async def test_tenant_directory_without_config_keeps_what_it_was_given() -> None
     # A tenant not known: no quota, everything kept.
     assert directory.retention("other") == tenant_pb2.RetentionPolicy()
     assert directory.quota("other") == tenant_pb2.TenantQuota()
-    assert await directory.refresh() is False  # no config address: nothing polled, nothing replaced
-    assert directory.codes() == ["acme"] and directory.retention("acme").raw_days == 3
+    assert await directory.poll_once() is False  # no config address: nothing polled, nothing replaced
+    assert directory.known() == ["acme"] and directory.retention("acme").raw_days == 3
 
 
 async def test_tenant_directory_keeps_the_last_known_tenants_while_config_is_away() -> None:
@@ -428,8 +428,8 @@ async def test_tenant_directory_keeps_the_last_known_tenants_while_config_is_awa
     known = tenant_pb2.Tenant(code="acme", retention=tenant_pb2.RetentionPolicy(raw_days=3))
     directory = TenantDirectory(settings_for("ingest", config_addr=f"127.0.0.1:{port}"), tenants=[known])
     try:
-        assert await directory.refresh() is False  # UNAVAILABLE
-        assert directory.codes() == ["acme"] and directory.retention("acme").raw_days == 3
+        assert await directory.poll_once() is False  # UNAVAILABLE
+        assert directory.known() == ["acme"] and directory.retention("acme").raw_days == 3
     finally:
         await directory.stop()
 

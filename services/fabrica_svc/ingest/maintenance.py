@@ -91,7 +91,7 @@ async def _maintain(store: IngestStore, now: datetime, *, ahead: int, retention_
     if feed_retention_hours is not None:
         report.feed_purged_through = await store.purge_feed_before(
             now - timedelta(hours=feed_retention_hours), await rollup.cursor() if rollup is not None else None)
-    for code in tenants.codes() if tenants is not None else ():
+    for code in tenants.known() if tenants is not None else ():
         policy = tenants.retention(code)
         if policy is not None and (policy.raw_days or policy.minute_days or policy.hour_days):
             report.tenants.append(await purge_tenant(store.pool, rollup, code, now, policy.raw_days,

@@ -99,8 +99,6 @@ class TenantDirectory:
         """The codes of the tenants known, sorted."""
         return sorted(self._tenants)
 
-    codes = known  # maintenance's per-tenant retention walks these
-
     def set(self, tenant: str, *, quota: tenant_pb2.TenantQuota | None = None,
             retention: tenant_pb2.RetentionPolicy | None = None) -> None:
         """Set what is known of `tenant` (as if a poll had read it; the next poll replaces it)."""
@@ -169,10 +167,6 @@ class TenantDirectory:
         self.polls += 1
         self._polled.set()
         return True
-
-    async def refresh(self) -> bool:
-        """One poll now (what the loop does): True when config's list was read and kept."""
-        return await self.poll_once()
 
     async def _loop(self) -> None:
         while True:
