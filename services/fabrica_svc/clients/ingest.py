@@ -381,7 +381,10 @@ class IngestUplink:
                 # A clean end without everything acknowledged: the status says why if there was one.
                 code = await call.code()
                 if code != grpc.StatusCode.OK:
-                    raise _Retry(f"stream ended with {code.name}")
+                    # The same error as a failed read raises, so that run() treats the status alike either way
+                    # (a RESOURCE_EXHAUSTED's retry_after_ms, a permanent code's rejection).
+                    raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
+                                               await call.details())
                 raise _Retry("stream ended before every batch was acknowledged")
         finally:
             if sender is not None and not sender.done():
