@@ -4,6 +4,9 @@ A ThreadingHTTPServer in a thread of its own (so it answers whatever the event l
 It records every request it gets (path, headers, body) and answers by path: a script of status codes to
 answer first (then 200), or "hang" (hold the request open until released: a dead target that accepts the
 connection and never answers).
+
+Like a real HTTP server, it records only whole requests: one whose body stops short of its Content-Length (the
+sender died mid-request, as the kill tests make it) was never received, is not recorded and gets no answer.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ class Receiver:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                if len(body) < length:  # the connection closed mid-body: no request, nothing to answer
+                    self.close_connection = True
+                    return
                 path = self.path
                 with receiver._lock:
                     receiver.requests.append(Received(path, {k: v for k, v in self.headers.items()}, body))
@@ -50,10 +57,13 @@ class Receiver:
                     with receiver._lock:
                         receiver.held[path] -= 1
                 payload = b"ok" if status < 300 else b"receiver says no"
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the sender died waiting for the answer
+                    self.close_connection = True
 
             def log_message(self, *args: object) -> None:
                 pass
