@@ -19,7 +19,7 @@ from fabrica_svc.clients.errors import error_details
 from fabrica_svc.clients.ingest import IngestUplink, ListBatchSource
 from fabrica_svc.ingest.config import IngestConfig, load_ingest_config
 from fabrica_svc.ingest.quota import TenantQuotas, TokenBucket
-from fabrica_svc.ingest.tenants import TenantDirectory, directory_of
+from fabrica_svc.runtime.tenants import TenantDirectory, directory_of
 from fabrica_svc.runtime.channels import peer_channel
 from fabrica_svc.runtime.errors import ResourceExhausted
 from fabrica_svc.runtime.retry import RetryPolicy
@@ -152,6 +152,7 @@ async def test_a_config_that_does_not_serve_tenants_yet_means_no_tenant_known() 
     unset = TenantDirectory(config_addr="")
     await unset.start()  # nothing to poll: a no-op
     assert not unset.enabled and await unset.poll_once() is False and unset.quota(ACME).readings_per_second == 0
+    assert unset.active(ACME)  # a tenant nobody said is suspended is served
     await unset.stop()
 
 
@@ -172,7 +173,7 @@ QUOTA = 1_000
 async def quota_ingest(ingest_factory, address: str, **config: object):  # noqa: ANN001, ANN201
     ingest = await ingest_factory(IngestConfig(group_max_delay=0.002, tenants_poll_interval=0.1, **config),
                                   config_addr=address)
-    await wait_for(lambda: ingest.app.tenants.quota(ACME).readings_per_second == QUOTA, what="acme's quota read")
+    await wait_for(lambda: ingest.app.tenant_directory.quota(ACME).readings_per_second == QUOTA, what="acme's quota read")
     return ingest
 
 

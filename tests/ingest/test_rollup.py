@@ -24,7 +24,7 @@ from fabrica_svc.ingest.domain import KIND_DOUBLE, KIND_NONE, micros_to_datetime
 from fabrica_svc.ingest.maintenance import maintain
 from fabrica_svc.ingest.rollup import RollupJob, RollupReader, effective_days, purge_tenant, touched_minutes
 from fabrica_svc.ingest.store import EVENTS_LOCK_KEY
-from fabrica_svc.ingest.tenants import TenantDirectory
+from fabrica_svc.runtime.tenants import TenantDirectory
 from fabrica_svc.runtime import tenancy
 
 from .support import TEST_CONFIG, T0_US, batch, reading, stream_batches, ts_us

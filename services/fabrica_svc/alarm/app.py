@@ -5,7 +5,8 @@ passes them in constructors, ``register()`` adds the servicer, ``stop()`` stops 
   ingest's committed readings. Unset: rules, alarms and operator actions work, nothing is evaluated or
   forwarded (said once at start).
 * ``settings.config_addr`` (FABRICA_CONFIG_ADDR): rules' PLCs and tags are checked there (in the request's
-  tenant). Unset: not checked.
+  tenant). Unset: not checked. The tenant directory (runtime/tenants.py) polls config's tenants there too: the
+  callers of a suspended tenant are refused (TENANT_INACTIVE).
 * FABRICA_ALARM_* (config.py): the evaluator's tick and live window.
 """
 
@@ -22,6 +23,7 @@ from ..runtime.channels import peer_channel
 from ..runtime.notify import TenantListener
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
+from ..runtime.tenants import TenantDirectory
 from .config import AlarmConfig, load_alarm_config
 from .evaluation import Evaluation, EvaluationOptions, ReadingSource
 from .notify.forwarding import ForwardingSupervisor
@@ -63,6 +65,8 @@ class AlarmApp:
         self.servicer: AlarmServicer
         self.evaluation: Evaluation | None = None
         self.dispatcher: WebhookDispatcher
+        #: Which tenants are suspended, as config last said (the host refuses their callers by it).
+        self.tenant_directory: TenantDirectory
         #: Readings forwarding (notify/forwarding.py): only with an ingest to read from.
         self.forwarding: ForwardingSupervisor | None = None
         self._parts: list[Any] = []
@@ -101,8 +105,10 @@ class AlarmApp:
         self.dispatcher = WebhookDispatcher(resources.pool, resources.dsn)
         if settings.ingest_addr:
             self.forwarding = ForwardingSupervisor(resources.pool, resources.dsn, settings.ingest_addr, settings=settings)
+        self.tenant_directory = TenantDirectory(settings)
         self._parts = [*([self.evaluation] if self.evaluation else []), *([self.forwarding] if self.forwarding else []),
-                       self.dispatcher, self.listener, *channels]
+                       self.dispatcher, self.listener, self.tenant_directory, *channels]
+        await self.tenant_directory.start()  # polls in the background: start-up never waits for config
         await self.listener.start()
         await self.dispatcher.start()
         if self.forwarding:

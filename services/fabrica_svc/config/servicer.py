@@ -7,8 +7,8 @@ or watched. PLCs, collectors and WatchPlcs need one tenant: an installation-wide
 (``*``, e.g. a service certificate without the header) is INVALID_ARGUMENT naming the header. A tenant that
 does not exist is NOT_FOUND (reason TENANT_NOT_FOUND). The callers of an inactive tenant are refused on
 every config RPC (PERMISSION_DENIED, reason TENANT_INACTIVE); installation-wide callers acting in it are not
-(they suspended it and may still look and clean up). Other services do not check this (they may ignore a
-suspension; config, which pushes PLCs to collectors, is where it bites).
+(they suspended it and may still look and clean up). Ingest, production and alarm refuse them too, from
+config's ListTenants polled by their tenant directory (runtime/tenants.py, within its poll interval).
 
 The tenant RPCs: CreateTenant and UpdateTenant are for installation-wide admins only (PERMISSION_DENIED,
 reason INSTALLATION_ADMIN_REQUIRED, for anybody else, a tenant's own admin included). GetTenant and

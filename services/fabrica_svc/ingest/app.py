@@ -1,6 +1,6 @@
 """Wires the ingest service: its settings (IngestConfig) and the host's database give the store, the
 writer, the hubs (the runtime's Listener on the tag events channel and on the feed's), the maintenance rounds
-and the tenant directory (tenants.py: each tenant's quota and retention, polled from config at
+and the tenant directory (runtime/tenants.py: each tenant's quota, retention and state, polled from config at
 ``settings.config_addr``; none set: every tenant unlimited, kept for ever) with the quotas it feeds
 (quota.py), which are passed to the servicer.
 
@@ -28,7 +28,7 @@ from .quota import TenantQuotas
 from .rollup import RollupJob, RollupReader
 from .servicer import IngestServicer, add_to_server
 from .store import EVENTS_CHANNEL, FEED_CHANNEL, MIGRATIONS, SCHEMA, IngestStore
-from .tenants import TenantDirectory
+from ..runtime.tenants import TenantDirectory
 from .writer import BatchWriter
 
 SERVICE_NAME = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -49,8 +49,9 @@ class IngestApp:
         self.hub: Listener
         self.feed_hub: Listener
         self.maintenance: Maintenance
-        #: The tenants' quotas and retention as config last said (tenants.py).
-        self.tenants: TenantDirectory
+        #: Each tenant's state, quota and retention as config last said (runtime/tenants.py); the host refuses
+        #: the callers of a suspended tenant by it (runtime/server.py).
+        self.tenant_directory: TenantDirectory
         self.quotas: TenantQuotas
         self.servicer: IngestServicer
         #: The rollup job (None with the feed or the rollup off).
@@ -80,7 +81,7 @@ class IngestApp:
         self.feed_hub = Listener(resources.dsn, FEED_CHANNEL, poll_interval=config.event_poll_interval,
                                  check_interval=config.event_poll_interval,
                                  application_name="fabrica-ingest-feed-listen")
-        self.tenants = TenantDirectory(self.settings, interval=config.tenants_poll_interval)
+        self.tenant_directory = TenantDirectory(self.settings, interval=config.tenants_poll_interval)
         if config.feed and config.rollup:  # the rollup follows the feed (rollup.py)
             self.rollup = RollupJob(resources.pool, interval=config.rollup_interval)
             self.store.rollups = RollupReader(resources.pool)
@@ -88,13 +89,13 @@ class IngestApp:
             self.store, interval=config.maintenance_interval, ahead=config.partitions_ahead,
             retention_days=config.retention_days,
             feed_retention_hours=config.feed_retention_hours if config.feed else None,
-            rollup=self.rollup, tenants=self.tenants,
+            rollup=self.rollup, tenants=self.tenant_directory,
         )
-        self.quotas = TenantQuotas(self.tenants, max_delay=config.quota_max_delay)
+        self.quotas = TenantQuotas(self.tenant_directory, max_delay=config.quota_max_delay)
         self.servicer = IngestServicer(config, self.store, self.writer, self.hub, self.feed_hub, quotas=self.quotas)
-        self._parts = [self.maintenance, *([self.rollup] if self.rollup else []), self.tenants, self.feed_hub,
+        self._parts = [self.maintenance, *([self.rollup] if self.rollup else []), self.tenant_directory, self.feed_hub,
                        self.hub, self.writer]
-        await self.tenants.start()  # polls in the background: start-up never waits for config
+        await self.tenant_directory.start()  # polls in the background: start-up never waits for config
         if self.rollup is not None:
             await self.rollup.start()
         await self.maintenance.start()

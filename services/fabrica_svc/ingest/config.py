@@ -34,7 +34,7 @@ nothing to it (store.py, "The committed-readings feed").
 Tenants' quotas (quota.py): a stream over its tenant's readings/s quota waits for its turn, up to the quota
 delay, before its next batch is read (backpressure); a batch that would wait longer is refused with
 RESOURCE_EXHAUSTED and sent again by the collector. The quotas come from config's ListTenants, polled by
-tenants.py; without FABRICA_CONFIG_ADDR every tenant is unlimited.
+runtime/tenants.py; without FABRICA_CONFIG_ADDR every tenant is unlimited.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Partition maintenance: daily partitions ahead of time, late rows out of the default partition, retention.
 
 Retention is installation-wide (FABRICA_INGEST_RETENTION_DAYS: whole daily partitions dropped) and, with a
-tenant directory (tenants.py), per tenant (RetentionPolicy: raw readings deleted by tenant and time, rollup
+tenant directory (runtime/tenants.py), per tenant (RetentionPolicy: raw readings deleted by tenant and time, rollup
 rows by tenant and bucket; rollup.py ``purge_tenant``). With the rollup job, raw readings go only after the
 job has caught up (rollup.py, "Retention"), and the feed is never purged past the job's cursor.
 
@@ -24,7 +24,7 @@ from ..runtime.tasks import cancel_and_wait
 from .domain import day_bounds, days_ahead, expired_partitions, partition_name, retention_cutoff
 from .rollup import RollupJob, TenantPurge, purge_tenant
 from .store import IngestStore
-from .tenants import TenantDirectory
+from ..runtime.tenants import TenantDirectory
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..runtime.errors import QuotaViolation, ResourceExhausted
-from .tenants import TenantDirectory
+from ..runtime.tenants import TenantDirectory
 
 
 @dataclass

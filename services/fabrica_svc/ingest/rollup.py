@@ -57,7 +57,7 @@ and merges the partial aggregates of both into the asked buckets. When the batch
 many (the job is stopped or far behind: over ``MAX_PENDING_BYTES`` of payload) or the feed was purged past
 the cursor, the query reads raw readings only (always exact, just slower).
 
-Retention (per tenant, RetentionPolicy from config through ingest/tenants.py ``TenantDirectory``)
+Retention (per tenant, RetentionPolicy from config through runtime/tenants.py ``TenantDirectory``)
 --------------------------------------------------------------------------------------------------
 Raw readings of a tenant older than its raw_days are deleted by tenant and time (raw partitions are
 shared by tenants), rollup rows older than minute_days / hour_days likewise. Horizons are day boundaries

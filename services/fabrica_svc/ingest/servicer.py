@@ -73,7 +73,7 @@ from .domain import (
 )
 from .quota import TenantQuotas
 from .store import IngestStore
-from .tenants import TenantDirectory
+from ..runtime.tenants import TenantDirectory
 from .tracing import duplicate_span
 from .writer import BatchWriter, StreamSession
 

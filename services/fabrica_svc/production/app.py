@@ -9,7 +9,8 @@ Peers come from the settings object, never from the environment directly:
   no automatic bookings (master data, orders, manual bookings and OEE still work).
 * ``settings.config_addr`` (FABRICA_CONFIG_ADDR): the config service, asked when a work centre's bindings are
   created or changed whether the tags exist with the roles they are bound in (tagcheck.py). Unset: the
-  check is skipped, and a log line at start says so.
+  check is skipped, and a log line at start says so. The tenant directory (runtime/tenants.py) polls config's
+  tenants there too: the callers of a suspended tenant are refused (TENANT_INACTIVE).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..runtime.channels import peer_channel
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
 from ..runtime.server import Resources
 from ..runtime.settings import Settings
+from ..runtime.tenants import TenantDirectory
 from .consumer import TagEventConsumer
 from ..runtime.notify import TenantListener
 from .service import ProductionService, TagEventService
@@ -71,8 +73,10 @@ class ProductionApp:
         self.servicer: ProductionServicer
         #: None when settings.ingest_addr is unset.
         self.consumer: TagEventConsumer | None = None
+        #: Which tenants are suspended, as config last said (the host refuses their callers by it).
+        self.tenant_directory: TenantDirectory
         #: What stop() stops, in that order: every part start() built, started or not.
-        self._parts: list[TagEventConsumer | TenantListener | _ConfigChannel] = []
+        self._parts: list[TagEventConsumer | TenantListener | TenantDirectory | _ConfigChannel] = []
 
     async def start(self, resources: Resources) -> None:
         assert resources.pool is not None and resources.dsn is not None  # the host gives a schema its database
@@ -96,7 +100,9 @@ class ProductionApp:
         else:
             log.info("FABRICA_INGEST_ADDR is not set: the tag-event consumer is off (no automatic bookings or "
                      "downtime)")
-        self._parts = [*([self.consumer] if self.consumer else []), self.listener, *config]
+        self.tenant_directory = TenantDirectory(settings)
+        self._parts = [*([self.consumer] if self.consumer else []), self.listener, self.tenant_directory, *config]
+        await self.tenant_directory.start()  # polls in the background: start-up never waits for config
         await self.listener.start()
         if self.consumer:
             await self.consumer.start()

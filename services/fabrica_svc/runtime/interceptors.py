@@ -13,7 +13,10 @@ client certificate; UNAUTHENTICATED without either), then checks the role the me
 protos (``(fabrica.common.v1.required_role)``; PERMISSION_DENIED, reason ROLE_REQUIRED, without it). The
 principal is set for the handler (runtime/principal.py ``current()``), and so is the request id the audit
 trail records (runtime/audit.py). Without `identify` authentication is off (FABRICA_INSECURE=1) and every
-caller is the development principal.
+caller is the development principal. So is the tenant the call works in (runtime/tenancy.py); with
+`tenant_active` (a service that polls config's tenants, runtime/tenants.py), a tenant's own caller in a
+suspended tenant is PERMISSION_DENIED, reason TENANT_INACTIVE (installation-wide callers are not: they
+suspended it, and may still look and clean up).
 
 A request that is not protobuf at all (undecodable bytes) is INVALID_ARGUMENT with reason
 ``MALFORMED_MESSAGE`` too, in every RPC shape, logged in one line at most once per
@@ -270,10 +273,12 @@ Identify = Callable[[grpc.aio.ServicerContext], Awaitable[principals.Principal]]
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Authentication and roles, validation, error mapping and RPC metrics for every method."""
 
-    def __init__(self, service: str, *, validate: bool = True, identify: Identify | None = None):
+    def __init__(self, service: str, *, validate: bool = True, identify: Identify | None = None,
+                 tenant_active: Callable[[str], bool] | None = None):
         self.service = service
         self.validate = validate
         self.identify = identify
+        self.tenant_active = tenant_active
         self.validator = OffLoopValidator()
         self._malformed_log = _MalformedLog()
         meter = metrics.get_meter("fabrica.rpc")
@@ -344,7 +349,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             caller = await self.identify(context)
             auth.authorize(path, caller)
         principals.set_current(caller)
-        tenancy.set_current(principals.tenant_of_request(caller, tenancy.requested(context.invocation_metadata())))
+        tenant = principals.tenant_of_request(caller, tenancy.requested(context.invocation_metadata()))
+        tenancy.set_current(tenant)
+        if (self.tenant_active is not None and not caller.installation_wide and tenancy.is_code(tenant)
+                and not self.tenant_active(tenant)):
+            raise PermissionDenied(f"tenant {tenant!r} is suspended (inactive)", reason="TENANT_INACTIVE",
+                                   metadata={"tenant": tenant})
 
     def close(self) -> None:
         """Release the validator's worker process (ServiceHost.stop calls this)."""

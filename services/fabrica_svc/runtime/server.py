@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -89,6 +89,13 @@ class ServiceApp(Protocol):
         """Add the servicers to the server."""
 
     async def stop(self) -> None: ...
+
+
+def _tenant_state(app: ServiceApp) -> Callable[[str], bool] | None:
+    """Whether a tenant is active, by the app's ``tenant_directory`` (runtime/tenants.py; set in its start()),
+    for the interceptor's TENANT_INACTIVE check; None for an app without one (config checks its own table)."""
+    directory = getattr(app, "tenant_directory", None)
+    return directory.active if directory is not None else None
 
 
 def _busy(what: str, variable: str, choices: str) -> str:
@@ -204,7 +211,7 @@ class ServiceHost:
         # Who calls (the interceptor sets it per RPC): a bearer token, then the verified client certificate
         # (runtime/auth.py, runtime/tls.py); no identify at all when authentication is off.
         identify = self._authenticator.identify if self._authenticator is not None else None
-        self._interceptor = ServiceInterceptor(app.name, identify=identify)
+        self._interceptor = ServiceInterceptor(app.name, identify=identify, tenant_active=_tenant_state(app))
         server = grpc.aio.server(
             interceptors=[aio_server_interceptor(), self._interceptor],
             options=[

@@ -1,16 +1,20 @@
-"""What ingest knows of each tenant: its readings-per-second quota and its retention, from config.
+"""What a service knows of each tenant from config: whether it is active, its quotas and its retention.
 
 `TenantDirectory` polls config's ``ListTenants`` (every ``interval``, 10 s by default, all pages, as an
 installation-wide caller: ``peer_channel(settings.config_addr, settings, tenant="*")``) and keeps the last
-list it read completely. What it answers for a tenant it does not know (config not configured, not reached
-yet, a tenant created since the last poll, or a config that does not serve ListTenants yet: UNIMPLEMENTED)
-is the permissive default: no quota (``readings_per_second`` 0) and keep-forever retention (all days 0).
-So ingest never refuses a tenant's readings because config is away; a quota takes effect within one
-interval of being set, and a config outage keeps the quotas last read.
+list it read completely. Ingest reads the readings-per-second quota and the retention from it; ingest,
+production and alarm refuse the callers of a suspended tenant with it (runtime/server.py passes
+:meth:`TenantDirectory.active` to the interceptor: PERMISSION_DENIED, reason TENANT_INACTIVE).
+
+What it answers for a tenant it does not know (config not configured, not reached yet, a tenant created
+since the last poll, or a config that does not serve ListTenants yet: UNIMPLEMENTED) is the permissive
+default: active, no quota (``readings_per_second`` 0) and keep-forever retention (all days 0). So no
+service refuses a tenant because config is away; a suspension, a quota or a retention takes effect within
+one interval of being set, and a config outage keeps the values last read.
 
 A poll that fails (UNAVAILABLE, a deadline, anything) keeps the previous list and is retried at the next
 interval; it is logged once per change of state, not at every poll. A partial read (a later page failed) is
-dropped whole, so a tenant never loses its quota because its page was not reached.
+dropped whole, so a tenant never loses its values because its page was not reached.
 
 Tests and benchmarks may set a tenant's values directly with :meth:`TenantDirectory.set` (what a poll would
 have learned); the next successful poll replaces them with config's.
@@ -19,7 +23,6 @@ have learned); the next successful poll replaces them with config's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
@@ -56,24 +59,22 @@ def _forever() -> tenant_pb2.RetentionPolicy:
 
 
 class TenantDirectory:
-    """The tenants' quotas and retention as config last told them (see the module docstring).
+    """The tenants' state, quotas and retention as config last told them (see the module docstring).
 
     `channel_factory` makes the channel to config (default: ``peer_channel(config_addr, settings,
-    tenant="*")``); with no `config_addr` nothing is polled and every tenant is unlimited and kept for ever.
-    `on_change` is called (with the tenant codes whose values changed) after a poll that changed something.
+    tenant="*")``); with no `config_addr` nothing is polled and every tenant is active, unlimited and kept
+    for ever.
     """
 
     def __init__(self, settings: Settings | None = None, *, config_addr: str | None = None,
                  interval: float = POLL_INTERVAL, page_size: int = PAGE_SIZE,
                  channel_factory: Callable[[], grpc.aio.Channel] | None = None,
-                 on_change: Callable[[set[str]], None] | None = None,
                  tenants: Iterable[tenant_pb2.Tenant] | None = None):
         self.settings = settings
         self.config_addr = config_addr if config_addr is not None else (settings.config_addr if settings else "")
         self.interval = interval
         self.page_size = page_size
         self._channel_factory = channel_factory
-        self._on_change = on_change
         #: `tenants`: what is known before the first poll (tests).
         self._tenants: dict[str, tenant_pb2.Tenant] = {t.code: t for t in tenants or ()}
         self._channel: grpc.aio.Channel | None = None
@@ -84,6 +85,11 @@ class TenantDirectory:
         self._polled = asyncio.Event()
 
     # --- answers --------------------------------------------------------------------------------------
+
+    def active(self, tenant: str) -> bool:
+        """False only for a tenant config has said is suspended (inactive); True for one not known."""
+        known = self._tenants.get(tenant)
+        return known is None or known.active
 
     def quota(self, tenant: str) -> tenant_pb2.TenantQuota:
         """`tenant`'s quotas; all 0 (no limit) for a tenant not known."""
@@ -100,7 +106,7 @@ class TenantDirectory:
         return sorted(self._tenants)
 
     def set(self, tenant: str, *, quota: tenant_pb2.TenantQuota | None = None,
-            retention: tenant_pb2.RetentionPolicy | None = None) -> None:
+            retention: tenant_pb2.RetentionPolicy | None = None, active: bool | None = None) -> None:
         """Set what is known of `tenant` (as if a poll had read it; the next poll replaces it)."""
         if not tenancy.is_code(tenant):
             raise ValueError(f"not a tenant code: {tenant!r}")
@@ -110,6 +116,8 @@ class TenantDirectory:
             entry.quota.CopyFrom(quota)
         if retention is not None:
             entry.retention.CopyFrom(retention)
+        if active is not None:
+            entry.active = active
         self._replace({**self._tenants, tenant: entry})
 
     # --- polling --------------------------------------------------------------------------------------
@@ -123,7 +131,7 @@ class TenantDirectory:
         """Start polling (the first poll right away, in the background: start-up never waits for config)."""
         if not self.enabled or self._task is not None:
             return
-        self._task = asyncio.create_task(self._loop(), name="ingest-tenant-directory")
+        self._task = asyncio.create_task(self._loop(), name="tenant-directory")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -179,13 +187,7 @@ class TenantDirectory:
             await asyncio.sleep(self.interval)
 
     def _replace(self, tenants: Mapping[str, tenant_pb2.Tenant]) -> None:
-        before = self._tenants
         self._tenants = dict(tenants)
-        changed = {code for code in set(before) | set(tenants)
-                   if _values(before.get(code)) != _values(tenants.get(code))}
-        if changed and self._on_change is not None:
-            with contextlib.suppress(Exception):
-                self._on_change(changed)
 
     def _log_state(self, state: str, level: int) -> None:
         if state != self._state:
@@ -194,12 +196,6 @@ class TenantDirectory:
                 log.log(level, "tenants read from config", extra={"tenants": len(self._tenants)})
             else:
                 log.log(level, state)
-
-
-def _values(t: tenant_pb2.Tenant | None) -> tuple[bytes, bytes] | None:
-    if t is None:
-        return None
-    return t.quota.SerializeToString(deterministic=True), t.retention.SerializeToString(deterministic=True)
 
 
 def directory_of(tenants: Iterable[tenant_pb2.Tenant]) -> TenantDirectory:
