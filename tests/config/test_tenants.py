@@ -121,6 +121,20 @@ async def test_create_get_list_update_tenants(stub: pb_grpc.ConfigServiceStub) -
         tenant=tenant_pb2.Tenant(code="acme", name="x", retention=tenant_pb2.RetentionPolicy(hour_days=5)),
         update_mask=field_mask_pb2.FieldMask(paths=["retention.hour_days"]))), Code.INVALID_ARGUMENT)
     assert set(field_violations(bad)) == {"tenant.retention.hour_days"}
+    # Validated after the mask: what it does not name is ignored (no name needed to suspend), what it names
+    # is checked by the proto's rules; the tenant to update needs a code.
+    suspended = (await stub.UpdateTenant(pb.UpdateTenantRequest(
+        tenant=tenant_pb2.Tenant(code="beta", active=False), update_mask=field_mask_pb2.FieldMask(paths=["active"])))).tenant
+    assert not suspended.active and suspended.name
+    bad = await raises(stub.UpdateTenant(pb.UpdateTenantRequest(
+        tenant=tenant_pb2.Tenant(code="beta", contact="x" * 321), update_mask=field_mask_pb2.FieldMask(paths=["contact"]))),
+        Code.INVALID_ARGUMENT)
+    assert set(field_violations(bad)) == {"tenant.contact"}
+    for no_code in (pb.UpdateTenantRequest(), pb.UpdateTenantRequest(tenant=tenant_pb2.Tenant(code="Not A Code"))):
+        bad = await raises(stub.UpdateTenant(no_code), Code.INVALID_ARGUMENT)
+        assert set(field_violations(bad)) == {"tenant.code"}
+    await stub.UpdateTenant(pb.UpdateTenantRequest(
+        tenant=tenant_pb2.Tenant(code="beta", active=True), update_mask=field_mask_pb2.FieldMask(paths=["active"])))
     assert [t.code for t in (await stub.ListTenants(pb.ListTenantsRequest())).tenants] == ["acme", "beta", "default"]
 
     # A PLC call naming a tenant that does not exist, or none at all (across tenants).

@@ -54,7 +54,7 @@ async def outcomes(stack: TenantStack, caller: Caller) -> dict[str, str]:
 
 async def set_active(stack: TenantStack, code: str, active: bool) -> None:
     await stack.stub("config").UpdateTenant(config_pb.UpdateTenantRequest(
-        tenant=tenant_pb2.Tenant(code=code, name=f"{code} Corporation", active=active), update_mask=field_mask_pb2.FieldMask(paths=["active"])),
+        tenant=tenant_pb2.Tenant(code=code, active=active), update_mask=field_mask_pb2.FieldMask(paths=["active"])),
         metadata=stack.installer.metadata, timeout=TIMEOUT)
     for service in ("ingest", "production", "alarm"):  # what each would read at its next poll
         assert await stack.servers[service].app.tenant_directory.poll_once(), service

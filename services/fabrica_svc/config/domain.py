@@ -15,6 +15,7 @@ from fabrica.config.v1 import device_profile_pb2, plc_pb2, tenant_pb2
 
 from ..plcmodel.plc import check_plc, plc_violations, with_defaults
 from ..runtime.errors import FieldViolation, InvalidArgument
+from ..runtime.validation import violations_of
 
 __all__ = ["TENANT_FIELDS", "UPDATABLE_FIELDS", "apply_tenant_mask", "apply_update_mask", "check_plc", "new_profile",
            "new_tenant", "normalized", "profile_violations", "relevant_change", "tenant_mask", "tenant_violations"]
@@ -155,7 +156,8 @@ def new_tenant(t: tenant_pb2.Tenant) -> tenant_pb2.Tenant:
 
 
 def apply_tenant_mask(current: tenant_pb2.Tenant, patch: tenant_pb2.Tenant, paths: Iterable[str]) -> tenant_pb2.Tenant:
-    """`current` with the fields named in `paths` taken from `patch` (all updatable ones when empty or "*")."""
+    """`current` with the fields named in `paths` taken from `patch` (all updatable ones when empty or "*"),
+    checked whole (the proto's rules and the domain's): UpdateTenant's request is validated after its mask."""
     merged = tenant_pb2.Tenant()
     merged.CopyFrom(current)
     for path in tenant_mask(paths):
@@ -166,7 +168,7 @@ def apply_tenant_mask(current: tenant_pb2.Tenant, patch: tenant_pb2.Tenant, path
             getattr(merged, path).CopyFrom(getattr(patch, path))
         else:
             setattr(merged, path, getattr(patch, path))
-    if bad := tenant_violations(merged):
+    if bad := violations_of(merged, "tenant") + tenant_violations(merged):
         raise InvalidArgument(bad)
     return merged
 

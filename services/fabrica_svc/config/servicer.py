@@ -162,6 +162,9 @@ class ConfigServicer(pb_grpc.ConfigServiceServicer):
     async def UpdateTenant(self, request: pb.UpdateTenantRequest,
                            context: grpc.aio.ServicerContext) -> pb.UpdateTenantResponse:
         _require_installation_admin()
+        if not tenancy.is_code(request.tenant.code):  # the tenant itself is validated after its mask (the proto)
+            raise InvalidArgument(FieldViolation("tenant.code", "the code of the tenant to update is required: "
+                                                 "lower-case letters, digits and dashes, starting with a letter"))
         paths = list(request.update_mask.paths)
         domain.tenant_mask(paths)  # a bad mask before any read
 

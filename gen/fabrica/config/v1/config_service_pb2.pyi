@@ -207,7 +207,10 @@ class UpdateTenantRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tenant(self) -> _tenant_pb2.Tenant:
-        """The tenant with its code, the new values, and optionally the etag last read."""
+        """The tenant with its code, the new values, and optionally the etag last read.
+        Validated after update_mask is applied: the merged tenant must satisfy its rules, and fields the mask
+        does not name are ignored (`{"code": "acme", "active": false}` with the mask `active` suspends acme).
+        """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
