@@ -36,9 +36,9 @@ from fabrica.alarm.v1 import notify_pb2
 from fabrica.ingest.v1 import ingest_service_pb2_grpc as ingest_pb_grpc
 
 import grpc
+from fabrica_svc.runtime.tenancy import HEADER
 from in_process import Server, Servers, open_server, settings_for
 from ingest.support import batch, reading, stream_batches
-from fabrica_svc.runtime.tenancy import HEADER
 from procs import ServiceProcess, wait_for
 from webhook_receiver import Receiver
 
@@ -59,7 +59,8 @@ def value(i: int) -> float:
 
 
 def acme_value(i: int) -> float:
-    """acme's series: another period and phase, and offset by 0.5 (never one of default's values)."""
+    """acme's series: another period and phase, offset by 0.5: none of its values is one of default's (the test
+    checks it), so a value in an event or a body tells whose it is."""
     return THRESHOLD + 30.0 * math.sin(i / 5.5 + 2.0) + (i % 3) + 0.5
 
 
