@@ -110,9 +110,11 @@ async def stop_ingest(ingest: Ingest) -> None:
 
 
 async def stream_batches(stub: pb_grpc.IngestServiceStub, collector_id: str,
-                         batches: Sequence[reading_pb2.ReadingBatch]) -> tuple[int, list[pb.BatchAck]]:
-    """Open a stream, send `batches`, close; return (resume sequence, acks)."""
-    call = stub.StreamReadings()
+                         batches: Sequence[reading_pb2.ReadingBatch], *,
+                         metadata: Sequence[tuple[str, str]] = ()) -> tuple[int, list[pb.BatchAck]]:
+    """Open a stream (with `metadata`, e.g. the ``x-fabrica-tenant`` header of an installation-wide caller),
+    send `batches`, close; return (resume sequence, acks)."""
+    call = stub.StreamReadings(metadata=tuple(metadata) or None)
     await call.write(open_request(collector_id))
     first = await call.read()
     acks = []
