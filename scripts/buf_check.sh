@@ -41,7 +41,10 @@ trap 'rm -rf "$work"' EXIT
 
 # The current image keeps its source info, so that buf names the file and line of each finding.
 proto_image "$protos" "$work/current.binpb" --include_source_info
-"$buf" lint "$work/current.binpb" --config buf.yaml --path fabrica
+if ! "$buf" lint "$work/current.binpb" --config buf.yaml --path fabrica; then
+  echo "buf lint: $protos breaks the lint rules of buf.yaml (above)" >&2
+  exit 1
+fi
 echo "buf lint: clean ($protos)"
 
 breaking() { # breaking AGAINST_IMAGE WHAT
