@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint gen check-gen bench clean venv web-deps web
+.PHONY: run test lint gen check-gen contract-baseline bench clean venv web-deps web
 
 # The virtualenv with the pinned dependencies (requirements-dev.txt, which includes requirements.txt)
 # and fabrica installed in it.
@@ -56,7 +56,8 @@ promtool:
 gen: $(STAMP) $(NPM_STAMP)
 	scripts/gen.sh gen web/src/gen
 
-## lint: generated code is current, buf lint, buf breaking against main, pyflakes on our Python.
+## lint: generated code is current, buf lint, buf breaking against the released contract
+## (protos/baseline/fabrica.binpb; also against the git ref $BUF_AGAINST_REF when set), pyflakes on our Python.
 lint: $(STAMP) check-gen
 	scripts/buf_check.sh
 	$(PY) -m pyflakes services tests benchmarks scripts
@@ -67,6 +68,11 @@ check-gen: $(STAMP) $(NPM_STAMP)
 	@diff -r -x __pycache__ gen build/gen-check/gen >/dev/null || { echo "gen/ is stale: run 'make gen' and commit the result"; diff -r -q -x __pycache__ gen build/gen-check/gen; exit 1; }
 	@diff -r web/src/gen build/gen-check/web-gen >/dev/null || { echo "web/src/gen/ is stale: run 'make gen' and commit the result"; diff -r -q web/src/gen build/gen-check/web-gen; exit 1; }
 	@echo "gen/, web/src/gen/: current"
+
+## contract-baseline: after a release, on the released commit: write protos/baseline/fabrica.binpb, the
+## released contract `make lint` holds protos/ to with buf breaking, and commit it.
+contract-baseline: $(STAMP)
+	scripts/contract_baseline.sh
 
 ## bench: benchmarks, each printed beside a baseline measured in the same run.
 bench: $(STAMP) $(WEB_STAMP) $(CHROMIUM)
