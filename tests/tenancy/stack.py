@@ -387,20 +387,7 @@ class TenantStack:
             t.sequence = max(t.sequence, first.resume.committed_sequence)
             now = time.time()
             for b in range(batches):
-                t.sequence += 1
-                readings = []
-                for i, tag in enumerate(t.ids.tags):
-                    r = reading_pb2.Reading(tag_id=tag, plc_id=PLC, read_time=ts(now + b * 0.01 + i * 0.0001),
-                                            quality=reading_pb2.QUALITY_GOOD)
-                    if tag == t.ids.counter_tag:
-                        r.role = reading_pb2.TAG_ROLE_PRODUCTION_COUNTER
-                        r.value.int_value = int(t.numbers["count"]) + t.sequence
-                    else:
-                        r.role = reading_pb2.TAG_ROLE_MEASUREMENT
-                        r.value.double_value = value
-                    readings.append(r)
-                await call.write(ingest_pb.StreamReadingsRequest(batch=reading_pb2.ReadingBatch(
-                    collector_id=COLLECTOR, sequence=t.sequence, readings=readings)))
+                await call.write(next_batch(t, now + b * 0.01, value))
                 ack = await call.read()
                 if ack is grpc.aio.EOF or not ack.HasField("ack"):
                     return f"batch {t.sequence}: {ack}"
@@ -410,6 +397,24 @@ class TenantStack:
         except grpc.aio.AioRpcError as err:
             return f"{err.code().name} {err.details()}"
         return None
+
+
+def next_batch(t: Tenant, when: float, value: float) -> ingest_pb.StreamReadingsRequest:
+    """Tenant `t`'s collector's next batch (its sequence moved on): every tag of its press read at `when`, the
+    counter at the tenant's base plus the sequence, the other tags at `value`."""
+    t.sequence += 1
+    readings = []
+    for i, tag in enumerate(t.ids.tags):
+        r = reading_pb2.Reading(tag_id=tag, plc_id=PLC, read_time=ts(when + i * 0.0001), quality=reading_pb2.QUALITY_GOOD)
+        if tag == t.ids.counter_tag:
+            r.role = reading_pb2.TAG_ROLE_PRODUCTION_COUNTER
+            r.value.int_value = int(t.numbers["count"]) + t.sequence
+        else:
+            r.role = reading_pb2.TAG_ROLE_MEASUREMENT
+            r.value.double_value = value
+        readings.append(r)
+    return ingest_pb.StreamReadingsRequest(batch=reading_pb2.ReadingBatch(
+        collector_id=COLLECTOR, sequence=t.sequence, readings=readings))
 
 
 #: Every number of globex's in a response's text, as the text shows it.
@@ -521,4 +526,4 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
 
 
 __all__: Sequence[str] = ["ACME", "GLOBEX", "Caller", "Ids", "Tenant", "TenantStack", "collect", "leaks",
-                          "nowhere", "start_stack", "text", "ts", "wait_until"]
+                          "next_batch", "nowhere", "start_stack", "text", "ts", "wait_until"]

@@ -1,13 +1,16 @@
 """A suspended tenant (``Tenant.active`` false, set by an installation-wide admin) is locked out of every
 service, not just config: its users get PERMISSION_DENIED (reason TENANT_INACTIVE) from config, ingest,
 production and alarm, and its collector's stream is refused with nothing of it stored (the collector keeps
-its batches). Another tenant is not touched, and the installation-wide admin may still look into it. Once
-reactivated, all of it works again. Ingest, production and alarm learn the state from config's ListTenants
+its batches). Streams open at the suspension end at their next message: a collector's StreamReadings
+before its next batch is stored, a WatchOrders before its next change is sent. Another tenant is not
+touched, and the installation-wide admin may still look into it. Once reactivated, all of it works again. Ingest, production and alarm learn the state from config's ListTenants
 (runtime/tenants.py): the test makes each directory poll once rather than wait for its interval."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import time
 
 import grpc
 import pytest
@@ -15,13 +18,14 @@ from fabrica.alarm.v1 import alarm_service_pb2 as alarm_pb
 from fabrica.config.v1 import config_service_pb2 as config_pb
 from fabrica.config.v1 import tenant_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
+from fabrica.production.v1 import order_pb2
 from fabrica.production.v1 import production_service_pb2 as prod_pb
 from google.protobuf import field_mask_pb2
 
 from grpc_helpers import error_info
 from in_process import Servers
 
-from .stack import ACME, TIMEOUT, Caller, TenantStack, start_stack
+from .stack import ACME, TIMEOUT, Caller, TenantStack, next_batch, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -75,10 +79,31 @@ async def test_a_suspended_tenant_is_refused_by_every_service_and_served_again_o
     every = {name: "OK" for name in reads(stack, stack.acme.admin)}
     refused = {name: "PERMISSION_DENIED TENANT_INACTIVE" for name in every}
     assert await outcomes(stack, stack.acme.admin) == every
+
+    # Streams acme opened before the suspension: its collector's (one batch stored) and a watch of its orders.
+    collector = stack.stub("ingest").StreamReadings(metadata=stack.acme.collector.metadata, timeout=TIMEOUT)
+    await collector.write(ingest_pb.StreamReadingsRequest(open=ingest_pb.StreamOpen(collector_id="cell-1")))
+    stack.acme.sequence = (await collector.read()).resume.committed_sequence
+    await collector.write(next_batch(stack.acme, time.time(), 1.5))
+    assert (await collector.read()).ack.sequence == stack.acme.sequence
+    watch = stack.stub("production").WatchOrders(prod_pb.WatchOrdersRequest(), metadata=stack.acme.admin.metadata,
+                                                 timeout=TIMEOUT)
+    assert (await watch.read()).snapshot
     before = await acme_newest(stack)
 
     await set_active(stack, ACME, False)
     assert await outcomes(stack, stack.acme.admin) == refused
+    await collector.write(next_batch(stack.acme, time.time(), 2.5))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await collector.read()
+    assert (ended.value.code(), error_info(ended.value).reason) == (grpc.StatusCode.PERMISSION_DENIED, "TENANT_INACTIVE")
+    stack.acme.sequence -= 1  # that batch was not stored: the collector sends it again later
+    await stack.stub("production").CreateOrder(prod_pb.CreateOrderRequest(order=order_pb2.Order(
+        number="PO-while-suspended", item_id=stack.acme.ids.item, work_center_id=stack.acme.ids.work_center,
+        planned_quantity=5)), metadata=Caller(stack.installer.token, ACME).metadata, timeout=TIMEOUT)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await watch.read()  # the order change is not sent to acme's watch: the watch ends instead
+    assert (ended.value.code(), error_info(ended.value).reason) == (grpc.StatusCode.PERMISSION_DENIED, "TENANT_INACTIVE")
     problem = await stack.stream(stack.acme)
     assert problem is not None and problem.startswith("PERMISSION_DENIED"), problem
     assert await acme_newest(stack) == before  # nothing of the refused stream was stored

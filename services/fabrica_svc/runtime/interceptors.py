@@ -16,7 +16,8 @@ trail records (runtime/audit.py). Without `identify` authentication is off (FABR
 caller is the development principal. So is the tenant the call works in (runtime/tenancy.py); with
 `tenant_active` (a service that polls config's tenants, runtime/tenants.py), a tenant's own caller in a
 suspended tenant is PERMISSION_DENIED, reason TENANT_INACTIVE (installation-wide callers are not: they
-suspended it, and may still look and clean up).
+suspended it, and may still look and clean up); a stream open at the suspension ends so at its next
+message, read or sent.
 
 A request that is not protobuf at all (undecodable bytes) is INVALID_ARGUMENT with reason
 ``MALFORMED_MESSAGE`` too, in every RPC shape, logged in one line at most once per
@@ -234,9 +235,12 @@ def invalid_stream_message(index: int, found: list[FieldViolation]) -> InvalidAr
 
 
 async def _validated_stream(requests: AsyncIterator[Any], validate: bool,
-                            malformed: Callable[[_Undecodable], None]) -> AsyncIterator[Any]:
+                            malformed: Callable[[_Undecodable], None],
+                            admitted: Callable[[], None] | None = None) -> AsyncIterator[Any]:
     index = 0
     async for request in requests:
+        if admitted is not None:  # the caller's tenant suspended since the stream opened: no more of it
+            admitted()
         if isinstance(request, _Undecodable):
             malformed(request)
             raise _InvalidStreamMessage(_malformed(index))
@@ -319,7 +323,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await self._fail(context, method, exc, started)
         self._record(method, grpc.StatusCode.OK, started)
 
-    async def _checked(self, path: str, request: Any, request_streaming: bool, validate: bool) -> Any:
+    async def _checked(self, path: str, request: Any, request_streaming: bool, validate: bool,
+                       admitted: Callable[[], None] | None = None) -> Any:
         """The request, decoded and validated (unless `validate` is False: the method validates its own): a
         message now (a large one away from the event loop), or each message of a stream as it is read. `path`
         is the full method name (``/fabrica.config.v1.ConfigService/GetPlc``)."""
@@ -327,7 +332,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             self._malformed_log.note(path, bad)
 
         if request_streaming:
-            return _validated_stream(request, validate, malformed)
+            return _validated_stream(request, validate, malformed, admitted)
         if isinstance(request, _Undecodable):
             malformed(request)
             raise _malformed(None)
@@ -337,12 +342,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 raise InvalidArgument(found)
         return request
 
-    async def _admit(self, path: str, context: grpc.aio.ServicerContext) -> None:
+    async def _admit(self, path: str, context: grpc.aio.ServicerContext) -> Callable[[], None] | None:
         """Set the request id and the caller's principal for this RPC, refusing a caller who may not call
-        `path`. Each RPC runs in a task of its own, so what is set here is the handler's alone."""
+        `path`. Each RPC runs in a task of its own, so what is set here is the handler's alone.
+
+        Returns the check that the caller's tenant is still active (None when there is nothing to check):
+        a stream calls it before each message it reads or sends, so a suspension ends the streams already
+        open at their next message."""
         audit.begin_call(path.rsplit("/", 1)[-1], context.invocation_metadata())
         if auth.is_open(path):
-            return
+            return None
         if self.identify is None:
             caller = principals.INSECURE
         else:
@@ -351,10 +360,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         principals.set_current(caller)
         tenant = principals.tenant_of_request(caller, tenancy.requested(context.invocation_metadata()))
         tenancy.set_current(tenant)
-        if (self.tenant_active is not None and not caller.installation_wide and tenancy.is_code(tenant)
-                and not self.tenant_active(tenant)):
-            raise PermissionDenied(f"tenant {tenant!r} is suspended (inactive)", reason="TENANT_INACTIVE",
-                                   metadata={"tenant": tenant})
+        active = self.tenant_active
+        if active is None or caller.installation_wide or not tenancy.is_code(tenant):
+            return None
+
+        def admitted() -> None:
+            if not active(tenant):
+                raise PermissionDenied(f"tenant {tenant!r} is suspended (inactive)", reason="TENANT_INACTIVE",
+                                       metadata={"tenant": tenant})
+
+        admitted()
+        return admitted
 
     def close(self) -> None:
         """Release the validator's worker process (ServiceHost.stop calls this)."""
@@ -367,17 +383,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
                 async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                     async with self._outcome(method, context):
-                        await self._admit(path, context)
-                        checked = await self._checked(path, request, request_streaming, validate)
+                        admitted = await self._admit(path, context)
+                        checked = await self._checked(path, request, request_streaming, validate, admitted)
                         async for response in _responses(behavior, checked, context):
+                            if admitted is not None:
+                                admitted()
                             yield response
 
                 return streaming
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with self._outcome(method, context):
-                    await self._admit(path, context)
-                    return await behavior(await self._checked(path, request, request_streaming, validate), context)
+                    admitted = await self._admit(path, context)
+                    return await behavior(await self._checked(path, request, request_streaming, validate, admitted),
+                                          context)
 
             return unary
 
