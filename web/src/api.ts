@@ -18,7 +18,13 @@ export type Role = "viewer" | "operator" | "engineer" | "admin";
 const RANK: Record<Role, number> = { viewer: 1, operator: 2, engineer: 3, admin: 4 };
 const TOKEN_KEY = "fabrica.token";
 
-export type Identity = { token: string; sub: string; roles: Role[]; exp?: number };
+const TENANT_KEY = "fabrica.tenant";
+/** The tenant claim of an installation-wide identity: it names the tenant of each call (header TENANT_HEADER). */
+export const ALL_TENANTS = "*";
+export const TENANT_HEADER = "x-fabrica-tenant";
+
+/** Who the token names: `tenant` is its tenant claim (`default` without one), or `*` for the whole installation. */
+export type Identity = { token: string; sub: string; roles: Role[]; exp?: number; tenant: string };
 
 function decodeJwt(token: string): Identity | null {
   const parts = token.split(".");
@@ -28,7 +34,8 @@ function decodeJwt(token: string): Identity | null {
     const claims = JSON.parse(new TextDecoder().decode(Uint8Array.from(json, (c) => c.charCodeAt(0))));
     const roles = (Array.isArray(claims.roles) ? claims.roles : typeof claims.roles === "string" ? claims.roles.split(/[ ,]+/) : [])
       .filter((r: string): r is Role => r in RANK);
-    return { token, sub: String(claims.sub ?? ""), roles, exp: typeof claims.exp === "number" ? claims.exp : undefined };
+    const tenant = typeof claims.tenant === "string" && claims.tenant ? claims.tenant : "default";
+    return { token, sub: String(claims.sub ?? ""), roles, exp: typeof claims.exp === "number" ? claims.exp : undefined, tenant };
   } catch {
     return null;
   }
@@ -56,13 +63,31 @@ export const auth = {
     authRequired = false;
     refusedReason = null;
     sessionStorage.setItem(TOKEN_KEY, id.token);
+    sessionStorage.removeItem(TENANT_KEY); // a new identity starts in tenant default
     listeners.forEach((l) => l());
     return null;
   },
   logout() {
     identity = null;
     sessionStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem(TENANT_KEY);
     listeners.forEach((l) => l());
+  },
+  /** Whether the identity is installation-wide (tenant `*`): it picks the tenant it works in. */
+  get installationWide() { return identity?.tenant === ALL_TENANTS; },
+  /** The tenant the calls work in: the identity's own, or the one an installation-wide identity picked. */
+  get tenant(): string {
+    if (identity?.tenant === ALL_TENANTS) return sessionStorage.getItem(TENANT_KEY) || "default";
+    return identity?.tenant ?? "default";
+  },
+  /**
+   * Works in tenant `code` from now on (installation-wide identities only). The page loads again: every
+   * screen, cache and stream starts over in the new tenant, so nothing of the previous one stays on screen.
+   */
+  chooseTenant(code: string) {
+    if (identity?.tenant !== ALL_TENANTS || code === auth.tenant) return;
+    sessionStorage.setItem(TENANT_KEY, code);
+    location.reload();
   },
   /** Whether the user may do what needs `role`. Without auth on the stack (no token, never refused) anyone may. */
   can(role: Role): boolean {
@@ -86,6 +111,9 @@ export const auth = {
 
 const bearer: Interceptor = (next) => async (req) => {
   if (identity) req.header.set("authorization", `Bearer ${identity.token}`);
+  // An installation-wide identity names the tenant of every call (a call may name its own, e.g. `*`); a
+  // tenant's identity sends none: the services know its tenant from the token.
+  if (identity?.tenant === ALL_TENANTS && !req.header.has(TENANT_HEADER)) req.header.set(TENANT_HEADER, auth.tenant);
   try {
     return await next(req);
   } catch (err) {
@@ -122,6 +150,12 @@ const CODE_WORDS: Partial<Record<Code, string>> = {
   [Code.Unimplemented]: "This server does not offer this call.",
 };
 
+/** The refusals that are about the caller's tenant, not its role (ErrorInfo reason; metadata `tenant`). */
+const TENANT_REASONS: Record<string, (tenant: string) => string> = {
+  TENANT_INACTIVE: (t) => `Your company's account (tenant ${t}) is suspended; ask the installation's administrator.`,
+  TENANT_MISMATCH: (t) => `Your identity belongs to tenant ${t} and works in it only; sign in with a token of the other tenant.`,
+};
+
 /** protovalidate's rule messages, said for people. */
 function humane(s: string): string {
   return s
@@ -152,7 +186,8 @@ export function problem(err: unknown): Problem {
       fields[v.field] = fields[v.field] ? `${fields[v.field]} ${text}` : text;
     }
   }
-  for (const info of ce.findDetails(ErrorInfoSchema)) reason ??= info.reason;
+  let reasonMeta: Record<string, string> = {};
+  for (const info of ce.findDetails(ErrorInfoSchema)) if (reason === undefined) { reason = info.reason; reasonMeta = info.metadata; }
   for (const pf of ce.findDetails(PreconditionFailureSchema)) {
     for (const v of pf.violations) if (v.description) extra.push(sentence(v.description));
   }
@@ -160,6 +195,8 @@ export function problem(err: unknown): Problem {
   if (ce.code === Code.Unavailable || ce.code === Code.PermissionDenied || ce.code === Code.Unauthenticated) {
     message = `${CODE_WORDS[ce.code]} ${ce.rawMessage ? sentence(ce.rawMessage) : ""}`.trim();
   }
+  const tenantWords = ce.code === Code.PermissionDenied && reason ? TENANT_REASONS[reason] : undefined;
+  if (tenantWords) message = tenantWords(reasonMeta.tenant || auth.tenant);
   for (const e of extra) if (!message.includes(e.replace(/\.$/, ""))) message += ` ${e}`;
   if (Object.keys(fields).length && ce.code === Code.InvalidArgument) message = fieldsSummary(fields);
   return { code: ce.code, message, fields, reason };

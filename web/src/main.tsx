@@ -2,8 +2,9 @@ import { render } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import "uplot/dist/uPlot.min.css";
 import "./styles.css";
-import { auth } from "./api";
-import { useAuth } from "./ui";
+import { allPages, ALL_TENANTS, auth, config, TENANT_HEADER } from "./api";
+import { useAuth, useLoad } from "./ui";
+import type { Tenant } from "./gen/fabrica/config/v1/tenant_pb";
 import { Overview } from "./screens/Overview";
 import { Plant } from "./screens/Plant";
 import { Trend } from "./screens/Trend";
@@ -36,6 +37,32 @@ const NAV: [string, string, string][] = [
 function AlarmCount() {
   const n = useAlarms().alarms.size;
   return n ? <span class="nav-count" data-testid="nav-alarm-count" title={`${n} alarm${n === 1 ? "" : "s"} to see to`}>{n}</span> : null;
+}
+
+/**
+ * The tenant an installation-wide identity works in: every tenant of ListTenants (asked across tenants, so it
+ * answers whichever tenant is picked), by code and name; picking one loads the page again in it. A tenant's
+ * identity gets a label of its tenant (none for `default`, the only one of a single-company installation).
+ */
+function TenantPicker() {
+  const wide = auth.installationWide;
+  const tenants = useLoad<Tenant[]>(
+    () => (wide ? allPages(async (t) => {
+      const r = await config.listTenants({ pageSize: 500, pageToken: t }, { headers: { [TENANT_HEADER]: ALL_TENANTS } });
+      return { items: r.tenants, next: r.nextPageToken };
+    }) : Promise.resolve([])), [wide]);
+  const chosen = auth.tenant;
+  if (!wide) return chosen === "default" ? null : <span class="who-tenant" data-testid="tenant-label" title="Your company's tenant">{chosen}</span>;
+  const list = tenants.data ?? [];
+  return (
+    <label class="tenant-pick" title={tenants.err ? tenants.err.message : "The tenant you work in"}>
+      <span class="sr-only">Tenant</span>
+      <select data-testid="tenant-picker" name="tenant" value={chosen} onChange={(e) => auth.chooseTenant(e.currentTarget.value)}>
+        {!list.some((t) => t.code === chosen) && <option value={chosen}>{chosen}</option>}
+        {list.map((t) => <option value={t.code}>{t.code}{t.name && t.name !== t.code ? ` · ${t.name}` : ""}{t.active ? "" : " (suspended)"}</option>)}
+      </select>
+    </label>
+  );
 }
 
 function App() {
@@ -74,6 +101,7 @@ function App() {
         <div class="who">
           {a.identity ? (
             <>
+              <TenantPicker />
               <span class="who-name" title={a.identity.roles.join(", ")}>{a.identity.sub || "signed in"} · {a.identity.roles.join(", ") || "no role"}</span>
               <button class="btn ghost small" onClick={() => auth.logout()}>Sign out</button>
             </>

@@ -8,9 +8,13 @@ export function Login() {
   const [err, setErr] = useState<string | null>(null);
   const submit = (e: Event) => {
     e.preventDefault();
+    const before = auth.identity ? auth.tenant : null;
     const msg = auth.login(token);
     setErr(msg);
-    if (!msg) location.hash = "#/";
+    if (msg) return;
+    location.hash = "#/";
+    // Another tenant than the previous identity's: start over, so nothing read in that one stays cached.
+    if (before !== null && before !== auth.tenant) location.reload();
   };
   return (
     <div class="login">
