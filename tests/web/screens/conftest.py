@@ -55,11 +55,12 @@ class Stack:
     def ca(self) -> Path:
         return self.data_dir / "tls" / "ca.pem"
 
-    def token(self, role: str, user: str) -> str:
-        """A token minted by `fabrica token` from the stack's data folder (the token alone on its last line)."""
+    def token(self, role: str, user: str, tenant: str = "") -> str:
+        """A token minted by `fabrica token` from the stack's data folder (the token alone on its last line), of
+        `tenant` (`*`: installation-wide) when given, else of the tenant `default`."""
         out = subprocess.run([sys.executable, "-m", "fabrica_svc.cli", "token", "--role", role, "--user", user,
-                              "--data-dir", str(self.data_dir)], capture_output=True, text=True, check=True,
-                             timeout=60)
+                              "--data-dir", str(self.data_dir), *(["--tenant", tenant] if tenant else [])],
+                             capture_output=True, text=True, check=True, timeout=60)
         return out.stdout.strip().splitlines()[-1]
 
     def channel(self, address: str):  # noqa: ANN201 - a grpc.Channel
