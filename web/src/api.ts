@@ -1,5 +1,6 @@
 // The one way the screens talk to Fabrica: gRPC-Web clients generated from protos/ (src/gen, by `make gen`),
-// the bearer token, the decoding of error details, and resumable server streams.
+// the bearer token and the tenant it works in (x-fabrica-tenant for an installation-wide identity), the decoding
+// of error details, and resumable server streams.
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
