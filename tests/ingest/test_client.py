@@ -121,3 +121,34 @@ async def test_an_error_without_rich_details_decodes_to_its_code_and_message() -
     assert details.code == grpc.StatusCode.UNAVAILABLE and details.message == err.value.error.details()
     assert (details.reason, details.field_violations, details.metadata) == ("", (), ())
     assert str(details) == f"UNAVAILABLE: {details.message}"
+
+
+async def test_a_server_that_ends_the_stream_under_the_writes_is_heard_with_its_own_status() -> None:
+    """grpcio's asyncio client turns a call's status into INTERNAL when a write races the server's end of the
+    stream (grpc/grpc#36066): the uplink must still see the server's code and details (here a quota refusal,
+    as ingest sends it while the collector is writing batches ahead), not the INTERNAL."""
+    from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
+
+    async def refuse_after_one(requests, context):  # noqa: ANN001, ANN202 - a raw-bytes stream handler
+        await anext(requests)  # open
+        yield ingest_pb.StreamReadingsResponse(resume=ingest_pb.StreamResume(collector_id="line-1")).SerializeToString()
+        await anext(requests)  # the first batch; the client is writing the next ones meanwhile
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the quota")
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "fabrica.ingest.v1.IngestService", {"StreamReadings": grpc.stream_stream_rpc_method_handler(refuse_after_one)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    codes = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for _ in range(40):  # the race is lost in some of the attempts only
+                uplink = IngestUplink(channel, "line-1", ListBatchSource(numbered_batches("line-1", 64, 200)),
+                                      max_in_flight=64, retryable=frozenset())
+                with pytest.raises(UplinkRejected) as err:
+                    await asyncio.wait_for(uplink.run(), 30)
+                codes.append((err.value.error.code(), err.value.error.details()))
+    finally:
+        await server.stop(None)
+    assert set(codes) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the quota")}

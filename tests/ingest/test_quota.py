@@ -249,7 +249,7 @@ async def test_a_tenant_over_its_quota_is_slowed_and_loses_nothing_and_another_t
     assert [tuple(r) for r in sequences] == [("line-a1", 6), ("line-a2", 6)]
     acme = ingest.app.quotas.stats_of(ACME)
     assert acme.delayed_batches > 0 and acme.refused_batches > 0
-    assert sum(s.quota_refusals for s in a_stats) == acme.refused_batches
+    assert sum(s.quota_refusals for s in a_stats) == acme.refused_batches, [(s.errors, s.streams) for s in a_stats]
     assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED for s in a_stats for code in s.errors)
     assert a_rate <= 1.6 * QUOTA  # its bucket holds one second's worth: 3,000 readings take at least 2 s
     # B: never held by the quota, and not slowed by A (a generous bound on the ratio of the two measured rates:

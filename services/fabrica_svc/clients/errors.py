@@ -11,11 +11,14 @@ Clients log ``str(error_details(exc))`` and decide on retries with its fields, e
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,55 @@ def error_details(error: grpc.RpcError) -> ErrorDetails:
             packed.Unpack(quota)
             quotas += [(v.subject, v.description) for v in quota.violations]
     return ErrorDetails(code, message, reason, domain, metadata, tuple(fields), tuple(preconditions), tuple(quotas))
+
+
+def _at_once(awaitable: object) -> object:
+    """The result of a coroutine that finishes without waiting (a done call's status accessors)."""
+    coro = awaitable.__await__()  # type: ignore[attr-defined]
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the call's status is not there yet")
+
+
+class ServerStatus:
+    """The status a streaming call ended with first, kept against grpcio's asyncio client overwriting it.
+
+    When a server ends a stream the client is still writing to (an abort: ingest's RESOURCE_EXHAUSTED of a
+    batch over the tenant's quota, a FAILED_PRECONDITION of the sequence rule), a write that Core refuses
+    because the stream has just closed makes grpcio 1.85 set the call's status to INTERNAL ("Internal error
+    from Core", debug string ``Failed "execute_batch"``) even when the server's status was already there
+    (grpc/grpc#36066; the fix, grpc/grpc#43486, is not released). Every read and ``code()`` after that says
+    INTERNAL, so a client would lose the server's code and details (e.g. ``retry_after_ms``). A call's done
+    callbacks run each time it is given a status, the server's first: this keeps that one.
+
+    Use: ``status = ServerStatus(call)`` right after the call is made, then ``raise status.real(exc)``
+    where an AioRpcError of the call is raised."""
+
+    def __init__(self, call: grpc.aio.Call):
+        self.first: grpc.aio.AioRpcError | None = None
+        self._seen = False
+        call.add_done_callback(self._done)
+
+    def _done(self, call: grpc.aio.Call) -> None:
+        if self._seen:
+            return
+        self._seen = True
+        try:
+            code = _at_once(call.code())
+            if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL) or call.cancelled():
+                return  # nothing to restore: an OK end, Core's own error, or this side's cancellation
+            self.first = grpc.aio.AioRpcError(
+                code, _at_once(call.initial_metadata()), _at_once(call.trailing_metadata()), _at_once(call.details()),
+                _at_once(call.debug_error_string()))
+        except Exception:  # noqa: BLE001 - never break grpc's callback: without it, the status is as grpc says
+            log.debug("could not keep the status of a call", exc_info=True)
+
+    def real(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """`error`, or the server's status it overwrote (an INTERNAL from a write refused as the stream ended)."""
+        if (self.first is not None and error.code() == grpc.StatusCode.INTERNAL
+                and "execute_batch" in (error.debug_error_string() or "")):
+            return self.first
+        return error

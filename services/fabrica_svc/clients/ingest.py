@@ -53,7 +53,7 @@ from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import ingest_service_pb2 as pb
 
 from ..runtime.retry import SERVICE_RETRY, RetryPolicy
-from .errors import ErrorDetails, error_details
+from .errors import ErrorDetails, ServerStatus, error_details
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ class IngestUplink:
 
     async def _stream(self) -> None:
         call = self._open_call()
+        status = ServerStatus(call)  # the server's own status, should a write race its end (errors.py)
         self.stats.streams += 1
         in_flight: deque[tuple[int, int]] = deque()  # (sequence, readings)
         window = asyncio.Semaphore(self.max_in_flight)
@@ -386,6 +387,8 @@ class IngestUplink:
                     raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(),
                                                await call.details())
                 raise _Retry("stream ended before every batch was acknowledged")
+        except grpc.aio.AioRpcError as exc:
+            raise status.real(exc) from None
         finally:
             if sender is not None and not sender.done():
                 sender.cancel()

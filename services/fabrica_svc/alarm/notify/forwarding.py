@@ -59,7 +59,7 @@ from opentelemetry import metrics
 from fabrica.common.v1 import reading_pb2
 from fabrica.ingest.v1 import committed_pb2, ingest_service_pb2, ingest_service_pb2_grpc
 
-from ...clients.errors import error_details
+from ...clients.errors import ServerStatus, error_details
 from ...runtime import tenancy
 from ...runtime.channels import PEER_CHANNEL_OPTIONS, peer_channel
 from ...runtime.retry import SERVICE_RETRY, RetryPolicy
@@ -190,6 +190,7 @@ class Forwarder:
         cursor, sent = state.cursor, state.forwarded_batches
         async with grpc.aio.insecure_channel(self.target.ingest_address, options=PEER_CHANNEL_OPTIONS) as channel:
             stream = ingest_service_pb2_grpc.IngestServiceStub(channel).StreamReadings()
+            status = ServerStatus(stream)  # the other ingest's own status, should a write race its end
             watch = self._watch(cursor)
             try:
                 await stream.write(ingest_service_pb2.StreamReadingsRequest(
@@ -218,6 +219,8 @@ class Forwarder:
                     cursor = message.cursor
                     self._count(len(own), readings)
                     backoff.reset()  # type: ignore[attr-defined]
+            except grpc.aio.AioRpcError as exc:
+                raise status.real(exc) from None
             finally:
                 watch.cancel()
                 stream.cancel()
