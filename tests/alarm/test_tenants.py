@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
@@ -20,8 +18,6 @@ import pytest
 from fabrica.alarm.v1 import alarm_pb2, notify_pb2
 from fabrica.alarm.v1 import alarm_service_pb2 as pb
 
-from fabrica_svc.alarm.evaluation import ReadingsMessage
-from fabrica_svc.alarm.evaluator import NS, Sample
 from fabrica_svc.alarm import store
 from fabrica_svc.alarm.store import MIGRATIONS, UNSCOPED_TABLES
 from fabrica_svc.runtime import tenancy
@@ -30,37 +26,10 @@ from in_process import Server, Servers, settings_for
 from procs import wait_for
 from webhook_receiver import Receiver
 
-from .support import gt_rule, seconds
+from .support import TenantFeed, gt_rule, seconds
 
 S = alarm_pb2
 A, B = (("x-fabrica-tenant", "acme"),), (("x-fabrica-tenant", "bolt"),)
-
-
-class TenantFeed:
-    """A committed-readings source (evaluation.ReadingSource): messages of readings of any tenants, resumable
-    from a cursor, as ingest's installation-wide feed gives them."""
-
-    def __init__(self) -> None:
-        self.messages: list[ReadingsMessage] = []
-        self.changed = asyncio.Condition()
-        self.t_ns = int((time.time() - 100) * NS)
-
-    async def send(self, tenant: str, value: float, tag_id: int = 1, plc_id: str = "plc-1") -> None:
-        self.t_ns += NS
-        message = ReadingsMessage(len(self.messages) + 1, [Sample(tag_id, plc_id, self.t_ns, True, float(value),
-                                                                  tenant=tenant)])
-        async with self.changed:
-            self.messages.append(message)
-            self.changed.notify_all()
-
-    async def source(self, after_cursor: int) -> AsyncIterator[ReadingsMessage]:
-        while True:
-            async with self.changed:
-                await self.changed.wait_for(lambda: len(self.messages) > after_cursor)
-                pending = self.messages[after_cursor:]
-            for message in pending:
-                yield message
-                after_cursor = message.cursor
 
 
 @pytest.fixture

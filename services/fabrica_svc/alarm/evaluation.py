@@ -12,8 +12,10 @@ memory and committed in ONE transaction with the events they produced (their ``n
 notification outbox), the evaluator states they touched, and the cursor past the last of them
 (service.EvaluationStore.commit). A crash anywhere leaves either all of that or none of it; on restart the
 states and cursor are loaded together, so the replay from the cursor reproduces exactly the transitions not
-yet recorded. If a rule changed under the evaluation (its revision moved), nothing is written: the rules and
-states are reloaded and the same messages are evaluated again.
+yet recorded. If a rule changed under the evaluation (its revision moved, or, for any rule, a new one
+included, the rules' version of the load's snapshot: store.rules_version), nothing is written: the rules and
+states are reloaded and the same messages are evaluated again. (The revision sequence, read before each
+message, is only the hint to reload early: it moves before the change commits.)
 
 Group commit: one transaction covers every message the stream has already delivered (up to
 `group_messages` messages or `group_readings` readings), never waiting for more, so a live stream commits
@@ -163,9 +165,14 @@ class Evaluation:
             await self._backoff.wait()
 
     async def _load(self, conn: asyncpg.Connection) -> tuple[Evaluators, int, int]:
-        version = await store.rules_version(conn)
-        rules, states, cursor = await self.store.load(conn, self.decode)
-        return Evaluators.build(rules, states), cursor, version
+        """The evaluators of every rule, the cursor, and the rule-change hint read before them. The hint may
+        count a change that is not committed yet, which the load then misses: the evaluators carry the rules'
+        own version (`Evaluators.rules_version`), which each commit compares (EvaluationStore.commit)."""
+        hint = await store.rules_changed_hint(conn)
+        rules, states, cursor, version = await self.store.load(conn, self.decode)
+        evaluator = Evaluators.build(rules, states)
+        evaluator.rules_version = version
+        return evaluator, cursor, hint
 
     async def _evaluate(self, conn: asyncpg.Connection) -> None:
         evaluator, cursor, version = await self._load(conn)
@@ -188,14 +195,15 @@ class Evaluation:
                             self._warn_stream(item)
                         self.lag.disconnected()
                         break
-                    if await store.rules_version(conn) != version:
+                    if await store.rules_changed_hint(conn) != version:
                         evaluator, stored, version = await self._load(conn)
                         if stored != cursor:  # cannot happen under the lock; be safe: start over from it
                             cursor = stored
                             break
                     if item == "tick":
                         idle = time.monotonic() - last_message >= self.options.tick_interval
-                        await self._tick(conn, evaluator, idle, newest_ns)
+                        if not await self._tick(conn, evaluator, idle, newest_ns):
+                            version = -1  # the rules changed under it: reload before the next item
                         last_tick = time.monotonic()
                         continue
                     assert isinstance(item, ReadingsMessage)
@@ -215,7 +223,8 @@ class Evaluation:
                         self.lag.disconnected()
                         break
                     if queue.empty() and time.monotonic() - last_tick >= self.options.tick_interval:
-                        await self._tick(conn, evaluator, False, newest_ns)
+                        if not await self._tick(conn, evaluator, False, newest_ns):
+                            version = -1
                         last_tick = time.monotonic()
             finally:
                 await cancel_and_wait(reader)
@@ -276,7 +285,8 @@ class Evaluation:
                     if found:
                         transitions += found
             result = await self.store.commit(conn, rules=_rules(evaluator), cursor=cursor,
-                                             transitions=transitions, states=evaluator.take_dirty())
+                                             transitions=transitions, states=evaluator.take_dirty(),
+                                             rules_version=evaluator.rules_version)
             if result.committed:
                 self.cursor = cursor
                 self.readings += count
@@ -288,16 +298,19 @@ class Evaluation:
             if stored >= cursor:
                 return evaluator, version
 
-    async def _tick(self, conn: asyncpg.Connection, evaluator: Evaluators, idle: bool, newest_ns: int) -> None:
+    async def _tick(self, conn: asyncpg.Connection, evaluator: Evaluators, idle: bool, newest_ns: int) -> bool:
+        """Commit what is due without a reading; False (nothing written) when the rules changed under it."""
         now = self.clock()
         live = idle or newest_ns >= (now - self.options.live_window) * NS
         transitions = evaluator.tick(int(now * NS)) if live else []
         states = evaluator.take_dirty() if live else {}
         result = await self.store.commit(conn, rules=_rules(evaluator), cursor=None, transitions=transitions,
-                                         states=states, now=datetime.fromtimestamp(now, UTC))
-        if not result.committed:  # a rule changed: the next message or tick reloads (rules_version moved)
-            return
+                                         states=states, now=datetime.fromtimestamp(now, UTC),
+                                         rules_version=evaluator.rules_version)
+        if not result.committed:  # a rule changed: the caller reloads
+            return False
         self._published(result.events)
+        return True
 
     def _published(self, events: list[EventRow]) -> None:
         if events:

@@ -463,6 +463,8 @@ class Evaluators:
     tenant's evaluator only: a reading of a tenant without rules costs a dictionary lookup."""
 
     by_tenant: dict[str, Evaluator] = field(default_factory=dict)
+    #: The version of the rules it was built from (alarm/store.py rules_version; None: not from the store).
+    rules_version: int | None = None
 
     @classmethod
     def build(cls, rules: Iterable[Rule], states: Mapping[tuple[str, str, int], InstanceState] | None = None

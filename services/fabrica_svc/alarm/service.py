@@ -229,29 +229,35 @@ class EvaluationStore:
         self.outbox = outbox or NoOutbox()
 
     async def load(self, conn: asyncpg.Connection, decode: Callable[[RuleRow], Rule]
-                   ) -> tuple[list[Rule], dict[tuple[str, str, int], InstanceState], int]:
+                   ) -> tuple[list[Rule], dict[tuple[str, str, int], InstanceState], int, int]:
         """Every tenant's rules, the evaluator states stored for their current revisions (by tenant, rule id,
-        tag id), and the cursor."""
+        tag id), the cursor, and the version of those rules (store.rules_version), all of one snapshot."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await store.as_tenant(conn, tenancy.ALL)
             rules = [decode(r) for r in await store.all_rules(conn)]
             states = {(tenant, rule_id, tag_id): InstanceState.from_json(data)
                       for tenant, rule_id, tag_id, data in await store.load_states(conn)}
             cursor = await store.evaluator_cursor(conn)
-        return rules, states, cursor
+            version = await store.rules_version(conn)
+        return rules, states, cursor, version
 
     async def commit(self, conn: asyncpg.Connection, *, rules: Mapping[str, Mapping[str, Rule]], cursor: int | None,
                      transitions: Sequence[Transition], states: Mapping[str, Mapping[Key, InstanceState]],
-                     now: datetime | None = None) -> CommitResult:
+                     now: datetime | None = None, rules_version: int | None = None) -> CommitResult:
         """Record `transitions` (each of its tenant), store `states` and move the cursor to `cursor` (None: leave
-        it), in one transaction; or write nothing (committed=False) if a rule used has changed since it was
-        loaded. `rules` and `states` are per tenant; `now` (a tick) also ends the shelving of every tenant's
-        alarms whose shelving has run out."""
+        it), in one transaction; or write nothing (committed=False) if the rules have changed since they were
+        loaded: a rule used, or with `rules_version` (load's) any rule, a new one included. `rules` and
+        `states` are per tenant; `now` (a tick) also ends the shelving of every tenant's alarms whose
+        shelving has run out."""
         of_tenant: dict[str, list[Transition]] = {}
         for t in transitions:
             of_tenant.setdefault(t.tenant, []).append(t)
         try:
             async with conn.transaction():
+                if rules_version is not None:
+                    await store.as_tenant(conn, tenancy.ALL)
+                    if await store.rules_version(conn) != rules_version:
+                        raise _RuleChanged()  # e.g. a rule committed after the load's hint had moved past it
                 if cursor is not None:
                     stored = await store.evaluator_cursor(conn, for_update=True)
                     if cursor < stored:  # another evaluator got further: ours is stale (impossible under the lock)

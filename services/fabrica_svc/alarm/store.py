@@ -267,8 +267,8 @@ async def as_tenant(conn: asyncpg.Connection, tenant: str) -> None:
 
 
 async def next_rule_revision(conn: asyncpg.Connection) -> int:
-    """The next revision of the connection's tenant's rules; also moves `rules_version` (the evaluator's
-    signal that some rule of some tenant changed)."""
+    """The next revision of the connection's tenant's rules; also moves `rules_version` and
+    `rules_changed_hint` (the evaluator's signals that some rule of some tenant changed)."""
     await conn.execute("SELECT nextval('rule_revision')")
     return await conn.fetchval(
         "INSERT INTO rule_revision_counter (last) VALUES (1)"
@@ -341,9 +341,17 @@ async def carry_evaluation(conn: asyncpg.Connection, rule_id: str, old_revision:
                        " severity = $4 WHERE rule_id = $1", rule_id, old_revision, new_revision, severity)
 
 
-async def rules_version(conn: asyncpg.Connection) -> int:
-    """Moves whenever a rule is created, changed or deleted (the revision sequence): the evaluator reloads."""
+async def rules_changed_hint(conn: asyncpg.Connection) -> int:
+    """The revision sequence: it moves as soon as a rule is being created, changed or deleted, before that
+    commits (sequences are not transactional), so the evaluator looks again. Only a hint: a version read
+    this way may be ahead of what a snapshot holds; `rules_version` is the one to compare with."""
     return await conn.fetchval("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM rule_revision")
+
+
+async def rules_version(conn: asyncpg.Connection) -> int:
+    """The version of every tenant's rules as the transaction sees them (the sum of the per-tenant revision
+    counters, which every rule change moves in its own transaction); on a connection scoped to ``*``."""
+    return await conn.fetchval("SELECT coalesce(sum(last), 0) FROM rule_revision_counter")
 
 
 # --- alarms -----------------------------------------------------------------------------------------------
