@@ -152,3 +152,45 @@ async def test_a_server_that_ends_the_stream_under_the_writes_is_heard_with_its_
     finally:
         await server.stop(None)
     assert set(codes) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the quota")}
+
+
+async def test_the_uplink_stops_when_cancelled_while_it_cleans_up_a_failed_stream() -> None:
+    """Cancelling the uplink (the collector's Uplink.stop) while a failed stream is being cleaned up ends it.
+    It used to wait for its sender under suppress(CancelledError), which swallowed its own cancellation when
+    that arrived there: run() reconnected for ever and stop() hung (a collector test timed out on it)."""
+    from fabrica.ingest.v1 import ingest_service_pb2 as ingest_pb
+
+    async def fail_after_one(requests, context):  # noqa: ANN001, ANN202 - a raw-bytes stream handler
+        await anext(requests)
+        yield ingest_pb.StreamReadingsResponse(resume=ingest_pb.StreamResume(collector_id="line-1")).SerializeToString()
+        await anext(requests)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+
+    cleaning = asyncio.Event()
+
+    class SlowToCancel(ListBatchSource):
+        """One batch, then waits for more; cancelled, it takes a while to let go (a disk flush, say)."""
+
+        async def batches_after(self, sequence: int):  # noqa: ANN201
+            yield numbered_batches("line-1", 1, 10)[0]
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cleaning.set()
+                await asyncio.sleep(0.5)
+                raise
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "fabrica.ingest.v1.IngestService", {"StreamReadings": grpc.stream_stream_rpc_method_handler(fail_after_one)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            run = asyncio.create_task(IngestUplink(channel, "line-1", SlowToCancel([])).run())
+            await asyncio.wait_for(cleaning.wait(), 20)  # the stream failed; its sender is letting go
+            run.cancel()
+            done, _ = await asyncio.wait([run], timeout=10)
+            assert done and run.cancelled(), "the uplink went on after it was cancelled"
+    finally:
+        await server.stop(None)

@@ -390,13 +390,16 @@ class IngestUplink:
         except grpc.aio.AioRpcError as exc:
             raise status.real(exc) from None
         finally:
-            if sender is not None and not sender.done():
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
-                    await sender
-            elif sender is not None and not sender.cancelled():
-                sender.exception()  # retrieved: an error there shows as the call's status instead
-            call.cancel()
+            try:
+                if sender is not None and not sender.done():
+                    sender.cancel()
+                    # asyncio.wait, not `await sender` under suppress(CancelledError): that would also swallow the
+                    # cancellation of this task itself arriving here (Uplink.stop), and run() would go on for ever.
+                    await asyncio.wait([sender])
+                if sender is not None and sender.done() and not sender.cancelled():
+                    sender.exception()  # retrieved: an error there shows as the call's status instead
+            finally:
+                call.cancel()
 
     async def _confirm(self, sequence: int) -> None:
         if sequence > self.stats.acked_sequence:
